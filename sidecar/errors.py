@@ -1,0 +1,35 @@
+"""The exception hierarchy of envoy-sidecar.
+
+* SidecarError                  root; the CLI prints its message on one line and exits 2
+  + ConfigError                 a config file, flag or value is wrong (user input)
+  + PluginLoadError             a plugin cannot be found, imported or built
+  + ProtocolError               Envoy sent something the ext_proc protocol does not allow
+  + WasmError                   anything about Wasm modules (fetch, verify, cache, host)
+
+Errors a plugin raises while handling a request are not SidecarErrors: the chain's failure policy
+turns them into a 500 or lets the request through, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "PluginLoadError", "ProtocolError", "SidecarError", "WasmError"]
+
+
+class SidecarError(Exception):
+    """Root of every error envoy-sidecar raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """User input (a config file, a flag, a value) is not what was expected."""
+
+
+class PluginLoadError(SidecarError):
+    """A plugin could not be found, imported or instantiated."""
+
+
+class ProtocolError(SidecarError):
+    """Envoy sent a message the ext_proc protocol does not allow at this point of the stream."""
+
+
+class WasmError(SidecarError):
+    """A Wasm module could not be fetched, verified, cached or run."""

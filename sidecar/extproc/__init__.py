@@ -1,0 +1,1 @@
+"""The ext_proc gRPC server: stream state machine, header/body mutation model, workers, health."""

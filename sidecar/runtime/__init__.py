@@ -1,0 +1,1 @@
+"""`sidecar up`: real Envoy + the sidecar + a demo backend on localhost."""

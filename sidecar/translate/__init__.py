@@ -1,0 +1,1 @@
+"""Envoy config writers: from the sidecar's own config and from Envoy Gateway resources."""
