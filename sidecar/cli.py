@@ -17,6 +17,7 @@ from sidecar.errors import SidecarError
 _COMMAND_MODULES = (
     "sidecar.extproc.commands",
     "sidecar.runtime.commands",
+    "sidecar.wasm.commands",
 )
 
 
