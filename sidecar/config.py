@@ -1,0 +1,219 @@
+"""The sidecar config file (YAML or TOML) and its validation.
+
+    listen: unix:/run/envoy-sidecar/extproc.sock   # or a list; tcp: host:port with tls below
+    socket_mode: "0660"
+    workers: 1
+    metrics: 127.0.0.1:9464                        # Prometheus endpoint; omit to disable
+    grace_period: 10                               # seconds in-flight streams get on SIGTERM
+    message_timeout: 0.5                           # for the generated Envoy config
+    chains:
+      default:
+        on_error: fail_closed                      # or fail_open
+        plugins:
+          - use: header-stamp                      # entry point name, or module:attr
+            config: {header: x-request-id}
+
+A top-level `plugins:` list is shorthand for the chain named `default`. Every error names the file and
+the field path.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.errors import ConfigError
+
+__all__ = ["ChainSpec", "PluginSpec", "SidecarConfig", "TlsConfig", "load_config"]
+
+DEFAULT_SOCKET = "/tmp/envoy-sidecar/extproc.sock"
+DEFAULT_CHAIN = "default"
+FAILURE_POLICIES = ("fail_closed", "fail_open")
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    use: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    name: str
+    plugins: tuple[PluginSpec, ...]
+    on_error: str = "fail_closed"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    chains: tuple[ChainSpec, ...] = ()
+    listen: str = f"unix:{DEFAULT_SOCKET}"
+    tcp: str | None = None
+    tls: TlsConfig | None = None
+    socket_mode: int = 0o660
+    workers: int = 1
+    metrics: str | None = None
+    grace_period: float = 10.0
+    message_timeout: float = 0.5
+    log_format: str = "json"
+    source: str = "<defaults>"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.listen.removeprefix("unix:"))
+
+    def socket_paths(self) -> list[Path]:
+        """One socket per worker: the configured path itself, or NAME-0.sock, NAME-1.sock, ..."""
+        path = self.socket_path
+        if self.workers == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(self.workers)]
+
+
+class _Reader:
+    """Typed field access that turns every problem into a ConfigError naming file and field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: expected {expected}, got {got!r}")
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise self.fail(path, "a mapping", value)
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, "a non-empty string", value)
+        return value
+
+    def number(self, value: Any, path: str, minimum: float, maximum: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
+            raise self.fail(path, f"a number from {minimum:g} to {maximum:g}", value)
+        return float(value)
+
+    def only(self, data: dict[str, Any], path: str, allowed: set[str]) -> None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            where = f"{path}.{unknown[0]}" if path else unknown[0]
+            raise ConfigError(f"{self.source}: {where}: unknown field (expected one of {', '.join(sorted(allowed))})")
+
+
+_TOP_FIELDS = {
+    "chains", "plugins", "listen", "tcp", "tls", "socket_mode", "workers", "metrics",
+    "grace_period", "message_timeout", "log_format",
+}  # fmt: skip
+
+
+def _plugin(r: _Reader, raw: Any, path: str) -> PluginSpec:
+    if isinstance(raw, str):
+        return PluginSpec(use=r.string(raw, path))
+    data = r.mapping(raw, path)
+    r.only(data, path, {"use", "config"})
+    if "use" not in data:
+        raise ConfigError(f"{r.source}: {path}.use: required (an entry point name or module:attr)")
+    config = r.mapping(data.get("config") or {}, f"{path}.config")
+    return PluginSpec(use=r.string(data["use"], f"{path}.use"), config=config)
+
+
+def _chain(r: _Reader, name: str, raw: Any, path: str) -> ChainSpec:
+    if isinstance(raw, list):
+        raw = {"plugins": raw}
+    data = r.mapping(raw, path)
+    r.only(data, path, {"plugins", "on_error"})
+    plugins = data.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        raise r.fail(f"{path}.plugins", "a non-empty list of plugins", plugins)
+    on_error = data.get("on_error", "fail_closed")
+    if on_error not in FAILURE_POLICIES:
+        raise r.fail(f"{path}.on_error", " or ".join(FAILURE_POLICIES), on_error)
+    specs = tuple(_plugin(r, p, f"{path}.plugins[{i}]") for i, p in enumerate(plugins))
+    return ChainSpec(name=name, plugins=specs, on_error=on_error)
+
+
+def parse_config(data: Any, source: str) -> SidecarConfig:
+    r = _Reader(source)
+    data = r.mapping(data if data is not None else {}, "(top level)")
+    r.only(data, "", _TOP_FIELDS)
+    chains: list[ChainSpec] = []
+    if "plugins" in data:
+        if "chains" in data and DEFAULT_CHAIN in (data["chains"] or {}):
+            raise ConfigError(f"{source}: plugins: both `plugins` and `chains.{DEFAULT_CHAIN}` are set")
+        chains.append(_chain(r, DEFAULT_CHAIN, {"plugins": data["plugins"]}, "plugins"))
+    for name, raw in r.mapping(data.get("chains") or {}, "chains").items():
+        chains.append(_chain(r, name, raw, f"chains.{name}"))
+    kwargs: dict[str, Any] = {"chains": tuple(chains), "source": source}
+    if "listen" in data:
+        listen = r.string(data["listen"], "listen")
+        if not listen.startswith("unix:"):
+            raise r.fail("listen", "unix:PATH (use `tcp:` for TCP)", listen)
+        kwargs["listen"] = listen
+    if "tcp" in data:
+        kwargs["tcp"] = r.string(data["tcp"], "tcp")
+    if "tls" in data:
+        tls = r.mapping(data["tls"], "tls")
+        r.only(tls, "tls", {"cert", "key", "client_ca"})
+        ca = tls.get("client_ca")
+        kwargs["tls"] = TlsConfig(
+            cert=Path(r.string(tls.get("cert"), "tls.cert")),
+            key=Path(r.string(tls.get("key"), "tls.key")),
+            client_ca=Path(r.string(ca, "tls.client_ca")) if ca is not None else None,
+        )
+    if "socket_mode" in data:
+        kwargs["socket_mode"] = parse_socket_mode(data["socket_mode"], f"{source}: socket_mode")
+    if "workers" in data:
+        kwargs["workers"] = int(r.number(data["workers"], "workers", 1, 256))
+        if kwargs["workers"] != data["workers"]:
+            raise r.fail("workers", "a whole number", data["workers"])
+    if "metrics" in data:
+        kwargs["metrics"] = r.string(data["metrics"], "metrics")
+    if "grace_period" in data:
+        kwargs["grace_period"] = r.number(data["grace_period"], "grace_period", 0, 3600)
+    if "message_timeout" in data:
+        kwargs["message_timeout"] = r.number(data["message_timeout"], "message_timeout", 0.001, 3600)
+    if "log_format" in data:
+        if data["log_format"] not in ("json", "text"):
+            raise r.fail("log_format", "json or text", data["log_format"])
+        kwargs["log_format"] = data["log_format"]
+    return SidecarConfig(**kwargs)
+
+
+def parse_socket_mode(value: Any, where: str) -> int:
+    """'0660', '660', 0o660 or 432 -> 0o660. World-writable modes are refused."""
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected an octal file mode such as '0660', got {value!r}") from None
+    if isinstance(value, bool) or not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: expected an octal file mode such as '0660', got {value!r}")
+    if mode & 0o002:
+        raise ConfigError(f"{where}: {value!r} would make the socket world-writable; use 0660 or stricter")
+    return mode
+
+
+def load_config(path: str | os.PathLike[str]) -> SidecarConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,135 @@
+"""Run the server: in this process, or as N supervised worker processes (one socket each).
+
+The supervisor restarts a worker that dies (with back-off), forwards SIGTERM to all of them, waits for
+them to drain, and serves the workers' summed Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sidecar.config import SidecarConfig
+from sidecar.extproc.metrics import Metrics, serve_metrics
+from sidecar.extproc.server import ExtProcServer
+from sidecar.registry import Registry
+
+__all__ = ["Supervisor", "run_single"]
+
+log = logging.getLogger("sidecar.workers")
+
+_BACKOFF_START = 0.2
+_BACKOFF_MAX = 10.0
+_HEALTHY_AFTER = 30.0
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX platform
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def run_single(
+    registry: Registry, config: SidecarConfig, socket_path: Path | None, *, serve_metrics_here: bool = True
+) -> int:
+    """Serve in this process until SIGTERM/SIGINT; return the exit code."""
+    metrics = Metrics()
+    if serve_metrics_here and config.metrics:
+        port = serve_metrics(config.metrics)
+        log.info("metrics on http://%s:%d/metrics", config.metrics.rpartition(":")[0], port)
+    server = ExtProcServer(registry, config, socket_path=socket_path, metrics=metrics)
+    with _runner() as runner:
+        runner.run(server.serve_until_signalled())
+    return 0
+
+
+class Supervisor:
+    """Keeps `len(worker_commands)` worker processes alive until told to stop."""
+
+    def __init__(self, worker_commands: list[list[str]], config: SidecarConfig) -> None:
+        self.commands = worker_commands
+        self.config = config
+        self._stopping = asyncio.Event()
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self.restarts = 0
+
+    async def _keep_alive(self, index: int, env: dict[str, str], metrics_dir: str) -> None:
+        backoff = _BACKOFF_START
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(*self.commands[index], env=env)
+            self._procs[index] = proc
+            log.info("worker %d started", index, extra={"worker": index, "pid": proc.pid})
+            code = await proc.wait()
+            self._mark_dead(metrics_dir, proc.pid)
+            if self._stopping.is_set():
+                return
+            self.restarts += 1
+            if time.monotonic() - started > _HEALTHY_AFTER:
+                backoff = _BACKOFF_START
+            log.error(
+                "worker %d exited with code %s; restarting in %.1fs", index, code, backoff,
+                extra={"worker": index, "pid": proc.pid, "exit_code": code},
+            )  # fmt: skip
+            try:
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    @staticmethod
+    def _mark_dead(metrics_dir: str, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, metrics_dir)
+
+    async def _stop_all(self) -> None:
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = self.config.grace_period + 5.0
+        waits = [proc.wait() for proc in self._procs.values() if proc.returncode is None]
+        if not waits:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), deadline)
+        except TimeoutError:
+            for proc in self._procs.values():
+                if proc.returncode is None:
+                    proc.kill()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        try:
+            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+            if self.config.metrics:
+                port = serve_metrics(self.config.metrics, multiprocess_dir=metrics_dir)
+                log.info("metrics on http://%s:%d/metrics", self.config.metrics.rpartition(":")[0], port)
+            tasks = [asyncio.create_task(self._keep_alive(i, env, metrics_dir)) for i in range(len(self.commands))]
+            await self._stopping.wait()
+            log.info("shutting down %d workers", len(self.commands))
+            await self._stop_all()
+            await asyncio.gather(*tasks)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
+
+    def run_blocking(self) -> int:
+        with _runner() as runner:
+            return runner.run(self.run())
+
+
+def worker_command(argv: list[str], index: int) -> list[str]:
+    return [sys.executable, "-m", "sidecar", *argv, "--worker-index", str(index)]

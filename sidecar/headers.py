@@ -1,0 +1,173 @@
+"""HTTP headers as plugins see them: a case-insensitive, multi-value mapping over Envoy's raw bytes.
+
+Envoy sends header values in `raw_value` (bytes, not necessarily UTF-8). `headers[name]` decodes them
+as latin-1 (lossless for any byte); `headers.raw(name)` returns the bytes. Every change is recorded
+per name so the server can send Envoy the smallest `HeaderMutation` that yields the final state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, MutableMapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+
+__all__ = ["Headers"]
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+_HeaderValue = base_pb2.HeaderValue
+_HeaderValueOption = base_pb2.HeaderValueOption
+
+
+def _encode(value: str | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.encode("latin-1")
+
+
+class Headers(MutableMapping[str, str]):
+    """Request or response headers (or trailers) of one HTTP stream.
+
+    Names are case-insensitive. `headers[name]` is the first value; `get_all(name)` all of them.
+    `headers[name] = value` replaces every value, `append` adds one, `del headers[name]` removes all.
+    Pseudo-headers (`:path`, `:method`, ...) are present as Envoy sends them; Envoy's mutation rules
+    decide which of them may change.
+    """
+
+    __slots__ = ("_appended", "_items", "_replaced")
+
+    def __init__(self, items: Iterable[tuple[str, str | bytes]] = ()) -> None:
+        self._items: list[tuple[str, bytes]] = [(name.lower(), _encode(value)) for name, value in items]
+        self._replaced: set[str] = set()
+        self._appended: dict[str, list[bytes]] = {}
+
+    @classmethod
+    def from_envoy(cls, header_map: base_pb2.HeaderMap) -> Headers:
+        headers = cls.__new__(cls)
+        # Envoy lower-cases keys; older Envoys filled `value` instead of `raw_value`.
+        headers._items = [(h.key, h.raw_value or h.value.encode("latin-1")) for h in header_map.headers]
+        headers._replaced = set()
+        headers._appended = {}
+        return headers
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def raw(self, name: str, default: bytes | None = None) -> bytes | None:
+        name = name.lower()
+        for key, value in self._items:
+            if key == name:
+                return value
+        return default
+
+    def raw_all(self, name: str) -> list[bytes]:
+        name = name.lower()
+        return [value for key, value in self._items if key == name]
+
+    def get_all(self, name: str) -> list[str]:
+        return [value.decode("latin-1") for value in self.raw_all(name)]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            raise KeyError(name)
+        return value.decode("latin-1")
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        name = name.lower()
+        return any(key == name for key, _ in self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for key, _ in self._items:
+            if key not in seen:
+                seen.add(key)
+                yield key
+
+    def __len__(self) -> int:
+        return len({key for key, _ in self._items})
+
+    def items_all(self) -> list[tuple[str, str]]:
+        """Every (name, value) pair in order, repeated names included."""
+        return [(key, value.decode("latin-1")) for key, value in self._items]
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items_all()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Headers):
+            return sorted(self._items) == sorted(other._items)
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def __setitem__(self, name: str, value: str | bytes) -> None:
+        name = name.lower()
+        self._items = [(key, v) for key, v in self._items if key != name]
+        self._items.append((name, _encode(value)))
+        self._replaced.add(name)
+        self._appended.pop(name, None)
+
+    def append(self, name: str, value: str | bytes) -> None:
+        name = name.lower()
+        encoded = _encode(value)
+        self._items.append((name, encoded))
+        if name not in self._replaced:
+            self._appended.setdefault(name, []).append(encoded)
+
+    def __delitem__(self, name: str) -> None:
+        name = name.lower()
+        if name not in self:
+            raise KeyError(name)
+        self.remove(name)
+
+    def remove(self, name: str) -> None:
+        """Remove every value of `name`; no error if there is none."""
+        name = name.lower()
+        self._items = [(key, v) for key, v in self._items if key != name]
+        self._replaced.add(name)
+        self._appended.pop(name, None)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._replaced or self._appended)
+
+    # -- to Envoy ------------------------------------------------------------------------------
+
+    def mutation(self) -> ext_proc_pb2.HeaderMutation | None:
+        """The HeaderMutation that turns what Envoy sent into the current state, or None if unchanged."""
+        if not self.changed:
+            return None
+        mutation = ext_proc_pb2.HeaderMutation()
+        for name in sorted(self._replaced):
+            values = self.raw_all(name)
+            if not values:
+                mutation.remove_headers.append(name)
+                continue
+            action = _OVERWRITE
+            for value in values:
+                mutation.set_headers.append(
+                    _HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append_action=action)
+                )
+                action = _APPEND
+        for name, values in self._appended.items():
+            for value in values:
+                mutation.set_headers.append(
+                    _HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append_action=_APPEND)
+                )
+        return mutation
+
+    def take_mutation(self) -> ext_proc_pb2.HeaderMutation | None:
+        """`mutation()`, then start tracking afresh (a later phase sends only later changes)."""
+        mutation = self.mutation()
+        if mutation is not None:
+            self._replaced = set()
+            self._appended = {}
+        return mutation
+
+    def to_header_map(self) -> base_pb2.HeaderMap:
+        return base_pb2.HeaderMap(headers=[_HeaderValue(key=k, raw_value=v) for k, v in self._items])
