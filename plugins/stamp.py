@@ -5,7 +5,7 @@ Response: echoes the request id and adds `server-timing: sidecar;dur=<ms>` cover
 
     - use: header-stamp
       config:
-        request_header: x-stamped-by      # added to the request (default: x-envoy-sidecar)
+        request_header: x-stamped-by      # added to the request (default: x-stamped-by)
         value: envoy-sidecar
 """
 
@@ -25,7 +25,7 @@ class HeaderStamp(Plugin):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
-        self.request_header = str(self.config.get("request_header", "x-envoy-sidecar"))
+        self.request_header = str(self.config.get("request_header", "x-stamped-by"))
         self.value = str(self.config.get("value", "envoy-sidecar"))
         unknown = set(self.config) - {"request_header", "value"}
         if unknown:

@@ -119,7 +119,9 @@ class Chain:
         self.response_body_mode = self._body_mode("response")
         self.mode = ProcessingMode(
             request_header_mode=SEND,
-            response_header_mode=SEND if self.hooks["response_headers"] else SKIP,
+            # Body hooks get the headers too: plugins look at content-type, and the server keeps
+            # content-length right when a buffered body changes size.
+            response_header_mode=SEND if self.hooks["response_headers"] or self.response_body_mode else SKIP,
             request_body_mode=self.request_body_mode,
             response_body_mode=self.response_body_mode,
             request_trailer_mode=SEND if self.hooks["request_trailers"] else SKIP,

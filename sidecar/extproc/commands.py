@@ -11,8 +11,15 @@ from typing import Any
 
 import yaml
 
-from sidecar.config import DEFAULT_CHAIN, DEFAULT_SOCKET, ChainSpec, PluginSpec, SidecarConfig, load_config
-from sidecar.config import parse_socket_mode
+from sidecar.config import (
+    DEFAULT_CHAIN,
+    DEFAULT_SOCKET,
+    ChainSpec,
+    PluginSpec,
+    SidecarConfig,
+    load_config,
+    parse_socket_mode,
+)
 from sidecar.errors import ConfigError
 from sidecar.registry import Registry, describe_mode
 
@@ -89,10 +96,9 @@ def _plugins(args: argparse.Namespace) -> int:
     from sidecar.registry import ENTRY_POINT_GROUP, PHASES
 
     installed = sorted(f"{ep.name} = {ep.value}" for ep in entry_points(group=ENTRY_POINT_GROUP))
-    config: SidecarConfig | None = None
     registry: Registry | None = None
     if args.config or args.plugin:
-        config, registry = resolve(args)
+        _config, registry = resolve(args)
     report: dict[str, Any] = {"installed": installed, "chains": {}}
     if registry is not None:
         report["filter_processing_mode"] = describe_mode(registry.mode)

@@ -6,11 +6,9 @@ lookup. With `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR and serv
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client import multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from sidecar.errors import ConfigError
 from sidecar.registry import PHASES
@@ -49,18 +47,12 @@ def serve_metrics(address: str, *, multiprocess_dir: str | None = None) -> int:
     host, _, port_text = address.rpartition(":")
     if not host or not port_text.isdigit():
         raise ConfigError(f"metrics: expected HOST:PORT, got {address!r}")
-    registry = None
+    registry = REGISTRY
     if multiprocess_dir is not None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
     try:
-        server, _thread = start_http_server(int(port_text), addr=host.strip("[]"), **(
-            {"registry": registry} if registry is not None else {}
-        ))
+        server, _thread = start_http_server(int(port_text), addr=host.strip("[]"), registry=registry)
     except OSError as exc:
         raise ConfigError(f"metrics: cannot listen on {address}: {exc.strerror}") from None
     return int(server.server_port)
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -103,7 +103,7 @@ class ExtProcServer:
                 return self.registry.chain(value if isinstance(value, str) else value.decode())
         return self.registry.default
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -151,7 +151,7 @@ class ExtProcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(self, server)  # type: ignore[arg-type]
+        pb_grpc.add_ExternalProcessorServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.socket_path is not None:
             prepare_unix_socket(self.socket_path)

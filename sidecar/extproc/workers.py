@@ -7,6 +7,7 @@ them to drain, and serves the workers' summed Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -80,17 +81,15 @@ class Supervisor:
                 "worker %d exited with code %s; restarting in %.1fs", index, code, backoff,
                 extra={"worker": index, "pid": proc.pid, "exit_code": code},
             )  # fmt: skip
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
-            except TimeoutError:
-                pass
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     @staticmethod
     def _mark_dead(metrics_dir: str, pid: int) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, metrics_dir)
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 
     async def _stop_all(self) -> None:
         for proc in self._procs.values():

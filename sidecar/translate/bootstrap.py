@@ -16,11 +16,11 @@ from typing import Any
 
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
+from sidecar.extproc.server import SERVICE_NAME
 from sidecar.plugins import METADATA_NAMESPACE
 from sidecar.registry import CHAIN_METADATA_KEY, Registry
-from sidecar.extproc.server import SERVICE_NAME
 
-__all__ = ["BootstrapOptions", "RouteSpec", "build_bootstrap", "parse_route", "parse_host_port"]
+__all__ = ["BootstrapOptions", "RouteSpec", "build_bootstrap", "parse_host_port", "parse_route"]
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER = "envoy-sidecar"
