@@ -152,6 +152,7 @@ class Context:
 
     def set_metadata(self, key: str, value: Any, namespace: str = METADATA_NAMESPACE) -> None:
         """Emit dynamic metadata (for access logs, later filters, routing). JSON-like values only."""
+        _check_json(value, key)
         self.dynamic_metadata.setdefault(namespace, {})[key] = value
 
     def clear_route_cache(self) -> None:
@@ -161,6 +162,20 @@ class Context:
     @staticmethod
     def new_request_id() -> str:
         return uuid.uuid4().hex
+
+
+def _check_json(value: Any, where: str) -> None:
+    if value is None or isinstance(value, bool | int | float | str):
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, where)
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for item in value.values():
+            _check_json(item, where)
+        return
+    raise TypeError(f"metadata {where!r}: {type(value).__name__} is not JSON-like (str, number, bool, list, dict)")
 
 
 class Plugin:

@@ -1,0 +1,104 @@
+"""Plugins the tests use (importable as `tests.support.testplugins:NAME` from the repository root)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sidecar import Context, Headers, Plugin, Respond
+
+
+class AddHeaders(Plugin):
+    """One header added on the request, one on the response: the benchmark's plugin."""
+
+    name = "add-headers"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-added"] = "yes"
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-resp"] = "yes"
+
+
+class RequestOnly(Plugin):
+    name = "request-only"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-chain"] = ctx.chain
+        headers.remove("x-remove-me")
+
+
+class DenyHeader(Plugin):
+    name = "deny-header"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        if "x-deny" in headers:
+            return Respond(403, b"denied by plugin\n", {"content-type": "text/plain", "x-denied": "1"})
+        return None
+
+
+class UpperBody(Plugin):
+    """BUFFERED bodies: request upper-cased and doubled (size changes), response prefixed."""
+
+    name = "upper-body"
+
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes | Respond:
+        if b"reject" in body:
+            return Respond(422, b"rejected in body hook\n")
+        return body.upper() * 2
+
+    def on_response_body(self, ctx: Context, body: bytes) -> bytes:
+        return b"wrapped:" + body
+
+
+class Raiser(Plugin):
+    """Raises in the phase named by its `phase` config (default request_headers)."""
+
+    name = "raiser"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self.phase = self.config.get("phase", "request_headers")
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        if self.phase == "request_headers" and "x-boom" in headers:
+            raise RuntimeError("secret-token-123 should never reach the client")
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-raiser-saw-response"] = "1"
+
+
+class Slow(Plugin):
+    """Awaits for `x-delay` seconds (as a float) before continuing."""
+
+    name = "slow"
+
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await asyncio.sleep(float(headers.get("x-delay", "0")))
+        headers["x-slow"] = "done"
+
+
+class PidStamp(Plugin):
+    name = "pid-stamp"
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-worker-pid"] = str(os.getpid())
+
+
+class Metadata(Plugin):
+    name = "metadata"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        ctx.set_metadata("path", headers.get(":path", ""))
+        ctx.set_metadata("binary", headers.get("x-binary", ""))
+
+
+class BadConfig(Plugin):
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        raise ValueError("limit must be positive")
+
+
+class NotAPlugin:
+    pass

@@ -1,0 +1,139 @@
+"""The stream state machine through the in-process Driver (Envoy's side simulated)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar.errors import ProtocolError
+from sidecar.extproc.stream import StreamProcessor
+from sidecar.registry import Chain, Registry
+from sidecar.testing import Driver, Request, Response
+from tests.support import testplugins as tp
+
+
+def test_headers_both_directions() -> None:
+    result = Driver([tp.AddHeaders()]).run(Request(headers={"x-in": "1"}), Response(headers={"a": "b"}))
+    assert result.upstream is not None
+    assert result.upstream.headers["x-added"] == "yes"
+    assert result.upstream.headers["x-in"] == "1"
+    assert result.response.headers["x-resp"] == "yes"
+    assert result.phases == ["request_headers", "response_headers"]
+
+
+def test_immediate_response_from_headers() -> None:
+    result = Driver([tp.DenyHeader(), tp.AddHeaders()]).run(Request(headers={"x-deny": "1"}))
+    assert result.immediate
+    assert result.status == 403
+    assert result.response.body == b"denied by plugin\n"
+    assert result.response.headers["x-denied"] == "1"
+    assert result.upstream is None
+
+
+def test_buffered_body_replacement_updates_content_length() -> None:
+    body = b"hello"
+    result = Driver([tp.UpperBody()]).run(
+        Request("POST", headers={"content-length": str(len(body))}, body=body),
+        Response(headers={"content-length": "2"}, body=b"ok"),
+    )
+    assert result.upstream is not None
+    assert result.upstream.body == b"HELLOHELLO"
+    assert result.upstream.headers["content-length"] == "10"
+    assert result.response.body == b"wrapped:ok"
+    assert result.response.headers["content-length"] == str(len(b"wrapped:ok"))
+
+
+def test_immediate_response_from_body_hook() -> None:
+    result = Driver([tp.UpperBody()]).run(Request("POST", body=b"please reject"))
+    assert result.immediate and result.status == 422
+
+
+def test_fail_closed_hides_the_error_and_logs_an_id(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="sidecar.extproc"):
+        result = Driver([tp.Raiser(), tp.AddHeaders()]).run(Request(headers={"x-boom": "1"}))
+    assert result.immediate and result.status == 500
+    assert b"secret-token" not in result.response.body
+    error_id = result.response.headers["x-sidecar-error-id"]
+    assert any(error_id in record.getMessage() for record in caplog.records)
+
+
+def test_fail_open_continues_without_the_phase_changes(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.CRITICAL, logger="sidecar.extproc"):
+        result = Driver([tp.AddHeaders(), tp.Raiser()], on_error="fail_open").run(Request(headers={"x-boom": "1"}))
+    assert not result.immediate
+    assert result.upstream is not None
+    assert "x-added" not in result.upstream.headers  # the failed phase's mutations are dropped
+    assert result.response.headers["x-raiser-saw-response"] == "1"  # later phases still run
+
+
+def test_mode_override_when_chain_needs_less() -> None:
+    registry = Registry([Chain("default", [tp.UpperBody()]), Chain("light", [tp.RequestOnly()])])
+    result = Driver(registry, chain="light").run(Request("POST", body=b"abc"), Response(body=b"resp"))
+    assert result.phases == ["request_headers"]
+    assert result.upstream is not None and result.upstream.body == b"abc"
+    heavy = Driver(registry).run(Request("POST", body=b"abc"), Response(body=b"resp"))
+    assert heavy.phases == ["request_headers", "request_body", "response_headers", "response_body"]
+
+
+def test_protected_headers_are_reported_as_rejected() -> None:
+    class SetsEnvoyHeader(tp.AddHeaders):
+        def on_request_headers(self, ctx: object, headers: tp.Headers) -> None:
+            headers["x-envoy-debug"] = "1"
+            headers[":path"] = "/rewritten"
+
+    result = Driver([SetsEnvoyHeader()]).run(Request(path="/orig"))
+    assert result.rejected_mutations == ["set x-envoy-debug"]
+    assert result.upstream is not None and result.upstream.headers[":path"] == "/rewritten"
+
+
+def test_dynamic_metadata_and_non_utf8_headers() -> None:
+    result = Driver([tp.Metadata()]).run(Request(path="/p", headers=[("x-binary", "\xff\xfe")]))
+    assert result.dynamic_metadata == {"envoy-sidecar": {"path": "/p", "binary": "\xff\xfe"}}
+
+
+def test_metadata_must_be_json_like() -> None:
+    class BadMetadata(tp.AddHeaders):
+        def on_request_headers(self, ctx: tp.Context, headers: tp.Headers) -> None:
+            ctx.set_metadata("raw", b"bytes")
+
+    result = Driver([BadMetadata()]).run(Request())
+    assert result.immediate and result.status == 500  # the failure policy answers; the stream survives
+
+
+def _headers_request() -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path")]))
+    )
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    [
+        ["request_body"],
+        ["request_headers", "request_headers"],
+        ["request_headers", "request_trailers", "request_body"],
+        ["request_headers", "response_trailers", "response_headers"],
+        [None],
+    ],
+)
+def test_out_of_order_messages_are_protocol_errors(sequence: list[str | None]) -> None:
+    processor = StreamProcessor(Chain("c", [tp.AddHeaders()]))
+
+    async def run() -> None:
+        for kind in sequence:
+            request = pb.ProcessingRequest() if kind is None else pb.ProcessingRequest(**{kind: {}})
+            await processor.process(request)
+
+    with pytest.raises(ProtocolError):
+        asyncio.run(run())
+
+
+def test_observability_mode_gets_no_answer() -> None:
+    processor = StreamProcessor(Chain("c", [tp.AddHeaders()]))
+    request = _headers_request()
+    request.observability_mode = True
+    assert asyncio.run(processor.process(request)) is None
