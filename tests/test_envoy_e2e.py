@@ -1,0 +1,184 @@
+"""End to end: a real Envoy 1.40 calls `sidecar serve` over a Unix socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.extproc.server import SERVICE_NAME
+from sidecar.runtime.extproc import health_status
+from sidecar.testing import EnvoyHarness
+
+pytestmark = pytest.mark.envoy
+
+TP = "tests.support.testplugins:"
+Factory = Callable[..., EnvoyHarness]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_headers_both_ways_and_socket_mode(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "AddHeaders"])
+    response = httpx.get(env.url + "/echo")
+    assert response.status_code == 200
+    assert response.json()["headers"]["x-added"] == "yes"
+    assert response.headers["x-resp"] == "yes"
+    mode = stat.S_IMODE(env.sockets[0].stat().st_mode)
+    assert mode == 0o660
+
+
+def test_health_answers_both_service_names(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "AddHeaders"])
+    assert health_status(env.sockets[0], "") == "SERVING"
+    assert health_status(env.sockets[0], SERVICE_NAME) == "SERVING"
+    assert health_status(env.sockets[0], "no.such.Service") == "NOT_FOUND"
+
+
+def test_immediate_responses_and_buffered_body(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "DenyHeader", TP + "UpperBody"])
+    denied = httpx.get(env.url + "/", headers={"x-deny": "1"})
+    assert (denied.status_code, denied.text, denied.headers["x-denied"]) == (403, "denied by plugin\n", "1")
+
+    rejected = httpx.post(env.url + "/", content=b"please reject me")
+    assert rejected.status_code == 422
+
+    body = b"abc" * 1000
+    response = httpx.post(env.url + "/upload", content=body)
+    assert response.status_code == 200
+    assert response.text.startswith("wrapped:")
+    assert int(response.headers["content-length"]) == len(response.content)
+    echoed = json.loads(response.content[len("wrapped:"):])
+    assert echoed["body"] == (body.upper() * 2).decode()
+    assert echoed["headers"]["content-length"] == str(len(body) * 2)
+
+
+def test_failure_policies_with_a_raising_plugin(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+chains:
+  closed: {{on_error: fail_closed, plugins: ["{TP}Raiser", "{TP}AddHeaders"]}}
+  open: {{on_error: fail_open, plugins: ["{TP}Raiser", "{TP}AddHeaders"]}}
+""")
+    env = sidecar_envoy(config=config, routes=["/closed=closed", "/open=open"])
+    closed = httpx.get(env.url + "/closed", headers={"x-boom": "1"})
+    assert closed.status_code == 500
+    assert "secret-token" not in closed.text
+    error_id = closed.headers["x-sidecar-error-id"]
+    wait_for(lambda: error_id in env.sidecar.logs(), what="error id in the sidecar log")  # type: ignore[union-attr]
+    assert "secret-token-123" in env.sidecar.logs()  # type: ignore[union-attr]
+
+    opened = httpx.get(env.url + "/open", headers={"x-boom": "1"})
+    assert opened.status_code == 200
+    assert opened.headers["x-raiser-saw-response"] == "1"
+    # the server is still fine
+    assert httpx.get(env.url + "/closed").status_code == 200
+
+
+def test_chain_per_route_and_mode_override(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"""
+chains:
+  default: ["{TP}UpperBody", "{TP}AddHeaders"]
+  light: ["{TP}RequestOnly"]
+""")
+    env = sidecar_envoy(config=config, routes=["/=default", "/light=light"])
+    assert env.envoy is not None
+
+    def sent() -> int:
+        return env.envoy.stats("ext_proc").get("http.ingress.ext_proc.sidecar.stream_msgs_sent", 0)  # type: ignore[union-attr]
+
+    before = sent()
+    light = httpx.post(env.url + "/light", content=b"body", headers={"x-remove-me": "1", "content-type": "text/x"})
+    assert light.status_code == 200
+    echoed = light.json()
+    assert echoed["headers"]["x-chain"] == "light"
+    assert "x-remove-me" not in echoed["headers"]
+    assert echoed["body"] == "body"  # the default chain would have upper-cased it
+    assert "x-resp" not in light.headers
+    wait_for(lambda: sent() - before == 1, what="exactly one message for the light chain")
+
+    before = sent()
+    heavy = httpx.post(env.url + "/other", content=b"body")
+    assert heavy.headers["x-resp"] == "yes"
+    assert heavy.text.startswith("wrapped:")
+    assert json.loads(heavy.content[len("wrapped:"):])["body"] == "BODYBODY"
+    wait_for(lambda: sent() - before == 4, what="four messages for the default chain")
+
+
+def test_sigterm_lets_in_flight_requests_finish(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"message_timeout: 10\ngrace_period: 10\nplugins: ['{TP}Slow']\n")
+    env = sidecar_envoy(config=config)
+    assert env.sidecar is not None and env.envoy is not None
+    n = 5
+
+    def call(_: int) -> int:
+        return httpx.get(env.url + "/", headers={"x-delay": "1.5"}, timeout=20).status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(call, i) for i in range(n)]
+        wait_for(
+            lambda: env.envoy.stats("ext_proc").get("http.ingress.ext_proc.sidecar.streams_started", 0) >= n,  # type: ignore[union-attr]
+            what="all requests in flight at the sidecar",
+        )
+        env.sidecar.signal(signal.SIGTERM)
+        codes = [f.result() for f in futures]
+    assert codes == [200] * n
+    assert env.sidecar.wait(15) == 0
+    assert not env.sockets[0].exists()
+
+
+def test_two_workers_share_traffic_and_a_killed_one_comes_back(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "PidStamp"], workers=2)
+    assert env.envoy is not None
+
+    def healthy_endpoints() -> int:
+        clusters = env.envoy.admin("/clusters")  # type: ignore[union-attr]
+        return sum(
+            1 for line in clusters.splitlines()
+            if line.startswith("envoy-sidecar::") and "::health_flags::healthy" in line
+        )  # fmt: skip
+
+    wait_for(lambda: healthy_endpoints() == 2, what="both workers healthy in Envoy")
+    pids: set[str] = set()
+
+    def collect() -> bool:
+        response = httpx.get(env.url + "/")
+        if response.status_code == 200:
+            pids.add(response.headers["x-worker-pid"])
+        return len(pids) == 2
+
+    wait_for(collect, what="responses from both workers")
+    victim = int(sorted(pids)[0])
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: healthy_endpoints() == 2 and env.sockets[0].exists() and env.sockets[1].exists(),
+             timeout=30, what="the killed worker restarted")  # fmt: skip
+    fresh: set[str] = set()
+
+    def collect_fresh() -> bool:
+        response = httpx.get(env.url + "/")
+        if response.status_code == 200:
+            fresh.add(response.headers["x-worker-pid"])
+        return len(fresh) == 2
+
+    wait_for(collect_fresh, what="both workers serving after the restart")
+    assert str(victim) not in fresh
+    assert "restarting" in env.sidecar.logs()  # type: ignore[union-attr]
