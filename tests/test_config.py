@@ -13,7 +13,8 @@ def test_yaml_with_chains_and_shorthand(tmp_path: Path) -> None:
     path.write_text(
         "listen: unix:/tmp/x/s.sock\nworkers: 2\nsocket_mode: '0640'\n"
         "plugins: [header-stamp]\n"
-        "chains:\n  admin:\n    on_error: fail_open\n    plugins:\n      - use: json-redact\n        config: {fields: [a]}\n"
+        "chains:\n  admin:\n    on_error: fail_open\n"
+        "    plugins:\n      - use: json-redact\n        config: {fields: [a]}\n"
     )
     config = load_config(path)
     assert [c.name for c in config.chains] == ["default", "admin"]
@@ -47,7 +48,7 @@ def test_toml(tmp_path: Path) -> None:
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError, match="^f.yaml: ") as info:
+    with pytest.raises(ConfigError, match=r"^f\.yaml: ") as info:
         parse_config(data, "f.yaml")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
@@ -58,5 +59,5 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("plugins: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)

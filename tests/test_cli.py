@@ -1,0 +1,153 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from sidecar.runtime.envoy import validate_bootstrap
+
+
+def sidecar(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sidecar: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--plugin", "no-such-plugin"], "unknown plugin 'no-such-plugin'"),
+        (["--plugin", "tests.support.broken_module:X"], "definitely_missing_dependency"),
+        (["--plugin", "header-stamp", "--socket-mode", "0777"], "world-writable"),
+        (["--plugin", "header-stamp", "--workers", "0"], "--workers: expected a number >= 1"),
+        (["--plugin", "header-stamp", "--listen", "tcp:x"], "--listen: expected unix:PATH"),
+        (["--plugin", "header-stamp", "--listen", "unix:/proc/nope/s.sock"], "cannot create socket directory"),
+        (["--plugin", "header-stamp", "--listen", "unix:/tmp/" + "x" * 120], "longer than 107 bytes"),
+        ([], "no plugins configured"),
+    ],
+)
+def test_serve_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    if "--listen" not in args:
+        args = [*args, "--listen", f"unix:{tmp_path}/s.sock"]
+    assert_user_error(sidecar("serve", *args), message)
+    assert not (tmp_path / "s.sock").exists()  # nothing started
+
+
+def test_invalid_config_value_names_file_and_field(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("plugins: [header-stamp]\ngrace_period: soon\n")
+    assert_user_error(sidecar("serve", "-c", str(config)), f"{config}: grace_period: expected a number")
+    config.write_text("plugins:\n  - use: json-redact\n    config: {max_bytes: -1}\n")
+    assert_user_error(sidecar("serve", "-c", str(config)), "plugin 'json-redact': invalid config: max_bytes")
+
+
+def test_live_socket_is_refused_and_stale_one_replaced(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--plugin", "header-stamp", "--listen", f"unix:{sock}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert_user_error(sidecar("serve", "--plugin", "header-stamp", "--listen", f"unix:{sock}"), "in use")
+    finally:
+        proc.kill()  # no cleanup: leaves a stale socket behind
+        proc.wait()
+    assert sock.exists()
+    second = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--plugin", "header-stamp", "--listen", f"unix:{sock}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        from sidecar.runtime.extproc import health_status
+
+        deadline = time.monotonic() + 20
+        while health_status(sock) != "SERVING":
+            assert time.monotonic() < deadline and second.poll() is None
+            time.sleep(0.05)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+
+
+def test_plugins_lists_chains_and_modes() -> None:
+    proc = sidecar("plugins", "--plugin", "json-redact")
+    assert proc.returncode == 0
+    assert "header-stamp = sidecar_plugins.stamp:HeaderStamp" in proc.stdout
+    assert re.search(r"request_body\s+json-redact", proc.stdout)
+    assert "request_body_mode=BUFFERED" in proc.stdout
+
+
+def test_envoy_config_validates_with_envoy(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("workers: 3\nchains:\n  default: [header-stamp]\n  admin: [json-redact]\n")
+    proc = sidecar("envoy-config", "-c", str(config), "--route", "/admin=admin", "--validate")
+    assert proc.returncode == 0, proc.stderr
+    bootstrap = yaml.safe_load(proc.stdout)
+    cluster = bootstrap["static_resources"]["clusters"][0]
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["pipe"]["path"] for e in endpoints] == [
+        f"/tmp/envoy-sidecar/extproc-{i}.sock" for i in range(3)
+    ]
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["message_timeout"] == "0.500s"
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    validate_bootstrap(bootstrap)
+    assert_user_error(sidecar("envoy-config", "-c", str(config), "--route", "/x=nope"), "no chain named 'nope'")
+
+
+def test_validate_reports_envoys_reason() -> None:
+    from sidecar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Envoy rejected"):
+        validate_bootstrap({"static_resources": {"clusters": [{"name": "x", "type": "NOPE"}]}})
+
+
+@pytest.mark.envoy
+def test_up_runs_the_bundled_example_and_stops_on_ctrl_c() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "up", "--port", "0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            url = None
+            deadline = time.monotonic() + 60
+            while url is None and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                assert line, "sidecar up exited early"
+                match = re.match(r"envoy\s+(http://\S+?)/", line)
+                url = match.group(1) if match else None
+            assert url is not None
+            response = httpx.post(url + "/login", json={"user": "ada", "password": "hunter2"})
+            echoed = response.json()
+            assert "hunter2" not in response.text
+            assert '"password":"[REDACTED]"' in echoed["body"]
+            assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar-demo"
+            assert response.headers["server-timing"].startswith("sidecar;dur=")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
