@@ -2,7 +2,8 @@
 
 Replaces the values of the named fields (at any depth, names compared case-insensitively) in JSON
 request and/or response bodies. Bodies over `max_bytes` are refused with 413 before Envoy buffers them
-when a content-length says so, or once buffered otherwise. A body that claims to be JSON and is not
+when a content-length says so, or once buffered otherwise; a response over it becomes a 502, so nothing
+the redactor could not inspect gets through. A body that claims to be JSON and is not
 gets 400 on the request side and passes unchanged on the response side.
 
     - use: json-redact
@@ -88,7 +89,10 @@ class JsonRedact(Plugin):
 
     def _process(self, body: bytes, headers: Headers | None, request: bool) -> bytes | Respond | None:
         if len(body) > self.max_bytes:
-            return self._too_large(len(body))
+            if request:
+                return self._too_large(len(body))
+            # Fail closed: never pass on a response the redactor could not inspect.
+            return Respond(502, b"response body exceeds the redaction limit\n", {"content-type": "text/plain"})
         if headers is None or not _is_json(headers.get("content-type")):
             return None
         try:
