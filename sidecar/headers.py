@@ -17,7 +17,6 @@ __all__ = ["Headers"]
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 _HeaderValue = base_pb2.HeaderValue
-_HeaderValueOption = base_pb2.HeaderValueOption
 
 
 def _encode(value: str | bytes) -> bytes:
@@ -143,6 +142,18 @@ class Headers(MutableMapping[str, str]):
         if not self.changed:
             return None
         mutation = ext_proc_pb2.HeaderMutation()
+        self._write(mutation)
+        return mutation
+
+    def flush_into(self, target: ext_proc_pb2.HeaderMutation) -> None:
+        """Write the changes into `target` (a field of the response: no copy), then track afresh, so a
+        later phase sends only later changes."""
+        self._write(target)
+        self._replaced = set()
+        self._appended = {}
+
+    def _write(self, mutation: ext_proc_pb2.HeaderMutation) -> None:
+        add = mutation.set_headers.add
         for name in sorted(self._replaced):
             values = self.raw_all(name)
             if not values:
@@ -150,24 +161,11 @@ class Headers(MutableMapping[str, str]):
                 continue
             action = _OVERWRITE
             for value in values:
-                mutation.set_headers.append(
-                    _HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append_action=action)
-                )
+                add(header=_HeaderValue(key=name, raw_value=value), append_action=action)
                 action = _APPEND
         for name, values in self._appended.items():
             for value in values:
-                mutation.set_headers.append(
-                    _HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append_action=_APPEND)
-                )
-        return mutation
-
-    def take_mutation(self) -> ext_proc_pb2.HeaderMutation | None:
-        """`mutation()`, then start tracking afresh (a later phase sends only later changes)."""
-        mutation = self.mutation()
-        if mutation is not None:
-            self._replaced = set()
-            self._appended = {}
-        return mutation
+                add(header=_HeaderValue(key=name, raw_value=value), append_action=_APPEND)
 
     def to_header_map(self) -> base_pb2.HeaderMap:
         return base_pb2.HeaderMap(headers=[_HeaderValue(key=k, raw_value=v) for k, v in self._items])

@@ -44,13 +44,17 @@ def test_set_append_remove_become_minimal_mutation() -> None:
     assert headers.items_all() == [("c", "3"), ("a", "x"), ("a", "y"), ("d", "new")]
 
 
-def test_take_mutation_resets_tracking() -> None:
+def test_flush_into_resets_tracking() -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
     headers = Headers([("a", "1")])
     headers["a"] = "2"
-    assert headers.take_mutation() is not None
-    assert headers.take_mutation() is None
+    first = pb.HeaderMutation()
+    headers.flush_into(first)
+    assert [o.header.raw_value for o in first.set_headers] == [b"2"]
+    assert not headers.changed and headers.mutation() is None
     headers["content-length"] = "5"
-    mutation = headers.take_mutation()
+    mutation = headers.mutation()
     assert mutation is not None
     assert [o.header.key for o in mutation.set_headers] == ["content-length"]
 

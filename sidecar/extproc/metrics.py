@@ -37,6 +37,14 @@ class Metrics:
             "sidecar_extproc_stream_errors", "Streams failed with a gRPC error, by reason", ["reason"], **kw
         )
         self.phase = {p: (messages.labels(p), latency.labels(p)) for p in PHASES}
+        self._streams_by_chain: dict[str, Any] = {}
+
+    def stream_opened(self, chain: str) -> None:
+        counter = self._streams_by_chain.get(chain)
+        if counter is None:
+            counter = self._streams_by_chain[chain] = self.streams.labels(chain)
+        counter.inc()
+        self.active.inc()
 
     def plugin_error(self, plugin: str, phase: str) -> None:
         self.plugin_errors.labels(plugin, phase).inc()

@@ -118,8 +118,7 @@ class ExtProcServer:
             return
         processor = StreamProcessor(chain, self._overrides[chain.name], metrics)
         if metrics is not None:
-            metrics.streams.labels(chain.name).inc()
-            metrics.active.inc()
+            metrics.stream_opened(chain.name)
         try:
             async for request in request_iterator:
                 started = time.perf_counter()

@@ -151,13 +151,13 @@ class StreamProcessor:
             if isinstance(result, Respond):
                 return immediate_response(result)
         override = self.mode_override if kind == "request_headers" else None
-        mutation = headers.take_mutation()
-        if mutation is None and override is None and not ctx.clear_route_cache_requested:
+        changed = headers.changed
+        if not changed and override is None and not ctx.clear_route_cache_requested:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
         common = getattr(response, kind).response
-        if mutation is not None:
-            common.header_mutation.CopyFrom(mutation)
+        if changed:
+            headers.flush_into(common.header_mutation)
         if ctx.clear_route_cache_requested and kind == "request_headers":
             common.clear_route_cache = True
             ctx.clear_route_cache_requested = False
@@ -189,8 +189,8 @@ class StreamProcessor:
         if body is not original and headers is not None and "content-length" in headers:
             # BUFFERED with headers sent: Envoy rejects a new body whose content-length is stale.
             headers["content-length"] = str(len(body))
-        mutation = headers.take_mutation() if headers is not None else None
-        if body is original and mutation is None:
+        changed = headers is not None and headers.changed
+        if body is original and not changed:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
         common = getattr(response, kind).response
@@ -199,8 +199,8 @@ class StreamProcessor:
                 common.body_mutation.body = body
             else:
                 common.body_mutation.clear_body = True
-        if mutation is not None:
-            common.header_mutation.CopyFrom(mutation)
+        if changed:
+            headers.flush_into(common.header_mutation)  # type: ignore[union-attr]
         return response
 
     async def _request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
@@ -216,11 +216,10 @@ class StreamProcessor:
                 await hook(self.ctx, trailers)
             except Exception as exc:
                 return self._failed(kind, hook.plugin, exc)
-        mutation = trailers.take_mutation()
-        if mutation is None:
+        if not trailers.changed:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
-        getattr(response, kind).header_mutation.CopyFrom(mutation)
+        trailers.flush_into(getattr(response, kind).header_mutation)
         return response
 
     async def _request_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:

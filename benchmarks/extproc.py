@@ -1,0 +1,139 @@
+"""ext_proc overhead: wrk through Envoy alone vs Envoy + sidecar, interleaved in one run.
+
+One Envoy (1 worker thread) carries three listeners: `plain` (router only), `main` (ext_proc -> router)
+and `backend` (a direct response both of them route to), so both paths share the same upstream and the
+same process. The sidecar runs one worker on a Unix socket with a plugin that adds one request header
+and one response header. Rounds alternate plain/sidecar so machine noise hits both alike.
+
+    python benchmarks/extproc.py [--rounds 3] [--seconds 5] [--connections 16]
+
+Prints throughput per round, the ratio sidecar/plain (median of rounds), the sidecar's CPU time per
+request (from /proc/PID/stat, all its threads), and wrk's p50/p99 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.config import SidecarConfig  # noqa: E402
+from sidecar.registry import Registry  # noqa: E402
+from sidecar.runtime.envoy import Envoy  # noqa: E402
+from sidecar.runtime.extproc import SidecarProcess  # noqa: E402
+from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap  # noqa: E402
+
+PLUGIN = "tests.support.testplugins:AddHeaders"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def bootstrap(socket_path: Path, backend_port: int) -> dict[str, Any]:
+    from sidecar.config import ChainSpec, PluginSpec
+
+    chains = (ChainSpec("default", (PluginSpec(PLUGIN),)),)
+    config = SidecarConfig(chains=chains, listen=f"unix:{socket_path}", message_timeout=2.0)
+    registry = Registry.from_specs(chains)
+    result = build_bootstrap(registry, config, BootstrapOptions(listen_port=0, upstream=("127.0.0.1", backend_port)))
+    listeners = result["static_resources"]["listeners"]
+    plain = copy.deepcopy(listeners[0])
+    plain["name"] = "plain"
+    hcm = plain["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    backend = copy.deepcopy(plain)
+    backend["name"] = "backend"
+    backend["address"]["socket_address"]["port_value"] = backend_port
+    backend_hcm = backend["filter_chains"][0]["filters"][0]["typed_config"]
+    backend_hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+    ]
+    listeners += [plain, backend]
+    return result
+
+
+def wrk(url: str, seconds: int, connections: int) -> tuple[float, float, float, int]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def percentile(p: str) -> float:
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return rps, percentile("50"), percentile("99"), total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    os.environ["PYTHONPATH"] = str(ROOT)
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        sock = Path(tmp) / "extproc.sock"
+        sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sock}"], [sock]).start()
+        try:
+            with Envoy(bootstrap(sock, free_port()), concurrency=1) as envoy:
+                urls = {}
+                for name in ("plain", "main"):
+                    host, port = envoy.listener_address(name)
+                    urls[name] = f"http://{host}:{port}/"
+                wrk(urls["main"], 1, args.connections)  # warm-up: connections, JIT-less caches, allocators
+                results: dict[str, list[tuple[float, float, float]]] = {"plain": [], "main": []}
+                cpu_per_request: list[float] = []
+                for round_no in range(1, args.rounds + 1):
+                    for name in ("plain", "main"):
+                        before = cpu_seconds(sidecar.pid)
+                        rps, p50, p99, total = wrk(urls[name], args.seconds, args.connections)
+                        used = cpu_seconds(sidecar.pid) - before
+                        results[name].append((rps, p50, p99))
+                        line = f"round {round_no} {name:<5} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+                        if name == "main":
+                            cpu_per_request.append(used / total * 1e6)
+                            line += f"  sidecar CPU {cpu_per_request[-1]:5.0f} us/req"
+                        print(line, flush=True)
+        finally:
+            sidecar.close()
+    plain_rps = statistics.median(r[0] for r in results["plain"])
+    main_rps = statistics.median(r[0] for r in results["main"])
+    print()
+    print(f"Envoy alone        {plain_rps:9.0f} req/s  p50 {statistics.median(r[1] for r in results['plain']):.2f} ms"
+          f"  p99 {statistics.median(r[2] for r in results['plain']):.2f} ms")  # fmt: skip
+    print(f"Envoy + sidecar    {main_rps:9.0f} req/s  p50 {statistics.median(r[1] for r in results['main']):.2f} ms"
+          f"  p99 {statistics.median(r[2] for r in results['main']):.2f} ms")  # fmt: skip
+    print(f"throughput ratio   {main_rps / plain_rps:.3f}  (target >= 0.2)")
+    print(f"sidecar CPU        {statistics.median(cpu_per_request):.0f} us/request  (target <= 250)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
