@@ -6,6 +6,7 @@
     metrics: 127.0.0.1:9464                        # Prometheus endpoint; omit to disable
     grace_period: 10                               # seconds in-flight streams get on SIGTERM
     message_timeout: 0.5                           # for the generated Envoy config
+    stream_timeout: 10                             # deadline for streaming body hooks (FULL_DUPLEX)
     chains:
       default:
         on_error: fail_closed                      # or fail_open
@@ -67,6 +68,7 @@ class SidecarConfig:
     metrics: str | None = None
     grace_period: float = 10.0
     message_timeout: float = 0.5
+    stream_timeout: float = 10.0
     log_format: str = "json"
     source: str = "<defaults>"
 
@@ -115,7 +117,7 @@ class _Reader:
 
 _TOP_FIELDS = {
     "chains", "plugins", "listen", "tcp", "tls", "socket_mode", "workers", "metrics",
-    "grace_period", "message_timeout", "log_format",
+    "grace_period", "message_timeout", "stream_timeout", "log_format",
 }  # fmt: skip
 
 
@@ -185,6 +187,8 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["grace_period"] = r.number(data["grace_period"], "grace_period", 0, 3600)
     if "message_timeout" in data:
         kwargs["message_timeout"] = r.number(data["message_timeout"], "message_timeout", 0.001, 3600)
+    if "stream_timeout" in data:
+        kwargs["stream_timeout"] = r.number(data["stream_timeout"], "stream_timeout", 0.001, 3600)
     if "log_format" in data:
         if data["log_format"] not in ("json", "text"):
             raise r.fail("log_format", "json or text", data["log_format"])

@@ -2,24 +2,25 @@
 
 A plugin is a class with any of these hooks (plain `def` runs inline, `async def` may await):
 
-    on_request_headers(ctx, headers)   -> None | Respond
-    on_request_body(ctx, body)         -> None | bytes | Respond     (BUFFERED: the whole body)
-    on_request_trailers(ctx, trailers) -> None
-    on_response_headers(ctx, headers)  -> None | Respond
-    on_response_body(ctx, body)        -> None | bytes | Respond
-    on_response_trailers(ctx, trailers)-> None
+    on_request_headers(ctx, headers)          -> None | Respond
+    on_request_body(ctx, body)                -> None | bytes | Respond   whole body (BUFFERED)
+    on_request_chunk(ctx, chunk, end)         -> None | bytes | Respond   per chunk (STREAMED, BUFFERED_PARTIAL)
+    on_request_stream(ctx, chunks)            async generator: bytes in, bytes out (FULL_DUPLEX_STREAMED)
+    on_request_trailers(ctx, trailers)        -> None
+    ... and the same six for the response.
 
 A hook the class does not define is a phase Envoy is not asked to send (see `registry`). Request hooks
 run in chain order, response hooks in reverse chain order, like middleware unwinding. Returning
-`Respond(...)` stops the chain and sends that reply from Envoy; a body hook returning bytes replaces the
-body (`b""` clears it), returning None leaves it.
+`Respond(...)` stops the chain and sends that reply from Envoy; a body or chunk hook returning bytes
+replaces it (`b""` clears it, or holds a chunk's data back for later), returning None leaves it.
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
@@ -108,6 +109,7 @@ class Context:
         "_attributes_pb",
         "_metadata",
         "_metadata_pb",
+        "_send",
         "chain",
         "clear_route_cache_requested",
         "dynamic_metadata",
@@ -117,8 +119,9 @@ class Context:
         "state",
     )
 
-    def __init__(self, chain: str, request_id: str = "") -> None:
+    def __init__(self, chain: str, request_id: str = "", send: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.chain = chain
+        self._send = send
         self.request_id = request_id
         self.state = State()
         #: The request headers as they left the chain; set once request headers were processed.
@@ -159,6 +162,20 @@ class Context:
         """Ask Envoy to re-pick the route after this request-headers phase (e.g. a header changed)."""
         self.clear_route_cache_requested = True
 
+    async def extend_timeout(self, seconds: float) -> None:
+        """Ask Envoy to wait up to `seconds` for the answer to the message being handled (a slow hook).
+
+        Envoy accepts this once per message and caps it at the filter's `max_message_timeout` (the
+        generated config allows 10 s, or the message timeout if that is longer).
+        """
+        if self._send is None:
+            raise RuntimeError("extend_timeout() needs a running stream")
+        from envoy.service.ext_proc.v3 import external_processor_pb2
+
+        response = external_processor_pb2.ProcessingResponse()
+        response.override_message_timeout.FromTimedelta(datetime.timedelta(seconds=seconds))
+        await self._send(response)
+
     @staticmethod
     def new_request_id() -> str:
         return uuid.uuid4().hex
@@ -188,8 +205,9 @@ class Plugin:
     """
 
     name: ClassVar[str] = ""
-    request_body: ClassVar[BodyMode] = BodyMode.BUFFERED
-    response_body: ClassVar[BodyMode] = BodyMode.BUFFERED
+    request_body: ClassVar[BodyMode | None] = None
+    response_body: ClassVar[BodyMode | None] = None
+    observe_only: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config: Mapping[str, Any] = config or {}

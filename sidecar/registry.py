@@ -25,7 +25,7 @@ from sidecar.config import DEFAULT_CHAIN, ChainSpec, PluginSpec
 from sidecar.errors import ConfigError, PluginLoadError
 from sidecar.plugins import BodyMode, Plugin
 
-__all__ = ["PHASES", "Chain", "Hook", "Registry", "load_plugin_class"]
+__all__ = ["PHASES", "BodyStage", "Chain", "Hook", "Registry", "load_plugin_class"]
 
 ENTRY_POINT_GROUP = "sidecar.plugins"
 CHAIN_METADATA_KEY = "x-sidecar-chain"
@@ -34,11 +34,11 @@ PHASES = (
     "request_headers", "request_body", "request_trailers",
     "response_headers", "response_body", "response_trailers",
 )  # fmt: skip
-_SUPPORTED_BODY_MODES = (BodyMode.BUFFERED,)
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
 SEND = ProcessingMode.SEND
 SKIP = ProcessingMode.SKIP
+FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,23 @@ def _instantiate(spec: PluginSpec) -> Plugin:
         raise PluginLoadError(f"plugin {spec.use!r}: invalid config: {exc}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class BodyStage:
+    """One plugin's body handler in a chain's body pipeline."""
+
+    plugin: str
+    kind: str  # "body" (whole body), "chunk" (per chunk) or "stream" (async iterator in, out)
+    hook: Hook
+
+
+_DEFAULT_MODE = {"body": BodyMode.BUFFERED, "chunk": BodyMode.STREAMED, "stream": BodyMode.FULL_DUPLEX_STREAMED}
+_ALLOWED_MODES = {
+    "body": {BodyMode.BUFFERED},
+    "chunk": {BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL, BodyMode.FULL_DUPLEX_STREAMED},
+    "stream": {BodyMode.FULL_DUPLEX_STREAMED},
+}
+
+
 class Chain:
     """An ordered list of plugin instances plus what Envoy must send for them."""
 
@@ -109,14 +126,28 @@ class Chain:
         self.fail_open = on_error == "fail_open"
         self.hooks: dict[str, tuple[Hook, ...]] = {}
         for phase in PHASES:
-            ordered = self.plugins if phase.startswith("request") else tuple(reversed(self.plugins))
             self.hooks[phase] = tuple(
                 Hook(p.display_name(), fn, inspect.iscoroutinefunction(fn))
-                for p in ordered
+                for p in self._ordered(phase)
                 if (fn := getattr(p, "on_" + phase, None)) is not None
             )
+        self.body_stages = {d: self._body_stages(d) for d in ("request", "response")}
         self.request_body_mode = self._body_mode("request")
         self.response_body_mode = self._body_mode("response")
+        self.full_duplex = BodyMode.FULL_DUPLEX_STREAMED in (self.request_body_mode, self.response_body_mode)
+        if self.full_duplex and self.fail_open:
+            raise ConfigError(
+                f"chain {name!r}: FULL_DUPLEX_STREAMED bodies need on_error: fail_closed "
+                "(Envoy cannot let a half-rewritten stream through)"
+            )
+        observers = {p.observe_only for p in self.plugins}
+        if len(observers) > 1:
+            raise ConfigError(f"chain {name!r}: mixes observe-only plugins with plugins that change traffic")
+        self.observe_only = observers == {True}
+        if self.observe_only and self.full_duplex:
+            raise ConfigError(f"chain {name!r}: observe-only plugins cannot use FULL_DUPLEX_STREAMED")
+        fd_request = self.request_body_mode == BodyMode.FULL_DUPLEX_STREAMED
+        fd_response = self.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED
         self.mode = ProcessingMode(
             request_header_mode=SEND,
             # Body hooks get the headers too: plugins look at content-type, and the server keeps
@@ -124,25 +155,64 @@ class Chain:
             response_header_mode=SEND if self.hooks["response_headers"] or self.response_body_mode else SKIP,
             request_body_mode=self.request_body_mode,
             response_body_mode=self.response_body_mode,
-            request_trailer_mode=SEND if self.hooks["request_trailers"] else SKIP,
-            response_trailer_mode=SEND if self.hooks["response_trailers"] else SKIP,
+            # Envoy requires trailers SEND in a FULL_DUPLEX_STREAMED direction: they may end the body.
+            request_trailer_mode=SEND if self.hooks["request_trailers"] or fd_request else SKIP,
+            response_trailer_mode=SEND if self.hooks["response_trailers"] or fd_response else SKIP,
         )
 
-    def _body_mode(self, direction: str) -> int:
-        users = [p for p in self.plugins if getattr(p, f"on_{direction}_body", None) is not None]
-        modes = {BodyMode(getattr(p, f"{direction}_body")) for p in users}
-        if not modes:
-            return BodyMode.NONE
-        if len(modes) > 1:
-            listing = ", ".join(f"{p.display_name()}={BodyMode(getattr(p, f'{direction}_body')).name}" for p in users)
-            raise ConfigError(f"chain {self.name!r}: {direction} body hooks need different body modes ({listing})")
-        (mode,) = modes
-        if mode not in _SUPPORTED_BODY_MODES:
+    def _ordered(self, phase: str) -> tuple[Plugin, ...]:
+        return self.plugins if phase.startswith("request") else tuple(reversed(self.plugins))
+
+    def _body_stages(self, direction: str) -> tuple[BodyStage, ...]:
+        stages = []
+        for plugin in self._ordered(direction):
+            found = [
+                BodyStage(plugin.display_name(), kind, Hook(plugin.display_name(), fn, inspect.iscoroutinefunction(fn)))
+                for kind in ("body", "chunk", "stream")
+                if (fn := getattr(plugin, f"on_{direction}_{kind}", None)) is not None
+            ]
+            if len(found) > 1:
+                kinds = ", ".join(f"on_{direction}_{s.kind}" for s in found)
+                raise ConfigError(f"plugin {plugin.display_name()!r} defines {kinds}: pick one per direction")
+            if found and found[0].kind == "stream" and not inspect.isasyncgenfunction(found[0].hook.func):
+                raise ConfigError(
+                    f"plugin {plugin.display_name()!r}: on_{direction}_stream must be an async generator "
+                    "(async def ... with yield)"
+                )
+            stages.extend(found)
+        return tuple(stages)
+
+    def _declared(self, direction: str, stage: BodyStage) -> BodyMode:
+        plugin = next(p for p in self.plugins if p.display_name() == stage.plugin)
+        declared = getattr(plugin, f"{direction}_body")
+        mode = _DEFAULT_MODE[stage.kind] if declared is None else BodyMode(declared)
+        if mode not in _ALLOWED_MODES[stage.kind]:
+            allowed = ", ".join(sorted(m.name for m in _ALLOWED_MODES[stage.kind]))
             raise ConfigError(
-                f"chain {self.name!r}: {direction}_body mode {mode.name} is not supported yet "
-                f"(supported: {', '.join(m.name for m in _SUPPORTED_BODY_MODES)})"
+                f"plugin {stage.plugin!r}: {direction}_body = {mode.name} does not fit on_{direction}_{stage.kind} "
+                f"(it works with {allowed})"
             )
-        return int(mode)
+        return mode
+
+    def _body_mode(self, direction: str) -> int:
+        stages = self.body_stages[direction]
+        if not stages:
+            return BodyMode.NONE
+        modes = {s.plugin: self._declared(direction, s) for s in stages}
+        kinds = {s.kind for s in stages}
+        listing = ", ".join(f"{name}={mode.name}" for name, mode in modes.items())
+        if BodyMode.FULL_DUPLEX_STREAMED in modes.values():
+            if "body" in kinds:
+                raise ConfigError(
+                    f"chain {self.name!r}: {direction} body hooks cannot share a chain: a whole-body "
+                    f"(BUFFERED) hook next to a FULL_DUPLEX_STREAMED one ({listing})"
+                )
+            return BodyMode.FULL_DUPLEX_STREAMED
+        if "body" in kinds:
+            return BodyMode.BUFFERED  # chunk hooks then see the whole body as one final chunk
+        if len(set(modes.values())) > 1:
+            raise ConfigError(f"chain {self.name!r}: {direction} body hooks need different body modes ({listing})")
+        return int(next(iter(modes.values())))
 
     def describe_mode(self) -> dict[str, str]:
         return describe_mode(self.mode)
@@ -170,6 +240,26 @@ class Registry:
             raise ConfigError("no plugins configured: give a config file with `plugins:` or `chains:`, or --plugin")
         self.default = self.chains.get(default) or next(iter(self.chains.values()))
         self.mode = _union(chain.mode for chain in self.chains.values())
+        # Envoy ignores mode_override whenever the filter uses FULL_DUPLEX_STREAMED in either direction,
+        # so then every chain gets everything the filter sends and answers the phases it does not hook.
+        self.full_duplex = FULL_DUPLEX in (self.mode.request_body_mode, self.mode.response_body_mode)
+        observing = {chain.observe_only for chain in self.chains.values()}
+        if len(observing) > 1:
+            raise ConfigError(
+                "observe-only chains and chains that change traffic need separate sidecars "
+                "(Envoy's observability_mode is per filter)"
+            )
+        self.observe_only = observing == {True}
+
+    def effective_mode(self, chain: Chain) -> Any:
+        """What Envoy will send for a stream of `chain`."""
+        return self.mode if self.full_duplex else chain.mode
+
+    def mode_override(self, chain: Chain) -> Any:
+        """The mode_override to send on the first answer, or None."""
+        if self.full_duplex or self.observe_only or chain.mode == self.mode:
+            return None
+        return chain.mode
 
     @classmethod
     def from_specs(cls, specs: Iterable[ChainSpec]) -> Registry:
@@ -186,7 +276,20 @@ def _union(modes: Iterable[Any]) -> Any:
         for fld in ("response_header_mode", "request_trailer_mode", "response_trailer_mode"):
             if getattr(mode, fld) == SEND:
                 setattr(union, fld, SEND)
-        union.request_body_mode = max(union.request_body_mode, mode.request_body_mode)
-        union.response_body_mode = max(union.response_body_mode, mode.response_body_mode)
+        for fld in ("request_body_mode", "response_body_mode"):
+            ours, theirs = getattr(union, fld), getattr(mode, fld)
+            # Different body modes per chain can only be served by mode_override, which Envoy ignores with
+            # FULL_DUPLEX_STREAMED; otherwise the filter gets the most capable mode and overrides narrow it.
+            if ours and theirs and ours != theirs and FULL_DUPLEX in (ours, theirs):
+                raise ConfigError(
+                    f"chains disagree on {fld}: {BodyMode(ours).name} vs {BodyMode(theirs).name}; with "
+                    "FULL_DUPLEX_STREAMED every chain of a sidecar must use the same body mode"
+                )
+            setattr(union, fld, max(ours, theirs, key=_BODY_RANK.__getitem__))
     return union
+
+
+# For the filter-level mode when chains differ: the mode that can serve the others through mode_override.
+_BODY_RANK = {BodyMode.NONE: 0, BodyMode.BUFFERED_PARTIAL: 1, BodyMode.BUFFERED: 2, BodyMode.STREAMED: 3,
+              BodyMode.FULL_DUPLEX_STREAMED: 4}  # fmt: skip
 

@@ -23,6 +23,7 @@ wherever envoy-sidecar is installed. It imports nothing heavy until used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class Request:
     method: str = "GET"
     path: str = "/"
     headers: HeaderInput = ()
-    body: bytes = b""
+    #: The body, or its chunks as Envoy would send them in a streaming mode.
+    body: bytes | Sequence[bytes] = b""
     trailers: HeaderInput = ()
     authority: str = "example.test"
 
@@ -67,7 +69,7 @@ class Request:
 class Response:
     status: int = 200
     headers: HeaderInput = ()
-    body: bytes = b""
+    body: bytes | Sequence[bytes] = b""
     trailers: HeaderInput = ()
 
 
@@ -78,6 +80,8 @@ class Message:
     headers: Any
     body: bytes = b""
     trailers: Any = None
+    #: The body as the chunks Envoy passed on (streaming modes).
+    chunks: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +95,12 @@ class Result:
     dynamic_metadata: dict[str, Any] = field(default_factory=dict)
     rejected_mutations: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
+    #: Why the gRPC stream failed (Envoy then answers 500 or cuts the response), or None.
+    failed: str | None = None
+
+
+class _StreamFailed(Exception):
+    pass
 
 
 class Driver:
@@ -102,11 +112,13 @@ class Driver:
         *,
         on_error: str = "fail_closed",
         chain: str | None = None,
+        stream_timeout: float = 10.0,
     ) -> None:
         from sidecar.registry import Chain, Registry
 
         self.registry = plugins if isinstance(plugins, Registry) else Registry([Chain("default", plugins, on_error)])
         self.chain_name = chain
+        self.stream_timeout = stream_timeout
 
     @classmethod
     def from_config(cls, path: str | Path, chain: str | None = None) -> Driver:
@@ -120,82 +132,171 @@ class Driver:
         return asyncio.run(self.exchange(request, response))
 
     async def exchange(self, request: Request, response: Response | None = None) -> Result:
-        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-        from sidecar.extproc.stream import StreamProcessor
         from sidecar.headers import Headers
 
         chain = self.registry.chain(self.chain_name)
         if chain is None:
             raise KeyError(f"no chain named {self.chain_name!r}")
-        override = chain.mode if chain.mode != self.registry.mode else None
-        processor = StreamProcessor(chain, override)
-        mode = self.registry.mode
-        result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
+        session = _Session(self, chain)
+        result = session.result
+        try:
+            await session.run(request, response or Response())
+        except _StreamFailed as exc:
+            result.failed = str(exc)
+            if not result.response.headers:
+                result.status = 500
+                result.response = Message(Headers([(":status", "500")]))
+        finally:
+            session.processor.close()
+        return result
 
-        async def send(kind: str, **fields: Any) -> Any:
-            result.phases.append(kind)
-            answer = await processor.process(pb.ProcessingRequest(**{kind: fields}))
-            assert answer is not None
-            for namespace, values in answer.dynamic_metadata.items():
-                result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
-            which = answer.WhichOneof("response")
-            if which == "immediate_response":
-                return answer.immediate_response
-            if which != kind:
-                raise AssertionError(f"spurious response {which} to {kind}: Envoy would fail the stream")
-            return answer
 
+class _Session:
+    """One simulated HTTP request through Envoy's ext_proc filter."""
+
+    def __init__(self, driver: Driver, chain: Any) -> None:
+        from sidecar.extproc.stream import StreamProcessor
+        from sidecar.headers import Headers
+
+        self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
+        self.mode = driver.registry.mode
+        self.outputs: dict[str, list[tuple[bytes, bool]]] = {"request_body": [], "response_body": []}
+        self.output_seen = asyncio.Event()
+        self.processor = StreamProcessor(
+            chain, driver.registry, send=self._on_send, stream_timeout=driver.stream_timeout,
+            on_failure=lambda reason: self.output_seen.set(),
+        )  # fmt: skip
+        self.timeout = driver.stream_timeout + 1.0
+
+    async def _on_send(self, answer: Any) -> None:
+        which = answer.WhichOneof("response")
+        if which in self.outputs:
+            streamed = getattr(answer, which).response.body_mutation.streamed_response
+            self.outputs[which].append((bytes(streamed.body), streamed.end_of_stream))
+            self.output_seen.set()
+
+    async def _send(self, kind: str, **fields: Any) -> Any:
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+        from sidecar.errors import ProtocolError
+        from sidecar.extproc.stream import StreamFailure
+
+        self.result.phases.append(kind)
+        try:
+            answer = await self.processor.process(pb.ProcessingRequest(**{kind: fields}))
+        except (ProtocolError, StreamFailure) as exc:
+            raise _StreamFailed(str(exc)) from None
+        if self.processor.failure:
+            raise _StreamFailed(self.processor.failure)
+        if answer is None:
+            return None
+        for namespace, values in answer.dynamic_metadata.items():
+            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
+        which = answer.WhichOneof("response")
+        if which == "immediate_response":
+            return answer.immediate_response
+        if which != kind:
+            raise AssertionError(f"spurious response {which} to {kind}: Envoy would fail the stream")
+        return answer
+
+    async def _body(self, kind: str, body: bytes | Sequence[bytes], trailers: bool, headers: Any) -> Any:
+        """Send a body as the mode says; return the body Envoy passes on, or an ImmediateResponse."""
+        chunks = [body] if isinstance(body, bytes) else list(body)
+        chunks = [c for c in chunks if c]
+        mode = getattr(self.mode, f"{kind.split('_')[0]}_body_mode")
+        if not chunks or mode == 0:
+            return b"".join(chunks), chunks
+        if mode in (2, 3):  # BUFFERED, BUFFERED_PARTIAL (under the buffer limit): one message
+            chunks = [b"".join(chunks)]
+        if mode == 4:
+            return await self._duplex(kind, chunks, trailers)
+        out: list[bytes] = []
+        for i, chunk in enumerate(chunks):
+            answer = await self._send(kind, body=chunk, end_of_stream=i == len(chunks) - 1 and not trailers)
+            if _immediate(answer, self.result):
+                return answer, out
+            common = getattr(answer, kind).response
+            out.append(_new_body(common, chunk))
+            _apply(common.header_mutation, headers, self.result, request=kind == "request_body")
+        return b"".join(out), out
+
+    async def _duplex(self, kind: str, chunks: list[bytes], trailers: bool) -> Any:
+        for i, chunk in enumerate(chunks):
+            answer = await self._send(kind, body=chunk, end_of_stream=i == len(chunks) - 1 and not trailers)
+            if answer is not None:
+                await self._on_send(answer)
+        if not trailers:
+            await self._wait_end(kind)
+        return None
+
+    async def _wait_end(self, kind: str) -> None:
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while not any(end for _, end in self.outputs[kind]):
+            if self.processor.failure:
+                raise _StreamFailed(self.processor.failure)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise _StreamFailed(f"{kind}: no end of stream: Envoy would wait forever")
+            self.output_seen.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.output_seen.wait(), remaining)
+
+    def _duplex_body(self, kind: str) -> tuple[bytes, list[bytes]]:
+        chunks = [body for body, _ in self.outputs[kind] if body]
+        return b"".join(chunks), chunks
+
+    async def run(self, request: Request, response: Response) -> None:
+        from sidecar.headers import Headers
+
+        result = self.result
         req_headers = Headers(
             [(":method", request.method), (":path", request.path), (":authority", request.authority),
              (":scheme", "http"), *_pairs(request.headers)]
         )  # fmt: skip
         if "x-request-id" not in req_headers:
             req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
-        body = request.body
-        answer = await send(
-            "request_headers", headers=req_headers.to_header_map(), end_of_stream=not body and not request.trailers
+        has_body = bool(request.body if isinstance(request.body, bytes) else any(request.body))
+        answer = await self._send(
+            "request_headers", headers=req_headers.to_header_map(), end_of_stream=not has_body and not request.trailers
         )
         if _immediate(answer, result):
-            return result
+            return
         _apply(answer.request_headers.response.header_mutation, req_headers, result, request=True)
         if answer.HasField("mode_override"):
-            mode = answer.mode_override
-        if body and mode.request_body_mode:
-            answer = await send("request_body", body=body, end_of_stream=not request.trailers)
-            if _immediate(answer, result):
-                return result
-            common = answer.request_body.response
-            body = _new_body(common, body)
-            _apply(common.header_mutation, req_headers, result, request=True)
+            self.mode = answer.mode_override
+        body = await self._body("request_body", request.body, bool(request.trailers), req_headers)
+        if body is not None and _immediate(body[0], result):
+            return
         req_trailers = Headers(_pairs(request.trailers))
-        if request.trailers and mode.request_trailer_mode == 1:
-            answer = await send("request_trailers", trailers=req_trailers.to_header_map())
+        if request.trailers and self.mode.request_trailer_mode == 1:
+            answer = await self._send("request_trailers", trailers=req_trailers.to_header_map())
             _apply(answer.request_trailers.header_mutation, req_trailers, result, request=True)
-        result.upstream = Message(req_headers, body, req_trailers)
+        if body is None:
+            body = self._duplex_body("request_body")
+        result.upstream = Message(req_headers, body[0], req_trailers, body[1])
 
-        response = response or Response()
         resp_headers = Headers([(":status", str(response.status)), *_pairs(response.headers)])
-        resp_body = response.body
-        if mode.response_header_mode == 1:
-            answer = await send("response_headers", headers=resp_headers.to_header_map(), end_of_stream=not resp_body)
+        has_body = bool(response.body if isinstance(response.body, bytes) else any(response.body))
+        if self.mode.response_header_mode == 1:
+            answer = await self._send(
+                "response_headers", headers=resp_headers.to_header_map(), end_of_stream=not has_body
+            )
             if _immediate(answer, result):
-                return result
+                return
             _apply(answer.response_headers.response.header_mutation, resp_headers, result, request=False)
-        if resp_body and mode.response_body_mode:
-            answer = await send("response_body", body=resp_body, end_of_stream=not response.trailers)
-            if _immediate(answer, result):
-                return result
-            common = answer.response_body.response
-            resp_body = _new_body(common, resp_body)
-            _apply(common.header_mutation, resp_headers, result, request=False)
-        resp_trailers = Headers(_pairs(response.trailers))
-        if response.trailers and mode.response_trailer_mode == 1:
-            answer = await send("response_trailers", trailers=resp_trailers.to_header_map())
-            _apply(answer.response_trailers.header_mutation, resp_trailers, result, request=False)
         result.status = int(resp_headers[":status"])
-        result.response = Message(resp_headers, resp_body, resp_trailers)
-        return result
+        result.response = Message(resp_headers)  # headers reached the client; a later failure cuts the body
+        resp = await self._body("response_body", response.body, bool(response.trailers), resp_headers)
+        if resp is not None and _immediate(resp[0], result):
+            return
+        resp_trailers = Headers(_pairs(response.trailers))
+        if response.trailers and self.mode.response_trailer_mode == 1:
+            answer = await self._send("response_trailers", trailers=resp_trailers.to_header_map())
+            _apply(answer.response_trailers.header_mutation, resp_trailers, result, request=False)
+        if resp is None:
+            resp = self._duplex_body("response_body")
+        result.status = int(resp_headers[":status"])
+        result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])
 
 
 def _struct_to_python(value: Any) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sidecar import BodyMode, Plugin
@@ -69,21 +71,88 @@ def test_union_mode_over_chains() -> None:
     assert mode["response_header_mode"] == "SEND"
 
 
-def test_unsupported_and_conflicting_body_modes() -> None:
+def test_body_modes_follow_hook_kinds() -> None:
+    class Chunky(Plugin):
+        def on_request_chunk(self, ctx: object, chunk: bytes, end: bool) -> None:
+            return None
+
+    class Partial(Chunky):
+        request_body = BodyMode.BUFFERED_PARTIAL
+
     class Streamy(Plugin):
+        async def on_response_stream(self, ctx: object, chunks: Any) -> Any:
+            async for chunk in chunks:
+                yield chunk
+
+    assert describe_mode(Chain("c", [Chunky()]).mode)["request_body_mode"] == "STREAMED"
+    assert describe_mode(Chain("p", [Partial()]).mode)["request_body_mode"] == "BUFFERED_PARTIAL"
+    # chunk hooks next to a whole-body hook see the whole body once
+    assert describe_mode(Chain("b", [Chunky(), tp.UpperBody()]).mode)["request_body_mode"] == "BUFFERED"
+    full = describe_mode(Chain("f", [Streamy()]).mode)
+    assert full["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert full["response_trailer_mode"] == "SEND"  # Envoy requires it
+
+    with pytest.raises(ConfigError, match="need different body modes"):
+        Chain("m", [Chunky(), Partial()])
+    with pytest.raises(ConfigError, match="needs? on_error: fail_closed"):
+        Chain("o", [Streamy()], on_error="fail_open")
+
+    class WrongDeclaration(Plugin):
         request_body = BodyMode.STREAMED
 
         def on_request_body(self, ctx: object, body: bytes) -> None:
             return None
 
-    with pytest.raises(ConfigError, match="STREAMED is not supported yet"):
-        Chain("s", [Streamy()])
+    with pytest.raises(ConfigError, match="does not fit on_request_body"):
+        Chain("w", [WrongDeclaration()])
 
-    class Mixed(Streamy):
-        request_body = BodyMode.BUFFERED_PARTIAL
+    class NotAGenerator(Plugin):
+        async def on_request_stream(self, ctx: object, chunks: Any) -> None:
+            return None
 
-    with pytest.raises(ConfigError, match="need different body modes"):
-        Chain("m", [Streamy(), Mixed()])
+    with pytest.raises(ConfigError, match="must be an async generator"):
+        Chain("g", [NotAGenerator()])
+
+    class Both(Chunky):
+        def on_request_body(self, ctx: object, body: bytes) -> None:
+            return None
+
+    with pytest.raises(ConfigError, match="pick one per direction"):
+        Chain("x", [Both()])
+
+    class FullDuplexBuffered(Streamy):
+        def on_response_body(self, ctx: object, body: bytes) -> None:
+            return None
+
+    with pytest.raises(ConfigError, match="pick one per direction"):
+        Chain("y", [FullDuplexBuffered()])
+    with pytest.raises(ConfigError, match="whole-body"):
+        Chain("z", [Streamy(), tp.UpperBody()])
+
+
+def test_full_duplex_disables_mode_override() -> None:
+    class Streamy(Plugin):
+        async def on_response_stream(self, ctx: object, chunks: Any) -> Any:
+            async for chunk in chunks:
+                yield chunk
+
+    registry = Registry([Chain("default", [Streamy()]), Chain("light", [tp.RequestOnly()])])
+    light = registry.chains["light"]
+    assert registry.mode_override(light) is None
+    assert registry.effective_mode(light) == registry.mode
+    plain = Registry([Chain("default", [tp.UpperBody()]), Chain("light", [tp.RequestOnly()])])
+    assert plain.mode_override(plain.chains["light"]) == plain.chains["light"].mode
+
+
+def test_observe_only_chains_cannot_mix() -> None:
+    class Observer(tp.AddHeaders):
+        observe_only = True
+
+    assert Registry([Chain("a", [Observer()])]).observe_only
+    with pytest.raises(ConfigError, match="mixes observe-only"):
+        Chain("m", [Observer(), tp.AddHeaders()])
+    with pytest.raises(ConfigError, match="separate sidecars"):
+        Registry([Chain("a", [Observer()]), Chain("b", [tp.AddHeaders()])])
 
 
 def test_empty_registry_is_an_error() -> None:

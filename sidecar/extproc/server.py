@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError, ProtocolError
 from sidecar.extproc.metrics import Metrics
-from sidecar.extproc.stream import StreamProcessor
+from sidecar.extproc.stream import StreamFailure, StreamProcessor
 from sidecar.registry import CHAIN_METADATA_KEY, Chain, Registry
 
 __all__ = ["SERVICE_NAME", "ExtProcServer", "prepare_unix_socket"]
@@ -85,9 +85,6 @@ class ExtProcServer:
         self.config = config
         self.socket_path = socket_path
         self.metrics = metrics
-        self._overrides: dict[str, Any] = {
-            name: (chain.mode if chain.mode != registry.mode else None) for name, chain in registry.chains.items()
-        }
         self._single_chain = registry.default if len(registry.chains) == 1 else None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -103,11 +100,11 @@ class ExtProcServer:
                 return self.registry.chain(value if isinstance(value, str) else value.decode())
         return self.registry.default
 
-    async def Process(
+    async def Process(  # the gRPC method name
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> None:
         chain = self._pick_chain(context)
         metrics = self.metrics
         if chain is None:
@@ -116,29 +113,68 @@ class ExtProcServer:
                 metrics.stream_errors.labels("unknown_chain").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown plugin chain")
             return
-        processor = StreamProcessor(chain, self._overrides[chain.name], metrics)
+        write: Any = context.write
+        if self.registry.full_duplex:
+            # Body chunks are written by a pipeline task too: keep writes whole and in order.
+            lock = asyncio.Lock()
+
+            async def write(response: pb.ProcessingResponse) -> None:
+                async with lock:
+                    await context.write(response)
+
+        task = asyncio.current_task()
+
+        def interrupt(reason: str) -> None:
+            # A body pipeline failed while this task waits for Envoy's next message: wake it to fail the stream.
+            if task is not None:
+                task.cancel()
+
+        processor = StreamProcessor(
+            chain, self.registry, metrics=metrics, send=write, stream_timeout=self.config.stream_timeout,
+            on_failure=interrupt,
+        )  # fmt: skip
         if metrics is not None:
             metrics.stream_opened(chain.name)
+        read = context.read
         try:
-            async for request in request_iterator:
-                started = time.perf_counter()
-                try:
-                    response = await processor.process(request)
-                except ProtocolError as exc:
-                    log.warning("closing ext_proc stream: %s", exc, extra={"request_id": processor.ctx.request_id})
-                    if metrics is not None:
-                        metrics.stream_errors.labels("protocol").inc()
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            while True:
+                request = await read()
+                if request is grpc.aio.EOF:
                     return
+                started = time.perf_counter()
+                response = await processor.process(request)
+                if response is not None:
+                    await write(response)
                 if metrics is not None:
                     counter, latency = metrics.phase[request.WhichOneof("request")]
                     counter.inc()
                     latency.observe(time.perf_counter() - started)
-                if response is not None:
-                    yield response
+        except ProtocolError as exc:
+            await self._fail(context, processor, "protocol", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StreamFailure as exc:
+            await self._fail(context, processor, "stream", grpc.StatusCode.INTERNAL, str(exc))
+        except asyncio.CancelledError:
+            if processor.failure is None:
+                raise  # Envoy went away or the server is stopping
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await self._fail(context, processor, "stream", grpc.StatusCode.INTERNAL, processor.failure)
         finally:
+            processor.close()
             if metrics is not None:
                 metrics.active.dec()
+
+    async def _fail(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        processor: StreamProcessor,
+        reason: str,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        log.warning("closing ext_proc stream: %s", message, extra={"request_id": processor.ctx.request_id})
+        if self.metrics is not None:
+            self.metrics.stream_errors.labels(reason).inc()
+        await context.abort(code, message)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -1,25 +1,32 @@
-"""One ext_proc stream: ProcessingRequest in, the matching ProcessingResponse out.
+"""One ext_proc stream: ProcessingRequests in, the matching ProcessingResponses out.
 
 This is the hot path. It knows nothing about gRPC, so the in-process test driver (`sidecar.testing`)
-runs the very same code as the server. Hooks and per-phase handlers are resolved once per chain, not
-per message; nothing here logs unless something went wrong.
+runs the very same code as the server. Hooks are resolved once per chain, not per message; nothing here
+logs unless something went wrong.
+
+Outside FULL_DUPLEX_STREAMED every message gets exactly one answer, returned by `process`. In
+FULL_DUPLEX_STREAMED bodies are answered with `streamed_response` chunks; when a chain has async-generator
+stream hooks those chunks are produced by a task (`duplex.DuplexPipe`) and written through `send`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.errors import ProtocolError
+from sidecar.extproc.duplex import DuplexPipe, StreamFailure, call_chunk, streamed_response
 from sidecar.headers import Headers
-from sidecar.plugins import Context, Respond
-from sidecar.registry import Chain
+from sidecar.plugins import BodyMode, Context, Respond
+from sidecar.registry import BodyStage, Chain, Registry
 
-__all__ = ["StreamProcessor", "immediate_response"]
+__all__ = ["StreamFailure", "StreamProcessor", "immediate_response"]
 
 log = logging.getLogger("sidecar.extproc")
 
@@ -30,6 +37,9 @@ _ORDER = {
 }  # fmt: skip
 _REPEATABLE = frozenset({"request_body", "response_body"})
 _ERROR_BODY = b"Internal Server Error\n"
+DEFAULT_STREAM_TIMEOUT = 10.0
+
+Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
 
 def _empty(kind: str) -> pb.ProcessingResponse:
@@ -71,20 +81,50 @@ def _as_body(result: Any, plugin: str) -> bytes:
     raise TypeError(f"body hook of {plugin!r} returned {type(result).__name__}; expected bytes, str, Respond or None")
 
 
+async def _unsent(response: pb.ProcessingResponse) -> None:
+    raise RuntimeError("this stream has no way to send extra messages")
+
+
 class StreamProcessor:
     """Turns the ProcessingRequests of one stream into ProcessingResponses for one chain."""
 
-    __slots__ = ("_last", "_metrics", "chain", "ctx", "mode_override")
+    __slots__ = (
+        "_body_modes", "_disabled", "_filter_modes", "_last", "_metrics", "_pipes", "_send", "chain",
+        "ctx", "failure", "mode_override", "on_failure", "stream_timeout",
+    )  # fmt: skip
 
-    def __init__(self, chain: Chain, mode_override: Any = None, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        chain: Chain,
+        registry: Registry | None = None,
+        *,
+        metrics: Any = None,
+        send: Send = _unsent,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        registry = registry or Registry([chain])
         self.chain = chain
-        self.mode_override = mode_override
-        self.ctx = Context(chain.name)
+        self.mode_override = registry.mode_override(chain)
+        effective = registry.effective_mode(chain)
+        self._body_modes = (effective.request_body_mode, effective.response_body_mode)
+        self._filter_modes = (registry.mode.request_body_mode, registry.mode.response_body_mode)
+        self.ctx = Context(chain.name, send=send)
         self._metrics = metrics
+        self._send = send
+        self.stream_timeout = stream_timeout
+        self.on_failure = on_failure
+        #: Set when a streaming body failed outside of an answer (deadline, plugin bug): fail the stream.
+        self.failure: str | None = None
         self._last: list[tuple[int, int] | None] = [None, None]
+        self._pipes: dict[str, DuplexPipe] = {}
+        self._disabled: set[str] = set()  # fail_open: plugins bypassed for the rest of this stream
 
     async def process(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
-        """The answer to one message; None in observability mode. Raises ProtocolError on misuse."""
+        """The answer to one message, or None (observability mode; FULL_DUPLEX body chunks sent by a task).
+
+        Raises ProtocolError when Envoy breaks the protocol, StreamFailure when a streaming body cannot go on.
+        """
         kind = request.WhichOneof("request")
         if kind is None or kind not in _ORDER:
             raise ProtocolError(f"unexpected ProcessingRequest ({kind or 'empty'})")
@@ -104,18 +144,23 @@ class StreamProcessor:
             self.ctx._attributes_pb = request.attributes
             self.ctx._attributes = None
         response = await _HANDLERS[kind](self, getattr(request, kind))
-        if self.ctx.dynamic_metadata and response is not _CONTINUE[kind]:
+        if response is None or request.observability_mode:
+            return None
+        if self.ctx.dynamic_metadata:
+            if response is _CONTINUE[kind]:
+                response = _empty(kind)
             response.dynamic_metadata.update(self.ctx.dynamic_metadata)
             self.ctx.dynamic_metadata = {}
-        elif self.ctx.dynamic_metadata:
-            response = _empty(kind)
-            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
-            self.ctx.dynamic_metadata = {}
-        return None if request.observability_mode else response
+        return response
+
+    def close(self) -> None:
+        """The stream is over (or failed): stop any body pipeline still running."""
+        for pipe in self._pipes.values():
+            pipe.cancel()
 
     # -- failure policy ------------------------------------------------------------------------
 
-    def _failed(self, kind: str, plugin: str, exc: BaseException) -> pb.ProcessingResponse:
+    def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
         error_id = uuid.uuid4().hex[:16]
         log.error(
             "plugin %s failed in %s (chain %s, error id %s): %s: %s",
@@ -125,6 +170,10 @@ class StreamProcessor:
         )  # fmt: skip
         if self._metrics is not None:
             self._metrics.plugin_error(plugin, kind)
+        return error_id
+
+    def _failed(self, kind: str, plugin: str, exc: BaseException) -> pb.ProcessingResponse:
+        error_id = self._log_failure(kind, plugin, exc)
         if self.chain.fail_open:
             return _CONTINUE[kind]
         return immediate_response(
@@ -132,7 +181,13 @@ class StreamProcessor:
                     details="sidecar_plugin_error")
         )  # fmt: skip
 
-    # -- phases --------------------------------------------------------------------------------
+    def _pipe_failed(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            if self.on_failure is not None:
+                self.on_failure(reason)
+
+    # -- headers -------------------------------------------------------------------------------
 
     async def _headers(self, kind: str, message: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = Headers.from_envoy(message.headers)
@@ -171,20 +226,58 @@ class StreamProcessor:
     async def _response_headers(self, message: pb.HttpHeaders) -> pb.ProcessingResponse:
         return await self._headers("response_headers", message)
 
-    async def _body(self, kind: str, message: pb.HttpBody) -> pb.ProcessingResponse:
-        original = message.body
-        body = original
-        ctx = self.ctx
-        for hook in self.chain.hooks[kind]:
+    # -- bodies --------------------------------------------------------------------------------
+
+    async def _body(self, kind: str, message: pb.HttpBody) -> pb.ProcessingResponse | None:
+        index = 0 if kind == "request_body" else 1
+        mode = self._body_modes[index]
+        if mode == BodyMode.NONE:
+            if self._filter_modes[index] == BodyMode.NONE:
+                raise ProtocolError(f"{kind} arrived but the processing mode says Envoy sends none")
+            return _CONTINUE[kind]  # Envoy did not apply our mode_override; nothing to do for this chain
+        stages = self.chain.body_stages[kind.split("_")[0]]
+        if mode == BodyMode.FULL_DUPLEX_STREAMED:
+            return await self._duplex(kind, message, stages)
+        if mode == BodyMode.BUFFERED:
+            return await self._buffered(kind, message, stages)
+        return await self._chunked(kind, message, stages)
+
+    async def _run_chunk_hooks(
+        self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool
+    ) -> bytes | pb.ProcessingResponse:
+        for stage in stages:
+            if stage.plugin in self._disabled:
+                continue
             try:
-                result = await hook(ctx, body)
+                result = await stage.hook(self.ctx, body, end)
                 if result is None:
                     continue
                 if isinstance(result, Respond):
                     return immediate_response(result)
-                body = _as_body(result, hook.plugin)
+                body = _as_body(result, stage.plugin)
             except Exception as exc:
-                return self._failed(kind, hook.plugin, exc)
+                if self.chain.fail_open:
+                    self._log_failure(kind, stage.plugin, exc)
+                    self._disabled.add(stage.plugin)  # its state is unknown now: bypass it from here on
+                    continue
+                return self._failed(kind, stage.plugin, exc)
+        return body
+
+    async def _buffered(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
+        original = message.body
+        body = original
+        ctx = self.ctx
+        for stage in stages:
+            try:
+                # Chunk hooks in a BUFFERED chain see the whole body as one final chunk.
+                result = await (stage.hook(ctx, body) if stage.kind == "body" else stage.hook(ctx, body, True))
+                if result is None:
+                    continue
+                if isinstance(result, Respond):
+                    return immediate_response(result)
+                body = _as_body(result, stage.plugin)
+            except Exception as exc:
+                return self._failed(kind, stage.plugin, exc)
         headers = ctx.request_headers if kind == "request_body" else ctx.response_headers
         if body is not original and headers is not None and "content-length" in headers:
             # BUFFERED with headers sent: Envoy rejects a new body whose content-length is stale.
@@ -203,13 +296,60 @@ class StreamProcessor:
             headers.flush_into(common.header_mutation)  # type: ignore[union-attr]
         return response
 
-    async def _request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+    async def _chunked(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
+        """STREAMED and BUFFERED_PARTIAL: one answer per chunk, of any size (empty holds data back)."""
+        original = message.body
+        out = await self._run_chunk_hooks(kind, stages, original, message.end_of_stream)
+        if isinstance(out, pb.ProcessingResponse):
+            return out
+        if out is original:
+            return _CONTINUE[kind]
+        response = pb.ProcessingResponse()
+        mutation = getattr(response, kind).response.body_mutation
+        if out:
+            mutation.body = out
+        else:
+            mutation.clear_body = True
+        return response
+
+    async def _duplex(
+        self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]
+    ) -> pb.ProcessingResponse | None:
+        if any(stage.kind == "stream" for stage in stages):
+            pipe = self._pipes.get(kind)
+            if pipe is None:
+                pipe = self._pipes[kind] = DuplexPipe(
+                    kind, stages, self.ctx, self._send, self.stream_timeout, self._pipe_failed
+                )
+            await pipe.feed(message.body, message.end_of_stream)
+            return None
+        # Chunk hooks only: answer each chunk inline, in order, one streamed chunk per input chunk.
+        body, end = message.body, message.end_of_stream
+        try:
+            for stage in stages:
+                body = await asyncio.wait_for(call_chunk(stage, self.ctx, body, end), self.stream_timeout)
+        except TimeoutError:
+            raise StreamFailure(f"{kind}: a chunk hook took longer than {self.stream_timeout:g}s") from None
+        except StreamFailure:
+            raise
+        except Exception as exc:
+            self._log_failure(kind, "chain", exc)
+            raise StreamFailure(f"{kind}: plugin failed: {type(exc).__name__}") from None
+        return streamed_response(kind, body, end)
+
+    async def _request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse | None:
         return await self._body("request_body", message)
 
-    async def _response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse:
+    async def _response_body(self, message: pb.HttpBody) -> pb.ProcessingResponse | None:
         return await self._body("response_body", message)
 
+    # -- trailers ------------------------------------------------------------------------------
+
     async def _trailers(self, kind: str, message: pb.HttpTrailers) -> pb.ProcessingResponse:
+        direction = kind.split("_")[0]
+        index = 0 if direction == "request" else 1
+        if self._body_modes[index] == BodyMode.FULL_DUPLEX_STREAMED:
+            await self._end_duplex_body(f"{direction}_body")
         trailers = Headers.from_envoy(message.trailers)
         for hook in self.chain.hooks[kind]:
             try:
@@ -221,6 +361,20 @@ class StreamProcessor:
         response = pb.ProcessingResponse()
         trailers.flush_into(getattr(response, kind).header_mutation)
         return response
+
+    async def _end_duplex_body(self, body_kind: str) -> None:
+        """Trailers end a FULL_DUPLEX body: every stage flushes before the trailers are answered."""
+        pipe = self._pipes.get(body_kind)
+        if pipe is not None:
+            await pipe.end_with_trailers()
+            return
+        stages = self.chain.body_stages[body_kind.split("_")[0]]
+        if stages:
+            flushed = b""
+            for stage in stages:
+                flushed = await asyncio.wait_for(call_chunk(stage, self.ctx, flushed, True), self.stream_timeout)
+            if flushed:
+                await self._send(streamed_response(body_kind, flushed, False))
 
     async def _request_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:
         return await self._trailers("request_trailers", message)
@@ -237,3 +391,4 @@ _HANDLERS = {
     "response_body": StreamProcessor._response_body,
     "response_trailers": StreamProcessor._response_trailers,
 }
+

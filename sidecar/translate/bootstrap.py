@@ -18,9 +18,12 @@ from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.extproc.server import SERVICE_NAME
 from sidecar.plugins import METADATA_NAMESPACE
-from sidecar.registry import CHAIN_METADATA_KEY, Registry
+from sidecar.registry import CHAIN_METADATA_KEY, FULL_DUPLEX, SEND, Registry
 
-__all__ = ["BootstrapOptions", "RouteSpec", "build_bootstrap", "parse_host_port", "parse_route"]
+__all__ = [
+    "BootstrapOptions", "RouteSpec", "build_bootstrap", "check_processing_mode", "ext_proc_filter", "parse_host_port",
+    "parse_route",
+]  # fmt: skip
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER = "envoy-sidecar"
@@ -142,6 +145,24 @@ def _upstream_cluster(host: str, port: int) -> Any:
     )
 
 
+def check_processing_mode(mode: Any, *, failure_mode_allow: bool, where: str = "ext_proc") -> None:
+    """Refuse what Envoy 1.40 accepts but cannot do: FULL_DUPLEX_STREAMED needs trailers SEND in its
+    direction (Envoy checks that too) and no fail-open (Envoy validates it, then fails closed anyway)."""
+    for direction in ("request", "response"):
+        if getattr(mode, f"{direction}_body_mode") != FULL_DUPLEX:
+            continue
+        if getattr(mode, f"{direction}_trailer_mode") != SEND:
+            raise ConfigError(
+                f"{where}: {direction}_body_mode FULL_DUPLEX_STREAMED needs {direction}_trailer_mode SEND "
+                "(trailers may end the body)"
+            )
+        if failure_mode_allow:
+            raise ConfigError(
+                f"{where}: {direction}_body_mode FULL_DUPLEX_STREAMED cannot fail open "
+                "(failure_mode_allow / failOpen must be false)"
+            )
+
+
 def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_allow: bool = False) -> Any:
     """The `envoy.filters.http.ext_proc` HttpFilter that talks to this sidecar."""
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
@@ -153,6 +174,7 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_a
     )
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
 
+    check_processing_mode(registry.mode, failure_mode_allow=failure_mode_allow)
     timeout = datetime.timedelta(seconds=config.message_timeout)
     processor = ExternalProcessor(
         grpc_service=GrpcService(
@@ -167,6 +189,8 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_a
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
         ),
         stat_prefix="sidecar",
+        # Envoy sends and does not wait: observe-only plugins run off the request path.
+        observability_mode=registry.observe_only,
     )
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(processor))
 

@@ -1,0 +1,165 @@
+"""FULL_DUPLEX_STREAMED bodies through a chain that has async-generator (`on_*_stream`) hooks.
+
+Envoy sends body chunks as they arrive and expects `streamed_response` chunks back at the server's own
+pace. Input chunks go through a small bounded queue into the chain's stages, each an async iterator of
+`(bytes, end_of_stream)` pairs; a task sends whatever comes out. Memory stays bounded: a stage that stops
+reading makes the queue full, and the feeder then waits (back-pressuring Envoy over gRPC flow control)
+for at most the stream deadline before failing the stream.
+
+Envoy applies no message timeout in this mode, so every wait here has a deadline: a stalled or buggy
+plugin costs the client a 500 (the gRPC stream is failed), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar.plugins import Context, Respond
+from sidecar.registry import BodyStage
+
+__all__ = ["DuplexPipe", "streamed_response"]
+
+_QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
+
+Item = tuple[bytes, bool]
+Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
+
+
+def streamed_response(kind: str, body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    response = pb.ProcessingResponse()
+    streamed = getattr(response, kind).response.body_mutation.streamed_response
+    streamed.body = body
+    streamed.end_of_stream = end_of_stream
+    return response
+
+
+class StreamFailure(Exception):
+    """A body stage failed or missed its deadline: the gRPC stream must be failed."""
+
+
+class DuplexPipe:
+    """One direction's body pipeline for one stream."""
+
+    def __init__(
+        self,
+        kind: str,
+        stages: tuple[BodyStage, ...],
+        ctx: Context,
+        send: Send,
+        deadline: float,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self.kind = kind
+        self.ctx = ctx
+        self.deadline = deadline
+        self._send = send
+        self._on_failure = on_failure
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(_QUEUE_CHUNKS)
+        self._ended = False
+        self._ended_by_trailers = False
+        stream: AsyncIterator[Item] = self._source()
+        for stage in stages:
+            stream = _chunk_stage(stage, ctx, stream) if stage.kind == "chunk" else _stream_stage(stage, ctx, stream)
+        self._task = asyncio.create_task(self._run(stream))
+
+    async def _source(self) -> AsyncIterator[Item]:
+        while True:
+            item = await self._queue.get()
+            yield item
+            if item[1]:
+                return
+
+    async def _run(self, stream: AsyncIterator[Item]) -> None:
+        try:
+            async for body, end in stream:
+                if body or end:
+                    await self._send(streamed_response(self.kind, body, end and not self._ended_by_trailers))
+                if end:
+                    return
+            raise StreamFailure("body pipeline ended without end of stream")
+        except asyncio.CancelledError:
+            raise
+        except StreamFailure as exc:
+            self._on_failure(str(exc))
+        except Exception as exc:  # a plugin bug: never let it escape the stream
+            self._on_failure(f"{type(exc).__name__}: {exc}")
+
+    async def feed(self, body: bytes, end_of_stream: bool) -> None:
+        """Hand one chunk from Envoy to the pipeline; waits while the pipeline is full."""
+        if self._ended:
+            raise StreamFailure("body chunk after end of stream")
+        self._ended = end_of_stream
+        try:
+            await asyncio.wait_for(self._queue.put((body, end_of_stream)), self.deadline)
+        except TimeoutError:
+            raise StreamFailure(f"{self.kind}: plugins did not take input for {self.deadline:g}s") from None
+        if end_of_stream:
+            asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.deadline)
+        except TimeoutError:
+            self._on_failure(f"{self.kind}: plugins did not finish the body within {self.deadline:g}s of its end")
+
+    async def end_with_trailers(self) -> None:
+        """Trailers ended the body: flush every stage, then return (the trailers answer goes after)."""
+        self._ended_by_trailers = True
+        if not self._ended:
+            await self.feed(b"", True)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.deadline)
+        except TimeoutError:
+            raise StreamFailure(f"{self.kind}: plugins did not finish the body within {self.deadline:g}s") from None
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+async def call_chunk(stage: BodyStage, ctx: Context, body: bytes, end: bool) -> bytes:
+    result = await stage.hook(ctx, body, end)
+    if result is None:
+        return body
+    if isinstance(result, Respond):
+        raise StreamFailure(f"plugin {stage.plugin!r} answered mid-stream; Respond is only possible before output")
+    if isinstance(result, bytes | bytearray | memoryview):
+        return bytes(result)
+    if isinstance(result, str):
+        return result.encode()
+    raise StreamFailure(f"chunk hook of {stage.plugin!r} returned {type(result).__name__}, expected bytes or None")
+
+
+async def _chunk_stage(stage: BodyStage, ctx: Context, items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    async for body, end in items:
+        out = await call_chunk(stage, ctx, body, end)
+        if out or end:
+            yield out, end
+
+
+async def _stream_stage(stage: BodyStage, ctx: Context, items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    async def plain() -> AsyncIterator[bytes]:
+        async for body, _end in items:
+            if body:
+                yield body
+
+    source = plain()
+    outputs: Any = stage.hook.func(ctx, source)
+    try:
+        async for out in outputs:
+            if not isinstance(out, bytes | bytearray | memoryview | str):
+                raise StreamFailure(f"stream hook of {stage.plugin!r} yielded {type(out).__name__}, expected bytes")
+            data = out.encode() if isinstance(out, str) else bytes(out)
+            if data:
+                yield data, False
+        # A hook may stop early (e.g. truncate): drain what is left so Envoy's input is not blocked.
+        async for _ in source:
+            pass
+    finally:
+        with contextlib.suppress(Exception):
+            await outputs.aclose()
+    yield b"", True
