@@ -94,7 +94,7 @@ def test_body_modes_follow_hook_kinds() -> None:
 
     with pytest.raises(ConfigError, match="need different body modes"):
         Chain("m", [Chunky(), Partial()])
-    with pytest.raises(ConfigError, match="needs? on_error: fail_closed"):
+    with pytest.raises(ConfigError, match="need on_error: fail_closed"):
         Chain("o", [Streamy()], on_error="fail_open")
 
     class WrongDeclaration(Plugin):

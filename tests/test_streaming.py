@@ -1,0 +1,205 @@
+"""Streaming body modes through the in-process Driver and the stream processor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar import BodyMode, Context, Plugin, Respond
+from sidecar.errors import ProtocolError
+from sidecar.extproc.stream import StreamFailure, StreamProcessor
+from sidecar.registry import Chain, Registry
+from sidecar.testing import Driver, Request, Response
+from tests.support import testplugins as tp
+
+
+class Upper(Plugin):
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        return chunk.upper() + (b"!" if end else b"")
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes | None:
+        return b"" if chunk == b"drop" else None
+
+
+class Partial(Plugin):
+    request_body = BodyMode.BUFFERED_PARTIAL
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bool]] = []
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+        self.seen.append((chunk, end))
+
+
+class Doubler(Plugin):
+    """FULL_DUPLEX: every input chunk comes out twice, as two chunks."""
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            yield chunk
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk + chunk
+
+
+class Joiner(Plugin):
+    """FULL_DUPLEX: holds everything, emits one chunk at the end (0 outputs per input, then 1)."""
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        parts = [chunk async for chunk in chunks]
+        yield b"|".join(parts)
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield b"<" + chunk + b">"
+
+
+class Stall(Plugin):
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+        await asyncio.Event().wait()  # never ends the stream
+        yield b"unreachable"
+
+
+class Explode(Plugin):
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if b"boom" in chunk:
+                raise RuntimeError("plugin bug")
+            yield chunk
+
+
+class RaiseOnChunk(Plugin):
+    name = "raise-on-chunk"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes | Respond:
+        if chunk == b"boom":
+            raise RuntimeError("bad chunk")
+        if chunk == b"stop":
+            return Respond(413, b"stopped mid-stream")
+        return chunk + b"."
+
+
+def test_streamed_replace_resize_and_drop() -> None:
+    result = Driver([Upper()]).run(Request("POST", body=[b"ab", b"c"]), Response(body=[b"x", b"drop", b"y"]))
+    assert result.upstream is not None
+    assert result.upstream.chunks == [b"AB", b"C!"]
+    assert result.response.body == b"xy"
+    assert result.phases == ["request_headers", "request_body", "request_body", "response_headers"] + [
+        "response_body"
+    ] * 3
+
+
+def test_buffered_partial_sees_one_chunk_with_completeness() -> None:
+    plugin = Partial()
+    Driver([plugin]).run(Request("POST", body=[b"ab", b"cd"]))
+    assert plugin.seen == [(b"abcd", True)]
+
+
+def test_full_duplex_composes_in_both_directions() -> None:
+    # request: Doubler then Joiner; response hooks run in reverse: Joiner then Doubler.
+    result = Driver([Doubler(), Joiner()]).run(
+        Request("POST", body=[b"a", b"b"]), Response(body=[b"x", b"y"])
+    )
+    assert result.failed is None
+    assert result.upstream is not None and result.upstream.body == b"a|a|b|b"
+    assert result.response.chunks == [b"<x><x>", b"<y><y>"]
+
+
+def test_full_duplex_with_trailers_flushes_before_them() -> None:
+    result = Driver([Joiner()]).run(Request("POST", body=[b"a", b"b"], trailers={"x-t": "1"}))
+    assert result.upstream is not None and result.upstream.body == b"a|b"
+    assert result.upstream.trailers["x-t"] == "1"
+
+
+def test_full_duplex_stall_fails_within_the_deadline() -> None:
+    started = time.monotonic()
+    result = Driver([Stall()], stream_timeout=0.3).run(Request(), Response(body=[b"a"]))
+    assert result.failed is not None and "did not finish" in result.failed
+    assert time.monotonic() - started < 3
+
+
+def test_full_duplex_plugin_error_fails_the_stream(caplog: pytest.LogCaptureFixture) -> None:
+    result = Driver([Explode()]).run(Request(), Response(body=[b"ok", b"boom"]))
+    assert result.failed is not None and "plugin bug" in result.failed
+
+
+def test_streamed_failure_policies_mid_stream(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.CRITICAL, logger="sidecar.extproc"):
+        closed = Driver([RaiseOnChunk()]).run(Request("POST", body=[b"a", b"boom", b"c"]))
+        opened = Driver([RaiseOnChunk()], on_error="fail_open").run(Request("POST", body=[b"a", b"boom", b"c"]))
+    assert closed.immediate and closed.status == 500
+    assert opened.upstream is not None
+    assert opened.upstream.chunks == [b"a.", b"boom", b"c"]  # bypassed from the failure on
+
+
+def test_respond_mid_request_body() -> None:
+    result = Driver([RaiseOnChunk()]).run(Request("POST", body=[b"a", b"stop", b"c"]))
+    assert result.immediate and result.status == 413
+    assert result.phases.count("request_body") == 2
+
+
+def _message(kind: str, **fields: Any) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(**{kind: fields})
+
+
+def test_body_for_a_direction_envoy_should_not_send() -> None:
+    processor = StreamProcessor(Chain("c", [tp.AddHeaders()]))
+
+    async def run() -> None:
+        await processor.process(_message("request_headers"))
+        await processor.process(_message("request_body", body=b"x", end_of_stream=True))
+
+    with pytest.raises(ProtocolError, match="sends none"):
+        asyncio.run(run())
+
+
+def test_full_duplex_chunk_after_end_of_stream() -> None:
+    sent: list[pb.ProcessingResponse] = []
+
+    async def send(response: pb.ProcessingResponse) -> None:
+        sent.append(response)
+
+    processor = StreamProcessor(Chain("c", [Doubler()]), send=send)
+
+    async def run() -> None:
+        await processor.process(_message("request_headers"))
+        await processor.process(_message("request_body", body=b"x", end_of_stream=True))
+        await processor.process(_message("request_body", body=b"y", end_of_stream=False))
+
+    with pytest.raises(StreamFailure, match="after end of stream"):
+        asyncio.run(run())
+    processor.close()
+
+
+def test_full_duplex_pass_through_for_chains_without_body_hooks() -> None:
+    registry = Registry([Chain("default", [Doubler()]), Chain("plain", [tp.AddHeaders()])])
+    result = Driver(registry, chain="plain").run(Request("POST", body=[b"a", b"b"]), Response(body=[b"z"]))
+    assert result.failed is None
+    assert result.upstream is not None and result.upstream.chunks == [b"a", b"b"]
+    assert result.response.body == b"z"
+
+
+def test_extend_timeout_sends_an_override_message() -> None:
+    class Slow(Plugin):
+        async def on_request_headers(self, ctx: Context, headers: Any) -> None:
+            await ctx.extend_timeout(2.5)
+
+    sent: list[pb.ProcessingResponse] = []
+
+    async def send(response: pb.ProcessingResponse) -> None:
+        sent.append(response)
+
+    processor = StreamProcessor(Chain("c", [Slow()]), send=send)
+    asyncio.run(processor.process(_message("request_headers")))
+    assert [r.override_message_timeout.ToTimedelta().total_seconds() for r in sent] == [2.5]
