@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 from sidecar.wasm.fetcherrors import BadReferenceError, NotWasmError, TooLargeError
 from sidecar.wasm.oci import (
@@ -119,7 +119,7 @@ def build_index(manifest: bytes, media_type: str, platforms: tuple[tuple[str, st
     ).encode()
 
 
-def extract_plugin(blob: Path, out: BinaryIO, cap: int, deadline: Deadline, where: str) -> None:
+def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, where: str) -> None:
     """Copy `plugin.wasm` out of a verified tar+gzip layer into `out`, at most `cap` bytes."""
     try:
         with tarfile.open(blob, mode="r:gz") as tar:
@@ -140,7 +140,7 @@ def extract_plugin(blob: Path, out: BinaryIO, cap: int, deadline: Deadline, wher
     raise NotWasmError(f"{where}: tar+gzip layer holds no plugin.wasm")
 
 
-def _copy_capped(source: IO[bytes], out: BinaryIO, cap: int, deadline: Deadline, where: str) -> None:
+def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str) -> None:
     total = 0
     while chunk := source.read(256 << 10):
         total += len(chunk)

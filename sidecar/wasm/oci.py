@@ -20,7 +20,7 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import requests
 
@@ -333,7 +333,7 @@ class RegistryClient:
             raise TooLargeError(f"image {self.ref}: module layer has {layer.size} bytes, cap is {cap}")
         return ResolvedImage(self.ref, top_digest, manifest_digest, layer, layout)
 
-    def download_blob(self, layer: Descriptor, out: BinaryIO, progress: Progress | None = None) -> None:
+    def download_blob(self, layer: Descriptor, out: IO[bytes], progress: Progress | None = None) -> None:
         what = f"blob {self.ref.name}@{layer.digest}"
         response = self.request("GET", f"blobs/{layer.digest}", what=what, stream=True)
         with response:

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import requests
 import requests.adapters
@@ -125,7 +125,7 @@ def read_capped(response: requests.Response, cap: int, what: str, deadline: Dead
 
 def stream_verified(
     response: requests.Response,
-    out: BinaryIO,
+    out: IO[bytes],
     *,
     what: str,
     cap: int,
