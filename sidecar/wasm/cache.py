@@ -238,6 +238,26 @@ class ModuleCache:
         index["modules"].pop(sha, None)
         index["refs"] = {k: v for k, v in index["refs"].items() if v["module"] != sha}
 
+    def store_keys(self, module: CachedModule, keys: Sequence[str]) -> CachedModule:
+        """Point more keys at a module already cached (a tag re-resolved to a known digest)."""
+        with self._index_lock():
+            index = self._read_index()
+            if module.sha256 not in index["modules"]:
+                raise CacheError(
+                    f"cache index {self._index}: module {module.sha256} vanished during the pull"
+                )
+            now = time.time()
+            index["modules"][module.sha256]["last_used"] = now
+            for key in keys:
+                index["refs"][key] = {
+                    "module": module.sha256,
+                    "digest": module.digest,
+                    "source": module.source,
+                    "fetched": now,
+                }
+            self._write_index(index)
+        return module
+
     def entries(self) -> list[tuple[str, CachedModule]]:
         """(source key, module) for every index entry whose module is on disk."""
         index = self._read_index()

@@ -13,6 +13,7 @@ is copied in chunks into a file we name, with a hard cap.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import tarfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sidecar.wasm.auth import DockerConfig, resolve_credentials
 from sidecar.wasm.fetcherrors import BadReferenceError, NotWasmError, TooLargeError
 from sidecar.wasm.oci import (
     DOCKER_MANIFEST,
@@ -29,10 +31,21 @@ from sidecar.wasm.oci import (
     OCI_MANIFEST,
     OCI_TAR_GZIP,
     WASM_LAYER,
+    RegistryClient,
+    check_ref_for_push,
 )
-from sidecar.wasm.transfer import Deadline
+from sidecar.wasm.reference import parse_image_ref
+from sidecar.wasm.transfer import WASM_MAGIC, Deadline, FetchOptions
 
-__all__ = ["LAYOUTS", "BuiltImage", "build_image", "build_index", "extract_plugin"]
+__all__ = [
+    "LAYOUTS",
+    "BuiltImage",
+    "PushResult",
+    "build_image",
+    "build_index",
+    "extract_plugin",
+    "push_image",
+]
 
 LAYOUTS = ("oci", "compat", "docker")
 _WASM_CONFIG = "application/vnd.module.wasm.config.v1+json"
@@ -51,8 +64,6 @@ class BuiltImage:
 
 
 def _descriptor(media_type: str, data: bytes) -> dict[str, object]:
-    import hashlib
-
     return {
         "mediaType": media_type,
         "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
@@ -78,8 +89,6 @@ def build_image(module: bytes, layout: str) -> BuiltImage:
         annotations: dict[str, str] = {}
     elif layout in ("compat", "docker"):
         layer = _plugin_tar_gz(module)
-        import hashlib
-
         diff_id = "sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()
         config = json.dumps(
             {
@@ -148,3 +157,46 @@ def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline
             raise TooLargeError(f"{where}: plugin.wasm is more than the cap of {cap} bytes")
         out.write(chunk)
         deadline.check()
+
+
+@dataclass(frozen=True)
+class PushResult:
+    manifest_digest: str
+    index_digest: str | None
+
+
+def push_image(
+    module_path: Path,
+    reference: str,
+    layout: str,
+    options: FetchOptions,
+    pull_secret: DockerConfig | None = None,
+    with_index: bool = False,
+) -> PushResult:
+    """Push a module file as an image of `layout` (optionally behind an amd64+arm64 index)."""
+    ref = parse_image_ref(reference)
+    tag = check_ref_for_push(ref)
+    try:
+        with open(module_path, "rb") as handle:
+            module = handle.read(options.max_module_bytes + 1)
+    except OSError as exc:
+        raise BadReferenceError(f"module file {module_path}: cannot read ({exc.strerror})") from None
+    if len(module) > options.max_module_bytes:
+        raise TooLargeError(
+            f"module file {module_path}: more than the cap of {options.max_module_bytes} bytes"
+        )
+    if not module.startswith(WASM_MAGIC):
+        raise NotWasmError(f"module file {module_path}: not a WebAssembly module (no \\0asm magic)")
+    image = build_image(module, layout)
+    deadline = Deadline(options.deadline, f"push to {ref}")
+    credentials = resolve_credentials(ref.registry, pull_secret, options.environ)
+    with RegistryClient(ref, credentials, options, deadline) as client:
+        for blob in image.blobs:
+            client.push_blob(blob)
+        if not with_index:
+            return PushResult(client.push_manifest(tag, image.manifest, image.media_type), None)
+        digest = client.push_manifest(
+            "sha256:" + hashlib.sha256(image.manifest).hexdigest(), image.manifest, image.media_type
+        )
+        index = build_index(image.manifest, image.media_type, (("linux", "arm64"), ("linux", "amd64")))
+        return PushResult(digest, client.push_manifest(tag, index, OCI_INDEX))
