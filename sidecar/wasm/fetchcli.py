@@ -54,6 +54,7 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
     parser.add_argument(
         "--max-size", type=int, default=256 << 20, help="largest module in bytes (default 256 MiB)"
     )
+    parser.add_argument("--retries", type=int, default=5, help="retries of retryable HTTP errors (default 5)")
 
 
 def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -108,6 +109,7 @@ def _options(args: argparse.Namespace) -> Any:
         max_module_bytes=args.max_size,
         insecure_hosts=frozenset(args.insecure_registry),
         ca_bundle=args.ca_bundle,
+        http_retries=args.retries,
     )
 
 
