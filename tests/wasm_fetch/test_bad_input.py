@@ -313,9 +313,7 @@ def test_http_truncated_body(
 ) -> None:
     module = make_module(1000)
     scripted_server.routes["/short.wasm"] = [(200, {"Content-Length": str(len(module) + 50)}, module)]
-    code, err = _pull(
-        capsys, scripted_server, scripted_server.url("/short.wasm"), tmp_path, "--retries", "1"
-    )
+    code, err = _pull(capsys, scripted_server, scripted_server.url("/short.wasm"), tmp_path, "--retries", "1")
     assert_user_error(code, err, "connection failed")
     assert scripted_server.hits["/short.wasm"] == 2  # a broken connection is worth one retry
     assert cache_files(tmp_path) == []
