@@ -219,3 +219,14 @@ def scripted_server() -> Iterator[ScriptedServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry of the test's own (htpasswd auth), for tests that stop it."""
+    directory = tmp_path_factory.mktemp("registry-own")
+    out = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, timeout=30)
+    (directory / "htpasswd").write_text(out.stdout.decode())
+    yield from _start_registry(
+        directory, f"  htpasswd: {{realm: test, path: {directory / 'htpasswd'}}}\n", "basic"
+    )
