@@ -146,25 +146,35 @@ def test_anonymous_pull_of_private_image_is_refused(
     assert_user_error(code, err, registry.host)
 
 
-def test_push_with_pull_only_user_is_refused(
-    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_push_token_scope_upgrade_and_pull_only_user(
+    token_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The registry challenges a push's first call for `pull`, then its upload for `push,pull`: the
+    client must fetch a second token (oras-py keeps the first). A pull-only user is refused."""
     path = tmp_path / "m.wasm"
-    path.write_bytes(make_module(100, seed="ro"))
-    creds = registry.config_json(tmp_path / "ro.json", READER, READER_PASSWORD)
-    if registry.auth == "basic":
-        pytest.skip("htpasswd grants every user every action")
+    path.write_bytes(make_module(100, seed="scope"))
+    token_registry.token_requests.clear()
+    _push(
+        capsys,
+        token_registry,
+        path,
+        f"{token_registry.host}/team/scoped:1",
+        token_registry.config_json(tmp_path / "rw.json"),
+    )
+    scopes = [q.get("scope", "") for q in token_registry.token_requests]
+    assert "repository:team/scoped:pull" in scopes and "repository:team/scoped:pull,push" in scopes, scopes
+    creds = token_registry.config_json(tmp_path / "ro.json", READER, READER_PASSWORD)
     code, _, err = run(
         capsys,
         "wasm",
         "push",
         str(path),
-        f"{registry.host}/team/ro:1",
+        f"{token_registry.host}/team/ro:1",
         "--pull-secret",
         str(creds),
-        *registry.cli_args(),
+        *token_registry.cli_args(),
     )
-    assert_user_error(code, err, "bob")
+    assert_user_error(code, err, "bob", "not authorized")
 
 
 @pytest.mark.parametrize("suffix", ["nothing-here/at-all:1", "team/tagless:nope"])
