@@ -14,7 +14,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,13 +112,14 @@ class ModuleFetcher:
                 client.download_blob(image.layer, blob, progress)
                 blob.flush()
                 where = f"image {ref}"
-                if image.layout == "oci":
-                    module = self._publish(blob_path, keys, image.manifest_digest, str(ref), where)
+                if image.layout == "oci":  # the verified blob is the module: its digest is the module sha
+                    sha_size = (image.layer.hex, image.layer.size)
+                    module = self._publish(blob_path, sha_size, keys, image.manifest_digest, str(ref), where)
                     return PullResult(module, False, image.layout)
                 with self.cache.temp_file() as (wasm_path, wasm):
-                    extract_plugin(blob_path, wasm, self.options.max_module_bytes, deadline, where)
+                    sha_size = extract_plugin(blob_path, wasm, self.options.max_module_bytes, deadline, where)
                     wasm.flush()
-                    module = self._publish(wasm_path, keys, image.manifest_digest, str(ref), where)
+                    module = self._publish(wasm_path, sha_size, keys, image.manifest_digest, str(ref), where)
                     return PullResult(module, False, image.layout)
 
     # --- HTTP ---
@@ -146,14 +146,15 @@ class ModuleFetcher:
                 if hit is not None:
                     return PullResult(hit, True)
                 with self.cache.temp_file() as (path, handle):
-                    body_sha, _ = fetch_url(url, handle, self.options, deadline, progress)
+                    body_sha, size = fetch_url(url, handle, self.options, deadline, progress)
                     handle.flush()
                     if want is not None and body_sha != want:
                         raise ChecksumMismatchError(
                             f"URL {url}: body has sha256 {body_sha}, but sha256 says {want}"
                         )
                     keys = [f"http:{url}#{body_sha}", f"http:{url}"]
-                    module = self._publish(path, keys, "sha256:" + body_sha, url, f"URL {url}")
+                    digest = "sha256:" + body_sha
+                    module = self._publish(path, (body_sha, size), keys, digest, url, f"URL {url}")
                     return PullResult(module, False)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()
@@ -166,21 +167,18 @@ class ModuleFetcher:
         CACHE_LOOKUPS.labels(hit=str(hit is not None).lower()).inc()
         return hit
 
-    def _publish(self, path: Path, keys: list[str], digest: str, source: str, where: str) -> CachedModule:
-        sha = hashlib.sha256()
-        size = 0
+    def _publish(
+        self, path: Path, sha_size: tuple[str, int], keys: list[str], digest: str, source: str, where: str
+    ) -> CachedModule:
+        """Check the magic of a module whose sha256 and size were computed while it was written."""
         with open(path, "rb") as handle:
             head = handle.read(len(WASM_MAGIC))
-            if head != WASM_MAGIC:
-                raise NotWasmError(
-                    f"{where}: not a WebAssembly module (starts with {head!r}, expected b'\\x00asm')"
-                )
-            sha.update(head)
-            size = len(head)
-            while chunk := handle.read(1 << 20):
-                sha.update(chunk)
-                size += len(chunk)
-        return self.cache.store(path, sha.hexdigest(), size, keys, digest, source)
+        if head != WASM_MAGIC:
+            raise NotWasmError(
+                f"{where}: not a WebAssembly module (starts with {head!r}, expected b'\\x00asm')"
+            )
+        sha, size = sha_size
+        return self.cache.store(path, sha, size, keys, digest, source)
 
 
 def _policy(policy: str | None, is_latest: bool) -> str:
@@ -197,4 +195,3 @@ def _image_key(ref: ImageRef, digest: str) -> str:
 
 def _tag_key(ref: ImageRef) -> str:
     return f"image:{ref.name}:{ref.tag}"
-

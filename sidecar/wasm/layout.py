@@ -128,8 +128,9 @@ def build_index(manifest: bytes, media_type: str, platforms: tuple[tuple[str, st
     ).encode()
 
 
-def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, where: str) -> None:
-    """Copy `plugin.wasm` out of a verified tar+gzip layer into `out`, at most `cap` bytes."""
+def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, where: str) -> tuple[str, int]:
+    """Copy `plugin.wasm` out of a verified tar+gzip layer into `out`, at most `cap` bytes;
+    return its (sha256 hex, size)."""
     try:
         with tarfile.open(blob, mode="r:gz") as tar:
             for count, member in enumerate(tar):
@@ -142,21 +143,25 @@ def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, whe
                     continue
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file always has content
-                _copy_capped(source, out, cap, deadline, where)
-                return
+                return _copy_capped(source, out, cap, deadline, where)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile):
         raise NotWasmError(f"{where}: layer is not a valid tar+gzip archive") from None
     raise NotWasmError(f"{where}: tar+gzip layer holds no plugin.wasm")
 
 
-def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str) -> None:
+def _copy_capped(
+    source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str
+) -> tuple[str, int]:
+    digest = hashlib.sha256()
     total = 0
     while chunk := source.read(256 << 10):
         total += len(chunk)
         if total > cap:
             raise TooLargeError(f"{where}: plugin.wasm is more than the cap of {cap} bytes")
+        digest.update(chunk)
         out.write(chunk)
         deadline.check()
+    return digest.hexdigest(), total
 
 
 @dataclass(frozen=True)
