@@ -74,11 +74,13 @@ class ModuleCache:
         self._locks = self.root / "locks"
         self._index = self.root / "index.json"
         try:
-            for directory in (self.root, self._modules, self._tmp, self._locks):
+            for directory in (self.root, self._tmp, self._locks):
                 directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-            # The Envoy UID must read modules/ (mkdir's mode is masked by the umask; this is not).
-            os.chmod(self.root, dir_mode)
-            os.chmod(self._modules, dir_mode)
+            if not self._modules.is_dir():
+                self._modules.mkdir(mode=dir_mode)
+                # The Envoy UID must read modules/; mkdir's mode is masked by the umask, chmod's is not.
+                # Directories that already exist (a mounted volume) keep the mode their owner chose.
+                os.chmod(self._modules, dir_mode)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root}: cannot create ({exc.strerror})") from None
 

@@ -11,10 +11,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["add_wasm_commands", "default_cache_dir"]
+__all__ = ["ProgressLine", "add_wasm_commands", "default_cache_dir"]
 
 ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
 
@@ -125,17 +126,18 @@ def _secret(args: argparse.Namespace) -> Any:
     return load_pull_secret(args.pull_secret) if args.pull_secret is not None else None
 
 
-class _ProgressLine:
+class ProgressLine:
     """Progress on stderr, only once a transfer has run for a second, at most 5 updates a second."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
-        self._start = time.monotonic()
+        self._clock = clock
+        self._start = clock()
         self._last = 0.0
         self.shown = False
 
     def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._start < 1.0 or now - self._last < 0.2:
             return
         self._last = now
@@ -155,7 +157,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     fetcher = ModuleFetcher(_cache(args, args.cache_max_bytes), _options(args))
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
-    progress = _ProgressLine(sys.stderr) if show else None
+    progress = ProgressLine(sys.stderr) if show else None
     try:
         if args.ref.startswith(("https://", "http://")):
             if args.pull_secret is not None:
