@@ -26,7 +26,7 @@ from sidecar.wasm.fetcherrors import (
     FetchError,
     NotWasmError,
 )
-from sidecar.wasm.http import check_url, fetch_url
+from sidecar.wasm.http import check_url, fetch_url, shown_url, url_key
 from sidecar.wasm.layout import extract_plugin
 from sidecar.wasm.metrics import CACHE_LOOKUPS, REMOTE_FETCHES
 from sidecar.wasm.oci import RegistryClient
@@ -133,15 +133,16 @@ class ModuleFetcher:
         progress: Progress | None = None,
     ) -> PullResult:
         check_url(url, self.options)
+        key, shown = url_key(url), shown_url(url)
         want = normalize_sha256(sha256) if sha256 else None
         policy = _policy(policy, False)
-        keys = [f"http:{url}#{want}"] if want else ([f"http:{url}"] if policy == "IfNotPresent" else [])
+        keys = [f"{key}#{want}"] if want else ([key] if policy == "IfNotPresent" else [])
         hit = self._lookup(keys)
         if hit is not None:
             return PullResult(hit, True)
-        deadline = Deadline(self.options.deadline, f"fetch of {url}")
+        deadline = Deadline(self.options.deadline, f"fetch of {shown}")
         try:
-            with self.cache.fetch_lock(f"http:{url}", time.monotonic() + deadline.remaining()):
+            with self.cache.fetch_lock(key, time.monotonic() + deadline.remaining()):
                 hit = self.cache.lookup(keys) if keys else None
                 if hit is not None:
                     return PullResult(hit, True)
@@ -150,11 +151,11 @@ class ModuleFetcher:
                     handle.flush()
                     if want is not None and body_sha != want:
                         raise ChecksumMismatchError(
-                            f"URL {url}: body has sha256 {body_sha}, but sha256 says {want}"
+                            f"URL {shown}: body has sha256 {body_sha}, but sha256 says {want}"
                         )
-                    keys = [f"http:{url}#{body_sha}", f"http:{url}"]
+                    keys = [f"{key}#{body_sha}", key]
                     digest = "sha256:" + body_sha
-                    module = self._publish(path, (body_sha, size), keys, digest, url, f"URL {url}")
+                    module = self._publish(path, (body_sha, size), keys, digest, shown, f"URL {shown}")
                     return PullResult(module, False)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()

@@ -4,6 +4,7 @@ only for hosts the user marked insecure."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import urllib.parse
 from typing import IO
@@ -19,21 +20,35 @@ from sidecar.wasm.fetcherrors import (
 )
 from sidecar.wasm.transfer import Deadline, FetchOptions, Progress, new_session, stream_verified
 
-__all__ = ["check_url", "fetch_url"]
+__all__ = ["check_url", "fetch_url", "shown_url", "url_key"]
 
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _BACKOFF_BASE = 0.2
 _BACKOFF_MAX = 5.0
 
 
+def shown_url(url: str) -> str:
+    """The URL without query or fragment, for messages and listings: pre-signed URLs carry their
+    credentials in the query string."""
+    parsed = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
+
+
+def url_key(url: str) -> str:
+    """A cache key for a URL that names it without storing its query string in clear."""
+    query = urllib.parse.urlsplit(url).query
+    suffix = "?" + hashlib.sha256(query.encode()).hexdigest()[:16] if query else ""
+    return f"http:{shown_url(url)}{suffix}"
+
+
 def check_url(url: str, options: FetchOptions) -> urllib.parse.SplitResult:
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise BadReferenceError(f"URL {url!r}: expected https://host/path")
-    if parsed.scheme == "http" and not options.is_insecure(parsed.netloc):
-        raise BadReferenceError(f"URL {url!r}: plain http is allowed only for hosts marked insecure")
     if parsed.username or parsed.password:
         raise BadReferenceError("URL: credentials in the URL are not supported (they would end up in logs)")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise BadReferenceError(f"URL {shown_url(url)!r}: expected https://host/path")
+    if parsed.scheme == "http" and not options.is_insecure(parsed.netloc):
+        raise BadReferenceError(f"URL {shown_url(url)}: plain http is allowed only for hosts marked insecure")
     return parsed
 
 
@@ -42,7 +57,7 @@ def fetch_url(
 ) -> tuple[str, int]:
     """Download `url` into `out` (rewound on each retry); return (sha256 hex, size)."""
     check_url(url, options)
-    what = f"URL {url}"
+    what = f"URL {shown_url(url)}"
     with new_session(deadline, options) as session:
         attempt = 0
         while True:

@@ -139,7 +139,7 @@ def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, whe
                     raise NotWasmError(
                         f"{where}: more than {_MAX_TAR_MEMBERS} tar members and no plugin.wasm"
                     )
-                if member.name.lstrip("./") != "plugin.wasm" or not member.isfile():
+                if member.name.removeprefix("./").lstrip("/") != "plugin.wasm" or not member.isfile():
                     continue
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file always has content

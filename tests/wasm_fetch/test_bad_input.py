@@ -339,3 +339,18 @@ def test_http_plain_needs_insecure(
     code, _, err = run(capsys, "wasm", "pull", scripted_server.url("/m.wasm"), "--cache-dir", str(tmp_path))
     assert_user_error(code, err, "plain http")
     assert scripted_server.hits == {}
+
+
+def test_signed_url_query_never_shown(
+    scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = make_module(100, seed="signed")
+    scripted_server.routes["/signed.wasm"] = [(200, {}, module)]
+    url = scripted_server.url("/signed.wasm?X-Amz-Signature=topsecret123")
+    code, err = _pull(capsys, scripted_server, url, tmp_path, "--sha256", "0" * 64)
+    assert_user_error(code, err, "/signed.wasm")
+    assert "topsecret123" not in err
+    pull_json(capsys, url, "--cache-dir", str(tmp_path), "--insecure-registry", scripted_server.host)
+    code, out, _ = run(capsys, "wasm", "ls", "--json", "--cache-dir", str(tmp_path))
+    assert code == 0 and len(json.loads(out)) == 2  # url#sha256 and url
+    assert "topsecret123" not in out and "topsecret123" not in (tmp_path / "index.json").read_text()
