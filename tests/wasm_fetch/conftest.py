@@ -41,7 +41,7 @@ def _start_registry(directory: Path, auth_yaml: str, auth: str) -> Iterator[Regi
     config = directory / "config.yml"
     config.write_text(
         "version: 0.1\n"
-        "log: {level: error, accesslog: {disabled: true}}\n"
+        "log: {level: error, accesslog: {disabled: false}}\n"
         f"storage: {{filesystem: {{rootdirectory: {directory / 'data'}}}, delete: {{enabled: true}}}}\n"
         f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}\n"
         f"auth:\n{auth_yaml}"
@@ -62,7 +62,7 @@ def _start_registry(directory: Path, auth_yaml: str, auth: str) -> Iterator[Regi
                 return False
 
         wait_until(answering, _START_DEADLINE, "docker-registry to listen")
-        yield Registry(f"127.0.0.1:{port}", process, auth)
+        yield Registry(f"127.0.0.1:{port}", process, auth, log_path=directory / "registry.log")
     finally:
         process.terminate()
         try:

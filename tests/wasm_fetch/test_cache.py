@@ -21,6 +21,7 @@ from wasm_fetch_support import (
     make_module,
     pull_json,
     run,
+    wait_until,
 )
 
 from sidecar.wasm.cache import ModuleCache
@@ -88,6 +89,8 @@ def test_two_processes_pull_the_same_module(
     assert sorted(r["cache_hit"] for r in results) in ([False, True], [False, False])
     assert cache_files(cache) == [f"modules/{sha}.wasm"]
     assert (cache / "modules" / f"{sha}.wasm").read_bytes() == module
+    wait_until(lambda: basic_registry.blob_gets("team/concurrent", f"sha256:{sha}") >= 1, 5, "access log")
+    assert basic_registry.blob_gets("team/concurrent", f"sha256:{sha}") == 1  # downloaded once
 
 
 def test_lru_eviction_under_the_cap(

@@ -60,7 +60,13 @@ class Registry:
     host: str  # 127.0.0.1:port
     process: subprocess.Popen[bytes]
     auth: str  # "basic" or "token"
+    log_path: Path
     token_requests: list[dict[str, str]] = field(default_factory=list)
+
+    def blob_gets(self, repository: str, digest: str) -> int:
+        """Successful GETs of a blob, from the registry's access log."""
+        needle = f'"GET /v2/{repository}/blobs/{digest} HTTP/1.1" 200'
+        return self.log_path.read_text(errors="replace").count(needle)
 
     def cli_args(self) -> list[str]:
         return ["--insecure-registry", self.host]
