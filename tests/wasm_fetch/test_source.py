@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -102,3 +104,30 @@ def test_http_source_and_spec_errors(scripted_server: ScriptedServer, tmp_path: 
     for bad, needle in bad_specs:
         with pytest.raises(WasmError, match=needle):
             envoy_code(bad, fetcher, LocalHandoff())
+
+
+def test_init_container_pull_then_sidecar_uses_cache(
+    basic_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An init container (a separate process) pulls into the shared volume; the sidecar later turns
+    the same EG spec into Envoy config from the cache alone, without credentials or network."""
+    module = make_module(900, seed="init")
+    (tmp_path / "m.wasm").write_bytes(module)
+    creds = basic_registry.config_json(tmp_path / "config.json")
+    ref = f"{basic_registry.host}/eg/init:v1"
+    code, out, err = run(capsys, "wasm", "push", str(tmp_path / "m.wasm"), ref, "--pull-secret", str(creds),
+                         *basic_registry.cli_args())  # fmt: skip
+    assert code == 0, err
+    shared = tmp_path / "shared"
+    init = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "wasm", "pull", ref, "--sha256", out.strip(),
+         "--cache-dir", str(shared), "--pull-secret", str(creds), *basic_registry.cli_args()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    fetcher = ModuleFetcher(
+        ModuleCache(shared), FetchOptions(insecure_hosts=frozenset({basic_registry.host}))
+    )
+    spec = {"type": "Image", "image": {"url": ref, "sha256": out.strip().removeprefix("sha256:")}}
+    code_block = envoy_code(spec, fetcher, LocalHandoff())
+    assert Path(code_block["local"]["filename"]).read_bytes() == module
