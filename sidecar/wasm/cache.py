@@ -91,7 +91,10 @@ class ModuleCache:
 
     @contextlib.contextmanager
     def _flock(self, path: Path, deadline: float | None, what: str) -> Iterator[None]:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CacheError(f"cache lock {path}: cannot open ({exc.strerror})") from None
         try:
             while True:
                 try:
@@ -175,7 +178,8 @@ class ModuleCache:
         return found
 
     def _touch(self, sha256: str) -> None:
-        with self._index_lock():
+        """Record a use for LRU eviction; best effort, so a read-only cache still serves hits."""
+        with contextlib.suppress(OSError, CacheError), self._index_lock():
             index = self._read_index()
             if sha256 in index["modules"]:
                 index["modules"][sha256]["last_used"] = time.time()
