@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from prometheus_client import Gauge
+
 from sidecar.wasm.fetcherrors import CacheError, TooLargeError, UnavailableError
-from sidecar.wasm.metrics import CACHE_ENTRIES
 
 __all__ = ["DEFAULT_MAX_CACHE_BYTES", "CachedModule", "GcResult", "ModuleCache"]
 
@@ -35,6 +36,8 @@ DEFAULT_MAX_CACHE_BYTES = 1 << 30  # EG's MaxCacheSize
 _TOUCH_INTERVAL = 60.0  # hits rewrite the index at most this often per module
 _STALE_TMP_SECONDS = 3600.0
 _LOCK_POLL = 0.05
+# Named as Envoy Gateway's (internal/wasm/metrics.go), so EG dashboards work unchanged.
+CACHE_ENTRIES = Gauge("wasm_cache_entries", "Number of Wasm modules in the cache.")
 
 
 @dataclass(frozen=True)

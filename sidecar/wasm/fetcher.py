@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from sidecar.wasm.auth import DockerConfig, resolve_credentials
 from sidecar.wasm.cache import CachedModule, ModuleCache
 from sidecar.wasm.fetcherrors import (
@@ -28,7 +30,6 @@ from sidecar.wasm.fetcherrors import (
 )
 from sidecar.wasm.http import check_url, fetch_url, shown_url, url_key
 from sidecar.wasm.layout import extract_plugin
-from sidecar.wasm.metrics import CACHE_LOOKUPS, REMOTE_FETCHES
 from sidecar.wasm.oci import RegistryClient
 from sidecar.wasm.reference import ImageRef, normalize_sha256, parse_image_ref
 from sidecar.wasm.transfer import WASM_MAGIC, Deadline, FetchOptions, Progress
@@ -36,6 +37,10 @@ from sidecar.wasm.transfer import WASM_MAGIC, Deadline, FetchOptions, Progress
 __all__ = ["POLICIES", "ModuleFetcher", "PullResult"]
 
 POLICIES = ("Always", "IfNotPresent")
+
+# EG's metric names and labels (internal/wasm/metrics.go); failures are labelled by FetchError.reason.
+CACHE_LOOKUPS = Counter("wasm_cache_lookup", "Wasm module cache lookups, by whether they hit.", ["hit"])
+REMOTE_FETCHES = Counter("wasm_remote_fetch", "Failed remote Wasm module fetches, by reason.", ["reason"])
 
 
 @dataclass(frozen=True)

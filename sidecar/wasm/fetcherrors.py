@@ -1,8 +1,8 @@
 """Errors of the Wasm fetcher: one class per thing a user can act on, all under `WasmError`.
 
-Each class carries `reason`, the label of `wasm_remote_fetch_total` (EG's values), so the metric and
-the message never disagree about why a fetch failed. Messages name the reference or file and what
-was expected; they never contain credentials.
+Each class carries `reason`, the label of `wasm_remote_fetch_total` (EG's values; counted in
+fetcher.py), so the metric and the message never disagree about why a fetch failed. Messages name
+the reference or file and what was expected; they never contain credentials.
 """
 
 from __future__ import annotations
