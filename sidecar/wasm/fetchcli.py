@@ -1,0 +1,241 @@
+"""`sidecar wasm pull | push | ls | gc`: the fetcher and cache on the command line (and in an init
+container: `sidecar wasm pull --cache-dir /shared/wasm REF` before Envoy starts).
+
+Heavy imports (oras-py, requests) happen inside the commands, so `sidecar --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["ProgressLine", "add_wasm_commands", "default_cache_dir"]
+
+ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sidecar" / "wasm"
+
+
+def _common(parser: argparse.ArgumentParser, network: bool) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"cache root (default ${ENV_CACHE_DIR} or ~/.cache/sidecar/wasm)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    if not network:
+        return
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="allow plain HTTP to this registry or URL host (repeatable)",
+    )
+    parser.add_argument("--ca-bundle", help="PEM file of CAs to trust instead of the system ones")
+    parser.add_argument(
+        "--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret"
+    )
+    parser.add_argument("--timeout", type=float, default=15.0, help="seconds per network call (default 15)")
+    parser.add_argument(
+        "--deadline", type=float, default=300.0, help="seconds for the whole transfer (default 300)"
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=256 << 20, help="largest module in bytes (default 256 MiB)"
+    )
+    parser.add_argument("--retries", type=int, default=5, help="retries of retryable HTTP errors (default 5)")
+
+
+def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    pull = subparsers.add_parser("pull", help="fetch a module into the cache (OCI image or HTTPS URL)")
+    pull.add_argument("ref", help="image reference ([oci://]host/repo[:tag][@sha256:...]) or https:// URL")
+    pull.add_argument("--sha256", help="image: the manifest digest; URL: the body's sha256")
+    pull.add_argument(
+        "--policy", choices=("Always", "IfNotPresent"), help="default: Always for :latest, else IfNotPresent"
+    )
+    pull.add_argument(
+        "--cache-max-bytes", type=int, default=1 << 30, help="cache size cap, LRU-evicted (default 1 GiB)"
+    )
+    pull.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress (default: on a terminal)",
+    )
+    _common(pull, network=True)
+    pull.set_defaults(func=_pull)
+
+    push = subparsers.add_parser("push", help="push a module file as an image")
+    push.add_argument("file", type=Path, help="the .wasm module")
+    push.add_argument("ref", help="image reference with a tag")
+    push.add_argument(
+        "--layout", choices=("oci", "compat", "docker"), default="oci", help="image layout (default oci)"
+    )
+    push.add_argument(
+        "--index", action="store_true", help="wrap the manifest in a linux/amd64+arm64 image index"
+    )
+    _common(push, network=True)
+    push.set_defaults(func=_push)
+
+    ls = subparsers.add_parser("ls", help="list cached modules")
+    _common(ls, network=False)
+    ls.set_defaults(func=_ls)
+
+    gc = subparsers.add_parser("gc", help="remove unreferenced, stale or old cached modules")
+    gc.add_argument(
+        "--max-age", type=float, default=None, help="also drop modules unused for this many seconds"
+    )
+    _common(gc, network=False)
+    gc.set_defaults(func=_gc)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from sidecar.wasm.transfer import FetchOptions
+
+    return FetchOptions(
+        request_timeout=args.timeout,
+        deadline=args.deadline,
+        max_module_bytes=args.max_size,
+        insecure_hosts=frozenset(args.insecure_registry),
+        ca_bundle=args.ca_bundle,
+        http_retries=args.retries,
+    )
+
+
+def _cache(args: argparse.Namespace, max_bytes: int | None = None) -> Any:
+    from sidecar.wasm.cache import DEFAULT_MAX_CACHE_BYTES, ModuleCache
+
+    return ModuleCache(args.cache_dir or default_cache_dir(), max_bytes=max_bytes or DEFAULT_MAX_CACHE_BYTES)
+
+
+def _secret(args: argparse.Namespace) -> Any:
+    from sidecar.wasm.auth import load_pull_secret
+
+    return load_pull_secret(args.pull_secret) if args.pull_secret is not None else None
+
+
+class ProgressLine:
+    """Progress on stderr, only once a transfer has run for a second, at most 5 updates a second."""
+
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._start = clock()
+        self._last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = self._clock()
+        if now - self._start < 1.0 or now - self._last < 0.2:
+            return
+        self._last = now
+        rate = done / (now - self._start) / (1 << 20)
+        of = f" / {total / (1 << 20):.1f}" if total else ""
+        self._stream.write(f"\r{done / (1 << 20):.1f}{of} MiB  {rate:.1f} MiB/s ")
+        self._stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self._stream.write("\n")
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from sidecar.wasm.fetcher import ModuleFetcher
+
+    fetcher = ModuleFetcher(_cache(args, args.cache_max_bytes), _options(args))
+    show = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
+    progress = ProgressLine(sys.stderr) if show else None
+    try:
+        if args.ref.startswith(("https://", "http://")):
+            if args.pull_secret is not None:
+                from sidecar.wasm.fetcherrors import BadReferenceError
+
+                raise BadReferenceError("--pull-secret applies to images, not to HTTP URLs")
+            result = fetcher.pull_http(args.ref, sha256=args.sha256, policy=args.policy, progress=progress)
+        else:
+            result = fetcher.pull_image(
+                args.ref, sha256=args.sha256, policy=args.policy, pull_secret=_secret(args), progress=progress
+            )
+    finally:
+        if progress is not None:
+            progress.finish()
+    module = result.module
+    if args.json:
+        doc = {
+            "sha256": module.sha256,
+            "path": str(module.path),
+            "size": module.size,
+            "digest": module.digest,
+            "source": module.source,
+            "cache_hit": result.cache_hit,
+            "layout": result.layout,
+        }
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        how = "cached" if result.cache_hit else f"pulled ({result.layout or 'http'})"
+        print(f"{module.path}  sha256:{module.sha256}  {module.size} bytes  {how}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from sidecar.wasm.layout import push_image
+
+    result = push_image(
+        args.file, args.ref, args.layout, _options(args), _secret(args), with_index=args.index
+    )
+    if args.json:
+        print(json.dumps({"manifest_digest": result.manifest_digest, "index_digest": result.index_digest}))
+    else:
+        print(result.index_digest or result.manifest_digest)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    entries = _cache(args).entries()
+    if args.json:
+        docs = [
+            {
+                "key": key,
+                "sha256": m.sha256,
+                "path": str(m.path),
+                "size": m.size,
+                "digest": m.digest,
+                "source": m.source,
+            }
+            for key, m in entries
+        ]
+        print(json.dumps(docs, sort_keys=True))
+    else:
+        for key, module in entries:
+            print(f"{module.sha256[:12]}  {module.size:>10}  {key}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    result = _cache(args).gc(max_age=args.max_age)
+    if args.json:
+        doc = {
+            "removed_modules": result.removed_modules,
+            "removed_bytes": result.removed_bytes,
+            "removed_temp_files": result.removed_temp_files,
+        }
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(
+            f"removed {result.removed_modules} modules ({result.removed_bytes} bytes) "
+            f"and {result.removed_temp_files} stale temp files"
+        )
+    return 0
