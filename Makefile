@@ -15,7 +15,7 @@ run: $(BIN)/sidecar
 	$(BIN)/sidecar up
 
 test: $(BIN)/sidecar
-	$(BIN)/ruff check sidecar plugins tests
+	$(BIN)/ruff check sidecar plugins tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
 

@@ -144,7 +144,8 @@ def main() -> None:
     }
     for name, seconds in best.items():
         print(
-            f"| {name} | {seconds * 1000:.1f} ms ({statistics.median(medians[name]) * 1000:.1f}) | {mib / seconds:.0f} MiB/s |"
+            f"| {name} | {seconds * 1000:.1f} ms ({statistics.median(medians[name]) * 1000:.1f})"
+            f" | {mib / seconds:.0f} MiB/s |"
         )
     print(
         f"\npull / urllib = {min(t_pull) / min(t_urllib):.2f}x"
