@@ -366,6 +366,7 @@ class EnvoyHarness:
         workers: int = 1,
         serve_args: Sequence[str] = (),
         workdir: Path | None = None,
+        bootstrap_hook: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-harness-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
@@ -375,6 +376,8 @@ class EnvoyHarness:
         self.routes = list(routes)
         self.workers = workers
         self.serve_args = list(serve_args)
+        #: Called with the generated bootstrap before Envoy starts, to add what a test needs (access logs...).
+        self.bootstrap_hook = bootstrap_hook
         self.backend: EchoBackend | None = None
         self.sidecar: SidecarProcess | None = None
         self.envoy: Envoy | None = None
@@ -407,6 +410,8 @@ class EnvoyHarness:
         self.bootstrap = build_bootstrap(
             registry, config, BootstrapOptions(listen_port=0, upstream=self.upstream, routes=routes)
         )
+        if self.bootstrap_hook is not None:
+            self.bootstrap_hook(self.bootstrap)
         self.sidecar = SidecarProcess(
             [*self._source_args(), "--listen", listen, "--workers", str(self.workers), *self.serve_args],
             config.socket_paths(),

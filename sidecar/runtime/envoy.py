@@ -95,6 +95,8 @@ class Envoy:
         self.admin_url = ""
 
     def start(self, timeout: float = 30.0) -> Envoy:
+        if self.running:
+            raise EnvoyError("this Envoy is already running")
         self.config_path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
         self._admin_path.unlink(missing_ok=True)
         args = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from sidecar import Context, Headers, Plugin, Respond
+from sidecar import Context, Headers, Plugin, Respond, StateKey
 
 
 class AddHeaders(Plugin):
@@ -102,3 +102,76 @@ class BadConfig(Plugin):
 
 class NotAPlugin:
     pass
+
+
+class StreamPass(Plugin):
+    """STREAMED both ways, passing every chunk unchanged (the memory and throughput baseline)."""
+
+    name = "stream-pass"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+        return None
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+        return None
+
+
+class FdPass(Plugin):
+    """FULL_DUPLEX_STREAMED both ways, every chunk re-emitted by an async generator."""
+
+    name = "fd-pass"
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+
+class FdUpper(Plugin):
+    """FULL_DUPLEX_STREAMED request: upper-cased, re-chunked into 1000-byte pieces."""
+
+    name = "fd-upper"
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        pending = b""
+        async for chunk in chunks:
+            pending += chunk.upper()
+            while len(pending) >= 1000:
+                yield pending[:1000]
+                pending = pending[1000:]
+        if pending:
+            yield pending
+
+
+class FdStall(Plugin):
+    """FULL_DUPLEX_STREAMED response that never ends when the path asks for it."""
+
+    name = "fd-stall"
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+        assert ctx.request_headers is not None
+        if "stall" in ctx.request_headers.get(":path", ""):
+            await asyncio.Event().wait()
+
+
+class ChunkGate(Plugin):
+    """STREAMED request: answers 413 once the upload passes `limit` bytes, raises on `boom`."""
+
+    name = "chunk-gate"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Respond | None:
+        seen = ctx.state.get(_SEEN, 0) + len(chunk)
+        ctx.state[_SEEN] = seen
+        if b"boom" in chunk:
+            raise RuntimeError("chunk gate exploded")
+        if seen > int(self.config.get("limit", 1 << 20)):
+            return Respond(413, b"upload too large\n")
+        return None
+
+
+_SEEN = StateKey[int]("chunk-gate.seen")

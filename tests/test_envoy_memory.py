@@ -1,0 +1,72 @@
+"""Bounded memory: 100 MiB each way through streaming chains, sidecar RSS sampled all along."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.runtime.demo import pattern_bytes
+from sidecar.testing import EnvoyHarness
+
+pytestmark = pytest.mark.envoy
+
+MiB = 1024 * 1024
+SIZE = 100 * MiB
+BOUND = 64 * MiB  # documented in docs/streaming.md
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class Sampler:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss(self.pid))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.parametrize("plugin", ["StreamPass", "FdPass"])
+def test_100_mib_each_way_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHarness], plugin: str) -> None:
+    env = sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"])
+    assert env.sidecar is not None
+    with httpx.Client(timeout=120) as client:
+        client.get(env.url + "/warm-up")
+        idle = rss(env.sidecar.pid)
+        with Sampler(env.sidecar.pid) as sampler:
+            up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
+            digest = hashlib.sha256()
+            received = 0
+            with client.stream("GET", env.url + f"/bytes/{SIZE}") as response:
+                for piece in response.iter_bytes():
+                    digest.update(piece)
+                    received += len(piece)
+    expected = hashlib.sha256()
+    for piece in pattern_bytes(SIZE):
+        expected.update(piece)
+    assert up["body_length"] == SIZE and up["body_sha256"] == expected.hexdigest()
+    assert received == SIZE and digest.hexdigest() == expected.hexdigest()
+    grew = sampler.peak - idle
+    print(f"{plugin}: idle {idle / MiB:.1f} MiB, peak {sampler.peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
+    assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"

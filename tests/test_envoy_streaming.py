@@ -1,0 +1,220 @@
+"""Streaming body modes end to end: real Envoy 1.40, `sidecar serve`, the demo backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h2.connection
+import h2.events
+import httpx
+import pytest
+
+from sidecar.runtime.demo import pattern_bytes
+from sidecar.testing import EnvoyHarness
+
+pytestmark = pytest.mark.envoy
+
+TP = "tests.support.testplugins:"
+Factory = Callable[..., EnvoyHarness]
+CARD = b"4111-1111-1111-1111"
+MiB = 1024 * 1024
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    return path
+
+
+def pieces(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def body_with_cards(size: int) -> bytes:
+    unit = b"x" * 1000 + CARD + b"y" * 37
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def redactor(tmp_path: Path, direction: str) -> Path:
+    return config(tmp_path, f"plugins:\n  - use: stream-redact\n    config: {{pattern: '{CARD.decode()}', "
+                            f"replacement: '####', direction: {direction}}}\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 12 * MiB + 123])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_streamed_request_redaction(sidecar_envoy: Factory, tmp_path: Path, size: int, framing: str) -> None:
+    env = sidecar_envoy(config=redactor(tmp_path, "request"))
+    body = body_with_cards(size)
+    content: Any = body if framing == "content-length" else pieces(body, 65_536 + 17)
+    response = httpx.post(env.url + "/upload", content=content, timeout=60)
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    expected = body.replace(CARD, b"####")
+    assert echoed["body_length"] == len(expected)
+    assert echoed["body_sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+@pytest.mark.parametrize("http2", [False, True])
+def test_streamed_response_redaction_over_http1_and_http2(sidecar_envoy: Factory, tmp_path: Path, http2: bool) -> None:
+    env = sidecar_envoy(config=redactor(tmp_path, "response"))
+    body = body_with_cards(3 * MiB)
+    with httpx.Client(http1=not http2, http2=http2, timeout=60) as client:
+        response = client.post(env.url + "/reflect", content=pieces(body, 50_000))
+    assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert response.status_code == 200
+    assert response.content == body.replace(CARD, b"####")
+
+
+def test_full_duplex_response_rewrite_changes_length(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    env = sidecar_envoy(config=config(tmp_path, "plugins:\n  - use: jsonl-tag\n    config: {field: via, value: sc}\n"))
+    for http2 in (False, True):
+        with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+            response = client.get(env.url + "/lines/500")
+        assert response.status_code == 200
+        assert "content-length" not in response.headers
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert lines == [{"line": i, "via": "sc"} for i in range(500)]
+    # other content passes untouched, through the same FULL_DUPLEX filter
+    echoed = httpx.post(env.url + "/echo", content=b"plain").json()
+    assert echoed["body"] == "plain"
+
+
+def test_full_duplex_request_transform(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "FdUpper"])
+    body = b"".join(pattern_bytes(5 * MiB + 7))
+    response = httpx.post(env.url + "/upload", content=pieces(body, 100_000), timeout=60)
+    echoed = response.json()
+    assert echoed["body_length"] == len(body)
+    assert echoed["body_sha256"] == hashlib.sha256(body.upper()).hexdigest()
+    assert "content-length" not in echoed["headers"]
+
+
+def test_full_duplex_stall_costs_a_500_within_the_deadline(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    env = sidecar_envoy(config=config(tmp_path, f"stream_timeout: 1\nplugins: ['{TP}FdStall']\n"))
+    outcome: dict[str, Any] = {}
+
+    def stalled() -> None:
+        started = time.monotonic()
+        try:
+            with httpx.Client(timeout=20) as client, client.stream("GET", env.url + "/stall") as response:
+                outcome["status"] = response.status_code
+                response.read()
+        except httpx.HTTPError as exc:
+            outcome["error"] = type(exc).__name__
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=stalled)
+    thread.start()
+    # meanwhile, other streams are served
+    assert httpx.get(env.url + "/fine").status_code == 200
+    thread.join(30)
+    assert not thread.is_alive()
+    # The status line may already be out (200) when the body stalls: then the body is cut, never hangs.
+    assert outcome.get("status") == 500 or "error" in outcome, outcome
+    assert outcome["seconds"] < 10
+    assert "did not finish the body" in env.sidecar.logs()  # type: ignore[union-attr]
+    assert httpx.get(env.url + "/fine").status_code == 200
+
+
+def test_immediate_response_and_failures_mid_upload(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    env = sidecar_envoy(config=config(tmp_path, f"""
+chains:
+  default: {{on_error: fail_closed, plugins: [{{use: "{TP}ChunkGate", config: {{limit: 200000}}}}]}}
+  open: {{on_error: fail_open, plugins: [{{use: "{TP}ChunkGate", config: {{limit: 200000}}}}]}}
+"""), routes=["/=default", "/open=open"])
+    too_big = httpx.post(env.url + "/up", content=pieces(b"a" * MiB, 10_000), timeout=30)
+    assert too_big.status_code == 413
+    assert too_big.text == "upload too large\n"
+    closed = httpx.post(env.url + "/up", content=iter([b"a" * 100, b"boom", b"c" * 100]), timeout=30)
+    assert closed.status_code == 500 and "x-sidecar-error-id" in closed.headers
+    opened = httpx.post(env.url + "/open", content=iter([b"a" * 100, b"boom", b"c" * 100]), timeout=30)
+    assert opened.status_code == 200
+    assert opened.json()["body_length"] == 204
+
+
+def h2_request_with_trailers(url: str, path: str, body: bytes, trailers: list[tuple[str, str]]) -> dict[str, Any]:
+    """HTTP/2 (prior knowledge) POST with request trailers; httpx cannot send those."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, [(":method", "POST"), (":path", path), (":scheme", "http"),
+                                   (":authority", f"{host}:{port}")])  # fmt: skip
+        conn.send_data(stream, body)
+        conn.send_headers(stream, trailers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        result: dict[str, Any] = {"headers": {}, "body": b""}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    result["headers"] = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, h2.events.DataReceived):
+                    result["body"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return result
+            sock.sendall(conn.data_to_send())
+        raise AssertionError("no complete HTTP/2 response")
+
+
+def add_response_header(name: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def hook(bootstrap: dict[str, Any]) -> None:
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        vhost = hcm["route_config"]["virtual_hosts"][0]
+        vhost["response_headers_to_add"] = [{"header": {"key": name, "value": value}}]
+
+    return hook
+
+
+def test_body_digest_with_and_without_trailers(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"plugins: [body-digest, '{TP}AddHeaders']\n")
+    env = sidecar_envoy(config=cfg, bootstrap_hook=add_response_header(
+        "x-digest", "%DYNAMIC_METADATA(envoy-sidecar:request_body_sha256)%"))  # fmt: skip
+    body = b"".join(pattern_bytes(300_000))
+    plain = httpx.post(env.url + "/", content=pieces(body, 30_000), timeout=30)
+    assert plain.headers["x-digest"] == hashlib.sha256(body).hexdigest()
+
+    trailed = h2_request_with_trailers(env.url, "/t", b"hello", [("x-client-trailer", "1")])
+    assert trailed["headers"][":status"] == "200"
+    assert trailed["headers"]["x-digest"] == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    def access_log(bootstrap: dict[str, Any]) -> None:
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["access_log"] = [{
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(log),
+                "log_format": {"text_format_source": {"inline_string":
+                    "%REQ(:PATH)% events=%DYNAMIC_METADATA(envoy-sidecar:sse_events)% "
+                    "words=%DYNAMIC_METADATA(envoy-sidecar:sse_words)% "
+                    "done=%DYNAMIC_METADATA(envoy-sidecar:sse_done)%\n"}},
+            },
+        }]  # fmt: skip
+
+    env = sidecar_envoy(plugins=["sse-meter"], bootstrap_hook=access_log)
+    with httpx.Client(timeout=30) as client, client.stream("GET", env.url + "/sse/25") as response:
+        text = b"".join(response.iter_bytes())
+    assert text.count(b"data:") == 26
+    deadline = time.monotonic() + 10
+    while "events=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.05)
+    assert "/sse/25 events=26 words=25 done=true" in log.read_text()
