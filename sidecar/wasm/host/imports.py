@@ -68,12 +68,13 @@ class _Env:
         stream = rt.stream()
         if stream is None:
             return None
-        return {
+        maps: dict[int, HeaderList] = {
             MapType.HTTP_REQUEST_HEADERS: stream.request_headers,
             MapType.HTTP_REQUEST_TRAILERS: stream.request_trailers,
             MapType.HTTP_RESPONSE_HEADERS: stream.response_headers,
             MapType.HTTP_RESPONSE_TRAILERS: stream.response_trailers,
-        }.get(map_type)
+        }
+        return maps.get(map_type)
 
     def _buffer(self, buffer_type: int) -> tuple[bytes, bool] | None:
         """The buffer's bytes and its end-of-stream flag."""
@@ -106,10 +107,16 @@ class _Env:
         return Status.OK
 
     def proxy_get_log_level(self, caller: Caller, ret: int) -> int:
-        return Status.OK if self.rt.memory.put_u32(caller, ret, self.rt.log_level) else Status.INVALID_MEMORY_ACCESS
+        return (
+            Status.OK
+            if self.rt.memory.put_u32(caller, ret, self.rt.log_level)
+            else Status.INVALID_MEMORY_ACCESS
+        )
 
     def proxy_get_current_time_nanoseconds(self, caller: Caller, ret: int) -> int:
-        return Status.OK if self.rt.memory.put_u64(caller, ret, time.time_ns()) else Status.INVALID_MEMORY_ACCESS
+        return (
+            Status.OK if self.rt.memory.put_u64(caller, ret, time.time_ns()) else Status.INVALID_MEMORY_ACCESS
+        )
 
     def proxy_set_tick_period_milliseconds(self, caller: Caller, period: int) -> int:
         self.rt.tick_period_ms = period & 0xFFFFFFFF
@@ -133,7 +140,9 @@ class _Env:
 
     # -- buffers --------------------------------------------------------------------------------
 
-    def proxy_get_buffer_bytes(self, caller: Caller, btype: int, start: int, length: int, pp: int, sp: int) -> int:
+    def proxy_get_buffer_bytes(
+        self, caller: Caller, btype: int, start: int, length: int, pp: int, sp: int
+    ) -> int:
         buffer = self._buffer(btype)
         if buffer is None:
             return Status.NOT_FOUND
@@ -146,11 +155,15 @@ class _Env:
         if buffer is None:
             return Status.NOT_FOUND
         mem = self.rt.memory
-        if not (mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, int(buffer[1]))):
+        if not (
+            mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, int(buffer[1]))
+        ):
             return Status.INVALID_MEMORY_ACCESS
         return Status.OK
 
-    def proxy_set_buffer_bytes(self, caller: Caller, btype: int, start: int, length: int, ptr: int, size: int) -> int:
+    def proxy_set_buffer_bytes(
+        self, caller: Caller, btype: int, start: int, length: int, ptr: int, size: int
+    ) -> int:
         data = self._read(caller, ptr, size)
         if data is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -200,14 +213,18 @@ class _Env:
         headers[:] = [(k.lower(), v) for k, v in _to_list(pairs)]
         return Status.OK
 
-    def _key_value(self, caller: Caller, kp: int, ks: int, vp: int = 0, vs: int = 0) -> tuple[str, str] | None:
+    def _key_value(
+        self, caller: Caller, kp: int, ks: int, vp: int = 0, vs: int = 0
+    ) -> tuple[str, str] | None:
         key = self._read(caller, kp, ks)
         value = self._read(caller, vp, vs)
         if key is None or value is None:
             return None
         return _text(key).lower(), _text(value)
 
-    def proxy_get_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, pp: int, sp: int) -> int:
+    def proxy_get_header_map_value(
+        self, caller: Caller, map_type: int, kp: int, ks: int, pp: int, sp: int
+    ) -> int:
         kv = self._key_value(caller, kp, ks)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -223,7 +240,9 @@ class _Env:
         # Envoy joins repeated headers with "," when a single value is asked for.
         return self.rt.memory.give(caller, ",".join(values).encode(errors="surrogateescape"), pp, sp)
 
-    def proxy_add_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
+    def proxy_add_header_map_value(
+        self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int
+    ) -> int:
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -233,7 +252,9 @@ class _Env:
         headers.append(kv)
         return Status.OK
 
-    def proxy_replace_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
+    def proxy_replace_header_map_value(
+        self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int
+    ) -> int:
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -293,7 +314,11 @@ class _Env:
     def proxy_send_local_response(
         self, caller: Caller, status: int, dp: int, ds: int, bp: int, bs: int, hp: int, hs: int, grpc: int
     ) -> int:
-        details, body, raw_headers = self._read(caller, dp, ds), self._read(caller, bp, bs), self._read(caller, hp, hs)
+        details, body, raw_headers = (
+            self._read(caller, dp, ds),
+            self._read(caller, bp, bs),
+            self._read(caller, hp, hs),
+        )
         if details is None or body is None or raw_headers is None:
             return Status.INVALID_MEMORY_ACCESS
         pairs = decode_pairs(raw_headers)
@@ -372,7 +397,9 @@ class _Env:
             return Status.NOT_FOUND
         if metric.type == MetricType.HISTOGRAM:
             return Status.BAD_ARGUMENT
-        return Status.OK if self.rt.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
+        return (
+            Status.OK if self.rt.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
+        )
 
     # -- shared data and queues -------------------------------------------------------------------
 
@@ -440,9 +467,19 @@ class _Env:
     # -- callouts --------------------------------------------------------------------------------
 
     def proxy_http_call(
-        self, caller: Caller, up: int, us: int, hp: int, hs: int, bp: int, bs: int, tp: int, ts: int,
-        timeout_ms: int, ret: int,
-    ) -> int:  # fmt: skip
+        self,
+        caller: Caller,
+        up: int,
+        us: int,
+        hp: int,
+        hs: int,
+        bp: int,
+        bs: int,
+        tp: int,
+        ts: int,
+        timeout_ms: int,
+        ret: int,
+    ) -> int:
         rt = self.rt
         upstream, raw_headers = self._read(caller, up, us), self._read(caller, hp, hs)
         body, raw_trailers = self._read(caller, bp, bs), self._read(caller, tp, ts)
@@ -456,14 +493,19 @@ class _Env:
         cluster = _text(upstream)
         clusters = rt.options.clusters
         # Envoy refuses unknown clusters and requests without the three pseudo-headers.
-        if (clusters is not None and cluster not in clusters) or not {":authority", ":method", ":path"} <= names:
+        if (clusters is not None and cluster not in clusters) or not {
+            ":authority",
+            ":method",
+            ":path",
+        } <= names:
             return Status.BAD_ARGUMENT
         token = rt.next_token
         rt.next_token += 1
         if not rt.memory.put_u32(caller, ret, token):
             return Status.INVALID_MEMORY_ACCESS
+        # Envoy makes the call on the root context and answers it there (cpp-host exports.cc http_call).
         rt.http_calls[token] = HttpCall(
-            token, rt.active_context, cluster, header_list, body, _to_list(trailers), timeout_ms & 0xFFFFFFFF
+            token, rt.root_context_id, cluster, header_list, body, _to_list(trailers), timeout_ms & 0xFFFFFFFF
         )
         return Status.OK
 
@@ -548,16 +590,18 @@ def _signature(params: str, results: str) -> wasmtime.FuncType:
 
 
 def link(linker: wasmtime.Linker, rt: Runtime) -> None:
-    """Define exactly the imports the module asks for; an import the host lacks fails the load, as in Envoy."""
+    """Define exactly the imports the module asks for; a missing one fails the load, as in Envoy."""
     from sidecar.wasm.host.wasi import Wasi
 
     env, wasi = _Env(rt), Wasi(rt)
     for imp in rt.module.imports:
         table, target = (
-            (ENV_FUNCTIONS, env) if imp.module == "env" else
-            (WASI_FUNCTIONS, wasi) if imp.module in ("wasi_snapshot_preview1", "wasi_unstable") else
-            ({}, None)
-        )  # fmt: skip
+            (ENV_FUNCTIONS, env)
+            if imp.module == "env"
+            else (WASI_FUNCTIONS, wasi)
+            if imp.module in ("wasi_snapshot_preview1", "wasi_unstable")
+            else ({}, None)
+        )
         name = imp.name or ""
         where = f"{rt.module_name}: import {imp.module}.{name}"
         if target is None or name not in table:
@@ -565,7 +609,8 @@ def link(linker: wasmtime.Linker, rt: Runtime) -> None:
         expected = _signature(*table[name])
         wanted = imp.type
         if not isinstance(wanted, wasmtime.FuncType) or (
-            list(map(str, wanted.params)), list(map(str, wanted.results))
+            list(map(str, wanted.params)),
+            list(map(str, wanted.results)),
         ) != (list(map(str, expected.params)), list(map(str, expected.results))):
             raise WasmLoadError(f"{where} has the wrong signature for the proxy-wasm ABI")
         linker.define_func(imp.module, name, expected, getattr(target, name), access_caller=True)

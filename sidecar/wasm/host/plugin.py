@@ -1,9 +1,9 @@
 """The Python testing API: load a module as Envoy would, then drive its root and HTTP contexts.
 
-    plugin = Plugin("filter.wasm", configuration=b'{"header": "x-a"}').start()
-    http = plugin.http_context()
-    assert http.on_request_headers([(":path", "/"), ("x-b", "1")], end_of_stream=True) is Action.CONTINUE
-    assert ("x-a", "1") in http.request_headers
+plugin = Plugin("filter.wasm", configuration=b'{"header": "x-a"}').start()
+http = plugin.http_context()
+assert http.on_request_headers([(":path", "/"), ("x-b", "1")], end_of_stream=True) is Action.CONTINUE
+assert ("x-a", "1") in http.request_headers
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from sidecar.wasm.host.abi import Action, LogLevel
 from sidecar.wasm.host.errors import WasmCallError, WasmStateError
 from sidecar.wasm.host.properties import PropertyValue
 from sidecar.wasm.host.runtime import Runtime, RuntimeOptions
-from sidecar.wasm.host.state import HeaderList, HttpCall, HttpCallResponse, LocalResponse, LogRecord, StreamState
+from sidecar.wasm.host.state import (
+    HeaderList,
+    HttpCall,
+    HttpCallResponse,
+    LocalResponse,
+    LogRecord,
+    StreamState,
+)
 from sidecar.wasm.host.vm import Limits, cache_dir, read_module_bytes
 
 __all__ = ["HttpContext", "HttpResponder", "Plugin"]
@@ -53,7 +60,7 @@ class Plugin:
         properties: Mapping[str, PropertyValue] | None = None,
         environment: Mapping[str, str] | None = None,
         limits: Limits | None = None,
-        cache: Path | None | bool = True,
+        cache: Path | bool | None = True,
         log_level: LogLevel = LogLevel.TRACE,
         http_responder: HttpResponder | None = None,
         clusters: Iterable[str] | None = None,
@@ -66,10 +73,16 @@ class Plugin:
             module_name = path.name
         else:
             source, module_name = module, name or "module"
-        base: dict[str, PropertyValue] = {"plugin_name": name, "plugin_root_id": root_id, "plugin_vm_id": vm_id,
-                                          "source.address": "127.0.0.1:50000", "source.port": 50000,
-                                          "destination.address": "127.0.0.1:10000", "destination.port": 10000,
-                                          "connection.mtls": False}  # fmt: skip
+        base: dict[str, PropertyValue] = {
+            "plugin_name": name,
+            "plugin_root_id": root_id,
+            "plugin_vm_id": vm_id,
+            "source.address": "127.0.0.1:50000",
+            "source.port": 50000,
+            "destination.address": "127.0.0.1:10000",
+            "destination.port": 10000,
+            "connection.mtls": False,
+        }
         options = RuntimeOptions(
             name=name,
             root_id=root_id,
@@ -108,10 +121,14 @@ class Plugin:
         rt.call("proxy_on_context_create", root, 0)
         if rt.call("proxy_on_vm_start", root, len(rt.options.vm_configuration)) == 0:
             rt.failed = "proxy_on_vm_start returned false"
-            raise WasmCallError(self.name, "proxy_on_vm_start", "the module refused to start (returned false)")
+            raise WasmCallError(
+                self.name, "proxy_on_vm_start", "the module refused to start (returned false)"
+            )
         if rt.call("proxy_on_configure", root, len(rt.options.plugin_configuration)) == 0:
             rt.failed = "proxy_on_configure returned false"
-            raise WasmCallError(self.name, "proxy_on_configure", "the module rejected its plugin configuration")
+            raise WasmCallError(
+                self.name, "proxy_on_configure", "the module rejected its plugin configuration"
+            )
         self._started = True
         return self
 
@@ -185,8 +202,14 @@ class Plugin:
             if response is None:
                 rt.call("proxy_on_http_call_response", pending.context_id, token, 0, 0, 0)
             else:
-                rt.call("proxy_on_http_call_response", pending.context_id, token, len(response.headers),
-                        len(response.body), len(response.trailers))  # fmt: skip
+                rt.call(
+                    "proxy_on_http_call_response",
+                    pending.context_id,
+                    token,
+                    len(response.headers),
+                    len(response.body),
+                    len(response.trailers),
+                )
         finally:
             rt.call_response = None
 
@@ -252,7 +275,9 @@ class HttpContext:
     def on_response_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
         self._state.response_headers[:] = _headers(headers)
         self._state.response_end = end_of_stream
-        raw = self._headers_call("proxy_on_response_headers", len(self._state.response_headers), end_of_stream)
+        raw = self._headers_call(
+            "proxy_on_response_headers", len(self._state.response_headers), end_of_stream
+        )
         return self._action(raw, headers=True)
 
     def on_request_body(self, chunk: bytes, end_of_stream: bool = True) -> Action:
@@ -261,8 +286,10 @@ class HttpContext:
         s.request_buffer.extend(chunk)
         s.request_end = end_of_stream
         rt = self._enter()
-        action = self._action(rt.call("proxy_on_request_body", self.context_id, len(s.request_buffer),
-                                      int(end_of_stream)), headers=False)  # fmt: skip
+        action = self._action(
+            rt.call("proxy_on_request_body", self.context_id, len(s.request_buffer), int(end_of_stream)),
+            headers=False,
+        )
         if action is Action.CONTINUE:
             self.release_request_body()
         return action
@@ -272,8 +299,10 @@ class HttpContext:
         s.response_buffer.extend(chunk)
         s.response_end = end_of_stream
         rt = self._enter()
-        action = self._action(rt.call("proxy_on_response_body", self.context_id, len(s.response_buffer),
-                                      int(end_of_stream)), headers=False)  # fmt: skip
+        action = self._action(
+            rt.call("proxy_on_response_body", self.context_id, len(s.response_buffer), int(end_of_stream)),
+            headers=False,
+        )
         if action is Action.CONTINUE:
             self.release_response_body()
         return action
@@ -311,6 +340,11 @@ class HttpContext:
     def release_response_body(self) -> None:
         self._state.response_sent.extend(self._state.response_buffer)
         self._state.response_buffer.clear()
+
+    def take_local_response(self) -> LocalResponse | None:
+        """Hand the local reply over to Envoy's encoder path, which runs the response callbacks on it."""
+        local, self._state.local_response = self._state.local_response, None
+        return local
 
     def take_continue_request(self) -> bool:
         """True once after the module called proxy_continue_stream(HTTP_REQUEST)."""

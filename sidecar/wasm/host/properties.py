@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Union
 
 from sidecar.wasm.host.abi import encode_pairs
 from sidecar.wasm.host.state import StreamState
 
-__all__ = ["PropertyValue", "Properties", "encode_value"]
+__all__ = ["Properties", "PropertyValue", "encode_value"]
 
-PropertyValue = Union[str, bytes, int, bool, float, Mapping[str, str]]
+PropertyValue = str | bytes | int | bool | float | Mapping[str, str]
 
 
 def encode_value(value: PropertyValue) -> bytes:
@@ -41,9 +40,11 @@ class Properties:
         self._set: dict[str, bytes] = {}
 
     def get(self, path: bytes, stream: StreamState | None) -> bytes | None:
-        key = _normalize(path.decode(errors="replace"))
-        if key in self._set:
-            return self._set[key]
+        if path in self._set:
+            return self._set[path]
+        key = _dotted(path)
+        if key is None:
+            return None
         if key in self._configured:
             return encode_value(self._configured[key])
         if stream is not None:
@@ -53,30 +54,39 @@ class Properties:
         return None
 
     def set(self, path: bytes, value: bytes) -> None:
-        self._set[_normalize(path.decode(errors="replace"))] = value
+        self._set[path] = value
 
 
 def _normalize(path: str) -> str:
     return path.strip("\0").replace("\0", ".")
 
 
+def _dotted(path: bytes) -> str | None:
+    """`request\0path` -> `request.path`. Envoy splits only on NUL: a dotted single segment such as
+    `request.path` names no built-in attribute there, so it is not found here either."""
+    segments = path.decode(errors="replace").strip("\0").split("\0")
+    if any("." in segment for segment in segments):
+        return None
+    return ".".join(segments)
+
+
 def _derived(stream: StreamState) -> dict[str, PropertyValue]:
     """Envoy's request/response attributes, computed from the stream as it is now."""
-    req = {k: v for k, v in reversed(stream.request_headers)}
+    req = dict(reversed(stream.request_headers))
     out: dict[str, PropertyValue] = {
         "request.headers": {k: v for k, v in stream.request_headers if not k.startswith(":")},
         "request.protocol": "HTTP/1.1",
     }
-    for name, header in (("path", ":path"), ("host", ":authority"), ("method", ":method"),
-                         ("scheme", ":scheme"), ("referer", "referer"), ("useragent", "user-agent"),
-                         ("id", "x-request-id")):  # fmt: skip
+    names = {"path": ":path", "host": ":authority", "method": ":method", "scheme": ":scheme",
+             "referer": "referer", "useragent": "user-agent", "id": "x-request-id"}  # fmt: skip
+    for name, header in names.items():
         if header in req:
             out[f"request.{name}"] = req[header]
     if ":path" in req:
         out["request.url_path"] = req[":path"].split("?", 1)[0]
         out["request.query"] = req[":path"].partition("?")[2]
-    resp = {k: v for k, v in reversed(stream.response_headers)}
-    if ":status" in resp and resp[":status"].isdigit():
+    resp = dict(reversed(stream.response_headers))
+    if resp.get(":status", "").isdigit():
         out["response.code"] = int(resp[":status"])
         out["response.headers"] = {k: v for k, v in stream.response_headers if not k.startswith(":")}
     return out

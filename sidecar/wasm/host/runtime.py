@@ -36,7 +36,7 @@ __all__ = ["ProcExit", "Runtime", "RuntimeOptions"]
 HttpResponder = Callable[[HttpCall], "HttpCallResponse | None"]
 
 
-class ProcExit(Exception):  # noqa: N818 - a control-flow signal, not an error
+class ProcExit(Exception):
     """Raised by WASI proc_exit to unwind the guest."""
 
     def __init__(self, code: int) -> None:
@@ -125,9 +125,11 @@ class Runtime:
         return len(self.exports[export].type(self.store).params)
 
     def call(self, export: str, *args: int) -> int | None:
-        """Call an export under the deadline; None if the module does not export it (callbacks are optional)."""
+        """Call an export under the deadline; None if it is not exported (callbacks are optional)."""
         if self.failed is not None:
-            raise WasmStateError(f"{self.module_name}: the VM failed earlier ({self.failed}); create a new Plugin")
+            raise WasmStateError(
+                f"{self.module_name}: the VM failed earlier ({self.failed}); create a new Plugin"
+            )
         func = self.exports.get(export)
         if func is None:
             return None
@@ -138,6 +140,9 @@ class Runtime:
             error = self._call_error(export, exc)
             self.failed = error.reason
             raise error from None
+        except Exception as exc:  # a bug in a host function must not take the test process down
+            self.failed = f"host function raised {type(exc).__name__}: {exc}"
+            raise WasmCallError(self.module_name, export, self.failed) from exc
         finally:
             self._deliver_queue_ready(export)
         return int(result) if isinstance(result, int) else None
@@ -161,7 +166,9 @@ class Runtime:
             return WasmTimeoutError(self.module_name, callback, reason)
         text = _first_line(exc)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
-            return WasmCallError(self.module_name, callback, f"stack overflow (max stack {limits.max_stack_bytes} bytes)")
+            return WasmCallError(
+                self.module_name, callback, f"stack overflow (max stack {limits.max_stack_bytes} bytes)"
+            )
         memory = self.exports.get("memory") if hasattr(self, "exports") else None
         # wasmtime has no limiter callback in Python: a trap with memory grown near the cap is the
         # signature of a refused memory.grow.

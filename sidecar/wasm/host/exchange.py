@@ -1,0 +1,209 @@
+"""Run one whole HTTP request/response through a filter the way Envoy's filter chain drives it.
+
+Envoy's rules reproduced here:
+* a headers callback that pauses stops the stream; body data arriving meanwhile is buffered and
+  delivered in one callback once the module resumes it (proxy_continue_stream);
+* a body callback that pauses keeps the data buffered; later chunks are appended and the next
+  callback sees the cumulative size; at end of stream the stream waits for the module to resume;
+* callouts are answered by the plugin's `http_responder` while the stream waits;
+* a local reply ends the request path; the client gets the local reply instead of the upstream's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sidecar.wasm.host.abi import Action
+from sidecar.wasm.host.plugin import HttpContext, Plugin
+from sidecar.wasm.host.state import HeaderList, LocalResponse
+
+__all__ = ["Exchange", "Request", "Response", "Upstream", "run_exchange"]
+
+# Bound on resume attempts while a stream waits (each answers at least one callout).
+_MAX_WAIT_ROUNDS = 1000
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str = "GET"
+    path: str = "/"
+    headers: HeaderList = field(default_factory=list)
+    body: bytes = b""
+    trailers: HeaderList = field(default_factory=list)
+    authority: str = "example.com"
+    scheme: str = "http"
+
+    def envoy_headers(self) -> HeaderList:
+        pseudo = [
+            (":authority", self.authority),
+            (":path", self.path),
+            (":method", self.method),
+            (":scheme", self.scheme),
+        ]
+        if self.body and not any(k.lower() == "content-length" for k, _ in self.headers):
+            pseudo.append(("content-length", str(len(self.body))))
+        return pseudo + [(k.lower(), v) for k, v in self.headers]
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int = 200
+    headers: HeaderList = field(default_factory=list)
+    body: bytes = b""
+    trailers: HeaderList = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """What the upstream receives after the filter ran."""
+
+    headers: HeaderList
+    body: bytes
+    trailers: HeaderList
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+Upstream = Callable[[UpstreamRequest], Response]
+Phase = Literal[
+    "request_headers",
+    "request_body",
+    "request_trailers",
+    "response_headers",
+    "response_body",
+    "response_trailers",
+]
+
+
+@dataclass
+class Exchange:
+    actions: list[tuple[Phase, Action]] = field(default_factory=list)
+    upstream_request: UpstreamRequest | None = None
+    response: Response | None = None
+    local_response: LocalResponse | None = None
+    stalled: Phase | None = None  # the module paused and nothing it waits for can resume it
+    closed: bool = False  # the module called proxy_close_stream: Envoy resets the stream
+
+    def header(self, name: str) -> str | None:
+        if self.response is None:
+            return None
+        return next((v for k, v in self.response.headers if k == name), None)
+
+
+def _chunks(body: bytes, size: int | None) -> Iterator[tuple[bytes, bool]]:
+    if not size or len(body) <= size:
+        yield body, True
+        return
+    for start in range(0, len(body), size):
+        yield body[start : start + size], start + size >= len(body)
+
+
+class _Run:
+    def __init__(self, plugin: Plugin, http: HttpContext, result: Exchange) -> None:
+        self.plugin, self.http, self.result = plugin, http, result
+
+    def record(self, phase: Phase, action: Action) -> Action:
+        self.result.actions.append((phase, action))
+        return action
+
+    def ended(self) -> bool:
+        return self.http.local_response is not None or self.http.closed
+
+    def wait(self, phase: Phase, request: bool) -> bool:
+        """After a pause: resolve callouts until the module resumes. False if it never does."""
+        take = self.http.take_continue_request if request else self.http.take_continue_response
+        for _ in range(_MAX_WAIT_ROUNDS):
+            if take():
+                return True
+            if self.ended() or self.plugin.failed or self.plugin.dispatch_http_calls() == 0:
+                break
+        if not self.ended():
+            self.result.stalled = phase
+        return False
+
+    def direction(
+        self, request: bool, body: bytes, trailers: HeaderList, chunk: int | None, headers: HeaderList
+    ) -> bool:
+        """Headers, body, trailers of one direction; False if the stream stopped (local reply, stall)."""
+        http = self.http
+        prefix = "request" if request else "response"
+        on_headers = http.on_request_headers if request else http.on_response_headers
+        on_body = http.on_request_body if request else http.on_response_body
+        on_trailers = http.on_request_trailers if request else http.on_response_trailers
+        release = http.release_request_body if request else http.release_response_body
+        action = self.record(f"{prefix}_headers", on_headers(headers, not body and not trailers))  # type: ignore[arg-type]
+        headers_paused = action is not Action.CONTINUE
+        if headers_paused and not self.wait(f"{prefix}_headers", request):  # type: ignore[arg-type]
+            return False
+        if self.ended():
+            return False
+        # Data that arrived while headers were stopped is buffered and handed over in one piece.
+        for data, last in _chunks(body, None if headers_paused else chunk) if body else ():
+            end = last and not trailers
+            action = self.record(f"{prefix}_body", on_body(data, end))  # type: ignore[arg-type]
+            if self.ended():
+                return False
+            if action is not Action.CONTINUE and end:
+                if not self.wait(f"{prefix}_body", request):  # type: ignore[arg-type]
+                    return False
+                release()
+        if trailers:
+            action = self.record(f"{prefix}_trailers", on_trailers(trailers))  # type: ignore[arg-type]
+            if action is not Action.CONTINUE and not self.wait(f"{prefix}_trailers", request):  # type: ignore[arg-type]
+                return False
+            release()
+        return not self.ended()
+
+
+def _local_reply(local: LocalResponse) -> Response:
+    headers = list(local.headers)
+    if local.body:
+        headers += [("content-length", str(len(local.body))), ("content-type", "text/plain")]
+    return Response(local.status, headers, local.body)
+
+
+def run_exchange(
+    plugin: Plugin,
+    request: Request,
+    upstream: Upstream | Response,
+    *,
+    chunk_size: int | None = None,
+) -> Exchange:
+    """One request through the filter, to `upstream` (a callable or a fixed Response), and back.
+
+    `chunk_size` splits bodies into several body callbacks, as Envoy does for large or slow bodies.
+    """
+    result = Exchange()
+    http = plugin.http_context()
+    run = _Run(plugin, http, result)
+    try:
+        if run.direction(True, request.body, request.trailers, chunk_size, request.envoy_headers()):
+            sent = UpstreamRequest(http.request_headers, http.request_body, http.request_trailers)
+            result.upstream_request = sent
+            answer = upstream(sent) if callable(upstream) else upstream
+        else:
+            local = http.take_local_response()
+            if local is None:  # stalled, reset, or the VM failed: the client gets nothing
+                result.closed = http.closed
+                return result
+            # Envoy sends a local reply through the encoder filters, this one included.
+            result.local_response = local
+            answer = _local_reply(local)
+        headers = [(":status", str(answer.status)), *[(k.lower(), v) for k, v in answer.headers]]
+        if run.direction(False, answer.body, answer.trailers, chunk_size, headers):
+            status = next((v for k, v in http.response_headers if k == ":status"), str(answer.status))
+            kept = [h for h in http.response_headers if h[0] != ":status"]
+            result.response = Response(int(status), kept, http.response_body, http.response_trailers)
+        else:
+            local = http.take_local_response()
+            if local is not None and result.local_response is None:
+                result.local_response = local
+                result.response = _local_reply(local)
+        result.closed = http.closed
+    finally:
+        if not plugin.failed:
+            http.finish()
+    return result
