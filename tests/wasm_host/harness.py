@@ -30,6 +30,7 @@ ENVOY_ADDED = frozenset(
         "connection",
         "keep-alive",
         "x-envoy-decorator-operation",
+        "x-envoy-internal",
     }
 )
 
@@ -182,7 +183,7 @@ def send(envoy: Envoy, method: str, path: str, headers: list[tuple[str, str]], b
     host, port = envoy.listener_address("main")
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         for k, v in headers:
             conn.putheader(k, v)
         if body or method in ("POST", "PUT"):

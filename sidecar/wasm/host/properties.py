@@ -37,7 +37,7 @@ class Properties:
 
     def __init__(self, configured: Mapping[str, PropertyValue]) -> None:
         self._configured = {_normalize(k): v for k, v in configured.items()}
-        self._set: dict[str, bytes] = {}
+        self._set: dict[bytes, bytes] = {}
 
     def get(self, path: bytes, stream: StreamState | None) -> bytes | None:
         if path in self._set:

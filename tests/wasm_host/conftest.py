@@ -1,0 +1,24 @@
+"""Fixture modules for the Wasm host tests: built once from npm SDKs (cached), plus WAT sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wasm_host.fixtures.build import build_all, higress_module
+
+
+@pytest.fixture(scope="session")
+def sdk_modules() -> dict[str, Path]:
+    return build_all()
+
+
+@pytest.fixture(scope="session")
+def higress_wasm() -> Path:
+    return higress_module()
+
+
+@pytest.fixture
+def host_cache(tmp_path: Path) -> Path:
+    return tmp_path / "cwasm"
