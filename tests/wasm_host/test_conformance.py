@@ -64,7 +64,9 @@ class Setup:
     plugin: Plugin
 
 
-def _forward(echo: EchoServer, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+def _forward(
+    echo: EchoServer, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+) -> Response:
     conn = http.client.HTTPConnection("127.0.0.1", echo.port, timeout=10)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -122,7 +124,9 @@ def test_host_matches_envoy(setup: Setup, scenario: Scenario) -> None:
         return _forward(setup.echo, req.header(":method") or "GET", req.header(":path") or "/", req.headers,
                         req.body)  # fmt: skip
 
-    request = Request(scenario.method, scenario.path, list(scenario.headers), scenario.body, authority=AUTHORITY)
+    request = Request(
+        scenario.method, scenario.path, list(scenario.headers), scenario.body, authority=AUTHORITY
+    )
     exchange = run_exchange(setup.plugin, request, upstream, chunk_size=16_384)
     host_seen = _seen(setup.echo)
 

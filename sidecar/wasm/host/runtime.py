@@ -164,7 +164,7 @@ class Runtime:
         if code == wasmtime.TrapCode.INTERRUPT:
             reason = f"deadline of {limits.call_timeout_s:g}s exceeded"
             return WasmTimeoutError(self.module_name, callback, reason)
-        text = _first_line(exc)
+        text = _trap_text(exc)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             return WasmCallError(
                 self.module_name, callback, f"stack overflow (max stack {limits.max_stack_bytes} bytes)"
@@ -190,6 +190,12 @@ class Runtime:
         cid = self.next_context_id
         self.next_context_id += 1
         return cid
+
+
+def _trap_text(exc: BaseException) -> str:
+    """wasmtime puts the backtrace first and the cause ("wasm trap: ...") last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
