@@ -594,6 +594,7 @@ def link(linker: wasmtime.Linker, rt: Runtime) -> None:
     from sidecar.wasm.host.wasi import Wasi
 
     env, wasi = _Env(rt), Wasi(rt)
+    defined: set[tuple[str, str]] = set()
     for imp in rt.module.imports:
         table, target = (
             (ENV_FUNCTIONS, env)
@@ -613,4 +614,6 @@ def link(linker: wasmtime.Linker, rt: Runtime) -> None:
             list(map(str, wanted.results)),
         ) != (list(map(str, expected.params)), list(map(str, expected.results))):
             raise WasmLoadError(f"{where} has the wrong signature for the proxy-wasm ABI")
-        linker.define_func(imp.module, name, expected, getattr(target, name), access_caller=True)
+        if (imp.module, name) not in defined:  # a module may import the same function twice
+            defined.add((imp.module, name))
+            linker.define_func(imp.module, name, expected, getattr(target, name), access_caller=True)
