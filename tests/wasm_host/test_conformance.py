@@ -15,7 +15,7 @@ import pytest
 from sidecar.runtime.envoy import Envoy
 from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
 from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
-from wasm_host.harness import EchoServer, Seen, bootstrap, echo_server, normalized, send
+from wasm_host.harness import EchoServer, bootstrap, echo_server, normalized, send
 
 pytestmark = pytest.mark.envoy
 
@@ -35,24 +35,42 @@ class Scenario:
 
 SCENARIOS = [
     Scenario("plain-get"),
-    Scenario("query-remove-replace", path="/a/b?x=1&y=2",
-             headers=(("x-remove", "x-gone"), ("x-gone", "1"), ("x-replace", "orig"), ("x-keep", "k"))),
+    Scenario(
+        "query-remove-replace",
+        path="/a/b?x=1&y=2",
+        headers=(("x-remove", "x-gone"), ("x-gone", "1"), ("x-replace", "orig"), ("x-keep", "k")),
+    ),
     Scenario("delete", method="DELETE", path="/items/7"),
     Scenario("post-untouched", method="POST", path="/submit", body=b"my secret stays"),
-    Scenario("body-rewrite", method="POST", path="/rw", headers=(("x-rewrite", "1"),), body=b"a secret, secret!"),
+    Scenario(
+        "body-rewrite", method="POST", path="/rw", headers=(("x-rewrite", "1"),), body=b"a secret, secret!"
+    ),
     Scenario("big-body-rewrite", method="PUT", path="/big", headers=(("x-rewrite", "1"),), body=BIG),
     Scenario("local-reply", path="/deny", headers=(("x-deny", "1"),)),
     Scenario("local-reply-with-body", method="POST", headers=(("x-deny", "1"),), body=b"never forwarded"),
     Scenario("callout-resume", path="/co", headers=(("x-callout", "1"),)),
-    Scenario("callout-pause-buffers-body", method="POST", path="/co", headers=(("x-callout", "1"),),
-             body=b"held while paused"),
+    Scenario(
+        "callout-pause-buffers-body",
+        method="POST",
+        path="/co",
+        headers=(("x-callout", "1"),),
+        body=b"held while paused",
+    ),
     Scenario("callout-then-local-reply", path="/co", headers=(("x-callout", "deny"),)),
     Scenario("response-body-rewrite", path="/upper", headers=(("x-upper-response", "1"),)),
-    Scenario("big-response-rewrite", method="POST", path="/upper",
-             headers=(("x-upper-response", "1"), ("x-rewrite", "1")), body=BIG),
-    Scenario("upstream-error-and-headers", path="/err",
-             headers=(("x-echo-status", "503"), ("x-echo-h-x-from-upstream", "u1"))),
-]  # fmt: skip
+    Scenario(
+        "big-response-rewrite",
+        method="POST",
+        path="/upper",
+        headers=(("x-upper-response", "1"), ("x-rewrite", "1")),
+        body=BIG,
+    ),
+    Scenario(
+        "upstream-error-and-headers",
+        path="/err",
+        headers=(("x-echo-status", "503"), ("x-echo-h-x-from-upstream", "u1")),
+    ),
+]
 
 MODULES = ["gcore_conformance", "solo_conformance", "gcore_readme", "solo_readme"]
 
@@ -85,20 +103,29 @@ def _forward(
 
 
 @pytest.fixture(scope="module", params=MODULES)
-def setup(request: pytest.FixtureRequest, sdk_modules: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[Setup]:  # fmt: skip
+def setup(
+    request: pytest.FixtureRequest, sdk_modules: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Setup]:
     module = sdk_modules[request.param]
     root_id = "fixture" if "conformance" in request.param else "add_header"
     with echo_server() as echo:
 
         def responder(call: HttpCall) -> HttpCallResponse:
-            answer = _forward(echo, call.header(":method") or "GET", call.header(":path") or "/", call.headers,
-                              call.body)  # fmt: skip
+            answer = _forward(
+                echo, call.header(":method") or "GET", call.header(":path") or "/", call.headers, call.body
+            )
             return HttpCallResponse([(":status", str(answer.status)), *answer.headers], answer.body)
 
         boot = bootstrap(module, root_id=root_id, configuration=CONFIG, upstream_port=echo.port)
-        plugin = Plugin(module, name="fixture", root_id=root_id, vm_id="fixture-vm", configuration=CONFIG,
-                        http_responder=responder, cache=tmp_path_factory.mktemp("cwasm")).start()  # fmt: skip
+        plugin = Plugin(
+            module,
+            name="fixture",
+            root_id=root_id,
+            vm_id="fixture-vm",
+            configuration=CONFIG,
+            http_responder=responder,
+            cache=tmp_path_factory.mktemp("cwasm"),
+        ).start()
         with Envoy(boot) as envoy:
             yield Setup(echo, envoy, plugin)
 
@@ -121,8 +148,9 @@ def test_host_matches_envoy(setup: Setup, scenario: Scenario) -> None:
     envoy_seen = _seen(setup.echo)
 
     def upstream(req: UpstreamRequest) -> Response:
-        return _forward(setup.echo, req.header(":method") or "GET", req.header(":path") or "/", req.headers,
-                        req.body)  # fmt: skip
+        return _forward(
+            setup.echo, req.header(":method") or "GET", req.header(":path") or "/", req.headers, req.body
+        )
 
     request = Request(
         scenario.method, scenario.path, list(scenario.headers), scenario.body, authority=AUTHORITY

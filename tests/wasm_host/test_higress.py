@@ -11,7 +11,11 @@ import pytest
 from sidecar.wasm.host import LogLevel, Plugin, WasmCallError
 from sidecar.wasm.host.exchange import Request, Response, run_exchange
 
-CONFIG = {"routeNameHeader": "x-route-name", "clusterNameHeader": "x-cluster-name", "enableOnPathPrefix": ["/v1"]}
+CONFIG = {
+    "routeNameHeader": "x-route-name",
+    "clusterNameHeader": "x-cluster-name",
+    "enableOnPathPrefix": ["/v1"],
+}
 PROPERTIES = {"route_name": "chat-route", "cluster_name": "outbound|8080||llm.default.svc.cluster.local"}
 
 

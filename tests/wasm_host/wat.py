@@ -27,7 +27,8 @@ def headers_callback(body: str) -> str:
 
 NO_MARKER = module("", marker="")
 UNKNOWN_MARKER = module("", marker="0_3_0")
-NO_MEMORY = '(module (func (export "proxy_abi_version_0_2_1")) (func (export "malloc") (param i32) (result i32) i32.const 0))'
+NO_MEMORY = """(module (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) i32.const 0))"""
 NO_ALLOCATOR = '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_0")))'
 UNKNOWN_IMPORT = module("", imports='(import "env" "proxy_make_coffee" (func (param i32) (result i32)))')
 TRAP = module(headers_callback("unreachable"))
@@ -85,16 +86,21 @@ _PROBES = """
     (drop (call $add (i32.const 0) (i32.const 140) (i32.const 4) (i32.const 200) (i32.const 1))))
   (func $probe (param $ctx i32)
     (call $report (i32.const 1) (call $log (i32.const 2) (i32.const 0xFFFFFFF0) (i32.const 64)))
-    (call $report (i32.const 2) (call $get (i32.const 0) (i32.const 100) (i32.const 9) (i32.const 300) (i32.const 304)))
+    (call $report (i32.const 2) (call $get (i32.const 0) (i32.const 100) (i32.const 9)
+      (i32.const 300) (i32.const 304)))
     (call $report (i32.const 3) (call $prop (i32.const 120) (i32.const 4) (i32.const 300) (i32.const 304)))
-    (call $report (i32.const 4) (call $get (i32.const 0) (i32.const 0x7FFFFFF0) (i32.const 9) (i32.const 300) (i32.const 304)))
-    (call $report (i32.const 5) (call $call (i32.const 130) (i32.const 4) (i32.const 0) (i32.const 0) (i32.const 0)
+    (call $report (i32.const 4) (call $get (i32.const 0) (i32.const 0x7FFFFFF0)
+      (i32.const 9) (i32.const 300) (i32.const 304)))
+    (call $report (i32.const 5) (call $call (i32.const 130) (i32.const 4) (i32.const 0)
+      (i32.const 0) (i32.const 0)
       (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 308)))
-    (call $report (i32.const 6) (call $sget (i32.const 120) (i32.const 4) (i32.const 300) (i32.const 304) (i32.const 312)))
+    (call $report (i32.const 6) (call $sget (i32.const 120) (i32.const 4) (i32.const 300)
+      (i32.const 304) (i32.const 312)))
     (call $report (i32.const 7) (call $deq (i32.const 999) (i32.const 300) (i32.const 304)))
     (call $report (i32.const 8) (call $defm (i32.const 7) (i32.const 150) (i32.const 3) (i32.const 316)))
     (call $report (i32.const 9) (call $incm (i32.const 123456) (i64.const 1)))
-    (call $report (i32.const 10) (call $sset (i32.const 120) (i32.const 4) (i32.const 150) (i32.const 3) (i32.const 77)))
+    (call $report (i32.const 10) (call $sset (i32.const 120) (i32.const 4)
+      (i32.const 150) (i32.const 3) (i32.const 77)))
     (call $report (i32.const 11) (call $eff (i32.const 4242)))
     (call $report (i32.const 12) (call $eff (local.get $ctx)))
     (call $report (i32.const 13) (call $log (i32.const 9) (i32.const 120) (i32.const 4))))
@@ -107,7 +113,8 @@ PROBE_0_2 = module(
 )
 PROBE_0_1 = module(
     _PROBES
-    + '(func (export "proxy_on_request_headers") (param i32 i32) (result i32) (call $probe (local.get 0)) i32.const 0)',
+    + '(func (export "proxy_on_request_headers") (param i32 i32) (result i32)'
+    + " (call $probe (local.get 0)) i32.const 0)",
     marker="0_1_0",
     imports=_PROBE_IMPORTS,
 )

@@ -77,8 +77,15 @@ def _derived(stream: StreamState) -> dict[str, PropertyValue]:
         "request.headers": {k: v for k, v in stream.request_headers if not k.startswith(":")},
         "request.protocol": "HTTP/1.1",
     }
-    names = {"path": ":path", "host": ":authority", "method": ":method", "scheme": ":scheme",
-             "referer": "referer", "useragent": "user-agent", "id": "x-request-id"}  # fmt: skip
+    names = {
+        "path": ":path",
+        "host": ":authority",
+        "method": ":method",
+        "scheme": ":scheme",
+        "referer": "referer",
+        "useragent": "user-agent",
+        "id": "x-request-id",
+    }
     for name, header in names.items():
         if header in req:
             out[f"request.{name}"] = req[header]
