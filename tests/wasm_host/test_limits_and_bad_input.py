@@ -127,6 +127,25 @@ def test_rejected_configuration_matches_envoy(sdk_modules: dict[str, Path], tmp_
 
 
 @pytest.mark.envoy
+def test_empty_configuration_traps_solo_sdk_as_in_envoy(sdk_modules: dict[str, Path], tmp_path: Path) -> None:
+    """Both hosts hand an empty buffer over as (ptr 0, size 0); that SDK then reads out of bounds."""
+    module = sdk_modules["solo_conformance"]
+    with pytest.raises(WasmCallError, match=r"proxy_on_configure failed: .*out of bounds memory access"):
+        Plugin(module, root_id="fixture", configuration="", cache=tmp_path).start()
+    with echo_server() as echo:
+        envoy = Envoy(bootstrap(module, root_id="fixture", configuration="", upstream_port=echo.port))
+        try:
+            with pytest.raises(EnvoyError):
+                envoy.start(timeout=20)
+            assert (
+                "proxy_on_configure failed: Uncaught RuntimeError: memory access out of bounds"
+                in envoy.logs()
+            )
+        finally:
+            envoy.close()
+
+
+@pytest.mark.envoy
 @pytest.mark.parametrize("source", [wat.PROBE_0_2, wat.PROBE_0_1], ids=["abi-0.2.0", "abi-0.1.0"])
 def test_status_codes_match_envoy(source: str, tmp_path: Path) -> None:
     """Out-of-bounds pointers, missing keys, bad arguments: the same proxy_status_t as Envoy's host."""

@@ -118,3 +118,42 @@ PROBE_0_1 = module(
     marker="0_1_0",
     imports=_PROBE_IMPORTS,
 )
+
+# Root-context features: tick period, a shared queue fed on tick and drained on queue-ready into
+# shared data, and the WASI environment logged at VM start.
+ROOT_FEATURES = """(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $reg (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $deq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $envsizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 65536))
+  (data (i32.const 100) "q")
+  (data (i32.const 110) "tick")
+  (data (i32.const 120) "last")
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    global.get $heap local.set $p
+    global.get $heap local.get $n i32.add global.set $heap
+    local.get $p)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $envsizes (i32.const 0) (i32.const 4)))
+    (drop (call $environ (i32.const 16) (i32.const 1024)))
+    (drop (call $log (i32.const 2) (i32.const 1024) (i32.load (i32.const 4))))
+    i32.const 1)
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $tick (i32.const 50)))
+    (drop (call $reg (i32.const 100) (i32.const 1) (i32.const 500)))
+    i32.const 1)
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $enq (i32.load (i32.const 500)) (i32.const 110) (i32.const 4))))
+  (func (export "proxy_on_queue_ready") (param i32 i32)
+    (drop (call $deq (local.get 1) (i32.const 504) (i32.const 508)))
+    (drop (call $sset (i32.const 120) (i32.const 4) (i32.load (i32.const 504)) (i32.load (i32.const 508))
+      (i32.const 0)))))
+"""
