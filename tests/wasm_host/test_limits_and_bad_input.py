@@ -12,6 +12,7 @@ from sidecar.runtime.envoy import Envoy, EnvoyError
 from sidecar.wasm.host import (
     Limits,
     Plugin,
+    Status,
     WasmAbiError,
     WasmCallError,
     WasmLoadError,
@@ -57,6 +58,29 @@ def test_truncated_wasm_file(tmp_path: Path) -> None:
 def test_abi_problems(source: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(WasmAbiError, match=message):
         Plugin(source, cache=tmp_path)
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("source", [wat.NO_MARKER, wat.UNKNOWN_MARKER], ids=["no-marker", "unknown-marker"])
+def test_envoy_also_refuses_modules_without_a_known_abi(source: str, tmp_path: Path) -> None:
+    module = tmp_path / "bad-abi.wasm"
+    module.write_bytes(wasmtime.wat2wasm(source))
+    with pytest.raises(WasmAbiError):
+        Plugin(module, cache=tmp_path / "c")
+    with echo_server() as echo:
+        envoy = Envoy(bootstrap(module, root_id="", configuration="", upstream_port=echo.port))
+        try:
+            with pytest.raises(EnvoyError):
+                envoy.start(timeout=20)
+            assert "Missing or unknown Proxy-Wasm ABI version" in envoy.logs()
+        finally:
+            envoy.close()
+
+
+def test_grpc_calls_are_unimplemented(tmp_path: Path) -> None:
+    http = _plugin(wat.GRPC_CALL, tmp_path).http_context()
+    http.on_request_headers(REQUEST)
+    assert [v for k, v in http.request_headers if k == "x-grpc"] == ["-", chr(65 + Status.UNIMPLEMENTED)]
 
 
 def test_unknown_import(tmp_path: Path) -> None:

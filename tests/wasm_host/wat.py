@@ -157,3 +157,20 @@ ROOT_FEATURES = """(module
     (drop (call $sset (i32.const 120) (i32.const 4) (i32.load (i32.const 504)) (i32.load (i32.const 508))
       (i32.const 0)))))
 """
+
+GRPC_CALL = module(
+    headers_callback("""
+    (call $add (i32.const 0) (i32.const 140) (i32.const 6) (i32.const 200) (i32.const 1))
+    drop
+    (i32.store8 (i32.const 200) (i32.add (i32.const 65)
+      (call $grpc (i32.const 130) (i32.const 4) (i32.const 130) (i32.const 4) (i32.const 130) (i32.const 4)
+        (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 300))))
+    (call $add (i32.const 0) (i32.const 140) (i32.const 6) (i32.const 200) (i32.const 1))
+    drop
+    i32.const 0""")
+    + '(data (i32.const 130) "echo") (data (i32.const 140) "x-grpc") (data (i32.const 200) "-")',
+    imports="""
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_call" (func $grpc (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32)
+    (result i32)))""",
+)
