@@ -84,9 +84,6 @@ class Plugin:
             "connection.mtls": False,
         }
         options = RuntimeOptions(
-            name=name,
-            root_id=root_id,
-            vm_id=vm_id,
             plugin_configuration=_as_bytes(configuration),
             vm_configuration=_as_bytes(vm_configuration),
             properties={**base, **(properties or {})},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,6 @@ from sidecar.wasm.host.vm import Limits, compile_module, engine_for, ticks_for
 
 __all__ = ["ProcExit", "Runtime", "RuntimeOptions"]
 
-HttpResponder = Callable[[HttpCall], "HttpCallResponse | None"]
-
 
 class ProcExit(Exception):
     """Raised by WASI proc_exit to unwind the guest."""
@@ -46,9 +44,6 @@ class ProcExit(Exception):
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    name: str
-    root_id: str
-    vm_id: str
     plugin_configuration: bytes
     vm_configuration: bytes
     properties: Mapping[str, PropertyValue]
