@@ -65,6 +65,15 @@ SCENARIOS = [
         headers=(("x-upper-response", "1"), ("x-rewrite", "1")),
         body=BIG,
     ),
+    Scenario("duplicate-request-headers", headers=(("x-dup", "one"), ("x-dup", "two"))),
+    Scenario("response-pause-callout-resume", path="/rc", headers=(("x-response-callout", "1"),)),
+    Scenario(
+        "response-callout-with-body-rewrite",
+        method="POST",
+        path="/rc",
+        headers=(("x-response-callout", "1"), ("x-upper-response", "1")),
+        body=b"shout this",
+    ),
     Scenario(
         "upstream-error-and-headers",
         path="/err",

@@ -237,8 +237,8 @@ class _Env:
             if self.rt.abi.legacy:
                 return self.rt.memory.give(caller, b"", pp, sp)
             return Status.NOT_FOUND
-        # Envoy joins repeated headers with "," when a single value is asked for.
-        return self.rt.memory.give(caller, ",".join(values).encode(errors="surrogateescape"), pp, sp)
+        # Envoy answers with the first of repeated headers (checked against Envoy 1.40).
+        return self.rt.memory.give(caller, values[0].encode(errors="surrogateescape"), pp, sp)
 
     def proxy_add_header_map_value(
         self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int
