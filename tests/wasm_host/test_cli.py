@@ -28,7 +28,7 @@ def test_json_output_matches_envoy(
             send(envoy, "POST", "/y", [("host", "example.com"), ("x-rewrite", "1")], body_file.read_bytes())
         upstream_seen = echo.seen[-1]
 
-    common = [str(module), "--root-id", "fixture", "--config", "cli", "--json"]
+    common = [str(module), "--name", "fixture", "--root-id", "fixture", "--config", "cli", "--json"]
     assert main(["wasm", "run", *common, "--header", "x-deny:1", "--path", "/x"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["local_response"]["status"] == denied.status

@@ -32,6 +32,7 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--config", default="", help="plugin configuration: a JSON string or @file")
     run.add_argument("--vm-config", default="", help="VM configuration: a string or @file")
     run.add_argument("--root-id", default="", help="root_id of the plugin (selects the root context)")
+    run.add_argument("--name", default="", help="the plugin's name (property plugin_name)")
     run.add_argument("--method", default="GET")
     run.add_argument("--path", default="/")
     run.add_argument("--authority", default="example.com")
@@ -107,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         _module_path(args.module),
         configuration=_value(args.config, "--config"),
         vm_configuration=_value(args.vm_config, "--vm-config"),
+        name=args.name,
         root_id=args.root_id,
         properties=dict(_pair(p, "=", "--property") for p in args.property),
         environment=dict(_pair(e, "=", "--env") for e in args.env),
