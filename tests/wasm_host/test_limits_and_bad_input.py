@@ -183,5 +183,5 @@ def test_status_codes_match_envoy(source: str, tmp_path: Path) -> None:
     http = plugin.http_context()
     http.on_request_headers(REQUEST, end_of_stream=True)
     host_view = sorted((k, v) for k, v in http.request_headers if k.startswith("x-s"))
-    assert len(envoy_view) == 13
+    assert len(envoy_view) == 24
     assert host_view == envoy_view

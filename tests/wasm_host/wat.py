@@ -71,6 +71,8 @@ _PROBE_IMPORTS = """
   (import "env" "proxy_define_metric" (func $defm (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_increment_metric" (func $incm (param i32 i64) (result i32)))
   (import "env" "proxy_set_effective_context" (func $eff (param i32) (result i32)))
+  (import "env" "proxy_record_metric" (func $recm (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $getm (param i32 i32) (result i32)))
 """
 
 # Each probe stores the status of one host call as request header `x-sN: <'A' + status>`.
@@ -80,6 +82,8 @@ _PROBES = """
   (data (i32.const 130) "echo")
   (data (i32.const 140) "x-s0")
   (data (i32.const 150) "cnt")
+  (data (i32.const 160) "gauge")
+  (data (i32.const 170) "histo")
   (func $report (param $i i32) (param $status i32)
     (i32.store8 (i32.const 143) (i32.add (i32.const 64) (local.get $i)))
     (i32.store8 (i32.const 200) (i32.add (i32.const 65) (local.get $status)))
@@ -103,7 +107,19 @@ _PROBES = """
       (i32.const 150) (i32.const 3) (i32.const 77)))
     (call $report (i32.const 11) (call $eff (i32.const 4242)))
     (call $report (i32.const 12) (call $eff (local.get $ctx)))
-    (call $report (i32.const 13) (call $log (i32.const 9) (i32.const 120) (i32.const 4))))
+    (call $report (i32.const 13) (call $log (i32.const 9) (i32.const 120) (i32.const 4)))
+    ;; metrics: a gauge recorded then decremented, a histogram, a counter asked to go down
+    (call $report (i32.const 14) (call $defm (i32.const 1) (i32.const 160) (i32.const 5) (i32.const 320)))
+    (call $report (i32.const 15) (call $recm (i32.load (i32.const 320)) (i64.const 5)))
+    (call $report (i32.const 16) (call $incm (i32.load (i32.const 320)) (i64.const -2)))
+    (call $report (i32.const 17) (call $getm (i32.load (i32.const 320)) (i32.const 328)))
+    (call $report (i32.const 18) (i32.load (i32.const 328)))
+    (call $report (i32.const 19) (call $defm (i32.const 2) (i32.const 170) (i32.const 5) (i32.const 336)))
+    (call $report (i32.const 20) (call $recm (i32.load (i32.const 336)) (i64.const 7)))
+    (call $report (i32.const 21) (call $getm (i32.load (i32.const 336)) (i32.const 328)))
+    (call $report (i32.const 22) (call $incm (i32.load (i32.const 336)) (i64.const 1)))
+    (call $report (i32.const 23) (call $defm (i32.const 0) (i32.const 150) (i32.const 3) (i32.const 340)))
+    (call $report (i32.const 24) (call $incm (i32.load (i32.const 340)) (i64.const -1))))
 """
 
 PROBE_0_2 = module(
