@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wasm_host.fixtures.build import build_all, higress_module
+from .fixtures.build import build_all, higress_module
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import pytest
 
 from sidecar.wasm.host import Action, HttpCallResponse, LogLevel, Plugin, WasmStateError
 from sidecar.wasm.host.exchange import Request, Response, run_exchange
-from wasm_host import wat
+
+from . import wat
 
 CONFIG = "tag-api"
 

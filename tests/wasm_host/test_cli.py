@@ -9,8 +9,9 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.runtime.envoy import Envoy
-from wasm_host import wat
-from wasm_host.harness import bootstrap, echo_server, normalized, send
+
+from . import wat
+from .harness import bootstrap, echo_server, normalized, send
 
 
 @pytest.mark.envoy

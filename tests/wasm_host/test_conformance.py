@@ -15,7 +15,8 @@ import pytest
 from sidecar.runtime.envoy import Envoy
 from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
 from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
-from wasm_host.harness import EchoServer, bootstrap, echo_server, normalized, send
+
+from .harness import EchoServer, bootstrap, echo_server, normalized, send
 
 pytestmark = pytest.mark.envoy
 

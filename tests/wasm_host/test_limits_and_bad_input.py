@@ -20,8 +20,9 @@ from sidecar.wasm.host import (
     WasmStateError,
     WasmTimeoutError,
 )
-from wasm_host import wat
-from wasm_host.harness import bootstrap, echo_server, send
+
+from . import wat
+from .harness import bootstrap, echo_server, send
 
 REQUEST = [(":path", "/"), (":method", "GET"), (":authority", "example.com")]
 
