@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.wasm.host import Action, HttpCallResponse, LogLevel, Plugin, WasmStateError
+from sidecar.wasm.host import Action, HttpCallResponse, LogLevel, Plugin, WasmCallError, WasmStateError
 from sidecar.wasm.host.exchange import Request, Response, run_exchange
 
 from . import wat
@@ -97,3 +97,11 @@ def test_log_level_filters(sdk_modules: dict[str, Path], shared_cache: Path) -> 
     chatty.start()
     assert chatty.logs(LogLevel.DEBUG)
     assert quiet.logs() == []
+
+
+def test_reconfigure(plugin: Plugin) -> None:
+    plugin.configure("tag-2")
+    result = run_exchange(plugin, Request(), Response(200))
+    assert result.header("x-wasm-tag") == "tag-2"
+    with pytest.raises(WasmCallError, match="rejected its plugin configuration"):
+        plugin.configure("reject")

@@ -78,6 +78,10 @@ Phase = Literal[
 ]
 
 
+_REQUEST_PHASES: tuple[Phase, Phase, Phase] = ("request_headers", "request_body", "request_trailers")
+_RESPONSE_PHASES: tuple[Phase, Phase, Phase] = ("response_headers", "response_body", "response_trailers")
+
+
 @dataclass
 class Exchange:
     actions: list[tuple[Phase, Action]] = field(default_factory=list)
@@ -125,34 +129,45 @@ class _Run:
         return False
 
     def direction(
-        self, request: bool, body: bytes, trailers: HeaderList, chunk: int | None, headers: HeaderList
+        self, request: bool, headers: HeaderList, body: bytes, trailers: HeaderList, chunk: int | None
     ) -> bool:
         """Headers, body, trailers of one direction; False if the stream stopped (local reply, stall)."""
         http = self.http
-        prefix = "request" if request else "response"
-        on_headers = http.on_request_headers if request else http.on_response_headers
-        on_body = http.on_request_body if request else http.on_response_body
-        on_trailers = http.on_request_trailers if request else http.on_response_trailers
-        release = http.release_request_body if request else http.release_response_body
-        action = self.record(f"{prefix}_headers", on_headers(headers, not body and not trailers))  # type: ignore[arg-type]
+        on_headers, on_body, on_trailers, release = (
+            (
+                http.on_request_headers,
+                http.on_request_body,
+                http.on_request_trailers,
+                http.release_request_body,
+            )
+            if request
+            else (
+                http.on_response_headers,
+                http.on_response_body,
+                http.on_response_trailers,
+                http.release_response_body,
+            )
+        )
+        headers_phase, body_phase, trailers_phase = _REQUEST_PHASES if request else _RESPONSE_PHASES
+        action = self.record(headers_phase, on_headers(headers, not body and not trailers))
         headers_paused = action is not Action.CONTINUE
-        if headers_paused and not self.wait(f"{prefix}_headers", request):  # type: ignore[arg-type]
+        if headers_paused and not self.wait(headers_phase, request):
             return False
         if self.ended():
             return False
         # Data that arrived while headers were stopped is buffered and handed over in one piece.
         for data, last in _chunks(body, None if headers_paused else chunk) if body else ():
             end = last and not trailers
-            action = self.record(f"{prefix}_body", on_body(data, end))  # type: ignore[arg-type]
+            action = self.record(body_phase, on_body(data, end))
             if self.ended():
                 return False
             if action is not Action.CONTINUE and end:
-                if not self.wait(f"{prefix}_body", request):  # type: ignore[arg-type]
+                if not self.wait(body_phase, request):
                     return False
                 release()
         if trailers:
-            action = self.record(f"{prefix}_trailers", on_trailers(trailers))  # type: ignore[arg-type]
-            if action is not Action.CONTINUE and not self.wait(f"{prefix}_trailers", request):  # type: ignore[arg-type]
+            action = self.record(trailers_phase, on_trailers(trailers))
+            if action is not Action.CONTINUE and not self.wait(trailers_phase, request):
                 return False
             release()
         return not self.ended()
@@ -180,7 +195,7 @@ def run_exchange(
     http = plugin.http_context()
     run = _Run(plugin, http, result)
     try:
-        if run.direction(True, request.body, request.trailers, chunk_size, request.envoy_headers()):
+        if run.direction(True, request.envoy_headers(), request.body, request.trailers, chunk_size):
             sent = UpstreamRequest(http.request_headers, http.request_body, http.request_trailers)
             result.upstream_request = sent
             answer = upstream(sent) if callable(upstream) else upstream
@@ -193,7 +208,7 @@ def run_exchange(
             result.local_response = local
             answer = _local_reply(local)
         headers = [(":status", str(answer.status)), *[(k.lower(), v) for k, v in answer.headers]]
-        if run.direction(False, answer.body, answer.trailers, chunk_size, headers):
+        if run.direction(False, headers, answer.body, answer.trailers, chunk_size):
             status = next((v for k, v in http.response_headers if k == ":status"), str(answer.status))
             kept = [h for h in http.response_headers if h[0] != ":status"]
             result.response = Response(int(status), kept, http.response_body, http.response_trailers)

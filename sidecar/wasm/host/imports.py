@@ -80,7 +80,7 @@ class _Env:
         """The buffer's bytes and its end-of-stream flag."""
         rt = self.rt
         if buffer_type == BufferType.PLUGIN_CONFIGURATION:
-            return rt.options.plugin_configuration, True
+            return rt.plugin_configuration, True
         if buffer_type == BufferType.VM_CONFIGURATION:
             return rt.options.vm_configuration, True
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
@@ -183,7 +183,7 @@ class _Env:
         return Status.OK
 
     def proxy_get_configuration(self, caller: Caller, pp: int, sp: int) -> int:
-        return self.rt.memory.give(caller, self.rt.options.plugin_configuration, pp, sp)
+        return self.rt.memory.give(caller, self.rt.plugin_configuration, pp, sp)
 
     # -- header maps ----------------------------------------------------------------------------
 

@@ -98,14 +98,22 @@ class Plugin:
         self.http_responder = http_responder
         self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._rt = Runtime(source, module_name, options)
+        self._vm_started = False
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> Plugin:
-        """Run the module's start-up, create the root context, then on_vm_start and on_configure."""
-        if self._started:
-            return self
+        """What Envoy does when it loads the plugin: start_vm(), then configure()."""
+        if not self._vm_started:
+            self.start_vm()
+        if not self._started:
+            self.configure()
+        return self
+
+    def start_vm(self) -> Plugin:
+        """Run the module's start-up (`_initialize` + `main`, or `_start`), create the root context and
+        call on_vm_start with the VM configuration."""
         rt = self._rt
         if rt.has("_initialize"):
             rt.call("_initialize")
@@ -121,8 +129,21 @@ class Plugin:
             raise WasmCallError(
                 self.name, "proxy_on_vm_start", "the module refused to start (returned false)"
             )
-        if rt.call("proxy_on_configure", root, len(rt.options.plugin_configuration)) == 0:
-            rt.failed = "proxy_on_configure returned false"
+        self._vm_started = True
+        return self
+
+    def configure(self, configuration: bytes | str | None = None) -> Plugin:
+        """Call on_configure; a new `configuration` replaces the old one, as an Envoy config update does.
+
+        A module answering false raises WasmCallError (Envoy rejects that configuration).
+        """
+        if not self._vm_started:
+            raise WasmStateError(f"{self.name}: call start_vm() before configure()")
+        rt = self._rt
+        if configuration is not None:
+            rt.plugin_configuration = _as_bytes(configuration)
+        rt.active_context = rt.root_context_id
+        if rt.call("proxy_on_configure", rt.root_context_id, len(rt.plugin_configuration)) == 0:
             raise WasmCallError(
                 self.name, "proxy_on_configure", "the module rejected its plugin configuration"
             )

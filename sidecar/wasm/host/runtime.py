@@ -74,6 +74,7 @@ class Runtime:
         if alloc_name is None:
             raise WasmAbiError(f"{module_name}: module exports neither malloc nor proxy_on_memory_allocate")
 
+        self.plugin_configuration = options.plugin_configuration
         self.logs: list[LogRecord] = []
         self.log_level = options.log_level
         self.properties = Properties(options.properties)
