@@ -112,8 +112,9 @@ def test_infinite_loop_hits_deadline(tmp_path: Path) -> None:
     assert time.monotonic() - started < 3
 
 
-def test_memory_bomb_hits_limit(tmp_path: Path) -> None:
-    plugin = _plugin(wat.MEMORY_BOMB, tmp_path, limits=Limits(memory_bytes=16 << 20))
+@pytest.mark.parametrize("source", [wat.MEMORY_BOMB, wat.MEMORY_BOMB_EXIT], ids=["trap", "proc-exit"])
+def test_memory_bomb_hits_limit(source: str, tmp_path: Path) -> None:
+    plugin = _plugin(source, tmp_path, limits=Limits(memory_bytes=16 << 20))
     with pytest.raises(WasmMemoryLimitError, match="memory limit of 16777216 bytes"):
         plugin.http_context().on_request_headers(REQUEST)
 

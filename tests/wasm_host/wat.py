@@ -41,6 +41,15 @@ MEMORY_BOMB = module(
       (br $grow)))
     unreachable""")
 )
+MEMORY_BOMB_EXIT = module(
+    headers_callback("""
+    (block $done (loop $grow
+      (br_if $done (i32.eq (memory.grow (i32.const 16)) (i32.const -1)))
+      (br $grow)))
+    (call $exit (i32.const 255))
+    i32.const 0"""),
+    imports='(import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))',
+)
 HUGE_INITIAL_MEMORY = (
     '(module (memory (export "memory") 1000) (func (export "proxy_abi_version_0_2_1"))'
     ' (func (export "malloc") (param i32) (result i32) i32.const 0))'

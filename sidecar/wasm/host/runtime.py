@@ -152,27 +152,25 @@ class Runtime:
 
     def _call_error(self, callback: str, exc: BaseException) -> WasmCallError:
         limits = self.options.limits
-        if isinstance(exc, ProcExit):
-            last = next((r.message for r in reversed(self.logs) if r.level >= LogLevel.ERROR), "")
-            reason = f"module called proc_exit({exc.code})" + (f" after logging {last!r}" if last else "")
-            return WasmCallError(self.module_name, callback, reason)
         code = getattr(exc, "trap_code", None)
         if code == wasmtime.TrapCode.INTERRUPT:
             reason = f"deadline of {limits.call_timeout_s:g}s exceeded"
             return WasmTimeoutError(self.module_name, callback, reason)
-        text = _trap_text(exc)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
-            return WasmCallError(
-                self.module_name, callback, f"stack overflow (max stack {limits.max_stack_bytes} bytes)"
-            )
+            reason = f"stack overflow (max stack {limits.max_stack_bytes} bytes)"
+            return WasmCallError(self.module_name, callback, reason)
+        if isinstance(exc, ProcExit):
+            last = next((r.message for r in reversed(self.logs) if r.level >= LogLevel.ERROR), "")
+            reason = f"module called proc_exit({exc.code})" + (f" after logging {last!r}" if last else "")
+        else:
+            reason = f"trap: {_trap_text(exc)}"
+        # wasmtime-py has no limiter callback: a failure with memory grown to near the cap is the
+        # signature of a refused memory.grow (runtimes then trap or abort through proc_exit).
         memory = self.exports.get("memory") if hasattr(self, "exports") else None
-        # wasmtime has no limiter callback in Python: a trap with memory grown near the cap is the
-        # signature of a refused memory.grow.
         if memory is not None and memory.data_len(self.store) + (1 << 20) >= limits.memory_bytes:
-            return WasmMemoryLimitError(
-                self.module_name, callback, f"memory limit of {limits.memory_bytes} bytes reached ({text})"
-            )
-        return WasmCallError(self.module_name, callback, f"trap: {text}")
+            reason = f"memory limit of {limits.memory_bytes} bytes reached ({reason})"
+            return WasmMemoryLimitError(self.module_name, callback, reason)
+        return WasmCallError(self.module_name, callback, reason)
 
     # -- helpers for host functions -------------------------------------------------------------
 
