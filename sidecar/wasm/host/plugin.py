@@ -143,10 +143,12 @@ class Plugin:
         if configuration is not None:
             rt.plugin_configuration = _as_bytes(configuration)
         rt.active_context = rt.root_context_id
+        logged = len(rt.logs)
         if rt.call("proxy_on_configure", rt.root_context_id, len(rt.plugin_configuration)) == 0:
-            raise WasmCallError(
-                self.name, "proxy_on_configure", "the module rejected its plugin configuration"
-            )
+            # The module's own complaint is the most useful part of the message.
+            said = next((r.message for r in rt.logs[logged:] if r.level >= LogLevel.WARN), "")
+            reason = "the module rejected its plugin configuration" + (f": {said}" if said else "")
+            raise WasmCallError(self.name, "proxy_on_configure", reason)
         self._started = True
         return self
 
