@@ -11,6 +11,7 @@ import wasmtime
 from sidecar.runtime.envoy import Envoy, EnvoyError
 from sidecar.wasm.host import (
     Limits,
+    LogLevel,
     Plugin,
     Status,
     WasmAbiError,
@@ -187,3 +188,29 @@ def test_status_codes_match_envoy(source: str, tmp_path: Path) -> None:
     host_view = sorted((k, v) for k, v in http.request_headers if k.startswith("x-s"))
     assert len(envoy_view) == 24
     assert host_view == envoy_view
+
+
+@pytest.mark.envoy
+def test_vm_configuration_and_environment_match_envoy(tmp_path: Path) -> None:
+    module = tmp_path / "vm-start.wasm"
+    module.write_bytes(wasmtime.wat2wasm(wat.VM_START_REPORT))
+    env = {"MODE": "test", "REGION": "eu-1"}
+    boot = bootstrap(module, root_id="", configuration="", upstream_port=1)
+    vm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"
+    ][0]
+    vm_config = vm["typed_config"]["config"]["vm_config"]
+    vm_config["configuration"] = {
+        "@type": "type.googleapis.com/google.protobuf.StringValue",
+        "value": "vm-cfg-1",
+    }
+    vm_config["environment_variables"] = {"key_values": env}
+    with Envoy(boot) as envoy:
+        envoy_lines = [line.rsplit(": ", 1)[-1] for line in envoy.logs().splitlines() if "wasm log" in line]
+    plugin = Plugin(module, vm_configuration="vm-cfg-1", environment=env, cache=tmp_path / "c").start()
+    assert envoy_lines[:1] == ["vm-cfg-1"]
+    # Envoy does not promise an order for the environment; compare as sets.
+    assert sorted(plugin.logs(LogLevel.WARN)[1].rstrip(";").split(";")) == sorted(
+        envoy_lines[1].rstrip(";").split(";")
+    )
+    assert plugin.logs(LogLevel.WARN)[0] == envoy_lines[0]

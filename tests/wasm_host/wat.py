@@ -199,3 +199,33 @@ GRPC_CALL = module(
   (import "env" "proxy_grpc_call" (func $grpc (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32)
     (result i32)))""",
 )
+
+# Logs (at WARN) the VM configuration and the WASI environment with NULs shown as ';'.
+VM_START_REPORT = """(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $envsizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 65536))
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    global.get $heap local.set $p
+    global.get $heap local.get $n i32.add global.set $heap
+    local.get $p)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (local $i i32)
+    (drop (call $buf (i32.const 6) (i32.const 0) (local.get 1) (i32.const 8) (i32.const 12)))
+    (drop (call $log (i32.const 3) (i32.load (i32.const 8)) (i32.load (i32.const 12))))
+    (drop (call $envsizes (i32.const 0) (i32.const 4)))
+    (drop (call $environ (i32.const 16) (i32.const 1024)))
+    (block $done (loop $scan
+      (br_if $done (i32.ge_u (local.get $i) (i32.load (i32.const 4))))
+      (if (i32.eqz (i32.load8_u (i32.add (i32.const 1024) (local.get $i))))
+        (then (i32.store8 (i32.add (i32.const 1024) (local.get $i)) (i32.const 59))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $scan)))
+    (drop (call $log (i32.const 3) (i32.const 1024) (i32.load (i32.const 4))))
+    i32.const 1))
+"""
