@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import wasmtime
@@ -26,12 +25,11 @@ from sidecar.wasm.host.abi import (
 from sidecar.wasm.host.errors import WasmLoadError
 from sidecar.wasm.host.runtime import Runtime
 from sidecar.wasm.host.state import HeaderList, HttpCall, LocalResponse, Metric
-from sidecar.wasm.host.wasi import WASI_FUNCTIONS
+from sidecar.wasm.host.wasi import WASI_FUNCTIONS, Wasi
 
 __all__ = ["ENV_FUNCTIONS", "link"]
 
 Caller = Any
-HostFunc = Callable[..., int]
 
 
 def _to_list(pairs: list[tuple[bytes, bytes]]) -> HeaderList:
@@ -533,6 +531,9 @@ class _Env:
     def pthread_equal(self, caller: Caller, a: int, b: int) -> int:
         return int(a == b)
 
+    def emscripten_notify_memory_growth(self, caller: Caller, index: int) -> None:
+        return None
+
 
 # name -> (params, results); "i" = i32, "I" = i64.
 ENV_FUNCTIONS: dict[str, tuple[str, str]] = {
@@ -580,6 +581,7 @@ ENV_FUNCTIONS: dict[str, tuple[str, str]] = {
     "proxy_grpc_close": ("i", "i"),
     "proxy_call_foreign_function": ("iiiiii", "i"),
     "pthread_equal": ("ii", "i"),
+    "emscripten_notify_memory_growth": ("i", ""),
 }
 
 _VALTYPES = {"i": wasmtime.ValType.i32(), "I": wasmtime.ValType.i64()}
@@ -591,18 +593,16 @@ def _signature(params: str, results: str) -> wasmtime.FuncType:
 
 def link(linker: wasmtime.Linker, rt: Runtime) -> None:
     """Define exactly the imports the module asks for; a missing one fails the load, as in Envoy."""
-    from sidecar.wasm.host.wasi import Wasi
-
-    env, wasi = _Env(rt), Wasi(rt)
+    env, wasi = (ENV_FUNCTIONS, _Env(rt)), (WASI_FUNCTIONS, Wasi(rt))
+    # Envoy registers WASI under both names (cpp-host src/wasm.cc).
+    providers: dict[str, tuple[dict[str, tuple[str, str]], object]] = {
+        "env": env,
+        "wasi_snapshot_preview1": wasi,
+        "wasi_unstable": wasi,
+    }
     defined: set[tuple[str, str]] = set()
     for imp in rt.module.imports:
-        table, target = (
-            (ENV_FUNCTIONS, env)
-            if imp.module == "env"
-            else (WASI_FUNCTIONS, wasi)
-            if imp.module in ("wasi_snapshot_preview1", "wasi_unstable")
-            else ({}, None)
-        )
+        table, target = providers.get(imp.module, ({}, None))
         name = imp.name or ""
         where = f"{rt.module_name}: import {imp.module}.{name}"
         if target is None or name not in table:
