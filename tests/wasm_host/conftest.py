@@ -19,11 +19,6 @@ def higress_wasm() -> Path:
     return higress_module()
 
 
-@pytest.fixture
-def host_cache(tmp_path: Path) -> Path:
-    return tmp_path / "cwasm"
-
-
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A compiled-module cache shared by tests that do not measure the cache itself."""
