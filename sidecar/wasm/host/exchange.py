@@ -6,7 +6,10 @@ Envoy's rules reproduced here:
 * a body callback that pauses keeps the data buffered; later chunks are appended and the next
   callback sees the cumulative size; at end of stream the stream waits for the module to resume;
 * callouts are answered by the plugin's `http_responder` while the stream waits;
-* a local reply ends the request path; the client gets the local reply instead of the upstream's.
+* a local reply ends the request path; the client gets the local reply instead of the upstream's,
+  after it went through the filter's response callbacks (Envoy's encoder path);
+* a body held back by the filter beyond the buffer limit (Envoy's per-connection default, 1 MiB)
+  ends the exchange: 413 "Payload Too Large" for a request, a stream reset for a response.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ __all__ = ["Exchange", "Request", "Response", "Upstream", "run_exchange"]
 
 # Bound on resume attempts while a stream waits (each answers at least one callout).
 _MAX_WAIT_ROUNDS = 1000
+# Envoy's default per_connection_buffer_limit_bytes.
+ENVOY_BUFFER_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Exchange:
     response: Response | None = None
     local_response: LocalResponse | None = None
     stalled: Phase | None = None  # the module paused and nothing it waits for can resume it
-    closed: bool = False  # the module called proxy_close_stream: Envoy resets the stream
+    closed: bool = False  # the stream was reset (proxy_close_stream, or a response over the buffer limit)
 
     def header(self, name: str) -> str | None:
         if self.response is None:
@@ -106,8 +111,10 @@ def _chunks(body: bytes, size: int | None) -> Iterator[tuple[bytes, bool]]:
 
 
 class _Run:
-    def __init__(self, plugin: Plugin, http: HttpContext, result: Exchange) -> None:
+    def __init__(self, plugin: Plugin, http: HttpContext, result: Exchange, buffer_limit: int) -> None:
         self.plugin, self.http, self.result = plugin, http, result
+        self.buffer_limit = buffer_limit
+        self.overflow = False
 
     def record(self, phase: Phase, action: Action) -> Action:
         self.result.actions.append((phase, action))
@@ -161,6 +168,10 @@ class _Run:
             action = self.record(body_phase, on_body(data, end))
             if self.ended():
                 return False
+            held = http.request_body_held if request else http.response_body_held
+            if action is not Action.CONTINUE and len(held) > self.buffer_limit:
+                self.overflow = True
+                return False
             if action is not Action.CONTINUE and end:
                 if not self.wait(body_phase, request):
                     return False
@@ -171,6 +182,10 @@ class _Run:
                 return False
             release()
         return not self.ended()
+
+
+# Envoy's own local reply when a request body held by a filter outgrows the buffer limit.
+_PAYLOAD_TOO_LARGE = LocalResponse(413, [], b"Payload Too Large", "request_payload_too_large", None)
 
 
 def _local_reply(local: LocalResponse) -> Response:
@@ -186,6 +201,7 @@ def run_exchange(
     upstream: Upstream | Response,
     *,
     chunk_size: int | None = None,
+    buffer_limit: int = ENVOY_BUFFER_LIMIT,
 ) -> Exchange:
     """One request through the filter, to `upstream` (a callable or a fixed Response), and back.
 
@@ -193,7 +209,7 @@ def run_exchange(
     """
     result = Exchange()
     http = plugin.http_context()
-    run = _Run(plugin, http, result)
+    run = _Run(plugin, http, result, buffer_limit)
     try:
         if run.direction(True, request.envoy_headers(), request.body, request.trailers, chunk_size):
             sent = UpstreamRequest(http.request_headers, http.request_body, http.request_trailers)
@@ -201,6 +217,9 @@ def run_exchange(
             answer = upstream(sent) if callable(upstream) else upstream
         else:
             local = http.take_local_response()
+            if run.overflow:
+                local = _PAYLOAD_TOO_LARGE
+                run.overflow = False
             if local is None:  # stalled, reset, or the VM failed: the client gets nothing
                 result.closed = http.closed
                 return result
@@ -217,7 +236,8 @@ def run_exchange(
             if local is not None and result.local_response is None:
                 result.local_response = local
                 result.response = _local_reply(local)
-        result.closed = http.closed
+        # Response headers have gone to the client already: Envoy can only reset the stream.
+        result.closed = http.closed or run.overflow
     finally:
         if not plugin.failed:
             http.finish()

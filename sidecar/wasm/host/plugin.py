@@ -400,6 +400,15 @@ class HttpContext:
         return bytes(self._state.response_sent + self._state.response_buffer)
 
     @property
+    def request_body_held(self) -> bytes:
+        """The part of the request body the module is holding back (buffered, not yet forwarded)."""
+        return bytes(self._state.request_buffer)
+
+    @property
+    def response_body_held(self) -> bytes:
+        return bytes(self._state.response_buffer)
+
+    @property
     def local_response(self) -> LocalResponse | None:
         return self._state.local_response
 
