@@ -110,6 +110,7 @@ class Runtime:
                 raise WasmMemoryLimitError(module_name, "instantiation", text) from None
             raise WasmLoadError(f"{module_name}: cannot instantiate: {text}") from None
         self.exports: dict[str, Any] = dict(instance.exports(self.store).items())
+        self._arity: dict[str, int] = {}
         self.memory = GuestMemory(self.exports["memory"], self.exports[alloc_name])
 
     # -- calls into the guest -------------------------------------------------------------------
@@ -118,7 +119,9 @@ class Runtime:
         return export in self.exports
 
     def arity(self, export: str) -> int:
-        return len(self.exports[export].type(self.store).params)
+        if export not in self._arity:
+            self._arity[export] = len(self.exports[export].type(self.store).params)
+        return self._arity[export]
 
     def call(self, export: str, *args: int) -> int | None:
         """Call an export under the deadline; None if it is not exported (callbacks are optional)."""
