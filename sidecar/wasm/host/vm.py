@@ -91,7 +91,11 @@ def read_module_bytes(path: Path) -> bytes:
 def compile_module(
     engine: wasmtime.Engine, data: bytes | str, name: str, *, cache: Path | None
 ) -> wasmtime.Module:
-    """Compile `data` (binary or WAT), reusing a serialized artifact from `cache` when present."""
+    """Compile `data` (binary or WAT), reusing a serialized artifact from `cache` when present.
+
+    wasmtime trusts what it deserializes, so the cache directory is created private (0700) and
+    artifacts are written atomically; never point `cache` at a directory others can write.
+    """
     raw = data.encode() if isinstance(data, str) else data
     key = hashlib.sha256(raw + _engine_fingerprint(engine)).hexdigest()
     path = cache / f"{key}.cwasm" if cache is not None else None
@@ -106,7 +110,7 @@ def compile_module(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid module"
         raise WasmLoadError(f"{name}: cannot compile: {first}") from None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(module.serialize())
         os.replace(tmp, path)
