@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 # Modules with an `add_wasm_commands(subparsers)` function.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("sidecar.wasm.fetchcli",)
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("sidecar.wasm.fetchcli", "sidecar.wasm.host.cli")
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:

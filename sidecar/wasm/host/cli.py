@@ -1,0 +1,202 @@
+"""`sidecar wasm run`: run one request through a proxy-wasm module and print what Envoy would do."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import ConfigError
+from sidecar.wasm.host.errors import WasmLoadError
+from sidecar.wasm.host.exchange import Exchange, Request, Response, run_exchange
+from sidecar.wasm.host.plugin import Plugin
+from sidecar.wasm.host.state import HttpCall, HttpCallResponse
+from sidecar.wasm.host.vm import Limits
+
+__all__ = ["add_wasm_commands"]
+
+_BODY_PREVIEW = 2000
+
+
+def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="run one HTTP exchange through a proxy-wasm module, as Envoy would",
+        description="Load MODULE like Envoy's Wasm filter, send one request through it to a canned "
+        "upstream response, and print each phase's action, the mutated headers and bodies, any local "
+        "reply and the logs.",
+    )
+    run.add_argument("module", metavar="MODULE_OR_REF", help="path to a .wasm file")
+    run.add_argument("--config", default="", help="plugin configuration: a JSON string or @file")
+    run.add_argument("--vm-config", default="", help="VM configuration: a string or @file")
+    run.add_argument("--root-id", default="", help="root_id of the plugin (selects the root context)")
+    run.add_argument("--name", default="", help="the plugin's name (property plugin_name)")
+    run.add_argument("--method", default="GET")
+    run.add_argument("--path", default="/")
+    run.add_argument("--authority", default="example.com")
+    run.add_argument(
+        "--header", action="append", default=[], metavar="K:V", help="request header (repeatable)"
+    )
+    run.add_argument("--body", default="", help="request body: a string or @file")
+    run.add_argument("--response-status", type=int, default=200, help="the upstream's status (default 200)")
+    run.add_argument("--response-header", action="append", default=[], metavar="K:V", help="upstream header")
+    run.add_argument("--response-body", default="", help="the upstream's body: a string or @file")
+    run.add_argument(
+        "--callout-status",
+        type=int,
+        default=None,
+        help="answer the module's HTTP callouts with this status (default: they fail)",
+    )
+    run.add_argument("--callout-body", default="", help="body of callout answers: a string or @file")
+    run.add_argument(
+        "--property", action="append", default=[], metavar="K=V", help="property, e.g. route_name=r1"
+    )
+    run.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="environment variable for WASI"
+    )
+    run.add_argument(
+        "--chunk-size", type=int, default=None, help="split bodies into chunks of this many bytes"
+    )
+    run.add_argument(
+        "--timeout", type=float, default=5.0, help="deadline per callback in seconds (default 5)"
+    )
+    run.add_argument("--memory-mb", type=int, default=512, help="memory limit in MiB (default 512)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    run.set_defaults(func=_run)
+
+
+def _value(text: str, what: str) -> bytes:
+    if not text.startswith("@"):
+        return text.encode()
+    try:
+        return Path(text[1:]).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {text[1:]}: {exc.strerror}") from None
+
+
+def _pair(text: str, sep: str, what: str) -> tuple[str, str]:
+    # Pseudo-headers (":path:/x") keep their leading colon.
+    lead = ":" if sep == ":" and text.startswith(":") else ""
+    name, found, value = text[len(lead) :].partition(sep)
+    if not found or not name.strip():
+        raise ConfigError(f"{what} {text!r} is not in the form NAME{sep}VALUE")
+    if sep == ":":
+        return lead + name.strip().lower(), value.strip()
+    return name.strip(), value
+
+
+def _module_path(ref: str) -> Path:
+    path = Path(ref)
+    if path.exists():
+        return path
+    if "://" in ref or (":" in ref and "/" in ref) or "@sha256:" in ref:
+        raise WasmLoadError(
+            f"{ref}: registry and URL references are not supported by `wasm run` yet; pass a local .wasm file"
+        )
+    raise WasmLoadError(f"{ref}: no such file")
+
+
+def _run(args: argparse.Namespace) -> int:
+    callout_body = _value(args.callout_body, "--callout-body")
+
+    def responder(call: HttpCall) -> HttpCallResponse | None:
+        return None if args.callout_status is None else HttpCallResponse.of(args.callout_status, callout_body)
+
+    plugin = Plugin(
+        _module_path(args.module),
+        configuration=_value(args.config, "--config"),
+        vm_configuration=_value(args.vm_config, "--vm-config"),
+        name=args.name,
+        root_id=args.root_id,
+        properties=dict(_pair(p, "=", "--property") for p in args.property),
+        environment=dict(_pair(e, "=", "--env") for e in args.env),
+        limits=Limits(call_timeout_s=args.timeout, memory_bytes=args.memory_mb << 20),
+        http_responder=responder,
+    )
+    try:
+        plugin.start()
+        request = Request(
+            args.method,
+            args.path,
+            [_pair(h, ":", "--header") for h in args.header],
+            _value(args.body, "--body"),
+            authority=args.authority,
+        )
+        upstream_headers = [_pair(h, ":", "--response-header") for h in args.response_header]
+        upstream = Response(
+            args.response_status, upstream_headers, _value(args.response_body, "--response-body")
+        )
+        exchange = run_exchange(plugin, request, upstream, chunk_size=args.chunk_size)
+    finally:
+        logs = [(r.level.name.lower(), r.message) for r in plugin.log_records]
+    report = _report(plugin, exchange, logs)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_text(report)
+    return 0
+
+
+def _text(body: bytes) -> str:
+    return body.decode(errors="replace")
+
+
+def _report(plugin: Plugin, exchange: Exchange, logs: list[tuple[str, str]]) -> dict[str, Any]:
+    up = exchange.upstream_request
+    resp = exchange.response
+    local = exchange.local_response
+    return {
+        "module": plugin.name,
+        "abi": plugin.abi_version,
+        "actions": [{"phase": phase, "action": action.name} for phase, action in exchange.actions],
+        "upstream_request": None if up is None else {"headers": up.headers, "body": _text(up.body)},
+        "response": None
+        if resp is None
+        else {"status": resp.status, "headers": resp.headers, "body": _text(resp.body)},
+        "local_response": None
+        if local is None
+        else {
+            "status": local.status,
+            "details": local.details,
+            "headers": local.headers,
+            "body": _text(local.body),
+            "grpc_status": local.grpc_status,
+        },
+        "stalled": exchange.stalled,
+        "closed": exchange.closed,
+        "metrics": plugin.metrics,
+        "logs": [{"level": level, "message": message} for level, message in logs],
+    }
+
+
+def _print_text(report: dict[str, Any]) -> None:
+    out = sys.stdout.write
+    out(f"module {report['module']} (proxy-wasm ABI {report['abi']})\n\nphases:\n")
+    for item in report["actions"]:
+        out(f"  {item['phase']:<18} {item['action']}\n")
+    if report["stalled"]:
+        out(f"  stalled in {report['stalled']}: paused and never resumed (Envoy would time out)\n")
+    if report["closed"]:
+        out("  the module closed the stream (Envoy resets it)\n")
+    if report["local_response"]:
+        local = report["local_response"]
+        out(f"\nlocal response sent by the module: {local['status']} ({local['details']})\n")
+    for title, part in (
+        ("upstream request", report["upstream_request"]),
+        ("response to client", report["response"]),
+    ):
+        if part is None:
+            continue
+        status = f" {part['status']}" if "status" in part else ""
+        out(f"\n{title}:{status}\n")
+        for k, v in part["headers"]:
+            out(f"  {k}: {v}\n")
+        if part["body"]:
+            body = part["body"]
+            out(f"  body ({len(body)} chars): {body[:_BODY_PREVIEW]}{'...' * (len(body) > _BODY_PREVIEW)}\n")
+    if report["metrics"]:
+        out("\nmetrics:\n" + "".join(f"  {k} = {v}\n" for k, v in report["metrics"].items()))
+    if report["logs"]:
+        out("\nlogs:\n" + "".join(f"  [{r['level']}] {r['message']}\n" for r in report["logs"]))

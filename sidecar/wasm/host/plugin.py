@@ -1,0 +1,418 @@
+"""The Python testing API: load a module as Envoy would, then drive its root and HTTP contexts.
+
+plugin = Plugin("filter.wasm", configuration=b'{"header": "x-a"}').start()
+http = plugin.http_context()
+assert http.on_request_headers([(":path", "/"), ("x-b", "1")], end_of_stream=True) is Action.CONTINUE
+assert ("x-a", "1") in http.request_headers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from sidecar.wasm.host.abi import Action, LogLevel
+from sidecar.wasm.host.errors import WasmCallError, WasmStateError
+from sidecar.wasm.host.properties import PropertyValue
+from sidecar.wasm.host.runtime import Runtime, RuntimeOptions
+from sidecar.wasm.host.state import (
+    HeaderList,
+    HttpCall,
+    HttpCallResponse,
+    LocalResponse,
+    LogRecord,
+    StreamState,
+)
+from sidecar.wasm.host.vm import Limits, cache_dir, read_module_bytes
+
+__all__ = ["HttpContext", "HttpResponder", "Plugin"]
+
+HttpResponder = Callable[[HttpCall], HttpCallResponse | None]
+Headers = Iterable[tuple[str, str]] | Mapping[str, str]
+
+
+def _headers(headers: Headers) -> HeaderList:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k).lower(), str(v)) for k, v in items]
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class Plugin:
+    """One proxy-wasm module in one VM with one root context, configured like an Envoy PluginConfig.
+
+    `module` is a path to a `.wasm` (or `.wat`) file, or the module's bytes / WAT text.
+    `http_responder` answers the module's proxy_http_call callouts when `dispatch_http_calls()` runs;
+    return None from it to make the call fail (Envoy: no headers in on_http_call_response).
+    """
+
+    def __init__(
+        self,
+        module: str | Path | bytes,
+        *,
+        configuration: bytes | str = b"",
+        vm_configuration: bytes | str = b"",
+        name: str = "",
+        root_id: str = "",
+        vm_id: str = "",
+        properties: Mapping[str, PropertyValue] | None = None,
+        environment: Mapping[str, str] | None = None,
+        limits: Limits | None = None,
+        cache: Path | bool | None = True,
+        log_level: LogLevel = LogLevel.TRACE,
+        http_responder: HttpResponder | None = None,
+        clusters: Iterable[str] | None = None,
+        allow_on_headers_stop_iteration: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(module, Path) or (isinstance(module, str) and not module.lstrip().startswith("(")):
+            path = Path(module)
+            source: bytes | str = read_module_bytes(path)
+            module_name = path.name
+        else:
+            source, module_name = module, name or "module"
+        base: dict[str, PropertyValue] = {
+            "plugin_name": name,
+            "plugin_root_id": root_id,
+            "plugin_vm_id": vm_id,
+            "source.address": "127.0.0.1:50000",
+            "source.port": 50000,
+            "destination.address": "127.0.0.1:10000",
+            "destination.port": 10000,
+            "connection.mtls": False,
+        }
+        options = RuntimeOptions(
+            plugin_configuration=_as_bytes(configuration),
+            vm_configuration=_as_bytes(vm_configuration),
+            properties={**base, **(properties or {})},
+            environment=dict(environment or {}),
+            limits=limits or Limits(),
+            cache=cache_dir() if cache is True else (cache or None),
+            log_level=log_level,
+            clusters=frozenset(clusters) if clusters is not None else None,
+            seed=seed,
+        )
+        self.name = module_name
+        self.http_responder = http_responder
+        self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
+        self._rt = Runtime(source, module_name, options)
+        self._vm_started = False
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Plugin:
+        """What Envoy does when it loads the plugin: start_vm(), then configure()."""
+        if not self._vm_started:
+            self.start_vm()
+        if not self._started:
+            self.configure()
+        return self
+
+    def start_vm(self) -> Plugin:
+        """Run the module's start-up (`_initialize` + `main`, or `_start`), create the root context and
+        call on_vm_start with the VM configuration."""
+        rt = self._rt
+        if rt.has("_initialize"):
+            rt.call("_initialize")
+            if rt.has("main") and rt.arity("main") == 2:
+                rt.call("main", 0, 0)
+        elif rt.has("_start"):
+            rt.call("_start")
+        root = rt.root_context_id
+        rt.active_context = root
+        rt.call("proxy_on_context_create", root, 0)
+        if rt.call("proxy_on_vm_start", root, len(rt.options.vm_configuration)) == 0:
+            rt.failed = "proxy_on_vm_start returned false"
+            raise WasmCallError(
+                self.name, "proxy_on_vm_start", "the module refused to start (returned false)"
+            )
+        self._vm_started = True
+        return self
+
+    def configure(self, configuration: bytes | str | None = None) -> Plugin:
+        """Call on_configure; a new `configuration` replaces the old one, as an Envoy config update does.
+
+        A module answering false raises WasmCallError (Envoy rejects that configuration).
+        """
+        if not self._vm_started:
+            raise WasmStateError(f"{self.name}: call start_vm() before configure()")
+        rt = self._rt
+        if configuration is not None:
+            rt.plugin_configuration = _as_bytes(configuration)
+        rt.active_context = rt.root_context_id
+        logged = len(rt.logs)
+        if rt.call("proxy_on_configure", rt.root_context_id, len(rt.plugin_configuration)) == 0:
+            # The module's own complaint is the most useful part of the message.
+            said = next((r.message for r in rt.logs[logged:] if r.level >= LogLevel.WARN), "")
+            reason = "the module rejected its plugin configuration" + (f": {said}" if said else "")
+            raise WasmCallError(self.name, "proxy_on_configure", reason)
+        self._started = True
+        return self
+
+    def http_context(self) -> HttpContext:
+        if not self._started:
+            raise WasmStateError(f"{self.name}: call start() before creating HTTP contexts")
+        return HttpContext(self)
+
+    # -- observation -----------------------------------------------------------------------------
+
+    @property
+    def abi_version(self) -> str:
+        return self._rt.abi.value
+
+    @property
+    def log_records(self) -> list[LogRecord]:
+        return list(self._rt.logs)
+
+    def logs(self, level: LogLevel | None = None) -> list[str]:
+        """Messages logged (proxy_log, or stdout/stderr through WASI), optionally only one level."""
+        return [r.message for r in self._rt.logs if level is None or r.level == level]
+
+    @property
+    def metrics(self) -> dict[str, int]:
+        return {m.name: m.value for m in self._rt.metrics.values()}
+
+    @property
+    def histograms(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self._rt.histograms.items()}
+
+    @property
+    def shared_data(self) -> dict[bytes, bytes]:
+        return {k: v for k, (v, _) in self._rt.shared.data.items()}
+
+    @property
+    def tick_period_ms(self) -> int:
+        return self._rt.tick_period_ms
+
+    @property
+    def http_calls(self) -> list[HttpCall]:
+        """Callouts the module made that nobody answered yet."""
+        return list(self._rt.http_calls.values())
+
+    @property
+    def failed(self) -> str | None:
+        """Why the VM is unusable (a trap or a limit), as Envoy would fail it; None while healthy."""
+        return self._rt.failed
+
+    # -- driving the root context ---------------------------------------------------------------
+
+    def tick(self) -> None:
+        rt = self._rt
+        rt.active_context = rt.root_context_id
+        rt.call("proxy_on_tick", rt.root_context_id)
+
+    def respond_http_call(self, call: HttpCall | int, response: HttpCallResponse | None) -> None:
+        """Deliver the answer to a callout; None delivers a failure (reset / timeout)."""
+        rt = self._rt
+        token = call if isinstance(call, int) else call.token
+        pending = rt.http_calls.pop(token, None)
+        if pending is None:
+            raise WasmStateError(f"{self.name}: no pending http call with token {token}")
+        rt.call_response = response or HttpCallResponse([])
+        if response is None:
+            rt.status = (503, b"")
+        else:
+            status = next((v for k, v in response.headers if k == ":status"), "200")
+            rt.status = (int(status) if status.isdigit() else 0, b"")
+        rt.active_context = pending.context_id
+        try:
+            if response is None:
+                rt.call("proxy_on_http_call_response", pending.context_id, token, 0, 0, 0)
+            else:
+                rt.call(
+                    "proxy_on_http_call_response",
+                    pending.context_id,
+                    token,
+                    len(response.headers),
+                    len(response.body),
+                    len(response.trailers),
+                )
+        finally:
+            rt.call_response = None
+
+    def dispatch_http_calls(self) -> int:
+        """Answer every pending callout with `http_responder`; returns how many were answered."""
+        if self.http_responder is None:
+            return 0
+        answered = 0
+        while self._rt.http_calls and self._rt.failed is None:
+            call = next(iter(self._rt.http_calls.values()))
+            self.respond_http_call(call, self.http_responder(call))
+            answered += 1
+        return answered
+
+    # -- used by HttpContext ---------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._rt
+
+
+class HttpContext:
+    """One HTTP stream through the filter. Phases return the module's action (after Envoy's overrides)."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        rt = plugin.runtime
+        self.context_id = rt.new_context_id()
+        self._state = rt.streams[self.context_id] = StreamState(self.context_id)
+        self._enter()
+        rt.call("proxy_on_context_create", self.context_id, rt.root_context_id)
+
+    def _enter(self) -> Runtime:
+        if self._state.done:
+            raise WasmStateError(f"{self.plugin.name}: HTTP context {self.context_id} is already finished")
+        rt = self.plugin.runtime
+        rt.active_context = self.context_id
+        return rt
+
+    def _action(self, raw: int | None, headers: bool) -> Action:
+        value = 0 if raw is None else raw & 0xFFFFFFFF
+        if self._state.local_response is not None:
+            return Action.PAUSE  # Envoy stops iteration once a local reply is sent
+        if headers:
+            # Envoy turns StopIteration on headers into StopAllIterationAndWatermark (cpp-host issue #143).
+            if value == Action.PAUSE and not self.plugin.allow_on_headers_stop_iteration:
+                return Action.STOP_ALL_ITERATION_AND_WATERMARK
+            return Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
+        return Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
+
+    def _headers_call(self, export: str, count: int, end_of_stream: bool) -> int | None:
+        rt = self._enter()
+        if rt.has(export) and rt.arity(export) == 2:  # ABI 0.1.0: no end_of_stream
+            return rt.call(export, self.context_id, count)
+        return rt.call(export, self.context_id, count, int(end_of_stream))
+
+    def on_request_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
+        self._state.request_headers[:] = _headers(headers)
+        self._state.request_end = end_of_stream
+        raw = self._headers_call("proxy_on_request_headers", len(self._state.request_headers), end_of_stream)
+        return self._action(raw, headers=True)
+
+    def on_response_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
+        self._state.response_headers[:] = _headers(headers)
+        self._state.response_end = end_of_stream
+        raw = self._headers_call(
+            "proxy_on_response_headers", len(self._state.response_headers), end_of_stream
+        )
+        return self._action(raw, headers=True)
+
+    def on_request_body(self, chunk: bytes, end_of_stream: bool = True) -> Action:
+        """Envoy's decodeData: the module sees everything it held back so far plus this chunk."""
+        s = self._state
+        s.request_buffer.extend(chunk)
+        s.request_end = end_of_stream
+        rt = self._enter()
+        action = self._action(
+            rt.call("proxy_on_request_body", self.context_id, len(s.request_buffer), int(end_of_stream)),
+            headers=False,
+        )
+        if action is Action.CONTINUE:
+            self.release_request_body()
+        return action
+
+    def on_response_body(self, chunk: bytes, end_of_stream: bool = True) -> Action:
+        s = self._state
+        s.response_buffer.extend(chunk)
+        s.response_end = end_of_stream
+        rt = self._enter()
+        action = self._action(
+            rt.call("proxy_on_response_body", self.context_id, len(s.response_buffer), int(end_of_stream)),
+            headers=False,
+        )
+        if action is Action.CONTINUE:
+            self.release_response_body()
+        return action
+
+    def on_request_trailers(self, trailers: Headers) -> Action:
+        self._state.request_trailers[:] = _headers(trailers)
+        rt = self._enter()
+        raw = rt.call("proxy_on_request_trailers", self.context_id, len(self._state.request_trailers))
+        return self._action(raw, headers=False)
+
+    def on_response_trailers(self, trailers: Headers) -> Action:
+        self._state.response_trailers[:] = _headers(trailers)
+        rt = self._enter()
+        raw = rt.call("proxy_on_response_trailers", self.context_id, len(self._state.response_trailers))
+        return self._action(raw, headers=False)
+
+    def finish(self) -> None:
+        """End of stream as Envoy ends it: on_done, on_log, on_delete."""
+        if self._state.done:
+            return
+        rt = self._enter()
+        rt.call("proxy_on_done", self.context_id)
+        rt.call("proxy_on_log", self.context_id)
+        rt.call("proxy_on_delete", self.context_id)
+        self._state.done = True
+        rt.streams.pop(self.context_id, None)
+
+    # -- what the filter did ---------------------------------------------------------------------
+
+    def release_request_body(self) -> None:
+        """Forward what the module buffered (Envoy does this when it continues the stream)."""
+        self._state.request_sent.extend(self._state.request_buffer)
+        self._state.request_buffer.clear()
+
+    def release_response_body(self) -> None:
+        self._state.response_sent.extend(self._state.response_buffer)
+        self._state.response_buffer.clear()
+
+    def take_local_response(self) -> LocalResponse | None:
+        """Hand the local reply over to Envoy's encoder path, which runs the response callbacks on it."""
+        local, self._state.local_response = self._state.local_response, None
+        return local
+
+    def take_continue_request(self) -> bool:
+        """True once after the module called proxy_continue_stream(HTTP_REQUEST)."""
+        flag, self._state.continue_request = self._state.continue_request, False
+        return flag
+
+    def take_continue_response(self) -> bool:
+        flag, self._state.continue_response = self._state.continue_response, False
+        return flag
+
+    @property
+    def request_headers(self) -> HeaderList:
+        return list(self._state.request_headers)
+
+    @property
+    def response_headers(self) -> HeaderList:
+        return list(self._state.response_headers)
+
+    @property
+    def request_trailers(self) -> HeaderList:
+        return list(self._state.request_trailers)
+
+    @property
+    def response_trailers(self) -> HeaderList:
+        return list(self._state.response_trailers)
+
+    @property
+    def request_body(self) -> bytes:
+        return bytes(self._state.request_sent + self._state.request_buffer)
+
+    @property
+    def response_body(self) -> bytes:
+        return bytes(self._state.response_sent + self._state.response_buffer)
+
+    @property
+    def request_body_held(self) -> bytes:
+        """The part of the request body the module is holding back (buffered, not yet forwarded)."""
+        return bytes(self._state.request_buffer)
+
+    @property
+    def response_body_held(self) -> bytes:
+        return bytes(self._state.response_buffer)
+
+    @property
+    def local_response(self) -> LocalResponse | None:
+        return self._state.local_response
+
+    @property
+    def closed(self) -> bool:
+        """The module called proxy_close_stream (Envoy resets the stream)."""
+        return self._state.closed

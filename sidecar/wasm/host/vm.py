@@ -1,0 +1,123 @@
+"""Loading modules into wasmtime under limits, with an on-disk cache of compiled code.
+
+One Engine per stack limit (wasmtime bakes `max_wasm_stack` into the engine). Epoch interruption
+bounds every call: a single daemon thread bumps the epoch of every engine every `_TICK_S`, and each
+call sets its deadline in ticks, so no thread is started per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from sidecar.wasm.host.errors import WasmLoadError
+
+__all__ = ["Limits", "cache_dir", "compile_module", "engine_for", "read_module_bytes", "ticks_for"]
+
+_TICK_S = 0.005
+_WASM_MAGIC = b"\0asm"
+_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds for one VM. Defaults suit test suites; tighten them for untrusted modules."""
+
+    call_timeout_s: float = 5.0
+    memory_bytes: int = 512 << 20
+    max_stack_bytes: int = 1 << 20
+
+
+_engines: dict[int, wasmtime.Engine] = {}
+_engines_lock = threading.Lock()
+_ticker: threading.Thread | None = None
+
+
+def _tick_forever() -> None:
+    while True:
+        time.sleep(_TICK_S)
+        for engine in list(_engines.values()):
+            engine.increment_epoch()
+
+
+def engine_for(limits: Limits) -> wasmtime.Engine:
+    global _ticker
+    with _engines_lock:
+        engine = _engines.get(limits.max_stack_bytes)
+        if engine is None:
+            config = wasmtime.Config()
+            config.epoch_interruption = True
+            config.max_wasm_stack = limits.max_stack_bytes
+            engine = _engines[limits.max_stack_bytes] = wasmtime.Engine(config)
+        if _ticker is None:
+            _ticker = threading.Thread(target=_tick_forever, name="wasm-host-epoch", daemon=True)
+            _ticker.start()
+        return engine
+
+
+def ticks_for(seconds: float) -> int:
+    return max(1, int(seconds / _TICK_S) + 1)
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("SIDECAR_WASM_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "envoy-sidecar" / "wasm-host"
+
+
+def read_module_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise WasmLoadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WasmLoadError(f"{path}: is a directory, not a Wasm module") from None
+    except OSError as exc:
+        raise WasmLoadError(f"{path}: cannot read: {exc.strerror}") from None
+    if data.startswith(_WASM_MAGIC) or path.suffix == ".wat":
+        return data
+    raise WasmLoadError(f"{path}: not a WebAssembly module (no \\0asm magic)")
+
+
+def compile_module(
+    engine: wasmtime.Engine, data: bytes | str, name: str, *, cache: Path | None
+) -> wasmtime.Module:
+    """Compile `data` (binary or WAT), reusing a serialized artifact from `cache` when present.
+
+    wasmtime trusts what it deserializes, so the cache directory is created private (0700) and
+    artifacts are written atomically; never point `cache` at a directory others can write.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    key = hashlib.sha256(raw + _engine_fingerprint(engine)).hexdigest()
+    path = cache / f"{key}.cwasm" if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            return wasmtime.Module.deserialize_file(engine, str(path))
+        except wasmtime.WasmtimeError:
+            path.unlink(missing_ok=True)  # stale artifact from another wasmtime build
+    try:
+        module = wasmtime.Module(engine, raw if raw.startswith(_WASM_MAGIC) else raw.decode(errors="replace"))
+    except wasmtime.WasmtimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid module"
+        raise WasmLoadError(f"{name}: cannot compile: {first}") from None
+    if path is not None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(module.serialize())
+        os.replace(tmp, path)
+    return module
+
+
+def _engine_fingerprint(engine: wasmtime.Engine) -> bytes:
+    # Serialized code is only valid for the same wasmtime build and engine settings.
+    stack = next((k for k, v in _engines.items() if v is engine), 0)
+    return f"|wasmtime-{_WASMTIME_VERSION}|stack={stack}".encode()
