@@ -64,15 +64,15 @@ def main() -> int:
                 urls = {"envoy alone": f"http://{host}:{port}", **urls}
                 results: dict[tuple[str, str], list[float]] = {}
                 with httpx.Client(timeout=120) as client:
-                    for name, url in urls.items():  # warm-up
+                    for url in urls.values():  # warm-up
                         transfer(client, url, "download")
                     for round_no in range(1, args.rounds + 1):
                         for direction in ("download", "upload"):
                             for name, url in urls.items():
                                 rates = [transfer(client, url, direction) for _ in range(args.transfers)]
                                 results.setdefault((name, direction), []).extend(rates)
-                                print(f"round {round_no} {direction:<8} {name:<12} {statistics.median(rates):7.1f} MB/s",
-                                      flush=True)  # fmt: skip
+                                rate = statistics.median(rates)
+                                print(f"round {round_no} {direction:<8} {name:<12} {rate:7.1f} MB/s", flush=True)
         finally:
             for harness in harnesses.values():
                 harness.close()
