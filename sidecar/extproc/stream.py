@@ -242,42 +242,35 @@ class StreamProcessor:
             return await self._buffered(kind, message, stages)
         return await self._chunked(kind, message, stages)
 
-    async def _run_chunk_hooks(
+    async def _run_body_hooks(
         self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool
     ) -> bytes | pb.ProcessingResponse:
+        """Body and chunk stages in order; the result, or the answer that ends the phase (Respond, failure)."""
+        ctx = self.ctx
         for stage in stages:
             if stage.plugin in self._disabled:
                 continue
             try:
-                result = await stage.hook(self.ctx, body, end)
+                # Chunk hooks in a BUFFERED chain see the whole body as one final chunk.
+                result = await (stage.hook(ctx, body) if stage.kind == "body" else stage.hook(ctx, body, end))
                 if result is None:
                     continue
                 if isinstance(result, Respond):
                     return immediate_response(result)
                 body = _as_body(result, stage.plugin)
             except Exception as exc:
-                if self.chain.fail_open:
-                    self._log_failure(kind, stage.plugin, exc)
-                    self._disabled.add(stage.plugin)  # its state is unknown now: bypass it from here on
-                    continue
-                return self._failed(kind, stage.plugin, exc)
+                if not self.chain.fail_open:
+                    return self._failed(kind, stage.plugin, exc)
+                self._log_failure(kind, stage.plugin, exc)
+                self._disabled.add(stage.plugin)  # its state is unknown now: bypass it from here on
         return body
 
     async def _buffered(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
         original = message.body
-        body = original
+        body = await self._run_body_hooks(kind, stages, original, True)
+        if isinstance(body, pb.ProcessingResponse):
+            return body
         ctx = self.ctx
-        for stage in stages:
-            try:
-                # Chunk hooks in a BUFFERED chain see the whole body as one final chunk.
-                result = await (stage.hook(ctx, body) if stage.kind == "body" else stage.hook(ctx, body, True))
-                if result is None:
-                    continue
-                if isinstance(result, Respond):
-                    return immediate_response(result)
-                body = _as_body(result, stage.plugin)
-            except Exception as exc:
-                return self._failed(kind, stage.plugin, exc)
         headers = ctx.request_headers if kind == "request_body" else ctx.response_headers
         if body is not original and headers is not None and "content-length" in headers:
             # BUFFERED with headers sent: Envoy rejects a new body whose content-length is stale.
@@ -299,7 +292,7 @@ class StreamProcessor:
     async def _chunked(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
         """STREAMED and BUFFERED_PARTIAL: one answer per chunk, of any size (empty holds data back)."""
         original = message.body
-        out = await self._run_chunk_hooks(kind, stages, original, message.end_of_stream)
+        out = await self._run_body_hooks(kind, stages, original, message.end_of_stream)
         if isinstance(out, pb.ProcessingResponse):
             return out
         if out is original:
