@@ -218,3 +218,29 @@ def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> 
         assert time.monotonic() < deadline, "no access log line"
         time.sleep(0.05)
     assert "/sse/25 events=26 words=25 done=true" in log.read_text()
+
+
+def test_buffered_partial_sees_up_to_the_buffer_limit(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "PartialProbe"])
+    small = httpx.post(env.url + "/", content=b"a" * 10_000, timeout=30)
+    assert small.headers["x-partial"] == "10000 whole"
+    big = b"b" * (3 * MiB)
+    large = httpx.post(env.url + "/", content=pieces(big, 64 * 1024), timeout=30)
+    seen, whole = large.headers["x-partial"].split()
+    assert whole == "partial" and 0 < int(seen) <= 2 * MiB
+    assert large.json()["body_sha256"] == hashlib.sha256(big).hexdigest()  # the rest went on unprocessed
+
+
+def test_observe_only_plugins_run_off_the_request_path(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    seen = tmp_path / "seen.txt"
+    cfg = config(tmp_path, f"plugins:\n  - use: '{TP}SlowObserver'\n    config: {{delay: 1.5, file: '{seen}'}}\n")
+    env = sidecar_envoy(config=cfg)
+    hcm = env.bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"]["observability_mode"] is True
+    started = time.monotonic()
+    assert httpx.get(env.url + "/observed", timeout=10).status_code == 200
+    assert time.monotonic() - started < 1.0  # Envoy did not wait for the 1.5 s hook
+    deadline = time.monotonic() + 15
+    while "/observed" not in (seen.read_text() if seen.exists() else ""):
+        assert time.monotonic() < deadline, "the observer never ran"
+        time.sleep(0.05)

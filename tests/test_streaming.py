@@ -203,3 +203,21 @@ def test_extend_timeout_sends_an_override_message() -> None:
     processor = StreamProcessor(Chain("c", [Slow()]), send=send)
     asyncio.run(processor.process(_message("request_headers")))
     assert [r.override_message_timeout.ToTimedelta().total_seconds() for r in sent] == [2.5]
+
+
+def test_processing_mode_checks_for_full_duplex() -> None:
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+    from sidecar.errors import ConfigError
+    from sidecar.translate.bootstrap import check_processing_mode
+
+    mode = processing_mode_pb2.ProcessingMode(
+        response_body_mode=processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED,
+        response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    )
+    with pytest.raises(ConfigError, match="needs response_trailer_mode SEND"):
+        check_processing_mode(mode, failure_mode_allow=False)
+    mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SEND
+    check_processing_mode(mode, failure_mode_allow=False)
+    with pytest.raises(ConfigError, match="cannot fail open"):
+        check_processing_mode(mode, failure_mode_allow=True)

@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from sidecar import Context, Headers, Plugin, Respond, StateKey
+from sidecar import BodyMode, Context, Headers, Plugin, Respond, StateKey
 
 
 class AddHeaders(Plugin):
@@ -175,3 +175,31 @@ class ChunkGate(Plugin):
 
 
 _SEEN = StateKey[int]("chunk-gate.seen")
+
+
+_PARTIAL = StateKey[str]("partial-probe")
+
+
+class PartialProbe(Plugin):
+    """BUFFERED_PARTIAL request: reports what it saw (bytes, whole body?) in a response header."""
+
+    name = "partial-probe"
+    request_body = BodyMode.BUFFERED_PARTIAL
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+        ctx.state[_PARTIAL] = f"{len(chunk)} {'whole' if end else 'partial'}"
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-partial"] = ctx.state.get(_PARTIAL, "none")
+
+
+class SlowObserver(Plugin):
+    """Observe-only: appends each request path to a file, after a delay Envoy must not wait for."""
+
+    name = "slow-observer"
+    observe_only = True
+
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await asyncio.sleep(float(self.config.get("delay", 1.0)))
+        with open(str(self.config["file"]), "a") as out:
+            out.write(headers.get(":path", "") + "\n")
