@@ -1,9 +1,11 @@
 """ext_proc overhead: wrk through Envoy alone vs Envoy + sidecar, interleaved in one run.
 
-One Envoy (1 worker thread) carries three listeners: `plain` (router only), `main` (ext_proc -> router)
-and `backend` (a direct response both of them route to), so both paths share the same upstream and the
-same process. The sidecar runs one worker on a Unix socket with a plugin that adds one request header
-and one response header. Rounds alternate plain/sidecar so machine noise hits both alike.
+One Envoy (1 worker thread) carries four listeners: `plain` (router only), `main` (ext_proc -> the
+sidecar -> router), `floor` (ext_proc -> a trivial grpc.aio server that answers every message with a
+constant, see trivial_extproc.py) and `backend` (a direct response the others route to), so all paths
+share the same upstream and the same process. The sidecar runs one worker on a Unix socket with a plugin
+that adds one request header and one response header. Rounds alternate plain/sidecar/floor so machine
+noise hits all alike; the floor shows what gRPC itself costs.
 
     python benchmarks/extproc.py [--rounds 3] [--seconds 5] [--connections 16]
 
@@ -50,7 +52,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-def bootstrap(socket_path: Path, backend_port: int) -> dict[str, Any]:
+def bootstrap(socket_path: Path, backend_port: int, floor_socket: Path | None = None) -> dict[str, Any]:
     from sidecar.config import ChainSpec, PluginSpec
 
     chains = (ChainSpec("default", (PluginSpec(PLUGIN),)),)
@@ -70,6 +72,18 @@ def bootstrap(socket_path: Path, backend_port: int) -> dict[str, Any]:
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     ]
     listeners += [plain, backend]
+    if floor_socket is not None:
+        floor = copy.deepcopy(listeners[0])
+        floor["name"] = "floor"
+        floor_hcm = floor["filter_chains"][0]["filters"][0]["typed_config"]
+        floor_hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "floor"
+        cluster = copy.deepcopy(result["static_resources"]["clusters"][0])
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = "floor"
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"pipe": {"path": str(floor_socket)}}}}
+        ]
+        listeners.append(floor)
+        result["static_resources"]["clusters"].append(cluster)
     return result
 
 
@@ -100,29 +114,40 @@ def main() -> int:
     os.environ["PYTHONPATH"] = str(ROOT)
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         sock = Path(tmp) / "extproc.sock"
+        floor_sock = Path(tmp) / "floor.sock"
         sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sock}"], [sock]).start()
+        floor = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "trivial_extproc.py"), str(floor_sock)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         try:
-            with Envoy(bootstrap(sock, free_port()), concurrency=1) as envoy:
+            assert floor.stdout is not None and floor.stdout.readline().strip() == "ready"
+            with Envoy(bootstrap(sock, free_port(), floor_sock), concurrency=1) as envoy:
                 urls = {}
-                for name in ("plain", "main"):
+                for name in ("plain", "main", "floor"):
                     host, port = envoy.listener_address(name)
                     urls[name] = f"http://{host}:{port}/"
-                wrk(urls["main"], 1, args.connections)  # warm-up: connections, JIT-less caches, allocators
-                results: dict[str, list[tuple[float, float, float]]] = {"plain": [], "main": []}
-                cpu_per_request: list[float] = []
+                for name in ("main", "floor"):  # warm-up: connections, caches, allocators
+                    wrk(urls[name], 1, args.connections)
+                pids = {"main": sidecar.pid, "floor": floor.pid}
+                results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in urls}
+                cpu_per_request: dict[str, list[float]] = {"main": [], "floor": []}
                 for round_no in range(1, args.rounds + 1):
-                    for name in ("plain", "main"):
-                        before = cpu_seconds(sidecar.pid)
+                    for name in urls:
+                        before = cpu_seconds(pids[name]) if name in pids else 0.0
                         rps, p50, p99, total = wrk(urls[name], args.seconds, args.connections)
-                        used = cpu_seconds(sidecar.pid) - before
                         results[name].append((rps, p50, p99))
                         line = f"round {round_no} {name:<5} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
-                        if name == "main":
-                            cpu_per_request.append(used / total * 1e6)
-                            line += f"  sidecar CPU {cpu_per_request[-1]:5.0f} us/req"
+                        if name in pids:
+                            cpu_per_request[name].append((cpu_seconds(pids[name]) - before) / total * 1e6)
+                            line += f"  server CPU {cpu_per_request[name][-1]:5.0f} us/req"
                         print(line, flush=True)
         finally:
             sidecar.close()
+            floor.terminate()
+            floor.wait(10)
+            if floor.stdout is not None:
+                floor.stdout.close()
     plain_rps = statistics.median(r[0] for r in results["plain"])
     main_rps = statistics.median(r[0] for r in results["main"])
     print()
@@ -130,8 +155,11 @@ def main() -> int:
           f"  p99 {statistics.median(r[2] for r in results['plain']):.2f} ms")  # fmt: skip
     print(f"Envoy + sidecar    {main_rps:9.0f} req/s  p50 {statistics.median(r[1] for r in results['main']):.2f} ms"
           f"  p99 {statistics.median(r[2] for r in results['main']):.2f} ms")  # fmt: skip
-    print(f"throughput ratio   {main_rps / plain_rps:.3f}  (target >= 0.2)")
-    print(f"sidecar CPU        {statistics.median(cpu_per_request):.0f} us/request  (target <= 250)")
+    floor_rps = statistics.median(r[0] for r in results["floor"])
+    print(f"trivial grpc.aio   {floor_rps:9.0f} req/s  (the floor: gRPC alone, constant answers)")
+    print(f"throughput ratio   {main_rps / plain_rps:.3f}  (target >= 0.2; floor {floor_rps / plain_rps:.3f})")
+    print(f"sidecar CPU        {statistics.median(cpu_per_request['main']):.0f} us/request  (target <= 250; "
+          f"floor {statistics.median(cpu_per_request['floor']):.0f})")  # fmt: skip
     return 0
 
 
