@@ -79,10 +79,12 @@ class ModuleCache:
         try:
             for directory in (self.root, self._tmp, self._locks):
                 directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-            if not self._modules.is_dir():
+            try:
                 self._modules.mkdir(mode=dir_mode)
+            except FileExistsError:
+                pass  # a mounted volume, or another process created it first: keep the mode it has
+            else:
                 # The Envoy UID must read modules/; mkdir's mode is masked by the umask, chmod's is not.
-                # Directories that already exist (a mounted volume) keep the mode their owner chose.
                 os.chmod(self._modules, dir_mode)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root}: cannot create ({exc.strerror})") from None
