@@ -41,7 +41,7 @@ static_resources:
                         envoy_grpc: {cluster_name: envoy-sidecar}
                         timeout: 5s
                       failure_mode_allow: {{ .Values.extProc.failOpen }}
-                      message_timeout: {{ .Values.extProc.messageTimeout }}
+                      message_timeout: {{ include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout }}
                       allow_mode_override: {{ .Values.extProc.allowModeOverride }}
                       processing_mode:
                         request_header_mode: {{ ternary "SEND" "SKIP" $pm.request.enabled }}
@@ -124,4 +124,14 @@ static_resources:
 admin:
   address:
     socket_address: {address: 127.0.0.1, port_value: {{ $s.envoy.adminPort }}}
+{{- end -}}
+
+
+{{/* "200ms" / "2s" (Gateway API duration) -> "0.200s" / "2s" (protobuf Duration JSON). */}}
+{{- define "envoy-sidecar.protoDuration" -}}
+{{- if hasSuffix "ms" . -}}
+{{- printf "%.3fs" (divf (trimSuffix "ms" . | float64) 1000) -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
 {{- end -}}

@@ -1,0 +1,377 @@
+"""The Helm chart, rendered by a real helm: lint, schema validation of every manifest (Kubernetes and EG
+CRDs), the run-time invariants (socket path, shared volume, UIDs, Wasm ordering, probes), bad values,
+and the standalone bootstrap validated and run end to end with a real Envoy and the sidecar."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import urllib.request
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from sidecar.runtime.demo import EchoBackend
+from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.runtime.extproc import SidecarProcess
+from tests.deploy.conftest import CHART, Render, helm_template
+
+CI = CHART / "ci"
+CASES = sorted(p.name for p in CI.glob("*-values.yaml"))
+EG_CRDS = CHART.parents[2] / "shared" / "reference" / "eg-v1.9.0" / "crds"
+K8S_VERSION = "1.33"
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def test_ci_cases_cover_the_acceptance_list() -> None:
+    assert {"eg-extproc-values.yaml", "eg-wasm-values.yaml", "standalone-values.yaml",
+            "all-options-values.yaml"} <= set(CASES)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_strict(helm: Path, case: str) -> None:
+    proc = subprocess.run([str(helm), "lint", "--strict", str(CHART), "-f", str(CI / case)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+# ---- schema validation ---------------------------------------------------------------------------
+
+
+def _strict(schema: Any) -> Any:
+    """CRD OpenAPI -> JSON Schema that rejects unknown fields (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def _crd_schemas() -> dict[tuple[str, str], Any]:
+    schemas: dict[tuple[str, str], Any] = {}
+    for path in EG_CRDS.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            for version in spec["versions"]:
+                api = f"{spec['group']}/{version['name']}"
+                schemas[(api, spec["names"]["kind"])] = _strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def _validate(doc: dict[str, Any]) -> str:
+    key = (doc["apiVersion"], doc["kind"])
+    if doc["apiVersion"].startswith("gateway.envoyproxy.io/"):
+        if not EG_CRDS.is_dir():
+            return "skipped (no ../shared EG CRDs)"
+        schema = _crd_schemas()[key]
+        jsonschema.validate(doc, schema)
+        return "eg-crd"
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        assert doc["spec"]["endpoints"][0]["port"] == "sidecar-metrics"
+        return "no schema (prometheus-operator CRD)"
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    return "k8s"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_manifests_validate(render: Render, case: str) -> None:
+    docs = render(CI / case)
+    assert docs
+    how = {f"{d['kind']}/{d['metadata']['name']}": _validate(d) for d in docs}
+    if EG_CRDS.is_dir() and case.startswith("eg-"):
+        assert {"EnvoyProxy", "Backend", "EnvoyExtensionPolicy"} <= {d["kind"] for d in docs}
+        assert "eg-crd" in how.values()
+    assert "k8s" in how.values()
+
+
+def test_strict_crd_validation_catches_a_misspelt_field() -> None:
+    if not EG_CRDS.is_dir():
+        pytest.skip("no ../shared EG CRDs")
+    bad = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend", "metadata": {"name": "x"},
+           "spec": {"endpoints": [{"unix": {"pth": "/x.sock"}}]}}  # fmt: skip
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad)
+
+
+# ---- helpers over rendered EG / standalone pods -------------------------------------------------
+
+
+def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, [d["kind"] for d in docs]
+    return found[0]
+
+
+def _eg_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(pod settings, envoy container settings, init containers) of the EnvoyProxy's deployment."""
+    dep = _one(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    return dep["pod"], dep["container"], dep.get("initContainers", [])
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container.get("volumeMounts", [])}
+
+
+@pytest.mark.parametrize("case", ["eg-extproc-values.yaml", "eg-wasm-values.yaml", "all-options-values.yaml"])
+def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> None:
+    docs = render(CI / case)
+    pod, envoy, inits = _eg_pod(docs)
+    sidecar = next(c for c in inits if c["name"] == "envoy-sidecar")
+    assert sidecar["restartPolicy"] == "Always"  # native sidecar: up before Envoy, down after it
+    listen = _arg(sidecar["args"], "--listen").removeprefix("unix:")
+    workers = int(_arg(sidecar["args"], "--workers"))
+    # The Backend's unix endpoints are exactly the sockets `sidecar serve --listen ... --workers N` creates.
+    backend_paths = [e["unix"]["path"] for e in _one(docs, "Backend")["spec"]["endpoints"]]
+    listen_path = Path(listen)
+    expected = [listen] if workers == 1 else [
+        str(listen_path.with_name(f"{listen_path.stem}-{i}{listen_path.suffix}")) for i in range(workers)]
+    assert backend_paths == expected
+    assert all(len(p) <= 107 for p in backend_paths)
+    # Every policy routes through that Backend.
+    backend_name = _one(docs, "Backend")["metadata"]["name"]
+    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
+    assert policies
+    for policy in policies:
+        refs = policy["spec"]["extProc"][0]["backendRefs"]
+        assert refs == [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": backend_name}]
+    # The socket directory is one volume, mounted at the same path in the sidecar and in Envoy.
+    socket_dir = str(listen_path.parent)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shared = [name for name, m in _mounts(sidecar).items() if m["mountPath"] == socket_dir]
+    assert len(shared) == 1 and "emptyDir" in volumes[shared[0]]
+    assert _mounts(envoy)[shared[0]]["mountPath"] == socket_dir
+    assert not _mounts(envoy)[shared[0]].get("readOnly")
+    # Envoy can connect: same UID, or the socket's group (pod fsGroup) with group rw.
+    mode = int(_arg(sidecar["args"], "--socket-mode"), 8)
+    same_uid = sidecar["securityContext"]["runAsUser"] == envoy["securityContext"]["runAsUser"]
+    via_group = (pod["securityContext"]["fsGroup"] == envoy["securityContext"]["runAsGroup"]
+                 and mode & 0o060 == 0o060)  # fmt: skip
+    assert same_uid or via_group
+    assert mode & 0o007 == 0  # never world-accessible
+    # The sidecar's config file is the ConfigMap the pod mounts, in the namespace EG runs Envoy pods in.
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"))
+    assert volumes["envoy-sidecar-config"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert _arg(sidecar["args"], "--config").startswith(_mounts(sidecar)["envoy-sidecar-config"]["mountPath"])
+    assert yaml.safe_load(cm["data"]["sidecar.yaml"])["chains"]["default"]["plugins"]
+
+
+@pytest.mark.parametrize("case", ["eg-wasm-values.yaml", "all-options-values.yaml"])
+def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, case: str) -> None:
+    docs = render(CI / case)
+    pod, envoy, inits = _eg_pod(docs)
+    names = [c["name"] for c in inits]
+    pulls = [c for c in inits if c["name"].startswith("wasm-pull-")]
+    assert pulls
+    # Regular init containers (no restartPolicy) listed before the native sidecar: each must finish
+    # before the next starts, and all init containers finish before Envoy (the main container) starts.
+    assert all("restartPolicy" not in c for c in pulls)
+    assert max(names.index(c["name"]) for c in pulls) < names.index("envoy-sidecar")
+    patch = _one(docs, "EnvoyPatchPolicy")
+    filenames = {p["operation"]["value"]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
+                 for p in patch["spec"]["jsonPatches"]}  # fmt: skip
+    outputs = set()
+    for c in pulls:
+        assert c["args"][:2] == ["wasm", "pull"]
+        assert len(_arg(c["args"], "--sha256")) == 64
+        output = _arg(c["args"], "--output")
+        outputs.add(output)
+        assert _arg(c["args"], "--cache-dir").startswith(str(Path(output).parent))
+        wasm_volume = next(n for n, m in _mounts(c).items() if m["mountPath"] == str(Path(output).parent))
+        envoy_mount = _mounts(envoy)[wasm_volume]
+        assert envoy_mount["mountPath"] == str(Path(output).parent) and envoy_mount["readOnly"] is True
+        if "--pull-secret" in c["args"]:
+            secret_file = Path(_arg(c["args"], "--pull-secret"))
+            vol = next(n for n, m in _mounts(c).items() if m["mountPath"] == str(secret_file.parent))
+            assert {v["name"]: v for v in pod["volumes"]}[vol]["secret"]["items"][0]["key"] == ".dockerconfigjson"
+            assert vol not in _mounts(envoy)  # credentials only where they are used
+    assert filenames == outputs
+
+
+def test_eg_modules_delivered_by_envoy_gateway_go_to_the_policy(render: Render) -> None:
+    docs = render(CI / "all-options-values.yaml")
+    wasm = [w for d in docs if d["kind"] == "EnvoyExtensionPolicy" for w in d["spec"].get("wasm", [])]
+    assert {w["name"] for w in wasm} == {"eg-fetched"}
+    assert wasm[0]["code"] == {"type": "Image", "image": {"url": "registry.example.com/team/eg-fetched:1.0.0",
+                               "sha256": "3" * 64, "pullSecretRef": {"name": "wasm-creds"}}}  # fmt: skip
+    _, _, inits = _eg_pod(docs)
+    assert "wasm-pull-eg-fetched" not in [c["name"] for c in inits]
+
+
+def _all_containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(container, pod securityContext) for every container the chart defines, in both modes."""
+    out = []
+    for d in docs:
+        if d["kind"] == "EnvoyProxy":
+            pod, envoy, inits = _eg_pod([d])
+            out += [(c, pod["securityContext"]) for c in [{"name": "envoy", **envoy}, *inits]]
+            patch = d["spec"]["provider"]["kubernetes"]["envoyDeployment"].get("patch")
+            if patch:
+                out += [(c, pod["securityContext"]) for c in patch["value"]["spec"]["template"]["spec"]["containers"]]
+        elif d["kind"] == "Deployment":
+            spec = d["spec"]["template"]["spec"]
+            out += [(c, spec["securityContext"]) for c in spec.get("initContainers", []) + spec["containers"]]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_container_runs_as_root_and_all_are_hardened(render: Render, case: str) -> None:
+    containers = _all_containers(render(CI / case))
+    assert containers
+    for c, pod in containers:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and pod["runAsNonRoot"] is True
+        assert sc.get("runAsUser", pod.get("runAsUser", 0)) != 0
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        if c["name"] != "envoy":
+            assert "resources" in c
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sidecar_probes_ask_the_grpc_health_service_on_every_socket(render: Render, case: str) -> None:
+    docs = render(CI / case)
+    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
+    listen = Path(_arg(sidecar["args"], "--listen").removeprefix("unix:"))
+    workers = int(_arg(sidecar["args"], "--workers"))
+    for probe, service in (("startupProbe", ""), ("livenessProbe", ""), ("readinessProbe", EXTPROC_SERVICE)):
+        cmd = sidecar[probe]["exec"]["command"]
+        assert "health_status" in cmd[2]
+        assert cmd[3] == service
+        sockets = cmd[4:]
+        assert len(sockets) == workers and all(Path(s).parent == listen.parent for s in sockets)
+
+
+def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Render) -> None:
+    docs = render(CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"})
+    dep = _one(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    assert "envoy-sidecar" not in [c["name"] for c in dep.get("initContainers", [])]
+    (container,) = dep["patch"]["value"]["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "envoy-sidecar" and "restartPolicy" not in container
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] == 15
+    docs = render(CI / "standalone-values.yaml", sets={"sidecar.nativeSidecar": "false"})
+    spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["envoy", "envoy-sidecar"]
+
+
+def test_plugin_files_configmap_is_on_pythonpath(render: Render) -> None:
+    docs = render(CI / "all-options-values.yaml")
+    plugins = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-plugins"))
+    assert "edge_plugins.py" in plugins["data"]
+    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["PYTHONPATH"] == _mounts(sidecar)["envoy-sidecar-plugins"]["mountPath"]
+    assert plugins["metadata"]["namespace"] == "edge-system"
+
+
+# ---- bad values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"envoyGateway.targets": "null"}, "targets"),
+        ({"envoyGateway.gateway.name": ""}, "gateway"),
+        ({"extProc.processingMode.request.body": "Bufferd"}, "Buffered"),
+        ({"socket.dir": "/var/run/" + "d" * 88, "socket.name": "extproc-socket-file.sock"}, "at most 107"),
+        ({"socket.dir": "/var/run/" + "d" * 100}, "socket/dir"),
+        ({"sidecar.workers": "3", "socket.dir": "/var/run/" + "d" * 86}, "at most 107"),
+        ({"socket.mode": "0666"}, "socket/mode"),
+        ({"wasm.modules[0].name": "m", "wasm.modules[0].image": "r/m:1"}, "sha256"),
+        ({"containerSecurityContext.runAsNonRoot": "false"}, "runAsNonRoot"),
+        ({"mode": "sidecarless"}, "mode"),
+    ],
+)
+def test_bad_values_fail_with_a_message(helm: Path, sets: dict[str, str], message: str) -> None:
+    proc = helm_template(helm, CI / "eg-extproc-values.yaml", sets=sets)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_standalone_needs_an_upstream(helm: Path) -> None:
+    proc = helm_template(helm, CI / "standalone-values.yaml", sets={"standalone.upstream.host": ""})
+    assert proc.returncode != 0 and "standalone.upstream.host" in proc.stderr
+
+
+# ---- standalone: the rendered bootstrap in a real Envoy, with the rendered sidecar command ---------
+
+
+def _standalone(render: Render, tmp: Path, **sets: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp / "sock"), **sets})
+    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
+                               ["data"]["envoy.yaml"])  # fmt: skip
+    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
+    return bootstrap, sidecar, config
+
+
+def test_standalone_bootstrap_passes_envoy_validate(render: Render, tmp_path: Path) -> None:
+    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.workers": "2",
+                                  "extProc.processingMode.request.body": "FullDuplexStreamed"})  # fmt: skip
+    pm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"][0]["typed_config"]["processing_mode"]  # fmt: skip
+    assert pm["request_body_mode"] == "FULL_DUPLEX_STREAMED" and pm["request_trailer_mode"] == "SEND"
+    validate_bootstrap(bootstrap)
+    bootstrap["static_resources"]["clusters"][0]["typo_field"] = 1
+    with pytest.raises(Exception, match="rejected"):
+        validate_bootstrap(bootstrap)
+
+
+@pytest.mark.envoy
+def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
+    backend = EchoBackend().start()
+    host, port = backend.address
+    try:
+        bootstrap, sidecar, config = _standalone(
+            render, tmp_path, **{"standalone.upstream.host": host, "standalone.upstream.port": str(port)})
+        for listener in bootstrap["static_resources"]["listeners"]:
+            listener["address"]["socket_address"]["port_value"] = 0
+        # The sidecar's own command line, as the chart renders it (only the config file's path changes).
+        args = list(sidecar["args"])
+        assert args[0] == "serve"
+        config_path = tmp_path / "sidecar.yaml"
+        config_path.write_text(config)
+        args[args.index("--config") + 1] = str(config_path)
+        args[args.index("--metrics") + 1] = "127.0.0.1:0"
+        sockets = [Path(p) for p in sidecar["readinessProbe"]["exec"]["command"][4:]]
+        with SidecarProcess(args[1:], sockets, log_path=tmp_path / "sidecar.log") as _proc, \
+                Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:  # fmt: skip
+            # The chart's readiness probe command, run for real against the live socket.
+            probe = sidecar["readinessProbe"]["exec"]["command"]
+            proc = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30,
+                                  env={**os.environ}, check=False)  # fmt: skip
+            assert proc.returncode == 0, shlex.join(probe) + proc.stderr
+            stat = sockets[0].stat()
+            assert oct(stat.st_mode & 0o777) == oct(int(_arg(args, "--socket-mode"), 8))
+            lhost, lport = envoy.listener_address("main")
+            with urllib.request.urlopen(f"http://{lhost}:{lport}/hello", timeout=10) as resp:
+                assert resp.status == 200
+                echoed = json.loads(resp.read())
+            # header-stamp ran in the sidecar: the backend saw its header, Envoy counted the stream.
+            assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar"
+            assert envoy.stats("http.ingress.ext_proc")["http.ingress.ext_proc.sidecar.streams_started"] >= 1
+            rhost, rport = envoy.listener_address("ready")
+            with urllib.request.urlopen(f"http://{rhost}:{rport}/ready", timeout=10) as resp:
+                assert resp.status == 200
+    finally:
+        backend.stop()
