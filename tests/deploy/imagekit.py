@@ -173,7 +173,8 @@ class Registry:
 def image_config(oci_dir: Path, tag: str) -> dict[str, object]:
     """The OCI image config JSON of `tag` in an OCI layout directory."""
     index = json.loads((oci_dir / "index.json").read_text())
-    desc = next(m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    ref_name = "org.opencontainers.image.ref.name"
+    desc = next(m for m in index["manifests"] if m.get("annotations", {}).get(ref_name) == tag)
     manifest = json.loads(_blob(oci_dir, desc["digest"]))
     result: dict[str, object] = json.loads(_blob(oci_dir, manifest["config"]["digest"]))
     result["_layers_bytes"] = sum(int(layer["size"]) for layer in manifest["layers"])

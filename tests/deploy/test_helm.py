@@ -142,8 +142,11 @@ def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> 
     # The Backend's unix endpoints are exactly the sockets `sidecar serve --listen ... --workers N` creates.
     backend_paths = [e["unix"]["path"] for e in _one(docs, "Backend")["spec"]["endpoints"]]
     listen_path = Path(listen)
-    expected = [listen] if workers == 1 else [
-        str(listen_path.with_name(f"{listen_path.stem}-{i}{listen_path.suffix}")) for i in range(workers)]
+    expected = (
+        [listen]
+        if workers == 1
+        else [str(listen_path.with_name(f"{listen_path.stem}-{i}{listen_path.suffix}")) for i in range(workers)]
+    )
     assert backend_paths == expected
     assert all(len(p) <= 107 for p in backend_paths)
     # Every policy routes through that Backend.
@@ -343,7 +346,8 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
     host, port = backend.address
     try:
         bootstrap, sidecar, config = _standalone(
-            render, tmp_path, **{"standalone.upstream.host": host, "standalone.upstream.port": str(port)})
+            render, tmp_path, **{"standalone.upstream.host": host, "standalone.upstream.port": str(port)}
+        )
         for listener in bootstrap["static_resources"]["listeners"]:
             listener["address"]["socket_address"]["port_value"] = 0
         # The sidecar's own command line, as the chart renders it (only the config file's path changes).
