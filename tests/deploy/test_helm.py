@@ -22,6 +22,7 @@ import yaml
 from sidecar.runtime.demo import EchoBackend
 from sidecar.runtime.envoy import Envoy, validate_bootstrap
 from sidecar.runtime.extproc import SidecarProcess
+from tests.deploy import chartdoc
 from tests.deploy.conftest import CHART, Render, helm_template
 
 CI = CHART / "ci"
@@ -271,7 +272,7 @@ def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Rende
     assert "envoy-sidecar" not in [c["name"] for c in dep.get("initContainers", [])]
     (container,) = dep["patch"]["value"]["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "envoy-sidecar" and "restartPolicy" not in container
-    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] == 15
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
     docs = render(CI / "standalone-values.yaml", sets={"sidecar.nativeSidecar": "false"})
     spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["envoy", "envoy-sidecar"]
@@ -379,3 +380,36 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
                 assert resp.status == 200
     finally:
         backend.stop()
+
+
+# ---- documentation and schema cover every value ----------------------------------------------------
+
+
+def test_every_value_is_documented_and_in_the_schema() -> None:
+    text = (CHART / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    documented = [key for _, key, _ in chartdoc.params(text)]
+    for key in documented:
+        chartdoc.lookup(values, key)  # a @param for a key that does not exist raises KeyError
+    undocumented = [
+        leaf for leaf in chartdoc.leaves(values)
+        if not any(leaf == d or leaf.startswith(d + ".") for d in documented)
+    ]  # fmt: skip
+    assert undocumented == []
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    for key in documented:
+        node = schema
+        for part in key.split("."):
+            if "properties" not in node:
+                break
+            assert part in node["properties"], key
+            node = node["properties"][part]
+
+
+def test_readme_parameters_are_generated_from_values() -> None:
+    readme = (CHART / "README.md").read_text()
+    assert readme == chartdoc.render_readme(readme, (CHART / "values.yaml").read_text()), (
+        "README.md is stale: run `python -m tests.deploy.chartdoc`"
+    )
+    assert "`socket.dir`" in readme

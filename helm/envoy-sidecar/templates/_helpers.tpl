@@ -195,8 +195,9 @@ readinessProbe:
 {{- if not $v.nativeSidecar }}
 lifecycle:
   preStop:
-    sleep:
-      seconds: {{ $v.preStopSeconds }}
+    # exec, not the `sleep` action: this fallback is for clusters too old for native sidecars.
+    exec:
+      command: ["sleep", {{ $v.preStopSeconds | quote }}]
 {{- end }}
 resources:
   {{- toYaml $v.resources | nindent 2 }}
