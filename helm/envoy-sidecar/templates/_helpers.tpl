@@ -158,7 +158,7 @@ args:
 env:
   {{- if .Values.pluginFiles }}
   - name: PYTHONPATH
-    value: /etc/envoy-sidecar/plugins
+    value: /etc/envoy-sidecar/plugins:/opt/sidecar-plugins  # the ConfigMap, then a derived image's plugins
   {{- end }}
   - name: PYTHONDONTWRITEBYTECODE
     value: "1"
