@@ -413,3 +413,53 @@ def test_readme_parameters_are_generated_from_values() -> None:
         "README.md is stale: run `python -m tests.deploy.chartdoc`"
     )
     assert "`socket.dir`" in readme
+
+
+# ---- the sidecar reads the config the chart renders, and Envoy is asked for what the chains need ----
+
+_BODY = {"Streamed": "STREAMED", "Buffered": "BUFFERED", "BufferedPartial": "BUFFERED_PARTIAL",
+         "FullDuplexStreamed": "FULL_DUPLEX_STREAMED"}  # fmt: skip
+
+
+def _envoy_side_mode(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The processing mode the rendered Envoy config asks for, in Envoy's enum names."""
+    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
+    if policies:
+        pm = policies[0]["spec"]["extProc"][0]["processingMode"]
+        mode = {}
+        for side in ("request", "response"):
+            block = pm.get(side)
+            mode[f"{side}_header_mode"] = "SEND" if block is not None else "SKIP"
+            mode[f"{side}_body_mode"] = _BODY.get((block or {}).get("body", ""), "NONE")
+        return mode
+    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
+                               ["data"]["envoy.yaml"])  # fmt: skip
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    return dict(ext_proc["typed_config"]["processing_mode"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
+    render: Render, case: str, tmp_path: Path
+) -> None:
+    docs = render(CI / case)
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
+    (tmp_path / "sidecar.yaml").write_text(config)
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    for d in docs:
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-plugins"):
+            for name, source in d["data"].items():
+                (plugin_dir / name).write_text(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "plugins", "-c", str(tmp_path / "sidecar.yaml"), "--json"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    needed = json.loads(proc.stdout)["filter_processing_mode"]
+    asked = _envoy_side_mode(docs)
+    for side in ("request", "response"):
+        if needed[f"{side}_header_mode"] == "SEND":
+            assert asked[f"{side}_header_mode"] == "SEND", (side, needed, asked)
+        if needed[f"{side}_body_mode"] != "NONE":
+            assert asked[f"{side}_body_mode"] == needed[f"{side}_body_mode"], (side, needed, asked)
