@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from functools import cache
 from pathlib import Path
@@ -341,14 +342,74 @@ def test_standalone_bootstrap_passes_envoy_validate(render: Render, tmp_path: Pa
         validate_bootstrap(bootstrap)
 
 
+# A minimal proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: local` to requests, assembled from text.
+WASM_ADD_HEADER = r"""
+(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 100) "x-wasm")
+  (data (i32.const 200) "local")
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 5)))
+    (i32.const 0))
+)
+"""
+WASM_SETS = {
+    "wasm.modules[0].name": "add-header",
+    "wasm.modules[0].image": "registry.example.com/team/add-header:1.0.0",
+    "wasm.modules[0].sha256": "ab" * 32,
+}
+
+
+def _wasm_module() -> bytes:
+    import wasmtime
+
+    return bytes(wasmtime.wat2wasm(WASM_ADD_HEADER))
+
+
+def _pull_outputs(docs: list[dict[str, Any]]) -> list[Path]:
+    """Where the rendered wasm-pull init containers write (we play `sidecar wasm pull` here)."""
+    return [Path(_arg(c["args"], "--output")) for c, _ in _all_containers(docs) if c["name"].startswith("wasm-pull-")]
+
+
+def test_eg_wasm_patch_is_a_valid_envoy_filter_loading_the_pulled_file(render: Render, tmp_path: Path) -> None:
+    docs = render(CI / "eg-wasm-values.yaml", sets={"wasm.dir": str(tmp_path / "wasm")})
+    (output,) = _pull_outputs(docs)
+    output.parent.mkdir()
+    output.write_bytes(_wasm_module())
+    patch = _one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"][0]
+    assert patch["operation"]["path"].endswith("/http_filters/0")
+    bootstrap, _, _ = _standalone(render, tmp_path)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, patch["operation"]["value"])  # what the JSON patch does to EG's listener
+    validate_bootstrap(bootstrap)
+    output.unlink()  # no module where local.filename points: Envoy refuses the config
+    with pytest.raises(Exception, match="rejected"):
+        validate_bootstrap(bootstrap)
+
+
 @pytest.mark.envoy
 def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
     backend = EchoBackend().start()
     host, port = backend.address
     try:
-        bootstrap, sidecar, config = _standalone(
-            render, tmp_path, **{"standalone.upstream.host": host, "standalone.upstream.port": str(port)}
-        )
+        sets = {"standalone.upstream.host": host, "standalone.upstream.port": str(port),
+                "wasm.dir": str(tmp_path / "wasm"), **WASM_SETS}  # fmt: skip
+        docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp_path / "sock"), **sets})
+        bootstrap, sidecar, config = _standalone(render, tmp_path, **sets)
+        (output,) = _pull_outputs(docs)
+        output.parent.mkdir()
+        output.write_bytes(_wasm_module())
         for listener in bootstrap["static_resources"]["listeners"]:
             listener["address"]["socket_address"]["port_value"] = 0
         # The sidecar's own command line, as the chart renders it (only the config file's path changes).
@@ -359,12 +420,14 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
         args[args.index("--config") + 1] = str(config_path)
         args[args.index("--metrics") + 1] = "127.0.0.1:0"
         sockets = [Path(p) for p in sidecar["readinessProbe"]["exec"]["command"][4:]]
-        with SidecarProcess(args[1:], sockets, log_path=tmp_path / "sidecar.log") as _proc, \
-                Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:  # fmt: skip
+        with (
+            SidecarProcess(args[1:], sockets, log_path=tmp_path / "sidecar.log") as sidecar_proc,
+            Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy,
+        ):
             # The chart's readiness probe command, run for real against the live socket.
             probe = sidecar["readinessProbe"]["exec"]["command"]
             proc = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30,
-                                  env={**os.environ}, check=False)  # fmt: skip
+                                  check=False)  # fmt: skip
             assert proc.returncode == 0, shlex.join(probe) + proc.stderr
             stat = sockets[0].stat()
             assert oct(stat.st_mode & 0o777) == oct(int(_arg(args, "--socket-mode"), 8))
@@ -372,12 +435,19 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
             with urllib.request.urlopen(f"http://{lhost}:{lport}/hello", timeout=10) as resp:
                 assert resp.status == 200
                 echoed = json.loads(resp.read())
-            # header-stamp ran in the sidecar: the backend saw its header, Envoy counted the stream.
+            # The pre-pulled Wasm module ran (local.filename) and so did header-stamp in the sidecar.
+            assert echoed["headers"]["x-wasm"] == "local"
             assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar"
             assert envoy.stats("http.ingress.ext_proc")["http.ingress.ext_proc.sidecar.streams_started"] >= 1
             rhost, rport = envoy.listener_address("ready")
             with urllib.request.urlopen(f"http://{rhost}:{rport}/ready", timeout=10) as resp:
                 assert resp.status == 200
+            # Without the sidecar, ext_proc fails closed (failOpen: false): 500, not an unprocessed request.
+            assert sidecar_proc.stop() == 0  # SIGTERM: drains and exits 0
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(f"http://{lhost}:{lport}/hello", timeout=10)
+            assert failed.value.code == 500
+            failed.value.close()
     finally:
         backend.stop()
 
