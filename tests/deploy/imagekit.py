@@ -7,6 +7,8 @@ keyed by suite and package list) and passed in with `--build-arg BASE=...`. Same
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +58,25 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    """Serialise cache creation between concurrent test sessions on one machine."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def base_rootfs(log: Path) -> Path:
     """A minimal Debian root filesystem with Python, made once and reused (40 s cold)."""
+    with _cache_lock():
+        return _base_rootfs(log)
+
+
+def _base_rootfs(log: Path) -> Path:
     key = hashlib.sha256(f"{SUITE}:{','.join(BASE_PACKAGES)}:v1".encode()).hexdigest()[:12]
     target = CACHE / f"rootfs-{SUITE}-{key}"
     if (target / ".complete").exists():
@@ -90,6 +110,10 @@ class Buildah:
 
     def base_image(self, rootfs: Path) -> str:
         """Local image localhost/debian-python:SUITE-KEY from the rootfs (skipped if already present)."""
+        with _cache_lock():
+            return self._base_image(rootfs)
+
+    def _base_image(self, rootfs: Path) -> str:
         name = f"localhost/debian-python:{rootfs.name.removeprefix('rootfs-')}"
         try:
             self("inspect", "--type", "image", name, timeout=60)

@@ -231,6 +231,8 @@ def _all_containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], di
             patch = d["spec"]["provider"]["kubernetes"]["envoyDeployment"].get("patch")
             if patch:
                 out += [(c, pod["securityContext"]) for c in patch["value"]["spec"]["template"]["spec"]["containers"]]
+        elif d["kind"] == "Pod":  # the `helm test` pod
+            out += [(c, d["spec"]["securityContext"]) for c in d["spec"]["containers"]]
         elif d["kind"] == "Deployment":
             spec = d["spec"]["template"]["spec"]
             out += [(c, spec["securityContext"]) for c in spec.get("initContainers", []) + spec["containers"]]
@@ -439,6 +441,10 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
             assert echoed["headers"]["x-wasm"] == "local"
             assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar"
             assert envoy.stats("http.ingress.ext_proc")["http.ingress.ext_proc.sidecar.streams_started"] >= 1
+            # The chart's `helm test` script, pointed at this Envoy: passes now, fails once the sidecar is gone.
+            test_cmd = _one(docs, "Pod")["spec"]["containers"][0]["command"]
+            helm_test = [sys.executable, *test_cmd[1:-1], f"http://{lhost}:{lport}/"]
+            assert subprocess.run(helm_test, capture_output=True, timeout=30, check=False).returncode == 0
             rhost, rport = envoy.listener_address("ready")
             with urllib.request.urlopen(f"http://{rhost}:{rport}/ready", timeout=10) as resp:
                 assert resp.status == 200
@@ -448,6 +454,7 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
                 urllib.request.urlopen(f"http://{lhost}:{lport}/hello", timeout=10)
             assert failed.value.code == 500
             failed.value.close()
+            assert subprocess.run(helm_test, capture_output=True, timeout=30, check=False).returncode == 1
     finally:
         backend.stop()
 

@@ -92,14 +92,16 @@ def image(buildah: imagekit.Buildah, base: str, registry: imagekit.Registry, wor
             "--build-arg", f"BASE={base}", "--build-arg", "PIP_INSTALL_ARGS=--no-index",
             "-t", tag, str(context), timeout=900)  # fmt: skip
     seconds = time.monotonic() - started
-    ref = f"{registry.address}/envoy-sidecar:test"
-    buildah("push", "--tls-verify=false", tag, f"docker://{ref}", timeout=600)
-    oci_dir, bundle, config = _pull_and_unpack(ref, work / "sidecar", buildah.log)
-    print(f"\nsidecar image: {config['_layers_bytes'] / 1e6:.1f} MB compressed layers, "
-          f"{_du(bundle / 'rootfs') / 1e6:.1f} MB unpacked (base included), built in {seconds:.0f} s")  # fmt: skip
-    yield Image(tag, ref, oci_dir, bundle, config, seconds)
-    with contextlib.suppress(RuntimeError):
-        buildah("rmi", "-f", tag)
+    try:
+        ref = f"{registry.address}/envoy-sidecar:test"
+        buildah("push", "--tls-verify=false", tag, f"docker://{ref}", timeout=600)
+        oci_dir, bundle, config = _pull_and_unpack(ref, work / "sidecar", buildah.log)
+        print(f"\nsidecar image: {config['_layers_bytes'] / 1e6:.1f} MB compressed layers, "
+              f"{_du(bundle / 'rootfs') / 1e6:.1f} MB unpacked (base included), built in {seconds:.0f} s")  # fmt: skip
+        yield Image(tag, ref, oci_dir, bundle, config, seconds)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            buildah("rmi", "-f", tag)
 
 
 def _du(path: Path) -> int:
