@@ -158,6 +158,11 @@ def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> 
     for policy in policies:
         refs = policy["spec"]["extProc"][0]["backendRefs"]
         assert refs == [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": backend_name}]
+        health = policy["spec"]["extProc"][0].get("backendSettings", {}).get("healthCheck", {}).get("active")
+        if workers > 1:  # Envoy health-checks each worker's socket with the gRPC health service
+            assert health["type"] == "GRPC" and health["grpc"]["service"] == EXTPROC_SERVICE
+        else:
+            assert health is None
     # The socket directory is one volume, mounted at the same path in the sidecar and in Envoy.
     socket_dir = str(listen_path.parent)
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -276,6 +281,13 @@ def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Rende
     (container,) = dep["patch"]["value"]["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "envoy-sidecar" and "restartPolicy" not in container
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
+    # The patch is free-form in the CRD: validate what it merges as a Kubernetes Deployment would.
+    kubernetes_validate.validate(
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "envoy"},
+         "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
+                  **dep["patch"]["value"]["spec"]["template"]}}},
+        K8S_VERSION, strict=True,
+    )  # fmt: skip
     docs = render(CI / "standalone-values.yaml", sets={"sidecar.nativeSidecar": "false"})
     spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["envoy", "envoy-sidecar"]
