@@ -319,6 +319,20 @@ def test_plugin_files_configmap_is_on_pythonpath(render: Render) -> None:
         ({"wasm.modules[0].name": "m", "wasm.modules[0].image": "r/m:1"}, "sha256"),
         ({"containerSecurityContext.runAsNonRoot": "false"}, "runAsNonRoot"),
         ({"mode": "sidecarless"}, "mode"),
+        (
+            {
+                "wasm.dir": "/var/run/envoy-sidecar/wasm",
+                "wasm.listeners[0]": "http",
+                "wasm.modules[0].name": "m",
+                "wasm.modules[0].image": "r/m:1",
+                "wasm.modules[0].sha256": "ab" * 32,
+            },
+            "separate volumes",
+        ),
+        (
+            {"wasm.modules[0].name": "Bad_Name", "wasm.modules[0].image": "r/m:1", "wasm.modules[0].sha256": "ab" * 32},
+            "wasm/modules/0/name",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_message(helm: Path, sets: dict[str, str], message: str) -> None:

@@ -366,7 +366,7 @@ typed_config:
 {{- $_ := include "envoy-sidecar.sidecarConfig" . -}}
 {{- $_ := include "envoy-sidecar.bodyMode" .Values.extProc.processingMode.request.body -}}
 {{- $_ := include "envoy-sidecar.bodyMode" .Values.extProc.processingMode.response.body -}}
-{{- if hasPrefix (trimSuffix "/" .Values.socket.dir) (trimSuffix "/" .Values.wasm.dir) -}}
+{{- if hasPrefix (printf "%s/" (trimSuffix "/" .Values.socket.dir)) (printf "%s/" (trimSuffix "/" .Values.wasm.dir)) -}}
 {{- if (include "envoy-sidecar.localWasm" . | fromJsonArray) -}}
 {{- fail "wasm.dir must not be inside socket.dir: they are separate volumes" -}}
 {{- end -}}
