@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -566,3 +567,36 @@ def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
             assert asked[f"{side}_header_mode"] == "SEND", (side, needed, asked)
         if needed[f"{side}_body_mode"] != "NONE":
             assert asked[f"{side}_body_mode"] == needed[f"{side}_body_mode"], (side, needed, asked)
+
+
+def _snake(node: Any) -> Any:
+    """EG's xDS testdata is camelCase proto-JSON; EnvoyPatchPolicy patches the proto-name (snake_case) form."""
+    if isinstance(node, dict):
+        return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower() if not k.startswith("@") else k: _snake(v)
+                for k, v in node.items()}  # fmt: skip
+    if isinstance(node, list):
+        return [_snake(v) for v in node]
+    return node
+
+
+def test_eg_wasm_patch_path_exists_in_an_eg_generated_listener(render: Render) -> None:
+    listeners = EG_CRDS.parent / "xds-testdata" / "wasm.listeners.yaml"
+    if not listeners.exists():
+        pytest.skip("no ../shared EG xDS testdata")
+    (listener,) = _snake(yaml.safe_load(listeners.read_text()))
+    docs = render(CI / "eg-wasm-values.yaml", sets={"envoyGateway.gateway.name": "gateway-1",
+                                                    "envoyGateway.gateway.listeners[0]": "http"})  # fmt: skip
+    patches = _one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"]
+    before = None
+    for patch in patches:
+        # EG names xDS listeners <gateway namespace>/<gateway>/<listener>; the testdata's Gateway is in envoy-gateway.
+        assert patch["name"].split("/")[1:] == listener["name"].split("/")[1:]
+        *parents, index = patch["operation"]["path"].strip("/").split("/")
+        node: Any = listener
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert isinstance(node, list) and index == "0"
+        before = [f["name"] for f in node]
+        node.insert(0, patch["operation"]["value"])
+    assert before is not None and before[-1] == "envoy.filters.http.router"
+    assert node[0]["name"].startswith("envoy.filters.http.wasm/envoy-sidecar/")
