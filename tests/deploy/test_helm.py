@@ -16,10 +16,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from celpy import celtypes
 
 from sidecar.runtime.demo import EchoBackend
 from sidecar.runtime.envoy import Envoy, validate_bootstrap
@@ -64,6 +66,7 @@ def _strict(schema: Any) -> Any:
 
 @cache
 def _crd_schemas() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) -> the CRD's OpenAPI schema as shipped (x-kubernetes-* extensions included)."""
     schemas: dict[tuple[str, str], Any] = {}
     for path in EG_CRDS.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -72,17 +75,72 @@ def _crd_schemas() -> dict[tuple[str, str], Any]:
             spec = doc["spec"]
             for version in spec["versions"]:
                 api = f"{spec['group']}/{version['name']}"
-                schemas[(api, spec["names"]["kind"])] = _strict(version["schema"]["openAPIV3Schema"])
+                schemas[(api, spec["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
     return schemas
 
 
+@cache
+def _cel(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_check(schema: dict[str, Any], value: Any, path: str, report: dict[str, list[str]]) -> None:
+    """Evaluate the CRD's CEL rules (x-kubernetes-validations) the way the API server would, where cel-python can."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue  # transition rules need a previous object
+        try:
+            result = _cel(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception:  # a Kubernetes CEL library function cel-python lacks
+            report["unevaluated"].append(rule["rule"])
+            continue
+        if isinstance(result, celtypes.BoolType):
+            report["evaluated"].append(rule["rule"])
+            if not result:
+                report["failed"].append(f"{path or '.'}: {rule.get('message', rule['rule'])}")
+        else:
+            report["unevaluated"].append(rule["rule"])
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key in schema.get("properties", {}):
+                _cel_check(schema["properties"][key], sub, f"{path}.{key}", report)
+            elif isinstance(schema.get("additionalProperties"), dict):
+                _cel_check(schema["additionalProperties"], sub, f"{path}.{key}", report)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            _cel_check(schema["items"], item, f"{path}[{i}]", report)
+
+
+def _defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """The object with the schema's defaults filled in, as the API server does before CEL rules run."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        out = {k: _defaulted(props.get(k, {}), v) for k, v in value.items()}
+        for key, sub in props.items():
+            if key not in out and "default" in sub:
+                out[key] = sub["default"]
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_defaulted(schema["items"], v) for v in value]
+    return value
+
+
+def _validate_crd(doc: dict[str, Any]) -> dict[str, list[str]]:
+    schema = _crd_schemas()[(doc["apiVersion"], doc["kind"])]
+    jsonschema.validate(doc, _strict(schema))
+    report: dict[str, list[str]] = {"evaluated": [], "unevaluated": [], "failed": []}
+    _cel_check(schema, _defaulted(schema, doc), "", report)
+    assert report["failed"] == [], report["failed"]
+    assert report["unevaluated"] == [], f"CEL rules cel-python could not evaluate: {report['unevaluated']}"
+    return report
+
+
 def _validate(doc: dict[str, Any]) -> str:
-    key = (doc["apiVersion"], doc["kind"])
     if doc["apiVersion"].startswith("gateway.envoyproxy.io/"):
         if not EG_CRDS.is_dir():
             return "skipped (no ../shared EG CRDs)"
-        schema = _crd_schemas()[key]
-        jsonschema.validate(doc, schema)
+        _validate_crd(doc)
         return "eg-crd"
     if doc["apiVersion"].startswith("monitoring.coreos.com/"):
         assert doc["spec"]["endpoints"][0]["port"] == "sidecar-metrics"
@@ -100,6 +158,19 @@ def test_rendered_manifests_validate(render: Render, case: str) -> None:
         assert {"EnvoyProxy", "Backend", "EnvoyExtensionPolicy"} <= {d["kind"] for d in docs}
         assert "eg-crd" in how.values()
     assert "k8s" in how.values()
+
+
+def test_crd_cel_rules_are_evaluated_and_can_fail(render: Render) -> None:
+    if not EG_CRDS.is_dir():
+        pytest.skip("no ../shared EG CRDs")
+    docs = render(CI / "all-options-values.yaml")
+    policy = next(d for d in docs if d["kind"] == "EnvoyExtensionPolicy")
+    report = _validate_crd(policy)
+    assert any("targetRefs" in rule for rule in report["evaluated"])
+    bad = json.loads(json.dumps(policy))
+    bad["spec"]["targetRef"] = bad["spec"]["targetRefs"][0]  # both targetRef and targetRefs: refused
+    with pytest.raises(AssertionError, match="either targetRef or targetRefs"):
+        _validate_crd(bad)
 
 
 def test_strict_crd_validation_catches_a_misspelt_field() -> None:
