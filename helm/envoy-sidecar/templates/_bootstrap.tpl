@@ -32,7 +32,7 @@ static_resources:
                           route: {cluster: upstream}
                 http_filters:
                   {{- range $m := include "envoy-sidecar.localWasm" . | fromJsonArray }}
-                  - {{- include "envoy-sidecar.wasmFilter" (dict "root" $root "module" $m) | nindent 20 }}
+                  - {{ include "envoy-sidecar.wasmFilter" (dict "root" $root "module" $m) | nindent 20 | trim }}
                   {{- end }}
                   - name: envoy.filters.http.ext_proc
                     typed_config:
