@@ -288,6 +288,41 @@ def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, c
     assert filenames == outputs
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_standalone_socket_wasm_and_volumes_agree(render: Render, workers: str) -> None:
+    sets = {"sidecar.workers": workers, "wasm.listeners[0]": "unused", **WASM_SETS}
+    docs = render(CI / "standalone-values.yaml", sets=sets)
+    spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in spec["initContainers"] + spec["containers"]}
+    sidecar, envoy = containers["envoy-sidecar"], containers["envoy"]
+    assert sidecar["restartPolicy"] == "Always"
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names.index("wasm-pull-add-header") < names.index("envoy-sidecar")
+    listen = Path(_arg(sidecar["args"], "--listen").removeprefix("unix:"))
+    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
+                               ["data"]["envoy.yaml"])  # fmt: skip
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "envoy-sidecar")
+    pipes = [
+        e["endpoint"]["address"]["pipe"]["path"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    n = int(workers)
+    assert pipes == ([str(listen)] if n == 1 else [str(listen.with_name(f"{listen.stem}-{i}{listen.suffix}"))
+                                                   for i in range(n)])  # fmt: skip
+    assert ("health_checks" in cluster) == (n > 1)
+    socket_volume = next(name for name, m in _mounts(sidecar).items() if m["mountPath"] == str(listen.parent))
+    assert _mounts(envoy)[socket_volume]["mountPath"] == str(listen.parent)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
+    (output,) = _pull_outputs(docs)
+    assert wasm == str(output)
+    wasm_volume = next(name for name, m in _mounts(containers["wasm-pull-add-header"]).items()
+                       if m["mountPath"] == str(output.parent))  # fmt: skip
+    assert _mounts(envoy)[wasm_volume] == {"name": wasm_volume, "mountPath": str(output.parent), "readOnly": True}
+    assert [f["name"] for f in hcm["http_filters"]][-2:] == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    envoy_cm = next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
+    assert {v["name"]: v for v in spec["volumes"]}["envoy-config"]["configMap"]["name"] == envoy_cm["metadata"]["name"]
+
+
 def test_eg_modules_delivered_by_envoy_gateway_go_to_the_policy(render: Render) -> None:
     docs = render(CI / "all-options-values.yaml")
     wasm = [w for d in docs if d["kind"] == "EnvoyExtensionPolicy" for w in d["spec"].get("wasm", [])]
