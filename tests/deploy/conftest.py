@@ -24,12 +24,17 @@ def helm() -> Path:
     return path
 
 
-def helm_template(helm: Path, *values: Path, sets: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def helm_template(
+    helm: Path, *values: Path, sets: dict[str, str] | None = None, kube_version: str | None = None
+) -> subprocess.CompletedProcess[str]:
     args = [str(helm), "template", "rel", str(CHART), "--namespace", "apps"]
+    if kube_version:
+        args += ["--kube-version", kube_version]
     for v in values:
         args += ["-f", str(v)]
     for key, value in (sets or {}).items():
-        args += ["--set-string" if value.startswith(("0", "sha256")) else "--set", f"{key}={value}"]
+        as_string = (value.startswith("0") and len(value) > 1) or value.startswith("sha256")  # octal modes, digests
+        args += ["--set-string" if as_string else "--set", f"{key}={value}"]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -448,6 +448,21 @@ def test_bad_values_fail_with_a_message(helm: Path, sets: dict[str, str], messag
     assert message in proc.stderr, proc.stderr
 
 
+def test_kubernetes_version_gates(helm: Path) -> None:
+    old = helm_template(helm, CI / "eg-extproc-values.yaml", kube_version="1.28.0")
+    assert old.returncode != 0 and "sidecar.nativeSidecar=false" in old.stderr
+    fallback = helm_template(helm, CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"},
+                             kube_version="1.28.0")  # fmt: skip
+    assert fallback.returncode == 0, fallback.stderr
+    standalone = {"sidecar.nativeSidecar": "false"}
+    assert "preStopSeconds" in helm_template(helm, CI / "standalone-values.yaml", sets=standalone,
+                                             kube_version="1.28.0").stderr  # fmt: skip
+    standalone["standalone.envoy.preStopSeconds"] = "0"
+    done = helm_template(helm, CI / "standalone-values.yaml", sets=standalone, kube_version="1.28.0")
+    assert done.returncode == 0 and "preStop" in done.stdout  # the sidecar's exec preStop remains
+    assert "sleep:" not in done.stdout
+
+
 def test_standalone_needs_an_upstream(helm: Path) -> None:
     proc = helm_template(helm, CI / "standalone-values.yaml", sets={"standalone.upstream.host": ""})
     assert proc.returncode != 0 and "standalone.upstream.host" in proc.stderr

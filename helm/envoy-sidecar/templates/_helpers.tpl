@@ -371,6 +371,13 @@ typed_config:
 {{- fail "wasm.dir must not be inside socket.dir: they are separate volumes" -}}
 {{- end -}}
 {{- end -}}
+{{- $kube := .Capabilities.KubeVersion.Version -}}
+{{- if and .Values.sidecar.nativeSidecar (semverCompare "<1.29.0-0" $kube) -}}
+{{- fail (printf "sidecar.nativeSidecar: native sidecars need Kubernetes >= 1.29 (this cluster: %s); set sidecar.nativeSidecar=false" $kube) -}}
+{{- end -}}
+{{- if and (eq .Values.mode "standalone") .Values.standalone.envoy.preStopSeconds (semverCompare "<1.30.0-0" $kube) -}}
+{{- fail (printf "standalone.envoy.preStopSeconds: the preStop sleep action needs Kubernetes >= 1.30 (this cluster: %s); set it to 0" $kube) -}}
+{{- end -}}
 {{- if eq .Values.mode "envoyGateway" -}}
 {{- if not .Values.envoyGateway.gateway.name -}}
 {{- fail "envoyGateway.gateway.name: the Gateway whose Envoy pods get the sidecar is required in envoyGateway mode" -}}
