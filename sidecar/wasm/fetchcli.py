@@ -7,6 +7,7 @@ Heavy imports (oras-py, requests) happen inside the commands, so `sidecar --help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,13 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     pull.add_argument(
         "--cache-max-bytes", type=int, default=1 << 30, help="cache size cap, LRU-evicted (default 1 GiB)"
+    )
+    pull.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="also write the verified module to FILE (atomically, mode 0644): the path Envoy's "
+        "local.filename names, e.g. on a volume shared with Envoy from an init container",
     )
     pull.add_argument(
         "--progress",
@@ -173,6 +181,8 @@ def _pull(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.finish()
     module = result.module
+    if args.output is not None:
+        _write_output(module.path, module.sha256, args.output)
     if args.json:
         doc = {
             "sha256": module.sha256,
@@ -188,6 +198,37 @@ def _pull(args: argparse.Namespace) -> int:
         how = "cached" if result.cache_hit else f"pulled ({result.layout or 'http'})"
         print(f"{module.path}  sha256:{module.sha256}  {module.size} bytes  {how}")
     return 0
+
+
+def _write_output(source: Path, sha256: str, target: Path) -> None:
+    """Copy a cached module to `target` via a temporary file and a rename, re-checking its sha256, so
+    Envoy never sees a partial or different file."""
+    import hashlib
+    import tempfile
+
+    from sidecar.wasm.fetcherrors import CacheError, IntegrityError
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            digest = hashlib.sha256()
+            with source.open("rb") as src, os.fdopen(fd, "wb") as out:
+                while piece := src.read(1 << 20):
+                    digest.update(piece)
+                    out.write(piece)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != sha256:
+                raise IntegrityError(f"cached module {source} no longer matches sha256:{sha256}; run `sidecar wasm gc`")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CacheError(f"--output {target}: cannot write ({exc.strerror})") from None
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -219,3 +219,29 @@ def test_image_sha256_must_be_the_manifest_digest(
     assert cache_files(cache) == []
     doc = pull_json(capsys, ref, "--sha256", digest.removeprefix("sha256:"), *args)
     assert doc["sha256"] == module_sha and doc["digest"] == digest
+
+
+def test_pull_writes_the_verified_module_where_envoy_reads_it(
+    basic_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Helm chart's init container contract: `--output FILE` is Envoy's local.filename."""
+    module = make_module(4000, seed="output")
+    path = tmp_path / "plugin.wasm"
+    path.write_bytes(module)
+    creds = basic_registry.config_json(tmp_path / "config.json")
+    ref = f"{basic_registry.host}/filters/output:v1"
+    digest = _push(capsys, basic_registry, path, ref, creds)
+    shared = tmp_path / "shared" / "wasm" / "filter.wasm"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"old module")
+    pulled = pull_json(capsys, ref, "--sha256", digest, "--cache-dir", str(tmp_path / "cache"), "--output",
+                       str(shared), "--pull-secret", str(creds), *basic_registry.cli_args())  # fmt: skip
+    assert shared.read_bytes() == module
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644
+    assert pulled["sha256"] == hashlib.sha256(module).hexdigest()
+    assert sorted(p.name for p in shared.parent.iterdir()) == ["filter.wasm"]  # no temporary files left
+
+    code, _, err = run(capsys, "wasm", "pull", ref, "--sha256", "0" * 64, "--cache-dir", str(tmp_path / "c2"),
+                       "--output", str(shared), "--pull-secret", str(creds), *basic_registry.cli_args())  # fmt: skip
+    assert_user_error(code, err, "sha256")
+    assert shared.read_bytes() == module  # a failed pull leaves the previous file alone
