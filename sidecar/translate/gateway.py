@@ -24,6 +24,7 @@ from sidecar.translate.policies import (
     attached_policy,
     client_ip_settings,
     ext_proc_filters,
+    finish_per_filter_configs,
     load_balancing,
     rbac_filter,
     rbac_per_route,
@@ -391,6 +392,6 @@ def build_bootstrap_from_resources(resources: ResourceSet, options: RenderOption
     listeners = builder.listeners()
     clusters = [builder.clusters[name] for name in sorted(builder.clusters)]
     bootstrap = Bootstrap(static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters))
-    result: dict[str, Any] = bootstrap.to_dict(casing=betterproto2.Casing.SNAKE)
+    result: dict[str, Any] = finish_per_filter_configs(bootstrap.to_dict(casing=betterproto2.Casing.SNAKE))
     return result
 

@@ -28,6 +28,7 @@ __all__ = [
     "attached_policy",
     "client_ip_settings",
     "ext_proc_filters",
+    "finish_per_filter_configs",
     "load_balancing",
     "rbac_per_route",
     "wasm_filters",
@@ -223,7 +224,6 @@ def rbac_per_route(policy: Resource) -> Any | None:
     """
     from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, PrincipalSet, Rbac, RbacAction
     from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
-    from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import RbacPerRoute
 
     authorization = policy.spec.get("authorization")
     if authorization is None:
@@ -245,7 +245,38 @@ def rbac_per_route(policy: Resource) -> Any | None:
         principal = Principal(any=True) if not matchers else \
             Principal(not_id=Principal(or_ids=PrincipalSet(ids=matchers)))  # fmt: skip
         policies["zzz-default-allow"] = Policy(permissions=[Permission(any=True)], principals=[principal])
-    return RbacPerRoute(rbac=RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies=policies)))
+    # envoy-data-plane 2.2 resolves RBACPerRoute.rbac to the wrong `Rbac` class and refuses the message,
+    # so the filter config travels as is and finish_per_filter_configs() wraps it once the bootstrap is a dict.
+    return RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies=policies))
+
+
+_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+_RBAC_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+
+
+_FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+
+
+def finish_per_filter_configs(value: Any) -> Any:
+    """Fix up a rendered bootstrap dict where envoy-data-plane cannot say what Envoy needs.
+
+    * per-route RBAC entries become the RBACPerRoute that wraps them;
+    * a FilterConfig that only enables a filter gets `config: {}` (an empty Any, as EG writes it):
+      without it Envoy refuses an "empty per filter configuration".
+    """
+    if isinstance(value, list):
+        return [finish_per_filter_configs(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    result = {k: finish_per_filter_configs(v) for k, v in value.items()}
+    per_filter = result.get("typed_per_filter_config")
+    if isinstance(per_filter, dict):
+        for name, entry in per_filter.items():
+            if entry.get("@type") == _RBAC_TYPE:
+                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": {k: v for k, v in entry.items() if k != "@type"}}
+            elif entry.get("@type") == _FILTER_CONFIG_TYPE and "config" not in entry:
+                per_filter[name] = {**entry, "config": {}}
+    return result
 
 
 def rbac_filter() -> Any:
