@@ -273,7 +273,8 @@ def finish_per_filter_configs(value: Any) -> Any:
     if isinstance(per_filter, dict):
         for name, entry in per_filter.items():
             if entry.get("@type") == _RBAC_TYPE:
-                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": {k: v for k, v in entry.items() if k != "@type"}}
+                rules = {k: v for k, v in entry.items() if k != "@type"}
+                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": rules}
             elif entry.get("@type") == _FILTER_CONFIG_TYPE and "config" not in entry:
                 per_filter[name] = {**entry, "config": {}}
     return result

@@ -402,9 +402,10 @@ class _Checker:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
                 pmatch = match.get("path") or {}
-                if pmatch.get("type", "PathPrefix") != "RegularExpression" and not pmatch.get("value", "/").startswith("/"):
+                is_regex = pmatch.get("type") == "RegularExpression"
+                if not is_regex and not pmatch.get("value", "/").startswith("/"):
                     raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
-                regexes = [pmatch.get("value")] if pmatch.get("type") == "RegularExpression" else []
+                regexes: list[str] = [pmatch.get("value", "")] if is_regex else []
                 regexes += [h["value"] for h in match.get("headers") or [] if h.get("type") == "RegularExpression"]
                 for regex in regexes:
                     try:

@@ -129,7 +129,8 @@ class _Recorder(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         for request in requests:
             phase = request.WhichOneof("request")
             if phase == "request_headers":
-                self.seen.append((phase, {h.key: h.raw_value.decode() for h in request.request_headers.headers.headers}))
+                headers = request.request_headers.headers.headers
+                self.seen.append((phase, {h.key: h.raw_value.decode() for h in headers}))
                 yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif phase == "response_headers":
                 self.seen.append((phase, None))

@@ -104,14 +104,15 @@ def get(url: str, path: str, host: str = "www.example.com", **kwargs: object) ->
     return httpx.get(url + path, headers=headers, timeout=10, **kwargs)  # type: ignore[arg-type]
 
 
-def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, NamedBackend], tmp_path: Path) -> None:
+def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
     dns = DnsServer({"echo.backend.test": "127.0.0.1"})
     try:
         text = (GATEWAY
                 + backend("by-ip", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
                 + backend("by-fqdn", f"fqdn: {{hostname: echo.backend.test, port: {backends['b'].port}}}")
                 + backend("by-uds", f"unix: {{path: {backends['uds'].unix_path}}}")
-                + route("ip", "/ip", "by-ip") + route("fqdn", "/fqdn", "by-fqdn") + route("uds", "/uds", "by-uds"))  # fmt: skip
+                + route("ip", "/ip", "by-ip") + route("fqdn", "/fqdn", "by-fqdn")
+                + route("uds", "/uds", "by-uds"))  # fmt: skip
         url = run_envoy(text, dns_resolver=("127.0.0.1", dns.port))
         assert get(url, "/ip/x").text == "a /ip/x"
         wait_for(lambda: get(url, "/fqdn").status_code == 200, what="the FQDN backend to resolve")
@@ -149,7 +150,9 @@ spec:
 """
 
 
-def test_ip_allow_list_uses_the_client_ip_from_x_forwarded_for(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+def test_ip_allow_list_uses_the_client_ip_from_x_forwarded_for(
+    run_envoy: Run, backends: dict[str, NamedBackend]
+) -> None:
     text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
             + route("http-with-authorization-client-ip", "/", "a") + SECURITY)  # fmt: skip
     url = run_envoy(text)
