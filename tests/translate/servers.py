@@ -8,6 +8,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,9 @@ class _Named(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         name = self.server.name  # type: ignore[attr-defined]
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        if self.path.startswith("/slow"):
+            time.sleep(2)  # a request still in flight while the test reloads Envoy
         body = f"{name} {self.path}".encode()
         self.send_response(200)
         self.send_header("content-type", "text/plain")
@@ -49,11 +53,13 @@ class NamedBackend:
 
     def __init__(self, name: str, unix_path: Path | None = None) -> None:
         self.name = name
+        self.paths: list[str]
         self.unix_path = unix_path
         server: Any = _UnixHTTPServer(str(unix_path), _Named) if unix_path else ThreadingHTTPServer(
             ("127.0.0.1", 0), _Named)  # fmt: skip
         server.daemon_threads = True
         server.name = name
+        server.paths = self.paths = []
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
