@@ -171,7 +171,7 @@ def wasm_filters(policy: Resource, options: RenderOptions) -> list[PolicyFilter]
     from envoy_data_plane.envoy.config.core.v3 import AsyncDataSource, DataSource
     from envoy_data_plane.envoy.extensions.filters.http.wasm.v3 import Wasm
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-    from envoy_data_plane.envoy.extensions.wasm.v3 import EnvironmentVariables, PluginConfig, VmConfig
+    from envoy_data_plane.envoy.extensions.wasm.v3 import EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig
     from envoy_data_plane.google.protobuf import StringValue
 
     result = []
@@ -192,7 +192,7 @@ def wasm_filters(policy: Resource, options: RenderOptions) -> list[PolicyFilter]
         if host_keys:
             vm.environment_variables = EnvironmentVariables(host_env_keys=list(host_keys))
         plugin = PluginConfig(name=wasm.get("name", ir_name), root_id=wasm.get("rootID", ""), vm_config=vm,
-                              fail_open=bool(wasm.get("failOpen", False)))  # fmt: skip
+                              failure_policy=FailurePolicy.FAIL_OPEN if wasm.get("failOpen") else FailurePolicy.FAIL_CLOSED)  # fmt: skip
         if wasm.get("config") is not None:
             plugin.configuration = pack(StringValue(value=json.dumps(wasm["config"], sort_keys=True)))
         name = f"{WASM}/{ir_name}"
@@ -302,6 +302,8 @@ def client_ip_settings(policy: Resource, hcm: Any) -> None:
     if detection is None:
         return
     xff = detection.get("xForwardedFor")
+    if xff is not None and xff.get("disableXForwardedForAppend"):
+        hcm.skip_xff_append = True
     if xff is not None and "numTrustedHops" in xff:
         hcm.use_remote_address = True
         hcm.xff_num_trusted_hops = xff["numTrustedHops"]

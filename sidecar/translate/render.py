@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.errors import ConfigError
 from sidecar.translate.gateway import build_bootstrap_from_resources
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.resources import ResourceSet, load_resources
@@ -19,6 +20,8 @@ __all__ = ["dump_yaml", "render_bootstrap", "translate"]
 def translate(resources: ResourceSet, options: RenderOptions | None = None) -> dict[str, Any]:
     """Validate, then build the bootstrap. Raises ConfigError naming file, resource and field."""
     validate(resources)
+    if not resources.of("Gateway"):
+        raise ConfigError("no Gateway in the input files (need at least one, with listeners)")
     return build_bootstrap_from_resources(resources, options or RenderOptions())
 
 

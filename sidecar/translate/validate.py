@@ -196,7 +196,8 @@ SPEC_SCHEMAS: dict[str, Node] = {
                           ["action", "principal"]), 128),
     })}),
     "ClientTrafficPolicy": Obj({**_POLICY_TARGETS, "clientIPDetection": Obj(
-        {"xForwardedFor": Obj({"numTrustedHops": Int(0, 2**31 - 1), "trustedCIDRs": List(_CIDR, 64, 1)},
+        {"xForwardedFor": Obj({"numTrustedHops": Int(0, 2**31 - 1), "trustedCIDRs": List(_CIDR, 64, 1),
+                               "disableXForwardedForAppend": BOOL},
                               one_of=[("numTrustedHops", "trustedCIDRs")]),
          "customHeader": Obj({"name": Str(r"[A-Za-z0-9-]+", 255), "failClosed": BOOL}, ["name"])},
         one_of=[("xForwardedFor", "customHeader")],
@@ -218,9 +219,11 @@ SPEC_SCHEMAS: dict[str, Node] = {
         # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
         "provider": ANY,
     }),
+    # Services are only ever referenced (their ports checked); the rest of a Service spec is not ours.
     "Service": Obj({"ports": List(Obj({"port": _PORT, "name": Str(), "protocol": Enum("TCP", "UDP", "SCTP"),
-                                       "targetPort": ANY, "appProtocol": Str()}, ["port"]), 64)},
-                   ),
+                                       "targetPort": ANY, "appProtocol": Str(), "nodePort": ANY}, ["port"]), 64),
+                    **{k: ANY for k in ("selector", "type", "clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy",
+                                        "sessionAffinity", "externalName", "externalTrafficPolicy")}}),
 }
 
 _ENVELOPE = {"apiVersion", "kind", "metadata", "spec", "status"}
@@ -564,6 +567,4 @@ def _is_prime(n: int) -> bool:
 
 def validate(resources: ResourceSet, *, strict_eg: bool = False) -> None:
     """Raise ConfigError for the first structural or cross-resource problem."""
-    if not resources.of("Gateway"):
-        raise ConfigError("no Gateway in the input files (need at least one, with listeners)")
     _Checker(resources, strict_eg).run()
