@@ -191,8 +191,9 @@ def wasm_filters(policy: Resource, options: RenderOptions) -> list[PolicyFilter]
         host_keys = (wasm.get("env") or {}).get("hostKeys")
         if host_keys:
             vm.environment_variables = EnvironmentVariables(host_env_keys=list(host_keys))
+        policy_on_failure = FailurePolicy.FAIL_OPEN if wasm.get("failOpen") else FailurePolicy.FAIL_CLOSED
         plugin = PluginConfig(name=wasm.get("name", ir_name), root_id=wasm.get("rootID", ""), vm_config=vm,
-                              failure_policy=FailurePolicy.FAIL_OPEN if wasm.get("failOpen") else FailurePolicy.FAIL_CLOSED)  # fmt: skip
+                              failure_policy=policy_on_failure)  # fmt: skip
         if wasm.get("config") is not None:
             plugin.configuration = pack(StringValue(value=json.dumps(wasm["config"], sort_keys=True)))
         name = f"{WASM}/{ir_name}"

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.errors import ConfigError
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 from sidecar.translate.schema import ANY, BOOL, Duration, Enum, Int, List, Node, Obj, Str, StrMap
 
