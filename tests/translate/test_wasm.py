@@ -124,8 +124,9 @@ def test_http_wasm_module_is_fetched_verified_and_runs(tmp_path: Path, module_ur
         path = tmp_path / "wasm.yaml"
         path.write_text(_resources(app.port, url, sha256))
         cache = tmp_path / "cache"
-        bootstrap = render_bootstrap([path], RenderOptions(
-            listen_address="127.0.0.1", ephemeral_ports=True, fetch_module=lambda code: fetch_module(code, cache)))  # fmt: skip
+        options = RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
+                                fetch_module=lambda code: fetch_module(code, cache))  # fmt: skip
+        bootstrap = render_bootstrap([path], options)
         assert (cache / f"{sha256}.wasm").read_bytes()[:4] == b"\0asm"
         validate_bootstrap(bootstrap)
         with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
