@@ -172,3 +172,75 @@ def test_up_f_bad_input_exits_2_with_one_line_and_starts_nothing(tmp_path: Path,
     assert not list(tmp_path.glob("sidecar-up-*/envoy-0/envoy.log"))  # Envoy never started
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+SIDECAR_RESOURCES = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners: [{{name: http, protocol: HTTP, port: {port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: myapp}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules:
+    - backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: echo}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: echo}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: {echo_port}}}}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata:
+  name: envoy-sidecar
+  annotations: {{envoy-sidecar/extproc: "true"}}
+spec:
+  endpoints: [{{unix: {{path: /var/run/envoy-sidecar/extproc.sock}}}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {{name: ext-proc-example}}
+spec:
+  targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: myapp}}
+  extProc:
+  - backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: envoy-sidecar}}]
+"""
+
+
+def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processing_mode(tmp_path: Path) -> None:
+    from sidecar.config import load_config
+    from sidecar.registry import Registry, describe_mode
+    from sidecar.runtime.demo import EchoBackend
+    from sidecar.runtime.stack import Stack, StackOptions
+    from sidecar.runtime.up import demo_config_path
+
+    port = free_port()
+    with EchoBackend() as echo:
+        config = tmp_path / "eg.yaml"
+        config.write_text(SIDECAR_RESOURCES.format(port=port, echo_port=echo.address[1]))
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        stack = Stack(StackOptions(files=(config,)), workdir)
+        try:
+            stack.start()
+            assert stack.sidecar is not None and stack.envoy is not None
+            [(name, url)] = stack.urls()
+            assert (name, url) == ("default/eg/http", f"http://127.0.0.1:{port}")
+            response = httpx.get(url + "/hi", timeout=10)
+            assert response.json()["headers"]["x-stamped-by"] == "envoy-sidecar-demo"
+            hcm = stack.envoy.bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            filters = hcm["typed_config"]["http_filters"]
+            [ext_proc] = [f for f in filters if f["name"].startswith("envoy.filters.http.ext_proc")]
+            registry = Registry.from_specs(load_config(demo_config_path()).chains)
+            wanted = {k: v for k, v in describe_mode(registry.mode).items() if v not in ("SKIP", "NONE")}
+            got = {k: v for k, v in ext_proc["typed_config"]["processing_mode"].items() if v not in ("SKIP", "NONE")}
+            assert got == wanted and got["request_body_mode"] == "BUFFERED"
+        finally:
+            stack.close()
