@@ -1,4 +1,4 @@
-"""`sidecar render -f FILES`: EG resources -> an Envoy bootstrap."""
+"""`sidecar render -f FILES`: EG resources -> an Envoy bootstrap, or (--format eg) an EG bundle."""
 
 from __future__ import annotations
 
@@ -41,10 +41,16 @@ def _render(args: argparse.Namespace) -> int:
     from sidecar.runtime.envoy import validate_bootstrap
     from sidecar.translate.render import dump_yaml, render_bootstrap
 
-    bootstrap = render_bootstrap(args.files, render_options(args))
-    if args.validate:
-        validate_bootstrap(bootstrap)
-    text = dump_yaml(bootstrap)
+    if args.format == "eg":
+        from sidecar.runtime.up import demo_config_path
+        from sidecar.translate.bundle import render_bundle
+
+        text = render_bundle(args.files, args.sidecar_config or demo_config_path(), image=args.image)
+    else:
+        bootstrap = render_bootstrap(args.files, render_options(args))
+        if args.validate:
+            validate_bootstrap(bootstrap)
+        text = dump_yaml(bootstrap)
     if args.output:
         args.output.write_text(text)
     else:
@@ -64,6 +70,10 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     render.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE_OR_DIR",
                         help="YAML file or directory of them (repeatable)")  # fmt: skip
+    render.add_argument("--format", choices=("envoy", "eg"), default="envoy",
+                        help="envoy: a bootstrap for a stock Envoy (default); eg: the EG resources that run this "
+                             "sidecar next to an EG-managed Envoy")  # fmt: skip
+    render.add_argument("--image", default="envoy-sidecar:latest", help="sidecar container image (--format eg)")
     render.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     render.add_argument("--validate", action="store_true", help="also run `envoy --mode validate` on the result")
     add_render_arguments(render)

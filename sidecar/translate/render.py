@@ -14,7 +14,7 @@ from sidecar.translate.options import RenderOptions
 from sidecar.translate.resources import ResourceSet, load_resources
 from sidecar.translate.validate import validate
 
-__all__ = ["dump_yaml", "render_bootstrap", "translate"]
+__all__ = ["dump_documents", "dump_yaml", "render_bootstrap", "translate"]
 
 
 def translate(resources: ResourceSet, options: RenderOptions | None = None) -> dict[str, Any]:
@@ -40,3 +40,8 @@ def _sorted(value: Any) -> Any:
 
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(_sorted(data), sort_keys=False, default_flow_style=False, width=120)
+
+
+def dump_documents(docs: Sequence[Any]) -> str:
+    """Several documents as one multi-document YAML stream, keys sorted."""
+    return "---\n".join(dump_yaml(doc) for doc in docs)

@@ -60,6 +60,7 @@ _BACKEND_REF = Obj(
     {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
     ["name"],
 )
+_SINGLE_BACKEND_REF = Obj({k: v for k, v in _BACKEND_REF.fields.items() if k != "weight"}, ["name"])
 _HEADER_VALUE = Obj({"name": _HEADER_NAME, "value": Str(max_len=4096, min_len=0)}, ["name", "value"])
 _HEADER_MODIFIER = Obj({"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16),
                         "remove": List(_HEADER_NAME, 16)})  # fmt: skip
@@ -116,7 +117,7 @@ _PROCESSING_DIRECTION = Obj({"body": Enum("Streamed", "Buffered", "BufferedParti
                              "attributes": List(_ATTRIBUTE, 32)})  # fmt: skip
 _EXT_PROC = Obj(
     {
-        "backendRef": _BACKEND_REF,
+        "backendRef": _SINGLE_BACKEND_REF,
         "backendRefs": List(_BACKEND_REF, 16, 1),
         "messageTimeout": Duration(),
         "failOpen": BOOL,
