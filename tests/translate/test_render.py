@@ -1,0 +1,215 @@
+"""What the rendered bootstrap says, field by field (behaviour is covered by the real-Envoy tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sidecar.errors import ConfigError
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.order import order_filters
+from sidecar.translate.render import render_bootstrap
+from sidecar.translate.wasmsource import fetch_module
+from tests.translate.test_validate import BASE
+
+
+def render(tmp_path: Path, extra: str, **options: Any) -> dict[str, Any]:
+    path = tmp_path / "in.yaml"
+    path.write_text(BASE + extra)
+    return render_bootstrap([path], RenderOptions(**options))
+
+
+def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    chain = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]
+    typed: dict[str, Any] = chain["filters"][0]["typed_config"]
+    return typed
+
+
+def routes(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for vh in hcm(bootstrap)["route_config"]["virtual_hosts"] for r in vh["routes"]]
+
+
+EXT_PROC = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: gw}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  extProc:
+  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
+    messageTimeout: 750ms
+    failOpen: false
+    processingMode:
+      allowModeOverride: true
+      request: {body: FullDuplexStreamed, attributes: [request.path, connection.id]}
+      response: {body: BufferedPartial}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: proc}
+spec:
+  endpoints: [{unix: {path: /run/proc.sock}}]
+"""
+
+
+def test_ext_proc_filter_fields_and_placement(tmp_path: Path) -> None:
+    bootstrap = render(tmp_path, EXT_PROC)
+    [ext_proc, router] = hcm(bootstrap)["http_filters"]
+    assert ext_proc["name"] == "envoy.filters.http.ext_proc/envoyextensionpolicy/default/gw/extproc/0"
+    assert ext_proc["disabled"] is True and router["name"] == "envoy.filters.http.router"
+    config = ext_proc["typed_config"]
+    assert config["message_timeout"] == "0.750s"
+    assert config["allow_mode_override"] is True
+    assert config["request_attributes"] == ["request.path", "connection.id"]
+    assert config["processing_mode"] == {
+        "request_header_mode": "SEND", "response_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "BUFFERED_PARTIAL",
+        "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP",
+    }  # fmt: skip
+    assert config["grpc_service"]["envoy_grpc"] == {
+        "cluster_name": "envoyextensionpolicy/default/gw/extproc/0", "authority": "proc.default"}  # fmt: skip
+    [route] = routes(bootstrap)
+    assert route["typed_per_filter_config"][ext_proc["name"]] == {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}  # fmt: skip
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == config["grpc_service"]
+                   ["envoy_grpc"]["cluster_name"])  # fmt: skip
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "pipe": {"path": "/run/proc.sock"}}  # fmt: skip
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+
+
+def test_route_policy_wins_over_gateway_policy(tmp_path: Path) -> None:
+    extra = EXT_PROC + """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: other}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - matches: [{path: {type: Exact, value: /other}}]
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: route}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: other}]
+  extProc:
+  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
+"""
+    by_name = {r["name"].split("/rule")[0]: r for r in routes(render(tmp_path, extra))}
+    assert list(by_name["httproute/default/other"]["typed_per_filter_config"]) == [
+        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/route/extproc/0"]  # fmt: skip
+    assert list(by_name["httproute/default/app"]["typed_per_filter_config"]) == [
+        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/gw/extproc/0"]  # fmt: skip
+
+
+def test_route_precedence_exact_regex_longest_prefix(tmp_path: Path) -> None:
+    extra = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: many}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - matches:
+        - {path: {type: PathPrefix, value: /a}}
+        - {path: {type: PathPrefix, value: /a/b/}}
+        - {path: {type: RegularExpression, value: "/r/[0-9]+"}}
+        - {path: {type: Exact, value: /a/exact}}
+        - {path: {type: PathPrefix, value: /a}, headers: [{name: x-canary, value: "1"}]}
+        - {path: {type: PathPrefix, value: /a}, method: POST}
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
+"""
+    matches = [r["match"] for r in routes(render(tmp_path, extra))]
+    assert matches[:3] == [{"path": "/a/exact"}, {"safe_regex": {"regex": "/r/[0-9]+"}},
+                           {"path_separated_prefix": "/a/b"}]  # fmt: skip
+    assert matches[3]["headers"][0]["name"] == ":method"
+    assert matches[4]["headers"][0]["name"] == "x-canary"
+    assert matches[5:] == [{"path_separated_prefix": "/a"}, {"prefix": "/"}]
+
+
+def test_filter_order_seed_example_moves_all_instances() -> None:
+    names = ["envoy.filters.http.router", "envoy.filters.http.wasm/p/0", "envoy.filters.http.cors",
+             "envoy.filters.http.jwt_authn", "envoy.filters.http.basic_auth", "envoy.filters.http.wasm/p/1",
+             "envoy.filters.http.ext_proc/p/0"]  # fmt: skip
+    filters = [SimpleNamespace(name=n) for n in names]
+    default = [f.name for f in order_filters(filters)]
+    assert default == ["envoy.filters.http.cors", "envoy.filters.http.basic_auth", "envoy.filters.http.jwt_authn",
+                       "envoy.filters.http.ext_proc/p/0", "envoy.filters.http.wasm/p/0",
+                       "envoy.filters.http.wasm/p/1", "envoy.filters.http.router"]  # fmt: skip
+    seed = [{"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.jwt_authn"},
+            {"name": "envoy.filters.http.cors", "after": "envoy.filters.http.basic_auth"}]  # fmt: skip
+    moved = [f.name for f in order_filters(filters, seed)]
+    assert moved == ["envoy.filters.http.basic_auth", "envoy.filters.http.cors", "envoy.filters.http.wasm/p/0",
+                     "envoy.filters.http.wasm/p/1", "envoy.filters.http.jwt_authn",
+                     "envoy.filters.http.ext_proc/p/0", "envoy.filters.http.router"]  # fmt: skip
+    absent = [{"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.lua"}]
+    assert [f.name for f in order_filters(filters, absent)] == default
+
+
+def test_lb_policies_and_hash_policies(tmp_path: Path) -> None:
+    def policy(spec: str) -> str:
+        return ("\n---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: lb}\n"
+                "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}, "
+                f"loadBalancer: {spec}}}\n")  # fmt: skip
+
+    def cluster_and_route(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        bootstrap = render(tmp_path, policy(spec))
+        return bootstrap["static_resources"]["clusters"][0], routes(bootstrap)[0]["route"]
+
+    assert cluster_and_route("{type: LeastRequest}")[0]["lb_policy"] == "LEAST_REQUEST"
+    assert cluster_and_route("{type: Random}")[0]["lb_policy"] == "RANDOM"
+    assert "lb_policy" not in cluster_and_route("{type: RoundRobin}")[0]  # ROUND_ROBIN is the proto default
+    cluster, route = cluster_and_route("{type: ConsistentHash, consistentHash: {type: Cookie, tableSize: 131,"
+                                       " cookie: {name: sticky, ttl: 1h}}}")  # fmt: skip
+    assert cluster["lb_policy"] == "MAGLEV" and cluster["maglev_lb_config"] == {"table_size": 131}
+    assert route["hash_policy"] == [{"cookie": {"name": "sticky", "ttl": "3600s"}}]
+
+
+def test_client_ip_custom_header(tmp_path: Path) -> None:
+    extra = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: cip}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}
+  clientIPDetection: {customHeader: {name: x-client-ip, failClosed: true}}
+"""
+    manager = hcm(render(tmp_path, extra))
+    [extension] = manager["original_ip_detection_extensions"]
+    assert extension["typed_config"]["header_name"] == "x-client-ip"
+    assert extension["typed_config"]["reject_with_status"] == {"code": "Forbidden"}
+    assert manager["use_remote_address"] is False  # the header, not the peer, is the client
+
+
+def test_seed_oci_wasm_examples_need_the_fetcher(tmp_path: Path) -> None:
+    extra = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata:
+  name: oci-wasm-source-test
+spec:
+  targetRef:
+    group: gateway.networking.k8s.io
+    kind: HTTPRoute
+    name: app
+  wasm:
+  - name: wasm-filter
+    code:
+      type: Image
+      image:
+        url: "zhaohuabing/testwasm:v0.0.1"
+        sha256: cdb37a856ae7dae208cdcb19378022cc81dbcae30859f58b89ae259a9575a49d
+"""
+    with pytest.raises(ConfigError, match=r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec.wasm\[0\].code: "
+                                          "OCI images need the wasm fetcher"):
+        render(tmp_path, extra, fetch_module=fetch_module)
