@@ -56,8 +56,12 @@ def _host_matches(route_host: str, listener_host: str | None) -> str | None:
 
 
 def _attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -> list[Resource]:
+    spec = next(li for li in gateway.spec["listeners"] if li["name"] == listener)
+    allowed = ((spec.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
     routes = []
     for route in resources.of("HTTPRoute"):
+        if allowed == "Same" and route.namespace != gateway.namespace:
+            continue  # Gateway API default: only routes from the Gateway's own namespace attach
         for parent in route.spec.get("parentRefs") or []:
             if parent["name"] == gateway.name and parent.get("namespace", route.namespace) == gateway.namespace \
                     and parent.get("sectionName") in (None, listener):

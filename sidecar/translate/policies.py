@@ -336,6 +336,7 @@ def load_balancing(policy: Resource | None) -> tuple[LoadBalancing, list[Any]]:
         RouteActionHashPolicy,
         RouteActionHashPolicyConnectionProperties,
         RouteActionHashPolicyCookie,
+        RouteActionHashPolicyCookieAttribute,
         RouteActionHashPolicyHeader,
     )
 
@@ -359,5 +360,7 @@ def load_balancing(policy: Resource | None) -> tuple[LoadBalancing, list[Any]]:
         spec = RouteActionHashPolicyCookie(name=cookie["name"])
         if "ttl" in cookie:
             spec.ttl = parse_duration(cookie["ttl"])
+        spec.attributes = [RouteActionHashPolicyCookieAttribute(name=k, value=v)
+                           for k, v in sorted((cookie.get("attributes") or {}).items())]
         hash_policy = RouteActionHashPolicy(cookie=spec)
     return settings, [hash_policy]

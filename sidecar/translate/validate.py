@@ -96,7 +96,7 @@ _ROUTE_RULE = Obj(
         "matches": List(_ROUTE_MATCH, 64),
         "filters": List(_ROUTE_FILTER, 16),
         "backendRefs": List(_BACKEND_REF, 16),
-        "timeouts": Obj({"request": Duration(), "backendRequest": Duration()}),
+        "timeouts": Obj({"request": Duration()}),
     }
 )
 _PARENT_REF = Obj({"group": _GROUP, "kind": _KIND, "namespace": _NAME, "name": _NAME, "sectionName": _NAME,
@@ -108,8 +108,8 @@ _LISTENER = Obj(
         "hostname": _HOSTNAME,
         "port": _PORT,
         "protocol": Enum("HTTP", "HTTPS"),
-        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1), "options": StrMap()}),
-        "allowedRoutes": ANY,
+        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
+        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All")})}),
     },
     ["name", "port", "protocol"],
 )
@@ -164,10 +164,9 @@ _CIDR = Str(r"[0-9a-fA-F:.]+/[0-9]{1,3}", 64, what="a CIDR such as 10.0.1.0/24 o
 SPEC_SCHEMAS: dict[str, Node] = {
     "GatewayClass": ANY,
     "Gateway": Obj(
-        {"gatewayClassName": _NAME, "listeners": List(_LISTENER, 64, 1), "addresses": ANY,
+        {"gatewayClassName": _NAME, "listeners": List(_LISTENER, 64, 1),
          "infrastructure": Obj({"parametersRef": Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
-                                                     ["group", "kind", "name"]),
-                                "labels": StrMap(), "annotations": StrMap()})},
+                                                     ["group", "kind", "name"])})},
         ["gatewayClassName", "listeners"],
     ),
     "HTTPRoute": Obj({"parentRefs": List(_PARENT_REF, 32), "hostnames": List(_HOSTNAME, 16),
@@ -175,17 +174,14 @@ SPEC_SCHEMAS: dict[str, Node] = {
     "Backend": Obj(
         {"type": Enum("Endpoints"), "endpoints": List(_ENDPOINT, 64, 1),
          "appProtocols": List(Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws",
-                                   "gateway.envoyproxy.io/wss"), 41),
-         "fallback": BOOL},
+                                   "gateway.envoyproxy.io/wss"), 41)},
         ["endpoints"],
     ),
     "BackendTLSPolicy": Obj(
         {"targetRefs": List(_TARGET_REF, 16, 1),
          "validation": Obj({"caCertificateRefs": List(Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
                                                          ["group", "kind", "name"]), 8),
-                            "wellKnownCACertificates": Enum("System"), "hostname": _HOSTNAME,
-                            "subjectAltNames": ANY}, ["hostname"]),
-         "options": StrMap()},
+                            "wellKnownCACertificates": Enum("System"), "hostname": _HOSTNAME}, ["hostname"])},
         ["targetRefs", "validation"],
     ),
     "EnvoyExtensionPolicy": Obj({**_POLICY_TARGETS, "extProc": List(_EXT_PROC, 16), "wasm": List(_WASM, 16)}),
@@ -209,8 +205,7 @@ SPEC_SCHEMAS: dict[str, Node] = {
              "header": Obj({"name": _HEADER_NAME}, ["name"]),
              "cookie": Obj({"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]),
              "tableSize": Int(2, 5000011),
-         }, ["type"]),
-         "slowStart": Obj({"window": Duration()}, ["window"])},
+         }, ["type"])},
         ["type"],
     )}),
     "EnvoyProxy": Obj({

@@ -167,10 +167,12 @@ def test_lb_policies_and_hash_policies(tmp_path: Path) -> None:
     assert cluster_and_route("{type: LeastRequest}")[0]["lb_policy"] == "LEAST_REQUEST"
     assert cluster_and_route("{type: Random}")[0]["lb_policy"] == "RANDOM"
     assert "lb_policy" not in cluster_and_route("{type: RoundRobin}")[0]  # ROUND_ROBIN is the proto default
-    cluster, route = cluster_and_route("{type: ConsistentHash, consistentHash: {type: Cookie, tableSize: 131,"
-                                       " cookie: {name: sticky, ttl: 1h}}}")  # fmt: skip
+    cookie = "{name: sticky, ttl: 1h, attributes: {SameSite: Strict}}"
+    cluster, route = cluster_and_route(f"{{type: ConsistentHash, consistentHash: {{type: Cookie, tableSize: 131,"
+                                       f" cookie: {cookie}}}}}")  # fmt: skip
     assert cluster["lb_policy"] == "MAGLEV" and cluster["maglev_lb_config"] == {"table_size": 131}
-    assert route["hash_policy"] == [{"cookie": {"name": "sticky", "ttl": "3600s"}}]
+    assert route["hash_policy"] == [{"cookie": {"name": "sticky", "ttl": "3600s",
+                                                "attributes": [{"name": "SameSite", "value": "Strict"}]}}]
 
 
 def test_client_ip_custom_header(tmp_path: Path) -> None:
