@@ -215,3 +215,30 @@ spec:
     with pytest.raises(ConfigError, match=r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec.wasm\[0\].code: "
                                           "OCI images need the wasm fetcher"):
         render(tmp_path, extra, fetch_module=fetch_module)
+
+
+def test_h2c_backend_speaks_http2_and_fqdn_uses_strict_dns(tmp_path: Path) -> None:
+    extra = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: h2}
+spec:
+  parentRefs: [{name: eg}]
+  hostnames: [grpc.example.com]
+  rules:
+    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: grpc}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: grpc}
+spec:
+  appProtocols: [gateway.envoyproxy.io/h2c]
+  endpoints: [{fqdn: {hostname: grpc.example.com, port: 9000}}]
+"""
+    bootstrap = render(tmp_path, extra, dns_resolver=("127.0.0.1", 5353))
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "httproute/default/h2/rule/0")
+    assert cluster["type"] == "STRICT_DNS"
+    assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
+    resolver = cluster["typed_dns_resolver_config"]["typed_config"]["resolvers"]
+    assert resolver == [{"socket_address": {"address": "127.0.0.1", "port_value": 5353}}]
