@@ -2,7 +2,8 @@
 
 Each backendRef of a rule becomes one locality of the rule's cluster, weighted by the backendRef weight
 (so a consistent-hash policy spreads over *all* the rule's backends, as in EG). Endpoint kinds:
-`ip` -> socket address, `fqdn` -> socket address in a STRICT_DNS cluster, `unix` -> pipe. A Backend
+`ip` -> socket address, `fqdn` -> socket address in a STRICT_DNS cluster (LOGICAL_DNS with the
+`envoy-sidecar/dns: logical` annotation), `unix` -> pipe. A Backend
 listing `gateway.envoyproxy.io/h2c` speaks HTTP/2 without TLS; a BackendTLSPolicy targeting it adds an
 UpstreamTlsContext (CA from a Secret/ConfigMap `ca.crt` or the system bundle, SNI and SAN = hostname).
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.messages import address, pack, pipe_address
-from sidecar.translate.options import RenderOptions
+from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.validate import BackendTarget, policy_targets, secret_value
 
@@ -160,9 +161,16 @@ def build_cluster(
         )
     backends = [t.resource for t in live]
     dns = any(e.get("fqdn") for b in backends if b.kind == "Backend" for e in b.spec["endpoints"])
+    discovery = ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC
+    logical = [b for b in backends if str(b.annotations.get(DNS_ANNOTATION, "")).lower() == "logical"]
+    if logical:
+        if sum(len(loc.lb_endpoints) for loc in localities) != 1 or not dns:
+            raise ConfigError(f"{owner}: Backend {logical[0].name}: annotation {DNS_ANNOTATION}: logical needs a "
+                              "rule (or extProc) whose only endpoint is one fqdn endpoint")  # fmt: skip
+        discovery = ClusterDiscoveryType.LOGICAL_DNS
     cluster = Cluster(
         name=name,
-        type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
+        type=discovery,
         connect_timeout=datetime.timedelta(seconds=10),
         per_connection_buffer_limit_bytes=32768,
         lb_policy={

@@ -17,6 +17,9 @@ __all__ = ["CHAIN_ANNOTATION", "SIDECAR_ANNOTATION", "RenderOptions", "SidecarLi
 SIDECAR_ANNOTATION = "envoy-sidecar/extproc"
 # On an EnvoyExtensionPolicy: which sidecar chain its extProc entries run (default: the default chain).
 CHAIN_ANNOTATION = "envoy-sidecar/chain"
+# On a Backend with one fqdn endpoint: "logical" makes its cluster LOGICAL_DNS (one logical host whose
+# connections survive DNS answers rotating, as for large web services); EG itself always uses STRICT_DNS.
+DNS_ANNOTATION = "envoy-sidecar/dns"
 
 
 @dataclass(frozen=True)

@@ -111,13 +111,18 @@ def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, 
                 + backend("by-ip", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
                 + backend("by-fqdn", f"fqdn: {{hostname: echo.backend.test, port: {backends['b'].port}}}")
                 + backend("by-uds", f"unix: {{path: {backends['uds'].unix_path}}}")
+                + backend("by-fqdn-logical", f"fqdn: {{hostname: echo.backend.test, port: {backends['c'].port}}}")
+                .replace("metadata: {name: by-fqdn-logical}",
+                         "metadata: {name: by-fqdn-logical, annotations: {envoy-sidecar/dns: logical}}")
                 + route("ip", "/ip", "by-ip") + route("fqdn", "/fqdn", "by-fqdn")
-                + route("uds", "/uds", "by-uds"))  # fmt: skip
+                + route("uds", "/uds", "by-uds") + route("logical", "/logical", "by-fqdn-logical"))  # fmt: skip
         url = run_envoy(text, dns_resolver=("127.0.0.1", dns.port))
         assert get(url, "/ip/x").text == "a /ip/x"
         wait_for(lambda: get(url, "/fqdn").status_code == 200, what="the FQDN backend to resolve")
         assert get(url, "/fqdn").text == "b /fqdn"
         assert "echo.backend.test" in dns.queries
+        wait_for(lambda: get(url, "/logical").status_code == 200, what="the LOGICAL_DNS backend to resolve")
+        assert get(url, "/logical").text == "c /logical"
         assert get(url, "/uds").text == "uds /uds"
         assert get(url, "/nothing").status_code == 404
         assert get(url, "/ip", host="other.example.com").status_code == 404

@@ -242,3 +242,31 @@ spec:
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
     resolver = cluster["typed_dns_resolver_config"]["typed_config"]["resolvers"]
     assert resolver == [{"socket_address": {"address": "127.0.0.1", "port_value": 5353}}]
+
+
+def test_logical_dns_annotation(tmp_path: Path) -> None:
+    extra = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: eg}]
+  hostnames: [web.example.com]
+  rules:
+    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: httpbin}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata:
+  name: httpbin
+  annotations: {envoy-sidecar/dns: logical}
+spec:
+  endpoints: [{fqdn: {hostname: httpbin.org, port: 80}}]
+"""
+    clusters = render(tmp_path, extra)["static_resources"]["clusters"]
+    assert next(c for c in clusters if c["name"] == "httproute/default/web/rule/0")["type"] == "LOGICAL_DNS"
+    two = extra.replace("port: 80}}]", "port: 80}}, {fqdn: {hostname: eu.httpbin.org, port: 80}}]")
+    with pytest.raises(ConfigError, match="HTTPRoute/default/web: spec.rules\\[0\\].backendRefs: Backend httpbin: "
+                                          "annotation envoy-sidecar/dns: logical needs"):
+        render(tmp_path, two)
