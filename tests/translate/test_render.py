@@ -267,6 +267,6 @@ spec:
     clusters = render(tmp_path, extra)["static_resources"]["clusters"]
     assert next(c for c in clusters if c["name"] == "httproute/default/web/rule/0")["type"] == "LOGICAL_DNS"
     two = extra.replace("port: 80}}]", "port: 80}}, {fqdn: {hostname: eu.httpbin.org, port: 80}}]")
-    with pytest.raises(ConfigError, match="HTTPRoute/default/web: spec.rules\\[0\\].backendRefs: Backend httpbin: "
-                                          "annotation envoy-sidecar/dns: logical needs"):
+    with pytest.raises(ConfigError, match=r"HTTPRoute/default/web: spec.rules\[0\].backendRefs: Backend httpbin: "
+                                          r"annotation envoy-sidecar/dns: logical needs"):
         render(tmp_path, two)
