@@ -26,7 +26,7 @@ class _Named(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         return None
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # also answers DELETE (below), so method matches can be told apart
         name = self.server.name  # type: ignore[attr-defined]
         self.server.paths.append(self.path)  # type: ignore[attr-defined]
         if self.path.startswith("/slow"):
@@ -38,6 +38,8 @@ class _Named(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    do_DELETE = do_GET
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -153,16 +155,20 @@ class _Recorder(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 
 class ExtProcRecorder:
-    """A gRPC ext_proc server on a Unix socket that lets everything through and records what it saw."""
+    """A gRPC ext_proc server that lets everything through and records what it saw.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    `where` is a Unix socket path, or `127.0.0.1:0` for TCP (the port is in `.port`).
+    """
+
+    def __init__(self, where: Path | str) -> None:
+        self.path = Path(where) if isinstance(where, Path) else None
         self.seen: list[tuple[str, Any]] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_ExternalProcessorServicer_to_server(_Recorder(self.seen), self._server)
-        self._server.add_insecure_port(f"unix:{path}")
+        self.port = int(self._server.add_insecure_port(f"unix:{where}" if self.path else str(where)))
         self._server.start()
-        os.chmod(path, 0o660)
+        if self.path is not None:
+            os.chmod(self.path, 0o660)
 
     def phases(self) -> list[str]:
         return [phase for phase, _ in self.seen]

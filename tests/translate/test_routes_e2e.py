@@ -1,0 +1,128 @@
+"""HTTPRoute matches and filters, weights, mixed allow/deny authorization and a TCP extProc backend,
+through a real Envoy."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.translate.kit import GATEWAY, Run, backend, get
+from tests.translate.servers import ExtProcRecorder, NamedBackend
+
+pytestmark = pytest.mark.envoy
+
+ROUTES = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app}
+spec:
+  parentRefs: [{name: eg}]
+  hostnames: [www.example.com]
+  rules:
+    - matches: [{path: {type: Exact, value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {scheme: https, hostname: new.example.com, statusCode: 301,
+                            path: {type: ReplaceFullPath, replaceFullPath: /new}}
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {hostname: internal.example.com, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-set, value: "1"}], remove: [x-drop]}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {add: [{name: x-added, value: "yes"}], remove: [x-backend]}
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]
+    - matches:
+        - {path: {type: RegularExpression, value: "/items/[0-9]+"}, method: DELETE}
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]
+    - matches:
+        - headers: [{name: x-canary, value: "true"}]
+        - queryParams: [{type: RegularExpression, name: v, value: "2|3"}]
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: c}]
+    - backendRefs:
+        - {group: gateway.envoyproxy.io, kind: Backend, name: a, weight: 1}
+        - {group: gateway.envoyproxy.io, kind: Backend, name: b, weight: 0}
+"""
+
+
+def test_matches_filters_and_weights(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+    text = GATEWAY + "".join(backend(n, f"ip: {{address: 127.0.0.1, port: {backends[n].port}}}") for n in "abc")
+    url = run_envoy(text + ROUTES)
+    redirect = get(url, "/old")
+    assert redirect.status_code == 301 and redirect.headers["location"] == "https://new.example.com/new"
+    rewritten = get(url, "/api/users", headers={"x-drop": "1"})
+    assert rewritten.text == "a /v2/users"
+    assert rewritten.headers["x-added"] == "yes" and "x-backend" not in rewritten.headers
+    assert backends["a"].paths[-1] == "/v2/users"
+    assert get(url, "/items/42").text == "a /items/42"  # GET: falls through to the weighted default
+    assert httpx.delete(url + "/items/42", headers={"host": "www.example.com"}, timeout=10).text == "b /items/42"
+    assert get(url, "/x", headers={"x-canary": "true"}).text == "c /x"
+    assert get(url, "/x", params={"v": "3"}).text == "c /x?v=3"
+    assert {get(url, "/w").text for _ in range(10)} == {"a /w"}  # weight 0 never gets traffic
+
+
+MIXED = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: mixed}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  authorization:
+    defaultAction: Allow
+    rules:
+      - {name: block-one, action: Deny, principal: {clientCIDRs: [10.0.0.5/32]}}
+      - {name: office, action: Allow, principal: {clientCIDRs: [10.0.0.0/24]}}
+      - {name: block-lab, action: Deny, principal: {clientCIDRs: [10.0.0.0/16, "fd00::/8"]}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: xff}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  clientIPDetection: {xForwardedFor: {numTrustedHops: 1}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("client", "status"),
+    [("10.0.0.5", 403), ("10.0.0.6", 200), ("10.0.7.1", 403), ("192.0.2.1", 200), ("fd00::1", 403),
+     ("2001:db8::1", 200)],
+)  # fmt: skip
+def test_first_matching_rule_decides_then_default(
+    run_envoy: Run, backends: dict[str, NamedBackend], client: str, status: int
+) -> None:
+    text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+    url = run_envoy(text + ROUTES.split("    - matches: [{path: {type: Exact")[0].replace("rules:\n", "rules:\n"
+                    "    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]\n") + MIXED)
+    assert get(url, "/", headers={"x-forwarded-for": client}).status_code == status
+
+
+def test_ext_proc_backend_over_tcp(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+    recorder = ExtProcRecorder("127.0.0.1:0")
+    port = recorder.port
+    try:
+        text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+                + backend("proc", f"ip: {{address: 127.0.0.1, port: {port}}}")
+                + ROUTES.split("    - matches: [{path: {type: Exact")[0].replace("rules:\n", "rules:\n"
+                  "    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]\n")
+                + """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: tcp}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  extProc:
+  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
+    processingMode: {request: {}}
+""")  # fmt: skip
+        url = run_envoy(text)
+        assert get(url, "/tcp").text == "a /tcp"
+        assert recorder.phases() == ["request_headers"]
+        assert recorder.seen[0][1][":path"] == "/tcp"
+    finally:
+        recorder.close()
+
