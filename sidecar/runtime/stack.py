@@ -2,8 +2,9 @@
 
 Everything is checked before anything starts: the resources are loaded, validated and rendered (Wasm
 modules fetched and verified on the way), extProc backends that are not this sidecar must accept a
-connection, and Envoy must accept the config (`--mode validate`). Then the sidecar starts (when a
-Backend is the sidecar or a sidecar config is given), then Envoy.
+connection (ip and unix endpoints; Envoy resolves FQDNs itself), and Envoy must accept the config
+(`--mode validate`). Then the sidecar starts (when a Backend is the sidecar or a sidecar config is
+given), then Envoy.
 
 Reload: the input files are polled; a change re-renders and validates the config and hot-restarts
 Envoy (same base id, next epoch): the new process takes over the listening sockets and the old one
@@ -50,15 +51,15 @@ class StackOptions:
 
 
 def _reachable(endpoint: dict[str, Any]) -> str | None:
-    """None if a connection succeeds, else why not."""
+    """None if a connection succeeds (or cannot be tried here), else why not."""
+    target: str | tuple[str, int]
     if endpoint.get("unix"):
         family, target = socket.AF_UNIX, endpoint["unix"]["path"]
     elif endpoint.get("ip"):
         ip = endpoint["ip"]
         family, target = (socket.AF_INET6 if ":" in ip["address"] else socket.AF_INET), (ip["address"], ip["port"])
     else:
-        fqdn = endpoint["fqdn"]
-        family, target = socket.AF_INET, (fqdn["hostname"], fqdn["port"])
+        return None  # Envoy resolves FQDNs itself (possibly with --dns-resolver); its view is what counts
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(_CONNECT_TIMEOUT)
@@ -139,15 +140,18 @@ class Stack:
         self.envoy = Envoy(bootstrap, workdir=self.workdir / "envoy-0")
         self.envoy.start()
 
-    def urls(self) -> list[tuple[str, str]]:
-        """(listener name, URL) for every Envoy listener."""
+    def urls(self) -> list[tuple[str, str, list[str]]]:
+        """(listener name, URL, hostnames its routes serve) for every Envoy listener."""
         assert self.envoy is not None
         result = []
         for listener in self.envoy.bootstrap["static_resources"]["listeners"]:
             host, port = self.envoy.listener_address(listener["name"])
             chain = listener["filter_chains"][0]
             scheme = "https" if chain.get("transport_socket") else "http"
-            result.append((listener["name"], f"{scheme}://{host}:{port}"))
+            hostnames = sorted({domain for fc in listener["filter_chains"] for f in fc["filters"]
+                                for vh in f["typed_config"]["route_config"].get("virtual_hosts", [])
+                                for domain in vh["domains"] if domain != "*"})  # fmt: skip
+            result.append((listener["name"], f"{scheme}://{host}:{port}", hostnames))
         return result
 
     def reload(self) -> None:
@@ -204,8 +208,10 @@ def run_stack(options: StackOptions, stop: threading.Event) -> int:
         try:
             seen = _snapshot(options.files)
             stack.start()
-            for name, url in stack.urls():
+            for name, url, hostnames in stack.urls():
                 say(f"listener {name}  {url}/")
+                for hostname in hostnames:
+                    say(f"  curl -si -H 'host: {hostname}' {url}/")
             say(f"\nwatching {', '.join(map(str, options.files))}  -  logs: {tmp}  -  Ctrl-C stops everything")
             while not stop.wait(_POLL_SECONDS):
                 problem = stack.running_problem()
@@ -219,7 +225,7 @@ def run_stack(options: StackOptions, stop: threading.Event) -> int:
                     except SidecarError as exc:
                         say(f"reload failed, keeping the running config: {exc}")
                     else:
-                        say("reloaded: " + ", ".join(f"{name} {url}/" for name, url in stack.urls()))
+                        say("reloaded: " + ", ".join(f"{name} {url}/" for name, url, _ in stack.urls()))
             say("\nstopping")
         finally:
             stack.close()

@@ -55,8 +55,6 @@ def attached_policy(
     best: tuple[int, Resource] | None = None
     for policy in resources.of(kind):
         for _, ref in policy_targets(policy):
-            if policy.namespace != (route or gateway).namespace and ref["kind"] == "HTTPRoute":
-                continue
             section = ref.get("sectionName")
             if route is not None and ref["kind"] == "HTTPRoute" and ref["name"] == route.name \
                     and policy.namespace == route.namespace:

@@ -231,8 +231,8 @@ def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processi
         try:
             stack.start()
             assert stack.sidecar is not None and stack.envoy is not None
-            [(name, url)] = stack.urls()
-            assert (name, url) == ("default/eg/http", f"http://127.0.0.1:{port}")
+            [(name, url, hostnames)] = stack.urls()
+            assert (name, url, hostnames) == ("default/eg/http", f"http://127.0.0.1:{port}", [])
             response = httpx.get(url + "/hi", timeout=10)
             assert response.json()["headers"]["x-stamped-by"] == "envoy-sidecar-demo"
             hcm = stack.envoy.bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
