@@ -19,7 +19,7 @@ from sidecar.errors import ConfigError
 from sidecar.translate.messages import address, pack, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import BackendTarget, policy_targets, secret_value
+from sidecar.translate.validate import BackendTarget, endpoint_kinds, policy_targets, secret_value, service_address
 
 __all__ = ["SYSTEM_CA_BUNDLE", "LoadBalancing", "build_cluster"]
 
@@ -90,8 +90,12 @@ def _endpoints(target: BackendTarget, options: RenderOptions, owner: str) -> lis
 
     backend = target.resource
     if backend.kind == "Service":
-        raise ConfigError(f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
-                          "outside Kubernetes, reference a Backend (group gateway.envoyproxy.io)")  # fmt: skip
+        found = service_address(backend)
+        if found is None or target.port is None:
+            raise ConfigError(f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
+                              "give it spec.clusterIP (an address) or type ExternalName, or reference a Backend "
+                              "(group gateway.envoyproxy.io)")  # fmt: skip
+        return [LbEndpoint(endpoint=Endpoint(address=address(found[1], target.port)))]
     sidecar = options.sidecar
     if sidecar is not None and sidecar.is_sidecar(backend):
         return [LbEndpoint(endpoint=Endpoint(address=pipe_address(str(s)))) for s in sidecar.sockets]
@@ -160,7 +164,7 @@ def build_cluster(
             )
         )
     backends = [t.resource for t in live]
-    dns = any(e.get("fqdn") for b in backends if b.kind == "Backend" for e in b.spec["endpoints"])
+    dns = any("fqdn" in endpoint_kinds(t) for t in live)
     discovery = ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC
     logical = [b for b in backends if str(b.annotations.get(DNS_ANNOTATION, "")).lower() == "logical"]
     if logical:

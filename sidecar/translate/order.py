@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.translate.validate import FILTER_NAMES
+from sidecar.translate.validate import FILTER_ALIASES, FILTER_NAMES
 
 __all__ = ["filter_type", "order_filters"]
 
@@ -35,12 +35,14 @@ def order_filters(filters: Sequence[Any], moves: Sequence[dict[str, str]] = ()) 
     router = [f for f in ordered if filter_type(f.name) == ROUTER]
     rest = [f for f in ordered if filter_type(f.name) != ROUTER]
     for move in moves:
-        moving = [f for f in rest if filter_type(f.name) == move["name"]]
-        anchor_type = move.get("before") or move.get("after")
+        name = FILTER_ALIASES.get(move["name"], move["name"])
+        moving = [f for f in rest if filter_type(f.name) == name]
+        anchor = move.get("before") or move.get("after") or ""
+        anchor_type = FILTER_ALIASES.get(anchor, anchor)
         anchors = [i for i, f in enumerate(rest) if filter_type(f.name) == anchor_type]
         if not moving or not anchors:
             continue
-        remaining = [f for f in rest if filter_type(f.name) != move["name"]]
+        remaining = [f for f in rest if filter_type(f.name) != name]
         anchors = [i for i, f in enumerate(remaining) if filter_type(f.name) == anchor_type]
         at = anchors[0] if "before" in move else anchors[-1] + 1
         rest = remaining[:at] + moving + remaining[at:]

@@ -24,7 +24,17 @@ from typing import Any
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 from sidecar.translate.schema import ANY, BOOL, Duration, Enum, Int, List, Node, Obj, Str, StrMap
 
-__all__ = ["FILTER_NAMES", "BackendTarget", "backend_ref_target", "policy_targets", "secret_value", "validate"]
+__all__ = [
+    "FILTER_ALIASES",
+    "FILTER_NAMES",
+    "BackendTarget",
+    "backend_ref_target",
+    "endpoint_kinds",
+    "policy_targets",
+    "secret_value",
+    "service_address",
+    "validate",
+]
 
 # EG's HTTP filter names in its default order (EnvoyProxy filterOrder enum, same order as the ranks).
 FILTER_NAMES = (
@@ -39,6 +49,10 @@ FILTER_NAMES = (
     "envoy.filters.http.credential_injector", "envoy.filters.http.compressor",
     "envoy.filters.http.dynamic_forward_proxy",
 )  # fmt: skip
+
+# EG 1.1 called the basic auth filter `basic_authn` in filterOrder (its release post's example does);
+# later EG versions say `basic_auth`, the Envoy name. Both are accepted; order.py maps the old one.
+FILTER_ALIASES = {"envoy.filters.http.basic_authn": "envoy.filters.http.basic_auth"}
 
 _NAME = Str(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", 253, what="a resource name")
 _GROUP = Str(r"^$|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253, min_len=0,
@@ -161,6 +175,8 @@ _ENDPOINT = Obj(
 )
 _CIDR = Str(r"[0-9a-fA-F:.]+/[0-9]{1,3}", 64, what="a CIDR such as 10.0.1.0/24 or 2001:db8::/32")
 
+_FILTER = Enum(*FILTER_NAMES, *FILTER_ALIASES)
+
 SPEC_SCHEMAS: dict[str, Node] = {
     "GatewayClass": ANY,
     "Gateway": Obj(
@@ -209,16 +225,18 @@ SPEC_SCHEMAS: dict[str, Node] = {
         ["type"],
     )}),
     "EnvoyProxy": Obj({
-        "filterOrder": List(Obj({"name": Enum(*FILTER_NAMES), "before": Enum(*FILTER_NAMES),
-                                 "after": Enum(*FILTER_NAMES)}, ["name"], one_of=[("before", "after")]), 32),
+        "filterOrder": List(Obj({"name": _FILTER, "before": _FILTER, "after": _FILTER}, ["name"],
+                                one_of=[("before", "after")]), 32),
         # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
         "provider": ANY,
     }),
     # Services are only ever referenced (their ports checked); the rest of a Service spec is not ours.
     "Service": Obj({"ports": List(Obj({"port": _PORT, "name": Str(), "protocol": Enum("TCP", "UDP", "SCTP"),
                                        "targetPort": ANY, "appProtocol": Str(), "nodePort": ANY}, ["port"]), 64),
-                    **{k: ANY for k in ("selector", "type", "clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy",
-                                        "sessionAffinity", "externalName", "externalTrafficPolicy")}}),
+                    "type": Enum("ClusterIP", "ExternalName", "NodePort", "LoadBalancer"),
+                    "clusterIP": Str(max_len=45), "externalName": _HOSTNAME,
+                    **{k: ANY for k in ("selector", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "sessionAffinity",
+                                        "externalTrafficPolicy")}}),
 }
 
 _ENVELOPE = {"apiVersion", "kind", "metadata", "spec", "status"}
@@ -292,7 +310,7 @@ def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, A
         service = resources.get("Service", namespace, ref["name"])
         if service is None:
             raise owner.error(f"{path}.name", f"no Service {namespace}/{ref['name']} in the input files "
-                              "(outside Kubernetes, use a Backend of group gateway.envoyproxy.io)")  # fmt: skip
+                              "(or use a Backend of group gateway.envoyproxy.io)")  # fmt: skip
         port = ref.get("port")
         if port is None:
             raise owner.error(f"{path}.port", "required for a Service backendRef (a port of the Service)")
@@ -309,9 +327,25 @@ def _endpoint_kind(endpoint: dict[str, Any]) -> str:
     return next(k for k in ("ip", "fqdn", "unix") if endpoint.get(k) is not None)
 
 
+def service_address(service: Resource) -> tuple[str, str] | None:
+    """("fqdn", name) for an ExternalName Service, ("ip", address) for one with a clusterIP, else None.
+
+    That is how a Service runs outside Kubernetes: traffic goes to clusterIP:port (or the external
+    name) directly; there are no pods behind it to pick a targetPort.
+    """
+    spec = service.spec
+    if spec.get("type") == "ExternalName":
+        return "fqdn", str(spec["externalName"])
+    cluster_ip = spec.get("clusterIP")
+    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
+        return "ip", cluster_ip
+    return None
+
+
 def endpoint_kinds(target: BackendTarget) -> set[str]:
     if target.resource.kind == "Service":
-        return {"service"}
+        found = service_address(target.resource)
+        return {found[0] if found else "service"}
     return {_endpoint_kind(e) for e in target.resource.spec["endpoints"]}
 
 
@@ -436,6 +470,16 @@ class _Checker:
                                     f"(EG refuses single-label names), got {host!r}")  # fmt: skip
             elif not endpoint["unix"]["path"].startswith("/"):
                 raise res.error(f"{path}.unix.path", f"expected an absolute path, got {endpoint['unix']['path']!r}")
+
+    def _Service(self, res: Resource) -> None:
+        if res.spec.get("type") == "ExternalName" and not res.spec.get("externalName"):
+            raise res.error("spec.externalName", "required with type ExternalName")
+        cluster_ip = res.spec.get("clusterIP")
+        if cluster_ip not in (None, "", "None"):
+            try:
+                ipaddress.ip_address(cluster_ip)
+            except ValueError:
+                raise res.error("spec.clusterIP", f"expected an IP address or None, got {cluster_ip!r}") from None
 
     def _BackendTLSPolicy(self, res: Resource) -> None:
         for path, ref in policy_targets(res):

@@ -145,7 +145,7 @@ def test_filter_order_seed_example_moves_all_instances() -> None:
                        "envoy.filters.http.ext_proc/p/0", "envoy.filters.http.wasm/p/0",
                        "envoy.filters.http.wasm/p/1", "envoy.filters.http.router"]  # fmt: skip
     seed = [{"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.jwt_authn"},
-            {"name": "envoy.filters.http.cors", "after": "envoy.filters.http.basic_auth"}]  # fmt: skip
+            {"name": "envoy.filters.http.cors", "after": "envoy.filters.http.basic_authn"}]  # EG 1.1's name
     moved = [f.name for f in order_filters(filters, seed)]
     assert moved == ["envoy.filters.http.basic_auth", "envoy.filters.http.cors", "envoy.filters.http.wasm/p/0",
                      "envoy.filters.http.wasm/p/1", "envoy.filters.http.jwt_authn",
