@@ -101,7 +101,7 @@ class Stack:
         self.envoy: Envoy | None = None
         self._generation = 0
         self._cache = workdir / "wasm"
-        self._retired: list[threading.Thread] = []
+        self._retired: list[tuple[Envoy, threading.Thread]] = []
 
     def _fetch(self, code: dict[str, Any]) -> dict[str, Any]:
         return fetch_module(code, self._cache)
@@ -165,7 +165,7 @@ class Stack:
         self.envoy = new
         reaper = threading.Thread(target=_reap, args=(old,), daemon=True)
         reaper.start()
-        self._retired.append(reaper)
+        self._retired.append((old, reaper))
 
     def running_problem(self) -> str | None:
         if self.envoy is not None and not self.envoy.running:
@@ -176,9 +176,10 @@ class Stack:
 
     def close(self) -> None:
         if self.envoy is not None:
-            self.envoy.close()  # a hot-restart child's exit also ends the draining parent
-        for reaper in self._retired:
-            reaper.join(_PARENT_SHUTDOWN_SECONDS + 5)
+            self.envoy.close()
+        for old, reaper in self._retired:
+            old.stop()  # stopping everything: no need to wait for a replaced Envoy's drain
+            reaper.join(10)
         if self.sidecar is not None:
             self.sidecar.close()
 
