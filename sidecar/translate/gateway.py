@@ -163,21 +163,21 @@ class _Builder:
     # -- routes ------------------------------------------------------------------------------------
 
     def _route_action(self, route: Resource, index: int, rule: dict[str, Any], chain: _Chain,
-                      listener: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-        """(RouteAction or None, extra Route fields) for one rule."""
+                      listener: str) -> Any | None:  # fmt: skip
+        """The RouteAction for one rule; None when no backend can take traffic (Envoy answers 500)."""
         from envoy_data_plane.envoy.config.route.v3 import RouteAction
         from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
 
         refs = rule.get("backendRefs") or []
         if not refs:
-            return None, {}
+            return None
         btp = attached_policy(self.resources, "BackendTrafficPolicy", route, chain.gateway, listener)
         lb, hash_policies = load_balancing(btp)
         path = f"spec.rules[{index}].backendRefs"
         targets = [backend_ref_target(self.resources, route, ref, f"{path}[{i}]") for i, ref in enumerate(refs)]
         name = f"httproute/{route.namespace}/{route.name}/rule/{index}"
         if not any(t.weight for t in targets):
-            return None, {"direct_response": 500}
+            return None
         cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path),
                                 lb=lb if lb != LoadBalancing() else None)  # fmt: skip
         action = RouteAction(cluster=self._add_cluster(cluster), hash_policy=hash_policies)
@@ -196,7 +196,7 @@ class _Builder:
             elif modifier:
                 action.regex_rewrite = RegexMatchAndSubstitute(pattern=RegexMatcher(regex="^/.*$"),
                                                                substitution=modifier["replaceFullPath"])  # fmt: skip
-        return action, {}
+        return action
 
     def _redirect(self, spec: dict[str, Any]) -> Any:
         from envoy_data_plane.envoy.config.route.v3 import RedirectAction, RedirectActionRedirectResponseCode
@@ -237,7 +237,7 @@ class _Builder:
             per_filter[RBAC] = pack(rbac)
         rules = route.spec.get("rules") or [{}]
         for r, rule in enumerate(rules):
-            action, extra = self._route_action(route, r, rule, chain, listener["name"])
+            action = self._route_action(route, r, rule, chain, listener["name"])
             filters = rule.get("filters") or []
             for m, match in enumerate(rule.get("matches") or [{}]):
                 for host in hosts:
@@ -253,7 +253,7 @@ class _Builder:
                     elif action is not None:
                         envoy_route.route = action
                     else:
-                        envoy_route.direct_response = DirectResponseAction(status=extra.get("direct_response", 500))
+                        envoy_route.direct_response = DirectResponseAction(status=500)
                     for flt in filters:
                         if flt["type"] == "RequestHeaderModifier":
                             envoy_route.request_headers_to_add = _header_options(flt["requestHeaderModifier"])
