@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import ssl
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from sidecar.runtime.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 
-pytestmark = pytest.mark.envoy
+pytestmark = [pytest.mark.envoy, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -231,3 +231,14 @@ def test_render_cli_prints_yaml_or_one_error_line(tmp_path: Path, capsys: pytest
                    "from 1 to 65535, got 80800"]  # fmt: skip
     assert main(["render", "-f", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"sidecar: error: {tmp_path}/missing: no such file or directory"
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.envoy
+def test_render_cli_matches_the_golden_file_and_envoy_accepts_it(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    assert main(["render", "-f", str(FIXTURES / "basic"), "--validate", "-o", str(out)]) == 0
+    # Regenerate after an intended change: sidecar render -f tests/translate/fixtures/basic -o <golden>
+    assert out.read_text() == (FIXTURES / "basic.envoy.yaml").read_text()
