@@ -73,7 +73,7 @@ def check_ext_proc_reachable(resources: ResourceSet, link: SidecarLink | None) -
     """Every extProc backend (other than this sidecar, which is started here) must accept a connection."""
     for policy in resources.of("EnvoyExtensionPolicy"):
         for index, ext in enumerate(policy.spec.get("extProc") or []):
-            for i, ref in enumerate(ext.get("backendRefs") or [ext["backendRef"]]):
+            for i, ref in enumerate(ext["backendRefs"]):
                 path = f"spec.extProc[{index}].backendRefs[{i}]"
                 target = backend_ref_target(resources, policy, ref, path)
                 if target.resource.kind != "Backend" or (link is not None and link.is_sidecar(target.resource)):

@@ -104,7 +104,7 @@ def render_bundle(paths: Sequence[str | os.PathLike[str]], sidecar_config: Path,
 
 def _fill_modes(res: Resource, doc: dict[str, Any], sidecars: set[tuple[str, str]], registry: Registry) -> None:
     for index, ext in enumerate(doc["spec"].get("extProc") or []):
-        refs = ext.get("backendRefs") or [ext["backendRef"]]
+        refs = ext["backendRefs"]
         targets = {(ref.get("namespace", res.namespace), ref["name"]) for ref in refs
                    if ref.get("group") == EG_API and ref.get("kind") == "Backend"}  # fmt: skip
         uses_sidecar = bool(targets & sidecars)

@@ -109,12 +109,13 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
         ProcessingMode,
     )
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 
     result = []
     for index, ext in enumerate(policy.spec.get("extProc") or []):
         path = f"spec.extProc[{index}]"
         ir_name = f"envoyextensionpolicy/{policy.namespace}/{policy.name}/extproc/{index}"
-        refs = ext.get("backendRefs") or [ext["backendRef"]]
+        refs = ext["backendRefs"]
         targets = [backend_ref_target(resources, policy, ref, f"{path}.backendRefs[{i}]") for i, ref in enumerate(refs)]
         cluster = build_cluster(ir_name, targets, resources, options, owner=policy.where(path), grpc=True)
         first = targets[0].resource
@@ -143,6 +144,10 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             processing_mode=mode,
             allow_mode_override=bool((mode_spec or {}).get("allowModeOverride", is_sidecar)),
         )
+        if ext.get("shadowMode"):
+            processor.observability_mode = True
+        if "statusOnError" in ext:
+            processor.status_on_error = HttpStatus(code=StatusCode(ext["statusOnError"]))
         if "messageTimeout" in ext:
             processor.message_timeout = parse_duration(ext["messageTimeout"])
         for direction in ("request", "response"):

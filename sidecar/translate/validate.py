@@ -74,7 +74,6 @@ _BACKEND_REF = Obj(
     {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
     ["name"],
 )
-_SINGLE_BACKEND_REF = Obj({k: v for k, v in _BACKEND_REF.fields.items() if k != "weight"}, ["name"])
 _HEADER_VALUE = Obj({"name": _HEADER_NAME, "value": Str(max_len=4096, min_len=0)}, ["name", "value"])
 _HEADER_MODIFIER = Obj({"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16),
                         "remove": List(_HEADER_NAME, 16)})  # fmt: skip
@@ -131,15 +130,19 @@ _PROCESSING_DIRECTION = Obj({"body": Enum("Streamed", "Buffered", "BufferedParti
                              "attributes": List(_ATTRIBUTE, 32)})  # fmt: skip
 _EXT_PROC = Obj(
     {
-        "backendRef": _SINGLE_BACKEND_REF,
+        # EG refuses the singular `backendRef` here ("BackendRefs must be used").
         "backendRefs": List(_BACKEND_REF, 16, 1),
         "messageTimeout": Duration(),
         "failOpen": BOOL,
+        "shadowMode": BOOL,
+        "statusOnError": Enum(400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416,
+                              417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507,
+                              508, 510, 511),
         "processingMode": Obj({"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION,
                                "allowModeOverride": BOOL}),
         "metadata": Obj({"accessibleNamespaces": List(Str(), 16), "writableNamespaces": List(Str(), 8)}),
     },
-    one_of=[("backendRef", "backendRefs")],
+    ["backendRefs"],
 )  # fmt: skip
 _WASM_CODE = Obj(
     {
@@ -521,7 +524,7 @@ class _Checker:
         self._targets(res, ("Gateway", "HTTPRoute"))
         for index, ext in enumerate(res.spec.get("extProc") or []):
             path = f"spec.extProc[{index}]"
-            refs = ext.get("backendRefs") or [ext["backendRef"]]
+            refs = ext["backendRefs"]
             targets = [backend_ref_target(self.resources, res, ref, f"{path}.backendRefs[{i}]")
                        for i, ref in enumerate(refs)]  # fmt: skip
             kinds = set().union(*(endpoint_kinds(t) for t in targets))
@@ -533,6 +536,10 @@ class _Checker:
             if full_duplex and ext.get("failOpen"):
                 raise res.error(f"{path}.failOpen", "expected false with body mode FullDuplexStreamed "
                                 "(Envoy refuses fail-open for full-duplex streaming)")  # fmt: skip
+            waiting = {str(b) for d in ("request", "response") if (b := (mode.get(d) or {}).get("body"))} - {"Streamed"}
+            if ext.get("shadowMode") and waiting:
+                raise res.error(f"{path}.shadowMode", "expected body mode Streamed or none with shadowMode "
+                                f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)")  # fmt: skip
         for index, wasm in enumerate(res.spec.get("wasm") or []):
             path = f"spec.wasm[{index}].code"
             code = wasm["code"]

@@ -43,6 +43,7 @@ spec:
   - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
     messageTimeout: 750ms
     failOpen: false
+    statusOnError: 503
     processingMode:
       allowModeOverride: true
       request: {body: FullDuplexStreamed, attributes: [request.path, connection.id]}
@@ -64,6 +65,7 @@ def test_ext_proc_filter_fields_and_placement(tmp_path: Path) -> None:
     config = ext_proc["typed_config"]
     assert config["message_timeout"] == "0.750s"
     assert config["allow_mode_override"] is True
+    assert config["status_on_error"] == {"code": "ServiceUnavailable"}
     assert config["request_attributes"] == ["request.path", "connection.id"]
     assert config["processing_mode"] == {
         "request_header_mode": "SEND", "response_header_mode": "SEND",

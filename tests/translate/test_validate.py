@@ -159,6 +159,19 @@ CASES = {
         "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].failOpen: expected false with body mode "
         "FullDuplexStreamed",
     ),
+    "shadow-mode-buffered": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
+        " [{group: gateway.envoyproxy.io, kind: Backend, name: app}], shadowMode: true,"
+        " processingMode: {response: {body: Buffered}}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].shadowMode: expected body mode Streamed or none",
+    ),
+    "singular-backend-ref": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRef:"
+        " {group: gateway.envoyproxy.io, kind: Backend, name: app}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].backendRef: unknown or unsupported field",
+    ),
     "bad-duration": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
         "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
