@@ -64,7 +64,7 @@ def _attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -
             continue  # Gateway API default: only routes from the Gateway's own namespace attach
         for parent in route.spec.get("parentRefs") or []:
             if parent["name"] == gateway.name and parent.get("namespace", route.namespace) == gateway.namespace \
-                    and parent.get("sectionName") in (None, listener):
+                    and parent.get("sectionName") in (None, listener) and parent.get("port") in (None, spec["port"]):
                 routes.append(route)
                 break
     return routes

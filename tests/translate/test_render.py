@@ -272,3 +272,37 @@ spec:
     with pytest.raises(ConfigError, match=r"HTTPRoute/default/web: spec.rules\[0\].backendRefs: Backend httpbin: "
                                           r"annotation envoy-sidecar/dns: logical needs"):
         render(tmp_path, two)
+
+
+def test_parent_refs_select_listeners_by_section_and_port(tmp_path: Path) -> None:
+    base = BASE.replace("listeners: [{name: http, protocol: HTTP, port: 80}]",
+                        "listeners: [{name: http, protocol: HTTP, port: 80}, {name: alt, protocol: HTTP, port: 8080}]")
+    extra = """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: by-port}
+spec:
+  parentRefs: [{name: eg, port: 8080}]
+  hostnames: [port.example.com]
+  rules: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: by-section}
+spec:
+  parentRefs: [{name: eg, sectionName: http}]
+  hostnames: [section.example.com]
+  rules: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]}]
+"""
+    path = tmp_path / "in.yaml"
+    path.write_text(base + extra)
+    listeners = render_bootstrap([path])["static_resources"]["listeners"]
+    domains = {
+        li["name"]: sorted(d for vh in li["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+                           ["virtual_hosts"] for d in vh["domains"])
+        for li in listeners
+    }  # fmt: skip
+    assert domains == {"default/eg/http": ["*", "section.example.com"], "default/eg/alt": ["*", "port.example.com"]}
+    ports = {li["name"]: li["address"]["socket_address"]["port_value"] for li in listeners}
+    assert ports == {"default/eg/http": 10080, "default/eg/alt": 8080}  # EG shifts privileged ports only
