@@ -140,6 +140,14 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
         config.write_text(resources(port, app.port).replace("kind: Backend\n", "kind: Backnd\n"))
         assert "unknown kind 'Backnd'" in up.wait_line("reload failed")
         assert httpx.get(url + "/hello", timeout=10).headers.get("x-version") == "2"
+
+        # And a second hot restart (epoch 2) once the file is good again.
+        config.write_text(resources(port, app.port, """
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-version, value: "3"}]}"""))
+        up.wait_line("reloaded")
+        assert httpx.get(url + "/hello", timeout=10).headers.get("x-version") == "3"
     finally:
         assert up.stop() == 0
 
