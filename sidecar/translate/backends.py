@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.extproc.server import SERVICE_NAME
 from sidecar.translate.messages import address, pack, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.resources import Resource, ResourceSet
@@ -140,7 +141,12 @@ def build_cluster(
         ClusterLbPolicy,
         ClusterMaglevLbConfig,
     )
-    from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions, Locality
+    from envoy_data_plane.envoy.config.core.v3 import (
+        HealthCheck,
+        HealthCheckGrpcHealthCheck,
+        Http2ProtocolOptions,
+        Locality,
+    )
     from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LocalityLbEndpoints
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptions,
@@ -204,6 +210,14 @@ def build_cluster(
                 )
             )
         }
+    sidecar = options.sidecar
+    if grpc and sidecar is not None and len(sidecar.sockets) > 1 and any(sidecar.is_sidecar(b) for b in backends):
+        # Several sidecar workers: steer away from one that is restarting (as `sidecar envoy-config` does).
+        cluster.health_checks = [HealthCheck(
+            timeout=datetime.timedelta(seconds=1), interval=datetime.timedelta(seconds=1),
+            unhealthy_threshold=1, healthy_threshold=1,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
+        )]  # fmt: skip
     policies = {b.key: _tls_policy(resources, b) for b in backends}
     with_tls = {p.key: p for p in policies.values() if p is not None}
     if with_tls:

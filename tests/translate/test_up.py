@@ -235,7 +235,7 @@ def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processi
         config.write_text(SIDECAR_RESOURCES.format(port=port, echo_port=echo.address[1]))
         workdir = tmp_path / "work"
         workdir.mkdir()
-        stack = Stack(StackOptions(files=(config,)), workdir)
+        stack = Stack(StackOptions(files=(config,), workers=2), workdir)
         try:
             stack.start()
             assert stack.sidecar is not None and stack.envoy is not None
@@ -250,5 +250,14 @@ def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processi
             wanted = {k: v for k, v in describe_mode(registry.mode).items() if v not in ("SKIP", "NONE")}
             got = {k: v for k, v in ext_proc["typed_config"]["processing_mode"].items() if v not in ("SKIP", "NONE")}
             assert got == wanted and got["request_body_mode"] == "BUFFERED"
+            [cluster] = [c for c in stack.envoy.bootstrap["static_resources"]["clusters"]
+                         if c["name"] == ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
+            sockets = [e["endpoint"]["address"]["pipe"]["path"] for e in
+                       cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]  # fmt: skip
+            assert sockets == [str(workdir / "extproc-0.sock"), str(workdir / "extproc-1.sock")]
+            assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == (
+                "envoy.service.ext_proc.v3.ExternalProcessor")
+            assert {httpx.get(url + f"/{i}", timeout=10).json()["headers"]["x-stamped-by"] for i in range(6)} == {
+                "envoy-sidecar-demo"}
         finally:
             stack.close()
