@@ -321,7 +321,8 @@ def client_ip_settings(policy: Resource, hcm: Any) -> None:
                                          typed_config=pack(XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=ranges))))
     else:
         header = detection["customHeader"]
-        config = CustomHeaderConfig(header_name=header["name"])
+        # The address comes from a header the operator vouches for: mark it trusted (internal), as EG does.
+        config = CustomHeaderConfig(header_name=header["name"], allow_extension_to_set_address_as_trusted=True)
         if header.get("failClosed"):
             config.reject_with_status = HttpStatus(code=StatusCode.Forbidden)
         extension = TypedExtensionConfig(name="envoy.extensions.http.original_ip_detection.custom_header",

@@ -191,6 +191,7 @@ spec:
     [extension] = manager["original_ip_detection_extensions"]
     assert extension["typed_config"]["header_name"] == "x-client-ip"
     assert extension["typed_config"]["reject_with_status"] == {"code": "Forbidden"}
+    assert extension["typed_config"]["allow_extension_to_set_address_as_trusted"] is True
     assert manager["use_remote_address"] is False  # the header, not the peer, is the client
 
 

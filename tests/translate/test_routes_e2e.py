@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.translate.kit import GATEWAY, Run, backend, get
+from tests.translate.kit import GATEWAY, Run, backend, get, route
 from tests.translate.servers import ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy
@@ -95,8 +95,7 @@ def test_first_matching_rule_decides_then_default(
     run_envoy: Run, backends: dict[str, NamedBackend], client: str, status: int
 ) -> None:
     text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-    url = run_envoy(text + ROUTES.split("    - matches: [{path: {type: Exact")[0].replace("rules:\n", "rules:\n"
-                    "    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]\n") + MIXED)
+    url = run_envoy(text + route("app", "/", "a") + MIXED)
     assert get(url, "/", headers={"x-forwarded-for": client}).status_code == status
 
 
@@ -106,8 +105,7 @@ def test_ext_proc_backend_over_tcp(run_envoy: Run, backends: dict[str, NamedBack
     try:
         text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
                 + backend("proc", f"ip: {{address: 127.0.0.1, port: {port}}}")
-                + ROUTES.split("    - matches: [{path: {type: Exact")[0].replace("rules:\n", "rules:\n"
-                  "    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]\n")
+                + route("app", "/", "a")
                 + """
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -126,3 +124,32 @@ spec:
     finally:
         recorder.close()
 
+
+
+CUSTOM_HEADER = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: allow-office}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  authorization:
+    defaultAction: Deny
+    rules: [{action: Allow, principal: {clientCIDRs: [10.0.1.0/24]}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: custom-header}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  clientIPDetection: {customHeader: {name: x-client-ip, failClosed: true}}
+"""
+
+
+def test_client_ip_from_a_custom_header(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+    text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+    url = run_envoy(text + route("app", "/", "a") + CUSTOM_HEADER)
+    assert get(url, "/", headers={"x-client-ip": "10.0.1.9"}).status_code == 200
+    assert get(url, "/", headers={"x-client-ip": "10.0.2.9"}).status_code == 403
+    # X-Forwarded-For is not what counts here, and without the header failClosed answers 403.
+    assert get(url, "/", headers={"x-forwarded-for": "10.0.1.9"}).status_code == 403
