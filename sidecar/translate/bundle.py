@@ -139,9 +139,7 @@ def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch:
             by_key[("EnvoyProxy", gateway.namespace, name)] = proxy
         else:
             proxy = by_key.get(("EnvoyProxy", gateway.namespace, ref["name"]))
-            if proxy is None:  # validate() does not follow parametersRef; the bundle needs it
-                raise gateway.error("spec.infrastructure.parametersRef.name",
-                                    f"no EnvoyProxy {gateway.namespace}/{ref['name']} in the input files")
+            assert proxy is not None  # validate() resolved the parametersRef
         deployment = proxy["spec"].setdefault("provider", {"type": "Kubernetes"}).setdefault("kubernetes", {}) \
             .setdefault("envoyDeployment", {})  # fmt: skip
         if deployment.get("patch") not in (None, patch):

@@ -31,7 +31,7 @@ from sidecar.translate.policies import (
     wasm_filters,
 )
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import backend_ref_target, policy_targets, secret_value
+from sidecar.translate.validate import backend_ref_target, gateway_envoy_proxy, policy_targets, secret_value
 
 __all__ = ["build_bootstrap_from_resources", "listener_name"]
 
@@ -314,21 +314,8 @@ class _Builder:
         return None
 
     def _filter_moves(self, gateway: Resource) -> list[dict[str, str]]:
-        ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
-        if ref and ref.get("group") == "gateway.envoyproxy.io" and ref.get("kind") == "EnvoyProxy":
-            proxy = self.resources.get("EnvoyProxy", gateway.namespace, ref["name"])
-            if proxy is None:
-                raise gateway.error("spec.infrastructure.parametersRef.name",
-                                    f"no EnvoyProxy {gateway.namespace}/{ref['name']} in the input files")
-            return list(proxy.spec.get("filterOrder") or [])
-        # Outside Kubernetes there is no GatewayClass parametersRef to follow: an unreferenced EnvoyProxy
-        # applies to every Gateway (validate() refuses more than one).
-        referenced = {((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name")
-                      for g in self.resources.of("Gateway")}  # fmt: skip
-        for proxy in self.resources.of("EnvoyProxy"):
-            if proxy.name not in referenced and proxy.spec.get("filterOrder"):
-                return list(proxy.spec["filterOrder"])
-        return []
+        proxy = gateway_envoy_proxy(self.resources, gateway)
+        return list(proxy.spec.get("filterOrder") or []) if proxy else []
 
     def _tls(self, gateway: Resource, listener: dict[str, Any]) -> Any:
         from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket

@@ -30,6 +30,7 @@ __all__ = [
     "BackendTarget",
     "backend_ref_target",
     "endpoint_kinds",
+    "gateway_envoy_proxy",
     "policy_targets",
     "secret_value",
     "service_address",
@@ -367,10 +368,7 @@ class _Checker:
             check = getattr(self, "_" + res.kind, None)
             if check is not None:
                 check(res)
-        proxies = [p for p in self.resources.of("EnvoyProxy") if p.spec.get("filterOrder")]
-        referenced = {(g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
-                      for g in self.resources.of("Gateway")}  # fmt: skip
-        unreferenced = [p for p in proxies if (p.namespace, p.name) not in referenced]
+        unreferenced = _unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
             raise unreferenced[1].error("metadata.name", "more than one EnvoyProxy with a filterOrder is not "
                                         "referenced by a Gateway's spec.infrastructure.parametersRef; "
@@ -405,6 +403,14 @@ class _Checker:
                                      f"{path}.tls.certificateRefs[{i}]", ("tls.crt", "tls.key"))  # fmt: skip
             elif listener.get("tls"):
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
+        ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
+        if ref is not None:
+            if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
+                raise res.error("spec.infrastructure.parametersRef", f"expected group {EG_API} kind EnvoyProxy, "
+                                f"got {ref['group']}/{ref['kind']}")  # fmt: skip
+            if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
+                raise res.error("spec.infrastructure.parametersRef.name",
+                                f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files")
 
     def _HTTPRoute(self, res: Resource) -> None:
         for index, parent in enumerate(res.spec.get("parentRefs") or []):
@@ -603,6 +609,23 @@ class _Checker:
         for index, entry in enumerate(res.spec.get("filterOrder") or []):
             if entry["name"] == entry.get("before", entry.get("after")):
                 raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
+
+
+def _unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
+    referenced = {(g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
+                  for g in resources.of("Gateway")}  # fmt: skip
+    return [p for p in resources.of("EnvoyProxy")
+            if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced]  # fmt: skip
+
+
+def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
+    """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
+    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
+    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
+    if ref is not None:
+        return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
+    unreferenced = _unreferenced_proxies(resources)
+    return unreferenced[0] if unreferenced else None
 
 
 def _is_prime(n: int) -> bool:

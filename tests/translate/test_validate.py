@@ -192,6 +192,12 @@ CASES = {
         "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.nope}]}\n",
         "FILE#3: EnvoyProxy/default/p: spec.filterOrder[0].before: expected one of envoy.filters.http.custom_response",
     ),
+    "missing-envoy-proxy": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: two}\n"
+        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81}], infrastructure:"
+        " {parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}}}\n",
+        "FILE#3: Gateway/default/two: spec.infrastructure.parametersRef.name: no EnvoyProxy default/custom",
+    ),
     "duplicate": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: app}\n"
         "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}]}\n",
