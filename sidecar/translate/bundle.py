@@ -6,9 +6,10 @@ The input resources come back (validated as EG would, loopback Backends refused)
   per sidecar worker socket (EG must run with `extensionApis.enableBackend: true`);
 * an extProc entry using it with no `processingMode` gets the one the sidecar's plugin chain needs,
   and `allowModeOverride: true` (the sidecar narrows the mode per request);
-* every Gateway's EnvoyProxy (the referenced one, or a new `<gateway>-envoy-sidecar` the Gateway is
-  pointed at) gets a strategic-merge `envoyDeployment.patch`: an emptyDir shared by Envoy and the
-  sidecar container, plus the sidecar config from a ConfigMap, which is added too.
+* every Gateway's EnvoyProxy (the referenced one, else an unreferenced one with a filterOrder, which
+  is the GatewayClass's, else a new `<gateway>-envoy-sidecar` the Gateway is pointed at) gets a
+  strategic-merge `envoyDeployment.patch`: an emptyDir shared by Envoy and the sidecar container,
+  plus the sidecar config from a ConfigMap, which is added too.
 
 EG cannot pass per-route gRPC metadata to an ext_proc server, so every extProc entry runs the sidecar's
 default chain; a chain annotation is refused rather than ignored.
@@ -28,7 +29,7 @@ from sidecar.registry import Registry, describe_mode
 from sidecar.translate.options import CHAIN_ANNOTATION, SIDECAR_ANNOTATION
 from sidecar.translate.render import dump_documents
 from sidecar.translate.resources import EG_API, Resource, ResourceSet, load_resources, parse_document
-from sidecar.translate.validate import validate
+from sidecar.translate.validate import gateway_envoy_proxy, validate
 
 __all__ = ["SOCKET_DIR", "render_bundle"]
 
@@ -129,7 +130,10 @@ def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch:
         doc = by_key[gateway.key]
         ref = (doc["spec"].get("infrastructure") or {}).get("parametersRef")
         proxy: dict[str, Any] | None
-        if ref is None:
+        shared = gateway_envoy_proxy(resources, gateway) if ref is None else None
+        if shared is not None:
+            proxy = by_key[shared.key]  # the GatewayClass-level one (see validate.gateway_envoy_proxy)
+        elif ref is None:
             name = f"{gateway.name}-envoy-sidecar"
             doc["spec"].setdefault("infrastructure", {})["parametersRef"] = {
                 "group": EG_API, "kind": "EnvoyProxy", "name": name}  # fmt: skip

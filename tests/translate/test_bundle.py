@@ -114,3 +114,21 @@ def test_bundle_refuses_loopback_backends(tmp_path: Path, capsys: pytest.Capture
                                                        "{ip: {address: 127.0.0.1, port: 80}}"))  # fmt: skip
     assert code == 2
     assert "Backend/default/app: spec.endpoints[0].ip.address: 127.0.0.1 is a loopback address" in err
+
+
+def test_bundle_patches_the_shared_envoy_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyProxy
+metadata: {name: custom-proxy-config, namespace: envoy-gateway-system}
+spec:
+  filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.jwt_authn}]
+"""
+    code, out = render(tmp_path, capsys, INPUT + shared)
+    assert code == 0
+    docs = list(yaml.safe_load_all(out))
+    assert "infrastructure" not in by_kind(docs, "Gateway", "eg")["spec"]
+    proxy = by_kind(docs, "EnvoyProxy", "custom-proxy-config")
+    assert proxy["spec"]["filterOrder"] and proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["patch"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "EnvoyProxy"] == ["custom-proxy-config"]
