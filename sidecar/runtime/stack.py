@@ -129,7 +129,7 @@ class Stack:
             registry = Registry.from_specs(loaded.chains)  # bad plugins fail before anything starts
             socket_path = self.workdir / "extproc.sock"
             config = SidecarConfig(chains=loaded.chains, listen=f"unix:{socket_path}", workers=self.options.workers)
-            self.link = SidecarLink(registry, tuple(config.socket_paths()))
+            self.link = SidecarLink(registry, tuple(config.socket_paths()), loaded.message_timeout)
             sidecar_args = ["-c", str(config_path), "--listen", f"unix:{socket_path}",
                             "--workers", str(self.options.workers), "--log-format", "text"]  # fmt: skip
         _, bootstrap = self._build()

@@ -29,7 +29,8 @@ def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
     sidecar = None
     if args.sidecar_config is not None:
         config = load_config(args.sidecar_config)
-        sidecar = SidecarLink(Registry.from_specs(config.chains), tuple(config.socket_paths()))
+        sidecar = SidecarLink(Registry.from_specs(config.chains), tuple(config.socket_paths()),
+                              config.message_timeout)
     kwargs: dict[str, Any] = {"sidecar": sidecar, "fetch_module": fetch_module}
     if args.dns_resolver:
         kwargs["dns_resolver"] = parse_host_port(args.dns_resolver, "--dns-resolver")

@@ -28,6 +28,7 @@ class SidecarLink:
 
     registry: Registry
     sockets: tuple[Path, ...]
+    message_timeout: float = 0.5  # the sidecar config's, used when a policy sets no messageTimeout
 
     def is_sidecar(self, backend: Resource) -> bool:
         if backend.kind != "Backend":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.plugins import METADATA_NAMESPACE
 from sidecar.registry import CHAIN_METADATA_KEY
 from sidecar.translate.backends import LoadBalancing, build_cluster
 from sidecar.translate.messages import pack, parse_duration
@@ -150,11 +151,17 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             processor.status_on_error = HttpStatus(code=StatusCode(ext["statusOnError"]))
         if "messageTimeout" in ext:
             processor.message_timeout = parse_duration(ext["messageTimeout"])
+        elif is_sidecar:
+            assert sidecar is not None
+            processor.message_timeout = datetime.timedelta(seconds=sidecar.message_timeout)
         for direction in ("request", "response"):
             attributes = ((mode_spec or {}).get(direction) or {}).get("attributes")
             if attributes:
                 setattr(processor, f"{direction}_attributes", list(attributes))
         metadata = ext.get("metadata") or {}
+        if not metadata and is_sidecar:
+            # Plugins hand dynamic metadata back in the sidecar's namespace (as `sidecar envoy-config` sets up).
+            metadata = {"writableNamespaces": [METADATA_NAMESPACE]}
         if metadata:
             processor.metadata_options = MetadataOptions(
                 forwarding_namespaces=MetadataOptionsMetadataNamespaces(

@@ -250,6 +250,9 @@ def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processi
             wanted = {k: v for k, v in describe_mode(registry.mode).items() if v not in ("SKIP", "NONE")}
             got = {k: v for k, v in ext_proc["typed_config"]["processing_mode"].items() if v not in ("SKIP", "NONE")}
             assert got == wanted and got["request_body_mode"] == "BUFFERED"
+            assert ext_proc["typed_config"]["message_timeout"] == "0.500s"
+            metadata = ext_proc["typed_config"]["metadata_options"]
+            assert metadata["receiving_namespaces"] == {"untyped": ["envoy-sidecar"]}
             [cluster] = [c for c in stack.envoy.bootstrap["static_resources"]["clusters"]
                          if c["name"] == ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
             sockets = [e["endpoint"]["address"]["pipe"]["path"] for e in
