@@ -51,6 +51,7 @@ class _Serve(BaseHTTPRequestHandler):
         return None
 
     def do_GET(self) -> None:
+        self.server.hits += 1  # type: ignore[attr-defined]
         body: bytes = self.server.module  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
@@ -59,16 +60,24 @@ class _Serve(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def module_url() -> Iterator[tuple[str, str]]:
+def module_server() -> Iterator[ThreadingHTTPServer]:
     module = bytes(wasmtime.wat2wasm(MODULE_WAT))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
     server.module = module  # type: ignore[attr-defined]
+    server.hits = 0  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/filter.wasm", hashlib.sha256(module).hexdigest()
+    yield server
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture
+def module_url(module_server: ThreadingHTTPServer) -> tuple[str, str]:
+    """(URL, sha256) of the module."""
+    digest = hashlib.sha256(module_server.module).hexdigest()  # type: ignore[attr-defined]
+    return f"http://127.0.0.1:{module_server.server_address[1]}/filter.wasm", digest
 
 
 def _resources(backend_port: int, url: str, sha256: str) -> str:
@@ -153,3 +162,16 @@ def test_sha256_mismatch_is_a_config_error_naming_the_policy(tmp_path: Path, mod
 def test_oci_images_need_the_fetcher() -> None:
     with pytest.raises(ConfigError, match="OCI images need the wasm fetcher"):
         fetch_module({"type": "Image", "image": {"url": "oci://example.com/filter:v1"}})
+
+
+def test_a_verified_module_is_not_downloaded_again(
+    tmp_path: Path, module_server: ThreadingHTTPServer, module_url: tuple[str, str]
+) -> None:
+    url, sha256 = module_url
+    code = {"type": "HTTP", "http": {"url": url, "sha256": sha256}}
+    first = fetch_module(code, tmp_path)
+    assert fetch_module(code, tmp_path) == first == {"local": {"filename": str(tmp_path / f"{sha256}.wasm")}}
+    unpinned = fetch_module({"type": "HTTP", "http": {"url": url}}, tmp_path)  # no sha256: always fetched
+    assert unpinned == first
+    assert module_server.hits == 2  # type: ignore[attr-defined]
+
