@@ -31,7 +31,14 @@ from sidecar.translate.policies import (
     wasm_filters,
 )
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import backend_ref_target, gateway_envoy_proxy, policy_targets, secret_value
+from sidecar.translate.validate import (
+    backend_ref_target,
+    gateway_envoy_proxy,
+    host_intersection,
+    listener_accepts,
+    policy_targets,
+    secret_value,
+)
 
 __all__ = ["build_bootstrap_from_resources", "listener_name"]
 
@@ -44,30 +51,10 @@ def listener_name(gateway: Resource, listener: str) -> str:
     return f"{gateway.namespace}/{gateway.name}/{listener}"
 
 
-def _host_matches(route_host: str, listener_host: str | None) -> str | None:
-    """The hostname a route serves on a listener (None: not on this listener), Gateway API intersection."""
-    if listener_host is None or route_host == listener_host:
-        return route_host
-    if listener_host.startswith("*.") and route_host.endswith(listener_host[1:]):
-        return route_host
-    if route_host.startswith("*.") and listener_host.endswith(route_host[1:]):
-        return listener_host
-    return None
-
-
 def _attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -> list[Resource]:
     spec = next(li for li in gateway.spec["listeners"] if li["name"] == listener)
-    allowed = ((spec.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
-    routes = []
-    for route in resources.of("HTTPRoute"):
-        if allowed == "Same" and route.namespace != gateway.namespace:
-            continue  # Gateway API default: only routes from the Gateway's own namespace attach
-        for parent in route.spec.get("parentRefs") or []:
-            if parent["name"] == gateway.name and parent.get("namespace", route.namespace) == gateway.namespace \
-                    and parent.get("sectionName") in (None, listener) and parent.get("port") in (None, spec["port"]):
-                routes.append(route)
-                break
-    return routes
+    return [route for route in resources.of("HTTPRoute")
+            if any(listener_accepts(gateway, spec, route, parent) for parent in route.spec.get("parentRefs") or [])]
 
 
 def _header_options(modifier: dict[str, Any]) -> list[Any]:
@@ -222,7 +209,7 @@ class _Builder:
 
         hosts = []
         for host in route.spec.get("hostnames") or [listener.get("hostname") or "*"]:
-            served = _host_matches(host, listener.get("hostname"))
+            served = host_intersection(host, listener.get("hostname"))
             if served is not None:
                 hosts.append(served)
         eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, chain.gateway, listener["name"])

@@ -31,6 +31,8 @@ __all__ = [
     "backend_ref_target",
     "endpoint_kinds",
     "gateway_envoy_proxy",
+    "host_intersection",
+    "listener_accepts",
     "policy_targets",
     "secret_value",
     "service_address",
@@ -327,6 +329,30 @@ def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, A
                       f"got group {group!r} kind {kind!r}")  # fmt: skip
 
 
+def host_intersection(route_host: str, listener_host: str | None) -> str | None:
+    """The hostname a route serves on a listener (None: not on this listener), Gateway API intersection."""
+    if listener_host is None or route_host == listener_host:
+        return route_host
+    if listener_host.startswith("*.") and route_host.endswith(listener_host[1:]):
+        return route_host
+    if route_host.startswith("*.") and listener_host.endswith(route_host[1:]):
+        return listener_host
+    return None
+
+
+def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
+    """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
+    if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
+        return False
+    if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
+        return False
+    allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
+    if allowed == "Same" and route.namespace != gateway.namespace:
+        return False  # Gateway API default: only routes from the Gateway's own namespace attach
+    hostnames = route.spec.get("hostnames") or []
+    return not hostnames or any(host_intersection(h, listener.get("hostname")) for h in hostnames)
+
+
 def _endpoint_kind(endpoint: dict[str, Any]) -> str:
     return next(k for k in ("ip", "fqdn", "unix") if endpoint.get(k) is not None)
 
@@ -425,6 +451,10 @@ class _Checker:
             if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
                 raise res.error(f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener "
                                 f"named {section!r}")  # fmt: skip
+            if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
+                raise res.error(path, f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                                "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                                "allowedRoutes.namespaces)")  # fmt: skip
         for r, rule in enumerate(res.spec.get("rules") or []):
             refs = rule.get("backendRefs") or []
             targets = [backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")

@@ -198,6 +198,14 @@ CASES = {
         " {parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}}}\n",
         "FILE#3: Gateway/default/two: spec.infrastructure.parametersRef.name: no EnvoyProxy default/custom",
     ),
+    "route-hostname-matches-no-listener": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: named}\n"
+        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81, hostname: '*.example.com'}]}\n"
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: elsewhere}\n"
+        "spec: {parentRefs: [{name: named}], hostnames: [www.example.org]}\n",
+        "FILE#4: HTTPRoute/default/elsewhere: spec.parentRefs[0]: no listener of Gateway default/named accepts "
+        "this route",
+    ),
     "duplicate": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: app}\n"
         "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}]}\n",
