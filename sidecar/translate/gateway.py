@@ -152,7 +152,7 @@ class _Builder:
     def _route_action(self, route: Resource, index: int, rule: dict[str, Any], chain: _Chain,
                       listener: str) -> Any | None:  # fmt: skip
         """The RouteAction for one rule; None when no backend can take traffic (Envoy answers 500)."""
-        from envoy_data_plane.envoy.config.route.v3 import RouteAction
+        from envoy_data_plane.envoy.config.route.v3 import RouteAction, RouteActionUpgradeConfig
         from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
 
         refs = rule.get("backendRefs") or []
@@ -167,7 +167,9 @@ class _Builder:
             return None
         cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path),
                                 lb=lb if lb != LoadBalancing() else None)  # fmt: skip
-        action = RouteAction(cluster=self._add_cluster(cluster), hash_policy=hash_policies)
+        # EG lets WebSocket upgrades through on every route.
+        action = RouteAction(cluster=self._add_cluster(cluster), hash_policy=hash_policies,
+                             upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")])
         timeout = (rule.get("timeouts") or {}).get("request")
         if timeout:
             action.timeout = parse_duration(timeout)
