@@ -32,7 +32,7 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 class LoadBalancing:
     """A BackendTrafficPolicy's loadBalancer, as the cluster needs it."""
 
-    type: str = "RoundRobin"
+    type: str = "LeastRequest"  # EG's default when no BackendTrafficPolicy says otherwise
     table_size: int | None = None
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.translate.backends import LoadBalancing, build_cluster
+from sidecar.translate.backends import build_cluster
 from sidecar.translate.messages import address, enable_on_route, pack, parse_duration
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
@@ -165,8 +165,7 @@ class _Builder:
         name = f"httproute/{route.namespace}/{route.name}/rule/{index}"
         if not any(t.weight for t in targets):
             return None
-        cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path),
-                                lb=lb if lb != LoadBalancing() else None)  # fmt: skip
+        cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path), lb=lb)
         # EG lets WebSocket upgrades through on every route.
         action = RouteAction(cluster=self._add_cluster(cluster), hash_policy=hash_policies,
                              upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")])

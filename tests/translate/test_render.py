@@ -167,6 +167,7 @@ def test_lb_policies_and_hash_policies(tmp_path: Path) -> None:
         return bootstrap["static_resources"]["clusters"][0], routes(bootstrap)[0]["route"]
 
     assert cluster_and_route("{type: LeastRequest}")[0]["lb_policy"] == "LEAST_REQUEST"
+    assert render(tmp_path, "")["static_resources"]["clusters"][0]["lb_policy"] == "LEAST_REQUEST"  # EG's default
     assert cluster_and_route("{type: Random}")[0]["lb_policy"] == "RANDOM"
     assert "lb_policy" not in cluster_and_route("{type: RoundRobin}")[0]  # ROUND_ROBIN is the proto default
     cookie = "{name: sticky, ttl: 1h, attributes: {SameSite: Strict}}"
