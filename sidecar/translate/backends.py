@@ -138,6 +138,7 @@ def build_cluster(
         ClusterCommonLbConfig,
         ClusterCommonLbConfigLocalityWeightedLbConfig,
         ClusterDiscoveryType,
+        ClusterDnsLookupFamily,
         ClusterLbPolicy,
         ClusterMaglevLbConfig,
     )
@@ -197,6 +198,8 @@ def build_cluster(
         cluster.common_lb_config = ClusterCommonLbConfig(
             locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
         )
+    if dns:
+        cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED  # EG's choice
     if dns and options.dns_resolver is not None:
         cluster.typed_dns_resolver_config = _dns_resolver(*options.dns_resolver)
     h2 = grpc or any(H2C in (b.spec.get("appProtocols") or []) for b in backends if b.kind == "Backend")
