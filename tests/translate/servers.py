@@ -53,12 +53,11 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
 class NamedBackend:
     """Answers every GET with `<name> <path>` and an `x-backend: <name>` header."""
 
-    def __init__(self, name: str, unix_path: Path | None = None) -> None:
+    def __init__(self, name: str, unix_path: Path | None = None, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.name = name
         self.paths: list[str]
         self.unix_path = unix_path
-        server: Any = _UnixHTTPServer(str(unix_path), _Named) if unix_path else ThreadingHTTPServer(
-            ("127.0.0.1", 0), _Named)  # fmt: skip
+        server: Any = _UnixHTTPServer(str(unix_path), _Named) if unix_path else ThreadingHTTPServer(address, _Named)
         server.daemon_threads = True
         server.name = name
         server.paths = self.paths = []

@@ -3,6 +3,7 @@ into a runnable set, renders and passes `envoy --mode validate`; the extProc one
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ import yaml
 from sidecar.runtime.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
-from tests.translate.servers import ExtProcRecorder, NamedBackend
+from tests.translate.kit import wait_for
+from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.translate.test_wasm import MODULE_WAT
 
 SEED = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "eg-1.1-highlights.md"
@@ -124,3 +126,30 @@ def test_seed_ext_proc_example_sees_streamed_response_bodies(tmp_path: Path) -> 
     finally:
         app.close()
         recorder.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the seed's Backend is httpbin.org port 80: binding it needs root")
+def test_seed_backend_example_serves_through_dns(tmp_path: Path) -> None:
+    """The Backend example verbatim: httpbin.org:80, resolved by a loopback DNS server to a loopback
+    address other than 127.0.0.1 (so port 80 is free) where a test backend answers."""
+    [block] = [b for b in BLOCKS if "kind: Backend\n" in b]
+    ip = f"127.0.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    httpbin = NamedBackend("httpbin", address=(ip, 80))
+    dns = DnsServer({"httpbin.org": ip})
+    try:
+        path = tmp_path / "seed.yaml"
+        path.write_text(complete(block, 0))
+        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
+                                                           dns_resolver=("127.0.0.1", dns.port)))  # fmt: skip
+        with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+            host, port = envoy.listener_address("default/eg/http")
+
+            def fetch() -> httpx.Response:
+                return httpx.get(f"http://{host}:{port}/get", headers={"host": "www.example.com"}, timeout=10)
+
+            wait_for(lambda: fetch().status_code == 200, what="httpbin.org to resolve")
+            assert fetch().text == "httpbin /get"
+        assert "httpbin.org" in dns.queries
+    finally:
+        dns.close()
+        httpbin.close()
