@@ -3,9 +3,11 @@ into a runnable set, renders and passes `envoy --mode validate`; the extProc one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +39,29 @@ def _name(block: str) -> str:
     return "+".join(f"{d['kind']}-{d['metadata']['name']}" for d in docs)
 
 
-def complete(block: str, app_port: int, ext_proc_ip: str = "127.0.0.1") -> str:
-    """The seed block plus what it refers to: a Gateway `eg`, the HTTPRoutes its policies target, a
-    backend, the pull Secret and the extProc Service."""
+def complete(block: str, *app_ports: int, ext_proc_ip: str = "127.0.0.1") -> str:
+    """The seed block plus what it refers to: a Gateway `eg`, the HTTPRoutes its policies target (to
+    one Backend per port in `app_ports`), the pull Secret and the extProc Service."""
     docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(block) if d]
     extra: list[dict[str, Any]] = [
         {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "eg"},
          "spec": {"gatewayClassName": "eg", "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}]}},
-        {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend", "metadata": {"name": "app"},
-         "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": app_port}}]}},
     ]  # fmt: skip
+    for i, port in enumerate(app_ports):
+        endpoint = {"ip": {"address": "127.0.0.1", "port": port}}
+        extra.append({"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend",
+                      "metadata": {"name": f"app-{i}"}, "spec": {"endpoints": [endpoint]}})
     routes = {d["metadata"]["name"] for d in docs if d["kind"] == "HTTPRoute"}
     for doc in docs:
         spec = doc.get("spec") or {}
         for ref in [spec["targetRef"]] if "targetRef" in spec else spec.get("targetRefs") or []:
             if ref["kind"] == "HTTPRoute" and ref["name"] not in routes:
                 routes.add(ref["name"])
-                app = {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "app"}
+                apps = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": f"app-{i}"}
+                        for i in range(len(app_ports))]  # fmt: skip
                 extra.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                               "metadata": {"name": ref["name"]},
-                              "spec": {"parentRefs": [{"name": "eg"}], "rules": [{"backendRefs": [app]}]}})
+                              "spec": {"parentRefs": [{"name": "eg"}], "rules": [{"backendRefs": apps}]}})
         for wasm in spec.get("wasm") or []:
             secret = (wasm["code"].get("image") or {}).get("pullSecretRef")
             if secret:
@@ -138,7 +143,7 @@ def test_seed_backend_example_serves_through_dns(tmp_path: Path) -> None:
     dns = DnsServer({"httpbin.org": ip})
     try:
         path = tmp_path / "seed.yaml"
-        path.write_text(complete(block, 0))
+        path.write_text(complete(block))
         bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
                                                            dns_resolver=("127.0.0.1", dns.port)))  # fmt: skip
         with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
@@ -153,3 +158,39 @@ def test_seed_backend_example_serves_through_dns(tmp_path: Path) -> None:
     finally:
         dns.close()
         httpbin.close()
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, text: str) -> Iterator[str]:
+    """Render `text`, run it in Envoy, give the listener's URL."""
+    path = tmp_path / "seed.yaml"
+    path.write_text(text)
+    bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+        host, port = envoy.listener_address("default/eg/http")
+        yield f"http://{host}:{port}"
+
+
+def test_seed_ip_allow_list_example_runs(tmp_path: Path) -> None:
+    [block] = [b for b in BLOCKS if "kind: SecurityPolicy" in b]
+    [ctp] = [b for b in BLOCKS if "kind: ClientTrafficPolicy" in b]
+    app = NamedBackend("app")
+    try:
+        with running(tmp_path, complete(block + "---\n" + ctp, app.port)) as url:
+            statuses = [httpx.get(url + "/", headers={"x-forwarded-for": ip}, timeout=10).status_code
+                        for ip in ("10.0.1.4", "10.0.2.250", "10.0.3.1", "192.0.2.1")]  # fmt: skip
+        assert statuses == [200, 200, 403, 403]
+    finally:
+        app.close()
+
+
+def test_seed_source_ip_session_persistence_example_runs(tmp_path: Path) -> None:
+    [block] = [b for b in BLOCKS if "kind: BackendTrafficPolicy" in b]
+    apps = [NamedBackend(f"app-{i}") for i in range(3)]
+    try:
+        with running(tmp_path, complete(block, *(a.port for a in apps))) as url:
+            hits = {httpx.get(url + "/", timeout=10).headers["x-backend"] for _ in range(20)}
+        assert len(hits) == 1
+    finally:
+        for app in apps:
+            app.close()
