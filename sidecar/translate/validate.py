@@ -429,6 +429,16 @@ class _Checker:
                                      f"{path}.tls.certificateRefs[{i}]", ("tls.crt", "tls.key"))  # fmt: skip
             elif listener.get("tls"):
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
+        https_hosts: dict[int, set[str | None]] = {}
+        for index, listener in enumerate(res.spec["listeners"]):
+            if listener["protocol"] != "HTTPS":
+                continue
+            seen = https_hosts.setdefault(listener["port"], set())
+            if listener.get("hostname") in seen:
+                # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
+                raise res.error(f"spec.listeners[{index}].hostname", f"HTTPS listeners sharing port "
+                                f"{listener['port']} need distinct hostnames")  # fmt: skip
+            seen.add(listener.get("hostname"))
         ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
         if ref is not None:
             if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
