@@ -326,7 +326,14 @@ class _Builder:
         return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
     def listeners(self) -> list[Any]:
-        from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, FilterChainMatch, Listener
+        from envoy_data_plane.envoy.config.listener.v3 import (
+            Filter,
+            FilterChain,
+            FilterChainMatch,
+            Listener,
+            ListenerFilter,
+        )
+        from envoy_data_plane.envoy.extensions.filters.listener.tls_inspector.v3 import TlsInspector
 
         result = []
         bound: dict[int, str] = {}
@@ -355,10 +362,15 @@ class _Builder:
                         if members[0].get("hostname"):
                             fc.filter_chain_match = FilterChainMatch(server_names=[members[0]["hostname"]])
                     filter_chains.append(fc)
-                result.append(Listener(
+                envoy_listener = Listener(
                     name=name, address=address(self.options.listen_address, envoy_port),
                     filter_chains=filter_chains, per_connection_buffer_limit_bytes=32768,
-                ))  # fmt: skip
+                )  # fmt: skip
+                if protocols == {"HTTPS"}:
+                    # Reads the SNI before a filter chain is chosen; Envoy no longer adds it by itself.
+                    envoy_listener.listener_filters = [ListenerFilter(name="envoy.filters.listener.tls_inspector",
+                                                                typed_config=pack(TlsInspector()))]  # fmt: skip
+                result.append(envoy_listener)
         return result
 
 

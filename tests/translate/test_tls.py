@@ -155,3 +155,55 @@ data:
             httpx.get(f"https://{host}:{port}/", timeout=10)  # the system trust store does not know our CA
     assert response.status_code == 200
     assert response.text == "tls backend sni=backend.example.com"
+
+
+def test_https_listeners_share_a_port_by_sni(tmp_path: Path, pki: Path) -> None:
+    from tests.translate.servers import NamedBackend
+
+    app = NamedBackend("app")
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {{name: default, protocol: HTTPS, port: 443, tls: {{certificateRefs: [{{name: cert}}]}}}}
+    - {{name: www, protocol: HTTPS, port: 443, hostname: www.example.com, tls: {{certificateRefs: [{{name: cert}}]}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert}}
+data: {{tls.crt: {_b64(pki / "server.crt")}, tls.key: {_b64(pki / "server.key")}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: www-only}}
+spec:
+  parentRefs: [{{name: eg, sectionName: www}}]
+  rules: [{{backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: app}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: {app.port}}}}}]
+"""
+    path = tmp_path / "sni.yaml"
+    path.write_text(text)
+    try:
+        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+        validate_bootstrap(bootstrap)
+        with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+            host, port = envoy.listener_address("default/eg/default")
+            context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+            with httpx.Client(verify=context, timeout=10) as client:
+                by_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"},
+                                    extensions={"sni_hostname": "www.example.com"})  # fmt: skip
+                context.check_hostname = False
+            with httpx.Client(verify=context, timeout=10) as client:
+                without_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"})
+        assert by_sni.status_code == 200 and by_sni.text == "app /"
+        assert without_sni.status_code == 404  # the default chain's HCM has no route for it
+    finally:
+        app.close()
