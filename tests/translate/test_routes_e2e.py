@@ -34,6 +34,15 @@ spec:
         - type: ResponseHeaderModifier
           responseHeaderModifier: {add: [{name: x-added, value: "yes"}], remove: [x-backend]}
       backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]
+    - matches: [{path: {type: PathPrefix, value: /legacy}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /index.html}}
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]
+    - matches: [{path: {type: PathPrefix, value: /docs}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /manual}}
     - matches:
         - {path: {type: RegularExpression, value: "/items/[0-9]+"}, method: DELETE}
       backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]
@@ -56,6 +65,10 @@ def test_matches_filters_and_weights(run_envoy: Run, backends: dict[str, NamedBa
     assert rewritten.text == "a /v2/users"
     assert rewritten.headers["x-added"] == "yes" and "x-backend" not in rewritten.headers
     assert backends["a"].paths[-1] == "/v2/users"
+    assert get(url, "/legacy/a/b?x=1").text == "b /index.html?x=1"
+    moved = get(url, "/docs/intro")
+    assert moved.status_code == 302 and moved.headers["location"] == "http://www.example.com/manual/intro"
+    assert get(url, "/apix").text == "a /apix"  # not under the /api prefix: the weighted default rule
     assert get(url, "/items/42").text == "a /items/42"  # GET: falls through to the weighted default
     assert httpx.delete(url + "/items/42", headers={"host": "www.example.com"}, timeout=10).text == "b /items/42"
     assert get(url, "/x", headers={"x-canary": "true"}).text == "c /x"
