@@ -166,3 +166,21 @@ def test_client_ip_from_a_custom_header(run_envoy: Run, backends: dict[str, Name
     assert get(url, "/", headers={"x-client-ip": "10.0.2.9"}).status_code == 403
     # X-Forwarded-For is not what counts here, and without the header failClosed answers 403.
     assert get(url, "/", headers={"x-forwarded-for": "10.0.1.9"}).status_code == 403
+
+
+@pytest.mark.parametrize("h2c", [True, False], ids=["h2c", "http1"])
+def test_h2c_backend_gets_http2(run_envoy: Run, h2c: bool) -> None:
+    """A gRPC server only speaks HTTP/2, so it answers only when Envoy uses h2c."""
+    grpc_server = ExtProcRecorder("127.0.0.1:0")
+    try:
+        protocols = "\n  appProtocols: [gateway.envoyproxy.io/h2c]" if h2c else ""
+        text = (GATEWAY + backend("grpc", f"ip: {{address: 127.0.0.1, port: {grpc_server.port}}}")
+                .replace("spec:\n", f"spec:{protocols}\n") + route("app", "/", "grpc"))  # fmt: skip
+        url = run_envoy(text)
+        response = httpx.post(url + "/grpc.health.v1.Health/Check", content=b"\0\0\0\0\0", timeout=10,
+                              headers={"host": "www.example.com", "content-type": "application/grpc", "te": "trailers"})
+        # The server has no Health service: over HTTP/2 it says UNIMPLEMENTED (12). Over HTTP/1.1 it cannot
+        # answer at all and Envoy's own gRPC reply says UNAVAILABLE (14).
+        assert response.headers.get("grpc-status") == ("12" if h2c else "14")
+    finally:
+        grpc_server.close()
