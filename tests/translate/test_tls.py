@@ -86,7 +86,8 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def test_https_listener_and_backend_tls_policy(tmp_path: Path, pki: Path, tls_backend: int) -> None:
+@pytest.mark.parametrize("hostname", ["backend.example.com", "other.example.com"])
+def test_https_listener_and_backend_tls_policy(tmp_path: Path, pki: Path, tls_backend: int, hostname: str) -> None:
     ca = (pki / "ca.crt").read_text()
     indented_ca = "\n".join("    " + line for line in ca.splitlines())
     text = f"""
@@ -132,7 +133,7 @@ spec:
   targetRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: secure}}]
   validation:
     caCertificateRefs: [{{group: "", kind: ConfigMap, name: backend-ca}}]
-    hostname: backend.example.com
+    hostname: {hostname}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -153,8 +154,11 @@ data:
             response = client.get(f"https://{host}:{port}/")
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"https://{host}:{port}/", timeout=10)  # the system trust store does not know our CA
-    assert response.status_code == 200
-    assert response.text == "tls backend sni=backend.example.com"
+    if hostname == "backend.example.com":
+        assert response.status_code == 200
+        assert response.text == "tls backend sni=backend.example.com"
+    else:  # the backend's certificate does not name other.example.com: Envoy refuses it
+        assert response.status_code == 503
 
 
 def test_https_listeners_share_a_port_by_sni(tmp_path: Path, pki: Path) -> None:
