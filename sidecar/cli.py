@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "sidecar.extproc.commands",
     "sidecar.runtime.commands",
     "sidecar.wasm.commands",
+    "sidecar.translate.commands",
 )
 
 

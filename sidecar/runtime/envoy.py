@@ -77,6 +77,7 @@ class Envoy:
         concurrency: int = 1,
         log_level: str = "warning",
         extra_args: tuple[str, ...] = (),
+        hot_restart_of: Envoy | None = None,
     ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-envoy-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
@@ -91,18 +92,29 @@ class Envoy:
         self.log_path = self.workdir / "envoy.log"
         self.config_path = self.workdir / "envoy.yaml"
         self._admin_path = self.workdir / "admin-address"
+        self._base_id_path = self.workdir / "base-id"
         self._proc: subprocess.Popen[bytes] | None = None
         self.admin_url = ""
+        # Hot restart: the new process joins the old one's shared memory (same base id, next epoch),
+        # takes over its listening sockets and tells it to drain; in-flight requests finish on the old one.
+        self.parent = hot_restart_of
+        self.restart_epoch: int = hot_restart_of.restart_epoch + 1 if hot_restart_of else 0
+        self.base_id: int = hot_restart_of.base_id if hot_restart_of else -1
 
     def start(self, timeout: float = 30.0) -> Envoy:
         if self.running:
             raise EnvoyError("this Envoy is already running")
         self.config_path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
         self._admin_path.unlink(missing_ok=True)
+        if self.parent is None:
+            identity = ["--use-dynamic-base-id", "--base-id-path", str(self._base_id_path)]
+        else:
+            identity = ["--base-id", str(self.base_id), "--restart-epoch", str(self.restart_epoch)]
         args = [
             envoy_binary(),
             "-c", str(self.config_path),
-            "--use-dynamic-base-id",
+            *identity,
+            "--parent-shutdown-time-s", "30",
             "--concurrency", str(self.concurrency),
             "--log-level", self.log_level,
             "--admin-address-path", str(self._admin_path),
@@ -118,6 +130,8 @@ class Envoy:
             if self._admin_path.exists() and self._admin_path.read_text().strip():
                 self.admin_url = "http://" + self._admin_path.read_text().strip()
                 if self._ready():
+                    if self.parent is None and self._base_id_path.exists():
+                        self.base_id = int(self._base_id_path.read_text().strip())
                     return self
             time.sleep(0.05)
         self.stop()

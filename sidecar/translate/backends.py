@@ -1,0 +1,231 @@
+"""Clusters: one per HTTPRoute rule and one per extProc entry, built from Backends as EG builds them.
+
+Each backendRef of a rule becomes one locality of the rule's cluster, weighted by the backendRef weight
+(so a consistent-hash policy spreads over *all* the rule's backends, as in EG). Endpoint kinds:
+`ip` -> socket address, `fqdn` -> socket address in a STRICT_DNS cluster (LOGICAL_DNS with the
+`envoy-sidecar/dns: logical` annotation), `unix` -> pipe. A Backend
+listing `gateway.envoyproxy.io/h2c` speaks HTTP/2 without TLS; a BackendTLSPolicy targeting it adds an
+UpstreamTlsContext (CA from a Secret/ConfigMap `ca.crt` or the system bundle, SNI and SAN = hostname).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.errors import ConfigError
+from sidecar.extproc.server import SERVICE_NAME
+from sidecar.translate.messages import address, pack, pipe_address
+from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
+from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.validate import BackendTarget, endpoint_kinds, policy_targets, secret_value, service_address
+
+__all__ = ["SYSTEM_CA_BUNDLE", "LoadBalancing", "build_cluster"]
+
+H2C = "gateway.envoyproxy.io/h2c"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True)
+class LoadBalancing:
+    """A BackendTrafficPolicy's loadBalancer, as the cluster needs it."""
+
+    type: str = "LeastRequest"  # EG's default when no BackendTrafficPolicy says otherwise
+    table_size: int | None = None
+
+    @property
+    def consistent(self) -> bool:
+        return self.type == "ConsistentHash"
+
+
+def _tls_policy(resources: ResourceSet, backend: Resource) -> Resource | None:
+    for policy in resources.of("BackendTLSPolicy"):
+        if policy.namespace != backend.namespace:
+            continue
+        for _, ref in policy_targets(policy):
+            if ref["kind"] == backend.kind and ref["name"] == backend.name:
+                return policy
+    return None
+
+
+def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+        CertificateValidationContext,
+        CommonTlsContext,
+        SubjectAltNameMatcher,
+        SubjectAltNameMatcherSanType,
+        UpstreamTlsContext,
+    )
+    from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+
+    validation = policy.spec["validation"]
+    hostname = validation["hostname"]
+    cas: list[str] = []
+    for ref in validation.get("caCertificateRefs") or []:
+        found = resources.get(ref["kind"], policy.namespace, ref["name"])
+        assert found is not None  # validate() resolved it
+        value = secret_value(found, "ca.crt")
+        assert value is not None
+        cas.append(value.decode())
+    trusted = DataSource(inline_string="\n".join(cas)) if cas else DataSource(filename=SYSTEM_CA_BUNDLE)
+    context = UpstreamTlsContext(
+        sni=hostname,
+        common_tls_context=CommonTlsContext(
+            validation_context=CertificateValidationContext(
+                trusted_ca=trusted,
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.DNS,
+                                          matcher=StringMatcher(exact=hostname))
+                ],
+            )
+        ),
+    )  # fmt: skip
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
+
+
+def _endpoints(target: BackendTarget, options: RenderOptions, owner: str) -> list[Any]:
+    from envoy_data_plane.envoy.config.endpoint.v3 import Endpoint, LbEndpoint
+
+    backend = target.resource
+    if backend.kind == "Service":
+        found = service_address(backend)
+        if found is None or target.port is None:
+            raise ConfigError(f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
+                              "give it spec.clusterIP (an address) or type ExternalName, or reference a Backend "
+                              "(group gateway.envoyproxy.io)")  # fmt: skip
+        return [LbEndpoint(endpoint=Endpoint(address=address(found[1], target.port)))]
+    sidecar = options.sidecar
+    if sidecar is not None and sidecar.is_sidecar(backend):
+        return [LbEndpoint(endpoint=Endpoint(address=pipe_address(str(s)))) for s in sidecar.sockets]
+    result = []
+    for endpoint in backend.spec["endpoints"]:
+        if endpoint.get("ip"):
+            addr = address(endpoint["ip"]["address"], endpoint["ip"]["port"])
+        elif endpoint.get("fqdn"):
+            addr = address(endpoint["fqdn"]["hostname"], endpoint["fqdn"]["port"])
+        else:
+            addr = pipe_address(endpoint["unix"]["path"])
+        result.append(LbEndpoint(endpoint=Endpoint(address=addr)))
+    return result
+
+
+def _dns_resolver(host: str, port: int) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
+    from envoy_data_plane.envoy.extensions.network.dns_resolver.cares.v3 import CaresDnsResolverConfig
+
+    return TypedExtensionConfig(
+        name="envoy.network.dns_resolver.cares",
+        typed_config=pack(CaresDnsResolverConfig(resolvers=[address(host, port)])),
+    )
+
+
+def build_cluster(
+    name: str,
+    targets: Sequence[BackendTarget],
+    resources: ResourceSet,
+    options: RenderOptions,
+    *,
+    owner: str,
+    grpc: bool = False,
+    lb: LoadBalancing | None = None,
+) -> Any:
+    """The cluster for one rule (or extProc entry). `owner` prefixes errors (`FILE: Kind/ns/name: field`)."""
+    from envoy_data_plane.envoy.config.cluster.v3 import (
+        Cluster,
+        ClusterCommonLbConfig,
+        ClusterCommonLbConfigLocalityWeightedLbConfig,
+        ClusterDiscoveryType,
+        ClusterDnsLookupFamily,
+        ClusterLbPolicy,
+        ClusterMaglevLbConfig,
+    )
+    from envoy_data_plane.envoy.config.core.v3 import (
+        HealthCheck,
+        HealthCheckGrpcHealthCheck,
+        Http2ProtocolOptions,
+        Locality,
+    )
+    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LocalityLbEndpoints
+    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+        HttpProtocolOptions,
+        HttpProtocolOptionsExplicitHttpConfig,
+    )
+
+    lb = lb or LoadBalancing()
+    live = [t for t in targets if t.weight > 0]
+    localities = []
+    for index, target in enumerate(live):
+        endpoints = _endpoints(target, options, owner)
+        if lb.consistent:
+            # Maglev ignores locality weights; carry the backendRef weight on each endpoint instead.
+            for endpoint in endpoints:
+                endpoint.load_balancing_weight = target.weight
+        localities.append(
+            LocalityLbEndpoints(
+                locality=Locality(region=f"{name}/backend/{index}"),
+                lb_endpoints=endpoints,
+                load_balancing_weight=None if lb.consistent else target.weight,
+            )
+        )
+    backends = [t.resource for t in live]
+    dns = any("fqdn" in endpoint_kinds(t) for t in live)
+    discovery = ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC
+    logical = [b for b in backends if str(b.annotations.get(DNS_ANNOTATION, "")).lower() == "logical"]
+    if logical:
+        if sum(len(loc.lb_endpoints) for loc in localities) != 1 or not dns:
+            raise ConfigError(f"{owner}: Backend {logical[0].name}: annotation {DNS_ANNOTATION}: logical needs a "
+                              "rule (or extProc) whose only endpoint is one fqdn endpoint")  # fmt: skip
+        discovery = ClusterDiscoveryType.LOGICAL_DNS
+    cluster = Cluster(
+        name=name,
+        type=discovery,
+        connect_timeout=datetime.timedelta(seconds=10),
+        per_connection_buffer_limit_bytes=32768,
+        lb_policy={
+            "RoundRobin": ClusterLbPolicy.ROUND_ROBIN,
+            "LeastRequest": ClusterLbPolicy.LEAST_REQUEST,
+            "Random": ClusterLbPolicy.RANDOM,
+            "ConsistentHash": ClusterLbPolicy.MAGLEV,
+        }[lb.type],
+        load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=localities),
+    )
+    if lb.consistent and lb.table_size is not None:
+        cluster.maglev_lb_config = ClusterMaglevLbConfig(table_size=lb.table_size)
+    if not lb.consistent:
+        cluster.common_lb_config = ClusterCommonLbConfig(
+            locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
+        )
+    if dns:
+        cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED  # EG's choice
+    if dns and options.dns_resolver is not None:
+        cluster.typed_dns_resolver_config = _dns_resolver(*options.dns_resolver)
+    h2 = grpc or any(H2C in (b.spec.get("appProtocols") or []) for b in backends if b.kind == "Backend")
+    if h2:
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        }
+    sidecar = options.sidecar
+    if grpc and sidecar is not None and len(sidecar.sockets) > 1 and any(sidecar.is_sidecar(b) for b in backends):
+        # Several sidecar workers: steer away from one that is restarting (as `sidecar envoy-config` does).
+        cluster.health_checks = [HealthCheck(
+            timeout=datetime.timedelta(seconds=1), interval=datetime.timedelta(seconds=1),
+            unhealthy_threshold=1, healthy_threshold=1,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
+        )]  # fmt: skip
+    policies = {b.key: _tls_policy(resources, b) for b in backends}
+    with_tls = {p.key: p for p in policies.values() if p is not None}
+    if with_tls:
+        if len(with_tls) > 1 or None in policies.values():
+            raise ConfigError(f"{owner}: backends of one rule need the same BackendTLSPolicy (found "
+                              f"{len(with_tls)} policies for {len(policies)} backends); split the rule")  # fmt: skip
+        cluster.transport_socket = _upstream_tls(resources, next(iter(with_tls.values())))
+    return cluster

@@ -1,0 +1,47 @@
+"""The translator's entry points: files -> validated resources -> Envoy bootstrap (dict or YAML)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from sidecar.errors import ConfigError
+from sidecar.translate.gateway import build_bootstrap_from_resources
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.resources import ResourceSet, load_resources
+from sidecar.translate.validate import validate
+
+__all__ = ["dump_documents", "dump_yaml", "render_bootstrap", "translate"]
+
+
+def translate(resources: ResourceSet, options: RenderOptions | None = None) -> dict[str, Any]:
+    """Validate, then build the bootstrap. Raises ConfigError naming file, resource and field."""
+    validate(resources)
+    if not resources.of("Gateway"):
+        raise ConfigError("no Gateway in the input files (need at least one, with listeners)")
+    return build_bootstrap_from_resources(resources, options or RenderOptions())
+
+
+def render_bootstrap(paths: Sequence[str | os.PathLike[str]], options: RenderOptions | None = None) -> dict[str, Any]:
+    return translate(load_resources(paths), options)
+
+
+def _sorted(value: Any) -> Any:
+    """Mapping keys in sorted order (lists keep theirs: their order is meaning), for stable output."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(_sorted(data), sort_keys=False, default_flow_style=False, width=120)
+
+
+def dump_documents(docs: Sequence[Any]) -> str:
+    """Several documents as one multi-document YAML stream, keys sorted."""
+    return "---\n".join(dump_yaml(doc) for doc in docs)

@@ -1,0 +1,679 @@
+"""Validation of loaded resources: each spec's structure, then EG's cross-resource rules.
+
+`validate(resources)` raises ConfigError at the first problem, naming file, resource, field and what was
+expected. Structural schemas cover the fields the translator implements (see schema.py for why anything
+else is refused). Cross-resource rules follow what EG's translator checks for these features: targetRefs
+resolve, backendRefs resolve (with a port where a Service needs one), Backend endpoints are well formed
+and not mixed in ways EG refuses, Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse,
+consistent-hash table sizes are prime, filterOrder names are known.
+
+`strict_eg=True` also applies the rules that only make sense inside a cluster (EG refuses loopback
+Backend addresses); the local runtime needs loopback, so it is off for `render`/`up`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
+from sidecar.translate.schema import ANY, BOOL, Duration, Enum, Int, List, Node, Obj, Str, StrMap
+
+__all__ = [
+    "FILTER_ALIASES",
+    "FILTER_NAMES",
+    "BackendTarget",
+    "backend_ref_target",
+    "endpoint_kinds",
+    "gateway_envoy_proxy",
+    "host_intersection",
+    "listener_accepts",
+    "policy_targets",
+    "secret_value",
+    "service_address",
+    "validate",
+]
+
+# EG's HTTP filter names in its default order (EnvoyProxy filterOrder enum, same order as the ranks).
+FILTER_NAMES = (
+    "envoy.filters.http.custom_response", "envoy.filters.http.health_check", "envoy.filters.http.fault",
+    "envoy.filters.http.cors", "envoy.filters.http.csrf", "envoy.filters.http.header_mutation",
+    "envoy.filters.http.ext_authz", "envoy.filters.http.api_key_auth", "envoy.filters.http.basic_auth",
+    "envoy.filters.http.oauth2", "envoy.filters.http.jwt_authn", "envoy.filters.http.stateful_session",
+    "envoy.filters.http.buffer", "envoy.filters.http.lua", "envoy.filters.http.ext_proc",
+    "envoy.filters.http.wasm", "envoy.filters.http.dynamic_modules", "envoy.filters.http.geoip",
+    "envoy.filters.http.rbac", "envoy.filters.http.local_ratelimit", "envoy.filters.http.ratelimit",
+    "envoy.filters.http.bandwidth_limit", "envoy.filters.http.grpc_web", "envoy.filters.http.grpc_stats",
+    "envoy.filters.http.credential_injector", "envoy.filters.http.compressor",
+    "envoy.filters.http.dynamic_forward_proxy",
+)  # fmt: skip
+
+# EG 1.1 called the basic auth filter `basic_authn` in filterOrder (its release post's example does);
+# later EG versions say `basic_auth`, the Envoy name. Both are accepted; order.py maps the old one.
+FILTER_ALIASES = {"envoy.filters.http.basic_authn": "envoy.filters.http.basic_auth"}
+
+_NAME = Str(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", 253, what="a resource name")
+_GROUP = Str(r"^$|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253, min_len=0,
+             what="an API group ('' for the core group)")  # fmt: skip
+_KIND = Str(r"[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?", 63, what="a kind")
+_PORT = Int(1, 65535)
+_HOSTNAME = Str(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253,
+                what="a hostname such as www.example.com or *.example.com")  # fmt: skip
+_HEADER_NAME = Str(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+", 256, what="an HTTP header name")
+_SHA256 = Str(r"[a-f0-9]{64}", 64, 64, what="64 lower-case hex digits")
+_ATTRIBUTE = Str(r"(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*", 253,
+                 what="an attribute name starting with connection., source., destination., request., response., "
+                      "upstream. or xds.route_")  # fmt: skip
+
+_TARGET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"])
+_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, 16, 1)}
+_OBJECT_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
+_BACKEND_REF = Obj(
+    {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
+    ["name"],
+)
+_HEADER_VALUE = Obj({"name": _HEADER_NAME, "value": Str(max_len=4096, min_len=0)}, ["name", "value"])
+_HEADER_MODIFIER = Obj({"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16),
+                        "remove": List(_HEADER_NAME, 16)})  # fmt: skip
+_PATH_MODIFIER = Obj(
+    {"type": Enum("ReplaceFullPath", "ReplacePrefixMatch"), "replaceFullPath": Str(max_len=1024),
+     "replacePrefixMatch": Str(max_len=1024, min_len=0)},
+    ["type"],
+)  # fmt: skip
+_ROUTE_FILTER = Obj(
+    {
+        "type": Enum("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite"),
+        "requestHeaderModifier": _HEADER_MODIFIER,
+        "responseHeaderModifier": _HEADER_MODIFIER,
+        "requestRedirect": Obj({"scheme": Enum("http", "https"), "hostname": _HOSTNAME, "path": _PATH_MODIFIER,
+                                "port": _PORT, "statusCode": Enum(301, 302, 303, 307, 308)}),
+        "urlRewrite": Obj({"hostname": _HOSTNAME, "path": _PATH_MODIFIER}),
+    },
+    ["type"],
+)  # fmt: skip
+_MATCH_VALUE = Obj({"type": Enum("Exact", "RegularExpression"), "name": _HEADER_NAME,
+                    "value": Str(max_len=4096)}, ["name", "value"])  # fmt: skip
+_ROUTE_MATCH = Obj(
+    {
+        "path": Obj({"type": Enum("Exact", "PathPrefix", "RegularExpression"), "value": Str(max_len=1024)}),
+        "headers": List(_MATCH_VALUE, 16),
+        "queryParams": List(_MATCH_VALUE, 16),
+        "method": Enum("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"),
+    }
+)
+_ROUTE_RULE = Obj(
+    {
+        "name": _NAME,
+        "matches": List(_ROUTE_MATCH, 64),
+        "filters": List(_ROUTE_FILTER, 16),
+        "backendRefs": List(_BACKEND_REF, 16),
+        "timeouts": Obj({"request": Duration()}),
+    }
+)
+_PARENT_REF = Obj({"group": _GROUP, "kind": _KIND, "namespace": _NAME, "name": _NAME, "sectionName": _NAME,
+                   "port": _PORT}, ["name"])  # fmt: skip
+_SECRET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
+_LISTENER = Obj(
+    {
+        "name": _NAME,
+        "hostname": _HOSTNAME,
+        "port": _PORT,
+        "protocol": Enum("HTTP", "HTTPS"),
+        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
+        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All")})}),
+    },
+    ["name", "port", "protocol"],
+)
+_PROCESSING_DIRECTION = Obj({"body": Enum("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed"),
+                             "attributes": List(_ATTRIBUTE, 32)})  # fmt: skip
+_EXT_PROC = Obj(
+    {
+        # EG refuses the singular `backendRef` here ("BackendRefs must be used").
+        "backendRefs": List(_BACKEND_REF, 16, 1),
+        "messageTimeout": Duration(),
+        "failOpen": BOOL,
+        "shadowMode": BOOL,
+        "statusOnError": Enum(400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416,
+                              417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507,
+                              508, 510, 511),
+        "processingMode": Obj({"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION,
+                               "allowModeOverride": BOOL}),
+        "metadata": Obj({"accessibleNamespaces": List(Str(), 16), "writableNamespaces": List(Str(), 8)}),
+    },
+    ["backendRefs"],
+)  # fmt: skip
+_WASM_CODE = Obj(
+    {
+        "type": Enum("HTTP", "Image"),
+        "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256},
+                    ["url"]),
+        "image": Obj({"url": Str(max_len=2048), "sha256": _SHA256, "pullSecretRef": _SECRET_REF}, ["url"]),
+        "pullPolicy": Enum("IfNotPresent", "Always"),
+    },
+    ["type"],
+)  # fmt: skip
+_WASM = Obj(
+    {
+        "name": _NAME,
+        "rootID": Str(max_len=253),
+        "code": _WASM_CODE,
+        "config": ANY,
+        "failOpen": BOOL,
+        "env": Obj({"hostKeys": List(Str(), 64)}),
+        # Accepted where EG 1.1's release blog put it; the CRD has it under `code`.
+        "pullPolicy": Enum("IfNotPresent", "Always"),
+    },
+    ["code"],
+)
+_ENDPOINT = Obj(
+    {
+        "ip": Obj({"address": Str(max_len=45), "port": _PORT}, ["address", "port"]),
+        "fqdn": Obj({"hostname": Str(max_len=253), "port": _PORT}, ["hostname", "port"]),
+        "unix": Obj({"path": Str(max_len=108, what="a socket path of at most 108 characters")}, ["path"]),
+        "zone": Str(),
+    },
+    one_of=[("ip", "fqdn", "unix")],
+)
+_CIDR = Str(r"[0-9a-fA-F:.]+/[0-9]{1,3}", 64, what="a CIDR such as 10.0.1.0/24 or 2001:db8::/32")
+
+_FILTER = Enum(*FILTER_NAMES, *FILTER_ALIASES)
+
+SPEC_SCHEMAS: dict[str, Node] = {
+    "GatewayClass": ANY,
+    "Gateway": Obj(
+        {"gatewayClassName": _NAME, "listeners": List(_LISTENER, 64, 1),
+         "infrastructure": Obj({"parametersRef": Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
+                                                     ["group", "kind", "name"])})},
+        ["gatewayClassName", "listeners"],
+    ),
+    "HTTPRoute": Obj({"parentRefs": List(_PARENT_REF, 32), "hostnames": List(_HOSTNAME, 16),
+                      "rules": List(_ROUTE_RULE, 16)}),
+    "Backend": Obj(
+        {"type": Enum("Endpoints"), "endpoints": List(_ENDPOINT, 64, 1),
+         "appProtocols": List(Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws",
+                                   "gateway.envoyproxy.io/wss"), 41)},
+        ["endpoints"],
+    ),
+    "BackendTLSPolicy": Obj(
+        {"targetRefs": List(_TARGET_REF, 16, 1),
+         "validation": Obj({"caCertificateRefs": List(Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
+                                                         ["group", "kind", "name"]), 8),
+                            "wellKnownCACertificates": Enum("System"), "hostname": _HOSTNAME}, ["hostname"])},
+        ["targetRefs", "validation"],
+    ),
+    "EnvoyExtensionPolicy": Obj({**_POLICY_TARGETS, "extProc": List(_EXT_PROC, 16), "wasm": List(_WASM, 16)}),
+    "SecurityPolicy": Obj({**_POLICY_TARGETS, "authorization": Obj({
+        "defaultAction": Enum("Allow", "Deny"),
+        "rules": List(Obj({"name": _NAME, "action": Enum("Allow", "Deny"),
+                           "principal": Obj({"clientCIDRs": List(_CIDR, 256, 1)}, ["clientCIDRs"])},
+                          ["action", "principal"]), 128),
+    })}),
+    "ClientTrafficPolicy": Obj({**_POLICY_TARGETS, "clientIPDetection": Obj(
+        {"xForwardedFor": Obj({"numTrustedHops": Int(0, 2**31 - 1), "trustedCIDRs": List(_CIDR, 64, 1),
+                               "disableXForwardedForAppend": BOOL},
+                              one_of=[("numTrustedHops", "trustedCIDRs")]),
+         "customHeader": Obj({"name": Str(r"[A-Za-z0-9-]+", 255), "failClosed": BOOL}, ["name"])},
+        one_of=[("xForwardedFor", "customHeader")],
+    )}),
+    "BackendTrafficPolicy": Obj({**_POLICY_TARGETS, "loadBalancer": Obj(
+        {"type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
+         "consistentHash": Obj({
+             "type": Enum("SourceIP", "Header", "Cookie"),
+             "header": Obj({"name": _HEADER_NAME}, ["name"]),
+             "cookie": Obj({"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]),
+             "tableSize": Int(2, 5000011),
+         }, ["type"])},
+        ["type"],
+    )}),
+    "EnvoyProxy": Obj({
+        "filterOrder": List(Obj({"name": _FILTER, "before": _FILTER, "after": _FILTER}, ["name"],
+                                one_of=[("before", "after")]), 32),
+        # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
+        "provider": ANY,
+    }),
+    # Services are only ever referenced (their ports checked); the rest of a Service spec is not ours.
+    "Service": Obj({"ports": List(Obj({"port": _PORT, "name": Str(), "protocol": Enum("TCP", "UDP", "SCTP"),
+                                       "targetPort": ANY, "appProtocol": Str(), "nodePort": ANY}, ["port"]), 64),
+                    "type": Enum("ClusterIP", "ExternalName", "NodePort", "LoadBalancer"),
+                    "clusterIP": Str(max_len=45), "externalName": _HOSTNAME,
+                    **{k: ANY for k in ("selector", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "sessionAffinity",
+                                        "externalTrafficPolicy")}}),
+}
+
+_ENVELOPE = {"apiVersion", "kind", "metadata", "spec", "status"}
+_DATA_ENVELOPE = {"apiVersion", "kind", "metadata", "type", "data", "stringData", "binaryData", "immutable"}
+
+
+def _check_envelope(res: Resource) -> None:
+    allowed = _DATA_ENVELOPE if res.kind in ("Secret", "ConfigMap") else _ENVELOPE
+    for key in res.data:
+        if key not in allowed:
+            raise res.error(str(key), f"unknown top-level field (expected one of {', '.join(sorted(allowed))})")
+    if res.kind in ("Secret", "ConfigMap"):
+        for key in ("data", "stringData"):
+            value = res.data.get(key)
+            if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                raise res.error(key, "expected a mapping of keys to strings")
+        return
+    if res.kind != "GatewayClass" and not isinstance(res.data.get("spec"), dict):
+        raise res.error("spec", "required (a mapping)")
+    SPEC_SCHEMAS[res.kind].check(res, res.spec, "spec")
+
+
+def secret_value(res: Resource, key: str) -> bytes | None:
+    """`key` from a Secret or ConfigMap: `stringData`/ConfigMap `data` as text, Secret `data` base64."""
+    string_data = res.data.get("stringData") or {}
+    data = res.data.get("data") or {}
+    if key in string_data:
+        return str(string_data[key]).encode()
+    if key not in data:
+        return None
+    if res.kind == "ConfigMap":
+        return str(data[key]).encode()
+    try:
+        return base64.b64decode(data[key], validate=True)
+    except (binascii.Error, ValueError):
+        raise res.error(f"data.{key}", "expected base64 (use stringData for plain text)") from None
+
+
+# ---- references -----------------------------------------------------------------------------------
+
+
+def policy_targets(res: Resource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field path, targetRef) for `targetRef` or each of `targetRefs`."""
+    if res.kind == "BackendTLSPolicy" or "targetRefs" in res.spec:
+        for index, ref in enumerate(res.spec.get("targetRefs") or []):
+            yield f"spec.targetRefs[{index}]", ref
+    elif "targetRef" in res.spec:
+        yield "spec.targetRef", res.spec["targetRef"]
+
+
+@dataclass(frozen=True)
+class BackendTarget:
+    """A resolved backendRef: the Backend or Service, and the port (Services need one)."""
+
+    resource: Resource
+    port: int | None
+    weight: int
+
+
+def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, Any], path: str) -> BackendTarget:
+    group = ref.get("group", "")
+    kind = ref.get("kind", "Service")
+    namespace = ref.get("namespace", owner.namespace)
+    weight = int(ref.get("weight", 1))
+    if (group, kind) == (EG_API, "Backend"):
+        backend = resources.get("Backend", namespace, ref["name"])
+        if backend is None:
+            raise owner.error(f"{path}.name", f"no Backend {namespace}/{ref['name']} in the input files")
+        return BackendTarget(backend, ref.get("port"), weight)
+    if (group, kind) == ("", "Service"):
+        service = resources.get("Service", namespace, ref["name"])
+        if service is None:
+            raise owner.error(f"{path}.name", f"no Service {namespace}/{ref['name']} in the input files "
+                              "(or use a Backend of group gateway.envoyproxy.io)")  # fmt: skip
+        port = ref.get("port")
+        if port is None:
+            raise owner.error(f"{path}.port", "required for a Service backendRef (a port of the Service)")
+        ports = [p.get("port") for p in service.spec.get("ports") or []]
+        if port not in ports:
+            raise owner.error(f"{path}.port", f"Service {namespace}/{ref['name']} has no port {port} "
+                              f"(ports: {', '.join(map(str, ports)) or 'none'})")  # fmt: skip
+        return BackendTarget(service, port, weight)
+    raise owner.error(path, f"expected a Backend (group {EG_API}) or a Service (group ''), "
+                      f"got group {group!r} kind {kind!r}")  # fmt: skip
+
+
+def host_intersection(route_host: str, listener_host: str | None) -> str | None:
+    """The hostname a route serves on a listener (None: not on this listener), Gateway API intersection."""
+    if listener_host is None or route_host == listener_host:
+        return route_host
+    if listener_host.startswith("*.") and route_host.endswith(listener_host[1:]):
+        return route_host
+    if route_host.startswith("*.") and listener_host.endswith(route_host[1:]):
+        return listener_host
+    return None
+
+
+def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
+    """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
+    if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
+        return False
+    if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
+        return False
+    allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
+    if allowed == "Same" and route.namespace != gateway.namespace:
+        return False  # Gateway API default: only routes from the Gateway's own namespace attach
+    hostnames = route.spec.get("hostnames") or []
+    return not hostnames or any(host_intersection(h, listener.get("hostname")) for h in hostnames)
+
+
+def _endpoint_kind(endpoint: dict[str, Any]) -> str:
+    return next(k for k in ("ip", "fqdn", "unix") if endpoint.get(k) is not None)
+
+
+def service_address(service: Resource) -> tuple[str, str] | None:
+    """("fqdn", name) for an ExternalName Service, ("ip", address) for one with a clusterIP, else None.
+
+    That is how a Service runs outside Kubernetes: traffic goes to clusterIP:port (or the external
+    name) directly; there are no pods behind it to pick a targetPort.
+    """
+    spec = service.spec
+    if spec.get("type") == "ExternalName":
+        return "fqdn", str(spec["externalName"])
+    cluster_ip = spec.get("clusterIP")
+    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
+        return "ip", cluster_ip
+    return None
+
+
+def endpoint_kinds(target: BackendTarget) -> set[str]:
+    if target.resource.kind == "Service":
+        found = service_address(target.resource)
+        return {found[0] if found else "service"}
+    return {_endpoint_kind(e) for e in target.resource.spec["endpoints"]}
+
+
+# ---- cross-resource rules ----------------------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(self, resources: ResourceSet, strict_eg: bool) -> None:
+        self.resources = resources
+        self.strict_eg = strict_eg
+
+    def run(self) -> None:
+        for res in self.resources:
+            _check_envelope(res)
+        for res in self.resources:
+            check = getattr(self, "_" + res.kind, None)
+            if check is not None:
+                check(res)
+        unreferenced = _unreferenced_proxies(self.resources)
+        if len(unreferenced) > 1:
+            raise unreferenced[1].error("metadata.name", "more than one EnvoyProxy with a filterOrder is not "
+                                        "referenced by a Gateway's spec.infrastructure.parametersRef; "
+                                        "reference each from its Gateway")  # fmt: skip
+
+    def _secret_ref(self, owner: Resource, ref: dict[str, Any], path: str, keys: tuple[str, ...]) -> Resource:
+        kind = ref.get("kind", "Secret")
+        if ref.get("group", "") != "" or kind not in ("Secret", "ConfigMap"):
+            raise owner.error(path, f"expected a core Secret or ConfigMap, got {ref.get('group', '')}/{kind}")
+        namespace = ref.get("namespace", owner.namespace)
+        found = self.resources.get(kind, namespace, ref["name"])
+        if found is None:
+            raise owner.error(f"{path}.name", f"no {kind} {namespace}/{ref['name']} in the input files")
+        for key in keys:
+            if secret_value(found, key) is None:
+                raise owner.error(f"{path}.name", f"{kind} {namespace}/{ref['name']} has no key {key!r}")
+        return found
+
+    def _Gateway(self, res: Resource) -> None:
+        names: set[str] = set()
+        for index, listener in enumerate(res.spec["listeners"]):
+            path = f"spec.listeners[{index}]"
+            if listener["name"] in names:
+                raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
+            names.add(listener["name"])
+            if listener["protocol"] == "HTTPS":
+                refs = (listener.get("tls") or {}).get("certificateRefs")
+                if not refs:
+                    raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
+                for i, ref in enumerate(refs):
+                    self._secret_ref(res, {**ref, "kind": ref.get("kind", "Secret")},
+                                     f"{path}.tls.certificateRefs[{i}]", ("tls.crt", "tls.key"))  # fmt: skip
+            elif listener.get("tls"):
+                raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
+        https_hosts: dict[int, set[str | None]] = {}
+        for index, listener in enumerate(res.spec["listeners"]):
+            if listener["protocol"] != "HTTPS":
+                continue
+            seen = https_hosts.setdefault(listener["port"], set())
+            if listener.get("hostname") in seen:
+                # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
+                raise res.error(f"spec.listeners[{index}].hostname", f"HTTPS listeners sharing port "
+                                f"{listener['port']} need distinct hostnames")  # fmt: skip
+            seen.add(listener.get("hostname"))
+        ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
+        if ref is not None:
+            if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
+                raise res.error("spec.infrastructure.parametersRef", f"expected group {EG_API} kind EnvoyProxy, "
+                                f"got {ref['group']}/{ref['kind']}")  # fmt: skip
+            if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
+                raise res.error("spec.infrastructure.parametersRef.name",
+                                f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files")
+
+    def _HTTPRoute(self, res: Resource) -> None:
+        for index, parent in enumerate(res.spec.get("parentRefs") or []):
+            path = f"spec.parentRefs[{index}]"
+            if (parent.get("group", GATEWAY_API), parent.get("kind", "Gateway")) != (GATEWAY_API, "Gateway"):
+                raise res.error(path, "expected a Gateway parent (group gateway.networking.k8s.io)")
+            namespace = parent.get("namespace", res.namespace)
+            gateway = self.resources.get("Gateway", namespace, parent["name"])
+            if gateway is None:
+                raise res.error(f"{path}.name", f"no Gateway {namespace}/{parent['name']} in the input files")
+            section = parent.get("sectionName")
+            if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
+                raise res.error(f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener "
+                                f"named {section!r}")  # fmt: skip
+            if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
+                raise res.error(path, f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                                "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                                "allowedRoutes.namespaces)")  # fmt: skip
+        for r, rule in enumerate(res.spec.get("rules") or []):
+            refs = rule.get("backendRefs") or []
+            targets = [backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
+                       for i, ref in enumerate(refs)]  # fmt: skip
+            kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
+            if "fqdn" in kinds and len(kinds) > 1:
+                raise res.error(f"spec.rules[{r}].backendRefs", "mixes FQDN endpoints with "
+                                f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
+                                "address type per rule (split the rule, or use one kind of Backend)")  # fmt: skip
+            filters = rule.get("filters") or []
+            for f, flt in enumerate(filters):
+                field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
+                if flt.get(field) is None:
+                    raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
+            if any(f["type"] == "RequestRedirect" for f in filters) and refs:
+                raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
+            for m, match in enumerate(rule.get("matches") or []):
+                pmatch = match.get("path") or {}
+                is_regex = pmatch.get("type") == "RegularExpression"
+                if not is_regex and not pmatch.get("value", "/").startswith("/"):
+                    raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
+                regexes: list[str] = [pmatch.get("value", "")] if is_regex else []
+                regexes += [h["value"] for h in match.get("headers") or [] if h.get("type") == "RegularExpression"]
+                for regex in regexes:
+                    try:
+                        re.compile(regex)
+                    except re.error as exc:
+                        raise res.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: "
+                                        f"{exc}") from None  # fmt: skip
+
+    def _Backend(self, res: Resource) -> None:
+        kinds = {_endpoint_kind(e) for e in res.spec["endpoints"]}
+        if "fqdn" in kinds and len(kinds) > 1:
+            raise res.error("spec.endpoints", "mixes fqdn with ip/unix endpoints; EG needs one address type "
+                            "(a Backend of IPs and sockets, or one of FQDNs)")  # fmt: skip
+        for index, endpoint in enumerate(res.spec["endpoints"]):
+            path = f"spec.endpoints[{index}]"
+            if endpoint.get("ip") is not None:
+                try:
+                    address = ipaddress.ip_address(endpoint["ip"]["address"])
+                except ValueError:
+                    raise res.error(f"{path}.ip.address", f"expected an IPv4 or IPv6 address, got "
+                                    f"{endpoint['ip']['address']!r}") from None  # fmt: skip
+                if self.strict_eg and address.is_loopback:
+                    raise res.error(f"{path}.ip.address", f"{address} is a loopback address, which EG refuses")
+            elif endpoint.get("fqdn") is not None:
+                host = endpoint["fqdn"]["hostname"]
+                if not _HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
+                    raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
+                if "." not in host:
+                    raise res.error(f"{path}.fqdn.hostname", f"expected a domain of two or more labels "
+                                    f"(EG refuses single-label names), got {host!r}")  # fmt: skip
+            elif not endpoint["unix"]["path"].startswith("/"):
+                raise res.error(f"{path}.unix.path", f"expected an absolute path, got {endpoint['unix']['path']!r}")
+
+    def _Service(self, res: Resource) -> None:
+        if res.spec.get("type") == "ExternalName" and not res.spec.get("externalName"):
+            raise res.error("spec.externalName", "required with type ExternalName")
+        cluster_ip = res.spec.get("clusterIP")
+        if cluster_ip not in (None, "", "None"):
+            try:
+                ipaddress.ip_address(cluster_ip)
+            except ValueError:
+                raise res.error("spec.clusterIP", f"expected an IP address or None, got {cluster_ip!r}") from None
+
+    def _BackendTLSPolicy(self, res: Resource) -> None:
+        for path, ref in policy_targets(res):
+            kind = ref["kind"]
+            group = ref.get("group", "")
+            if (group, kind) not in ((EG_API, "Backend"), ("", "Service")):
+                raise res.error(path, f"expected a Backend (group {EG_API}) or a Service, got {group}/{kind}")
+            if self.resources.get(kind, res.namespace, ref["name"]) is None:
+                raise res.error(f"{path}.name", f"no {kind} {res.namespace}/{ref['name']} in the input files")
+        validation = res.spec["validation"]
+        refs = validation.get("caCertificateRefs") or []
+        if bool(refs) == bool(validation.get("wellKnownCACertificates")):
+            raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
+        for index, ref in enumerate(refs):
+            self._secret_ref(res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
+
+    def _targets(self, res: Resource, kinds: tuple[str, ...]) -> None:
+        targets = list(policy_targets(res))
+        if not targets:
+            raise res.error("spec", "expected exactly one of targetRef or targetRefs")
+        if "targetRef" in res.spec and "targetRefs" in res.spec:
+            raise res.error("spec", "expected exactly one of targetRef or targetRefs, got both")
+        for path, ref in targets:
+            if ref["group"] != GATEWAY_API or ref["kind"] not in kinds:
+                raise res.error(path, f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, "
+                                f"got {ref['group']}/{ref['kind']}")  # fmt: skip
+            target = self.resources.get(ref["kind"], res.namespace, ref["name"])
+            if target is None:
+                raise res.error(f"{path}.name", f"no {ref['kind']} {res.namespace}/{ref['name']} in the input files")
+            section = ref.get("sectionName")
+            if section:
+                sections = ([li["name"] for li in target.spec["listeners"]] if target.kind == "Gateway"
+                            else [rule.get("name") for rule in target.spec.get("rules") or []])  # fmt: skip
+                if section not in sections:
+                    raise res.error(f"{path}.sectionName", f"{target.kind} {target.namespace}/{target.name} has "
+                                    f"no section named {section!r}")  # fmt: skip
+
+    def _EnvoyExtensionPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        for index, ext in enumerate(res.spec.get("extProc") or []):
+            path = f"spec.extProc[{index}]"
+            refs = ext["backendRefs"]
+            targets = [backend_ref_target(self.resources, res, ref, f"{path}.backendRefs[{i}]")
+                       for i, ref in enumerate(refs)]  # fmt: skip
+            kinds = set().union(*(endpoint_kinds(t) for t in targets))
+            if "fqdn" in kinds and len(kinds) > 1:
+                raise res.error(f"{path}.backendRefs", "mixes FQDN endpoints with other endpoint types; EG "
+                                "needs one address type per extProc")  # fmt: skip
+            mode = ext.get("processingMode") or {}
+            full_duplex = any((mode.get(d) or {}).get("body") == "FullDuplexStreamed" for d in ("request", "response"))
+            if full_duplex and ext.get("failOpen"):
+                raise res.error(f"{path}.failOpen", "expected false with body mode FullDuplexStreamed "
+                                "(Envoy refuses fail-open for full-duplex streaming)")  # fmt: skip
+            waiting = {str(b) for d in ("request", "response") if (b := (mode.get(d) or {}).get("body"))} - {"Streamed"}
+            if ext.get("shadowMode") and waiting:
+                raise res.error(f"{path}.shadowMode", "expected body mode Streamed or none with shadowMode "
+                                f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)")  # fmt: skip
+        for index, wasm in enumerate(res.spec.get("wasm") or []):
+            path = f"spec.wasm[{index}].code"
+            code = wasm["code"]
+            source = code["type"].lower()
+            if code.get(source) is None:
+                raise res.error(f"{path}.{source}", f"required for type {code['type']}")
+            other = "image" if source == "http" else "http"
+            if code.get(other) is not None:
+                raise res.error(f"{path}.{other}", f"not allowed with type {code['type']}")
+            secret = (code.get("image") or {}).get("pullSecretRef")
+            if secret is not None:
+                self._secret_ref(res, {**secret, "kind": secret.get("kind", "Secret")}, f"{path}.image.pullSecretRef",
+                                 (".dockerconfigjson",))  # fmt: skip
+            config = wasm.get("config")
+            if config is not None and not isinstance(config, dict | list | str | int | float | bool):
+                raise res.error(f"spec.wasm[{index}].config", "expected JSON-compatible data")
+
+    def _SecurityPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        authorization = res.spec.get("authorization") or {}
+        for r, rule in enumerate(authorization.get("rules") or []):
+            for c, cidr in enumerate(rule["principal"]["clientCIDRs"]):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise res.error(f"spec.authorization.rules[{r}].principal.clientCIDRs[{c}]",
+                                    f"expected a CIDR such as 10.0.1.0/24 or 2001:db8::/32, got {cidr!r}") from None
+
+    def _ClientTrafficPolicy(self, res: Resource) -> None:
+        # EG accepts only Gateway targets here; HTTPRoute is accepted (applied to the route's listeners)
+        # because EG 1.1's release announcement shows it that way.
+        self._targets(res, ("Gateway",) if self.strict_eg else ("Gateway", "HTTPRoute"))
+        xff = ((res.spec.get("clientIPDetection") or {}).get("xForwardedFor")) or {}
+        for c, cidr in enumerate(xff.get("trustedCIDRs") or []):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise res.error(f"spec.clientIPDetection.xForwardedFor.trustedCIDRs[{c}]",
+                                f"expected a CIDR, got {cidr!r}") from None  # fmt: skip
+
+    def _BackendTrafficPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        lb = res.spec.get("loadBalancer")
+        if lb is None:
+            return
+        consistent = lb.get("consistentHash")
+        if (lb["type"] == "ConsistentHash") != (consistent is not None):
+            raise res.error("spec.loadBalancer.consistentHash", "required with type ConsistentHash and only then")
+        if consistent is not None:
+            kind = consistent["type"]
+            for field in ("header", "cookie"):
+                if (kind.lower() == field) != (consistent.get(field) is not None):
+                    raise res.error(f"spec.loadBalancer.consistentHash.{field}",
+                                    f"required with type {field.title()} and only then")  # fmt: skip
+            size = consistent.get("tableSize", 65537)
+            if not _is_prime(size):
+                raise res.error("spec.loadBalancer.consistentHash.tableSize", f"expected a prime number "
+                                f"(Maglev needs one), got {size}")  # fmt: skip
+
+    def _EnvoyProxy(self, res: Resource) -> None:
+        for index, entry in enumerate(res.spec.get("filterOrder") or []):
+            if entry["name"] == entry.get("before", entry.get("after")):
+                raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
+
+
+def _unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
+    referenced = {(g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
+                  for g in resources.of("Gateway")}  # fmt: skip
+    return [p for p in resources.of("EnvoyProxy")
+            if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced]  # fmt: skip
+
+
+def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
+    """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
+    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
+    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
+    if ref is not None:
+        return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
+    unreferenced = _unreferenced_proxies(resources)
+    return unreferenced[0] if unreferenced else None
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def validate(resources: ResourceSet, *, strict_eg: bool = False) -> None:
+    """Raise ConfigError for the first structural or cross-resource problem."""
+    _Checker(resources, strict_eg).run()

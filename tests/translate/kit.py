@@ -1,0 +1,104 @@
+"""Shared pieces of the translator's real-Envoy tests: YAML builders, fixtures, HTTP helper."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.render import render_bootstrap
+from tests.translate.servers import NamedBackend
+
+GATEWAY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: http, protocol: HTTP, port: 80}
+"""
+
+
+def backend(name: str, endpoint: str) -> str:
+    return f"""
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: {name}}}
+spec:
+  endpoints:
+    - {endpoint}
+"""
+
+
+def route(name: str, prefix: str, *backends: str, host: str = "www.example.com") -> str:
+    refs = "".join(f"\n        - {{group: gateway.envoyproxy.io, kind: Backend, name: {b}}}" for b in backends)
+    return f"""
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{name: eg}}]
+  hostnames: ["{host}"]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]
+      backendRefs:{refs}
+"""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+Run = Callable[..., str]
+
+
+@pytest.fixture
+def run_envoy(tmp_path: Path) -> Iterator[Run]:
+    """Render YAML text, validate it with Envoy, run it; returns the listener's base URL."""
+    started: list[Envoy] = []
+
+    def run(text: str, **options: object) -> str:
+        path = tmp_path / f"input-{len(started)}.yaml"
+        path.write_text(text)
+        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
+                                                           **options))  # type: ignore[arg-type]
+        validate_bootstrap(bootstrap)
+        envoy = Envoy(bootstrap, workdir=tmp_path / f"envoy-{len(started)}")
+        started.append(envoy)
+        envoy.start()
+        host, port = envoy.listener_address("default/eg/http")
+        return f"http://{host}:{port}"
+
+    yield run
+    for envoy in started:
+        envoy.close()
+
+
+@pytest.fixture
+def backends(tmp_path: Path) -> Iterator[dict[str, NamedBackend]]:
+    made = {
+        "a": NamedBackend("a"), "b": NamedBackend("b"), "c": NamedBackend("c"),
+        "uds": NamedBackend("uds", unix_path=tmp_path / "backend.sock"),
+    }  # fmt: skip
+    yield made
+    for server in made.values():
+        server.close()
+
+
+def get(url: str, path: str, host: str = "www.example.com", **kwargs: object) -> httpx.Response:
+    headers = {"host": host, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    return httpx.get(url + path, headers=headers, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+

@@ -1,0 +1,213 @@
+"""HTTPS listeners (certificate from a Secret manifest) and BackendTLSPolicy (CA from a ConfigMap, SNI)."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.render import render_bootstrap
+
+pytestmark = [pytest.mark.envoy, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA and one server certificate for www.example.com and backend.example.com, signed by it."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "2", "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=www.example.com", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:www.example.com,DNS:backend.example.com\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=tmp_path)  # fmt: skip
+    return tmp_path
+
+
+class _Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        sni = getattr(self.connection, "server_hostname_seen", "")
+        body = f"tls backend sni={sni}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def tls_backend(pki: Path) -> Iterator[int]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    seen: dict[str, str] = {}
+
+    def remember(sock: ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
+        seen["sni"] = name or ""
+
+    context.sni_callback = remember  # type: ignore[assignment]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    server.daemon_threads = True
+    original = server.get_request
+
+    def get_request() -> tuple[object, object]:
+        conn, addr = original()
+        wrapped = context.wrap_socket(conn, server_side=True)
+        wrapped.server_hostname_seen = seen.get("sni", "")  # type: ignore[attr-defined]
+        return wrapped, addr
+
+    server.get_request = get_request  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("hostname", ["backend.example.com", "other.example.com"])
+def test_https_listener_and_backend_tls_policy(tmp_path: Path, pki: Path, tls_backend: int, hostname: str) -> None:
+    ca = (pki / "ca.crt").read_text()
+    indented_ca = "\n".join("    " + line for line in ca.splitlines())
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - name: https
+      protocol: HTTPS
+      port: 443
+      tls:
+        mode: Terminate
+        certificateRefs: [{{kind: Secret, name: www-cert}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: www-cert}}
+type: kubernetes.io/tls
+data:
+  tls.crt: {_b64(pki / "server.crt")}
+  tls.key: {_b64(pki / "server.key")}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: backend}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules:
+    - backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: secure}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: secure}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: {tls_backend}}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: BackendTLSPolicy
+metadata: {{name: secure-tls}}
+spec:
+  targetRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: secure}}]
+  validation:
+    caCertificateRefs: [{{group: "", kind: ConfigMap, name: backend-ca}}]
+    hostname: {hostname}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: backend-ca}}
+data:
+  ca.crt: |
+{indented_ca}
+"""
+    path = tmp_path / "tls.yaml"
+    path.write_text(text)
+    bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    validate_bootstrap(bootstrap)
+    with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+        host, port = envoy.listener_address("default/eg/https")
+        client_context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        client_context.check_hostname = False  # we connect to 127.0.0.1; the chain is still verified
+        with httpx.Client(verify=client_context, timeout=10) as client:
+            response = client.get(f"https://{host}:{port}/")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"https://{host}:{port}/", timeout=10)  # the system trust store does not know our CA
+    if hostname == "backend.example.com":
+        assert response.status_code == 200
+        assert response.text == "tls backend sni=backend.example.com"
+    else:  # the backend's certificate does not name other.example.com: Envoy refuses it
+        assert response.status_code == 503
+
+
+def test_https_listeners_share_a_port_by_sni(tmp_path: Path, pki: Path) -> None:
+    from tests.translate.servers import NamedBackend
+
+    app = NamedBackend("app")
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {{name: default, protocol: HTTPS, port: 443, tls: {{certificateRefs: [{{name: cert}}]}}}}
+    - {{name: www, protocol: HTTPS, port: 443, hostname: www.example.com, tls: {{certificateRefs: [{{name: cert}}]}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert}}
+data: {{tls.crt: {_b64(pki / "server.crt")}, tls.key: {_b64(pki / "server.key")}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: www-only}}
+spec:
+  parentRefs: [{{name: eg, sectionName: www}}]
+  rules: [{{backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: app}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: {app.port}}}}}]
+"""
+    path = tmp_path / "sni.yaml"
+    path.write_text(text)
+    try:
+        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+        validate_bootstrap(bootstrap)
+        with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+            host, port = envoy.listener_address("default/eg/default")
+            context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+            with httpx.Client(verify=context, timeout=10) as client:
+                by_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"},
+                                    extensions={"sni_hostname": "www.example.com"})  # fmt: skip
+                context.check_hostname = False
+            with httpx.Client(verify=context, timeout=10) as client:
+                without_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"})
+        assert by_sni.status_code == 200 and by_sni.text == "app /"
+        assert without_sni.status_code == 404  # the default chain's HCM has no route for it
+    finally:
+        app.close()

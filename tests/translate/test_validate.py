@@ -1,0 +1,280 @@
+"""Bad input: every error names the file, the resource, the field, and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.errors import ConfigError
+from sidecar.runtime.stack import check_ext_proc_reachable
+from sidecar.translate.render import dump_yaml, render_bootstrap
+from sidecar.translate.resources import load_resources
+from sidecar.translate.validate import validate
+
+BASE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: app}
+spec:
+  endpoints: [{ip: {address: 127.0.0.1, port: 8080}}]
+"""
+
+
+def write(tmp_path: Path, extra: str, base: str = BASE) -> Path:
+    path = tmp_path / "input.yaml"
+    path.write_text(base + extra)
+    return path
+
+
+def error_for(tmp_path: Path, extra: str, base: str = BASE) -> str:
+    path = write(tmp_path, extra, base)
+    with pytest.raises(ConfigError) as info:
+        render_bootstrap([path])
+    return str(info.value).replace(str(path), "FILE")
+
+
+def test_valid_base_renders_deterministically(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    first, second = dump_yaml(render_bootstrap([path])), dump_yaml(render_bootstrap([path]))
+    assert first == second
+    assert "httproute/default/app/rule/0" in first
+
+
+CASES = {
+    "unknown-kind": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Bakend\nmetadata: {name: x}\n",
+        "FILE#3: kind: unknown kind 'Bakend' (expected one of Backend, BackendTLSPolicy,",
+    ),
+    "wrong-api-group": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Backend\nmetadata: {name: x}\nspec: {}\n",
+        "FILE#3: Backend: apiVersion: expected gateway.envoyproxy.io/<version>, got 'gateway.networking.k8s.io/v1'",
+    ),
+    "unknown-field": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80, weight: 2}}]}\n",
+        "FILE#3: Backend/default/x: spec.endpoints[0].ip.weight: unknown or unsupported field "
+        "(expected one of address, port)",
+    ),
+    "enum": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}],"
+        " loadBalancer: {type: Fastest}}\n",
+        "FILE#3: BackendTrafficPolicy/default/p: spec.loadBalancer.type: expected one of ConsistentHash, "
+        "LeastRequest, Random, RoundRobin, got 'Fastest'",
+    ),
+    "required": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}], wasm: [{name: w}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.wasm[0].code: required field is missing",
+    ),
+    "target-to-nothing": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: nope}}\n",
+        "FILE#3: SecurityPolicy/default/p: spec.targetRef.name: no HTTPRoute default/nope in the input files",
+    ),
+    "target-wrong-kind": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.envoyproxy.io, kind: Backend, name: app}}\n",
+        "FILE#3: SecurityPolicy/default/p: spec.targetRef: expected group gateway.networking.k8s.io and kind "
+        "Gateway or HTTPRoute, got gateway.envoyproxy.io/Backend",
+    ),
+    "endpoint-one-of": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}, unix: {path: /run/x.sock}}]}\n",
+        "FILE#3: Backend/default/x: spec.endpoints[0]: expected exactly one of ip, fqdn, unix, got ip, unix",
+    ),
+    "backend-mixes-fqdn-and-ip": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}, {fqdn: {hostname: a.example.com, port: 80}}]}\n",
+        "FILE#3: Backend/default/x: spec.endpoints: mixes fqdn with ip/unix endpoints",
+    ),
+    "rule-mixes-fqdn-and-ip-backends": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: named}\n"
+        "spec: {endpoints: [{fqdn: {hostname: a.example.com, port: 80}}]}\n"
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mixed}\n"
+        "spec: {parentRefs: [{name: eg}], rules: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend,"
+        " name: app}, {group: gateway.envoyproxy.io, kind: Backend, name: named}]}]}\n",
+        "FILE#4: HTTPRoute/default/mixed: spec.rules[0].backendRefs: mixes FQDN endpoints with ip endpoints",
+    ),
+    "unix-path-too-long": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        f"spec: {{endpoints: [{{unix: {{path: /{'s' * 120}}}}}]}}\n",
+        "FILE#3: Backend/default/x: spec.endpoints[0].unix.path: expected a socket path of at most 108 characters",
+    ),
+    "single-label-fqdn": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        "spec: {endpoints: [{fqdn: {hostname: localhost, port: 80}}]}\n",
+        "FILE#3: Backend/default/x: spec.endpoints[0].fqdn.hostname: expected a domain of two or more labels",
+    ),
+    "invalid-cidr": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}, authorization:"
+        " {defaultAction: Deny, rules: [{action: Allow, principal: {clientCIDRs: [10.0.1.0/24, 10.0.300.0/24]}}]}}\n",
+        "FILE#3: SecurityPolicy/default/p: spec.authorization.rules[0].principal.clientCIDRs[1]: expected a CIDR "
+        "such as 10.0.1.0/24 or 2001:db8::/32, got '10.0.300.0/24'",
+    ),
+    "missing-secret": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: tls}\n"
+        "spec: {gatewayClassName: eg, listeners: [{name: https, protocol: HTTPS, port: 443,"
+        " tls: {certificateRefs: [{name: cert}]}}]}\n",
+        "FILE#3: Gateway/default/tls: spec.listeners[0].tls.certificateRefs[0].name: no Secret default/cert "
+        "in the input files",
+    ),
+    "https-same-port-same-host": (
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {name: cert}\n"
+        "stringData: {tls.crt: x, tls.key: y}\n"
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: tls}\n"
+        "spec: {gatewayClassName: eg, listeners: ["
+        "{name: a, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: cert}]}},"
+        " {name: b, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: cert}]}}]}\n",
+        "FILE#4: Gateway/default/tls: spec.listeners[1].hostname: HTTPS listeners sharing port 443 need distinct",
+    ),
+    "missing-backend": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg},"
+        " extProc: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: gone}]}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].backendRefs[0].name: no Backend default/gone",
+    ),
+    "table-size-not-prime": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app},"
+        " loadBalancer: {type: ConsistentHash, consistentHash: {type: SourceIP, tableSize: 1024}}}\n",
+        "FILE#3: BackendTrafficPolicy/default/p: spec.loadBalancer.consistentHash.tableSize: expected a prime number",
+    ),
+    "full-duplex-fail-open": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
+        " [{group: gateway.envoyproxy.io, kind: Backend, name: app}], failOpen: true,"
+        " processingMode: {request: {body: FullDuplexStreamed}}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].failOpen: expected false with body mode "
+        "FullDuplexStreamed",
+    ),
+    "shadow-mode-buffered": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
+        " [{group: gateway.envoyproxy.io, kind: Backend, name: app}], shadowMode: true,"
+        " processingMode: {response: {body: Buffered}}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].shadowMode: expected body mode Streamed or none",
+    ),
+    "singular-backend-ref": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRef:"
+        " {group: gateway.envoyproxy.io, kind: Backend, name: app}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].backendRef: unknown or unsupported field",
+    ),
+    "bad-duration": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
+        " [{group: gateway.envoyproxy.io, kind: Backend, name: app}], messageTimeout: 5 seconds}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].messageTimeout: expected a duration such as "
+        "500ms, 5s or 1m30s, got '5 seconds'",
+    ),
+    "bad-attribute": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}, extProc: [{backendRefs:"
+        " [{group: gateway.envoyproxy.io, kind: Backend, name: app}],"
+        " processingMode: {request: {attributes: [password]}}}]}\n",
+        "FILE#3: EnvoyExtensionPolicy/default/p: spec.extProc[0].processingMode.request.attributes[0]: expected an "
+        "attribute name starting with connection.",
+    ),
+    "filter-order-unknown-filter": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyProxy\nmetadata: {name: p}\n"
+        "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.nope}]}\n",
+        "FILE#3: EnvoyProxy/default/p: spec.filterOrder[0].before: expected one of envoy.filters.http.custom_response",
+    ),
+    "missing-envoy-proxy": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: two}\n"
+        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81}], infrastructure:"
+        " {parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}}}\n",
+        "FILE#3: Gateway/default/two: spec.infrastructure.parametersRef.name: no EnvoyProxy default/custom",
+    ),
+    "route-hostname-matches-no-listener": (
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: named}\n"
+        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81, hostname: '*.example.com'}]}\n"
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: elsewhere}\n"
+        "spec: {parentRefs: [{name: named}], hostnames: [www.example.org]}\n",
+        "FILE#4: HTTPRoute/default/elsewhere: spec.parentRefs[0]: no listener of Gateway default/named accepts "
+        "this route",
+    ),
+    "duplicate": (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: app}\n"
+        "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}]}\n",
+        "FILE#3: Backend/default/app: duplicate resource (first defined in FILE#2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_names_file_resource_field_and_expectation(tmp_path: Path, case: str) -> None:
+    extra, expected = CASES[case]
+    assert error_for(tmp_path, extra).startswith(expected)
+
+
+def test_strict_eg_refuses_loopback_backends(tmp_path: Path) -> None:
+    resources = load_resources([write(tmp_path, "")])
+    validate(resources)  # local use: loopback is the point
+    with pytest.raises(ConfigError, match=r"spec.endpoints\[0\].ip.address: 127.0.0.1 is a loopback address"):
+        validate(resources, strict_eg=True)
+
+
+def test_unreachable_ext_proc_backend(tmp_path: Path) -> None:
+    extra = ("---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: proc}\n"
+             f"spec: {{endpoints: [{{unix: {{path: {tmp_path}/nobody.sock}}}}]}}\n"
+             "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+             "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg},"
+             " extProc: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]}]}\n")  # fmt: skip
+    resources = load_resources([write(tmp_path, extra)])
+    with pytest.raises(ConfigError) as info:
+        check_ext_proc_reachable(resources, None)
+    assert str(info.value) == (f"{tmp_path}/input.yaml#4: EnvoyExtensionPolicy/default/p: "
+                               "spec.extProc[0].backendRefs[0]: extProc backend proc endpoint 0 is not reachable: "
+                               "No such file or directory")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "up", "-f", str(tmp_path / "input.yaml")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["sidecar: error: " + str(info.value)]
+
+
+def test_render_cli_prints_yaml_or_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, "")
+    assert main(["render", "-f", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("static_resources:\n") and "default/eg/http" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("port: 8080", "port: 80800"))
+    assert main(["render", "-f", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sidecar: error: {bad}#2: Backend/default/app: spec.endpoints[0].ip.port: expected an integer "
+                   "from 1 to 65535, got 80800"]  # fmt: skip
+    assert main(["render", "-f", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"sidecar: error: {tmp_path}/missing: no such file or directory"
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.envoy
+def test_render_cli_matches_the_golden_file_and_envoy_accepts_it(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    assert main(["render", "-f", str(FIXTURES / "basic"), "--validate", "-o", str(out)]) == 0
+    # Regenerate after an intended change: sidecar render -f tests/translate/fixtures/basic -o <golden>
+    assert out.read_text() == (FIXTURES / "basic.envoy.yaml").read_text()
