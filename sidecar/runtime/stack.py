@@ -103,8 +103,8 @@ class Stack:
         self._cache = workdir / "wasm"
         self._retired: list[tuple[Envoy, threading.Thread]] = []
 
-    def _fetch(self, code: dict[str, Any]) -> dict[str, Any]:
-        return fetch_module(code, self._cache)
+    def _fetch(self, code: dict[str, Any], pull_secrets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return fetch_module(code, self._cache, pull_secrets=pull_secrets)
 
     def _build(self) -> tuple[ResourceSet, dict[str, Any]]:
         resources = load_resources(self.options.files)

@@ -31,7 +31,10 @@ def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
         config = load_config(args.sidecar_config)
         sidecar = SidecarLink(Registry.from_specs(config.chains), tuple(config.socket_paths()),
                               config.message_timeout)
-    kwargs: dict[str, Any] = {"sidecar": sidecar, "fetch_module": fetch_module}
+    kwargs: dict[str, Any] = {
+        "sidecar": sidecar,
+        "fetch_module": lambda code, secrets: fetch_module(code, pull_secrets=secrets),
+    }
     if args.dns_resolver:
         kwargs["dns_resolver"] = parse_host_port(args.dns_resolver, "--dns-resolver")
     kwargs.update(overrides)

@@ -132,7 +132,10 @@ class _Builder:
     def _filters_of(self, policy: Resource) -> list[PolicyFilter]:
         key = (policy.namespace, policy.name)
         if key not in self._policy_filters:
-            found = ext_proc_filters(self.resources, policy, self.options) + wasm_filters(policy, self.options)
+            found = [
+                *ext_proc_filters(self.resources, policy, self.options),
+                *wasm_filters(self.resources, policy, self.options),
+            ]
             for pf in found:
                 if pf.cluster is not None:
                     self.clusters[pf.cluster.name] = pf.cluster

@@ -48,8 +48,8 @@ class RenderOptions:
     ephemeral_ports: bool = False  # bind every listener on port 0 (tests)
     dns_resolver: tuple[str, int] | None = None  # c-ares resolver for FQDN Backends
     sidecar: SidecarLink | None = None
-    # Turns a wasm `code` spec into an Envoy AsyncDataSource dict; see wasmsource.fetch_module.
-    fetch_module: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # (wasm `code` spec, {pull Secret name: Secret manifest}) -> Envoy AsyncDataSource dict; see wasmsource.
+    fetch_module: Callable[[dict[str, Any], dict[str, dict[str, Any]]], dict[str, Any]] | None = None
 
     def listener_port(self, port: int) -> int:
         if self.ephemeral_ports:

@@ -177,7 +177,16 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
 # ---- wasm -----------------------------------------------------------------------------------------
 
 
-def wasm_filters(policy: Resource, options: RenderOptions) -> list[PolicyFilter]:
+def _pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pull Secret a wasm image names, from the policy's own namespace (as EG requires)."""
+    ref = (code.get("image") or {}).get("pullSecretRef")
+    if not ref:
+        return {}
+    secret = resources.get("Secret", policy.namespace, ref["name"])
+    return {ref["name"]: secret.data} if secret is not None else {}
+
+
+def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOptions) -> list[PolicyFilter]:
     from envoy_data_plane.envoy.config.core.v3 import AsyncDataSource, DataSource
     from envoy_data_plane.envoy.extensions.filters.http.wasm.v3 import Wasm
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
@@ -191,7 +200,7 @@ def wasm_filters(policy: Resource, options: RenderOptions) -> list[PolicyFilter]
         if options.fetch_module is None:
             raise policy.error(f"{path}.code", "cannot fetch Wasm modules here (no fetcher configured)")
         try:
-            code = options.fetch_module(wasm["code"])
+            code = options.fetch_module(wasm["code"], _pull_secrets(resources, policy, wasm["code"]))
         except ConfigError as exc:
             raise policy.error(f"{path}.code", str(exc)) from None
         if "local" not in code:

@@ -1,29 +1,26 @@
 """The seam between the translator and the Wasm fetcher: `fetch_module(code) -> Envoy AsyncDataSource dict`.
 
-`code` is an EnvoyExtensionPolicy wasm `code` block. HTTP sources are handled here, minimally: download
-with a timeout and a size cap, check the user's sha256 against the body (EG's semantics), check the
-`\\0asm` magic, store content-addressed in the cache directory and return `{"local": {"filename": ...}}`.
-OCI images need the fetcher being written on its own branch; this module is meant to be replaced by
-its `source.py`, keeping the function signature.
+`code` is an EnvoyExtensionPolicy wasm `code` block (type Image or HTTP). The module is fetched with
+`sidecar.wasm` (OCI registries, private ones included, or HTTPS), verified with EG's sha256 semantics,
+stored in the content-addressed cache and handed to Envoy as a local file. Fetch errors become
+ConfigErrors, which the translator prefixes with the file, resource and field.
+
+Plain HTTP (for URLs and registries) is allowed only for loopback hosts, which is what a local
+`sidecar render` / `sidecar up` talks to, and for hosts listed in `insecure_hosts`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.error
-import urllib.request
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, WasmError
 
-__all__ = ["MAX_MODULE_BYTES", "default_cache_dir", "fetch_module"]
+__all__ = ["default_cache_dir", "fetch_module"]
 
-MAX_MODULE_BYTES = 256 * 1024 * 1024  # EG's limit
-_TIMEOUT_SECONDS = 15.0
-_WASM_MAGIC = b"\0asm"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def default_cache_dir() -> Path:
@@ -31,44 +28,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "envoy-sidecar" / "wasm"
 
 
-def _download(url: str, limit: int) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as resp:
-            body = resp.read(limit + 1)
-    except urllib.error.HTTPError as exc:
-        raise ConfigError(f"downloading {url}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ConfigError(f"downloading {url}: {reason}") from None
-    if len(body) > limit:
-        raise ConfigError(f"downloading {url}: module larger than {limit} bytes")
-    return bytes(body)
-
-
-def fetch_module(code: dict[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:
+def fetch_module(
+    code: Mapping[str, Any],
+    cache_dir: Path | None = None,
+    *,
+    pull_secrets: Mapping[str, Mapping[str, Any]] | None = None,
+    insecure_hosts: Iterable[str] = (),
+) -> dict[str, Any]:
     """Fetch and verify a module; the Envoy `code` AsyncDataSource as a dict."""
-    if code["type"] == "Image":
-        raise ConfigError("OCI images need the wasm fetcher (not available in this build); use code.type HTTP")
-    spec = code["http"]
-    url = spec["url"]
-    directory = cache_dir or default_cache_dir()
-    expected = spec.get("sha256")
-    if expected is not None and (directory / f"{expected}.wasm").is_file():
-        # Content-addressed: a file named by the sha256 asked for was verified when it was written.
-        return {"local": {"filename": str(directory / f"{expected}.wasm")}}
-    body = _download(url, MAX_MODULE_BYTES)
-    digest = hashlib.sha256(body).hexdigest()
-    if expected is not None and digest != expected:
-        raise ConfigError(f"sha256 mismatch for {url}: expected {expected}, got {digest}")
-    if not body.startswith(_WASM_MAGIC):
-        raise ConfigError(f"{url} is not a Wasm module (no \\0asm magic)")
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{digest}.wasm"
-    if not target.exists():
-        # Write then rename, so a concurrent reader never sees half a module.
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
-        with os.fdopen(fd, "wb") as out:
-            out.write(body)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    return {"local": {"filename": str(target)}}
+    from sidecar.wasm.cache import ModuleCache
+    from sidecar.wasm.fetcher import ModuleFetcher
+    from sidecar.wasm.source import LocalHandoff, envoy_code
+    from sidecar.wasm.transfer import FetchOptions
+
+    options = FetchOptions(insecure_hosts=frozenset((*_LOOPBACK, *insecure_hosts)))
+    try:
+        fetcher = ModuleFetcher(ModuleCache(cache_dir or default_cache_dir()), options)
+        return envoy_code(code, fetcher, LocalHandoff(), pull_secrets)
+    except WasmError as exc:
+        raise ConfigError(str(exc)) from None

@@ -87,7 +87,7 @@ def _accepts(resources: list[Resource]) -> str | None:
     return None
 
 
-def _no_fetch(code: dict[str, Any]) -> dict[str, Any]:
+def _no_fetch(code: dict[str, Any], pull_secrets: dict[str, Any]) -> dict[str, Any]:
     # Fetching is checked elsewhere; here a module "exists" unless EG could not download it either.
     if "non-existent" in str(code):
         raise ConfigError("download failed: 404")

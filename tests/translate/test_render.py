@@ -196,7 +196,7 @@ spec:
     assert manager["use_remote_address"] is False  # the header, not the peer, is the client
 
 
-def test_seed_oci_wasm_examples_need_the_fetcher(tmp_path: Path) -> None:
+def test_fetch_errors_name_the_policy_and_field(tmp_path: Path) -> None:
     extra = """
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -213,12 +213,13 @@ spec:
     code:
       type: Image
       image:
-        url: "zhaohuabing/testwasm:v0.0.1"
+        url: "oci://127.0.0.1:1/testwasm:v0.0.1"
         sha256: cdb37a856ae7dae208cdcb19378022cc81dbcae30859f58b89ae259a9575a49d
 """
+    # Port 1 on loopback refuses at once: the real fetcher fails, and says where the reference came from.
     with pytest.raises(ConfigError, match=r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec.wasm\[0\].code: "
-                                          "OCI images need the wasm fetcher"):
-        render(tmp_path, extra, fetch_module=fetch_module)
+                                          r".*cannot reach registry 127\.0\.0\.1:1"):
+        render(tmp_path, extra, fetch_module=lambda code, secrets: fetch_module(code, tmp_path / "cache"))
 
 
 def test_h2c_backend_speaks_http2_and_fqdn_uses_strict_dns(tmp_path: Path) -> None:

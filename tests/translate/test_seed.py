@@ -84,7 +84,7 @@ def test_seed_example_renders_and_validates(tmp_path: Path, block: str) -> None:
     module.write_bytes(bytes(wasmtime.wat2wasm(MODULE_WAT)))
     fetched: list[dict[str, Any]] = []
 
-    def fetch(code: dict[str, Any]) -> dict[str, Any]:
+    def fetch(code: dict[str, Any], pull_secrets: dict[str, Any]) -> dict[str, Any]:
         # The seam the OCI fetcher plugs into; here every source "resolves" to the test module.
         fetched.append(code)
         return {"local": {"filename": str(module)}}

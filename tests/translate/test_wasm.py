@@ -134,9 +134,9 @@ def test_http_wasm_module_is_fetched_verified_and_runs(tmp_path: Path, module_ur
         path.write_text(_resources(app.port, url, sha256))
         cache = tmp_path / "cache"
         options = RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
-                                fetch_module=lambda code: fetch_module(code, cache))  # fmt: skip
+                                fetch_module=lambda code, _secrets: fetch_module(code, cache))  # fmt: skip
         bootstrap = render_bootstrap([path], options)
-        assert (cache / f"{sha256}.wasm").read_bytes()[:4] == b"\0asm"
+        assert (cache / "modules" / f"{sha256}.wasm").read_bytes()[:4] == b"\0asm"
         validate_bootstrap(bootstrap)
         with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
             host, port = envoy.listener_address("default/eg/http")
@@ -152,16 +152,17 @@ def test_sha256_mismatch_is_a_config_error_naming_the_policy(tmp_path: Path, mod
     path = tmp_path / "wasm.yaml"
     path.write_text(_resources(9, url, "f" * 64))
     with pytest.raises(ConfigError) as info:
-        render_bootstrap([path], RenderOptions(fetch_module=lambda code: fetch_module(code, tmp_path / "cache")))
+        render_bootstrap([path], RenderOptions(fetch_module=lambda code, _: fetch_module(code, tmp_path / "cache")))
     message = str(info.value)
     assert message.startswith(f"{path}#3: EnvoyExtensionPolicy/default/http-wasm-source-test: spec.wasm[0].code: ")
-    assert "sha256 mismatch" in message and "expected " + "f" * 64 in message
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    assert "but sha256 says " + "f" * 64 in message
+    modules = tmp_path / "cache" / "modules"
+    assert not modules.exists() or not list(modules.iterdir())  # nothing cached
 
 
-def test_oci_images_need_the_fetcher() -> None:
-    with pytest.raises(ConfigError, match="OCI images need the wasm fetcher"):
-        fetch_module({"type": "Image", "image": {"url": "oci://example.com/filter:v1"}})
+def test_unreachable_registry_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot reach registry 127\.0\.0\.1:1"):
+        fetch_module({"type": "Image", "image": {"url": "oci://127.0.0.1:1/filter:v1"}}, tmp_path)
 
 
 def test_a_verified_module_is_not_downloaded_again(
@@ -170,8 +171,11 @@ def test_a_verified_module_is_not_downloaded_again(
     url, sha256 = module_url
     code = {"type": "HTTP", "http": {"url": url, "sha256": sha256}}
     first = fetch_module(code, tmp_path)
-    assert fetch_module(code, tmp_path) == first == {"local": {"filename": str(tmp_path / f"{sha256}.wasm")}}
-    unpinned = fetch_module({"type": "HTTP", "http": {"url": url}}, tmp_path)  # no sha256: always fetched
+    expected = {"local": {"filename": str(tmp_path / "modules" / f"{sha256}.wasm")}}
+    assert fetch_module(code, tmp_path) == first == expected
+    unpinned = fetch_module({"type": "HTTP", "http": {"url": url}}, tmp_path)  # IfNotPresent: cached by URL
     assert unpinned == first
+    assert module_server.hits == 1  # type: ignore[attr-defined]
+    fetch_module({"type": "HTTP", "http": {"url": url}, "pullPolicy": "Always"}, tmp_path)
     assert module_server.hits == 2  # type: ignore[attr-defined]
 
