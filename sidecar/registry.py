@@ -231,6 +231,13 @@ def describe_mode(mode: Any) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    mode_override: Any  # a ProcessingMode to send on the first answer, or None
+    body_modes: tuple[int, int]  # what Envoy sends for this chain: (request, response)
+    filter_body_modes: tuple[int, int]  # what the filter is configured with
+
+
 class Registry:
     """All chains of one sidecar, and the processing mode the Envoy filter must be configured with."""
 
@@ -250,6 +257,19 @@ class Registry:
                 "(Envoy's observability_mode is per filter)"
             )
         self.observe_only = observing == {True}
+        self._plans: dict[str, StreamPlan] = {}
+
+    def plan(self, chain: Chain) -> StreamPlan:
+        """What a stream of `chain` needs to know, computed once per chain (streams are the hot path)."""
+        plan = self._plans.get(chain.name)
+        if plan is None:
+            effective = self.effective_mode(chain)
+            plan = self._plans[chain.name] = StreamPlan(
+                mode_override=self.mode_override(chain),
+                body_modes=(effective.request_body_mode, effective.response_body_mode),
+                filter_body_modes=(self.mode.request_body_mode, self.mode.response_body_mode),
+            )
+        return plan
 
     def effective_mode(self, chain: Chain) -> Any:
         """What Envoy will send for a stream of `chain`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -182,3 +183,28 @@ def test_two_workers_share_traffic_and_a_killed_one_comes_back(sidecar_envoy: Fa
     wait_for(collect_fresh, what="both workers serving after the restart")
     assert str(victim) not in fresh
     assert "restarting" in env.sidecar.logs()  # type: ignore[union-attr]
+
+
+def test_supervisor_serves_the_sum_of_its_workers_metrics(sidecar_envoy: Factory, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"metrics: 127.0.0.1:0\nplugins: ['{TP}PidStamp']\n")
+    env = sidecar_envoy(config=config, workers=2)
+    assert env.sidecar is not None
+    pids: set[str] = set()
+
+    def both_served() -> bool:
+        pids.add(httpx.get(env.url + "/").headers["x-worker-pid"])
+        return len(pids) == 2
+
+    wait_for(both_served, what="both workers serving")
+    for _ in range(10):
+        assert httpx.get(env.url + "/").status_code == 200
+    sent = int(env.envoy.stats("ext_proc")["http.ingress.ext_proc.sidecar.streams_started"])  # type: ignore[union-attr]
+    url = re.search(r"metrics on (http://\S+/metrics)", env.sidecar.logs())
+
+    def streams_counted() -> bool:
+        assert url is not None, env.sidecar.logs()  # type: ignore[union-attr]
+        text = httpx.get(url.group(1)).text
+        found = re.search(r'^sidecar_extproc_streams_total\{chain="default"\} (\S+)$', text, re.M)
+        return found is not None and float(found.group(1)) == sent
+
+    wait_for(streams_counted, what="the supervisor's metrics to add up both workers' streams")

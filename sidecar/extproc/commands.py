@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_format, args.log_level)
     sockets = config.socket_paths()
     if args.worker_index is not None:
-        return run_single(registry, config, sockets[args.worker_index], serve_metrics_here=False)
+        return run_single(registry, config, sockets[args.worker_index], worker=True)
     if config.workers == 1:
         return run_single(registry, config, sockets[0])
     if config.tcp:

@@ -38,6 +38,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # Bodies in BUFFERED mode arrive as one message: allow well past Envoy's default buffer limits.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _MAX_UNIX_PATH = 107
+METRICS_PUBLISH_SECONDS = 1.0
 
 
 def prepare_unix_socket(path: Path) -> None:
@@ -80,11 +81,14 @@ class ExtProcServer:
         *,
         socket_path: Path | None,
         metrics: Metrics | None = None,
+        snapshot_file: Path | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
         self.socket_path = socket_path
         self.metrics = metrics
+        #: With --workers: where this worker publishes its metrics for the supervisor, every second.
+        self.snapshot_file = snapshot_file
         self._single_chain = registry.default if len(registry.chains) == 1 else None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -110,7 +114,7 @@ class ExtProcServer:
         if chain is None:
             log.error("stream asked for an unknown chain; known: %s", ", ".join(self.registry.chains))
             if metrics is not None:
-                metrics.stream_errors.labels("unknown_chain").inc()
+                metrics.stream_error("unknown_chain")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown plugin chain")
             return
         write: Any = context.write
@@ -146,9 +150,7 @@ class ExtProcServer:
                 if response is not None:
                     await write(response)
                 if metrics is not None:
-                    counter, latency = metrics.phase[request.WhichOneof("request")]
-                    counter.inc()
-                    latency.observe(time.perf_counter() - started)
+                    metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
         except ProtocolError as exc:
             await self._fail(context, processor, "protocol", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StreamFailure as exc:
@@ -161,7 +163,7 @@ class ExtProcServer:
         finally:
             processor.close()
             if metrics is not None:
-                metrics.active.dec()
+                metrics.stream_closed()
 
     async def _fail(
         self,
@@ -173,7 +175,7 @@ class ExtProcServer:
     ) -> None:
         log.warning("closing ext_proc stream: %s", message, extra={"request_id": processor.ctx.request_id})
         if self.metrics is not None:
-            self.metrics.stream_errors.labels(reason).inc()
+            self.metrics.stream_error(reason)
         await context.abort(code, message)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -258,8 +260,24 @@ class ExtProcServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self.start()
+        publisher = asyncio.create_task(self._publish_metrics()) if self.snapshot_file is not None else None
         try:
             await self._stopping.wait()
             log.info("shutting down: draining in-flight streams", extra={"grace_period": self.config.grace_period})
         finally:
             await self.stop()
+            if publisher is not None:
+                publisher.cancel()
+                self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        if self.metrics is not None and self.snapshot_file is not None:
+            try:
+                self.metrics.write_snapshot(self.snapshot_file)
+            except OSError as exc:
+                log.warning("cannot publish metrics to %s: %s", self.snapshot_file, exc.strerror)
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            self._write_snapshot()
+            await asyncio.sleep(METRICS_PUBLISH_SECONDS)

@@ -103,12 +103,11 @@ class StreamProcessor:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
-        registry = registry or Registry([chain])
+        plan = (registry or Registry([chain])).plan(chain)
         self.chain = chain
-        self.mode_override = registry.mode_override(chain)
-        effective = registry.effective_mode(chain)
-        self._body_modes = (effective.request_body_mode, effective.response_body_mode)
-        self._filter_modes = (registry.mode.request_body_mode, registry.mode.response_body_mode)
+        self.mode_override = plan.mode_override
+        self._body_modes = plan.body_modes
+        self._filter_modes = plan.filter_body_modes
         self.ctx = Context(chain.name, send=send)
         self._metrics = metrics
         self._send = send
@@ -200,7 +199,10 @@ class StreamProcessor:
             ctx.response_headers = headers
         for hook in self.chain.hooks[kind]:
             try:
-                result = await hook(ctx, headers)
+                # Sync hooks are called without a coroutine around them: this is the hottest loop.
+                result = hook.func(ctx, headers)
+                if hook.is_async:
+                    result = await result
             except Exception as exc:
                 return self._failed(kind, hook.plugin, exc)
             if isinstance(result, Respond):

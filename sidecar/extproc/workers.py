@@ -15,10 +15,11 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.config import SidecarConfig
-from sidecar.extproc.metrics import Metrics, serve_metrics
+from sidecar.extproc.metrics import Metrics, Snapshot, read_snapshots, serve_metrics
 from sidecar.extproc.server import ExtProcServer
 from sidecar.registry import Registry
 
@@ -26,6 +27,7 @@ __all__ = ["Supervisor", "run_single"]
 
 log = logging.getLogger("sidecar.workers")
 
+METRICS_DIR_ENV = "SIDECAR_METRICS_DIR"
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
 _HEALTHY_AFTER = 30.0
@@ -40,14 +42,21 @@ def _runner() -> asyncio.Runner:
 
 
 def run_single(
-    registry: Registry, config: SidecarConfig, socket_path: Path | None, *, serve_metrics_here: bool = True
+    registry: Registry, config: SidecarConfig, socket_path: Path | None, *, worker: bool = False
 ) -> int:
-    """Serve in this process until SIGTERM/SIGINT; return the exit code."""
+    """Serve in this process until SIGTERM/SIGINT; return the exit code.
+
+    A worker does not serve metrics itself: it publishes them for its supervisor.
+    """
     metrics = Metrics()
-    if serve_metrics_here and config.metrics:
-        port = serve_metrics(config.metrics)
+    snapshot_file = None
+    if worker:
+        directory = os.environ.get(METRICS_DIR_ENV)
+        snapshot_file = Path(directory) / f"{os.getpid()}.json" if directory else None
+    elif config.metrics:
+        port = serve_metrics(config.metrics, metrics.snapshot)
         log.info("metrics on http://%s:%d/metrics", config.metrics.rpartition(":")[0], port)
-    server = ExtProcServer(registry, config, socket_path=socket_path, metrics=metrics)
+    server = ExtProcServer(registry, config, socket_path=socket_path, metrics=metrics, snapshot_file=snapshot_file)
     with _runner() as runner:
         runner.run(server.serve_until_signalled())
     return 0
@@ -63,7 +72,7 @@ class Supervisor:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
 
-    async def _keep_alive(self, index: int, env: dict[str, str], metrics_dir: str) -> None:
+    async def _keep_alive(self, index: int, env: dict[str, str]) -> None:
         backoff = _BACKOFF_START
         while not self._stopping.is_set():
             started = time.monotonic()
@@ -71,7 +80,6 @@ class Supervisor:
             self._procs[index] = proc
             log.info("worker %d started", index, extra={"worker": index, "pid": proc.pid})
             code = await proc.wait()
-            self._mark_dead(metrics_dir, proc.pid)
             if self._stopping.is_set():
                 return
             self.restarts += 1
@@ -85,11 +93,12 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
-    @staticmethod
-    def _mark_dead(metrics_dir: str, pid: int) -> None:
-        from prometheus_client import multiprocess
+    def _metrics_source(self, directory: Path) -> Callable[[], Snapshot]:
+        def source() -> Snapshot:
+            live = {proc.pid for proc in self._procs.values() if proc.returncode is None}
+            return read_snapshots(directory, live)
 
-        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+        return source
 
     async def _stop_all(self) -> None:
         for proc in self._procs.values():
@@ -112,11 +121,11 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stopping.set)
         metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
         try:
-            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+            env = {**os.environ, METRICS_DIR_ENV: metrics_dir}
             if self.config.metrics:
-                port = serve_metrics(self.config.metrics, multiprocess_dir=metrics_dir)
+                port = serve_metrics(self.config.metrics, self._metrics_source(Path(metrics_dir)))
                 log.info("metrics on http://%s:%d/metrics", self.config.metrics.rpartition(":")[0], port)
-            tasks = [asyncio.create_task(self._keep_alive(i, env, metrics_dir)) for i in range(len(self.commands))]
+            tasks = [asyncio.create_task(self._keep_alive(i, env)) for i in range(len(self.commands))]
             await self._stopping.wait()
             log.info("shutting down %d workers", len(self.commands))
             await self._stop_all()
