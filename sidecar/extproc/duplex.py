@@ -62,6 +62,7 @@ class DuplexPipe:
         self._queue: asyncio.Queue[Item] = asyncio.Queue(_QUEUE_CHUNKS)
         self._ended = False
         self._ended_by_trailers = False
+        self._watcher: asyncio.Task[None] | None = None
         stream: AsyncIterator[Item] = self._source()
         for stage in stages:
             stream = _chunk_stage(stage, ctx, stream) if stage.kind == "chunk" else _stream_stage(stage, ctx, stream)
@@ -99,7 +100,8 @@ class DuplexPipe:
         except TimeoutError:
             raise StreamFailure(f"{self.kind}: plugins did not take input for {self.deadline:g}s") from None
         if end_of_stream:
-            asyncio.get_running_loop().create_task(self._watch())
+            # Kept on self: the event loop holds tasks only weakly.
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         try:
@@ -119,6 +121,8 @@ class DuplexPipe:
 
     def cancel(self) -> None:
         self._task.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 async def call_chunk(stage: BodyStage, ctx: Context, body: bytes, end: bool) -> bytes:
