@@ -30,7 +30,9 @@ import yaml
 
 from sidecar.errors import ConfigError
 
-__all__ = ["ChainSpec", "PluginSpec", "SidecarConfig", "TlsConfig", "load_config"]
+__all__ = [
+    "ChainSpec", "PluginSpec", "SidecarConfig", "TlsConfig", "load_config", "parse_host_port", "parse_socket_mode",
+]  # fmt: skip
 
 DEFAULT_SOCKET = "/tmp/envoy-sidecar/extproc.sock"
 DEFAULT_CHAIN = "default"
@@ -91,7 +93,11 @@ class _Reader:
         self.source = source
 
     def fail(self, path: str, expected: str, got: Any) -> ConfigError:
-        return ConfigError(f"{self.source}: {path}: expected {expected}, got {got!r}")
+        # Show enough of the value to recognise it, not a whole document (or a secret pasted in the wrong place).
+        shown = repr(got)
+        if len(shown) > 60:
+            shown = f"{type(got).__name__} {shown[:40]}..."
+        return ConfigError(f"{self.source}: {path}: expected {expected}, got {shown}")
 
     def mapping(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -166,6 +172,7 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["listen"] = listen
     if "tcp" in data:
         kwargs["tcp"] = r.string(data["tcp"], "tcp")
+        parse_host_port(kwargs["tcp"], f"{source}: tcp")
     if "tls" in data:
         tls = r.mapping(data["tls"], "tls")
         r.only(tls, "tls", {"cert", "key", "client_ca"})
@@ -183,6 +190,7 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
             raise r.fail("workers", "a whole number", data["workers"])
     if "metrics" in data:
         kwargs["metrics"] = r.string(data["metrics"], "metrics")
+        parse_host_port(kwargs["metrics"], f"{source}: metrics")
     if "grace_period" in data:
         kwargs["grace_period"] = r.number(data["grace_period"], "grace_period", 0, 3600)
     if "message_timeout" in data:
@@ -194,6 +202,14 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
             raise r.fail("log_format", "json or text", data["log_format"])
         kwargs["log_format"] = data["log_format"]
     return SidecarConfig(**kwargs)
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    """'127.0.0.1:8080', '[::1]:80' or 'name:443' -> (host, port); anything else is a ConfigError."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def parse_socket_mode(value: Any, where: str) -> int:

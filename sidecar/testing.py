@@ -391,9 +391,7 @@ class EnvoyHarness:
         return args
 
     def start(self) -> EnvoyHarness:
-        import argparse
-
-        from sidecar.extproc.commands import resolve
+        from sidecar.extproc.commands import load_sidecar
         from sidecar.runtime.demo import EchoBackend
         from sidecar.runtime.envoy import Envoy
         from sidecar.runtime.extproc import SidecarProcess
@@ -401,8 +399,7 @@ class EnvoyHarness:
 
         socket = self.workdir / "sock" / "extproc.sock"
         listen = f"unix:{socket}"
-        ns = argparse.Namespace(config=self.config, plugin=self.plugins, listen=listen, workers=self.workers)
-        config, registry = resolve(ns)
+        config, registry = load_sidecar(self.config, self.plugins, listen=listen, workers=self.workers)
         if self.upstream is None:
             self.backend = EchoBackend().start()
             self.upstream = self.backend.address

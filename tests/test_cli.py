@@ -43,6 +43,8 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> N
         (["--plugin", "header-stamp", "--listen", "unix:/proc/nope/s.sock"], "cannot create socket directory"),
         (["--plugin", "header-stamp", "--listen", "unix:/tmp/" + "x" * 120], "longer than 107 bytes"),
         ([], "no plugins configured"),
+        (["--plugin", "header-stamp", "--tcp", "nonsense"], "--tcp: expected HOST:PORT, got 'nonsense'"),
+        (["--plugin", "header-stamp", "--metrics", "9464"], "--metrics: expected HOST:PORT"),
     ],
 )
 def test_serve_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:

@@ -54,6 +54,14 @@ def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_long_values_are_not_echoed_whole() -> None:
+    secret = "s3cr3t-" * 50
+    with pytest.raises(ConfigError) as info:
+        parse_config({"metrics": {"token": secret}}, "f.yaml")
+    assert len(str(info.value)) < 150 and secret not in str(info.value)
+    assert "f.yaml: metrics: expected a non-empty string, got dict" in str(info.value)
+
+
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ from sidecar.config import (
     PluginSpec,
     SidecarConfig,
     load_config,
+    parse_host_port,
     parse_socket_mode,
 )
 from sidecar.errors import ConfigError
 from sidecar.registry import Registry, describe_mode
 
-__all__ = ["add_commands", "resolve"]
+__all__ = ["add_commands", "load_sidecar", "resolve"]
 
 _SOURCES_HELP = (
     "Plugins come from the config file (-c) and/or --plugin; a --plugin is an entry point name from the "
@@ -39,12 +41,15 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
-    """Config file + command-line overrides -> validated config and loaded plugins."""
-    config = load_config(args.config) if args.config else SidecarConfig(source="command line")
-    if args.plugin:
+def load_sidecar(
+    config_path: Path | str | None, plugins: Sequence[str] = (), **overrides: Any
+) -> tuple[SidecarConfig, Registry]:
+    """Config file, extra plugins for the default chain and overridden settings -> validated config and
+    loaded plugins. What `serve`, `plugins`, `envoy-config` and the test harness all start from."""
+    config = load_config(config_path) if config_path else SidecarConfig(source="command line")
+    if plugins:
         chains = list(config.chains)
-        extra = tuple(PluginSpec(use=u) for u in args.plugin)
+        extra = tuple(PluginSpec(use=u) for u in plugins)
         for i, chain in enumerate(chains):
             if chain.name == DEFAULT_CHAIN:
                 chains[i] = dataclasses.replace(chain, plugins=chain.plugins + extra)
@@ -52,21 +57,26 @@ def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
         else:
             chains.append(ChainSpec(DEFAULT_CHAIN, extra))
         config = dataclasses.replace(config, chains=tuple(chains))
-    overrides: dict[str, Any] = {}
-    if getattr(args, "listen", None):
-        if not args.listen.startswith("unix:"):
-            raise ConfigError(f"--listen: expected unix:PATH, got {args.listen!r}")
-        overrides["listen"] = args.listen
-    for name in ("tcp", "workers", "metrics", "grace_period", "log_format", "message_timeout"):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = value
-    if getattr(args, "socket_mode", None) is not None:
-        overrides["socket_mode"] = parse_socket_mode(args.socket_mode, "--socket-mode")
+    listen = overrides.get("listen")
+    if listen is not None and not listen.startswith("unix:"):
+        raise ConfigError(f"--listen: expected unix:PATH, got {listen!r}")
+    for name in ("tcp", "metrics"):
+        if overrides.get(name) is not None:
+            parse_host_port(overrides[name], f"--{name}")
+    if "socket_mode" in overrides:
+        overrides["socket_mode"] = parse_socket_mode(overrides["socket_mode"], "--socket-mode")
     if overrides.get("workers", 1) < 1:
         raise ConfigError(f"--workers: expected a number >= 1, got {overrides['workers']}")
     config = dataclasses.replace(config, **overrides)
     return config, Registry.from_specs(config.chains)
+
+
+_OVERRIDABLE = ("listen", "tcp", "workers", "metrics", "grace_period", "log_format", "message_timeout", "socket_mode")
+
+
+def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
+    overrides = {name: value for name in _OVERRIDABLE if (value := getattr(args, name, None)) is not None}
+    return load_sidecar(args.config, args.plugin, **overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -126,7 +136,8 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap, parse_host_port, parse_route
+    from sidecar.config import parse_host_port
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap, parse_route
 
     config, registry = resolve(args)
     host, port = parse_host_port(args.listen_address, "--listen-address")

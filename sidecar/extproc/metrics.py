@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from sidecar.config import parse_host_port
 from sidecar.errors import ConfigError
 from sidecar.registry import PHASES
 
@@ -156,12 +157,10 @@ class MetricsCollector(Collector):
 
 def serve_metrics(address: str, source: Callable[[], Snapshot]) -> int:
     """Serve /metrics on host:port in a background thread; return the bound port."""
-    host, _, port_text = address.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise ConfigError(f"metrics: expected HOST:PORT, got {address!r}")
+    host, port = parse_host_port(address, "metrics")
     REGISTRY.register(MetricsCollector(source))
     try:
-        server, _thread = start_http_server(int(port_text), addr=host.strip("[]"))
+        server, _thread = start_http_server(port, addr=host)
     except OSError as exc:
         raise ConfigError(f"metrics: cannot listen on {address}: {exc.strerror}") from None
     return int(server.server_port)

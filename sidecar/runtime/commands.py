@@ -12,8 +12,8 @@ _DEFAULT_PORT = 10000
 
 
 def _up(args: argparse.Namespace) -> int:
+    from sidecar.config import parse_host_port
     from sidecar.runtime.up import run_up
-    from sidecar.translate.bootstrap import parse_host_port
 
     if args.files:
         return _up_files(args)
@@ -26,9 +26,9 @@ def _up_files(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from sidecar.config import parse_host_port
     from sidecar.errors import ConfigError
     from sidecar.runtime.stack import StackOptions, run_stack
-    from sidecar.translate.bootstrap import parse_host_port
 
     if args.upstream or args.port != _DEFAULT_PORT:
         raise ConfigError("--upstream and --port do not apply with -f: the Gateway and HTTPRoutes say where to "
@@ -41,6 +41,13 @@ def _up_files(args: argparse.Namespace) -> int:
         dns_resolver=parse_host_port(args.dns_resolver, "--dns-resolver") if args.dns_resolver else None,
     )  # fmt: skip
     return run_stack(options, stop)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, so a bad one is refused before anything starts."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -61,7 +68,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
                     help="run these Envoy Gateway resources (YAML files or directories; repeatable) and reload "
                          "Envoy when they change")  # fmt: skip
     up.add_argument("--dns-resolver", metavar="HOST:PORT", help="with -f: resolve FQDN Backends with this DNS server")
-    up.add_argument("--port", type=int, default=_DEFAULT_PORT,
+    up.add_argument("--port", type=_port, default=_DEFAULT_PORT,
                     help="Envoy's listener port on 127.0.0.1 (default %(default)s; not with -f)")
     up.add_argument("--upstream", metavar="HOST:PORT", help="send traffic to this backend instead of the echo one")
     up.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default %(default)s)")

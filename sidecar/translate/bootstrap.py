@@ -21,7 +21,7 @@ from sidecar.plugins import METADATA_NAMESPACE
 from sidecar.registry import CHAIN_METADATA_KEY, FULL_DUPLEX, SEND, Registry
 
 __all__ = [
-    "BootstrapOptions", "RouteSpec", "build_bootstrap", "check_processing_mode", "ext_proc_filter", "parse_host_port",
+    "BootstrapOptions", "RouteSpec", "build_bootstrap", "check_processing_mode", "ext_proc_filter",
     "parse_route",
 ]  # fmt: skip
 
@@ -44,13 +44,6 @@ class BootstrapOptions:
     upstream: tuple[str, int] = ("127.0.0.1", 8080)
     routes: tuple[RouteSpec, ...] = (RouteSpec("/"),)
     failure_mode_allow: bool = False
-
-
-def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def parse_route(value: str) -> RouteSpec:

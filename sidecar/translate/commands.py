@@ -20,9 +20,8 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
-    from sidecar.config import load_config
+    from sidecar.config import load_config, parse_host_port
     from sidecar.registry import Registry
-    from sidecar.translate.bootstrap import parse_host_port
     from sidecar.translate.options import RenderOptions, SidecarLink
     from sidecar.translate.wasmsource import fetch_module
 
