@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar.plugins import Context, Respond
 from sidecar.registry import BodyStage
 
-__all__ = ["DuplexPipe", "streamed_response"]
+__all__ = ["DuplexPipe", "StreamFailure", "as_body", "call_chunk", "streamed_response"]
 
 _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
 
@@ -125,17 +125,25 @@ class DuplexPipe:
             self._watcher.cancel()
 
 
+def as_body(result: Any, plugin: str) -> bytes:
+    """A body or chunk hook's result as bytes (None and Respond are handled by the caller)."""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, bytearray | memoryview):
+        return bytes(result)
+    if isinstance(result, str):
+        return result.encode()
+    raise TypeError(f"body hook of {plugin!r} returned {type(result).__name__}; expected bytes, str, Respond or None")
+
+
 async def call_chunk(stage: BodyStage, ctx: Context, body: bytes, end: bool) -> bytes:
+    """A chunk hook inside a FULL_DUPLEX stream, where output may already be on its way: no Respond."""
     result = await stage.hook(ctx, body, end)
     if result is None:
         return body
     if isinstance(result, Respond):
         raise StreamFailure(f"plugin {stage.plugin!r} answered mid-stream; Respond is only possible before output")
-    if isinstance(result, bytes | bytearray | memoryview):
-        return bytes(result)
-    if isinstance(result, str):
-        return result.encode()
-    raise StreamFailure(f"chunk hook of {stage.plugin!r} returned {type(result).__name__}, expected bytes or None")
+    return as_body(result, stage.plugin)
 
 
 async def _chunk_stage(stage: BodyStage, ctx: Context, items: AsyncIterator[Item]) -> AsyncIterator[Item]:

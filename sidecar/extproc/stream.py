@@ -21,7 +21,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.errors import ProtocolError
-from sidecar.extproc.duplex import DuplexPipe, StreamFailure, call_chunk, streamed_response
+from sidecar.extproc.duplex import DuplexPipe, StreamFailure, as_body, call_chunk, streamed_response
 from sidecar.headers import Headers
 from sidecar.plugins import BodyMode, Context, Respond
 from sidecar.registry import BodyStage, Chain, Registry
@@ -69,16 +69,6 @@ def immediate_response(respond: Respond) -> pb.ProcessingResponse:
             append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
         )
     return response
-
-
-def _as_body(result: Any, plugin: str) -> bytes:
-    if isinstance(result, bytes):
-        return result
-    if isinstance(result, bytearray | memoryview):
-        return bytes(result)
-    if isinstance(result, str):
-        return result.encode()
-    raise TypeError(f"body hook of {plugin!r} returned {type(result).__name__}; expected bytes, str, Respond or None")
 
 
 async def _unsent(response: pb.ProcessingResponse) -> None:
@@ -259,7 +249,7 @@ class StreamProcessor:
                     continue
                 if isinstance(result, Respond):
                     return immediate_response(result)
-                body = _as_body(result, stage.plugin)
+                body = as_body(result, stage.plugin)
             except Exception as exc:
                 if not self.chain.fail_open:
                     return self._failed(kind, stage.plugin, exc)
