@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import httpx
 import pytest
 import wasmtime
 from wasm_fetch_support import Registry, run
@@ -16,6 +15,7 @@ from sidecar.runtime.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
+from tests.translate.kit import GATEWAY, backend, get, route
 from tests.translate.servers import NamedBackend
 from tests.translate.test_wasm import MODULE_WAT
 
@@ -36,30 +36,6 @@ spec:
         pullSecretRef: {{name: pull}}
 """
 
-ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: app}}
-spec:
-  parentRefs: [{{name: eg}}]
-  rules:
-    - backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: app}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: {port}}}}}]
-"""
-
-
 @pytest.mark.envoy
 def test_private_oci_wasm_image_is_pulled_verified_and_run(
     basic_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -77,8 +53,9 @@ def test_private_oci_wasm_image_is_pulled_verified_and_run(
     try:
         inputs = tmp_path / "in.yaml"
         secret = basic_registry.secret_manifest(tmp_path / "secret.yaml").read_text()
-        inputs.write_text(ROUTE.format(port=app.port) + "---\n" + secret
-                          + IMAGE_POLICY.format(ref=ref, sha256=manifest_digest))  # fmt: skip
+        endpoint = f"{{ip: {{address: 127.0.0.1, port: {app.port}}}}}"
+        routing = GATEWAY + route("app", "/", "app") + backend("app", endpoint)
+        inputs.write_text(routing + "---\n" + secret + IMAGE_POLICY.format(ref=ref, sha256=manifest_digest))
         cache = tmp_path / "cache"
         options = RenderOptions(
             listen_address="127.0.0.1", ephemeral_ports=True,
@@ -91,13 +68,12 @@ def test_private_oci_wasm_image_is_pulled_verified_and_run(
         validate_bootstrap(bootstrap)
         with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
             host, port = envoy.listener_address("default/eg/http")
-            response = httpx.get(f"http://{host}:{port}/", timeout=10)
+            response = get(f"http://{host}:{port}", "/")
         assert response.status_code == 200
         assert response.headers["x-wasm"] == "hello"
 
         # EG's semantics: the sha256 is the manifest digest; a wrong one fails, naming the policy.
-        inputs.write_text(ROUTE.format(port=app.port) + "---\n" + secret
-                          + IMAGE_POLICY.format(ref=ref, sha256="0" * 64))  # fmt: skip
+        inputs.write_text(routing + "---\n" + secret + IMAGE_POLICY.format(ref=ref, sha256="0" * 64))
         where = r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec\.wasm\[0\]\.code: .*but sha256 says"
         with pytest.raises(ConfigError, match=where):
             render_bootstrap([inputs], RenderOptions(
