@@ -24,21 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sidecar.runtime.local import LocalEnvoy
+
 if TYPE_CHECKING:
     from sidecar.plugins import Plugin
     from sidecar.registry import Registry
-    from sidecar.runtime.demo import EchoBackend
-    from sidecar.runtime.envoy import Envoy
-    from sidecar.runtime.extproc import SidecarProcess
 
 __all__ = ["Driver", "EnvoyHarness", "Request", "Response", "Result", "sidecar_envoy"]
 
@@ -353,102 +350,8 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
 # -- real Envoy harness ---------------------------------------------------------------------------------
 
 
-class EnvoyHarness:
-    """Real Envoy + `sidecar serve` (+ the echo backend unless `upstream` is given), all on loopback."""
-
-    def __init__(
-        self,
-        *,
-        config: str | Path | None = None,
-        plugins: Sequence[str] = (),
-        upstream: tuple[str, int] | None = None,
-        routes: Sequence[str] = (),
-        workers: int = 1,
-        serve_args: Sequence[str] = (),
-        workdir: Path | None = None,
-        bootstrap_hook: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-harness-")
-        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
-        self.config = config
-        self.plugins = list(plugins)
-        self.upstream = upstream
-        self.routes = list(routes)
-        self.workers = workers
-        self.serve_args = list(serve_args)
-        #: Called with the generated bootstrap before Envoy starts, to add what a test needs (access logs...).
-        self.bootstrap_hook = bootstrap_hook
-        self.backend: EchoBackend | None = None
-        self.sidecar: SidecarProcess | None = None
-        self.envoy: Envoy | None = None
-        self.url = ""
-        self.bootstrap: dict[str, Any] = {}
-
-    def _source_args(self) -> list[str]:
-        args = ["-c", str(self.config)] if self.config else []
-        for plugin in self.plugins:
-            args += ["--plugin", plugin]
-        return args
-
-    def start(self) -> EnvoyHarness:
-        from sidecar.extproc.commands import load_sidecar
-        from sidecar.runtime.demo import EchoBackend
-        from sidecar.runtime.envoy import Envoy
-        from sidecar.runtime.extproc import SidecarProcess
-        from sidecar.translate.bootstrap import LISTENER_NAME, BootstrapOptions, build_bootstrap, parse_route
-
-        socket = self.workdir / "sock" / "extproc.sock"
-        listen = f"unix:{socket}"
-        config, registry = load_sidecar(self.config, self.plugins, listen=listen, workers=self.workers)
-        if self.upstream is None:
-            self.backend = EchoBackend().start()
-            self.upstream = self.backend.address
-        routes = tuple(parse_route(r) for r in self.routes) if self.routes else BootstrapOptions().routes
-        self.bootstrap = build_bootstrap(
-            registry, config, BootstrapOptions(listen_port=0, upstream=self.upstream, routes=routes)
-        )
-        if self.bootstrap_hook is not None:
-            self.bootstrap_hook(self.bootstrap)
-        self.sidecar = SidecarProcess(
-            [*self._source_args(), "--listen", listen, "--workers", str(self.workers), *self.serve_args],
-            config.socket_paths(),
-            log_path=self.workdir / "sidecar.log",
-        ).start()
-        self.envoy = Envoy(self.bootstrap, workdir=self.workdir / "envoy").start()
-        host, port = self.envoy.listener_address(LISTENER_NAME)
-        self.url = f"http://{host}:{port}"
-        self.sockets = config.socket_paths()
-        return self
-
-    def logs(self) -> str:
-        parts = []
-        if self.sidecar is not None:
-            parts.append("---- sidecar ----\n" + self.sidecar.logs())
-        if self.envoy is not None:
-            parts.append("---- envoy ----\n" + self.envoy.logs())
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        if self.envoy is not None:
-            self.envoy.close()
-        if self.sidecar is not None:
-            self.sidecar.close()
-        if self.backend is not None:
-            self.backend.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> EnvoyHarness:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+class EnvoyHarness(LocalEnvoy):
+    """The real thing for tests: see `sidecar.runtime.local.LocalEnvoy` (listens on a port the OS picks)."""
 
 
 _HARNESSES = pytest.StashKey[list[EnvoyHarness]]()
@@ -463,7 +366,8 @@ def sidecar_envoy(request: pytest.FixtureRequest) -> Iterator[Callable[..., Envo
     def factory(**kwargs: Any) -> EnvoyHarness:
         harness = EnvoyHarness(**kwargs)
         started.append(harness)
-        return harness.start()
+        harness.start()
+        return harness
 
     yield factory
     for harness in started:

@@ -126,7 +126,7 @@ class Envoy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise EnvoyError(f"Envoy exited with code {self._proc.returncode}: {self._last_log_line()}")
+                raise EnvoyError(f"Envoy exited with code {self._proc.returncode}: {self.last_log_line()}")
             if self._admin_path.exists() and self._admin_path.read_text().strip():
                 self.admin_url = "http://" + self._admin_path.read_text().strip()
                 if self._ready():
@@ -135,7 +135,7 @@ class Envoy:
                     return self
             time.sleep(0.05)
         self.stop()
-        raise EnvoyError(f"Envoy was not ready within {timeout:.0f}s: {self._last_log_line()}")
+        raise EnvoyError(f"Envoy was not ready within {timeout:.0f}s: {self.last_log_line()}")
 
     def _ready(self) -> bool:
         try:
@@ -144,7 +144,7 @@ class Envoy:
         except OSError:
             return False
 
-    def _last_log_line(self) -> str:
+    def last_log_line(self) -> str:
         lines = [line for line in self.logs().splitlines() if line.strip()]
         return lines[-1] if lines else "(no output)"
 
