@@ -221,3 +221,16 @@ def test_processing_mode_checks_for_full_duplex() -> None:
     check_processing_mode(mode, failure_mode_allow=False)
     with pytest.raises(ConfigError, match="cannot fail open"):
         check_processing_mode(mode, failure_mode_allow=True)
+
+
+def test_full_duplex_chunk_hook_failing_on_the_trailer_flush_fails_the_stream() -> None:
+    class FlushBomb(Plugin):
+        request_body = BodyMode.FULL_DUPLEX_STREAMED
+
+        def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+            if end:
+                raise RuntimeError("cannot flush")
+            return chunk
+
+    result = Driver([FlushBomb()]).run(Request("POST", body=[b"a"], trailers={"x-t": "1"}))
+    assert result.failed is not None and "plugin failed: RuntimeError" in result.failed

@@ -309,7 +309,11 @@ class StreamProcessor:
             await pipe.feed(message.body, message.end_of_stream)
             return None
         # Chunk hooks only: answer each chunk inline, in order, one streamed chunk per input chunk.
-        body, end = message.body, message.end_of_stream
+        body = await self._duplex_chunk_hooks(kind, stages, message.body, message.end_of_stream)
+        return streamed_response(kind, body, message.end_of_stream)
+
+    async def _duplex_chunk_hooks(self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool) -> bytes:
+        """Chunk hooks in FULL_DUPLEX, each bounded by the stream deadline (Envoy applies none here)."""
         try:
             for stage in stages:
                 body = await asyncio.wait_for(call_chunk(stage, self.ctx, body, end), self.stream_timeout)
@@ -320,7 +324,7 @@ class StreamProcessor:
         except Exception as exc:
             self._log_failure(kind, "chain", exc)
             raise StreamFailure(f"{kind}: plugin failed: {type(exc).__name__}") from None
-        return streamed_response(kind, body, end)
+        return body
 
     async def _request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse | None:
         return await self._body("request_body", message)
@@ -354,12 +358,9 @@ class StreamProcessor:
             await pipe.end_with_trailers()
             return
         stages = self.chain.body_stages[body_kind.split("_")[0]]
-        if stages:
-            flushed = b""
-            for stage in stages:
-                flushed = await asyncio.wait_for(call_chunk(stage, self.ctx, flushed, True), self.stream_timeout)
-            if flushed:
-                await self._send(streamed_response(body_kind, flushed, False))
+        flushed = await self._duplex_chunk_hooks(body_kind, stages, b"", True) if stages else b""
+        if flushed:
+            await self._send(streamed_response(body_kind, flushed, False))
 
     async def _request_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:
         return await self._trailers("request_trailers", message)
