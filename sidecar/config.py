@@ -7,6 +7,7 @@
     grace_period: 10                               # seconds in-flight streams get on SIGTERM
     message_timeout: 0.5                           # for the generated Envoy config
     stream_timeout: 10                             # deadline for streaming body hooks (FULL_DUPLEX)
+    transport: native                              # or grpcio (grpc.aio): see docs/serving.md
     chains:
       default:
         on_error: fail_closed                      # or fail_open
@@ -35,6 +36,7 @@ __all__ = [
 ]  # fmt: skip
 
 DEFAULT_SOCKET = "/tmp/envoy-sidecar/extproc.sock"
+TRANSPORTS = ("native", "grpcio")
 DEFAULT_CHAIN = "default"
 FAILURE_POLICIES = ("fail_closed", "fail_open")
 
@@ -72,6 +74,8 @@ class SidecarConfig:
     message_timeout: float = 0.5
     stream_timeout: float = 10.0
     log_format: str = "json"
+    #: "native": the sidecar's own HTTP/2 gRPC transport on the event loop (fast); "grpcio": grpc.aio.
+    transport: str = "native"
     source: str = "<defaults>"
 
     @property
@@ -123,7 +127,7 @@ class _Reader:
 
 _TOP_FIELDS = {
     "chains", "plugins", "listen", "tcp", "tls", "socket_mode", "workers", "metrics",
-    "grace_period", "message_timeout", "stream_timeout", "log_format",
+    "grace_period", "message_timeout", "stream_timeout", "log_format", "transport",
 }  # fmt: skip
 
 
@@ -197,6 +201,10 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["message_timeout"] = r.number(data["message_timeout"], "message_timeout", 0.001, 3600)
     if "stream_timeout" in data:
         kwargs["stream_timeout"] = r.number(data["stream_timeout"], "stream_timeout", 0.001, 3600)
+    if "transport" in data:
+        if data["transport"] not in TRANSPORTS:
+            raise r.fail("transport", " or ".join(TRANSPORTS), data["transport"])
+        kwargs["transport"] = data["transport"]
     if "log_format" in data:
         if data["log_format"] not in ("json", "text"):
             raise r.fail("log_format", "json or text", data["log_format"])

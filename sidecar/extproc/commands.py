@@ -15,6 +15,7 @@ import yaml
 from sidecar.config import (
     DEFAULT_CHAIN,
     DEFAULT_SOCKET,
+    TRANSPORTS,
     ChainSpec,
     PluginSpec,
     SidecarConfig,
@@ -71,7 +72,9 @@ def load_sidecar(
     return config, Registry.from_specs(config.chains)
 
 
-_OVERRIDABLE = ("listen", "tcp", "workers", "metrics", "grace_period", "log_format", "message_timeout", "socket_mode")
+_OVERRIDABLE = (
+    "listen", "tcp", "workers", "metrics", "grace_period", "log_format", "message_timeout", "socket_mode", "transport",
+)  # fmt: skip
 
 
 def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
@@ -170,6 +173,10 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument("--workers", type=int, help="worker processes, each on its own socket NAME-i.sock (default 1)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.add_argument("--grace-period", type=float, help="seconds in-flight streams get on SIGTERM (default 10)")
+    serve.add_argument(
+        "--transport", choices=TRANSPORTS,
+        help="gRPC transport: native (the sidecar's own HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
+    )  # fmt: skip
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
-"""The ext_proc gRPC server (grpc.aio on uvloop) with health checking and graceful shutdown.
+"""The ext_proc gRPC server on uvloop, with health checking and graceful shutdown.
 
-Each process serves one Unix socket (and optionally TCP with TLS). The stream handler picks a chain
-from the `x-sidecar-chain` gRPC initial metadata (set per route in Envoy's ExtProcPerRoute
+Each process serves one Unix socket (and optionally TCP with TLS), over the native HTTP/2 transport
+(`http2.py`) or grpcio's grpc.aio (`transport: grpcio`); both run the same stream code. The stream picks
+a chain from the `x-sidecar-chain` gRPC initial metadata (set per route in Envoy's ExtProcPerRoute
 `grpc_initial_metadata`), falling back to the default chain.
 """
 
@@ -13,19 +14,23 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sidecar.config import SidecarConfig
+from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
 from sidecar.errors import ConfigError, ProtocolError
+from sidecar.extproc.health import Health
+from sidecar.extproc.http2 import Call, CallError, Http2Server, Status
 from sidecar.extproc.metrics import Metrics
 from sidecar.extproc.stream import StreamFailure, StreamProcessor
 from sidecar.registry import CHAIN_METADATA_KEY, Chain, Registry
@@ -35,6 +40,7 @@ __all__ = ["SERVICE_NAME", "ExtProcServer", "prepare_unix_socket"]
 log = logging.getLogger("sidecar.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 # Bodies in BUFFERED mode arrive as one message: allow well past Envoy's default buffer limits.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _MAX_UNIX_PATH = 107
@@ -71,6 +77,41 @@ def prepare_unix_socket(path: Path) -> None:
     raise ConfigError(f"listen: socket {str(path)!r} is in use by another running server")
 
 
+_Read = Callable[[], Awaitable[pb.ProcessingRequest | None]]
+_Write = Callable[[pb.ProcessingResponse], Awaitable[None]]
+_Abort = Callable[[Status, str], Awaitable[NoReturn]]
+
+
+async def _raise_call_error(status: Status, message: str) -> NoReturn:
+    raise CallError(status, message)
+
+
+@contextlib.contextmanager
+def _umask_for(mode: int) -> Iterator[None]:
+    """The socket file never exists with looser permissions than `mode`, not even before the chmod."""
+    previous = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.client_ca is not None:
+            context.load_verify_locations(tls.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls: cannot use the certificate, key or client CA: {exc.reason}") from None
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+    return context
+
+
 class ExtProcServer:
     """One serving process: the ext_proc service, gRPC health, optional metrics."""
 
@@ -90,41 +131,35 @@ class ExtProcServer:
         #: With --workers: where this worker publishes its metrics for the supervisor, every second.
         self.snapshot_file = snapshot_file
         self._single_chain = registry.default if len(registry.chains) == 1 else None
-        self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._native: Http2Server | None = None
+        self._grpcio: grpc.aio.Server | None = None
+        self._health = Health()
+        self._grpcio_health: health.aio.HealthServicer | None = None
         self._stopping = asyncio.Event()
 
     # -- the RPC -------------------------------------------------------------------------------
 
-    def _pick_chain(self, context: grpc.aio.ServicerContext[Any, Any]) -> Chain | None:
+    async def _serve_stream(self, chain_name: str | None, read: _Read, write: _Write, abort: _Abort) -> None:
+        """One ext_proc stream, whatever the transport: Envoy's messages in, the chain's answers out."""
         if self._single_chain is not None:
-            return self._single_chain
-        for key, value in context.invocation_metadata() or ():
-            if key == CHAIN_METADATA_KEY:
-                return self.registry.chain(value if isinstance(value, str) else value.decode())
-        return self.registry.default
-
-    async def Process(  # the gRPC method name
-        self,
-        request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        chain = self._pick_chain(context)
+            chain: Chain | None = self._single_chain
+        else:
+            chain = self.registry.default if chain_name is None else self.registry.chain(chain_name)
         metrics = self.metrics
         if chain is None:
             log.error("stream asked for an unknown chain; known: %s", ", ".join(self.registry.chains))
             if metrics is not None:
                 metrics.stream_error("unknown_chain")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown plugin chain")
+            await abort(Status.INVALID_ARGUMENT, "unknown plugin chain")
             return
-        write: Any = context.write
         if self.registry.full_duplex:
             # Body chunks are written by a pipeline task too: keep writes whole and in order.
             lock = asyncio.Lock()
+            write_whole = write
 
             async def write(response: pb.ProcessingResponse) -> None:
                 async with lock:
-                    await context.write(response)
+                    await write_whole(response)
 
         task = asyncio.current_task()
 
@@ -139,12 +174,8 @@ class ExtProcServer:
         )  # fmt: skip
         if metrics is not None:
             metrics.stream_opened(chain.name)
-        read = context.read
         try:
-            while True:
-                request = await read()
-                if request is grpc.aio.EOF:
-                    return
+            while (request := await read()) is not None:
                 started = time.perf_counter()
                 response = await processor.process(request)
                 if response is not None:
@@ -152,35 +183,106 @@ class ExtProcServer:
                 if metrics is not None:
                     metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
         except ProtocolError as exc:
-            await self._fail(context, processor, "protocol", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._fail(abort, processor, "protocol", Status.INVALID_ARGUMENT, str(exc))
         except StreamFailure as exc:
-            await self._fail(context, processor, "stream", grpc.StatusCode.INTERNAL, str(exc))
+            await self._fail(abort, processor, "stream", Status.INTERNAL, str(exc))
         except asyncio.CancelledError:
             if processor.failure is None:
                 raise  # Envoy went away or the server is stopping
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await self._fail(context, processor, "stream", grpc.StatusCode.INTERNAL, processor.failure)
+            await self._fail(abort, processor, "stream", Status.INTERNAL, processor.failure)
         finally:
             processor.close()
             if metrics is not None:
                 metrics.stream_closed()
 
-    async def _fail(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        processor: StreamProcessor,
-        reason: str,
-        code: grpc.StatusCode,
-        message: str,
-    ) -> None:
+    async def _fail(self, abort: _Abort, processor: StreamProcessor, reason: str, status: Status, message: str) -> None:
         log.warning("closing ext_proc stream: %s", message, extra={"request_id": processor.ctx.request_id})
         if self.metrics is not None:
             self.metrics.stream_error(reason)
-        await context.abort(code, message)
+        await abort(status, message)
+
+    async def _native_process(self, call: Call) -> None:
+        parse = pb.ProcessingRequest.FromString
+
+        async def read() -> pb.ProcessingRequest | None:
+            data = await call.read()
+            if data is None:
+                return None
+            try:
+                return parse(data)
+            except DecodeError:
+                raise ProtocolError("malformed ProcessingRequest") from None
+
+        async def write(response: pb.ProcessingResponse) -> None:
+            await call.send(response.SerializeToString())
+
+        await self._serve_stream(call.metadata.get(CHAIN_METADATA_KEY), read, write, _raise_call_error)
+
+    async def Process(  # the grpcio method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async def read() -> pb.ProcessingRequest | None:
+            request = await context.read()
+            return None if request is grpc.aio.EOF else request
+
+        async def abort(status: Status, message: str) -> NoReturn:
+            await context.abort(grpc.StatusCode[status.name], message)
+            raise AssertionError("grpc.aio's abort() raises")
+
+        chain_name = None
+        if self._single_chain is None:
+            chain_name = dict(context.invocation_metadata() or ()).get(CHAIN_METADATA_KEY)
+        await self._serve_stream(chain_name, read, context.write, abort)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.socket_path is not None:
+            prepare_unix_socket(self.socket_path)
+        if self.config.transport == "grpcio":
+            await self._start_grpcio()
+        else:
+            await self._start_native()
+        if self.socket_path is not None:
+            os.chmod(self.socket_path, self.config.socket_mode)
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            if self._grpcio_health is not None:
+                await self._grpcio_health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving ext_proc",
+            extra={"socket": str(self.socket_path) if self.socket_path else None, "tcp": self.config.tcp,
+                   "chains": sorted(self.registry.chains), "pid": os.getpid(), "transport": self.config.transport},
+        )  # fmt: skip
+
+    async def _start_native(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = Http2Server(
+            {PROCESS_METHOD: self._native_process, **self._health.routes()}, max_message=MAX_MESSAGE_BYTES
+        )
+        self._native = server
+        if self.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with _umask_for(self.config.socket_mode):
+                    sock.bind(str(self.socket_path))
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"listen: cannot bind {str(self.socket_path)!r}: {exc.strerror}") from None
+            server.add_listener(await loop.create_unix_server(server.protocol, sock=sock))
+        if self.config.tcp:
+            host, port = parse_host_port(self.config.tcp, "tcp")
+            tls = _ssl_context(self.config.tls) if self.config.tls is not None else None
+            try:
+                listener = await loop.create_server(server.protocol, host.strip("[]"), port, ssl=tls)
+            except OSError as exc:
+                raise ConfigError(f"tcp: cannot listen on {self.config.tcp!r}: {exc.strerror}") from None
+            server.add_listener(listener)
+
+    async def _start_grpcio(self) -> None:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -194,34 +296,22 @@ class ExtProcServer:
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(self, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._grpcio_health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._grpcio_health, server)
         if self.socket_path is not None:
-            prepare_unix_socket(self.socket_path)
-            mode = self.config.socket_mode
-            previous = os.umask(0o777 & ~mode)  # the socket never exists with looser permissions
             try:
-                bound = server.add_insecure_port(f"unix:{self.socket_path}")
+                with _umask_for(self.config.socket_mode):
+                    bound = server.add_insecure_port(f"unix:{self.socket_path}")
             except RuntimeError as exc:
                 raise ConfigError(f"listen: cannot bind {str(self.socket_path)!r}: {exc}") from None
-            finally:
-                os.umask(previous)
             if not bound:
                 raise ConfigError(f"listen: cannot bind {str(self.socket_path)!r}")
         if self.config.tcp:
-            self._add_tcp(server, self.config.tcp)
+            self._add_grpcio_tcp(server, self.config.tcp)
         await server.start()
-        if self.socket_path is not None:
-            os.chmod(self.socket_path, self.config.socket_mode)
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
-        log.info(
-            "serving ext_proc",
-            extra={"socket": str(self.socket_path) if self.socket_path else None, "tcp": self.config.tcp,
-                   "chains": sorted(self.registry.chains), "pid": os.getpid()},
-        )  # fmt: skip
+        self._grpcio = server
 
-    def _add_tcp(self, server: grpc.aio.Server, address: str) -> None:
+    def _add_grpcio_tcp(self, server: grpc.aio.Server, address: str) -> None:
         tls = self.config.tls
         try:
             if tls is None:
@@ -241,11 +331,18 @@ class ExtProcServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (so health checks steer away), then drain in-flight streams within `grace`."""
-        server, self._server = self._server, None
-        if server is None:
+        native, grpcio_server = self._native, self._grpcio
+        self._native = self._grpcio = None
+        if native is None and grpcio_server is None:
             return
-        await self._health.enter_graceful_shutdown()
-        await server.stop(self.config.grace_period if grace is None else grace)
+        grace = self.config.grace_period if grace is None else grace
+        self._health.shutdown()
+        if native is not None:
+            await native.stop(grace)
+        if grpcio_server is not None:
+            assert self._grpcio_health is not None
+            await self._grpcio_health.enter_graceful_shutdown()
+            await grpcio_server.stop(grace)
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()

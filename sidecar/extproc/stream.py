@@ -377,4 +377,3 @@ _HANDLERS = {
     "response_body": StreamProcessor._response_body,
     "response_trailers": StreamProcessor._response_trailers,
 }
-

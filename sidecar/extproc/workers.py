@@ -41,9 +41,7 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def run_single(
-    registry: Registry, config: SidecarConfig, socket_path: Path | None, *, worker: bool = False
-) -> int:
+def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | None, *, worker: bool = False) -> int:
     """Serve in this process until SIGTERM/SIGINT; return the exit code.
 
     A worker does not serve metrics itself: it publishes them for its supervisor.
