@@ -48,11 +48,11 @@ _MAX_WINDOW = 2**31 - 1
 _DEFAULT_WINDOW = 65_535
 #: What this server advertises. Windows are generous because the peer is local and a BUFFERED body
 #: arrives as one message; credit is still only returned as the handler consumes messages.
-STREAM_WINDOW = 4 * 1024 * 1024
+STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
-MAX_CONCURRENT_STREAMS = 4096
+MAX_CONCURRENT_STREAMS = 1024
 _SHUTDOWN_PING = b"drain\0\0\0"
 
 
