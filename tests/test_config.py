@@ -45,6 +45,7 @@ def test_toml(tmp_path: Path) -> None:
         ({"plugins": [{"config": {}}]}, "plugins[0].use: required"),
         ({"plugins": [{"use": "x", "colour": 1}]}, "plugins[0].colour: unknown field"),
         ({"bogus": 1}, "bogus: unknown field"),
+        ({"transport": "quic"}, "transport: expected native or grpcio, got 'quic'"),
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:

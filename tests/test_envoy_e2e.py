@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidecar.config import TRANSPORTS
 from sidecar.extproc.server import SERVICE_NAME
 from sidecar.runtime.extproc import health_status
 from sidecar.testing import EnvoyHarness
@@ -39,8 +40,9 @@ def write_config(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_headers_both_ways_and_socket_mode(sidecar_envoy: Factory) -> None:
-    env = sidecar_envoy(plugins=[TP + "AddHeaders"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_headers_both_ways_and_socket_mode(sidecar_envoy: Factory, tmp_path: Path, transport: str) -> None:
+    env = sidecar_envoy(config=write_config(tmp_path, f"transport: {transport}\nplugins: ['{TP}AddHeaders']\n"))
     response = httpx.get(env.url + "/echo")
     assert response.status_code == 200
     assert response.json()["headers"]["x-added"] == "yes"
@@ -49,8 +51,9 @@ def test_headers_both_ways_and_socket_mode(sidecar_envoy: Factory) -> None:
     assert mode == 0o660
 
 
-def test_health_answers_both_service_names(sidecar_envoy: Factory) -> None:
-    env = sidecar_envoy(plugins=[TP + "AddHeaders"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_health_answers_both_service_names(sidecar_envoy: Factory, tmp_path: Path, transport: str) -> None:
+    env = sidecar_envoy(config=write_config(tmp_path, f"transport: {transport}\nplugins: ['{TP}AddHeaders']\n"))
     assert health_status(env.sockets[0], "") == "SERVING"
     assert health_status(env.sockets[0], SERVICE_NAME) == "SERVING"
     assert health_status(env.sockets[0], "no.such.Service") == "NOT_FOUND"
@@ -69,17 +72,20 @@ def test_immediate_responses_and_buffered_body(sidecar_envoy: Factory) -> None:
     assert response.status_code == 200
     assert response.text.startswith("wrapped:")
     assert int(response.headers["content-length"]) == len(response.content)
-    echoed = json.loads(response.content[len("wrapped:"):])
+    echoed = json.loads(response.content[len("wrapped:") :])
     assert echoed["body"] == (body.upper() * 2).decode()
     assert echoed["headers"]["content-length"] == str(len(body) * 2)
 
 
 def test_failure_policies_with_a_raising_plugin(sidecar_envoy: Factory, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    config = write_config(
+        tmp_path,
+        f"""
 chains:
   closed: {{on_error: fail_closed, plugins: ["{TP}Raiser", "{TP}AddHeaders"]}}
   open: {{on_error: fail_open, plugins: ["{TP}Raiser", "{TP}AddHeaders"]}}
-""")
+""",
+    )
     env = sidecar_envoy(config=config, routes=["/closed=closed", "/open=open"])
     closed = httpx.get(env.url + "/closed", headers={"x-boom": "1"})
     assert closed.status_code == 500
@@ -96,11 +102,14 @@ chains:
 
 
 def test_chain_per_route_and_mode_override(sidecar_envoy: Factory, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"""
+    config = write_config(
+        tmp_path,
+        f"""
 chains:
   default: ["{TP}UpperBody", "{TP}AddHeaders"]
   light: ["{TP}RequestOnly"]
-""")
+""",
+    )
     env = sidecar_envoy(config=config, routes=["/=default", "/light=light"])
     assert env.envoy is not None
 
@@ -121,12 +130,15 @@ chains:
     heavy = httpx.post(env.url + "/other", content=b"body")
     assert heavy.headers["x-resp"] == "yes"
     assert heavy.text.startswith("wrapped:")
-    assert json.loads(heavy.content[len("wrapped:"):])["body"] == "BODYBODY"
+    assert json.loads(heavy.content[len("wrapped:") :])["body"] == "BODYBODY"
     wait_for(lambda: sent() - before == 4, what="four messages for the default chain")
 
 
-def test_sigterm_lets_in_flight_requests_finish(sidecar_envoy: Factory, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f"message_timeout: 10\ngrace_period: 10\nplugins: ['{TP}Slow']\n")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigterm_lets_in_flight_requests_finish(sidecar_envoy: Factory, tmp_path: Path, transport: str) -> None:
+    config = write_config(
+        tmp_path, f"transport: {transport}\nmessage_timeout: 10\ngrace_period: 10\nplugins: ['{TP}Slow']\n"
+    )
     env = sidecar_envoy(config=config)
     assert env.sidecar is not None and env.envoy is not None
     n = 5

@@ -15,6 +15,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from sidecar.config import TRANSPORTS
 from sidecar.runtime.extproc import SidecarProcess
 
 TP = "tests.support.testplugins:"
@@ -25,11 +26,12 @@ def headers_message(*pairs: tuple[str, bytes]) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map))
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[SidecarProcess, Path]]:
+@pytest.fixture(params=TRANSPORTS)
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SidecarProcess, Path]]:
     config = tmp_path / "sidecar.yaml"
     config.write_text(
-        f"metrics: 127.0.0.1:0\nchains:\n  default: ['{TP}AddHeaders', '{TP}Raiser']\n  meta: ['{TP}Metadata']\n"
+        f"transport: {request.param}\nmetrics: 127.0.0.1:0\n"
+        f"chains:\n  default: ['{TP}AddHeaders', '{TP}Raiser']\n  meta: ['{TP}Metadata']\n"
     )
     sock = tmp_path / "s.sock"
     with SidecarProcess(["-c", str(config), "--listen", f"unix:{sock}"], [sock]) as proc:
@@ -90,7 +92,8 @@ def test_metrics_count_messages_and_plugin_errors(server: tuple[SidecarProcess, 
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tcp_with_tls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_tcp_with_tls(tmp_path: Path, transport: str) -> None:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
          "-addext", "subjectAltName=DNS:localhost", "-keyout", str(tmp_path / "key.pem"),
@@ -104,7 +107,7 @@ def test_tcp_with_tls(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     config = tmp_path / "tls.yaml"
     config.write_text(
-        f"plugins: ['{TP}AddHeaders']\ntcp: 127.0.0.1:{port}\n"
+        f"transport: {transport}\nplugins: ['{TP}AddHeaders']\ntcp: 127.0.0.1:{port}\n"
         f"tls: {{cert: {tmp_path / 'cert.pem'}, key: {tmp_path / 'key.pem'}}}\n"
     )
     sock = tmp_path / "s.sock"
