@@ -1,11 +1,12 @@
 """ext_proc overhead: wrk through Envoy alone vs Envoy + sidecar, interleaved in one run.
 
-One Envoy (1 worker thread) carries four listeners: `plain` (router only), `main` (ext_proc -> the
-sidecar -> router), `floor` (ext_proc -> a trivial grpc.aio server that answers every message with a
+One Envoy (1 worker thread) carries five listeners: `plain` (router only), `main` (ext_proc -> the
+sidecar on its default native transport -> router), `grpcio` (the same sidecar config run with
+`--transport grpcio`), `floor` (ext_proc -> a trivial grpc.aio server that answers every message with a
 constant, see trivial_extproc.py) and `backend` (a direct response the others route to), so all paths
-share the same upstream and the same process. The sidecar runs one worker on a Unix socket with a plugin
-that adds one request header and one response header. Rounds alternate plain/sidecar/floor so machine
-noise hits all alike; the floor shows what gRPC itself costs.
+share the same upstream and the same process. Each sidecar runs one worker on a Unix socket with a
+plugin that adds one request header and one response header. Rounds alternate between the listeners so
+machine noise hits all alike; the floor shows what grpc.aio itself costs.
 
     python benchmarks/extproc.py [--rounds 3] [--seconds 5] [--connections 16]
 
@@ -52,7 +53,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-def bootstrap(socket_path: Path, backend_port: int, floor_socket: Path | None = None) -> dict[str, Any]:
+def bootstrap(socket_path: Path, backend_port: int, others: dict[str, Path]) -> dict[str, Any]:
+    """The sidecar's own bootstrap plus `plain`, `backend` and one ext_proc listener per entry of `others`."""
     from sidecar.config import ChainSpec, PluginSpec
 
     chains = (ChainSpec("default", (PluginSpec(PLUGIN),)),)
@@ -71,19 +73,19 @@ def bootstrap(socket_path: Path, backend_port: int, floor_socket: Path | None = 
     backend_hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
     ]
-    listeners += [plain, backend]
-    if floor_socket is not None:
-        floor = copy.deepcopy(listeners[0])
-        floor["name"] = "floor"
-        floor_hcm = floor["filter_chains"][0]["filters"][0]["typed_config"]
-        floor_hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "floor"
+    for name, path in others.items():
+        listener = copy.deepcopy(listeners[0])
+        listener["name"] = name
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"][0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = name
         cluster = copy.deepcopy(result["static_resources"]["clusters"][0])
-        cluster["name"] = cluster["load_assignment"]["cluster_name"] = "floor"
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = name
         cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-            {"endpoint": {"address": {"pipe": {"path": str(floor_socket)}}}}
+            {"endpoint": {"address": {"pipe": {"path": str(path)}}}}
         ]
-        listeners.append(floor)
+        listeners.append(listener)
         result["static_resources"]["clusters"].append(cluster)
+    listeners += [plain, backend]
     return result
 
 
@@ -112,54 +114,64 @@ def main() -> int:
         print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     os.environ["PYTHONPATH"] = str(ROOT)
+    servers = {"main": "sidecar (native)", "grpcio": "sidecar (grpcio)", "floor": "trivial grpc.aio"}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
-        sock = Path(tmp) / "extproc.sock"
-        floor_sock = Path(tmp) / "floor.sock"
-        sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sock}"], [sock]).start()
+        sockets = {name: Path(tmp) / f"{name}.sock" for name in servers}
+        sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sockets['main']}"], [sockets["main"]])
+        grpcio = SidecarProcess(
+            ["--plugin", PLUGIN, "--listen", f"unix:{sockets['grpcio']}", "--transport", "grpcio"], [sockets["grpcio"]]
+        )
         floor = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "trivial_extproc.py"), str(floor_sock)],
+            [sys.executable, str(ROOT / "benchmarks" / "trivial_extproc.py"), str(sockets["floor"])],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
+            sidecar.start()
+            grpcio.start()
             assert floor.stdout is not None and floor.stdout.readline().strip() == "ready"
-            with Envoy(bootstrap(sock, free_port(), floor_sock), concurrency=1) as envoy:
+            others = {name: sockets[name] for name in ("grpcio", "floor")}
+            with Envoy(bootstrap(sockets["main"], free_port(), others), concurrency=1) as envoy:
                 urls = {}
-                for name in ("plain", "main", "floor"):
+                for name in ("plain", *servers):
                     host, port = envoy.listener_address(name)
                     urls[name] = f"http://{host}:{port}/"
-                for name in ("main", "floor"):  # warm-up: connections, caches, allocators
+                for name in servers:  # warm-up: connections, caches, allocators
                     wrk(urls[name], 1, args.connections)
-                pids = {"main": sidecar.pid, "floor": floor.pid}
+                pids = {"main": sidecar.pid, "grpcio": grpcio.pid, "floor": floor.pid}
                 results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in urls}
-                cpu_per_request: dict[str, list[float]] = {"main": [], "floor": []}
+                cpu_per_request: dict[str, list[float]] = {name: [] for name in servers}
                 for round_no in range(1, args.rounds + 1):
                     for name in urls:
                         before = cpu_seconds(pids[name]) if name in pids else 0.0
                         rps, p50, p99, total = wrk(urls[name], args.seconds, args.connections)
                         results[name].append((rps, p50, p99))
-                        line = f"round {round_no} {name:<5} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+                        line = f"round {round_no} {name:<6} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
                         if name in pids:
                             cpu_per_request[name].append((cpu_seconds(pids[name]) - before) / total * 1e6)
                             line += f"  server CPU {cpu_per_request[name][-1]:5.0f} us/req"
                         print(line, flush=True)
         finally:
             sidecar.close()
+            grpcio.close()
             floor.terminate()
             floor.wait(10)
             if floor.stdout is not None:
                 floor.stdout.close()
-    plain_rps = statistics.median(r[0] for r in results["plain"])
-    main_rps = statistics.median(r[0] for r in results["main"])
+
+    def median(name: str, index: int) -> float:
+        return statistics.median(r[index] for r in results[name])
+
+    plain_rps = median("plain", 0)
     print()
-    print(f"Envoy alone        {plain_rps:9.0f} req/s  p50 {statistics.median(r[1] for r in results['plain']):.2f} ms"
-          f"  p99 {statistics.median(r[2] for r in results['plain']):.2f} ms")  # fmt: skip
-    print(f"Envoy + sidecar    {main_rps:9.0f} req/s  p50 {statistics.median(r[1] for r in results['main']):.2f} ms"
-          f"  p99 {statistics.median(r[2] for r in results['main']):.2f} ms")  # fmt: skip
-    floor_rps = statistics.median(r[0] for r in results["floor"])
-    print(f"trivial grpc.aio   {floor_rps:9.0f} req/s  (the floor: gRPC alone, constant answers)")
-    print(f"throughput ratio   {main_rps / plain_rps:.3f}  (target >= 0.2; floor {floor_rps / plain_rps:.3f})")
-    print(f"sidecar CPU        {statistics.median(cpu_per_request['main']):.0f} us/request  (target <= 250; "
-          f"floor {statistics.median(cpu_per_request['floor']):.0f})")  # fmt: skip
+    print(f"{'':<18} {'req/s':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10}")
+    print(f"{'Envoy alone':<18} {plain_rps:9.0f} {1:6.3f} {median('plain', 1):7.2f} {median('plain', 2):7.2f}")
+    for name, label in servers.items():
+        cpu = statistics.median(cpu_per_request[name])
+        print(f"{label:<18} {median(name, 0):9.0f} {median(name, 0) / plain_rps:6.3f} {median(name, 1):7.2f}"
+              f" {median(name, 2):7.2f} {cpu:10.0f}")  # fmt: skip
+    print()
+    print(f"sidecar: throughput ratio {median('main', 0) / plain_rps:.3f} (target >= 0.2), "
+          f"CPU {statistics.median(cpu_per_request['main']):.0f} us/request (target <= 250)")  # fmt: skip
     return 0
 
 

@@ -151,9 +151,7 @@ def main() -> None:
         f"\npull / urllib = {min(t_pull) / min(t_urllib):.2f}x"
         + (f", pull / curl = {min(t_pull) / min(t_curl):.2f}x" if t_curl else "")
     )
-    print(
-        f"cache hit, digest reference, registry stopped: {per_hit * 1e6:.0f} us per pull_image() ({args.hits} calls)"
-    )
+    print(f"cache hit, digest reference, registry stopped: {per_hit * 1e6:.0f} us per pull_image() ({args.hits} calls)")
 
 
 if __name__ == "__main__":
