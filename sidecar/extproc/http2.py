@@ -152,8 +152,8 @@ class Call:
     """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out."""
 
     __slots__ = (
-        "_conn", "_finished", "_headers_sent", "_messages", "_partial", "_recv_window", "_remote_done", "_unacked",
-        "_waiter", "metadata", "path", "send_window", "stream_id", "task",
+        "_conn", "_finished", "_headers_sent", "_messages", "_partial", "_partial_needed", "_partial_size",
+        "_recv_window", "_remote_done", "_unacked", "_waiter", "metadata", "path", "send_window", "stream_id", "task",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int, path: str, metadata: dict[str, str]) -> None:
@@ -163,7 +163,8 @@ class Call:
         #: Request headers other than pseudo-headers, names lower-case, values decoded as latin-1.
         self.metadata = metadata
         self._messages: deque[bytes] = deque()
-        self._partial = b""
+        self._partial: list[bytes] = []
+        self._partial_size = self._partial_needed = 0
         self._waiter: asyncio.Future[None] | None = None
         self._remote_done = False
         self._finished = False
@@ -215,9 +216,21 @@ class Call:
             self._conn.reset_stream(self, ErrorCode.FLOW_CONTROL_ERROR)
             return
         self._unacked += flow_length
-        data = self._partial + payload if self._partial else payload
+        if self._partial:
+            # A message spread over many frames: joined once, when it is complete.
+            self._partial.append(payload)
+            self._partial_size += len(payload)
+            if self._partial_size < self._partial_needed and not end_stream:
+                if not self._messages:
+                    self._return_credit()  # the rest of this message cannot arrive without it
+                return
+            data = b"".join(self._partial)
+            self._partial = []
+        else:
+            data = payload
         size = len(data)
         position = 0
+        needed = 5
         messages = self._messages
         received = False
         while size - position >= 5:
@@ -230,11 +243,15 @@ class Call:
                 return
             end = position + 5 + length
             if end > size:
+                needed = 5 + length
                 break
             messages.append(data[position + 5 : end])
             received = True
             position = end
-        self._partial = data[position:] if position < size else b""
+        if position < size:
+            self._partial = [data[position:]]
+            self._partial_size = size - position
+            self._partial_needed = needed
         if end_stream:
             self._remote_done = True
             if self._partial:
@@ -268,17 +285,23 @@ class Call:
             conn.send_window -= size
             conn.write(head + _FRAME_HEAD.pack(size << 8 | _DATA, 0, self.stream_id) + data)
             return
-        if head:
-            conn.write(head)
+        pieces: list[bytes | memoryview] = [head]
         view = memoryview(data)
         while view and not self._finished:
-            allowed = min(len(view), conn.peer_max_frame, self.send_window, conn.send_window)
+            allowed = min(len(view), self.send_window, conn.send_window)
             if allowed <= 0 or not conn.writable:
+                if pieces:
+                    conn.write(b"".join(pieces))
+                    pieces = []
                 await conn.wait_for_window()
                 continue
             self.send_window -= allowed
             conn.send_window -= allowed
-            conn.write(_FRAME_HEAD.pack(allowed << 8 | _DATA, 0, self.stream_id) + view[:allowed])
+            for offset in range(0, allowed, conn.peer_max_frame):
+                chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
+                pieces += (_FRAME_HEAD.pack(len(chunk) << 8 | _DATA, 0, self.stream_id), chunk)
+            conn.write(b"".join(pieces))
+            pieces = []
             view = view[allowed:]
 
     def finish(self, status: Status = Status.OK, message: str = "") -> None:
@@ -319,7 +342,8 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._buffer = b""
+        self._pending: list[bytes] = []
+        self._pending_size = self._pending_needed = 0
         self._preface_seen = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
@@ -369,14 +393,20 @@ class Connection(asyncio.Protocol):
         self._wake_senders()
 
     def data_received(self, data: bytes) -> None:
-        if self._buffer:
-            data = self._buffer + data
+        if self._pending:
+            # A frame bigger than one read: keep the pieces and join them once, when it is complete.
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._pending_needed:
+                return
+            data = b"".join(self._pending)
+            self._pending = []
         if not self._preface_seen:
             if len(data) < len(PREFACE):
                 if not PREFACE.startswith(data):
                     self._close_unspoken()
                     return
-                self._buffer = data
+                self._keep(data, len(PREFACE))
                 return
             if not data.startswith(PREFACE):
                 self._close_unspoken()
@@ -385,6 +415,7 @@ class Connection(asyncio.Protocol):
             data = data[len(PREFACE) :]
         position = 0
         size = len(data)
+        needed = 9
         try:
             while size - position >= 9:
                 head, flags, stream_id = _FRAME_HEAD.unpack_from(data, position)
@@ -393,6 +424,7 @@ class Connection(asyncio.Protocol):
                     raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 end = position + 9 + length
                 if end > size:
+                    needed = 9 + length
                     break
                 self._on_frame(head & 0xFF, flags, stream_id & _MAX_WINDOW, data[position + 9 : end])
                 position = end
@@ -401,7 +433,13 @@ class Connection(asyncio.Protocol):
         except _ConnectionError as exc:
             self.fail(exc.code, str(exc))
             return
-        self._buffer = data[position:] if position < size else b""
+        if position < size:
+            self._keep(data[position:], needed)
+
+    def _keep(self, rest: bytes, needed: int) -> None:
+        self._pending = [rest]
+        self._pending_size = len(rest)
+        self._pending_needed = needed
 
     def _close_unspoken(self) -> None:
         log.warning("closing a connection that did not start with the HTTP/2 preface (is the client gRPC?)")
@@ -615,7 +653,8 @@ class Connection(asyncio.Protocol):
     async def wait_for_window(self) -> None:
         if self._window_waiter is None:
             self._window_waiter = self.loop.create_future()
-        await self._window_waiter
+        # Shared by every blocked sender: shielded, so cancelling one of them does not cancel the others.
+        await asyncio.shield(self._window_waiter)
 
     def _wake_senders(self) -> None:
         waiter, self._window_waiter = self._window_waiter, None
@@ -679,7 +718,9 @@ class Http2Server:
         self._listeners.append(listener)
 
     def stream_closed(self) -> None:
-        if self._idle is not None and not any(conn.streams for conn in self.connections):
+        # Idle only once every connection also sent its final GOAWAY: until the peer acks the draining PING,
+        # a stream it opened before it saw the first GOAWAY may still arrive, and must be served.
+        if self._idle is not None and not any(conn.streams or not conn._final_goaway for conn in self.connections):
             self._idle.set()
 
     async def stop(self, grace: float) -> None:
