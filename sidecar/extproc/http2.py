@@ -53,6 +53,9 @@ CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 MAX_HEADER_LIST = 64 * 1024
 MAX_CONCURRENT_STREAMS = 1024
+#: What one received message costs beyond its bytes (Python objects), for the connection's buffer budget.
+_MESSAGE_COST = 96
+_MAX_SETTINGS = 64
 _SHUTDOWN_PING = b"drain\0\0\0"
 
 
@@ -152,8 +155,9 @@ class Call:
     """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out."""
 
     __slots__ = (
-        "_conn", "_finished", "_headers_sent", "_messages", "_partial", "_partial_needed", "_partial_size",
-        "_recv_window", "_remote_done", "_unacked", "_waiter", "metadata", "path", "send_window", "stream_id", "task",
+        "_buffered", "_conn", "_finished", "_headers_sent", "_messages", "_midway", "_partial", "_partial_needed",
+        "_partial_size", "_recv_window", "_remote_done", "_send_waiter", "_unacked", "_waiter", "metadata", "path",
+        "send_window", "stream_id", "task",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int, path: str, metadata: dict[str, str]) -> None:
@@ -171,13 +175,20 @@ class Call:
         self._headers_sent = False
         self._recv_window = STREAM_WINDOW
         self._unacked = 0
+        #: Bytes this call holds in received messages and the partial one, counted against the connection.
+        self._buffered = 0
         self.send_window = conn.peer_initial_window
+        self._send_waiter: asyncio.Future[None] | None = None
+        #: A message is partly sent: nothing but a reset may follow.
+        self._midway = False
         self.task: asyncio.Task[None] | None = None
 
     # -- receiving
 
     async def read(self) -> bytes | None:
-        """The next message, or None once the client has half-closed and every message was read."""
+        """The next message, or None once the client has half-closed and every message was read.
+
+        One reader per call: the handler."""
         messages = self._messages
         if not messages:
             if self._remote_done:
@@ -190,9 +201,14 @@ class Call:
             if not messages:
                 return None
         message = messages.popleft()
+        self._hold(-len(message) - _MESSAGE_COST)
         if not messages:
             self._return_credit()
         return message
+
+    def _hold(self, size: int) -> None:
+        self._buffered += size
+        self._conn.buffered += size
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -202,7 +218,7 @@ class Call:
     def _return_credit(self) -> None:
         # Credit goes back only once every complete message was handed to the handler: what is buffered
         # is bounded by the window plus one partial message.
-        if self._unacked >= STREAM_WINDOW // 2 and not self._remote_done:
+        if self._unacked >= STREAM_WINDOW // 2 and not self._remote_done and not self._finished:
             self._conn.write(_frame(_WINDOW_UPDATE, 0, self.stream_id, _U32.pack(self._unacked)))
             self._recv_window += self._unacked
             self._unacked = 0
@@ -216,16 +232,20 @@ class Call:
             self._conn.reset_stream(self, ErrorCode.FLOW_CONTROL_ERROR)
             return
         self._unacked += flow_length
+        if not payload and not end_stream:
+            return  # costs the sender nothing, so it must cost this side nothing either
         if self._partial:
             # A message spread over many frames: joined once, when it is complete.
             self._partial.append(payload)
             self._partial_size += len(payload)
+            self._hold(len(payload))
             if self._partial_size < self._partial_needed and not end_stream:
                 if not self._messages:
                     self._return_credit()  # the rest of this message cannot arrive without it
                 return
             data = b"".join(self._partial)
             self._partial = []
+            self._hold(-self._partial_size)
         else:
             data = payload
         size = len(data)
@@ -246,12 +266,14 @@ class Call:
                 needed = 5 + length
                 break
             messages.append(data[position + 5 : end])
+            self._hold(length + _MESSAGE_COST)
             received = True
             position = end
         if position < size:
             self._partial = [data[position:]]
             self._partial_size = size - position
             self._partial_needed = needed
+            self._hold(self._partial_size)
         if end_stream:
             self._remote_done = True
             if self._partial:
@@ -265,12 +287,18 @@ class Call:
 
     def _on_remote_end(self) -> None:
         self._remote_done = True
+        if self._partial:  # trailers ended the stream inside a message
+            self.abandon(Status.INTERNAL, "stream ended inside a message")
+            return
         self._wake()
 
     # -- sending
 
     async def send(self, message: bytes) -> None:
-        """Send one message; waits only when flow control or the socket buffer asks it to."""
+        """Send one message; waits only when flow control or the socket buffer asks it to.
+
+        One sender at a time per call. Cancelled half-way, the message cannot be completed: the stream
+        is reset instead, so the client never parses a cut message as the start of the next."""
         if self._finished:
             return
         conn = self._conn
@@ -287,22 +315,39 @@ class Call:
             return
         pieces: list[bytes | memoryview] = [head]
         view = memoryview(data)
-        while view and not self._finished:
-            allowed = min(len(view), self.send_window, conn.send_window)
-            if allowed <= 0 or not conn.writable:
-                if pieces:
-                    conn.write(b"".join(pieces))
-                    pieces = []
-                await conn.wait_for_window()
-                continue
-            self.send_window -= allowed
-            conn.send_window -= allowed
-            for offset in range(0, allowed, conn.peer_max_frame):
-                chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
-                pieces += (_FRAME_HEAD.pack(len(chunk) << 8 | _DATA, 0, self.stream_id), chunk)
-            conn.write(b"".join(pieces))
-            pieces = []
-            view = view[allowed:]
+        try:
+            while view and not self._finished:
+                allowed = min(len(view), self.send_window, conn.send_window)
+                if allowed <= 0 or not conn.writable:
+                    if pieces:
+                        conn.write(b"".join(pieces))
+                        pieces = []
+                    if self.send_window <= 0:
+                        self._send_waiter = conn.loop.create_future()
+                        await self._send_waiter
+                    else:
+                        await conn.wait_for_window()
+                    continue
+                self.send_window -= allowed
+                conn.send_window -= allowed
+                for offset in range(0, allowed, conn.peer_max_frame):
+                    chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
+                    pieces += (_FRAME_HEAD.pack(len(chunk) << 8 | _DATA, 0, self.stream_id), chunk)
+                conn.write(b"".join(pieces))
+                pieces = []
+                view = view[allowed:]
+                self._midway = bool(view)
+        except asyncio.CancelledError:
+            if self._midway:
+                self.finish()  # a reset, see finish()
+            raise
+        finally:
+            self._send_waiter = None
+
+    def _wake_sender(self) -> None:
+        waiter = self._send_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def finish(self, status: Status = Status.OK, message: str = "") -> None:
         """Send the status as trailers (or a trailers-only response) and close the stream."""
@@ -310,6 +355,10 @@ class Call:
             return
         self._finished = True
         conn = self._conn
+        if self._midway:  # after a cut message no status can be read correctly: reset instead
+            conn.write(_frame(_RST_STREAM, 0, self.stream_id, _U32.pack(ErrorCode.CANCEL)))
+            conn.forget(self)
+            return
         if status is Status.OK and self._headers_sent and not message:
             block = _TRAILERS_OK
         else:
@@ -328,8 +377,14 @@ class Call:
 
     def _cancel(self) -> None:
         self._finished = True
+        self._release()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def _release(self) -> None:
+        self._messages.clear()
+        self._partial = []
+        self._hold(-self._buffered)
 
 
 # -- connections -------------------------------------------------------------------------------------
@@ -349,7 +404,10 @@ class Connection(asyncio.Protocol):
         self._decoder.max_header_list_size = MAX_HEADER_LIST
         self._continuation: tuple[int, bool, bytearray] | None = None
         self.streams: dict[int, Call] = {}
+        #: The highest stream id the peer has used, and the highest this side served or refused (for GOAWAY).
+        self._highest_stream_id = 0
         self._last_stream_id = 0
+        self.buffered = 0
         self._recv_window = CONNECTION_WINDOW
         self._unacked = 0
         self.peer_initial_window = _DEFAULT_WINDOW
@@ -375,6 +433,8 @@ class Connection(asyncio.Protocol):
             _frame(_SETTINGS, 0, 0, settings)
             + _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - _DEFAULT_WINDOW))
         )
+        if self.server._idle is not None:  # accepted just as the server began to stop: drain it as well
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -386,10 +446,16 @@ class Connection(asyncio.Protocol):
         self.server.stream_closed()  # the server may be waiting for this connection's calls
 
     def pause_writing(self) -> None:
+        # The peer is not reading what this side writes: stop reading what it sends (its requests would
+        # otherwise queue replies here without bound).
         self.writable = False
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writable = True
+        if self.transport is not None:
+            self.transport.resume_reading()
         self._wake_senders()
 
     def data_received(self, data: bytes) -> None:
@@ -428,7 +494,7 @@ class Connection(asyncio.Protocol):
                     break
                 self._on_frame(head & 0xFF, flags, stream_id & _MAX_WINDOW, data[position + 9 : end])
                 position = end
-                if self.transport is None:
+                if self.transport is None or self.transport.is_closing():
                     return
         except _ConnectionError as exc:
             self.fail(exc.code, str(exc))
@@ -510,16 +576,25 @@ class Connection(asyncio.Protocol):
             self._unacked = 0
         call = self.streams.get(stream_id)
         if call is None:
-            if stream_id == 0 or stream_id > self._last_stream_id:
+            if stream_id == 0 or stream_id > self._highest_stream_id:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             return  # a stream this side already closed: its data is dropped
         call._on_data(self._unpad(flags, payload), flow_length, bool(flags & _END_STREAM))
+        if self.buffered > self.server.connection_buffer and self.streams:
+            # Over budget: the call holding the most gives way, rather than the peer's credit being held
+            # back (which could leave calls waiting on one another's partial messages).
+            largest = max(self.streams.values(), key=lambda c: c._buffered)
+            largest.abandon(Status.RESOURCE_EXHAUSTED, "the connection's receive buffer is full")
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+        if len(payload) > MAX_HEADER_LIST:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         payload = self._unpad(flags, payload)
         if flags & _PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             payload = payload[5:]
         if flags & _END_HEADERS:
             self._on_header_block(stream_id, bool(flags & _END_STREAM), payload)
@@ -541,11 +616,12 @@ class Connection(asyncio.Protocol):
             else:
                 call._on_remote_end()
             return
-        if stream_id <= self._last_stream_id:
+        if stream_id <= self._highest_stream_id:
             return  # trailers for a stream this side already closed
-        self._last_stream_id = stream_id
+        self._highest_stream_id = stream_id
         if self._final_goaway:
             return  # above the last stream id this side promised to serve: the peer will retry it
+        self._last_stream_id = stream_id
         path = content_type = b""
         metadata: dict[str, str] = {}
         for name, value in headers:
@@ -570,7 +646,7 @@ class Connection(asyncio.Protocol):
         self.streams[stream_id] = call
         handler = self.server.routes.get(call.path)
         if handler is None:
-            call.finish(Status.UNIMPLEMENTED, f"unknown method {call.path}")
+            call.finish(Status.UNIMPLEMENTED, f"unknown method {call.path[:100]}")
             return
         call.task = self.loop.create_task(self._run(call, handler))
 
@@ -602,9 +678,13 @@ class Connection(asyncio.Protocol):
             if call is None:
                 return
             call.send_window += increment
-            if increment == 0 or call.send_window > _MAX_WINDOW:
+            if increment == 0:
+                self.reset_stream(call, ErrorCode.PROTOCOL_ERROR)
+            elif call.send_window > _MAX_WINDOW:
                 self.reset_stream(call, ErrorCode.FLOW_CONTROL_ERROR)
-                return
+            else:
+                call._wake_sender()
+            return
         self._wake_senders()
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -616,19 +696,27 @@ class Connection(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "malformed SETTINGS")
+        if len(payload) > 6 * _MAX_SETTINGS:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many SETTINGS entries")
+        initial_window = self.peer_initial_window
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
-            if key == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams as a delta
+            if key == 0x4:
                 if value > _MAX_WINDOW:
                     raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for call in self.streams.values():
-                    call.send_window += delta
+                initial_window = value
             elif key == 0x5:
                 if not 16_384 <= value <= 16_777_215:
                     raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid MAX_FRAME_SIZE")
                 self.peer_max_frame = value
+        delta = initial_window - self.peer_initial_window
+        if delta:  # INITIAL_WINDOW_SIZE applies to open streams as a delta
+            self.peer_initial_window = initial_window
+            for call in self.streams.values():
+                call.send_window += delta
+                if call.send_window > _MAX_WINDOW:
+                    raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+                call._wake_sender()
         self.write(_frame(_SETTINGS, _ACK, 0))
         self._wake_senders()
 
@@ -662,6 +750,7 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def forget(self, call: Call) -> None:
+        call._release()
         if self.streams.pop(call.stream_id, None) is not None:
             self.server.stream_closed()
         if self._final_goaway and not self.streams and self.transport is not None:
@@ -677,6 +766,8 @@ class Connection(asyncio.Protocol):
         """A connection error: GOAWAY with the code, then close."""
         log.warning("closing HTTP/2 connection: %s", message)
         self.write(_frame(_GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()[:256]))
+        for call in list(self.streams.values()):
+            call._cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -695,7 +786,10 @@ class Connection(asyncio.Protocol):
             call.finish(Status.UNAVAILABLE, "server shutting down")
             call._cancel()
         if self.transport is not None:
-            self.transport.close()
+            if self.writable:
+                self.transport.close()  # after the statuses above are written
+            else:
+                self.transport.abort()  # the peer is not reading: closing would wait for it forever
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -704,9 +798,14 @@ class Connection(asyncio.Protocol):
 class Http2Server:
     """Routes gRPC calls by path to handlers; listens on any number of asyncio servers."""
 
-    def __init__(self, routes: Mapping[str, Handler], *, max_message: int) -> None:
+    def __init__(
+        self, routes: Mapping[str, Handler], *, max_message: int, connection_buffer: int | None = None
+    ) -> None:
         self.routes = dict(routes)
         self.max_message = max_message
+        #: What one connection may hold in received, not yet consumed messages before its biggest call
+        #: is ended with RESOURCE_EXHAUSTED; by default room for two of the largest messages.
+        self.connection_buffer = connection_buffer or max(64 * 1024 * 1024, 2 * max_message)
         self.connections: set[Connection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._idle: asyncio.Event | None = None

@@ -41,8 +41,8 @@ log = logging.getLogger("sidecar.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
-# Bodies in BUFFERED mode arrive as one message: allow well past Envoy's default buffer limits.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Bodies in BUFFERED mode arrive as one message: allow well past Envoy's default buffer limit (1 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_UNIX_PATH = 107
 METRICS_PUBLISH_SECONDS = 1.0
 
