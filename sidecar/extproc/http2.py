@@ -433,7 +433,7 @@ class Connection(asyncio.Protocol):
             _frame(_SETTINGS, 0, 0, settings)
             + _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - _DEFAULT_WINDOW))
         )
-        if self.server._idle is not None:  # accepted just as the server began to stop: drain it as well
+        if self.server.stopping:  # accepted just as the server began to stop: drain it as well
             self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -812,6 +812,10 @@ class Http2Server:
 
     def protocol(self) -> Connection:
         return Connection(self)
+
+    @property
+    def stopping(self) -> bool:
+        return self._idle is not None
 
     def add_listener(self, listener: asyncio.AbstractServer) -> None:
         self._listeners.append(listener)
