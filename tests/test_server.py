@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from sidecar.config import TRANSPORTS
+from sidecar.extproc.http2 import PREFACE
 from sidecar.runtime.extproc import SidecarProcess
 
 TP = "tests.support.testplugins:"
@@ -91,6 +94,29 @@ def test_metrics_count_messages_and_plugin_errors(server: tuple[SidecarProcess, 
     assert 'sidecar_extproc_streams_total{chain="default"} 2.0' in text
 
 
+def test_transport_errors_are_counted(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"metrics: 127.0.0.1:0\nplugins: ['{TP}AddHeaders']\n")
+    sock = tmp_path / "s.sock"
+    with SidecarProcess(["-c", str(config), "--listen", f"unix:{sock}"], [sock]) as proc:
+        with socket.socket(socket.AF_UNIX) as peer:  # an HTTP/2 client whose header block is garbage
+            peer.settimeout(5)
+            peer.connect(str(sock))
+            peer.sendall(
+                PREFACE + struct.pack(">IBI", 0 << 8 | 0x4, 0, 0) + struct.pack(">IBI", 1 << 8 | 0x1, 4, 1) + b"\xbe"
+            )
+            while peer.recv(65536):  # until the server closes the connection
+                pass
+        match = re.search(r"metrics on (http://\S+/metrics)", proc.logs())
+        assert match, proc.logs()
+        with urllib.request.urlopen(match.group(1), timeout=5) as response:
+            text = response.read().decode()
+        assert 'sidecar_extproc_stream_errors_total{reason="http2_compression_error"} 1.0' in text
+        channel, client = stub(sock)
+        with channel:  # and the server goes on serving
+            assert list(client.Process(iter([headers_message()]), timeout=5))
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_tcp_with_tls(tmp_path: Path, transport: str) -> None:
@@ -100,8 +126,6 @@ def test_tcp_with_tls(tmp_path: Path, transport: str) -> None:
          "-out", str(tmp_path / "cert.pem")],
         check=True, capture_output=True,
     )  # fmt: skip
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -372,6 +372,7 @@ class Call:
     def abandon(self, status: Status, message: str) -> None:
         """End the call from the transport's side: status to the client, handler cancelled."""
         log.warning("ending gRPC call %s: %s", self.path, message)
+        self._conn.server.on_error(f"http2_{status.name.lower()}")
         self.finish(status, message)
         self._cancel()
 
@@ -765,6 +766,7 @@ class Connection(asyncio.Protocol):
     def fail(self, code: ErrorCode, message: str) -> None:
         """A connection error: GOAWAY with the code, then close."""
         log.warning("closing HTTP/2 connection: %s", message)
+        self.server.on_error(f"http2_{code.name.lower()}")
         self.write(_frame(_GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()[:256]))
         for call in list(self.streams.values()):
             call._cancel()
@@ -799,9 +801,16 @@ class Http2Server:
     """Routes gRPC calls by path to handlers; listens on any number of asyncio servers."""
 
     def __init__(
-        self, routes: Mapping[str, Handler], *, max_message: int, connection_buffer: int | None = None
+        self,
+        routes: Mapping[str, Handler],
+        *,
+        max_message: int,
+        connection_buffer: int | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.routes = dict(routes)
+        #: Told the reason whenever the transport ends a call or a connection (for metrics).
+        self.on_error: Callable[[str], None] = on_error or (lambda reason: None)
         self.max_message = max_message
         #: What one connection may hold in received, not yet consumed messages before its biggest call
         #: is ended with RESOURCE_EXHAUSTED; by default room for two of the largest messages.

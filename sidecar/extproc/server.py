@@ -261,7 +261,9 @@ class ExtProcServer:
     async def _start_native(self) -> None:
         loop = asyncio.get_running_loop()
         server = Http2Server(
-            {PROCESS_METHOD: self._native_process, **self._health.routes()}, max_message=MAX_MESSAGE_BYTES
+            {PROCESS_METHOD: self._native_process, **self._health.routes()},
+            max_message=MAX_MESSAGE_BYTES,
+            on_error=self.metrics.stream_error if self.metrics is not None else None,
         )
         self._native = server
         if self.socket_path is not None:
