@@ -112,6 +112,14 @@ def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
     return _FRAME_HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
 
 
+def _reset(stream_id: int, code: ErrorCode) -> bytes:
+    return _frame(_RST_STREAM, 0, stream_id, _U32.pack(code))
+
+
+def _goaway(last_stream_id: int, code: ErrorCode, debug: bytes = b"") -> bytes:
+    return _frame(_GOAWAY, 0, 0, _U32.pack(last_stream_id) + _U32.pack(code) + debug)
+
+
 def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
     limit = (1 << prefix_bits) - 1
     if value < limit:
@@ -356,7 +364,7 @@ class Call:
         self._finished = True
         conn = self._conn
         if self._midway:  # after a cut message no status can be read correctly: reset instead
-            conn.write(_frame(_RST_STREAM, 0, self.stream_id, _U32.pack(ErrorCode.CANCEL)))
+            conn.write(_reset(self.stream_id, ErrorCode.CANCEL))
             conn.forget(self)
             return
         if status is Status.OK and self._headers_sent and not message:
@@ -365,7 +373,7 @@ class Call:
             block = (b"" if self._headers_sent else _RESPONSE_HEADERS) + _status_block(status, message)
         out = _frame(_HEADERS, _END_STREAM | _END_HEADERS, self.stream_id, block)
         if not self._remote_done:  # the client may still be sending: tell it to stop
-            out += _frame(_RST_STREAM, 0, self.stream_id, _U32.pack(ErrorCode.NO_ERROR))
+            out += _reset(self.stream_id, ErrorCode.NO_ERROR)
         conn.write(out)
         conn.forget(self)
 
@@ -633,16 +641,15 @@ class Connection(asyncio.Protocol):
                 content_type = value
             else:
                 metadata[name.decode("latin-1")] = value.decode("latin-1")
-        call = Call(self, stream_id, path.decode("latin-1"), metadata)
         if not content_type.startswith(b"application/grpc"):
-            call._remote_done = True
             self.write(_frame(_HEADERS, _END_STREAM | _END_HEADERS, stream_id, b"\x00\x07:status\x03415"))
             if not end_stream:
-                self.write(_frame(_RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR)))
+                self.write(_reset(stream_id, ErrorCode.NO_ERROR))
             return
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:
-            self.write(_frame(_RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM)))
+            self.write(_reset(stream_id, ErrorCode.REFUSED_STREAM))
             return
+        call = Call(self, stream_id, path.decode("latin-1"), metadata)
         call._remote_done = end_stream
         self.streams[stream_id] = call
         handler = self.server.routes.get(call.path)
@@ -729,7 +736,7 @@ class Connection(asyncio.Protocol):
         elif payload == _SHUTDOWN_PING and self._draining and not self._final_goaway:
             # Every stream the peer opened before it saw the first GOAWAY has now arrived.
             self._final_goaway = True
-            self.write(_frame(_GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(ErrorCode.NO_ERROR)))
+            self.write(_goaway(self._last_stream_id, ErrorCode.NO_ERROR))
             if not self.streams and self.transport is not None:
                 self.transport.close()
 
@@ -759,7 +766,7 @@ class Connection(asyncio.Protocol):
 
     def reset_stream(self, call: Call, code: ErrorCode) -> None:
         call._finished = True
-        self.write(_frame(_RST_STREAM, 0, call.stream_id, _U32.pack(code)))
+        self.write(_reset(call.stream_id, code))
         self.forget(call)
         call._cancel()
 
@@ -767,7 +774,7 @@ class Connection(asyncio.Protocol):
         """A connection error: GOAWAY with the code, then close."""
         log.warning("closing HTTP/2 connection: %s", message)
         self.server.on_error(f"http2_{code.name.lower()}")
-        self.write(_frame(_GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(code) + message.encode()[:256]))
+        self.write(_goaway(self._last_stream_id, code, message.encode()[:256]))
         for call in list(self.streams.values()):
             call._cancel()
         if self.transport is not None:
@@ -778,10 +785,7 @@ class Connection(asyncio.Protocol):
         if self._draining:
             return
         self._draining = True
-        self.write(
-            _frame(_GOAWAY, 0, 0, _U32.pack(_MAX_WINDOW) + _U32.pack(ErrorCode.NO_ERROR))
-            + _frame(_PING, 0, 0, _SHUTDOWN_PING)
-        )
+        self.write(_goaway(_MAX_WINDOW, ErrorCode.NO_ERROR) + _frame(_PING, 0, 0, _SHUTDOWN_PING))
 
     def abort(self) -> None:
         for call in list(self.streams.values()):
