@@ -15,12 +15,18 @@ import pytest
 import yaml
 
 from sidecar.runtime.envoy import validate_bootstrap
+from tests.support.wait import wait_for
 
 
 def sidecar(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def alive(proc: subprocess.Popen[bytes]) -> bool:
+    assert proc.poll() is None, f"the server exited with code {proc.returncode}"
+    return True
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
@@ -69,10 +75,7 @@ def test_live_socket_is_refused_and_stale_one_replaced(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_for(lambda: alive(proc) and sock.exists(), 20, "the first server's socket")
         assert_user_error(sidecar("serve", "--plugin", "header-stamp", "--listen", f"unix:{sock}"), "in use")
     finally:
         proc.kill()  # no cleanup: leaves a stale socket behind
@@ -85,10 +88,7 @@ def test_live_socket_is_refused_and_stale_one_replaced(tmp_path: Path) -> None:
     try:
         from sidecar.runtime.extproc import health_status
 
-        deadline = time.monotonic() + 20
-        while health_status(sock) != "SERVING":
-            assert time.monotonic() < deadline and second.poll() is None
-            time.sleep(0.05)
+        wait_for(lambda: alive(second) and health_status(sock) == "SERVING", 20, "the second server")
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import stat
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,19 +18,12 @@ from sidecar.config import TRANSPORTS
 from sidecar.extproc.server import SERVICE_NAME
 from sidecar.runtime.extproc import health_status
 from sidecar.testing import EnvoyHarness
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
 
 TP = "tests.support.testplugins:"
 Factory = Callable[..., EnvoyHarness]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

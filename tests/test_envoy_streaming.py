@@ -18,6 +18,7 @@ import pytest
 
 from sidecar.runtime.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -213,10 +214,7 @@ def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> 
     with httpx.Client(timeout=30) as client, client.stream("GET", env.url + "/sse/25") as response:
         text = b"".join(response.iter_bytes())
     assert text.count(b"data:") == 26
-    deadline = time.monotonic() + 10
-    while "events=" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, "no access log line"
-        time.sleep(0.05)
+    wait_for(lambda: log.exists() and "events=" in log.read_text(), 10, "the access log line")
     assert "/sse/25 events=26 words=25 done=true" in log.read_text()
 
 
@@ -242,7 +240,4 @@ def test_observe_only_plugins_run_off_the_request_path(sidecar_envoy: Factory, t
     started = time.monotonic()
     assert httpx.get(env.url + "/observed", timeout=10).status_code == 200
     assert time.monotonic() - started < 1.0  # Envoy did not wait for the 1.5 s hook
-    deadline = time.monotonic() + 15
-    while "/observed" not in (seen.read_text() if seen.exists() else ""):
-        assert time.monotonic() < deadline, "the observer never ran"
-        time.sleep(0.05)
+    wait_for(lambda: seen.exists() and "/observed" in seen.read_text(), 15, "the observer to run")

@@ -8,7 +8,8 @@ import pytest
 
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
-from tests.translate.kit import GATEWAY, Run, backend, get, route, wait_for
+from tests.support.wait import wait_for
+from tests.translate.kit import GATEWAY, Run, backend, get, route
 from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy

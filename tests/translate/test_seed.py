@@ -19,7 +19,7 @@ import yaml
 from sidecar.runtime.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
-from tests.translate.kit import wait_for
+from tests.support.wait import wait_for
 from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.translate.test_wasm import MODULE_WAT
 

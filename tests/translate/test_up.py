@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.wait import wait_for
 from tests.translate.servers import NamedBackend
 
 pytestmark = pytest.mark.envoy
@@ -25,14 +26,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def resources(port: int, backend_port: int, extra_filter: str = "") -> str:
@@ -126,7 +119,7 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
         result: dict[str, httpx.Response] = {}
         slow = threading.Thread(target=lambda: result.update(r=httpx.get(url + "/slow", timeout=30)))
         slow.start()
-        wait_for(lambda: "/slow" in app.paths, what="the slow request to reach the backend")
+        wait_for(lambda: "/slow" in app.paths, 30, "the slow request to reach the backend")
         config.write_text(resources(port, app.port, """
       filters:
         - type: ResponseHeaderModifier

@@ -6,7 +6,6 @@ The same echo upstream serves both; what the client gets and what the upstream s
 from __future__ import annotations
 
 import http.client
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from sidecar.runtime.envoy import Envoy
 from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
 from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
+from tests.support.wait import wait_for
 
 from .harness import RESET, EchoServer, bootstrap, echo_server, normalized, send
 
@@ -170,10 +170,8 @@ def _client_view(resp: Response | None) -> tuple[int, list[tuple[str, str]], byt
     return resp.status, normalized(resp.headers), resp.body
 
 
-def _wait_for_upstream(echo: EchoServer, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not echo.seen and time.monotonic() < deadline:
-        time.sleep(0.01)
+def _wait_for_upstream(echo: EchoServer) -> None:
+    wait_for(lambda: echo.seen, 5, "the request to reach the upstream")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
