@@ -32,10 +32,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sidecar.chains import Registry  # noqa: E402
 from sidecar.config import SidecarConfig  # noqa: E402
-from sidecar.registry import Registry  # noqa: E402
-from sidecar.runtime.envoy import Envoy  # noqa: E402
-from sidecar.runtime.extproc import SidecarProcess  # noqa: E402
+from sidecar.stack.envoy import Envoy  # noqa: E402
+from sidecar.stack.sidecar import SidecarProcess  # noqa: E402
 from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap  # noqa: E402
 
 PLUGIN = "tests.support.testplugins:AddHeaders"

@@ -23,8 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.runtime.demo import EchoBackend, pattern_bytes  # noqa: E402
-from sidecar.runtime.envoy import Envoy  # noqa: E402
+from sidecar.stack.demo import EchoBackend, pattern_bytes  # noqa: E402
+from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME  # noqa: E402
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 from google.protobuf import json_format, struct_pb2
 
 from sidecar.headers import Headers
+from sidecar.wire import METADATA_NAMESPACE
 
 __all__ = ["BodyMode", "Context", "Plugin", "Respond", "State", "StateKey"]
 
@@ -34,7 +35,6 @@ T = TypeVar("T")
 
 #: Dynamic metadata namespace plugins write to unless they name another. The generated Envoy
 #: config lists it in `metadata_options.receiving_namespaces`, so Envoy accepts it.
-METADATA_NAMESPACE = "envoy-sidecar"
 
 
 class BodyMode(enum.IntEnum):

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sidecar.runtime.local import LocalEnvoy
+from sidecar.stack.local import LocalEnvoy
 
 if TYPE_CHECKING:
+    from sidecar.chains import Registry
     from sidecar.plugins import Plugin
-    from sidecar.registry import Registry
 
 __all__ = ["Driver", "EnvoyHarness", "Request", "Response", "Result", "sidecar_envoy"]
 
@@ -111,7 +111,7 @@ class Driver:
         chain: str | None = None,
         stream_timeout: float = 10.0,
     ) -> None:
-        from sidecar.registry import Chain, Registry
+        from sidecar.chains import Chain, Registry
 
         self.registry = plugins if isinstance(plugins, Registry) else Registry([Chain("default", plugins, on_error)])
         self.chain_name = chain
@@ -119,8 +119,8 @@ class Driver:
 
     @classmethod
     def from_config(cls, path: str | Path, chain: str | None = None) -> Driver:
+        from sidecar.chains import Registry
         from sidecar.config import load_config
-        from sidecar.registry import Registry
 
         return cls(Registry.from_specs(load_config(path).chains), chain=chain)
 
@@ -351,7 +351,7 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
 
 
 class EnvoyHarness(LocalEnvoy):
-    """The real thing for tests: see `sidecar.runtime.local.LocalEnvoy` (listens on a port the OS picks)."""
+    """The real thing for tests: see `sidecar.stack.local.LocalEnvoy` (listens on a port the OS picks)."""
 
 
 _HARNESSES = pytest.StashKey[list[EnvoyHarness]]()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from sidecar.runtime.envoy import validate_bootstrap
+from sidecar.stack.envoy import validate_bootstrap
 from tests.support.wait import wait_for
 
 
@@ -86,7 +86,7 @@ def test_live_socket_is_refused_and_stale_one_replaced(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        from sidecar.runtime.extproc import health_status
+        from sidecar.stack.sidecar import health_status
 
         wait_for(lambda: alive(second) and health_status(sock) == "SERVING", 20, "the second server")
     finally:

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from sidecar.config import TRANSPORTS
-from sidecar.extproc.server import SERVICE_NAME
-from sidecar.runtime.extproc import health_status
+from sidecar.stack.sidecar import health_status
 from sidecar.testing import EnvoyHarness
+from sidecar.wire import SERVICE_NAME
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.runtime.demo import pattern_bytes
+from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
 
 pytestmark = pytest.mark.envoy

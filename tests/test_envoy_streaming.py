@@ -16,7 +16,7 @@ import h2.events
 import httpx
 import pytest
 
-from sidecar.runtime.demo import pattern_bytes
+from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
 from tests.support.wait import wait_for
 

@@ -5,9 +5,9 @@ from typing import Any
 import pytest
 
 from sidecar import BodyMode, Plugin
+from sidecar.chains import Chain, Registry, describe_mode, load_plugin_class
 from sidecar.config import ChainSpec, PluginSpec
 from sidecar.errors import ConfigError, PluginLoadError
-from sidecar.registry import Chain, Registry, describe_mode, load_plugin_class
 from sidecar_plugins.redact import JsonRedact
 from sidecar_plugins.stamp import HeaderStamp
 from tests.support import testplugins as tp

@@ -9,9 +9,9 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError
 from sidecar.extproc.stream import StreamProcessor
-from sidecar.registry import Chain, Registry
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
 

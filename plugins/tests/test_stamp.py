@@ -5,8 +5,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from sidecar.chains import Registry
 from sidecar.errors import PluginLoadError
-from sidecar.registry import Registry
 from sidecar.testing import Driver, EnvoyHarness, Request
 from sidecar_plugins.stamp import HeaderStamp
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar.chains import BodyStage
 from sidecar.plugins import Context, Respond
-from sidecar.registry import BodyStage
 
 __all__ = ["DuplexPipe", "StreamFailure", "as_body", "call_chunk", "streamed_response"]
 

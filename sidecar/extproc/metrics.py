@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from sidecar.config import parse_host_port
 from sidecar.errors import ConfigError
-from sidecar.registry import PHASES
+from sidecar.wire import PHASES
 
 __all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "read_snapshots", "serve_metrics"]
 

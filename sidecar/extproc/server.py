@@ -27,20 +27,19 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sidecar.chains import Chain, Registry
 from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
 from sidecar.errors import ConfigError, ProtocolError
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, CallError, Http2Server, Status
 from sidecar.extproc.metrics import Metrics
 from sidecar.extproc.stream import StreamFailure, StreamProcessor
-from sidecar.registry import CHAIN_METADATA_KEY, Chain, Registry
+from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
 
-__all__ = ["SERVICE_NAME", "ExtProcServer", "prepare_unix_socket"]
+__all__ = ["ExtProcServer", "prepare_unix_socket"]
 
 log = logging.getLogger("sidecar.extproc")
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 # Bodies in BUFFERED mode arrive as one message: allow well past Envoy's default buffer limit (1 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_UNIX_PATH = 107

@@ -20,11 +20,11 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar.chains import BodyStage, Chain, Registry
 from sidecar.errors import ProtocolError
 from sidecar.extproc.duplex import DuplexPipe, StreamFailure, as_body, call_chunk, streamed_response
 from sidecar.headers import Headers
 from sidecar.plugins import BodyMode, Context, Respond
-from sidecar.registry import BodyStage, Chain, Registry
 
 __all__ = ["StreamFailure", "StreamProcessor", "immediate_response"]
 

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sidecar.chains import Registry
 from sidecar.config import SidecarConfig
 from sidecar.extproc.metrics import Metrics, Snapshot, read_snapshots, serve_metrics
 from sidecar.extproc.server import ExtProcServer
-from sidecar.registry import Registry
 
 __all__ = ["Supervisor", "run_single"]
 

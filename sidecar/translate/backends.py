@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.extproc.server import SERVICE_NAME
 from sidecar.translate.messages import address, pack, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.validate import BackendTarget, endpoint_kinds, policy_targets, secret_value, service_address
+from sidecar.wire import SERVICE_NAME
 
 __all__ = ["SYSTEM_CA_BUNDLE", "LoadBalancing", "build_cluster"]
 

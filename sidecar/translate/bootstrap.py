@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.chains import FULL_DUPLEX, SEND, Registry
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
-from sidecar.extproc.server import SERVICE_NAME
-from sidecar.plugins import METADATA_NAMESPACE
-from sidecar.registry import CHAIN_METADATA_KEY, FULL_DUPLEX, SEND, Registry
+from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE, SERVICE_NAME
 
 __all__ = [
     "BootstrapOptions", "RouteSpec", "build_bootstrap", "check_processing_mode", "ext_proc_filter",

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sidecar.chains import Registry, describe_mode
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
-from sidecar.registry import Registry, describe_mode
 from sidecar.translate.options import CHAIN_ANNOTATION, SIDECAR_ANNOTATION
 from sidecar.translate.render import dump_documents
 from sidecar.translate.resources import EG_API, Resource, ResourceSet, load_resources, parse_document

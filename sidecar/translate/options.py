@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.registry import Registry
+from sidecar.chains import Registry
 from sidecar.translate.resources import Resource
 
 __all__ = ["CHAIN_ANNOTATION", "SIDECAR_ANNOTATION", "RenderOptions", "SidecarLink"]

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.plugins import METADATA_NAMESPACE
-from sidecar.registry import CHAIN_METADATA_KEY
 from sidecar.translate.backends import LoadBalancing, build_cluster
 from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.validate import backend_ref_target, policy_targets
+from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
 
 __all__ = [
     "PolicyFilter",

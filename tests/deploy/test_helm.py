@@ -23,9 +23,9 @@ import pytest
 import yaml
 from celpy import celtypes
 
-from sidecar.runtime.demo import EchoBackend
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
-from sidecar.runtime.extproc import SidecarProcess
+from sidecar.stack.demo import EchoBackend
+from sidecar.stack.envoy import Envoy, validate_bootstrap
+from sidecar.stack.sidecar import SidecarProcess
 from tests.deploy import chartdoc
 from tests.deploy.conftest import CHART, Render, helm_template
 

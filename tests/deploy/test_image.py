@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.runtime.extproc import health_status
+from sidecar.stack.sidecar import health_status
 from tests.deploy import imagekit
 from tests.deploy.conftest import CHART, Render
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.translate.servers import NamedBackend

@@ -16,7 +16,7 @@ import pytest
 import wasmtime
 import yaml
 
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.support.wait import wait_for

@@ -216,11 +216,11 @@ spec:
 
 
 def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processing_mode(tmp_path: Path) -> None:
+    from sidecar.chains import Registry, describe_mode
     from sidecar.config import load_config
-    from sidecar.registry import Registry, describe_mode
-    from sidecar.runtime.demo import EchoBackend
-    from sidecar.runtime.stack import Stack, StackOptions
-    from sidecar.runtime.up import demo_config_path
+    from sidecar.stack.demo import EchoBackend
+    from sidecar.stack.files import Stack, StackOptions
+    from sidecar.stack.up import demo_config_path
 
     port = free_port()
     with EchoBackend() as echo:

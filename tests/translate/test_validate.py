@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.errors import ConfigError
-from sidecar.runtime.stack import check_ext_proc_reachable
+from sidecar.stack.files import check_ext_proc_reachable
 from sidecar.translate.render import dump_yaml, render_bootstrap
 from sidecar.translate.resources import load_resources
 from sidecar.translate.validate import validate

@@ -14,7 +14,7 @@ import pytest
 import wasmtime
 
 from sidecar.errors import ConfigError
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module

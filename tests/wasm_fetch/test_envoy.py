@@ -12,7 +12,7 @@ import pytest
 import wasmtime
 from wasm_fetch_support import Registry, run
 
-from sidecar.runtime.envoy import Envoy
+from sidecar.stack.envoy import Envoy
 from sidecar.wasm.auth import load_pull_secret
 from sidecar.wasm.cache import ModuleCache
 from sidecar.wasm.fetcher import ModuleFetcher

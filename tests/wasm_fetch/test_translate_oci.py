@@ -11,7 +11,7 @@ import wasmtime
 from wasm_fetch_support import Registry, run
 
 from sidecar.errors import ConfigError
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
+from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.cli.wasm_fetch import ProgressLine
 from sidecar.wasm.auth import load_pull_secret, resolve_credentials
-from sidecar.wasm.fetchcli import ProgressLine
 from sidecar.wasm.fetcherrors import BadReferenceError, CredentialsFileError
 from sidecar.wasm.reference import parse_image_ref
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from sidecar.runtime.envoy import Envoy
+from sidecar.stack.envoy import Envoy
 from sidecar.wasm.host.exchange import Response
 
 # Headers Envoy adds on its own (not the filter's doing) and that the host does not emulate.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
-from sidecar.runtime.envoy import Envoy
+from sidecar.stack.envoy import Envoy
 
 from . import wat
 from .harness import bootstrap, echo_server, normalized, send

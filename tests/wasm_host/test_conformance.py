@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.runtime.envoy import Envoy
+from sidecar.stack.envoy import Envoy
 from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
 from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
 from tests.support.wait import wait_for

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from sidecar.runtime.envoy import Envoy, EnvoyError
+from sidecar.stack.envoy import Envoy, EnvoyError
 from sidecar.wasm.host import (
     Limits,
     LogLevel,

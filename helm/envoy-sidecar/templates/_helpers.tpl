@@ -116,7 +116,7 @@ exec:
   command:
     - python
     - -c
-    - "import sys; from sidecar.runtime.extproc import health_status as h; sys.exit(any(h(p, sys.argv[1], 2.0) != 'SERVING' for p in sys.argv[2:]))"
+    - "import sys; from sidecar.stack.sidecar import health_status as h; sys.exit(any(h(p, sys.argv[1], 2.0) != 'SERVING' for p in sys.argv[2:]))"
     - {{ .service | quote }}
     {{- range (include "envoy-sidecar.socketPaths" .root | fromJsonArray) }}
     - {{ . | quote }}

@@ -12,28 +12,33 @@ whose chain needs less gets a `mode_override` on its request-headers answer.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 
-from sidecar.config import DEFAULT_CHAIN, ChainSpec, PluginSpec
+from sidecar.config import (
+    DEFAULT_CHAIN,
+    ChainSpec,
+    PluginSpec,
+    SidecarConfig,
+    load_config,
+    parse_host_port,
+    parse_socket_mode,
+)
 from sidecar.errors import ConfigError, PluginLoadError
 from sidecar.plugins import BodyMode, Plugin
+from sidecar.wire import PHASES
 
-__all__ = ["PHASES", "BodyStage", "Chain", "Hook", "Registry", "load_plugin_class"]
+__all__ = ["BodyStage", "Chain", "Hook", "Registry", "load_plugin_class", "load_sidecar"]
 
 ENTRY_POINT_GROUP = "sidecar.plugins"
-CHAIN_METADATA_KEY = "x-sidecar-chain"
-
-PHASES = (
-    "request_headers", "request_body", "request_trailers",
-    "response_headers", "response_body", "response_trailers",
-)  # fmt: skip
 
 ProcessingMode = processing_mode_pb2.ProcessingMode
 SEND = ProcessingMode.SEND
@@ -313,3 +318,32 @@ def _union(modes: Iterable[Any]) -> Any:
 _BODY_RANK = {BodyMode.NONE: 0, BodyMode.BUFFERED_PARTIAL: 1, BodyMode.BUFFERED: 2, BodyMode.STREAMED: 3,
               BodyMode.FULL_DUPLEX_STREAMED: 4}  # fmt: skip
 
+
+def load_sidecar(
+    config_path: Path | str | None, plugins: Sequence[str] = (), **overrides: Any
+) -> tuple[SidecarConfig, Registry]:
+    """Config file, extra plugins for the default chain and overridden settings -> validated config and
+    loaded plugins. What `serve`, `plugins`, `envoy-config` and the test harness all start from."""
+    config = load_config(config_path) if config_path else SidecarConfig(source="command line")
+    if plugins:
+        chains = list(config.chains)
+        extra = tuple(PluginSpec(use=u) for u in plugins)
+        for i, chain in enumerate(chains):
+            if chain.name == DEFAULT_CHAIN:
+                chains[i] = dataclasses.replace(chain, plugins=chain.plugins + extra)
+                break
+        else:
+            chains.append(ChainSpec(DEFAULT_CHAIN, extra))
+        config = dataclasses.replace(config, chains=tuple(chains))
+    listen = overrides.get("listen")
+    if listen is not None and not listen.startswith("unix:"):
+        raise ConfigError(f"--listen: expected unix:PATH, got {listen!r}")
+    for name in ("tcp", "metrics"):
+        if overrides.get(name) is not None:
+            parse_host_port(overrides[name], f"--{name}")
+    if "socket_mode" in overrides:
+        overrides["socket_mode"] = parse_socket_mode(overrides["socket_mode"], "--socket-mode")
+    if overrides.get("workers", 1) < 1:
+        raise ConfigError(f"--workers: expected a number >= 1, got {overrides['workers']}")
+    config = dataclasses.replace(config, **overrides)
+    return config, Registry.from_specs(config.chains)

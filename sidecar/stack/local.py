@@ -9,10 +9,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported when started: `sidecar.testing` (a pytest plugin) imports this module
-    from sidecar.registry import Registry
-    from sidecar.runtime.demo import EchoBackend
-    from sidecar.runtime.envoy import Envoy
-    from sidecar.runtime.extproc import SidecarProcess
+    from sidecar.chains import Registry
+    from sidecar.stack.demo import EchoBackend
+    from sidecar.stack.envoy import Envoy
+    from sidecar.stack.sidecar import SidecarProcess
 
 __all__ = ["LocalEnvoy"]
 
@@ -62,10 +62,10 @@ class LocalEnvoy:
         return args
 
     def start(self) -> LocalEnvoy:
-        from sidecar.extproc.commands import load_sidecar
-        from sidecar.runtime.demo import EchoBackend
-        from sidecar.runtime.envoy import Envoy
-        from sidecar.runtime.extproc import SidecarProcess
+        from sidecar.chains import load_sidecar
+        from sidecar.stack.demo import EchoBackend
+        from sidecar.stack.envoy import Envoy
+        from sidecar.stack.sidecar import SidecarProcess
         from sidecar.translate.bootstrap import LISTENER_NAME, BootstrapOptions, build_bootstrap, parse_route
 
         socket = self.workdir / "sock" / "extproc.sock"

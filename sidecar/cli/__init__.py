@@ -1,25 +1,21 @@
-"""The `sidecar` command line.
+"""The `sidecar` command line: the top of the layer stack.
 
-Each command lives in the module that owns it and registers itself through an `add_commands(subparsers)`
-function listed in `_COMMAND_MODULES`; this module only wires them and turns SidecarError into one line
-on stderr and exit code 2.
+Each command group is a module of this package with an `add_commands(subparsers)` function. The
+modules import only argparse at the top; what a command needs (the gRPC server, the translator, the
+Wasm fetcher or host) is imported inside the function that runs it, so `sidecar --help` stays fast.
+SidecarError (a user mistake) becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
+from sidecar.cli import envoy_config, render, serve, up, wasm
 from sidecar.errors import SidecarError
 
-_COMMAND_MODULES = (
-    "sidecar.extproc.commands",
-    "sidecar.runtime.commands",
-    "sidecar.wasm.commands",
-    "sidecar.translate.commands",
-)
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).add_commands(subparsers)
+    for module in (serve, envoy_config, up, wasm, render):
+        module.add_commands(subparsers)
     return parser
 
 

@@ -1,75 +1,34 @@
-"""`sidecar serve`, `sidecar plugins` and `sidecar envoy-config`."""
+"""`sidecar serve` and `sidecar plugins`, and the plugin-source flags they share with `sidecar envoy-config`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from sidecar.config import (
-    DEFAULT_CHAIN,
-    DEFAULT_SOCKET,
-    TRANSPORTS,
-    ChainSpec,
-    PluginSpec,
-    SidecarConfig,
-    load_config,
-    parse_host_port,
-    parse_socket_mode,
-)
+from sidecar.config import DEFAULT_SOCKET, TRANSPORTS
 from sidecar.errors import ConfigError
-from sidecar.registry import Registry, describe_mode
 
-__all__ = ["add_commands", "load_sidecar", "resolve"]
+if TYPE_CHECKING:
+    from sidecar.chains import Registry
+    from sidecar.config import SidecarConfig
 
-_SOURCES_HELP = (
+__all__ = ["SOURCES_HELP", "add_commands", "add_source_args", "resolve"]
+
+SOURCES_HELP = (
     "Plugins come from the config file (-c) and/or --plugin; a --plugin is an entry point name from the "
     "`sidecar.plugins` group (see `sidecar plugins`) or a module:attr string."
 )
 
 
-def _add_source_args(parser: argparse.ArgumentParser) -> None:
+def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", type=Path, help="sidecar config file (YAML or TOML)")
     parser.add_argument(
         "--plugin", action="append", default=[], metavar="USE",
         help="add a plugin to the default chain (repeatable); e.g. header-stamp or mypkg.mod:MyPlugin",
     )  # fmt: skip
-
-
-def load_sidecar(
-    config_path: Path | str | None, plugins: Sequence[str] = (), **overrides: Any
-) -> tuple[SidecarConfig, Registry]:
-    """Config file, extra plugins for the default chain and overridden settings -> validated config and
-    loaded plugins. What `serve`, `plugins`, `envoy-config` and the test harness all start from."""
-    config = load_config(config_path) if config_path else SidecarConfig(source="command line")
-    if plugins:
-        chains = list(config.chains)
-        extra = tuple(PluginSpec(use=u) for u in plugins)
-        for i, chain in enumerate(chains):
-            if chain.name == DEFAULT_CHAIN:
-                chains[i] = dataclasses.replace(chain, plugins=chain.plugins + extra)
-                break
-        else:
-            chains.append(ChainSpec(DEFAULT_CHAIN, extra))
-        config = dataclasses.replace(config, chains=tuple(chains))
-    listen = overrides.get("listen")
-    if listen is not None and not listen.startswith("unix:"):
-        raise ConfigError(f"--listen: expected unix:PATH, got {listen!r}")
-    for name in ("tcp", "metrics"):
-        if overrides.get(name) is not None:
-            parse_host_port(overrides[name], f"--{name}")
-    if "socket_mode" in overrides:
-        overrides["socket_mode"] = parse_socket_mode(overrides["socket_mode"], "--socket-mode")
-    if overrides.get("workers", 1) < 1:
-        raise ConfigError(f"--workers: expected a number >= 1, got {overrides['workers']}")
-    config = dataclasses.replace(config, **overrides)
-    return config, Registry.from_specs(config.chains)
 
 
 _OVERRIDABLE = (
@@ -78,6 +37,9 @@ _OVERRIDABLE = (
 
 
 def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
+    """The config file, --plugin and the flags that override config fields -> config and loaded chains."""
+    from sidecar.chains import load_sidecar
+
     overrides = {name: value for name in _OVERRIDABLE if (value := getattr(args, name, None)) is not None}
     return load_sidecar(args.config, args.plugin, **overrides)
 
@@ -106,7 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     from importlib.metadata import entry_points
 
-    from sidecar.registry import ENTRY_POINT_GROUP, PHASES
+    from sidecar.chains import ENTRY_POINT_GROUP, describe_mode
+    from sidecar.wire import PHASES
 
     installed = sorted(f"{ep.name} = {ep.value}" for ep in entry_points(group=ENTRY_POINT_GROUP))
     registry: Registry | None = None
@@ -138,35 +101,14 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _envoy_config(args: argparse.Namespace) -> int:
-    from sidecar.config import parse_host_port
-    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap, parse_route
-
-    config, registry = resolve(args)
-    host, port = parse_host_port(args.listen_address, "--listen-address")
-    options = BootstrapOptions(
-        listen_host=host,
-        listen_port=port,
-        upstream=parse_host_port(args.upstream, "--upstream"),
-        routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
-    )
-    bootstrap = build_bootstrap(registry, config, options)
-    if args.validate:
-        from sidecar.runtime.envoy import validate_bootstrap
-
-        validate_bootstrap(bootstrap)
-    sys.stdout.write(yaml.safe_dump(bootstrap, sort_keys=False))
-    return 0
-
-
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="run the ext_proc gRPC server",
-        description="Run the ext_proc gRPC server Envoy calls for every HTTP request. " + _SOURCES_HELP,
+        description="Run the ext_proc gRPC server Envoy calls for every HTTP request. " + SOURCES_HELP,
         epilog="SIGTERM: health turns NOT_SERVING, in-flight streams finish within --grace-period, exit 0.",
     )
-    _add_source_args(serve)
+    add_source_args(serve)
     serve.add_argument("--listen", help=f"unix:PATH of the socket (default unix:{DEFAULT_SOCKET})")
     serve.add_argument("--socket-mode", help="permissions of the socket file, octal (default 0660)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (TLS from the config file's tls:)")
@@ -187,27 +129,6 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="list installed plugins, configured chains and the processing mode each needs",
         description="List installed plugins and, given a config, each chain's hooks and Envoy processing mode.",
     )
-    _add_source_args(plugins)
+    add_source_args(plugins)
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_plugins)
-
-    envoy = subparsers.add_parser(
-        "envoy-config",
-        help="print an Envoy bootstrap that routes through this sidecar",
-        description=(
-            "Print a minimal Envoy bootstrap (listener -> ext_proc -> router -> upstream) whose processing mode "
-            "is derived from the configured plugins. " + _SOURCES_HELP
-        ),
-    )
-    _add_source_args(envoy)
-    envoy.add_argument("--listen", help=f"the sidecar's unix:PATH (default unix:{DEFAULT_SOCKET})")
-    envoy.add_argument("--workers", type=int, help="number of sidecar workers (one endpoint each)")
-    envoy.add_argument("--message-timeout", type=float, help="ext_proc message_timeout in seconds (default 0.5)")
-    envoy.add_argument("--listen-address", default="127.0.0.1:10000", help="Envoy's listener (default %(default)s)")
-    envoy.add_argument("--upstream", default="127.0.0.1:8080", help="the backend HOST:PORT (default %(default)s)")
-    envoy.add_argument(
-        "--route", action="append", default=[], metavar="PREFIX[=CHAIN]",
-        help="a route and the chain it uses (repeatable; default: / with the default chain)",
-    )  # fmt: skip
-    envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
-    envoy.set_defaults(func=_envoy_config)

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.chains import Registry
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.registry import Registry
-from sidecar.runtime.envoy import Envoy, validate_bootstrap
-from sidecar.runtime.extproc import SidecarProcess
+from sidecar.stack.envoy import Envoy, validate_bootstrap
+from sidecar.stack.sidecar import SidecarProcess
 from sidecar.translate.options import SIDECAR_ANNOTATION, RenderOptions, SidecarLink
 from sidecar.translate.render import translate
 from sidecar.translate.resources import ResourceSet, load_resources, resource_files
@@ -120,7 +120,7 @@ class Stack:
         resources = load_resources(self.options.files)
         config_path = self.options.sidecar_config
         if config_path is None and _wants_sidecar(resources):
-            from sidecar.runtime.up import demo_config_path
+            from sidecar.stack.up import demo_config_path
 
             config_path = demo_config_path()
         sidecar_args: list[str] = []

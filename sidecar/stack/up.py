@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from sidecar.errors import SidecarError
-from sidecar.runtime.local import LocalEnvoy
+from sidecar.stack.local import LocalEnvoy
 
 __all__ = ["demo_config_path", "run_up"]
 
@@ -18,7 +18,7 @@ _POLL_SECONDS = 0.5
 
 
 def demo_config_path() -> Path:
-    return Path(str(resources.files("sidecar.runtime") / "demo.yaml"))
+    return Path(str(resources.files("sidecar.stack") / "demo.yaml"))
 
 
 def _say(message: str) -> None:

@@ -1,13 +1,13 @@
-"""`sidecar wasm ...`: one command group; each part of the Wasm package adds its subcommands here."""
+"""`sidecar wasm ...`: the Wasm fetcher (`pull`, `push`, `ls`, `gc`) and the local host (`run`) as one group."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
-# Modules with an `add_wasm_commands(subparsers)` function.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("sidecar.wasm.fetchcli", "sidecar.wasm.host.cli")
+from sidecar.cli import wasm_fetch, wasm_run
+
+__all__ = ["add_commands"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -17,5 +17,5 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Fetch, verify, cache and push proxy-wasm modules, and run them locally as Envoy would.",
     )
     group = wasm.add_subparsers(dest="wasm_command", metavar="WASM_COMMAND", required=True)
-    for name in _SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_wasm_commands(group)
+    wasm_fetch.add_wasm_commands(group)
+    wasm_run.add_wasm_commands(group)

@@ -20,8 +20,8 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    from sidecar.chains import Registry
     from sidecar.config import load_config, parse_host_port
-    from sidecar.registry import Registry
     from sidecar.translate.options import RenderOptions, SidecarLink
     from sidecar.translate.wasmsource import fetch_module
 
@@ -41,11 +41,11 @@ def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from sidecar.runtime.envoy import validate_bootstrap
+    from sidecar.stack.envoy import validate_bootstrap
     from sidecar.translate.render import dump_yaml, render_bootstrap
 
     if args.format == "eg":
-        from sidecar.runtime.up import demo_config_path
+        from sidecar.stack.up import demo_config_path
         from sidecar.translate.bundle import render_bundle
 
         text = render_bundle(args.files, args.sidecar_config or demo_config_path(), image=args.image)

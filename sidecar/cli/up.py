@@ -13,7 +13,7 @@ _DEFAULT_PORT = 10000
 
 def _up(args: argparse.Namespace) -> int:
     from sidecar.config import parse_host_port
-    from sidecar.runtime.up import run_up
+    from sidecar.stack.up import run_up
 
     if args.files:
         return _up_files(args)
@@ -28,7 +28,7 @@ def _up_files(args: argparse.Namespace) -> int:
 
     from sidecar.config import parse_host_port
     from sidecar.errors import ConfigError
-    from sidecar.runtime.stack import StackOptions, run_stack
+    from sidecar.stack.files import StackOptions, run_stack
 
     if args.upstream or args.port != _DEFAULT_PORT:
         raise ConfigError("--upstream and --port do not apply with -f: the Gateway and HTTPRoutes say where to "

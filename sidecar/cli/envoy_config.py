@@ -1,0 +1,58 @@
+"""`sidecar envoy-config`: an Envoy bootstrap that routes through this sidecar, for the configured plugins."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sidecar.cli.serve import SOURCES_HELP, add_source_args, resolve
+from sidecar.config import DEFAULT_SOCKET
+
+__all__ = ["add_commands"]
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sidecar.config import parse_host_port
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap, parse_route
+
+    config, registry = resolve(args)
+    host, port = parse_host_port(args.listen_address, "--listen-address")
+    options = BootstrapOptions(
+        listen_host=host,
+        listen_port=port,
+        upstream=parse_host_port(args.upstream, "--upstream"),
+        routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
+    )
+    bootstrap = build_bootstrap(registry, config, options)
+    if args.validate:
+        from sidecar.stack.envoy import validate_bootstrap
+
+        validate_bootstrap(bootstrap)
+    sys.stdout.write(yaml.safe_dump(bootstrap, sort_keys=False))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
+    envoy = subparsers.add_parser(
+        "envoy-config",
+        help="print an Envoy bootstrap that routes through this sidecar",
+        description=(
+            "Print a minimal Envoy bootstrap (listener -> ext_proc -> router -> upstream) whose processing mode "
+            "is derived from the configured plugins. " + SOURCES_HELP
+        ),
+    )
+    add_source_args(envoy)
+    envoy.add_argument("--listen", help=f"the sidecar's unix:PATH (default unix:{DEFAULT_SOCKET})")
+    envoy.add_argument("--workers", type=int, help="number of sidecar workers (one endpoint each)")
+    envoy.add_argument("--message-timeout", type=float, help="ext_proc message_timeout in seconds (default 0.5)")
+    envoy.add_argument("--listen-address", default="127.0.0.1:10000", help="Envoy's listener (default %(default)s)")
+    envoy.add_argument("--upstream", default="127.0.0.1:8080", help="the backend HOST:PORT (default %(default)s)")
+    envoy.add_argument(
+        "--route", action="append", default=[], metavar="PREFIX[=CHAIN]",
+        help="a route and the chain it uses (repeatable; default: / with the default chain)",
+    )  # fmt: skip
+    envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
+    envoy.set_defaults(func=_envoy_config)

@@ -1,1 +1,0 @@
-"""`sidecar up`: real Envoy + the sidecar + a demo backend on localhost."""
