@@ -92,8 +92,10 @@ def bootstrap(socket_path: Path, backend_port: int, others: dict[str, Path]) -> 
 def wrk(url: str, seconds: int, connections: int) -> tuple[float, float, float, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
@@ -123,8 +125,9 @@ def main() -> int:
         )
         floor = subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "trivial_extproc.py"), str(sockets["floor"])],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             sidecar.start()
             grpcio.start()
@@ -167,11 +170,15 @@ def main() -> int:
     print(f"{'Envoy alone':<18} {plain_rps:9.0f} {1:6.3f} {median('plain', 1):7.2f} {median('plain', 2):7.2f}")
     for name, label in servers.items():
         cpu = statistics.median(cpu_per_request[name])
-        print(f"{label:<18} {median(name, 0):9.0f} {median(name, 0) / plain_rps:6.3f} {median(name, 1):7.2f}"
-              f" {median(name, 2):7.2f} {cpu:10.0f}")  # fmt: skip
+        print(
+            f"{label:<18} {median(name, 0):9.0f} {median(name, 0) / plain_rps:6.3f} {median(name, 1):7.2f}"
+            f" {median(name, 2):7.2f} {cpu:10.0f}"
+        )
     print()
-    print(f"sidecar: throughput ratio {median('main', 0) / plain_rps:.3f} (target >= 0.2), "
-          f"CPU {statistics.median(cpu_per_request['main']):.0f} us/request (target <= 250)")  # fmt: skip
+    print(
+        f"sidecar: throughput ratio {median('main', 0) / plain_rps:.3f} (target >= 0.2), "
+        f"CPU {statistics.median(cpu_per_request['main']):.0f} us/request (target <= 250)"
+    )
     return 0
 
 

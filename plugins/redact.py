@@ -61,8 +61,9 @@ class JsonRedact(Plugin):
             self.on_response_body = None  # type: ignore[method-assign,assignment]
 
     def _too_large(self, length: int) -> Respond:
-        return Respond(413, f"body of {length} bytes exceeds the limit of {self.max_bytes}\n",
-                       {"content-type": "text/plain"})  # fmt: skip
+        return Respond(
+            413, f"body of {length} bytes exceeds the limit of {self.max_bytes}\n", {"content-type": "text/plain"}
+        )
 
     def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
         length = headers.get("content-length")

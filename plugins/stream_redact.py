@@ -43,8 +43,10 @@ class StreamRedact(Plugin):
         direction = self.config.get("direction", "both")
         if direction not in ("request", "response", "both"):
             raise ValueError(f"direction: expected request, response or both, got {direction!r}")
-        self._held = {"request": StateKey[bytes]("stream-redact.request"),
-                      "response": StateKey[bytes]("stream-redact.response")}  # fmt: skip
+        self._held = {
+            "request": StateKey[bytes]("stream-redact.request"),
+            "response": StateKey[bytes]("stream-redact.response"),
+        }
         if direction == "response":
             self.on_request_chunk = None  # type: ignore[method-assign,assignment]
         if direction == "request":

@@ -1,11 +1,11 @@
 """envoy-sidecar: a Python data-plane companion for Envoy and Envoy Gateway.
 
-    from sidecar import Plugin, Respond, BodyMode
+from sidecar import Plugin, Respond, BodyMode
 
-    class Deny(Plugin):
-        def on_request_headers(self, ctx, headers):
-            if "authorization" not in headers:
-                return Respond(401, body=b"missing credentials")
+class Deny(Plugin):
+    def on_request_headers(self, ctx, headers):
+        if "authorization" not in headers:
+            return Respond(401, body=b"missing credentials")
 """
 
 from sidecar.errors import ConfigError, PluginLoadError, ProtocolError, SidecarError, WasmError

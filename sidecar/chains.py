@@ -295,8 +295,9 @@ class Registry:
 
 
 def _union(modes: Iterable[Any]) -> Any:
-    union = ProcessingMode(request_header_mode=SEND, response_header_mode=SKIP,
-                           request_trailer_mode=SKIP, response_trailer_mode=SKIP)  # fmt: skip
+    union = ProcessingMode(
+        request_header_mode=SEND, response_header_mode=SKIP, request_trailer_mode=SKIP, response_trailer_mode=SKIP
+    )
     for mode in modes:
         for fld in ("response_header_mode", "request_trailer_mode", "response_trailer_mode"):
             if getattr(mode, fld) == SEND:
@@ -315,8 +316,13 @@ def _union(modes: Iterable[Any]) -> Any:
 
 
 # For the filter-level mode when chains differ: the mode that can serve the others through mode_override.
-_BODY_RANK = {BodyMode.NONE: 0, BodyMode.BUFFERED_PARTIAL: 1, BodyMode.BUFFERED: 2, BodyMode.STREAMED: 3,
-              BodyMode.FULL_DUPLEX_STREAMED: 4}  # fmt: skip
+_BODY_RANK = {
+    BodyMode.NONE: 0,
+    BodyMode.BUFFERED_PARTIAL: 1,
+    BodyMode.BUFFERED: 2,
+    BodyMode.STREAMED: 3,
+    BodyMode.FULL_DUPLEX_STREAMED: 4,
+}
 
 
 def load_sidecar(

@@ -32,8 +32,14 @@ import yaml
 from sidecar.errors import ConfigError
 
 __all__ = [
-    "ChainSpec", "PluginSpec", "SidecarConfig", "TlsConfig", "load_config", "parse_host_port", "parse_socket_mode",
-]  # fmt: skip
+    "ChainSpec",
+    "PluginSpec",
+    "SidecarConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_host_port",
+    "parse_socket_mode",
+]
 
 DEFAULT_SOCKET = "/tmp/envoy-sidecar/extproc.sock"
 TRANSPORTS = ("native", "grpcio")
@@ -126,9 +132,20 @@ class _Reader:
 
 
 _TOP_FIELDS = {
-    "chains", "plugins", "listen", "tcp", "tls", "socket_mode", "workers", "metrics",
-    "grace_period", "message_timeout", "stream_timeout", "log_format", "transport",
-}  # fmt: skip
+    "chains",
+    "plugins",
+    "listen",
+    "tcp",
+    "tls",
+    "socket_mode",
+    "workers",
+    "metrics",
+    "grace_period",
+    "message_timeout",
+    "stream_timeout",
+    "log_format",
+    "transport",
+}
 
 
 def _plugin(r: _Reader, raw: Any, path: str) -> PluginSpec:

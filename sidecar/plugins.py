@@ -215,4 +215,3 @@ class Plugin:
     @classmethod
     def display_name(cls) -> str:
         return cls.name or cls.__name__
-

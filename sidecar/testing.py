@@ -160,9 +160,12 @@ class _Session:
         self.outputs: dict[str, list[tuple[bytes, bool]]] = {"request_body": [], "response_body": []}
         self.output_seen = asyncio.Event()
         self.processor = StreamProcessor(
-            chain, driver.registry, send=self._on_send, stream_timeout=driver.stream_timeout,
+            chain,
+            driver.registry,
+            send=self._on_send,
+            stream_timeout=driver.stream_timeout,
             on_failure=lambda reason: self.output_seen.set(),
-        )  # fmt: skip
+        )
         self.timeout = driver.stream_timeout + 1.0
 
     async def _on_send(self, answer: Any) -> None:
@@ -247,9 +250,14 @@ class _Session:
 
         result = self.result
         req_headers = Headers(
-            [(":method", request.method), (":path", request.path), (":authority", request.authority),
-             (":scheme", "http"), *_pairs(request.headers)]
-        )  # fmt: skip
+            [
+                (":method", request.method),
+                (":path", request.path),
+                (":authority", request.authority),
+                (":scheme", "http"),
+                *_pairs(request.headers),
+            ]
+        )
         if "x-request-id" not in req_headers:
             req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
         has_body = bool(request.body if isinstance(request.body, bytes) else any(request.body))

@@ -132,8 +132,10 @@ def test_validate_reports_envoys_reason() -> None:
 def test_up_runs_the_bundled_example_and_stops_on_ctrl_c() -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "sidecar", "up", "--port", "0"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    ) as proc:  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
         try:
             assert proc.stderr is not None
             url = None

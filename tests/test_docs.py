@@ -32,9 +32,7 @@ def test_readme_plugin_example_behaves_as_documented() -> None:
 def test_testing_guide_examples_pass() -> None:
     namespace: dict[str, Any] = {}
     exec(python_blocks(ROOT / "README.md")[0], namespace)
-    guide = python_blocks(ROOT / "docs" / "testing.md")[0].replace(
-        "from mycompany.plugins import RequireToken\n", ""
-    )
+    guide = python_blocks(ROOT / "docs" / "testing.md")[0].replace("from mycompany.plugins import RequireToken\n", "")
     exec(guide, namespace)
     namespace["test_requires_a_token"]()
     namespace["test_passes_with_a_token"]()

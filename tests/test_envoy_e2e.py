@@ -158,9 +158,10 @@ def test_two_workers_share_traffic_and_a_killed_one_comes_back(sidecar_envoy: Fa
     def healthy_endpoints() -> int:
         clusters = env.envoy.admin("/clusters")  # type: ignore[union-attr]
         return sum(
-            1 for line in clusters.splitlines()
+            1
+            for line in clusters.splitlines()
             if line.startswith("envoy-sidecar::") and "::health_flags::healthy" in line
-        )  # fmt: skip
+        )
 
     wait_for(lambda: healthy_endpoints() == 2, what="both workers healthy in Envoy")
     pids: set[str] = set()
@@ -174,8 +175,11 @@ def test_two_workers_share_traffic_and_a_killed_one_comes_back(sidecar_envoy: Fa
     wait_for(collect, what="responses from both workers")
     victim = int(sorted(pids)[0])
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: healthy_endpoints() == 2 and env.sockets[0].exists() and env.sockets[1].exists(),
-             timeout=30, what="the killed worker restarted")  # fmt: skip
+    wait_for(
+        lambda: healthy_endpoints() == 2 and env.sockets[0].exists() and env.sockets[1].exists(),
+        timeout=30,
+        what="the killed worker restarted",
+    )
     fresh: set[str] = set()
 
     def collect_fresh() -> bool:

@@ -45,8 +45,11 @@ def body_with_cards(size: int) -> bytes:
 
 
 def redactor(tmp_path: Path, direction: str) -> Path:
-    return config(tmp_path, f"plugins:\n  - use: stream-redact\n    config: {{pattern: '{CARD.decode()}', "
-                            f"replacement: '####', direction: {direction}}}\n")  # fmt: skip
+    return config(
+        tmp_path,
+        f"plugins:\n  - use: stream-redact\n    config: {{pattern: '{CARD.decode()}', "
+        f"replacement: '####', direction: {direction}}}\n",
+    )
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 12 * MiB + 123])
@@ -126,11 +129,17 @@ def test_full_duplex_stall_costs_a_500_within_the_deadline(sidecar_envoy: Factor
 
 
 def test_immediate_response_and_failures_mid_upload(sidecar_envoy: Factory, tmp_path: Path) -> None:
-    env = sidecar_envoy(config=config(tmp_path, f"""
+    env = sidecar_envoy(
+        config=config(
+            tmp_path,
+            f"""
 chains:
   default: {{on_error: fail_closed, plugins: [{{use: "{TP}ChunkGate", config: {{limit: 200000}}}}]}}
   open: {{on_error: fail_open, plugins: [{{use: "{TP}ChunkGate", config: {{limit: 200000}}}}]}}
-"""), routes=["/=default", "/open=open"])
+""",
+        ),
+        routes=["/=default", "/open=open"],
+    )
     too_big = httpx.post(env.url + "/up", content=pieces(b"a" * MiB, 10_000), timeout=30)
     assert too_big.status_code == 413
     assert too_big.text == "upload too large\n"
@@ -148,8 +157,9 @@ def h2_request_with_trailers(url: str, path: str, body: bytes, trailers: list[tu
         conn = h2.connection.H2Connection()
         conn.initiate_connection()
         stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, [(":method", "POST"), (":path", path), (":scheme", "http"),
-                                   (":authority", f"{host}:{port}")])  # fmt: skip
+        conn.send_headers(
+            stream, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", f"{host}:{port}")]
+        )
         conn.send_data(stream, body)
         conn.send_headers(stream, trailers, end_stream=True)
         sock.sendall(conn.data_to_send())
@@ -182,8 +192,10 @@ def add_response_header(name: str, value: str) -> Callable[[dict[str, Any]], Non
 
 def test_body_digest_with_and_without_trailers(sidecar_envoy: Factory, tmp_path: Path) -> None:
     cfg = config(tmp_path, f"plugins: [body-digest, '{TP}AddHeaders']\n")
-    env = sidecar_envoy(config=cfg, bootstrap_hook=add_response_header(
-        "x-digest", "%DYNAMIC_METADATA(envoy-sidecar:request_body_sha256)%"))  # fmt: skip
+    env = sidecar_envoy(
+        config=cfg,
+        bootstrap_hook=add_response_header("x-digest", "%DYNAMIC_METADATA(envoy-sidecar:request_body_sha256)%"),
+    )
     body = b"".join(pattern_bytes(300_000))
     plain = httpx.post(env.url + "/", content=pieces(body, 30_000), timeout=30)
     assert plain.headers["x-digest"] == hashlib.sha256(body).hexdigest()
@@ -198,17 +210,22 @@ def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> 
 
     def access_log(bootstrap: dict[str, Any]) -> None:
         hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["access_log"] = [{
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(log),
-                "log_format": {"text_format_source": {"inline_string":
-                    "%REQ(:PATH)% events=%DYNAMIC_METADATA(envoy-sidecar:sse_events)% "
-                    "words=%DYNAMIC_METADATA(envoy-sidecar:sse_words)% "
-                    "done=%DYNAMIC_METADATA(envoy-sidecar:sse_done)%\n"}},
-            },
-        }]  # fmt: skip
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(log),
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "%REQ(:PATH)% events=%DYNAMIC_METADATA(envoy-sidecar:sse_events)% "
+                            "words=%DYNAMIC_METADATA(envoy-sidecar:sse_words)% "
+                            "done=%DYNAMIC_METADATA(envoy-sidecar:sse_done)%\n"
+                        }
+                    },
+                },
+            }
+        ]
 
     env = sidecar_envoy(plugins=["sse-meter"], bootstrap_hook=access_log)
     with httpx.Client(timeout=30) as client, client.stream("GET", env.url + "/sse/25") as response:

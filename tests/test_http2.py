@@ -64,9 +64,14 @@ def request_headers(
     path: str = ECHO, content_type: bytes = b"application/grpc", extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> list[tuple[bytes, bytes]]:
     return [
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"test"),
-        (b"content-type", content_type), (b"te", b"trailers"), *extra,
-    ]  # fmt: skip
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", b"test"),
+        (b"content-type", content_type),
+        (b"te", b"trailers"),
+        *extra,
+    ]
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = DEADLINE) -> None:
@@ -526,12 +531,16 @@ async def test_padding_on_headers_and_data_is_accepted(tmp_path: Path) -> None:
         async with raw_client(path) as raw:
             raw.send(
                 hf.HeadersFrame(
-                    1, raw.block(request_headers()), flags=["END_HEADERS", "PADDED", "PRIORITY"],
-                    pad_length=17, depends_on=0, stream_weight=15,
+                    1,
+                    raw.block(request_headers()),
+                    flags=["END_HEADERS", "PADDED", "PRIORITY"],
+                    pad_length=17,
+                    depends_on=0,
+                    stream_weight=15,
                 ),
                 hf.DataFrame(1, message[:3], flags=["PADDED"], pad_length=255),  # the message spans padded frames
                 hf.DataFrame(1, message[3:], flags=["PADDED", "END_STREAM"], pad_length=0),
-            )  # fmt: skip
+            )
             headers = await raw.finish(1)
         assert raw.messages(1) == [b"padded"]
         assert headers[b"grpc-status"] == b"0"

@@ -41,10 +41,13 @@ def test_plugin_rejecting_its_config() -> None:
 def test_mode_follows_hooks() -> None:
     chain = Chain("c", [tp.RequestOnly()])
     assert describe_mode(chain.mode) == {
-        "request_header_mode": "SEND", "response_header_mode": "SKIP",
-        "request_body_mode": "NONE", "response_body_mode": "NONE",
-        "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-    }  # fmt: skip
+        "request_header_mode": "SEND",
+        "response_header_mode": "SKIP",
+        "request_body_mode": "NONE",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
     body = Chain("b", [tp.UpperBody()])
     assert describe_mode(body.mode)["request_body_mode"] == "BUFFERED"
     assert describe_mode(body.mode)["response_header_mode"] == "SEND"  # body hooks see headers too

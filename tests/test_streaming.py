@@ -95,9 +95,9 @@ def test_streamed_replace_resize_and_drop() -> None:
     assert result.upstream is not None
     assert result.upstream.chunks == [b"AB", b"C!"]
     assert result.response.body == b"xy"
-    assert result.phases == ["request_headers", "request_body", "request_body", "response_headers"] + [
-        "response_body"
-    ] * 3
+    assert (
+        result.phases == ["request_headers", "request_body", "request_body", "response_headers"] + ["response_body"] * 3
+    )
 
 
 def test_buffered_partial_sees_one_chunk_with_completeness() -> None:
@@ -108,9 +108,7 @@ def test_buffered_partial_sees_one_chunk_with_completeness() -> None:
 
 def test_full_duplex_composes_in_both_directions() -> None:
     # request: Doubler then Joiner; response hooks run in reverse: Joiner then Doubler.
-    result = Driver([Doubler(), Joiner()]).run(
-        Request("POST", body=[b"a", b"b"]), Response(body=[b"x", b"y"])
-    )
+    result = Driver([Doubler(), Joiner()]).run(Request("POST", body=[b"a", b"b"]), Response(body=[b"x", b"y"]))
     assert result.failed is None
     assert result.upstream is not None and result.upstream.body == b"a|a|b|b"
     assert result.response.chunks == [b"<x><x>", b"<y><y>"]

@@ -67,9 +67,12 @@ def test_body_digest_as_trailer() -> None:
 def test_jsonl_tag_rewrites_lines_split_across_chunks() -> None:
     lines = b'{"a":1}\n{"b":2}\nnot json\n{"c":3}'
     result = Driver([JsonlTag({"field": "tag", "value": 7})]).run(
-        Request(), Response(headers={"content-type": "application/x-ndjson", "content-length": str(len(lines))},
-                            body=split_everywhere(lines, 3))
-    )  # fmt: skip
+        Request(),
+        Response(
+            headers={"content-type": "application/x-ndjson", "content-length": str(len(lines))},
+            body=split_everywhere(lines, 3),
+        ),
+    )
     assert result.failed is None
     assert result.response.body == b'{"a":1,"tag":7}\n{"b":2,"tag":7}\nnot json\n{"c":3,"tag":7}'
     assert "content-length" not in result.response.headers
@@ -95,9 +98,12 @@ def test_sse_meter_counts_openai_style_events() -> None:
     )
     assert result.response.body == stream
     assert result.dynamic_metadata["envoy-sidecar"] == {
-        "sse_events": 4, "sse_words": 4, "sse_chars": len("Hello there, world!"), "sse_done": True,
+        "sse_events": 4,
+        "sse_words": 4,
+        "sse_chars": len("Hello there, world!"),
+        "sse_done": True,
         "sse_usage_total_tokens": 42,
-    }  # fmt: skip
+    }
 
 
 def test_sse_meter_ignores_other_content() -> None:

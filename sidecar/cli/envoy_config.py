@@ -51,8 +51,11 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     envoy.add_argument("--listen-address", default="127.0.0.1:10000", help="Envoy's listener (default %(default)s)")
     envoy.add_argument("--upstream", default="127.0.0.1:8080", help="the backend HOST:PORT (default %(default)s)")
     envoy.add_argument(
-        "--route", action="append", default=[], metavar="PREFIX[=CHAIN]",
+        "--route",
+        action="append",
+        default=[],
+        metavar="PREFIX[=CHAIN]",
         help="a route and the chain it uses (repeatable; default: / with the default chain)",
-    )  # fmt: skip
+    )
     envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
     envoy.set_defaults(func=_envoy_config)

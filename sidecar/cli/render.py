@@ -12,11 +12,18 @@ __all__ = ["add_commands", "add_render_arguments", "render_options"]
 
 def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `render` and `up -f`."""
-    parser.add_argument("--sidecar-config", type=Path, metavar="FILE",
-                        help="sidecar config (plugins/chains): extProc Backends that are this sidecar get its "
-                             "processing mode and sockets")  # fmt: skip
-    parser.add_argument("--dns-resolver", metavar="HOST:PORT",
-                        help="resolve FQDN Backends with this DNS server (c-ares) instead of the system's")
+    parser.add_argument(
+        "--sidecar-config",
+        type=Path,
+        metavar="FILE",
+        help="sidecar config (plugins/chains): extProc Backends that are this sidecar get its "
+        "processing mode and sockets",
+    )
+    parser.add_argument(
+        "--dns-resolver",
+        metavar="HOST:PORT",
+        help="resolve FQDN Backends with this DNS server (c-ares) instead of the system's",
+    )
 
 
 def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -28,8 +35,7 @@ def render_options(args: argparse.Namespace, **overrides: Any) -> Any:
     sidecar = None
     if args.sidecar_config is not None:
         config = load_config(args.sidecar_config)
-        sidecar = SidecarLink(Registry.from_specs(config.chains), tuple(config.socket_paths()),
-                              config.message_timeout)
+        sidecar = SidecarLink(Registry.from_specs(config.chains), tuple(config.socket_paths()), config.message_timeout)
     kwargs: dict[str, Any] = {
         "sidecar": sidecar,
         "fetch_module": lambda code, secrets: fetch_module(code, pull_secrets=secrets),
@@ -71,11 +77,22 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
             "ConfigMaps they reference) and print a complete Envoy bootstrap that a stock Envoy runs."
         ),
     )
-    render.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE_OR_DIR",
-                        help="YAML file or directory of them (repeatable)")  # fmt: skip
-    render.add_argument("--format", choices=("envoy", "eg"), default="envoy",
-                        help="envoy: a bootstrap for a stock Envoy (default); eg: the EG resources that run this "
-                             "sidecar next to an EG-managed Envoy")  # fmt: skip
+    render.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="YAML file or directory of them (repeatable)",
+    )
+    render.add_argument(
+        "--format",
+        choices=("envoy", "eg"),
+        default="envoy",
+        help="envoy: a bootstrap for a stock Envoy (default); eg: the EG resources that run this "
+        "sidecar next to an EG-managed Envoy",
+    )
     render.add_argument("--image", default="envoy-sidecar:latest", help="sidecar container image (--format eg)")
     render.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     render.add_argument("--validate", action="store_true", help="also run `envoy --mode validate` on the result")

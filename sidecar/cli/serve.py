@@ -26,14 +26,25 @@ SOURCES_HELP = (
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", type=Path, help="sidecar config file (YAML or TOML)")
     parser.add_argument(
-        "--plugin", action="append", default=[], metavar="USE",
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="USE",
         help="add a plugin to the default chain (repeatable); e.g. header-stamp or mypkg.mod:MyPlugin",
-    )  # fmt: skip
+    )
 
 
 _OVERRIDABLE = (
-    "listen", "tcp", "workers", "metrics", "grace_period", "log_format", "message_timeout", "socket_mode", "transport",
-)  # fmt: skip
+    "listen",
+    "tcp",
+    "workers",
+    "metrics",
+    "grace_period",
+    "log_format",
+    "message_timeout",
+    "socket_mode",
+    "transport",
+)
 
 
 def resolve(args: argparse.Namespace) -> tuple[SidecarConfig, Registry]:
@@ -116,9 +127,10 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.add_argument("--grace-period", type=float, help="seconds in-flight streams get on SIGTERM (default 10)")
     serve.add_argument(
-        "--transport", choices=TRANSPORTS,
+        "--transport",
+        choices=TRANSPORTS,
         help="gRPC transport: native (the sidecar's own HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
-    )  # fmt: skip
+    )
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -31,15 +31,19 @@ def _up_files(args: argparse.Namespace) -> int:
     from sidecar.stack.files import StackOptions, run_stack
 
     if args.upstream or args.port != _DEFAULT_PORT:
-        raise ConfigError("--upstream and --port do not apply with -f: the Gateway and HTTPRoutes say where to "
-                          "listen and route (ports below 1024 are shifted by 10000, as EG does)")  # fmt: skip
+        raise ConfigError(
+            "--upstream and --port do not apply with -f: the Gateway and HTTPRoutes say where to "
+            "listen and route (ports below 1024 are shifted by 10000, as EG does)"
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     options = StackOptions(
-        files=tuple(args.files), sidecar_config=args.config, workers=args.workers,
+        files=tuple(args.files),
+        sidecar_config=args.config,
+        workers=args.workers,
         dns_resolver=parse_host_port(args.dns_resolver, "--dns-resolver") if args.dns_resolver else None,
-    )  # fmt: skip
+    )
     return run_stack(options, stop)
 
 
@@ -61,15 +65,30 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
             "HTTPRoute, Backend, policies), reloading Envoy when the files change. Ctrl-C stops everything."
         ),
     )
-    up.add_argument("-c", "--config", type=Path,
-                    help="sidecar config file (default: the bundled example; with -f, used when a Backend is "
-                         "annotated envoy-sidecar/extproc: \"true\")")  # fmt: skip
-    up.add_argument("-f", "--file", dest="files", action="append", type=Path, metavar="FILE_OR_DIR",
-                    help="run these Envoy Gateway resources (YAML files or directories; repeatable) and reload "
-                         "Envoy when they change")  # fmt: skip
+    up.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="sidecar config file (default: the bundled example; with -f, used when a Backend is "
+        'annotated envoy-sidecar/extproc: "true")',
+    )
+    up.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        type=Path,
+        metavar="FILE_OR_DIR",
+        help="run these Envoy Gateway resources (YAML files or directories; repeatable) and reload "
+        "Envoy when they change",
+    )
     up.add_argument("--dns-resolver", metavar="HOST:PORT", help="with -f: resolve FQDN Backends with this DNS server")
-    up.add_argument("--port", type=_port, default=_DEFAULT_PORT,
-                    help="Envoy's listener port on 127.0.0.1 (default %(default)s; not with -f)")
+    up.add_argument(
+        "--port",
+        type=_port,
+        default=_DEFAULT_PORT,
+        help="Envoy's listener port on 127.0.0.1 (default %(default)s; not with -f)",
+    )
     up.add_argument("--upstream", metavar="HOST:PORT", help="send traffic to this backend instead of the echo one")
     up.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default %(default)s)")
     up.set_defaults(func=_up)

@@ -46,16 +46,10 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         help="allow plain HTTP to this registry or URL host (repeatable)",
     )
     parser.add_argument("--ca-bundle", help="PEM file of CAs to trust instead of the system ones")
-    parser.add_argument(
-        "--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret"
-    )
+    parser.add_argument("--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds per network call (default 15)")
-    parser.add_argument(
-        "--deadline", type=float, default=300.0, help="seconds for the whole transfer (default 300)"
-    )
-    parser.add_argument(
-        "--max-size", type=int, default=256 << 20, help="largest module in bytes (default 256 MiB)"
-    )
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds for the whole transfer (default 300)")
+    parser.add_argument("--max-size", type=int, default=256 << 20, help="largest module in bytes (default 256 MiB)")
     parser.add_argument("--retries", type=int, default=5, help="retries of retryable HTTP errors (default 5)")
 
 
@@ -88,12 +82,8 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     push = subparsers.add_parser("push", help="push a module file as an image")
     push.add_argument("file", type=Path, help="the .wasm module")
     push.add_argument("ref", help="image reference with a tag")
-    push.add_argument(
-        "--layout", choices=("oci", "compat", "docker"), default="oci", help="image layout (default oci)"
-    )
-    push.add_argument(
-        "--index", action="store_true", help="wrap the manifest in a linux/amd64+arm64 image index"
-    )
+    push.add_argument("--layout", choices=("oci", "compat", "docker"), default="oci", help="image layout (default oci)")
+    push.add_argument("--index", action="store_true", help="wrap the manifest in a linux/amd64+arm64 image index")
     _common(push, network=True)
     push.set_defaults(func=_push)
 
@@ -102,9 +92,7 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     ls.set_defaults(func=_ls)
 
     gc = subparsers.add_parser("gc", help="remove unreferenced, stale or old cached modules")
-    gc.add_argument(
-        "--max-age", type=float, default=None, help="also drop modules unused for this many seconds"
-    )
+    gc.add_argument("--max-age", type=float, default=None, help="also drop modules unused for this many seconds")
     _common(gc, network=False)
     gc.set_defaults(func=_gc)
 
@@ -234,9 +222,7 @@ def _write_output(source: Path, sha256: str, target: Path) -> None:
 def _push(args: argparse.Namespace) -> int:
     from sidecar.wasm.layout import push_image
 
-    result = push_image(
-        args.file, args.ref, args.layout, _options(args), _secret(args), with_index=args.index
-    )
+    result = push_image(args.file, args.ref, args.layout, _options(args), _secret(args), with_index=args.index)
     if args.json:
         print(json.dumps({"manifest_digest": result.manifest_digest, "index_digest": result.index_digest}))
     else:

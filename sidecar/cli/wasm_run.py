@@ -36,9 +36,7 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--method", default="GET")
     run.add_argument("--path", default="/")
     run.add_argument("--authority", default="example.com")
-    run.add_argument(
-        "--header", action="append", default=[], metavar="K:V", help="request header (repeatable)"
-    )
+    run.add_argument("--header", action="append", default=[], metavar="K:V", help="request header (repeatable)")
     run.add_argument("--body", default="", help="request body: a string or @file")
     run.add_argument("--response-status", type=int, default=200, help="the upstream's status (default 200)")
     run.add_argument("--response-header", action="append", default=[], metavar="K:V", help="upstream header")
@@ -50,18 +48,10 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="answer the module's HTTP callouts with this status (default: they fail)",
     )
     run.add_argument("--callout-body", default="", help="body of callout answers: a string or @file")
-    run.add_argument(
-        "--property", action="append", default=[], metavar="K=V", help="property, e.g. route_name=r1"
-    )
-    run.add_argument(
-        "--env", action="append", default=[], metavar="K=V", help="environment variable for WASI"
-    )
-    run.add_argument(
-        "--chunk-size", type=int, default=None, help="split bodies into chunks of this many bytes"
-    )
-    run.add_argument(
-        "--timeout", type=float, default=5.0, help="deadline per callback in seconds (default 5)"
-    )
+    run.add_argument("--property", action="append", default=[], metavar="K=V", help="property, e.g. route_name=r1")
+    run.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for WASI")
+    run.add_argument("--chunk-size", type=int, default=None, help="split bodies into chunks of this many bytes")
+    run.add_argument("--timeout", type=float, default=5.0, help="deadline per callback in seconds (default 5)")
     run.add_argument("--memory-mb", type=int, default=512, help="memory limit in MiB (default 512)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=_run)
@@ -125,9 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             authority=args.authority,
         )
         upstream_headers = [_pair(h, ":", "--response-header") for h in args.response_header]
-        upstream = Response(
-            args.response_status, upstream_headers, _value(args.response_body, "--response-body")
-        )
+        upstream = Response(args.response_status, upstream_headers, _value(args.response_body, "--response-body"))
         exchange = run_exchange(plugin, request, upstream, chunk_size=args.chunk_size)
     finally:
         logs = [(r.level.name.lower(), r.message) for r in plugin.log_records]

@@ -163,10 +163,26 @@ class Call:
     """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out."""
 
     __slots__ = (
-        "_buffered", "_conn", "_finished", "_headers_sent", "_messages", "_midway", "_partial", "_partial_needed",
-        "_partial_size", "_recv_window", "_remote_done", "_send_waiter", "_unacked", "_waiter", "metadata", "path",
-        "send_window", "stream_id", "task",
-    )  # fmt: skip
+        "_buffered",
+        "_conn",
+        "_finished",
+        "_headers_sent",
+        "_messages",
+        "_midway",
+        "_partial",
+        "_partial_needed",
+        "_partial_size",
+        "_recv_window",
+        "_remote_done",
+        "_send_waiter",
+        "_unacked",
+        "_waiter",
+        "metadata",
+        "path",
+        "send_window",
+        "stream_id",
+        "task",
+    )
 
     def __init__(self, conn: Connection, stream_id: int, path: str, metadata: dict[str, str]) -> None:
         self._conn = conn
@@ -435,9 +451,12 @@ class Connection(asyncio.Protocol):
         settings = b"".join(
             _SETTING.pack(key, value)
             for key, value in (
-                (0x3, MAX_CONCURRENT_STREAMS), (0x4, STREAM_WINDOW), (0x5, MAX_FRAME), (0x6, MAX_HEADER_LIST),
+                (0x3, MAX_CONCURRENT_STREAMS),
+                (0x4, STREAM_WINDOW),
+                (0x5, MAX_FRAME),
+                (0x6, MAX_HEADER_LIST),
             )
-        )  # fmt: skip
+        )
         self.write(
             _frame(_SETTINGS, 0, 0, settings)
             + _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - _DEFAULT_WINDOW))

@@ -168,9 +168,13 @@ class ExtProcServer:
                 task.cancel()
 
         processor = StreamProcessor(
-            chain, self.registry, metrics=metrics, send=write, stream_timeout=self.config.stream_timeout,
+            chain,
+            self.registry,
+            metrics=metrics,
+            send=write,
+            stream_timeout=self.config.stream_timeout,
             on_failure=interrupt,
-        )  # fmt: skip
+        )
         if metrics is not None:
             metrics.stream_opened(chain.name)
         try:
@@ -253,9 +257,14 @@ class ExtProcServer:
                 await self._grpcio_health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving ext_proc",
-            extra={"socket": str(self.socket_path) if self.socket_path else None, "tcp": self.config.tcp,
-                   "chains": sorted(self.registry.chains), "pid": os.getpid(), "transport": self.config.transport},
-        )  # fmt: skip
+            extra={
+                "socket": str(self.socket_path) if self.socket_path else None,
+                "tcp": self.config.tcp,
+                "chains": sorted(self.registry.chains),
+                "pid": os.getpid(),
+                "transport": self.config.transport,
+            },
+        )
 
     async def _start_native(self) -> None:
         loop = asyncio.get_running_loop()

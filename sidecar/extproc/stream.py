@@ -32,9 +32,13 @@ log = logging.getLogger("sidecar.extproc")
 
 # Order of phases within each direction; a message may not go back to an earlier one.
 _ORDER = {
-    "request_headers": (0, 0), "request_body": (0, 1), "request_trailers": (0, 2),
-    "response_headers": (1, 0), "response_body": (1, 1), "response_trailers": (1, 2),
-}  # fmt: skip
+    "request_headers": (0, 0),
+    "request_body": (0, 1),
+    "request_trailers": (0, 2),
+    "response_headers": (1, 0),
+    "response_body": (1, 1),
+    "response_trailers": (1, 2),
+}
 _REPEATABLE = frozenset({"request_body", "response_body"})
 _ERROR_BODY = b"Internal Server Error\n"
 DEFAULT_STREAM_TIMEOUT = 10.0
@@ -79,9 +83,20 @@ class StreamProcessor:
     """Turns the ProcessingRequests of one stream into ProcessingResponses for one chain."""
 
     __slots__ = (
-        "_body_modes", "_disabled", "_filter_modes", "_last", "_metrics", "_pipes", "_send", "chain",
-        "ctx", "failure", "mode_override", "on_failure", "stream_timeout",
-    )  # fmt: skip
+        "_body_modes",
+        "_disabled",
+        "_filter_modes",
+        "_last",
+        "_metrics",
+        "_pipes",
+        "_send",
+        "chain",
+        "ctx",
+        "failure",
+        "mode_override",
+        "on_failure",
+        "stream_timeout",
+    )
 
     def __init__(
         self,
@@ -153,10 +168,15 @@ class StreamProcessor:
         error_id = uuid.uuid4().hex[:16]
         log.error(
             "plugin %s failed in %s (chain %s, error id %s): %s: %s",
-            plugin, kind, self.chain.name, error_id, type(exc).__name__, exc,
+            plugin,
+            kind,
+            self.chain.name,
+            error_id,
+            type(exc).__name__,
+            exc,
             exc_info=exc,
             extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
-        )  # fmt: skip
+        )
         if self._metrics is not None:
             self._metrics.plugin_error(plugin, kind)
         return error_id
@@ -166,9 +186,13 @@ class StreamProcessor:
         if self.chain.fail_open:
             return _CONTINUE[kind]
         return immediate_response(
-            Respond(500, _ERROR_BODY, {"content-type": "text/plain", "x-sidecar-error-id": error_id},
-                    details="sidecar_plugin_error")
-        )  # fmt: skip
+            Respond(
+                500,
+                _ERROR_BODY,
+                {"content-type": "text/plain", "x-sidecar-error-id": error_id},
+                details="sidecar_plugin_error",
+            )
+        )
 
     def _pipe_failed(self, reason: str) -> None:
         if self.failure is None:

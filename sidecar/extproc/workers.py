@@ -84,9 +84,12 @@ class Supervisor:
             if time.monotonic() - started > _HEALTHY_AFTER:
                 backoff = _BACKOFF_START
             log.error(
-                "worker %d exited with code %s; restarting in %.1fs", index, code, backoff,
+                "worker %d exited with code %s; restarting in %.1fs",
+                index,
+                code,
+                backoff,
                 extra={"worker": index, "pid": proc.pid, "exit_code": code},
-            )  # fmt: skip
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -112,15 +112,21 @@ class Envoy:
             identity = ["--base-id", str(self.base_id), "--restart-epoch", str(self.restart_epoch)]
         args = [
             envoy_binary(),
-            "-c", str(self.config_path),
+            "-c",
+            str(self.config_path),
             *identity,
-            "--parent-shutdown-time-s", "30",
-            "--concurrency", str(self.concurrency),
-            "--log-level", self.log_level,
-            "--admin-address-path", str(self._admin_path),
-            "--drain-time-s", "1",
+            "--parent-shutdown-time-s",
+            "30",
+            "--concurrency",
+            str(self.concurrency),
+            "--log-level",
+            self.log_level,
+            "--admin-address-path",
+            str(self._admin_path),
+            "--drain-time-s",
+            "1",
             *self.extra_args,
-        ]  # fmt: skip
+        ]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -81,8 +81,9 @@ def check_ext_proc_reachable(resources: ResourceSet, link: SidecarLink | None) -
                 for e, endpoint in enumerate(target.resource.spec["endpoints"]):
                     why = _reachable(endpoint)
                     if why is not None:
-                        raise policy.error(path, f"extProc backend {target.resource.name} endpoint {e} is not "
-                                           f"reachable: {why}")  # fmt: skip
+                        raise policy.error(
+                            path, f"extProc backend {target.resource.name} endpoint {e} is not reachable: {why}"
+                        )
 
 
 def _wants_sidecar(resources: ResourceSet) -> bool:
@@ -108,10 +109,15 @@ class Stack:
 
     def _build(self) -> tuple[ResourceSet, dict[str, Any]]:
         resources = load_resources(self.options.files)
-        bootstrap = translate(resources, RenderOptions(
-            listen_address=self.options.listen_address, dns_resolver=self.options.dns_resolver,
-            sidecar=self.link, fetch_module=self._fetch,
-        ))  # fmt: skip
+        bootstrap = translate(
+            resources,
+            RenderOptions(
+                listen_address=self.options.listen_address,
+                dns_resolver=self.options.dns_resolver,
+                sidecar=self.link,
+                fetch_module=self._fetch,
+            ),
+        )
         check_ext_proc_reachable(resources, self.link)
         validate_bootstrap(bootstrap)
         return resources, bootstrap
@@ -130,8 +136,16 @@ class Stack:
             socket_path = self.workdir / "extproc.sock"
             config = SidecarConfig(chains=loaded.chains, listen=f"unix:{socket_path}", workers=self.options.workers)
             self.link = SidecarLink(registry, tuple(config.socket_paths()), loaded.message_timeout)
-            sidecar_args = ["-c", str(config_path), "--listen", f"unix:{socket_path}",
-                            "--workers", str(self.options.workers), "--log-format", "text"]  # fmt: skip
+            sidecar_args = [
+                "-c",
+                str(config_path),
+                "--listen",
+                f"unix:{socket_path}",
+                "--workers",
+                str(self.options.workers),
+                "--log-format",
+                "text",
+            ]
         _, bootstrap = self._build()
         if self.link is not None:
             self.sidecar = SidecarProcess(sidecar_args, self.link.sockets, log_path=self.workdir / "sidecar.log")
@@ -148,9 +162,16 @@ class Stack:
             host, port = self.envoy.listener_address(listener["name"])
             chain = listener["filter_chains"][0]
             scheme = "https" if chain.get("transport_socket") else "http"
-            hostnames = sorted({domain for fc in listener["filter_chains"] for f in fc["filters"]
-                                for vh in f["typed_config"]["route_config"].get("virtual_hosts", [])
-                                for domain in vh["domains"] if domain != "*"})  # fmt: skip
+            hostnames = sorted(
+                {
+                    domain
+                    for fc in listener["filter_chains"]
+                    for f in fc["filters"]
+                    for vh in f["typed_config"]["route_config"].get("virtual_hosts", [])
+                    for domain in vh["domains"]
+                    if domain != "*"
+                }
+            )
             result.append((listener["name"], f"{scheme}://{host}:{port}", hostnames))
         return result
 

@@ -31,22 +31,30 @@ def run_up(config_path: Path | None, *, port: int, upstream: tuple[str, int] | N
         signal.signal(sig, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="sidecar-up-") as tmp:
         stack = LocalEnvoy(
-            config=config_path or demo_config_path(), upstream=upstream, port=port, workers=workers,
-            serve_args=["--log-format", "text"], workdir=Path(tmp),
-        )  # fmt: skip
+            config=config_path or demo_config_path(),
+            upstream=upstream,
+            port=port,
+            workers=workers,
+            serve_args=["--log-format", "text"],
+            workdir=Path(tmp),
+        )
         try:
             stack.start()
             if stack.backend is not None:
                 host, bound = stack.backend.address
                 _say(f"echo backend   http://{host}:{bound}/")
             assert stack.registry is not None and stack.envoy is not None
-            _say(f"sidecar        {stack.sockets[0].parent} ({workers} worker{'s' if workers > 1 else ''}, chains: "
-                 f"{', '.join(sorted(stack.registry.chains))})")  # fmt: skip
+            _say(
+                f"sidecar        {stack.sockets[0].parent} ({workers} worker{'s' if workers > 1 else ''}, chains: "
+                f"{', '.join(sorted(stack.registry.chains))})"
+            )
             _say(f"envoy          {stack.url}/  (admin {stack.envoy.admin_url})")
             _say("\nTry it:\n")
             _say(f"  curl -si {stack.url}/hello")
-            _say(f"  curl -si {stack.url}/login -H 'content-type: application/json' "
-                 "-d '{\"user\": \"ada\", \"password\": \"hunter2\"}'")  # fmt: skip
+            _say(
+                f"  curl -si {stack.url}/login -H 'content-type: application/json' "
+                '-d \'{"user": "ada", "password": "hunter2"}\''
+            )
             _say(f"\nlogs: {tmp}  -  Ctrl-C stops everything")
             while not stop.wait(_POLL_SECONDS):
                 problem = stack.running_problem()

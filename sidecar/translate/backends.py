@@ -77,12 +77,13 @@ def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
             validation_context=CertificateValidationContext(
                 trusted_ca=trusted,
                 match_typed_subject_alt_names=[
-                    SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.DNS,
-                                          matcher=StringMatcher(exact=hostname))
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=hostname)
+                    )
                 ],
             )
         ),
-    )  # fmt: skip
+    )
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
 
@@ -93,9 +94,11 @@ def _endpoints(target: BackendTarget, options: RenderOptions, owner: str) -> lis
     if backend.kind == "Service":
         found = service_address(backend)
         if found is None or target.port is None:
-            raise ConfigError(f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
-                              "give it spec.clusterIP (an address) or type ExternalName, or reference a Backend "
-                              "(group gateway.envoyproxy.io)")  # fmt: skip
+            raise ConfigError(
+                f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
+                "give it spec.clusterIP (an address) or type ExternalName, or reference a Backend "
+                "(group gateway.envoyproxy.io)"
+            )
         return [LbEndpoint(endpoint=Endpoint(address=address(found[1], target.port)))]
     sidecar = options.sidecar
     if sidecar is not None and sidecar.is_sidecar(backend):
@@ -176,8 +179,10 @@ def build_cluster(
     logical = [b for b in backends if str(b.annotations.get(DNS_ANNOTATION, "")).lower() == "logical"]
     if logical:
         if sum(len(loc.lb_endpoints) for loc in localities) != 1 or not dns:
-            raise ConfigError(f"{owner}: Backend {logical[0].name}: annotation {DNS_ANNOTATION}: logical needs a "
-                              "rule (or extProc) whose only endpoint is one fqdn endpoint")  # fmt: skip
+            raise ConfigError(
+                f"{owner}: Backend {logical[0].name}: annotation {DNS_ANNOTATION}: logical needs a "
+                "rule (or extProc) whose only endpoint is one fqdn endpoint"
+            )
         discovery = ClusterDiscoveryType.LOGICAL_DNS
     cluster = Cluster(
         name=name,
@@ -216,16 +221,22 @@ def build_cluster(
     sidecar = options.sidecar
     if grpc and sidecar is not None and len(sidecar.sockets) > 1 and any(sidecar.is_sidecar(b) for b in backends):
         # Several sidecar workers: steer away from one that is restarting (as `sidecar envoy-config` does).
-        cluster.health_checks = [HealthCheck(
-            timeout=datetime.timedelta(seconds=1), interval=datetime.timedelta(seconds=1),
-            unhealthy_threshold=1, healthy_threshold=1,
-            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
-        )]  # fmt: skip
+        cluster.health_checks = [
+            HealthCheck(
+                timeout=datetime.timedelta(seconds=1),
+                interval=datetime.timedelta(seconds=1),
+                unhealthy_threshold=1,
+                healthy_threshold=1,
+                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
+            )
+        ]
     policies = {b.key: _tls_policy(resources, b) for b in backends}
     with_tls = {p.key: p for p in policies.values() if p is not None}
     if with_tls:
         if len(with_tls) > 1 or None in policies.values():
-            raise ConfigError(f"{owner}: backends of one rule need the same BackendTLSPolicy (found "
-                              f"{len(with_tls)} policies for {len(policies)} backends); split the rule")  # fmt: skip
+            raise ConfigError(
+                f"{owner}: backends of one rule need the same BackendTLSPolicy (found "
+                f"{len(with_tls)} policies for {len(policies)} backends); split the rule"
+            )
         cluster.transport_socket = _upstream_tls(resources, next(iter(with_tls.values())))
     return cluster

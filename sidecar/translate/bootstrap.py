@@ -20,9 +20,13 @@ from sidecar.errors import ConfigError
 from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE, SERVICE_NAME
 
 __all__ = [
-    "BootstrapOptions", "RouteSpec", "build_bootstrap", "check_processing_mode", "ext_proc_filter",
+    "BootstrapOptions",
+    "RouteSpec",
+    "build_bootstrap",
+    "check_processing_mode",
+    "ext_proc_filter",
     "parse_route",
-]  # fmt: skip
+]
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER = "envoy-sidecar"
@@ -127,7 +131,8 @@ def _upstream_cluster(host: str, port: int) -> Any:
 
     return Cluster(
         name=UPSTREAM_CLUSTER,
-        type=ClusterDiscoveryType.STATIC if host.replace(".", "").isdigit() or ":" in host
+        type=ClusterDiscoveryType.STATIC
+        if host.replace(".", "").isdigit() or ":" in host
         else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=datetime.timedelta(seconds=2),
         load_assignment=ClusterLoadAssignment(
@@ -198,8 +203,10 @@ def _route(spec: RouteSpec, registry: Registry) -> Any:
     )
     if spec.chain is not None:
         if registry.chain(spec.chain) is None:
-            raise ConfigError(f"--route {spec.prefix}={spec.chain}: no chain named {spec.chain!r} "
-                              f"(chains: {', '.join(sorted(registry.chains))})")  # fmt: skip
+            raise ConfigError(
+                f"--route {spec.prefix}={spec.chain}: no chain named {spec.chain!r} "
+                f"(chains: {', '.join(sorted(registry.chains))})"
+            )
         override = ExtProcPerRoute(
             overrides=ExtProcOverrides(grpc_initial_metadata=[HeaderValue(key=CHAIN_METADATA_KEY, value=spec.chain)])
         )

@@ -37,8 +37,12 @@ SOCKET_DIR = "/var/run/envoy-sidecar"
 _CONFIG_DIR = "/etc/envoy-sidecar"
 _VOLUME = "envoy-sidecar-sockets"
 _CONFIG_VOLUME = "envoy-sidecar-config"
-_BODY_MODES = {"STREAMED": "Streamed", "BUFFERED": "Buffered", "BUFFERED_PARTIAL": "BufferedPartial",
-               "FULL_DUPLEX_STREAMED": "FullDuplexStreamed"}  # fmt: skip
+_BODY_MODES = {
+    "STREAMED": "Streamed",
+    "BUFFERED": "Buffered",
+    "BUFFERED_PARTIAL": "BufferedPartial",
+    "FULL_DUPLEX_STREAMED": "FullDuplexStreamed",
+}
 
 
 def _is_sidecar(res: Resource) -> bool:
@@ -60,23 +64,36 @@ def _patch(image: str, workers: int, socket_path: str) -> dict[str, Any]:
     socket_mount = {"name": _VOLUME, "mountPath": SOCKET_DIR}
     return {
         "type": "StrategicMerge",
-        "value": {"spec": {"template": {"spec": {
-            "containers": [
-                {"name": "envoy", "volumeMounts": [socket_mount]},
-                {
-                    "name": "envoy-sidecar",
-                    "image": image,
-                    "args": ["serve", "-c", f"{_CONFIG_DIR}/sidecar.yaml", "--listen", f"unix:{socket_path}",
-                             "--workers", str(workers)],
-                    "volumeMounts": [socket_mount, {"name": _CONFIG_VOLUME, "mountPath": _CONFIG_DIR}],
-                },
-            ],
-            "volumes": [
-                {"name": _VOLUME, "emptyDir": {}},
-                {"name": _CONFIG_VOLUME, "configMap": {"name": _CONFIG_VOLUME}},
-            ],
-        }}}},
-    }  # fmt: skip
+        "value": {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "envoy", "volumeMounts": [socket_mount]},
+                            {
+                                "name": "envoy-sidecar",
+                                "image": image,
+                                "args": [
+                                    "serve",
+                                    "-c",
+                                    f"{_CONFIG_DIR}/sidecar.yaml",
+                                    "--listen",
+                                    f"unix:{socket_path}",
+                                    "--workers",
+                                    str(workers),
+                                ],
+                                "volumeMounts": [socket_mount, {"name": _CONFIG_VOLUME, "mountPath": _CONFIG_DIR}],
+                            },
+                        ],
+                        "volumes": [
+                            {"name": _VOLUME, "emptyDir": {}},
+                            {"name": _CONFIG_VOLUME, "configMap": {"name": _CONFIG_VOLUME}},
+                        ],
+                    }
+                }
+            }
+        },
+    }
 
 
 def render_bundle(paths: Sequence[str | os.PathLike[str]], sidecar_config: Path, *, image: str) -> str:
@@ -88,8 +105,10 @@ def render_bundle(paths: Sequence[str | os.PathLike[str]], sidecar_config: Path,
     sockets = SidecarConfig(listen=f"unix:{socket_path}", workers=loaded.workers).socket_paths()
     sidecars = {(r.namespace, r.name) for r in resources if _is_sidecar(r)}
     if not sidecars:
-        raise ConfigError(f"no Backend is annotated {SIDECAR_ANNOTATION}: \"true\"; mark the Backend your "
-                          "extProc entries use for this sidecar")  # fmt: skip
+        raise ConfigError(
+            f'no Backend is annotated {SIDECAR_ANNOTATION}: "true"; mark the Backend your '
+            "extProc entries use for this sidecar"
+        )
     out: list[dict[str, Any]] = []
     for res in resources:
         doc = copy.deepcopy(res.data)
@@ -106,20 +125,28 @@ def render_bundle(paths: Sequence[str | os.PathLike[str]], sidecar_config: Path,
 def _fill_modes(res: Resource, doc: dict[str, Any], sidecars: set[tuple[str, str]], registry: Registry) -> None:
     for index, ext in enumerate(doc["spec"].get("extProc") or []):
         refs = ext["backendRefs"]
-        targets = {(ref.get("namespace", res.namespace), ref["name"]) for ref in refs
-                   if ref.get("group") == EG_API and ref.get("kind") == "Backend"}  # fmt: skip
+        targets = {
+            (ref.get("namespace", res.namespace), ref["name"])
+            for ref in refs
+            if ref.get("group") == EG_API and ref.get("kind") == "Backend"
+        }
         uses_sidecar = bool(targets & sidecars)
         if not uses_sidecar:
             continue
         chain = res.annotations.get(CHAIN_ANNOTATION)
         if chain is not None and chain != registry.default.name:
-            raise res.error(f"metadata.annotations.{CHAIN_ANNOTATION}", "EG cannot tell the sidecar which chain "
-                            f"to run; only the default chain ({registry.default.name!r}) works under EG")  # fmt: skip
+            raise res.error(
+                f"metadata.annotations.{CHAIN_ANNOTATION}",
+                "EG cannot tell the sidecar which chain "
+                f"to run; only the default chain ({registry.default.name!r}) works under EG",
+            )
         if "processingMode" not in ext:
             ext["processingMode"] = _eg_processing_mode(registry)
         elif not ext["processingMode"].get("allowModeOverride"):
-            raise res.error(f"spec.extProc[{index}].processingMode.allowModeOverride", "expected true when the "
-                            "backend is envoy-sidecar (it narrows the mode per request)")  # fmt: skip
+            raise res.error(
+                f"spec.extProc[{index}].processingMode.allowModeOverride",
+                "expected true when the backend is envoy-sidecar (it narrows the mode per request)",
+            )
 
 
 def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch: dict[str, Any], config: str) -> None:
@@ -136,22 +163,40 @@ def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch:
         elif ref is None:
             name = f"{gateway.name}-envoy-sidecar"
             doc["spec"].setdefault("infrastructure", {})["parametersRef"] = {
-                "group": EG_API, "kind": "EnvoyProxy", "name": name}  # fmt: skip
-            proxy = {"apiVersion": f"{EG_API}/v1alpha1", "kind": "EnvoyProxy",
-                     "metadata": {"name": name, "namespace": gateway.namespace}, "spec": {}}  # fmt: skip
+                "group": EG_API,
+                "kind": "EnvoyProxy",
+                "name": name,
+            }
+            proxy = {
+                "apiVersion": f"{EG_API}/v1alpha1",
+                "kind": "EnvoyProxy",
+                "metadata": {"name": name, "namespace": gateway.namespace},
+                "spec": {},
+            }
             out.append(proxy)
             by_key[("EnvoyProxy", gateway.namespace, name)] = proxy
         else:
             proxy = by_key.get(("EnvoyProxy", gateway.namespace, ref["name"]))
             assert proxy is not None  # validate() resolved the parametersRef
-        deployment = proxy["spec"].setdefault("provider", {"type": "Kubernetes"}).setdefault("kubernetes", {}) \
-            .setdefault("envoyDeployment", {})  # fmt: skip
+        deployment = (
+            proxy["spec"]
+            .setdefault("provider", {"type": "Kubernetes"})
+            .setdefault("kubernetes", {})
+            .setdefault("envoyDeployment", {})
+        )
         if deployment.get("patch") not in (None, patch):
-            raise ConfigError(f"EnvoyProxy {gateway.namespace}/{proxy['metadata']['name']}: "
-                              "spec.provider.kubernetes.envoyDeployment.patch: already set; merge the sidecar "
-                              "container and volumes into it by hand")  # fmt: skip
+            raise ConfigError(
+                f"EnvoyProxy {gateway.namespace}/{proxy['metadata']['name']}: "
+                "spec.provider.kubernetes.envoyDeployment.patch: already set; merge the sidecar "
+                "container and volumes into it by hand"
+            )
         deployment["patch"] = patch
     for namespace in sorted(namespaces):
-        out.append({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": _CONFIG_VOLUME, "namespace": namespace},
-                    "data": {"sidecar.yaml": config}})  # fmt: skip
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": _CONFIG_VOLUME, "namespace": namespace},
+                "data": {"sidecar.yaml": config},
+            }
+        )

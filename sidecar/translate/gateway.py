@@ -43,8 +43,13 @@ from sidecar.translate.validate import (
 __all__ = ["build_bootstrap_from_resources", "listener_name"]
 
 _PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}
-_REDIRECT_CODES = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER", 307: "TEMPORARY_REDIRECT",
-                   308: "PERMANENT_REDIRECT"}  # fmt: skip
+_REDIRECT_CODES = {
+    301: "MOVED_PERMANENTLY",
+    302: "FOUND",
+    303: "SEE_OTHER",
+    307: "TEMPORARY_REDIRECT",
+    308: "PERMANENT_REDIRECT",
+}
 
 
 def listener_name(gateway: Resource, listener: str) -> str:
@@ -53,8 +58,11 @@ def listener_name(gateway: Resource, listener: str) -> str:
 
 def _attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -> list[Resource]:
     spec = next(li for li in gateway.spec["listeners"] if li["name"] == listener)
-    return [route for route in resources.of("HTTPRoute")
-            if any(listener_accepts(gateway, spec, route, parent) for parent in route.spec.get("parentRefs") or [])]
+    return [
+        route
+        for route in resources.of("HTTPRoute")
+        if any(listener_accepts(gateway, spec, route, parent) for parent in route.spec.get("parentRefs") or [])
+    ]
 
 
 def _header_options(modifier: dict[str, Any]) -> list[Any]:
@@ -67,8 +75,12 @@ def _header_options(modifier: dict[str, Any]) -> list[Any]:
     options = []
     for verb, action in (("set", "OVERWRITE_IF_EXISTS_OR_ADD"), ("add", "APPEND_IF_EXISTS_OR_ADD")):
         for header in modifier.get(verb) or []:
-            options.append(HeaderValueOption(header=HeaderValue(key=header["name"], value=header["value"]),
-                                             append_action=HeaderValueOptionHeaderAppendAction[action]))  # fmt: skip
+            options.append(
+                HeaderValueOption(
+                    header=HeaderValue(key=header["name"], value=header["value"]),
+                    append_action=HeaderValueOptionHeaderAppendAction[action],
+                )
+            )
     return options
 
 
@@ -96,8 +108,9 @@ def _route_match(match: dict[str, Any]) -> Any:
     if match.get("method"):
         headers.append(HeaderMatcher(name=":method", string_match=StringMatcher(exact=match["method"])))
     result.headers = headers
-    result.query_parameters = [QueryParameterMatcher(name=q["name"], string_match=string_match(q))
-                               for q in match.get("queryParams") or []]  # fmt: skip
+    result.query_parameters = [
+        QueryParameterMatcher(name=q["name"], string_match=string_match(q)) for q in match.get("queryParams") or []
+    ]
     return result
 
 
@@ -145,15 +158,18 @@ class _Builder:
     def _add_cluster(self, cluster: Any) -> str:
         existing = self.clusters.get(cluster.name)
         if existing is not None and existing != cluster:
-            raise ConfigError(f"cluster {cluster.name}: the rule is attached to Gateways with different "
-                              "BackendTrafficPolicies; target the HTTPRoute instead")  # fmt: skip
+            raise ConfigError(
+                f"cluster {cluster.name}: the rule is attached to Gateways with different "
+                "BackendTrafficPolicies; target the HTTPRoute instead"
+            )
         self.clusters[cluster.name] = cluster
         return str(cluster.name)
 
     # -- routes ------------------------------------------------------------------------------------
 
-    def _route_action(self, route: Resource, index: int, rule: dict[str, Any], chain: _Chain,
-                      listener: str) -> Any | None:  # fmt: skip
+    def _route_action(
+        self, route: Resource, index: int, rule: dict[str, Any], chain: _Chain, listener: str
+    ) -> Any | None:
         """The RouteAction for one rule; None when no backend can take traffic (Envoy answers 500)."""
         from envoy_data_plane.envoy.config.route.v3 import RouteAction, RouteActionUpgradeConfig
         from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
@@ -170,8 +186,11 @@ class _Builder:
             return None
         cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path), lb=lb)
         # EG lets WebSocket upgrades through on every route.
-        action = RouteAction(cluster=self._add_cluster(cluster), hash_policy=hash_policies,
-                             upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")])
+        action = RouteAction(
+            cluster=self._add_cluster(cluster),
+            hash_policy=hash_policies,
+            upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")],
+        )
         timeout = (rule.get("timeouts") or {}).get("request")
         if timeout:
             action.timeout = parse_duration(timeout)
@@ -185,8 +204,9 @@ class _Builder:
             if modifier and modifier["type"] == "ReplacePrefixMatch":
                 action.prefix_rewrite = modifier.get("replacePrefixMatch", "/") or "/"
             elif modifier:
-                action.regex_rewrite = RegexMatchAndSubstitute(pattern=RegexMatcher(regex="^/.*$"),
-                                                               substitution=modifier["replaceFullPath"])  # fmt: skip
+                action.regex_rewrite = RegexMatchAndSubstitute(
+                    pattern=RegexMatcher(regex="^/.*$"), substitution=modifier["replaceFullPath"]
+                )
         return action
 
     def _redirect(self, spec: dict[str, Any]) -> Any:
@@ -252,7 +272,8 @@ class _Builder:
                         elif flt["type"] == "ResponseHeaderModifier":
                             envoy_route.response_headers_to_add = _header_options(flt["responseHeaderModifier"])
                             envoy_route.response_headers_to_remove = list(
-                                flt["responseHeaderModifier"].get("remove", []))
+                                flt["responseHeaderModifier"].get("remove", [])
+                            )
                     vhost_name = f"{chain.name}/{host_key}"
                     if host not in chain.vhosts:
                         chain.vhosts[host] = VirtualHost(name=vhost_name, domains=[host])
@@ -296,8 +317,11 @@ class _Builder:
             if found is not None:
                 return found
         # Not EG (it takes only Gateway targets): a policy targeting a route on this listener applies here.
-        routes = {(r.namespace, r.name) for li in chain.listeners
-                  for r in _attached_routes(self.resources, chain.gateway, li["name"])}  # fmt: skip
+        routes = {
+            (r.namespace, r.name)
+            for li in chain.listeners
+            for r in _attached_routes(self.resources, chain.gateway, li["name"])
+        }
         for policy in self.resources.of("ClientTrafficPolicy"):
             for _, ref in policy_targets(policy):
                 if ref["kind"] == "HTTPRoute" and (policy.namespace, ref["name"]) in routes:
@@ -322,10 +346,15 @@ class _Builder:
             assert secret is not None  # validate() resolved it
             chain, key = secret_value(secret, "tls.crt"), secret_value(secret, "tls.key")
             assert chain is not None and key is not None
-            certificates.append(TlsCertificate(certificate_chain=DataSource(inline_string=chain.decode()),
-                                               private_key=DataSource(inline_string=key.decode())))  # fmt: skip
-        context = DownstreamTlsContext(common_tls_context=CommonTlsContext(
-            tls_certificates=certificates, alpn_protocols=["h2", "http/1.1"]))  # fmt: skip
+            certificates.append(
+                TlsCertificate(
+                    certificate_chain=DataSource(inline_string=chain.decode()),
+                    private_key=DataSource(inline_string=key.decode()),
+                )
+            )
+        context = DownstreamTlsContext(
+            common_tls_context=CommonTlsContext(tls_certificates=certificates, alpn_protocols=["h2", "http/1.1"])
+        )
         return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
     def listeners(self) -> list[Any]:
@@ -366,13 +395,16 @@ class _Builder:
                             fc.filter_chain_match = FilterChainMatch(server_names=[members[0]["hostname"]])
                     filter_chains.append(fc)
                 envoy_listener = Listener(
-                    name=name, address=address(self.options.listen_address, envoy_port),
-                    filter_chains=filter_chains, per_connection_buffer_limit_bytes=32768,
-                )  # fmt: skip
+                    name=name,
+                    address=address(self.options.listen_address, envoy_port),
+                    filter_chains=filter_chains,
+                    per_connection_buffer_limit_bytes=32768,
+                )
                 if protocols == {"HTTPS"}:
                     # Reads the SNI before a filter chain is chosen; Envoy no longer adds it by itself.
-                    envoy_listener.listener_filters = [ListenerFilter(name="envoy.filters.listener.tls_inspector",
-                                                                typed_config=pack(TlsInspector()))]  # fmt: skip
+                    envoy_listener.listener_filters = [
+                        ListenerFilter(name="envoy.filters.listener.tls_inspector", typed_config=pack(TlsInspector()))
+                    ]
                 result.append(envoy_listener)
         return result
 
@@ -388,4 +420,3 @@ def build_bootstrap_from_resources(resources: ResourceSet, options: RenderOption
     bootstrap = Bootstrap(static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters))
     result: dict[str, Any] = finish_per_filter_configs(bootstrap.to_dict(casing=betterproto2.Casing.SNAKE))
     return result
-

@@ -56,8 +56,12 @@ def attached_policy(
     for policy in resources.of(kind):
         for _, ref in policy_targets(policy):
             section = ref.get("sectionName")
-            if route is not None and ref["kind"] == "HTTPRoute" and ref["name"] == route.name \
-                    and policy.namespace == route.namespace:
+            if (
+                route is not None
+                and ref["kind"] == "HTTPRoute"
+                and ref["name"] == route.name
+                and policy.namespace == route.namespace
+            ):
                 rank = 3
             elif ref["kind"] == "Gateway" and ref["name"] == gateway.name and policy.namespace == gateway.namespace:
                 if section and section != listener:
@@ -72,8 +76,12 @@ def attached_policy(
 
 # ---- ext_proc -------------------------------------------------------------------------------------
 
-_BODY_MODES = {"Streamed": "STREAMED", "Buffered": "BUFFERED", "BufferedPartial": "BUFFERED_PARTIAL",
-               "FullDuplexStreamed": "FULL_DUPLEX_STREAMED"}  # fmt: skip
+_BODY_MODES = {
+    "Streamed": "STREAMED",
+    "Buffered": "BUFFERED",
+    "BufferedPartial": "BUFFERED_PARTIAL",
+    "FullDuplexStreamed": "FULL_DUPLEX_STREAMED",
+}
 
 
 def _processing_mode(mode: dict[str, Any]) -> Any:
@@ -85,8 +93,9 @@ def _processing_mode(mode: dict[str, Any]) -> Any:
     )
 
     send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
-    result = ProcessingMode(request_header_mode=skip, response_header_mode=skip,
-                            request_trailer_mode=skip, response_trailer_mode=skip)  # fmt: skip
+    result = ProcessingMode(
+        request_header_mode=skip, response_header_mode=skip, request_trailer_mode=skip, response_trailer_mode=skip
+    )
     for direction in ("request", "response"):
         settings = mode.get(direction)
         if settings is None:
@@ -120,8 +129,10 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
         cluster = build_cluster(ir_name, targets, resources, options, owner=policy.where(path), grpc=True)
         first = targets[0].resource
         authority = f"{first.name}.{first.namespace}" + (f":{targets[0].port}" if targets[0].port else "")
-        grpc = GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=ir_name, authority=authority),
-                           timeout=datetime.timedelta(seconds=10))  # fmt: skip
+        grpc = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=ir_name, authority=authority),
+            timeout=datetime.timedelta(seconds=10),
+        )
         mode_spec = ext.get("processingMode")
         sidecar = options.sidecar
         is_sidecar = sidecar is not None and any(sidecar.is_sidecar(t.resource) for t in targets)
@@ -131,8 +142,10 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             chain = sidecar.registry.chain(chain_name)
             if chain is None:
                 chains = ", ".join(sorted(sidecar.registry.chains))
-                raise policy.error(f"metadata.annotations.{CHAIN_ANNOTATION}",
-                                   f"no sidecar chain named {chain_name!r} (chains: {chains})")
+                raise policy.error(
+                    f"metadata.annotations.{CHAIN_ANNOTATION}",
+                    f"no sidecar chain named {chain_name!r} (chains: {chains})",
+                )
             mode = ProcessingMode.FromString(chain.mode.SerializeToString())
             if chain_name is not None:
                 grpc.initial_metadata = [HeaderValue(key=CHAIN_METADATA_KEY, value=chain.name)]
@@ -164,10 +177,12 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
         if metadata:
             processor.metadata_options = MetadataOptions(
                 forwarding_namespaces=MetadataOptionsMetadataNamespaces(
-                    untyped=list(metadata.get("accessibleNamespaces") or [])),
+                    untyped=list(metadata.get("accessibleNamespaces") or [])
+                ),
                 receiving_namespaces=MetadataOptionsMetadataNamespaces(
-                    untyped=list(metadata.get("writableNamespaces") or [])),
-            )  # fmt: skip
+                    untyped=list(metadata.get("writableNamespaces") or [])
+                ),
+            )
         name = f"{EXT_PROC}/{ir_name}"
         result.append(PolicyFilter(name, HttpFilter(name=name, disabled=True, typed_config=pack(processor)), cluster))
     return result
@@ -204,14 +219,21 @@ def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOption
             raise policy.error(f"{path}.code", str(exc)) from None
         if "local" not in code:
             raise policy.error(f"{path}.code", "the fetcher returned no local file")
-        vm = VmConfig(vm_id=ir_name, runtime="envoy.wasm.runtime.v8",
-                      code=AsyncDataSource(local=DataSource(filename=code["local"]["filename"])))  # fmt: skip
+        vm = VmConfig(
+            vm_id=ir_name,
+            runtime="envoy.wasm.runtime.v8",
+            code=AsyncDataSource(local=DataSource(filename=code["local"]["filename"])),
+        )
         host_keys = (wasm.get("env") or {}).get("hostKeys")
         if host_keys:
             vm.environment_variables = EnvironmentVariables(host_env_keys=list(host_keys))
         policy_on_failure = FailurePolicy.FAIL_OPEN if wasm.get("failOpen") else FailurePolicy.FAIL_CLOSED
-        plugin = PluginConfig(name=wasm.get("name", ir_name), root_id=wasm.get("rootID", ""), vm_config=vm,
-                              failure_policy=policy_on_failure)  # fmt: skip
+        plugin = PluginConfig(
+            name=wasm.get("name", ir_name),
+            root_id=wasm.get("rootID", ""),
+            vm_config=vm,
+            failure_policy=policy_on_failure,
+        )
         if wasm.get("config") is not None:
             plugin.configuration = pack(StringValue(value=json.dumps(wasm["config"], sort_keys=True)))
         name = f"{WASM}/{ir_name}"
@@ -256,13 +278,18 @@ def rbac_per_route(policy: Resource) -> Any | None:
         earlier_denies = [matchers[j] for j in range(index) if rules[j]["action"] == "Deny"]
         principal = matchers[index]
         if earlier_denies:
-            principal = Principal(and_ids=PrincipalSet(ids=[
-                principal, Principal(not_id=Principal(or_ids=PrincipalSet(ids=earlier_denies)))]))  # fmt: skip
-        policies[f"{index:03d}-{rule.get('name', 'allow')}"] = Policy(permissions=[Permission(any=True)],
-                                                                      principals=[principal])  # fmt: skip
+            principal = Principal(
+                and_ids=PrincipalSet(
+                    ids=[principal, Principal(not_id=Principal(or_ids=PrincipalSet(ids=earlier_denies)))]
+                )
+            )
+        policies[f"{index:03d}-{rule.get('name', 'allow')}"] = Policy(
+            permissions=[Permission(any=True)], principals=[principal]
+        )
     if authorization.get("defaultAction", "Deny") == "Allow":
-        principal = Principal(any=True) if not matchers else \
-            Principal(not_id=Principal(or_ids=PrincipalSet(ids=matchers)))  # fmt: skip
+        principal = (
+            Principal(any=True) if not matchers else Principal(not_id=Principal(or_ids=PrincipalSet(ids=matchers)))
+        )
         policies["zzz-default-allow"] = Policy(permissions=[Permission(any=True)], principals=[principal])
     # envoy-data-plane 2.2 resolves RBACPerRoute.rbac to the wrong `Rbac` class and refuses the message,
     # so the filter config travels as is and finish_per_filter_configs() wraps it once the bootstrap is a dict.
@@ -332,16 +359,19 @@ def client_ip_settings(policy: Resource, hcm: Any) -> None:
         for cidr in xff["trustedCIDRs"]:
             net = ipaddress.ip_network(cidr, strict=False)
             ranges.append(CidrRange(address_prefix=str(net.network_address), prefix_len=net.prefixlen))
-        extension = TypedExtensionConfig(name="envoy.extensions.http.original_ip_detection.xff",
-                                         typed_config=pack(XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=ranges))))
+        extension = TypedExtensionConfig(
+            name="envoy.extensions.http.original_ip_detection.xff",
+            typed_config=pack(XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=ranges))),
+        )
     else:
         header = detection["customHeader"]
         # The address comes from a header the operator vouches for: mark it trusted (internal), as EG does.
         config = CustomHeaderConfig(header_name=header["name"], allow_extension_to_set_address_as_trusted=True)
         if header.get("failClosed"):
             config.reject_with_status = HttpStatus(code=StatusCode.Forbidden)
-        extension = TypedExtensionConfig(name="envoy.extensions.http.original_ip_detection.custom_header",
-                                         typed_config=pack(config))  # fmt: skip
+        extension = TypedExtensionConfig(
+            name="envoy.extensions.http.original_ip_detection.custom_header", typed_config=pack(config)
+        )
     hcm.use_remote_address = False
     hcm.original_ip_detection_extensions = [extension]
 
@@ -379,7 +409,9 @@ def load_balancing(policy: Resource | None) -> tuple[LoadBalancing, list[Any]]:
         spec = RouteActionHashPolicyCookie(name=cookie["name"])
         if "ttl" in cookie:
             spec.ttl = parse_duration(cookie["ttl"])
-        spec.attributes = [RouteActionHashPolicyCookieAttribute(name=k, value=v)
-                           for k, v in sorted((cookie.get("attributes") or {}).items())]
+        spec.attributes = [
+            RouteActionHashPolicyCookieAttribute(name=k, value=v)
+            for k, v in sorted((cookie.get("attributes") or {}).items())
+        ]
         hash_policy = RouteActionHashPolicy(cookie=spec)
     return settings, [hash_policy]

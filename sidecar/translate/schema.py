@@ -144,8 +144,10 @@ class Obj(Node):
         for group in self.one_of:
             present = [k for k in group if value.get(k) is not None]
             if len(present) != 1:
-                raise res.error(path or "spec", f"expected exactly one of {', '.join(group)}, got "
-                                f"{', '.join(present) if present else 'none'}")  # fmt: skip
+                raise res.error(
+                    path or "spec",
+                    f"expected exactly one of {', '.join(group)}, got {', '.join(present) if present else 'none'}",
+                )
         for group in self.at_most_one:
             present = [k for k in group if value.get(k) is not None]
             if len(present) > 1:

@@ -41,34 +41,61 @@ __all__ = [
 
 # EG's HTTP filter names in its default order (EnvoyProxy filterOrder enum, same order as the ranks).
 FILTER_NAMES = (
-    "envoy.filters.http.custom_response", "envoy.filters.http.health_check", "envoy.filters.http.fault",
-    "envoy.filters.http.cors", "envoy.filters.http.csrf", "envoy.filters.http.header_mutation",
-    "envoy.filters.http.ext_authz", "envoy.filters.http.api_key_auth", "envoy.filters.http.basic_auth",
-    "envoy.filters.http.oauth2", "envoy.filters.http.jwt_authn", "envoy.filters.http.stateful_session",
-    "envoy.filters.http.buffer", "envoy.filters.http.lua", "envoy.filters.http.ext_proc",
-    "envoy.filters.http.wasm", "envoy.filters.http.dynamic_modules", "envoy.filters.http.geoip",
-    "envoy.filters.http.rbac", "envoy.filters.http.local_ratelimit", "envoy.filters.http.ratelimit",
-    "envoy.filters.http.bandwidth_limit", "envoy.filters.http.grpc_web", "envoy.filters.http.grpc_stats",
-    "envoy.filters.http.credential_injector", "envoy.filters.http.compressor",
+    "envoy.filters.http.custom_response",
+    "envoy.filters.http.health_check",
+    "envoy.filters.http.fault",
+    "envoy.filters.http.cors",
+    "envoy.filters.http.csrf",
+    "envoy.filters.http.header_mutation",
+    "envoy.filters.http.ext_authz",
+    "envoy.filters.http.api_key_auth",
+    "envoy.filters.http.basic_auth",
+    "envoy.filters.http.oauth2",
+    "envoy.filters.http.jwt_authn",
+    "envoy.filters.http.stateful_session",
+    "envoy.filters.http.buffer",
+    "envoy.filters.http.lua",
+    "envoy.filters.http.ext_proc",
+    "envoy.filters.http.wasm",
+    "envoy.filters.http.dynamic_modules",
+    "envoy.filters.http.geoip",
+    "envoy.filters.http.rbac",
+    "envoy.filters.http.local_ratelimit",
+    "envoy.filters.http.ratelimit",
+    "envoy.filters.http.bandwidth_limit",
+    "envoy.filters.http.grpc_web",
+    "envoy.filters.http.grpc_stats",
+    "envoy.filters.http.credential_injector",
+    "envoy.filters.http.compressor",
     "envoy.filters.http.dynamic_forward_proxy",
-)  # fmt: skip
+)
 
 # EG 1.1 called the basic auth filter `basic_authn` in filterOrder (its release post's example does);
 # later EG versions say `basic_auth`, the Envoy name. Both are accepted; order.py maps the old one.
 FILTER_ALIASES = {"envoy.filters.http.basic_authn": "envoy.filters.http.basic_auth"}
 
 _NAME = Str(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", 253, what="a resource name")
-_GROUP = Str(r"^$|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253, min_len=0,
-             what="an API group ('' for the core group)")  # fmt: skip
+_GROUP = Str(
+    r"^$|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+    253,
+    min_len=0,
+    what="an API group ('' for the core group)",
+)
 _KIND = Str(r"[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?", 63, what="a kind")
 _PORT = Int(1, 65535)
-_HOSTNAME = Str(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253,
-                what="a hostname such as www.example.com or *.example.com")  # fmt: skip
+_HOSTNAME = Str(
+    r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+    253,
+    what="a hostname such as www.example.com or *.example.com",
+)
 _HEADER_NAME = Str(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+", 256, what="an HTTP header name")
 _SHA256 = Str(r"[a-f0-9]{64}", 64, 64, what="64 lower-case hex digits")
-_ATTRIBUTE = Str(r"(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*", 253,
-                 what="an attribute name starting with connection., source., destination., request., response., "
-                      "upstream. or xds.route_")  # fmt: skip
+_ATTRIBUTE = Str(
+    r"(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*",
+    253,
+    what="an attribute name starting with connection., source., destination., request., response., "
+    "upstream. or xds.route_",
+)
 
 _TARGET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"])
 _POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, 16, 1)}
@@ -78,26 +105,38 @@ _BACKEND_REF = Obj(
     ["name"],
 )
 _HEADER_VALUE = Obj({"name": _HEADER_NAME, "value": Str(max_len=4096, min_len=0)}, ["name", "value"])
-_HEADER_MODIFIER = Obj({"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16),
-                        "remove": List(_HEADER_NAME, 16)})  # fmt: skip
+_HEADER_MODIFIER = Obj(
+    {"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16), "remove": List(_HEADER_NAME, 16)}
+)
 _PATH_MODIFIER = Obj(
-    {"type": Enum("ReplaceFullPath", "ReplacePrefixMatch"), "replaceFullPath": Str(max_len=1024),
-     "replacePrefixMatch": Str(max_len=1024, min_len=0)},
+    {
+        "type": Enum("ReplaceFullPath", "ReplacePrefixMatch"),
+        "replaceFullPath": Str(max_len=1024),
+        "replacePrefixMatch": Str(max_len=1024, min_len=0),
+    },
     ["type"],
-)  # fmt: skip
+)
 _ROUTE_FILTER = Obj(
     {
         "type": Enum("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite"),
         "requestHeaderModifier": _HEADER_MODIFIER,
         "responseHeaderModifier": _HEADER_MODIFIER,
-        "requestRedirect": Obj({"scheme": Enum("http", "https"), "hostname": _HOSTNAME, "path": _PATH_MODIFIER,
-                                "port": _PORT, "statusCode": Enum(301, 302, 303, 307, 308)}),
+        "requestRedirect": Obj(
+            {
+                "scheme": Enum("http", "https"),
+                "hostname": _HOSTNAME,
+                "path": _PATH_MODIFIER,
+                "port": _PORT,
+                "statusCode": Enum(301, 302, 303, 307, 308),
+            }
+        ),
         "urlRewrite": Obj({"hostname": _HOSTNAME, "path": _PATH_MODIFIER}),
     },
     ["type"],
-)  # fmt: skip
-_MATCH_VALUE = Obj({"type": Enum("Exact", "RegularExpression"), "name": _HEADER_NAME,
-                    "value": Str(max_len=4096)}, ["name", "value"])  # fmt: skip
+)
+_MATCH_VALUE = Obj(
+    {"type": Enum("Exact", "RegularExpression"), "name": _HEADER_NAME, "value": Str(max_len=4096)}, ["name", "value"]
+)
 _ROUTE_MATCH = Obj(
     {
         "path": Obj({"type": Enum("Exact", "PathPrefix", "RegularExpression"), "value": Str(max_len=1024)}),
@@ -115,8 +154,9 @@ _ROUTE_RULE = Obj(
         "timeouts": Obj({"request": Duration()}),
     }
 )
-_PARENT_REF = Obj({"group": _GROUP, "kind": _KIND, "namespace": _NAME, "name": _NAME, "sectionName": _NAME,
-                   "port": _PORT}, ["name"])  # fmt: skip
+_PARENT_REF = Obj(
+    {"group": _GROUP, "kind": _KIND, "namespace": _NAME, "name": _NAME, "sectionName": _NAME, "port": _PORT}, ["name"]
+)
 _SECRET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
 _LISTENER = Obj(
     {
@@ -129,8 +169,9 @@ _LISTENER = Obj(
     },
     ["name", "port", "protocol"],
 )
-_PROCESSING_DIRECTION = Obj({"body": Enum("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed"),
-                             "attributes": List(_ATTRIBUTE, 32)})  # fmt: skip
+_PROCESSING_DIRECTION = Obj(
+    {"body": Enum("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed"), "attributes": List(_ATTRIBUTE, 32)}
+)
 _EXT_PROC = Obj(
     {
         # EG refuses the singular `backendRef` here ("BackendRefs must be used").
@@ -138,25 +179,61 @@ _EXT_PROC = Obj(
         "messageTimeout": Duration(),
         "failOpen": BOOL,
         "shadowMode": BOOL,
-        "statusOnError": Enum(400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416,
-                              417, 421, 422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507,
-                              508, 510, 511),
-        "processingMode": Obj({"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION,
-                               "allowModeOverride": BOOL}),
+        "statusOnError": Enum(
+            400,
+            401,
+            402,
+            403,
+            404,
+            405,
+            406,
+            407,
+            408,
+            409,
+            410,
+            411,
+            412,
+            413,
+            414,
+            415,
+            416,
+            417,
+            421,
+            422,
+            423,
+            424,
+            426,
+            428,
+            429,
+            431,
+            500,
+            501,
+            502,
+            503,
+            504,
+            505,
+            506,
+            507,
+            508,
+            510,
+            511,
+        ),
+        "processingMode": Obj(
+            {"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION, "allowModeOverride": BOOL}
+        ),
         "metadata": Obj({"accessibleNamespaces": List(Str(), 16), "writableNamespaces": List(Str(), 8)}),
     },
     ["backendRefs"],
-)  # fmt: skip
+)
 _WASM_CODE = Obj(
     {
         "type": Enum("HTTP", "Image"),
-        "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256},
-                    ["url"]),
+        "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256}, ["url"]),
         "image": Obj({"url": Str(max_len=2048), "sha256": _SHA256, "pullSecretRef": _SECRET_REF}, ["url"]),
         "pullPolicy": Enum("IfNotPresent", "Always"),
     },
     ["type"],
-)  # fmt: skip
+)
 _WASM = Obj(
     {
         "name": _NAME,
@@ -186,63 +263,149 @@ _FILTER = Enum(*FILTER_NAMES, *FILTER_ALIASES)
 SPEC_SCHEMAS: dict[str, Node] = {
     "GatewayClass": ANY,
     "Gateway": Obj(
-        {"gatewayClassName": _NAME, "listeners": List(_LISTENER, 64, 1),
-         "infrastructure": Obj({"parametersRef": Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
-                                                     ["group", "kind", "name"])})},
+        {
+            "gatewayClassName": _NAME,
+            "listeners": List(_LISTENER, 64, 1),
+            "infrastructure": Obj(
+                {"parametersRef": Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind", "name"])}
+            ),
+        },
         ["gatewayClassName", "listeners"],
     ),
-    "HTTPRoute": Obj({"parentRefs": List(_PARENT_REF, 32), "hostnames": List(_HOSTNAME, 16),
-                      "rules": List(_ROUTE_RULE, 16)}),
+    "HTTPRoute": Obj(
+        {"parentRefs": List(_PARENT_REF, 32), "hostnames": List(_HOSTNAME, 16), "rules": List(_ROUTE_RULE, 16)}
+    ),
     "Backend": Obj(
-        {"type": Enum("Endpoints"), "endpoints": List(_ENDPOINT, 64, 1),
-         "appProtocols": List(Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws",
-                                   "gateway.envoyproxy.io/wss"), 41)},
+        {
+            "type": Enum("Endpoints"),
+            "endpoints": List(_ENDPOINT, 64, 1),
+            "appProtocols": List(
+                Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
+            ),
+        },
         ["endpoints"],
     ),
     "BackendTLSPolicy": Obj(
-        {"targetRefs": List(_TARGET_REF, 16, 1),
-         "validation": Obj({"caCertificateRefs": List(Obj({"group": _GROUP, "kind": _KIND, "name": _NAME},
-                                                         ["group", "kind", "name"]), 8),
-                            "wellKnownCACertificates": Enum("System"), "hostname": _HOSTNAME}, ["hostname"])},
+        {
+            "targetRefs": List(_TARGET_REF, 16, 1),
+            "validation": Obj(
+                {
+                    "caCertificateRefs": List(
+                        Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind", "name"]), 8
+                    ),
+                    "wellKnownCACertificates": Enum("System"),
+                    "hostname": _HOSTNAME,
+                },
+                ["hostname"],
+            ),
+        },
         ["targetRefs", "validation"],
     ),
     "EnvoyExtensionPolicy": Obj({**_POLICY_TARGETS, "extProc": List(_EXT_PROC, 16), "wasm": List(_WASM, 16)}),
-    "SecurityPolicy": Obj({**_POLICY_TARGETS, "authorization": Obj({
-        "defaultAction": Enum("Allow", "Deny"),
-        "rules": List(Obj({"name": _NAME, "action": Enum("Allow", "Deny"),
-                           "principal": Obj({"clientCIDRs": List(_CIDR, 256, 1)}, ["clientCIDRs"])},
-                          ["action", "principal"]), 128),
-    })}),
-    "ClientTrafficPolicy": Obj({**_POLICY_TARGETS, "clientIPDetection": Obj(
-        {"xForwardedFor": Obj({"numTrustedHops": Int(0, 2**31 - 1), "trustedCIDRs": List(_CIDR, 64, 1),
-                               "disableXForwardedForAppend": BOOL},
-                              one_of=[("numTrustedHops", "trustedCIDRs")]),
-         "customHeader": Obj({"name": Str(r"[A-Za-z0-9-]+", 255), "failClosed": BOOL}, ["name"])},
-        one_of=[("xForwardedFor", "customHeader")],
-    )}),
-    "BackendTrafficPolicy": Obj({**_POLICY_TARGETS, "loadBalancer": Obj(
-        {"type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
-         "consistentHash": Obj({
-             "type": Enum("SourceIP", "Header", "Cookie"),
-             "header": Obj({"name": _HEADER_NAME}, ["name"]),
-             "cookie": Obj({"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]),
-             "tableSize": Int(2, 5000011),
-         }, ["type"])},
-        ["type"],
-    )}),
-    "EnvoyProxy": Obj({
-        "filterOrder": List(Obj({"name": _FILTER, "before": _FILTER, "after": _FILTER}, ["name"],
-                                one_of=[("before", "after")]), 32),
-        # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
-        "provider": ANY,
-    }),
+    "SecurityPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "authorization": Obj(
+                {
+                    "defaultAction": Enum("Allow", "Deny"),
+                    "rules": List(
+                        Obj(
+                            {
+                                "name": _NAME,
+                                "action": Enum("Allow", "Deny"),
+                                "principal": Obj({"clientCIDRs": List(_CIDR, 256, 1)}, ["clientCIDRs"]),
+                            },
+                            ["action", "principal"],
+                        ),
+                        128,
+                    ),
+                }
+            ),
+        }
+    ),
+    "ClientTrafficPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "clientIPDetection": Obj(
+                {
+                    "xForwardedFor": Obj(
+                        {
+                            "numTrustedHops": Int(0, 2**31 - 1),
+                            "trustedCIDRs": List(_CIDR, 64, 1),
+                            "disableXForwardedForAppend": BOOL,
+                        },
+                        one_of=[("numTrustedHops", "trustedCIDRs")],
+                    ),
+                    "customHeader": Obj({"name": Str(r"[A-Za-z0-9-]+", 255), "failClosed": BOOL}, ["name"]),
+                },
+                one_of=[("xForwardedFor", "customHeader")],
+            ),
+        }
+    ),
+    "BackendTrafficPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "loadBalancer": Obj(
+                {
+                    "type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
+                    "consistentHash": Obj(
+                        {
+                            "type": Enum("SourceIP", "Header", "Cookie"),
+                            "header": Obj({"name": _HEADER_NAME}, ["name"]),
+                            "cookie": Obj(
+                                {"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]
+                            ),
+                            "tableSize": Int(2, 5000011),
+                        },
+                        ["type"],
+                    ),
+                },
+                ["type"],
+            ),
+        }
+    ),
+    "EnvoyProxy": Obj(
+        {
+            "filterOrder": List(
+                Obj({"name": _FILTER, "before": _FILTER, "after": _FILTER}, ["name"], one_of=[("before", "after")]), 32
+            ),
+            # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
+            "provider": ANY,
+        }
+    ),
     # Services are only ever referenced (their ports checked); the rest of a Service spec is not ours.
-    "Service": Obj({"ports": List(Obj({"port": _PORT, "name": Str(), "protocol": Enum("TCP", "UDP", "SCTP"),
-                                       "targetPort": ANY, "appProtocol": Str(), "nodePort": ANY}, ["port"]), 64),
-                    "type": Enum("ClusterIP", "ExternalName", "NodePort", "LoadBalancer"),
-                    "clusterIP": Str(max_len=45), "externalName": _HOSTNAME,
-                    **{k: ANY for k in ("selector", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "sessionAffinity",
-                                        "externalTrafficPolicy")}}),
+    "Service": Obj(
+        {
+            "ports": List(
+                Obj(
+                    {
+                        "port": _PORT,
+                        "name": Str(),
+                        "protocol": Enum("TCP", "UDP", "SCTP"),
+                        "targetPort": ANY,
+                        "appProtocol": Str(),
+                        "nodePort": ANY,
+                    },
+                    ["port"],
+                ),
+                64,
+            ),
+            "type": Enum("ClusterIP", "ExternalName", "NodePort", "LoadBalancer"),
+            "clusterIP": Str(max_len=45),
+            "externalName": _HOSTNAME,
+            **{
+                k: ANY
+                for k in (
+                    "selector",
+                    "clusterIPs",
+                    "ipFamilies",
+                    "ipFamilyPolicy",
+                    "sessionAffinity",
+                    "externalTrafficPolicy",
+                )
+            },
+        }
+    ),
 }
 
 _ENVELOPE = {"apiVersion", "kind", "metadata", "spec", "status"}
@@ -315,18 +478,24 @@ def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, A
     if (group, kind) == ("", "Service"):
         service = resources.get("Service", namespace, ref["name"])
         if service is None:
-            raise owner.error(f"{path}.name", f"no Service {namespace}/{ref['name']} in the input files "
-                              "(or use a Backend of group gateway.envoyproxy.io)")  # fmt: skip
+            raise owner.error(
+                f"{path}.name",
+                f"no Service {namespace}/{ref['name']} in the input files "
+                "(or use a Backend of group gateway.envoyproxy.io)",
+            )
         port = ref.get("port")
         if port is None:
             raise owner.error(f"{path}.port", "required for a Service backendRef (a port of the Service)")
         ports = [p.get("port") for p in service.spec.get("ports") or []]
         if port not in ports:
-            raise owner.error(f"{path}.port", f"Service {namespace}/{ref['name']} has no port {port} "
-                              f"(ports: {', '.join(map(str, ports)) or 'none'})")  # fmt: skip
+            raise owner.error(
+                f"{path}.port",
+                f"Service {namespace}/{ref['name']} has no port {port} (ports: {', '.join(map(str, ports)) or 'none'})",
+            )
         return BackendTarget(service, port, weight)
-    raise owner.error(path, f"expected a Backend (group {EG_API}) or a Service (group ''), "
-                      f"got group {group!r} kind {kind!r}")  # fmt: skip
+    raise owner.error(
+        path, f"expected a Backend (group {EG_API}) or a Service (group ''), got group {group!r} kind {kind!r}"
+    )
 
 
 def host_intersection(route_host: str, listener_host: str | None) -> str | None:
@@ -396,9 +565,12 @@ class _Checker:
                 check(res)
         unreferenced = _unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
-            raise unreferenced[1].error("metadata.name", "more than one EnvoyProxy with a filterOrder is not "
-                                        "referenced by a Gateway's spec.infrastructure.parametersRef; "
-                                        "reference each from its Gateway")  # fmt: skip
+            raise unreferenced[1].error(
+                "metadata.name",
+                "more than one EnvoyProxy with a filterOrder is not "
+                "referenced by a Gateway's spec.infrastructure.parametersRef; "
+                "reference each from its Gateway",
+            )
 
     def _secret_ref(self, owner: Resource, ref: dict[str, Any], path: str, keys: tuple[str, ...]) -> Resource:
         kind = ref.get("kind", "Secret")
@@ -425,8 +597,12 @@ class _Checker:
                 if not refs:
                     raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
                 for i, ref in enumerate(refs):
-                    self._secret_ref(res, {**ref, "kind": ref.get("kind", "Secret")},
-                                     f"{path}.tls.certificateRefs[{i}]", ("tls.crt", "tls.key"))  # fmt: skip
+                    self._secret_ref(
+                        res,
+                        {**ref, "kind": ref.get("kind", "Secret")},
+                        f"{path}.tls.certificateRefs[{i}]",
+                        ("tls.crt", "tls.key"),
+                    )
             elif listener.get("tls"):
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
         https_hosts: dict[int, set[str | None]] = {}
@@ -436,17 +612,23 @@ class _Checker:
             seen = https_hosts.setdefault(listener["port"], set())
             if listener.get("hostname") in seen:
                 # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
-                raise res.error(f"spec.listeners[{index}].hostname", f"HTTPS listeners sharing port "
-                                f"{listener['port']} need distinct hostnames")  # fmt: skip
+                raise res.error(
+                    f"spec.listeners[{index}].hostname",
+                    f"HTTPS listeners sharing port {listener['port']} need distinct hostnames",
+                )
             seen.add(listener.get("hostname"))
         ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
         if ref is not None:
             if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
-                raise res.error("spec.infrastructure.parametersRef", f"expected group {EG_API} kind EnvoyProxy, "
-                                f"got {ref['group']}/{ref['kind']}")  # fmt: skip
+                raise res.error(
+                    "spec.infrastructure.parametersRef",
+                    f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}",
+                )
             if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
-                raise res.error("spec.infrastructure.parametersRef.name",
-                                f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files")
+                raise res.error(
+                    "spec.infrastructure.parametersRef.name",
+                    f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files",
+                )
 
     def _HTTPRoute(self, res: Resource) -> None:
         for index, parent in enumerate(res.spec.get("parentRefs") or []):
@@ -459,21 +641,30 @@ class _Checker:
                 raise res.error(f"{path}.name", f"no Gateway {namespace}/{parent['name']} in the input files")
             section = parent.get("sectionName")
             if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
-                raise res.error(f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener "
-                                f"named {section!r}")  # fmt: skip
+                raise res.error(
+                    f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                )
             if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
-                raise res.error(path, f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
-                                "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
-                                "allowedRoutes.namespaces)")  # fmt: skip
+                raise res.error(
+                    path,
+                    f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                    "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                    "allowedRoutes.namespaces)",
+                )
         for r, rule in enumerate(res.spec.get("rules") or []):
             refs = rule.get("backendRefs") or []
-            targets = [backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
-                       for i, ref in enumerate(refs)]  # fmt: skip
+            targets = [
+                backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
+                for i, ref in enumerate(refs)
+            ]
             kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
             if "fqdn" in kinds and len(kinds) > 1:
-                raise res.error(f"spec.rules[{r}].backendRefs", "mixes FQDN endpoints with "
-                                f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
-                                "address type per rule (split the rule, or use one kind of Backend)")  # fmt: skip
+                raise res.error(
+                    f"spec.rules[{r}].backendRefs",
+                    "mixes FQDN endpoints with "
+                    f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
+                    "address type per rule (split the rule, or use one kind of Backend)",
+                )
             filters = rule.get("filters") or []
             for f, flt in enumerate(filters):
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
@@ -492,22 +683,27 @@ class _Checker:
                     try:
                         re.compile(regex)
                     except re.error as exc:
-                        raise res.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: "
-                                        f"{exc}") from None  # fmt: skip
+                        raise res.error(
+                            f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}"
+                        ) from None
 
     def _Backend(self, res: Resource) -> None:
         kinds = {_endpoint_kind(e) for e in res.spec["endpoints"]}
         if "fqdn" in kinds and len(kinds) > 1:
-            raise res.error("spec.endpoints", "mixes fqdn with ip/unix endpoints; EG needs one address type "
-                            "(a Backend of IPs and sockets, or one of FQDNs)")  # fmt: skip
+            raise res.error(
+                "spec.endpoints",
+                "mixes fqdn with ip/unix endpoints; EG needs one address type "
+                "(a Backend of IPs and sockets, or one of FQDNs)",
+            )
         for index, endpoint in enumerate(res.spec["endpoints"]):
             path = f"spec.endpoints[{index}]"
             if endpoint.get("ip") is not None:
                 try:
                     address = ipaddress.ip_address(endpoint["ip"]["address"])
                 except ValueError:
-                    raise res.error(f"{path}.ip.address", f"expected an IPv4 or IPv6 address, got "
-                                    f"{endpoint['ip']['address']!r}") from None  # fmt: skip
+                    raise res.error(
+                        f"{path}.ip.address", f"expected an IPv4 or IPv6 address, got {endpoint['ip']['address']!r}"
+                    ) from None
                 if self.strict_eg and address.is_loopback:
                     raise res.error(f"{path}.ip.address", f"{address} is a loopback address, which EG refuses")
             elif endpoint.get("fqdn") is not None:
@@ -515,8 +711,10 @@ class _Checker:
                 if not _HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
                     raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
                 if "." not in host:
-                    raise res.error(f"{path}.fqdn.hostname", f"expected a domain of two or more labels "
-                                    f"(EG refuses single-label names), got {host!r}")  # fmt: skip
+                    raise res.error(
+                        f"{path}.fqdn.hostname",
+                        f"expected a domain of two or more labels (EG refuses single-label names), got {host!r}",
+                    )
             elif not endpoint["unix"]["path"].startswith("/"):
                 raise res.error(f"{path}.unix.path", f"expected an absolute path, got {endpoint['unix']['path']!r}")
 
@@ -553,39 +751,55 @@ class _Checker:
             raise res.error("spec", "expected exactly one of targetRef or targetRefs, got both")
         for path, ref in targets:
             if ref["group"] != GATEWAY_API or ref["kind"] not in kinds:
-                raise res.error(path, f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, "
-                                f"got {ref['group']}/{ref['kind']}")  # fmt: skip
+                raise res.error(
+                    path,
+                    f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, got {ref['group']}/{ref['kind']}",
+                )
             target = self.resources.get(ref["kind"], res.namespace, ref["name"])
             if target is None:
                 raise res.error(f"{path}.name", f"no {ref['kind']} {res.namespace}/{ref['name']} in the input files")
             section = ref.get("sectionName")
             if section:
-                sections = ([li["name"] for li in target.spec["listeners"]] if target.kind == "Gateway"
-                            else [rule.get("name") for rule in target.spec.get("rules") or []])  # fmt: skip
+                sections = (
+                    [li["name"] for li in target.spec["listeners"]]
+                    if target.kind == "Gateway"
+                    else [rule.get("name") for rule in target.spec.get("rules") or []]
+                )
                 if section not in sections:
-                    raise res.error(f"{path}.sectionName", f"{target.kind} {target.namespace}/{target.name} has "
-                                    f"no section named {section!r}")  # fmt: skip
+                    raise res.error(
+                        f"{path}.sectionName",
+                        f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                    )
 
     def _EnvoyExtensionPolicy(self, res: Resource) -> None:
         self._targets(res, ("Gateway", "HTTPRoute"))
         for index, ext in enumerate(res.spec.get("extProc") or []):
             path = f"spec.extProc[{index}]"
             refs = ext["backendRefs"]
-            targets = [backend_ref_target(self.resources, res, ref, f"{path}.backendRefs[{i}]")
-                       for i, ref in enumerate(refs)]  # fmt: skip
+            targets = [
+                backend_ref_target(self.resources, res, ref, f"{path}.backendRefs[{i}]") for i, ref in enumerate(refs)
+            ]
             kinds = set().union(*(endpoint_kinds(t) for t in targets))
             if "fqdn" in kinds and len(kinds) > 1:
-                raise res.error(f"{path}.backendRefs", "mixes FQDN endpoints with other endpoint types; EG "
-                                "needs one address type per extProc")  # fmt: skip
+                raise res.error(
+                    f"{path}.backendRefs",
+                    "mixes FQDN endpoints with other endpoint types; EG needs one address type per extProc",
+                )
             mode = ext.get("processingMode") or {}
             full_duplex = any((mode.get(d) or {}).get("body") == "FullDuplexStreamed" for d in ("request", "response"))
             if full_duplex and ext.get("failOpen"):
-                raise res.error(f"{path}.failOpen", "expected false with body mode FullDuplexStreamed "
-                                "(Envoy refuses fail-open for full-duplex streaming)")  # fmt: skip
+                raise res.error(
+                    f"{path}.failOpen",
+                    "expected false with body mode FullDuplexStreamed "
+                    "(Envoy refuses fail-open for full-duplex streaming)",
+                )
             waiting = {str(b) for d in ("request", "response") if (b := (mode.get(d) or {}).get("body"))} - {"Streamed"}
             if ext.get("shadowMode") and waiting:
-                raise res.error(f"{path}.shadowMode", "expected body mode Streamed or none with shadowMode "
-                                f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)")  # fmt: skip
+                raise res.error(
+                    f"{path}.shadowMode",
+                    "expected body mode Streamed or none with shadowMode "
+                    f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)",
+                )
         for index, wasm in enumerate(res.spec.get("wasm") or []):
             path = f"spec.wasm[{index}].code"
             code = wasm["code"]
@@ -597,8 +811,12 @@ class _Checker:
                 raise res.error(f"{path}.{other}", f"not allowed with type {code['type']}")
             secret = (code.get("image") or {}).get("pullSecretRef")
             if secret is not None:
-                self._secret_ref(res, {**secret, "kind": secret.get("kind", "Secret")}, f"{path}.image.pullSecretRef",
-                                 (".dockerconfigjson",))  # fmt: skip
+                self._secret_ref(
+                    res,
+                    {**secret, "kind": secret.get("kind", "Secret")},
+                    f"{path}.image.pullSecretRef",
+                    (".dockerconfigjson",),
+                )
             config = wasm.get("config")
             if config is not None and not isinstance(config, dict | list | str | int | float | bool):
                 raise res.error(f"spec.wasm[{index}].config", "expected JSON-compatible data")
@@ -611,8 +829,10 @@ class _Checker:
                 try:
                     ipaddress.ip_network(cidr, strict=False)
                 except ValueError:
-                    raise res.error(f"spec.authorization.rules[{r}].principal.clientCIDRs[{c}]",
-                                    f"expected a CIDR such as 10.0.1.0/24 or 2001:db8::/32, got {cidr!r}") from None
+                    raise res.error(
+                        f"spec.authorization.rules[{r}].principal.clientCIDRs[{c}]",
+                        f"expected a CIDR such as 10.0.1.0/24 or 2001:db8::/32, got {cidr!r}",
+                    ) from None
 
     def _ClientTrafficPolicy(self, res: Resource) -> None:
         # EG accepts only Gateway targets here; HTTPRoute is accepted (applied to the route's listeners)
@@ -623,8 +843,9 @@ class _Checker:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise res.error(f"spec.clientIPDetection.xForwardedFor.trustedCIDRs[{c}]",
-                                f"expected a CIDR, got {cidr!r}") from None  # fmt: skip
+                raise res.error(
+                    f"spec.clientIPDetection.xForwardedFor.trustedCIDRs[{c}]", f"expected a CIDR, got {cidr!r}"
+                ) from None
 
     def _BackendTrafficPolicy(self, res: Resource) -> None:
         self._targets(res, ("Gateway", "HTTPRoute"))
@@ -638,12 +859,15 @@ class _Checker:
             kind = consistent["type"]
             for field in ("header", "cookie"):
                 if (kind.lower() == field) != (consistent.get(field) is not None):
-                    raise res.error(f"spec.loadBalancer.consistentHash.{field}",
-                                    f"required with type {field.title()} and only then")  # fmt: skip
+                    raise res.error(
+                        f"spec.loadBalancer.consistentHash.{field}", f"required with type {field.title()} and only then"
+                    )
             size = consistent.get("tableSize", 65537)
             if not _is_prime(size):
-                raise res.error("spec.loadBalancer.consistentHash.tableSize", f"expected a prime number "
-                                f"(Maglev needs one), got {size}")  # fmt: skip
+                raise res.error(
+                    "spec.loadBalancer.consistentHash.tableSize",
+                    f"expected a prime number (Maglev needs one), got {size}",
+                )
 
     def _EnvoyProxy(self, res: Resource) -> None:
         for index, entry in enumerate(res.spec.get("filterOrder") or []):
@@ -652,10 +876,13 @@ class _Checker:
 
 
 def _unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
-    referenced = {(g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
-                  for g in resources.of("Gateway")}  # fmt: skip
-    return [p for p in resources.of("EnvoyProxy")
-            if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced]  # fmt: skip
+    referenced = {
+        (g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
+        for g in resources.of("Gateway")
+    }
+    return [
+        p for p in resources.of("EnvoyProxy") if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced
+    ]
 
 
 def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:

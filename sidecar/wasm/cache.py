@@ -202,14 +202,10 @@ class ModuleCache:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def store(
-        self, temp: Path, sha256: str, size: int, keys: Sequence[str], digest: str, source: str
-    ) -> CachedModule:
+    def store(self, temp: Path, sha256: str, size: int, keys: Sequence[str], digest: str, source: str) -> CachedModule:
         """Publish a verified module file (renamed, not copied) and point `keys` at it."""
         if size > self.max_bytes:
-            raise TooLargeError(
-                f"{source}: module is {size} bytes, more than the cache cap of {self.max_bytes}"
-            )
+            raise TooLargeError(f"{source}: module is {size} bytes, more than the cache cap of {self.max_bytes}")
         final = self.path_for(sha256)
         try:
             os.chmod(temp, self._file_mode)
@@ -254,9 +250,7 @@ class ModuleCache:
         with self._index_lock():
             index = self._read_index()
             if module.sha256 not in index["modules"]:
-                raise CacheError(
-                    f"cache index {self._index}: module {module.sha256} vanished during the pull"
-                )
+                raise CacheError(f"cache index {self._index}: module {module.sha256} vanished during the pull")
             now = time.time()
             index["modules"][module.sha256]["last_used"] = now
             for key in keys:

@@ -155,9 +155,7 @@ class ModuleFetcher:
                     body_sha, size = fetch_url(url, handle, self.options, deadline, progress)
                     handle.flush()
                     if want is not None and body_sha != want:
-                        raise ChecksumMismatchError(
-                            f"URL {shown}: body has sha256 {body_sha}, but sha256 says {want}"
-                        )
+                        raise ChecksumMismatchError(f"URL {shown}: body has sha256 {body_sha}, but sha256 says {want}")
                     keys = [f"{key}#{body_sha}", key]
                     digest = "sha256:" + body_sha
                     module = self._publish(path, (body_sha, size), keys, digest, shown, f"URL {shown}")
@@ -180,9 +178,7 @@ class ModuleFetcher:
         with open(path, "rb") as handle:
             head = handle.read(len(WASM_MAGIC))
         if head != WASM_MAGIC:
-            raise NotWasmError(
-                f"{where}: not a WebAssembly module (starts with {head!r}, expected b'\\x00asm')"
-            )
+            raise NotWasmError(f"{where}: not a WebAssembly module (starts with {head!r}, expected b'\\x00asm')")
         sha, size = sha_size
         return self.cache.store(path, sha, size, keys, digest, source)
 

@@ -120,12 +120,8 @@ def build_image(module: bytes, layout: str) -> BuiltImage:
 
 def build_index(manifest: bytes, media_type: str, platforms: tuple[tuple[str, str], ...]) -> bytes:
     """An OCI index listing `manifest` once per (os, architecture); the puller picks linux/amd64."""
-    entries = [
-        dict(_descriptor(media_type, manifest), platform={"os": o, "architecture": a}) for o, a in platforms
-    ]
-    return json.dumps(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, sort_keys=True
-    ).encode()
+    entries = [dict(_descriptor(media_type, manifest), platform={"os": o, "architecture": a}) for o, a in platforms]
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, sort_keys=True).encode()
 
 
 def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, where: str) -> tuple[str, int]:
@@ -136,9 +132,7 @@ def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, whe
             for count, member in enumerate(tar):
                 deadline.check()
                 if count >= _MAX_TAR_MEMBERS:
-                    raise NotWasmError(
-                        f"{where}: more than {_MAX_TAR_MEMBERS} tar members and no plugin.wasm"
-                    )
+                    raise NotWasmError(f"{where}: more than {_MAX_TAR_MEMBERS} tar members and no plugin.wasm")
                 if member.name.removeprefix("./").lstrip("/") != "plugin.wasm" or not member.isfile():
                     continue
                 source = tar.extractfile(member)
@@ -149,9 +143,7 @@ def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, whe
     raise NotWasmError(f"{where}: tar+gzip layer holds no plugin.wasm")
 
 
-def _copy_capped(
-    source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str
-) -> tuple[str, int]:
+def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str) -> tuple[str, int]:
     digest = hashlib.sha256()
     total = 0
     while chunk := source.read(256 << 10):
@@ -187,9 +179,7 @@ def push_image(
     except OSError as exc:
         raise BadReferenceError(f"module file {module_path}: cannot read ({exc.strerror})") from None
     if len(module) > options.max_module_bytes:
-        raise TooLargeError(
-            f"module file {module_path}: more than the cap of {options.max_module_bytes} bytes"
-        )
+        raise TooLargeError(f"module file {module_path}: more than the cap of {options.max_module_bytes} bytes")
     if not module.startswith(WASM_MAGIC):
         raise NotWasmError(f"module file {module_path}: not a WebAssembly module (no \\0asm magic)")
     image = build_image(module, layout)

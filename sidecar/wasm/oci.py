@@ -208,17 +208,13 @@ class RegistryClient:
         scheme = challenge.split(" ", 1)[0].lower()
         if scheme == "basic":
             if self._credentials is None:
-                raise AuthError(
-                    f"{what}: registry {self.ref.api_host} requires credentials and none were given"
-                )
+                raise AuthError(f"{what}: registry {self.ref.api_host} requires credentials and none were given")
             if self._authorization is not None:
                 raise AuthError(f"{what}: registry {self.ref.api_host} rejected {self._who()}")
             self._authorization = self._credentials.basic_header()
             return
         if scheme != "bearer":
-            raise AuthError(
-                f"{what}: registry {self.ref.api_host} asks for unsupported auth {scheme or 'none'!r}"
-            )
+            raise AuthError(f"{what}: registry {self.ref.api_host} asks for unsupported auth {scheme or 'none'!r}")
         self._check_realm(challenge, what)
         auth = self._registry.auth
         try:
@@ -229,9 +225,7 @@ class RegistryClient:
                 f"{what}: the token endpoint of {self.ref.api_host} did not answer in time"
             ) from None
         except requests.RequestException as exc:
-            raise UnavailableError(
-                f"{what}: cannot reach the token endpoint ({type(exc).__name__})"
-            ) from None
+            raise UnavailableError(f"{what}: cannot reach the token endpoint ({type(exc).__name__})") from None
         except ValueError:
             raise AuthError(f"{what}: the token endpoint of {self.ref.api_host} sent no JSON token") from None
         token_header = headers.get("Authorization") if changed else None
@@ -246,13 +240,9 @@ class RegistryClient:
         if parsed.scheme == "https":
             return
         registry_host = self.ref.api_host.rsplit(":", 1)[0]
-        if parsed.scheme == "http" and (
-            parsed.hostname == registry_host or self._options.is_insecure(parsed.netloc)
-        ):
+        if parsed.scheme == "http" and (parsed.hostname == registry_host or self._options.is_insecure(parsed.netloc)):
             return
-        raise AuthError(
-            f"{what}: refusing to send credentials to token realm {realm!r} (not HTTPS, not trusted)"
-        )
+        raise AuthError(f"{what}: refusing to send credentials to token realm {realm!r} (not HTTPS, not trusted)")
 
     def _raise_status(self, response: requests.Response, what: str) -> None:
         status = response.status_code
@@ -274,26 +264,18 @@ class RegistryClient:
 
     # --- pulling ---
 
-    def get_manifest(
-        self, reference: str, expected: Descriptor | None = None
-    ) -> tuple[dict[str, Any], str, str]:
+    def get_manifest(self, reference: str, expected: Descriptor | None = None) -> tuple[dict[str, Any], str, str]:
         """Fetch and verify one manifest; return (document, media type, digest)."""
         what = (
-            f"manifest {self.ref.name}:{reference}"
-            if ":" not in reference
-            else f"manifest {self.ref.name}@{reference}"
+            f"manifest {self.ref.name}:{reference}" if ":" not in reference else f"manifest {self.ref.name}@{reference}"
         )
         accept = ", ".join((*_MANIFESTS, *_INDEXES))
-        response = self.request(
-            "GET", f"manifests/{reference}", what=what, headers={"Accept": accept}, stream=True
-        )
+        response = self.request("GET", f"manifests/{reference}", what=what, headers={"Accept": accept}, stream=True)
         with response:
             cap = self._options.max_manifest_bytes
             if expected is not None:
                 if expected.size > cap:
-                    raise TooLargeError(
-                        f"{what}: descriptor says {expected.size} bytes, more than the cap of {cap}"
-                    )
+                    raise TooLargeError(f"{what}: descriptor says {expected.size} bytes, more than the cap of {cap}")
                 cap = expected.size
             body = read_capped(response, cap, what, self._deadline)
             content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
@@ -371,9 +353,7 @@ class RegistryClient:
     def push_manifest(self, reference: str, body: bytes, media_type: str) -> str:
         what = f"upload of manifest {self.ref.name}:{reference}"
         headers = {"Content-Type": media_type}
-        self.request(
-            "PUT", f"manifests/{reference}", what=what, headers=headers, data=body, ok=(201,)
-        ).close()
+        self.request("PUT", f"manifests/{reference}", what=what, headers=headers, data=body, ok=(201,)).close()
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
@@ -385,11 +365,7 @@ def _pick_platform(index: Mapping[str, Any], where: str) -> Descriptor:
         return Descriptor.parse(entries[0], f"{where} manifests[0]")
     for n, entry in enumerate(entries):
         platform = entry.get("platform") if isinstance(entry, Mapping) else None
-        if (
-            isinstance(platform, Mapping)
-            and platform.get("os") == "linux"
-            and platform.get("architecture") == "amd64"
-        ):
+        if isinstance(platform, Mapping) and platform.get("os") == "linux" and platform.get("architecture") == "amd64":
             return Descriptor.parse(entry, f"{where} manifests[{n}]")
     raise UnsupportedMediaTypeError(f"{where}: {len(entries)} manifests and none for linux/amd64")
 

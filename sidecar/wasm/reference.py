@@ -82,9 +82,7 @@ def parse_image_ref(text: str) -> ImageRef:
     if text.startswith("oci://"):
         text = text[len("oci://") :]
     if not text or any(c.isspace() for c in text):
-        raise BadReferenceError(
-            f"image reference {original!r}: expected [oci://]host/repository[:tag][@sha256:...]"
-        )
+        raise BadReferenceError(f"image reference {original!r}: expected [oci://]host/repository[:tag][@sha256:...]")
     digest: str | None = None
     if "@" in text:
         text, _, raw_digest = text.partition("@")

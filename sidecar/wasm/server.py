@@ -39,9 +39,7 @@ class ModuleServer:
         self._lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         bound_port = int(self._httpd.server_address[1])
         self.base_url = f"http://{advertise_host or host}:{bound_port}"
         self._thread.start()

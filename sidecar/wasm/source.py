@@ -69,9 +69,7 @@ def fetch_source(
     if kind == "HTTP":
         http = _section(spec, "http")
         return fetcher.pull_http(_url(http, "http"), sha256=_sha(http, "http"), policy=policy)
-    raise BadReferenceError(
-        f"wasm code.type {kind!r}: expected 'Image' or 'HTTP' (ConfigMap is not supported)"
-    )
+    raise BadReferenceError(f"wasm code.type {kind!r}: expected 'Image' or 'HTTP' (ConfigMap is not supported)")
 
 
 def envoy_code(

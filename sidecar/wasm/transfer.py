@@ -90,9 +90,7 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         return super().send(request, *args, **kwargs)
 
 
-def new_session(
-    deadline: Deadline, options: FetchOptions, session: requests.Session | None = None
-) -> requests.Session:
+def new_session(deadline: Deadline, options: FetchOptions, session: requests.Session | None = None) -> requests.Session:
     """Fit `session` (or a new one) with deadline-bound timeouts and the CA bundle."""
     session = session if session is not None else requests.Session()
     adapter = _DeadlineAdapter(deadline, options.request_timeout)
@@ -141,9 +139,7 @@ def stream_verified(
     if declared is not None and declared.isdigit() and int(declared) > limit:
         _raise_oversize(what, int(declared), cap, expected_size)
     total_hint = (
-        expected_size
-        if expected_size is not None
-        else (int(declared) if declared and declared.isdigit() else None)
+        expected_size if expected_size is not None else (int(declared) if declared and declared.isdigit() else None)
     )
     digest = hashlib.sha256()
     size = 0
@@ -158,16 +154,12 @@ def stream_verified(
                 progress(size, total_hint)
             deadline.check()
     except requests.RequestException as exc:
-        raise UnavailableError(
-            f"{what}: connection failed after {size} bytes ({type(exc).__name__})"
-        ) from None
+        raise UnavailableError(f"{what}: connection failed after {size} bytes ({type(exc).__name__})") from None
     if expected_size is not None and size != expected_size:
         raise IntegrityError(f"{what}: got {size} bytes, the descriptor says {expected_size}")
     actual = digest.hexdigest()
     if expected_sha256 is not None and actual != expected_sha256:
-        raise IntegrityError(
-            f"{what}: content has sha256:{actual}, the descriptor says sha256:{expected_sha256}"
-        )
+        raise IntegrityError(f"{what}: content has sha256:{actual}, the descriptor says sha256:{expected_sha256}")
     return actual, size
 
 

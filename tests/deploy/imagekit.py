@@ -85,10 +85,26 @@ def _base_rootfs(log: Path) -> Path:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(partial),
-         debian_mirror()], timeout=900, log=log)  # fmt: skip
-    for trim in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man", "usr/share/locale",
-                 "usr/share/info"):  # fmt: skip
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(BASE_PACKAGES)}",
+            SUITE,
+            str(partial),
+            debian_mirror(),
+        ],
+        timeout=900,
+        log=log,
+    )
+    for trim in (
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/locale",
+        "usr/share/info",
+    ):
         shutil.rmtree(partial / trim, ignore_errors=True)
         (partial / trim).mkdir(parents=True, exist_ok=True)
     partial.rename(target)
@@ -104,8 +120,16 @@ class Buildah:
         self.log = log
 
     def __call__(self, *args: str, timeout: float = 600) -> str:
-        cmd = ["buildah", "--root", str(self.storage / "root"), "--runroot", str(self.storage / "run"),
-               "--storage-driver", "vfs", *args]  # fmt: skip
+        cmd = [
+            "buildah",
+            "--root",
+            str(self.storage / "root"),
+            "--runroot",
+            str(self.storage / "run"),
+            "--storage-driver",
+            "vfs",
+            *args,
+        ]
         return run(cmd, timeout=timeout, log=self.log).stdout.strip()
 
     def base_image(self, rootfs: Path) -> str:

@@ -37,14 +37,23 @@ EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def test_ci_cases_cover_the_acceptance_list() -> None:
-    assert {"eg-extproc-values.yaml", "eg-wasm-values.yaml", "standalone-values.yaml",
-            "all-options-values.yaml"} <= set(CASES)  # fmt: skip
+    assert {
+        "eg-extproc-values.yaml",
+        "eg-wasm-values.yaml",
+        "standalone-values.yaml",
+        "all-options-values.yaml",
+    } <= set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_lint_strict(helm: Path, case: str) -> None:
-    proc = subprocess.run([str(helm), "lint", "--strict", str(CHART), "-f", str(CI / case)],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [str(helm), "lint", "--strict", str(CHART), "-f", str(CI / case)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 chart(s) failed" in proc.stdout
 
@@ -176,8 +185,12 @@ def test_crd_cel_rules_are_evaluated_and_can_fail(render: Render) -> None:
 def test_strict_crd_validation_catches_a_misspelt_field() -> None:
     if not EG_CRDS.is_dir():
         pytest.skip("no ../shared EG CRDs")
-    bad = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend", "metadata": {"name": "x"},
-           "spec": {"endpoints": [{"unix": {"pth": "/x.sock"}}]}}  # fmt: skip
+    bad = {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "Backend",
+        "metadata": {"name": "x"},
+        "spec": {"endpoints": [{"unix": {"pth": "/x.sock"}}]},
+    }
     with pytest.raises(jsonschema.ValidationError):
         _validate(bad)
 
@@ -268,8 +281,10 @@ def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, c
     assert all("restartPolicy" not in c for c in pulls)
     assert max(names.index(c["name"]) for c in pulls) < names.index("envoy-sidecar")
     patch = _one(docs, "EnvoyPatchPolicy")
-    filenames = {p["operation"]["value"]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
-                 for p in patch["spec"]["jsonPatches"]}  # fmt: skip
+    filenames = {
+        p["operation"]["value"]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
+        for p in patch["spec"]["jsonPatches"]
+    }
     outputs = set()
     for c in pulls:
         assert c["args"][:2] == ["wasm", "pull"]
@@ -299,15 +314,17 @@ def test_standalone_socket_wasm_and_volumes_agree(render: Render, workers: str) 
     names = [c["name"] for c in spec["initContainers"]]
     assert names.index("wasm-pull-add-header") < names.index("envoy-sidecar")
     listen = Path(_arg(sidecar["args"], "--listen").removeprefix("unix:"))
-    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
-                               ["data"]["envoy.yaml"])  # fmt: skip
+    bootstrap = yaml.safe_load(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
+    )
     cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "envoy-sidecar")
     pipes = [
         e["endpoint"]["address"]["pipe"]["path"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     ]
     n = int(workers)
-    assert pipes == ([str(listen)] if n == 1 else [str(listen.with_name(f"{listen.stem}-{i}{listen.suffix}"))
-                                                   for i in range(n)])  # fmt: skip
+    assert pipes == (
+        [str(listen)] if n == 1 else [str(listen.with_name(f"{listen.stem}-{i}{listen.suffix}")) for i in range(n)]
+    )
     assert ("health_checks" in cluster) == (n > 1)
     socket_volume = next(name for name, m in _mounts(sidecar).items() if m["mountPath"] == str(listen.parent))
     assert _mounts(envoy)[socket_volume]["mountPath"] == str(listen.parent)
@@ -315,8 +332,9 @@ def test_standalone_socket_wasm_and_volumes_agree(render: Render, workers: str) 
     wasm = hcm["http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
     (output,) = _pull_outputs(docs)
     assert wasm == str(output)
-    wasm_volume = next(name for name, m in _mounts(containers["wasm-pull-add-header"]).items()
-                       if m["mountPath"] == str(output.parent))  # fmt: skip
+    wasm_volume = next(
+        name for name, m in _mounts(containers["wasm-pull-add-header"]).items() if m["mountPath"] == str(output.parent)
+    )
     assert _mounts(envoy)[wasm_volume] == {"name": wasm_volume, "mountPath": str(output.parent), "readOnly": True}
     assert [f["name"] for f in hcm["http_filters"]][-2:] == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
     envoy_cm = next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
@@ -327,8 +345,14 @@ def test_eg_modules_delivered_by_envoy_gateway_go_to_the_policy(render: Render) 
     docs = render(CI / "all-options-values.yaml")
     wasm = [w for d in docs if d["kind"] == "EnvoyExtensionPolicy" for w in d["spec"].get("wasm", [])]
     assert {w["name"] for w in wasm} == {"eg-fetched"}
-    assert wasm[0]["code"] == {"type": "Image", "image": {"url": "registry.example.com/team/eg-fetched:1.0.0",
-                               "sha256": "3" * 64, "pullSecretRef": {"name": "wasm-creds"}}}  # fmt: skip
+    assert wasm[0]["code"] == {
+        "type": "Image",
+        "image": {
+            "url": "registry.example.com/team/eg-fetched:1.0.0",
+            "sha256": "3" * 64,
+            "pullSecretRef": {"name": "wasm-creds"},
+        },
+    }
     _, _, inits = _eg_pod(docs)
     assert "wasm-pull-eg-fetched" not in [c["name"] for c in inits]
 
@@ -390,11 +414,18 @@ def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Rende
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
     # The patch is free-form in the CRD: validate what it merges as a Kubernetes Deployment would.
     kubernetes_validate.validate(
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "envoy"},
-         "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
-                  **dep["patch"]["value"]["spec"]["template"]}}},
-        K8S_VERSION, strict=True,
-    )  # fmt: skip
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "envoy"},
+            "spec": {
+                "selector": {"matchLabels": {"a": "b"}},
+                "template": {"metadata": {"labels": {"a": "b"}}, **dep["patch"]["value"]["spec"]["template"]},
+            },
+        },
+        K8S_VERSION,
+        strict=True,
+    )
     docs = render(CI / "standalone-values.yaml", sets={"sidecar.nativeSidecar": "false"})
     spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["envoy", "envoy-sidecar"]
@@ -451,12 +482,15 @@ def test_bad_values_fail_with_a_message(helm: Path, sets: dict[str, str], messag
 def test_kubernetes_version_gates(helm: Path) -> None:
     old = helm_template(helm, CI / "eg-extproc-values.yaml", kube_version="1.28.0")
     assert old.returncode != 0 and "sidecar.nativeSidecar=false" in old.stderr
-    fallback = helm_template(helm, CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"},
-                             kube_version="1.28.0")  # fmt: skip
+    fallback = helm_template(
+        helm, CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"}, kube_version="1.28.0"
+    )
     assert fallback.returncode == 0, fallback.stderr
     standalone = {"sidecar.nativeSidecar": "false"}
-    assert "preStopSeconds" in helm_template(helm, CI / "standalone-values.yaml", sets=standalone,
-                                             kube_version="1.28.0").stderr  # fmt: skip
+    assert (
+        "preStopSeconds"
+        in helm_template(helm, CI / "standalone-values.yaml", sets=standalone, kube_version="1.28.0").stderr
+    )
     standalone["standalone.envoy.preStopSeconds"] = "0"
     done = helm_template(helm, CI / "standalone-values.yaml", sets=standalone, kube_version="1.28.0")
     assert done.returncode == 0 and "preStop" in done.stdout  # the sidecar's exec preStop remains
@@ -473,18 +507,21 @@ def test_standalone_needs_an_upstream(helm: Path) -> None:
 
 def _standalone(render: Render, tmp: Path, **sets: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp / "sock"), **sets})
-    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
-                               ["data"]["envoy.yaml"])  # fmt: skip
+    bootstrap = yaml.safe_load(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
+    )
     sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
     config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
     return bootstrap, sidecar, config
 
 
 def test_standalone_bootstrap_passes_envoy_validate(render: Render, tmp_path: Path) -> None:
-    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.workers": "2",
-                                  "extProc.processingMode.request.body": "FullDuplexStreamed"})  # fmt: skip
+    bootstrap, _, _ = _standalone(
+        render, tmp_path, **{"sidecar.workers": "2", "extProc.processingMode.request.body": "FullDuplexStreamed"}
+    )
     pm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"][0]["typed_config"]["processing_mode"]  # fmt: skip
+        "http_filters"
+    ][0]["typed_config"]["processing_mode"]
     assert pm["request_body_mode"] == "FULL_DUPLEX_STREAMED" and pm["request_trailer_mode"] == "SEND"
     validate_bootstrap(bootstrap)
     bootstrap["static_resources"]["clusters"][0]["typo_field"] = 1
@@ -553,8 +590,12 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
     backend = EchoBackend().start()
     host, port = backend.address
     try:
-        sets = {"standalone.upstream.host": host, "standalone.upstream.port": str(port),
-                "wasm.dir": str(tmp_path / "wasm"), **WASM_SETS}  # fmt: skip
+        sets = {
+            "standalone.upstream.host": host,
+            "standalone.upstream.port": str(port),
+            "wasm.dir": str(tmp_path / "wasm"),
+            **WASM_SETS,
+        }
         docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp_path / "sock"), **sets})
         bootstrap, sidecar, config = _standalone(render, tmp_path, **sets)
         (output,) = _pull_outputs(docs)
@@ -576,8 +617,7 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
         ):
             # The chart's readiness probe command, run for real against the live socket.
             probe = sidecar["readinessProbe"]["exec"]["command"]
-            proc = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30,
-                                  check=False)  # fmt: skip
+            proc = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30, check=False)
             assert proc.returncode == 0, shlex.join(probe) + proc.stderr
             stat = sockets[0].stat()
             assert oct(stat.st_mode & 0o777) == oct(int(_arg(args, "--socket-mode"), 8))
@@ -617,9 +657,8 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
     for key in documented:
         chartdoc.lookup(values, key)  # a @param for a key that does not exist raises KeyError
     undocumented = [
-        leaf for leaf in chartdoc.leaves(values)
-        if not any(leaf == d or leaf.startswith(d + ".") for d in documented)
-    ]  # fmt: skip
+        leaf for leaf in chartdoc.leaves(values) if not any(leaf == d or leaf.startswith(d + ".") for d in documented)
+    ]
     assert undocumented == []
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
@@ -642,8 +681,12 @@ def test_readme_parameters_are_generated_from_values() -> None:
 
 # ---- the sidecar reads the config the chart renders, and Envoy is asked for what the chains need ----
 
-_BODY = {"Streamed": "STREAMED", "Buffered": "BUFFERED", "BufferedPartial": "BUFFERED_PARTIAL",
-         "FullDuplexStreamed": "FULL_DUPLEX_STREAMED"}  # fmt: skip
+_BODY = {
+    "Streamed": "STREAMED",
+    "Buffered": "BUFFERED",
+    "BufferedPartial": "BUFFERED_PARTIAL",
+    "FullDuplexStreamed": "FULL_DUPLEX_STREAMED",
+}
 
 
 def _envoy_side_mode(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -657,8 +700,9 @@ def _envoy_side_mode(docs: list[dict[str, Any]]) -> dict[str, str]:
             mode[f"{side}_header_mode"] = "SEND" if block is not None else "SKIP"
             mode[f"{side}_body_mode"] = _BODY.get((block or {}).get("body", ""), "NONE")
         return mode
-    bootstrap = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
-                               ["data"]["envoy.yaml"])  # fmt: skip
+    bootstrap = yaml.safe_load(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
+    )
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
     return dict(ext_proc["typed_config"]["processing_mode"])
@@ -678,8 +722,14 @@ def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
             for name, source in d["data"].items():
                 (plugin_dir / name).write_text(source)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "plugins", "-c", str(tmp_path / "sidecar.yaml"), "--json"],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "plugins", "-c", str(tmp_path / "sidecar.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     needed = json.loads(proc.stdout)["filter_processing_mode"]
     asked = _envoy_side_mode(docs)
@@ -693,8 +743,10 @@ def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
 def _snake(node: Any) -> Any:
     """EG's xDS testdata is camelCase proto-JSON; EnvoyPatchPolicy patches the proto-name (snake_case) form."""
     if isinstance(node, dict):
-        return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower() if not k.startswith("@") else k: _snake(v)
-                for k, v in node.items()}  # fmt: skip
+        return {
+            re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower() if not k.startswith("@") else k: _snake(v)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_snake(v) for v in node]
     return node
@@ -705,8 +757,10 @@ def test_eg_wasm_patch_path_exists_in_an_eg_generated_listener(render: Render) -
     if not listeners.exists():
         pytest.skip("no ../shared EG xDS testdata")
     (listener,) = _snake(yaml.safe_load(listeners.read_text()))
-    docs = render(CI / "eg-wasm-values.yaml", sets={"envoyGateway.gateway.name": "gateway-1",
-                                                    "envoyGateway.gateway.listeners[0]": "http"})  # fmt: skip
+    docs = render(
+        CI / "eg-wasm-values.yaml",
+        sets={"envoyGateway.gateway.name": "gateway-1", "envoyGateway.gateway.listeners[0]": "http"},
+    )
     patches = _one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"]
     before = None
     for patch in patches:

@@ -77,8 +77,9 @@ def base(buildah: imagekit.Buildah, work: Path) -> str:
 def _pull_and_unpack(ref: str, dest: Path, log: Path) -> tuple[Path, Path, dict[str, Any]]:
     dest.mkdir(parents=True, exist_ok=True)
     oci_dir, bundle = dest / "oci", dest / "bundle"
-    imagekit.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{oci_dir}:test"],
-                 timeout=600, log=log)  # fmt: skip
+    imagekit.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{oci_dir}:test"], timeout=600, log=log
+    )
     imagekit.run(["umoci", "unpack", "--image", f"{oci_dir}:test", str(bundle)], timeout=600, log=log)
     return oci_dir, bundle, imagekit.image_config(oci_dir, "test")
 
@@ -88,16 +89,32 @@ def image(buildah: imagekit.Buildah, base: str, registry: imagekit.Registry, wor
     started = time.monotonic()
     context = imagekit.build_context(work / "context", buildah.log)
     tag = f"localhost/envoy-sidecar:test-{uuid.uuid4().hex[:8]}"
-    buildah("build", "--isolation", "chroot", "--runtime", "runc", "--layers=false", "--pull=never",
-            "--build-arg", f"BASE={base}", "--build-arg", "PIP_INSTALL_ARGS=--no-index",
-            "-t", tag, str(context), timeout=900)  # fmt: skip
+    buildah(
+        "build",
+        "--isolation",
+        "chroot",
+        "--runtime",
+        "runc",
+        "--layers=false",
+        "--pull=never",
+        "--build-arg",
+        f"BASE={base}",
+        "--build-arg",
+        "PIP_INSTALL_ARGS=--no-index",
+        "-t",
+        tag,
+        str(context),
+        timeout=900,
+    )
     seconds = time.monotonic() - started
     try:
         ref = f"{registry.address}/envoy-sidecar:test"
         buildah("push", "--tls-verify=false", tag, f"docker://{ref}", timeout=600)
         oci_dir, bundle, config = _pull_and_unpack(ref, work / "sidecar", buildah.log)
-        print(f"\nsidecar image: {config['_layers_bytes'] / 1e6:.1f} MB compressed layers, "
-              f"{_du(bundle / 'rootfs') / 1e6:.1f} MB unpacked (base included), built in {seconds:.0f} s")  # fmt: skip
+        print(
+            f"\nsidecar image: {config['_layers_bytes'] / 1e6:.1f} MB compressed layers, "
+            f"{_du(bundle / 'rootfs') / 1e6:.1f} MB unpacked (base included), built in {seconds:.0f} s"
+        )
         yield Image(tag, ref, oci_dir, bundle, config, seconds)
     finally:
         with contextlib.suppress(RuntimeError):
@@ -118,25 +135,31 @@ class Container:
         spec["process"]["args"] = list(args)
         spec["root"] = {"path": str(bundle / "rootfs"), "readonly": True}
         for source, dest in binds:
-            spec["mounts"].append({"destination": dest, "type": "bind", "source": str(source),
-                                   "options": ["rbind", "rw"]})  # fmt: skip
-        spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                               "options": ["nosuid", "nodev", "mode=1777"]})  # fmt: skip
+            spec["mounts"].append(
+                {"destination": dest, "type": "bind", "source": str(source), "options": ["rbind", "rw"]}
+            )
+        spec["mounts"].append(
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
+        )
         self.dir = bundle.parent / self.name
         self.dir.mkdir()
         (self.dir / "config.json").write_text(json.dumps(spec))
         self.proc = subprocess.Popen(
             ["runc", "run", "--bundle", str(self.dir), self.name],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
 
     def communicate(self, timeout: float) -> tuple[int, str]:
         out, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out
 
     def exec(self, args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["runc", "exec", self.name, *args], capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
+        return subprocess.run(
+            ["runc", "exec", self.name, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -196,8 +219,11 @@ def test_serve_answers_grpc_health_and_the_charts_probe(image: Image, render: Re
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])
     (tmp_path / "config" / "sidecar.yaml").write_text(cm["data"]["sidecar.yaml"])
     assert args[args.index("--listen") + 1] == f"unix:{SOCKET_DIR}/extproc.sock"
-    ctr = Container(image.bundle, ["sidecar", *args],
-                    binds=[(sock_dir, SOCKET_DIR), (tmp_path / "config", "/etc/envoy-sidecar/config")])  # fmt: skip
+    ctr = Container(
+        image.bundle,
+        ["sidecar", *args],
+        binds=[(sock_dir, SOCKET_DIR), (tmp_path / "config", "/etc/envoy-sidecar/config")],
+    )
     try:
         deadline = time.monotonic() + 60
         status = "UNREACHABLE"
@@ -249,16 +275,36 @@ def test_derived_plugin_image(
         '[project]\nname = "probe-plugins"\nversion = "1.0"\n'
         '[project.entry-points."sidecar.plugins"]\nprobe-stamp = "probe_plugins:ProbeStamp"\n'
         '[tool.setuptools]\npy-modules = ["probe_plugins"]\n'
-    )  # fmt: skip
+    )
     context = tmp_path / "context"
     shutil.copytree(imagekit.ROOT / "images" / "plugin-image", context)
-    imagekit.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(context / "dist"),
-                  str(pkg)], timeout=300, log=buildah.log)  # fmt: skip
+    imagekit.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(context / "dist"), str(pkg)],
+        timeout=300,
+        log=buildah.log,
+    )
     tag = f"localhost/envoy-sidecar-plugins:test-{uuid.uuid4().hex[:8]}"
-    buildah("build", "--isolation", "chroot", "--runtime", "runc", "--layers=false", "--pull=never",
-            "--build-arg", f"BASE={base}", "--build-arg", f"SIDECAR_IMAGE={image.tag}",
-            "--build-arg", "PLUGIN_SPEC=probe-plugins", "--build-arg", "PIP_INSTALL_ARGS=--no-index",
-            "-t", tag, str(context), timeout=900)  # fmt: skip
+    buildah(
+        "build",
+        "--isolation",
+        "chroot",
+        "--runtime",
+        "runc",
+        "--layers=false",
+        "--pull=never",
+        "--build-arg",
+        f"BASE={base}",
+        "--build-arg",
+        f"SIDECAR_IMAGE={image.tag}",
+        "--build-arg",
+        "PLUGIN_SPEC=probe-plugins",
+        "--build-arg",
+        "PIP_INSTALL_ARGS=--no-index",
+        "-t",
+        tag,
+        str(context),
+        timeout=900,
+    )
     try:
         ref = f"{registry.address}/envoy-sidecar-plugins:test"
         buildah("push", "--tls-verify=false", tag, f"docker://{ref}", timeout=600)
@@ -292,22 +338,34 @@ def test_wasm_filter_recipe_makes_a_compat_image(
     finally:
         buildah("rmi", "-f", tag)
     accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
-    req = urllib.request.Request(f"http://{registry.address}/v2/team/filter/manifests/1.0.0",
-                                 headers={"Accept": accept})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://{registry.address}/v2/team/filter/manifests/1.0.0", headers={"Accept": accept}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         raw, digest = resp.read(), resp.headers["Docker-Content-Digest"]
     assert digest == "sha256:" + hashlib.sha256(raw).hexdigest()  # the `sha256` the chart wants
-    inspected = imagekit.run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
-                              f"docker://{registry.address}/team/filter:1.0.0"], timeout=60).stdout.strip()  # fmt: skip
+    inspected = imagekit.run(
+        [
+            "skopeo",
+            "inspect",
+            "--tls-verify=false",
+            "--format",
+            "{{.Digest}}",
+            f"docker://{registry.address}/team/filter:1.0.0",
+        ],
+        timeout=60,
+    ).stdout.strip()
     assert inspected == digest
     layer = json.loads(raw)["layers"][-1]
     assert layer["mediaType"].endswith("tar+gzip") or layer["mediaType"].endswith("tar.gzip")
-    with urllib.request.urlopen(f"http://{registry.address}/v2/team/filter/blobs/{layer['digest']}",
-                                timeout=10) as resp:  # fmt: skip
+    with urllib.request.urlopen(
+        f"http://{registry.address}/v2/team/filter/blobs/{layer['digest']}", timeout=10
+    ) as resp:
         blob = resp.read()
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
         names = [m.name.lstrip("./") for m in tar.getmembers() if m.isfile()]
         assert names == ["plugin.wasm"]
-        member = tar.extractfile(tar.getmember(tar.getnames()[[n.lstrip("./") for n in tar.getnames()].index(
-            "plugin.wasm")]))  # fmt: skip
+        member = tar.extractfile(
+            tar.getmember(tar.getnames()[[n.lstrip("./") for n in tar.getnames()].index("plugin.wasm")])
+        )
         assert member is not None and member.read() == WASM_MODULE

@@ -63,8 +63,7 @@ def run_envoy(tmp_path: Path) -> Iterator[Run]:
     def run(text: str, **options: object) -> str:
         path = tmp_path / f"input-{len(started)}.yaml"
         path.write_text(text)
-        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
-                                                           **options))  # type: ignore[arg-type]
+        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True, **options))  # type: ignore[arg-type]
         validate_bootstrap(bootstrap)
         envoy = Envoy(bootstrap, workdir=tmp_path / f"envoy-{len(started)}")
         started.append(envoy)
@@ -80,9 +79,11 @@ def run_envoy(tmp_path: Path) -> Iterator[Run]:
 @pytest.fixture
 def backends(tmp_path: Path) -> Iterator[dict[str, NamedBackend]]:
     made = {
-        "a": NamedBackend("a"), "b": NamedBackend("b"), "c": NamedBackend("c"),
+        "a": NamedBackend("a"),
+        "b": NamedBackend("b"),
+        "c": NamedBackend("c"),
         "uds": NamedBackend("uds", unix_path=tmp_path / "backend.sock"),
-    }  # fmt: skip
+    }
     yield made
     for server in made.values():
         server.close()
@@ -91,5 +92,3 @@ def backends(tmp_path: Path) -> Iterator[dict[str, NamedBackend]]:
 def get(url: str, path: str, host: str = "www.example.com", **kwargs: object) -> httpx.Response:
     headers = {"host": host, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
     return httpx.get(url + path, headers=headers, timeout=10, **kwargs)  # type: ignore[arg-type]
-
-

@@ -70,12 +70,13 @@ def test_bundle_wires_the_sidecar_in(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0
     docs = list(yaml.safe_load_all(out))
     backend = by_kind(docs, "Backend", "envoy-sidecar")
-    assert backend["spec"]["endpoints"] == [{"unix": {"path": "/var/run/envoy-sidecar/extproc-0.sock"}},
-                                            {"unix": {"path": "/var/run/envoy-sidecar/extproc-1.sock"}}]  # fmt: skip
+    assert backend["spec"]["endpoints"] == [
+        {"unix": {"path": "/var/run/envoy-sidecar/extproc-0.sock"}},
+        {"unix": {"path": "/var/run/envoy-sidecar/extproc-1.sock"}},
+    ]
     # header-stamp has request and response header hooks and no body hooks.
     policy = by_kind(docs, "EnvoyExtensionPolicy", "ext-proc-example")
-    assert policy["spec"]["extProc"][0]["processingMode"] == {"allowModeOverride": True, "request": {},
-                                                              "response": {}}  # fmt: skip
+    assert policy["spec"]["extProc"][0]["processingMode"] == {"allowModeOverride": True, "request": {}, "response": {}}
     gateway = by_kind(docs, "Gateway", "eg")
     assert gateway["spec"]["infrastructure"]["parametersRef"]["name"] == "eg-envoy-sidecar"
     proxy = by_kind(docs, "EnvoyProxy", "eg-envoy-sidecar")
@@ -102,16 +103,21 @@ def test_bundle_documents_satisfy_egs_crd_schemas(tmp_path: Path, capsys: pytest
 
 
 def test_bundle_refuses_chains_eg_cannot_select(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = INPUT.replace("metadata: {name: ext-proc-example}",
-                         "metadata: {name: ext-proc-example, annotations: {envoy-sidecar/chain: admin}}")  # fmt: skip
+    text = INPUT.replace(
+        "metadata: {name: ext-proc-example}",
+        "metadata: {name: ext-proc-example, annotations: {envoy-sidecar/chain: admin}}",
+    )
     code, err = render(tmp_path, capsys, text)
     assert code == 2
     assert "EnvoyExtensionPolicy/default/ext-proc-example: metadata.annotations.envoy-sidecar/chain: EG cannot" in err
 
 
 def test_bundle_refuses_loopback_backends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = render(tmp_path, capsys, INPUT.replace("{fqdn: {hostname: app.example.com, port: 80}}",
-                                                       "{ip: {address: 127.0.0.1, port: 80}}"))  # fmt: skip
+    code, err = render(
+        tmp_path,
+        capsys,
+        INPUT.replace("{fqdn: {hostname: app.example.com, port: 80}}", "{ip: {address: 127.0.0.1, port: 80}}"),
+    )
     assert code == 2
     assert "Backend/default/app: spec.endpoints[0].ip.address: 127.0.0.1 is a loopback address" in err
 

@@ -28,14 +28,27 @@ CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "
 pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="EG corpus (../shared) not present")
 
 _SECTIONS = {
-    "gateways": "Gateway", "httpRoutes": "HTTPRoute", "backends": "Backend", "services": "Service",
-    "secrets": "Secret", "configMaps": "ConfigMap", "backendTLSPolicies": "BackendTLSPolicy",
-    "envoyExtensionPolicies": "EnvoyExtensionPolicy", "envoyextensionpolicies": "EnvoyExtensionPolicy",
-    "securityPolicies": "SecurityPolicy", "clientTrafficPolicies": "ClientTrafficPolicy",
+    "gateways": "Gateway",
+    "httpRoutes": "HTTPRoute",
+    "backends": "Backend",
+    "services": "Service",
+    "secrets": "Secret",
+    "configMaps": "ConfigMap",
+    "backendTLSPolicies": "BackendTLSPolicy",
+    "envoyExtensionPolicies": "EnvoyExtensionPolicy",
+    "envoyextensionpolicies": "EnvoyExtensionPolicy",
+    "securityPolicies": "SecurityPolicy",
+    "clientTrafficPolicies": "ClientTrafficPolicy",
     "backendTrafficPolicies": "BackendTrafficPolicy",
-}  # fmt: skip
-_JUDGED = ("Backend", "BackendTLSPolicy", "EnvoyExtensionPolicy", "SecurityPolicy", "ClientTrafficPolicy",
-           "BackendTrafficPolicy")  # fmt: skip
+}
+_JUDGED = (
+    "Backend",
+    "BackendTLSPolicy",
+    "EnvoyExtensionPolicy",
+    "SecurityPolicy",
+    "ClientTrafficPolicy",
+    "BackendTrafficPolicy",
+)
 _BASE = ("Gateway", "Secret", "ConfigMap", "Service")
 
 
@@ -154,8 +167,11 @@ def _unique(resources: list[Resource]) -> list[Resource]:
 EXCLUDED = {
     "backend-invalid-feature-disabled": "EG's extensionApis.enableBackend switch; the Backend API is always on here",
 }
-CASES = [p for p in sorted(CORPUS.glob("*.in.yaml")) if p.name.removesuffix(".in.yaml") not in EXCLUDED] \
-    if CORPUS.is_dir() else []  # fmt: skip
+CASES = (
+    [p for p in sorted(CORPUS.glob("*.in.yaml")) if p.name.removesuffix(".in.yaml") not in EXCLUDED]
+    if CORPUS.is_dir()
+    else []
+)
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.name.removesuffix(".in.yaml") for p in CASES])

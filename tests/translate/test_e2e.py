@@ -14,18 +14,24 @@ from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy
 
+
 def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
     dns = DnsServer({"echo.backend.test": "127.0.0.1"})
     try:
-        text = (GATEWAY
-                + backend("by-ip", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-                + backend("by-fqdn", f"fqdn: {{hostname: echo.backend.test, port: {backends['b'].port}}}")
-                + backend("by-uds", f"unix: {{path: {backends['uds'].unix_path}}}")
-                + backend("by-fqdn-logical", f"fqdn: {{hostname: echo.backend.test, port: {backends['c'].port}}}")
-                .replace("metadata: {name: by-fqdn-logical}",
-                         "metadata: {name: by-fqdn-logical, annotations: {envoy-sidecar/dns: logical}}")
-                + route("ip", "/ip", "by-ip") + route("fqdn", "/fqdn", "by-fqdn")
-                + route("uds", "/uds", "by-uds") + route("logical", "/logical", "by-fqdn-logical"))  # fmt: skip
+        text = (
+            GATEWAY
+            + backend("by-ip", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+            + backend("by-fqdn", f"fqdn: {{hostname: echo.backend.test, port: {backends['b'].port}}}")
+            + backend("by-uds", f"unix: {{path: {backends['uds'].unix_path}}}")
+            + backend("by-fqdn-logical", f"fqdn: {{hostname: echo.backend.test, port: {backends['c'].port}}}").replace(
+                "metadata: {name: by-fqdn-logical}",
+                "metadata: {name: by-fqdn-logical, annotations: {envoy-sidecar/dns: logical}}",
+            )
+            + route("ip", "/ip", "by-ip")
+            + route("fqdn", "/fqdn", "by-fqdn")
+            + route("uds", "/uds", "by-uds")
+            + route("logical", "/logical", "by-fqdn-logical")
+        )
         url = run_envoy(text, dns_resolver=("127.0.0.1", dns.port))
         assert get(url, "/ip/x").text == "a /ip/x"
         wait_for(lambda: get(url, "/fqdn").status_code == 200, what="the FQDN backend to resolve")
@@ -68,8 +74,12 @@ spec:
 def test_ip_allow_list_uses_the_client_ip_from_x_forwarded_for(
     run_envoy: Run, backends: dict[str, NamedBackend]
 ) -> None:
-    text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-            + route("http-with-authorization-client-ip", "/", "a") + SECURITY)  # fmt: skip
+    text = (
+        GATEWAY
+        + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+        + route("http-with-authorization-client-ip", "/", "a")
+        + SECURITY
+    )
     url = run_envoy(text)
     assert get(url, "/", headers={"x-forwarded-for": "10.0.1.7"}).status_code == 200
     assert get(url, "/", headers={"x-forwarded-for": "10.0.2.200"}).status_code == 200
@@ -99,10 +109,14 @@ spec:
     ("spec", "request_kwargs"),
     [
         ("    type: ConsistentHash\n    consistentHash: {type: SourceIP}", {}),
-        ("    type: ConsistentHash\n    consistentHash: {type: Header, header: {name: x-user}, tableSize: 65537}",
-         {"headers": {"x-user": "ada"}}),
-        ("    type: ConsistentHash\n    consistentHash: {type: Cookie, cookie: {name: session, ttl: 60s}}",
-         {"cookies": {"session": "abc123"}}),
+        (
+            "    type: ConsistentHash\n    consistentHash: {type: Header, header: {name: x-user}, tableSize: 65537}",
+            {"headers": {"x-user": "ada"}},
+        ),
+        (
+            "    type: ConsistentHash\n    consistentHash: {type: Cookie, cookie: {name: session, ttl: 60s}}",
+            {"cookies": {"session": "abc123"}},
+        ),
     ],
     ids=["source-ip", "header", "cookie"],
 )
@@ -144,9 +158,14 @@ def test_ext_proc_sees_streamed_response_bodies(
 ) -> None:
     recorder = ExtProcRecorder(tmp_path / "extproc.sock")
     try:
-        text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-                + backend("grpc-ext-proc", f"unix: {{path: {recorder.path}}}")
-                + route("myapp", "/", "a") + route("plain", "/plain", "a") + EXT_PROC)  # fmt: skip
+        text = (
+            GATEWAY
+            + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+            + backend("grpc-ext-proc", f"unix: {{path: {recorder.path}}}")
+            + route("myapp", "/", "a")
+            + route("plain", "/plain", "a")
+            + EXT_PROC
+        )
         url = run_envoy(text)
         assert get(url, "/hello").text == "a /hello"
         assert recorder.phases()[:2] == ["request_headers", "response_headers"]
@@ -179,11 +198,15 @@ def test_filter_order_in_config_and_behaviour(
 ) -> None:
     recorder = ExtProcRecorder(tmp_path / "extproc.sock")
     try:
-        text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-                + backend("grpc-ext-proc", f"unix: {{path: {recorder.path}}}")
-                + route("myapp", "/", "a") + EXT_PROC
-                + SECURITY.replace("http-with-authorization-client-ip", "myapp")
-                + (FILTER_ORDER if custom else ""))  # fmt: skip
+        text = (
+            GATEWAY
+            + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+            + backend("grpc-ext-proc", f"unix: {{path: {recorder.path}}}")
+            + route("myapp", "/", "a")
+            + EXT_PROC
+            + SECURITY.replace("http-with-authorization-client-ip", "myapp")
+            + (FILTER_ORDER if custom else "")
+        )
         path = tmp_path / "order.yaml"
         path.write_text(text)
         bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))

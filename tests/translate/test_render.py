@@ -68,24 +68,37 @@ def test_ext_proc_filter_fields_and_placement(tmp_path: Path) -> None:
     assert config["status_on_error"] == {"code": "ServiceUnavailable"}
     assert config["request_attributes"] == ["request.path", "connection.id"]
     assert config["processing_mode"] == {
-        "request_header_mode": "SEND", "response_header_mode": "SEND",
-        "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "BUFFERED_PARTIAL",
-        "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP",
-    }  # fmt: skip
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_body_mode": "BUFFERED_PARTIAL",
+        "request_trailer_mode": "SEND",
+        "response_trailer_mode": "SKIP",
+    }
     assert config["grpc_service"]["envoy_grpc"] == {
-        "cluster_name": "envoyextensionpolicy/default/gw/extproc/0", "authority": "proc.default"}  # fmt: skip
+        "cluster_name": "envoyextensionpolicy/default/gw/extproc/0",
+        "authority": "proc.default",
+    }
     [route] = routes(bootstrap)
     assert route["typed_per_filter_config"][ext_proc["name"]] == {
-        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}  # fmt: skip
-    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == config["grpc_service"]
-                   ["envoy_grpc"]["cluster_name"])  # fmt: skip
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+        "config": {},
+    }
+    cluster = next(
+        c
+        for c in bootstrap["static_resources"]["clusters"]
+        if c["name"] == config["grpc_service"]["envoy_grpc"]["cluster_name"]
+    )
     assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
-        "pipe": {"path": "/run/proc.sock"}}  # fmt: skip
+        "pipe": {"path": "/run/proc.sock"}
+    }
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
 
 
 def test_route_policy_wins_over_gateway_policy(tmp_path: Path) -> None:
-    extra = EXT_PROC + """
+    extra = (
+        EXT_PROC
+        + """
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -104,11 +117,14 @@ spec:
   extProc:
   - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
 """
+    )
     by_name = {r["name"].split("/rule")[0]: r for r in routes(render(tmp_path, extra))}
     assert list(by_name["httproute/default/other"]["typed_per_filter_config"]) == [
-        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/route/extproc/0"]  # fmt: skip
+        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/route/extproc/0"
+    ]
     assert list(by_name["httproute/default/app"]["typed_per_filter_config"]) == [
-        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/gw/extproc/0"]  # fmt: skip
+        "envoy.filters.http.ext_proc/envoyextensionpolicy/default/gw/extproc/0"
+    ]
 
 
 def test_route_precedence_exact_regex_longest_prefix(tmp_path: Path) -> None:
@@ -130,37 +146,62 @@ spec:
       backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
 """
     matches = [r["match"] for r in routes(render(tmp_path, extra))]
-    assert matches[:3] == [{"path": "/a/exact"}, {"safe_regex": {"regex": "/r/[0-9]+"}},
-                           {"path_separated_prefix": "/a/b"}]  # fmt: skip
+    assert matches[:3] == [
+        {"path": "/a/exact"},
+        {"safe_regex": {"regex": "/r/[0-9]+"}},
+        {"path_separated_prefix": "/a/b"},
+    ]
     assert matches[3]["headers"][0]["name"] == ":method"
     assert matches[4]["headers"][0]["name"] == "x-canary"
     assert matches[5:] == [{"path_separated_prefix": "/a"}, {"prefix": "/"}]
 
 
 def test_filter_order_seed_example_moves_all_instances() -> None:
-    names = ["envoy.filters.http.router", "envoy.filters.http.wasm/p/0", "envoy.filters.http.cors",
-             "envoy.filters.http.jwt_authn", "envoy.filters.http.basic_auth", "envoy.filters.http.wasm/p/1",
-             "envoy.filters.http.ext_proc/p/0"]  # fmt: skip
+    names = [
+        "envoy.filters.http.router",
+        "envoy.filters.http.wasm/p/0",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.basic_auth",
+        "envoy.filters.http.wasm/p/1",
+        "envoy.filters.http.ext_proc/p/0",
+    ]
     filters = [SimpleNamespace(name=n) for n in names]
     default = [f.name for f in order_filters(filters)]
-    assert default == ["envoy.filters.http.cors", "envoy.filters.http.basic_auth", "envoy.filters.http.jwt_authn",
-                       "envoy.filters.http.ext_proc/p/0", "envoy.filters.http.wasm/p/0",
-                       "envoy.filters.http.wasm/p/1", "envoy.filters.http.router"]  # fmt: skip
-    seed = [{"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.jwt_authn"},
-            {"name": "envoy.filters.http.cors", "after": "envoy.filters.http.basic_authn"}]  # EG 1.1's name
+    assert default == [
+        "envoy.filters.http.cors",
+        "envoy.filters.http.basic_auth",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.ext_proc/p/0",
+        "envoy.filters.http.wasm/p/0",
+        "envoy.filters.http.wasm/p/1",
+        "envoy.filters.http.router",
+    ]
+    seed = [
+        {"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.jwt_authn"},
+        {"name": "envoy.filters.http.cors", "after": "envoy.filters.http.basic_authn"},
+    ]  # EG 1.1's name
     moved = [f.name for f in order_filters(filters, seed)]
-    assert moved == ["envoy.filters.http.basic_auth", "envoy.filters.http.cors", "envoy.filters.http.wasm/p/0",
-                     "envoy.filters.http.wasm/p/1", "envoy.filters.http.jwt_authn",
-                     "envoy.filters.http.ext_proc/p/0", "envoy.filters.http.router"]  # fmt: skip
+    assert moved == [
+        "envoy.filters.http.basic_auth",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.wasm/p/0",
+        "envoy.filters.http.wasm/p/1",
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.ext_proc/p/0",
+        "envoy.filters.http.router",
+    ]
     absent = [{"name": "envoy.filters.http.wasm", "before": "envoy.filters.http.lua"}]
     assert [f.name for f in order_filters(filters, absent)] == default
 
 
 def test_lb_policies_and_hash_policies(tmp_path: Path) -> None:
     def policy(spec: str) -> str:
-        return ("\n---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: lb}\n"
-                "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}, "
-                f"loadBalancer: {spec}}}\n")  # fmt: skip
+        return (
+            "\n---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {name: lb}\n"
+            "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}, "
+            f"loadBalancer: {spec}}}\n"
+        )
 
     def cluster_and_route(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
         bootstrap = render(tmp_path, policy(spec))
@@ -171,11 +212,13 @@ def test_lb_policies_and_hash_policies(tmp_path: Path) -> None:
     assert cluster_and_route("{type: Random}")[0]["lb_policy"] == "RANDOM"
     assert "lb_policy" not in cluster_and_route("{type: RoundRobin}")[0]  # ROUND_ROBIN is the proto default
     cookie = "{name: sticky, ttl: 1h, attributes: {SameSite: Strict}}"
-    cluster, route = cluster_and_route(f"{{type: ConsistentHash, consistentHash: {{type: Cookie, tableSize: 131,"
-                                       f" cookie: {cookie}}}}}")  # fmt: skip
+    cluster, route = cluster_and_route(
+        f"{{type: ConsistentHash, consistentHash: {{type: Cookie, tableSize: 131, cookie: {cookie}}}}}"
+    )
     assert cluster["lb_policy"] == "MAGLEV" and cluster["maglev_lb_config"] == {"table_size": 131}
-    assert route["hash_policy"] == [{"cookie": {"name": "sticky", "ttl": "3600s",
-                                                "attributes": [{"name": "SameSite", "value": "Strict"}]}}]
+    assert route["hash_policy"] == [
+        {"cookie": {"name": "sticky", "ttl": "3600s", "attributes": [{"name": "SameSite", "value": "Strict"}]}}
+    ]
 
 
 def test_client_ip_custom_header(tmp_path: Path) -> None:
@@ -217,8 +260,11 @@ spec:
         sha256: cdb37a856ae7dae208cdcb19378022cc81dbcae30859f58b89ae259a9575a49d
 """
     # Port 1 on loopback refuses at once: the real fetcher fails, and says where the reference came from.
-    with pytest.raises(ConfigError, match=r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec.wasm\[0\].code: "
-                                          r".*cannot reach registry 127\.0\.0\.1:1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec.wasm\[0\].code: "
+        r".*cannot reach registry 127\.0\.0\.1:1",
+    ):
         render(tmp_path, extra, fetch_module=lambda code, secrets: fetch_module(code, tmp_path / "cache"))
 
 
@@ -272,14 +318,19 @@ spec:
     clusters = render(tmp_path, extra)["static_resources"]["clusters"]
     assert next(c for c in clusters if c["name"] == "httproute/default/web/rule/0")["type"] == "LOGICAL_DNS"
     two = extra.replace("port: 80}}]", "port: 80}}, {fqdn: {hostname: eu.httpbin.org, port: 80}}]")
-    with pytest.raises(ConfigError, match=r"HTTPRoute/default/web: spec.rules\[0\].backendRefs: Backend httpbin: "
-                                          r"annotation envoy-sidecar/dns: logical needs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"HTTPRoute/default/web: spec.rules\[0\].backendRefs: Backend httpbin: "
+        r"annotation envoy-sidecar/dns: logical needs",
+    ):
         render(tmp_path, two)
 
 
 def test_parent_refs_select_listeners_by_section_and_port(tmp_path: Path) -> None:
-    base = BASE.replace("listeners: [{name: http, protocol: HTTP, port: 80}]",
-                        "listeners: [{name: http, protocol: HTTP, port: 80}, {name: alt, protocol: HTTP, port: 8080}]")
+    base = BASE.replace(
+        "listeners: [{name: http, protocol: HTTP, port: 80}]",
+        "listeners: [{name: http, protocol: HTTP, port: 80}, {name: alt, protocol: HTTP, port: 8080}]",
+    )
     extra = """
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -302,10 +353,13 @@ spec:
     path.write_text(base + extra)
     listeners = render_bootstrap([path])["static_resources"]["listeners"]
     domains = {
-        li["name"]: sorted(d for vh in li["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
-                           ["virtual_hosts"] for d in vh["domains"])
+        li["name"]: sorted(
+            d
+            for vh in li["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+            for d in vh["domains"]
+        )
         for li in listeners
-    }  # fmt: skip
+    }
     assert domains == {"default/eg/http": ["*", "section.example.com"], "default/eg/alt": ["*", "port.example.com"]}
     ports = {li["name"]: li["address"]["socket_address"]["port_value"] for li in listeners}
     assert ports == {"default/eg/http": 10080, "default/eg/alt": 8080}  # EG shifts privileged ports only

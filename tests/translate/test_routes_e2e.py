@@ -101,9 +101,15 @@ spec:
 
 @pytest.mark.parametrize(
     ("client", "status"),
-    [("10.0.0.5", 403), ("10.0.0.6", 200), ("10.0.7.1", 403), ("192.0.2.1", 200), ("fd00::1", 403),
-     ("2001:db8::1", 200)],
-)  # fmt: skip
+    [
+        ("10.0.0.5", 403),
+        ("10.0.0.6", 200),
+        ("10.0.7.1", 403),
+        ("192.0.2.1", 200),
+        ("fd00::1", 403),
+        ("2001:db8::1", 200),
+    ],
+)
 def test_first_matching_rule_decides_then_default(
     run_envoy: Run, backends: dict[str, NamedBackend], client: str, status: int
 ) -> None:
@@ -116,10 +122,12 @@ def test_ext_proc_backend_over_tcp(run_envoy: Run, backends: dict[str, NamedBack
     recorder = ExtProcRecorder("127.0.0.1:0")
     port = recorder.port
     try:
-        text = (GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
-                + backend("proc", f"ip: {{address: 127.0.0.1, port: {port}}}")
-                + route("app", "/", "a")
-                + """
+        text = (
+            GATEWAY
+            + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+            + backend("proc", f"ip: {{address: 127.0.0.1, port: {port}}}")
+            + route("app", "/", "a")
+            + """
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
@@ -129,14 +137,14 @@ spec:
   extProc:
   - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
     processingMode: {request: {}}
-""")  # fmt: skip
+"""
+        )
         url = run_envoy(text)
         assert get(url, "/tcp").text == "a /tcp"
         assert recorder.phases() == ["request_headers"]
         assert recorder.seen[0][1][":path"] == "/tcp"
     finally:
         recorder.close()
-
 
 
 CUSTOM_HEADER = """
@@ -174,11 +182,20 @@ def test_h2c_backend_gets_http2(run_envoy: Run, h2c: bool) -> None:
     grpc_server = ExtProcRecorder("127.0.0.1:0")
     try:
         protocols = "\n  appProtocols: [gateway.envoyproxy.io/h2c]" if h2c else ""
-        text = (GATEWAY + backend("grpc", f"ip: {{address: 127.0.0.1, port: {grpc_server.port}}}")
-                .replace("spec:\n", f"spec:{protocols}\n") + route("app", "/", "grpc"))  # fmt: skip
+        text = (
+            GATEWAY
+            + backend("grpc", f"ip: {{address: 127.0.0.1, port: {grpc_server.port}}}").replace(
+                "spec:\n", f"spec:{protocols}\n"
+            )
+            + route("app", "/", "grpc")
+        )
         url = run_envoy(text)
-        response = httpx.post(url + "/grpc.health.v1.Health/Check", content=b"\0\0\0\0\0", timeout=10,
-                              headers={"host": "www.example.com", "content-type": "application/grpc", "te": "trailers"})
+        response = httpx.post(
+            url + "/grpc.health.v1.Health/Check",
+            content=b"\0\0\0\0\0",
+            timeout=10,
+            headers={"host": "www.example.com", "content-type": "application/grpc", "te": "trailers"},
+        )
         # The server has no Health service: over HTTP/2 it says UNIMPLEMENTED (12). Over HTTP/1.1 it cannot
         # answer at all and Envoy's own gRPC reply says UNAVAILABLE (14).
         assert response.headers.get("grpc-status") == ("12" if h2c else "14")

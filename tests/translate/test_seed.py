@@ -44,34 +44,63 @@ def complete(block: str, *app_ports: int, ext_proc_ip: str = "127.0.0.1") -> str
     one Backend per port in `app_ports`), the pull Secret and the extProc Service."""
     docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(block) if d]
     extra: list[dict[str, Any]] = [
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "eg"},
-         "spec": {"gatewayClassName": "eg", "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}]}},
-    ]  # fmt: skip
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "eg"},
+            "spec": {"gatewayClassName": "eg", "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}]},
+        },
+    ]
     for i, port in enumerate(app_ports):
         endpoint = {"ip": {"address": "127.0.0.1", "port": port}}
-        extra.append({"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "Backend",
-                      "metadata": {"name": f"app-{i}"}, "spec": {"endpoints": [endpoint]}})
+        extra.append(
+            {
+                "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+                "kind": "Backend",
+                "metadata": {"name": f"app-{i}"},
+                "spec": {"endpoints": [endpoint]},
+            }
+        )
     routes = {d["metadata"]["name"] for d in docs if d["kind"] == "HTTPRoute"}
     for doc in docs:
         spec = doc.get("spec") or {}
         for ref in [spec["targetRef"]] if "targetRef" in spec else spec.get("targetRefs") or []:
             if ref["kind"] == "HTTPRoute" and ref["name"] not in routes:
                 routes.add(ref["name"])
-                apps = [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": f"app-{i}"}
-                        for i in range(len(app_ports))]  # fmt: skip
-                extra.append({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-                              "metadata": {"name": ref["name"]},
-                              "spec": {"parentRefs": [{"name": "eg"}], "rules": [{"backendRefs": apps}]}})
+                apps = [
+                    {"group": "gateway.envoyproxy.io", "kind": "Backend", "name": f"app-{i}"}
+                    for i in range(len(app_ports))
+                ]
+                extra.append(
+                    {
+                        "apiVersion": "gateway.networking.k8s.io/v1",
+                        "kind": "HTTPRoute",
+                        "metadata": {"name": ref["name"]},
+                        "spec": {"parentRefs": [{"name": "eg"}], "rules": [{"backendRefs": apps}]},
+                    }
+                )
         for wasm in spec.get("wasm") or []:
             secret = (wasm["code"].get("image") or {}).get("pullSecretRef")
             if secret:
-                extra.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret["name"]},
-                              "type": "kubernetes.io/dockerconfigjson",
-                              "stringData": {".dockerconfigjson": '{"auths": {}}'}})  # fmt: skip
+                extra.append(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {"name": secret["name"]},
+                        "type": "kubernetes.io/dockerconfigjson",
+                        "stringData": {".dockerconfigjson": '{"auths": {}}'},
+                    }
+                )
         for ext in spec.get("extProc") or []:
             for ref in ext["backendRefs"]:
-                extra.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": ref["name"]},
-                              "spec": {"clusterIP": ext_proc_ip, "ports": [{"port": ref["port"]}]}})  # fmt: skip
+                extra.append(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Service",
+                        "metadata": {"name": ref["name"]},
+                        "spec": {"clusterIP": ext_proc_ip, "ports": [{"port": ref["port"]}]},
+                    }
+                )
     if any(d["kind"] == "HTTPRoute" for d in docs):
         # The Backend example: its route points at httpbin.org; keep it, the Gateway is what it needs.
         extra = [d for d in extra if d["kind"] != "Backend"]
@@ -91,8 +120,9 @@ def test_seed_example_renders_and_validates(tmp_path: Path, block: str) -> None:
 
     path = tmp_path / "seed.yaml"
     path.write_text(complete(block, 8080))
-    bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
-                                                       fetch_module=fetch))  # fmt: skip
+    bootstrap = render_bootstrap(
+        [path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True, fetch_module=fetch)
+    )
     validate_bootstrap(bootstrap)
     text = yaml.safe_dump(bootstrap)
     docs = [d for d in yaml.safe_load_all(block) if d]
@@ -124,8 +154,7 @@ def test_seed_ext_proc_example_sees_streamed_response_bodies(tmp_path: Path) -> 
             host, port = envoy.listener_address("default/eg/http")
             response = httpx.get(f"http://{host}:{port}/seed", timeout=10)
         assert response.text == "app /seed"
-        bodies = [chunk for phase, (chunk, _) in
-                  ((p, v) for p, v in recorder.seen if p == "response_body")]  # fmt: skip
+        bodies = [chunk for phase, (chunk, _) in ((p, v) for p, v in recorder.seen if p == "response_body")]
         assert b"".join(bodies) == b"app /seed"
         assert recorder.phases()[0] == "request_headers"
     finally:
@@ -144,8 +173,10 @@ def test_seed_backend_example_serves_through_dns(tmp_path: Path) -> None:
     try:
         path = tmp_path / "seed.yaml"
         path.write_text(complete(block))
-        bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
-                                                           dns_resolver=("127.0.0.1", dns.port)))  # fmt: skip
+        bootstrap = render_bootstrap(
+            [path],
+            RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True, dns_resolver=("127.0.0.1", dns.port)),
+        )
         with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
             host, port = envoy.listener_address("default/eg/http")
 
@@ -177,8 +208,10 @@ def test_seed_ip_allow_list_example_runs(tmp_path: Path) -> None:
     app = NamedBackend("app")
     try:
         with running(tmp_path, complete(block + "---\n" + ctp, app.port)) as url:
-            statuses = [httpx.get(url + "/", headers={"x-forwarded-for": ip}, timeout=10).status_code
-                        for ip in ("10.0.1.4", "10.0.2.250", "10.0.3.1", "192.0.2.1")]  # fmt: skip
+            statuses = [
+                httpx.get(url + "/", headers={"x-forwarded-for": ip}, timeout=10).status_code
+                for ip in ("10.0.1.4", "10.0.2.250", "10.0.3.1", "192.0.2.1")
+            ]
         assert statuses == [200, 200, 403, 403]
     finally:
         app.close()

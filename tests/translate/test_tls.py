@@ -28,13 +28,54 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
     """A CA and one server certificate for www.example.com and backend.example.com, signed by it."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=www.example.com", cwd=tmp_path)  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=www.example.com",
+        cwd=tmp_path,
+    )
     (tmp_path / "san.ext").write_text("subjectAltName=DNS:www.example.com,DNS:backend.example.com\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=tmp_path)  # fmt: skip
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        cwd=tmp_path,
+    )
     return tmp_path
 
 
@@ -202,8 +243,11 @@ spec:
             host, port = envoy.listener_address("default/eg/default")
             context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
             with httpx.Client(verify=context, timeout=10) as client:
-                by_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"},
-                                    extensions={"sni_hostname": "www.example.com"})  # fmt: skip
+                by_sni = client.get(
+                    f"https://{host}:{port}/",
+                    headers={"host": "www.example.com"},
+                    extensions={"sni_hostname": "www.example.com"},
+                )
                 context.check_hostname = False
             with httpx.Client(verify=context, timeout=10) as client:
                 without_sni = client.get(f"https://{host}:{port}/", headers={"host": "www.example.com"})

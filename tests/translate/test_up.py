@@ -59,8 +59,9 @@ class Up:
     def __init__(self, *args: str) -> None:
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "up", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "up", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -120,10 +121,16 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
         slow = threading.Thread(target=lambda: result.update(r=httpx.get(url + "/slow", timeout=30)))
         slow.start()
         wait_for(lambda: "/slow" in app.paths, 30, "the slow request to reach the backend")
-        config.write_text(resources(port, app.port, """
+        config.write_text(
+            resources(
+                port,
+                app.port,
+                """
       filters:
         - type: ResponseHeaderModifier
-          responseHeaderModifier: {set: [{name: x-version, value: "2"}]}"""))
+          responseHeaderModifier: {set: [{name: x-version, value: "2"}]}""",
+            )
+        )
         up.wait_line("reloaded")
         assert httpx.get(url + "/hello", timeout=10).headers.get("x-version") == "2"
         slow.join(30)
@@ -135,10 +142,16 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
         assert httpx.get(url + "/hello", timeout=10).headers.get("x-version") == "2"
 
         # And a second hot restart (epoch 2) once the file is good again.
-        config.write_text(resources(port, app.port, """
+        config.write_text(
+            resources(
+                port,
+                app.port,
+                """
       filters:
         - type: ResponseHeaderModifier
-          responseHeaderModifier: {set: [{name: x-version, value: "3"}]}"""))
+          responseHeaderModifier: {set: [{name: x-version, value: "3"}]}""",
+            )
+        )
         up.wait_line("reloaded")
         assert httpx.get(url + "/hello", timeout=10).headers.get("x-version") == "3"
     finally:
@@ -148,8 +161,11 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
 BAD_INPUTS = {
     "unknown-kind": ("kind: Backend\n", "kind: Bakend\n", "unknown kind 'Bakend'"),
     "unknown-field": ("  endpoints:", "  endpoint: []\n  endpoints:", "Backend/default/app: spec.endpoint: unknown"),
-    "missing-target": ("name: app}]", "name: nothing}]",
-                       "HTTPRoute/default/app: spec.rules[0].backendRefs[0].name: no Backend default/nothing"),
+    "missing-target": (
+        "name: app}]",
+        "name: nothing}]",
+        "HTTPRoute/default/app: spec.rules[0].backendRefs[0].name: no Backend default/nothing",
+    ),
 }
 
 
@@ -164,8 +180,13 @@ def test_up_f_bad_input_exits_2_with_one_line_and_starts_nothing(tmp_path: Path,
     port = free_port()
     config = tmp_path / "eg.yaml"
     config.write_text(_bad(resources(port, 9), case))
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "up", "-f", str(config)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "up", "-f", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"sidecar: error: {config}"), proc.stderr
@@ -246,14 +267,21 @@ def test_up_f_runs_this_sidecar_as_the_ext_proc_backend_with_the_chains_processi
             assert ext_proc["typed_config"]["message_timeout"] == "0.500s"
             metadata = ext_proc["typed_config"]["metadata_options"]
             assert metadata["receiving_namespaces"] == {"untyped": ["envoy-sidecar"]}
-            [cluster] = [c for c in stack.envoy.bootstrap["static_resources"]["clusters"]
-                         if c["name"] == ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]]
-            sockets = [e["endpoint"]["address"]["pipe"]["path"] for e in
-                       cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]  # fmt: skip
+            [cluster] = [
+                c
+                for c in stack.envoy.bootstrap["static_resources"]["clusters"]
+                if c["name"] == ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+            ]
+            sockets = [
+                e["endpoint"]["address"]["pipe"]["path"]
+                for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            ]
             assert sockets == [str(workdir / "extproc-0.sock"), str(workdir / "extproc-1.sock")]
             assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == (
-                "envoy.service.ext_proc.v3.ExternalProcessor")
+                "envoy.service.ext_proc.v3.ExternalProcessor"
+            )
             assert {httpx.get(url + f"/{i}", timeout=10).json()["headers"]["x-stamped-by"] for i in range(6)} == {
-                "envoy-sidecar-demo"}
+                "envoy-sidecar-demo"
+            }
         finally:
             stack.close()

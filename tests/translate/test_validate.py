@@ -237,19 +237,27 @@ def test_strict_eg_refuses_loopback_backends(tmp_path: Path) -> None:
 
 
 def test_unreachable_ext_proc_backend(tmp_path: Path) -> None:
-    extra = ("---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: proc}\n"
-             f"spec: {{endpoints: [{{unix: {{path: {tmp_path}/nobody.sock}}}}]}}\n"
-             "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
-             "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg},"
-             " extProc: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]}]}\n")  # fmt: skip
+    extra = (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: proc}\n"
+        f"spec: {{endpoints: [{{unix: {{path: {tmp_path}/nobody.sock}}}}]}}\n"
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg},"
+        " extProc: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]}]}\n"
+    )
     resources = load_resources([write(tmp_path, extra)])
     with pytest.raises(ConfigError) as info:
         check_ext_proc_reachable(resources, None)
-    assert str(info.value) == (f"{tmp_path}/input.yaml#4: EnvoyExtensionPolicy/default/p: "
-                               "spec.extProc[0].backendRefs[0]: extProc backend proc endpoint 0 is not reachable: "
-                               "No such file or directory")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "up", "-f", str(tmp_path / "input.yaml")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert str(info.value) == (
+        f"{tmp_path}/input.yaml#4: EnvoyExtensionPolicy/default/p: "
+        "spec.extProc[0].backendRefs[0]: extProc backend proc endpoint 0 is not reachable: "
+        "No such file or directory"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "up", "-f", str(tmp_path / "input.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["sidecar: error: " + str(info.value)]
 
@@ -263,8 +271,10 @@ def test_render_cli_prints_yaml_or_one_error_line(tmp_path: Path, capsys: pytest
     bad.write_text(BASE.replace("port: 8080", "port: 80800"))
     assert main(["render", "-f", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"sidecar: error: {bad}#2: Backend/default/app: spec.endpoints[0].ip.port: expected an integer "
-                   "from 1 to 65535, got 80800"]  # fmt: skip
+    assert err == [
+        f"sidecar: error: {bad}#2: Backend/default/app: spec.endpoints[0].ip.port: expected an integer "
+        "from 1 to 65535, got 80800"
+    ]
     assert main(["render", "-f", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"sidecar: error: {tmp_path}/missing: no such file or directory"
 

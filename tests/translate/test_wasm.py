@@ -133,8 +133,11 @@ def test_http_wasm_module_is_fetched_verified_and_runs(tmp_path: Path, module_ur
         path = tmp_path / "wasm.yaml"
         path.write_text(_resources(app.port, url, sha256))
         cache = tmp_path / "cache"
-        options = RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True,
-                                fetch_module=lambda code, _secrets: fetch_module(code, cache))  # fmt: skip
+        options = RenderOptions(
+            listen_address="127.0.0.1",
+            ephemeral_ports=True,
+            fetch_module=lambda code, _secrets: fetch_module(code, cache),
+        )
         bootstrap = render_bootstrap([path], options)
         assert (cache / "modules" / f"{sha256}.wasm").read_bytes()[:4] == b"\0asm"
         validate_bootstrap(bootstrap)
@@ -178,4 +181,3 @@ def test_a_verified_module_is_not_downloaded_again(
     assert module_server.hits == 1  # type: ignore[attr-defined]
     fetch_module({"type": "HTTP", "http": {"url": url}, "pullPolicy": "Always"}, tmp_path)
     assert module_server.hits == 2  # type: ignore[attr-defined]
-

@@ -81,9 +81,7 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
     htpasswd = directory / "htpasswd"
     lines = []
     for user, password in ((USER, PASSWORD), (READER, READER_PASSWORD)):
-        out = subprocess.run(
-            ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, timeout=30
-        )
+        out = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, timeout=30)
         lines.append(out.stdout.decode().strip())
     htpasswd.write_text("\n".join(lines) + "\n")
     yield from _start_registry(directory, f"  htpasswd: {{realm: test, path: {htpasswd}}}\n", "basic")
@@ -97,10 +95,26 @@ class _TokenIssuer:
         self.key = directory / "token.key"
         self.cert = directory / "token.crt"
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
-             "-out", str(self.cert), "-days", "2", "-subj", "/CN=test-token-issuer"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-token-issuer",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         der = subprocess.run(
             ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
             check=True,
@@ -121,13 +135,24 @@ class _TokenIssuer:
             access.append({"type": kind, "name": name, "actions": allowed})
         now = int(time.time())
         header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
-        claims = {"iss": self.issuer, "sub": user, "aud": self.service, "exp": now + 300, "nbf": now - 10,
-                  "iat": now, "jti": os.urandom(8).hex(), "access": access}  # fmt: skip
+        claims = {
+            "iss": self.issuer,
+            "sub": user,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
         signing_input = b".".join(_b64url(json.dumps(part).encode()) for part in (header, claims))
         signature = subprocess.run(
             ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
-            input=signing_input, check=True, capture_output=True, timeout=30,
-        ).stdout  # fmt: skip
+            input=signing_input,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout
         return (signing_input + b"." + _b64url(signature)).decode()
 
 
@@ -227,6 +252,4 @@ def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]
     directory = tmp_path_factory.mktemp("registry-own")
     out = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, timeout=30)
     (directory / "htpasswd").write_text(out.stdout.decode())
-    yield from _start_registry(
-        directory, f"  htpasswd: {{realm: test, path: {directory / 'htpasswd'}}}\n", "basic"
-    )
+    yield from _start_registry(directory, f"  htpasswd: {{realm: test, path: {directory / 'htpasswd'}}}\n", "basic")

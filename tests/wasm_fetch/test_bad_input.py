@@ -52,9 +52,7 @@ def serve_image(
     headers = {"Content-Type": OCI_MANIFEST, **(manifest_headers or {})}
     server.routes[f"/v2/{repo}/manifests/v1"] = [(200, headers, body)]
     server.routes[f"/v2/{repo}/manifests/{_digest(body)}"] = [(200, headers, body)]
-    server.routes[f"/v2/{repo}/blobs/{digest}"] = [
-        (200, {}, served_layer if served_layer is not None else layer)
-    ]
+    server.routes[f"/v2/{repo}/blobs/{digest}"] = [(200, {}, served_layer if served_layer is not None else layer)]
     return _digest(body)
 
 
@@ -87,9 +85,7 @@ def test_layer_larger_than_its_descriptor(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = make_module(1000)
-    serve_image(
-        scripted_server, "lie/size", module[:500], served_layer=module, declared_digest=_digest(module[:500])
-    )
+    serve_image(scripted_server, "lie/size", module[:500], served_layer=module, declared_digest=_digest(module[:500]))
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/lie/size:v1", tmp_path)
     assert_user_error(code, err, "500 bytes its descriptor declares")
     assert cache_files(tmp_path) == []
@@ -150,22 +146,16 @@ def test_oversized_manifest_is_refused(
     assert_user_error(code, err, "cap")
 
 
-def test_not_a_wasm_blob(
-    scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_not_a_wasm_blob(scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     serve_image(scripted_server, "bad/magic", b"#!/bin/sh\necho hello\n")
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/bad/magic:v1", tmp_path)
     assert_user_error(code, err, "not a WebAssembly module")
     assert cache_files(tmp_path) == []
 
 
-def test_oversize_module(
-    scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_oversize_module(scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     serve_image(scripted_server, "big/module", make_module(20_000))
-    code, err = _pull(
-        capsys, scripted_server, f"{scripted_server.host}/big/module:v1", tmp_path, "--max-size", "10000"
-    )
+    code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/big/module:v1", tmp_path, "--max-size", "10000")
     assert_user_error(code, err, "cap is 10000")
     assert cache_files(tmp_path) == []
 
@@ -182,9 +172,7 @@ def test_compat_layer_bomb_is_capped(
         tar.addfile(info, io.BytesIO(big))
     layer = gzip.compress(raw.getvalue())
     assert len(layer) < 100_000
-    serve_image(
-        scripted_server, "bomb/compat", layer, media_type="application/vnd.oci.image.layer.v1.tar+gzip"
-    )
+    serve_image(scripted_server, "bomb/compat", layer, media_type="application/vnd.oci.image.layer.v1.tar+gzip")
     code, err = _pull(
         capsys, scripted_server, f"{scripted_server.host}/bomb/compat:v1", tmp_path, "--max-size", "1000000"
     )
@@ -216,9 +204,7 @@ def test_compat_layer_without_plugin_wasm(
 def test_unsupported_media_type(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serve_image(
-        scripted_server, "bad/type", make_module(10), media_type="application/vnd.oci.image.layer.v1.tar"
-    )
+    serve_image(scripted_server, "bad/type", make_module(10), media_type="application/vnd.oci.image.layer.v1.tar")
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/bad/type:v1", tmp_path)
     assert_user_error(code, err, "application/vnd.oci.image.layer.v1.tar")
 
@@ -244,9 +230,7 @@ def test_plain_http_needs_insecure_flag(
     ("ref", "needle"),
     [("Bad/Upper:1", "bad repository"), ("host:5000/repo@sha256:abc", "64 lower-case hex"), ("", "expected")],
 )
-def test_malformed_reference(
-    ref: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_malformed_reference(ref: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "wasm", "pull", ref, "--cache-dir", str(tmp_path))
     assert_user_error(code, err, needle)
 
@@ -323,9 +307,7 @@ def test_http_oversize_and_not_wasm(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     scripted_server.routes["/big.wasm"] = [(200, {}, make_module(5000))]
-    code, err = _pull(
-        capsys, scripted_server, scripted_server.url("/big.wasm"), tmp_path, "--max-size", "4096"
-    )
+    code, err = _pull(capsys, scripted_server, scripted_server.url("/big.wasm"), tmp_path, "--max-size", "4096")
     assert_user_error(code, err, "cap of 4096")
     scripted_server.routes["/page.html"] = [(200, {}, b"<html>login</html>")]
     code, err = _pull(capsys, scripted_server, scripted_server.url("/page.html"), tmp_path)

@@ -46,9 +46,7 @@ def test_registry_down_keeps_if_not_present_working(
     creds = ("--pull-secret", str(tmp_path / "config.json"))
     args = ("--cache-dir", str(tmp_path / "cache"), *own_registry.cli_args(), "--timeout", "2")
     assert pull_json(capsys, f"{repo}:1.0", *args, *creds)["cache_hit"] is False
-    assert (
-        pull_json(capsys, f"{repo}:latest", *args, *creds)["cache_hit"] is True
-    )  # Always: re-resolved, same digest
+    assert pull_json(capsys, f"{repo}:latest", *args, *creds)["cache_hit"] is True  # Always: re-resolved, same digest
 
     # The tag moves: IfNotPresent keeps the cached module, Always (the :latest default) follows the tag.
     _push(capsys, own_registry, tmp_path, module_v2, f"{repo}:latest")
@@ -76,8 +74,20 @@ def test_two_processes_pull_the_same_module(
     ref = f"{basic_registry.host}/team/concurrent:1"
     _push(capsys, basic_registry, tmp_path, module, ref)
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "sidecar.cli", "wasm", "pull", "--json", ref, "--cache-dir", str(cache),
-           "--pull-secret", str(tmp_path / "config.json"), *basic_registry.cli_args()]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar.cli",
+        "wasm",
+        "pull",
+        "--json",
+        ref,
+        "--cache-dir",
+        str(cache),
+        "--pull-secret",
+        str(tmp_path / "config.json"),
+        *basic_registry.cli_args(),
+    ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = []
     for proc in procs:
@@ -157,14 +167,20 @@ def test_metrics_count_hits_misses_and_failures(
     def value(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = (value("wasm_cache_lookup_total", hit="true"), value("wasm_cache_lookup_total", hit="false"),
-              value("wasm_remote_fetch_total", reason="checksum_mismatched"))  # fmt: skip
+    before = (
+        value("wasm_cache_lookup_total", hit="true"),
+        value("wasm_cache_lookup_total", hit="false"),
+        value("wasm_remote_fetch_total", reason="checksum_mismatched"),
+    )
     fetcher = ModuleFetcher(ModuleCache(tmp_path), FetchOptions(insecure_hosts=frozenset({host})))
     fetcher.pull_http(f"http://{host}/0.wasm")
     fetcher.pull_http(f"http://{host}/0.wasm")
     with pytest.raises(ChecksumMismatchError):
         fetcher.pull_http(f"http://{host}/1.wasm", sha256="a" * 64)
-    after = (value("wasm_cache_lookup_total", hit="true"), value("wasm_cache_lookup_total", hit="false"),
-             value("wasm_remote_fetch_total", reason="checksum_mismatched"))  # fmt: skip
+    after = (
+        value("wasm_cache_lookup_total", hit="true"),
+        value("wasm_cache_lookup_total", hit="false"),
+        value("wasm_remote_fetch_total", reason="checksum_mismatched"),
+    )
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 2, 1]
     assert value("wasm_cache_entries") == 1

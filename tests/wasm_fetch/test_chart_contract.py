@@ -25,15 +25,17 @@ def test_rendered_init_container_pulls_into_the_file_envoy_loads(
     source.write_bytes(module)
     creds = basic_registry.config_json(tmp_path / "config.json")
     ref = f"{basic_registry.host}/team/add-header:1.0.0"
-    code, out, err = run(capsys, "wasm", "push", str(source), ref, "--pull-secret", str(creds),
-                         *basic_registry.cli_args())  # fmt: skip
+    code, out, err = run(
+        capsys, "wasm", "push", str(source), ref, "--pull-secret", str(creds), *basic_registry.cli_args()
+    )
     assert code == 0, err
     digest = out.strip().removeprefix("sha256:")
 
     proc = helm_template(
-        helm_binary(), CHART / "ci" / "eg-wasm-values.yaml",
+        helm_binary(),
+        CHART / "ci" / "eg-wasm-values.yaml",
         sets={"wasm.modules[0].image": ref, "wasm.modules[0].sha256": digest},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     proxy = next(d for d in docs if d["kind"] == "EnvoyProxy")
@@ -52,8 +54,13 @@ def test_rendered_init_container_pulls_into_the_file_envoy_loads(
     output.parent.mkdir(parents=True, exist_ok=True)
 
     # Plain HTTP is the only difference from the pod: a test registry has no TLS.
-    done = subprocess.run([sys.executable, "-m", "sidecar", *args, *basic_registry.cli_args()],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", *args, *basic_registry.cli_args()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert output.read_bytes() == module
     assert hashlib.sha256(output.read_bytes()).hexdigest() in done.stdout

@@ -76,15 +76,18 @@ def _bootstrap(code: dict[str, Any], module_port: int | None) -> dict[str, Any]:
         )
     return {
         "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                "typed_config": hcm}]}],
-            }],
+            "listeners": [
+                {
+                    "name": "main",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
             "clusters": clusters,
         }
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.envoy
@@ -96,8 +99,18 @@ def test_envoy_runs_the_fetched_module(
     (tmp_path / "filter.wasm").write_bytes(module)
     creds = basic_registry.config_json(tmp_path / "config.json")
     ref = f"{basic_registry.host}/e2e/filter:{mode}"
-    code, out, err = run(capsys, "wasm", "push", str(tmp_path / "filter.wasm"), ref, "--layout", "compat",
-                         "--pull-secret", str(creds), *basic_registry.cli_args())  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "wasm",
+        "push",
+        str(tmp_path / "filter.wasm"),
+        ref,
+        "--layout",
+        "compat",
+        "--pull-secret",
+        str(creds),
+        *basic_registry.cli_args(),
+    )
     assert code == 0, err
     cache = ModuleCache(tmp_path / "cache")
     fetcher = ModuleFetcher(cache, FetchOptions(insecure_hosts=frozenset({basic_registry.host})))

@@ -25,9 +25,7 @@ def silent_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def test_silent_registry_times_out(
-    silent_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_silent_registry_times_out(silent_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     host = f"127.0.0.1:{silent_port}"
     start = time.monotonic()
     code, _, err = run(
@@ -53,9 +51,7 @@ def test_silent_url_respects_overall_deadline(
     start = time.monotonic()
     limits = ("--timeout", "1", "--deadline", "2.5", "--retries", "50")
     url = f"http://{host}/m.wasm"
-    code, _, err = run(
-        capsys, "wasm", "pull", url, "--cache-dir", str(tmp_path), "--insecure-registry", host, *limits
-    )
+    code, _, err = run(capsys, "wasm", "pull", url, "--cache-dir", str(tmp_path), "--insecure-registry", host, *limits)
     assert time.monotonic() - start < 6
     assert code == 2, err
     assert cache_files(tmp_path) == []
@@ -66,10 +62,28 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     directory = tmp_path_factory.mktemp("tls")
     key, cert = directory / "key.pem", directory / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     module = make_module(700, seed="tls")
 
     class Handler(http.server.BaseHTTPRequestHandler):

@@ -27,12 +27,8 @@ def registry(request: pytest.FixtureRequest) -> Registry:
     return reg
 
 
-def _push(
-    capsys: pytest.CaptureFixture[str], reg: Registry, module: Path, ref: str, creds: Path, *extra: str
-) -> str:
-    code, out, err = run(
-        capsys, "wasm", "push", str(module), ref, "--pull-secret", str(creds), *reg.cli_args(), *extra
-    )
+def _push(capsys: pytest.CaptureFixture[str], reg: Registry, module: Path, ref: str, creds: Path, *extra: str) -> str:
+    code, out, err = run(capsys, "wasm", "push", str(module), ref, "--pull-secret", str(creds), *reg.cli_args(), *extra)
     assert code == 0, err
     return out.strip()
 
@@ -51,9 +47,7 @@ def test_push_then_pull_by_tag_and_digest(
     assert pushed.startswith("sha256:")
     cache = tmp_path / "cache"
 
-    by_tag = pull_json(
-        capsys, ref, "--cache-dir", str(cache), "--pull-secret", str(creds), *registry.cli_args()
-    )
+    by_tag = pull_json(capsys, ref, "--cache-dir", str(cache), "--pull-secret", str(creds), *registry.cli_args())
     assert by_tag["sha256"] == hashlib.sha256(module).hexdigest()
     assert Path(by_tag["path"]).read_bytes() == module
     assert Path(by_tag["path"]).name == f"{by_tag['sha256']}.wasm"
@@ -234,14 +228,38 @@ def test_pull_writes_the_verified_module_where_envoy_reads_it(
     shared = tmp_path / "shared" / "wasm" / "filter.wasm"
     shared.parent.mkdir(parents=True)
     shared.write_bytes(b"old module")
-    pulled = pull_json(capsys, ref, "--sha256", digest, "--cache-dir", str(tmp_path / "cache"), "--output",
-                       str(shared), "--pull-secret", str(creds), *basic_registry.cli_args())  # fmt: skip
+    pulled = pull_json(
+        capsys,
+        ref,
+        "--sha256",
+        digest,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(shared),
+        "--pull-secret",
+        str(creds),
+        *basic_registry.cli_args(),
+    )
     assert shared.read_bytes() == module
     assert stat.S_IMODE(shared.stat().st_mode) == 0o644
     assert pulled["sha256"] == hashlib.sha256(module).hexdigest()
     assert sorted(p.name for p in shared.parent.iterdir()) == ["filter.wasm"]  # no temporary files left
 
-    code, _, err = run(capsys, "wasm", "pull", ref, "--sha256", "0" * 64, "--cache-dir", str(tmp_path / "c2"),
-                       "--output", str(shared), "--pull-secret", str(creds), *basic_registry.cli_args())  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "wasm",
+        "pull",
+        ref,
+        "--sha256",
+        "0" * 64,
+        "--cache-dir",
+        str(tmp_path / "c2"),
+        "--output",
+        str(shared),
+        "--pull-secret",
+        str(creds),
+        *basic_registry.cli_args(),
+    )
     assert_user_error(code, err, "sha256")
     assert shared.read_bytes() == module  # a failed pull leaves the previous file alone

@@ -47,8 +47,18 @@ def test_image_source_to_local_and_remote_code(
     (tmp_path / "m.wasm").write_bytes(module)
     ref = f"{token_registry.host}/eg/filter:v3"
     creds = token_registry.config_json(tmp_path / "config.json")
-    code, out, err = run(capsys, "wasm", "push", str(tmp_path / "m.wasm"), ref, "--layout", "compat",
-                         "--pull-secret", str(creds), *token_registry.cli_args())  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "wasm",
+        "push",
+        str(tmp_path / "m.wasm"),
+        ref,
+        "--layout",
+        "compat",
+        "--pull-secret",
+        str(creds),
+        *token_registry.cli_args(),
+    )
     assert code == 0, err
     digest = out.strip()
     cache = ModuleCache(tmp_path / "cache")
@@ -87,9 +97,7 @@ def test_image_source_to_local_and_remote_code(
 def test_http_source_and_spec_errors(scripted_server: ScriptedServer, tmp_path: Path) -> None:
     module = make_module(500, seed="eg-http")
     scripted_server.routes["/f.wasm"] = [(200, {}, module)]
-    fetcher = ModuleFetcher(
-        ModuleCache(tmp_path), FetchOptions(insecure_hosts=frozenset({scripted_server.host}))
-    )
+    fetcher = ModuleFetcher(ModuleCache(tmp_path), FetchOptions(insecure_hosts=frozenset({scripted_server.host})))
     sha = hashlib.sha256(module).hexdigest()
     spec = {"type": "HTTP", "http": {"url": scripted_server.url("/f.wasm"), "sha256": sha}}
     code = envoy_code(spec, fetcher, LocalHandoff())
@@ -115,19 +123,34 @@ def test_init_container_pull_then_sidecar_uses_cache(
     (tmp_path / "m.wasm").write_bytes(module)
     creds = basic_registry.config_json(tmp_path / "config.json")
     ref = f"{basic_registry.host}/eg/init:v1"
-    code, out, err = run(capsys, "wasm", "push", str(tmp_path / "m.wasm"), ref, "--pull-secret", str(creds),
-                         *basic_registry.cli_args())  # fmt: skip
+    code, out, err = run(
+        capsys, "wasm", "push", str(tmp_path / "m.wasm"), ref, "--pull-secret", str(creds), *basic_registry.cli_args()
+    )
     assert code == 0, err
     shared = tmp_path / "shared"
     init = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "wasm", "pull", ref, "--sha256", out.strip(),
-         "--cache-dir", str(shared), "--pull-secret", str(creds), *basic_registry.cli_args()],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert init.returncode == 0, init.stderr
-    fetcher = ModuleFetcher(
-        ModuleCache(shared), FetchOptions(insecure_hosts=frozenset({basic_registry.host}))
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "wasm",
+            "pull",
+            ref,
+            "--sha256",
+            out.strip(),
+            "--cache-dir",
+            str(shared),
+            "--pull-secret",
+            str(creds),
+            *basic_registry.cli_args(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
+    assert init.returncode == 0, init.stderr
+    fetcher = ModuleFetcher(ModuleCache(shared), FetchOptions(insecure_hosts=frozenset({basic_registry.host})))
     spec = {"type": "Image", "image": {"url": ref, "sha256": out.strip().removeprefix("sha256:")}}
     code_block = envoy_code(spec, fetcher, LocalHandoff())
     assert Path(code_block["local"]["filename"]).read_bytes() == module

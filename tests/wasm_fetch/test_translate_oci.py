@@ -36,6 +36,7 @@ spec:
         pullSecretRef: {{name: pull}}
 """
 
+
 @pytest.mark.envoy
 def test_private_oci_wasm_image_is_pulled_verified_and_run(
     basic_registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -44,8 +45,16 @@ def test_private_oci_wasm_image_is_pulled_verified_and_run(
     (tmp_path / "filter.wasm").write_bytes(module)
     creds = basic_registry.config_json(tmp_path / "config.json")
     ref = f"{basic_registry.host}/filters/add-header:v1"
-    code, out, err = run(capsys, "wasm", "push", str(tmp_path / "filter.wasm"), ref, "--pull-secret", str(creds),
-                         *basic_registry.cli_args())  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "wasm",
+        "push",
+        str(tmp_path / "filter.wasm"),
+        ref,
+        "--pull-secret",
+        str(creds),
+        *basic_registry.cli_args(),
+    )
     assert code == 0, err
     manifest_digest = out.strip().removeprefix("sha256:")
 
@@ -58,9 +67,10 @@ def test_private_oci_wasm_image_is_pulled_verified_and_run(
         inputs.write_text(routing + "---\n" + secret + IMAGE_POLICY.format(ref=ref, sha256=manifest_digest))
         cache = tmp_path / "cache"
         options = RenderOptions(
-            listen_address="127.0.0.1", ephemeral_ports=True,
+            listen_address="127.0.0.1",
+            ephemeral_ports=True,
             fetch_module=lambda code, secrets: fetch_module(code, cache, pull_secrets=secrets),
-        )  # fmt: skip
+        )
         bootstrap = render_bootstrap([inputs], options)
         module_file = cache / "modules" / f"{hashlib.sha256(module).hexdigest()}.wasm"
         assert module_file.read_bytes() == module  # the module's own sha256 names the file Envoy loads
@@ -76,7 +86,11 @@ def test_private_oci_wasm_image_is_pulled_verified_and_run(
         inputs.write_text(routing + "---\n" + secret + IMAGE_POLICY.format(ref=ref, sha256="0" * 64))
         where = r"EnvoyExtensionPolicy/default/oci-wasm-source-test: spec\.wasm\[0\]\.code: .*but sha256 says"
         with pytest.raises(ConfigError, match=where):
-            render_bootstrap([inputs], RenderOptions(
-                fetch_module=lambda code, secrets: fetch_module(code, tmp_path / "c2", pull_secrets=secrets)))
+            render_bootstrap(
+                [inputs],
+                RenderOptions(
+                    fetch_module=lambda code, secrets: fetch_module(code, tmp_path / "c2", pull_secrets=secrets)
+                ),
+            )
     finally:
         app.close()

@@ -108,10 +108,7 @@ def echo_server() -> Iterator[EchoServer]:
         thread.join(5)
 
 
-_HCM_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-    + "HttpConnectionManager"
-)
+_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." + "HttpConnectionManager"
 
 
 def bootstrap(module: Path, *, root_id: str, configuration: str, upstream_port: int) -> dict[str, Any]:
@@ -152,9 +149,7 @@ def bootstrap(module: Path, *, root_id: str, configuration: str, upstream_port: 
                 wasm,
                 {
                     "name": "envoy.filters.http.router",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                    },
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
                 },
             ],
         },
@@ -170,9 +165,7 @@ def bootstrap(module: Path, *, root_id: str, configuration: str, upstream_port: 
                     "lb_endpoints": [
                         {
                             "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": upstream_port}
-                                }
+                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}
                             }
                         }
                     ]

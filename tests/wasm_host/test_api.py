@@ -16,9 +16,7 @@ CONFIG = "tag-api"
 
 @pytest.fixture(params=["gcore_conformance", "solo_conformance"])
 def plugin(request: pytest.FixtureRequest, sdk_modules: dict[str, Path], shared_cache: Path) -> Plugin:
-    return Plugin(
-        sdk_modules[request.param], root_id="fixture", configuration=CONFIG, cache=shared_cache
-    ).start()
+    return Plugin(sdk_modules[request.param], root_id="fixture", configuration=CONFIG, cache=shared_cache).start()
 
 
 def _request(*extra: tuple[str, str]) -> list[tuple[str, str]]:
@@ -90,9 +88,7 @@ def test_root_features(tmp_path: Path) -> None:
 def test_log_level_filters(sdk_modules: dict[str, Path], shared_cache: Path) -> None:
     module = sdk_modules["solo_conformance"]
     quiet = Plugin(module, root_id="fixture", configuration="c", log_level=LogLevel.ERROR, cache=shared_cache)
-    chatty = Plugin(
-        module, root_id="fixture", configuration="c", log_level=LogLevel.TRACE, cache=shared_cache
-    )
+    chatty = Plugin(module, root_id="fixture", configuration="c", log_level=LogLevel.TRACE, cache=shared_cache)
     quiet.start()
     chatty.start()
     assert chatty.logs(LogLevel.DEBUG)

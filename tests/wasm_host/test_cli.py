@@ -22,9 +22,7 @@ def test_json_output_matches_envoy(
     body_file = tmp_path / "body.txt"
     body_file.write_bytes(b"the secret word")
     with echo_server() as echo:
-        with Envoy(
-            bootstrap(module, root_id="fixture", configuration="cli", upstream_port=echo.port)
-        ) as envoy:
+        with Envoy(bootstrap(module, root_id="fixture", configuration="cli", upstream_port=echo.port)) as envoy:
             denied = send(envoy, "GET", "/x", [("host", "example.com"), ("x-deny", "1")], b"")
             send(envoy, "POST", "/y", [("host", "example.com"), ("x-rewrite", "1")], body_file.read_bytes())
         upstream_seen = echo.seen[-1]
@@ -47,10 +45,7 @@ def test_json_output_matches_envoy(
 
 def test_text_output(sdk_modules: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     module = sdk_modules["solo_conformance"]
-    assert (
-        main(["wasm", "run", str(module), "--root-id", "fixture", "--config", "t", "--header", "x-deny:1"])
-        == 0
-    )
+    assert main(["wasm", "run", str(module), "--root-id", "fixture", "--config", "t", "--header", "x-deny:1"]) == 0
     out = capsys.readouterr().out
     assert "request_headers" in out and "local response sent by the module: 403 (denied)" in out
 

@@ -47,9 +47,7 @@ SCENARIOS = [
     ),
     Scenario("delete", method="DELETE", path="/items/7"),
     Scenario("post-untouched", method="POST", path="/submit", body=b"my secret stays"),
-    Scenario(
-        "body-rewrite", method="POST", path="/rw", headers=(("x-rewrite", "1"),), body=b"a secret, secret!"
-    ),
+    Scenario("body-rewrite", method="POST", path="/rw", headers=(("x-rewrite", "1"),), body=b"a secret, secret!"),
     Scenario("big-body-rewrite", method="PUT", path="/big", headers=(("x-rewrite", "1"),), body=BIG),
     Scenario("local-reply", path="/deny", headers=(("x-deny", "1"),)),
     Scenario("local-reply-with-body", method="POST", headers=(("x-deny", "1"),), body=b"never forwarded"),
@@ -111,9 +109,7 @@ class Setup:
     plugin: Plugin
 
 
-def _forward(
-    echo: EchoServer, method: str, path: str, headers: list[tuple[str, str]], body: bytes
-) -> Response:
+def _forward(echo: EchoServer, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Response:
     conn = http.client.HTTPConnection("127.0.0.1", echo.port, timeout=10)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -184,13 +180,9 @@ def test_host_matches_envoy(setup: Setup, scenario: Scenario) -> None:
     envoy_seen = _seen(setup.echo)
 
     def upstream(req: UpstreamRequest) -> Response:
-        return _forward(
-            setup.echo, req.header(":method") or "GET", req.header(":path") or "/", req.headers, req.body
-        )
+        return _forward(setup.echo, req.header(":method") or "GET", req.header(":path") or "/", req.headers, req.body)
 
-    request = Request(
-        scenario.method, scenario.path, list(scenario.headers), scenario.body, authority=AUTHORITY
-    )
+    request = Request(scenario.method, scenario.path, list(scenario.headers), scenario.body, authority=AUTHORITY)
     exchange = run_exchange(setup.plugin, request, upstream, chunk_size=16_384)
     host_seen = _seen(setup.echo)
 

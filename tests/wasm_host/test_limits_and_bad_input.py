@@ -106,9 +106,7 @@ def test_trap_is_reported_and_vm_marked_failed(tmp_path: Path) -> None:
 def test_infinite_loop_hits_deadline(tmp_path: Path) -> None:
     plugin = _plugin(wat.INFINITE_LOOP, tmp_path, limits=Limits(call_timeout_s=0.2))
     started = time.monotonic()
-    with pytest.raises(
-        WasmTimeoutError, match=r"probe: proxy_on_request_headers failed: deadline of 0.2s exceeded"
-    ):
+    with pytest.raises(WasmTimeoutError, match=r"probe: proxy_on_request_headers failed: deadline of 0.2s exceeded"):
         plugin.http_context().on_request_headers(REQUEST)
     assert time.monotonic() - started < 3
 
@@ -140,9 +138,7 @@ def test_proc_exit_is_a_failure(tmp_path: Path) -> None:
 @pytest.mark.envoy
 def test_rejected_configuration_matches_envoy(sdk_modules: dict[str, Path], tmp_path: Path) -> None:
     module = sdk_modules["gcore_conformance"]
-    with pytest.raises(
-        WasmCallError, match="proxy_on_configure failed: the module rejected its plugin configuration"
-    ):
+    with pytest.raises(WasmCallError, match="proxy_on_configure failed: the module rejected its plugin configuration"):
         Plugin(module, root_id="fixture", configuration="reject", cache=tmp_path).start()
     with echo_server() as echo:
         envoy = Envoy(bootstrap(module, root_id="fixture", configuration="reject", upstream_port=echo.port))
@@ -164,10 +160,7 @@ def test_empty_configuration_traps_solo_sdk_as_in_envoy(sdk_modules: dict[str, P
         try:
             with pytest.raises(EnvoyError):
                 envoy.start(timeout=20)
-            assert (
-                "proxy_on_configure failed: Uncaught RuntimeError: memory access out of bounds"
-                in envoy.logs()
-            )
+            assert "proxy_on_configure failed: Uncaught RuntimeError: memory access out of bounds" in envoy.logs()
         finally:
             envoy.close()
 
@@ -196,9 +189,7 @@ def test_vm_configuration_and_environment_match_envoy(tmp_path: Path) -> None:
     module.write_bytes(wasmtime.wat2wasm(wat.VM_START_REPORT))
     env = {"MODE": "test", "REGION": "eu-1"}
     boot = bootstrap(module, root_id="", configuration="", upstream_port=1)
-    vm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"
-    ][0]
+    vm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]
     vm_config = vm["typed_config"]["config"]["vm_config"]
     vm_config["configuration"] = {
         "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -210,7 +201,5 @@ def test_vm_configuration_and_environment_match_envoy(tmp_path: Path) -> None:
     plugin = Plugin(module, vm_configuration="vm-cfg-1", environment=env, cache=tmp_path / "c").start()
     assert envoy_lines[:1] == ["vm-cfg-1"]
     # Envoy does not promise an order for the environment; compare as sets.
-    assert sorted(plugin.logs(LogLevel.WARN)[1].rstrip(";").split(";")) == sorted(
-        envoy_lines[1].rstrip(";").split(";")
-    )
+    assert sorted(plugin.logs(LogLevel.WARN)[1].rstrip(";").split(";")) == sorted(envoy_lines[1].rstrip(";").split(";"))
     assert plugin.logs(LogLevel.WARN)[0] == envoy_lines[0]

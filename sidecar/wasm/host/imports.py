@@ -105,16 +105,10 @@ class _Env:
         return Status.OK
 
     def proxy_get_log_level(self, caller: Caller, ret: int) -> int:
-        return (
-            Status.OK
-            if self.rt.memory.put_u32(caller, ret, self.rt.log_level)
-            else Status.INVALID_MEMORY_ACCESS
-        )
+        return Status.OK if self.rt.memory.put_u32(caller, ret, self.rt.log_level) else Status.INVALID_MEMORY_ACCESS
 
     def proxy_get_current_time_nanoseconds(self, caller: Caller, ret: int) -> int:
-        return (
-            Status.OK if self.rt.memory.put_u64(caller, ret, time.time_ns()) else Status.INVALID_MEMORY_ACCESS
-        )
+        return Status.OK if self.rt.memory.put_u64(caller, ret, time.time_ns()) else Status.INVALID_MEMORY_ACCESS
 
     def proxy_set_tick_period_milliseconds(self, caller: Caller, period: int) -> int:
         self.rt.tick_period_ms = period & 0xFFFFFFFF
@@ -138,9 +132,7 @@ class _Env:
 
     # -- buffers --------------------------------------------------------------------------------
 
-    def proxy_get_buffer_bytes(
-        self, caller: Caller, btype: int, start: int, length: int, pp: int, sp: int
-    ) -> int:
+    def proxy_get_buffer_bytes(self, caller: Caller, btype: int, start: int, length: int, pp: int, sp: int) -> int:
         buffer = self._buffer(btype)
         if buffer is None:
             return Status.NOT_FOUND
@@ -153,15 +145,11 @@ class _Env:
         if buffer is None:
             return Status.NOT_FOUND
         mem = self.rt.memory
-        if not (
-            mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, int(buffer[1]))
-        ):
+        if not (mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, int(buffer[1]))):
             return Status.INVALID_MEMORY_ACCESS
         return Status.OK
 
-    def proxy_set_buffer_bytes(
-        self, caller: Caller, btype: int, start: int, length: int, ptr: int, size: int
-    ) -> int:
+    def proxy_set_buffer_bytes(self, caller: Caller, btype: int, start: int, length: int, ptr: int, size: int) -> int:
         data = self._read(caller, ptr, size)
         if data is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -211,18 +199,14 @@ class _Env:
         headers[:] = [(k.lower(), v) for k, v in _to_list(pairs)]
         return Status.OK
 
-    def _key_value(
-        self, caller: Caller, kp: int, ks: int, vp: int = 0, vs: int = 0
-    ) -> tuple[str, str] | None:
+    def _key_value(self, caller: Caller, kp: int, ks: int, vp: int = 0, vs: int = 0) -> tuple[str, str] | None:
         key = self._read(caller, kp, ks)
         value = self._read(caller, vp, vs)
         if key is None or value is None:
             return None
         return _text(key).lower(), _text(value)
 
-    def proxy_get_header_map_value(
-        self, caller: Caller, map_type: int, kp: int, ks: int, pp: int, sp: int
-    ) -> int:
+    def proxy_get_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, pp: int, sp: int) -> int:
         kv = self._key_value(caller, kp, ks)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -238,9 +222,7 @@ class _Env:
         # Envoy answers with the first of repeated headers (checked against Envoy 1.40).
         return self.rt.memory.give(caller, values[0].encode(errors="surrogateescape"), pp, sp)
 
-    def proxy_add_header_map_value(
-        self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int
-    ) -> int:
+    def proxy_add_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -250,9 +232,7 @@ class _Env:
         headers.append(kv)
         return Status.OK
 
-    def proxy_replace_header_map_value(
-        self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int
-    ) -> int:
+    def proxy_replace_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -395,9 +375,7 @@ class _Env:
             return Status.NOT_FOUND
         if metric.type == MetricType.HISTOGRAM:
             return Status.BAD_ARGUMENT
-        return (
-            Status.OK if self.rt.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
-        )
+        return Status.OK if self.rt.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
 
     # -- shared data and queues -------------------------------------------------------------------
 

@@ -56,9 +56,7 @@ class GuestMemory:
 
         Empty data writes (0, 0) without allocating, like Envoy's host: some SDKs depend on it.
         """
-        if not self._inside(store, ptr_ptr & 0xFFFFFFFF, 4) or not self._inside(
-            store, size_ptr & 0xFFFFFFFF, 4
-        ):
+        if not self._inside(store, ptr_ptr & 0xFFFFFFFF, 4) or not self._inside(store, size_ptr & 0xFFFFFFFF, 4):
             return Status.INVALID_MEMORY_ACCESS
         ptr = 0
         if data:

@@ -126,9 +126,7 @@ class Plugin:
         rt.call("proxy_on_context_create", root, 0)
         if rt.call("proxy_on_vm_start", root, len(rt.options.vm_configuration)) == 0:
             rt.failed = "proxy_on_vm_start returned false"
-            raise WasmCallError(
-                self.name, "proxy_on_vm_start", "the module refused to start (returned false)"
-            )
+            raise WasmCallError(self.name, "proxy_on_vm_start", "the module refused to start (returned false)")
         self._vm_started = True
         return self
 
@@ -295,9 +293,7 @@ class HttpContext:
     def on_response_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
         self._state.response_headers[:] = _headers(headers)
         self._state.response_end = end_of_stream
-        raw = self._headers_call(
-            "proxy_on_response_headers", len(self._state.response_headers), end_of_stream
-        )
+        raw = self._headers_call("proxy_on_response_headers", len(self._state.response_headers), end_of_stream)
         return self._action(raw, headers=True)
 
     def on_request_body(self, chunk: bytes, end_of_stream: bool = True) -> Action:

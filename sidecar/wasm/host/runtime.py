@@ -126,9 +126,7 @@ class Runtime:
     def call(self, export: str, *args: int) -> int | None:
         """Call an export under the deadline; None if it is not exported (callbacks are optional)."""
         if self.failed is not None:
-            raise WasmStateError(
-                f"{self.module_name}: the VM failed earlier ({self.failed}); create a new Plugin"
-            )
+            raise WasmStateError(f"{self.module_name}: the VM failed earlier ({self.failed}); create a new Plugin")
         func = self.exports.get(export)
         if func is None:
             return None

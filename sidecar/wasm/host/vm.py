@@ -88,9 +88,7 @@ def read_module_bytes(path: Path) -> bytes:
     raise WasmLoadError(f"{path}: not a WebAssembly module (no \\0asm magic)")
 
 
-def compile_module(
-    engine: wasmtime.Engine, data: bytes | str, name: str, *, cache: Path | None
-) -> wasmtime.Module:
+def compile_module(engine: wasmtime.Engine, data: bytes | str, name: str, *, cache: Path | None) -> wasmtime.Module:
     """Compile `data` (binary or WAT), reusing a serialized artifact from `cache` when present.
 
     wasmtime trusts what it deserializes, so the cache directory is created private (0700) and

@@ -113,9 +113,7 @@ class Wasi:
     def environ_sizes_get(self, caller: Caller, count_ptr: int, size_ptr: int) -> int:
         items = self._env_items()
         mem = self.rt.memory
-        ok = mem.put_u32(caller, count_ptr, len(items)) and mem.put_u32(
-            caller, size_ptr, sum(map(len, items))
-        )
+        ok = mem.put_u32(caller, count_ptr, len(items)) and mem.put_u32(caller, size_ptr, sum(map(len, items)))
         return _SUCCESS if ok else _FAULT
 
     def environ_get(self, caller: Caller, ptrs: int, buf: int) -> int:
