@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
@@ -167,12 +168,6 @@ def build_context(dest: Path, log: Path) -> Path:
     wheel = next(dist.glob("envoy_sidecar-*.whl"))
     run([*pip, "wheel", "-q", "-w", str(dist), f"{wheel}[wasm]"], timeout=600, log=log)
     return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Registry:

@@ -16,16 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.net import free_port
 from tests.support.wait import wait_for
 from tests.translate.servers import NamedBackend
 
 pytestmark = pytest.mark.envoy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def resources(port: int, backend_port: int, extra_filter: str = "") -> str:

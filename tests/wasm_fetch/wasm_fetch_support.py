@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,12 +18,6 @@ from sidecar.cli import main
 
 USER, PASSWORD = "alice", "wonderland-7"
 READER, READER_PASSWORD = "bob", "pull-only-3"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_module(payload_size: int = 64, seed: str = "x") -> bytes:
