@@ -28,9 +28,10 @@ from wasm_fetch_support import (
     Registry,
     Route,
     ScriptedServer,
-    free_port,
     wait_until,
 )
+
+from tests.support.net import free_port
 
 _START_DEADLINE = 15.0
 
