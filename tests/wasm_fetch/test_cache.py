@@ -24,7 +24,7 @@ from wasm_fetch_support import (
     wait_until,
 )
 
-from sidecar.wasm.cache import ModuleCache
+from sidecar.wasm.fetch.cache import ModuleCache
 
 
 def _push(capsys: pytest.CaptureFixture[str], reg: Registry, tmp_path: Path, module: bytes, ref: str) -> str:
@@ -77,7 +77,7 @@ def test_two_processes_pull_the_same_module(
     cmd = [
         sys.executable,
         "-m",
-        "sidecar.cli",
+        "sidecar",
         "wasm",
         "pull",
         "--json",
@@ -158,9 +158,9 @@ def test_gc_removes_unreferenced_and_stale_files(tmp_path: Path, capsys: pytest.
 def test_metrics_count_hits_misses_and_failures(
     scripted_server_modules: tuple[str, list[bytes]], tmp_path: Path
 ) -> None:
-    from sidecar.wasm.fetcher import ModuleFetcher
-    from sidecar.wasm.fetcherrors import ChecksumMismatchError
-    from sidecar.wasm.transfer import FetchOptions
+    from sidecar.wasm.fetch.errors import ChecksumMismatchError
+    from sidecar.wasm.fetch.fetcher import ModuleFetcher
+    from sidecar.wasm.fetch.transfer import FetchOptions
 
     host, _ = scripted_server_modules
 

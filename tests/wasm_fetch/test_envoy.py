@@ -13,12 +13,12 @@ import wasmtime
 from wasm_fetch_support import Registry, run
 
 from sidecar.stack.envoy import Envoy
-from sidecar.wasm.auth import load_pull_secret
-from sidecar.wasm.cache import ModuleCache
-from sidecar.wasm.fetcher import ModuleFetcher
-from sidecar.wasm.server import ModuleServer
-from sidecar.wasm.source import HttpHandoff, LocalHandoff, envoy_code
-from sidecar.wasm.transfer import FetchOptions
+from sidecar.wasm.fetch.auth import load_pull_secret
+from sidecar.wasm.fetch.cache import ModuleCache
+from sidecar.wasm.fetch.fetcher import ModuleFetcher
+from sidecar.wasm.fetch.handoff import ModuleServer
+from sidecar.wasm.fetch.source import HttpHandoff, LocalHandoff, envoy_code
+from sidecar.wasm.fetch.transfer import FetchOptions
 
 BODY = b"answered by a fetched module"
 _TYPES = "type.googleapis.com/envoy.extensions.filters."

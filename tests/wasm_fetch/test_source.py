@@ -17,11 +17,11 @@ from google.protobuf import json_format
 from wasm_fetch_support import PASSWORD, USER, Registry, ScriptedServer, make_module, run
 
 from sidecar.errors import WasmError
-from sidecar.wasm.cache import ModuleCache
-from sidecar.wasm.fetcher import ModuleFetcher
-from sidecar.wasm.server import ModuleServer
-from sidecar.wasm.source import HttpHandoff, LocalHandoff, envoy_code
-from sidecar.wasm.transfer import FetchOptions
+from sidecar.wasm.fetch.cache import ModuleCache
+from sidecar.wasm.fetch.fetcher import ModuleFetcher
+from sidecar.wasm.fetch.handoff import ModuleServer
+from sidecar.wasm.fetch.source import HttpHandoff, LocalHandoff, envoy_code
+from sidecar.wasm.fetch.transfer import FetchOptions
 
 
 def _as_envoy(code: dict[str, object]) -> base_pb2.AsyncDataSource:
@@ -132,7 +132,7 @@ def test_init_container_pull_then_sidecar_uses_cache(
         [
             sys.executable,
             "-m",
-            "sidecar.cli",
+            "sidecar",
             "wasm",
             "pull",
             ref,

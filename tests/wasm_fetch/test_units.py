@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli.wasm_fetch import ProgressLine
-from sidecar.wasm.auth import load_pull_secret, resolve_credentials
-from sidecar.wasm.fetcherrors import BadReferenceError, CredentialsFileError
-from sidecar.wasm.reference import parse_image_ref
+from sidecar.wasm.fetch.auth import load_pull_secret, resolve_credentials
+from sidecar.wasm.fetch.errors import BadReferenceError, CredentialsFileError
+from sidecar.wasm.fetch.reference import parse_image_ref
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sidecar.wasm.fetcherrors import BadReferenceError
+from sidecar.wasm.fetch.errors import BadReferenceError
 
 __all__ = ["DEFAULT_REGISTRY", "ImageRef", "normalize_sha256", "parse_image_ref"]
 

@@ -20,19 +20,19 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from sidecar.wasm.auth import DockerConfig, resolve_credentials
-from sidecar.wasm.cache import CachedModule, ModuleCache
-from sidecar.wasm.fetcherrors import (
+from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.cache import CachedModule, ModuleCache
+from sidecar.wasm.fetch.errors import (
     BadReferenceError,
     ChecksumMismatchError,
     FetchError,
     NotWasmError,
 )
-from sidecar.wasm.http import check_url, fetch_url, shown_url, url_key
-from sidecar.wasm.layout import extract_plugin
-from sidecar.wasm.oci import RegistryClient
-from sidecar.wasm.reference import ImageRef, normalize_sha256, parse_image_ref
-from sidecar.wasm.transfer import WASM_MAGIC, Deadline, FetchOptions, Progress
+from sidecar.wasm.fetch.http import check_url, fetch_url, shown_url, url_key
+from sidecar.wasm.fetch.layout import extract_plugin
+from sidecar.wasm.fetch.oci import RegistryClient
+from sidecar.wasm.fetch.reference import ImageRef, normalize_sha256, parse_image_ref
+from sidecar.wasm.fetch.transfer import WASM_MAGIC, Deadline, FetchOptions, Progress
 
 __all__ = ["POLICIES", "ModuleFetcher", "PullResult"]
 

@@ -1,7 +1,10 @@
-"""The translator's entry point: an EnvoyExtensionPolicy wasm `code` block in, Envoy's
-`AsyncDataSource` (as a plain dict) out, after fetching and verifying the module.
+"""The fetcher's entry for the translator: an EnvoyExtensionPolicy wasm `code` block in, Envoy's
+`AsyncDataSource` (as a plain dict) out, after fetching, verifying and caching the module.
 
-    code = envoy_code(
+    code = fetch_code({"type": "HTTP", "http": {"url": "http://127.0.0.1:8000/filter.wasm"}})
+    # {"local": {"filename": "~/.cache/sidecar/wasm/modules/<sha256>.wasm"}}
+
+    code = envoy_code(                      # with your own fetcher and hand-off
         {"type": "Image", "image": {"url": "ghcr.io/acme/filter:v1", "pullSecretRef": {"name": "pull"}}},
         fetcher,
         LocalHandoff(),                     # or HttpHandoff(server, cluster="wasm_cluster")
@@ -9,41 +12,45 @@
     )
     # {"local": {"filename": "/var/lib/sidecar/wasm/modules/<sha256>.wasm"}}
 
-The remote form mirrors EG's: `http_uri` with a 10 s timeout, the module's sha256, and a retry policy
-of 10 retries with 1 s..30 s backoff.
+`sidecar.translate` calls `fetch_code` (through `sidecar.translate.wasmsource.fetch_module`, which
+turns a WasmError into a ConfigError naming the resource); nothing here knows about the translator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import PurePosixPath
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from sidecar.wasm.auth import DockerConfig, pull_secret_from_manifest
-from sidecar.wasm.fetcher import ModuleFetcher, PullResult
-from sidecar.wasm.fetcherrors import BadReferenceError
-from sidecar.wasm.server import ModuleServer
+from sidecar.wasm.fetch.auth import DockerConfig, pull_secret_from_manifest
+from sidecar.wasm.fetch.cache import ModuleCache, default_cache_dir
+from sidecar.wasm.fetch.errors import BadReferenceError
+from sidecar.wasm.fetch.fetcher import ModuleFetcher, PullResult
+from sidecar.wasm.fetch.handoff import HttpHandoff, LocalHandoff, data_source
+from sidecar.wasm.fetch.transfer import FetchOptions
 
-__all__ = ["HttpHandoff", "LocalHandoff", "envoy_code", "fetch_source"]
+__all__ = ["LOOPBACK_HOSTS", "HttpHandoff", "LocalHandoff", "envoy_code", "fetch_code", "fetch_source"]
 
-
-@dataclass(frozen=True)
-class LocalHandoff:
-    """Envoy reads the module from the shared volume. `envoy_cache_dir` is where Envoy's container
-    mounts the cache root, if not at the same path as ours."""
-
-    envoy_cache_dir: str | None = None
+# Plain HTTP (for URLs and registries) is allowed for these hosts, which is what a local `sidecar render`
+# or `sidecar up` talks to, and for the hosts the caller lists.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-@dataclass(frozen=True)
-class HttpHandoff:
-    """Envoy fetches the module from `server` through its cluster `cluster`."""
+def fetch_code(
+    code: Mapping[str, Any],
+    cache_dir: Path | None = None,
+    *,
+    pull_secrets: Mapping[str, Mapping[str, Any]] | None = None,
+    insecure_hosts: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Fetch and verify the module a `code` block names into the cache at `cache_dir` (default
+    `default_cache_dir()`); the Envoy `code` AsyncDataSource naming it as a local file.
 
-    server: ModuleServer
-    cluster: str
-    timeout: str = "10s"
-    num_retries: int = 10
+    Raises a WasmError (a FetchError or CacheError) when the module cannot be had.
+    """
+    options = FetchOptions(insecure_hosts=frozenset((*LOOPBACK_HOSTS, *insecure_hosts)))
+    fetcher = ModuleFetcher(ModuleCache(cache_dir or default_cache_dir()), options)
+    return envoy_code(code, fetcher, LocalHandoff(), pull_secrets)
 
 
 def fetch_source(
@@ -79,26 +86,7 @@ def envoy_code(
     pull_secrets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """EG `code` block -> Envoy `code` (AsyncDataSource) dict; fetches and verifies first."""
-    module = fetch_source(spec, fetcher, pull_secrets).module
-    if isinstance(handoff, LocalHandoff):
-        filename = str(module.path)
-        if handoff.envoy_cache_dir is not None:
-            filename = str(PurePosixPath(handoff.envoy_cache_dir) / "modules" / module.path.name)
-        return {"local": {"filename": filename}}
-    return {
-        "remote": {
-            "http_uri": {
-                "uri": handoff.server.publish(module),
-                "cluster": handoff.cluster,
-                "timeout": handoff.timeout,
-            },
-            "sha256": module.sha256,
-            "retry_policy": {
-                "num_retries": handoff.num_retries,
-                "retry_back_off": {"base_interval": "1s", "max_interval": "30s"},
-            },
-        }
-    }
+    return data_source(fetch_source(spec, fetcher, pull_secrets).module, handoff)
 
 
 def _section(spec: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -24,8 +24,8 @@ from typing import IO, Any
 
 import requests
 
-from sidecar.wasm.auth import Credentials
-from sidecar.wasm.fetcherrors import (
+from sidecar.wasm.fetch.auth import Credentials
+from sidecar.wasm.fetch.errors import (
     AuthError,
     BadReferenceError,
     FetchError,
@@ -35,8 +35,8 @@ from sidecar.wasm.fetcherrors import (
     UnavailableError,
     UnsupportedMediaTypeError,
 )
-from sidecar.wasm.reference import ImageRef, normalize_sha256
-from sidecar.wasm.transfer import Deadline, FetchOptions, Progress, new_session, read_capped, stream_verified
+from sidecar.wasm.fetch.reference import ImageRef, normalize_sha256
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress, new_session, read_capped, stream_verified
 
 __all__ = [
     "DOCKER_MANIFEST",

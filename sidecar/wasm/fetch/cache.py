@@ -28,9 +28,9 @@ from typing import IO, Any
 
 from prometheus_client import Gauge
 
-from sidecar.wasm.fetcherrors import CacheError, TooLargeError, UnavailableError
+from sidecar.wasm.fetch.errors import CacheError, TooLargeError, UnavailableError
 
-__all__ = ["DEFAULT_MAX_CACHE_BYTES", "CachedModule", "GcResult", "ModuleCache"]
+__all__ = ["DEFAULT_MAX_CACHE_BYTES", "ENV_CACHE_DIR", "CachedModule", "GcResult", "ModuleCache", "default_cache_dir"]
 
 DEFAULT_MAX_CACHE_BYTES = 1 << 30  # EG's MaxCacheSize
 _TOUCH_INTERVAL = 60.0  # hits rewrite the index at most this often per module
@@ -38,6 +38,16 @@ _STALE_TMP_SECONDS = 3600.0
 _LOCK_POLL = 0.05
 # Named as Envoy Gateway's (internal/wasm/metrics.go), so EG dashboards work unchanged.
 CACHE_ENTRIES = Gauge("wasm_cache_entries", "Number of Wasm modules in the cache.")
+ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """The cache root when none is given: `$SIDECAR_WASM_CACHE`, else `$XDG_CACHE_HOME/sidecar/wasm`
+    (`~/.cache/sidecar/wasm`). The CLI and `sidecar render` use it."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sidecar" / "wasm"
 
 
 @dataclass(frozen=True)

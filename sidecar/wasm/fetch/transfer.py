@@ -16,7 +16,7 @@ from typing import IO, Any
 import requests
 import requests.adapters
 
-from sidecar.wasm.fetcherrors import IntegrityError, TooLargeError, UnavailableError
+from sidecar.wasm.fetch.errors import IntegrityError, TooLargeError, UnavailableError
 
 __all__ = [
     "DEFAULT_MAX_MODULE_BYTES",

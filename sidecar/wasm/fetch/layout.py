@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from sidecar.wasm.auth import DockerConfig, resolve_credentials
-from sidecar.wasm.fetcherrors import BadReferenceError, NotWasmError, TooLargeError
-from sidecar.wasm.oci import (
+from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.errors import BadReferenceError, NotWasmError, TooLargeError
+from sidecar.wasm.fetch.oci import (
     DOCKER_MANIFEST,
     DOCKER_TAR_GZIP,
     OCI_INDEX,
@@ -34,8 +34,8 @@ from sidecar.wasm.oci import (
     RegistryClient,
     check_ref_for_push,
 )
-from sidecar.wasm.reference import parse_image_ref
-from sidecar.wasm.transfer import WASM_MAGIC, Deadline, FetchOptions
+from sidecar.wasm.fetch.reference import parse_image_ref
+from sidecar.wasm.fetch.transfer import WASM_MAGIC, Deadline, FetchOptions
 
 __all__ = [
     "LAYOUTS",

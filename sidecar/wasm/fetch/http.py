@@ -11,14 +11,14 @@ from typing import IO
 
 import requests
 
-from sidecar.wasm.fetcherrors import (
+from sidecar.wasm.fetch.errors import (
     AuthError,
     BadReferenceError,
     FetchError,
     NotFoundError,
     UnavailableError,
 )
-from sidecar.wasm.transfer import Deadline, FetchOptions, Progress, new_session, stream_verified
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress, new_session, stream_verified
 
 __all__ = ["check_url", "fetch_url", "shown_url", "url_key"]
 

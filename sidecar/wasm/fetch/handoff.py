@@ -1,6 +1,11 @@
-"""Serving cached modules to Envoy over HTTP (`code.remote`), as EG's controller does on :18002.
+"""Handing a cached module to Envoy: as a local file on a shared volume (`LocalHandoff`, Envoy's
+`code.local`), or over HTTP (`HttpHandoff`, `code.remote`) from a `ModuleServer`, as EG's controller
+serves them on :18002. `data_source(module, handoff)` is the Envoy `AsyncDataSource` dict for either.
 
-Paths are unguessable: base64url(HMAC-SHA256(secret, module sha256)). Only modules published to
+The remote form mirrors EG's: `http_uri` with a 10 s timeout, the module's sha256, and a retry policy
+of 10 retries with 1 s..30 s backoff.
+
+ModuleServer paths are unguessable: base64url(HMAC-SHA256(secret, module sha256)). Only modules published to
 this server are served; anything else is a 404, so the server does not list or leak the cache.
 Envoy checks `remote.sha256` itself, so plain HTTP on loopback or the pod network is enough.
 """
@@ -14,11 +19,13 @@ import http.server
 import os
 import shutil
 import threading
+from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
-from sidecar.wasm.cache import CachedModule, ModuleCache
+from sidecar.wasm.fetch.cache import CachedModule, ModuleCache
 
-__all__ = ["ModuleServer"]
+__all__ = ["HttpHandoff", "LocalHandoff", "ModuleServer", "data_source"]
 
 
 class ModuleServer:
@@ -109,3 +116,44 @@ class ModuleServer:
                     self.end_headers()
 
         return Handler
+
+
+@dataclass(frozen=True)
+class LocalHandoff:
+    """Envoy reads the module from the shared volume. `envoy_cache_dir` is where Envoy's container
+    mounts the cache root, if not at the same path as ours."""
+
+    envoy_cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpHandoff:
+    """Envoy fetches the module from `server` through its cluster `cluster`."""
+
+    server: ModuleServer
+    cluster: str
+    timeout: str = "10s"
+    num_retries: int = 10
+
+
+def data_source(module: CachedModule, handoff: LocalHandoff | HttpHandoff) -> dict[str, Any]:
+    """The Envoy `code` (AsyncDataSource) dict that hands `module` over as `handoff` says."""
+    if isinstance(handoff, LocalHandoff):
+        filename = str(module.path)
+        if handoff.envoy_cache_dir is not None:
+            filename = str(PurePosixPath(handoff.envoy_cache_dir) / "modules" / module.path.name)
+        return {"local": {"filename": filename}}
+    return {
+        "remote": {
+            "http_uri": {
+                "uri": handoff.server.publish(module),
+                "cluster": handoff.cluster,
+                "timeout": handoff.timeout,
+            },
+            "sha256": module.sha256,
+            "retry_policy": {
+                "num_retries": handoff.num_retries,
+                "retry_back_off": {"base_interval": "1s", "max_interval": "30s"},
+            },
+        }
+    }

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.wasm.fetcherrors import CredentialsFileError
+from sidecar.wasm.fetch.errors import CredentialsFileError
 
 __all__ = [
     "ENV_PASSWORD",

@@ -1,7 +1,21 @@
-"""Errors of the Wasm fetcher: one class per thing a user can act on, all under `WasmError`.
+"""Errors of the Wasm fetcher (`sidecar.wasm.fetch`): one class per thing a user can act on.
 
-Each class carries `reason`, the label of `wasm_remote_fetch_total` (EG's values; counted in
-fetcher.py), so the metric and the message never disagree about why a fetch failed. Messages name
+* WasmError                         (sidecar.errors) the CLI prints its message on one line and exits 2
+  + FetchError                      a module could not be fetched; `reason` is its metric label
+    + BadReferenceError             an image reference, URL, digest or source spec is malformed
+    + CredentialsFileError          a Docker config.json or pull-secret file cannot be used
+    + AuthError                     the registry or URL refused the credentials
+    + NotFoundError                 the repository, tag, digest or URL does not exist
+    + UnavailableError              the server could not be reached, timed out, or kept failing
+    + UnsupportedMediaTypeError     the manifest or its layers are not a Wasm image layout we know
+    + IntegrityError                a manifest or blob does not match its descriptor
+    + ChecksumMismatchError         the user's sha256 does not match
+    + NotWasmError                  the bytes are not a WebAssembly binary
+    + TooLargeError                 a manifest, blob or module is larger than the cap
+  + CacheError                      the module cache directory cannot be used
+
+Each FetchError class carries `reason`, the label of `wasm_remote_fetch_total` (EG's values; counted
+in fetcher.py), so the metric and the message never disagree about why a fetch failed. Messages name
 the reference or file and what was expected; they never contain credentials.
 """
 
