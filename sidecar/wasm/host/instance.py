@@ -1,4 +1,8 @@
-"""One instantiated module: the wasmtime store and instance, host state, and guarded calls into it."""
+"""One instantiated module: the wasmtime store and instance, host state, and guarded calls into it.
+
+`Instance` is the `HostState` the host functions (imports.py, wasi.py) read and write; it links them
+into the module when it is created.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from typing import Any
 import wasmtime
 
 from sidecar.wasm.host.abi import AbiVersion, LogLevel, detect_abi
+from sidecar.wasm.host.binding import link
 from sidecar.wasm.host.errors import (
+    ProcExit,
     WasmAbiError,
     WasmCallError,
     WasmLoadError,
@@ -19,6 +25,7 @@ from sidecar.wasm.host.errors import (
     WasmStateError,
     WasmTimeoutError,
 )
+from sidecar.wasm.host.imports import Env
 from sidecar.wasm.host.memory import GuestMemory
 from sidecar.wasm.host.properties import Properties, PropertyValue
 from sidecar.wasm.host.state import (
@@ -30,20 +37,13 @@ from sidecar.wasm.host.state import (
     StreamState,
 )
 from sidecar.wasm.host.vm import Limits, compile_module, engine_for, ticks_for
+from sidecar.wasm.host.wasi import Wasi
 
-__all__ = ["ProcExit", "Runtime", "RuntimeOptions"]
-
-
-class ProcExit(Exception):
-    """Raised by WASI proc_exit to unwind the guest."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+__all__ = ["Instance", "InstanceOptions"]
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
+class InstanceOptions:
     plugin_configuration: bytes
     vm_configuration: bytes
     properties: Mapping[str, PropertyValue]
@@ -55,12 +55,10 @@ class RuntimeOptions:
     seed: int | None
 
 
-class Runtime:
-    """Host state plus the instance. Host functions (imports.py, wasi.py) read and write this state."""
+class Instance:
+    """Host state plus the instance; a `HostState` for the host functions."""
 
-    def __init__(self, source: bytes | str, module_name: str, options: RuntimeOptions) -> None:
-        from sidecar.wasm.host.imports import link  # the host functions need a Runtime to bind to
-
+    def __init__(self, source: bytes | str, module_name: str, options: InstanceOptions) -> None:
         self.module_name = module_name
         self.options = options
         self.engine = engine_for(options.limits)
@@ -98,7 +96,10 @@ class Runtime:
         self.store = wasmtime.Store(self.engine)
         self.store.set_limits(memory_size=options.limits.memory_bytes)
         linker = wasmtime.Linker(self.engine)
-        link(linker, self)
+        wasi = Wasi(self)
+        # Envoy registers WASI under both names (cpp-host src/wasm.cc).
+        providers = {"env": Env(self), "wasi_snapshot_preview1": wasi, "wasi_unstable": wasi}
+        link(linker, self.module, module_name, providers)
         self.store.set_epoch_deadline(ticks_for(options.limits.call_timeout_s))
         try:
             instance = linker.instantiate(self.store, self.module)
@@ -174,6 +175,18 @@ class Runtime:
         return WasmCallError(self.module_name, callback, reason)
 
     # -- helpers for host functions -------------------------------------------------------------
+
+    @property
+    def vm_configuration(self) -> bytes:
+        return self.options.vm_configuration
+
+    @property
+    def environment(self) -> Mapping[str, str]:
+        return self.options.environment
+
+    @property
+    def clusters(self) -> frozenset[str] | None:
+        return self.options.clusters
 
     def stream(self) -> StreamState | None:
         return self.streams.get(self.active_context)
