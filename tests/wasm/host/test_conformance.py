@@ -16,8 +16,7 @@ from sidecar.stack.envoy import Envoy
 from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
 from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
 from tests.support.wait import wait_for
-
-from .harness import RESET, EchoServer, bootstrap, echo_server, normalized, send
+from tests.support.wasm_host import RESET, EchoServer, bootstrap, echo_server, normalized, send
 
 pytestmark = pytest.mark.envoy
 

@@ -10,11 +10,11 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
-from wasm_fetch_support import PASSWORD, USER, Registry, ScriptedServer, make_module, run
 
 from sidecar.errors import WasmError
 from sidecar.wasm.fetch.cache import ModuleCache
@@ -22,6 +22,7 @@ from sidecar.wasm.fetch.fetcher import ModuleFetcher
 from sidecar.wasm.fetch.handoff import ModuleServer
 from sidecar.wasm.fetch.source import HttpHandoff, LocalHandoff, envoy_code
 from sidecar.wasm.fetch.transfer import FetchOptions
+from tests.support.wasm_fetch import PASSWORD, USER, Registry, ScriptedServer, make_module, run
 
 
 def _as_envoy(code: dict[str, object]) -> base_pb2.AsyncDataSource:
@@ -103,7 +104,7 @@ def test_http_source_and_spec_errors(scripted_server: ScriptedServer, tmp_path: 
     code = envoy_code(spec, fetcher, LocalHandoff())
     assert Path(code["local"]["filename"]).read_bytes() == module
 
-    bad_specs = [
+    bad_specs: list[tuple[dict[str, Any], str]] = [
         ({"type": "ConfigMap"}, "ConfigMap is not supported"),
         ({"type": "HTTP"}, "code.http: missing"),
         ({"type": "Image", "image": {"url": "r.example/x:1", "pullSecretRef": {"name": "nope"}}}, "'nope'"),

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from wasm_fetch_support import assert_user_error, cache_files, make_module, pull_json, run
+
+from tests.support.wasm_fetch import assert_user_error, cache_files, make_module, pull_json, run
 
 
 @pytest.fixture

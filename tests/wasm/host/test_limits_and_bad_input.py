@@ -21,9 +21,8 @@ from sidecar.wasm.host import (
     WasmStateError,
     WasmTimeoutError,
 )
-
-from . import wat
-from .harness import bootstrap, echo_server, send
+from tests.support import wat
+from tests.support.wasm_host import bootstrap, echo_server, send
 
 REQUEST = [(":path", "/"), (":method", "GET"), (":authority", "example.com")]
 

@@ -9,9 +9,8 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.stack.envoy import Envoy
-
-from . import wat
-from .harness import bootstrap, echo_server, normalized, send
+from tests.support import wat
+from tests.support.wasm_host import bootstrap, echo_server, normalized, send
 
 
 @pytest.mark.envoy

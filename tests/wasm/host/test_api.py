@@ -8,8 +8,7 @@ import pytest
 
 from sidecar.wasm.host import Action, HttpCallResponse, LogLevel, Plugin, WasmCallError, WasmStateError
 from sidecar.wasm.host.exchange import Request, Response, run_exchange
-
-from . import wat
+from tests.support import wat
 
 CONFIG = "tag-api"
 

@@ -1,4 +1,4 @@
-"""Shared by the fetcher tests: fixture data types, test modules, running the CLI in-process."""
+"""For the Wasm fetcher tests (tests/wasm/fetch): fixture data types, test modules, running the CLI in-process."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import base64
 import hashlib
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +35,6 @@ def make_module(payload_size: int = 64, seed: str = "x") -> bytes:
         if not size:
             break
     return b"\0asm\x01\x00\x00\x00" + b"\x00" + bytes(leb) + body
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -7,7 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from wasm_fetch_support import (
+
+from tests.support.wasm_fetch import (
     PASSWORD,
     READER,
     READER_PASSWORD,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from wasm_fetch_support import Registry, make_module, run
 
 from tests.deploy.conftest import CHART, helm_template
 from tests.deploy.helmbin import helm_binary
+from tests.support.wasm_fetch import Registry, make_module, run
 
 PATH_FLAGS = ("--cache-dir", "--output", "--pull-secret")
 

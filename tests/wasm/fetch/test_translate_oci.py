@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import wasmtime
-from wasm_fetch_support import Registry, run
 
 from sidecar.errors import ConfigError
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
+from tests.support.wasm_fetch import Registry, run
+from tests.support.wat import MODULE_WAT
 from tests.translate.kit import GATEWAY, backend, get, route
 from tests.translate.servers import NamedBackend
-from tests.translate.test_wasm import MODULE_WAT
 
 IMAGE_POLICY = """
 ---

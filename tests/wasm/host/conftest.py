@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .fixtures.build import build_all, higress_module
+from tests.support.wasm_fixtures.build import build_all, higress_module
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from wasm_fetch_support import (
+
+from sidecar.wasm.fetch.cache import ModuleCache
+from tests.support.wait import wait_for
+from tests.support.wasm_fetch import (
     Registry,
     ScriptedServer,
     assert_user_error,
@@ -21,10 +24,7 @@ from wasm_fetch_support import (
     make_module,
     pull_json,
     run,
-    wait_until,
 )
-
-from sidecar.wasm.fetch.cache import ModuleCache
 
 
 def _push(capsys: pytest.CaptureFixture[str], reg: Registry, tmp_path: Path, module: bytes, ref: str) -> str:
@@ -99,7 +99,7 @@ def test_two_processes_pull_the_same_module(
     assert sorted(r["cache_hit"] for r in results) in ([False, True], [False, False])
     assert cache_files(cache) == [f"modules/{sha}.wasm"]
     assert (cache / "modules" / f"{sha}.wasm").read_bytes() == module
-    wait_until(lambda: basic_registry.blob_gets("team/concurrent", f"sha256:{sha}") >= 1, 5, "access log")
+    wait_for(lambda: basic_registry.blob_gets("team/concurrent", f"sha256:{sha}") >= 1, 5, "access log")
     assert basic_registry.blob_gets("team/concurrent", f"sha256:{sha}") == 1  # downloaded once
 
 

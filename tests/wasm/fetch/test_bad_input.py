@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wasm_fetch_support import ScriptedServer, assert_user_error, cache_files, make_module, pull_json, run
+
+from tests.support.wasm_fetch import ScriptedServer, assert_user_error, cache_files, make_module, pull_json, run
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 WASM_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"

@@ -20,7 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from wasm_fetch_support import (
+
+from tests.support.net import free_port
+from tests.support.wait import wait_for
+from tests.support.wasm_fetch import (
     PASSWORD,
     READER,
     READER_PASSWORD,
@@ -28,10 +31,7 @@ from wasm_fetch_support import (
     Registry,
     Route,
     ScriptedServer,
-    wait_until,
 )
-
-from tests.support.net import free_port
 
 _START_DEADLINE = 15.0
 
@@ -62,7 +62,7 @@ def _start_registry(directory: Path, auth_yaml: str, auth: str) -> Iterator[Regi
                 assert process.poll() is None, (directory / "registry.log").read_text()
                 return False
 
-        wait_until(answering, _START_DEADLINE, "docker-registry to listen")
+        wait_for(answering, _START_DEADLINE, "docker-registry to listen")
         yield Registry(f"127.0.0.1:{port}", process, auth, log_path=directory / "registry.log")
     finally:
         process.terminate()

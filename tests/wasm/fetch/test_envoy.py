@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import wasmtime
-from wasm_fetch_support import Registry, run
 
 from sidecar.stack.envoy import Envoy
 from sidecar.wasm.fetch.auth import load_pull_secret
@@ -19,6 +18,7 @@ from sidecar.wasm.fetch.fetcher import ModuleFetcher
 from sidecar.wasm.fetch.handoff import ModuleServer
 from sidecar.wasm.fetch.source import HttpHandoff, LocalHandoff, envoy_code
 from sidecar.wasm.fetch.transfer import FetchOptions
+from tests.support.wasm_fetch import Registry, run
 
 BODY = b"answered by a fetched module"
 _TYPES = "type.googleapis.com/envoy.extensions.filters."
