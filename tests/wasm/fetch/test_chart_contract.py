@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.conftest import CHART, helm_template
-from tests.deploy.helmbin import helm_binary
+from tests.support.helm import CHART, helm_binary, helm_template
 from tests.support.wasm_fetch import Registry, make_module, run
 
 PATH_FLAGS = ("--cache-dir", "--output", "--pull-secret")
