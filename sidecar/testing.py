@@ -109,13 +109,15 @@ class Driver:
         *,
         on_error: str = "fail_closed",
         chain: str | None = None,
-        stream_timeout: float = 10.0,
+        stream_timeout: float | None = None,
     ) -> None:
         from sidecar.chains import Chain, Registry
+        from sidecar.config import DEFAULT_STREAM_TIMEOUT
 
         self.registry = plugins if isinstance(plugins, Registry) else Registry([Chain("default", plugins, on_error)])
         self.chain_name = chain
-        self.stream_timeout = stream_timeout
+        #: The deadline for streaming body stages; by default the server's (`stream_timeout` in the config).
+        self.stream_timeout = DEFAULT_STREAM_TIMEOUT if stream_timeout is None else stream_timeout
 
     @classmethod
     def from_config(cls, path: str | Path, chain: str | None = None) -> Driver:
@@ -152,7 +154,7 @@ class _Session:
     """One simulated HTTP request through Envoy's ext_proc filter."""
 
     def __init__(self, driver: Driver, chain: Any) -> None:
-        from sidecar.extproc.stream import StreamProcessor
+        from sidecar.extproc.processor import StreamProcessor
         from sidecar.headers import Headers
 
         self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
@@ -178,8 +180,7 @@ class _Session:
     async def _send(self, kind: str, **fields: Any) -> Any:
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-        from sidecar.errors import ProtocolError
-        from sidecar.extproc.stream import StreamFailure
+        from sidecar.errors import ProtocolError, StreamFailure
 
         self.result.phases.append(kind)
         try:

@@ -11,7 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError
-from sidecar.extproc.stream import StreamProcessor
+from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
 

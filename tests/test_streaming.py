@@ -13,8 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
-from sidecar.errors import ProtocolError
-from sidecar.extproc.stream import StreamFailure, StreamProcessor
+from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
 

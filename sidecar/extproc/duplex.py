@@ -20,9 +20,10 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import BodyStage
+from sidecar.errors import StreamFailure
 from sidecar.plugins import Context, Respond
 
-__all__ = ["DuplexPipe", "StreamFailure", "as_body", "call_chunk", "streamed_response"]
+__all__ = ["DuplexPipe", "as_body", "call_chunk", "streamed_response"]
 
 _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
 
@@ -36,10 +37,6 @@ def streamed_response(kind: str, body: bytes, end_of_stream: bool) -> pb.Process
     streamed.body = body
     streamed.end_of_stream = end_of_stream
     return response
-
-
-class StreamFailure(Exception):
-    """A body stage failed or missed its deadline: the gRPC stream must be failed."""
 
 
 class DuplexPipe:

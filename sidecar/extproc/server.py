@@ -29,11 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.chains import Chain, Registry
 from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
-from sidecar.errors import ConfigError, ProtocolError
+from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, CallError, Http2Server, Status
 from sidecar.extproc.metrics import Metrics
-from sidecar.extproc.stream import StreamFailure, StreamProcessor
+from sidecar.extproc.processor import StreamProcessor
 from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
 
 __all__ = ["ExtProcServer", "prepare_unix_socket"]

@@ -1,4 +1,4 @@
-"""One ext_proc stream: ProcessingRequests in, the matching ProcessingResponses out.
+"""The ext_proc state machine of one stream: ProcessingRequests in, the matching ProcessingResponses out.
 
 This is the hot path. It knows nothing about gRPC, so the in-process test driver (`sidecar.testing`)
 runs the very same code as the server. Hooks are resolved once per chain, not per message; nothing here
@@ -21,12 +21,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import BodyStage, Chain, Registry
-from sidecar.errors import ProtocolError
-from sidecar.extproc.duplex import DuplexPipe, StreamFailure, as_body, call_chunk, streamed_response
+from sidecar.config import DEFAULT_STREAM_TIMEOUT
+from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.duplex import DuplexPipe, as_body, call_chunk, streamed_response
 from sidecar.headers import Headers
 from sidecar.plugins import BodyMode, Context, Respond
 
-__all__ = ["StreamFailure", "StreamProcessor", "immediate_response"]
+__all__ = ["StreamProcessor", "immediate_response"]
 
 log = logging.getLogger("sidecar.extproc")
 
@@ -41,7 +42,6 @@ _ORDER = {
 }
 _REPEATABLE = frozenset({"request_body", "response_body"})
 _ERROR_BODY = b"Internal Server Error\n"
-DEFAULT_STREAM_TIMEOUT = 10.0
 
 Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
