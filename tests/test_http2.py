@@ -29,8 +29,10 @@ import hpack
 import pytest
 from hyperframe import frame as hf
 
-from sidecar.extproc import http2
-from sidecar.extproc.http2 import Call, CallError, Handler, Http2Server, Status
+from sidecar.extproc.http2 import Call, Handler, Http2Server
+from sidecar.extproc.http2.connection import Connection
+from sidecar.extproc.http2.frames import MAX_FRAME, PREFACE, STREAM_WINDOW
+from sidecar.extproc.status import CallError, Status
 
 pytestmark = pytest.mark.asyncio
 
@@ -266,7 +268,7 @@ class RawClient:
         reader, writer = await asyncio.open_unix_connection(path)
         client = cls(reader, writer)
         if preface:
-            client.write(http2.PREFACE + hf.SettingsFrame(0).serialize())
+            client.write(PREFACE + hf.SettingsFrame(0).serialize())
         return client
 
     def write(self, data: bytes) -> None:
@@ -408,7 +410,7 @@ async def test_inbound_flow_control_holds_the_client_back_until_the_handler_read
     async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path) as client:
         sid = client.start()
         pending = client.send_what_fits(sid, pending)
-        assert len(pending) == len(messages) * 64 * 1024 - http2.STREAM_WINDOW
+        assert len(pending) == len(messages) * 64 * 1024 - STREAM_WINDOW
         await client.ping_roundtrip()  # the server has seen every byte: no credit came back for them
         assert client.h2.local_flow_control_window(sid) == 0
         assert not client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid)
@@ -427,7 +429,7 @@ async def test_inbound_flow_control_holds_the_client_back_until_the_handler_read
         client.end(sid)
         headers = await client.finish(sid)
     credit = [e.delta for e in client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid)]
-    assert credit and min(credit) >= http2.STREAM_WINDOW // 2  # returned in large steps, not per frame
+    assert credit and min(credit) >= STREAM_WINDOW // 2  # returned in large steps, not per frame
     assert received == messages
     assert client.messages(sid) == [b"24"]
     assert headers[b"grpc-status"] == b"0"
@@ -684,7 +686,7 @@ CONNECTION_ERRORS: dict[str, tuple[Callable[[RawClient], bytes], int]] = {
     "bad HPACK index": (lambda raw: hf.HeadersFrame(1, b"\xbe", flags=["END_HEADERS"]).serialize(), 0x9),
     "DATA on an idle stream": (lambda raw: hf.DataFrame(1, grpc_frame(b"x")).serialize(), 0x1),
     "frame over MAX_FRAME_SIZE": (
-        lambda raw: struct.pack(">IBI", (http2.MAX_FRAME + 1) << 8 | 0x0, 0, 1),  # the header alone suffices
+        lambda raw: struct.pack(">IBI", (MAX_FRAME + 1) << 8 | 0x0, 0, 1),  # the header alone suffices
         0x6,
     ),
     "HEADERS interrupted before END_HEADERS": (
@@ -838,7 +840,7 @@ async def test_handler_errors_become_statuses(tmp_path: Path) -> None:
 class FakeTransport:
     """Records what the connection writes; closes the way asyncio's transports do (connection_lost soon)."""
 
-    def __init__(self, protocol: http2.Connection) -> None:
+    def __init__(self, protocol: Connection) -> None:
         self.protocol = protocol
         self.out = bytearray()
         self.closing = self.lost = False
@@ -887,7 +889,7 @@ def parse_frames(data: bytes) -> list[Any]:
 
 def frame_kinds(data: bytes) -> list[int]:
     """Types of the complete frames in what a client sent after its preface."""
-    kinds, position = [], len(http2.PREFACE)
+    kinds, position = [], len(PREFACE)
     while len(data) - position >= 9:
         kinds.append(data[position + 3])
         position += 9 + int.from_bytes(data[position : position + 3], "big")
@@ -911,7 +913,7 @@ def random_frames(rng: random.Random, encoder: hpack.Encoder) -> bytes:
     return bytes(out)
 
 
-async def feed(server: Http2Server, chunks: Iterable[bytes]) -> tuple[http2.Connection, FakeTransport]:
+async def feed(server: Http2Server, chunks: Iterable[bytes]) -> tuple[Connection, FakeTransport]:
     conn = server.protocol()
     transport = FakeTransport(conn)
     conn.connection_made(transport)  # type: ignore[arg-type]
@@ -922,7 +924,7 @@ async def feed(server: Http2Server, chunks: Iterable[bytes]) -> tuple[http2.Conn
     return conn, transport
 
 
-async def settle(conn: http2.Connection, transport: FakeTransport) -> None:
+async def settle(conn: Connection, transport: FakeTransport) -> None:
     """Close the connection and wait for every handler task to be done."""
     transport.close()
     transport.lose()
@@ -947,7 +949,7 @@ async def test_fuzzed_input_never_escapes_data_received() -> None:
         else:  # frames of random types, flags and bodies, sometimes followed by noise
             garbage = rng.random() < 0.3
             body = random_frames(rng, hpack.Encoder()) + (rng.randbytes(rng.randint(1, 64)) if garbage else b"")
-        data = http2.PREFACE + raw_frame(0x4, 0, 0) + body
+        data = PREFACE + raw_frame(0x4, 0, 0) + body
         conn, transport = await feed(server, random_splits(rng, data))
         if not transport.closing and not garbage:  # still in step with the client: still answering
             conn.data_received(raw_frame(PING, 0, 0, b"liveness"))
@@ -979,7 +981,7 @@ def valid_client_stream() -> bytes:
         hf.WindowUpdateFrame(0, 1000),
         hf.SettingsFrame(0, flags=["ACK"]),
     ]
-    return http2.PREFACE + b"".join(frame.serialize() for frame in frames)
+    return PREFACE + b"".join(frame.serialize() for frame in frames)
 
 
 async def test_split_points_do_not_change_the_outcome() -> None:
@@ -1011,7 +1013,7 @@ async def test_split_points_do_not_change_the_outcome() -> None:
 
 async def test_a_connection_accepted_while_stopping_is_drained_too() -> None:
     server = Http2Server({ECHO: echo}, max_message=64)
-    hello = [http2.PREFACE + raw_frame(0x4, 0, 0)]
+    hello = [PREFACE + raw_frame(0x4, 0, 0)]
     early, early_transport = await feed(server, hello)
     stopping = asyncio.create_task(server.stop(grace=5))
     await wait_until(lambda: hf.GoAwayFrame in [type(f) for f in parse_frames(bytes(early_transport.out))])
@@ -1074,7 +1076,7 @@ async def test_empty_data_frames_cost_nothing() -> None:
     server = Http2Server({ECHO: echo}, max_message=64)
     encoder = hpack.Encoder()
     opening = raw_frame(0x1, 0x4, 1, encoder.encode(request_headers())) + raw_frame(0x0, 0, 1, b"\0\0\0")
-    conn, transport = await feed(server, [http2.PREFACE + raw_frame(0x4, 0, 0) + opening, raw_frame(0x0, 0, 1) * 5000])
+    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0) + opening, raw_frame(0x0, 0, 1) * 5000])
     call = conn.streams[1]
     assert conn.buffered == 3 and len(call._partial) == 1
     await settle(conn, transport)
@@ -1082,7 +1084,7 @@ async def test_empty_data_frames_cost_nothing() -> None:
 
 async def test_a_peer_that_stops_reading_stops_being_read() -> None:
     server = Http2Server({ECHO: echo}, max_message=64)
-    conn, transport = await feed(server, [http2.PREFACE + raw_frame(0x4, 0, 0)])
+    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0)])
     conn.pause_writing()
     assert transport.reading is False
     conn.resume_writing()

@@ -30,10 +30,11 @@ from sidecar.chains import Chain, Registry
 from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
 from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
-from sidecar.extproc.http2 import Call, CallError, Http2Server, Status
+from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.lifetime import Read, Write, serve
 from sidecar.extproc.metrics import Metrics
 from sidecar.extproc.processor import StreamProcessor
+from sidecar.extproc.status import CallError, Status
 from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
 
 __all__ = ["ExtProcServer", "prepare_unix_socket"]
