@@ -1,8 +1,9 @@
 """Test helpers for plugin authors.
 
-* `Driver`: runs a chain in-process through the server's own stream code and plays Envoy's part
-  (which messages it sends in the chain's processing mode, how it applies the answers, its default
-  header mutation rules). Fast: no sockets, no processes.
+* `Driver`: runs a chain in-process through the server's own stream lifetime
+  (`sidecar.extproc.lifetime.serve`, on in-memory read and write) and plays Envoy's part (which
+  messages it sends in the chain's processing mode, how it applies the answers, its default header
+  mutation rules). Fast: no sockets, no processes.
 
       driver = Driver([MyPlugin({"limit": 10})])
       result = driver.run(Request("POST", "/x", {"content-type": "application/json"}, b"{}"))
@@ -10,7 +11,8 @@
 
 * `EnvoyHarness` and the pytest fixture `sidecar_envoy`: the real thing, a real Envoy and
   `sidecar serve` on a temporary socket and free loopback ports, in front of the echo backend (or a
-  given upstream). Logs of both are attached to the test report when a test fails.
+  given upstream). Logs of both are attached to the test report when a test fails. `EnvoyHarness` is
+  the local stack `sidecar up` runs (`sidecar.stack.local.LocalEnvoy`), under its testing name.
 
       def test_real(sidecar_envoy):
           env = sidecar_envoy(plugins=["header-stamp"])
@@ -433,8 +435,9 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
 # -- real Envoy harness ---------------------------------------------------------------------------------
 
 
-class EnvoyHarness(LocalEnvoy):
-    """The real thing for tests: see `sidecar.stack.local.LocalEnvoy` (listens on a port the OS picks)."""
+#: The real thing for tests: the very stack `sidecar up` runs, `sidecar.stack.local.LocalEnvoy` (by default
+#: on a port the OS picks); also a context manager, for use outside pytest.
+EnvoyHarness = LocalEnvoy
 
 
 _HARNESSES = pytest.StashKey[list[EnvoyHarness]]()
