@@ -84,7 +84,6 @@ class StreamProcessor:
         "_disabled",
         "_filter_modes",
         "_last",
-        "_metrics",
         "_pipes",
         "_send",
         "_tasks",

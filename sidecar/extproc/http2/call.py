@@ -12,7 +12,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
 from sidecar.extproc.http2.frames import (
@@ -30,10 +30,7 @@ from sidecar.extproc.http2.frames import (
 )
 from sidecar.extproc.status import Status
 
-if TYPE_CHECKING:
-    from sidecar.extproc.http2.connection import Connection
-
-__all__ = ["MESSAGE_COST", "Call", "Handler"]
+__all__ = ["MESSAGE_COST", "Call", "Carrier", "Handler"]
 
 log = logging.getLogger("sidecar.http2")
 
@@ -42,6 +39,45 @@ Handler = Callable[["Call"], Awaitable[None]]
 _MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 #: What one received message costs beyond its bytes (Python objects), for the connection's buffer budget.
 MESSAGE_COST = 96
+
+
+class _Limits(Protocol):
+    @property
+    def max_message(self) -> int: ...
+
+    @property
+    def on_error(self) -> Callable[[str], None]: ...
+
+
+class Carrier(Protocol):
+    """What a call needs from the connection that carries it (`connection.Connection`)."""
+
+    #: Bytes held in received messages not yet read, over every call of the connection (its budget).
+    buffered: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def server(self) -> _Limits: ...
+
+    @property
+    def send_window(self) -> SendWindow: ...
+
+    @property
+    def peer_initial_window(self) -> int: ...
+
+    @property
+    def peer_max_frame(self) -> int: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def forget(self, call: Call) -> None: ...
+
+    def reset_stream(self, call: Call, code: ErrorCode) -> None: ...
 
 
 def _literal(name: bytes, value: bytes) -> bytes:
@@ -90,7 +126,7 @@ class Call:
         "task",
     )
 
-    def __init__(self, conn: Connection, stream_id: int, path: str, metadata: dict[str, str]) -> None:
+    def __init__(self, conn: Carrier, stream_id: int, path: str, metadata: dict[str, str]) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.path = path

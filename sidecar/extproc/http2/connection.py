@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import hpack
 
@@ -56,20 +57,41 @@ from sidecar.extproc.http2.frames import (
 )
 from sidecar.extproc.status import CallError, Status
 
-if TYPE_CHECKING:
-    from sidecar.extproc.http2.server import Http2Server
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "Endpoint"]
 
 log = logging.getLogger("sidecar.http2")
 
 _SHUTDOWN_PING = b"drain\0\0\0"
 
 
+class Endpoint(Protocol):
+    """What a connection needs from the server that accepted it (`server.Http2Server`)."""
+
+    @property
+    def routes(self) -> dict[str, Handler]: ...
+
+    @property
+    def max_message(self) -> int: ...
+
+    @property
+    def connection_buffer(self) -> int: ...
+
+    @property
+    def on_error(self) -> Callable[[str], None]: ...
+
+    @property
+    def connections(self) -> set[Connection]: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def stream_closed(self) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """Server side of one HTTP/2 connection."""
 
-    def __init__(self, server: Http2Server) -> None:
+    def __init__(self, server: Endpoint) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
