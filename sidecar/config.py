@@ -44,6 +44,8 @@ __all__ = [
 DEFAULT_SOCKET = "/tmp/envoy-sidecar/extproc.sock"
 TRANSPORTS = ("native", "grpcio")
 DEFAULT_CHAIN = "default"
+#: How long FULL_DUPLEX body stages may stall (Envoy applies no timeout there); the server's and the Driver's.
+DEFAULT_STREAM_TIMEOUT = 10.0
 FAILURE_POLICIES = ("fail_closed", "fail_open")
 
 
@@ -78,7 +80,7 @@ class SidecarConfig:
     metrics: str | None = None
     grace_period: float = 10.0
     message_timeout: float = 0.5
-    stream_timeout: float = 10.0
+    stream_timeout: float = DEFAULT_STREAM_TIMEOUT
     log_format: str = "json"
     #: "native": the sidecar's own HTTP/2 gRPC transport on the event loop (fast); "grpcio": grpc.aio.
     transport: str = "native"

@@ -4,6 +4,8 @@
   + ConfigError                 a config file, flag or value is wrong (user input)
   + PluginLoadError             a plugin cannot be found, imported or built
   + ProtocolError               Envoy sent something the ext_proc protocol does not allow
+  + StreamFailure               one ext_proc stream cannot go on (a FULL_DUPLEX body stage failed or
+                                missed its deadline): that gRPC stream is failed, the server goes on
   + WasmError                   anything about Wasm modules (fetch, verify, cache, host)
 
 Errors a plugin raises while handling a request are not SidecarErrors: the chain's failure policy
@@ -12,7 +14,7 @@ turns them into a 500 or lets the request through, and the server keeps serving.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "PluginLoadError", "ProtocolError", "SidecarError", "WasmError"]
+__all__ = ["ConfigError", "PluginLoadError", "ProtocolError", "SidecarError", "StreamFailure", "WasmError"]
 
 
 class SidecarError(Exception):
@@ -29,6 +31,11 @@ class PluginLoadError(SidecarError):
 
 class ProtocolError(SidecarError):
     """Envoy sent a message the ext_proc protocol does not allow at this point of the stream."""
+
+
+class StreamFailure(SidecarError):
+    """A streaming body stage failed or missed its deadline: its gRPC stream must be failed (Envoy then
+    answers 500, or cuts a response already under way)."""
 
 
 class WasmError(SidecarError):

@@ -1,8 +1,9 @@
 """Test helpers for plugin authors.
 
-* `Driver`: runs a chain in-process through the server's own stream code and plays Envoy's part
-  (which messages it sends in the chain's processing mode, how it applies the answers, its default
-  header mutation rules). Fast: no sockets, no processes.
+* `Driver`: runs a chain in-process through the server's own stream lifetime
+  (`sidecar.extproc.lifetime.serve`, on in-memory read and write) and plays Envoy's part (which
+  messages it sends in the chain's processing mode, how it applies the answers, its default header
+  mutation rules). Fast: no sockets, no processes.
 
       driver = Driver([MyPlugin({"limit": 10})])
       result = driver.run(Request("POST", "/x", {"content-type": "application/json"}, b"{}"))
@@ -10,7 +11,8 @@
 
 * `EnvoyHarness` and the pytest fixture `sidecar_envoy`: the real thing, a real Envoy and
   `sidecar serve` on a temporary socket and free loopback ports, in front of the echo backend (or a
-  given upstream). Logs of both are attached to the test report when a test fails.
+  given upstream). Logs of both are attached to the test report when a test fails. `EnvoyHarness` is
+  the local stack `sidecar up` runs (`sidecar.stack.local.LocalEnvoy`), under its testing name.
 
       def test_real(sidecar_envoy):
           env = sidecar_envoy(plugins=["header-stamp"])
@@ -23,7 +25,6 @@ wherever envoy-sidecar is installed. It imports nothing heavy until used.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sidecar.plugins import BodyMode
 from sidecar.stack.local import LocalEnvoy
 
 if TYPE_CHECKING:
@@ -100,6 +102,13 @@ class _StreamFailed(Exception):
     pass
 
 
+@dataclass
+class _Ended:
+    """The server's side of the stream is over; how, if not cleanly."""
+
+    error: BaseException | None = None
+
+
 class Driver:
     """Drive a plugin chain in-process, exactly as the server does, with Envoy's side simulated."""
 
@@ -109,13 +118,15 @@ class Driver:
         *,
         on_error: str = "fail_closed",
         chain: str | None = None,
-        stream_timeout: float = 10.0,
+        stream_timeout: float | None = None,
     ) -> None:
         from sidecar.chains import Chain, Registry
+        from sidecar.config import DEFAULT_STREAM_TIMEOUT
 
         self.registry = plugins if isinstance(plugins, Registry) else Registry([Chain("default", plugins, on_error)])
         self.chain_name = chain
-        self.stream_timeout = stream_timeout
+        #: The deadline for streaming body stages; by default the server's (`stream_timeout` in the config).
+        self.stream_timeout = DEFAULT_STREAM_TIMEOUT if stream_timeout is None else stream_timeout
 
     @classmethod
     def from_config(cls, path: str | Path, chain: str | None = None) -> Driver:
@@ -144,50 +155,82 @@ class Driver:
                 result.status = 500
                 result.response = Message(Headers([(":status", "500")]))
         finally:
-            session.processor.close()
+            await session.close()
         return result
 
 
 class _Session:
-    """One simulated HTTP request through Envoy's ext_proc filter."""
+    """One simulated HTTP request through Envoy's ext_proc filter.
+
+    The server's side is the server's own stream lifetime (`sidecar.extproc.lifetime.serve`), in a task,
+    on in-memory read and write; this object plays Envoy's side. Envoy sends its next message once the
+    server has handled the last one (asks to read again), as the old in-process driver did.
+    """
 
     def __init__(self, driver: Driver, chain: Any) -> None:
-        from sidecar.extproc.stream import StreamProcessor
+        from sidecar.extproc.processor import StreamProcessor
         from sidecar.headers import Headers
 
         self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
         self.mode = driver.registry.mode
         self.outputs: dict[str, list[tuple[bytes, bool]]] = {"request_body": [], "response_body": []}
-        self.output_seen = asyncio.Event()
-        self.processor = StreamProcessor(
-            chain,
-            driver.registry,
-            send=self._on_send,
-            stream_timeout=driver.stream_timeout,
-            on_failure=lambda reason: self.output_seen.set(),
-        )
+        self.processor = StreamProcessor(chain, driver.registry, stream_timeout=driver.stream_timeout)
         self.timeout = driver.stream_timeout + 1.0
+        self._to_server: asyncio.Queue[Any] = asyncio.Queue()
+        self._from_server: asyncio.Queue[Any] = asyncio.Queue()
+        #: Set while the server waits for Envoy's next message, and once its side is over.
+        self._reading = asyncio.Event()
+        self._server: asyncio.Task[None] | None = None
 
-    async def _on_send(self, answer: Any) -> None:
-        which = answer.WhichOneof("response")
-        if which in self.outputs:
-            streamed = getattr(answer, which).response.body_mutation.streamed_response
-            self.outputs[which].append((bytes(streamed.body), streamed.end_of_stream))
-            self.output_seen.set()
+    # -- the server's side
+
+    async def _read(self) -> Any:
+        self._reading.set()
+        return await self._to_server.get()
+
+    async def _write(self, message: Any) -> None:
+        self._from_server.put_nowait(message)
+
+    async def _serve(self) -> None:
+        from sidecar.extproc.lifetime import serve
+
+        ended = _Ended()
+        try:
+            await serve(self.processor, self._read, self._write)
+        except Exception as exc:  # the caller's part: map the stream's failure (see `_take`)
+            ended.error = exc
+        finally:
+            self._from_server.put_nowait(ended)
+            self._reading.set()
+
+    async def close(self) -> None:
+        """Envoy is done: it half-closes the stream, and the server's side ends (stopping any pipeline)."""
+        server = self._server
+        if server is None:
+            return
+        if self._reading.is_set():
+            self._to_server.put_nowait(None)
+        else:
+            server.cancel()  # Envoy gave up while the server was handling a message
+        await asyncio.wait((server,))
+
+    # -- Envoy's side
 
     async def _send(self, kind: str, **fields: Any) -> Any:
+        """Send one message, wait until the server has handled it, return its answer (None if none)."""
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-        from sidecar.errors import ProtocolError
-        from sidecar.extproc.stream import StreamFailure
-
         self.result.phases.append(kind)
-        try:
-            answer = await self.processor.process(pb.ProcessingRequest(**{kind: fields}))
-        except (ProtocolError, StreamFailure) as exc:
-            raise _StreamFailed(str(exc)) from None
-        if self.processor.failure:
-            raise _StreamFailed(self.processor.failure)
+        self._reading.clear()
+        self._to_server.put_nowait(pb.ProcessingRequest(**{kind: fields}))
+        await self._reading.wait()
+        answer = None
+        while not self._from_server.empty():
+            taken = self._take(self._from_server.get_nowait())
+            if taken is not None:
+                if answer is not None:
+                    raise AssertionError(f"two answers to one {kind}: Envoy would fail the stream")
+                answer = taken
         if answer is None:
             return None
         for namespace, values in answer.dynamic_metadata.items():
@@ -199,16 +242,37 @@ class _Session:
             raise AssertionError(f"spurious response {which} to {kind}: Envoy would fail the stream")
         return answer
 
+    def _take(self, message: Any) -> Any:
+        """One message from the server: a streamed body chunk is kept; the answer to a message is returned."""
+        from sidecar.errors import ProtocolError, StreamFailure
+
+        if isinstance(message, _Ended):
+            if isinstance(message.error, ProtocolError | StreamFailure):
+                raise _StreamFailed(str(message.error))  # Envoy: the gRPC stream failed
+            if message.error is not None:
+                raise message.error
+            raise _StreamFailed("the server ended the stream early")
+        if message.HasField("override_message_timeout"):
+            return None  # ctx.extend_timeout(): Envoy waits longer for the answer
+        which = message.WhichOneof("response")
+        if which in self.outputs:
+            mutation = getattr(message, which).response.body_mutation
+            if mutation.WhichOneof("mutation") == "streamed_response":
+                streamed = mutation.streamed_response
+                self.outputs[which].append((bytes(streamed.body), streamed.end_of_stream))
+                return None
+        return message
+
     async def _body(self, kind: str, body: bytes | Sequence[bytes], trailers: bool, headers: Any) -> Any:
         """Send a body as the mode says; return the body Envoy passes on, or an ImmediateResponse."""
         chunks = [body] if isinstance(body, bytes) else list(body)
         chunks = [c for c in chunks if c]
-        mode = getattr(self.mode, f"{kind.split('_')[0]}_body_mode")
-        if not chunks or mode == 0:
+        mode = BodyMode(getattr(self.mode, f"{kind.split('_')[0]}_body_mode"))
+        if not chunks or mode is BodyMode.NONE:
             return b"".join(chunks), chunks
-        if mode in (2, 3):  # BUFFERED, BUFFERED_PARTIAL (under the buffer limit): one message
+        if mode in (BodyMode.BUFFERED, BodyMode.BUFFERED_PARTIAL):  # (under the buffer limit): one message
             chunks = [b"".join(chunks)]
-        if mode == 4:
+        if mode is BodyMode.FULL_DUPLEX_STREAMED:
             return await self._duplex(kind, chunks, trailers)
         out: list[bytes] = []
         for i, chunk in enumerate(chunks):
@@ -224,30 +288,37 @@ class _Session:
         for i, chunk in enumerate(chunks):
             answer = await self._send(kind, body=chunk, end_of_stream=i == len(chunks) - 1 and not trailers)
             if answer is not None:
-                await self._on_send(answer)
+                raise AssertionError(f"an answer to a FULL_DUPLEX {kind} chunk: Envoy expects streamed chunks")
         if not trailers:
             await self._wait_end(kind)
         return None
 
     async def _wait_end(self, kind: str) -> None:
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while not any(end for _, end in self.outputs[kind]):
-            if self.processor.failure:
-                raise _StreamFailed(self.processor.failure)
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 raise _StreamFailed(f"{kind}: no end of stream: Envoy would wait forever")
-            self.output_seen.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.output_seen.wait(), remaining)
+            try:
+                message = await asyncio.wait_for(self._from_server.get(), remaining)
+            except TimeoutError:
+                continue
+            if self._take(message) is not None:
+                raise AssertionError(f"spurious response while the {kind} streams: Envoy would fail the stream")
 
     def _duplex_body(self, kind: str) -> tuple[bytes, list[bytes]]:
         chunks = [body for body, _ in self.outputs[kind] if body]
         return b"".join(chunks), chunks
 
     async def run(self, request: Request, response: Response) -> None:
+        from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
         from sidecar.headers import Headers
 
+        self._server = asyncio.create_task(self._serve())
+        await self._reading.wait()
+        send = ProcessingMode.SEND
         result = self.result
         req_headers = Headers(
             [
@@ -273,7 +344,7 @@ class _Session:
         if body is not None and _immediate(body[0], result):
             return
         req_trailers = Headers(_pairs(request.trailers))
-        if request.trailers and self.mode.request_trailer_mode == 1:
+        if request.trailers and self.mode.request_trailer_mode == send:
             answer = await self._send("request_trailers", trailers=req_trailers.to_header_map())
             _apply(answer.request_trailers.header_mutation, req_trailers, result, request=True)
         if body is None:
@@ -282,7 +353,7 @@ class _Session:
 
         resp_headers = Headers([(":status", str(response.status)), *_pairs(response.headers)])
         has_body = bool(response.body if isinstance(response.body, bytes) else any(response.body))
-        if self.mode.response_header_mode == 1:
+        if self.mode.response_header_mode == send:
             answer = await self._send(
                 "response_headers", headers=resp_headers.to_header_map(), end_of_stream=not has_body
             )
@@ -295,7 +366,7 @@ class _Session:
         if resp is not None and _immediate(resp[0], result):
             return
         resp_trailers = Headers(_pairs(response.trailers))
-        if response.trailers and self.mode.response_trailer_mode == 1:
+        if response.trailers and self.mode.response_trailer_mode == send:
             answer = await self._send("response_trailers", trailers=resp_trailers.to_header_map())
             _apply(answer.response_trailers.header_mutation, resp_trailers, result, request=False)
         if resp is None:
@@ -337,6 +408,8 @@ def _new_body(common: Any, body: bytes) -> bytes:
 
 def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> None:
     """Apply a HeaderMutation the way Envoy does with default mutation rules."""
+    from envoy.config.core.v3.base_pb2 import HeaderValueOption as Option
+
     for option in mutation.set_headers:
         name = option.header.key.lower()
         value = option.header.raw_value or option.header.value.encode()
@@ -344,10 +417,14 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
             result.rejected_mutations.append(f"set {name}")
             continue
         action = option.append_action
-        if action == 0:  # APPEND_IF_EXISTS_OR_ADD
+        if action == Option.APPEND_IF_EXISTS_OR_ADD:
             headers.append(name, value)
-        elif action == 2 or (action == 1 and name not in headers) or (action == 3 and name in headers):
-            headers[name] = value  # OVERWRITE_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS
+        elif (
+            action == Option.OVERWRITE_IF_EXISTS_OR_ADD
+            or (action == Option.ADD_IF_ABSENT and name not in headers)
+            or (action == Option.OVERWRITE_IF_EXISTS and name in headers)
+        ):
+            headers[name] = value
     for name in mutation.remove_headers:
         if name.startswith((":", _PROTECTED_PREFIX)) or name == "host":
             result.rejected_mutations.append(f"remove {name}")
@@ -358,8 +435,9 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
 # -- real Envoy harness ---------------------------------------------------------------------------------
 
 
-class EnvoyHarness(LocalEnvoy):
-    """The real thing for tests: see `sidecar.stack.local.LocalEnvoy` (listens on a port the OS picks)."""
+#: The real thing for tests: the very stack `sidecar up` runs, `sidecar.stack.local.LocalEnvoy` (by default
+#: on a port the OS picks); also a context manager, for use outside pytest.
+EnvoyHarness = LocalEnvoy
 
 
 _HARNESSES = pytest.StashKey[list[EnvoyHarness]]()

@@ -7,7 +7,8 @@ reading makes the queue full, and the feeder then waits (back-pressuring Envoy o
 for at most the stream deadline before failing the stream.
 
 Envoy applies no message timeout in this mode, so every wait here has a deadline: a stalled or buggy
-plugin costs the client a 500 (the gRPC stream is failed), never a hang.
+plugin costs the client a 500 (the gRPC stream is failed), never a hang. The pipeline is a task of the
+stream's task group (`lifetime.serve`): its failure is an exception, which fails the stream.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import BodyStage
+from sidecar.errors import StreamFailure
 from sidecar.plugins import Context, Respond
 
-__all__ = ["DuplexPipe", "StreamFailure", "as_body", "call_chunk", "streamed_response"]
+__all__ = ["DuplexPipe", "as_body", "call_chunk", "streamed_response"]
 
 _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
 
@@ -38,12 +40,12 @@ def streamed_response(kind: str, body: bytes, end_of_stream: bool) -> pb.Process
     return response
 
 
-class StreamFailure(Exception):
-    """A body stage failed or missed its deadline: the gRPC stream must be failed."""
-
-
 class DuplexPipe:
-    """One direction's body pipeline for one stream."""
+    """One direction's body pipeline for one stream, running as a task of the stream's lifetime.
+
+    A failure (a plugin bug, a stage that breaks the rules, a missed deadline) ends that task with
+    StreamFailure; the stream's task group then cancels everything else and the stream fails with it.
+    """
 
     def __init__(
         self,
@@ -52,21 +54,22 @@ class DuplexPipe:
         ctx: Context,
         send: Send,
         deadline: float,
-        on_failure: Callable[[str], None],
+        tasks: asyncio.TaskGroup,
     ) -> None:
         self.kind = kind
         self.ctx = ctx
         self.deadline = deadline
         self._send = send
-        self._on_failure = on_failure
         self._queue: asyncio.Queue[Item] = asyncio.Queue(_QUEUE_CHUNKS)
         self._ended = False
         self._ended_by_trailers = False
-        self._watcher: asyncio.Task[None] | None = None
+        #: Once Envoy ended the body: when the pipeline must have finished (loop time).
+        self._finish_by: float | None = None
+        self._deadline: asyncio.Timeout | None = None
         stream: AsyncIterator[Item] = self._source()
         for stage in stages:
             stream = _chunk_stage(stage, ctx, stream) if stage.kind == "chunk" else _stream_stage(stage, ctx, stream)
-        self._task = asyncio.create_task(self._run(stream))
+        self._task = tasks.create_task(self._run(stream))
 
     async def _source(self) -> AsyncIterator[Item]:
         while True:
@@ -76,19 +79,25 @@ class DuplexPipe:
                 return
 
     async def _run(self, stream: AsyncIterator[Item]) -> None:
+        # Envoy waits for the end of the body with no timeout of its own in this mode: bound it here,
+        # from the moment Envoy's input ended (see `feed`).
+        deadline = self._deadline = asyncio.timeout_at(self._finish_by)
         try:
-            async for body, end in stream:
-                if body or end:
-                    await self._send(streamed_response(self.kind, body, end and not self._ended_by_trailers))
-                if end:
-                    return
-            raise StreamFailure("body pipeline ended without end of stream")
-        except asyncio.CancelledError:
+            async with deadline:
+                async for body, end in stream:
+                    if body or end:
+                        await self._send(streamed_response(self.kind, body, end and not self._ended_by_trailers))
+                    if end:
+                        return
+        except StreamFailure:
             raise
-        except StreamFailure as exc:
-            self._on_failure(str(exc))
-        except Exception as exc:  # a plugin bug: never let it escape the stream
-            self._on_failure(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a plugin bug: it fails this stream, never the server
+            if deadline.expired():
+                raise StreamFailure(
+                    f"{self.kind}: plugins did not finish the body within {self.deadline:g}s of its end"
+                ) from None
+            raise StreamFailure(f"{type(exc).__name__}: {exc}") from exc
+        raise StreamFailure("body pipeline ended without end of stream")
 
     async def feed(self, body: bytes, end_of_stream: bool) -> None:
         """Hand one chunk from Envoy to the pipeline; waits while the pipeline is full."""
@@ -96,18 +105,17 @@ class DuplexPipe:
             raise StreamFailure("body chunk after end of stream")
         self._ended = end_of_stream
         try:
-            await asyncio.wait_for(self._queue.put((body, end_of_stream)), self.deadline)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for may swallow the cancellation that
+            # fails this stream when the put completes at the same moment.
+            async with asyncio.timeout(self.deadline):
+                await self._queue.put((body, end_of_stream))
         except TimeoutError:
             raise StreamFailure(f"{self.kind}: plugins did not take input for {self.deadline:g}s") from None
         if end_of_stream:
-            # Kept on self: the event loop holds tasks only weakly.
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.deadline)
-        except TimeoutError:
-            self._on_failure(f"{self.kind}: plugins did not finish the body within {self.deadline:g}s of its end")
+            self._finish_by = asyncio.get_running_loop().time() + self.deadline
+            # Not started yet: it starts with this deadline. Finished already (a stage may stop early): none.
+            if self._deadline is not None and not self._task.done():
+                self._deadline.reschedule(self._finish_by)
 
     async def end_with_trailers(self) -> None:
         """Trailers ended the body: flush every stage, then return (the trailers answer goes after)."""
@@ -115,14 +123,13 @@ class DuplexPipe:
         if not self._ended:
             await self.feed(b"", True)
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.deadline)
+            async with asyncio.timeout(self.deadline):
+                await asyncio.shield(self._task)
         except TimeoutError:
             raise StreamFailure(f"{self.kind}: plugins did not finish the body within {self.deadline:g}s") from None
 
     def cancel(self) -> None:
         self._task.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
 
 
 def as_body(result: Any, plugin: str) -> bytes:

@@ -12,7 +12,8 @@ import asyncio
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from sidecar.extproc.http2 import Call, CallError, Handler, Status
+from sidecar.extproc.http2 import Call, Handler
+from sidecar.extproc.status import CallError, Status
 
 __all__ = ["Health"]
 

@@ -1,7 +1,7 @@
 """The ext_proc gRPC server on uvloop, with health checking and graceful shutdown.
 
 Each process serves one Unix socket (and optionally TCP with TLS), over the native HTTP/2 transport
-(`http2.py`) or grpcio's grpc.aio (`transport: grpcio`); both run the same stream code. The stream picks
+(`http2/`) or grpcio's grpc.aio (`transport: grpcio`); both run each stream through `lifetime.serve`. The stream picks
 a chain from the `x-sidecar-chain` gRPC initial metadata (set per route in Envoy's ExtProcPerRoute
 `grpc_initial_metadata`), falling back to the default chain.
 """
@@ -16,10 +16,9 @@ import signal
 import socket
 import ssl
 import stat
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -29,11 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.chains import Chain, Registry
 from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
-from sidecar.errors import ConfigError, ProtocolError
+from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
-from sidecar.extproc.http2 import Call, CallError, Http2Server, Status
+from sidecar.extproc.http2 import Call, Http2Server
+from sidecar.extproc.lifetime import Read, Write, serve
 from sidecar.extproc.metrics import Metrics
-from sidecar.extproc.stream import StreamFailure, StreamProcessor
+from sidecar.extproc.processor import StreamProcessor
+from sidecar.extproc.status import CallError, Status
 from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
 
 __all__ = ["ExtProcServer", "prepare_unix_socket"]
@@ -74,15 +75,6 @@ def prepare_unix_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ConfigError(f"listen: socket {str(path)!r} is in use by another running server")
-
-
-_Read = Callable[[], Awaitable[pb.ProcessingRequest | None]]
-_Write = Callable[[pb.ProcessingResponse], Awaitable[None]]
-_Abort = Callable[[Status, str], Awaitable[NoReturn]]
-
-
-async def _raise_call_error(status: Status, message: str) -> NoReturn:
-    raise CallError(status, message)
 
 
 @contextlib.contextmanager
@@ -138,72 +130,33 @@ class ExtProcServer:
 
     # -- the RPC -------------------------------------------------------------------------------
 
-    async def _serve_stream(self, chain_name: str | None, read: _Read, write: _Write, abort: _Abort) -> None:
-        """One ext_proc stream, whatever the transport: Envoy's messages in, the chain's answers out."""
+    async def _stream(self, chain_name: str | None, read: Read, write: Write) -> CallError | None:
+        """One ext_proc stream, whatever the transport; how the call must end if not with OK."""
         if self._single_chain is not None:
             chain: Chain | None = self._single_chain
         else:
             chain = self.registry.default if chain_name is None else self.registry.chain(chain_name)
-        metrics = self.metrics
         if chain is None:
             log.error("stream asked for an unknown chain; known: %s", ", ".join(self.registry.chains))
-            if metrics is not None:
-                metrics.stream_error("unknown_chain")
-            await abort(Status.INVALID_ARGUMENT, "unknown plugin chain")
-            return
-        if self.registry.full_duplex:
-            # Body chunks are written by a pipeline task too: keep writes whole and in order.
-            lock = asyncio.Lock()
-            write_whole = write
-
-            async def write(response: pb.ProcessingResponse) -> None:
-                async with lock:
-                    await write_whole(response)
-
-        task = asyncio.current_task()
-
-        def interrupt(reason: str) -> None:
-            # A body pipeline failed while this task waits for Envoy's next message: wake it to fail the stream.
-            if task is not None:
-                task.cancel()
-
+            if self.metrics is not None:
+                self.metrics.stream_error("unknown_chain")
+            return CallError(Status.INVALID_ARGUMENT, "unknown plugin chain")
         processor = StreamProcessor(
-            chain,
-            self.registry,
-            metrics=metrics,
-            send=write,
-            stream_timeout=self.config.stream_timeout,
-            on_failure=interrupt,
+            chain, self.registry, metrics=self.metrics, stream_timeout=self.config.stream_timeout
         )
-        if metrics is not None:
-            metrics.stream_opened(chain.name)
         try:
-            while (request := await read()) is not None:
-                started = time.perf_counter()
-                response = await processor.process(request)
-                if response is not None:
-                    await write(response)
-                if metrics is not None:
-                    metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
+            await serve(processor, read, write)
         except ProtocolError as exc:
-            await self._fail(abort, processor, "protocol", Status.INVALID_ARGUMENT, str(exc))
+            return self._failed(processor, "protocol", CallError(Status.INVALID_ARGUMENT, str(exc)))
         except StreamFailure as exc:
-            await self._fail(abort, processor, "stream", Status.INTERNAL, str(exc))
-        except asyncio.CancelledError:
-            if processor.failure is None:
-                raise  # Envoy went away or the server is stopping
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await self._fail(abort, processor, "stream", Status.INTERNAL, processor.failure)
-        finally:
-            processor.close()
-            if metrics is not None:
-                metrics.stream_closed()
+            return self._failed(processor, "stream", CallError(Status.INTERNAL, str(exc)))
+        return None
 
-    async def _fail(self, abort: _Abort, processor: StreamProcessor, reason: str, status: Status, message: str) -> None:
-        log.warning("closing ext_proc stream: %s", message, extra={"request_id": processor.ctx.request_id})
+    def _failed(self, processor: StreamProcessor, reason: str, error: CallError) -> CallError:
+        log.warning("closing ext_proc stream: %s", error.message, extra={"request_id": processor.ctx.request_id})
         if self.metrics is not None:
             self.metrics.stream_error(reason)
-        await abort(status, message)
+        return error
 
     async def _native_process(self, call: Call) -> None:
         parse = pb.ProcessingRequest.FromString
@@ -220,7 +173,9 @@ class ExtProcServer:
         async def write(response: pb.ProcessingResponse) -> None:
             await call.send(response.SerializeToString())
 
-        await self._serve_stream(call.metadata.get(CHAIN_METADATA_KEY), read, write, _raise_call_error)
+        error = await self._stream(call.metadata.get(CHAIN_METADATA_KEY), read, write)
+        if error is not None:
+            raise error
 
     async def Process(  # the grpcio method name
         self,
@@ -231,14 +186,12 @@ class ExtProcServer:
             request = await context.read()
             return None if request is grpc.aio.EOF else request
 
-        async def abort(status: Status, message: str) -> NoReturn:
-            await context.abort(grpc.StatusCode[status.name], message)
-            raise AssertionError("grpc.aio's abort() raises")
-
         chain_name = None
         if self._single_chain is None:
             chain_name = dict(context.invocation_metadata() or ()).get(CHAIN_METADATA_KEY)
-        await self._serve_stream(chain_name, read, context.write, abort)
+        error = await self._stream(chain_name, read, context.write)
+        if error is not None:
+            await context.abort(grpc.StatusCode[error.status.name], error.message)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

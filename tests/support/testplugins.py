@@ -9,6 +9,9 @@ from typing import Any
 
 from sidecar import BodyMode, Context, Headers, Plugin, Respond, StateKey
 
+#: The spec prefix that names a plugin class of this module in a config file or `--plugin`.
+TP = "tests.support.testplugins:"
+
 
 class AddHeaders(Plugin):
     """One header added on the request, one on the response: the benchmark's plugin."""

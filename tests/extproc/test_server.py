@@ -18,10 +18,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from sidecar.config import TRANSPORTS
-from sidecar.extproc.http2 import PREFACE
+from sidecar.extproc.http2.frames import PREFACE
 from sidecar.stack.sidecar import SidecarProcess
-
-TP = "tests.support.testplugins:"
+from tests.support.testplugins import TP
 
 
 def headers_message(*pairs: tuple[str, bytes]) -> pb.ProcessingRequest:

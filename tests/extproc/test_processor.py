@@ -9,9 +9,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar import Context, Headers
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError
-from sidecar.extproc.stream import StreamProcessor
+from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
 
@@ -81,7 +82,7 @@ def test_mode_override_when_chain_needs_less() -> None:
 
 def test_protected_headers_are_reported_as_rejected() -> None:
     class SetsEnvoyHeader(tp.AddHeaders):
-        def on_request_headers(self, ctx: object, headers: tp.Headers) -> None:
+        def on_request_headers(self, ctx: object, headers: Headers) -> None:
             headers["x-envoy-debug"] = "1"
             headers[":path"] = "/rewritten"
 
@@ -97,7 +98,7 @@ def test_dynamic_metadata_and_non_utf8_headers() -> None:
 
 def test_metadata_must_be_json_like() -> None:
     class BadMetadata(tp.AddHeaders):
-        def on_request_headers(self, ctx: tp.Context, headers: tp.Headers) -> None:
+        def on_request_headers(self, ctx: Context, headers: Headers) -> None:
             ctx.set_metadata("raw", b"bytes")
 
     result = Driver([BadMetadata()]).run(Request())

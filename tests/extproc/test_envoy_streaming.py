@@ -18,11 +18,11 @@ import pytest
 
 from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
+from tests.support.testplugins import TP
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
 
-TP = "tests.support.testplugins:"
 Factory = Callable[..., EnvoyHarness]
 CARD = b"4111-1111-1111-1111"
 MiB = 1024 * 1024

@@ -1,12 +1,13 @@
-"""One ext_proc stream: ProcessingRequests in, the matching ProcessingResponses out.
+"""The ext_proc state machine of one stream: ProcessingRequests in, the matching ProcessingResponses out.
 
-This is the hot path. It knows nothing about gRPC, so the in-process test driver (`sidecar.testing`)
-runs the very same code as the server. Hooks are resolved once per chain, not per message; nothing here
-logs unless something went wrong.
+This is the hot path. It knows nothing about gRPC: one stream lifetime (`lifetime.serve`) runs it for
+both transports and for the in-process test driver (`sidecar.testing`). Hooks are resolved once per
+chain, not per message; nothing here logs unless something went wrong.
 
 Outside FULL_DUPLEX_STREAMED every message gets exactly one answer, returned by `process`. In
 FULL_DUPLEX_STREAMED bodies are answered with `streamed_response` chunks; when a chain has async-generator
-stream hooks those chunks are produced by a task (`duplex.DuplexPipe`) and written through `send`.
+stream hooks those chunks are produced by a task of the stream's lifetime (`duplex.DuplexPipe`) and
+written through the stream's `send`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import BodyStage, Chain, Registry
-from sidecar.errors import ProtocolError
-from sidecar.extproc.duplex import DuplexPipe, StreamFailure, as_body, call_chunk, streamed_response
+from sidecar.config import DEFAULT_STREAM_TIMEOUT
+from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.duplex import DuplexPipe, as_body, call_chunk, streamed_response
 from sidecar.headers import Headers
 from sidecar.plugins import BodyMode, Context, Respond
 
-__all__ = ["StreamFailure", "StreamProcessor", "immediate_response"]
+__all__ = ["StreamProcessor", "immediate_response"]
 
 log = logging.getLogger("sidecar.extproc")
 
@@ -41,7 +43,6 @@ _ORDER = {
 }
 _REPEATABLE = frozenset({"request_body", "response_body"})
 _ERROR_BODY = b"Internal Server Error\n"
-DEFAULT_STREAM_TIMEOUT = 10.0
 
 Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
@@ -75,10 +76,6 @@ def immediate_response(respond: Respond) -> pb.ProcessingResponse:
     return response
 
 
-async def _unsent(response: pb.ProcessingResponse) -> None:
-    raise RuntimeError("this stream has no way to send extra messages")
-
-
 class StreamProcessor:
     """Turns the ProcessingRequests of one stream into ProcessingResponses for one chain."""
 
@@ -87,14 +84,13 @@ class StreamProcessor:
         "_disabled",
         "_filter_modes",
         "_last",
-        "_metrics",
         "_pipes",
         "_send",
+        "_tasks",
         "chain",
         "ctx",
-        "failure",
+        "metrics",
         "mode_override",
-        "on_failure",
         "stream_timeout",
     )
 
@@ -104,25 +100,33 @@ class StreamProcessor:
         registry: Registry | None = None,
         *,
         metrics: Any = None,
-        send: Send = _unsent,
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
-        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         plan = (registry or Registry([chain])).plan(chain)
         self.chain = chain
         self.mode_override = plan.mode_override
         self._body_modes = plan.body_modes
         self._filter_modes = plan.filter_body_modes
-        self.ctx = Context(chain.name, send=send)
-        self._metrics = metrics
-        self._send = send
+        self.ctx = Context(chain.name)
+        self.metrics = metrics
         self.stream_timeout = stream_timeout
-        self.on_failure = on_failure
-        #: Set when a streaming body failed outside of an answer (deadline, plugin bug): fail the stream.
-        self.failure: str | None = None
+        self._send: Send | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         self._last: list[tuple[int, int] | None] = [None, None]
         self._pipes: dict[str, DuplexPipe] = {}
         self._disabled: set[str] = set()  # fail_open: plugins bypassed for the rest of this stream
+
+    @property
+    def full_duplex(self) -> bool:
+        """Whether a body of this stream is FULL_DUPLEX_STREAMED: answers may then be sent by other tasks."""
+        return BodyMode.FULL_DUPLEX_STREAMED in self._body_modes
+
+    def open(self, send: Send, tasks: asyncio.TaskGroup) -> None:
+        """Run inside one stream's lifetime: messages other than answers (streamed body chunks,
+        `ctx.extend_timeout`) go out through `send`; body pipelines run as tasks of `tasks`."""
+        self._send = send
+        self._tasks = tasks
+        self.ctx._send = send
 
     async def process(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         """The answer to one message, or None (observability mode; FULL_DUPLEX body chunks sent by a task).
@@ -177,8 +181,8 @@ class StreamProcessor:
             exc_info=exc,
             extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
         )
-        if self._metrics is not None:
-            self._metrics.plugin_error(plugin, kind)
+        if self.metrics is not None:
+            self.metrics.plugin_error(plugin, kind)
         return error_id
 
     def _failed(self, kind: str, plugin: str, exc: BaseException) -> pb.ProcessingResponse:
@@ -193,12 +197,6 @@ class StreamProcessor:
                 details="sidecar_plugin_error",
             )
         )
-
-    def _pipe_failed(self, reason: str) -> None:
-        if self.failure is None:
-            self.failure = reason
-            if self.on_failure is not None:
-                self.on_failure(reason)
 
     # -- headers -------------------------------------------------------------------------------
 
@@ -327,8 +325,10 @@ class StreamProcessor:
         if any(stage.kind == "stream" for stage in stages):
             pipe = self._pipes.get(kind)
             if pipe is None:
+                if self._send is None or self._tasks is None:
+                    raise RuntimeError("FULL_DUPLEX stream hooks run inside a stream's lifetime (lifetime.serve)")
                 pipe = self._pipes[kind] = DuplexPipe(
-                    kind, stages, self.ctx, self._send, self.stream_timeout, self._pipe_failed
+                    kind, stages, self.ctx, self._send, self.stream_timeout, self._tasks
                 )
             await pipe.feed(message.body, message.end_of_stream)
             return None
@@ -340,7 +340,8 @@ class StreamProcessor:
         """Chunk hooks in FULL_DUPLEX, each bounded by the stream deadline (Envoy applies none here)."""
         try:
             for stage in stages:
-                body = await asyncio.wait_for(call_chunk(stage, self.ctx, body, end), self.stream_timeout)
+                async with asyncio.timeout(self.stream_timeout):  # not wait_for: see DuplexPipe.feed
+                    body = await call_chunk(stage, self.ctx, body, end)
         except TimeoutError:
             raise StreamFailure(f"{kind}: a chunk hook took longer than {self.stream_timeout:g}s") from None
         except StreamFailure:
@@ -384,6 +385,8 @@ class StreamProcessor:
         stages = self.chain.body_stages[body_kind.split("_")[0]]
         flushed = await self._duplex_chunk_hooks(body_kind, stages, b"", True) if stages else b""
         if flushed:
+            if self._send is None:
+                raise RuntimeError("FULL_DUPLEX bodies are answered inside a stream's lifetime (lifetime.serve)")
             await self._send(streamed_response(body_kind, flushed, False))
 
     async def _request_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:

@@ -13,8 +13,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
-from sidecar.errors import ProtocolError
-from sidecar.extproc.stream import StreamFailure, StreamProcessor
+from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.lifetime import serve
+from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
 
@@ -151,6 +152,23 @@ def _message(kind: str, **fields: Any) -> pb.ProcessingRequest:
     return pb.ProcessingRequest(**{kind: fields})
 
 
+async def serve_messages(
+    processor: StreamProcessor, messages: list[pb.ProcessingRequest]
+) -> list[pb.ProcessingResponse]:
+    """The stream lifetime on these messages, then Envoy's half-close; what the server wrote."""
+    incoming = iter([*messages, None])
+    sent: list[pb.ProcessingResponse] = []
+
+    async def read() -> pb.ProcessingRequest | None:
+        return next(incoming)
+
+    async def write(response: pb.ProcessingResponse) -> None:
+        sent.append(response)
+
+    await serve(processor, read, write)
+    return sent
+
+
 def test_body_for_a_direction_envoy_should_not_send() -> None:
     processor = StreamProcessor(Chain("c", [tp.AddHeaders()]))
 
@@ -163,21 +181,14 @@ def test_body_for_a_direction_envoy_should_not_send() -> None:
 
 
 def test_full_duplex_chunk_after_end_of_stream() -> None:
-    sent: list[pb.ProcessingResponse] = []
-
-    async def send(response: pb.ProcessingResponse) -> None:
-        sent.append(response)
-
-    processor = StreamProcessor(Chain("c", [Doubler()]), send=send)
-
-    async def run() -> None:
-        await processor.process(_message("request_headers"))
-        await processor.process(_message("request_body", body=b"x", end_of_stream=True))
-        await processor.process(_message("request_body", body=b"y", end_of_stream=False))
-
+    processor = StreamProcessor(Chain("c", [Doubler()]))
+    messages = [
+        _message("request_headers"),
+        _message("request_body", body=b"x", end_of_stream=True),
+        _message("request_body", body=b"y", end_of_stream=False),
+    ]
     with pytest.raises(StreamFailure, match="after end of stream"):
-        asyncio.run(run())
-    processor.close()
+        asyncio.run(serve_messages(processor, messages))
 
 
 def test_full_duplex_pass_through_for_chains_without_body_hooks() -> None:
@@ -193,14 +204,12 @@ def test_extend_timeout_sends_an_override_message() -> None:
         async def on_request_headers(self, ctx: Context, headers: Any) -> None:
             await ctx.extend_timeout(2.5)
 
-    sent: list[pb.ProcessingResponse] = []
-
-    async def send(response: pb.ProcessingResponse) -> None:
-        sent.append(response)
-
-    processor = StreamProcessor(Chain("c", [Slow()]), send=send)
-    asyncio.run(processor.process(_message("request_headers")))
-    assert [r.override_message_timeout.ToTimedelta().total_seconds() for r in sent] == [2.5]
+    processor = StreamProcessor(Chain("c", [Slow()]))
+    sent = asyncio.run(serve_messages(processor, [_message("request_headers")]))
+    assert [r.override_message_timeout.ToTimedelta().total_seconds() for r in sent[:1]] == [2.5]
+    assert sent[1].HasField("request_headers")  # the answer goes after
+    result = Driver([Slow()]).run(Request())  # Envoy waits longer, then gets the answer
+    assert result.failed is None and result.phases == ["request_headers"]
 
 
 def test_processing_mode_checks_for_full_duplex() -> None:

@@ -18,11 +18,11 @@ from sidecar.config import TRANSPORTS
 from sidecar.stack.sidecar import health_status
 from sidecar.testing import EnvoyHarness
 from sidecar.wire import SERVICE_NAME
+from tests.support.testplugins import TP
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
 
-TP = "tests.support.testplugins:"
 Factory = Callable[..., EnvoyHarness]
 
 

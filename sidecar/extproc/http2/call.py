@@ -1,0 +1,358 @@
+"""One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out.
+
+Received bytes count against the call's receive window (credit goes back only as the handler reads
+messages) and against its connection's receive buffer budget (what the connection holds in messages not
+yet read); the connection decides what happens when that budget is exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
+from sidecar.extproc.http2.frames import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    FRAME_HEAD,
+    HEADERS,
+    STREAM_WINDOW,
+    ErrorCode,
+    frame,
+    hpack_int,
+    reset,
+    window_update,
+)
+from sidecar.extproc.status import Status
+
+__all__ = ["MESSAGE_COST", "Call", "Carrier", "Handler"]
+
+log = logging.getLogger("sidecar.http2")
+
+Handler = Callable[["Call"], Awaitable[None]]
+
+_MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
+#: What one received message costs beyond its bytes (Python objects), for the connection's buffer budget.
+MESSAGE_COST = 96
+
+
+class _Limits(Protocol):
+    @property
+    def max_message(self) -> int: ...
+
+    @property
+    def on_error(self) -> Callable[[str], None]: ...
+
+
+class Carrier(Protocol):
+    """What a call needs from the connection that carries it (`connection.Connection`)."""
+
+    #: Bytes held in received messages not yet read, over every call of the connection (its budget).
+    buffered: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def server(self) -> _Limits: ...
+
+    @property
+    def send_window(self) -> SendWindow: ...
+
+    @property
+    def peer_initial_window(self) -> int: ...
+
+    @property
+    def peer_max_frame(self) -> int: ...
+
+    @property
+    def writable(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def forget(self, call: Call) -> None: ...
+
+    def reset_stream(self, call: Call, code: ErrorCode) -> None: ...
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """A header field as 'literal without indexing, new name': leaves the peer's dynamic table alone."""
+    return b"\x00" + hpack_int(len(name), 7, 0) + name + hpack_int(len(value), 7, 0) + value
+
+
+def _grpc_message(message: str) -> bytes:
+    """Percent-encode as gRPC requires for grpc-message; capped so trailers fit one frame."""
+    raw = message.encode("utf-8", "replace")[:1024]
+    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+# `:status: 200` is static-table entry 8; content-type is entry 31, sent as a literal with that name.
+_RESPONSE_HEADERS = b"\x88" + hpack_int(31, 4, 0) + hpack_int(16, 7, 0) + b"application/grpc"
+_TRAILERS_OK = _literal(b"grpc-status", b"0")
+
+
+def _status_block(status: Status, message: str) -> bytes:
+    block = _literal(b"grpc-status", str(int(status)).encode())
+    if message:
+        block += _literal(b"grpc-message", _grpc_message(message))
+    return block
+
+
+class Call:
+    """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out."""
+
+    __slots__ = (
+        "_buffered",
+        "_conn",
+        "_finished",
+        "_headers_sent",
+        "_messages",
+        "_midway",
+        "_partial",
+        "_partial_needed",
+        "_partial_size",
+        "_receive",
+        "_remote_done",
+        "_waiter",
+        "metadata",
+        "path",
+        "send_window",
+        "stream_id",
+        "task",
+    )
+
+    def __init__(self, conn: Carrier, stream_id: int, path: str, metadata: dict[str, str]) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.path = path
+        #: Request headers other than pseudo-headers, names lower-case, values decoded as latin-1.
+        self.metadata = metadata
+        self._messages: deque[bytes] = deque()
+        self._partial: list[bytes] = []
+        self._partial_size = self._partial_needed = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._remote_done = False
+        self._finished = False
+        self._headers_sent = False
+        self._receive = ReceiveWindow(STREAM_WINDOW)
+        #: Bytes this call holds in received messages and the partial one, counted against the connection.
+        self._buffered = 0
+        self.send_window = SendWindow(conn.peer_initial_window)
+        #: A message is partly sent: nothing but a reset may follow.
+        self._midway = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- receiving
+
+    async def read(self) -> bytes | None:
+        """The next message, or None once the client has half-closed and every message was read.
+
+        One reader per call: the handler."""
+        messages = self._messages
+        if not messages:
+            if self._remote_done:
+                return None
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            if not messages:
+                return None
+        message = messages.popleft()
+        self._hold(-len(message) - MESSAGE_COST)
+        if not messages:
+            self._return_credit()
+        return message
+
+    def _hold(self, size: int) -> None:
+        """Count bytes held for the handler, against this call and its connection's buffer budget."""
+        self._buffered += size
+        self._conn.buffered += size
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _return_credit(self) -> None:
+        # Credit goes back only once every complete message was handed to the handler: what is buffered
+        # is bounded by the window plus one partial message.
+        if self._receive.credit_due and not self._remote_done and not self._finished:
+            self._conn.write(window_update(self.stream_id, self._receive.return_credit()))
+
+    def _on_data(self, payload: bytes, flow_length: int, end_stream: bool) -> None:
+        """A DATA frame's payload (padding removed) for this call."""
+        if self._remote_done:
+            self._conn.reset_stream(self, ErrorCode.STREAM_CLOSED)
+            return
+        if not self._receive.consume(flow_length):
+            self._conn.reset_stream(self, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        if not payload and not end_stream:
+            return  # costs the sender nothing, so it must cost this side nothing either
+        data = self._complete(payload, end_stream)
+        if data is None:
+            return
+        received = self._deframe(data)
+        if received is None:
+            return
+        if end_stream:
+            self._remote_done = True
+            if self._partial:
+                self.abandon(Status.INTERNAL, "stream ended inside a message")
+                return
+            self._wake()
+        elif received:
+            self._wake()
+        if not self._messages:
+            self._return_credit()
+
+    def _complete(self, payload: bytes, end_stream: bool) -> bytes | None:
+        """The bytes to de-frame now: `payload`, or a message spread over many frames once it is whole."""
+        if not self._partial:
+            return payload
+        # Joined once, when it is complete.
+        self._partial.append(payload)
+        self._partial_size += len(payload)
+        self._hold(len(payload))
+        if self._partial_size < self._partial_needed and not end_stream:
+            if not self._messages:
+                self._return_credit()  # the rest of this message cannot arrive without it
+            return None
+        data = b"".join(self._partial)
+        self._partial = []
+        self._hold(-self._partial_size)
+        return data
+
+    def _deframe(self, data: bytes) -> bool | None:
+        """Length-prefixed messages out of `data` for the reader, the rest kept as the partial message.
+
+        Whether a message arrived; None when one cannot be taken and the call was ended."""
+        size = len(data)
+        position = 0
+        needed = 5
+        messages = self._messages
+        received = False
+        while size - position >= 5:
+            compressed, length = _MESSAGE_PREFIX.unpack_from(data, position)
+            if compressed:
+                self.abandon(Status.INTERNAL, "compressed messages are not supported")
+                return None
+            if length > self._conn.server.max_message:
+                self.abandon(Status.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit")
+                return None
+            end = position + 5 + length
+            if end > size:
+                needed = 5 + length
+                break
+            messages.append(data[position + 5 : end])
+            self._hold(length + MESSAGE_COST)
+            received = True
+            position = end
+        if position < size:
+            self._partial = [data[position:]]
+            self._partial_size = size - position
+            self._partial_needed = needed
+            self._hold(self._partial_size)
+        return received
+
+    def _on_remote_end(self) -> None:
+        self._remote_done = True
+        if self._partial:  # trailers ended the stream inside a message
+            self.abandon(Status.INTERNAL, "stream ended inside a message")
+            return
+        self._wake()
+
+    # -- sending
+
+    async def send(self, message: bytes) -> None:
+        """Send one message; waits only when flow control or the socket buffer asks it to.
+
+        One sender at a time per call. Cancelled half-way, the message cannot be completed: the stream
+        is reset instead, so the client never parses a cut message as the start of the next."""
+        if self._finished:
+            return
+        conn = self._conn
+        window, conn_window = self.send_window, conn.send_window
+        head = b""
+        if not self._headers_sent:
+            self._headers_sent = True
+            head = frame(HEADERS, END_HEADERS, self.stream_id, _RESPONSE_HEADERS)
+        data = _MESSAGE_PREFIX.pack(0, len(message)) + message
+        size = len(data)
+        if size <= conn.peer_max_frame and size <= window.size and size <= conn_window.size and conn.writable:
+            window.size -= size
+            conn_window.size -= size
+            conn.write(head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + data)
+            return
+        pieces: list[bytes | memoryview] = [head]
+        view = memoryview(data)
+        try:
+            while view and not self._finished:
+                allowed = min(len(view), window.size, conn_window.size)
+                if allowed <= 0 or not conn.writable:
+                    if pieces:
+                        conn.write(b"".join(pieces))
+                        pieces = []
+                    if window.size <= 0:
+                        await window.wait()
+                    else:
+                        await conn_window.wait()
+                    continue
+                window.size -= allowed
+                conn_window.size -= allowed
+                for offset in range(0, allowed, conn.peer_max_frame):
+                    chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
+                    pieces += (FRAME_HEAD.pack(len(chunk) << 8 | DATA, 0, self.stream_id), chunk)
+                conn.write(b"".join(pieces))
+                pieces = []
+                view = view[allowed:]
+                self._midway = bool(view)
+        except asyncio.CancelledError:
+            if self._midway:
+                self.finish()  # a reset, see finish()
+            raise
+
+    def finish(self, status: Status = Status.OK, message: str = "") -> None:
+        """Send the status as trailers (or a trailers-only response) and close the stream."""
+        if self._finished:
+            return
+        self._finished = True
+        conn = self._conn
+        if self._midway:  # after a cut message no status can be read correctly: reset instead
+            conn.write(reset(self.stream_id, ErrorCode.CANCEL))
+            conn.forget(self)
+            return
+        if status is Status.OK and self._headers_sent and not message:
+            block = _TRAILERS_OK
+        else:
+            block = (b"" if self._headers_sent else _RESPONSE_HEADERS) + _status_block(status, message)
+        out = frame(HEADERS, END_STREAM | END_HEADERS, self.stream_id, block)
+        if not self._remote_done:  # the client may still be sending: tell it to stop
+            out += reset(self.stream_id, ErrorCode.NO_ERROR)
+        conn.write(out)
+        conn.forget(self)
+
+    def abandon(self, status: Status, message: str) -> None:
+        """End the call from the transport's side: status to the client, handler cancelled."""
+        log.warning("ending gRPC call %s: %s", self.path, message)
+        self._conn.server.on_error(f"http2_{status.name.lower()}")
+        self.finish(status, message)
+        self._cancel()
+
+    def _cancel(self) -> None:
+        self._finished = True
+        self._release()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _release(self) -> None:
+        self._messages.clear()
+        self._partial = []
+        self._hold(-self._buffered)

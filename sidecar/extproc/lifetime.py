@@ -1,0 +1,77 @@
+"""One ext_proc stream from its first message to its end, whatever carries it.
+
+`serve` runs every stream: the native HTTP/2 transport and grpc.aio hand it their `read` and `write`,
+and the in-process test driver (`sidecar.testing.Driver`) hands it in-memory ones. The stream is an
+`asyncio.TaskGroup`: the loop reading Envoy's messages is its body, and FULL_DUPLEX body pipelines are
+its tasks. Whatever fails first (Envoy breaking the protocol, a pipeline failing or missing its deadline)
+cancels the rest and leaves `serve` as one exception, which the caller turns into the stream's end: a
+gRPC status for a transport, `Result.failed` for the driver. Nothing calls back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar.extproc.processor import StreamProcessor
+
+__all__ = ["Read", "Write", "serve"]
+
+#: Envoy's next message, or None once it half-closed the stream.
+Read = Callable[[], Awaitable[pb.ProcessingRequest | None]]
+#: One message to Envoy.
+Write = Callable[[pb.ProcessingResponse], Awaitable[None]]
+
+
+async def serve(processor: StreamProcessor, read: Read, write: Write) -> None:
+    """Answer Envoy's messages until it half-closes the stream.
+
+    Raises ProtocolError when Envoy breaks the protocol and StreamFailure when a streaming body cannot go
+    on; the stream's other tasks are over by then. Cancelling the caller (Envoy went away, the server
+    stops) cancels them too.
+    """
+    if processor.full_duplex:
+        write = _whole(write)  # pipelines write too: keep messages whole and in order
+    metrics = processor.metrics
+    if metrics is not None:
+        metrics.stream_opened(processor.chain.name)
+    failure: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            processor.open(write, tasks)
+            try:
+                while (request := await read()) is not None:
+                    started = time.perf_counter()
+                    response = await processor.process(request)
+                    if response is not None:
+                        await write(response)
+                    if metrics is not None:
+                        metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
+            finally:
+                processor.close()  # Envoy is done with the stream (or it failed): stop the pipelines
+    except BaseExceptionGroup as group:
+        failure = _first(group)
+    finally:
+        if metrics is not None:
+            metrics.stream_closed()
+    if failure is not None:
+        raise failure  # outside the handler: the group is no context of it
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The failure that ended the stream; the others (if any) were caused by it."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _whole(write: Write) -> Write:
+    lock = asyncio.Lock()
+
+    async def write_whole(response: pb.ProcessingResponse) -> None:
+        async with lock:
+            await write(response)
+
+    return write_whole

@@ -1,0 +1,172 @@
+"""HTTP/2 flow control in both directions, per stream and per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack
+import pytest
+
+from sidecar.extproc.http2 import Call, Http2Server
+from sidecar.extproc.http2.frames import PREFACE, STREAM_WINDOW
+from tests.support.h2peers import ECHO, echo, feed, grpc_frame, h2_client, raw_frame, request_headers, serving, settle
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_inbound_flow_control_holds_the_client_back_until_the_handler_reads(tmp_path: Path) -> None:
+    go = asyncio.Event()
+    received: list[bytes] = []
+
+    async def handler(call: Call) -> None:
+        await go.wait()
+        while (message := await call.read()) is not None:
+            received.append(message)
+        await call.send(b"%d" % len(received))
+
+    messages = [bytes([i]) * (64 * 1024 - 5) for i in range(24)]  # 1.5 stream windows of 64 KiB frames
+    pending = b"".join(grpc_frame(m) for m in messages)
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path) as client:
+        sid = client.start()
+        pending = client.send_what_fits(sid, pending)
+        assert len(pending) == len(messages) * 64 * 1024 - STREAM_WINDOW
+        await client.ping_roundtrip()  # the server has seen every byte: no credit came back for them
+        assert client.h2.local_flow_control_window(sid) == 0
+        assert not client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid)
+        assert received == []
+
+        go.set()  # the handler consumes what is buffered: credit returns, the rest can go
+        await client.until(lambda: client.h2.local_flow_control_window(sid) > 0)
+        credit = client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid)
+        pending = client.send_what_fits(sid, pending[: 64 * 1024]) + pending[64 * 1024 :]
+        await wait_until(lambda: len(received) == 17)
+        await client.ping_roundtrip()  # one message read: too little credit owed to be worth a WINDOW_UPDATE
+        assert client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid) == credit
+        while pending:
+            await client.until(lambda: client.h2.local_flow_control_window(sid) > 0)
+            pending = client.send_what_fits(sid, pending)
+        client.end(sid)
+        headers = await client.finish(sid)
+    credit = [e.delta for e in client.seen(h2.events.WindowUpdated, lambda e: e.stream_id == sid)]
+    assert credit and min(credit) >= STREAM_WINDOW // 2  # returned in large steps, not per frame
+    assert received == messages
+    assert client.messages(sid) == [b"24"]
+    assert headers[b"grpc-status"] == b"0"
+
+
+async def test_outbound_flow_control_respects_a_tiny_stream_window(tmp_path: Path) -> None:
+    payload = random.Random(4).randbytes(10 * 1024)
+
+    async def handler(call: Call) -> None:
+        await call.send(payload)
+
+    settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100}
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path, settings) as client:
+        client.auto_ack = False
+        sid = client.start(end_stream=True)
+        await client.until(lambda: len(client.body[sid]) >= 100)
+        await client.ping_roundtrip()
+        assert len(client.body[sid]) == 100  # h2 itself raises if the server overruns the window
+        client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 300})
+        client.flush()
+        await client.until(lambda: len(client.body[sid]) >= 300)
+        await client.ping_roundtrip()
+        assert len(client.body[sid]) == 300  # a new initial window applies to open streams as a delta
+        granted = 300
+        while not client.ended(sid):
+            client.h2.increment_flow_control_window(100, stream_id=sid)
+            client.flush()
+            granted += 100
+            await client.until(lambda: client.ended(sid) or len(client.body[sid]) == granted)  # noqa: B023
+        headers = client.headers(sid)
+    sizes = [e.flow_controlled_length for e in client.seen(h2.events.DataReceived)]
+    assert sizes[:2] == [100, 200] and max(sizes[2:]) == 100
+    assert client.messages(sid) == [payload]
+    assert headers[b"grpc-status"] == b"0"
+
+
+async def test_outbound_flow_control_respects_the_connection_window(tmp_path: Path) -> None:
+    payload = random.Random(5).randbytes(100_000)
+
+    async def handler(call: Call) -> None:
+        await call.send(payload)
+
+    settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024}
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path, settings) as client:
+        client.auto_ack = False  # the connection window stays at the initial 65,535 bytes
+        sid = client.start(end_stream=True)
+        await client.until(lambda: len(client.body[sid]) >= 65_535)
+        await client.ping_roundtrip()
+        assert len(client.body[sid]) == 65_535
+        assert all(e.flow_controlled_length <= 16_384 for e in client.seen(h2.events.DataReceived))  # MAX_FRAME
+        client.h2.increment_flow_control_window(65_535)
+        client.flush()
+        headers = await client.finish(sid)
+    assert client.messages(sid) == [payload]
+    assert headers[b"grpc-status"] == b"0"
+
+
+async def test_resetting_a_flow_blocked_call_leaves_the_others_alone(tmp_path: Path) -> None:
+    payload = b"x" * 1000
+    cancelled: list[int] = []
+
+    async def handler(call: Call) -> None:
+        try:
+            await call.send(payload)
+        except asyncio.CancelledError:
+            cancelled.append(call.stream_id)
+            raise
+
+    settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10}
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path, settings) as client:
+        client.auto_ack = False
+        first, second = client.start(end_stream=True), client.start(end_stream=True)
+        await client.until(lambda: len(client.body[first]) == len(client.body[second]) == 10)  # both blocked
+        client.h2.reset_stream(first)
+        client.flush()
+        await wait_until(lambda: first in cancelled)
+        await client.ping_roundtrip()
+        assert cancelled == [first]
+        assert not client.ended(second), client.headers(second)
+
+        third = client.start(end_stream=True)  # a call that blocks after the reset waits too
+        await client.until(lambda: len(client.body[third]) == 10)
+        await client.ping_roundtrip()
+        assert not client.ended(third), client.headers(third)
+
+        for sid in (second, third):
+            client.h2.increment_flow_control_window(len(payload), stream_id=sid)
+        client.flush()
+        status = [(await client.finish(sid))[b"grpc-status"] for sid in (second, third)]
+    assert status == [b"0", b"0"]
+    assert client.messages(second) == client.messages(third) == [payload]
+    assert cancelled == [first]
+
+
+async def test_empty_data_frames_cost_nothing() -> None:
+    server = Http2Server({ECHO: echo}, max_message=64)
+    encoder = hpack.Encoder()
+    opening = raw_frame(0x1, 0x4, 1, encoder.encode(request_headers())) + raw_frame(0x0, 0, 1, b"\0\0\0")
+    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0) + opening, raw_frame(0x0, 0, 1) * 5000])
+    call = conn.streams[1]
+    assert conn.buffered == 3 and len(call._partial) == 1
+    await settle(conn, transport)
+
+
+async def test_a_peer_that_stops_reading_stops_being_read() -> None:
+    server = Http2Server({ECHO: echo}, max_message=64)
+    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0)])
+    conn.pause_writing()
+    assert transport.reading is False
+    conn.resume_writing()
+    assert transport.reading is True
+    await settle(conn, transport)

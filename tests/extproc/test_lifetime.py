@@ -1,0 +1,95 @@
+"""One stream's lifetime (`lifetime.serve`) on in-memory read and write: how it ends, and how it fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from sidecar import Context, Plugin
+from sidecar.chains import Chain
+from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.lifetime import serve
+from sidecar.extproc.metrics import Metrics
+from sidecar.extproc.processor import StreamProcessor
+
+pytestmark = pytest.mark.asyncio
+
+
+class Explode(Plugin):
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            await asyncio.sleep(0)
+            raise RuntimeError("plugin bug")
+
+
+class Echo(Plugin):
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+
+class Envoy:
+    """Envoy's end of an in-memory stream: messages in a queue; None half-closes."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+        self.sent: list[pb.ProcessingResponse] = []
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.incoming.put_nowait(pb.ProcessingRequest(**{kind: fields}))
+
+    async def read(self) -> pb.ProcessingRequest | None:
+        return await self.incoming.get()
+
+    async def write(self, response: pb.ProcessingResponse) -> None:
+        self.sent.append(response)
+
+
+async def test_a_pipeline_failure_ends_the_stream_while_it_waits_for_envoy() -> None:
+    envoy, metrics = Envoy(), Metrics()
+    processor = StreamProcessor(Chain("c", [Explode()]), metrics=metrics)
+    envoy.send("request_headers")
+    envoy.send("request_body", body=b"a", end_of_stream=False)  # Envoy sends no more: serve waits in read()
+    with pytest.raises(StreamFailure, match="RuntimeError: plugin bug"):  # one exception, not a group
+        await asyncio.wait_for(serve(processor, envoy.read, envoy.write), 5)
+    assert [r.request_body.response.body_mutation.streamed_response.body for r in envoy.sent[1:]] == [b"a"]
+    assert metrics.active == 0
+    this = asyncio.current_task()
+    assert this is not None and this.cancelling() == 0  # the caller is left with no cancellation to undo
+
+
+async def test_a_protocol_error_from_read_ends_the_stream() -> None:
+    async def read() -> pb.ProcessingRequest | None:
+        raise ProtocolError("malformed ProcessingRequest")
+
+    processor = StreamProcessor(Chain("c", [Echo()]))
+    with pytest.raises(ProtocolError, match="malformed"):
+        await serve(processor, read, Envoy().write)
+
+
+async def test_half_close_ends_the_stream_and_its_pipelines() -> None:
+    envoy = Envoy()
+    processor = StreamProcessor(Chain("c", [Echo()]))
+    envoy.send("request_headers")
+    envoy.send("request_body", body=b"a", end_of_stream=False)
+    envoy.incoming.put_nowait(None)  # Envoy is done before the body ended: the pipeline is stopped
+    await asyncio.wait_for(serve(processor, envoy.read, envoy.write), 5)
+    assert envoy.sent[0].HasField("request_headers")
+
+
+async def test_cancelling_the_caller_cancels_the_stream() -> None:
+    envoy = Envoy()
+    processor = StreamProcessor(Chain("c", [Echo()]))
+    envoy.send("request_headers")
+    envoy.send("request_body", body=b"a", end_of_stream=False)
+    task = asyncio.create_task(serve(processor, envoy.read, envoy.write))
+    while len(envoy.sent) < 2:  # the headers answer and the echoed chunk
+        await asyncio.sleep(0.001)
+    task.cancel()  # Envoy reset the stream, or the server stops
+    with pytest.raises(asyncio.CancelledError):
+        await task
