@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.translate.order import FILTER_ALIASES, FILTER_NAMES
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 from sidecar.translate.schema import ANY, BOOL, Duration, Enum, Int, List, Node, Obj, Str, StrMap
 
 __all__ = [
-    "FILTER_ALIASES",
-    "FILTER_NAMES",
     "BackendTarget",
     "backend_ref_target",
     "endpoint_kinds",
@@ -38,41 +37,6 @@ __all__ = [
     "service_address",
     "validate",
 ]
-
-# EG's HTTP filter names in its default order (EnvoyProxy filterOrder enum, same order as the ranks).
-FILTER_NAMES = (
-    "envoy.filters.http.custom_response",
-    "envoy.filters.http.health_check",
-    "envoy.filters.http.fault",
-    "envoy.filters.http.cors",
-    "envoy.filters.http.csrf",
-    "envoy.filters.http.header_mutation",
-    "envoy.filters.http.ext_authz",
-    "envoy.filters.http.api_key_auth",
-    "envoy.filters.http.basic_auth",
-    "envoy.filters.http.oauth2",
-    "envoy.filters.http.jwt_authn",
-    "envoy.filters.http.stateful_session",
-    "envoy.filters.http.buffer",
-    "envoy.filters.http.lua",
-    "envoy.filters.http.ext_proc",
-    "envoy.filters.http.wasm",
-    "envoy.filters.http.dynamic_modules",
-    "envoy.filters.http.geoip",
-    "envoy.filters.http.rbac",
-    "envoy.filters.http.local_ratelimit",
-    "envoy.filters.http.ratelimit",
-    "envoy.filters.http.bandwidth_limit",
-    "envoy.filters.http.grpc_web",
-    "envoy.filters.http.grpc_stats",
-    "envoy.filters.http.credential_injector",
-    "envoy.filters.http.compressor",
-    "envoy.filters.http.dynamic_forward_proxy",
-)
-
-# EG 1.1 called the basic auth filter `basic_authn` in filterOrder (its release post's example does);
-# later EG versions say `basic_auth`, the Envoy name. Both are accepted; order.py maps the old one.
-FILTER_ALIASES = {"envoy.filters.http.basic_authn": "envoy.filters.http.basic_auth"}
 
 _NAME = Str(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", 253, what="a resource name")
 _GROUP = Str(
