@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from sidecar.translate.order import FILTER_ALIASES
-from sidecar.translate.schema import Enum, List, Node, Obj
-from sidecar.translate.validate import SPEC_SCHEMAS
+from sidecar.translate.schema import SPEC_SCHEMAS, Enum, List, Node, Obj
 from tests.translate.crds import CRDS, crd_schemas
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason="EG CRDs (../shared) not present")
