@@ -21,7 +21,6 @@ from sidecar.translate.order import ROUTER, order_filters
 from sidecar.translate.policies import (
     RBAC,
     PolicyFilter,
-    attached_policy,
     client_ip_settings,
     ext_proc_filters,
     finish_per_filter_configs,
@@ -30,15 +29,16 @@ from sidecar.translate.policies import (
     rbac_per_route,
     wasm_filters,
 )
-from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import (
+from sidecar.translate.refs import (
+    attached_policy,
+    attached_routes,
     backend_ref_target,
+    client_traffic_policy,
     gateway_envoy_proxy,
     host_intersection,
-    listener_accepts,
-    policy_targets,
-    secret_value,
+    listener_certificates,
 )
+from sidecar.translate.resources import Resource, ResourceSet
 
 __all__ = ["build_bootstrap_from_resources", "listener_name"]
 
@@ -54,15 +54,6 @@ _REDIRECT_CODES = {
 
 def listener_name(gateway: Resource, listener: str) -> str:
     return f"{gateway.namespace}/{gateway.name}/{listener}"
-
-
-def _attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -> list[Resource]:
-    spec = next(li for li in gateway.spec["listeners"] if li["name"] == listener)
-    return [
-        route
-        for route in resources.of("HTTPRoute")
-        if any(listener_accepts(gateway, spec, route, parent) for parent in route.spec.get("parentRefs") or [])
-    ]
 
 
 def _header_options(modifier: dict[str, Any]) -> list[Any]:
@@ -290,7 +281,7 @@ class _Builder:
         )
 
         for listener in chain.listeners:
-            for route in _attached_routes(self.resources, chain.gateway, listener["name"]):
+            for route in attached_routes(self.resources, chain.gateway, listener["name"]):
                 self._add_route(chain, route, listener)
         for _, host, envoy_route in sorted(chain.routes, key=lambda item: item[0]):
             chain.vhosts[host].routes.append(envoy_route)
@@ -306,27 +297,10 @@ class _Builder:
             http_filters=order_filters(filters, self._filter_moves(chain.gateway)),
             use_remote_address=True,
         )
-        ctp = self._client_traffic_policy(chain)
+        ctp = client_traffic_policy(self.resources, chain.gateway, chain.listeners)
         if ctp is not None:
             client_ip_settings(ctp, hcm)
         return hcm
-
-    def _client_traffic_policy(self, chain: _Chain) -> Resource | None:
-        for listener in chain.listeners:
-            found = attached_policy(self.resources, "ClientTrafficPolicy", None, chain.gateway, listener["name"])
-            if found is not None:
-                return found
-        # Not EG (it takes only Gateway targets): a policy targeting a route on this listener applies here.
-        routes = {
-            (r.namespace, r.name)
-            for li in chain.listeners
-            for r in _attached_routes(self.resources, chain.gateway, li["name"])
-        }
-        for policy in self.resources.of("ClientTrafficPolicy"):
-            for _, ref in policy_targets(policy):
-                if ref["kind"] == "HTTPRoute" and (policy.namespace, ref["name"]) in routes:
-                    return policy
-        return None
 
     def _filter_moves(self, gateway: Resource) -> list[dict[str, str]]:
         proxy = gateway_envoy_proxy(self.resources, gateway)
@@ -340,18 +314,10 @@ class _Builder:
             TlsCertificate,
         )
 
-        certificates = []
-        for ref in listener["tls"]["certificateRefs"]:
-            secret = self.resources.get("Secret", ref.get("namespace", gateway.namespace), ref["name"])
-            assert secret is not None  # validate() resolved it
-            chain, key = secret_value(secret, "tls.crt"), secret_value(secret, "tls.key")
-            assert chain is not None and key is not None
-            certificates.append(
-                TlsCertificate(
-                    certificate_chain=DataSource(inline_string=chain.decode()),
-                    private_key=DataSource(inline_string=key.decode()),
-                )
-            )
+        certificates = [
+            TlsCertificate(certificate_chain=DataSource(inline_string=chain), private_key=DataSource(inline_string=key))
+            for chain, key in listener_certificates(self.resources, gateway, listener)
+        ]
         context = DownstreamTlsContext(
             common_tls_context=CommonTlsContext(tls_certificates=certificates, alpn_protocols=["h2", "http/1.1"])
         )

@@ -19,13 +19,12 @@ from sidecar.errors import ConfigError
 from sidecar.translate.backends import LoadBalancing, build_cluster
 from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
+from sidecar.translate.refs import backend_ref_target, pull_secrets
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import backend_ref_target, policy_targets
 from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
 
 __all__ = [
     "PolicyFilter",
-    "attached_policy",
     "client_ip_settings",
     "ext_proc_filters",
     "finish_per_filter_configs",
@@ -46,32 +45,6 @@ class PolicyFilter:
     name: str
     filter: Any
     cluster: Any | None = None
-
-
-def attached_policy(
-    resources: ResourceSet, kind: str, route: Resource | None, gateway: Resource, listener: str
-) -> Resource | None:
-    """The `kind` policy in force for `route` on `gateway`'s `listener`: route, then listener, then Gateway."""
-    best: tuple[int, Resource] | None = None
-    for policy in resources.of(kind):
-        for _, ref in policy_targets(policy):
-            section = ref.get("sectionName")
-            if (
-                route is not None
-                and ref["kind"] == "HTTPRoute"
-                and ref["name"] == route.name
-                and policy.namespace == route.namespace
-            ):
-                rank = 3
-            elif ref["kind"] == "Gateway" and ref["name"] == gateway.name and policy.namespace == gateway.namespace:
-                if section and section != listener:
-                    continue
-                rank = 2 if section else 1
-            else:
-                continue
-            if best is None or rank > best[0]:
-                best = (rank, policy)
-    return best[1] if best else None
 
 
 # ---- ext_proc -------------------------------------------------------------------------------------
@@ -191,15 +164,6 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
 # ---- wasm -----------------------------------------------------------------------------------------
 
 
-def _pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The pull Secret a wasm image names, from the policy's own namespace (as EG requires)."""
-    ref = (code.get("image") or {}).get("pullSecretRef")
-    if not ref:
-        return {}
-    secret = resources.get("Secret", policy.namespace, ref["name"])
-    return {ref["name"]: secret.data} if secret is not None else {}
-
-
 def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOptions) -> list[PolicyFilter]:
     from envoy_data_plane.envoy.config.core.v3 import AsyncDataSource, DataSource
     from envoy_data_plane.envoy.extensions.filters.http.wasm.v3 import Wasm
@@ -214,7 +178,7 @@ def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOption
         if options.fetch_module is None:
             raise policy.error(f"{path}.code", "cannot fetch Wasm modules here (no fetcher configured)")
         try:
-            code = options.fetch_module(wasm["code"], _pull_secrets(resources, policy, wasm["code"]))
+            code = options.fetch_module(wasm["code"], pull_secrets(resources, policy, wasm["code"]))
         except ConfigError as exc:
             raise policy.error(f"{path}.code", str(exc)) from None
         if "local" not in code:

@@ -12,7 +12,7 @@ from sidecar.errors import ConfigError
 from sidecar.translate.gateway import build_bootstrap_from_resources
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.resources import ResourceSet, load_resources
-from sidecar.translate.validate import validate
+from sidecar.translate.rules import validate
 
 __all__ = ["dump_documents", "dump_yaml", "render_bootstrap", "translate"]
 

@@ -13,7 +13,7 @@ from sidecar.errors import ConfigError
 from sidecar.stack.files import check_ext_proc_reachable
 from sidecar.translate.render import dump_yaml, render_bootstrap
 from sidecar.translate.resources import load_resources
-from sidecar.translate.validate import validate
+from sidecar.translate.rules import validate
 
 BASE = """
 apiVersion: gateway.networking.k8s.io/v1

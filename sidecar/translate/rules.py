@@ -1,164 +1,37 @@
-"""Validation of loaded resources: each spec's structure, then EG's cross-resource rules.
+"""Cross-resource validation rules: what EG's translator checks beyond each resource's own schema.
 
 `validate(resources)` raises ConfigError at the first problem, naming file, resource, field and what was
-expected. Structural schemas cover the fields the translator implements (see schema.py for why anything
-else is refused). Cross-resource rules follow what EG's translator checks for these features: targetRefs
-resolve, backendRefs resolve (with a port where a Service needs one), Backend endpoints are well formed
-and not mixed in ways EG refuses, Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse,
-consistent-hash table sizes are prime, filterOrder names are known.
+expected. It runs in two passes: every resource's structure on its own (schema.py), then the rules here,
+one method per kind: targetRefs resolve, backendRefs resolve (with a port where a Service needs one;
+refs.py follows them), Backend endpoints are well formed and not mixed in ways EG refuses,
+Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse, consistent-hash table sizes are prime,
+filterOrder does not place a filter relative to itself.
 
 `strict_eg=True` also applies the rules that only make sense inside a cluster (EG refuses loopback
-Backend addresses); the local runtime needs loopback, so it is off for `render`/`up`.
+Backend addresses, ClientTrafficPolicies target Gateways only); the local runtime needs loopback, so it
+is off for `render`/`up`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
+from sidecar.translate.refs import (
+    backend_ref_target,
+    endpoint_kind,
+    endpoint_kinds,
+    listener_accepts,
+    policy_targets,
+    secret_ref,
+    unreferenced_proxies,
+)
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 from sidecar.translate.schema import HOSTNAME, check_structure
 
-__all__ = [
-    "BackendTarget",
-    "backend_ref_target",
-    "endpoint_kinds",
-    "gateway_envoy_proxy",
-    "host_intersection",
-    "listener_accepts",
-    "policy_targets",
-    "secret_value",
-    "service_address",
-    "validate",
-]
+__all__ = ["validate"]
 
-
-def secret_value(res: Resource, key: str) -> bytes | None:
-    """`key` from a Secret or ConfigMap: `stringData`/ConfigMap `data` as text, Secret `data` base64."""
-    string_data = res.data.get("stringData") or {}
-    data = res.data.get("data") or {}
-    if key in string_data:
-        return str(string_data[key]).encode()
-    if key not in data:
-        return None
-    if res.kind == "ConfigMap":
-        return str(data[key]).encode()
-    try:
-        return base64.b64decode(data[key], validate=True)
-    except (binascii.Error, ValueError):
-        raise res.error(f"data.{key}", "expected base64 (use stringData for plain text)") from None
-
-
-# ---- references -----------------------------------------------------------------------------------
-
-
-def policy_targets(res: Resource) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(field path, targetRef) for `targetRef` or each of `targetRefs`."""
-    if res.kind == "BackendTLSPolicy" or "targetRefs" in res.spec:
-        for index, ref in enumerate(res.spec.get("targetRefs") or []):
-            yield f"spec.targetRefs[{index}]", ref
-    elif "targetRef" in res.spec:
-        yield "spec.targetRef", res.spec["targetRef"]
-
-
-@dataclass(frozen=True)
-class BackendTarget:
-    """A resolved backendRef: the Backend or Service, and the port (Services need one)."""
-
-    resource: Resource
-    port: int | None
-    weight: int
-
-
-def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, Any], path: str) -> BackendTarget:
-    group = ref.get("group", "")
-    kind = ref.get("kind", "Service")
-    namespace = ref.get("namespace", owner.namespace)
-    weight = int(ref.get("weight", 1))
-    if (group, kind) == (EG_API, "Backend"):
-        backend = resources.get("Backend", namespace, ref["name"])
-        if backend is None:
-            raise owner.error(f"{path}.name", f"no Backend {namespace}/{ref['name']} in the input files")
-        return BackendTarget(backend, ref.get("port"), weight)
-    if (group, kind) == ("", "Service"):
-        service = resources.get("Service", namespace, ref["name"])
-        if service is None:
-            raise owner.error(
-                f"{path}.name",
-                f"no Service {namespace}/{ref['name']} in the input files "
-                "(or use a Backend of group gateway.envoyproxy.io)",
-            )
-        port = ref.get("port")
-        if port is None:
-            raise owner.error(f"{path}.port", "required for a Service backendRef (a port of the Service)")
-        ports = [p.get("port") for p in service.spec.get("ports") or []]
-        if port not in ports:
-            raise owner.error(
-                f"{path}.port",
-                f"Service {namespace}/{ref['name']} has no port {port} (ports: {', '.join(map(str, ports)) or 'none'})",
-            )
-        return BackendTarget(service, port, weight)
-    raise owner.error(
-        path, f"expected a Backend (group {EG_API}) or a Service (group ''), got group {group!r} kind {kind!r}"
-    )
-
-
-def host_intersection(route_host: str, listener_host: str | None) -> str | None:
-    """The hostname a route serves on a listener (None: not on this listener), Gateway API intersection."""
-    if listener_host is None or route_host == listener_host:
-        return route_host
-    if listener_host.startswith("*.") and route_host.endswith(listener_host[1:]):
-        return route_host
-    if route_host.startswith("*.") and listener_host.endswith(route_host[1:]):
-        return listener_host
-    return None
-
-
-def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
-    """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
-    if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
-        return False
-    if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
-        return False
-    allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
-    if allowed == "Same" and route.namespace != gateway.namespace:
-        return False  # Gateway API default: only routes from the Gateway's own namespace attach
-    hostnames = route.spec.get("hostnames") or []
-    return not hostnames or any(host_intersection(h, listener.get("hostname")) for h in hostnames)
-
-
-def _endpoint_kind(endpoint: dict[str, Any]) -> str:
-    return next(k for k in ("ip", "fqdn", "unix") if endpoint.get(k) is not None)
-
-
-def service_address(service: Resource) -> tuple[str, str] | None:
-    """("fqdn", name) for an ExternalName Service, ("ip", address) for one with a clusterIP, else None.
-
-    That is how a Service runs outside Kubernetes: traffic goes to clusterIP:port (or the external
-    name) directly; there are no pods behind it to pick a targetPort.
-    """
-    spec = service.spec
-    if spec.get("type") == "ExternalName":
-        return "fqdn", str(spec["externalName"])
-    cluster_ip = spec.get("clusterIP")
-    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
-        return "ip", cluster_ip
-    return None
-
-
-def endpoint_kinds(target: BackendTarget) -> set[str]:
-    if target.resource.kind == "Service":
-        found = service_address(target.resource)
-        return {found[0] if found else "service"}
-    return {_endpoint_kind(e) for e in target.resource.spec["endpoints"]}
-
-
-# ---- cross-resource rules ----------------------------------------------------------------------------
+# ---- the rules: one method per kind ---------------------------------------------------------------
 
 
 class _Checker:
@@ -173,7 +46,7 @@ class _Checker:
             check = getattr(self, "_" + res.kind, None)
             if check is not None:
                 check(res)
-        unreferenced = _unreferenced_proxies(self.resources)
+        unreferenced = unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
             raise unreferenced[1].error(
                 "metadata.name",
@@ -181,19 +54,6 @@ class _Checker:
                 "referenced by a Gateway's spec.infrastructure.parametersRef; "
                 "reference each from its Gateway",
             )
-
-    def _secret_ref(self, owner: Resource, ref: dict[str, Any], path: str, keys: tuple[str, ...]) -> Resource:
-        kind = ref.get("kind", "Secret")
-        if ref.get("group", "") != "" or kind not in ("Secret", "ConfigMap"):
-            raise owner.error(path, f"expected a core Secret or ConfigMap, got {ref.get('group', '')}/{kind}")
-        namespace = ref.get("namespace", owner.namespace)
-        found = self.resources.get(kind, namespace, ref["name"])
-        if found is None:
-            raise owner.error(f"{path}.name", f"no {kind} {namespace}/{ref['name']} in the input files")
-        for key in keys:
-            if secret_value(found, key) is None:
-                raise owner.error(f"{path}.name", f"{kind} {namespace}/{ref['name']} has no key {key!r}")
-        return found
 
     def _Gateway(self, res: Resource) -> None:
         names: set[str] = set()
@@ -207,7 +67,8 @@ class _Checker:
                 if not refs:
                     raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
                 for i, ref in enumerate(refs):
-                    self._secret_ref(
+                    secret_ref(
+                        self.resources,
                         res,
                         {**ref, "kind": ref.get("kind", "Secret")},
                         f"{path}.tls.certificateRefs[{i}]",
@@ -298,7 +159,7 @@ class _Checker:
                         ) from None
 
     def _Backend(self, res: Resource) -> None:
-        kinds = {_endpoint_kind(e) for e in res.spec["endpoints"]}
+        kinds = {endpoint_kind(e) for e in res.spec["endpoints"]}
         if "fqdn" in kinds and len(kinds) > 1:
             raise res.error(
                 "spec.endpoints",
@@ -351,7 +212,7 @@ class _Checker:
         if bool(refs) == bool(validation.get("wellKnownCACertificates")):
             raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
         for index, ref in enumerate(refs):
-            self._secret_ref(res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
+            secret_ref(self.resources, res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
 
     def _targets(self, res: Resource, kinds: tuple[str, ...]) -> None:
         targets = list(policy_targets(res))
@@ -421,7 +282,8 @@ class _Checker:
                 raise res.error(f"{path}.{other}", f"not allowed with type {code['type']}")
             secret = (code.get("image") or {}).get("pullSecretRef")
             if secret is not None:
-                self._secret_ref(
+                secret_ref(
+                    self.resources,
                     res,
                     {**secret, "kind": secret.get("kind", "Secret")},
                     f"{path}.image.pullSecretRef",
@@ -483,26 +345,6 @@ class _Checker:
         for index, entry in enumerate(res.spec.get("filterOrder") or []):
             if entry["name"] == entry.get("before", entry.get("after")):
                 raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
-
-
-def _unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
-    referenced = {
-        (g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
-        for g in resources.of("Gateway")
-    }
-    return [
-        p for p in resources.of("EnvoyProxy") if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced
-    ]
-
-
-def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
-    """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
-    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
-    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
-    if ref is not None:
-        return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
-    unreferenced = _unreferenced_proxies(resources)
-    return unreferenced[0] if unreferenced else None
 
 
 def _is_prime(n: int) -> bool:
