@@ -1,10 +1,11 @@
 """EG policies as Envoy config: ext_proc and wasm filters, RBAC, client IP detection, load balancing.
 
-Attachment follows EG: a policy targets a Gateway (optionally one listener via sectionName) or an
-HTTPRoute; for one Envoy route, the most specific policy of a kind wins (route > listener > Gateway)
-and the others do not apply there. Filters that a policy adds exist once in the listener's filter chain,
-`disabled: true`, and are switched on per route (EG's placement); RBAC is one filter with the rules in
-each route's RBACPerRoute.
+One section per policy feature, each turning the policy already found to be in force into Envoy
+messages. Which policy is in force is attachment, in refs.py (as EG: a policy targets a Gateway,
+optionally one listener via sectionName, or an HTTPRoute; for one Envoy route the most specific policy of
+a kind wins, route > listener > Gateway, and the others do not apply there). Filters that a policy adds
+exist once in the listener's filter chain, `disabled: true`, and are switched on per route (EG's
+placement, done by routes.py); RBAC is one filter with the rules in each route's RBACPerRoute.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ __all__ = [
     "PolicyFilter",
     "client_ip_settings",
     "ext_proc_filters",
-    "finish_per_filter_configs",
     "load_balancing",
+    "rbac_filter",
     "rbac_per_route",
     "wasm_filters",
 ]
@@ -256,38 +257,8 @@ def rbac_per_route(policy: Resource) -> Any | None:
         )
         policies["zzz-default-allow"] = Policy(permissions=[Permission(any=True)], principals=[principal])
     # envoy-data-plane 2.2 resolves RBACPerRoute.rbac to the wrong `Rbac` class and refuses the message,
-    # so the filter config travels as is and finish_per_filter_configs() wraps it once the bootstrap is a dict.
+    # so the filter config travels as is and messages.finish_per_filter_configs() wraps it once the bootstrap is a dict.
     return RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies=policies))
-
-
-_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
-_RBAC_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
-
-
-_FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-
-
-def finish_per_filter_configs(value: Any) -> Any:
-    """Fix up a rendered bootstrap dict where envoy-data-plane cannot say what Envoy needs.
-
-    * per-route RBAC entries become the RBACPerRoute that wraps them;
-    * a FilterConfig that only enables a filter gets `config: {}` (an empty Any, as EG writes it):
-      without it Envoy refuses an "empty per filter configuration".
-    """
-    if isinstance(value, list):
-        return [finish_per_filter_configs(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    result = {k: finish_per_filter_configs(v) for k, v in value.items()}
-    per_filter = result.get("typed_per_filter_config")
-    if isinstance(per_filter, dict):
-        for name, entry in per_filter.items():
-            if entry.get("@type") == _RBAC_TYPE:
-                rules = {k: v for k, v in entry.items() if k != "@type"}
-                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": rules}
-            elif entry.get("@type") == _FILTER_CONFIG_TYPE and "config" not in entry:
-                per_filter[name] = {**entry, "config": {}}
-    return result
 
 
 def rbac_filter() -> Any:

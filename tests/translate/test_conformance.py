@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from sidecar.errors import ConfigError
-from sidecar.translate.gateway import build_bootstrap_from_resources
 from sidecar.translate.options import RenderOptions
+from sidecar.translate.render import build_bootstrap_from_resources
 from sidecar.translate.resources import Resource, ResourceSet, parse_document
 from sidecar.translate.rules import validate
 
