@@ -19,8 +19,8 @@ import yaml
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
+from tests.support.translate_servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.support.wait import wait_for
-from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.translate.test_wasm import MODULE_WAT
 
 SEED = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "eg-1.1-highlights.md"

@@ -18,7 +18,7 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
-from tests.translate.servers import NamedBackend
+from tests.support.translate_servers import NamedBackend
 
 # A proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: hello` to every response.
 MODULE_WAT = """
