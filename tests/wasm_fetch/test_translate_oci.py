@@ -15,8 +15,8 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
-from tests.translate.kit import GATEWAY, backend, get, route
-from tests.translate.servers import NamedBackend
+from tests.support.translate_kit import GATEWAY, backend, get, route
+from tests.support.translate_servers import NamedBackend
 from tests.translate.test_wasm import MODULE_WAT
 
 IMAGE_POLICY = """
