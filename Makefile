@@ -2,8 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CODE := sidecar plugins tests benchmarks
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint format bench clean
 
 $(BIN)/sidecar: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,13 +15,23 @@ $(BIN)/sidecar: pyproject.toml
 run: $(BIN)/sidecar
 	$(BIN)/sidecar up
 
-test: $(BIN)/sidecar
-	$(BIN)/ruff check sidecar plugins tests benchmarks
+# ruff (lint and format check), the import contracts of docs/architecture.md, then mypy --strict.
+lint: $(BIN)/sidecar
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/pytest
+
+# lint, then the whole suite with a coverage figure for the sidecar package.
+test: lint
+	$(BIN)/pytest --cov=sidecar --cov-report=term:skip-covered
+
+format: $(BIN)/sidecar
+	$(BIN)/ruff check --fix $(CODE)
+	$(BIN)/ruff format $(CODE)
 
 bench: $(BIN)/sidecar
 	$(BIN)/python benchmarks/extproc.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .coverage

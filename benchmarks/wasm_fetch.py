@@ -22,10 +22,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sidecar.wasm.cache import ModuleCache
-from sidecar.wasm.fetcher import ModuleFetcher
-from sidecar.wasm.layout import push_image
-from sidecar.wasm.transfer import FetchOptions
+from sidecar.wasm.fetch.cache import ModuleCache
+from sidecar.wasm.fetch.fetcher import ModuleFetcher
+from sidecar.wasm.fetch.layout import push_image
+from sidecar.wasm.fetch.transfer import FetchOptions
 
 
 def _free_port() -> int:

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from wasm_host.fixtures.build import build_all, higress_module
-
-from sidecar.wasm.host import Plugin
-from sidecar.wasm.host.exchange import Request, Response, run_exchange
+from sidecar.wasm.host import Plugin  # noqa: E402
+from sidecar.wasm.host.exchange import Request, Response, run_exchange  # noqa: E402
+from tests.support.wasm_fixtures.build import build_all, higress_module  # noqa: E402
 
 _REQUEST = [
     (":authority", "example.com"),

@@ -16,16 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["ProgressLine", "add_wasm_commands", "default_cache_dir"]
-
-ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sidecar" / "wasm"
+__all__ = ["ProgressLine", "add_wasm_commands"]
 
 
 def _common(parser: argparse.ArgumentParser, network: bool) -> None:
@@ -33,7 +24,7 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"cache root (default ${ENV_CACHE_DIR} or ~/.cache/sidecar/wasm)",
+        help="cache root (default $SIDECAR_WASM_CACHE or ~/.cache/sidecar/wasm)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     if not network:
@@ -98,7 +89,7 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from sidecar.wasm.transfer import FetchOptions
+    from sidecar.wasm.fetch.transfer import FetchOptions
 
     return FetchOptions(
         request_timeout=args.timeout,
@@ -111,13 +102,13 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _cache(args: argparse.Namespace, max_bytes: int | None = None) -> Any:
-    from sidecar.wasm.cache import DEFAULT_MAX_CACHE_BYTES, ModuleCache
+    from sidecar.wasm.fetch.cache import DEFAULT_MAX_CACHE_BYTES, ModuleCache, default_cache_dir
 
     return ModuleCache(args.cache_dir or default_cache_dir(), max_bytes=max_bytes or DEFAULT_MAX_CACHE_BYTES)
 
 
 def _secret(args: argparse.Namespace) -> Any:
-    from sidecar.wasm.auth import load_pull_secret
+    from sidecar.wasm.fetch.auth import load_pull_secret
 
     return load_pull_secret(args.pull_secret) if args.pull_secret is not None else None
 
@@ -149,7 +140,7 @@ class ProgressLine:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from sidecar.wasm.fetcher import ModuleFetcher
+    from sidecar.wasm.fetch.fetcher import ModuleFetcher
 
     fetcher = ModuleFetcher(_cache(args, args.cache_max_bytes), _options(args))
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
@@ -157,7 +148,7 @@ def _pull(args: argparse.Namespace) -> int:
     try:
         if args.ref.startswith(("https://", "http://")):
             if args.pull_secret is not None:
-                from sidecar.wasm.fetcherrors import BadReferenceError
+                from sidecar.wasm.fetch.errors import BadReferenceError
 
                 raise BadReferenceError("--pull-secret applies to images, not to HTTP URLs")
             result = fetcher.pull_http(args.ref, sha256=args.sha256, policy=args.policy, progress=progress)
@@ -194,7 +185,7 @@ def _write_output(source: Path, sha256: str, target: Path) -> None:
     import hashlib
     import tempfile
 
-    from sidecar.wasm.fetcherrors import CacheError, IntegrityError
+    from sidecar.wasm.fetch.errors import CacheError, IntegrityError
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +211,7 @@ def _write_output(source: Path, sha256: str, target: Path) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from sidecar.wasm.layout import push_image
+    from sidecar.wasm.fetch.layout import push_image
 
     result = push_image(args.file, args.ref, args.layout, _options(args), _secret(args), with_index=args.index)
     if args.json:

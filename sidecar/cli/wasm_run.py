@@ -1,4 +1,7 @@
-"""`sidecar wasm run`: run one request through a proxy-wasm module and print what Envoy would do."""
+"""`sidecar wasm run`: run one request through a proxy-wasm module and print what Envoy would do.
+
+The host (and wasmtime) is imported inside the command, so `sidecar --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import ConfigError
-from sidecar.wasm.host.errors import WasmLoadError
-from sidecar.wasm.host.exchange import Exchange, Request, Response, run_exchange
-from sidecar.wasm.host.plugin import Plugin
-from sidecar.wasm.host.state import HttpCall, HttpCallResponse
-from sidecar.wasm.host.vm import Limits
+
+if TYPE_CHECKING:
+    from sidecar.wasm.host.exchange import Exchange
+    from sidecar.wasm.host.plugin import Plugin
+    from sidecar.wasm.host.state import HttpCall, HttpCallResponse
 
 __all__ = ["add_wasm_commands"]
 
@@ -78,6 +81,8 @@ def _pair(text: str, sep: str, what: str) -> tuple[str, str]:
 
 
 def _module_path(ref: str) -> Path:
+    from sidecar.wasm.host.errors import WasmLoadError
+
     path = Path(ref)
     if path.exists():
         return path
@@ -89,6 +94,11 @@ def _module_path(ref: str) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sidecar.wasm.host.exchange import Request, Response, run_exchange
+    from sidecar.wasm.host.plugin import Plugin
+    from sidecar.wasm.host.state import HttpCallResponse
+    from sidecar.wasm.host.vm import Limits
+
     callout_body = _value(args.callout_body, "--callout-body")
 
     def responder(call: HttpCall) -> HttpCallResponse | None:

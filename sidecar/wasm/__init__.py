@@ -1,1 +1,5 @@
-"""Wasm modules: OCI/HTTP fetch, verification, cache, hand-off to Envoy, and a local proxy-wasm host."""
+"""Wasm modules, in two folders that do not import each other.
+
+* fetch/    OCI/HTTP fetch, verification, cache, hand-off to Envoy (`sidecar wasm pull|push|ls|gc`)
+* host/     a local proxy-wasm host on wasmtime (`sidecar wasm run`, `sidecar.wasm.host.Plugin`)
+"""

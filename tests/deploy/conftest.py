@@ -1,18 +1,13 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.helmbin import helm_binary
-
-CHART = Path(__file__).resolve().parents[2] / "helm" / "envoy-sidecar"
-
-Render = Callable[..., list[dict[str, Any]]]
+from tests.support.helm import Render, helm_binary, helm_template
 
 
 @pytest.fixture(scope="session")
@@ -22,20 +17,6 @@ def helm() -> Path:
     out = subprocess.run([str(path), "version", "--short"], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.startswith(("v3.", "v4.")), out.stdout
     return path
-
-
-def helm_template(
-    helm: Path, *values: Path, sets: dict[str, str] | None = None, kube_version: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    args = [str(helm), "template", "rel", str(CHART), "--namespace", "apps"]
-    if kube_version:
-        args += ["--kube-version", kube_version]
-    for v in values:
-        args += ["-f", str(v)]
-    for key, value in (sets or {}).items():
-        as_string = (value.startswith("0") and len(value) > 1) or value.startswith("sha256")  # octal modes, digests
-        args += ["--set-string" if as_string else "--set", f"{key}={value}"]
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture(scope="session")

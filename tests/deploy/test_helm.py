@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import celpy
+import celpy.adapter
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -26,8 +27,8 @@ from celpy import celtypes
 from sidecar.stack.demo import EchoBackend
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.stack.sidecar import SidecarProcess
-from tests.deploy import chartdoc
-from tests.deploy.conftest import CHART, Render, helm_template
+from tests.support import chartdoc
+from tests.support.helm import CHART, Render, helm_template
 
 CI = CHART / "ci"
 CASES = sorted(p.name for p in CI.glob("*-values.yaml"))
@@ -100,7 +101,7 @@ def _cel_check(schema: dict[str, Any], value: Any, path: str, report: dict[str, 
         if "oldSelf" in rule["rule"]:
             continue  # transition rules need a previous object
         try:
-            result = _cel(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            result = _cel(rule["rule"]).evaluate({"self": celpy.adapter.json_to_cel(value)})
         except Exception:  # a Kubernetes CEL library function cel-python lacks
             report["unevaluated"].append(rule["rule"])
             continue

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from sidecar.stack.sidecar import health_status
-from tests.deploy import imagekit
-from tests.deploy.conftest import CHART, Render
+from tests.support import imagekit
+from tests.support.helm import CHART, Render
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="buildah/umoci/runc here need root"),

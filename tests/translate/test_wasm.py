@@ -19,31 +19,7 @@ from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
 from tests.support.translate_servers import NamedBackend
-
-# A proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: hello` to every response.
-MODULE_WAT = """
-(module
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 4)
-  (data (i32.const 16) "x-wasm")
-  (data (i32.const 32) "hello")
-  (global $heap (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $at i32)
-    (if (i32.gt_u (i32.add (global.get $heap) (local.get $size)) (i32.const 200000))
-      (then (global.set $heap (i32.const 1024))))
-    (local.set $at (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
-    (local.get $at))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add (i32.const 2) (i32.const 16) (i32.const 6) (i32.const 32) (i32.const 5)))
-    (i32.const 0))
-)
-"""
+from tests.support.wat import MODULE_WAT
 
 
 class _Serve(BaseHTTPRequestHandler):

@@ -1,4 +1,18 @@
-"""A local proxy-wasm host on wasmtime: run an Envoy Wasm filter module from Python as Envoy would."""
+"""A local proxy-wasm host on wasmtime: run an Envoy Wasm filter module from Python as Envoy would.
+
+* plugin.py       `Plugin` and `HttpContext`: the testing API, callback by callback as Envoy calls them
+* exchange.py     `run_exchange`: one whole request and response through a plugin
+* instance.py     `Instance`: one instantiated module, its host state, guarded calls into it
+* binding.py      `HostState` (what host functions see), `@host_function` signatures, `link()`
+* imports.py      the `env.proxy_*` host functions
+* wasi.py         the WASI preview1 subset Envoy provides
+* vm.py           engines, limits, the compiled-code cache
+* memory.py       bounds-checked access to guest memory
+* state.py        streams, logs, metrics, shared data, callouts
+* properties.py   the values behind proxy_get_property
+* abi.py          ABI versions, enums, the header-map wire format
+* errors.py       `WasmLoadError` and the rest, all `WasmError`
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,23 @@
-"""Errors of the proxy-wasm host; all are WasmError, so the CLI prints them on one line."""
+"""Errors of the proxy-wasm host (`sidecar.wasm.host`): one class per thing a user can act on.
+
+* WasmError                         (sidecar.errors) the CLI prints its message on one line and exits 2
+  + WasmLoadError                   the file is not a loadable module, or needs imports the host lacks
+    + WasmAbiError                  no, or an unknown, proxy-wasm ABI marker, or a missing export
+  + WasmStateError                  the testing API was used out of order
+  + WasmCallError                   a callback trapped, hit a limit or was refused; `module`, `callback`, `reason`
+    + WasmTimeoutError              a callback ran past its deadline
+    + WasmMemoryLimitError          the module tried to grow its memory past the limit
+  + ProcExit                        internal: the guest called WASI proc_exit; becomes a WasmCallError
+
+After a WasmCallError the VM is marked failed, as Envoy does; the Python process is unaffected.
+"""
 
 from __future__ import annotations
 
 from sidecar.errors import WasmError
 
 __all__ = [
+    "ProcExit",
     "WasmAbiError",
     "WasmCallError",
     "WasmLoadError",
@@ -45,3 +58,14 @@ class WasmTimeoutError(WasmCallError):
 
 class WasmMemoryLimitError(WasmCallError):
     """The module tried to grow its memory past the configured limit."""
+
+
+class ProcExit(WasmError):
+    """The guest called WASI proc_exit; raised by the host function to unwind the guest.
+
+    Internal: the instance catches it and raises a WasmCallError naming the exit code instead.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"module called proc_exit({code})")
+        self.code = code

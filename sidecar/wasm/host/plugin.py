@@ -13,8 +13,8 @@ from pathlib import Path
 
 from sidecar.wasm.host.abi import Action, LogLevel
 from sidecar.wasm.host.errors import WasmCallError, WasmStateError
+from sidecar.wasm.host.instance import Instance, InstanceOptions
 from sidecar.wasm.host.properties import PropertyValue
-from sidecar.wasm.host.runtime import Runtime, RuntimeOptions
 from sidecar.wasm.host.state import (
     HeaderList,
     HttpCall,
@@ -83,7 +83,7 @@ class Plugin:
             "destination.port": 10000,
             "connection.mtls": False,
         }
-        options = RuntimeOptions(
+        options = InstanceOptions(
             plugin_configuration=_as_bytes(configuration),
             vm_configuration=_as_bytes(vm_configuration),
             properties={**base, **(properties or {})},
@@ -97,7 +97,7 @@ class Plugin:
         self.name = module_name
         self.http_responder = http_responder
         self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
-        self._rt = Runtime(source, module_name, options)
+        self._instance = Instance(source, module_name, options)
         self._vm_started = False
         self._started = False
 
@@ -114,18 +114,18 @@ class Plugin:
     def start_vm(self) -> Plugin:
         """Run the module's start-up (`_initialize` + `main`, or `_start`), create the root context and
         call on_vm_start with the VM configuration."""
-        rt = self._rt
-        if rt.has("_initialize"):
-            rt.call("_initialize")
-            if rt.has("main") and rt.arity("main") == 2:
-                rt.call("main", 0, 0)
-        elif rt.has("_start"):
-            rt.call("_start")
-        root = rt.root_context_id
-        rt.active_context = root
-        rt.call("proxy_on_context_create", root, 0)
-        if rt.call("proxy_on_vm_start", root, len(rt.options.vm_configuration)) == 0:
-            rt.failed = "proxy_on_vm_start returned false"
+        vm = self._instance
+        if vm.has("_initialize"):
+            vm.call("_initialize")
+            if vm.has("main") and vm.arity("main") == 2:
+                vm.call("main", 0, 0)
+        elif vm.has("_start"):
+            vm.call("_start")
+        root = vm.root_context_id
+        vm.active_context = root
+        vm.call("proxy_on_context_create", root, 0)
+        if vm.call("proxy_on_vm_start", root, len(vm.options.vm_configuration)) == 0:
+            vm.failed = "proxy_on_vm_start returned false"
             raise WasmCallError(self.name, "proxy_on_vm_start", "the module refused to start (returned false)")
         self._vm_started = True
         return self
@@ -137,14 +137,14 @@ class Plugin:
         """
         if not self._vm_started:
             raise WasmStateError(f"{self.name}: call start_vm() before configure()")
-        rt = self._rt
+        vm = self._instance
         if configuration is not None:
-            rt.plugin_configuration = _as_bytes(configuration)
-        rt.active_context = rt.root_context_id
-        logged = len(rt.logs)
-        if rt.call("proxy_on_configure", rt.root_context_id, len(rt.plugin_configuration)) == 0:
+            vm.plugin_configuration = _as_bytes(configuration)
+        vm.active_context = vm.root_context_id
+        logged = len(vm.logs)
+        if vm.call("proxy_on_configure", vm.root_context_id, len(vm.plugin_configuration)) == 0:
             # The module's own complaint is the most useful part of the message.
-            said = next((r.message for r in rt.logs[logged:] if r.level >= LogLevel.WARN), "")
+            said = next((r.message for r in vm.logs[logged:] if r.level >= LogLevel.WARN), "")
             reason = "the module rejected its plugin configuration" + (f": {said}" if said else "")
             raise WasmCallError(self.name, "proxy_on_configure", reason)
         self._started = True
@@ -159,68 +159,68 @@ class Plugin:
 
     @property
     def abi_version(self) -> str:
-        return self._rt.abi.value
+        return self._instance.abi.value
 
     @property
     def log_records(self) -> list[LogRecord]:
-        return list(self._rt.logs)
+        return list(self._instance.logs)
 
     def logs(self, level: LogLevel | None = None) -> list[str]:
         """Messages logged (proxy_log, or stdout/stderr through WASI), optionally only one level."""
-        return [r.message for r in self._rt.logs if level is None or r.level == level]
+        return [r.message for r in self._instance.logs if level is None or r.level == level]
 
     @property
     def metrics(self) -> dict[str, int]:
-        return {m.name: m.value for m in self._rt.metrics.values()}
+        return {m.name: m.value for m in self._instance.metrics.values()}
 
     @property
     def histograms(self) -> dict[str, list[int]]:
-        return {k: list(v) for k, v in self._rt.histograms.items()}
+        return {k: list(v) for k, v in self._instance.histograms.items()}
 
     @property
     def shared_data(self) -> dict[bytes, bytes]:
-        return {k: v for k, (v, _) in self._rt.shared.data.items()}
+        return {k: v for k, (v, _) in self._instance.shared.data.items()}
 
     @property
     def tick_period_ms(self) -> int:
-        return self._rt.tick_period_ms
+        return self._instance.tick_period_ms
 
     @property
     def http_calls(self) -> list[HttpCall]:
         """Callouts the module made that nobody answered yet."""
-        return list(self._rt.http_calls.values())
+        return list(self._instance.http_calls.values())
 
     @property
     def failed(self) -> str | None:
         """Why the VM is unusable (a trap or a limit), as Envoy would fail it; None while healthy."""
-        return self._rt.failed
+        return self._instance.failed
 
     # -- driving the root context ---------------------------------------------------------------
 
     def tick(self) -> None:
-        rt = self._rt
-        rt.active_context = rt.root_context_id
-        rt.call("proxy_on_tick", rt.root_context_id)
+        vm = self._instance
+        vm.active_context = vm.root_context_id
+        vm.call("proxy_on_tick", vm.root_context_id)
 
     def respond_http_call(self, call: HttpCall | int, response: HttpCallResponse | None) -> None:
         """Deliver the answer to a callout; None delivers a failure (reset / timeout)."""
-        rt = self._rt
+        vm = self._instance
         token = call if isinstance(call, int) else call.token
-        pending = rt.http_calls.pop(token, None)
+        pending = vm.http_calls.pop(token, None)
         if pending is None:
             raise WasmStateError(f"{self.name}: no pending http call with token {token}")
-        rt.call_response = response or HttpCallResponse([])
+        vm.call_response = response or HttpCallResponse([])
         if response is None:
-            rt.status = (503, b"")
+            vm.status = (503, b"")
         else:
             status = next((v for k, v in response.headers if k == ":status"), "200")
-            rt.status = (int(status) if status.isdigit() else 0, b"")
-        rt.active_context = pending.context_id
+            vm.status = (int(status) if status.isdigit() else 0, b"")
+        vm.active_context = pending.context_id
         try:
             if response is None:
-                rt.call("proxy_on_http_call_response", pending.context_id, token, 0, 0, 0)
+                vm.call("proxy_on_http_call_response", pending.context_id, token, 0, 0, 0)
             else:
-                rt.call(
+                vm.call(
                     "proxy_on_http_call_response",
                     pending.context_id,
                     token,
@@ -229,15 +229,15 @@ class Plugin:
                     len(response.trailers),
                 )
         finally:
-            rt.call_response = None
+            vm.call_response = None
 
     def dispatch_http_calls(self) -> int:
         """Answer every pending callout with `http_responder`; returns how many were answered."""
         if self.http_responder is None:
             return 0
         answered = 0
-        while self._rt.http_calls and self._rt.failed is None:
-            call = next(iter(self._rt.http_calls.values()))
+        while self._instance.http_calls and self._instance.failed is None:
+            call = next(iter(self._instance.http_calls.values()))
             self.respond_http_call(call, self.http_responder(call))
             answered += 1
         return answered
@@ -245,8 +245,8 @@ class Plugin:
     # -- used by HttpContext ---------------------------------------------------------------------
 
     @property
-    def runtime(self) -> Runtime:
-        return self._rt
+    def instance(self) -> Instance:
+        return self._instance
 
 
 class HttpContext:
@@ -254,18 +254,18 @@ class HttpContext:
 
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
-        rt = plugin.runtime
-        self.context_id = rt.new_context_id()
-        self._state = rt.streams[self.context_id] = StreamState(self.context_id)
+        vm = plugin.instance
+        self.context_id = vm.new_context_id()
+        self._state = vm.streams[self.context_id] = StreamState(self.context_id)
         self._enter()
-        rt.call("proxy_on_context_create", self.context_id, rt.root_context_id)
+        vm.call("proxy_on_context_create", self.context_id, vm.root_context_id)
 
-    def _enter(self) -> Runtime:
+    def _enter(self) -> Instance:
         if self._state.done:
             raise WasmStateError(f"{self.plugin.name}: HTTP context {self.context_id} is already finished")
-        rt = self.plugin.runtime
-        rt.active_context = self.context_id
-        return rt
+        vm = self.plugin.instance
+        vm.active_context = self.context_id
+        return vm
 
     def _action(self, raw: int | None, headers: bool) -> Action:
         value = 0 if raw is None else raw & 0xFFFFFFFF
@@ -279,10 +279,10 @@ class HttpContext:
         return Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
 
     def _headers_call(self, export: str, count: int, end_of_stream: bool) -> int | None:
-        rt = self._enter()
-        if rt.has(export) and rt.arity(export) == 2:  # ABI 0.1.0: no end_of_stream
-            return rt.call(export, self.context_id, count)
-        return rt.call(export, self.context_id, count, int(end_of_stream))
+        vm = self._enter()
+        if vm.has(export) and vm.arity(export) == 2:  # ABI 0.1.0: no end_of_stream
+            return vm.call(export, self.context_id, count)
+        return vm.call(export, self.context_id, count, int(end_of_stream))
 
     def on_request_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
         self._state.request_headers[:] = _headers(headers)
@@ -301,9 +301,9 @@ class HttpContext:
         s = self._state
         s.request_buffer.extend(chunk)
         s.request_end = end_of_stream
-        rt = self._enter()
+        vm = self._enter()
         action = self._action(
-            rt.call("proxy_on_request_body", self.context_id, len(s.request_buffer), int(end_of_stream)),
+            vm.call("proxy_on_request_body", self.context_id, len(s.request_buffer), int(end_of_stream)),
             headers=False,
         )
         if action is Action.CONTINUE:
@@ -314,9 +314,9 @@ class HttpContext:
         s = self._state
         s.response_buffer.extend(chunk)
         s.response_end = end_of_stream
-        rt = self._enter()
+        vm = self._enter()
         action = self._action(
-            rt.call("proxy_on_response_body", self.context_id, len(s.response_buffer), int(end_of_stream)),
+            vm.call("proxy_on_response_body", self.context_id, len(s.response_buffer), int(end_of_stream)),
             headers=False,
         )
         if action is Action.CONTINUE:
@@ -325,26 +325,26 @@ class HttpContext:
 
     def on_request_trailers(self, trailers: Headers) -> Action:
         self._state.request_trailers[:] = _headers(trailers)
-        rt = self._enter()
-        raw = rt.call("proxy_on_request_trailers", self.context_id, len(self._state.request_trailers))
+        vm = self._enter()
+        raw = vm.call("proxy_on_request_trailers", self.context_id, len(self._state.request_trailers))
         return self._action(raw, headers=False)
 
     def on_response_trailers(self, trailers: Headers) -> Action:
         self._state.response_trailers[:] = _headers(trailers)
-        rt = self._enter()
-        raw = rt.call("proxy_on_response_trailers", self.context_id, len(self._state.response_trailers))
+        vm = self._enter()
+        raw = vm.call("proxy_on_response_trailers", self.context_id, len(self._state.response_trailers))
         return self._action(raw, headers=False)
 
     def finish(self) -> None:
         """End of stream as Envoy ends it: on_done, on_log, on_delete."""
         if self._state.done:
             return
-        rt = self._enter()
-        rt.call("proxy_on_done", self.context_id)
-        rt.call("proxy_on_log", self.context_id)
-        rt.call("proxy_on_delete", self.context_id)
+        vm = self._enter()
+        vm.call("proxy_on_done", self.context_id)
+        vm.call("proxy_on_log", self.context_id)
+        vm.call("proxy_on_delete", self.context_id)
         self._state.done = True
-        rt.streams.pop(self.context_id, None)
+        vm.streams.pop(self.context_id, None)
 
     # -- what the filter did ---------------------------------------------------------------------
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sidecar.wasm.host.abi import LogLevel
+from sidecar.wasm.host.binding import I32, I64, HostState, host_function
+from sidecar.wasm.host.errors import ProcExit
 
-if TYPE_CHECKING:
-    from sidecar.wasm.host.runtime import Runtime
-
-__all__ = ["WASI_FUNCTIONS", "Wasi"]
+__all__ = ["Wasi"]
 
 Caller = Any
 
@@ -25,14 +24,17 @@ _FILETYPE_CHARACTER_DEVICE = 2
 
 
 class Wasi:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    """The `wasi_snapshot_preview1` (and `wasi_unstable`) host functions, bound to one instance's state."""
+
+    def __init__(self, state: HostState) -> None:
+        self.state = state
 
     def _env_items(self) -> list[bytes]:
-        return [f"{k}={v}".encode() + b"\0" for k, v in self.rt.options.environment.items()]
+        return [f"{k}={v}".encode() + b"\0" for k, v in self.state.environment.items()]
 
+    @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def fd_write(self, caller: Caller, fd: int, iovs: int, iovs_len: int, written_ptr: int) -> int:
-        mem = self.rt.memory
+        mem = self.state.memory
         raw = mem.read(caller, iovs, 8 * (iovs_len & 0xFFFFFFFF))
         if raw is None:
             return _FAULT
@@ -49,55 +51,67 @@ class Wasi:
         if not mem.put_u32(caller, written_ptr, len(text)):
             return _FAULT
         level = LogLevel.INFO if fd == 1 else LogLevel.ERROR
-        if level >= self.rt.log_level:
-            self.rt.log(level, text.decode(errors="replace").removesuffix("\n"))
+        if level >= self.state.log_level:
+            self.state.log(level, text.decode(errors="replace").removesuffix("\n"))
         return _SUCCESS
 
+    @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def fd_read(self, caller: Caller, *args: int) -> int:
         return _NOSYS
 
+    @host_function(params=(I32,), results=(I32,))
     def fd_close(self, caller: Caller, fd: int) -> int:
         return _NOTSUP
 
+    @host_function(params=(I32, I64, I32, I32), results=(I32,))
     def fd_seek(self, caller: Caller, fd: int, offset: int, whence: int, ret: int) -> int:
         return _NOTSUP
 
+    @host_function(params=(I32, I32), results=(I32,))
     def fd_fdstat_get(self, caller: Caller, fd: int, ret: int) -> int:
         if fd not in (1, 2):
             return _BADF
         stat = struct.pack("<BxHxxxxQQ", _FILETYPE_CHARACTER_DEVICE, 0, 64, 0)  # fd_write rights only
-        return _SUCCESS if self.rt.memory.write(caller, ret, stat) else _FAULT
+        return _SUCCESS if self.state.memory.write(caller, ret, stat) else _FAULT
 
+    @host_function(params=(I32, I32), results=(I32,))
     def fd_fdstat_set_flags(self, caller: Caller, fd: int, flags: int) -> int:
         return _NOTSUP
 
+    @host_function(params=(I32, I32), results=(I32,))
     def fd_prestat_get(self, caller: Caller, fd: int, ret: int) -> int:
         return _BADF
 
+    @host_function(params=(I32, I32, I32), results=(I32,))
     def fd_prestat_dir_name(self, caller: Caller, fd: int, ptr: int, size: int) -> int:
         return _NOTSUP
 
+    @host_function(params=(I32, I32, I32, I32, I32, I64, I64, I32, I32), results=(I32,))
     def path_open(self, caller: Caller, *args: int) -> int:
         return _NOENT
 
+    @host_function(params=(I32, I32, I32, I32, I32), results=(I32,))
     def path_filestat_get(self, caller: Caller, *args: int) -> int:
         return _NOENT
 
+    @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def poll_oneoff(self, caller: Caller, subs: int, events: int, nsubs: int, nevents_ptr: int) -> int:
-        return _SUCCESS if self.rt.memory.put_u32(caller, nevents_ptr, 0) else _FAULT
+        return _SUCCESS if self.state.memory.put_u32(caller, nevents_ptr, 0) else _FAULT
 
+    @host_function(results=(I32,))
     def sched_yield(self, caller: Caller) -> int:
         return _SUCCESS
 
+    @host_function(params=(I32,))
     def proc_exit(self, caller: Caller, code: int) -> None:
-        from sidecar.wasm.host.runtime import ProcExit
-
         raise ProcExit(code)
 
+    @host_function(params=(I32, I32), results=(I32,))
     def random_get(self, caller: Caller, ptr: int, size: int) -> int:
-        data = self.rt.random.getrandbits(8 * size).to_bytes(size, "little") if size > 0 else b""
-        return _SUCCESS if self.rt.memory.write(caller, ptr, data) else _FAULT
+        data = self.state.random.getrandbits(8 * size).to_bytes(size, "little") if size > 0 else b""
+        return _SUCCESS if self.state.memory.write(caller, ptr, data) else _FAULT
 
+    @host_function(params=(I32, I64, I32), results=(I32,))
     def clock_time_get(self, caller: Caller, clock: int, precision: int, ret: int) -> int:
         if clock == _CLOCK_REALTIME:
             now = time.time_ns()
@@ -105,52 +119,33 @@ class Wasi:
             now = time.monotonic_ns()
         else:
             return _NOTSUP
-        return _SUCCESS if self.rt.memory.put_u64(caller, ret, now) else _FAULT
+        return _SUCCESS if self.state.memory.put_u64(caller, ret, now) else _FAULT
 
+    @host_function(params=(I32, I32), results=(I32,))
     def clock_res_get(self, caller: Caller, clock: int, ret: int) -> int:
-        return _SUCCESS if self.rt.memory.put_u64(caller, ret, 1) else _FAULT
+        return _SUCCESS if self.state.memory.put_u64(caller, ret, 1) else _FAULT
 
+    @host_function(params=(I32, I32), results=(I32,))
     def environ_sizes_get(self, caller: Caller, count_ptr: int, size_ptr: int) -> int:
         items = self._env_items()
-        mem = self.rt.memory
+        mem = self.state.memory
         ok = mem.put_u32(caller, count_ptr, len(items)) and mem.put_u32(caller, size_ptr, sum(map(len, items)))
         return _SUCCESS if ok else _FAULT
 
+    @host_function(params=(I32, I32), results=(I32,))
     def environ_get(self, caller: Caller, ptrs: int, buf: int) -> int:
-        mem = self.rt.memory
+        mem = self.state.memory
         for i, item in enumerate(self._env_items()):
             if not (mem.put_u32(caller, ptrs + 4 * i, buf) and mem.write(caller, buf, item)):
                 return _FAULT
             buf += len(item)
         return _SUCCESS
 
+    @host_function(params=(I32, I32), results=(I32,))
     def args_sizes_get(self, caller: Caller, count_ptr: int, size_ptr: int) -> int:
-        ok = self.rt.memory.put_u32(caller, count_ptr, 0) and self.rt.memory.put_u32(caller, size_ptr, 0)
+        ok = self.state.memory.put_u32(caller, count_ptr, 0) and self.state.memory.put_u32(caller, size_ptr, 0)
         return _SUCCESS if ok else _FAULT
 
+    @host_function(params=(I32, I32), results=(I32,))
     def args_get(self, caller: Caller, ptrs: int, buf: int) -> int:
         return _SUCCESS
-
-
-WASI_FUNCTIONS: dict[str, tuple[str, str]] = {
-    "fd_write": ("iiii", "i"),
-    "fd_read": ("iiii", "i"),
-    "fd_close": ("i", "i"),
-    "fd_seek": ("iIii", "i"),
-    "fd_fdstat_get": ("ii", "i"),
-    "fd_fdstat_set_flags": ("ii", "i"),
-    "fd_prestat_get": ("ii", "i"),
-    "fd_prestat_dir_name": ("iii", "i"),
-    "path_open": ("iiiiiIIii", "i"),
-    "path_filestat_get": ("iiiii", "i"),
-    "poll_oneoff": ("iiii", "i"),
-    "sched_yield": ("", "i"),
-    "proc_exit": ("i", ""),
-    "random_get": ("ii", "i"),
-    "clock_time_get": ("iIi", "i"),
-    "clock_res_get": ("ii", "i"),
-    "environ_sizes_get": ("ii", "i"),
-    "environ_get": ("ii", "i"),
-    "args_sizes_get": ("ii", "i"),
-    "args_get": ("ii", "i"),
-}

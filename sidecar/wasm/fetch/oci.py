@@ -1,0 +1,416 @@
+"""A small OCI registry client over oras-py: oras-py supplies the requests session and the Docker
+token flow (challenge parsing, realm call); we own everything oras-py gets wrong for a puller of
+untrusted modules (see the decisions table in DESIGN.md):
+
+* every call has a timeout and the whole pull an overall deadline (oras-py sets none);
+* a refused credential fails at once with one line, instead of oras-py's retry decorator sleeping
+  ~131 s; a 401 carrying `insufficient_scope` gets a fresh token for the new scope (oras-py keeps its
+  first token, so a push with a pull token fails);
+* manifests are fetched with a size cap, and verified against the requested digest, the index
+  descriptor and `Docker-Content-Digest`; blobs are streamed through sha256 + size checks;
+* the module layer is picked by media type, an image index is resolved to linux/amd64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import requests
+
+from sidecar.wasm.fetch.auth import Credentials
+from sidecar.wasm.fetch.errors import (
+    AuthError,
+    BadReferenceError,
+    FetchError,
+    IntegrityError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+)
+from sidecar.wasm.fetch.reference import ImageRef, normalize_sha256
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress, new_session, read_capped, stream_verified
+
+__all__ = [
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "DOCKER_TAR_GZIP",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "OCI_TAR_GZIP",
+    "WASM_LAYER",
+    "Descriptor",
+    "RegistryClient",
+    "ResolvedImage",
+    "check_ref_for_push",
+]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+WASM_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"
+# The CNCF "wasm OCI artifact" layer type; the same single-layer shape, so we take it too.
+_WASM_LAYERS = (WASM_LAYER, "application/vnd.wasm.content.layer.v1+wasm")
+OCI_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+_TAR_GZIP_LAYERS = (OCI_TAR_GZIP, DOCKER_TAR_GZIP)
+_INDEXES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+_MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+_ERROR_BODY_CAP = 64 << 10
+_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
+
+# oras-py logs its own view of failures (and says "use basic auth" on a wrong password); ours is the
+# one line the user sees.
+logging.getLogger("oras.logger").addHandler(logging.NullHandler())
+logging.getLogger("oras.logger").propagate = False
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor, validated: sha256 digest and a non-negative size."""
+
+    media_type: str
+    digest: str
+    size: int
+
+    @property
+    def hex(self) -> str:
+        return self.digest[len("sha256:") :]
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Descriptor:
+        if not isinstance(raw, Mapping):
+            raise UnsupportedMediaTypeError(f"{where}: expected a descriptor object")
+        media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise UnsupportedMediaTypeError(f"{where}: digest {digest!r} is not a sha256 digest")
+        hex_digest = normalize_sha256(digest, f"{where} digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise UnsupportedMediaTypeError(f"{where}: size {size!r} is not a non-negative integer")
+        return cls(str(media_type or ""), "sha256:" + hex_digest, size)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """What a reference points at: the digest it resolved to (an index's, if it is one), the
+    platform manifest's digest (what EG compares the user's sha256 with), and the module layer."""
+
+    ref: ImageRef
+    top_digest: str
+    manifest_digest: str
+    layer: Descriptor
+    layout: str  # "oci" or "compat"
+
+
+class RegistryClient:
+    """Talks to one registry for one repository, within one deadline."""
+
+    def __init__(
+        self, ref: ImageRef, credentials: Credentials | None, options: FetchOptions, deadline: Deadline
+    ) -> None:
+        import oras.provider  # heavy import (jsonschema); only pulls pay for it
+
+        self.ref = ref
+        self._options = options
+        self._deadline = deadline
+        self._credentials = credentials
+        insecure = options.is_insecure(ref.api_host)
+        self._registry = oras.provider.Registry(
+            hostname=ref.api_host,
+            insecure=insecure,
+            tls_verify=options.ca_bundle or True,
+            auth_backend="token",
+        )
+        self._session = new_session(deadline, options, self._registry.session)
+        self._base = f"{'http' if insecure else 'https'}://{ref.api_host}/v2/{ref.repository}"
+        self._authorization: str | None = None
+        if credentials is not None:
+            self._registry.auth.set_basic_auth(credentials.username, credentials.password)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests and auth ---
+
+    def request(
+        self,
+        method: str,
+        url_or_path: str,
+        *,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        stream: bool = False,
+        ok: tuple[int, ...] = (200,),
+    ) -> requests.Response:
+        """One registry call, answering at most one auth challenge; raises on any status not in `ok`."""
+        url = url_or_path if "://" in url_or_path else f"{self._base}/{url_or_path}"
+        response = self._send(method, url, headers, data, stream, what)
+        if response.status_code == 401:
+            challenge = response.headers.get("WWW-Authenticate", "")
+            response.close()
+            self._answer_challenge(challenge, response, what)
+            response = self._send(method, url, headers, data, stream, what)
+            if response.status_code == 401:
+                detail = _challenge_error(response.headers.get("WWW-Authenticate", ""))
+                response.close()
+                raise AuthError(f"{what}: {self._who()} not authorized{detail}")
+        if response.status_code not in ok:
+            self._raise_status(response, what)
+        return response
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        data: bytes | None,
+        stream: bool,
+        what: str,
+    ) -> requests.Response:
+        sent = dict(headers or {})
+        if self._authorization is not None:
+            sent["Authorization"] = self._authorization
+        try:
+            return self._session.request(method, url, headers=sent, data=data, stream=stream)
+        except requests.exceptions.SSLError:
+            raise FetchError(
+                f"{what}: TLS handshake with {self.ref.api_host} failed (untrusted certificate? "
+                "a plain-HTTP registry must be marked insecure)"
+            ) from None
+        except requests.Timeout:
+            raise UnavailableError(f"{what}: {self.ref.api_host} did not answer in time") from None
+        except requests.RequestException as exc:
+            raise UnavailableError(
+                f"{what}: cannot reach registry {self.ref.api_host} ({type(exc).__name__})"
+            ) from None
+
+    def _who(self) -> str:
+        if self._credentials is None:
+            return "anonymous access"
+        return f"user {self._credentials.username!r} from {self._credentials.source}"
+
+    def _answer_challenge(self, challenge: str, response: requests.Response, what: str) -> None:
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme == "basic":
+            if self._credentials is None:
+                raise AuthError(f"{what}: registry {self.ref.api_host} requires credentials and none were given")
+            if self._authorization is not None:
+                raise AuthError(f"{what}: registry {self.ref.api_host} rejected {self._who()}")
+            self._authorization = self._credentials.basic_header()
+            return
+        if scheme != "bearer":
+            raise AuthError(f"{what}: registry {self.ref.api_host} asks for unsupported auth {scheme or 'none'!r}")
+        self._check_realm(challenge, what)
+        auth = self._registry.auth
+        try:
+            # refresh=True: a 401 while holding a token means its scope is too narrow (or it expired).
+            headers, changed = auth.authenticate_request(response, {}, refresh=True)
+        except requests.Timeout:
+            raise UnavailableError(
+                f"{what}: the token endpoint of {self.ref.api_host} did not answer in time"
+            ) from None
+        except requests.RequestException as exc:
+            raise UnavailableError(f"{what}: cannot reach the token endpoint ({type(exc).__name__})") from None
+        except ValueError:
+            raise AuthError(f"{what}: the token endpoint of {self.ref.api_host} sent no JSON token") from None
+        token_header = headers.get("Authorization") if changed else None
+        if not isinstance(token_header, str):
+            raise AuthError(f"{what}: the token endpoint of {self.ref.api_host} refused {self._who()}")
+        self._authorization = token_header
+
+    def _check_realm(self, challenge: str, what: str) -> None:
+        """Credentials go to the realm: never over plain HTTP to a host the user did not trust."""
+        realm = _challenge_params(challenge).get("realm", "")
+        parsed = urllib.parse.urlsplit(realm)
+        if parsed.scheme == "https":
+            return
+        registry_host = self.ref.api_host.rsplit(":", 1)[0]
+        if parsed.scheme == "http" and (parsed.hostname == registry_host or self._options.is_insecure(parsed.netloc)):
+            return
+        raise AuthError(f"{what}: refusing to send credentials to token realm {realm!r} (not HTTPS, not trusted)")
+
+    def _raise_status(self, response: requests.Response, what: str) -> None:
+        status = response.status_code
+        try:
+            body = read_capped(response, _ERROR_BODY_CAP, what, self._deadline)
+        except FetchError:
+            body = b""
+        finally:
+            response.close()
+        codes = _error_codes(body)
+        detail = f" ({', '.join(codes)})" if codes else ""
+        if status == 404:
+            raise NotFoundError(f"{what}: not found on {self.ref.api_host}{detail}")
+        if status == 403:
+            raise AuthError(f"{what}: {self._who()} is not allowed{detail}")
+        if status >= 500 or status == 429:
+            raise UnavailableError(f"{what}: registry {self.ref.api_host} answered HTTP {status}{detail}")
+        raise FetchError(f"{what}: registry {self.ref.api_host} answered HTTP {status}{detail}")
+
+    # --- pulling ---
+
+    def get_manifest(self, reference: str, expected: Descriptor | None = None) -> tuple[dict[str, Any], str, str]:
+        """Fetch and verify one manifest; return (document, media type, digest)."""
+        what = (
+            f"manifest {self.ref.name}:{reference}" if ":" not in reference else f"manifest {self.ref.name}@{reference}"
+        )
+        accept = ", ".join((*_MANIFESTS, *_INDEXES))
+        response = self.request("GET", f"manifests/{reference}", what=what, headers={"Accept": accept}, stream=True)
+        with response:
+            cap = self._options.max_manifest_bytes
+            if expected is not None:
+                if expected.size > cap:
+                    raise TooLargeError(f"{what}: descriptor says {expected.size} bytes, more than the cap of {cap}")
+                cap = expected.size
+            body = read_capped(response, cap, what, self._deadline)
+            content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+            header_digest = response.headers.get("Docker-Content-Digest")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise IntegrityError(f"{what}: content has {digest}, not the digest that was asked for")
+        if expected is not None and (digest != expected.digest or len(body) != expected.size):
+            raise IntegrityError(
+                f"{what}: content does not match its descriptor in the index ({digest}, {len(body)} bytes)"
+            )
+        if header_digest and header_digest != digest:
+            raise IntegrityError(f"{what}: Docker-Content-Digest says {header_digest}, content has {digest}")
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise UnsupportedMediaTypeError(f"{what}: not JSON") from None
+        if not isinstance(document, dict):
+            raise UnsupportedMediaTypeError(f"{what}: not a JSON object")
+        media_type = str(document.get("mediaType") or content_type)
+        return document, media_type, digest
+
+    def resolve(self) -> ResolvedImage:
+        """Reference -> verified manifest (through an index if needed) -> the module layer."""
+        document, media_type, top_digest = self.get_manifest(self.ref.reference)
+        manifest_digest = top_digest
+        if media_type in _INDEXES:
+            chosen = _pick_platform(document, f"index {self.ref}")
+            document, media_type, manifest_digest = self.get_manifest(chosen.digest, expected=chosen)
+        if media_type not in _MANIFESTS:
+            raise UnsupportedMediaTypeError(
+                f"image {self.ref}: manifest media type {media_type!r} is not an OCI or Docker image manifest"
+            )
+        layer, layout = _pick_layer(document, f"image {self.ref}")
+        cap = self._options.max_module_bytes
+        if layer.size > cap:
+            raise TooLargeError(f"image {self.ref}: module layer has {layer.size} bytes, cap is {cap}")
+        return ResolvedImage(self.ref, top_digest, manifest_digest, layer, layout)
+
+    def download_blob(self, layer: Descriptor, out: IO[bytes], progress: Progress | None = None) -> None:
+        what = f"blob {self.ref.name}@{layer.digest}"
+        response = self.request("GET", f"blobs/{layer.digest}", what=what, stream=True)
+        with response:
+            stream_verified(
+                response,
+                out,
+                what=what,
+                cap=self._options.max_module_bytes,
+                deadline=self._deadline,
+                expected_size=layer.size,
+                expected_sha256=layer.hex,
+                progress=progress,
+            )
+
+    # --- pushing (test images and users' own images) ---
+
+    def push_blob(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        what = f"upload of blob {digest} to {self.ref.name}"
+        head = self.request("HEAD", f"blobs/{digest}", what=what, ok=(200, 404))
+        head.close()
+        if head.status_code == 200:
+            return digest
+        start = self.request("POST", "blobs/uploads/", what=what, ok=(202,))
+        start.close()
+        location = start.headers.get("Location")
+        if not location:
+            raise FetchError(f"{what}: registry gave no upload Location")
+        url = urllib.parse.urljoin(f"{self._base}/blobs/uploads/", location)
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        self.request("PUT", url, what=what, headers=headers, data=data, ok=(201,)).close()
+        return digest
+
+    def push_manifest(self, reference: str, body: bytes, media_type: str) -> str:
+        what = f"upload of manifest {self.ref.name}:{reference}"
+        headers = {"Content-Type": media_type}
+        self.request("PUT", f"manifests/{reference}", what=what, headers=headers, data=body, ok=(201,)).close()
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _pick_platform(index: Mapping[str, Any], where: str) -> Descriptor:
+    entries = index.get("manifests")
+    if not isinstance(entries, list) or not entries:
+        raise UnsupportedMediaTypeError(f"{where}: no manifests")
+    if len(entries) == 1:
+        return Descriptor.parse(entries[0], f"{where} manifests[0]")
+    for n, entry in enumerate(entries):
+        platform = entry.get("platform") if isinstance(entry, Mapping) else None
+        if isinstance(platform, Mapping) and platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+            return Descriptor.parse(entry, f"{where} manifests[{n}]")
+    raise UnsupportedMediaTypeError(f"{where}: {len(entries)} manifests and none for linux/amd64")
+
+
+def _pick_layer(manifest: Mapping[str, Any], where: str) -> tuple[Descriptor, str]:
+    raw_layers = manifest.get("layers")
+    if not isinstance(raw_layers, list) or not raw_layers:
+        raise UnsupportedMediaTypeError(f"{where}: manifest has no layers")
+    layers = [Descriptor.parse(raw, f"{where} layers[{n}]") for n, raw in enumerate(raw_layers)]
+    wasm = [layer for layer in layers if layer.media_type in _WASM_LAYERS]
+    if len(wasm) == 1:
+        return wasm[0], "oci"
+    if len(wasm) > 1:
+        raise UnsupportedMediaTypeError(f"{where}: {len(wasm)} Wasm layers, expected exactly one")
+    tars = [layer for layer in layers if layer.media_type in _TAR_GZIP_LAYERS]
+    if tars:
+        return tars[-1], "compat"  # the compat spec puts plugin.wasm in the last tar+gzip layer
+    seen = sorted({layer.media_type for layer in layers})
+    raise UnsupportedMediaTypeError(
+        f"{where}: no Wasm layer ({WASM_LAYER}) and no tar+gzip layer; layer media types: {', '.join(seen)}"
+    )
+
+
+def _challenge_params(challenge: str) -> dict[str, str]:
+    return {key.lower(): value for key, value in _PARAM.findall(challenge)}
+
+
+def _challenge_error(challenge: str) -> str:
+    error = _challenge_params(challenge).get("error")
+    return f" ({error})" if error else ""
+
+
+def _error_codes(body: bytes) -> list[str]:
+    try:
+        errors = json.loads(body).get("errors", [])
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(errors, list):
+        return []
+    return [str(e.get("code")) for e in errors[:5] if isinstance(e, Mapping) and e.get("code")]
+
+
+def check_ref_for_push(ref: ImageRef) -> str:
+    """The tag to push to; pushing to a digest reference makes no sense."""
+    if ref.digest is not None:
+        raise BadReferenceError(f"image reference {ref}: push needs a tag, not a digest")
+    assert ref.tag is not None
+    return ref.tag

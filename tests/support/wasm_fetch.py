@@ -1,0 +1,123 @@
+"""For the Wasm fetcher tests (tests/wasm/fetch): fixture data types, test modules, running the CLI in-process."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.cli import main
+
+USER, PASSWORD = "alice", "wonderland-7"
+READER, READER_PASSWORD = "bob", "pull-only-3"
+
+
+def make_module(payload_size: int = 64, seed: str = "x") -> bytes:
+    """A valid Wasm binary: header plus one custom section of pseudo-random bytes."""
+    payload = bytearray()
+    counter = 0
+    while len(payload) < payload_size:
+        payload += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    name = b"fixture"
+    body = bytes([len(name)]) + name + bytes(payload[:payload_size])
+    size, leb = len(body), bytearray()
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        leb.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return b"\0asm\x01\x00\x00\x00" + b"\x00" + bytes(leb) + body
+
+
+@dataclass
+class Registry:
+    host: str  # 127.0.0.1:port
+    process: subprocess.Popen[bytes]
+    auth: str  # "basic" or "token"
+    log_path: Path
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+
+    def blob_gets(self, repository: str, digest: str) -> int:
+        """Successful GETs of a blob, from the registry's access log."""
+        needle = f'"GET /v2/{repository}/blobs/{digest} HTTP/1.1" 200'
+        return self.log_path.read_text(errors="replace").count(needle)
+
+    def cli_args(self) -> list[str]:
+        return ["--insecure-registry", self.host]
+
+    def config_json(self, path: Path, user: str = USER, password: str = PASSWORD) -> Path:
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        path.write_text(json.dumps({"auths": {f"http://{self.host}": {"auth": auth}}}))
+        return path
+
+    def secret_manifest(self, path: Path, user: str = USER, password: str = PASSWORD) -> Path:
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        config = json.dumps({"auths": {self.host: {"auth": auth}}})
+        data = base64.b64encode(config.encode()).decode()
+        path.write_text(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: pull, namespace: default}\n"
+            f"type: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: {data}\n"
+        )
+        return path
+
+
+Route = tuple[int, dict[str, str], bytes]
+
+
+@dataclass
+class ScriptedServer:
+    """An HTTP server on 127.0.0.1 answering GET from a path -> [(status, headers, body), ...] table:
+    the n-th request to a path gets the n-th answer (the last one repeats); `hits` counts them."""
+
+    port: int
+    routes: dict[str, list[Route]]
+    hits: dict[str, int]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}{path}"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pull_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "wasm", "pull", "--json", *argv)
+    assert code == 0, err
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    """Exit 2, one line on stderr, no traceback, mentioning each needle."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sidecar: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def cache_files(cache: Path) -> list[str]:
+    """Everything under modules/ and tmp/: a failed pull must leave both empty."""
+    found = []
+    for sub in ("modules", "tmp"):
+        directory = cache / sub
+        if directory.exists():
+            found += [f"{sub}/{p.name}" for p in directory.iterdir()]
+    return sorted(found)
