@@ -108,3 +108,8 @@ def test_imports_only_go_down(path: Path) -> None:
         if not ok:
             wrong.append(name)
     assert wrong == [], f"{path.name} imports {wrong}"
+
+
+def test_the_wasm_seam_uses_one_module_of_the_fetcher() -> None:
+    fetcher = {n for n in _imports(PACKAGE / f"{WASM_SEAM}.py") if n.startswith("sidecar.wasm")}
+    assert len(fetcher) == 1, fetcher
