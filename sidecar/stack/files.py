@@ -29,9 +29,9 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.stack.sidecar import SidecarProcess
 from sidecar.translate.options import SIDECAR_ANNOTATION, RenderOptions, SidecarLink
+from sidecar.translate.refs import backend_ref_target
 from sidecar.translate.render import translate
 from sidecar.translate.resources import ResourceSet, load_resources, resource_files
-from sidecar.translate.validate import backend_ref_target
 from sidecar.translate.wasmsource import fetch_module
 
 __all__ = ["Stack", "StackOptions", "check_ext_proc_reachable", "run_stack"]

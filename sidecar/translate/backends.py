@@ -18,8 +18,14 @@ from typing import Any
 from sidecar.errors import ConfigError
 from sidecar.translate.messages import address, pack, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
+from sidecar.translate.refs import (
+    BackendTarget,
+    backend_tls_policy,
+    ca_certificates,
+    endpoint_kinds,
+    service_address,
+)
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import BackendTarget, endpoint_kinds, policy_targets, secret_value, service_address
 from sidecar.wire import SERVICE_NAME
 
 __all__ = ["SYSTEM_CA_BUNDLE", "LoadBalancing", "build_cluster"]
@@ -40,16 +46,6 @@ class LoadBalancing:
         return self.type == "ConsistentHash"
 
 
-def _tls_policy(resources: ResourceSet, backend: Resource) -> Resource | None:
-    for policy in resources.of("BackendTLSPolicy"):
-        if policy.namespace != backend.namespace:
-            continue
-        for _, ref in policy_targets(policy):
-            if ref["kind"] == backend.kind and ref["name"] == backend.name:
-                return policy
-    return None
-
-
 def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
     from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
@@ -63,13 +59,7 @@ def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
 
     validation = policy.spec["validation"]
     hostname = validation["hostname"]
-    cas: list[str] = []
-    for ref in validation.get("caCertificateRefs") or []:
-        found = resources.get(ref["kind"], policy.namespace, ref["name"])
-        assert found is not None  # validate() resolved it
-        value = secret_value(found, "ca.crt")
-        assert value is not None
-        cas.append(value.decode())
+    cas = ca_certificates(resources, policy)
     trusted = DataSource(inline_string="\n".join(cas)) if cas else DataSource(filename=SYSTEM_CA_BUNDLE)
     context = UpstreamTlsContext(
         sni=hostname,
@@ -230,7 +220,7 @@ def build_cluster(
                 grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
             )
         ]
-    policies = {b.key: _tls_policy(resources, b) for b in backends}
+    policies = {b.key: backend_tls_policy(resources, b) for b in backends}
     with_tls = {p.key: p for p in policies.values() if p is not None}
     if with_tls:
         if len(with_tls) > 1 or None in policies.values():

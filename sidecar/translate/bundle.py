@@ -27,9 +27,10 @@ from sidecar.chains import Registry, describe_mode
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
 from sidecar.translate.options import CHAIN_ANNOTATION, SIDECAR_ANNOTATION
+from sidecar.translate.refs import gateway_envoy_proxy
 from sidecar.translate.render import dump_documents
 from sidecar.translate.resources import EG_API, Resource, ResourceSet, load_resources, parse_document
-from sidecar.translate.validate import gateway_envoy_proxy, validate
+from sidecar.translate.rules import validate
 
 __all__ = ["SOCKET_DIR", "render_bundle"]
 
@@ -159,7 +160,7 @@ def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch:
         proxy: dict[str, Any] | None
         shared = gateway_envoy_proxy(resources, gateway) if ref is None else None
         if shared is not None:
-            proxy = by_key[shared.key]  # the GatewayClass-level one (see validate.gateway_envoy_proxy)
+            proxy = by_key[shared.key]  # the GatewayClass-level one (see refs.gateway_envoy_proxy)
         elif ref is None:
             name = f"{gateway.name}-envoy-sidecar"
             doc["spec"].setdefault("infrastructure", {})["parametersRef"] = {

@@ -1,7 +1,8 @@
 """Small helpers over envoy-data-plane messages shared by the translator modules.
 
 envoy-data-plane takes ~0.5 s to import, so every module imports it inside functions; these helpers
-keep that boilerplate in one place.
+keep that boilerplate in one place, with the fix-ups of the rendered dict where envoy-data-plane
+cannot express what Envoy needs (`finish_per_filter_configs`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import datetime
 import re
 from typing import Any
 
-__all__ = ["address", "enable_on_route", "pack", "parse_duration", "pipe_address"]
+__all__ = ["address", "enable_on_route", "finish_per_filter_configs", "pack", "parse_duration", "pipe_address"]
 
 _DURATION_PART = re.compile(r"([0-9]+)(ms|h|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -45,3 +46,33 @@ def enable_on_route() -> Any:
     from envoy_data_plane.envoy.config.route.v3 import FilterConfig
 
     return pack(FilterConfig())
+
+
+_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+_RBAC_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+
+
+_FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+
+
+def finish_per_filter_configs(value: Any) -> Any:
+    """Fix up a rendered bootstrap dict where envoy-data-plane cannot say what Envoy needs.
+
+    * per-route RBAC entries become the RBACPerRoute that wraps them;
+    * a FilterConfig that only enables a filter gets `config: {}` (an empty Any, as EG writes it):
+      without it Envoy refuses an "empty per filter configuration".
+    """
+    if isinstance(value, list):
+        return [finish_per_filter_configs(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    result = {k: finish_per_filter_configs(v) for k, v in value.items()}
+    per_filter = result.get("typed_per_filter_config")
+    if isinstance(per_filter, dict):
+        for name, entry in per_filter.items():
+            if entry.get("@type") == _RBAC_TYPE:
+                rules = {k: v for k, v in entry.items() if k != "@type"}
+                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": rules}
+            elif entry.get("@type") == _FILTER_CONFIG_TYPE and "config" not in entry:
+                per_filter[name] = {**entry, "config": {}}
+    return result

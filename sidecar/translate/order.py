@@ -1,6 +1,6 @@
 """HTTP filter order: EG's default ranks, then EnvoyProxy `filterOrder` moves.
 
-Default: the filter types in EG's order (validate.FILTER_NAMES), several instances of one type (one
+Default: the filter types in EG's order (FILTER_NAMES), several instances of one type (one
 per extProc/wasm entry) in their generation order, the router last. A `filterOrder` entry moves *every*
 filter of type `name` right before the first filter of type `before`, or right after the last filter of
 type `after`; entries apply in the order given. Moves relative to a type that is not present are no-ops
@@ -12,9 +12,42 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.translate.validate import FILTER_ALIASES, FILTER_NAMES
+__all__ = ["FILTER_ALIASES", "FILTER_NAMES", "ROUTER", "filter_type", "order_filters"]
 
-__all__ = ["filter_type", "order_filters"]
+# EG's HTTP filter names in its default order (EnvoyProxy filterOrder enum, same order as the ranks).
+FILTER_NAMES = (
+    "envoy.filters.http.custom_response",
+    "envoy.filters.http.health_check",
+    "envoy.filters.http.fault",
+    "envoy.filters.http.cors",
+    "envoy.filters.http.csrf",
+    "envoy.filters.http.header_mutation",
+    "envoy.filters.http.ext_authz",
+    "envoy.filters.http.api_key_auth",
+    "envoy.filters.http.basic_auth",
+    "envoy.filters.http.oauth2",
+    "envoy.filters.http.jwt_authn",
+    "envoy.filters.http.stateful_session",
+    "envoy.filters.http.buffer",
+    "envoy.filters.http.lua",
+    "envoy.filters.http.ext_proc",
+    "envoy.filters.http.wasm",
+    "envoy.filters.http.dynamic_modules",
+    "envoy.filters.http.geoip",
+    "envoy.filters.http.rbac",
+    "envoy.filters.http.local_ratelimit",
+    "envoy.filters.http.ratelimit",
+    "envoy.filters.http.bandwidth_limit",
+    "envoy.filters.http.grpc_web",
+    "envoy.filters.http.grpc_stats",
+    "envoy.filters.http.credential_injector",
+    "envoy.filters.http.compressor",
+    "envoy.filters.http.dynamic_forward_proxy",
+)
+
+# EG 1.1 called the basic auth filter `basic_authn` in filterOrder (its release post's example does);
+# later EG versions say `basic_auth`, the Envoy name. Both are accepted; order_filters maps the old one.
+FILTER_ALIASES = {"envoy.filters.http.basic_authn": "envoy.filters.http.basic_auth"}
 
 ROUTER = "envoy.filters.http.router"
 

@@ -1,10 +1,11 @@
 """EG policies as Envoy config: ext_proc and wasm filters, RBAC, client IP detection, load balancing.
 
-Attachment follows EG: a policy targets a Gateway (optionally one listener via sectionName) or an
-HTTPRoute; for one Envoy route, the most specific policy of a kind wins (route > listener > Gateway)
-and the others do not apply there. Filters that a policy adds exist once in the listener's filter chain,
-`disabled: true`, and are switched on per route (EG's placement); RBAC is one filter with the rules in
-each route's RBACPerRoute.
+One section per policy feature, each turning the policy already found to be in force into Envoy
+messages. Which policy is in force is attachment, in refs.py (as EG: a policy targets a Gateway,
+optionally one listener via sectionName, or an HTTPRoute; for one Envoy route the most specific policy of
+a kind wins, route > listener > Gateway, and the others do not apply there). Filters that a policy adds
+exist once in the listener's filter chain, `disabled: true`, and are switched on per route (EG's
+placement, done by routes.py); RBAC is one filter with the rules in each route's RBACPerRoute.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from sidecar.errors import ConfigError
 from sidecar.translate.backends import LoadBalancing, build_cluster
 from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
+from sidecar.translate.refs import backend_ref_target, pull_secrets
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.translate.validate import backend_ref_target, policy_targets
 from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
 
 __all__ = [
     "PolicyFilter",
-    "attached_policy",
     "client_ip_settings",
     "ext_proc_filters",
-    "finish_per_filter_configs",
     "load_balancing",
+    "rbac_filter",
     "rbac_per_route",
     "wasm_filters",
 ]
@@ -46,32 +46,6 @@ class PolicyFilter:
     name: str
     filter: Any
     cluster: Any | None = None
-
-
-def attached_policy(
-    resources: ResourceSet, kind: str, route: Resource | None, gateway: Resource, listener: str
-) -> Resource | None:
-    """The `kind` policy in force for `route` on `gateway`'s `listener`: route, then listener, then Gateway."""
-    best: tuple[int, Resource] | None = None
-    for policy in resources.of(kind):
-        for _, ref in policy_targets(policy):
-            section = ref.get("sectionName")
-            if (
-                route is not None
-                and ref["kind"] == "HTTPRoute"
-                and ref["name"] == route.name
-                and policy.namespace == route.namespace
-            ):
-                rank = 3
-            elif ref["kind"] == "Gateway" and ref["name"] == gateway.name and policy.namespace == gateway.namespace:
-                if section and section != listener:
-                    continue
-                rank = 2 if section else 1
-            else:
-                continue
-            if best is None or rank > best[0]:
-                best = (rank, policy)
-    return best[1] if best else None
 
 
 # ---- ext_proc -------------------------------------------------------------------------------------
@@ -191,15 +165,6 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
 # ---- wasm -----------------------------------------------------------------------------------------
 
 
-def _pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The pull Secret a wasm image names, from the policy's own namespace (as EG requires)."""
-    ref = (code.get("image") or {}).get("pullSecretRef")
-    if not ref:
-        return {}
-    secret = resources.get("Secret", policy.namespace, ref["name"])
-    return {ref["name"]: secret.data} if secret is not None else {}
-
-
 def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOptions) -> list[PolicyFilter]:
     from envoy_data_plane.envoy.config.core.v3 import AsyncDataSource, DataSource
     from envoy_data_plane.envoy.extensions.filters.http.wasm.v3 import Wasm
@@ -214,7 +179,7 @@ def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOption
         if options.fetch_module is None:
             raise policy.error(f"{path}.code", "cannot fetch Wasm modules here (no fetcher configured)")
         try:
-            code = options.fetch_module(wasm["code"], _pull_secrets(resources, policy, wasm["code"]))
+            code = options.fetch_module(wasm["code"], pull_secrets(resources, policy, wasm["code"]))
         except ConfigError as exc:
             raise policy.error(f"{path}.code", str(exc)) from None
         if "local" not in code:
@@ -292,38 +257,8 @@ def rbac_per_route(policy: Resource) -> Any | None:
         )
         policies["zzz-default-allow"] = Policy(permissions=[Permission(any=True)], principals=[principal])
     # envoy-data-plane 2.2 resolves RBACPerRoute.rbac to the wrong `Rbac` class and refuses the message,
-    # so the filter config travels as is and finish_per_filter_configs() wraps it once the bootstrap is a dict.
+    # so the filter config travels as is and messages.finish_per_filter_configs() wraps it once the bootstrap is a dict.
     return RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies=policies))
-
-
-_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
-_RBAC_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
-
-
-_FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-
-
-def finish_per_filter_configs(value: Any) -> Any:
-    """Fix up a rendered bootstrap dict where envoy-data-plane cannot say what Envoy needs.
-
-    * per-route RBAC entries become the RBACPerRoute that wraps them;
-    * a FilterConfig that only enables a filter gets `config: {}` (an empty Any, as EG writes it):
-      without it Envoy refuses an "empty per filter configuration".
-    """
-    if isinstance(value, list):
-        return [finish_per_filter_configs(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    result = {k: finish_per_filter_configs(v) for k, v in value.items()}
-    per_filter = result.get("typed_per_filter_config")
-    if isinstance(per_filter, dict):
-        for name, entry in per_filter.items():
-            if entry.get("@type") == _RBAC_TYPE:
-                rules = {k: v for k, v in entry.items() if k != "@type"}
-                per_filter[name] = {"@type": _RBAC_PER_ROUTE_TYPE, "rbac": rules}
-            elif entry.get("@type") == _FILTER_CONFIG_TYPE and "config" not in entry:
-                per_filter[name] = {**entry, "config": {}}
-    return result
 
 
 def rbac_filter() -> Any:

@@ -1,4 +1,11 @@
-"""The translator's entry points: files -> validated resources -> Envoy bootstrap (dict or YAML)."""
+"""The translator's entry points and its one pipeline: files -> resources -> validated -> Envoy bootstrap.
+
+`render_bootstrap(paths)` loads the resources (resources.py), `translate` validates them (schema.py, then
+rules.py, which resolves every reference through refs.py) and `build_bootstrap_from_resources` runs the
+builders, each calling only the ones below it: Gateways -> listeners (gateway.py) -> HTTPRoutes -> routes
+(routes.py) -> the policies in force (policies.py) -> clusters (backends.py). The listeners and the
+clusters they collected become the bootstrap; `dump_yaml` writes it deterministically.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,13 @@ from typing import Any
 import yaml
 
 from sidecar.errors import ConfigError
-from sidecar.translate.gateway import build_bootstrap_from_resources
+from sidecar.translate.gateway import build_listeners
+from sidecar.translate.messages import finish_per_filter_configs
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.resources import ResourceSet, load_resources
-from sidecar.translate.validate import validate
+from sidecar.translate.rules import validate
 
-__all__ = ["dump_documents", "dump_yaml", "render_bootstrap", "translate"]
+__all__ = ["build_bootstrap_from_resources", "dump_documents", "dump_yaml", "render_bootstrap", "translate"]
 
 
 def translate(resources: ResourceSet, options: RenderOptions | None = None) -> dict[str, Any]:
@@ -23,6 +31,20 @@ def translate(resources: ResourceSet, options: RenderOptions | None = None) -> d
     if not resources.of("Gateway"):
         raise ConfigError("no Gateway in the input files (need at least one, with listeners)")
     return build_bootstrap_from_resources(resources, options or RenderOptions())
+
+
+def build_bootstrap_from_resources(resources: ResourceSet, options: RenderOptions) -> dict[str, Any]:
+    """The Envoy bootstrap (static resources) for validated `resources`, as a plain dict."""
+    import betterproto2
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap, BootstrapStaticResources
+
+    clusters: dict[str, Any] = {}
+    listeners = build_listeners(resources, options, clusters)
+    static = BootstrapStaticResources(listeners=listeners, clusters=[clusters[name] for name in sorted(clusters)])
+    result: dict[str, Any] = finish_per_filter_configs(
+        Bootstrap(static_resources=static).to_dict(casing=betterproto2.Casing.SNAKE)
+    )
+    return result
 
 
 def render_bootstrap(paths: Sequence[str | os.PathLike[str]], options: RenderOptions | None = None) -> dict[str, Any]:

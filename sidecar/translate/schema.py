@@ -1,9 +1,12 @@
-"""A small structural checker for resource specs: types, enums, ranges, required and unknown fields.
+"""Structural schemas of the resources: what each spec may hold, and the small checker that enforces it.
 
-The node types mirror the OpenAPI v3 constructs EG's CRDs use (object, array, string with pattern and
-length, integer with bounds, enum, one-of). Each `check` raises ConfigError naming the resource and the
-field path, and saying what was expected. Fields the translator does not implement are *unknown* here
-on purpose: ignoring them silently would produce an Envoy that behaves differently from EG.
+`check_structure(res)` checks one resource on its own: its top-level envelope, then its spec against
+`SPEC_SCHEMAS[kind]`. The node types mirror the OpenAPI v3 constructs EG's CRDs use (object, array,
+string with pattern and length, integer with bounds, enum, one-of); the declarations below cover the
+fields the translator implements. Each `check` raises ConfigError naming the resource and the field
+path, and saying what was expected. Fields the translator does not implement are *unknown* here on
+purpose: ignoring them silently would produce an Envoy that behaves differently from EG. Rules that
+need other resources (a reference resolves, a Secret holds a key) are in rules.py.
 """
 
 from __future__ import annotations
@@ -12,9 +15,24 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sidecar.translate.order import FILTER_ALIASES, FILTER_NAMES
 from sidecar.translate.resources import Resource
 
-__all__ = ["ANY", "BOOL", "Duration", "Enum", "Int", "List", "Node", "Obj", "Str", "StrMap"]
+__all__ = [
+    "ANY",
+    "BOOL",
+    "HOSTNAME",
+    "SPEC_SCHEMAS",
+    "Duration",
+    "Enum",
+    "Int",
+    "List",
+    "Node",
+    "Obj",
+    "Str",
+    "StrMap",
+    "check_structure",
+]
 
 
 def _join(path: str, key: str | int) -> str:
@@ -155,3 +173,360 @@ class Obj(Node):
         for key, item in value.items():
             if item is not None:
                 self.fields[key].check(res, item, _join(path, key))
+
+
+# ---- the declarations: each kind's spec, as far as the translator implements it --------------------
+
+_NAME = Str(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", 253, what="a resource name")
+_GROUP = Str(
+    r"^$|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+    253,
+    min_len=0,
+    what="an API group ('' for the core group)",
+)
+_KIND = Str(r"[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?", 63, what="a kind")
+_PORT = Int(1, 65535)
+HOSTNAME = Str(
+    r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+    253,
+    what="a hostname such as www.example.com or *.example.com",
+)
+_HEADER_NAME = Str(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+", 256, what="an HTTP header name")
+_SHA256 = Str(r"[a-f0-9]{64}", 64, 64, what="64 lower-case hex digits")
+_ATTRIBUTE = Str(
+    r"(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*",
+    253,
+    what="an attribute name starting with connection., source., destination., request., response., "
+    "upstream. or xds.route_",
+)
+
+_TARGET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"])
+_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, 16, 1)}
+_OBJECT_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
+_BACKEND_REF = Obj(
+    {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
+    ["name"],
+)
+_HEADER_VALUE = Obj({"name": _HEADER_NAME, "value": Str(max_len=4096, min_len=0)}, ["name", "value"])
+_HEADER_MODIFIER = Obj(
+    {"set": List(_HEADER_VALUE, 16), "add": List(_HEADER_VALUE, 16), "remove": List(_HEADER_NAME, 16)}
+)
+_PATH_MODIFIER = Obj(
+    {
+        "type": Enum("ReplaceFullPath", "ReplacePrefixMatch"),
+        "replaceFullPath": Str(max_len=1024),
+        "replacePrefixMatch": Str(max_len=1024, min_len=0),
+    },
+    ["type"],
+)
+_ROUTE_FILTER = Obj(
+    {
+        "type": Enum("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite"),
+        "requestHeaderModifier": _HEADER_MODIFIER,
+        "responseHeaderModifier": _HEADER_MODIFIER,
+        "requestRedirect": Obj(
+            {
+                "scheme": Enum("http", "https"),
+                "hostname": HOSTNAME,
+                "path": _PATH_MODIFIER,
+                "port": _PORT,
+                "statusCode": Enum(301, 302, 303, 307, 308),
+            }
+        ),
+        "urlRewrite": Obj({"hostname": HOSTNAME, "path": _PATH_MODIFIER}),
+    },
+    ["type"],
+)
+_MATCH_VALUE = Obj(
+    {"type": Enum("Exact", "RegularExpression"), "name": _HEADER_NAME, "value": Str(max_len=4096)}, ["name", "value"]
+)
+_ROUTE_MATCH = Obj(
+    {
+        "path": Obj({"type": Enum("Exact", "PathPrefix", "RegularExpression"), "value": Str(max_len=1024)}),
+        "headers": List(_MATCH_VALUE, 16),
+        "queryParams": List(_MATCH_VALUE, 16),
+        "method": Enum("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"),
+    }
+)
+_ROUTE_RULE = Obj(
+    {
+        "name": _NAME,
+        "matches": List(_ROUTE_MATCH, 64),
+        "filters": List(_ROUTE_FILTER, 16),
+        "backendRefs": List(_BACKEND_REF, 16),
+        "timeouts": Obj({"request": Duration()}),
+    }
+)
+_PARENT_REF = Obj(
+    {"group": _GROUP, "kind": _KIND, "namespace": _NAME, "name": _NAME, "sectionName": _NAME, "port": _PORT}, ["name"]
+)
+_SECRET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
+_LISTENER = Obj(
+    {
+        "name": _NAME,
+        "hostname": HOSTNAME,
+        "port": _PORT,
+        "protocol": Enum("HTTP", "HTTPS"),
+        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
+        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All")})}),
+    },
+    ["name", "port", "protocol"],
+)
+_PROCESSING_DIRECTION = Obj(
+    {"body": Enum("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed"), "attributes": List(_ATTRIBUTE, 32)}
+)
+_EXT_PROC = Obj(
+    {
+        # EG refuses the singular `backendRef` here ("BackendRefs must be used").
+        "backendRefs": List(_BACKEND_REF, 16, 1),
+        "messageTimeout": Duration(),
+        "failOpen": BOOL,
+        "shadowMode": BOOL,
+        "statusOnError": Enum(
+            400,
+            401,
+            402,
+            403,
+            404,
+            405,
+            406,
+            407,
+            408,
+            409,
+            410,
+            411,
+            412,
+            413,
+            414,
+            415,
+            416,
+            417,
+            421,
+            422,
+            423,
+            424,
+            426,
+            428,
+            429,
+            431,
+            500,
+            501,
+            502,
+            503,
+            504,
+            505,
+            506,
+            507,
+            508,
+            510,
+            511,
+        ),
+        "processingMode": Obj(
+            {"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION, "allowModeOverride": BOOL}
+        ),
+        "metadata": Obj({"accessibleNamespaces": List(Str(), 16), "writableNamespaces": List(Str(), 8)}),
+    },
+    ["backendRefs"],
+)
+_WASM_CODE = Obj(
+    {
+        "type": Enum("HTTP", "Image"),
+        "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256}, ["url"]),
+        "image": Obj({"url": Str(max_len=2048), "sha256": _SHA256, "pullSecretRef": _SECRET_REF}, ["url"]),
+        "pullPolicy": Enum("IfNotPresent", "Always"),
+    },
+    ["type"],
+)
+_WASM = Obj(
+    {
+        "name": _NAME,
+        "rootID": Str(max_len=253),
+        "code": _WASM_CODE,
+        "config": ANY,
+        "failOpen": BOOL,
+        "env": Obj({"hostKeys": List(Str(), 64)}),
+        # Accepted where EG 1.1's release blog put it; the CRD has it under `code`.
+        "pullPolicy": Enum("IfNotPresent", "Always"),
+    },
+    ["code"],
+)
+_ENDPOINT = Obj(
+    {
+        "ip": Obj({"address": Str(max_len=45), "port": _PORT}, ["address", "port"]),
+        "fqdn": Obj({"hostname": Str(max_len=253), "port": _PORT}, ["hostname", "port"]),
+        "unix": Obj({"path": Str(max_len=108, what="a socket path of at most 108 characters")}, ["path"]),
+        "zone": Str(),
+    },
+    one_of=[("ip", "fqdn", "unix")],
+)
+_CIDR = Str(r"[0-9a-fA-F:.]+/[0-9]{1,3}", 64, what="a CIDR such as 10.0.1.0/24 or 2001:db8::/32")
+
+_FILTER = Enum(*FILTER_NAMES, *FILTER_ALIASES)
+
+SPEC_SCHEMAS: dict[str, Node] = {
+    "GatewayClass": ANY,
+    "Gateway": Obj(
+        {
+            "gatewayClassName": _NAME,
+            "listeners": List(_LISTENER, 64, 1),
+            "infrastructure": Obj(
+                {"parametersRef": Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind", "name"])}
+            ),
+        },
+        ["gatewayClassName", "listeners"],
+    ),
+    "HTTPRoute": Obj(
+        {"parentRefs": List(_PARENT_REF, 32), "hostnames": List(HOSTNAME, 16), "rules": List(_ROUTE_RULE, 16)}
+    ),
+    "Backend": Obj(
+        {
+            "type": Enum("Endpoints"),
+            "endpoints": List(_ENDPOINT, 64, 1),
+            "appProtocols": List(
+                Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
+            ),
+        },
+        ["endpoints"],
+    ),
+    "BackendTLSPolicy": Obj(
+        {
+            "targetRefs": List(_TARGET_REF, 16, 1),
+            "validation": Obj(
+                {
+                    "caCertificateRefs": List(
+                        Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind", "name"]), 8
+                    ),
+                    "wellKnownCACertificates": Enum("System"),
+                    "hostname": HOSTNAME,
+                },
+                ["hostname"],
+            ),
+        },
+        ["targetRefs", "validation"],
+    ),
+    "EnvoyExtensionPolicy": Obj({**_POLICY_TARGETS, "extProc": List(_EXT_PROC, 16), "wasm": List(_WASM, 16)}),
+    "SecurityPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "authorization": Obj(
+                {
+                    "defaultAction": Enum("Allow", "Deny"),
+                    "rules": List(
+                        Obj(
+                            {
+                                "name": _NAME,
+                                "action": Enum("Allow", "Deny"),
+                                "principal": Obj({"clientCIDRs": List(_CIDR, 256, 1)}, ["clientCIDRs"]),
+                            },
+                            ["action", "principal"],
+                        ),
+                        128,
+                    ),
+                }
+            ),
+        }
+    ),
+    "ClientTrafficPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "clientIPDetection": Obj(
+                {
+                    "xForwardedFor": Obj(
+                        {
+                            "numTrustedHops": Int(0, 2**31 - 1),
+                            "trustedCIDRs": List(_CIDR, 64, 1),
+                            "disableXForwardedForAppend": BOOL,
+                        },
+                        one_of=[("numTrustedHops", "trustedCIDRs")],
+                    ),
+                    "customHeader": Obj({"name": Str(r"[A-Za-z0-9-]+", 255), "failClosed": BOOL}, ["name"]),
+                },
+                one_of=[("xForwardedFor", "customHeader")],
+            ),
+        }
+    ),
+    "BackendTrafficPolicy": Obj(
+        {
+            **_POLICY_TARGETS,
+            "loadBalancer": Obj(
+                {
+                    "type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
+                    "consistentHash": Obj(
+                        {
+                            "type": Enum("SourceIP", "Header", "Cookie"),
+                            "header": Obj({"name": _HEADER_NAME}, ["name"]),
+                            "cookie": Obj(
+                                {"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]
+                            ),
+                            "tableSize": Int(2, 5000011),
+                        },
+                        ["type"],
+                    ),
+                },
+                ["type"],
+            ),
+        }
+    ),
+    "EnvoyProxy": Obj(
+        {
+            "filterOrder": List(
+                Obj({"name": _FILTER, "before": _FILTER, "after": _FILTER}, ["name"], one_of=[("before", "after")]), 32
+            ),
+            # Used by `--format eg` (the sidecar container patch); the local runtime ignores it.
+            "provider": ANY,
+        }
+    ),
+    # Services are only ever referenced (their ports checked); the rest of a Service spec is not ours.
+    "Service": Obj(
+        {
+            "ports": List(
+                Obj(
+                    {
+                        "port": _PORT,
+                        "name": Str(),
+                        "protocol": Enum("TCP", "UDP", "SCTP"),
+                        "targetPort": ANY,
+                        "appProtocol": Str(),
+                        "nodePort": ANY,
+                    },
+                    ["port"],
+                ),
+                64,
+            ),
+            "type": Enum("ClusterIP", "ExternalName", "NodePort", "LoadBalancer"),
+            "clusterIP": Str(max_len=45),
+            "externalName": HOSTNAME,
+            **{
+                k: ANY
+                for k in (
+                    "selector",
+                    "clusterIPs",
+                    "ipFamilies",
+                    "ipFamilyPolicy",
+                    "sessionAffinity",
+                    "externalTrafficPolicy",
+                )
+            },
+        }
+    ),
+}
+
+_ENVELOPE = {"apiVersion", "kind", "metadata", "spec", "status"}
+_DATA_ENVELOPE = {"apiVersion", "kind", "metadata", "type", "data", "stringData", "binaryData", "immutable"}
+
+
+def check_structure(res: Resource) -> None:
+    """The envelope of `res` (top-level fields; data maps of Secrets and ConfigMaps), then its spec."""
+    allowed = _DATA_ENVELOPE if res.kind in ("Secret", "ConfigMap") else _ENVELOPE
+    for key in res.data:
+        if key not in allowed:
+            raise res.error(str(key), f"unknown top-level field (expected one of {', '.join(sorted(allowed))})")
+    if res.kind in ("Secret", "ConfigMap"):
+        for key in ("data", "stringData"):
+            value = res.data.get(key)
+            if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                raise res.error(key, "expected a mapping of keys to strings")
+        return
+    if res.kind != "GatewayClass" and not isinstance(res.data.get("spec"), dict):
+        raise res.error("spec", "required (a mapping)")
+    SPEC_SCHEMAS[res.kind].check(res, res.spec, "spec")

@@ -1,5 +1,5 @@
-"""Fixtures of the translator tests (defined in kit.py)."""
+"""Fixtures of the translator tests (defined in tests/support/translate_kit.py)."""
 
-from tests.translate.kit import backends, run_envoy
+from tests.support.translate_kit import backends, run_envoy
 
 __all__ = ["backends", "run_envoy"]

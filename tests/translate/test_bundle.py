@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sidecar.cli import main
-from tests.translate.crds import CRDS, crd_schemas
+from tests.support.translate_crds import CRDS, crd_schemas
 
 INPUT = """
 apiVersion: gateway.networking.k8s.io/v1

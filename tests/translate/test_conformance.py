@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from sidecar.errors import ConfigError
-from sidecar.translate.gateway import build_bootstrap_from_resources
 from sidecar.translate.options import RenderOptions
+from sidecar.translate.render import build_bootstrap_from_resources
 from sidecar.translate.resources import Resource, ResourceSet, parse_document
-from sidecar.translate.validate import validate
+from sidecar.translate.rules import validate
 
 CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "eg-v1.9.0" / "gatewayapi-testdata"
 pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="EG corpus (../shared) not present")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
+from tests.support.translate_kit import GATEWAY, Run, backend, get, route
+from tests.support.translate_servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.support.wait import wait_for
-from tests.translate.kit import GATEWAY, Run, backend, get, route
-from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy
 
@@ -121,7 +122,7 @@ spec:
     ids=["source-ip", "header", "cookie"],
 )
 def test_consistent_hash_keeps_a_client_on_one_backend(
-    run_envoy: Run, backends: dict[str, NamedBackend], spec: str, request_kwargs: dict[str, object]
+    run_envoy: Run, backends: dict[str, NamedBackend], spec: str, request_kwargs: dict[str, Any]
 ) -> None:
     text = GATEWAY + "".join(backend(n, f"ip: {{address: 127.0.0.1, port: {backends[n].port}}}") for n in "abc")
     url = run_envoy(text + route("httproute-1", "/", "a", "b", "c") + _lb_policy(spec))

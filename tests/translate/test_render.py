@@ -13,7 +13,7 @@ from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import order_filters
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
-from tests.translate.test_validate import BASE
+from tests.support.translate_kit import BASE
 
 
 def render(tmp_path: Path, extra: str, **options: Any) -> dict[str, Any]:

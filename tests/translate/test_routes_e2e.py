@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.translate.kit import GATEWAY, Run, backend, get, route
-from tests.translate.servers import ExtProcRecorder, NamedBackend
+from tests.support.translate_kit import GATEWAY, Run, backend, get, route
+from tests.support.translate_servers import ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy
 

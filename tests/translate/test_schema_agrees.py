@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.translate.schema import Enum, List, Node, Obj
-from sidecar.translate.validate import FILTER_ALIASES, SPEC_SCHEMAS
-from tests.translate.crds import CRDS, crd_schemas
+from sidecar.translate.order import FILTER_ALIASES
+from sidecar.translate.schema import SPEC_SCHEMAS, Enum, List, Node, Obj
+from tests.support.translate_crds import CRDS, crd_schemas
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason="EG CRDs (../shared) not present")
 

@@ -19,9 +19,9 @@ import yaml
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
+from tests.support.translate_servers import DnsServer, ExtProcRecorder, NamedBackend
 from tests.support.wait import wait_for
 from tests.support.wat import MODULE_WAT
-from tests.translate.servers import DnsServer, ExtProcRecorder, NamedBackend
 
 SEED = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "eg-1.1-highlights.md"
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(not SEED.is_file(), reason="seed list (../shared) not present")]

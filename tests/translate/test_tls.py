@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -108,7 +110,7 @@ def tls_backend(pki: Path) -> Iterator[int]:
     server.daemon_threads = True
     original = server.get_request
 
-    def get_request() -> tuple[object, object]:
+    def get_request() -> tuple[socket.socket, Any]:
         conn, addr = original()
         wrapped = context.wrap_socket(conn, server_side=True)
         wrapped.server_hostname_seen = seen.get("sni", "")  # type: ignore[attr-defined]
@@ -203,7 +205,7 @@ data:
 
 
 def test_https_listeners_share_a_port_by_sni(tmp_path: Path, pki: Path) -> None:
-    from tests.translate.servers import NamedBackend
+    from tests.support.translate_servers import NamedBackend
 
     app = NamedBackend("app")
     text = f"""

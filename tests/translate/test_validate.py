@@ -13,30 +13,8 @@ from sidecar.errors import ConfigError
 from sidecar.stack.files import check_ext_proc_reachable
 from sidecar.translate.render import dump_yaml, render_bootstrap
 from sidecar.translate.resources import load_resources
-from sidecar.translate.validate import validate
-
-BASE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 80}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {name: app}
-spec:
-  endpoints: [{ip: {address: 127.0.0.1, port: 8080}}]
-"""
+from sidecar.translate.rules import validate
+from tests.support.translate_kit import BASE
 
 
 def write(tmp_path: Path, extra: str, base: str = BASE) -> Path:

@@ -18,8 +18,8 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
+from tests.support.translate_servers import NamedBackend
 from tests.support.wat import MODULE_WAT
-from tests.translate.servers import NamedBackend
 
 
 class _Serve(BaseHTTPRequestHandler):

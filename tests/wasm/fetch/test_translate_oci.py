@@ -14,10 +14,10 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
+from tests.support.translate_kit import GATEWAY, backend, get, route
+from tests.support.translate_servers import NamedBackend
 from tests.support.wasm_fetch import Registry, run
 from tests.support.wat import MODULE_WAT
-from tests.translate.kit import GATEWAY, backend, get, route
-from tests.translate.servers import NamedBackend
 
 IMAGE_POLICY = """
 ---

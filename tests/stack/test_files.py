@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.support.net import free_port
+from tests.support.translate_servers import NamedBackend
 from tests.support.wait import wait_for
-from tests.translate.servers import NamedBackend
 
 pytestmark = pytest.mark.envoy
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the translator's real-Envoy tests: YAML builders, fixtures, HTTP helper."""
+"""Shared pieces of the translator's tests: YAML inputs and builders, real-Envoy fixtures, HTTP helper."""
 
 from __future__ import annotations
 
@@ -11,7 +11,31 @@ import pytest
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
-from tests.translate.servers import NamedBackend
+from tests.support.translate_servers import NamedBackend
+
+# A Gateway, an HTTPRoute and the Backend it routes to: the smallest input that renders.
+BASE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: app}
+spec:
+  endpoints: [{ip: {address: 127.0.0.1, port: 8080}}]
+"""
 
 GATEWAY = """
 apiVersion: gateway.networking.k8s.io/v1

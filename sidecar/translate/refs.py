@@ -1,0 +1,319 @@
+"""Reference resolution: what each reference in the resources points at, for the rules and the builders.
+
+Every cross-resource lookup of the translator is here, named for the reference it follows:
+
+* backendRefs -> `BackendTarget` (the Backend or Service, port, weight); a Service's address outside
+  Kubernetes (`service_address`) and the address kinds a target brings (`endpoint_kinds`);
+* parentRefs -> which listeners of a Gateway a route attaches to (`listener_accepts`, `attached_routes`,
+  `host_intersection`);
+* policy targetRefs -> the policy in force for a route on a listener (`attached_policy`: route, then
+  listener, then Gateway, as EG ranks them), the BackendTLSPolicy of a backend, the ClientTrafficPolicy
+  of an HCM; Gateway -> EnvoyProxy (`gateway_envoy_proxy`);
+* Secrets and ConfigMaps -> their keys (`secret_value`, `secret_ref`, listener certificates, CA bundles,
+  wasm pull Secrets).
+
+Lookups that can fail raise ConfigError naming the owner's file, resource and field (rules.py calls them
+first, so the builders, which run after validation, find everything resolved).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.translate.resources import EG_API, Resource, ResourceSet
+
+__all__ = [
+    "BackendTarget",
+    "attached_policy",
+    "attached_routes",
+    "backend_ref_target",
+    "backend_tls_policy",
+    "ca_certificates",
+    "client_traffic_policy",
+    "endpoint_kind",
+    "endpoint_kinds",
+    "gateway_envoy_proxy",
+    "host_intersection",
+    "listener_accepts",
+    "listener_certificates",
+    "policy_targets",
+    "pull_secrets",
+    "secret_ref",
+    "secret_value",
+    "service_address",
+    "unreferenced_proxies",
+]
+
+
+# ---- backendRefs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendTarget:
+    """A resolved backendRef: the Backend or Service, and the port (Services need one)."""
+
+    resource: Resource
+    port: int | None
+    weight: int
+
+
+def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, Any], path: str) -> BackendTarget:
+    """The Backend or Service a backendRef of `owner` (at field `path`) names; ConfigError if it does not resolve."""
+    group = ref.get("group", "")
+    kind = ref.get("kind", "Service")
+    namespace = ref.get("namespace", owner.namespace)
+    weight = int(ref.get("weight", 1))
+    if (group, kind) == (EG_API, "Backend"):
+        backend = resources.get("Backend", namespace, ref["name"])
+        if backend is None:
+            raise owner.error(f"{path}.name", f"no Backend {namespace}/{ref['name']} in the input files")
+        return BackendTarget(backend, ref.get("port"), weight)
+    if (group, kind) == ("", "Service"):
+        service = resources.get("Service", namespace, ref["name"])
+        if service is None:
+            raise owner.error(
+                f"{path}.name",
+                f"no Service {namespace}/{ref['name']} in the input files "
+                "(or use a Backend of group gateway.envoyproxy.io)",
+            )
+        port = ref.get("port")
+        if port is None:
+            raise owner.error(f"{path}.port", "required for a Service backendRef (a port of the Service)")
+        ports = [p.get("port") for p in service.spec.get("ports") or []]
+        if port not in ports:
+            raise owner.error(
+                f"{path}.port",
+                f"Service {namespace}/{ref['name']} has no port {port} (ports: {', '.join(map(str, ports)) or 'none'})",
+            )
+        return BackendTarget(service, port, weight)
+    raise owner.error(
+        path, f"expected a Backend (group {EG_API}) or a Service (group ''), got group {group!r} kind {kind!r}"
+    )
+
+
+def endpoint_kind(endpoint: dict[str, Any]) -> str:
+    """ip, fqdn or unix: the one a Backend endpoint sets."""
+    return next(k for k in ("ip", "fqdn", "unix") if endpoint.get(k) is not None)
+
+
+def service_address(service: Resource) -> tuple[str, str] | None:
+    """("fqdn", name) for an ExternalName Service, ("ip", address) for one with a clusterIP, else None.
+
+    That is how a Service runs outside Kubernetes: traffic goes to clusterIP:port (or the external
+    name) directly; there are no pods behind it to pick a targetPort.
+    """
+    spec = service.spec
+    if spec.get("type") == "ExternalName":
+        return "fqdn", str(spec["externalName"])
+    cluster_ip = spec.get("clusterIP")
+    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
+        return "ip", cluster_ip
+    return None
+
+
+def endpoint_kinds(target: BackendTarget) -> set[str]:
+    """The address kinds a resolved backendRef contributes: ip, fqdn, unix, or "service" (no address)."""
+    if target.resource.kind == "Service":
+        found = service_address(target.resource)
+        return {found[0] if found else "service"}
+    return {endpoint_kind(e) for e in target.resource.spec["endpoints"]}
+
+
+# ---- parentRefs: routes on listeners -------------------------------------------------------------
+
+
+def host_intersection(route_host: str, listener_host: str | None) -> str | None:
+    """The hostname a route serves on a listener (None: not on this listener), Gateway API intersection."""
+    if listener_host is None or route_host == listener_host:
+        return route_host
+    if listener_host.startswith("*.") and route_host.endswith(listener_host[1:]):
+        return route_host
+    if route_host.startswith("*.") and listener_host.endswith(route_host[1:]):
+        return listener_host
+    return None
+
+
+def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
+    """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
+    if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
+        return False
+    if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
+        return False
+    allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
+    if allowed == "Same" and route.namespace != gateway.namespace:
+        return False  # Gateway API default: only routes from the Gateway's own namespace attach
+    hostnames = route.spec.get("hostnames") or []
+    return not hostnames or any(host_intersection(h, listener.get("hostname")) for h in hostnames)
+
+
+def attached_routes(resources: ResourceSet, gateway: Resource, listener: str) -> list[Resource]:
+    """The HTTPRoutes attached to `gateway`'s listener named `listener`, in input order."""
+    spec = next(li for li in gateway.spec["listeners"] if li["name"] == listener)
+    return [
+        route
+        for route in resources.of("HTTPRoute")
+        if any(listener_accepts(gateway, spec, route, parent) for parent in route.spec.get("parentRefs") or [])
+    ]
+
+
+# ---- targetRefs: policy attachment ---------------------------------------------------------------
+
+
+def policy_targets(res: Resource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field path, targetRef) for `targetRef` or each of `targetRefs`."""
+    if res.kind == "BackendTLSPolicy" or "targetRefs" in res.spec:
+        for index, ref in enumerate(res.spec.get("targetRefs") or []):
+            yield f"spec.targetRefs[{index}]", ref
+    elif "targetRef" in res.spec:
+        yield "spec.targetRef", res.spec["targetRef"]
+
+
+def attached_policy(
+    resources: ResourceSet, kind: str, route: Resource | None, gateway: Resource, listener: str
+) -> Resource | None:
+    """The `kind` policy in force for `route` on `gateway`'s `listener`: route, then listener, then Gateway."""
+    best: tuple[int, Resource] | None = None
+    for policy in resources.of(kind):
+        for _, ref in policy_targets(policy):
+            section = ref.get("sectionName")
+            if (
+                route is not None
+                and ref["kind"] == "HTTPRoute"
+                and ref["name"] == route.name
+                and policy.namespace == route.namespace
+            ):
+                rank = 3
+            elif ref["kind"] == "Gateway" and ref["name"] == gateway.name and policy.namespace == gateway.namespace:
+                if section and section != listener:
+                    continue
+                rank = 2 if section else 1
+            else:
+                continue
+            if best is None or rank > best[0]:
+                best = (rank, policy)
+    return best[1] if best else None
+
+
+def backend_tls_policy(resources: ResourceSet, backend: Resource) -> Resource | None:
+    """The BackendTLSPolicy that targets `backend` (a Backend or Service), if any."""
+    for policy in resources.of("BackendTLSPolicy"):
+        if policy.namespace != backend.namespace:
+            continue
+        for _, ref in policy_targets(policy):
+            if ref["kind"] == backend.kind and ref["name"] == backend.name:
+                return policy
+    return None
+
+
+def client_traffic_policy(
+    resources: ResourceSet, gateway: Resource, listeners: list[dict[str, Any]]
+) -> Resource | None:
+    """The ClientTrafficPolicy for one HCM serving `listeners` of `gateway`: the first listener's in force."""
+    for listener in listeners:
+        found = attached_policy(resources, "ClientTrafficPolicy", None, gateway, listener["name"])
+        if found is not None:
+            return found
+    # Not EG (it takes only Gateway targets): a policy targeting a route on this listener applies here.
+    routes = {(r.namespace, r.name) for li in listeners for r in attached_routes(resources, gateway, li["name"])}
+    for policy in resources.of("ClientTrafficPolicy"):
+        for _, ref in policy_targets(policy):
+            if ref["kind"] == "HTTPRoute" and (policy.namespace, ref["name"]) in routes:
+                return policy
+    return None
+
+
+# ---- Gateway -> EnvoyProxy -----------------------------------------------------------------------
+
+
+def unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
+    """EnvoyProxies with a filterOrder that no Gateway's infrastructure.parametersRef names."""
+    referenced = {
+        (g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
+        for g in resources.of("Gateway")
+    }
+    return [
+        p for p in resources.of("EnvoyProxy") if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced
+    ]
+
+
+def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
+    """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
+    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
+    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
+    if ref is not None:
+        return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
+    unreferenced = unreferenced_proxies(resources)
+    return unreferenced[0] if unreferenced else None
+
+
+# ---- Secrets and ConfigMaps ----------------------------------------------------------------------
+
+
+def secret_value(res: Resource, key: str) -> bytes | None:
+    """`key` from a Secret or ConfigMap: `stringData`/ConfigMap `data` as text, Secret `data` base64."""
+    string_data = res.data.get("stringData") or {}
+    data = res.data.get("data") or {}
+    if key in string_data:
+        return str(string_data[key]).encode()
+    if key not in data:
+        return None
+    if res.kind == "ConfigMap":
+        return str(data[key]).encode()
+    try:
+        return base64.b64decode(data[key], validate=True)
+    except (binascii.Error, ValueError):
+        raise res.error(f"data.{key}", "expected base64 (use stringData for plain text)") from None
+
+
+def secret_ref(
+    resources: ResourceSet, owner: Resource, ref: dict[str, Any], path: str, keys: tuple[str, ...]
+) -> Resource:
+    """The Secret or ConfigMap `ref` names (from `owner` at field `path`), holding every one of `keys`."""
+    kind = ref.get("kind", "Secret")
+    if ref.get("group", "") != "" or kind not in ("Secret", "ConfigMap"):
+        raise owner.error(path, f"expected a core Secret or ConfigMap, got {ref.get('group', '')}/{kind}")
+    namespace = ref.get("namespace", owner.namespace)
+    found = resources.get(kind, namespace, ref["name"])
+    if found is None:
+        raise owner.error(f"{path}.name", f"no {kind} {namespace}/{ref['name']} in the input files")
+    for key in keys:
+        if secret_value(found, key) is None:
+            raise owner.error(f"{path}.name", f"{kind} {namespace}/{ref['name']} has no key {key!r}")
+    return found
+
+
+def listener_certificates(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> list[tuple[str, str]]:
+    """(certificate chain, private key) of each `tls.certificateRefs` Secret of an HTTPS listener."""
+    certificates = []
+    for ref in listener["tls"]["certificateRefs"]:
+        secret = resources.get("Secret", ref.get("namespace", gateway.namespace), ref["name"])
+        assert secret is not None  # validate() resolved it
+        chain, key = secret_value(secret, "tls.crt"), secret_value(secret, "tls.key")
+        assert chain is not None and key is not None
+        certificates.append((chain.decode(), key.decode()))
+    return certificates
+
+
+def ca_certificates(resources: ResourceSet, policy: Resource) -> list[str]:
+    """The `ca.crt` of each Secret/ConfigMap a BackendTLSPolicy's `validation.caCertificateRefs` names."""
+    cas: list[str] = []
+    for ref in policy.spec["validation"].get("caCertificateRefs") or []:
+        found = resources.get(ref["kind"], policy.namespace, ref["name"])
+        assert found is not None  # validate() resolved it
+        value = secret_value(found, "ca.crt")
+        assert value is not None
+        cas.append(value.decode())
+    return cas
+
+
+def pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pull Secret a wasm image names, from the policy's own namespace (as EG requires)."""
+    ref = (code.get("image") or {}).get("pullSecretRef")
+    if not ref:
+        return {}
+    secret = resources.get("Secret", policy.namespace, ref["name"])
+    return {ref["name"]: secret.data} if secret is not None else {}

@@ -1,0 +1,265 @@
+"""HTTPRoutes -> Envoy routes and virtual hosts, for one HTTP connection manager (HCM) at a time.
+
+For each route attached to a listener (refs.attached_routes), every rule becomes one Envoy route per
+match and hostname served (route name `httproute/<ns>/<name>/rule/<r>/match/<m>/<host>`), in a virtual
+host per hostname (`<hcm>/<hostname with dots as underscores>`). Routes in a virtual host are ordered by
+Gateway API precedence: Exact, then regular expression, then prefix; longer paths first; then method
+matches, then more header/query matches. A rule's backendRefs become one cluster
+`httproute/<ns>/<name>/rule/<r>` (backends.py), shaped by the BackendTrafficPolicy in force; the
+EnvoyExtensionPolicy and SecurityPolicy in force switch their filters on per route (policies.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import ConfigError
+from sidecar.translate.backends import build_cluster
+from sidecar.translate.messages import enable_on_route, pack, parse_duration
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.policies import (
+    RBAC,
+    PolicyFilter,
+    ext_proc_filters,
+    load_balancing,
+    rbac_filter,
+    rbac_per_route,
+    wasm_filters,
+)
+from sidecar.translate.refs import attached_policy, backend_ref_target, host_intersection
+from sidecar.translate.resources import Resource, ResourceSet
+
+__all__ = ["RouteBuilder", "RouteTable"]
+
+_PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}
+_REDIRECT_CODES = {
+    301: "MOVED_PERMANENTLY",
+    302: "FOUND",
+    303: "SEE_OTHER",
+    307: "TEMPORARY_REDIRECT",
+    308: "PERMANENT_REDIRECT",
+}
+
+
+def _header_options(modifier: dict[str, Any]) -> list[Any]:
+    from envoy_data_plane.envoy.config.core.v3 import (
+        HeaderValue,
+        HeaderValueOption,
+        HeaderValueOptionHeaderAppendAction,
+    )
+
+    options = []
+    for verb, action in (("set", "OVERWRITE_IF_EXISTS_OR_ADD"), ("add", "APPEND_IF_EXISTS_OR_ADD")):
+        for header in modifier.get(verb) or []:
+            options.append(
+                HeaderValueOption(
+                    header=HeaderValue(key=header["name"], value=header["value"]),
+                    append_action=HeaderValueOptionHeaderAppendAction[action],
+                )
+            )
+    return options
+
+
+def _route_match(match: dict[str, Any]) -> Any:
+    from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher, QueryParameterMatcher, RouteMatch
+    from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+
+    def string_match(spec: dict[str, Any]) -> Any:
+        if spec.get("type", "Exact") == "RegularExpression":
+            return StringMatcher(safe_regex=RegexMatcher(regex=spec["value"]))
+        return StringMatcher(exact=spec["value"])
+
+    path = match.get("path") or {}
+    kind, value = path.get("type", "PathPrefix"), path.get("value", "/")
+    if kind == "Exact":
+        result = RouteMatch(path=value)
+    elif kind == "RegularExpression":
+        result = RouteMatch(safe_regex=RegexMatcher(regex=value))
+    elif value.rstrip("/") == "":
+        result = RouteMatch(prefix="/")
+    else:
+        # Gateway API prefixes match whole path segments: /foo matches /foo and /foo/bar, not /foobar.
+        result = RouteMatch(path_separated_prefix=value.rstrip("/"))
+    headers = [HeaderMatcher(name=h["name"], string_match=string_match(h)) for h in match.get("headers") or []]
+    if match.get("method"):
+        headers.append(HeaderMatcher(name=":method", string_match=StringMatcher(exact=match["method"])))
+    result.headers = headers
+    result.query_parameters = [
+        QueryParameterMatcher(name=q["name"], string_match=string_match(q)) for q in match.get("queryParams") or []
+    ]
+    return result
+
+
+def _precedence(match: dict[str, Any]) -> tuple[int, int, int, int]:
+    path = match.get("path") or {}
+    kind, value = path.get("type", "PathPrefix"), path.get("value", "/")
+    headers = len(match.get("headers") or []) + len(match.get("queryParams") or [])
+    return _PATH_RANK[kind], -len(value), 0 if match.get("method") else 1, -headers
+
+
+def _redirect(spec: dict[str, Any]) -> Any:
+    from envoy_data_plane.envoy.config.route.v3 import RedirectAction, RedirectActionRedirectResponseCode
+
+    redirect = RedirectAction(
+        response_code=RedirectActionRedirectResponseCode[_REDIRECT_CODES[spec.get("statusCode", 302)]]
+    )
+    if spec.get("scheme"):
+        redirect.scheme_redirect = spec["scheme"]
+    if spec.get("hostname"):
+        redirect.host_redirect = spec["hostname"]
+    if spec.get("port"):
+        redirect.port_redirect = spec["port"]
+    modifier = spec.get("path")
+    if modifier and modifier["type"] == "ReplaceFullPath":
+        redirect.path_redirect = modifier["replaceFullPath"]
+    elif modifier:
+        redirect.prefix_rewrite = modifier.get("replacePrefixMatch", "/") or "/"
+    return redirect
+
+
+@dataclass
+class RouteTable:
+    """The routes of one HCM being built: its virtual hosts, the HTTP filters its routes switch on, the routes."""
+
+    name: str
+    gateway: Resource
+    listeners: list[dict[str, Any]]
+    vhosts: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, Any] = field(default_factory=dict)
+    routes: list[tuple[tuple[Any, ...], str, Any]] = field(default_factory=list)
+
+    def virtual_hosts(self) -> list[Any]:
+        """The virtual hosts, each with its routes in precedence order."""
+        for _, host, envoy_route in sorted(self.routes, key=lambda item: item[0]):
+            self.vhosts[host].routes.append(envoy_route)
+        # Exact hostnames before wildcards before the catch-all, as Envoy prefers them anyway.
+        return [self.vhosts[h] for h in sorted(self.vhosts, key=lambda h: (h == "*", h))]
+
+
+class RouteBuilder:
+    """Adds HTTPRoutes to RouteTables for one render. Rule clusters go into `clusters` (by name, shared
+    with the other HCMs); each EnvoyExtensionPolicy's filters are built once, their clusters too."""
+
+    def __init__(self, resources: ResourceSet, options: RenderOptions, clusters: dict[str, Any]) -> None:
+        self.resources = resources
+        self.options = options
+        self.clusters = clusters
+        self._policy_filters: dict[tuple[str, str], list[PolicyFilter]] = {}
+
+    def add(self, table: RouteTable, route: Resource, listener: dict[str, Any]) -> None:
+        """Add `route`'s rules, as attached to `listener`, to `table` (and their clusters to `clusters`)."""
+        from envoy_data_plane.envoy.config.route.v3 import DirectResponseAction, Route, VirtualHost
+
+        hosts = []
+        for host in route.spec.get("hostnames") or [listener.get("hostname") or "*"]:
+            served = host_intersection(host, listener.get("hostname"))
+            if served is not None:
+                hosts.append(served)
+        eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, table.gateway, listener["name"])
+        security = attached_policy(self.resources, "SecurityPolicy", route, table.gateway, listener["name"])
+        per_filter: dict[str, Any] = {}
+        for pf in self._filters_of(eep) if eep else []:
+            table.filters[pf.name] = pf.filter
+            per_filter[pf.name] = enable_on_route()
+        rbac = rbac_per_route(security) if security else None
+        if rbac is not None:
+            table.filters[RBAC] = rbac_filter()
+            per_filter[RBAC] = pack(rbac)
+        rules = route.spec.get("rules") or [{}]
+        for r, rule in enumerate(rules):
+            action = self._route_action(route, r, rule, table, listener["name"])
+            filters = rule.get("filters") or []
+            for m, match in enumerate(rule.get("matches") or [{}]):
+                for host in hosts:
+                    host_key = host.replace(".", "_").replace("*", "wildcard")
+                    envoy_route = Route(
+                        name=f"httproute/{route.namespace}/{route.name}/rule/{r}/match/{m}/{host_key}",
+                        match=_route_match(match),
+                        typed_per_filter_config=dict(per_filter),
+                    )
+                    redirect = next((f["requestRedirect"] for f in filters if f["type"] == "RequestRedirect"), None)
+                    if redirect is not None:
+                        envoy_route.redirect = _redirect(redirect)
+                    elif action is not None:
+                        envoy_route.route = action
+                    else:
+                        envoy_route.direct_response = DirectResponseAction(status=500)
+                    for flt in filters:
+                        if flt["type"] == "RequestHeaderModifier":
+                            envoy_route.request_headers_to_add = _header_options(flt["requestHeaderModifier"])
+                            envoy_route.request_headers_to_remove = list(flt["requestHeaderModifier"].get("remove", []))
+                        elif flt["type"] == "ResponseHeaderModifier":
+                            envoy_route.response_headers_to_add = _header_options(flt["responseHeaderModifier"])
+                            envoy_route.response_headers_to_remove = list(
+                                flt["responseHeaderModifier"].get("remove", [])
+                            )
+                    vhost_name = f"{table.name}/{host_key}"
+                    if host not in table.vhosts:
+                        table.vhosts[host] = VirtualHost(name=vhost_name, domains=[host])
+                    table.routes.append(((host, *_precedence(match), len(table.routes)), host, envoy_route))
+
+    def _filters_of(self, policy: Resource) -> list[PolicyFilter]:
+        key = (policy.namespace, policy.name)
+        if key not in self._policy_filters:
+            found = [
+                *ext_proc_filters(self.resources, policy, self.options),
+                *wasm_filters(self.resources, policy, self.options),
+            ]
+            for pf in found:
+                if pf.cluster is not None:
+                    self.clusters[pf.cluster.name] = pf.cluster
+            self._policy_filters[key] = found
+        return self._policy_filters[key]
+
+    def _add_cluster(self, cluster: Any) -> str:
+        existing = self.clusters.get(cluster.name)
+        if existing is not None and existing != cluster:
+            raise ConfigError(
+                f"cluster {cluster.name}: the rule is attached to Gateways with different "
+                "BackendTrafficPolicies; target the HTTPRoute instead"
+            )
+        self.clusters[cluster.name] = cluster
+        return str(cluster.name)
+
+    def _route_action(
+        self, route: Resource, index: int, rule: dict[str, Any], table: RouteTable, listener: str
+    ) -> Any | None:
+        """The RouteAction for one rule; None when no backend can take traffic (Envoy answers 500)."""
+        from envoy_data_plane.envoy.config.route.v3 import RouteAction, RouteActionUpgradeConfig
+        from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
+
+        refs = rule.get("backendRefs") or []
+        if not refs:
+            return None
+        btp = attached_policy(self.resources, "BackendTrafficPolicy", route, table.gateway, listener)
+        lb, hash_policies = load_balancing(btp)
+        path = f"spec.rules[{index}].backendRefs"
+        targets = [backend_ref_target(self.resources, route, ref, f"{path}[{i}]") for i, ref in enumerate(refs)]
+        name = f"httproute/{route.namespace}/{route.name}/rule/{index}"
+        if not any(t.weight for t in targets):
+            return None
+        cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path), lb=lb)
+        # EG lets WebSocket upgrades through on every route.
+        action = RouteAction(
+            cluster=self._add_cluster(cluster),
+            hash_policy=hash_policies,
+            upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")],
+        )
+        timeout = (rule.get("timeouts") or {}).get("request")
+        if timeout:
+            action.timeout = parse_duration(timeout)
+        for flt in rule.get("filters") or []:
+            if flt["type"] != "URLRewrite":
+                continue
+            rewrite = flt["urlRewrite"]
+            if rewrite.get("hostname"):
+                action.host_rewrite_literal = rewrite["hostname"]
+            modifier = rewrite.get("path")
+            if modifier and modifier["type"] == "ReplacePrefixMatch":
+                action.prefix_rewrite = modifier.get("replacePrefixMatch", "/") or "/"
+            elif modifier:
+                action.regex_rewrite = RegexMatchAndSubstitute(
+                    pattern=RegexMatcher(regex="^/.*$"), substitution=modifier["replaceFullPath"]
+                )
+        return action

@@ -1,0 +1,358 @@
+"""Cross-resource validation rules: what EG's translator checks beyond each resource's own schema.
+
+`validate(resources)` raises ConfigError at the first problem, naming file, resource, field and what was
+expected. It runs in two passes: every resource's structure on its own (schema.py), then the rules here,
+one method per kind: targetRefs resolve, backendRefs resolve (with a port where a Service needs one;
+refs.py follows them), Backend endpoints are well formed and not mixed in ways EG refuses,
+Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse, consistent-hash table sizes are prime,
+filterOrder does not place a filter relative to itself.
+
+`strict_eg=True` also applies the rules that only make sense inside a cluster (EG refuses loopback
+Backend addresses, ClientTrafficPolicies target Gateways only); the local runtime needs loopback, so it
+is off for `render`/`up`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from sidecar.translate.refs import (
+    backend_ref_target,
+    endpoint_kind,
+    endpoint_kinds,
+    listener_accepts,
+    policy_targets,
+    secret_ref,
+    unreferenced_proxies,
+)
+from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
+from sidecar.translate.schema import HOSTNAME, check_structure
+
+__all__ = ["validate"]
+
+# ---- the rules: one method per kind ---------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(self, resources: ResourceSet, strict_eg: bool) -> None:
+        self.resources = resources
+        self.strict_eg = strict_eg
+
+    def run(self) -> None:
+        for res in self.resources:
+            check_structure(res)
+        for res in self.resources:
+            check = getattr(self, "_" + res.kind, None)
+            if check is not None:
+                check(res)
+        unreferenced = unreferenced_proxies(self.resources)
+        if len(unreferenced) > 1:
+            raise unreferenced[1].error(
+                "metadata.name",
+                "more than one EnvoyProxy with a filterOrder is not "
+                "referenced by a Gateway's spec.infrastructure.parametersRef; "
+                "reference each from its Gateway",
+            )
+
+    def _Gateway(self, res: Resource) -> None:
+        names: set[str] = set()
+        for index, listener in enumerate(res.spec["listeners"]):
+            path = f"spec.listeners[{index}]"
+            if listener["name"] in names:
+                raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
+            names.add(listener["name"])
+            if listener["protocol"] == "HTTPS":
+                refs = (listener.get("tls") or {}).get("certificateRefs")
+                if not refs:
+                    raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
+                for i, ref in enumerate(refs):
+                    secret_ref(
+                        self.resources,
+                        res,
+                        {**ref, "kind": ref.get("kind", "Secret")},
+                        f"{path}.tls.certificateRefs[{i}]",
+                        ("tls.crt", "tls.key"),
+                    )
+            elif listener.get("tls"):
+                raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
+        https_hosts: dict[int, set[str | None]] = {}
+        for index, listener in enumerate(res.spec["listeners"]):
+            if listener["protocol"] != "HTTPS":
+                continue
+            seen = https_hosts.setdefault(listener["port"], set())
+            if listener.get("hostname") in seen:
+                # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
+                raise res.error(
+                    f"spec.listeners[{index}].hostname",
+                    f"HTTPS listeners sharing port {listener['port']} need distinct hostnames",
+                )
+            seen.add(listener.get("hostname"))
+        ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
+        if ref is not None:
+            if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
+                raise res.error(
+                    "spec.infrastructure.parametersRef",
+                    f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}",
+                )
+            if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
+                raise res.error(
+                    "spec.infrastructure.parametersRef.name",
+                    f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files",
+                )
+
+    def _HTTPRoute(self, res: Resource) -> None:
+        for index, parent in enumerate(res.spec.get("parentRefs") or []):
+            path = f"spec.parentRefs[{index}]"
+            if (parent.get("group", GATEWAY_API), parent.get("kind", "Gateway")) != (GATEWAY_API, "Gateway"):
+                raise res.error(path, "expected a Gateway parent (group gateway.networking.k8s.io)")
+            namespace = parent.get("namespace", res.namespace)
+            gateway = self.resources.get("Gateway", namespace, parent["name"])
+            if gateway is None:
+                raise res.error(f"{path}.name", f"no Gateway {namespace}/{parent['name']} in the input files")
+            section = parent.get("sectionName")
+            if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
+                raise res.error(
+                    f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                )
+            if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
+                raise res.error(
+                    path,
+                    f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                    "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                    "allowedRoutes.namespaces)",
+                )
+        for r, rule in enumerate(res.spec.get("rules") or []):
+            refs = rule.get("backendRefs") or []
+            targets = [
+                backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
+                for i, ref in enumerate(refs)
+            ]
+            kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
+            if "fqdn" in kinds and len(kinds) > 1:
+                raise res.error(
+                    f"spec.rules[{r}].backendRefs",
+                    "mixes FQDN endpoints with "
+                    f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
+                    "address type per rule (split the rule, or use one kind of Backend)",
+                )
+            filters = rule.get("filters") or []
+            for f, flt in enumerate(filters):
+                field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
+                if flt.get(field) is None:
+                    raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
+            if any(f["type"] == "RequestRedirect" for f in filters) and refs:
+                raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
+            for m, match in enumerate(rule.get("matches") or []):
+                pmatch = match.get("path") or {}
+                is_regex = pmatch.get("type") == "RegularExpression"
+                if not is_regex and not pmatch.get("value", "/").startswith("/"):
+                    raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
+                regexes: list[str] = [pmatch.get("value", "")] if is_regex else []
+                regexes += [h["value"] for h in match.get("headers") or [] if h.get("type") == "RegularExpression"]
+                for regex in regexes:
+                    try:
+                        re.compile(regex)
+                    except re.error as exc:
+                        raise res.error(
+                            f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}"
+                        ) from None
+
+    def _Backend(self, res: Resource) -> None:
+        kinds = {endpoint_kind(e) for e in res.spec["endpoints"]}
+        if "fqdn" in kinds and len(kinds) > 1:
+            raise res.error(
+                "spec.endpoints",
+                "mixes fqdn with ip/unix endpoints; EG needs one address type "
+                "(a Backend of IPs and sockets, or one of FQDNs)",
+            )
+        for index, endpoint in enumerate(res.spec["endpoints"]):
+            path = f"spec.endpoints[{index}]"
+            if endpoint.get("ip") is not None:
+                try:
+                    address = ipaddress.ip_address(endpoint["ip"]["address"])
+                except ValueError:
+                    raise res.error(
+                        f"{path}.ip.address", f"expected an IPv4 or IPv6 address, got {endpoint['ip']['address']!r}"
+                    ) from None
+                if self.strict_eg and address.is_loopback:
+                    raise res.error(f"{path}.ip.address", f"{address} is a loopback address, which EG refuses")
+            elif endpoint.get("fqdn") is not None:
+                host = endpoint["fqdn"]["hostname"]
+                if not HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
+                    raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
+                if "." not in host:
+                    raise res.error(
+                        f"{path}.fqdn.hostname",
+                        f"expected a domain of two or more labels (EG refuses single-label names), got {host!r}",
+                    )
+            elif not endpoint["unix"]["path"].startswith("/"):
+                raise res.error(f"{path}.unix.path", f"expected an absolute path, got {endpoint['unix']['path']!r}")
+
+    def _Service(self, res: Resource) -> None:
+        if res.spec.get("type") == "ExternalName" and not res.spec.get("externalName"):
+            raise res.error("spec.externalName", "required with type ExternalName")
+        cluster_ip = res.spec.get("clusterIP")
+        if cluster_ip not in (None, "", "None"):
+            try:
+                ipaddress.ip_address(cluster_ip)
+            except ValueError:
+                raise res.error("spec.clusterIP", f"expected an IP address or None, got {cluster_ip!r}") from None
+
+    def _BackendTLSPolicy(self, res: Resource) -> None:
+        for path, ref in policy_targets(res):
+            kind = ref["kind"]
+            group = ref.get("group", "")
+            if (group, kind) not in ((EG_API, "Backend"), ("", "Service")):
+                raise res.error(path, f"expected a Backend (group {EG_API}) or a Service, got {group}/{kind}")
+            if self.resources.get(kind, res.namespace, ref["name"]) is None:
+                raise res.error(f"{path}.name", f"no {kind} {res.namespace}/{ref['name']} in the input files")
+        validation = res.spec["validation"]
+        refs = validation.get("caCertificateRefs") or []
+        if bool(refs) == bool(validation.get("wellKnownCACertificates")):
+            raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
+        for index, ref in enumerate(refs):
+            secret_ref(self.resources, res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
+
+    def _targets(self, res: Resource, kinds: tuple[str, ...]) -> None:
+        targets = list(policy_targets(res))
+        if not targets:
+            raise res.error("spec", "expected exactly one of targetRef or targetRefs")
+        if "targetRef" in res.spec and "targetRefs" in res.spec:
+            raise res.error("spec", "expected exactly one of targetRef or targetRefs, got both")
+        for path, ref in targets:
+            if ref["group"] != GATEWAY_API or ref["kind"] not in kinds:
+                raise res.error(
+                    path,
+                    f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, got {ref['group']}/{ref['kind']}",
+                )
+            target = self.resources.get(ref["kind"], res.namespace, ref["name"])
+            if target is None:
+                raise res.error(f"{path}.name", f"no {ref['kind']} {res.namespace}/{ref['name']} in the input files")
+            section = ref.get("sectionName")
+            if section:
+                sections = (
+                    [li["name"] for li in target.spec["listeners"]]
+                    if target.kind == "Gateway"
+                    else [rule.get("name") for rule in target.spec.get("rules") or []]
+                )
+                if section not in sections:
+                    raise res.error(
+                        f"{path}.sectionName",
+                        f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                    )
+
+    def _EnvoyExtensionPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        for index, ext in enumerate(res.spec.get("extProc") or []):
+            path = f"spec.extProc[{index}]"
+            refs = ext["backendRefs"]
+            targets = [
+                backend_ref_target(self.resources, res, ref, f"{path}.backendRefs[{i}]") for i, ref in enumerate(refs)
+            ]
+            kinds = set().union(*(endpoint_kinds(t) for t in targets))
+            if "fqdn" in kinds and len(kinds) > 1:
+                raise res.error(
+                    f"{path}.backendRefs",
+                    "mixes FQDN endpoints with other endpoint types; EG needs one address type per extProc",
+                )
+            mode = ext.get("processingMode") or {}
+            full_duplex = any((mode.get(d) or {}).get("body") == "FullDuplexStreamed" for d in ("request", "response"))
+            if full_duplex and ext.get("failOpen"):
+                raise res.error(
+                    f"{path}.failOpen",
+                    "expected false with body mode FullDuplexStreamed "
+                    "(Envoy refuses fail-open for full-duplex streaming)",
+                )
+            waiting = {str(b) for d in ("request", "response") if (b := (mode.get(d) or {}).get("body"))} - {"Streamed"}
+            if ext.get("shadowMode") and waiting:
+                raise res.error(
+                    f"{path}.shadowMode",
+                    "expected body mode Streamed or none with shadowMode "
+                    f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)",
+                )
+        for index, wasm in enumerate(res.spec.get("wasm") or []):
+            path = f"spec.wasm[{index}].code"
+            code = wasm["code"]
+            source = code["type"].lower()
+            if code.get(source) is None:
+                raise res.error(f"{path}.{source}", f"required for type {code['type']}")
+            other = "image" if source == "http" else "http"
+            if code.get(other) is not None:
+                raise res.error(f"{path}.{other}", f"not allowed with type {code['type']}")
+            secret = (code.get("image") or {}).get("pullSecretRef")
+            if secret is not None:
+                secret_ref(
+                    self.resources,
+                    res,
+                    {**secret, "kind": secret.get("kind", "Secret")},
+                    f"{path}.image.pullSecretRef",
+                    (".dockerconfigjson",),
+                )
+            config = wasm.get("config")
+            if config is not None and not isinstance(config, dict | list | str | int | float | bool):
+                raise res.error(f"spec.wasm[{index}].config", "expected JSON-compatible data")
+
+    def _SecurityPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        authorization = res.spec.get("authorization") or {}
+        for r, rule in enumerate(authorization.get("rules") or []):
+            for c, cidr in enumerate(rule["principal"]["clientCIDRs"]):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise res.error(
+                        f"spec.authorization.rules[{r}].principal.clientCIDRs[{c}]",
+                        f"expected a CIDR such as 10.0.1.0/24 or 2001:db8::/32, got {cidr!r}",
+                    ) from None
+
+    def _ClientTrafficPolicy(self, res: Resource) -> None:
+        # EG accepts only Gateway targets here; HTTPRoute is accepted (applied to the route's listeners)
+        # because EG 1.1's release announcement shows it that way.
+        self._targets(res, ("Gateway",) if self.strict_eg else ("Gateway", "HTTPRoute"))
+        xff = ((res.spec.get("clientIPDetection") or {}).get("xForwardedFor")) or {}
+        for c, cidr in enumerate(xff.get("trustedCIDRs") or []):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise res.error(
+                    f"spec.clientIPDetection.xForwardedFor.trustedCIDRs[{c}]", f"expected a CIDR, got {cidr!r}"
+                ) from None
+
+    def _BackendTrafficPolicy(self, res: Resource) -> None:
+        self._targets(res, ("Gateway", "HTTPRoute"))
+        lb = res.spec.get("loadBalancer")
+        if lb is None:
+            return
+        consistent = lb.get("consistentHash")
+        if (lb["type"] == "ConsistentHash") != (consistent is not None):
+            raise res.error("spec.loadBalancer.consistentHash", "required with type ConsistentHash and only then")
+        if consistent is not None:
+            kind = consistent["type"]
+            for field in ("header", "cookie"):
+                if (kind.lower() == field) != (consistent.get(field) is not None):
+                    raise res.error(
+                        f"spec.loadBalancer.consistentHash.{field}", f"required with type {field.title()} and only then"
+                    )
+            size = consistent.get("tableSize", 65537)
+            if not _is_prime(size):
+                raise res.error(
+                    "spec.loadBalancer.consistentHash.tableSize",
+                    f"expected a prime number (Maglev needs one), got {size}",
+                )
+
+    def _EnvoyProxy(self, res: Resource) -> None:
+        for index, entry in enumerate(res.spec.get("filterOrder") or []):
+            if entry["name"] == entry.get("before", entry.get("after")):
+                raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def validate(resources: ResourceSet, *, strict_eg: bool = False) -> None:
+    """Raise ConfigError for the first structural or cross-resource problem."""
+    _Checker(resources, strict_eg).run()
