@@ -36,3 +36,27 @@ def test_testing_guide_examples_pass() -> None:
     exec(guide, namespace)
     namespace["test_requires_a_token"]()
     namespace["test_passes_with_a_token"]()
+
+
+def test_architecture_page_names_every_module_and_only_modules_that_exist() -> None:
+    """docs/architecture.md matches the tree: a module added, moved or removed must be reflected there."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:[a-z0-9_]+/)*[a-z0-9_]+\.py)`", page))
+    files = [p.relative_to(ROOT).as_posix() for d in ("sidecar", "tests", "plugins") for p in (ROOT / d).rglob("*.py")]
+    assert [name for name in named if not any(f == name or f.endswith("/" + name) for f in files)] == []
+    package = ROOT / "sidecar"
+    modules = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") or p.parent.name == "cli"
+    ]
+    assert [m for m in modules if m not in named and not _named_in_section(page, m)] == []
+
+
+def _named_in_section(page: str, module: str) -> bool:
+    """`http2/call.py` in the section headed `extproc/` names extproc/http2/call.py."""
+    for section in re.split(r"^### ", page, flags=re.MULTILINE)[1:]:
+        for folder in re.findall(r"`([a-z0-9_/]+)/`", section.splitlines()[0]):
+            if module.startswith(folder + "/") and f"`{module[len(folder) + 1 :]}`" in section:
+                return True
+    return False

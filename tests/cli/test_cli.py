@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -155,3 +156,16 @@ def test_up_runs_the_bundled_example_and_stops_on_ctrl_c() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
+
+
+def test_help_loads_no_heavy_dependency() -> None:
+    """The CLI imports what a command needs inside the command: `sidecar --help` stays fast."""
+    probe = (
+        "import json, sys\n"
+        "from sidecar.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    loaded = {name.split(".")[0] for name in json.loads(out.stdout)}
+    assert loaded.isdisjoint({"grpc", "wasmtime", "oras", "requests", "envoy_data_plane", "prometheus_client"})

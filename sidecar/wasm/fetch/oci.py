@@ -1,6 +1,6 @@
 """A small OCI registry client over oras-py: oras-py supplies the requests session and the Docker
 token flow (challenge parsing, realm call); we own everything oras-py gets wrong for a puller of
-untrusted modules (see the decisions table in DESIGN.md):
+untrusted modules (why oras-py is wrapped rather than used as is: docs/wasm-fetcher.md):
 
 * every call has a timeout and the whole pull an overall deadline (oras-py sets none);
 * a refused credential fails at once with one line, instead of oras-py's retry decorator sleeping
