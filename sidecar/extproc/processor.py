@@ -121,9 +121,10 @@ class StreamProcessor:
         """Whether a body of this stream is FULL_DUPLEX_STREAMED: answers may then be sent by other tasks."""
         return BodyMode.FULL_DUPLEX_STREAMED in self._body_modes
 
-    def open(self, send: Send, tasks: asyncio.TaskGroup) -> None:
+    def open(self, send: Send, tasks: asyncio.TaskGroup | None) -> None:
         """Run inside one stream's lifetime: messages other than answers (streamed body chunks,
-        `ctx.extend_timeout`) go out through `send`; body pipelines run as tasks of `tasks`."""
+        `ctx.extend_timeout`) go out through `send`; body pipelines run as tasks of `tasks`, which a
+        FULL_DUPLEX stream must give."""
         self._send = send
         self._tasks = tasks
         self.ctx._send = send
