@@ -21,7 +21,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,15 +36,10 @@ from sidecar.config import SidecarConfig  # noqa: E402
 from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.stack.sidecar import SidecarProcess  # noqa: E402
 from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 PLUGIN = "tests.support.testplugins:AddHeaders"
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
