@@ -301,4 +301,5 @@ def test_up_f_reports_bad_edits_and_keeps_serving(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
             reader.join(5)
+            proc.stderr.close()
             backend.close()
