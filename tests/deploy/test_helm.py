@@ -480,6 +480,181 @@ def test_bad_values_fail_with_a_message(helm: Path, sets: dict[str, str], messag
     assert message in proc.stderr, proc.stderr
 
 
+# ---- privilege: refused by the schema unless security.allowPrivileged ------------------------------
+
+# name -> (values that add a privilege, what helm's schema error names, what the render shows once allowed).
+PRIVILEGES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "add-sys-admin-net-admin": (
+        {"containerSecurityContext": {"capabilities": {"add": ["SYS_ADMIN", "NET_ADMIN"]}}},
+        "/containerSecurityContext/capabilities/add",
+        "SYS_ADMIN",
+    ),
+    "add-any-capability": (
+        {"containerSecurityContext": {"capabilities": {"add": ["CHOWN"]}}},
+        "/containerSecurityContext/capabilities/add",
+        "CHOWN",
+    ),
+    "drop-nothing": (
+        {"containerSecurityContext": {"capabilities": {"drop": []}}},
+        "/containerSecurityContext/capabilities/drop",
+        "drop: []",
+    ),
+    "capabilities-removed": (
+        {"containerSecurityContext": {"capabilities": None}},
+        "missing property 'capabilities'",
+        "readOnlyRootFilesystem",
+    ),
+    "seccomp-unconfined": (
+        {"containerSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+        "/containerSecurityContext/seccompProfile/type",
+        "type: Unconfined",
+    ),
+    "seccomp-removed": (
+        {"containerSecurityContext": {"seccompProfile": None}},
+        "missing property 'seccompProfile'",
+        "readOnlyRootFilesystem",
+    ),
+    "apparmor-unconfined": (
+        {"containerSecurityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+        "/containerSecurityContext/appArmorProfile/type",
+        "appArmorProfile",
+    ),
+    "writable-root": (
+        {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
+        "/containerSecurityContext/readOnlyRootFilesystem",
+        "readOnlyRootFilesystem: false",
+    ),
+    "escalation-null": (
+        {"containerSecurityContext": {"allowPrivilegeEscalation": None}},
+        "missing property 'allowPrivilegeEscalation'",
+        "readOnlyRootFilesystem",
+    ),
+    "escalation-true": (
+        {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
+        "/containerSecurityContext/allowPrivilegeEscalation",
+        "allowPrivilegeEscalation: true",
+    ),
+    "privileged": (
+        {"containerSecurityContext": {"privileged": True}},
+        "/containerSecurityContext/privileged",
+        "privileged: true",
+    ),
+    "run-as-root-flag": (
+        {"containerSecurityContext": {"runAsNonRoot": False}},
+        "/containerSecurityContext/runAsNonRoot",
+        "runAsNonRoot: false",
+    ),
+    "container-uid-0": (
+        {"containerSecurityContext": {"runAsUser": 0}},
+        "/containerSecurityContext/runAsUser",
+        "runAsNonRoot",
+    ),
+    "uid-0": ({"security": {"runAsUser": 0}}, "/security/runAsUser", "runAsUser: 0"),
+    "gid-0": ({"security": {"runAsGroup": 0}}, "/security/runAsGroup", "runAsGroup: 0"),
+    "fsgroup-0": ({"security": {"fsGroup": 0}}, "/security/fsGroup", "fsGroup: 0"),
+    "proc-mount-unmasked": (
+        {"containerSecurityContext": {"procMount": "Unmasked"}},
+        "/containerSecurityContext/procMount",
+        "procMount: Unmasked",
+    ),
+    "selinux-level": (
+        {"containerSecurityContext": {"seLinuxOptions": {"level": "s0:c0.c1023"}}},
+        "'level'",
+        "s0:c0.c1023",
+    ),
+    "selinux-user": (
+        {"containerSecurityContext": {"seLinuxOptions": {"user": "system_u", "role": "system_r"}}},
+        "'user'",
+        "system_u",
+    ),
+    "selinux-spc-type": (
+        {"containerSecurityContext": {"seLinuxOptions": {"type": "spc_t"}}},
+        "/containerSecurityContext/seLinuxOptions/type",
+        "spc_t",
+    ),
+    "windows-host-process": (
+        {"containerSecurityContext": {"windowsOptions": {"hostProcess": True}}},
+        "/containerSecurityContext/windowsOptions/hostProcess",
+        "hostProcess: true",
+    ),
+    "host-path-root": (
+        {"extraVolumes": [{"name": "root", "hostPath": {"path": "/"}}]},
+        "'hostPath'",
+        "path: /",
+    ),
+    "host-path-docker-socket": (
+        {"extraVolumes": [{"name": "docker", "hostPath": {"path": "/var/run/docker.sock", "type": "Socket"}}]},
+        "'hostPath'",
+        "docker.sock",
+    ),
+    "nfs-volume": (
+        {"extraVolumes": [{"name": "share", "nfs": {"server": "10.0.0.1", "path": "/"}}]},
+        "'nfs'",
+        "10.0.0.1",
+    ),
+    "bidirectional-mount": (
+        {
+            "extraVolumes": [{"name": "scratch", "emptyDir": {}}],
+            "sidecar": {
+                "extraVolumeMounts": [{"name": "scratch", "mountPath": "/s", "mountPropagation": "Bidirectional"}]
+            },
+        },
+        "/sidecar/extraVolumeMounts/0/mountPropagation",
+        "Bidirectional",
+    ),
+}
+
+
+def _values_file(tmp_path: Path, values: dict[str, Any]) -> Path:
+    path = tmp_path / "privilege-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(PRIVILEGES))
+def test_privilege_is_refused_unless_explicitly_allowed(helm: Path, case: str, tmp_path: Path) -> None:
+    values, message, rendered = PRIVILEGES[case]
+    extra = _values_file(tmp_path, values)
+    for base in (CI / "eg-extproc-values.yaml", CI / "standalone-values.yaml"):
+        refused = helm_template(helm, base, extra)
+        assert refused.returncode != 0, f"{case} accepted without security.allowPrivileged"
+        assert "values don't meet the specifications of the schema" in refused.stderr
+        assert message in refused.stderr, refused.stderr
+        allowed = helm_template(helm, base, extra, sets={"security.allowPrivileged": "true"})
+        assert allowed.returncode == 0, allowed.stderr
+        assert rendered in allowed.stdout
+
+
+@pytest.mark.parametrize("case", ["add-sys-admin-net-admin", "host-path-root", "escalation-null"])
+def test_helm_lint_refuses_privilege_too(helm: Path, case: str, tmp_path: Path) -> None:
+    extra = _values_file(tmp_path, PRIVILEGES[case][0])
+    args = [str(helm), "lint", "--strict", str(CHART), "-f", str(CI / "eg-extproc-values.yaml"), "-f", str(extra)]
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0 and PRIVILEGES[case][1] in refused.stdout + refused.stderr
+    allowed = subprocess.run(
+        [*args, "--set", "security.allowPrivileged=true"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+
+
+@pytest.mark.parametrize(
+    "field", ["hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace", "automountServiceAccountToken"]
+)
+def test_pod_level_host_access_is_not_a_chart_value(helm: Path, field: str, tmp_path: Path) -> None:
+    """The chart exposes no pod-level host namespace or token setting: refused even with the override."""
+    extra = _values_file(tmp_path, {field: True})
+    for sets in ({}, {"security.allowPrivileged": "true"}):
+        proc = helm_template(helm, CI / "eg-extproc-values.yaml", extra, sets=sets)
+        assert proc.returncode != 0 and f"additional properties '{field}' not allowed" in proc.stderr, proc.stderr
+
+
+def test_allow_privileged_is_off_by_default_and_only_a_boolean(helm: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["security"]["allowPrivileged"] is False
+    proc = helm_template(helm, CI / "eg-extproc-values.yaml", sets={"security.allowPrivileged": "yes"})
+    assert proc.returncode != 0 and "/security/allowPrivileged" in proc.stderr
+
+
 def test_kubernetes_version_gates(helm: Path) -> None:
     old = helm_template(helm, CI / "eg-extproc-values.yaml", kube_version="1.28.0")
     assert old.returncode != 0 and "sidecar.nativeSidecar=false" in old.stderr

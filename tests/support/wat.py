@@ -255,3 +255,69 @@ MODULE_WAT = """
     (i32.const 0))
 )
 """
+
+
+# ---- host-state hammers: one host call repeated in a loop, to drive the host-state budget ----------------
+
+_HAMMER_IMPORTS = """
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $reg (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $deq (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $setbuf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $setpairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $defm (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_record_metric" (func $recm (param i32 i64) (result i32)))
+  (import "env" "proxy_set_property" (func $setprop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response"
+    (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fdw (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $rand (param i32 i32) (result i32)))
+"""
+
+# Callout headers (:authority a, :method GET, :path /) in the proxy-wasm pairs format, at HAMMER_CALLOUT.
+_CALLOUT = [(b":authority", b"a"), (b":method", b"GET"), (b":path", b"/")]
+_CALLOUT_PAIRS = b"".join(
+    [
+        len(_CALLOUT).to_bytes(4, "little"),
+        *(len(k).to_bytes(4, "little") + len(v).to_bytes(4, "little") for k, v in _CALLOUT),
+        *(k + b"\0" + v + b"\0" for k, v in _CALLOUT),
+    ]
+)
+HAMMER_CALLOUT = f"(i32.const 1024) (i32.const {len(_CALLOUT_PAIRS)})"
+# Memory a hammer step may use: a changing 4-byte key at 96 (the loop counter), a fixed key "kkkk" at
+# 1100, the payload (bytes 'a') at 65536, return slots at 16..31, scratch at 200.
+HAMMER_KEY = "(i32.const 96) (i32.const 4)"
+HAMMER_FIXED_KEY = "(i32.const 1100) (i32.const 4)"
+HAMMER_PAYLOAD = 65536
+
+
+def hammer(step: str, times: int, *, payload: int = 0, setup: str = "") -> str:
+    """A module whose request-headers callback runs `setup`, then `step` (an i32 expression, usually one
+    host call) `times` times with the counter stored as the 4-byte key at 96."""
+    pages = (HAMMER_PAYLOAD + payload) // 65536 + 2
+    escaped = "".join(f"\\{b:02x}" for b in _CALLOUT_PAIRS)
+    return f"""(module {_HAMMER_IMPORTS}
+  (memory (export "memory") {pages})
+  (data (i32.const 1024) "{escaped}")
+  (data (i32.const 1100) "kkkk")
+  (func (export "malloc") (param i32) (result i32) i32.const {HAMMER_PAYLOAD})
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (local $i i32)
+    (memory.fill (i32.const {HAMMER_PAYLOAD}) (i32.const 97) (i32.const {payload}))
+    {setup}
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {times})))
+      (i32.store (i32.const 96) (local.get $i))
+      (i32.store (i32.const 92) (block (result i32) {step}))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    i32.const 0))
+"""

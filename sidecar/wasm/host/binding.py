@@ -20,7 +20,7 @@ from sidecar.wasm.host.abi import AbiVersion, LogLevel
 from sidecar.wasm.host.errors import WasmLoadError
 from sidecar.wasm.host.memory import GuestMemory
 from sidecar.wasm.host.properties import Properties
-from sidecar.wasm.host.state import HttpCall, HttpCallResponse, Metric, SharedState, StreamState
+from sidecar.wasm.host.state import HostBudget, HttpCall, HttpCallResponse, Metric, SharedState, StreamState
 
 __all__ = ["I32", "I64", "HostSignature", "HostState", "host_function", "host_functions", "link"]
 
@@ -35,6 +35,7 @@ class HostState(Protocol):
     """One instance as its host functions see it (implemented by `instance.Instance`)."""
 
     memory: GuestMemory
+    budget: HostBudget
     abi: AbiVersion
     log_level: LogLevel
     plugin_configuration: bytes

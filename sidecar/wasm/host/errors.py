@@ -7,7 +7,9 @@
   + WasmCallError                   a callback trapped, hit a limit or was refused; `module`, `callback`, `reason`
     + WasmTimeoutError              a callback ran past its deadline
     + WasmMemoryLimitError          the module tried to grow its memory past the limit
+    + WasmHostLimitError            the module tried to make the host keep more than its budget
   + ProcExit                        internal: the guest called WASI proc_exit; becomes a WasmCallError
+  + HostBudgetExceeded              internal: a host function refused to keep more; becomes a WasmHostLimitError
 
 After a WasmCallError the VM is marked failed, as Envoy does; the Python process is unaffected.
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 from sidecar.errors import WasmError
 
 __all__ = [
+    "HostBudgetExceeded",
     "ProcExit",
     "WasmAbiError",
     "WasmCallError",
+    "WasmHostLimitError",
     "WasmLoadError",
     "WasmMemoryLimitError",
     "WasmStateError",
@@ -58,6 +62,18 @@ class WasmTimeoutError(WasmCallError):
 
 class WasmMemoryLimitError(WasmCallError):
     """The module tried to grow its memory past the configured limit."""
+
+
+class WasmHostLimitError(WasmCallError):
+    """A host function would have kept more guest data (logs, shared data, queues, headers...) than the
+    VM's host-state budget (`Limits.host_state_bytes`) allows."""
+
+
+class HostBudgetExceeded(WasmError):
+    """Raised by a host function to unwind the guest when the host-state budget would be exceeded.
+
+    Internal: the instance catches it and raises a WasmHostLimitError naming the callback instead.
+    """
 
 
 class ProcExit(WasmError):

@@ -3,12 +3,18 @@
 Each function gets the wasmtime Caller first (used as the store for memory access and for calling
 the guest allocator re-entrantly) and returns a proxy_status_t. Its Wasm signature (after the Caller)
 is on its `@host_function`; binding.link() links the ones a module imports.
+
+Whatever a function copies from the guest into host state is charged to the VM's budget
+(`state.budget`, Limits.host_state_bytes) before it is kept, and refunded when it is replaced or
+dropped. Sizes the guest announces are checked against the budget before its memory is copied, so a
+refused call costs the host nothing.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 from sidecar.wasm.host.abi import (
@@ -22,11 +28,21 @@ from sidecar.wasm.host.abi import (
     encode_pairs,
 )
 from sidecar.wasm.host.binding import I32, I64, HostState, host_function
-from sidecar.wasm.host.state import HeaderList, HttpCall, LocalResponse, Metric
+from sidecar.wasm.host.state import ENTRY_BYTES, HeaderList, HttpCall, LocalResponse, Metric, held, held_pairs
 
-__all__ = ["Env"]
+__all__ = ["CALL_RESPONSE_SCOPE", "Env", "callout_scope"]
 
 Caller = Any
+
+# Budget scope of what the guest adds to a callout's response maps: refunded once the callback returns.
+CALL_RESPONSE_SCOPE = "http-call-response"
+# Bytes one histogram sample costs the host (a list slot and an int object).
+_SAMPLE_BYTES = 48
+
+
+def callout_scope(token: int) -> tuple[str, int]:
+    """Budget scope of a pending proxy_http_call: refunded when the call is answered."""
+    return ("http-call", token)
 
 
 def _to_list(pairs: list[tuple[bytes, bytes]]) -> HeaderList:
@@ -53,13 +69,18 @@ class Env:
         return self.state.memory.read(caller, ptr, size)
 
     def _map(self, map_type: int) -> HeaderList | None:
+        found = self._map_and_scope(map_type)
+        return None if found is None else found[0]
+
+    def _map_and_scope(self, map_type: int) -> tuple[HeaderList, Hashable] | None:
+        """The header map and the budget scope its growth is charged to."""
         state = self.state
         if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
             if state.call_response is None:
                 return None
             if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
-                return state.call_response.headers
-            return state.call_response.trailers
+                return state.call_response.headers, CALL_RESPONSE_SCOPE
+            return state.call_response.trailers, CALL_RESPONSE_SCOPE
         stream = state.stream()
         if stream is None:
             return None
@@ -69,7 +90,12 @@ class Env:
             MapType.HTTP_RESPONSE_HEADERS: stream.response_headers,
             MapType.HTTP_RESPONSE_TRAILERS: stream.response_trailers,
         }
-        return maps.get(map_type)
+        headers = maps.get(map_type)
+        return None if headers is None else (headers, stream.context_id)
+
+    def _check(self, size: int, what: str) -> None:
+        """Refuse before copying guest memory when the guest's data alone cannot fit the budget."""
+        self.state.budget.check(size & 0xFFFFFFFF, what)
 
     def _buffer(self, buffer_type: int) -> tuple[bytes, bool] | None:
         """The buffer's bytes and its end-of-stream flag."""
@@ -93,12 +119,15 @@ class Env:
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_log(self, caller: Caller, level: int, ptr: int, size: int) -> int:
+        kept = 0 <= level <= LogLevel.CRITICAL and level >= self.state.log_level
+        if kept:
+            self._check(size, f"proxy_log of {size & 0xFFFFFFFF} bytes")
         message = self._read(caller, ptr, size)
         if message is None:
             return Status.INVALID_MEMORY_ACCESS
         if not 0 <= level <= LogLevel.CRITICAL:
             return Status.BAD_ARGUMENT
-        if level >= self.state.log_level:
+        if kept:
             self.state.log(LogLevel(level), _text(message))
         return Status.OK
 
@@ -159,6 +188,7 @@ class Env:
 
     @host_function(params=(I32, I32, I32, I32, I32), results=(I32,))
     def proxy_set_buffer_bytes(self, caller: Caller, btype: int, start: int, length: int, ptr: int, size: int) -> int:
+        self._check(size, f"proxy_set_buffer_bytes of {size & 0xFFFFFFFF} bytes")
         data = self._read(caller, ptr, size)
         if data is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -169,12 +199,17 @@ class Env:
         start, length = start & 0xFFFFFFFF, length & 0xFFFFFFFF
         # Envoy's body buffers only support replacing from the front and appending.
         if start == 0:
-            del buf[: min(length, len(buf))]
-            buf[0:0] = data
+            growth = len(data) - min(length, len(buf))
         elif start >= len(buf):
-            buf.extend(data)
+            growth = len(data)
         else:
             return Status.BAD_ARGUMENT
+        self.state.budget.charge(growth, f"proxy_set_buffer_bytes growing a body by {growth} bytes", stream.context_id)
+        if start == 0:
+            del buf[: min(length, len(buf))]
+            buf[0:0] = data
+        else:
+            buf.extend(data)
         return Status.OK
 
     @host_function(params=(I32, I32), results=(I32,))
@@ -200,16 +235,21 @@ class Env:
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_set_header_map_pairs(self, caller: Caller, map_type: int, ptr: int, size: int) -> int:
-        headers = self._map(map_type)
+        found = self._map_and_scope(map_type)
+        self._check(size, f"proxy_set_header_map_pairs of {size & 0xFFFFFFFF} bytes")
         data = self._read(caller, ptr, size)
         if data is None:
             return Status.INVALID_MEMORY_ACCESS
-        if headers is None:
+        if found is None:
             return Status.BAD_ARGUMENT
         pairs = decode_pairs(data)
         if pairs is None:
             return Status.BAD_ARGUMENT
-        headers[:] = [(k.lower(), v) for k, v in _to_list(pairs)]
+        headers, scope = found
+        new = [(k.lower(), v) for k, v in _to_list(pairs)]
+        growth = held_pairs(new) - held_pairs(headers)
+        self.state.budget.charge(growth, f"proxy_set_header_map_pairs of {len(new)} headers", scope)
+        headers[:] = new
         return Status.OK
 
     def _key_value(self, caller: Caller, kp: int, ks: int, vp: int = 0, vs: int = 0) -> tuple[str, str] | None:
@@ -238,23 +278,30 @@ class Env:
 
     @host_function(params=(I32, I32, I32, I32, I32), results=(I32,))
     def proxy_add_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
+        self._check((ks & 0xFFFFFFFF) + (vs & 0xFFFFFFFF), "proxy_add_header_map_value")
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
-        headers = self._map(map_type)
-        if headers is None:
+        found = self._map_and_scope(map_type)
+        if found is None:
             return Status.BAD_ARGUMENT
+        headers, scope = found
+        self.state.budget.charge(held(*kv), f"proxy_add_header_map_value of {kv[0]!r}", scope)
         headers.append(kv)
         return Status.OK
 
     @host_function(params=(I32, I32, I32, I32, I32), results=(I32,))
     def proxy_replace_header_map_value(self, caller: Caller, map_type: int, kp: int, ks: int, vp: int, vs: int) -> int:
+        self._check((ks & 0xFFFFFFFF) + (vs & 0xFFFFFFFF), "proxy_replace_header_map_value")
         kv = self._key_value(caller, kp, ks, vp, vs)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
-        headers = self._map(map_type)
-        if headers is None:
+        found = self._map_and_scope(map_type)
+        if found is None:
             return Status.BAD_ARGUMENT
+        headers, scope = found
+        growth = held(*kv) - held_pairs(h for h in headers if h[0] == kv[0])
+        self.state.budget.charge(growth, f"proxy_replace_header_map_value of {kv[0]!r}", scope)
         index = next((i for i, (k, _) in enumerate(headers) if k == kv[0]), None)
         if index is None:
             headers.append(kv)
@@ -268,9 +315,11 @@ class Env:
         kv = self._key_value(caller, kp, ks)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
-        headers = self._map(map_type)
-        if headers is None:
+        found = self._map_and_scope(map_type)
+        if found is None:
             return Status.BAD_ARGUMENT
+        headers, scope = found
+        self.state.budget.refund(held_pairs(h for h in headers if h[0] == kv[0]), scope)
         headers[:] = [h for h in headers if h[0] != kv[0]]
         return Status.OK
 
@@ -315,6 +364,7 @@ class Env:
     def proxy_send_local_response(
         self, caller: Caller, status: int, dp: int, ds: int, bp: int, bs: int, hp: int, hs: int, grpc: int
     ) -> int:
+        self._check((ds & 0xFFFFFFFF) + (bs & 0xFFFFFFFF) + (hs & 0xFFFFFFFF), "proxy_send_local_response")
         details, body, raw_headers = (
             self._read(caller, dp, ds),
             self._read(caller, bp, bs),
@@ -330,7 +380,12 @@ class Env:
             return Status.NOT_FOUND
         grpc_status = None if grpc < 0 or grpc > 0xFFFF else grpc
         headers = [(k.lower(), v) for k, v in _to_list(pairs)]
-        stream.local_response = LocalResponse(status, headers, body, _text(details), grpc_status)
+        reply = LocalResponse(status, headers, body, _text(details), grpc_status)
+        budget = self.state.budget
+        if stream.local_response is not None:
+            budget.refund(_held_reply(stream.local_response), stream.context_id)
+        budget.charge(_held_reply(reply), f"proxy_send_local_response with a {len(body)}-byte body", stream.context_id)
+        stream.local_response = reply
         return Status.OK
 
     # -- properties -----------------------------------------------------------------------------
@@ -348,16 +403,22 @@ class Env:
 
     @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def proxy_set_property(self, caller: Caller, path_ptr: int, path_size: int, vp: int, vs: int) -> int:
+        self._check((path_size & 0xFFFFFFFF) + (vs & 0xFFFFFFFF), "proxy_set_property")
         path, value = self._read(caller, path_ptr, path_size), self._read(caller, vp, vs)
         if path is None or value is None:
             return Status.INVALID_MEMORY_ACCESS
-        self.state.properties.set(path, value)
+        properties = self.state.properties
+        old = properties.module_value(path)
+        growth = held(path, value) - (0 if old is None else held(path, old))
+        self.state.budget.charge(growth, f"proxy_set_property of a {len(value)}-byte value")
+        properties.set(path, value)
         return Status.OK
 
     # -- metrics ---------------------------------------------------------------------------------
 
     @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def proxy_define_metric(self, caller: Caller, mtype: int, np: int, ns: int, ret: int) -> int:
+        self._check(ns, f"proxy_define_metric with a {ns & 0xFFFFFFFF}-byte name")
         name = self._read(caller, np, ns)
         if name is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -367,6 +428,8 @@ class Env:
         key = (mtype, _text(name))
         metric_id = state.metric_ids.get(key)
         if metric_id is None:
+            # The name, a Metric record, its key tuple and two dict entries.
+            state.budget.charge(held(key[1]) + 3 * ENTRY_BYTES, f"proxy_define_metric of {key[1]!r}")
             # Envoy encodes the type in the low bits of the id; any stable distinct id will do.
             metric_id = state.metric_ids[key] = (len(state.metric_ids) + 1) << 2 | mtype
             state.metrics[metric_id] = Metric(metric_id, MetricType(mtype), key[1])
@@ -393,6 +456,7 @@ class Env:
         elif metric.type == MetricType.GAUGE:
             metric.value = value
         else:
+            self.state.budget.charge(_SAMPLE_BYTES, f"proxy_record_metric of a sample of {metric.name!r}")
             self.state.histograms.setdefault(metric.name, []).append(value)
             metric.value = value
         return Status.OK
@@ -422,6 +486,7 @@ class Env:
 
     @host_function(params=(I32, I32, I32, I32, I32), results=(I32,))
     def proxy_set_shared_data(self, caller: Caller, kp: int, ks: int, vp: int, vs: int, cas: int) -> int:
+        self._check((ks & 0xFFFFFFFF) + (vs & 0xFFFFFFFF), f"proxy_set_shared_data of {vs & 0xFFFFFFFF} bytes")
         key, value = self._read(caller, kp, ks), self._read(caller, vp, vs)
         if key is None or value is None:
             return Status.INVALID_MEMORY_ACCESS
@@ -429,17 +494,22 @@ class Env:
         cas &= 0xFFFFFFFF
         if cas and current is not None and current[1] != cas:
             return Status.CAS_MISMATCH
+        # A new entry holds its key, value and a (value, cas) tuple; a replaced one only swaps the value.
+        growth = held(key, value) + ENTRY_BYTES if current is None else held(value) - held(current[0])
+        self.state.budget.charge(growth, f"proxy_set_shared_data of {len(value)} bytes")
         self.state.shared.data[key] = (value, (current[1] + 1) if current else 1)
         return Status.OK
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_register_shared_queue(self, caller: Caller, np: int, ns: int, ret: int) -> int:
+        self._check(ns, f"proxy_register_shared_queue with a {ns & 0xFFFFFFFF}-byte name")
         name = self._read(caller, np, ns)
         if name is None:
             return Status.INVALID_MEMORY_ACCESS
         shared = self.state.shared
         queue_id = shared.queue_ids.get(name)
         if queue_id is None:
+            self.state.budget.charge(held(name, deque()) + 2 * ENTRY_BYTES, "proxy_register_shared_queue")
             queue_id = shared.queue_ids[name] = len(shared.queue_ids) + 1
             shared.queues[queue_id] = (name, self.state.root_context_id, deque())
         return Status.OK if self.state.memory.put_u32(caller, ret, queue_id) else Status.INVALID_MEMORY_ACCESS
@@ -456,12 +526,15 @@ class Env:
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_enqueue_shared_queue(self, caller: Caller, queue_id: int, vp: int, vs: int) -> int:
+        self._check(vs, f"proxy_enqueue_shared_queue of {vs & 0xFFFFFFFF} bytes")
         value = self._read(caller, vp, vs)
         if value is None:
             return Status.INVALID_MEMORY_ACCESS
         queue = self.state.shared.queues.get(queue_id & 0xFFFFFFFF)
         if queue is None:
             return Status.NOT_FOUND
+        # The item and its queue-ready notice; the item is refunded when dequeued.
+        self.state.budget.charge(held(value), f"proxy_enqueue_shared_queue of {len(value)} bytes")
         queue[2].append(value)
         self.state.queue_ready.append((queue[1], queue_id))
         return Status.OK
@@ -473,7 +546,9 @@ class Env:
             return Status.NOT_FOUND
         if not queue[2]:
             return Status.EMPTY
-        return self.state.memory.give(caller, queue[2].popleft(), pp, sp)
+        item = queue[2].popleft()
+        self.state.budget.refund(held(item))
+        return self.state.memory.give(caller, item, pp, sp)
 
     # -- callouts --------------------------------------------------------------------------------
 
@@ -493,6 +568,8 @@ class Env:
         ret: int,
     ) -> int:
         state = self.state
+        announced = sum(n & 0xFFFFFFFF for n in (us, hs, bs, ts))
+        self._check(announced, f"proxy_http_call of {announced} bytes")
         upstream, raw_headers = self._read(caller, up, us), self._read(caller, hp, hs)
         body, raw_trailers = self._read(caller, bp, bs), self._read(caller, tp, ts)
         if upstream is None or raw_headers is None or body is None or raw_trailers is None:
@@ -512,13 +589,16 @@ class Env:
         } <= names:
             return Status.BAD_ARGUMENT
         token = state.next_token
-        state.next_token += 1
         if not state.memory.put_u32(caller, ret, token):
             return Status.INVALID_MEMORY_ACCESS
         # Envoy makes the call on the root context and answers it there (cpp-host exports.cc http_call).
-        state.http_calls[token] = HttpCall(
+        call = HttpCall(
             token, state.root_context_id, cluster, header_list, body, _to_list(trailers), timeout_ms & 0xFFFFFFFF
         )
+        kept = held(cluster, body) + held_pairs(call.headers) + held_pairs(call.trailers) + ENTRY_BYTES
+        state.budget.charge(kept, f"proxy_http_call to {cluster!r} with a {len(body)}-byte body", callout_scope(token))
+        state.next_token += 1
+        state.http_calls[token] = call
         return Status.OK
 
     @host_function(params=(I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32), results=(I32,))
@@ -555,3 +635,7 @@ class Env:
     @host_function(params=(I32,))
     def emscripten_notify_memory_growth(self, caller: Caller, index: int) -> None:
         return None
+
+
+def _held_reply(reply: LocalResponse) -> int:
+    return held(reply.body, reply.details) + held_pairs(reply.headers)

@@ -17,9 +17,11 @@ import wasmtime
 from sidecar.wasm.host.abi import AbiVersion, LogLevel, detect_abi
 from sidecar.wasm.host.binding import link
 from sidecar.wasm.host.errors import (
+    HostBudgetExceeded,
     ProcExit,
     WasmAbiError,
     WasmCallError,
+    WasmHostLimitError,
     WasmLoadError,
     WasmMemoryLimitError,
     WasmStateError,
@@ -29,12 +31,14 @@ from sidecar.wasm.host.imports import Env
 from sidecar.wasm.host.memory import GuestMemory
 from sidecar.wasm.host.properties import Properties, PropertyValue
 from sidecar.wasm.host.state import (
+    HostBudget,
     HttpCall,
     HttpCallResponse,
     LogRecord,
     Metric,
     SharedState,
     StreamState,
+    held,
 )
 from sidecar.wasm.host.vm import Limits, compile_module, engine_for, ticks_for
 from sidecar.wasm.host.wasi import Wasi
@@ -73,6 +77,7 @@ class Instance:
             raise WasmAbiError(f"{module_name}: module exports neither malloc nor proxy_on_memory_allocate")
 
         self.plugin_configuration = options.plugin_configuration
+        self.budget = HostBudget(options.limits.host_state_bytes)
         self.logs: list[LogRecord] = []
         self.log_level = options.log_level
         self.properties = Properties(options.properties)
@@ -103,7 +108,7 @@ class Instance:
         self.store.set_epoch_deadline(ticks_for(options.limits.call_timeout_s))
         try:
             instance = linker.instantiate(self.store, self.module)
-        except wasmtime.Trap as trap:
+        except (wasmtime.Trap, ProcExit, HostBudgetExceeded) as trap:  # a start function runs host calls too
             raise self._call_error("instantiation", trap) from None
         except wasmtime.WasmtimeError as exc:
             text = _first_line(exc)
@@ -134,7 +139,7 @@ class Instance:
         self.store.set_epoch_deadline(ticks_for(self.options.limits.call_timeout_s))
         try:
             result = func(self.store, *args)
-        except (wasmtime.Trap, wasmtime.WasmtimeError, ProcExit) as exc:
+        except (wasmtime.Trap, wasmtime.WasmtimeError, ProcExit, HostBudgetExceeded) as exc:
             error = self._call_error(export, exc)
             self.failed = error.reason
             raise error from None
@@ -154,6 +159,8 @@ class Instance:
 
     def _call_error(self, callback: str, exc: BaseException) -> WasmCallError:
         limits = self.options.limits
+        if isinstance(exc, HostBudgetExceeded):
+            return WasmHostLimitError(self.module_name, callback, str(exc))
         code = getattr(exc, "trap_code", None)
         if code == wasmtime.TrapCode.INTERRUPT:
             reason = f"deadline of {limits.call_timeout_s:g}s exceeded"
@@ -192,6 +199,7 @@ class Instance:
         return self.streams.get(self.active_context)
 
     def log(self, level: LogLevel, message: str) -> None:
+        self.budget.charge(held(message), f"a log record of {len(message)} characters")
         self.logs.append(LogRecord(level, message, self.active_context))
 
     def new_context_id(self) -> int:

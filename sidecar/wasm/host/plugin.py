@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sidecar.wasm.host.abi import Action, LogLevel
 from sidecar.wasm.host.errors import WasmCallError, WasmStateError
+from sidecar.wasm.host.imports import CALL_RESPONSE_SCOPE, callout_scope
 from sidecar.wasm.host.instance import Instance, InstanceOptions
 from sidecar.wasm.host.properties import PropertyValue
 from sidecar.wasm.host.state import (
@@ -22,6 +23,7 @@ from sidecar.wasm.host.state import (
     LocalResponse,
     LogRecord,
     StreamState,
+    held,
 )
 from sidecar.wasm.host.vm import Limits, cache_dir, read_module_bytes
 
@@ -165,6 +167,18 @@ class Plugin:
     def log_records(self) -> list[LogRecord]:
         return list(self._instance.logs)
 
+    def clear_logs(self) -> None:
+        """Forget the log records kept so far (they count against `Limits.host_state_bytes`); for long runs."""
+        vm = self._instance
+        for record in vm.logs:
+            vm.budget.refund(held(record.message))
+        vm.logs.clear()
+
+    @property
+    def host_state_bytes(self) -> int:
+        """Bytes of guest-provided data the host keeps for this VM now (see `Limits.host_state_bytes`)."""
+        return self._instance.budget.used
+
     def logs(self, level: LogLevel | None = None) -> list[str]:
         """Messages logged (proxy_log, or stdout/stderr through WASI), optionally only one level."""
         return [r.message for r in self._instance.logs if level is None or r.level == level]
@@ -209,6 +223,7 @@ class Plugin:
         pending = vm.http_calls.pop(token, None)
         if pending is None:
             raise WasmStateError(f"{self.name}: no pending http call with token {token}")
+        vm.budget.release(callout_scope(token))
         vm.call_response = response or HttpCallResponse([])
         if response is None:
             vm.status = (503, b"")
@@ -230,6 +245,7 @@ class Plugin:
                 )
         finally:
             vm.call_response = None
+            vm.budget.release(CALL_RESPONSE_SCOPE)
 
     def dispatch_http_calls(self) -> int:
         """Answer every pending callout with `http_responder`; returns how many were answered."""
@@ -345,6 +361,7 @@ class HttpContext:
         vm.call("proxy_on_delete", self.context_id)
         self._state.done = True
         vm.streams.pop(self.context_id, None)
+        vm.budget.release(self.context_id)
 
     # -- what the filter did ---------------------------------------------------------------------
 

@@ -56,6 +56,10 @@ class Properties:
     def set(self, path: bytes, value: bytes) -> None:
         self._set[path] = value
 
+    def module_value(self, path: bytes) -> bytes | None:
+        """What the module itself set at `path` (None if it set nothing there)."""
+        return self._set.get(path)
+
 
 def _normalize(path: str) -> str:
     return path.strip("\0").replace("\0", ".")

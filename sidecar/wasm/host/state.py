@@ -1,14 +1,20 @@
-"""What the host keeps between calls: streams, logs, metrics, shared data, queues, callouts."""
+"""What the host keeps between calls: streams, logs, metrics, shared data, queues, callouts; and the budget
+that bounds how much of it a guest can make the host keep."""
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from sidecar.wasm.host.abi import LogLevel, MetricType
+from sidecar.wasm.host.errors import HostBudgetExceeded
 
 __all__ = [
+    "ENTRY_BYTES",
     "HeaderList",
+    "HostBudget",
     "HttpCall",
     "HttpCallResponse",
     "LocalResponse",
@@ -16,6 +22,8 @@ __all__ = [
     "Metric",
     "SharedState",
     "StreamState",
+    "held",
+    "held_pairs",
 ]
 
 HeaderList = list[tuple[str, str]]
@@ -105,3 +113,61 @@ class SharedState:
     data: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
     queues: dict[int, tuple[bytes, int, deque[bytes]]] = field(default_factory=dict)
     queue_ids: dict[bytes, int] = field(default_factory=dict)
+
+
+# What one more entry costs the host beyond its payload: a list or dict slot, a tuple or a small record.
+# The figures are CPython's (measured with tracemalloc), rounded up, so the budget tracks real memory.
+ENTRY_BYTES = 128
+
+
+def held(*objects: object) -> int:
+    """Bytes the host holds for these objects (their payloads as CPython stores them) plus one entry."""
+    return sum(sys.getsizeof(o) for o in objects) + ENTRY_BYTES
+
+
+def held_pairs(pairs: Iterable[tuple[str, str]]) -> int:
+    return sum(held(k, v) for k, v in pairs)
+
+
+class HostBudget:
+    """The bytes of guest-provided data one VM makes the host keep, against `Limits.host_state_bytes`.
+
+    Host functions charge what they keep before keeping it and refund what they drop or replace. A charge
+    can belong to a scope (an HTTP context, a pending callout) whose charges are refunded together when the
+    scope ends. A charge past the limit raises HostBudgetExceeded: the guest is unwound and the VM fails.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._scopes: dict[Hashable, int] = {}
+
+    def check(self, size: int, what: str) -> None:
+        """Refuse early (before copying guest memory) when `size` more bytes cannot fit."""
+        if size < 0 or self.used + size > self.limit:
+            raise HostBudgetExceeded(
+                f"{what} refused: the host-state budget of {self.limit} bytes (Limits.host_state_bytes) "
+                f"is exhausted ({self.used} bytes in use, {size} more needed)"
+            )
+
+    def charge(self, size: int, what: str, scope: Hashable = None) -> None:
+        if size <= 0:
+            self.refund(-size, scope)
+            return
+        self.check(size, what)
+        self.used += size
+        if scope is not None:
+            self._scopes[scope] = self._scopes.get(scope, 0) + size
+
+    def refund(self, size: int, scope: Hashable = None) -> None:
+        if size <= 0:
+            return
+        if scope is not None:
+            held_by_scope = self._scopes.get(scope, 0)
+            size = min(size, held_by_scope)
+            self._scopes[scope] = held_by_scope - size
+        self.used = max(0, self.used - size)
+
+    def release(self, scope: Hashable) -> None:
+        """Refund everything charged to `scope` (its HTTP context finished, its callout was answered)."""
+        self.used = max(0, self.used - self._scopes.pop(scope, 0))

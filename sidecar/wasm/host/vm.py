@@ -28,11 +28,17 @@ _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds for one VM. Defaults suit test suites; tighten them for untrusted modules."""
+    """Bounds for one VM. Defaults suit test suites; tighten them for untrusted modules.
+
+    `host_state_bytes` bounds what the guest makes the *host* keep outside the guest's own memory: log
+    records, shared data, queues, properties, metrics, header maps and bodies it sets, local replies and
+    pending callouts (docs/wasm-host.md lists every charge).
+    """
 
     call_timeout_s: float = 5.0
     memory_bytes: int = 512 << 20
     max_stack_bytes: int = 1 << 20
+    host_state_bytes: int = 32 << 20
 
 
 _engines: dict[int, wasmtime.Engine] = {}

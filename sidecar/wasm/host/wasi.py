@@ -21,6 +21,7 @@ Caller = Any
 _SUCCESS, _BADF, _FAULT, _INVAL, _NOENT, _NOSYS, _NOTSUP = 0, 8, 21, 28, 44, 52, 58
 _CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
 _FILETYPE_CHARACTER_DEVICE = 2
+_IOV_MAX = 1024  # Linux's (and wasi-libc's) limit on the vectors of one write
 
 
 class Wasi:
@@ -35,12 +36,18 @@ class Wasi:
     @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def fd_write(self, caller: Caller, fd: int, iovs: int, iovs_len: int, written_ptr: int) -> int:
         mem = self.state.memory
-        raw = mem.read(caller, iovs, 8 * (iovs_len & 0xFFFFFFFF))
+        iovs_len &= 0xFFFFFFFF
+        if iovs_len > _IOV_MAX:
+            return _INVAL
+        raw = mem.read(caller, iovs, 8 * iovs_len)
         if raw is None:
             return _FAULT
+        vectors = [struct.unpack_from("<II", raw, 8 * i) for i in range(iovs_len)]
+        if fd in (1, 2) and (LogLevel.INFO if fd == 1 else LogLevel.ERROR) >= self.state.log_level:
+            total = sum(size for _, size in vectors)  # what the log record will keep: refused before copying
+            self.state.budget.check(total, f"fd_write of {total} bytes to {'stdout' if fd == 1 else 'stderr'}")
         chunks: list[bytes] = []
-        for i in range(iovs_len):
-            ptr, size = struct.unpack_from("<II", raw, 8 * i)
+        for ptr, size in vectors:
             data = mem.read(caller, ptr, size)
             if data is None:
                 return _FAULT
@@ -108,6 +115,9 @@ class Wasi:
 
     @host_function(params=(I32, I32), results=(I32,))
     def random_get(self, caller: Caller, ptr: int, size: int) -> int:
+        ptr, size = ptr & 0xFFFFFFFF, size & 0xFFFFFFFF
+        if ptr + size > self.state.memory.size(caller):
+            return _FAULT  # checked before generating: the guest must not make the host build gigabytes
         data = self.state.random.getrandbits(8 * size).to_bytes(size, "little") if size > 0 else b""
         return _SUCCESS if self.state.memory.write(caller, ptr, data) else _FAULT
 
