@@ -850,7 +850,7 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
 def test_readme_parameters_are_generated_from_values() -> None:
     readme = (CHART / "README.md").read_text()
     assert readme == chartdoc.render_readme(readme, (CHART / "values.yaml").read_text()), (
-        "README.md is stale: run `python -m tests.deploy.chartdoc`"
+        "README.md is stale: run `python -m tests.support.chartdoc`"
     )
     assert "`socket.dir`" in readme
 
