@@ -44,14 +44,19 @@ class Registry:
     auth: str  # "basic" or "token"
     log_path: Path
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    token_host: str | None = None  # the token realm's host:port (plain HTTP, so it must be marked insecure)
 
     def blob_gets(self, repository: str, digest: str) -> int:
         """Successful GETs of a blob, from the registry's access log."""
         needle = f'"GET /v2/{repository}/blobs/{digest} HTTP/1.1" 200'
         return self.log_path.read_text(errors="replace").count(needle)
 
+    @property
+    def insecure_hosts(self) -> frozenset[str]:
+        return frozenset(h for h in (self.host, self.token_host) if h is not None)
+
     def cli_args(self) -> list[str]:
-        return ["--insecure-registry", self.host]
+        return [arg for host in sorted(self.insecure_hosts) for arg in ("--insecure-registry", host)]
 
     def config_json(self, path: Path, user: str = USER, password: str = PASSWORD) -> Path:
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -69,17 +74,33 @@ class Registry:
         return path
 
 
-Route = tuple[int, dict[str, str], bytes]
+@dataclass(frozen=True)
+class Answer:
+    """One scripted answer. `drip`: seconds between single bytes of the body (a trickling server);
+    `repeat`: the body is sent this many times over (a huge reply without a huge test constant);
+    `length`: the Content-Length to declare (default: the true length; None with `chunked`)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    drip: float | None = None
+    repeat: int = 1
+    declare_length: bool = True
+
+
+Route = tuple[int, dict[str, str], bytes] | Answer
 
 
 @dataclass
 class ScriptedServer:
-    """An HTTP server on 127.0.0.1 answering GET from a path -> [(status, headers, body), ...] table:
-    the n-th request to a path gets the n-th answer (the last one repeats); `hits` counts them."""
+    """An HTTP server on 127.0.0.1 answering GET from a path -> [answer, ...] table: the n-th request
+    to a path gets the n-th answer (the last one repeats); `hits` counts them and `seen` keeps each
+    request's path and headers (to check what a client sent where)."""
 
     port: int
     routes: dict[str, list[Route]]
     hits: dict[str, int]
+    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     @property
     def host(self) -> str:

@@ -28,12 +28,14 @@ from tests.support.wasm_fetch import (
     READER,
     READER_PASSWORD,
     USER,
+    Answer,
     Registry,
     Route,
     ScriptedServer,
 )
 
 _START_DEADLINE = 15.0
+_DRIP_LIMIT = 30.0
 
 
 def _start_registry(directory: Path, auth_yaml: str, auth: str) -> Iterator[Registry]:
@@ -206,6 +208,7 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
     try:
         for registry in _start_registry(directory, auth_yaml, "token"):
             registry.token_requests = issuer.requests
+            registry.token_host = f"127.0.0.1:{tport}"
             yield registry
     finally:
         server.shutdown()
@@ -216,6 +219,7 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 def scripted_server() -> Iterator[ScriptedServer]:
     routes: dict[str, list[Route]] = {}
     hits: dict[str, int] = {}
+    seen: list[tuple[str, dict[str, str]]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -226,22 +230,38 @@ def scripted_server() -> Iterator[ScriptedServer]:
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
             hits[path] = hits.get(path, 0) + 1
+            seen.append((self.path, dict(self.headers.items())))
             answers = routes.get(path, [(404, {}, b'{"errors":[{"code":"NAME_UNKNOWN"}]}')])
-            status, headers, body = answers[min(hits[path], len(answers)) - 1]
-            self.send_response(status)
-            for key, value in headers.items():
+            answer = answers[min(hits[path], len(answers)) - 1]
+            if not isinstance(answer, Answer):
+                answer = Answer(*answer)
+            self.send_response(answer.status)
+            for key, value in answer.headers.items():
                 self.send_header(key, value)
-            if "Content-Length" not in headers:
-                self.send_header("Content-Length", str(len(body)))
+            if "Content-Length" not in answer.headers and answer.declare_length:
+                self.send_header("Content-Length", str(len(answer.body) * answer.repeat))
             self.send_header("Connection", "close")
             self.end_headers()
             with contextlib.suppress(OSError):
-                self.wfile.write(body)
+                self._send_body(answer)
             self.close_connection = True
+
+        def _send_body(self, answer: Answer) -> None:
+            if answer.drip is None:
+                for _ in range(answer.repeat):
+                    self.wfile.write(answer.body)
+                return
+            stop = time.monotonic() + _DRIP_LIMIT  # a dripping answer stops by itself
+            for byte in answer.body * answer.repeat:
+                if time.monotonic() > stop:
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(answer.drip)  # the behaviour under test (a trickling peer), not synchronisation
 
     server, port = _serve(Handler)
     try:
-        yield ScriptedServer(port, routes, hits)
+        yield ScriptedServer(port, routes, hits, seen)
     finally:
         server.shutdown()
         server.server_close()
