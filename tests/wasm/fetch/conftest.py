@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -215,8 +216,7 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
         server.server_close()
 
 
-@pytest.fixture
-def scripted_server() -> Iterator[ScriptedServer]:
+def _scripted(tls: tuple[Path, Path] | None) -> Iterator[ScriptedServer]:
     routes: dict[str, list[Route]] = {}
     hits: dict[str, int] = {}
     seen: list[tuple[str, dict[str, str]]] = []
@@ -244,6 +244,13 @@ def scripted_server() -> Iterator[ScriptedServer]:
             self.end_headers()
             with contextlib.suppress(OSError):
                 self._send_body(answer)
+                if answer.hold:
+                    self.wfile.flush()
+                    # The behaviour under test (a peer that stops sending), not synchronisation; the
+                    # client's read timeout ends it first, and the read below returns when it closes.
+                    self.connection.settimeout(answer.hold)
+                    with contextlib.suppress(OSError):
+                        self.connection.recv(1)
             self.close_connection = True
 
         def _send_body(self, answer: Answer) -> None:
@@ -259,12 +266,46 @@ def scripted_server() -> Iterator[ScriptedServer]:
                 self.wfile.flush()
                 time.sleep(answer.drip)  # the behaviour under test (a trickling peer), not synchronisation
 
-    server, port = _serve(Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[0], tls[1])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        yield ScriptedServer(port, routes, hits, seen)
+        yield ScriptedServer(int(server.server_address[1]), routes, hits, seen, tls[0] if tls else None)
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[ScriptedServer]:
+    yield from _scripted(None)
+
+
+@pytest.fixture(scope="session")
+def loopback_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (cert, key); the cert is its own CA bundle."""
+    directory = tmp_path_factory.mktemp("tls-scripted")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)),
+            *("-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_scripted_server(loopback_cert: tuple[Path, Path]) -> Iterator[ScriptedServer]:
+    """The scripted server over HTTPS; pass `--ca-bundle server.ca` to trust it."""
+    yield from _scripted(loopback_cert)
 
 
 @pytest.fixture
