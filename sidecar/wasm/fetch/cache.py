@@ -347,9 +347,15 @@ class ModuleCache:
             os.close(fd)
 
     def _remove(self, path: Path) -> None:
-        """Unlink a module file or link (never a directory, never through a link)."""
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        """Unlink a module file or link (never through a link); an empty directory is removed too, a
+        full one is left (and a module can then not be stored there: one CacheError line)."""
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
     def _evict_bad(self, sha: str, reason: str) -> str:
         """Remove a module that failed verification, unless another process fixed it meanwhile."""
@@ -549,15 +555,16 @@ class ModuleCache:
                 for path in self._modules.iterdir():
                     name = path.name.removesuffix(".wasm")
                     st = os.lstat(path)
-                    if stat.S_ISDIR(st.st_mode):
-                        continue  # not ours to delete; it cannot be mistaken for a module (not a regular file)
-                    if name in index["modules"] and stat.S_ISREG(st.st_mode):
+                    if name in index["modules"]:
                         verdict = self._check_file(name, index["modules"][name], full=True)
                         if verdict.stamp is not None:
                             index["modules"][name]["stamp"] = verdict.stamp
                             continue
                         corrupt += 1
                         self._drop(index, name)
+                    if stat.S_ISDIR(st.st_mode):
+                        self._remove(path)  # only if empty: a full directory is not ours to delete
+                        continue
                     removed += 1
                     removed_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
                     self._remove(path)
