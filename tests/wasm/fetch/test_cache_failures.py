@@ -115,7 +115,7 @@ def test_ls_and_gc_repair_a_corrupt_index(name: str, tmp_path: Path, capsys: pyt
 def test_misshapen_entries_are_dropped(
     name: str, served: tuple[ScriptedServer, bytes, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server, first, _ = served
+    server, _, _ = served
     cache = tmp_path / "cache"
     good = pull_json(capsys, server.url("/first.wasm"), *_args(cache, server))
     index = json.loads((cache / "index.json").read_text())
@@ -265,7 +265,7 @@ def test_filesystem_errors_are_one_line_and_leave_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Simulated with patched os calls (in addition to the real tmpfs cases): every step that writes."""
-    server, first, second = served
+    server, first, _ = served
     cache = tmp_path / "cache"
     pull_json(capsys, server.url("/first.wasm"), *_args(cache, server))
     index_before = (cache / "index.json").read_bytes()
