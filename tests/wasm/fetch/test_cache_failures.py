@@ -10,13 +10,13 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.wasm.fetch import cache as cache_module
 from tests.support.wasm_fetch import ScriptedServer, assert_user_error, cache_files, make_module, pull_json, run
 
 SHA = "a" * 64
@@ -297,13 +297,13 @@ def test_filesystem_errors_are_one_line_and_leave_nothing(
             handle = real_fdopen(fd, mode, *args)
             return FailingWrites(handle) if mode == "w+b" else handle  # only the download's temp file
 
-        monkeypatch.setattr(cache_module.os, "fdopen", fdopen)
+        monkeypatch.setattr(os, "fdopen", fdopen)
     elif where == "index-write":
-        monkeypatch.setattr(cache_module.os, "fsync", fail)
+        monkeypatch.setattr(os, "fsync", fail)
     elif where == "rename":
-        monkeypatch.setattr(cache_module.os, "replace", fail)
+        monkeypatch.setattr(os, "replace", fail)
     else:
-        monkeypatch.setattr(cache_module.tempfile, "mkstemp", fail)
+        monkeypatch.setattr(tempfile, "mkstemp", fail)
     code, _, err = run(capsys, "wasm", "pull", server.url("/second.wasm"), *_args(cache, server))
     monkeypatch.undo()
     assert_user_error(code, err, os.strerror(getattr(errno, code_name)))
