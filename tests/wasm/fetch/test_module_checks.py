@@ -91,7 +91,7 @@ def test_wasmtime_catches_what_the_structure_check_cannot(
     with pytest.raises(NotWasmError, match="not a valid WebAssembly module"):
         binary.check_module(path, "test")
     # Without wasmtime (the extra not installed) the structural check stands alone, and lets it through.
-    monkeypatch.setattr(binary.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     binary.check_module(path, "test")
 
 
