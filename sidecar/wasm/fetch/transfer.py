@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import socket
 import threading
 import time
@@ -58,6 +59,24 @@ _MAX_REDIRECTS = 5  # registries redirect a blob once (to object storage); more 
 
 # Called with (bytes so far, total if known).
 Progress = Callable[[int, int | None], None]
+
+
+class _NoQueryStrings(logging.Filter):
+    """urllib3 logs each request line at DEBUG, query string and all; pre-signed URLs carry their
+    credentials there. Whoever turns DEBUG on gets the path and `?<redacted>`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_query(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+def _redact_query(text: str) -> str:
+    head, sep, _ = text.partition("?")
+    return f"{head}?<redacted>" if sep else text
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_NoQueryStrings())
 
 
 @dataclass(frozen=True)
