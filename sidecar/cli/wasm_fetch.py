@@ -1,7 +1,7 @@
 """`sidecar wasm pull | push | ls | gc`: the fetcher and cache on the command line (and in an init
 container: `sidecar wasm pull --cache-dir /shared/wasm REF` before Envoy starts).
 
-Heavy imports (oras-py, requests) happen inside the commands, so `sidecar --help` stays fast.
+Heavy imports (requests, wasmtime) happen inside the commands, so `sidecar --help` stays fast.
 """
 
 from __future__ import annotations
