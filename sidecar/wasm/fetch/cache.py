@@ -235,9 +235,14 @@ class ModuleCache:
             raise CacheError(f"cache index {self._index}: cannot read ({_errno_text(exc)})") from None
         try:
             with os.fdopen(fd, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                st = os.fstat(handle.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     raise _CorruptIndex("is not a regular file")
-                raw = handle.read(_MAX_INDEX_BYTES + 1)
+                if st.st_size > _MAX_INDEX_BYTES:
+                    raise _CorruptIndex(f"is larger than {_MAX_INDEX_BYTES} bytes")
+                # Sized by fstat (a read(cap) would allocate the whole cap on every hit); the index is
+                # replaced by rename, never grown in place, and the check below still holds the cap.
+                raw = handle.read(st.st_size + 1)
         except OSError as exc:
             raise CacheError(f"cache index {self._index}: cannot read ({_errno_text(exc)})") from None
         if len(raw) > _MAX_INDEX_BYTES:

@@ -256,3 +256,31 @@ def test_scripted_image_hit_is_verified_too(
     scripted_server.routes.clear()  # the registry forgets the image: only the cache could answer
     code, _, err = run(capsys, "wasm", "pull", ref, *args)
     assert_user_error(code, err, "not found", "has 0 bytes", "removed")
+
+
+def test_module_server_never_serves_through_a_symlink(
+    http_module: tuple[str, bytes], scripted_server: ScriptedServer, tmp_path: Path
+) -> None:
+    """The HTTP hand-off opens the module itself: a link planted after publishing is a 404, not the
+    link's target (Envoy would refuse a wrong sha256 anyway; this keeps other files from being served)."""
+    import urllib.error
+    import urllib.request
+
+    from sidecar.wasm.fetch.handoff import ModuleServer
+
+    url, module = http_module
+    cache = ModuleCache(tmp_path)
+    fetcher = ModuleFetcher(cache, FetchOptions(insecure_hosts=frozenset({scripted_server.host})))
+    pulled = fetcher.pull_http(url).module
+    with ModuleServer(cache) as server:
+        served = server.publish(pulled)
+        with urllib.request.urlopen(served, timeout=10) as response:
+            assert response.read() == module
+        secret = tmp_path / "secret.txt"
+        secret.write_text("not a module")
+        pulled.path.unlink()
+        pulled.path.symlink_to(secret)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(served, timeout=10)
+        assert refused.value.code == 404
+        refused.value.close()
