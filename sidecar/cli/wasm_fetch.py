@@ -1,7 +1,7 @@
 """`sidecar wasm pull | push | ls | gc`: the fetcher and cache on the command line (and in an init
 container: `sidecar wasm pull --cache-dir /shared/wasm REF` before Envoy starts).
 
-Heavy imports (oras-py, requests) happen inside the commands, so `sidecar --help` stays fast.
+Heavy imports (requests, wasmtime) happen inside the commands, so `sidecar --help` stays fast.
 """
 
 from __future__ import annotations
@@ -192,14 +192,18 @@ def _write_output(source: Path, sha256: str, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
             digest = hashlib.sha256()
-            with source.open("rb") as src, os.fdopen(fd, "wb") as out:
+            src_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(src_fd, "rb") as src, os.fdopen(fd, "wb") as out:
                 while piece := src.read(1 << 20):
                     digest.update(piece)
                     out.write(piece)
                 out.flush()
                 os.fsync(out.fileno())
             if digest.hexdigest() != sha256:
-                raise IntegrityError(f"cached module {source} no longer matches sha256:{sha256}; run `sidecar wasm gc`")
+                raise IntegrityError(
+                    f"cached module {source} changed after it was verified (no longer sha256:{sha256}); "
+                    "pull again: the next pull removes it and fetches it anew"
+                )
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         except BaseException:
@@ -249,11 +253,14 @@ def _gc(args: argparse.Namespace) -> int:
             "removed_modules": result.removed_modules,
             "removed_bytes": result.removed_bytes,
             "removed_temp_files": result.removed_temp_files,
+            "removed_corrupt": result.removed_corrupt,
+            "index_rebuilt": result.index_rebuilt,
         }
         print(json.dumps(doc, sort_keys=True))
     else:
+        rebuilt = "; rebuilt a corrupt index" if result.index_rebuilt else ""
         print(
-            f"removed {result.removed_modules} modules ({result.removed_bytes} bytes) "
-            f"and {result.removed_temp_files} stale temp files"
+            f"removed {result.removed_modules} modules ({result.removed_bytes} bytes, "
+            f"{result.removed_corrupt} of them corrupt) and {result.removed_temp_files} stale temp files{rebuilt}"
         )
     return 0

@@ -44,14 +44,19 @@ class Registry:
     auth: str  # "basic" or "token"
     log_path: Path
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    token_host: str | None = None  # the token realm's host:port (plain HTTP, so it must be marked insecure)
 
     def blob_gets(self, repository: str, digest: str) -> int:
         """Successful GETs of a blob, from the registry's access log."""
         needle = f'"GET /v2/{repository}/blobs/{digest} HTTP/1.1" 200'
         return self.log_path.read_text(errors="replace").count(needle)
 
+    @property
+    def insecure_hosts(self) -> frozenset[str]:
+        return frozenset(h for h in (self.host, self.token_host) if h is not None)
+
     def cli_args(self) -> list[str]:
-        return ["--insecure-registry", self.host]
+        return [arg for host in sorted(self.insecure_hosts) for arg in ("--insecure-registry", host)]
 
     def config_json(self, path: Path, user: str = USER, password: str = PASSWORD) -> Path:
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -69,24 +74,42 @@ class Registry:
         return path
 
 
-Route = tuple[int, dict[str, str], bytes]
+@dataclass(frozen=True)
+class Answer:
+    """One scripted answer. `drip`: seconds between single bytes of the body (a trickling server);
+    `repeat`: the body is sent this many times over (a huge reply without a huge test constant);
+    `declare_length`: send a Content-Length of the true length (else none: the body ends at close)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    drip: float | None = None
+    repeat: int = 1
+    declare_length: bool = True
+    hold: float = 0.0  # seconds to keep the connection open after the body (a peer that stalls)
+
+
+Route = tuple[int, dict[str, str], bytes] | Answer
 
 
 @dataclass
 class ScriptedServer:
-    """An HTTP server on 127.0.0.1 answering GET from a path -> [(status, headers, body), ...] table:
-    the n-th request to a path gets the n-th answer (the last one repeats); `hits` counts them."""
+    """An HTTP server on 127.0.0.1 answering GET from a path -> [answer, ...] table: the n-th request
+    to a path gets the n-th answer (the last one repeats); `hits` counts them and `seen` keeps each
+    request's path and headers (to check what a client sent where)."""
 
     port: int
     routes: dict[str, list[Route]]
     hits: dict[str, int]
+    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    ca: Path | None = None  # set when it serves HTTPS: the CA bundle that trusts it
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}{path}"
+        return f"{'https' if self.ca else 'http'}://{self.host}{path}"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -121,3 +144,44 @@ def cache_files(cache: Path) -> list[str]:
         if directory.exists():
             found += [f"{sub}/{p.name}" for p in directory.iterdir()]
     return sorted(found)
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+WASM_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def serve_image(
+    server: ScriptedServer,
+    repo: str,
+    layer: bytes,
+    *,
+    media_type: str = WASM_LAYER,
+    declared_size: int | None = None,
+    declared_digest: str | None = None,
+    served_layer: bytes | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    manifest_headers: dict[str, str] | None = None,
+    blob_answer: Route | None = None,
+) -> str:
+    """Publish a one-layer image under tag `v1` on the scripted server; the descriptor and the served
+    blob may disagree, and `blob_answer` replaces the blob's answer (a redirect, a trickle...)."""
+    config = b"{}"
+    digest = declared_digest or digest_of(layer)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.module.wasm.config.v1+json", "digest": digest_of(config), "size": 2},
+        "layers": [{"mediaType": media_type, "digest": digest, "size": declared_size or len(layer)}],
+        **(manifest_extra or {}),
+    }
+    body = json.dumps(manifest).encode()
+    headers = {"Content-Type": OCI_MANIFEST, **(manifest_headers or {})}
+    server.routes[f"/v2/{repo}/manifests/v1"] = [(200, headers, body)]
+    server.routes[f"/v2/{repo}/manifests/{digest_of(body)}"] = [(200, headers, body)]
+    blob = blob_answer or (200, {}, served_layer if served_layer is not None else layer)
+    server.routes[f"/v2/{repo}/blobs/{digest}"] = [blob]
+    return digest_of(body)

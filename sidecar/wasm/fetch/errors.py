@@ -5,14 +5,17 @@
     + BadReferenceError             an image reference, URL, digest or source spec is malformed
     + CredentialsFileError          a Docker config.json or pull-secret file cannot be used
     + AuthError                     the registry or URL refused the credentials
+    + InsecureTransportError        a redirect or token realm would go over plain HTTP to an untrusted host
     + NotFoundError                 the repository, tag, digest or URL does not exist
     + UnavailableError              the server could not be reached, timed out, or kept failing
     + UnsupportedMediaTypeError     the manifest or its layers are not a Wasm image layout we know
     + IntegrityError                a manifest or blob does not match its descriptor
     + ChecksumMismatchError         the user's sha256 does not match
     + NotWasmError                  the bytes are not a WebAssembly binary
-    + TooLargeError                 a manifest, blob or module is larger than the cap
-  + CacheError                      the module cache directory cannot be used
+    + TooLargeError                 a manifest, blob, token reply or module is larger than the cap
+  + CacheError                      the module cache cannot be used (disk full, read-only, a symlink
+                                    where a directory belongs); a corrupt index or module is repaired,
+                                    not reported
 
 Each FetchError class carries `reason`, the label of `wasm_remote_fetch_total` (EG's values; counted
 in fetcher.py), so the metric and the message never disagree about why a fetch failed. Messages name
@@ -30,6 +33,7 @@ __all__ = [
     "ChecksumMismatchError",
     "CredentialsFileError",
     "FetchError",
+    "InsecureTransportError",
     "IntegrityError",
     "NotFoundError",
     "NotWasmError",
@@ -55,6 +59,10 @@ class CredentialsFileError(FetchError):
 
 class AuthError(FetchError):
     """The registry or URL refused the credentials (or wanted some and got none)."""
+
+
+class InsecureTransportError(FetchError):
+    """A URL, redirect or token realm would use plain HTTP to a host the user did not mark insecure."""
 
 
 class NotFoundError(FetchError):
@@ -86,7 +94,7 @@ class ChecksumMismatchError(FetchError):
 
 
 class NotWasmError(FetchError):
-    """The bytes are not a WebAssembly binary (no `\\0asm` magic)."""
+    """The bytes are not a valid WebAssembly binary."""
 
     reason = "download_error"
 
@@ -98,4 +106,4 @@ class TooLargeError(FetchError):
 
 
 class CacheError(WasmError):
-    """The module cache directory cannot be used (permissions, full, corrupt index)."""
+    """The module cache cannot be used: disk full, read-only, permissions, or a symlink in its layout."""

@@ -8,8 +8,10 @@
 * pullPolicy matters only when nothing is pinned; the default is Always for `:latest` images and
   IfNotPresent otherwise. A pinned source that is cached never touches the network.
 
-A module is verified in a temp file and only then renamed into the cache: a failed pull leaves
-nothing behind.
+A module is verified in a temp file (digests, size, then Wasm validation) and only then renamed
+into the cache: a failed pull leaves nothing behind. A cache hit is verified again before it is
+handed out (cache.py); a module that fails is removed and fetched again, and if that fetch fails
+too, its error says the cached copy was thrown away.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.binary import check_module
 from sidecar.wasm.fetch.cache import CachedModule, ModuleCache
 from sidecar.wasm.fetch.errors import (
     BadReferenceError,
+    CacheError,
     ChecksumMismatchError,
     FetchError,
-    NotWasmError,
 )
 from sidecar.wasm.fetch.http import check_url, fetch_url, shown_url, url_key
 from sidecar.wasm.fetch.layout import extract_plugin
 from sidecar.wasm.fetch.oci import RegistryClient
 from sidecar.wasm.fetch.reference import ImageRef, normalize_sha256, parse_image_ref
-from sidecar.wasm.fetch.transfer import WASM_MAGIC, Deadline, FetchOptions, Progress
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress
 
 __all__ = ["POLICIES", "ModuleFetcher", "PullResult"]
 
@@ -76,20 +79,22 @@ class ModuleFetcher:
         keys = [_image_key(ref, d) for d in pins]
         if not pins and policy == "IfNotPresent":
             keys = [_tag_key(ref)]
-        hit = self._lookup(keys)
+        hit, evicted = self._lookup(keys)
         if hit is not None:
             return PullResult(hit, True)
-        deadline = Deadline(self.options.deadline, f"pull of {ref}")
         lock_key = _image_key(ref, pins[0]) if pins else _tag_key(ref)
         try:
-            with self.cache.fetch_lock(lock_key, time.monotonic() + deadline.remaining()):
-                hit = self.cache.lookup(keys) if keys else None
-                if hit is not None:  # another process fetched it while we waited
-                    return PullResult(hit, True)
+            with (
+                Deadline(self.options.deadline, f"pull of {ref}") as deadline,
+                self.cache.fetch_lock(lock_key, time.monotonic() + deadline.remaining()),
+            ):
+                found = self.cache.find(keys)
+                if found.module is not None:  # another process fetched it while we waited
+                    return PullResult(found.module, True)
                 return self._fetch_image(ref, want, pull_secret, deadline, progress)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()
-            raise
+            raise _after_eviction(exc, evicted) from None
 
     def _fetch_image(
         self,
@@ -142,15 +147,17 @@ class ModuleFetcher:
         want = normalize_sha256(sha256) if sha256 else None
         policy = _policy(policy, False)
         keys = [f"{key}#{want}"] if want else ([key] if policy == "IfNotPresent" else [])
-        hit = self._lookup(keys)
+        hit, evicted = self._lookup(keys)
         if hit is not None:
             return PullResult(hit, True)
-        deadline = Deadline(self.options.deadline, f"fetch of {shown}")
         try:
-            with self.cache.fetch_lock(key, time.monotonic() + deadline.remaining()):
-                hit = self.cache.lookup(keys) if keys else None
-                if hit is not None:
-                    return PullResult(hit, True)
+            with (
+                Deadline(self.options.deadline, f"fetch of {shown}") as deadline,
+                self.cache.fetch_lock(key, time.monotonic() + deadline.remaining()),
+            ):
+                found = self.cache.find(keys)
+                if found.module is not None:
+                    return PullResult(found.module, True)
                 with self.cache.temp_file() as (path, handle):
                     body_sha, size = fetch_url(url, handle, self.options, deadline, progress)
                     handle.flush()
@@ -162,25 +169,35 @@ class ModuleFetcher:
                     return PullResult(module, False)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()
-            raise
+            raise _after_eviction(exc, evicted) from None
 
     # --- shared ---
 
-    def _lookup(self, keys: list[str]) -> CachedModule | None:
-        hit = self.cache.lookup(keys) if keys else None
-        CACHE_LOOKUPS.labels(hit=str(hit is not None).lower()).inc()
-        return hit
+    def _lookup(self, keys: list[str]) -> tuple[CachedModule | None, str | None]:
+        found = self.cache.find(keys)
+        CACHE_LOOKUPS.labels(hit=str(found.module is not None).lower()).inc()
+        return found.module, found.evicted
 
     def _publish(
         self, path: Path, sha_size: tuple[str, int], keys: list[str], digest: str, source: str, where: str
     ) -> CachedModule:
-        """Check the magic of a module whose sha256 and size were computed while it was written."""
-        with open(path, "rb") as handle:
-            head = handle.read(len(WASM_MAGIC))
-        if head != WASM_MAGIC:
-            raise NotWasmError(f"{where}: not a WebAssembly module (starts with {head!r}, expected b'\\x00asm')")
+        """Validate a module whose sha256 and size were computed while it was written, then store it."""
+        try:
+            check_module(path, where)
+        except OSError as exc:
+            raise CacheError(f"{where}: cannot read the download back ({exc.strerror or exc})") from None
         sha, size = sha_size
         return self.cache.store(path, sha, size, keys, digest, source)
+
+
+def _after_eviction(exc: FetchError, evicted: str | None) -> FetchError:
+    """The fetch error, saying also that a cached copy failed verification and was removed (so the
+    user knows why a pinned or IfNotPresent source needed the network at all)."""
+    if evicted is None:
+        return exc
+    again = type(exc)(f"{exc}; the fetch was needed because {evicted}")
+    again.reason = exc.reason
+    return again
 
 
 def _policy(policy: str | None, is_latest: bool) -> str:

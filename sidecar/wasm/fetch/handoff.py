@@ -18,6 +18,7 @@ import hmac
 import http.server
 import os
 import shutil
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -102,15 +103,20 @@ class ModuleServer:
                 try:
                     if sha is None:
                         raise FileNotFoundError(self.path)
-                    with open(server._cache.path_for(sha), "rb") as handle:
-                        size = os.fstat(handle.fileno()).st_size
+                    # Never through a symlink, only a regular file: Envoy checks remote.sha256 as well.
+                    fd = os.open(server._cache.path_for(sha), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                    with os.fdopen(fd, "rb") as handle:
+                        st = os.fstat(handle.fileno())
+                        if not stat.S_ISREG(st.st_mode):
+                            raise FileNotFoundError(self.path)
+                        size = st.st_size
                         self.send_response(200)
                         self.send_header("Content-Type", "application/wasm")
                         self.send_header("Content-Length", str(size))
                         self.end_headers()
                         if body:
                             shutil.copyfileobj(handle, self.wfile, 256 << 10)
-                except FileNotFoundError:  # never published, or evicted since
+                except OSError:  # never published, evicted since, or not a plain file
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()

@@ -1,6 +1,6 @@
 """Fetching a module body from an HTTP(S) URL: size cap, overall deadline, retries only on errors
 that can go away (connection failures, timeouts, 429 and 5xx), optional CA bundle. Plain `http://`
-only for hosts the user marked insecure."""
+only for hosts the user marked insecure, for the URL and for every redirect it leads to."""
 
 from __future__ import annotations
 
@@ -18,20 +18,13 @@ from sidecar.wasm.fetch.errors import (
     NotFoundError,
     UnavailableError,
 )
-from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress, new_session, stream_verified
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions, Progress, new_session, shown_url, stream_verified
 
 __all__ = ["check_url", "fetch_url", "shown_url", "url_key"]
 
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _BACKOFF_BASE = 0.2
 _BACKOFF_MAX = 5.0
-
-
-def shown_url(url: str) -> str:
-    """The URL without query or fragment, for messages and listings: pre-signed URLs carry their
-    credentials in the query string."""
-    parsed = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
 
 
 def url_key(url: str) -> str:
@@ -86,9 +79,11 @@ def _attempt(
         response = session.get(url, stream=True)
     except requests.exceptions.SSLError:
         raise FetchError(f"{what}: TLS verification failed (pass a CA bundle for a private CA)") from None
-    except requests.Timeout:
-        raise UnavailableError(f"{what}: no answer in time") from None
     except requests.RequestException as exc:
+        if deadline.passed:
+            raise deadline.error(f"waiting for {what}") from None
+        if isinstance(exc, requests.Timeout):
+            raise UnavailableError(f"{what}: no answer within the per-call timeout") from None
         raise UnavailableError(f"{what}: cannot connect ({type(exc).__name__})") from None
     with response:
         status = response.status_code

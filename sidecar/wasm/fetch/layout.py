@@ -7,7 +7,11 @@
 * `docker`: the same compat layer in a Docker schema-2 manifest (`...rootfs.diff.tar.gzip`).
 
 Unpacking never uses a member name as a path and never trusts a member's declared size: the module
-is copied in chunks into a file we name, with a hard cap.
+is copied in chunks into a file we name, with a hard cap. The member must be named exactly
+`plugin.wasm` or `./plugin.wasm` (not `/plugin.wasm`, not `a/../plugin.wasm`), be a regular file, and
+be the only one of that name (a tar may hold a name twice; which copy "wins" differs between tools).
+The layer is read as a stream with a cap on the bytes it inflates to and the deadline checked on every
+read, so a gzip bomb or a layer of huge skipped members ends in an error, not in minutes of work.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.binary import structure_problem
 from sidecar.wasm.fetch.errors import BadReferenceError, NotWasmError, TooLargeError
 from sidecar.wasm.fetch.oci import (
     DOCKER_MANIFEST,
@@ -35,7 +41,7 @@ from sidecar.wasm.fetch.oci import (
     check_ref_for_push,
 )
 from sidecar.wasm.fetch.reference import parse_image_ref
-from sidecar.wasm.fetch.transfer import WASM_MAGIC, Deadline, FetchOptions
+from sidecar.wasm.fetch.transfer import Deadline, FetchOptions
 
 __all__ = [
     "LAYOUTS",
@@ -52,6 +58,8 @@ _WASM_CONFIG = "application/vnd.module.wasm.config.v1+json"
 _OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 _DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 _MAX_TAR_MEMBERS = 10_000
+_PLUGIN_NAMES = ("plugin.wasm", "./plugin.wasm")
+_TAR_SLACK = 1 << 20  # tar headers and padding around the module, on top of twice the module cap
 
 
 @dataclass(frozen=True)
@@ -124,23 +132,56 @@ def build_index(manifest: bytes, media_type: str, platforms: tuple[tuple[str, st
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, sort_keys=True).encode()
 
 
+class _InflateCap:
+    """A file-like reader over the inflated layer that stops at `limit` bytes and at the deadline."""
+
+    def __init__(self, source: IO[bytes] | gzip.GzipFile, limit: int, deadline: Deadline, where: str) -> None:
+        self._source = source
+        self._limit = limit
+        self._deadline = deadline
+        self._where = where
+        self._total = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self._deadline.check(f"unpacking {self._where}, {self._total} bytes inflated")
+        want = self._limit + 1 - self._total if size < 0 else min(size, self._limit + 1 - self._total)
+        data = self._source.read(max(want, 0))
+        self._total += len(data)
+        if self._total > self._limit:
+            raise NotWasmError(f"{self._where}: layer inflates to more than {self._limit} bytes")
+        return data
+
+
 def extract_plugin(blob: Path, out: IO[bytes], cap: int, deadline: Deadline, where: str) -> tuple[str, int]:
     """Copy `plugin.wasm` out of a verified tar+gzip layer into `out`, at most `cap` bytes;
     return its (sha256 hex, size)."""
+    found: tuple[str, int] | None = None
     try:
-        with tarfile.open(blob, mode="r:gz") as tar:
-            for count, member in enumerate(tar):
-                deadline.check()
-                if count >= _MAX_TAR_MEMBERS:
-                    raise NotWasmError(f"{where}: more than {_MAX_TAR_MEMBERS} tar members and no plugin.wasm")
-                if member.name.removeprefix("./").lstrip("/") != "plugin.wasm" or not member.isfile():
-                    continue
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file always has content
-                return _copy_capped(source, out, cap, deadline, where)
+        with open(blob, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as inflated:
+            stream = _InflateCap(inflated, 2 * cap + _TAR_SLACK, deadline, where)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+                for count, member in enumerate(tar):
+                    if count >= _MAX_TAR_MEMBERS:
+                        raise NotWasmError(f"{where}: more than {_MAX_TAR_MEMBERS} tar members")
+                    if member.name not in _PLUGIN_NAMES:
+                        if posixpath.normpath(member.name).lstrip("/") == "plugin.wasm":
+                            raise NotWasmError(
+                                f"{where}: tar member {member.name!r} names plugin.wasm absolutely or "
+                                "indirectly (expected exactly 'plugin.wasm' or './plugin.wasm')"
+                            )
+                        continue
+                    if not member.isfile():
+                        raise NotWasmError(f"{where}: tar member {member.name!r} is not a regular file")
+                    if found is not None:
+                        raise NotWasmError(f"{where}: the layer holds plugin.wasm more than once")
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular file always has content
+                    found = _copy_capped(source, out, cap, deadline, where)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile):
         raise NotWasmError(f"{where}: layer is not a valid tar+gzip archive") from None
-    raise NotWasmError(f"{where}: tar+gzip layer holds no plugin.wasm")
+    if found is None:
+        raise NotWasmError(f"{where}: tar+gzip layer holds no plugin.wasm")
+    return found
 
 
 def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline, where: str) -> tuple[str, int]:
@@ -152,7 +193,7 @@ def _copy_capped(source: IO[bytes], out: IO[bytes], cap: int, deadline: Deadline
             raise TooLargeError(f"{where}: plugin.wasm is more than the cap of {cap} bytes")
         digest.update(chunk)
         out.write(chunk)
-        deadline.check()
+        deadline.check(f"unpacking plugin.wasm from {where}")
     return digest.hexdigest(), total
 
 
@@ -180,12 +221,15 @@ def push_image(
         raise BadReferenceError(f"module file {module_path}: cannot read ({exc.strerror})") from None
     if len(module) > options.max_module_bytes:
         raise TooLargeError(f"module file {module_path}: more than the cap of {options.max_module_bytes} bytes")
-    if not module.startswith(WASM_MAGIC):
-        raise NotWasmError(f"module file {module_path}: not a WebAssembly module (no \\0asm magic)")
+    problem = structure_problem(module)
+    if problem is not None:
+        raise NotWasmError(f"module file {module_path}: not a WebAssembly module ({problem})")
     image = build_image(module, layout)
-    deadline = Deadline(options.deadline, f"push to {ref}")
     credentials = resolve_credentials(ref.registry, pull_secret, options.environ)
-    with RegistryClient(ref, credentials, options, deadline) as client:
+    with (
+        Deadline(options.deadline, f"push to {ref}") as deadline,
+        RegistryClient(ref, credentials, options, deadline) as client,
+    ):
         for blob in image.blobs:
             client.push_blob(blob)
         if not with_index:

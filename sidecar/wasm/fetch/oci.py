@@ -1,13 +1,13 @@
-"""A small OCI registry client over oras-py: oras-py supplies the requests session and the Docker
-token flow (challenge parsing, realm call); we own everything oras-py gets wrong for a puller of
-untrusted modules (why oras-py is wrapped rather than used as is: docs/wasm-fetcher.md):
+"""A small OCI registry client for a puller of untrusted modules (why not oras-py as is:
+docs/wasm-fetcher.md):
 
-* every call has a timeout and the whole pull an overall deadline (oras-py sets none);
-* a refused credential fails at once with one line, instead of oras-py's retry decorator sleeping
-  ~131 s; a 401 carrying `insufficient_scope` gets a fresh token for the new scope (oras-py keeps its
-  first token, so a push with a pull token fails);
-* manifests are fetched with a size cap, and verified against the requested digest, the index
-  descriptor and `Docker-Content-Digest`; blobs are streamed through sha256 + size checks;
+* every call has a timeout and the whole pull one deadline, token requests and slow bodies included;
+* every URL is HTTPS or on a host marked insecure, redirects and token realms included (transfer.py);
+* a refused credential fails at once with one line; a 401 carrying `insufficient_scope` gets a fresh
+  token for the new scope (the token flow itself is bearer.py);
+* manifests and error bodies are read with a size cap, manifests verified against the requested
+  digest, the index descriptor and `Docker-Content-Digest`; blobs are streamed through sha256 + size
+  checks;
 * the module layer is picked by media type, an image index is resolved to linux/amd64.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import IO, Any
 import requests
 
 from sidecar.wasm.fetch.auth import Credentials
+from sidecar.wasm.fetch.bearer import Challenge, fetch_token
 from sidecar.wasm.fetch.errors import (
     AuthError,
     BadReferenceError,
@@ -64,13 +63,6 @@ DOCKER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 _TAR_GZIP_LAYERS = (OCI_TAR_GZIP, DOCKER_TAR_GZIP)
 _INDEXES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 _MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
-_ERROR_BODY_CAP = 64 << 10
-_PARAM = re.compile(r'([A-Za-z]+)="([^"]*)"')
-
-# oras-py logs its own view of failures (and says "use basic auth" on a wrong password); ours is the
-# one line the user sees.
-logging.getLogger("oras.logger").addHandler(logging.NullHandler())
-logging.getLogger("oras.logger").propagate = False
 
 
 @dataclass(frozen=True)
@@ -116,24 +108,14 @@ class RegistryClient:
     def __init__(
         self, ref: ImageRef, credentials: Credentials | None, options: FetchOptions, deadline: Deadline
     ) -> None:
-        import oras.provider  # heavy import (jsonschema); only pulls pay for it
-
         self.ref = ref
         self._options = options
         self._deadline = deadline
         self._credentials = credentials
         insecure = options.is_insecure(ref.api_host)
-        self._registry = oras.provider.Registry(
-            hostname=ref.api_host,
-            insecure=insecure,
-            tls_verify=options.ca_bundle or True,
-            auth_backend="token",
-        )
-        self._session = new_session(deadline, options, self._registry.session)
+        self._session = new_session(deadline, options)
         self._base = f"{'http' if insecure else 'https'}://{ref.api_host}/v2/{ref.repository}"
         self._authorization: str | None = None
-        if credentials is not None:
-            self._registry.auth.set_basic_auth(credentials.username, credentials.password)
 
     def close(self) -> None:
         self._session.close()
@@ -161,12 +143,12 @@ class RegistryClient:
         url = url_or_path if "://" in url_or_path else f"{self._base}/{url_or_path}"
         response = self._send(method, url, headers, data, stream, what)
         if response.status_code == 401:
-            challenge = response.headers.get("WWW-Authenticate", "")
+            challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
             response.close()
-            self._answer_challenge(challenge, response, what)
+            self._answer_challenge(challenge, what)
             response = self._send(method, url, headers, data, stream, what)
             if response.status_code == 401:
-                detail = _challenge_error(response.headers.get("WWW-Authenticate", ""))
+                detail = Challenge.parse(response.headers.get("WWW-Authenticate", "")).error
                 response.close()
                 raise AuthError(f"{what}: {self._who()} not authorized{detail}")
         if response.status_code not in ok:
@@ -187,67 +169,46 @@ class RegistryClient:
             sent["Authorization"] = self._authorization
         try:
             return self._session.request(method, url, headers=sent, data=data, stream=stream)
-        except requests.exceptions.SSLError:
-            raise FetchError(
-                f"{what}: TLS handshake with {self.ref.api_host} failed (untrusted certificate? "
-                "a plain-HTTP registry must be marked insecure)"
-            ) from None
-        except requests.Timeout:
-            raise UnavailableError(f"{what}: {self.ref.api_host} did not answer in time") from None
         except requests.RequestException as exc:
-            raise UnavailableError(
-                f"{what}: cannot reach registry {self.ref.api_host} ({type(exc).__name__})"
-            ) from None
+            host = urllib.parse.urlsplit(url).netloc
+            if self._deadline.passed:
+                raise self._deadline.error(f"waiting for {host} to answer for {what}") from None
+            if isinstance(exc, requests.exceptions.SSLError):
+                raise FetchError(
+                    f"{what}: TLS handshake with {host} failed (untrusted certificate? "
+                    "a plain-HTTP registry must be marked insecure)"
+                ) from None
+            if isinstance(exc, requests.Timeout):
+                raise UnavailableError(f"{what}: {host} did not answer in time (per-call timeout)") from None
+            what_host = f"registry {host}" if host == self.ref.api_host else host
+            raise UnavailableError(f"{what}: cannot reach {what_host} ({type(exc).__name__})") from None
 
     def _who(self) -> str:
         if self._credentials is None:
             return "anonymous access"
         return f"user {self._credentials.username!r} from {self._credentials.source}"
 
-    def _answer_challenge(self, challenge: str, response: requests.Response, what: str) -> None:
-        scheme = challenge.split(" ", 1)[0].lower()
-        if scheme == "basic":
+    def _answer_challenge(self, challenge: Challenge, what: str) -> None:
+        if challenge.scheme == "basic":
             if self._credentials is None:
                 raise AuthError(f"{what}: registry {self.ref.api_host} requires credentials and none were given")
             if self._authorization is not None:
                 raise AuthError(f"{what}: registry {self.ref.api_host} rejected {self._who()}")
             self._authorization = self._credentials.basic_header()
             return
-        if scheme != "bearer":
-            raise AuthError(f"{what}: registry {self.ref.api_host} asks for unsupported auth {scheme or 'none'!r}")
-        self._check_realm(challenge, what)
-        auth = self._registry.auth
-        try:
-            # refresh=True: a 401 while holding a token means its scope is too narrow (or it expired).
-            headers, changed = auth.authenticate_request(response, {}, refresh=True)
-        except requests.Timeout:
-            raise UnavailableError(
-                f"{what}: the token endpoint of {self.ref.api_host} did not answer in time"
-            ) from None
-        except requests.RequestException as exc:
-            raise UnavailableError(f"{what}: cannot reach the token endpoint ({type(exc).__name__})") from None
-        except ValueError:
-            raise AuthError(f"{what}: the token endpoint of {self.ref.api_host} sent no JSON token") from None
-        token_header = headers.get("Authorization") if changed else None
-        if not isinstance(token_header, str):
-            raise AuthError(f"{what}: the token endpoint of {self.ref.api_host} refused {self._who()}")
-        self._authorization = token_header
-
-    def _check_realm(self, challenge: str, what: str) -> None:
-        """Credentials go to the realm: never over plain HTTP to a host the user did not trust."""
-        realm = _challenge_params(challenge).get("realm", "")
-        parsed = urllib.parse.urlsplit(realm)
-        if parsed.scheme == "https":
-            return
-        registry_host = self.ref.api_host.rsplit(":", 1)[0]
-        if parsed.scheme == "http" and (parsed.hostname == registry_host or self._options.is_insecure(parsed.netloc)):
-            return
-        raise AuthError(f"{what}: refusing to send credentials to token realm {realm!r} (not HTTPS, not trusted)")
+        if challenge.scheme != "bearer":
+            scheme = challenge.scheme or "none"
+            raise AuthError(f"{what}: registry {self.ref.api_host} asks for unsupported auth {scheme!r}")
+        # Always a new token: a 401 while holding one means its scope is too narrow (or it expired).
+        token = fetch_token(
+            self._session, challenge, self._credentials, self._options, self._deadline, what, self._who()
+        )
+        self._authorization = f"Bearer {token}"
 
     def _raise_status(self, response: requests.Response, what: str) -> None:
         status = response.status_code
         try:
-            body = read_capped(response, _ERROR_BODY_CAP, what, self._deadline)
+            body = read_capped(response, self._options.max_error_bytes, f"error body of {what}", self._deadline)
         except FetchError:
             body = b""
         finally:
@@ -387,15 +348,6 @@ def _pick_layer(manifest: Mapping[str, Any], where: str) -> tuple[Descriptor, st
     raise UnsupportedMediaTypeError(
         f"{where}: no Wasm layer ({WASM_LAYER}) and no tar+gzip layer; layer media types: {', '.join(seen)}"
     )
-
-
-def _challenge_params(challenge: str) -> dict[str, str]:
-    return {key.lower(): value for key, value in _PARAM.findall(challenge)}
-
-
-def _challenge_error(challenge: str) -> str:
-    error = _challenge_params(challenge).get("error")
-    return f" ({error})" if error else ""
 
 
 def _error_codes(body: bytes) -> list[str]:

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -28,12 +29,14 @@ from tests.support.wasm_fetch import (
     READER,
     READER_PASSWORD,
     USER,
+    Answer,
     Registry,
     Route,
     ScriptedServer,
 )
 
 _START_DEADLINE = 15.0
+_DRIP_LIMIT = 30.0
 
 
 def _start_registry(directory: Path, auth_yaml: str, auth: str) -> Iterator[Registry]:
@@ -206,16 +209,17 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
     try:
         for registry in _start_registry(directory, auth_yaml, "token"):
             registry.token_requests = issuer.requests
+            registry.token_host = f"127.0.0.1:{tport}"
             yield registry
     finally:
         server.shutdown()
         server.server_close()
 
 
-@pytest.fixture
-def scripted_server() -> Iterator[ScriptedServer]:
+def _scripted(tls: tuple[Path, Path] | None) -> Iterator[ScriptedServer]:
     routes: dict[str, list[Route]] = {}
     hits: dict[str, int] = {}
+    seen: list[tuple[str, dict[str, str]]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -226,25 +230,82 @@ def scripted_server() -> Iterator[ScriptedServer]:
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
             hits[path] = hits.get(path, 0) + 1
+            seen.append((self.path, dict(self.headers.items())))
             answers = routes.get(path, [(404, {}, b'{"errors":[{"code":"NAME_UNKNOWN"}]}')])
-            status, headers, body = answers[min(hits[path], len(answers)) - 1]
-            self.send_response(status)
-            for key, value in headers.items():
+            answer = answers[min(hits[path], len(answers)) - 1]
+            if not isinstance(answer, Answer):
+                answer = Answer(*answer)
+            self.send_response(answer.status)
+            for key, value in answer.headers.items():
                 self.send_header(key, value)
-            if "Content-Length" not in headers:
-                self.send_header("Content-Length", str(len(body)))
+            if "Content-Length" not in answer.headers and answer.declare_length:
+                self.send_header("Content-Length", str(len(answer.body) * answer.repeat))
             self.send_header("Connection", "close")
             self.end_headers()
             with contextlib.suppress(OSError):
-                self.wfile.write(body)
+                self._send_body(answer)
+                if answer.hold:
+                    self.wfile.flush()
+                    # The behaviour under test (a peer that stops sending), not synchronisation; the
+                    # client's read timeout ends it first, and the read below returns when it closes.
+                    self.connection.settimeout(answer.hold)
+                    with contextlib.suppress(OSError):
+                        self.connection.recv(1)
             self.close_connection = True
 
-    server, port = _serve(Handler)
+        def _send_body(self, answer: Answer) -> None:
+            if answer.drip is None:
+                for _ in range(answer.repeat):
+                    self.wfile.write(answer.body)
+                return
+            stop = time.monotonic() + _DRIP_LIMIT  # a dripping answer stops by itself
+            for byte in answer.body * answer.repeat:
+                if time.monotonic() > stop:
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(answer.drip)  # the behaviour under test (a trickling peer), not synchronisation
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[0], tls[1])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        yield ScriptedServer(port, routes, hits)
+        yield ScriptedServer(int(server.server_address[1]), routes, hits, seen, tls[0] if tls else None)
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[ScriptedServer]:
+    yield from _scripted(None)
+
+
+@pytest.fixture(scope="session")
+def loopback_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (cert, key); the cert is its own CA bundle."""
+    directory = tmp_path_factory.mktemp("tls-scripted")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)),
+            *("-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_scripted_server(loopback_cert: tuple[Path, Path]) -> Iterator[ScriptedServer]:
+    """The scripted server over HTTPS; pass `--ca-bundle server.ca` to trust it."""
+    yield from _scripted(loopback_cert)
 
 
 @pytest.fixture

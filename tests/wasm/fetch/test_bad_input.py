@@ -9,52 +9,19 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.wasm_fetch import ScriptedServer, assert_user_error, cache_files, make_module, pull_json, run
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-WASM_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def serve_image(
-    server: ScriptedServer,
-    repo: str,
-    layer: bytes,
-    *,
-    media_type: str = WASM_LAYER,
-    declared_size: int | None = None,
-    declared_digest: str | None = None,
-    served_layer: bytes | None = None,
-    manifest_extra: dict[str, Any] | None = None,
-    manifest_headers: dict[str, str] | None = None,
-) -> str:
-    """Publish a one-layer image under tag `v1`; the descriptor and the served blob may disagree."""
-    config = b"{}"
-    digest = declared_digest or _digest(layer)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.module.wasm.config.v1+json",
-            "digest": _digest(config),
-            "size": 2,
-        },
-        "layers": [{"mediaType": media_type, "digest": digest, "size": declared_size or len(layer)}],
-        **(manifest_extra or {}),
-    }
-    body = json.dumps(manifest).encode()
-    headers = {"Content-Type": OCI_MANIFEST, **(manifest_headers or {})}
-    server.routes[f"/v2/{repo}/manifests/v1"] = [(200, headers, body)]
-    server.routes[f"/v2/{repo}/manifests/{_digest(body)}"] = [(200, headers, body)]
-    server.routes[f"/v2/{repo}/blobs/{digest}"] = [(200, {}, served_layer if served_layer is not None else layer)]
-    return _digest(body)
+from tests.support.wasm_fetch import (
+    ScriptedServer,
+    assert_user_error,
+    cache_files,
+    digest_of,
+    make_module,
+    pull_json,
+    run,
+    serve_image,
+)
 
 
 def _pull(
@@ -86,7 +53,7 @@ def test_layer_larger_than_its_descriptor(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = make_module(1000)
-    serve_image(scripted_server, "lie/size", module[:500], served_layer=module, declared_digest=_digest(module[:500]))
+    serve_image(scripted_server, "lie/size", module[:500], served_layer=module, declared_digest=digest_of(module[:500]))
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/lie/size:v1", tmp_path)
     assert_user_error(code, err, "500 bytes its descriptor declares")
     assert cache_files(tmp_path) == []
@@ -102,25 +69,25 @@ def test_layer_shorter_than_its_descriptor(
     assert cache_files(tmp_path) == []
 
 
-def test_layer_with_wrong_digest(
+def test_layer_with_wrongdigest_of(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     module = make_module(1000)
     evil = make_module(1000, seed="evil")
     serve_image(scripted_server, "lie/digest", module, served_layer=evil)
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/lie/digest:v1", tmp_path)
-    assert_user_error(code, err, "content has", _digest(module))
+    assert_user_error(code, err, "content has", digest_of(module))
     assert cache_files(tmp_path) == []
 
 
-def test_manifest_with_wrong_docker_content_digest(
+def test_manifest_with_wrong_docker_contentdigest_of(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     serve_image(
         scripted_server,
         "lie/manifest",
         make_module(100),
-        manifest_headers={"Docker-Content-Digest": _digest(b"other")},
+        manifest_headers={"Docker-Content-Digest": digest_of(b"other")},
     )
     code, err = _pull(capsys, scripted_server, f"{scripted_server.host}/lie/manifest:v1", tmp_path)
     assert_user_error(code, err, "Docker-Content-Digest")
@@ -130,7 +97,7 @@ def test_manifest_fetched_by_digest_must_hash_to_it(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     serve_image(scripted_server, "lie/bydigest", make_module(100))
-    wrong = _digest(b"something else")
+    wrong = digest_of(b"something else")
     scripted_server.routes[f"/v2/lie/bydigest/manifests/{wrong}"] = scripted_server.routes[
         "/v2/lie/bydigest/manifests/v1"
     ]

@@ -148,7 +148,13 @@ def test_gc_removes_unreferenced_and_stale_files(tmp_path: Path, capsys: pytest.
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     code, out, _ = run(capsys, "wasm", "gc", "--json", "--cache-dir", str(tmp_path))
     assert code == 0
-    assert json.loads(out) == {"removed_modules": 1, "removed_bytes": 4, "removed_temp_files": 1}
+    assert json.loads(out) == {
+        "removed_modules": 1,
+        "removed_bytes": 4,
+        "removed_temp_files": 1,
+        "removed_corrupt": 0,
+        "index_rebuilt": False,
+    }
     assert cache_files(tmp_path) == [f"modules/{sha}.wasm"]
     code, out, _ = run(capsys, "wasm", "gc", "--json", "--max-age", "0", "--cache-dir", str(tmp_path))
     assert json.loads(out)["removed_modules"] == 1

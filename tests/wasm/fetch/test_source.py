@@ -63,7 +63,7 @@ def test_image_source_to_local_and_remote_code(
     assert code == 0, err
     digest = out.strip()
     cache = ModuleCache(tmp_path / "cache")
-    fetcher = ModuleFetcher(cache, FetchOptions(insecure_hosts=frozenset({token_registry.host})))
+    fetcher = ModuleFetcher(cache, FetchOptions(insecure_hosts=token_registry.insecure_hosts))
     spec = {
         "type": "Image",
         "image": {
