@@ -219,8 +219,21 @@ def _hook_problem(name: str, func: Any) -> str | None:
     try:
         signature.bind(*range(len(args) + 1))
     except TypeError:
-        return f"{name}{signature} cannot be called as {call}"
+        return f"{name}({_parameters(signature)}) cannot be called as {call}"
     return None
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """The parameter list as written, without annotations: `headers`, `ctx, *, strict`."""
+    shown: list[str] = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.KEYWORD_ONLY and not any(s.startswith("*") for s in shown):
+            shown.append("*")
+        prefix = "*" if parameter.kind is parameter.VAR_POSITIONAL else ""
+        prefix = "**" if parameter.kind is parameter.VAR_KEYWORD else prefix
+        default = "" if parameter.default is parameter.empty else "=..."
+        shown.append(f"{prefix}{parameter.name}{default}")
+    return ", ".join(shown)
 
 
 def _body_problem(plugin: Plugin, direction: str) -> str | None:

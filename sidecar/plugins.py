@@ -158,9 +158,12 @@ def describe(value: Any) -> str:
         return f"{type(value).__name__} {value!r}"
     if isinstance(value, type):
         return f"the class {value.__qualname__} (not an instance of it)"
-    if inspect.iscoroutine(value) or inspect.isgenerator(value):
+    if inspect.iscoroutine(value):
         value.close()
-        return f"a {type(value).__name__}, never run (a plain def hook cannot await: declare it async def, or await it)"
+        return "a coroutine, never run (a plain def hook cannot await: declare it async def, or await it)"
+    if inspect.isgenerator(value):
+        value.close()
+        return "a generator, never run (only on_*_stream hooks yield, and they are async generators)"
     if inspect.isasyncgen(value) or inspect.isawaitable(value):
         return f"an awaitable {type(value).__name__} (await it inside an async def hook)"
     if isinstance(value, str):
