@@ -3,6 +3,7 @@ the server does (status, error id header, body, log line), so a plugin author's 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from sidecar.chains import Chain, Registry
+from sidecar.stack.sidecar import SidecarProcess
 from sidecar.testing import Driver, EnvoyHarness, Request
 from tests.support import testplugins as tp
 from tests.support.testplugins import TP
@@ -33,6 +35,10 @@ CASES = [
     "crlf",
     "int-header",
 ]
+
+
+def _logged(sidecar: SidecarProcess, text: str) -> bool:
+    return text in sidecar.logs()
 
 
 def test_broken_plugins_end_the_same_through_the_driver_and_a_real_envoy(
@@ -69,8 +75,8 @@ chains:
                 continue
             assert real.content == driven.response.body == b"Internal Server Error\n", case
             assert "x-sidecar-error-id" in driven.response.headers
-            error_id = real.headers["x-sidecar-error-id"]
-            wait_for(lambda error_id=error_id: error_id in sidecar.logs(), what=f"error id of {case} in the log")
+            error_id: str = real.headers["x-sidecar-error-id"]
+            wait_for(functools.partial(_logged, sidecar, error_id), what=f"error id of {case} in the log")
             (line,) = [line for line in sidecar.logs().splitlines() if error_id in line]
             assert "wrong-result" in line and "request_headers" in line, line
             assert "set-cookie" not in real.headers  # the CRLF case: nothing smuggled into the reply
@@ -88,6 +94,6 @@ chains:
         assert driven.failed is not None and driven.status == 500
         assert real.status_code == 500
         assert "failed in on_request_stream" in driven.failed
-        wait_for(lambda: "on_request_stream yielded int 403" in sidecar.logs(), what="the duplex failure in the log")
+        wait_for(functools.partial(_logged, sidecar, "on_request_stream yielded int 403"), what="the duplex failure")
         # and the server goes on serving
         assert client.get("/closed").status_code == 200
