@@ -13,6 +13,10 @@ A hook the class does not define is a phase Envoy is not asked to send (see `reg
 run in chain order, response hooks in reverse chain order, like middleware unwinding. Returning
 `Respond(...)` stops the chain and sends that reply from Envoy; a body or chunk hook returning bytes
 replaces it (`b""` clears it, or holds a chunk's data back for later), returning None leaves it.
+
+Anything else a hook returns or yields is that plugin's error, like an exception: the chain's failure
+policy applies, never a silent pass. `sidecar.chains.check_plugin` checks the hooks' names and shapes at
+start-up (docs/plugins.md, "What a broken plugin gets").
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ import asyncio
 import functools
 import http
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -571,3 +573,11 @@ def test_sync_and_async_hooks_both_work_when_they_keep_the_contract() -> None:
     outcome = Driver([Both()]).run(Request())
     assert outcome.upstream is not None and outcome.upstream.headers["x-sync"] == "1"
     assert outcome.response.headers["x-async"] == "1"
+
+
+def test_the_testing_guide_example_of_a_broken_plugin_runs_as_written() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "testing.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL) if "class Deny" in b]
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    namespace["test_a_wrong_result_fails_closed"]()
