@@ -346,9 +346,9 @@ class StreamProcessor:
             try:
                 async with deadline:
                     body = await call_chunk(stage, self.ctx, body, end)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise self._stream_fault(kind, stage, TimeoutError("raised by the plugin")) from None
+            except TimeoutError as exc:
+                if not deadline.expired():  # the plugin's own TimeoutError, not our deadline
+                    raise self._stream_fault(kind, stage, exc) from None
                 raise StreamFailure(
                     f"{kind}: {stage.hook.name} of plugin {stage.plugin!r} took longer than {self.stream_timeout:g}s"
                 ) from None

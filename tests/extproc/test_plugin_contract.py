@@ -581,3 +581,18 @@ def test_the_testing_guide_example_of_a_broken_plugin_runs_as_written() -> None:
     namespace: dict[str, Any] = {}
     exec(block, namespace)
     namespace["test_a_wrong_result_fails_closed"]()
+
+
+def test_a_full_duplex_chunk_hooks_own_timeout_error_is_its_failure_not_the_deadline() -> None:
+    class RaisesTimeout(_DuplexChunk):
+        def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Any:
+            raise TimeoutError("upstream auth service timed out")
+
+    class TooSlow(_DuplexChunk):
+        async def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Any:
+            await asyncio.Event().wait()
+
+    raised = Driver([RaisesTimeout(None)]).run(Request("POST", body=[b"a"]))
+    assert raised.failed is not None and "plugin 'broken' failed in on_request_chunk (error id" in raised.failed
+    slow = Driver([TooSlow(None)], stream_timeout=0.2).run(Request("POST", body=[b"a"]))
+    assert slow.failed is not None and "on_request_chunk of plugin 'broken' took longer than 0.2s" in slow.failed
