@@ -13,6 +13,7 @@ whose chain needs less gets a `mode_override` on its request-headers answer.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
@@ -33,10 +34,10 @@ from sidecar.config import (
     parse_socket_mode,
 )
 from sidecar.errors import ConfigError, PluginLoadError
-from sidecar.plugins import BodyMode, Plugin
+from sidecar.plugins import BodyMode, Plugin, describe
 from sidecar.wire import PHASES
 
-__all__ = ["BodyStage", "Chain", "Hook", "Registry", "load_plugin_class", "load_sidecar"]
+__all__ = ["BodyStage", "Chain", "Hook", "Registry", "check_plugin", "load_plugin_class", "load_sidecar"]
 
 ENTRY_POINT_GROUP = "sidecar.plugins"
 
@@ -46,6 +47,29 @@ SKIP = ProcessingMode.SKIP
 FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 
 
+#: The hooks a plugin may define, per direction, and the arguments each takes after `ctx`.
+HOOK_KINDS = {
+    "headers": ("headers",),
+    "body": ("body",),
+    "chunk": ("chunk", "end_of_stream"),
+    "stream": ("chunks",),
+    "trailers": ("trailers",),
+}
+HOOK_NAMES = tuple(f"on_{direction}_{kind}" for direction in ("request", "response") for kind in HOOK_KINDS)
+BODY_KINDS = ("body", "chunk", "stream")
+
+#: What each kind of hook may return (see docs/plugins.md); anything else is that plugin's error.
+EXPECTED = {
+    "headers": "None or a Respond instance",
+    "trailers": "None",
+    "body": "None, bytes, str or a Respond instance",
+    "chunk": "None, bytes, str or a Respond instance",
+    "stream": "an async generator yielding bytes or str",
+}
+# Envoy lets trailers and (in a FULL_DUPLEX_STREAMED body) chunks go on as they come: no Respond there.
+EXPECTED_IN_STREAM = "None, bytes or str (a Respond is not possible once a streamed body is under way)"
+
+
 @dataclass(frozen=True, slots=True)
 class Hook:
     """One plugin's handler for one phase, with sync/async decided once at load time."""
@@ -53,11 +77,32 @@ class Hook:
     plugin: str
     func: Callable[..., Any]
     is_async: bool
+    #: The hook's method name (`on_request_headers`), for errors.
+    name: str = ""
 
     async def __call__(self, *args: Any) -> Any:
         if self.is_async:
             return await self.func(*args)
         return self.func(*args)
+
+    def wrong(self, result: Any, expected: str | None = None, verb: str = "returned") -> TypeError:
+        """The error for a result that breaks this hook's contract (closing a stray coroutine)."""
+        kind = self.name.rsplit("_", 1)[-1]
+        return TypeError(f"{self.name} {verb} {describe(result)}; expected {expected or EXPECTED[kind]}")
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    """`async def`, also behind a decorator (functools.wraps) or as an object's `async def __call__`."""
+    return (
+        inspect.iscoroutinefunction(func)
+        or inspect.iscoroutinefunction(inspect.unwrap(func))
+        or (not inspect.isroutine(func) and inspect.iscoroutinefunction(type(func).__call__))
+    )
+
+
+def _hook(plugin: Plugin, name: str) -> Hook | None:
+    func = getattr(plugin, name, None)
+    return None if func is None else Hook(plugin.display_name(), func, _is_async(func), name)
 
 
 def load_plugin_class(use: str) -> type[Plugin]:
@@ -103,6 +148,118 @@ def _instantiate(spec: PluginSpec) -> Plugin:
         raise PluginLoadError(f"plugin {spec.use!r}: invalid config: {exc}") from None
 
 
+def check_plugin(plugin: Plugin) -> None:
+    """Check a plugin instance against the hook contract; a PluginLoadError names its class and the problem.
+
+    Caught here, at start-up, rather than on every request: a misspelled hook (which would silently be a
+    plugin that does nothing), a hook that cannot take (ctx, value), a generator where a value is
+    returned, a body mode no hook uses, a plugin with no hook at all.
+    """
+    cls = type(plugin)
+    where = f"plugin {plugin.display_name()!r} ({cls.__module__}:{cls.__qualname__})"
+    if not isinstance(cls.name, str):
+        raise PluginLoadError(f"{where}: name must be a str, got {describe(cls.name)}")
+    if not isinstance(cls.observe_only, bool):
+        raise PluginLoadError(f"{where}: observe_only must be True or False, got {describe(cls.observe_only)}")
+    for attr in dir(plugin):
+        if attr not in HOOK_NAMES and _looks_like_hook(attr):
+            raise PluginLoadError(f"{where}: {_unknown_hook(attr)}")
+    defined = [name for name in HOOK_NAMES if getattr(plugin, name, None) is not None]
+    if not defined:
+        raise PluginLoadError(
+            f"{where}: defines no hook; a plugin needs at least one of on_request_headers, on_request_body, "
+            "on_request_chunk, on_request_stream, on_request_trailers (or the on_response_ ones)"
+        )
+    for name in defined:
+        problem = _hook_problem(name, getattr(plugin, name))
+        if problem:
+            raise PluginLoadError(f"{where}: {problem}")
+    for direction in ("request", "response"):
+        problem = _body_problem(plugin, direction)
+        if problem:
+            raise PluginLoadError(f"{where}: {problem}")
+
+
+_HOOK_KEYS = {name.replace("_", ""): name for name in HOOK_NAMES}
+
+
+def _looks_like_hook(attr: str) -> bool:
+    """`on_anything`, or a hook's name in another spelling (`onRequestHeaders`, `On_Request_Headers`)."""
+    lowered = attr.lower()
+    return lowered.startswith("on_") or lowered.replace("_", "") in _HOOK_KEYS
+
+
+def _unknown_hook(attr: str) -> str:
+    exact = _HOOK_KEYS.get(attr.lower().replace("_", ""))
+    close = [exact] if exact else difflib.get_close_matches(attr.lower(), HOOK_NAMES, n=1, cutoff=0.6)
+    hint = (
+        f"did you mean {close[0]}?"
+        if close
+        else "names starting with on_ are hooks, and the hooks are "
+        + ("on_request_* and on_response_* with headers, body, chunk, stream or trailers")
+    )
+    return f"unknown hook {attr}: {hint}"
+
+
+def _hook_problem(name: str, func: Any) -> str | None:
+    kind = name.rsplit("_", 1)[-1]
+    args = HOOK_KINDS[kind]
+    call = f"{name}(ctx, {', '.join(args)})"
+    if not callable(func):
+        return f"{name} must be a method (or None to drop the hook), got {describe(func)}"
+    if kind == "stream":
+        if not inspect.isasyncgenfunction(func):
+            return f"{name} must be an async generator (async def ... with yield), as Envoy calls it {call}"
+    elif inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return f"{name} yields, but only on_*_stream hooks may: return {EXPECTED[kind]} instead"
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return None
+    try:
+        signature.bind(*range(len(args) + 1))
+    except TypeError:
+        return f"{name}({_parameters(signature)}) cannot be called as {call}"
+    return None
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """The parameter list as written, without annotations: `headers`, `ctx, *, strict`."""
+    shown: list[str] = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.KEYWORD_ONLY and not any(s.startswith("*") for s in shown):
+            shown.append("*")
+        prefix = "*" if parameter.kind is parameter.VAR_POSITIONAL else ""
+        prefix = "**" if parameter.kind is parameter.VAR_KEYWORD else prefix
+        default = "" if parameter.default is parameter.empty else "=..."
+        shown.append(f"{prefix}{parameter.name}{default}")
+    return ", ".join(shown)
+
+
+def _body_problem(plugin: Plugin, direction: str) -> str | None:
+    kinds = [kind for kind in BODY_KINDS if getattr(plugin, f"on_{direction}_{kind}", None) is not None]
+    if len(kinds) > 1:
+        return f"defines {', '.join(f'on_{direction}_{kind}' for kind in kinds)}: pick one per direction"
+    declared = getattr(plugin, f"{direction}_body", None)
+    if declared is None:
+        return None
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared not in set(BodyMode):
+        return f"{direction}_body must be a BodyMode, got {describe(declared)}"
+    mode = BodyMode(declared)
+    if not kinds:
+        # The class's hooks count: an instance may drop a hook for its configuration (set it to None).
+        if any(getattr(type(plugin), f"on_{direction}_{kind}", None) is not None for kind in BODY_KINDS):
+            return None
+        return (
+            f"{direction}_body = {mode.name} but no {direction} body hook uses it "
+            f"(on_{direction}_body, on_{direction}_chunk or on_{direction}_stream)"
+        )
+    if mode not in _ALLOWED_MODES[kinds[0]]:
+        allowed = ", ".join(sorted(m.name for m in _ALLOWED_MODES[kinds[0]]))
+        return f"{direction}_body = {mode.name} does not fit on_{direction}_{kinds[0]} (it works with {allowed})"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BodyStage:
     """One plugin's body handler in a chain's body pipeline."""
@@ -126,15 +283,15 @@ class Chain:
     def __init__(self, name: str, plugins: Sequence[Plugin], on_error: str = "fail_closed") -> None:
         if not plugins:
             raise ConfigError(f"chain {name!r} has no plugins")
+        for plugin in plugins:
+            check_plugin(plugin)
         self.name = name
         self.plugins = tuple(plugins)
         self.fail_open = on_error == "fail_open"
         self.hooks: dict[str, tuple[Hook, ...]] = {}
         for phase in PHASES:
             self.hooks[phase] = tuple(
-                Hook(p.display_name(), fn, inspect.iscoroutinefunction(fn))
-                for p in self._ordered(phase)
-                if (fn := getattr(p, "on_" + phase, None)) is not None
+                hook for p in self._ordered(phase) if (hook := _hook(p, "on_" + phase)) is not None
             )
         self.body_stages = {d: self._body_stages(d) for d in ("request", "response")}
         self.request_body_mode = self._body_mode("request")
@@ -169,35 +326,18 @@ class Chain:
         return self.plugins if phase.startswith("request") else tuple(reversed(self.plugins))
 
     def _body_stages(self, direction: str) -> tuple[BodyStage, ...]:
-        stages = []
-        for plugin in self._ordered(direction):
-            found = [
-                BodyStage(plugin.display_name(), kind, Hook(plugin.display_name(), fn, inspect.iscoroutinefunction(fn)))
-                for kind in ("body", "chunk", "stream")
-                if (fn := getattr(plugin, f"on_{direction}_{kind}", None)) is not None
-            ]
-            if len(found) > 1:
-                kinds = ", ".join(f"on_{direction}_{s.kind}" for s in found)
-                raise ConfigError(f"plugin {plugin.display_name()!r} defines {kinds}: pick one per direction")
-            if found and found[0].kind == "stream" and not inspect.isasyncgenfunction(found[0].hook.func):
-                raise ConfigError(
-                    f"plugin {plugin.display_name()!r}: on_{direction}_stream must be an async generator "
-                    "(async def ... with yield)"
-                )
-            stages.extend(found)
-        return tuple(stages)
+        # check_plugin made sure each plugin has at most one body hook per direction.
+        return tuple(
+            BodyStage(plugin.display_name(), kind, hook)
+            for plugin in self._ordered(direction)
+            for kind in BODY_KINDS
+            if (hook := _hook(plugin, f"on_{direction}_{kind}")) is not None
+        )
 
     def _declared(self, direction: str, stage: BodyStage) -> BodyMode:
         plugin = next(p for p in self.plugins if p.display_name() == stage.plugin)
         declared = getattr(plugin, f"{direction}_body")
-        mode = _DEFAULT_MODE[stage.kind] if declared is None else BodyMode(declared)
-        if mode not in _ALLOWED_MODES[stage.kind]:
-            allowed = ", ".join(sorted(m.name for m in _ALLOWED_MODES[stage.kind]))
-            raise ConfigError(
-                f"plugin {stage.plugin!r}: {direction}_body = {mode.name} does not fit on_{direction}_{stage.kind} "
-                f"(it works with {allowed})"
-            )
-        return mode
+        return _DEFAULT_MODE[stage.kind] if declared is None else BodyMode(declared)  # checked by check_plugin
 
     def _body_mode(self, direction: str) -> int:
         stages = self.body_stages[direction]

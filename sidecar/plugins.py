@@ -13,12 +13,17 @@ A hook the class does not define is a phase Envoy is not asked to send (see `reg
 run in chain order, response hooks in reverse chain order, like middleware unwinding. Returning
 `Respond(...)` stops the chain and sends that reply from Envoy; a body or chunk hook returning bytes
 replaces it (`b""` clears it, or holds a chunk's data back for later), returning None leaves it.
+
+Anything else a hook returns or yields is that plugin's error, like an exception: the chain's failure
+policy applies, never a silent pass. `sidecar.chains.check_plugin` checks the hooks' names and shapes at
+start-up (docs/plugins.md, "What a broken plugin gets").
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
+import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from google.protobuf import json_format, struct_pb2
 from sidecar.headers import Headers
 from sidecar.wire import METADATA_NAMESPACE
 
-__all__ = ["BodyMode", "Context", "Plugin", "Respond", "State", "StateKey"]
+__all__ = ["BodyMode", "Context", "HeaderValue", "Plugin", "Respond", "State", "StateKey"]
 
 T = TypeVar("T")
 
@@ -47,20 +52,131 @@ class BodyMode(enum.IntEnum):
     FULL_DUPLEX_STREAMED = 4
 
 
+#: A header value a Respond accepts: text (latin-1, as Envoy's raw header bytes), bytes, or a whole number.
+HeaderValue = str | bytes | int
+
+# RFC 9110 5.6.2: a field name is a token.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")  # what Envoy's header validation rejects in a value
+
+
 @dataclass(frozen=True, slots=True)
 class Respond:
-    """Answer the HTTP request from Envoy without (further) upstream processing."""
+    """Answer the HTTP request from Envoy without (further) upstream processing.
+
+    Checked when built, so a mistake fails in the hook that made it (and the chain's failure policy
+    names that plugin): `status` an int from 200 to 599 (Envoy turns a local reply under 200 into 200,
+    and RFC 9110 has no status over 599); header names RFC 9110 tokens (lower-cased; no pseudo-headers:
+    the status is `status`); values str (latin-1), bytes or int, without CR, LF or NUL; `body` bytes or
+    str (sent as UTF-8); `grpc_status` a gRPC code 0-16. After the check `headers` is a tuple of
+    (lower-case name, value) pairs.
+    """
 
     status: int
     body: bytes | str = b""
-    headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+    headers: Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]] = ()
     #: Goes into Envoy's %RESPONSE_CODE_DETAILS%; keep it free of secrets.
     details: str = ""
     grpc_status: int | None = None
 
     def __post_init__(self) -> None:
-        if not 200 <= self.status <= 599:
-            raise ValueError(f"Respond status must be an HTTP status between 200 and 599, got {self.status}")
+        status = self.status
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"Respond status: expected an int from 200 to 599, got {describe(status)}")
+        if not 200 <= status <= 599:
+            raise ValueError(f"Respond status: expected an HTTP status from 200 to 599, got {status}")
+        object.__setattr__(self, "status", int(status))  # an IntEnum such as HTTPStatus becomes its number
+        body = self.body
+        if isinstance(body, bytearray | memoryview):
+            object.__setattr__(self, "body", bytes(body))
+        elif not isinstance(body, bytes | str):
+            raise TypeError(f"Respond body: expected bytes or str, got {describe(body)}")
+        object.__setattr__(self, "headers", _header_pairs(self.headers))
+        if not isinstance(self.details, str):
+            raise TypeError(f"Respond details: expected str, got {describe(self.details)}")
+        code = self.grpc_status
+        if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 16):
+            raise ValueError(
+                f"Respond grpc_status: expected None or a gRPC status code from 0 to 16, got {describe(code)}"
+            )
+
+    @property
+    def header_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The checked headers: (lower-case name, value) pairs, values as latin-1 text."""
+        pairs: tuple[tuple[str, str], ...] = self.headers  # type: ignore[assignment]  # set by __post_init__
+        return pairs
+
+
+def _header_pairs(headers: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(headers, Headers):
+        items: Any = headers.items_all()
+    elif isinstance(headers, Mapping):
+        items = headers.items()
+    elif isinstance(headers, str | bytes) or not isinstance(headers, Iterable):
+        raise TypeError(f"Respond headers: expected a mapping or (name, value) pairs, got {describe(headers)}")
+    else:
+        items = headers
+    pairs = []
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise TypeError(f"Respond headers: expected (name, value) pairs, got an item {describe(item)}")
+        name, value = item
+        pairs.append((_header_name(name), _header_value(name, value)))
+    return tuple(pairs)
+
+
+def _header_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"Respond header name: expected str, got {describe(name)}")
+    if name.startswith(":"):
+        raise ValueError(f"Respond header {name!r}: pseudo-headers cannot be set; the status is Respond(status=...)")
+    if not name or not _TOKEN.issuperset(name):
+        raise ValueError(f"Respond header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
+    return name.lower()
+
+
+def _header_value(name: str, value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        raw = str(int(value)).encode()
+    elif isinstance(value, str):
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"Respond header {name!r}: the value has characters outside latin-1; encode it (e.g. UTF-8) to bytes"
+            ) from None
+    else:
+        raise TypeError(f"Respond header {name!r}: expected a str, bytes or int value, got {describe(value)}")
+    if any(bad in raw for bad in _FORBIDDEN_IN_VALUE):
+        raise ValueError(f"Respond header {name!r}: the value contains CR, LF or NUL")
+    return raw.decode("latin-1")
+
+
+def describe(value: Any) -> str:
+    """What a plugin handed over, for an error message: the type, and the value only when it cannot hold a
+    secret (numbers, booleans, None); sizes for text and bytes. Closes a coroutine or generator so it is
+    not left "never awaited"."""
+    if value is None or isinstance(value, bool | int | float):
+        return f"{type(value).__name__} {value!r}"
+    if isinstance(value, type):
+        return f"the class {value.__qualname__} (not an instance of it)"
+    if inspect.iscoroutine(value):
+        value.close()
+        return "a coroutine, never run (a plain def hook cannot await: declare it async def, or await it)"
+    if inspect.isgenerator(value):
+        value.close()
+        return "a generator, never run (only on_*_stream hooks yield, and they are async generators)"
+    if inspect.isasyncgen(value) or inspect.isawaitable(value):
+        return f"an awaitable {type(value).__name__} (await it inside an async def hook)"
+    if isinstance(value, str):
+        return f"str of {len(value)} characters"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"{type(value).__name__} of {len(value)} bytes"
+    if isinstance(value, tuple | list | dict | set | frozenset):
+        return f"{type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__qualname__}"
 
 
 class StateKey(Generic[T]):

@@ -122,9 +122,14 @@ class Driver:
     ) -> None:
         from sidecar.chains import Chain, Registry
         from sidecar.config import DEFAULT_STREAM_TIMEOUT
+        from sidecar.extproc.metrics import Metrics
 
+        # Plugins are checked here as the server checks them at start-up (a PluginLoadError).
         self.registry = plugins if isinstance(plugins, Registry) else Registry([Chain("default", plugins, on_error)])
         self.chain_name = chain
+        #: The server's metrics over every run of this driver: `metrics.plugin_errors` counts each plugin
+        #: failure (raised, or a result that breaks the hook contract) by plugin and phase.
+        self.metrics = Metrics()
         #: The deadline for streaming body stages; by default the server's (`stream_timeout` in the config).
         self.stream_timeout = DEFAULT_STREAM_TIMEOUT if stream_timeout is None else stream_timeout
 
@@ -174,7 +179,9 @@ class _Session:
         self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
         self.mode = driver.registry.mode
         self.outputs: dict[str, list[tuple[bytes, bool]]] = {"request_body": [], "response_body": []}
-        self.processor = StreamProcessor(chain, driver.registry, stream_timeout=driver.stream_timeout)
+        self.processor = StreamProcessor(
+            chain, driver.registry, metrics=driver.metrics, stream_timeout=driver.stream_timeout
+        )
         self.timeout = driver.stream_timeout + 1.0
         self._to_server: asyncio.Queue[Any] = asyncio.Queue()
         self._from_server: asyncio.Queue[Any] = asyncio.Queue()
@@ -346,6 +353,8 @@ class _Session:
         req_trailers = Headers(_pairs(request.trailers))
         if request.trailers and self.mode.request_trailer_mode == send:
             answer = await self._send("request_trailers", trailers=req_trailers.to_header_map())
+            if _immediate(answer, result):
+                return
             _apply(answer.request_trailers.header_mutation, req_trailers, result, request=True)
         if body is None:
             body = self._duplex_body("request_body")
@@ -368,6 +377,8 @@ class _Session:
         resp_trailers = Headers(_pairs(response.trailers))
         if response.trailers and self.mode.response_trailer_mode == send:
             answer = await self._send("response_trailers", trailers=resp_trailers.to_header_map())
+            if _immediate(answer, result):
+                return
             _apply(answer.response_trailers.header_mutation, resp_trailers, result, request=False)
         if resp is None:
             resp = self._duplex_body("response_body")

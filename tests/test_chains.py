@@ -106,28 +106,28 @@ def test_body_modes_follow_hook_kinds() -> None:
         def on_request_body(self, ctx: object, body: bytes) -> None:
             return None
 
-    with pytest.raises(ConfigError, match="does not fit on_request_body"):
+    with pytest.raises(PluginLoadError, match="does not fit on_request_body"):
         Chain("w", [WrongDeclaration()])
 
     class NotAGenerator(Plugin):
         async def on_request_stream(self, ctx: object, chunks: Any) -> None:
             return None
 
-    with pytest.raises(ConfigError, match="must be an async generator"):
+    with pytest.raises(PluginLoadError, match="must be an async generator"):
         Chain("g", [NotAGenerator()])
 
     class Both(Chunky):
         def on_request_body(self, ctx: object, body: bytes) -> None:
             return None
 
-    with pytest.raises(ConfigError, match="pick one per direction"):
+    with pytest.raises(PluginLoadError, match="pick one per direction"):
         Chain("x", [Both()])
 
     class FullDuplexBuffered(Streamy):
         def on_response_body(self, ctx: object, body: bytes) -> None:
             return None
 
-    with pytest.raises(ConfigError, match="pick one per direction"):
+    with pytest.raises(PluginLoadError, match="pick one per direction"):
         Chain("y", [FullDuplexBuffered()])
     with pytest.raises(ConfigError, match="whole-body"):
         Chain("z", [Streamy(), tp.UpperBody()])

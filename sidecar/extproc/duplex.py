@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from sidecar.chains import BodyStage
+from sidecar.chains import EXPECTED_IN_STREAM, BodyStage, Hook
 from sidecar.errors import StreamFailure
-from sidecar.plugins import Context, Respond
+from sidecar.plugins import Context
 
 __all__ = ["DuplexPipe", "as_body", "call_chunk", "streamed_response"]
 
@@ -30,6 +31,8 @@ _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
 
 Item = tuple[bytes, bool]
 Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
+#: Reports a plugin's failure in a body stage (logged, counted) and gives the error that fails the stream.
+Fault = Callable[[str, BodyStage, BaseException], StreamFailure]
 
 
 def streamed_response(kind: str, body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
@@ -55,6 +58,7 @@ class DuplexPipe:
         send: Send,
         deadline: float,
         tasks: asyncio.TaskGroup,
+        fault: Fault,
     ) -> None:
         self.kind = kind
         self.ctx = ctx
@@ -68,7 +72,8 @@ class DuplexPipe:
         self._deadline: asyncio.Timeout | None = None
         stream: AsyncIterator[Item] = self._source()
         for stage in stages:
-            stream = _chunk_stage(stage, ctx, stream) if stage.kind == "chunk" else _stream_stage(stage, ctx, stream)
+            stage_of = _chunk_stage if stage.kind == "chunk" else _stream_stage
+            stream = stage_of(stage, ctx, stream, functools.partial(fault, kind, stage))
         self._task = tasks.create_task(self._run(stream))
 
     async def _source(self) -> AsyncIterator[Item]:
@@ -90,13 +95,13 @@ class DuplexPipe:
                     if end:
                         return
         except StreamFailure:
-            raise
-        except Exception as exc:  # a plugin bug: it fails this stream, never the server
+            raise  # a stage's plugin failed, already reported with its name and an error id
+        except Exception as exc:
             if deadline.expired():
                 raise StreamFailure(
                     f"{self.kind}: plugins did not finish the body within {self.deadline:g}s of its end"
                 ) from None
-            raise StreamFailure(f"{type(exc).__name__}: {exc}") from exc
+            raise StreamFailure(f"{self.kind}: body pipeline failed: {type(exc).__name__}") from exc
         raise StreamFailure("body pipeline ended without end of stream")
 
     async def feed(self, body: bytes, end_of_stream: bool) -> None:
@@ -132,7 +137,7 @@ class DuplexPipe:
         self._task.cancel()
 
 
-def as_body(result: Any, plugin: str) -> bytes:
+def as_body(result: Any, hook: Hook, expected: str | None = None) -> bytes:
     """A body or chunk hook's result as bytes (None and Respond are handled by the caller)."""
     if isinstance(result, bytes):
         return result
@@ -140,7 +145,7 @@ def as_body(result: Any, plugin: str) -> bytes:
         return bytes(result)
     if isinstance(result, str):
         return result.encode()
-    raise TypeError(f"body hook of {plugin!r} returned {type(result).__name__}; expected bytes, str, Respond or None")
+    raise hook.wrong(result, expected)
 
 
 async def call_chunk(stage: BodyStage, ctx: Context, body: bytes, end: bool) -> bytes:
@@ -148,31 +153,53 @@ async def call_chunk(stage: BodyStage, ctx: Context, body: bytes, end: bool) -> 
     result = await stage.hook(ctx, body, end)
     if result is None:
         return body
-    if isinstance(result, Respond):
-        raise StreamFailure(f"plugin {stage.plugin!r} answered mid-stream; Respond is only possible before output")
-    return as_body(result, stage.plugin)
+    return as_body(result, stage.hook, EXPECTED_IN_STREAM)
 
 
-async def _chunk_stage(stage: BodyStage, ctx: Context, items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+StageFault = Callable[[BaseException], StreamFailure]
+
+
+async def _chunk_stage(
+    stage: BodyStage, ctx: Context, items: AsyncIterator[Item], fault: StageFault
+) -> AsyncIterator[Item]:
     async for body, end in items:
-        out = await call_chunk(stage, ctx, body, end)
+        try:
+            out = await call_chunk(stage, ctx, body, end)
+        except Exception as exc:  # the plugin's, not the stages before it (those fail in `items`)
+            raise fault(exc) from None
         if out or end:
             yield out, end
 
 
-async def _stream_stage(stage: BodyStage, ctx: Context, items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+async def _stream_stage(
+    stage: BodyStage, ctx: Context, items: AsyncIterator[Item], fault: StageFault
+) -> AsyncIterator[Item]:
     async def plain() -> AsyncIterator[bytes]:
         async for body, _end in items:
             if body:
                 yield body
 
     source = plain()
-    outputs: Any = stage.hook.func(ctx, source)
     try:
-        async for out in outputs:
-            if not isinstance(out, bytes | bytearray | memoryview | str):
-                raise StreamFailure(f"stream hook of {stage.plugin!r} yielded {type(out).__name__}, expected bytes")
-            data = out.encode() if isinstance(out, str) else bytes(out)
+        outputs: Any = stage.hook.func(ctx, source)
+    except Exception as exc:
+        raise fault(exc) from None
+    try:
+        while True:
+            try:
+                out = await outputs.__anext__()
+            except StopAsyncIteration:
+                break
+            except StreamFailure:
+                raise  # a stage before this one failed while this plugin read its input
+            except Exception as exc:
+                raise fault(exc) from None
+            if isinstance(out, bytes):
+                data = out
+            elif isinstance(out, bytearray | memoryview | str):
+                data = out.encode() if isinstance(out, str) else bytes(out)
+            else:
+                raise fault(stage.hook.wrong(out, "bytes or str (a Respond is not possible mid-stream)", "yielded"))
             if data:
                 yield data, False
         # A hook may stop early (e.g. truncate): drain what is left so Envoy's input is not blocked.

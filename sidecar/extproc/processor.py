@@ -67,10 +67,9 @@ def immediate_response(respond: Respond) -> pb.ProcessingResponse:
         immediate.details = respond.details
     if respond.grpc_status is not None:
         immediate.grpc_status.status = respond.grpc_status
-    items = respond.headers.items() if hasattr(respond.headers, "items") else respond.headers
-    for name, value in items:
+    for name, value in respond.header_pairs:  # checked when the Respond was built
         immediate.headers.set_headers.add(
-            header=base_pb2.HeaderValue(key=name.lower(), raw_value=value.encode("latin-1")),
+            header=base_pb2.HeaderValue(key=name, raw_value=value.encode("latin-1")),
             append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
         )
     return response
@@ -216,10 +215,13 @@ class StreamProcessor:
                 result = hook.func(ctx, headers)
                 if hook.is_async:
                     result = await result
+                if result is not None:
+                    if isinstance(result, Respond):
+                        return immediate_response(result)
+                    # Anything else (403, "403", False, the Respond class...) is a broken plugin, never a pass.
+                    raise hook.wrong(result)
             except Exception as exc:
                 return self._failed(kind, hook.plugin, exc)
-            if isinstance(result, Respond):
-                return immediate_response(result)
         override = self.mode_override if kind == "request_headers" else None
         changed = headers.changed
         if not changed and override is None and not ctx.clear_route_cache_requested:
@@ -272,7 +274,7 @@ class StreamProcessor:
                     continue
                 if isinstance(result, Respond):
                     return immediate_response(result)
-                body = as_body(result, stage.plugin)
+                body = as_body(result, stage.hook)
             except Exception as exc:
                 if not self.chain.fail_open:
                     return self._failed(kind, stage.plugin, exc)
@@ -329,7 +331,7 @@ class StreamProcessor:
                 if self._send is None or self._tasks is None:
                     raise RuntimeError("FULL_DUPLEX stream hooks run inside a stream's lifetime (lifetime.serve)")
                 pipe = self._pipes[kind] = DuplexPipe(
-                    kind, stages, self.ctx, self._send, self.stream_timeout, self._tasks
+                    kind, stages, self.ctx, self._send, self.stream_timeout, self._tasks, self._stream_fault
                 )
             await pipe.feed(message.body, message.end_of_stream)
             return None
@@ -339,18 +341,26 @@ class StreamProcessor:
 
     async def _duplex_chunk_hooks(self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool) -> bytes:
         """Chunk hooks in FULL_DUPLEX, each bounded by the stream deadline (Envoy applies none here)."""
-        try:
-            for stage in stages:
-                async with asyncio.timeout(self.stream_timeout):  # not wait_for: see DuplexPipe.feed
+        for stage in stages:
+            deadline = asyncio.timeout(self.stream_timeout)  # not wait_for: see DuplexPipe.feed
+            try:
+                async with deadline:
                     body = await call_chunk(stage, self.ctx, body, end)
-        except TimeoutError:
-            raise StreamFailure(f"{kind}: a chunk hook took longer than {self.stream_timeout:g}s") from None
-        except StreamFailure:
-            raise
-        except Exception as exc:
-            self._log_failure(kind, "chain", exc)
-            raise StreamFailure(f"{kind}: plugin failed: {type(exc).__name__}") from None
+            except TimeoutError as exc:
+                if not deadline.expired():  # the plugin's own TimeoutError, not our deadline
+                    raise self._stream_fault(kind, stage, exc) from None
+                raise StreamFailure(
+                    f"{kind}: {stage.hook.name} of plugin {stage.plugin!r} took longer than {self.stream_timeout:g}s"
+                ) from None
+            except Exception as exc:
+                raise self._stream_fault(kind, stage, exc) from None
         return body
+
+    def _stream_fault(self, kind: str, stage: BodyStage, exc: BaseException) -> StreamFailure:
+        """A plugin failed inside a streamed body: logged and counted like any plugin error, then the stream
+        fails (its output may be under way: nothing else is safe). The exception's text stays in the log."""
+        error_id = self._log_failure(kind, stage.plugin, exc)
+        return StreamFailure(f"{kind}: plugin {stage.plugin!r} failed in {stage.hook.name} (error id {error_id})")
 
     async def _request_body(self, message: pb.HttpBody) -> pb.ProcessingResponse | None:
         return await self._body("request_body", message)
@@ -368,7 +378,9 @@ class StreamProcessor:
         trailers = Headers.from_envoy(message.trailers)
         for hook in self.chain.hooks[kind]:
             try:
-                await hook(self.ctx, trailers)
+                result = await hook(self.ctx, trailers)
+                if result is not None:  # a Respond too: trailers come after the body went on
+                    raise hook.wrong(result)
             except Exception as exc:
                 return self._failed(kind, hook.plugin, exc)
         if not trailers.changed:

@@ -55,7 +55,7 @@ async def test_a_pipeline_failure_ends_the_stream_while_it_waits_for_envoy() -> 
     processor = StreamProcessor(Chain("c", [Explode()]), metrics=metrics)
     envoy.send("request_headers")
     envoy.send("request_body", body=b"a", end_of_stream=False)  # Envoy sends no more: serve waits in read()
-    with pytest.raises(StreamFailure, match="RuntimeError: plugin bug"):  # one exception, not a group
+    with pytest.raises(StreamFailure, match="Explode' failed in on_request_stream"):  # one exception, not a group
         await asyncio.wait_for(serve(processor, envoy.read, envoy.write), 5)
     assert [r.request_body.response.body_mutation.streamed_response.body for r in envoy.sent[1:]] == [b"a"]
     assert metrics.active == 0

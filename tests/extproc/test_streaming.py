@@ -129,8 +129,15 @@ def test_full_duplex_stall_fails_within_the_deadline() -> None:
 
 
 def test_full_duplex_plugin_error_fails_the_stream(caplog: pytest.LogCaptureFixture) -> None:
-    result = Driver([Explode()]).run(Request(), Response(body=[b"ok", b"boom"]))
-    assert result.failed is not None and "plugin bug" in result.failed
+    with caplog.at_level(logging.ERROR, logger="sidecar.extproc"):
+        result = Driver([Explode()]).run(Request(), Response(body=[b"ok", b"boom"]))
+    # The stream's failure names the plugin and the hook; the exception's text goes to the log only.
+    assert result.failed is not None
+    assert "plugin 'Explode' failed in on_response_stream (error id " in result.failed
+    assert "plugin bug" not in result.failed
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    error_id = result.failed.split("error id ")[1].rstrip(")")
+    assert "plugin bug" in record.getMessage() and error_id in record.getMessage()
 
 
 def test_streamed_failure_policies_mid_stream(caplog: pytest.LogCaptureFixture) -> None:
@@ -240,4 +247,4 @@ def test_full_duplex_chunk_hook_failing_on_the_trailer_flush_fails_the_stream() 
             return chunk
 
     result = Driver([FlushBomb()]).run(Request("POST", body=[b"a"], trailers={"x-t": "1"}))
-    assert result.failed is not None and "plugin failed: RuntimeError" in result.failed
+    assert result.failed is not None and "plugin 'FlushBomb' failed in on_request_chunk" in result.failed

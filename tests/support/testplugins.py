@@ -206,3 +206,64 @@ class SlowObserver(Plugin):
         await asyncio.sleep(float(self.config.get("delay", 1.0)))
         with open(str(self.config["file"]), "a") as out:
             out.write(headers.get(":path", "") + "\n")
+
+
+def _wrong_result(what: str) -> Any:
+    """A hook result chosen by a request header: the broken plugins of the contract tests."""
+    results: dict[str, Any] = {
+        "int": 403,
+        "str": "403",
+        "dict": {"status": 403},
+        "false": False,
+        "tuple": (403, b"denied"),
+        "class": Respond,
+        "list": [Respond(403)],
+        "bytes": b"denied",
+    }
+    if what in results:
+        return results[what]
+    if what == "bad-header-value":
+        return Respond(429, headers={"retry-after": 3.5})  # type: ignore[arg-type]  # raises here: in the hook
+    if what == "bad-header-name":
+        return Respond(403, headers={"x denied": "1"})
+    if what == "crlf":
+        return Respond(403, headers={"x-denied": "1\r\nset-cookie: a=b"})
+    if what == "int-header":
+        return Respond(429, b"slow down\n", {"retry-after": 3})  # valid: ints become text
+    return None
+
+
+class WrongResult(Plugin):
+    """Request headers: returns what `x-return` names (see `_wrong_result`); None without the header."""
+
+    name = "wrong-result"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
+        return _wrong_result(headers.get("x-return", ""))
+
+
+class WrongBody(Plugin):
+    """BUFFERED request body: returns what the body names (see `_wrong_result`)."""
+
+    name = "wrong-body"
+
+    def on_request_body(self, ctx: Context, body: bytes) -> Any:
+        return _wrong_result(body.decode("latin-1"))
+
+
+class WrongYield(Plugin):
+    """FULL_DUPLEX_STREAMED request body that yields an int after the first chunk."""
+
+    name = "wrong-yield"
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for chunk in chunks:
+            yield chunk
+            yield 403
+
+
+class Misspelled(Plugin):
+    """Its only hook is misspelled: a plugin that would silently do nothing, were it not caught at load."""
+
+    def on_request_header(self, ctx: Context, headers: Headers) -> None:
+        headers["x-never"] = "1"
