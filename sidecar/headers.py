@@ -12,17 +12,49 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 
-__all__ = ["Headers"]
+__all__ = ["FIELD_NAME_CHARS", "FORBIDDEN_IN_VALUE", "Headers"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 _HeaderValue = base_pb2.HeaderValue
 
 
+#: RFC 9110 5.6.2: a field name is a token.
+FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: What Envoy's header validation rejects in a value.
+FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")
+
+
 def _encode(value: str | bytes) -> bytes:
     if isinstance(value, bytes):
         return value
     return value.encode("latin-1")
+
+
+def _checked(name: str, value: str | bytes) -> tuple[str, bytes]:
+    """A change a plugin makes, checked where it makes it. Envoy refuses a whole mutation that holds a name
+    other than a token or a value with CR, LF or NUL, and answers the request with a 500 that names no
+    plugin; a ValueError here is that plugin's error instead, under its chain's failure policy."""
+    if not isinstance(name, str):
+        raise TypeError(f"header name: expected str, got {type(name).__name__}")
+    lowered = name.lower()
+    bare = lowered[1:] if lowered.startswith(":") else lowered  # pseudo-headers: Envoy decides which may change
+    if not bare or not FIELD_NAME_CHARS.issuperset(bare):
+        raise ValueError(f"header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"header {lowered!r}: the value has characters outside latin-1; encode it (e.g. UTF-8) to bytes"
+            ) from None
+    else:
+        raise TypeError(f"header {lowered!r}: expected a str or bytes value, got {type(value).__name__}")
+    if any(bad in raw for bad in FORBIDDEN_IN_VALUE):
+        raise ValueError(f"header {lowered!r}: the value contains CR, LF or NUL")
+    return lowered, raw
 
 
 class Headers(MutableMapping[str, str]):
@@ -105,15 +137,14 @@ class Headers(MutableMapping[str, str]):
     # -- changing ------------------------------------------------------------------------------
 
     def __setitem__(self, name: str, value: str | bytes) -> None:
-        name = name.lower()
+        name, encoded = _checked(name, value)
         self._items = [(key, v) for key, v in self._items if key != name]
-        self._items.append((name, _encode(value)))
+        self._items.append((name, encoded))
         self._replaced.add(name)
         self._appended.pop(name, None)
 
     def append(self, name: str, value: str | bytes) -> None:
-        name = name.lower()
-        encoded = _encode(value)
+        name, encoded = _checked(name, value)
         self._items.append((name, encoded))
         if name not in self._replaced:
             self._appended.setdefault(name, []).append(encoded)
@@ -134,6 +165,14 @@ class Headers(MutableMapping[str, str]):
     @property
     def changed(self) -> bool:
         return bool(self._replaced or self._appended)
+
+    def snapshot(self) -> tuple[list[tuple[str, bytes]], set[str], dict[str, list[bytes]]]:
+        """The state to `restore` if what comes next must be undone (a fail_open plugin that fails)."""
+        return list(self._items), set(self._replaced), {name: list(v) for name, v in self._appended.items()}
+
+    def restore(self, state: tuple[list[tuple[str, bytes]], set[str], dict[str, list[bytes]]]) -> None:
+        items, replaced, appended = state
+        self._items, self._replaced, self._appended = list(items), set(replaced), dict(appended)
 
     # -- to Envoy ------------------------------------------------------------------------------
 

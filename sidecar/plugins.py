@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from google.protobuf import json_format, struct_pb2
 
-from sidecar.headers import Headers
+from sidecar.headers import FIELD_NAME_CHARS, FORBIDDEN_IN_VALUE, Headers
 from sidecar.wire import METADATA_NAMESPACE
 
 __all__ = ["BodyMode", "Context", "HeaderValue", "Plugin", "Respond", "State", "StateKey"]
@@ -54,10 +54,6 @@ class BodyMode(enum.IntEnum):
 
 #: A header value a Respond accepts: text (latin-1, as Envoy's raw header bytes), bytes, or a whole number.
 HeaderValue = str | bytes | int
-
-# RFC 9110 5.6.2: a field name is a token.
-_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")  # what Envoy's header validation rejects in a value
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +126,7 @@ def _header_name(name: Any) -> str:
         raise TypeError(f"Respond header name: expected str, got {describe(name)}")
     if name.startswith(":"):
         raise ValueError(f"Respond header {name!r}: pseudo-headers cannot be set; the status is Respond(status=...)")
-    if not name or not _TOKEN.issuperset(name):
+    if not name or not FIELD_NAME_CHARS.issuperset(name):
         raise ValueError(f"Respond header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
     return name.lower()
 
@@ -149,7 +145,7 @@ def _header_value(name: str, value: Any) -> str:
             ) from None
     else:
         raise TypeError(f"Respond header {name!r}: expected a str, bytes or int value, got {describe(value)}")
-    if any(bad in raw for bad in _FORBIDDEN_IN_VALUE):
+    if any(bad in raw for bad in FORBIDDEN_IN_VALUE):
         raise ValueError(f"Respond header {name!r}: the value contains CR, LF or NUL")
     return raw.decode("latin-1")
 

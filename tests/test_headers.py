@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 
 from sidecar import Headers
@@ -61,11 +62,49 @@ def test_flush_into_resets_tracking() -> None:
 
 def test_append_after_set_is_part_of_the_replacement() -> None:
     headers = Headers()
-    headers["x"] = b"\x00raw"
+    headers["x"] = b"\xffraw"
     headers.append("x", "second")
     mutation = headers.mutation()
     assert mutation is not None
     assert [(o.header.raw_value, o.append_action) for o in mutation.set_headers] == [
-        (b"\x00raw", OVERWRITE),
+        (b"\xffraw", OVERWRITE),
         (b"second", APPEND),
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-bad name", "v"),
+        ("x-colon:", "v"),
+        ("x-ümlaut", "v"),
+        ("", "v"),
+        (":", "v"),
+        ("x-crlf", "a\r\nset-cookie: stolen=1"),
+        ("x-lf", b"a\nb"),
+        ("x-nul", "a\0b"),
+        ("x-wide", "snowman \u2603"),
+    ],
+)
+def test_a_change_envoy_would_refuse_fails_where_the_plugin_makes_it(name: str, value: str | bytes) -> None:
+    headers = Headers()
+    with pytest.raises(ValueError, match="header"):
+        headers[name] = value
+    with pytest.raises(ValueError, match="header"):
+        headers.append(name, value)
+    assert not headers.changed and len(headers) == 0
+
+
+@pytest.mark.parametrize("value", [3, None, 1.5, ["a"]])
+def test_a_header_value_of_another_type_is_a_type_error(value: object) -> None:
+    with pytest.raises(TypeError, match="x-n"):
+        Headers()["x-n"] = value  # type: ignore[assignment]
+
+
+def test_tokens_pseudo_headers_and_any_byte_but_cr_lf_nul_are_accepted() -> None:
+    headers = Headers()
+    headers["X-Token!#$%&'*+-.^_`|~09"] = "v"
+    headers[":path"] = "/rewritten?q=1"
+    headers.append("x-bin", b"\xff\x01\t")
+    assert headers["x-token!#$%&'*+-.^_`|~09"] == "v"
+    assert headers.raw("x-bin") == b"\xff\x01\t"

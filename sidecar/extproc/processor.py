@@ -185,10 +185,15 @@ class StreamProcessor:
             self.metrics.plugin_error(plugin, kind)
         return error_id
 
+    def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
+        """fail_open: log and count the failure, and bypass the plugin for the rest of the stream (its
+        state is unknown now); the chain's other plugins go on. The caller drops what the plugin changed."""
+        self._log_failure(kind, plugin, exc)
+        self._disabled.add(plugin)
+
     def _failed(self, kind: str, plugin: str, exc: BaseException) -> pb.ProcessingResponse:
+        """fail_closed: the client gets a 500 with an error id that names the log line."""
         error_id = self._log_failure(kind, plugin, exc)
-        if self.chain.fail_open:
-            return _CONTINUE[kind]
         return immediate_response(
             Respond(
                 500,
@@ -209,7 +214,12 @@ class StreamProcessor:
             ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
         else:
             ctx.response_headers = headers
+        fail_open = self.chain.fail_open
         for hook in self.chain.hooks[kind]:
+            if fail_open:
+                if hook.plugin in self._disabled:
+                    continue
+                before = headers.snapshot()
             try:
                 # Sync hooks are called without a coroutine around them: this is the hottest loop.
                 result = hook.func(ctx, headers)
@@ -221,7 +231,10 @@ class StreamProcessor:
                     # Anything else (403, "403", False, the Respond class...) is a broken plugin, never a pass.
                     raise hook.wrong(result)
             except Exception as exc:
-                return self._failed(kind, hook.plugin, exc)
+                if not fail_open:
+                    return self._failed(kind, hook.plugin, exc)
+                self._skip(kind, hook.plugin, exc)
+                headers.restore(before)
         override = self.mode_override if kind == "request_headers" else None
         changed = headers.changed
         if not changed and override is None and not ctx.clear_route_cache_requested:
@@ -278,8 +291,7 @@ class StreamProcessor:
             except Exception as exc:
                 if not self.chain.fail_open:
                     return self._failed(kind, stage.plugin, exc)
-                self._log_failure(kind, stage.plugin, exc)
-                self._disabled.add(stage.plugin)  # its state is unknown now: bypass it from here on
+                self._skip(kind, stage.plugin, exc)
         return body
 
     async def _buffered(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
@@ -376,13 +388,21 @@ class StreamProcessor:
         if self._body_modes[index] == BodyMode.FULL_DUPLEX_STREAMED:
             await self._end_duplex_body(f"{direction}_body")
         trailers = Headers.from_envoy(message.trailers)
+        fail_open = self.chain.fail_open
         for hook in self.chain.hooks[kind]:
+            if fail_open:
+                if hook.plugin in self._disabled:
+                    continue
+                before = trailers.snapshot()
             try:
                 result = await hook(self.ctx, trailers)
                 if result is not None:  # a Respond too: trailers come after the body went on
                     raise hook.wrong(result)
             except Exception as exc:
-                return self._failed(kind, hook.plugin, exc)
+                if not fail_open:
+                    return self._failed(kind, hook.plugin, exc)
+                self._skip(kind, hook.plugin, exc)
+                trailers.restore(before)
         if not trailers.changed:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()

@@ -62,13 +62,34 @@ def test_fail_closed_hides_the_error_and_logs_an_id(caplog: pytest.LogCaptureFix
     assert any(error_id in record.getMessage() for record in caplog.records)
 
 
-def test_fail_open_continues_without_the_phase_changes(caplog: pytest.LogCaptureFixture) -> None:
+def test_fail_open_skips_only_the_failing_plugin(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.CRITICAL, logger="sidecar.extproc"):
-        result = Driver([tp.AddHeaders(), tp.Raiser()], on_error="fail_open").run(Request(headers={"x-boom": "1"}))
+        result = Driver([tp.AddHeaders(), tp.Raiser(), tp.RequestOnly()], on_error="fail_open").run(
+            Request(headers={"x-boom": "1"})
+        )
     assert not result.immediate
     assert result.upstream is not None
-    assert "x-added" not in result.upstream.headers  # the failed phase's mutations are dropped
-    assert result.response.headers["x-raiser-saw-response"] == "1"  # later phases still run
+    assert result.upstream.headers["x-added"] == "yes"  # the plugin before it ran
+    assert result.upstream.headers["x-chain"] == "default"  # and the one after it
+    assert "x-raiser-saw-response" not in result.response.headers  # bypassed for the rest of the request
+    assert result.response.headers["x-resp"] == "yes"  # the others' later phases still run
+
+
+def test_fail_open_undoes_what_the_failing_hook_changed(caplog: pytest.LogCaptureFixture) -> None:
+    class HalfDone(tp.AddHeaders):
+        name = "half-done"
+
+        def on_request_headers(self, ctx: object, headers: Headers) -> None:
+            headers["x-half"] = "1"
+            del headers["x-keep"]
+            raise RuntimeError("after changing the headers")
+
+    with caplog.at_level(logging.CRITICAL, logger="sidecar.extproc"):
+        result = Driver([HalfDone(), tp.RequestOnly()], on_error="fail_open").run(Request(headers={"x-keep": "k"}))
+    assert result.upstream is not None
+    assert "x-half" not in result.upstream.headers
+    assert result.upstream.headers["x-keep"] == "k"
+    assert result.upstream.headers["x-chain"] == "default"
 
 
 def test_mode_override_when_chain_needs_less() -> None:
@@ -138,3 +159,20 @@ def test_observability_mode_gets_no_answer() -> None:
     request = _headers_request()
     request.observability_mode = True
     assert asyncio.run(processor.process(request)) is None
+
+
+def test_a_header_envoy_would_refuse_is_the_plugins_error_not_envoys(caplog: pytest.LogCaptureFixture) -> None:
+    class Smuggler(tp.AddHeaders):
+        name = "smuggler"
+
+        def on_request_headers(self, ctx: object, headers: Headers) -> None:
+            headers["x-user"] = "alice\r\nx-admin: 1"
+
+    with caplog.at_level(logging.ERROR, logger="sidecar.extproc"):
+        closed = Driver([Smuggler()]).run(Request())
+    assert closed.immediate and closed.status == 500
+    assert closed.response.headers["x-sidecar-error-id"]
+    assert "smuggler" in caplog.text and "CR, LF or NUL" in caplog.text
+    opened = Driver([Smuggler(), tp.RequestOnly()], on_error="fail_open").run(Request())
+    assert opened.upstream is not None and "x-user" not in opened.upstream.headers
+    assert opened.upstream.headers["x-chain"] == "default"
