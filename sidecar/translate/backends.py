@@ -34,6 +34,7 @@ __all__ = [
     "LoadBalancing",
     "SidecarFaults",
     "build_cluster",
+    "eg_backend_settings",
     "route_around_failed_workers",
     "sidecar_retry_policy",
 ]
@@ -144,6 +145,52 @@ def sidecar_retry_policy(faults: SidecarFaults = SIDECAR_FAULTS) -> Any:
         ],
         host_selection_retry_max_attempts=3,
     )
+
+
+def _eg_duration(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds == int(seconds) else f"{round(seconds * 1000)}ms"
+
+
+def eg_backend_settings(workers: int, faults: SidecarFaults = SIDECAR_FAULTS) -> dict[str, Any]:
+    """The same settings as an EnvoyExtensionPolicy extProc `backendSettings` (for `render --format eg`).
+
+    EG has no `noTrafficInterval`: under EG the active check runs at Envoy's 60 s until traffic starts,
+    so the passive ejection and the retry carry a fault there first.
+    """
+    settings: dict[str, Any] = {
+        "timeout": {"tcp": {"connectTimeout": _eg_duration(faults.connect_timeout)}},
+        "circuitBreaker": {"maxParallelRetries": faults.max_retries},
+        "retry": {
+            "numRetries": faults.num_retries,
+            "retryOn": {"triggers": faults.retry_on.split(",")},
+            "perRetry": {
+                "backOff": {
+                    "baseInterval": _eg_duration(faults.retry_base_interval),
+                    "maxInterval": _eg_duration(faults.retry_max_interval),
+                }
+            },
+        },
+    }
+    if workers > 1:
+        settings["healthCheck"] = {
+            "active": {
+                "type": "GRPC",
+                "grpc": {"service": SERVICE_NAME},
+                "interval": _eg_duration(faults.health_interval),
+                "timeout": _eg_duration(faults.health_timeout),
+                "unhealthyThreshold": 1,
+                "healthyThreshold": 1,
+            },
+            "passive": {
+                "splitExternalLocalOriginErrors": True,
+                "consecutiveLocalOriginFailures": faults.local_origin_failures,
+                "consecutiveGatewayErrors": faults.gateway_failures,
+                "interval": "1s",
+                "baseEjectionTime": _eg_duration(faults.ejection_time),
+                "maxEjectionPercent": faults.max_ejection_percent,
+            },
+        }
+    return settings
 
 
 def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
