@@ -40,7 +40,7 @@ from sidecar.config import load_config  # noqa: E402
 from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.stack.sidecar import SidecarProcess  # noqa: E402
 from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap  # noqa: E402
-from tests.support.load import Report, run_load  # noqa: E402
+from tests.support.load import Report, children, direct_response_listener, run_load  # noqa: E402
 from tests.support.testplugins import TP  # noqa: E402
 
 SCENARIOS = ("kill", "stall", "shutdown")
@@ -61,57 +61,9 @@ def admin_post(envoy: Envoy, path: str) -> None:
         response.read()
 
 
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
-    return sorted(found)
-
-
 def with_backend(bootstrap: dict[str, Any], backend_port: int) -> dict[str, Any]:
     """Add a `backend` listener answering 200 directly: the upstream the `main` listener routes to."""
-    listeners = bootstrap["static_resources"]["listeners"]
-    backend = {
-        "name": "backend",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": backend_port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-                            ".v3.HttpConnectionManager",
-                            "stat_prefix": "backend",
-                            "route_config": {
-                                "virtual_hosts": [
-                                    {
-                                        "name": "all",
-                                        "domains": ["*"],
-                                        "routes": [
-                                            {
-                                                "match": {"prefix": "/"},
-                                                "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-                                            }
-                                        ],
-                                    }
-                                ]
-                            },
-                            "http_filters": [
-                                {
-                                    "name": "envoy.filters.http.router",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                                    },
-                                }
-                            ],
-                        },
-                    }
-                ]
-            }
-        ],
-    }
-    listeners.append(backend)
+    bootstrap["static_resources"]["listeners"].append(direct_response_listener("backend", backend_port))
     return bootstrap
 
 

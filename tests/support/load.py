@@ -3,6 +3,9 @@
 Keep-alive connections on asyncio, paced to a target rate (or flat out), stopped by a request count or a
 deadline, whichever comes first. Each request is recorded, so a test can ask which requests failed and
 when they started relative to a fault. Loopback only: it refuses any other host.
+
+Also what such a run needs around it: an upstream that is never the bottleneck (a direct-response
+listener for the same Envoy) and the worker processes of a sidecar supervisor.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Outcome", "Report", "run_load"]
+__all__ = ["Outcome", "Report", "children", "direct_response_listener", "run_load"]
 
 _MAX_HEAD = 16384
 _MAX_BODY = 1 << 20
@@ -164,3 +169,45 @@ async def run_load(
     report.ended = time.monotonic()
     report.outcomes.sort(key=lambda o: o.start)
     return report
+
+
+_HCM = "envoy.filters.network.http_connection_manager"
+_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def direct_response_listener(name: str, port: int) -> dict[str, Any]:
+    """An Envoy listener on 127.0.0.1:`port` answering every request 200 `ok` itself."""
+    hcm = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": name,
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": _HCM, "typed_config": hcm}]}],
+    }
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (a supervisor's workers), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return sorted(found)
