@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,19 @@ def admin_post(envoy: Envoy, path: str) -> None:
     request = urllib.request.Request(envoy.admin_url + path, method="POST")
     with urllib.request.urlopen(request, timeout=5) as response:
         response.read()
+
+
+def error_lines(log: str) -> list[str]:
+    """Lines of the sidecar's JSON log at level error or above, and any line that is not JSON (a traceback)."""
+    found = []
+    for line in filter(str.strip, log.splitlines()):
+        try:
+            level = json.loads(line).get("level")
+        except (ValueError, AttributeError):
+            level = "not json"
+        if level in ("error", "critical", "not json"):
+            found.append(line)
+    return found
 
 
 def with_backend(bootstrap: dict[str, Any], backend_port: int) -> dict[str, Any]:
@@ -179,7 +193,7 @@ def scenario_shutdown(stack: Stack, address: tuple[str, int], rate: float, secon
     stack.envoy.stop()
     stack.sidecar.signal(signal.SIGTERM)
     code = stack.sidecar.wait(30)
-    errors = [line for line in stack.sidecar.logs().splitlines() if '"level": "ERROR"' in line or " ERROR " in line]
+    errors = error_lines(stack.sidecar.logs())
     return [
         report.summary(),
         f"in flight when the drain began: {report.in_flight(drained[0])}; failed: {len(report.failed)}; "
