@@ -9,8 +9,9 @@ throughput flat out, then runs each scenario at half of it with a fresh stack:
             flight at the kill, and none should start after it.
 * stall:    SIGSTOP one worker for 3 s, then SIGCONT. No request that starts more than 1 s into the stall
             should fail.
-* shutdown: Envoy drains first (health check failed, listeners drained), load stops a second later as a
-            load balancer would, Envoy exits, then the sidecar gets SIGTERM. Nothing should fail.
+* shutdown: Envoy drains first (health check failed, its listener drained; the upstream listener stays),
+            load stops a second later as a load balancer would, Envoy exits, then the sidecar gets
+            SIGTERM. Nothing should fail.
 
     python benchmarks/faults.py [--scenario kill|stall|shutdown]... [--seconds 9] [--rate N]
 
@@ -186,7 +187,7 @@ def scenario_shutdown(stack: Stack, address: tuple[str, int], rate: float, secon
             # What Kubernetes does first: Envoy's preStop/SIGTERM starts the drain (readiness fails, listeners
             # drain gracefully); the endpoint leaves the load balancer a moment later.
             admin_post(stack.envoy, "/healthcheck/fail")
-            admin_post(stack.envoy, "/drain_listeners?graceful")
+            admin_post(stack.envoy, "/drain_listeners?graceful&inboundonly")
             drained.append(time.monotonic())
 
     report = load(address, min(seconds, FAULT_AT + 1.0), rate, tick)

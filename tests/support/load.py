@@ -200,6 +200,8 @@ def direct_response_listener(name: str, port: int) -> dict[str, Any]:
     }
     return {
         "name": name,
+        # OUTBOUND: `drain_listeners?inboundonly` drains the listener under test and leaves this upstream up.
+        "traffic_direction": "OUTBOUND",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
         "filter_chains": [{"filters": [{"name": _HCM, "typed_config": hcm}]}],
     }
