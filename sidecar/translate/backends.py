@@ -28,7 +28,16 @@ from sidecar.translate.refs import (
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.wire import SERVICE_NAME
 
-__all__ = ["SYSTEM_CA_BUNDLE", "LoadBalancing", "build_cluster"]
+__all__ = [
+    "SIDECAR_FAULTS",
+    "SYSTEM_CA_BUNDLE",
+    "LoadBalancing",
+    "SidecarFaults",
+    "build_cluster",
+    "eg_backend_settings",
+    "route_around_failed_workers",
+    "sidecar_retry_policy",
+]
 
 H2C = "gateway.envoyproxy.io/h2c"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -44,6 +53,144 @@ class LoadBalancing:
     @property
     def consistent(self) -> bool:
         return self.type == "ConsistentHash"
+
+
+@dataclass(frozen=True)
+class SidecarFaults:
+    """How Envoy routes around a sidecar worker that died or stalled; every generated config uses these.
+
+    `sidecar envoy-config`/`up` (bootstrap.py) and `render` (here) build them into the cluster and the
+    ext_proc filter; `render --format eg` (bundle.py) and the Helm chart say the same in EG's
+    `backendSettings` and the standalone bootstrap, and tests compare them. Measured in
+    benchmarks/faults.py; the reasons are in docs/reliability.md.
+    """
+
+    #: A Unix socket connects at once or not at all: a dead worker is ECONNREFUSED, a full backlog waits.
+    connect_timeout: float = 0.25
+    #: Active gRPC health checks (several workers only). Envoy checks at `no_traffic_interval` (default
+    #: 60 s) until it schedules a check after traffic started, so it is set to the interval too.
+    health_interval: float = 0.5
+    health_timeout: float = 0.25
+    #: Passive: one local-origin failure (connect refused or timed out, the connection reset under a
+    #: stream) ejects the worker at once; a passing health check brings it back.
+    local_origin_failures: int = 1
+    gateway_failures: int = 2
+    ejection_time: float = 1.0
+    max_ejection_time: float = 30.0
+    max_ejection_percent: int = 50
+    #: Retries of the ext_proc stream's *opening*: Envoy retries only while the sidecar has sent nothing
+    #: back (no response headers), replaying the messages it buffered, on another worker.
+    retry_on: str = "connect-failure,refused-stream,reset,unavailable"
+    num_retries: int = 2
+    retry_base_interval: float = 0.01
+    #: Envoy also makes this the per-try timeout, which starts only once the stream is half-closed.
+    retry_max_interval: float = 0.05
+    #: Concurrent retries over the cluster (Envoy's default is 3, which a dead worker under load exceeds).
+    max_retries: int = 1024
+
+
+SIDECAR_FAULTS = SidecarFaults()
+
+
+def route_around_failed_workers(cluster: Any, workers: int, faults: SidecarFaults = SIDECAR_FAULTS) -> None:
+    """Set the sidecar cluster's connect timeout, retry cap and, with several workers, health checks and
+    outlier detection, so Envoy stops opening streams on a worker that died or stalled."""
+    from envoy_data_plane.envoy.config.cluster.v3 import CircuitBreakers, CircuitBreakersThresholds, OutlierDetection
+    from envoy_data_plane.envoy.config.core.v3 import HealthCheck, HealthCheckGrpcHealthCheck
+
+    cluster.connect_timeout = datetime.timedelta(seconds=faults.connect_timeout)
+    cluster.circuit_breakers = CircuitBreakers(thresholds=[CircuitBreakersThresholds(max_retries=faults.max_retries)])
+    if workers < 2:
+        return  # one worker: nowhere else to send a stream; ejecting it would only be ignored (panic mode)
+    interval = datetime.timedelta(seconds=faults.health_interval)
+    cluster.health_checks = [
+        HealthCheck(
+            timeout=datetime.timedelta(seconds=faults.health_timeout),
+            interval=interval,
+            no_traffic_interval=interval,
+            unhealthy_threshold=1,
+            healthy_threshold=1,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
+        )
+    ]
+    cluster.outlier_detection = OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=faults.local_origin_failures,
+        enforcing_consecutive_local_origin_failure=100,
+        consecutive_gateway_failure=faults.gateway_failures,
+        enforcing_consecutive_gateway_failure=100,
+        interval=datetime.timedelta(seconds=1),
+        base_ejection_time=datetime.timedelta(seconds=faults.ejection_time),
+        max_ejection_time=datetime.timedelta(seconds=faults.max_ejection_time),
+        max_ejection_percent=faults.max_ejection_percent,
+    )
+
+
+def sidecar_retry_policy(faults: SidecarFaults = SIDECAR_FAULTS) -> Any:
+    """The ext_proc `grpc_service.retry_policy`: open the stream again on another worker."""
+    from envoy_data_plane.envoy.config.core.v3 import BackoffStrategy, RetryPolicy, RetryPolicyRetryHostPredicate
+    from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+
+    return RetryPolicy(
+        retry_on=faults.retry_on,
+        num_retries=faults.num_retries,
+        retry_back_off=BackoffStrategy(
+            base_interval=datetime.timedelta(seconds=faults.retry_base_interval),
+            max_interval=datetime.timedelta(seconds=faults.retry_max_interval),
+        ),
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts", typed_config=pack(PreviousHostsPredicate())
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
+
+
+def _eg_duration(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds == int(seconds) else f"{round(seconds * 1000)}ms"
+
+
+def eg_backend_settings(workers: int, faults: SidecarFaults = SIDECAR_FAULTS) -> dict[str, Any]:
+    """The same settings as an EnvoyExtensionPolicy extProc `backendSettings` (for `render --format eg`).
+
+    EG has no `noTrafficInterval`: under EG the active check runs at Envoy's 60 s until traffic starts,
+    so the passive ejection and the retry carry a fault there first.
+    """
+    settings: dict[str, Any] = {
+        "timeout": {"tcp": {"connectTimeout": _eg_duration(faults.connect_timeout)}},
+        "circuitBreaker": {"maxParallelRetries": faults.max_retries},
+        "retry": {
+            "numRetries": faults.num_retries,
+            "retryOn": {"triggers": faults.retry_on.split(",")},
+            "perRetry": {
+                "backOff": {
+                    "baseInterval": _eg_duration(faults.retry_base_interval),
+                    "maxInterval": _eg_duration(faults.retry_max_interval),
+                }
+            },
+        },
+    }
+    if workers > 1:
+        settings["healthCheck"] = {
+            "active": {
+                "type": "GRPC",
+                "grpc": {"service": SERVICE_NAME},
+                "interval": _eg_duration(faults.health_interval),
+                "timeout": _eg_duration(faults.health_timeout),
+                "unhealthyThreshold": 1,
+                "healthyThreshold": 1,
+            },
+            "passive": {
+                "splitExternalLocalOriginErrors": True,
+                "consecutiveLocalOriginFailures": faults.local_origin_failures,
+                "consecutiveGatewayErrors": faults.gateway_failures,
+                "interval": "1s",
+                "baseEjectionTime": _eg_duration(faults.ejection_time),
+                "maxEjectionPercent": faults.max_ejection_percent,
+            },
+        }
+    return settings
 
 
 def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
@@ -135,12 +282,7 @@ def build_cluster(
         ClusterLbPolicy,
         ClusterMaglevLbConfig,
     )
-    from envoy_data_plane.envoy.config.core.v3 import (
-        HealthCheck,
-        HealthCheckGrpcHealthCheck,
-        Http2ProtocolOptions,
-        Locality,
-    )
+    from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions, Locality
     from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LocalityLbEndpoints
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptions,
@@ -209,17 +351,8 @@ def build_cluster(
             )
         }
     sidecar = options.sidecar
-    if grpc and sidecar is not None and len(sidecar.sockets) > 1 and any(sidecar.is_sidecar(b) for b in backends):
-        # Several sidecar workers: steer away from one that is restarting (as `sidecar envoy-config` does).
-        cluster.health_checks = [
-            HealthCheck(
-                timeout=datetime.timedelta(seconds=1),
-                interval=datetime.timedelta(seconds=1),
-                unhealthy_threshold=1,
-                healthy_threshold=1,
-                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
-            )
-        ]
+    if grpc and sidecar is not None and any(sidecar.is_sidecar(b) for b in backends):
+        route_around_failed_workers(cluster, len(sidecar.sockets))
     policies = {b.key: backend_tls_policy(resources, b) for b in backends}
     with_tls = {p.key: p for p in policies.values() if p is not None}
     if with_tls:

@@ -17,7 +17,8 @@ from typing import Any
 from sidecar.chains import FULL_DUPLEX, SEND, Registry
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
-from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE, SERVICE_NAME
+from sidecar.translate.backends import route_around_failed_workers, sidecar_retry_policy
+from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
 
 __all__ = [
     "BootstrapOptions",
@@ -46,7 +47,6 @@ class BootstrapOptions:
     listen_port: int = 10000
     upstream: tuple[str, int] = ("127.0.0.1", 8080)
     routes: tuple[RouteSpec, ...] = (RouteSpec("/"),)
-    failure_mode_allow: bool = False
 
 
 def parse_route(value: str) -> RouteSpec:
@@ -68,15 +68,9 @@ def _socket(host: str, port: int) -> Any:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
 
 
-def _sidecar_cluster(sockets: Sequence[Path], connect_timeout: float) -> Any:
+def _sidecar_cluster(sockets: Sequence[Path]) -> Any:
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-    from envoy_data_plane.envoy.config.core.v3 import (
-        Address,
-        HealthCheck,
-        HealthCheckGrpcHealthCheck,
-        Http2ProtocolOptions,
-        Pipe,
-    )
+    from envoy_data_plane.envoy.config.core.v3 import Address, Http2ProtocolOptions, Pipe
     from envoy_data_plane.envoy.config.endpoint.v3 import (
         ClusterLoadAssignment,
         Endpoint,
@@ -92,7 +86,6 @@ def _sidecar_cluster(sockets: Sequence[Path], connect_timeout: float) -> Any:
     cluster = Cluster(
         name=SIDECAR_CLUSTER,
         type=ClusterDiscoveryType.STATIC,
-        connect_timeout=datetime.timedelta(seconds=connect_timeout),
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
                 HttpProtocolOptions(
@@ -106,17 +99,7 @@ def _sidecar_cluster(sockets: Sequence[Path], connect_timeout: float) -> Any:
             cluster_name=SIDECAR_CLUSTER, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
     )
-    if len(sockets) > 1:
-        # Several workers: steer away from one that is restarting instead of failing its share of requests.
-        cluster.health_checks = [
-            HealthCheck(
-                timeout=datetime.timedelta(seconds=1),
-                interval=datetime.timedelta(seconds=1),
-                unhealthy_threshold=1,
-                healthy_threshold=1,
-                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
-            )
-        ]
+    route_around_failed_workers(cluster, len(sockets))
     return cluster
 
 
@@ -160,8 +143,12 @@ def check_processing_mode(mode: Any, *, failure_mode_allow: bool, where: str = "
             )
 
 
-def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_allow: bool = False) -> Any:
-    """The `envoy.filters.http.ext_proc` HttpFilter that talks to this sidecar."""
+def ext_proc_filter(registry: Registry, config: SidecarConfig) -> Any:
+    """The `envoy.filters.http.ext_proc` HttpFilter that talks to this sidecar.
+
+    It fails closed (`failure_mode_allow: false`): a route whose chain is `fail_open` opens it in its
+    per-route override (`_route`), so no global switch can ever let a fail_closed chain's traffic through.
+    """
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
         ExternalProcessor,
@@ -171,13 +158,15 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_a
     )
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
 
-    check_processing_mode(registry.mode, failure_mode_allow=failure_mode_allow)
+    check_processing_mode(registry.mode, failure_mode_allow=False)
     timeout = datetime.timedelta(seconds=config.message_timeout)
     processor = ExternalProcessor(
         grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER), timeout=datetime.timedelta(seconds=5)
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SIDECAR_CLUSTER),
+            timeout=datetime.timedelta(seconds=5),
+            retry_policy=sidecar_retry_policy(),
         ),
-        failure_mode_allow=failure_mode_allow,
+        failure_mode_allow=False,
         processing_mode=ProcessingMode.FromString(registry.mode.SerializeToString()),
         message_timeout=timeout,
         max_message_timeout=max(timeout, datetime.timedelta(seconds=10)),
@@ -201,16 +190,23 @@ def _route(spec: RouteSpec, registry: Registry) -> Any:
         match=RouteMatch(prefix=spec.prefix),
         route=RouteAction(cluster=UPSTREAM_CLUSTER),
     )
-    if spec.chain is not None:
-        if registry.chain(spec.chain) is None:
-            raise ConfigError(
-                f"--route {spec.prefix}={spec.chain}: no chain named {spec.chain!r} "
-                f"(chains: {', '.join(sorted(registry.chains))})"
-            )
-        override = ExtProcPerRoute(
-            overrides=ExtProcOverrides(grpc_initial_metadata=[HeaderValue(key=CHAIN_METADATA_KEY, value=spec.chain)])
+    chain = registry.chain(spec.chain)
+    if chain is None:
+        raise ConfigError(
+            f"--route {spec.prefix}={spec.chain}: no chain named {spec.chain!r} "
+            f"(chains: {', '.join(sorted(registry.chains))})"
         )
-        route.typed_per_filter_config = {EXT_PROC_FILTER: _any(override)}
+    overrides = ExtProcOverrides()
+    if spec.chain is not None:
+        overrides.grpc_initial_metadata = [HeaderValue(key=CHAIN_METADATA_KEY, value=spec.chain)]
+    fail_open = chain.fail_open and not registry.full_duplex
+    if fail_open:
+        # fail_open covers the sidecar too: a message timeout or an unreachable sidecar lets this route's
+        # requests through unprocessed, as a raising plugin does. Not when any chain makes the filter
+        # FULL_DUPLEX_STREAMED: Envoy then runs every stream in that mode, which cannot fail open.
+        overrides.failure_mode_allow = True
+    if spec.chain is not None or fail_open:
+        route.typed_per_filter_config = {EXT_PROC_FILTER: _any(ExtProcPerRoute(overrides=overrides))}
     return route
 
 
@@ -234,7 +230,7 @@ def build_bootstrap(registry: Registry, config: SidecarConfig, options: Bootstra
             name="local", virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=routes)]
         ),
         http_filters=[
-            ext_proc_filter(registry, config, failure_mode_allow=options.failure_mode_allow),
+            ext_proc_filter(registry, config),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
     )
@@ -248,7 +244,7 @@ def build_bootstrap(registry: Registry, config: SidecarConfig, options: Bootstra
     bootstrap = Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[listener],
-            clusters=[_sidecar_cluster(config.socket_paths(), 1.0), _upstream_cluster(*options.upstream)],
+            clusters=[_sidecar_cluster(config.socket_paths()), _upstream_cluster(*options.upstream)],
         )
     )
     result: dict[str, Any] = bootstrap.to_dict(casing=betterproto2.Casing.SNAKE)

@@ -5,7 +5,9 @@ The input resources come back (validated as EG would, loopback Backends refused)
 * a Backend annotated `envoy-sidecar/extproc: "true"` gets `unix` endpoints on the shared volume, one
   per sidecar worker socket (EG must run with `extensionApis.enableBackend: true`);
 * an extProc entry using it with no `processingMode` gets the one the sidecar's plugin chain needs,
-  and `allowModeOverride: true` (the sidecar narrows the mode per request);
+  and `allowModeOverride: true` (the sidecar narrows the mode per request); with no `failOpen`, the
+  chain's own failure policy (`failOpen: true` on a fail_closed chain is refused); with no
+  `backendSettings`, the health checks, ejection and retries that route around a failed worker;
 * every Gateway's EnvoyProxy (the referenced one, else an unreferenced one with a filterOrder, which
   is the GatewayClass's, else a new `<gateway>-envoy-sidecar` the Gateway is pointed at) gets a
   strategic-merge `envoyDeployment.patch`: an emptyDir shared by Envoy and the sidecar container,
@@ -26,6 +28,7 @@ from typing import Any
 from sidecar.chains import Registry, describe_mode
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
+from sidecar.translate.backends import eg_backend_settings
 from sidecar.translate.options import CHAIN_ANNOTATION, SIDECAR_ANNOTATION
 from sidecar.translate.refs import gateway_envoy_proxy
 from sidecar.translate.render import dump_documents
@@ -116,14 +119,16 @@ def render_bundle(paths: Sequence[str | os.PathLike[str]], sidecar_config: Path,
         if _is_sidecar(res):
             doc["spec"]["endpoints"] = [{"unix": {"path": str(s)}} for s in sockets]
         elif res.kind == "EnvoyExtensionPolicy":
-            _fill_modes(res, doc, sidecars, registry)
+            _fill_modes(res, doc, sidecars, registry, loaded.workers)
         out.append(doc)
     _add_envoy_proxies(resources, out, _patch(image, loaded.workers, socket_path), sidecar_config.read_text())
     validate(ResourceSet(parse_document(d, "(bundle)") for d in out), strict_eg=True)
     return dump_documents(out)
 
 
-def _fill_modes(res: Resource, doc: dict[str, Any], sidecars: set[tuple[str, str]], registry: Registry) -> None:
+def _fill_modes(
+    res: Resource, doc: dict[str, Any], sidecars: set[tuple[str, str]], registry: Registry, workers: int
+) -> None:
     for index, ext in enumerate(doc["spec"].get("extProc") or []):
         refs = ext["backendRefs"]
         targets = {
@@ -141,6 +146,15 @@ def _fill_modes(res: Resource, doc: dict[str, Any], sidecars: set[tuple[str, str
                 "EG cannot tell the sidecar which chain "
                 f"to run; only the default chain ({registry.default.name!r}) works under EG",
             )
+        if ext.get("failOpen") and not registry.default.fail_open:
+            raise res.error(
+                f"spec.extProc[{index}].failOpen",
+                f"true would let requests through unprocessed when sidecar chain {registry.default.name!r} "
+                "(on_error: fail_closed) times out or the sidecar is unreachable; set on_error: fail_open on "
+                "the chain, or drop failOpen",
+            )
+        ext.setdefault("failOpen", registry.default.fail_open)
+        ext.setdefault("backendSettings", eg_backend_settings(workers))
         if "processingMode" not in ext:
             ext["processingMode"] = _eg_processing_mode(registry)
         elif not ext["processingMode"].get("allowModeOverride"):

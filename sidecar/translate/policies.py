@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.chains import Chain
 from sidecar.errors import ConfigError
-from sidecar.translate.backends import LoadBalancing, build_cluster
+from sidecar.translate.backends import LoadBalancing, build_cluster, sidecar_retry_policy
 from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
 from sidecar.translate.refs import backend_ref_target, pull_secrets
@@ -83,6 +84,23 @@ def _processing_mode(mode: dict[str, Any]) -> Any:
     return result
 
 
+def _sidecar_fail_open(policy: Resource, ext: dict[str, Any], where: str, chain: Chain) -> bool:
+    """Envoy's failure_mode_allow for an extProc entry that calls the sidecar: the chain's own policy.
+
+    A fail_open chain fails open on timeouts and an unreachable sidecar too (unless failOpen: false asks
+    for less); failOpen: true on a fail_closed chain would let its traffic through unprocessed, so it is
+    refused rather than obeyed.
+    """
+    if ext.get("failOpen") and not chain.fail_open:
+        raise policy.error(
+            where,
+            f"true would let requests through unprocessed when sidecar chain {chain.name!r} "
+            "(on_error: fail_closed) times out or the sidecar is unreachable; set on_error: fail_open "
+            "on the chain, or drop failOpen",
+        )
+    return bool(ext.get("failOpen", chain.fail_open))
+
+
 def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOptions) -> list[PolicyFilter]:
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc, HeaderValue
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -97,6 +115,13 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
     result = []
     for index, ext in enumerate(policy.spec.get("extProc") or []):
         path = f"spec.extProc[{index}]"
+        if "backendSettings" in ext:
+            # Accepted in EG bundles (render --format eg writes it for the sidecar); not translated here.
+            raise policy.error(
+                f"{path}.backendSettings",
+                "not translated by `sidecar render`; a sidecar Backend gets its health checks, ejection and "
+                "retries built in (docs/reliability.md)",
+            )
         ir_name = f"envoyextensionpolicy/{policy.namespace}/{policy.name}/extproc/{index}"
         refs = ext["backendRefs"]
         targets = [backend_ref_target(resources, policy, ref, f"{path}.backendRefs[{i}]") for i, ref in enumerate(refs)]
@@ -110,7 +135,9 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
         mode_spec = ext.get("processingMode")
         sidecar = options.sidecar
         is_sidecar = sidecar is not None and any(sidecar.is_sidecar(t.resource) for t in targets)
-        if mode_spec is None and is_sidecar:
+        fail_open = bool(ext.get("failOpen", False))
+        chain: Chain | None = None
+        if is_sidecar:
             assert sidecar is not None
             chain_name = policy.annotations.get(CHAIN_ANNOTATION)
             chain = sidecar.registry.chain(chain_name)
@@ -120,6 +147,10 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
                     f"metadata.annotations.{CHAIN_ANNOTATION}",
                     f"no sidecar chain named {chain_name!r} (chains: {chains})",
                 )
+            fail_open = _sidecar_fail_open(policy, ext, f"{path}.failOpen", chain)
+            # A worker that died or stalled: open the stream again on another one (see backends.py).
+            grpc.retry_policy = sidecar_retry_policy()
+        if mode_spec is None and chain is not None:
             mode = ProcessingMode.FromString(chain.mode.SerializeToString())
             if chain_name is not None:
                 grpc.initial_metadata = [HeaderValue(key=CHAIN_METADATA_KEY, value=chain.name)]
@@ -127,7 +158,7 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             mode = _processing_mode(mode_spec or {})
         processor = ExternalProcessor(
             grpc_service=grpc,
-            failure_mode_allow=bool(ext.get("failOpen", False)),
+            failure_mode_allow=fail_open,
             processing_mode=mode,
             allow_mode_override=bool((mode_spec or {}).get("allowModeOverride", is_sidecar)),
         )

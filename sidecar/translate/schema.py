@@ -275,6 +275,65 @@ _LISTENER = Obj(
 _PROCESSING_DIRECTION = Obj(
     {"body": Enum("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed"), "attributes": List(_ATTRIBUTE, 32)}
 )
+_BACKEND_SETTINGS = Obj(
+    {
+        "timeout": Obj({"tcp": Obj({"connectTimeout": Duration()})}),
+        "circuitBreaker": Obj({"maxParallelRetries": Int(0, 4294967295)}),
+        "retry": Obj(
+            {
+                "numRetries": Int(0, 2147483647),
+                "retryOn": Obj(
+                    {
+                        "triggers": List(
+                            Enum(
+                                "5xx",
+                                "gateway-error",
+                                "reset",
+                                "reset-before-request",
+                                "connect-failure",
+                                "retriable-4xx",
+                                "refused-stream",
+                                "retriable-status-codes",
+                                "cancelled",
+                                "deadline-exceeded",
+                                "internal",
+                                "resource-exhausted",
+                                "unavailable",
+                            ),
+                            16,
+                        )
+                    }
+                ),
+                "perRetry": Obj({"backOff": Obj({"baseInterval": Duration(), "maxInterval": Duration()})}),
+            }
+        ),
+        "healthCheck": Obj(
+            {
+                "active": Obj(
+                    {
+                        "type": Enum("GRPC"),
+                        "grpc": Obj({"service": Str()}),
+                        "interval": Duration(),
+                        "timeout": Duration(),
+                        "unhealthyThreshold": Int(1, 2147483647),
+                        "healthyThreshold": Int(1, 2147483647),
+                    },
+                    ["type"],
+                ),
+                "passive": Obj(
+                    {
+                        "splitExternalLocalOriginErrors": BOOL,
+                        "consecutiveLocalOriginFailures": Int(0, 2147483647),
+                        "consecutiveGatewayErrors": Int(0, 2147483647),
+                        "interval": Duration(),
+                        "baseEjectionTime": Duration(),
+                        "maxEjectionPercent": Int(0, 100),
+                    }
+                ),
+            }
+        ),
+    }
+)
 _EXT_PROC = Obj(
     {
         # EG refuses the singular `backendRef` here ("BackendRefs must be used").
@@ -325,6 +384,9 @@ _EXT_PROC = Obj(
             {"request": _PROCESSING_DIRECTION, "response": _PROCESSING_DIRECTION, "allowModeOverride": BOOL}
         ),
         "metadata": Obj({"accessibleNamespaces": List(Str(), 16), "writableNamespaces": List(Str(), 8)}),
+        # What `render --format eg` writes for the sidecar's own Backend (backends.eg_backend_settings);
+        # `sidecar render` builds the same into the cluster itself and refuses it in its input (policies.py).
+        "backendSettings": _BACKEND_SETTINGS,
     },
     ["backendRefs"],
 )

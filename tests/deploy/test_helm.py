@@ -951,3 +951,83 @@ def test_eg_wasm_patch_path_exists_in_an_eg_generated_listener(render: Render) -
         node.insert(0, patch["operation"]["value"])
     assert before is not None and before[-1] == "envoy.filters.http.router"
     assert node[0]["name"].startswith("envoy.filters.http.wasm/envoy-sidecar/")
+
+
+# ---- faults: the chart routes around a failed worker and follows the chain's failure policy -----------
+# The same settings as `sidecar envoy-config` and `sidecar render --format eg` (docs/reliability.md).
+
+
+def _seconds(value: Any) -> Any:
+    """'0.250s' / '250ms' / '1s' -> 0.25 / 1.0, recursively, so configs written by hand and by code compare."""
+    if isinstance(value, dict):
+        return {k: _seconds(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_seconds(v) for v in value]
+    if isinstance(value, str) and re.fullmatch(r"[0-9.]+m?s", value):
+        return float(value[:-2]) / 1000 if value.endswith("ms") else float(value[:-1])
+    if isinstance(value, str) and value.isdigit():
+        return int(value)  # proto JSON writes int64 as a string
+    return value
+
+
+def _envoy_config_parts(workers: int, on_error: str = "fail_closed") -> tuple[dict[str, Any], dict[str, Any]]:
+    from sidecar.chains import Registry
+    from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    chains = (ChainSpec("default", (PluginSpec("header-stamp"),), on_error),)
+    bootstrap = build_bootstrap(Registry.from_specs(chains), SidecarConfig(chains, workers=workers), BootstrapOptions())
+    return _sidecar_parts(bootstrap)
+
+
+def _sidecar_parts(bootstrap: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the sidecar cluster, the ext_proc filter config) of a bootstrap."""
+    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "envoy-sidecar")
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    return cluster, ext_proc
+
+
+FAULT_KEYS = ("connect_timeout", "circuit_breakers", "health_checks", "outlier_detection")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_standalone_fault_settings_are_envoy_configs(render: Render, tmp_path: Path, workers: int) -> None:
+    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.workers": str(workers)})
+    cluster, ext_proc = _sidecar_parts(bootstrap)
+    want_cluster, want_ext_proc = _envoy_config_parts(workers)
+    for key in FAULT_KEYS:
+        assert _seconds(cluster.get(key)) == _seconds(want_cluster.get(key)), key
+    assert ("outlier_detection" in cluster) == (workers > 1)
+    assert _seconds(ext_proc["grpc_service"]["retry_policy"]) == _seconds(want_ext_proc["grpc_service"]["retry_policy"])
+    assert ext_proc["failure_mode_allow"] is False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_eg_fault_settings_are_the_bundles(render: Render, workers: int) -> None:
+    from sidecar.translate.backends import eg_backend_settings
+
+    docs = render(CI / "eg-extproc-values.yaml", sets={"sidecar.workers": str(workers)})
+    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
+    assert policies
+    for policy in policies:
+        (ext,) = policy["spec"]["extProc"]
+        assert ext["backendSettings"] == eg_backend_settings(workers)
+        assert ext["failOpen"] is False
+
+
+def test_fail_open_default_chain_fails_open_in_both_modes(render: Render, tmp_path: Path) -> None:
+    sets = {"sidecar.onError": "fail_open", "sidecar.workers": "2"}
+    bootstrap, _, config = _standalone(render, tmp_path, **sets)
+    assert _sidecar_parts(bootstrap)[1]["failure_mode_allow"] is True
+    assert "on_error: fail_open" in config
+    validate_bootstrap(bootstrap)
+    docs = render(CI / "eg-extproc-values.yaml", sets=sets)
+    assert {d["spec"]["extProc"][0]["failOpen"] for d in docs if d["kind"] == "EnvoyExtensionPolicy"} == {True}
+
+
+@pytest.mark.parametrize("values", ["eg-extproc-values.yaml", "standalone-values.yaml"])
+def test_fail_open_is_refused_for_a_fail_closed_chain(helm: Path, values: str) -> None:
+    proc = helm_template(helm, CI / values, sets={"extProc.failOpen": "true"})
+    assert proc.returncode != 0
+    assert "extProc.failOpen: true would let requests through unprocessed" in proc.stderr

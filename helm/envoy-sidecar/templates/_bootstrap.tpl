@@ -40,7 +40,19 @@ static_resources:
                       grpc_service:
                         envoy_grpc: {cluster_name: envoy-sidecar}
                         timeout: 5s
-                      failure_mode_allow: {{ .Values.extProc.failOpen }}
+                        # A worker that died or stalled: open the stream again on another one, while the
+                        # sidecar has answered nothing yet (the same as `sidecar envoy-config`).
+                        retry_policy:
+                          retry_on: connect-failure,refused-stream,reset,unavailable
+                          num_retries: 2
+                          retry_back_off: {base_interval: 0.010s, max_interval: 0.050s}
+                          retry_host_predicate:
+                            - name: envoy.retry_host_predicates.previous_hosts
+                              typed_config:
+                                "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+                          host_selection_retry_max_attempts: 3
+                      # The default chain's failure policy, for timeouts and an unreachable sidecar too.
+                      failure_mode_allow: {{ include "envoy-sidecar.failOpen" . }}
                       message_timeout: {{ include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout }}
                       allow_mode_override: {{ .Values.extProc.allowModeOverride }}
                       processing_mode:
@@ -88,7 +100,9 @@ static_resources:
   clusters:
     - name: envoy-sidecar
       type: STATIC
-      connect_timeout: 1s
+      connect_timeout: 0.250s
+      circuit_breakers:
+        thresholds: [{max_retries: 1024}]
       typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -104,12 +118,24 @@ static_resources:
                     pipe: {path: {{ . }}}
               {{- end }}
       {{- if gt (len $sockets) 1 }}
+      # Several workers: stop opening streams on one that died or stalled (docs/reliability.md).
       health_checks:
-        - timeout: 1s
-          interval: 1s
+        - timeout: 0.250s
+          interval: 0.500s
+          no_traffic_interval: 0.500s
           unhealthy_threshold: 1
           healthy_threshold: 1
           grpc_health_check: {service_name: envoy.service.ext_proc.v3.ExternalProcessor}
+      outlier_detection:
+        split_external_local_origin_errors: true
+        consecutive_local_origin_failure: 1
+        enforcing_consecutive_local_origin_failure: 100
+        consecutive_gateway_failure: 2
+        enforcing_consecutive_gateway_failure: 100
+        interval: 1s
+        base_ejection_time: 1s
+        max_ejection_time: 30s
+        max_ejection_percent: 50
       {{- end }}
     - name: upstream
       type: {{ ternary "STATIC" "STRICT_DNS" $isIP }}
@@ -124,6 +150,17 @@ static_resources:
 admin:
   address:
     socket_address: {address: 127.0.0.1, port_value: {{ $s.envoy.adminPort }}}
+{{- end -}}
+
+
+{{/* Envoy's failure_mode_allow: the default chain's on_error decides (a fail_open chain fails open on
+timeouts and an unreachable sidecar too); extProc.failOpen: true on a fail_closed chain is refused. */}}
+{{- define "envoy-sidecar.failOpen" -}}
+{{- $open := eq .Values.sidecar.onError "fail_open" -}}
+{{- if and .Values.extProc.failOpen (not $open) -}}
+{{- fail "extProc.failOpen: true would let requests through unprocessed when the fail_closed default chain times out or the sidecar is unreachable; set sidecar.onError: fail_open, or extProc.failOpen: false" -}}
+{{- end -}}
+{{- $open -}}
 {{- end -}}
 
 
