@@ -355,8 +355,14 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def is_closing(self) -> bool:
         return self.closing
+
+    def abort(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if not self.closing:
