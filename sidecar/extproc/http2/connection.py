@@ -113,6 +113,8 @@ class Connection(asyncio.Protocol):
         #: The handshake timer, then the idle timer.
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        #: Runs while a header block is split over CONTINUATION frames.
+        self._block_timer: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._pending_size = self._pending_needed = 0
         self._preface_seen = False
@@ -155,9 +157,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._block_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._block_timer = None
         self.server.connections.discard(self)
         for call in list(self.streams.values()):
             call._cancel()
@@ -282,6 +285,9 @@ class Connection(asyncio.Protocol):
             if flags & END_HEADERS:
                 stream, end_stream, _ = self._continuation
                 self._continuation = None
+                if self._block_timer is not None:
+                    self._block_timer.cancel()
+                    self._block_timer = None
                 self._on_header_block(stream, end_stream, bytes(block))
         elif kind == PUSH_PROMISE:
             raise Http2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
@@ -308,6 +314,16 @@ class Connection(asyncio.Protocol):
                 ErrorCode.ENHANCE_YOUR_CALM,
                 f"no client preface and SETTINGS within {timeout:g}s (limits.handshake_timeout)",
                 "handshake_timeout",
+            )
+
+    def _block_expired(self) -> None:
+        self._block_timer = None
+        if self.transport is not None and self._continuation is not None:
+            timeout = self.limits.handshake_timeout
+            self.fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"a header block was not complete within {timeout:g}s (limits.handshake_timeout)",
+                "header_timeout",
             )
 
     def _idle_check(self) -> None:
@@ -396,6 +412,8 @@ class Connection(asyncio.Protocol):
             self._on_header_block(stream_id, bool(flags & END_STREAM), payload)
         else:
             self._continuation = (stream_id, bool(flags & END_STREAM), bytearray(payload))
+            # A header block left open blocks every other frame: it gets the handshake's time to end.
+            self._block_timer = self.loop.call_later(self.limits.handshake_timeout, self._block_expired)
 
     def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
         try:
@@ -560,11 +578,13 @@ class Connection(asyncio.Protocol):
         self.write(goaway(self._last_stream_id, code, message.encode()[:256]))
         for call in list(self.streams.values()):
             call._cancel()
-        if self.transport is not None:
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()  # the peer is not reading: a close would wait for it forever
-            else:
-                self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                # A close waits until the peer took everything: a peer that does not read gets no longer
+                # than a handshake to.
+                self.loop.call_later(self.limits.handshake_timeout, transport.abort)
 
     def drain(self) -> None:
         """Start a graceful close: GOAWAY for 'no new streams soon', then a PING to learn when to cut off."""
