@@ -29,10 +29,12 @@ def test_envoy_reconnects_after_the_idle_goaway_without_failing_a_request(
     config = tmp_path / "sidecar.yaml"
     config.write_text(f"plugins: ['{TP}AddHeaders']\nlimits: {{idle_timeout: 0.5, handshake_timeout: 2}}\n")
     env = sidecar_envoy(config=config)
+    sidecar = env.sidecar
+    assert sidecar is not None
     for round_ in range(1, 4):
         response = httpx.get(env.url + "/echo", timeout=10)
         assert response.status_code == 200
         assert response.json()["headers"]["x-added"] == "yes"
-        closes = partial(lambda at_least: env.sidecar.logs().count(IDLE_CLOSE) >= at_least, round_)
+        closes = partial(lambda at_least: sidecar.logs().count(IDLE_CLOSE) >= at_least, round_)
         wait_for(closes, timeout=10, what="the idle GOAWAY")
-    assert "closing HTTP/2 connection" not in env.sidecar.logs()  # no limit took Envoy for a flood
+    assert "closing HTTP/2 connection" not in sidecar.logs()  # no limit took Envoy for a flood
