@@ -16,7 +16,7 @@ from sidecar.extproc.http2.frames import ErrorCode, Http2Error
 __all__ = ["CALL_COST", "FloodGuard", "ReceiveBudget", "largest_holder"]
 
 #: What an open call costs the receive budgets before it holds a byte: its Call, task and the stream's
-#: processor (measured at about 6 KiB per ext_proc stream waiting for its first message, tracemalloc).
+#: processor (measured: 4000 ext_proc streams waiting for their first message added 5.5 KiB of RSS each).
 #: Without it a peer could park 1024 empty streams on each of 1024 connections in one process.
 CALL_COST = 8192
 #: Control-frame tokens earned by one frame that carries data (either way) or opens a stream: Envoy
