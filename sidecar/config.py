@@ -8,6 +8,17 @@
     message_timeout: 0.5                           # for the generated Envoy config
     stream_timeout: 10                             # deadline for streaming body hooks (FULL_DUPLEX)
     transport: native                              # or grpcio (grpc.aio): see docs/serving.md
+    limits:                                        # what a peer may cost a worker (docs/serving.md)
+      receive_buffer: 256MiB                       # received, unread messages, all connections together
+      connection_receive_buffer: 128MiB
+      max_connections: 1024
+      handshake_timeout: 10                        # seconds for the client preface and first SETTINGS
+      idle_timeout: 7200                           # seconds without streams or frames; 0 = never
+      max_empty_frames: 10                         # consecutive empty DATA/HEADERS/CONTINUATION frames
+      control_frame_burst: 1000                    # PING/SETTINGS/WINDOW_UPDATE/PRIORITY/RST_STREAM ...
+      control_frame_rate: 100                      # ... and how many more a second
+      premature_reset_streams: 500
+      max_unread_replies: 1000
     chains:
       default:
         on_error: fail_closed                      # or fail_open
@@ -33,10 +44,12 @@ from sidecar.errors import ConfigError
 
 __all__ = [
     "ChainSpec",
+    "Limits",
     "PluginSpec",
     "SidecarConfig",
     "TlsConfig",
     "load_config",
+    "parse_byte_size",
     "parse_host_port",
     "parse_socket_mode",
 ]
@@ -69,6 +82,40 @@ class TlsConfig:
     client_ca: Path | None = None
 
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may cost a serving process (a worker), and what all of them together may.
+
+    The native transport enforces every field; `transport: grpcio` only those docs/serving.md names."""
+
+    #: Bytes of received messages not yet read by their handlers, over every connection of the process;
+    #: past it the call holding the most (whatever its connection) ends with RESOURCE_EXHAUSTED.
+    receive_buffer: int = 256 * MIB
+    #: The same, for one connection.
+    connection_receive_buffer: int = 128 * MIB
+    #: Connections open at once; one more gets GOAWAY ENHANCE_YOUR_CALM and is closed.
+    max_connections: int = 1024
+    #: Seconds a new connection has to send the client preface and its first SETTINGS frame.
+    handshake_timeout: float = 10.0
+    #: Seconds without open streams or frames before a graceful GOAWAY; 0 never. Above Envoy's own default
+    #: (1 h for upstream connections, and no PINGs), so Envoy always closes an idle connection first.
+    idle_timeout: float = 7200.0
+    #: Consecutive DATA, HEADERS or CONTINUATION frames without payload (and not ending the stream).
+    max_empty_frames: int = 10
+    #: Control frames (PING, SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, unknown types) a peer may send
+    #: at once; they are earned back at `control_frame_rate` a second and by frames that carry data.
+    control_frame_burst: int = 1000
+    control_frame_rate: float = 100.0
+    #: Rapid reset (CVE-2023-44487): once the peer reset or had refused half of this many streams before
+    #: their handlers started, and half of all the streams it opened, the connection ends.
+    premature_reset_streams: int = 500
+    #: Replies (PING and SETTINGS acknowledgements, RST_STREAM) queued for a peer that does not read them.
+    max_unread_replies: int = 1000
+
+
 @dataclass(frozen=True)
 class SidecarConfig:
     chains: tuple[ChainSpec, ...] = ()
@@ -84,6 +131,7 @@ class SidecarConfig:
     log_format: str = "json"
     #: "native": the sidecar's own HTTP/2 gRPC transport on the event loop (fast); "grpcio": grpc.aio.
     transport: str = "native"
+    limits: Limits = field(default_factory=Limits)
     source: str = "<defaults>"
 
     @property
@@ -147,6 +195,21 @@ _TOP_FIELDS = {
     "stream_timeout",
     "log_format",
     "transport",
+    "limits",
+}
+
+#: limits field -> (kind, minimum, maximum); sizes are bytes (or "64MiB"), times are seconds.
+_LIMIT_FIELDS: dict[str, tuple[str, float, float]] = {
+    "receive_buffer": ("size", MIB, 64 * 1024 * MIB),
+    "connection_receive_buffer": ("size", MIB, 64 * 1024 * MIB),
+    "max_connections": ("count", 1, 1_000_000),
+    "handshake_timeout": ("number", 0.01, 3600),
+    "idle_timeout": ("number", 0, 7 * 86400),
+    "max_empty_frames": ("count", 1, 1_000_000),
+    "control_frame_burst": ("count", 1, 1_000_000),
+    "control_frame_rate": ("number", 0, 1_000_000),
+    "premature_reset_streams": ("count", 2, 1_000_000),
+    "max_unread_replies": ("count", 1, 1_000_000),
 }
 
 
@@ -174,6 +237,34 @@ def _chain(r: _Reader, name: str, raw: Any, path: str) -> ChainSpec:
         raise r.fail(f"{path}.on_error", " or ".join(FAILURE_POLICIES), on_error)
     specs = tuple(_plugin(r, p, f"{path}.plugins[{i}]") for i, p in enumerate(plugins))
     return ChainSpec(name=name, plugins=specs, on_error=on_error)
+
+
+def _limits(r: _Reader, raw: Any) -> Limits:
+    data = r.mapping(raw if raw is not None else {}, "limits")
+    r.only(data, "limits", set(_LIMIT_FIELDS))
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        kind, minimum, maximum = _LIMIT_FIELDS[name]
+        path = f"limits.{name}"
+        if kind == "size":
+            size = parse_byte_size(value)
+            if size is None or not minimum <= size <= maximum:
+                raise r.fail(path, "a size in bytes from 1MiB to 64GiB (a number, or e.g. '256MiB')", value)
+            values[name] = size
+        elif kind == "count":
+            number = r.number(value, path, minimum, maximum)
+            if number != int(number):
+                raise r.fail(path, "a whole number", value)
+            values[name] = int(number)
+        else:
+            values[name] = r.number(value, path, minimum, maximum)
+    limits = Limits(**values)
+    if limits.connection_receive_buffer > limits.receive_buffer:
+        raise ConfigError(
+            f"{r.source}: limits.connection_receive_buffer: expected at most limits.receive_buffer "
+            f"({limits.receive_buffer} bytes), got {limits.connection_receive_buffer}"
+        )
+    return limits
 
 
 def parse_config(data: Any, source: str) -> SidecarConfig:
@@ -228,7 +319,28 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         if data["log_format"] not in ("json", "text"):
             raise r.fail("log_format", "json or text", data["log_format"])
         kwargs["log_format"] = data["log_format"]
+    if "limits" in data:
+        kwargs["limits"] = _limits(r, data["limits"])
     return SidecarConfig(**kwargs)
+
+
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": MIB, "gib": 1024 * MIB, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def parse_byte_size(value: Any) -> int | None:
+    """268435456, '256MiB', '256 MiB', '1GiB', '64kb' -> bytes; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    number = text.rstrip("kmgib ")
+    unit = text[len(number) :].strip()
+    if not number.isdigit() or unit not in _UNITS:
+        return None
+    return int(number) * _UNITS[unit]
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:

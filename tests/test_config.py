@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import load_config, parse_config
+from sidecar.config import Limits, load_config, parse_byte_size, parse_config
 from sidecar.errors import ConfigError
 
 
@@ -70,3 +70,59 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("plugins: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_limits_default_and_parse() -> None:
+    assert parse_config({}, "f.yaml").limits == Limits()
+    assert Limits().receive_buffer <= 256 * 1024 * 1024
+    config = parse_config(
+        {
+            "limits": {
+                "receive_buffer": "512MiB",
+                "connection_receive_buffer": 64 * 1024 * 1024,
+                "max_connections": 16,
+                "handshake_timeout": 2.5,
+                "idle_timeout": 0,
+                "control_frame_rate": 0,
+            }
+        },
+        "f.yaml",
+    )
+    limits = config.limits
+    assert (limits.receive_buffer, limits.connection_receive_buffer) == (512 << 20, 64 << 20)
+    assert (limits.max_connections, limits.handshake_timeout, limits.idle_timeout) == (16, 2.5, 0)
+    assert limits.max_empty_frames == Limits().max_empty_frames  # the rest keep their defaults
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [(1024, 1024), ("1GiB", 1 << 30), ("64 KiB", 64 << 10), ("2mb", 2_000_000), ("8MIB", 8 << 20)],
+)
+def test_byte_sizes(size: object, expected: int) -> None:
+    assert parse_byte_size(size) == expected
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"receive_buffer": "lots"}, "limits.receive_buffer: expected a size in bytes from 1MiB to 64GiB"),
+        ({"receive_buffer": 1000}, "limits.receive_buffer: expected a size in bytes"),
+        ({"receive_buffer": "1.5GiB"}, "limits.receive_buffer: expected a size in bytes"),
+        ({"receive_buffer": True}, "limits.receive_buffer: expected a size in bytes"),
+        ({"connection_receive_buffer": "300MiB"}, "limits.connection_receive_buffer: expected at most"),
+        ({"max_connections": 0}, "limits.max_connections: expected a number from 1 to"),
+        ({"max_connections": 2.5}, "limits.max_connections: expected a whole number"),
+        ({"handshake_timeout": 0}, "limits.handshake_timeout: expected a number from 0.01 to 3600"),
+        ({"idle_timeout": -1}, "limits.idle_timeout: expected a number from 0"),
+        ({"idle_timeout": "1h"}, "limits.idle_timeout: expected a number"),
+        ({"premature_reset_streams": 1}, "limits.premature_reset_streams: expected a number from 2"),
+        ({"max_streams": 5}, "limits.max_streams: unknown field (expected one of"),
+    ],
+)
+def test_limit_errors_name_the_field(limits: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=r"^f\.yaml: ") as info:
+        parse_config({"limits": limits}, "f.yaml")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"f\.yaml: limits: expected a mapping"):
+        parse_config({"limits": [1]}, "f.yaml")

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.chains import Chain, Registry
-from sidecar.config import SidecarConfig, TlsConfig, parse_host_port
+from sidecar.config import Limits, SidecarConfig, TlsConfig, parse_host_port
 from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, Http2Server
@@ -37,7 +37,7 @@ from sidecar.extproc.processor import StreamProcessor
 from sidecar.extproc.status import CallError, Status
 from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
 
-__all__ = ["ExtProcServer", "prepare_unix_socket"]
+__all__ = ["ExtProcServer", "grpcio_options", "prepare_unix_socket"]
 
 log = logging.getLogger("sidecar.extproc")
 
@@ -101,6 +101,26 @@ def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
     return context
+
+
+def grpcio_options(limits: Limits) -> list[tuple[str, int]]:
+    """grpc.aio's server options: the limits it has an equivalent for (docs/serving.md says which it lacks)."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+        # A local peer on a Unix socket: no channelz bookkeeping, retries or bandwidth probing
+        # (measured ~5-10% less CPU per stream).
+        ("grpc.enable_channelz", 0),
+        ("grpc.enable_retries", 0),
+        ("grpc.http2.bdp_probe", 0),
+        # Checked before the handshake: one more connection is closed at once, without a GOAWAY.
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", max(1, round(limits.handshake_timeout * 1000))),
+    ]
+    if limits.idle_timeout:
+        options.append(("grpc.max_connection_idle_ms", max(1, round(limits.idle_timeout * 1000))))
+    return options
 
 
 class ExtProcServer:
@@ -224,6 +244,7 @@ class ExtProcServer:
         server = Http2Server(
             {PROCESS_METHOD: self._native_process, **self._health.routes()},
             max_message=MAX_MESSAGE_BYTES,
+            limits=self.config.limits,
             on_error=self.metrics.stream_error if self.metrics is not None else None,
         )
         self._native = server
@@ -246,18 +267,7 @@ class ExtProcServer:
             server.add_listener(listener)
 
     async def _start_grpcio(self) -> None:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-                # A local peer on a Unix socket: no channelz bookkeeping, retries or bandwidth probing
-                # (measured ~5-10% less CPU per stream).
-                ("grpc.enable_channelz", 0),
-                ("grpc.enable_retries", 0),
-                ("grpc.http2.bdp_probe", 0),
-            ]
-        )
+        server = grpc.aio.server(options=grpcio_options(self.config.limits))
         pb_grpc.add_ExternalProcessorServicer_to_server(self, server)
         self._grpcio_health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._grpcio_health, server)

@@ -25,6 +25,7 @@ import h2.settings
 import hpack
 from hyperframe import frame as hf
 
+from sidecar.config import Limits
 from sidecar.extproc.http2 import Call, Handler, Http2Server
 from sidecar.extproc.http2.connection import Connection
 from sidecar.extproc.http2.frames import PREFACE
@@ -86,9 +87,14 @@ async def read_some(reader: asyncio.StreamReader) -> bytes:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, routes: Mapping[str, Handler], *, max_message: int = 4 * 1024 * 1024
+    tmp_path: Path,
+    routes: Mapping[str, Handler],
+    *,
+    max_message: int = 4 * 1024 * 1024,
+    limits: Limits | None = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> AsyncIterator[tuple[Http2Server, str]]:
-    server = Http2Server(routes, max_message=max_message)
+    server = Http2Server(routes, max_message=max_message, limits=limits, on_error=on_error)
     path = str(tmp_path / "h2.sock")
     server.add_listener(await asyncio.get_running_loop().create_unix_server(server.protocol, path=path))
     try:
@@ -355,8 +361,20 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def is_closing(self) -> bool:
         return self.closing
+
+    def abort(self) -> None:
+        self.close()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.close()  # the peer's half of a half-close is not modelled
 
     def close(self) -> None:
         if not self.closing:
@@ -420,3 +438,113 @@ async def settle(conn: Connection, transport: FakeTransport) -> None:
 def random_splits(rng: random.Random, data: bytes) -> list[bytes]:
     cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+# -- attacks: raw frames a hostile peer sends, each bounded in count (tests/extproc/http2/test_attacks.py)
+
+SETTINGS_FRAME = raw_frame(0x4, 0, 0)
+CLIENT_HELLO = PREFACE + SETTINGS_FRAME
+ATTACK_CHUNKS = 400  # chunks an attack writes at most; each holds many frames
+
+
+def opening(
+    encoder: hpack.Encoder, stream_id: int, *, path: str = ECHO, end_headers: bool = True, **kwargs: Any
+) -> bytes:
+    """HEADERS opening `stream_id` with a gRPC request."""
+    return raw_frame(0x1, 0x4 if end_headers else 0, stream_id, encoder.encode(request_headers(path, **kwargs)))
+
+
+def repeated(first: bytes, unit: bytes, per_chunk: int, chunks: int = ATTACK_CHUNKS) -> list[bytes]:
+    """`first`, then `chunks` chunks of `per_chunk` copies of `unit`."""
+    return [first + unit * per_chunk] + [unit * per_chunk] * (chunks - 1)
+
+
+def new_streams(build: Callable[[hpack.Encoder, int], bytes], per_chunk: int = 50, chunks: int = 100) -> list[bytes]:
+    """Chunks of frames for streams 1, 3, 5, ...: `build(encoder, stream_id)` makes each stream's frames."""
+    encoder = hpack.Encoder()
+    ids = iter(range(1, 2 * per_chunk * chunks, 2))
+    return [b"".join(build(encoder, next(ids)) for _ in range(per_chunk)) for _ in range(chunks)]
+
+
+class AttackOutcome:
+    """What the server did to an attacking connection: its GOAWAY (if one arrived) and whether it closed."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.closed = False
+        self.sent = 0  # chunks written
+        self._buffer = b""
+
+    @property
+    def goaway(self) -> int | None:
+        codes = [f.error_code for f in self.frames if isinstance(f, hf.GoAwayFrame)]
+        return codes[-1] if codes else None
+
+    def parse(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= 9:
+            frame, length = hf.Frame.parse_frame_header(memoryview(self._buffer[:9]))
+            if len(self._buffer) < 9 + length:
+                return
+            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
+            self._buffer = self._buffer[9 + length :]
+            self.frames.append(frame)
+
+
+async def attack(
+    path: str,
+    chunks: Iterable[bytes],
+    *,
+    hello: bytes = CLIENT_HELLO,
+    read: bool = True,
+    probe: bool = True,
+    started: asyncio.Event | None = None,
+    deadline: float = DEADLINE,
+) -> AttackOutcome:
+    """Send `chunks` after `hello` until they run out or the server closes; then, if it is still open,
+    ask a PING of it (`probe`): an ack means it read everything and kept the connection. Without `probe`,
+    read until the server closes. Bounded by `deadline`.
+
+    With `read=False` nothing the server sends is read until every chunk went out (a peer that does not
+    read); `started` is set once the first chunk is written, for a legitimate call to run meanwhile."""
+    outcome = AttackOutcome()
+    reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+
+    async def pump() -> None:
+        while data := await read_some(reader):
+            outcome.parse(data)
+            if any(isinstance(f, hf.PingFrame) and f.opaque_data == b"attacked" for f in outcome.frames):
+                return
+        outcome.closed = True
+
+    async def run() -> None:
+        reading = asyncio.create_task(pump()) if read else None
+        try:
+            writer.write(hello)
+            for chunk in chunks:
+                if outcome.closed or writer.is_closing():
+                    break
+                writer.write(chunk)
+                outcome.sent += 1
+                if started is not None:
+                    started.set()
+                await writer.drain()
+            if probe:
+                writer.write(raw_frame(PING, 0, 0, b"attacked"))
+                await writer.drain()
+        except ConnectionError:
+            pass  # the server closed the connection while the attack wrote
+        if reading is None:
+            reading = asyncio.create_task(pump())
+        await reading
+
+    try:
+        with contextlib.suppress(TimeoutError):  # then `closed` stays False: the server kept the connection
+            await asyncio.wait_for(run(), deadline)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        if started is not None:
+            started.set()
+    return outcome

@@ -1,8 +1,9 @@
 """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out.
 
 Received bytes count against the call's receive window (credit goes back only as the handler reads
-messages) and against its connection's receive buffer budget (what the connection holds in messages not
-yet read); the connection decides what happens when that budget is exceeded.
+messages) and against the receive budgets of its connection and of the process (what they hold in
+messages not yet read, and a fixed cost per open call); the connection decides what happens when a
+budget is exceeded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
 from sidecar.extproc.http2.frames import (
@@ -29,6 +30,9 @@ from sidecar.extproc.http2.frames import (
     window_update,
 )
 from sidecar.extproc.status import Status
+
+if TYPE_CHECKING:
+    from sidecar.extproc.http2.limits import ReceiveBudget
 
 __all__ = ["MESSAGE_COST", "Call", "Carrier", "Handler"]
 
@@ -54,6 +58,11 @@ class Carrier(Protocol):
 
     #: Bytes held in received messages not yet read, over every call of the connection (its budget).
     buffered: int
+    #: Frames that did work (for the flood guard): a call counts the DATA frames it sends.
+    progress: int
+
+    @property
+    def budget(self) -> ReceiveBudget: ...
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
@@ -107,6 +116,7 @@ class Call:
     """One gRPC call on one HTTP/2 stream: length-prefixed messages in, messages and a status out."""
 
     __slots__ = (
+        "_budget",
         "_buffered",
         "_conn",
         "_finished",
@@ -118,6 +128,7 @@ class Call:
         "_partial_size",
         "_receive",
         "_remote_done",
+        "_started",
         "_waiter",
         "metadata",
         "path",
@@ -126,7 +137,7 @@ class Call:
         "task",
     )
 
-    def __init__(self, conn: Carrier, stream_id: int, path: str, metadata: dict[str, str]) -> None:
+    def __init__(self, conn: Carrier, stream_id: int, path: str, metadata: dict[str, str], cost: int = 0) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.path = path
@@ -140,8 +151,13 @@ class Call:
         self._finished = False
         self._headers_sent = False
         self._receive = ReceiveWindow(STREAM_WINDOW)
-        #: Bytes this call holds in received messages and the partial one, counted against the connection.
+        #: The handler asked for a message: a reset from now on does not count as a rapid reset.
+        self._started = False
+        self._budget = conn.budget
+        #: Bytes this call holds in received messages and the partial one, plus what an open call costs,
+        #: counted against the connection's and the process's budgets.
         self._buffered = 0
+        self._hold(cost)
         self.send_window = SendWindow(conn.peer_initial_window)
         #: A message is partly sent: nothing but a reset may follow.
         self._midway = False
@@ -153,6 +169,7 @@ class Call:
         """The next message, or None once the client has half-closed and every message was read.
 
         One reader per call: the handler."""
+        self._started = True
         messages = self._messages
         if not messages:
             if self._remote_done:
@@ -174,6 +191,7 @@ class Call:
         """Count bytes held for the handler, against this call and its connection's buffer budget."""
         self._buffered += size
         self._conn.buffered += size
+        self._budget.used += size
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -289,6 +307,7 @@ class Call:
         if size <= conn.peer_max_frame and size <= window.size and size <= conn_window.size and conn.writable:
             window.size -= size
             conn_window.size -= size
+            conn.progress += 1
             conn.write(head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + data)
             return
         pieces: list[bytes | memoryview] = [head]
@@ -310,6 +329,7 @@ class Call:
                 for offset in range(0, allowed, conn.peer_max_frame):
                     chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
                     pieces += (FRAME_HEAD.pack(len(chunk) << 8 | DATA, 0, self.stream_id), chunk)
+                conn.progress += 1
                 conn.write(b"".join(pieces))
                 pieces = []
                 view = view[allowed:]

@@ -2,8 +2,9 @@
 
 Reads frames in place from what the socket delivered (a frame bigger than one read is joined once),
 enforces the connection's limits (frame and header sizes, concurrent streams, flow-control windows, the
-receive buffer budget) and turns every violation into GOAWAY (a connection error) or RST_STREAM (a stream
-error). Each gRPC call runs its handler in a task of its own.
+receive budgets of the connection and of the process, floods of frames that do no work, the handshake
+and idle timeouts: `limits.py`) and turns every violation into GOAWAY (a connection error) or RST_STREAM
+(a stream error). Each gRPC call runs its handler in a task of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol, cast
 
 import hpack
 
+from sidecar.config import Limits
 from sidecar.extproc.http2.call import Call, Handler
 from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
 from sidecar.extproc.http2.frames import (
@@ -34,6 +36,7 @@ from sidecar.extproc.http2.frames import (
     MAX_HEADER_LIST,
     MAX_SETTINGS,
     MAX_WINDOW,
+    PADDED,
     PING,
     PREFACE,
     PRIORITY,
@@ -55,6 +58,7 @@ from sidecar.extproc.http2.frames import (
     unpad,
     window_update,
 )
+from sidecar.extproc.http2.limits import CALL_COST, FloodGuard, ReceiveBudget, largest_holder
 from sidecar.extproc.status import CallError, Status
 
 __all__ = ["Connection", "Endpoint"]
@@ -62,6 +66,8 @@ __all__ = ["Connection", "Endpoint"]
 log = logging.getLogger("sidecar.http2")
 
 _SHUTDOWN_PING = b"drain\0\0\0"
+#: Seconds a failed connection is kept half-closed so its GOAWAY arrives (at most the handshake timeout).
+_LINGER = 1.0
 
 
 class Endpoint(Protocol):
@@ -74,7 +80,10 @@ class Endpoint(Protocol):
     def max_message(self) -> int: ...
 
     @property
-    def connection_buffer(self) -> int: ...
+    def limits(self) -> Limits: ...
+
+    @property
+    def budget(self) -> ReceiveBudget: ...
 
     @property
     def on_error(self) -> Callable[[str], None]: ...
@@ -95,6 +104,20 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.limits = server.limits
+        #: The process's receive budget, shared with every other connection of the server.
+        self.budget = server.budget
+        self.guard = FloodGuard(server.limits, self.loop.time)
+        #: Frames that did work, either way (data, streams opened): what the flood guard weighs floods against.
+        self.progress = 0
+        self._settings_seen = False
+        self._last_active = 0.0
+        #: The handshake timer, then the idle timer.
+        self._timer: asyncio.TimerHandle | None = None
+        #: Refused or failed: what the peer still sends is read and dropped until the connection closes.
+        self._discarding = False
+        #: Runs while a header block is split over CONTINUATION frames.
+        self._block_timer: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._pending_size = self._pending_needed = 0
         self._preface_seen = False
@@ -119,13 +142,27 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        if len(self.server.connections) >= self.limits.max_connections:
+            # Refused before it costs anything: no decoder work, no timer. GOAWAY says why, for whoever debugs it.
+            log.warning("refusing a connection: %d are open (limits.max_connections)", len(self.server.connections))
+            self.server.on_error("http2_too_many_connections")
+            self.transport.write(
+                frame(SETTINGS, 0, 0) + goaway(0, ErrorCode.ENHANCE_YOUR_CALM, b"too many connections")
+            )
+            self._linger()
+            return
         self.server.connections.add(self)
         self.write(server_settings())
+        self._timer = self.loop.call_later(self.limits.handshake_timeout, self._handshake_expired)
         if self.server.stopping:  # accepted just as the server began to stop: drain it as well
             self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        for timer in (self._timer, self._block_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._block_timer = None
         self.server.connections.discard(self)
         for call in list(self.streams.values()):
             call._cancel()
@@ -147,6 +184,9 @@ class Connection(asyncio.Protocol):
         self.send_window.wake()
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        self._last_active = self.loop.time()
         if self._pending:
             # A frame bigger than one read: keep the pieces and join them once, when it is complete.
             self._pending.append(data)
@@ -185,7 +225,7 @@ class Connection(asyncio.Protocol):
                 if self.transport is None or self.transport.is_closing():
                     return
         except Http2Error as exc:
-            self.fail(exc.code, str(exc))
+            self.fail(exc.code, str(exc), exc.reason)
             return
         if position < size:
             self._keep(data[position:], needed)
@@ -205,11 +245,17 @@ class Connection(asyncio.Protocol):
     def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self._continuation is not None and (kind != CONTINUATION or stream_id != self._continuation[0]):
             raise Http2Error(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self._settings_seen:
+            self._on_first_frame(kind, flags)
         if kind == DATA:
             self._on_data(flags, stream_id, payload)
-        elif kind == HEADERS:
+            return
+        if kind == HEADERS:
             self._on_headers(flags, stream_id, payload)
-        elif kind == WINDOW_UPDATE:
+            return
+        if kind != CONTINUATION and kind != GOAWAY:
+            self.guard.control_frame(self.progress)
+        if kind == WINDOW_UPDATE:
             self._on_window_update(stream_id, payload)
         elif kind == SETTINGS:
             self._on_settings(flags, stream_id, payload)
@@ -220,8 +266,11 @@ class Connection(asyncio.Protocol):
                 raise Http2Error(ErrorCode.PROTOCOL_ERROR, "malformed RST_STREAM")
             call = self.streams.get(stream_id)
             if call is not None:
+                started = call._started
                 call._cancel()
                 self.forget(call)
+                if not started:
+                    self.guard.premature_end()
         elif kind == GOAWAY:
             self._draining = self._final_goaway = True
             if not self.streams and self.transport is not None:
@@ -229,6 +278,8 @@ class Connection(asyncio.Protocol):
         elif kind == CONTINUATION:
             if self._continuation is None:
                 raise Http2Error(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            if not payload and not flags & END_HEADERS:
+                self.guard.empty_frame(self.progress)
             block = self._continuation[2]
             block += payload
             if len(block) > MAX_HEADER_LIST:
@@ -236,15 +287,103 @@ class Connection(asyncio.Protocol):
             if flags & END_HEADERS:
                 stream, end_stream, _ = self._continuation
                 self._continuation = None
+                if self._block_timer is not None:
+                    self._block_timer.cancel()
+                    self._block_timer = None
                 self._on_header_block(stream, end_stream, bytes(block))
         elif kind == PUSH_PROMISE:
             raise Http2Error(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         elif kind == PRIORITY and len(payload) != 5:
             raise Http2Error(ErrorCode.FRAME_SIZE_ERROR, "malformed PRIORITY")
-        # Other frame types are extensions: ignored, as RFC 9113 requires.
+        # Other frame types are extensions: ignored, as RFC 9113 requires (but counted as control frames).
+
+    def _on_first_frame(self, kind: int, flags: int) -> None:
+        """The client preface ends with a SETTINGS frame (RFC 9113 section 3.4); the handshake is done."""
+        if kind != SETTINGS or flags & ACK:
+            raise Http2Error(ErrorCode.PROTOCOL_ERROR, "the client preface must end with a SETTINGS frame")
+        self._settings_seen = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self.limits.idle_timeout:
+            self._timer = self.loop.call_later(self.limits.idle_timeout, self._idle_check)
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self._settings_seen:
+            timeout = self.limits.handshake_timeout
+            self.fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"no client preface and SETTINGS within {timeout:g}s (limits.handshake_timeout)",
+                "handshake_timeout",
+            )
+
+    def _block_expired(self) -> None:
+        self._block_timer = None
+        if self.transport is not None and self._continuation is not None:
+            timeout = self.limits.handshake_timeout
+            self.fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"a header block was not complete within {timeout:g}s (limits.handshake_timeout)",
+                "header_timeout",
+            )
+
+    def _idle_check(self) -> None:
+        """Idle: no open streams and no frames for `idle_timeout` seconds. Then a graceful GOAWAY, as on stop."""
+        self._timer = None
+        if self.transport is None or self._draining:
+            return
+        timeout = self.limits.idle_timeout
+        now = self.loop.time()
+        if self.streams:
+            self._last_active = now  # busy: idleness starts no earlier than now
+        idle_for = now - self._last_active
+        if idle_for < timeout:
+            self._timer = self.loop.call_later(timeout - idle_for, self._idle_check)
+            return
+        log.info("closing an idle HTTP/2 connection (limits.idle_timeout %gs)", timeout)
+        self.drain()
+        # A peer that does not answer the draining PING in time is not waited for.
+        self._timer = self.loop.call_later(self.limits.handshake_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self._final_goaway:
+            self.abort()
+
+    def _reply(self, data: bytes) -> None:
+        """Write what the peer asked for (an ack, a reset), unless it leaves too many such replies unread."""
+        transport = self.transport
+        if transport is not None:
+            self.guard.reply(transport.get_write_buffer_size())
+            transport.write(data)
+
+    def _relieve(self, room: int) -> bool:
+        """End the largest holders until `room` more bytes fit the connection's and the process's budgets.
+
+        Largest first, so one greedy call gives way rather than the peer's credit being held back (which
+        could leave calls waiting on one another's partial messages); False when no call holds more than
+        `room`, and ending one would free nothing a newcomer could use."""
+        while self.buffered + room > self.limits.connection_receive_buffer:
+            largest = largest_holder(self.streams.values())
+            if largest is None or largest._buffered <= room:
+                return False
+            largest.abandon(Status.RESOURCE_EXHAUSTED, "the connection's receive buffer is full")
+        budget = self.budget
+        while budget.used + room > budget.limit:
+            largest = largest_holder(call for conn in self.server.connections for call in conn.streams.values())
+            if largest is None or largest._buffered <= room:
+                return False
+            largest.abandon(Status.RESOURCE_EXHAUSTED, "the server's receive buffer is full")
+        return True
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
         flow_length = len(payload)
+        data = unpad(flags, payload) if flags & PADDED else payload
+        if data:
+            self.progress += 1
+        elif not flags & END_STREAM:
+            self.guard.empty_frame(self.progress)
         if not self._receive.consume(flow_length):
             raise Http2Error(ErrorCode.FLOW_CONTROL_ERROR, "peer overran the connection window")
         # Connection credit returns at once: per-stream windows bound what each call buffers.
@@ -255,12 +394,9 @@ class Connection(asyncio.Protocol):
             if stream_id == 0 or stream_id > self._highest_stream_id:
                 raise Http2Error(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             return  # a stream this side already closed: its data is dropped
-        call._on_data(unpad(flags, payload), flow_length, bool(flags & END_STREAM))
-        if self.buffered > self.server.connection_buffer and self.streams:
-            # Over budget: the call holding the most gives way, rather than the peer's credit being held
-            # back (which could leave calls waiting on one another's partial messages).
-            largest = max(self.streams.values(), key=lambda c: c._buffered)
-            largest.abandon(Status.RESOURCE_EXHAUSTED, "the connection's receive buffer is full")
+        call._on_data(data, flow_length, bool(flags & END_STREAM))
+        if self.buffered > self.limits.connection_receive_buffer or self.budget.used > self.budget.limit:
+            self._relieve(0)
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or stream_id % 2 == 0:
@@ -272,10 +408,14 @@ class Connection(asyncio.Protocol):
             if len(payload) < 5:
                 raise Http2Error(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             payload = payload[5:]
+        if not payload and not flags & END_STREAM:
+            self.guard.empty_frame(self.progress)
         if flags & END_HEADERS:
             self._on_header_block(stream_id, bool(flags & END_STREAM), payload)
         else:
             self._continuation = (stream_id, bool(flags & END_STREAM), bytearray(payload))
+            # A header block left open blocks every other frame: it gets the handshake's time to end.
+            self._block_timer = self.loop.call_later(self.limits.handshake_timeout, self._block_expired)
 
     def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
         try:
@@ -298,6 +438,8 @@ class Connection(asyncio.Protocol):
         if self._final_goaway:
             return  # above the last stream id this side promised to serve: the peer will retry it
         self._last_stream_id = stream_id
+        self.guard.stream_opened()
+        self.progress += 1
         path = content_type = b""
         metadata: dict[str, str] = {}
         for name, value in headers:
@@ -309,19 +451,22 @@ class Connection(asyncio.Protocol):
             else:
                 metadata[name.decode("latin-1")] = value.decode("latin-1")
         if not content_type.startswith(b"application/grpc"):
-            self.write(frame(HEADERS, END_STREAM | END_HEADERS, stream_id, b"\x00\x07:status\x03415"))
-            if not end_stream:
-                self.write(reset(stream_id, ErrorCode.NO_ERROR))
+            answer = frame(HEADERS, END_STREAM | END_HEADERS, stream_id, b"\x00\x07:status\x03415")
+            self._reply(answer if end_stream else answer + reset(stream_id, ErrorCode.NO_ERROR))
+            self.guard.premature_end()
             return
-        if len(self.streams) >= MAX_CONCURRENT_STREAMS:
-            self.write(reset(stream_id, ErrorCode.REFUSED_STREAM))
+        if len(self.streams) >= MAX_CONCURRENT_STREAMS or not self._relieve(CALL_COST):
+            # Over the peer's stream limit, or no room in the budgets even after the largest holder gave way.
+            self._reply(reset(stream_id, ErrorCode.REFUSED_STREAM))
+            self.guard.premature_end()
             return
-        call = Call(self, stream_id, path.decode("latin-1"), metadata)
+        call = Call(self, stream_id, path.decode("latin-1"), metadata, CALL_COST)
         call._remote_done = end_stream
         self.streams[stream_id] = call
         handler = self.server.routes.get(call.path)
         if handler is None:
             call.finish(Status.UNIMPLEMENTED, f"unknown method {call.path[:100]}")
+            self.guard.premature_end()
             return
         call.task = self.loop.create_task(self._run(call, handler))
 
@@ -389,14 +534,14 @@ class Connection(asyncio.Protocol):
                 if not call.send_window.grow(delta):
                     raise Http2Error(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
                 call.send_window.wake()
-        self.write(frame(SETTINGS, ACK, 0))
+        self._reply(frame(SETTINGS, ACK, 0))
         self.send_window.wake()
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0 or len(payload) != 8:
             raise Http2Error(ErrorCode.PROTOCOL_ERROR, "malformed PING")
         if not flags & ACK:
-            self.write(frame(PING, ACK, 0, payload))
+            self._reply(frame(PING, ACK, 0, payload))
         elif payload == _SHUTDOWN_PING and self._draining and not self._final_goaway:
             # Every stream the peer opened before it saw the first GOAWAY has now arrived.
             self._final_goaway = True
@@ -424,19 +569,32 @@ class Connection(asyncio.Protocol):
 
     def reset_stream(self, call: Call, code: ErrorCode) -> None:
         call._finished = True
-        self.write(reset(call.stream_id, code))
+        self._reply(reset(call.stream_id, code))
         self.forget(call)
         call._cancel()
 
-    def fail(self, code: ErrorCode, message: str) -> None:
-        """A connection error: GOAWAY with the code, then close."""
+    def fail(self, code: ErrorCode, message: str, reason: str = "") -> None:
+        """A connection error: GOAWAY with the code, then close. `reason` names it in the metrics."""
         log.warning("closing HTTP/2 connection: %s", message)
-        self.server.on_error(f"http2_{code.name.lower()}")
+        self.server.on_error(f"http2_{reason or code.name.lower()}")
         self.write(goaway(self._last_stream_id, code, message.encode()[:256]))
         for call in list(self.streams.values()):
             call._cancel()
-        if self.transport is not None:
-            self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the last frame (a GOAWAY) without losing it: shut the sending side, drop what the peer
+        still sends, and close for good a moment later. Closing at once with its bytes unread would reset the
+        connection, and the peer could lose the GOAWAY that says why."""
+        transport, self.transport = self.transport, None  # nothing more is written, nothing more is read
+        self._discarding = True
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()  # TLS: no half-close
+        self.loop.call_later(min(_LINGER, self.limits.handshake_timeout), transport.abort)
 
     def drain(self) -> None:
         """Start a graceful close: GOAWAY for 'no new streams soon', then a PING to learn when to cut off."""

@@ -74,11 +74,14 @@ class ErrorCode(IntEnum):
 
 
 class Http2Error(Exception):
-    """A connection error (RFC 9113 section 5.4.1): the connection ends with GOAWAY and this code."""
+    """A connection error (RFC 9113 section 5.4.1): the connection ends with GOAWAY and this code.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    `reason` names the limit a peer broke, for the metrics; by default the code's name."""
+
+    def __init__(self, code: ErrorCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.name.lower()
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

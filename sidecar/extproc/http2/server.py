@@ -6,8 +6,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
+from sidecar.config import Limits
 from sidecar.extproc.http2.call import Handler
 from sidecar.extproc.http2.connection import Connection
+from sidecar.extproc.http2.limits import ReceiveBudget
 
 __all__ = ["Http2Server"]
 
@@ -22,16 +24,17 @@ class Http2Server:
         routes: Mapping[str, Handler],
         *,
         max_message: int,
-        connection_buffer: int | None = None,
+        limits: Limits | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.routes = dict(routes)
         #: Told the reason whenever the transport ends a call or a connection (for metrics).
         self.on_error: Callable[[str], None] = on_error or (lambda reason: None)
         self.max_message = max_message
-        #: What one connection may hold in received, not yet consumed messages before its biggest call
-        #: is ended with RESOURCE_EXHAUSTED; by default room for two of the largest messages.
-        self.connection_buffer = connection_buffer or max(64 * 1024 * 1024, 2 * max_message)
+        #: What a peer may cost: budgets, floods, timeouts, connections (`sidecar.config.Limits`).
+        self.limits = limits or Limits()
+        #: One per server, so one per worker process: every connection's received, unread messages.
+        self.budget = ReceiveBudget(self.limits.receive_buffer)
         self.connections: set[Connection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._idle: asyncio.Event | None = None

@@ -18,6 +18,7 @@ import h2.settings
 import pytest
 from hyperframe import frame as hf
 
+from sidecar.config import Limits
 from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.status import CallError, Status
 from tests.support.h2peers import (
@@ -213,7 +214,7 @@ async def test_the_connection_buffer_budget_ends_the_biggest_call(tmp_path: Path
     async def never_reads(call: Call) -> None:
         await release.wait()
 
-    server = Http2Server({ECHO: never_reads}, max_message=64 * 1024, connection_buffer=100_000)
+    server = Http2Server({ECHO: never_reads}, max_message=64 * 1024, limits=Limits(connection_receive_buffer=100_000))
     path = str(tmp_path / "h2.sock")
     server.add_listener(await asyncio.get_running_loop().create_unix_server(server.protocol, path=path))
     try:

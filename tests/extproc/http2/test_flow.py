@@ -17,6 +17,7 @@ import pytest
 
 from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.http2.frames import PREFACE, STREAM_WINDOW
+from sidecar.extproc.http2.limits import CALL_COST
 from tests.support.h2peers import ECHO, echo, feed, grpc_frame, h2_client, raw_frame, request_headers, serving, settle
 from tests.support.wait import wait_until
 
@@ -156,9 +157,12 @@ async def test_empty_data_frames_cost_nothing() -> None:
     server = Http2Server({ECHO: echo}, max_message=64)
     encoder = hpack.Encoder()
     opening = raw_frame(0x1, 0x4, 1, encoder.encode(request_headers())) + raw_frame(0x0, 0, 1, b"\0\0\0")
-    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0) + opening, raw_frame(0x0, 0, 1) * 5000])
+    # Up to limits.max_empty_frames in a row (past it the connection ends: tests/extproc/http2/test_attacks.py).
+    empty = raw_frame(0x0, 0, 1) * server.limits.max_empty_frames
+    conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0) + opening, empty])
     call = conn.streams[1]
-    assert conn.buffered == 3 and len(call._partial) == 1
+    assert conn.buffered == 3 + CALL_COST and len(call._partial) == 1
+    assert not transport.closing
     await settle(conn, transport)
 
 
