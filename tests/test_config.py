@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,32 @@ def test_limit_errors_name_the_field(limits: dict[str, object], message: str) ->
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"f\.yaml: limits: expected a mapping"):
         parse_config({"limits": [1]}, "f.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"chains: {default: [x]}\n\xff\xfe", "not UTF-8"),
+        (b"a: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply|not valid YAML"),
+        (b"x" * ((1 << 20) + 1), "over 1 MiB"),
+    ],
+    ids=["non-utf8", "deep", "huge"],
+)
+def test_a_bad_config_file_is_one_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path: Path, special: str) -> None:
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / "sidecar.yaml"
+        os.mkfifo(path)
+    elif special == "dir":
+        path = tmp_path
+    with pytest.raises(ConfigError, match=r"regular file|cannot read"):
+        load_config(path)
