@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.translate.clientip import client_ip_settings
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.policies import client_ip_settings
 from sidecar.translate.refs import attached_routes, client_traffic_policy, gateway_envoy_proxy, listener_certificates
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
@@ -102,11 +102,8 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
             virtual_hosts=virtual_hosts,
         ),
         http_filters=order_filters(filters, _filter_moves(resources, table.gateway)),
-        use_remote_address=True,
     )
-    ctp = client_traffic_policy(resources, table.gateway, table.listeners)
-    if ctp is not None:
-        client_ip_settings(ctp, hcm)
+    client_ip_settings(client_traffic_policy(resources, table.gateway, table.listeners), hcm)
     return hcm
 
 

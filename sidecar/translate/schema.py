@@ -433,7 +433,8 @@ SPEC_SCHEMAS: dict[str, Node] = {
                 {
                     "xForwardedFor": Obj(
                         {
-                            "numTrustedHops": Int(0, 2**31 - 1),
+                            # int32 as in EG's CRD; EG treats 0 and below alike (the right-most entry).
+                            "numTrustedHops": Int(-(2**31), 2**31 - 1),
                             "trustedCIDRs": List(_CIDR, 64, 1),
                             "disableXForwardedForAppend": BOOL,
                         },
