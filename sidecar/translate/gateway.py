@@ -94,13 +94,12 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
             routes.add(table, route, listener)
     virtual_hosts = table.virtual_hosts()
     filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router()))]
+    route_config = RouteConfiguration(name=table.name, ignore_port_in_host_matching=True, virtual_hosts=virtual_hosts)
+    if table.names_missing_cluster:
+        route_config.validate_clusters = False
     hcm = HttpConnectionManager(
         stat_prefix=table.name.replace("/", "_"),
-        route_config=RouteConfiguration(
-            name=table.name,
-            ignore_port_in_host_matching=True,
-            virtual_hosts=virtual_hosts,
-        ),
+        route_config=route_config,
         http_filters=order_filters(filters, _filter_moves(resources, table.gateway)),
     )
     client_ip_settings(client_traffic_policy(resources, table.gateway, table.listeners), hcm)

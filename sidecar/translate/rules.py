@@ -14,9 +14,13 @@ is off for `render`/`up`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+from collections.abc import Iterator
+from typing import Any
 
+from sidecar.errors import ConfigError
 from sidecar.translate.refs import (
     backend_ref_target,
     endpoint_kind,
@@ -41,11 +45,13 @@ class _Checker:
 
     def run(self) -> None:
         for res in self.resources:
-            check_structure(res)
+            with _eg_reason(res):
+                check_structure(res)
         for res in self.resources:
             check = getattr(self, "_" + res.kind, None)
             if check is not None:
-                check(res)
+                with _eg_reason(res):
+                    check(res)
         unreferenced = unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
             raise unreferenced[1].error(
@@ -112,30 +118,26 @@ class _Checker:
                 raise res.error(f"{path}.name", f"no Gateway {namespace}/{parent['name']} in the input files")
             section = parent.get("sectionName")
             if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
-                raise res.error(
-                    f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                raise _with_reason(
+                    res.error(
+                        f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                    ),
+                    "NoMatchingParent",
                 )
             if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
-                raise res.error(
-                    path,
-                    f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
-                    "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
-                    "allowedRoutes.namespaces)",
+                raise _with_reason(
+                    res.error(
+                        path,
+                        f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                        "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                        "allowedRoutes.namespaces)",
+                    ),
+                    _unmatched_reason(gateway, res, parent),
                 )
         for r, rule in enumerate(res.spec.get("rules") or []):
             refs = rule.get("backendRefs") or []
-            targets = [
-                backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
-                for i, ref in enumerate(refs)
-            ]
-            kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
-            if "fqdn" in kinds and len(kinds) > 1:
-                raise res.error(
-                    f"spec.rules[{r}].backendRefs",
-                    "mixes FQDN endpoints with "
-                    f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
-                    "address type per rule (split the rule, or use one kind of Backend)",
-                )
+            # backendRefs that do not resolve are EG's decision, not an input error: the builder answers 500
+            # for their share (backendrefs.py); backends one cluster cannot hold get a cluster each (routes.py).
             filters = rule.get("filters") or []
             for f, flt in enumerate(filters):
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
@@ -211,8 +213,8 @@ class _Checker:
         refs = validation.get("caCertificateRefs") or []
         if bool(refs) == bool(validation.get("wellKnownCACertificates")):
             raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
-        for index, ref in enumerate(refs):
-            secret_ref(self.resources, res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
+        # A CA that does not load is EG's decision (the policy is not accepted and the routes using it answer
+        # 500; backendtls.py), not an input error.
 
     def _targets(self, res: Resource, kinds: tuple[str, ...]) -> None:
         targets = list(policy_targets(res))
@@ -345,6 +347,45 @@ class _Checker:
         for index, entry in enumerate(res.spec.get("filterOrder") or []):
             if entry["name"] == entry.get("before", entry.get("after")):
                 raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
+
+
+# The reason EG gives when it refuses a resource of each kind for a reason without a name of its own.
+_DEFAULT_REASONS = {"HTTPRoute": "UnsupportedValue", "Gateway": "Invalid", "Backend": "Invalid"}
+
+
+@contextlib.contextmanager
+def _eg_reason(res: Resource) -> Iterator[None]:
+    """Tag a refusal of `res` with EG's reason (its Accepted=False reason), unless it already has one."""
+    try:
+        yield
+    except ConfigError as exc:
+        if not getattr(exc, "reason", ""):
+            exc.reason = _DEFAULT_REASONS.get(res.kind, "Invalid")  # type: ignore[attr-defined]
+        raise
+
+
+def _with_reason(exc: ConfigError, reason: str) -> ConfigError:
+    exc.reason = reason  # type: ignore[attr-defined]
+    return exc
+
+
+def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:
+    """EG's reason for a parentRef no listener accepts: no listener in that section/port, none allowing
+    the route's namespace, or none whose hostname meets the route's."""
+    candidates = [
+        li
+        for li in gateway.spec["listeners"]
+        if parent.get("sectionName") in (None, li["name"]) and parent.get("port") in (None, li["port"])
+    ]
+    if not candidates:
+        return "NoMatchingParent"
+    allowed = [
+        li
+        for li in candidates
+        if ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
+        or route.namespace == gateway.namespace
+    ]
+    return "NoMatchingListenerHostname" if allowed else "NotAllowedByListeners"
 
 
 def _is_prime(n: int) -> bool:

@@ -101,11 +101,19 @@ class Int(Node):
 
 
 class Enum(Node):
-    def __init__(self, *values: Any) -> None:
+    """One of `values`. `unsupported` are values EG's CRD allows that this translator does not implement:
+    they are refused as unsupported (out of scope), not as invalid."""
+
+    def __init__(self, *values: Any, unsupported: tuple[Any, ...] = ()) -> None:
         self.values = values
+        self.unsupported = unsupported
         self.expected = "one of " + ", ".join(str(v) for v in values)
 
     def check(self, res: Resource, value: Any, path: str) -> None:
+        if value in self.unsupported and isinstance(value, str):
+            raise res.error(
+                path, f"unsupported value {value!r} (this translator implements {', '.join(map(str, self.values))})"
+            )
         if value not in self.values or isinstance(value, bool) != isinstance(self.values[0], bool):
             raise self.fail(res, path, value)
 
@@ -221,7 +229,13 @@ _PATH_MODIFIER = Obj(
 )
 _ROUTE_FILTER = Obj(
     {
-        "type": Enum("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite"),
+        "type": Enum(
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "RequestRedirect",
+            "URLRewrite",
+            unsupported=("RequestMirror", "ExtensionRef", "CORS", "ExternalAuth"),
+        ),
         "requestHeaderModifier": _HEADER_MODIFIER,
         "responseHeaderModifier": _HEADER_MODIFIER,
         "requestRedirect": Obj(
@@ -266,9 +280,11 @@ _LISTENER = Obj(
         "name": _NAME,
         "hostname": HOSTNAME,
         "port": _PORT,
-        "protocol": Enum("HTTP", "HTTPS"),
-        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
-        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All")})}),
+        "protocol": Enum("HTTP", "HTTPS", unsupported=("TLS", "TCP", "UDP")),
+        "tls": Obj(
+            {"mode": Enum("Terminate", unsupported=("Passthrough",)), "certificateRefs": List(_SECRET_REF, 64, 1)}
+        ),
+        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))})}),
     },
     ["name", "port", "protocol"],
 )
@@ -330,7 +346,7 @@ _EXT_PROC = Obj(
 )
 _WASM_CODE = Obj(
     {
-        "type": Enum("HTTP", "Image"),
+        "type": Enum("HTTP", "Image", unsupported=("ConfigMap",)),
         "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256}, ["url"]),
         "image": Obj({"url": Str(max_len=2048), "sha256": _SHA256, "pullSecretRef": _SECRET_REF}, ["url"]),
         "pullPolicy": Enum("IfNotPresent", "Always"),
@@ -380,7 +396,7 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "Backend": Obj(
         {
-            "type": Enum("Endpoints"),
+            "type": Enum("Endpoints", unsupported=("DynamicResolver",)),
             "endpoints": List(_ENDPOINT, 64, 1),
             "appProtocols": List(
                 Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
@@ -398,6 +414,19 @@ SPEC_SCHEMAS: dict[str, Node] = {
                     ),
                     "wellKnownCACertificates": Enum("System"),
                     "hostname": HOSTNAME,
+                    "subjectAltNames": List(
+                        Obj(
+                            {
+                                "type": Enum("Hostname", "URI"),
+                                "hostname": HOSTNAME,
+                                "uri": Str(
+                                    r"(([^:/?#]+):)(//([^/?#]*))([^?#]*)(\?([^#]*))?(#(.*))?", 253, what="a URI"
+                                ),
+                            },
+                            ["type"],
+                        ),
+                        5,
+                    ),
                 },
                 ["hostname"],
             ),
@@ -451,10 +480,12 @@ SPEC_SCHEMAS: dict[str, Node] = {
             **_POLICY_TARGETS,
             "loadBalancer": Obj(
                 {
-                    "type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
+                    "type": Enum(
+                        "ConsistentHash", "LeastRequest", "Random", "RoundRobin", unsupported=("BackendUtilization",)
+                    ),
                     "consistentHash": Obj(
                         {
-                            "type": Enum("SourceIP", "Header", "Cookie"),
+                            "type": Enum("SourceIP", "Header", "Cookie", unsupported=("Headers", "QueryParams")),
                             "header": Obj({"name": _HEADER_NAME}, ["name"]),
                             "cookie": Obj(
                                 {"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]

@@ -70,7 +70,7 @@ JUDGED = (
 EXCLUDED = {
     "backend-invalid-feature-disabled": "EG's extensionApis.enableBackend switch; the Backend API is always on here",
 }
-UNSUPPORTED = "unknown or unsupported field"
+UNSUPPORTED = "unsupported"  # "unknown or unsupported field", "unsupported value", "unsupported outside Kubernetes"
 
 Key = tuple[str, str, str, int]  # kind, namespace, name, occurrence (a few cases repeat a name)
 
@@ -101,6 +101,7 @@ class Case:
     foreign: list[tuple[str, dict[str, Any]]]  # (section, doc) of kinds it does not load
     out: dict[str, Any]
     eg: dict[Key, Decision] = field(default_factory=dict)
+    class_proxies: set[Key] = field(default_factory=set)  # the EnvoyProxy of the GatewayClass (at most one)
 
 
 def case_names() -> list[str]:
@@ -168,6 +169,12 @@ def load_case(name: str) -> Case:
             ours.append((kind, {**{k: v for k, v in doc.items() if k != "status"}, "kind": kind}))
     case = Case(name, _keyed(ours + _fixtures()), foreign, out)
     case.eg = eg_decisions(out)
+    proxy = data.get("envoyProxyForGatewayClass")
+    if isinstance(proxy, dict):
+        meta = proxy.get("metadata") or {}
+        case.class_proxies = {
+            k for k, _ in case.inputs if k[:3] == ("EnvoyProxy", meta.get("namespace", "default"), meta.get("name"))
+        }
     return case
 
 
@@ -230,6 +237,9 @@ def _refs(res: Resource) -> Iterator[tuple[str, str, str]]:
     for ref in spec.get("targetRefs") or ([spec["targetRef"]] if isinstance(spec.get("targetRef"), dict) else []):
         if isinstance(ref, dict):
             yield str(ref.get("kind")), res.namespace, str(ref.get("name"))
+    params = (spec.get("infrastructure") or {}).get("parametersRef") if res.kind == "Gateway" else None
+    if isinstance(params, dict):
+        yield str(params.get("kind")), res.namespace, str(params.get("name"))
     for parent in spec.get("parentRefs") or []:
         if isinstance(parent, dict):
             yield str(parent.get("kind", "Gateway")), str(parent.get("namespace", res.namespace)), str(parent["name"])
@@ -332,6 +342,10 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
                 if hit is not None:
                     out_of_scope(key, f"depends on {hit[0]} {hit[1]}/{hit[2]}, which is out of scope")
                     changed = True
+        # The GatewayClass's EnvoyProxy applies to every Gateway: if it is out of scope, so are they.
+        if any(k in refused for k in case.class_proxies):
+            for key in [k for k in live if k[0] == "Gateway"]:
+                out_of_scope(key, "its GatewayClass's EnvoyProxy is out of scope")
         try:
             bootstrap = translate(ResourceSet(live.values()))
             break
@@ -354,16 +368,31 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
             unattributed = f"crash: {type(exc).__name__}: {exc}"
             break
     decisions: dict[Key, Decision] = {}
-    route_state = _route_resolution(ResourceSet(live.values())) if unattributed is None else {}
+    final = ResourceSet(live.values())
+    route_state = _route_resolution(final) if unattributed is None else {}
+    verdicts = _translator_verdicts(final) if unattributed is None else {}
     for key in resources:
         if key[0] not in JUDGED or key in refused:
             continue
         if key in errors:
             decisions[key] = Decision(False, reasons[key])
+        elif key[:3] in verdicts:
+            reason, resolved_reason, _ = verdicts[key[:3]]
+            decisions[key] = Decision(False, reason, not resolved_reason, resolved_reason)
         elif unattributed is None:
             resolved_reason = route_state.get(key[:3], "")
             decisions[key] = Decision(True, "", not resolved_reason, resolved_reason)
     return Outcome(decisions, refused, errors, bootstrap, unattributed)
+
+
+def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+    """Resources the translator leaves out without stopping the render (as EG does), where it can say."""
+    try:
+        from sidecar.translate import backendtls  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return {}
+    found: dict[tuple[str, str, str], tuple[str, str, str]] = dict(backendtls.tls_policy_verdicts(resources))
+    return found
 
 
 def _route_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:

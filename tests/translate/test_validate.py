@@ -85,14 +85,6 @@ CASES = {
         "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}, {fqdn: {hostname: a.example.com, port: 80}}]}\n",
         "FILE#3: Backend/default/x: spec.endpoints: mixes fqdn with ip/unix endpoints",
     ),
-    "rule-mixes-fqdn-and-ip-backends": (
-        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: named}\n"
-        "spec: {endpoints: [{fqdn: {hostname: a.example.com, port: 80}}]}\n"
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mixed}\n"
-        "spec: {parentRefs: [{name: eg}], rules: [{backendRefs: [{group: gateway.envoyproxy.io, kind: Backend,"
-        " name: app}, {group: gateway.envoyproxy.io, kind: Backend, name: named}]}]}\n",
-        "FILE#4: HTTPRoute/default/mixed: spec.rules[0].backendRefs: mixes FQDN endpoints with ip endpoints",
-    ),
     "unix-path-too-long": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
         f"spec: {{endpoints: [{{unix: {{path: /{'s' * 120}}}}}]}}\n",
