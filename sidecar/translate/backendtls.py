@@ -3,8 +3,8 @@
 * **Which policy.** A backendRef is a target with a section: for a Service the *name* of the Service port
   it uses, for a Backend the port number. A policy whose targetRef names that section wins; otherwise one
   whose targetRef has no sectionName (it covers every port); a policy sectioned for another port does not
-  apply. Among equals, the older policy (creationTimestamp, then namespace/name), as EG orders them.
-  Policies live in the target's namespace. Group and kind must match exactly ("" and Service, or
+  apply. Among equals, the older policy (attachment.age_order).
+  Policies live in the target's namespace. Group and kind must match ("" or none and Service, or
   gateway.envoyproxy.io and Backend).
 * **The CA.** Each of `validation.caCertificateRefs` is a ConfigMap or Secret in the policy's namespace;
   its certificate is the key `ca.crt`, else `tls.crt`, else its only key. Bundles of several refs are

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.translate.attachment import client_traffic_policy
 from sidecar.translate.clientip import client_ip_settings
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.refs import attached_routes, client_traffic_policy, gateway_envoy_proxy, listener_certificates
+from sidecar.translate.refs import attached_routes, gateway_envoy_proxy, listener_certificates
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.translate.attachment import attached_policy
 from sidecar.translate.backendrefs import rule_backends
 from sidecar.translate.backends import H2C, build_cluster
 from sidecar.translate.backendtls import tls_policy
@@ -30,7 +31,7 @@ from sidecar.translate.policies import (
     rbac_per_route,
     wasm_filters,
 )
-from sidecar.translate.refs import BackendTarget, attached_policy, endpoint_kinds, host_intersection
+from sidecar.translate.refs import BackendTarget, endpoint_kinds, host_intersection
 from sidecar.translate.resources import Resource, ResourceSet
 
 __all__ = ["INVALID_BACKEND_CLUSTER", "RouteBuilder", "RouteTable"]
@@ -178,18 +179,10 @@ class RouteBuilder:
             served = host_intersection(host, listener.get("hostname"))
             if served is not None:
                 hosts.append(served)
-        eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, table.gateway, listener["name"])
-        security = attached_policy(self.resources, "SecurityPolicy", route, table.gateway, listener["name"])
-        per_filter: dict[str, Any] = {}
-        for pf in self._filters_of(eep) if eep else []:
-            table.filters[pf.name] = pf.filter
-            per_filter[pf.name] = enable_on_route()
-        rbac = rbac_per_route(security) if security else None
-        if rbac is not None:
-            table.filters[RBAC] = rbac_filter()
-            per_filter[RBAC] = pack(rbac)
         rules = route.spec.get("rules") or [{}]
         for r, rule in enumerate(rules):
+            # Policies attach per rule: one aimed at a rule (sectionName) applies to that rule only.
+            per_filter = self._rule_filters(table, route, listener["name"], rule.get("name"))
             action = self._route_action(route, r, rule, table, listener["name"])
             filters = rule.get("filters") or []
             for m, match in enumerate(rule.get("matches") or [{}]):
@@ -210,16 +203,32 @@ class RouteBuilder:
                     for flt in filters:
                         if flt["type"] == "RequestHeaderModifier":
                             envoy_route.request_headers_to_add = _header_options(flt["requestHeaderModifier"])
-                            envoy_route.request_headers_to_remove = list(flt["requestHeaderModifier"].get("remove", []))
+                            envoy_route.request_headers_to_remove = list(
+                                flt["requestHeaderModifier"].get("remove") or []
+                            )
                         elif flt["type"] == "ResponseHeaderModifier":
                             envoy_route.response_headers_to_add = _header_options(flt["responseHeaderModifier"])
                             envoy_route.response_headers_to_remove = list(
-                                flt["responseHeaderModifier"].get("remove", [])
+                                flt["responseHeaderModifier"].get("remove") or []
                             )
                     vhost_name = f"{table.name}/{host_key}"
                     if host not in table.vhosts:
                         table.vhosts[host] = VirtualHost(name=vhost_name, domains=[host])
                     table.routes.append(((host, *_precedence(match), len(table.routes)), host, envoy_route))
+
+    def _rule_filters(self, table: RouteTable, route: Resource, listener: str, rule: str | None) -> dict[str, Any]:
+        """The per-filter config switching on, for one rule, the filters of the policies in force there."""
+        eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, table.gateway, listener, rule)
+        security = attached_policy(self.resources, "SecurityPolicy", route, table.gateway, listener, rule)
+        per_filter: dict[str, Any] = {}
+        for pf in self._filters_of(eep) if eep else []:
+            table.filters[pf.name] = pf.filter
+            per_filter[pf.name] = enable_on_route()
+        rbac = rbac_per_route(security) if security else None
+        if rbac is not None:
+            table.filters[RBAC] = rbac_filter()
+            per_filter[RBAC] = pack(rbac)
+        return per_filter
 
     def _filters_of(self, policy: Resource) -> list[PolicyFilter]:
         key = (policy.namespace, policy.name)
@@ -260,7 +269,7 @@ class RouteBuilder:
         refs = rule.get("backendRefs") or []
         if not refs:
             return None
-        btp = attached_policy(self.resources, "BackendTrafficPolicy", route, table.gateway, listener)
+        btp = attached_policy(self.resources, "BackendTrafficPolicy", route, table.gateway, listener, rule.get("name"))
         lb, hash_policies = load_balancing(btp)
         path = f"spec.rules[{index}].backendRefs"
         targets, unresolved = rule_backends(self.resources, route, rule)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
 from sidecar.translate.refs import (
     backend_ref_target,
     endpoint_kind,
@@ -52,6 +53,19 @@ class _Checker:
             if check is not None:
                 with _eg_reason(res):
                     check(res)
+        for kind in CLAIMING_KINDS:
+            for key, (path, older) in conflicts(self.resources.of(kind)).items():
+                policy = self.resources.get(*key)
+                assert policy is not None
+                raise _with_reason(
+                    policy.error(
+                        path,
+                        f"conflicts with {kind} {older.namespace}/{older.name}, which targets the same "
+                        "resource (and section) and is older; EG keeps the older one and rejects this one "
+                        "(Conflicted): merge them or target different resources",
+                    ),
+                    "Conflicted",
+                )
         unreferenced = unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
             raise unreferenced[1].error(
@@ -205,6 +219,10 @@ class _Checker:
         for path, ref in policy_targets(res):
             kind = ref["kind"]
             group = ref.get("group", "")
+            if kind == "ServiceImport":
+                raise res.error(
+                    f"{path}.kind", "unsupported value 'ServiceImport' (this translator implements Backend and Service)"
+                )
             if (group, kind) not in ((EG_API, "Backend"), ("", "Service")):
                 raise res.error(path, f"expected a Backend (group {EG_API}) or a Service, got {group}/{kind}")
             if self.resources.get(kind, res.namespace, ref["name"]) is None:
@@ -213,6 +231,22 @@ class _Checker:
         refs = validation.get("caCertificateRefs") or []
         if bool(refs) == bool(validation.get("wellKnownCACertificates")):
             raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
+        for index, san in enumerate(validation.get("subjectAltNames") or []):
+            wanted, other = ("hostname", "uri") if san["type"] == "Hostname" else ("uri", "hostname")
+            if not san.get(wanted):
+                raise res.error(
+                    f"spec.validation.subjectAltNames[{index}].{wanted}", f"required with type {san['type']}"
+                )
+            if san.get(other):
+                raise res.error(
+                    f"spec.validation.subjectAltNames[{index}].{other}", f"not allowed with type {san['type']}"
+                )
+        for index, ref in enumerate(refs):
+            if ref.get("kind") == "ClusterTrustBundle":
+                raise res.error(
+                    f"spec.validation.caCertificateRefs[{index}].kind",
+                    "unsupported value 'ClusterTrustBundle' (this translator loads CAs from ConfigMaps and Secrets)",
+                )
         # A CA that does not load is EG's decision (the policy is not accepted and the routes using it answer
         # 500; backendtls.py), not an input error.
 
@@ -223,7 +257,16 @@ class _Checker:
         if "targetRef" in res.spec and "targetRefs" in res.spec:
             raise res.error("spec", "expected exactly one of targetRef or targetRefs, got both")
         for path, ref in targets:
-            if ref["group"] != GATEWAY_API or ref["kind"] not in kinds:
+            if ref["group"] != GATEWAY_API:
+                raise res.error(
+                    f"{path}.group", f"expected {GATEWAY_API} (EG's CRD allows no other), got {ref['group']!r}"
+                )
+            if ref["kind"] in _EG_TARGET_KINDS and ref["kind"] not in kinds:
+                raise res.error(
+                    f"{path}.kind",
+                    f"unsupported value {ref['kind']!r} (this translator implements {' and '.join(kinds)} targets)",
+                )
+            if ref["kind"] not in kinds:
                 raise res.error(
                     path,
                     f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, got {ref['group']}/{ref['kind']}",
@@ -239,9 +282,12 @@ class _Checker:
                     else [rule.get("name") for rule in target.spec.get("rules") or []]
                 )
                 if section not in sections:
-                    raise res.error(
-                        f"{path}.sectionName",
-                        f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                    raise _with_reason(
+                        res.error(
+                            f"{path}.sectionName",
+                            f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                        ),
+                        "TargetNotFound",
                     )
 
     def _EnvoyExtensionPolicy(self, res: Resource) -> None:
@@ -348,6 +394,9 @@ class _Checker:
             if entry["name"] == entry.get("before", entry.get("after")):
                 raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
 
+
+# Target kinds EG's policy CRDs allow that this translator does not implement.
+_EG_TARGET_KINDS = ("ListenerSet", "GRPCRoute", "TCPRoute", "UDPRoute", "TLSRoute")
 
 # The reason EG gives when it refuses a resource of each kind for a reason without a name of its own.
 _DEFAULT_REASONS = {"HTTPRoute": "UnsupportedValue", "Gateway": "Invalid", "Backend": "Invalid"}

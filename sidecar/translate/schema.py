@@ -164,6 +164,10 @@ class Obj(Node):
             if key not in self.fields:
                 known = ", ".join(sorted(self.fields)) or "none"
                 raise res.error(_join(path, str(key)), f"unknown or unsupported field (expected one of {known})")
+        # The values present first: an unsupported value explains a missing field better than the other way.
+        for key, item in value.items():
+            if item is not None:
+                self.fields[key].check(res, item, _join(path, key))
         for key in self.required:
             if key not in value:
                 raise res.error(_join(path, key), "required field is missing")
@@ -178,9 +182,6 @@ class Obj(Node):
             present = [k for k in group if value.get(k) is not None]
             if len(present) > 1:
                 raise res.error(path or "spec", f"expected at most one of {', '.join(group)}, got {', '.join(present)}")
-        for key, item in value.items():
-            if item is not None:
-                self.fields[key].check(res, item, _join(path, key))
 
 
 # ---- the declarations: each kind's spec, as far as the translator implements it --------------------
@@ -209,7 +210,9 @@ _ATTRIBUTE = Str(
 )
 
 _TARGET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"])
-_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, 16, 1)}
+# EG's CRDs set no maximum on targetRefs (EG accepts 18 and more); this cap only bounds the work a render does.
+MAX_TARGET_REFS = 1024
+_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, MAX_TARGET_REFS, 1)}
 _OBJECT_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
 _BACKEND_REF = Obj(
     {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
@@ -406,7 +409,10 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "BackendTLSPolicy": Obj(
         {
-            "targetRefs": List(_TARGET_REF, 16, 1),
+            # group may be left out for the core group (EG reads a missing group as "").
+            "targetRefs": List(
+                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["kind", "name"]), 16, 1
+            ),
             "validation": Obj(
                 {
                     "caCertificateRefs": List(

@@ -71,9 +71,9 @@ CASES = {
     ),
     "target-wrong-kind": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: p}\n"
-        "spec: {targetRef: {group: gateway.envoyproxy.io, kind: Backend, name: app}}\n",
+        "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Backend, name: app}}\n",
         "FILE#3: SecurityPolicy/default/p: spec.targetRef: expected group gateway.networking.k8s.io and kind "
-        "Gateway or HTTPRoute, got gateway.envoyproxy.io/Backend",
+        "Gateway or HTTPRoute, got gateway.networking.k8s.io/Backend",
     ),
     "endpoint-one-of": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
