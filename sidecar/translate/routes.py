@@ -185,7 +185,8 @@ class RouteBuilder:
             per_filter = self._rule_filters(table, route, listener["name"], rule.get("name"))
             action = self._route_action(route, r, rule, table, listener["name"])
             filters = rule.get("filters") or []
-            for m, match in enumerate(rule.get("matches") or [{}]):
+            # EG numbers the one route of a rule without matches -1.
+            for m, match in enumerate(rule.get("matches") or [{}]) if rule.get("matches") else [(-1, {})]:
                 for host in hosts:
                     host_key = host.replace(".", "_").replace("*", "wildcard")
                     envoy_route = Route(

@@ -197,7 +197,7 @@ class _Checker:
                 host = endpoint["fqdn"]["hostname"]
                 if not HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
                     raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
-                if "." not in host:
+                if "." not in host and self.strict_eg:  # EG allows single labels only running on a host
                     raise res.error(
                         f"{path}.fqdn.hostname",
                         f"expected a domain of two or more labels (EG refuses single-label names), got {host!r}",

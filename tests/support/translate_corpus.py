@@ -263,6 +263,10 @@ _TOKEN = re.compile(r"^@(\d+)\b")
 def _mock_fetch(code: dict[str, Any], pull_secrets: dict[str, Any]) -> dict[str, Any]:
     """EG's harness Wasm cache: the module's checksum is sha256("salt" + hex sha256(url))."""
     url = str((code.get("http") or code.get("image") or {}).get("url", ""))
+    if code.get("image") is not None:  # EG hands its cache the normalised reference
+        url = url.removeprefix("oci://")
+        tagged = "@" in url or ":" in url.rsplit("/", 1)[-1]
+        url = "oci://" + url + ("" if tagged else ":latest")
     want = (code.get("http") or code.get("image") or {}).get("sha256")
     checksum = hashlib.sha256(b"salt" + hashlib.sha256(url.encode()).hexdigest().encode()).hexdigest()
     if want and want != checksum:
@@ -407,3 +411,101 @@ def _route_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]
         if reason:
             found[route.key] = reason
     return found
+
+
+def semantic_checks(case: Case, outcome: Outcome) -> list[Any]:
+    """The semantics of our render against the case's xdsIR (translate_semantics.py), in-scope parts only."""
+    from tests.support.translate_semantics import compare
+
+    if outcome.bootstrap is None or outcome.unattributed is not None:
+        return []
+    accepted = {
+        key[1:3]
+        for key, decision in outcome.decisions.items()
+        if key[0] == "HTTPRoute" and decision.accepted and (eg := case.eg.get(key)) is not None and eg.accepted
+    }
+    # A route a refused policy targets (directly or through its Gateway) is not in scope either: EG applies
+    # that policy there, and we cannot.
+    docs = dict(case.inputs)
+    # So is one a policy we reject targets: our render is then refused as a whole (exit 2), where EG serves
+    # 500 on the policy's routes; neither lets traffic through, and there is no render to compare.
+    touched = {
+        (kind, ns, name)
+        for key in [*outcome.refused, *outcome.errors]
+        if key in docs and key[0] != "HTTPRoute"
+        for kind, ns, name in _refs(parse_document(copy.deepcopy(docs[key]), "refused"))
+    }
+    gateways_of = {
+        key[1:3]: {(p.get("namespace", key[1]), p["name"]) for p in (doc.get("spec") or {}).get("parentRefs") or []}
+        for key, doc in case.inputs
+        if key[0] == "HTTPRoute"
+    }
+    accepted = {
+        route
+        for route in accepted
+        if ("HTTPRoute", *route) not in touched
+        and not any(("Gateway", *gw) in touched for gw in gateways_of.get(route, set()))
+    }
+    refused_kinds = {key[0] for key in outcome.refused}
+    features = {kind for kind in JUDGED if kind not in refused_kinds}
+    services = {  # the first of a name wins, as EG's lookup finds it (the case's own before the fixtures)
+        (key[1], key[2]): parse_document(copy.deepcopy(doc), "fixture")
+        for key, doc in reversed(case.inputs)
+        if key[0] == "Service"
+    }
+    return compare(case.out.get("xdsIR") or {}, outcome.bootstrap, accepted, features, services)
+
+
+TABLE_ROWS = (
+    "Gateway",
+    "HTTPRoute",
+    "Backend",
+    "BackendTLSPolicy",
+    "SecurityPolicy",
+    "ClientTrafficPolicy",
+    "BackendTrafficPolicy",
+    "EnvoyExtensionPolicy",
+)
+
+
+def corpus_table(results: list[tuple[Case, Outcome, list[Any]]]) -> str:
+    """The Markdown table of docs/translator.md: per resource kind, what the corpus run shows."""
+    in_scope: dict[str, int] = {}
+    decided: dict[str, int] = {}
+    checked: dict[str, int] = {}
+    agreed: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    for case, outcome, checks in results:
+        for key, eg in case.eg.items():
+            if key in outcome.refused:
+                continue
+            in_scope[key[0]] = in_scope.get(key[0], 0) + 1
+            ours = outcome.decisions.get(key)
+            decided[key[0]] = decided.get(key[0], 0) + bool(ours is not None and eg.same(ours))
+        for key in outcome.refused:
+            if key[0] in TABLE_ROWS:
+                refused[key[0]] = refused.get(key[0], 0) + 1
+        for check in checks:
+            checked[check.feature] = checked.get(check.feature, 0) + 1
+            agreed[check.feature] = agreed.get(check.feature, 0) + check.same
+
+    def cell(done: int, total: int) -> str:
+        return f"{done} / {total}" if total else "-"
+
+    lines = [
+        f"EG v1.9.0 corpus: {len(results)} cases.",
+        "",
+        "| feature | in-scope resources | decisions matched | semantics matched | refused as out of scope |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in TABLE_ROWS:
+        lines.append(
+            f"| {kind} | {in_scope.get(kind, 0)} | {cell(decided.get(kind, 0), in_scope.get(kind, 0))} "
+            f"| {cell(agreed.get(kind, 0), checked.get(kind, 0))} | {refused.get(kind, 0)} |"
+        )
+    total = sum(in_scope.values())
+    lines.append(
+        f"| **all** | {total} | {cell(sum(decided.values()), total)} "
+        f"| {cell(sum(agreed.values()), sum(checked.values()))} | {sum(refused.values())} |"
+    )
+    return "\n".join(lines) + "\n"

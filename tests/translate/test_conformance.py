@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.translate_corpus import CORPUS, UNSUPPORTED, Case, Outcome, case_names, load_case, our_outcome
+from tests.support.translate_corpus import (
+    CORPUS,
+    UNSUPPORTED,
+    Case,
+    Outcome,
+    case_names,
+    corpus_table,
+    load_case,
+    our_outcome,
+    semantic_checks,
+)
+from tests.support.translate_semantics import Check
 
 pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="EG corpus (../shared) not present")
 
@@ -36,18 +47,23 @@ GAPS = _gaps()
 CASES = case_names()
 
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "translator.md"
+TABLE_START, TABLE_END = "<!-- corpus-table:start -->\n", "<!-- corpus-table:end -->"
+
+
 @functools.cache
-def _run(name: str) -> tuple[Case, Outcome]:
+def _run(name: str) -> tuple[Case, Outcome, list[Check]]:
     case = load_case(name)
     logging.disable(logging.WARNING)  # the translator's 500-share warnings, one per unresolved backendRef
     try:
-        return case, our_outcome(case)
+        outcome = our_outcome(case)
+        return case, outcome, semantic_checks(case, outcome)
     finally:
         logging.disable(logging.NOTSET)
 
 
 def mismatches(name: str) -> list[str]:
-    case, outcome = _run(name)
+    case, outcome, checks = _run(name)
     found = []
     if outcome.unattributed:
         found.append(f"translator error naming no resource: {outcome.unattributed}")
@@ -57,11 +73,12 @@ def mismatches(name: str) -> list[str]:
         ours = outcome.decisions.get(key)
         if ours is None or not eg.same(ours):
             found.append(f"{key}: EG {eg}, ours {ours} {outcome.errors.get(key, '')}")
+    found += [f"{check.what}: EG {check.eg}, ours {check.ours}" for check in checks if not check.same]
     return found
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_decisions_are_egs(name: str) -> None:
+def test_decisions_and_semantics_are_egs(name: str) -> None:
     found = mismatches(name)
     if name in GAPS:
         assert found, f"{name} now agrees with EG: take it off {GAPS_FILE.name}"
@@ -76,11 +93,18 @@ def test_out_of_scope_is_refused_by_name() -> None:
     """What the translator does not implement is refused with the field or value named, never ignored."""
     unnamed = []
     for name in CASES:
-        _, outcome = _run(name)
+        _, outcome, _ = _run(name)
         for key, message in outcome.refused.items():
             if UNSUPPORTED in message and not _NAMED.match(message) and "unsupported outside Kubernetes" not in message:
                 unnamed.append(f"{name} {key}: {message}")
     assert not unnamed, "\n".join(unnamed[:20])
+
+
+def test_the_table_in_the_docs_is_this_run() -> None:
+    table = corpus_table([_run(name) for name in CASES])
+    text = DOC.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    assert text[start:end] == table, f"docs/translator.md's corpus table is stale; this run gives:\n{table}"
 
 
 def test_gaps_list_only_existing_cases() -> None:

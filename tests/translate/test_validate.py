@@ -90,11 +90,6 @@ CASES = {
         f"spec: {{endpoints: [{{unix: {{path: /{'s' * 120}}}}}]}}\n",
         "FILE#3: Backend/default/x: spec.endpoints[0].unix.path: expected a socket path of at most 108 characters",
     ),
-    "single-label-fqdn": (
-        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
-        "spec: {endpoints: [{fqdn: {hostname: localhost, port: 80}}]}\n",
-        "FILE#3: Backend/default/x: spec.endpoints[0].fqdn.hostname: expected a domain of two or more labels",
-    ),
     "invalid-cidr": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: SecurityPolicy\nmetadata: {name: p}\n"
         "spec: {targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}, authorization:"
@@ -203,6 +198,18 @@ def test_strict_eg_refuses_loopback_backends(tmp_path: Path) -> None:
     resources = load_resources([write(tmp_path, "")])
     validate(resources)  # local use: loopback is the point
     with pytest.raises(ConfigError, match=r"spec.endpoints\[0\].ip.address: 127.0.0.1 is a loopback address"):
+        validate(resources, strict_eg=True)
+
+
+def test_strict_eg_refuses_single_label_fqdns(tmp_path: Path) -> None:
+    """EG refuses `localhost`-style names in a cluster and allows them running on a host, as `up` does."""
+    extra = (
+        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
+        "spec: {endpoints: [{fqdn: {hostname: localhost, port: 80}}]}\n"
+    )
+    resources = load_resources([write(tmp_path, extra)])
+    validate(resources)
+    with pytest.raises(ConfigError, match=r"spec.endpoints\[0\].fqdn.hostname: expected a domain of two or more"):
         validate(resources, strict_eg=True)
 
 
