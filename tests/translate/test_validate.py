@@ -207,7 +207,7 @@ def test_strict_eg_refuses_single_label_fqdns(tmp_path: Path) -> None:
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
         "spec: {endpoints: [{fqdn: {hostname: localhost, port: 80}}]}\n"
     )
-    resources = load_resources([write(tmp_path, extra)])
+    resources = load_resources([write(tmp_path, extra.replace("name: x", "name: app"), base=BASE.split("---")[0])])
     validate(resources)
     with pytest.raises(ConfigError, match=r"spec.endpoints\[0\].fqdn.hostname: expected a domain of two or more"):
         validate(resources, strict_eg=True)
