@@ -175,13 +175,8 @@ class _Checker:
                         ) from None
 
     def _Backend(self, res: Resource) -> None:
-        kinds = {endpoint_kind(e) for e in res.spec["endpoints"]}
-        if "fqdn" in kinds and len(kinds) > 1:
-            raise res.error(
-                "spec.endpoints",
-                "mixes fqdn with ip/unix endpoints; EG needs one address type "
-                "(a Backend of IPs and sockets, or one of FQDNs)",
-            )
+        # EG 1.9 accepts any mix of address types in a Backend (its cluster resolves names, and takes IP
+        # literals as they are); unix sockets only serve extProc, which refuses them beside names (below).
         for index, endpoint in enumerate(res.spec["endpoints"]):
             path = f"spec.endpoints[{index}]"
             if endpoint.get("ip") is not None:

@@ -80,11 +80,6 @@ CASES = {
         "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}, unix: {path: /run/x.sock}}]}\n",
         "FILE#3: Backend/default/x: spec.endpoints[0]: expected exactly one of ip, fqdn, unix, got ip, unix",
     ),
-    "backend-mixes-fqdn-and-ip": (
-        "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
-        "spec: {endpoints: [{ip: {address: 10.0.0.1, port: 80}}, {fqdn: {hostname: a.example.com, port: 80}}]}\n",
-        "FILE#3: Backend/default/x: spec.endpoints: mixes fqdn with ip/unix endpoints",
-    ),
     "unix-path-too-long": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: Backend\nmetadata: {name: x}\n"
         f"spec: {{endpoints: [{{unix: {{path: /{'s' * 120}}}}}]}}\n",
