@@ -24,7 +24,6 @@ from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
 from sidecar.translate.refs import (
     backend_ref_target,
-    endpoint_kind,
     endpoint_kinds,
     listener_accepts,
     policy_targets,
