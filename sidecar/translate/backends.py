@@ -5,7 +5,7 @@ Each backendRef of a rule becomes one locality of the rule's cluster, weighted b
 `ip` -> socket address, `fqdn` -> socket address in a STRICT_DNS cluster (LOGICAL_DNS with the
 `envoy-sidecar/dns: logical` annotation), `unix` -> pipe. A Backend
 listing `gateway.envoyproxy.io/h2c` speaks HTTP/2 without TLS; a BackendTLSPolicy targeting it adds an
-UpstreamTlsContext (CA from a Secret/ConfigMap `ca.crt` or the system bundle, SNI and SAN = hostname).
+UpstreamTlsContext (backendtls.py picks the policy and its CA; SNI = hostname, SANs as EG writes them).
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.translate.backendtls import ca_bundle, tls_policy
 from sidecar.translate.messages import address, pack, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
-from sidecar.translate.refs import (
-    BackendTarget,
-    backend_tls_policy,
-    ca_certificates,
-    endpoint_kinds,
-    service_address,
-)
+from sidecar.translate.refs import BackendTarget, endpoint_kinds, service_address
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.wire import SERVICE_NAME
 
@@ -194,6 +189,8 @@ def eg_backend_settings(workers: int, faults: SidecarFaults = SIDECAR_FAULTS) ->
 
 
 def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
+    """EG's upstream TLS for a BackendTLSPolicy: SNI = hostname; the subjectAltNames if any, else the
+    hostname, as the names the certificate must carry; the policy's CA bundle or the system one."""
     from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
         CertificateValidationContext,
@@ -206,17 +203,21 @@ def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
 
     validation = policy.spec["validation"]
     hostname = validation["hostname"]
-    cas = ca_certificates(resources, policy)
-    trusted = DataSource(inline_string="\n".join(cas)) if cas else DataSource(filename=SYSTEM_CA_BUNDLE)
+    cas = ca_bundle(resources, policy)  # raises TlsProblem (a ConfigError) when the CA does not load
+    trusted = DataSource(inline_string=cas) if cas is not None else DataSource(filename=SYSTEM_CA_BUNDLE)
+    names = [
+        (SubjectAltNameMatcherSanType.DNS, san["hostname"])
+        if san["type"] == "Hostname"
+        else (SubjectAltNameMatcherSanType.URI, san["uri"])
+        for san in validation.get("subjectAltNames") or []
+    ] or [(SubjectAltNameMatcherSanType.DNS, hostname)]
     context = UpstreamTlsContext(
         sni=hostname,
         common_tls_context=CommonTlsContext(
             validation_context=CertificateValidationContext(
                 trusted_ca=trusted,
                 match_typed_subject_alt_names=[
-                    SubjectAltNameMatcher(
-                        san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=hostname)
-                    )
+                    SubjectAltNameMatcher(san_type=kind, matcher=StringMatcher(exact=name)) for kind, name in names
                 ],
             )
         ),
@@ -232,9 +233,9 @@ def _endpoints(target: BackendTarget, options: RenderOptions, owner: str) -> lis
         found = service_address(backend)
         if found is None or target.port is None:
             raise ConfigError(
-                f"{owner}: Service {backend.namespace}/{backend.name} needs Kubernetes to resolve; "
-                "give it spec.clusterIP (an address) or type ExternalName, or reference a Backend "
-                "(group gateway.envoyproxy.io)"
+                f"{owner}: Service {backend.namespace}/{backend.name} has no spec.clusterIP: unsupported outside "
+                "Kubernetes (its endpoints would come from EndpointSlices); give it a clusterIP, or reference "
+                "a Backend (group gateway.envoyproxy.io)"
             )
         return [LbEndpoint(endpoint=Endpoint(address=address(found[1], target.port)))]
     sidecar = options.sidecar
@@ -353,13 +354,13 @@ def build_cluster(
     sidecar = options.sidecar
     if grpc and sidecar is not None and any(sidecar.is_sidecar(b) for b in backends):
         route_around_failed_workers(cluster, len(sidecar.sockets))
-    policies = {b.key: backend_tls_policy(resources, b) for b in backends}
-    with_tls = {p.key: p for p in policies.values() if p is not None}
+    policies = [tls_policy(resources, t) for t in live]
+    with_tls = {p.key: p for p in policies if p is not None}
     if with_tls:
-        if len(with_tls) > 1 or None in policies.values():
+        if len(with_tls) > 1 or None in policies:
             raise ConfigError(
-                f"{owner}: backends of one rule need the same BackendTLSPolicy (found "
-                f"{len(with_tls)} policies for {len(policies)} backends); split the rule"
+                f"{owner}: backends of one cluster need the same BackendTLSPolicy (found "
+                f"{len(with_tls)} policies for {len(policies)} backends)"
             )
         cluster.transport_socket = _upstream_tls(resources, next(iter(with_tls.values())))
     return cluster

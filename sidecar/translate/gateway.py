@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.translate.attachment import client_traffic_policy
+from sidecar.translate.clientip import client_ip_settings
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.policies import client_ip_settings
-from sidecar.translate.refs import attached_routes, client_traffic_policy, gateway_envoy_proxy, listener_certificates
+from sidecar.translate.refs import attached_routes, gateway_envoy_proxy, listener_certificates
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
 
@@ -94,19 +95,15 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
             routes.add(table, route, listener)
     virtual_hosts = table.virtual_hosts()
     filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router()))]
+    route_config = RouteConfiguration(name=table.name, ignore_port_in_host_matching=True, virtual_hosts=virtual_hosts)
+    if table.names_missing_cluster:
+        route_config.validate_clusters = False
     hcm = HttpConnectionManager(
         stat_prefix=table.name.replace("/", "_"),
-        route_config=RouteConfiguration(
-            name=table.name,
-            ignore_port_in_host_matching=True,
-            virtual_hosts=virtual_hosts,
-        ),
+        route_config=route_config,
         http_filters=order_filters(filters, _filter_moves(resources, table.gateway)),
-        use_remote_address=True,
     )
-    ctp = client_traffic_policy(resources, table.gateway, table.listeners)
-    if ctp is not None:
-        client_ip_settings(ctp, hcm)
+    client_ip_settings(client_traffic_policy(resources, table.gateway, table.listeners), hcm)
     return hcm
 
 

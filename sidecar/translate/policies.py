@@ -1,4 +1,4 @@
-"""EG policies as Envoy config: ext_proc and wasm filters, RBAC, client IP detection, load balancing.
+"""EG policies as Envoy config: ext_proc and wasm filters, RBAC, load balancing (client IP detection: clientip.py).
 
 One section per policy feature, each turning the policy already found to be in force into Envoy
 messages. Which policy is in force is attachment, in refs.py (as EG: a policy targets a Gateway,
@@ -27,7 +27,6 @@ from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
 
 __all__ = [
     "PolicyFilter",
-    "client_ip_settings",
     "ext_proc_filters",
     "load_balancing",
     "rbac_filter",
@@ -298,48 +297,6 @@ def rbac_filter() -> Any:
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
 
     return HttpFilter(name=RBAC, typed_config=pack(RbacFilter()))
-
-
-# ---- ClientTrafficPolicy clientIPDetection ----------------------------------------------------------
-
-
-def client_ip_settings(policy: Resource, hcm: Any) -> None:
-    """Set how the HCM finds the original client IP (what RBAC's remote_ip then sees)."""
-    from envoy_data_plane.envoy.config.core.v3 import CidrRange, TypedExtensionConfig
-    from envoy_data_plane.envoy.extensions.http.original_ip_detection.custom_header.v3 import CustomHeaderConfig
-    from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import XffConfig, XffTrustedCidrs
-    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
-
-    detection = policy.spec.get("clientIPDetection")
-    if detection is None:
-        return
-    xff = detection.get("xForwardedFor")
-    if xff is not None and xff.get("disableXForwardedForAppend"):
-        hcm.skip_xff_append = True
-    if xff is not None and "numTrustedHops" in xff:
-        hcm.use_remote_address = True
-        hcm.xff_num_trusted_hops = xff["numTrustedHops"]
-        return
-    if xff is not None:
-        ranges = []
-        for cidr in xff["trustedCIDRs"]:
-            net = ipaddress.ip_network(cidr, strict=False)
-            ranges.append(CidrRange(address_prefix=str(net.network_address), prefix_len=net.prefixlen))
-        extension = TypedExtensionConfig(
-            name="envoy.extensions.http.original_ip_detection.xff",
-            typed_config=pack(XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=ranges))),
-        )
-    else:
-        header = detection["customHeader"]
-        # The address comes from a header the operator vouches for: mark it trusted (internal), as EG does.
-        config = CustomHeaderConfig(header_name=header["name"], allow_extension_to_set_address_as_trusted=True)
-        if header.get("failClosed"):
-            config.reject_with_status = HttpStatus(code=StatusCode.Forbidden)
-        extension = TypedExtensionConfig(
-            name="envoy.extensions.http.original_ip_detection.custom_header", typed_config=pack(config)
-        )
-    hcm.use_remote_address = False
-    hcm.original_ip_detection_extensions = [extension]
 
 
 # ---- BackendTrafficPolicy loadBalancer ---------------------------------------------------------------

@@ -6,11 +6,10 @@ Every cross-resource lookup of the translator is here, named for the reference i
   Kubernetes (`service_address`) and the address kinds a target brings (`endpoint_kinds`);
 * parentRefs -> which listeners of a Gateway a route attaches to (`listener_accepts`, `attached_routes`,
   `host_intersection`);
-* policy targetRefs -> the policy in force for a route on a listener (`attached_policy`: route, then
-  listener, then Gateway, as EG ranks them), the BackendTLSPolicy of a backend, the ClientTrafficPolicy
-  of an HCM; Gateway -> EnvoyProxy (`gateway_envoy_proxy`);
-* Secrets and ConfigMaps -> their keys (`secret_value`, `secret_ref`, listener certificates, CA bundles,
-  wasm pull Secrets).
+* policy targetRefs (`policy_targets`; which policy is in force is attachment.py, which BackendTLSPolicy
+  backendtls.py); Gateway -> EnvoyProxy (`gateway_envoy_proxy`);
+* Secrets and ConfigMaps -> their keys (`secret_value`, `secret_ref`, listener certificates, wasm pull
+  Secrets).
 
 Lookups that can fail raise ConfigError naming the owner's file, resource and field (rules.py calls them
 first, so the builders, which run after validation, find everything resolved).
@@ -28,12 +27,8 @@ from sidecar.translate.resources import EG_API, Resource, ResourceSet
 
 __all__ = [
     "BackendTarget",
-    "attached_policy",
     "attached_routes",
     "backend_ref_target",
-    "backend_tls_policy",
-    "ca_certificates",
-    "client_traffic_policy",
     "endpoint_kind",
     "endpoint_kinds",
     "gateway_envoy_proxy",
@@ -172,60 +167,6 @@ def policy_targets(res: Resource) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "spec.targetRef", res.spec["targetRef"]
 
 
-def attached_policy(
-    resources: ResourceSet, kind: str, route: Resource | None, gateway: Resource, listener: str
-) -> Resource | None:
-    """The `kind` policy in force for `route` on `gateway`'s `listener`: route, then listener, then Gateway."""
-    best: tuple[int, Resource] | None = None
-    for policy in resources.of(kind):
-        for _, ref in policy_targets(policy):
-            section = ref.get("sectionName")
-            if (
-                route is not None
-                and ref["kind"] == "HTTPRoute"
-                and ref["name"] == route.name
-                and policy.namespace == route.namespace
-            ):
-                rank = 3
-            elif ref["kind"] == "Gateway" and ref["name"] == gateway.name and policy.namespace == gateway.namespace:
-                if section and section != listener:
-                    continue
-                rank = 2 if section else 1
-            else:
-                continue
-            if best is None or rank > best[0]:
-                best = (rank, policy)
-    return best[1] if best else None
-
-
-def backend_tls_policy(resources: ResourceSet, backend: Resource) -> Resource | None:
-    """The BackendTLSPolicy that targets `backend` (a Backend or Service), if any."""
-    for policy in resources.of("BackendTLSPolicy"):
-        if policy.namespace != backend.namespace:
-            continue
-        for _, ref in policy_targets(policy):
-            if ref["kind"] == backend.kind and ref["name"] == backend.name:
-                return policy
-    return None
-
-
-def client_traffic_policy(
-    resources: ResourceSet, gateway: Resource, listeners: list[dict[str, Any]]
-) -> Resource | None:
-    """The ClientTrafficPolicy for one HCM serving `listeners` of `gateway`: the first listener's in force."""
-    for listener in listeners:
-        found = attached_policy(resources, "ClientTrafficPolicy", None, gateway, listener["name"])
-        if found is not None:
-            return found
-    # Not EG (it takes only Gateway targets): a policy targeting a route on this listener applies here.
-    routes = {(r.namespace, r.name) for li in listeners for r in attached_routes(resources, gateway, li["name"])}
-    for policy in resources.of("ClientTrafficPolicy"):
-        for _, ref in policy_targets(policy):
-            if ref["kind"] == "HTTPRoute" and (policy.namespace, ref["name"]) in routes:
-                return policy
-    return None
-
-
 # ---- Gateway -> EnvoyProxy -----------------------------------------------------------------------
 
 
@@ -296,18 +237,6 @@ def listener_certificates(resources: ResourceSet, gateway: Resource, listener: d
         assert chain is not None and key is not None
         certificates.append((chain.decode(), key.decode()))
     return certificates
-
-
-def ca_certificates(resources: ResourceSet, policy: Resource) -> list[str]:
-    """The `ca.crt` of each Secret/ConfigMap a BackendTLSPolicy's `validation.caCertificateRefs` names."""
-    cas: list[str] = []
-    for ref in policy.spec["validation"].get("caCertificateRefs") or []:
-        found = resources.get(ref["kind"], policy.namespace, ref["name"])
-        assert found is not None  # validate() resolved it
-        value = secret_value(found, "ca.crt")
-        assert value is not None
-        cas.append(value.decode())
-    return cas
 
 
 def pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:

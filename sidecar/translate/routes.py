@@ -11,11 +11,15 @@ EnvoyExtensionPolicy and SecurityPolicy in force switch their filters on per rou
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.translate.backends import build_cluster
+from sidecar.translate.attachment import attached_policy
+from sidecar.translate.backendrefs import rule_backends
+from sidecar.translate.backends import H2C, build_cluster
+from sidecar.translate.backendtls import tls_policy
 from sidecar.translate.messages import enable_on_route, pack, parse_duration
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.policies import (
@@ -27,10 +31,16 @@ from sidecar.translate.policies import (
     rbac_per_route,
     wasm_filters,
 )
-from sidecar.translate.refs import attached_policy, backend_ref_target, host_intersection
+from sidecar.translate.refs import BackendTarget, endpoint_kinds, host_intersection
 from sidecar.translate.resources import Resource, ResourceSet
 
-__all__ = ["RouteBuilder", "RouteTable"]
+__all__ = ["INVALID_BACKEND_CLUSTER", "RouteBuilder", "RouteTable"]
+
+log = logging.getLogger(__name__)
+
+# EG's name for the share of unresolved backendRefs: no such cluster exists, so Envoy answers with the
+# route's cluster_not_found_response_code (500) for exactly that share.
+INVALID_BACKEND_CLUSTER = "invalid-backend-cluster"
 
 _PATH_RANK = {"Exact": 0, "RegularExpression": 1, "PathPrefix": 2}
 _REDIRECT_CODES = {
@@ -128,6 +138,9 @@ class RouteTable:
     vhosts: dict[str, Any] = field(default_factory=dict)
     filters: dict[str, Any] = field(default_factory=dict)
     routes: list[tuple[tuple[Any, ...], str, Any]] = field(default_factory=list)
+    # Some route sends a share to INVALID_BACKEND_CLUSTER: Envoy must not refuse the route config for naming a
+    # cluster that does not exist (under RDS, as EG serves it, Envoy does not check; a static config must say so).
+    names_missing_cluster: bool = False
 
     def virtual_hosts(self) -> list[Any]:
         """The virtual hosts, each with its routes in precedence order."""
@@ -135,6 +148,15 @@ class RouteTable:
             self.vhosts[host].routes.append(envoy_route)
         # Exact hostnames before wildcards before the catch-all, as Envoy prefers them anyway.
         return [self.vhosts[h] for h in sorted(self.vhosts, key=lambda h: (h == "*", h))]
+
+
+def _needs_cluster_per_backend(resources: ResourceSet, targets: list[BackendTarget]) -> bool:
+    """EG's NeedsClusterPerSetting, for what one Envoy cluster cannot hold: DNS names mixed with static
+    addresses, backends with different upstream TLS, or HTTP/2-only backends beside HTTP/1 ones."""
+    kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
+    tls = {(p.namespace, p.name) if (p := tls_policy(resources, t)) else None for t in targets}
+    h2c = {t.resource.kind == "Backend" and H2C in (t.resource.spec.get("appProtocols") or []) for t in targets}
+    return ("fqdn" in kinds and len(kinds) > 1) or len(tls) > 1 or len(h2c) > 1
 
 
 class RouteBuilder:
@@ -146,6 +168,7 @@ class RouteBuilder:
         self.options = options
         self.clusters = clusters
         self._policy_filters: dict[tuple[str, str], list[PolicyFilter]] = {}
+        self._warned: set[str] = set()
 
     def add(self, table: RouteTable, route: Resource, listener: dict[str, Any]) -> None:
         """Add `route`'s rules, as attached to `listener`, to `table` (and their clusters to `clusters`)."""
@@ -156,21 +179,14 @@ class RouteBuilder:
             served = host_intersection(host, listener.get("hostname"))
             if served is not None:
                 hosts.append(served)
-        eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, table.gateway, listener["name"])
-        security = attached_policy(self.resources, "SecurityPolicy", route, table.gateway, listener["name"])
-        per_filter: dict[str, Any] = {}
-        for pf in self._filters_of(eep) if eep else []:
-            table.filters[pf.name] = pf.filter
-            per_filter[pf.name] = enable_on_route()
-        rbac = rbac_per_route(security) if security else None
-        if rbac is not None:
-            table.filters[RBAC] = rbac_filter()
-            per_filter[RBAC] = pack(rbac)
         rules = route.spec.get("rules") or [{}]
         for r, rule in enumerate(rules):
+            # Policies attach per rule: one aimed at a rule (sectionName) applies to that rule only.
+            per_filter = self._rule_filters(table, route, listener["name"], rule.get("name"))
             action = self._route_action(route, r, rule, table, listener["name"])
             filters = rule.get("filters") or []
-            for m, match in enumerate(rule.get("matches") or [{}]):
+            # EG numbers the one route of a rule without matches -1.
+            for m, match in enumerate(rule.get("matches") or [{}]) if rule.get("matches") else [(-1, {})]:
                 for host in hosts:
                     host_key = host.replace(".", "_").replace("*", "wildcard")
                     envoy_route = Route(
@@ -188,16 +204,32 @@ class RouteBuilder:
                     for flt in filters:
                         if flt["type"] == "RequestHeaderModifier":
                             envoy_route.request_headers_to_add = _header_options(flt["requestHeaderModifier"])
-                            envoy_route.request_headers_to_remove = list(flt["requestHeaderModifier"].get("remove", []))
+                            envoy_route.request_headers_to_remove = list(
+                                flt["requestHeaderModifier"].get("remove") or []
+                            )
                         elif flt["type"] == "ResponseHeaderModifier":
                             envoy_route.response_headers_to_add = _header_options(flt["responseHeaderModifier"])
                             envoy_route.response_headers_to_remove = list(
-                                flt["responseHeaderModifier"].get("remove", [])
+                                flt["responseHeaderModifier"].get("remove") or []
                             )
                     vhost_name = f"{table.name}/{host_key}"
                     if host not in table.vhosts:
                         table.vhosts[host] = VirtualHost(name=vhost_name, domains=[host])
                     table.routes.append(((host, *_precedence(match), len(table.routes)), host, envoy_route))
+
+    def _rule_filters(self, table: RouteTable, route: Resource, listener: str, rule: str | None) -> dict[str, Any]:
+        """The per-filter config switching on, for one rule, the filters of the policies in force there."""
+        eep = attached_policy(self.resources, "EnvoyExtensionPolicy", route, table.gateway, listener, rule)
+        security = attached_policy(self.resources, "SecurityPolicy", route, table.gateway, listener, rule)
+        per_filter: dict[str, Any] = {}
+        for pf in self._filters_of(eep) if eep else []:
+            table.filters[pf.name] = pf.filter
+            per_filter[pf.name] = enable_on_route()
+        rbac = rbac_per_route(security) if security else None
+        if rbac is not None:
+            table.filters[RBAC] = rbac_filter()
+            per_filter[RBAC] = pack(rbac)
+        return per_filter
 
     def _filters_of(self, policy: Resource) -> list[PolicyFilter]:
         key = (policy.namespace, policy.name)
@@ -226,26 +258,58 @@ class RouteBuilder:
         self, route: Resource, index: int, rule: dict[str, Any], table: RouteTable, listener: str
     ) -> Any | None:
         """The RouteAction for one rule; None when no backend can take traffic (Envoy answers 500)."""
-        from envoy_data_plane.envoy.config.route.v3 import RouteAction, RouteActionUpgradeConfig
+        from envoy_data_plane.envoy.config.route.v3 import (
+            RouteAction,
+            RouteActionClusterNotFoundResponseCode,
+            RouteActionUpgradeConfig,
+            WeightedCluster,
+            WeightedClusterClusterWeight,
+        )
         from envoy_data_plane.envoy.type.matcher.v3 import RegexMatchAndSubstitute, RegexMatcher
 
         refs = rule.get("backendRefs") or []
         if not refs:
             return None
-        btp = attached_policy(self.resources, "BackendTrafficPolicy", route, table.gateway, listener)
+        btp = attached_policy(self.resources, "BackendTrafficPolicy", route, table.gateway, listener, rule.get("name"))
         lb, hash_policies = load_balancing(btp)
         path = f"spec.rules[{index}].backendRefs"
-        targets = [backend_ref_target(self.resources, route, ref, f"{path}[{i}]") for i, ref in enumerate(refs)]
+        targets, unresolved = rule_backends(self.resources, route, rule)
+        total = sum(t.weight for t in targets) + sum(u.weight for u in unresolved)
+        for bad in unresolved:
+            where = route.where(f"{path}[{bad.index}]")
+            if where not in self._warned:
+                self._warned.add(where)
+                log.warning(
+                    "%s: %s; its share (%d/%d) answers 500, as in EG (%s)",
+                    where,
+                    bad.message,
+                    bad.weight,
+                    total,
+                    bad.reason,
+                )
         name = f"httproute/{route.namespace}/{route.name}/rule/{index}"
-        if not any(t.weight for t in targets):
-            return None
-        cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path), lb=lb)
+        if not targets:
+            return None  # nothing resolves (or every weight is 0): the route answers 500
+        action = RouteAction(hash_policy=hash_policies)
+        if unresolved or _needs_cluster_per_backend(self.resources, targets):
+            # EG: one cluster per resolved backendRef, weighted; and for the unresolved share an entry
+            # naming a cluster that does not exist, so that Envoy answers 500 exactly for that share.
+            invalid = sum(u.weight for u in unresolved)
+            clusters = [WeightedClusterClusterWeight(name=INVALID_BACKEND_CLUSTER, weight=invalid)] if invalid else []
+            for position, target in enumerate(targets):
+                cluster = build_cluster(
+                    f"{name}/backend/{position}", [target], self.resources, self.options, owner=route.where(path), lb=lb
+                )
+                clusters.append(WeightedClusterClusterWeight(name=self._add_cluster(cluster), weight=target.weight))
+            action.weighted_clusters = WeightedCluster(clusters=clusters)
+            if invalid:
+                action.cluster_not_found_response_code = RouteActionClusterNotFoundResponseCode.INTERNAL_SERVER_ERROR
+                table.names_missing_cluster = True
+        else:
+            cluster = build_cluster(name, targets, self.resources, self.options, owner=route.where(path), lb=lb)
+            action.cluster = self._add_cluster(cluster)
         # EG lets WebSocket upgrades through on every route.
-        action = RouteAction(
-            cluster=self._add_cluster(cluster),
-            hash_policy=hash_policies,
-            upgrade_configs=[RouteActionUpgradeConfig(upgrade_type="websocket")],
-        )
+        action.upgrade_configs = [RouteActionUpgradeConfig(upgrade_type="websocket")]
         timeout = (rule.get("timeouts") or {}).get("request")
         if timeout:
             action.timeout = parse_duration(timeout)

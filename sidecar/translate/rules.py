@@ -14,12 +14,16 @@ is off for `render`/`up`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+from collections.abc import Iterator
+from typing import Any
 
+from sidecar.errors import ConfigError
+from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
 from sidecar.translate.refs import (
     backend_ref_target,
-    endpoint_kind,
     endpoint_kinds,
     listener_accepts,
     policy_targets,
@@ -41,11 +45,26 @@ class _Checker:
 
     def run(self) -> None:
         for res in self.resources:
-            check_structure(res)
+            with _eg_reason(res):
+                check_structure(res)
         for res in self.resources:
             check = getattr(self, "_" + res.kind, None)
             if check is not None:
-                check(res)
+                with _eg_reason(res):
+                    check(res)
+        for kind in CLAIMING_KINDS:
+            for key, (path, older) in conflicts(self.resources.of(kind)).items():
+                policy = self.resources.get(*key)
+                assert policy is not None
+                raise _with_reason(
+                    policy.error(
+                        path,
+                        f"conflicts with {kind} {older.namespace}/{older.name}, which targets the same "
+                        "resource (and section) and is older; EG keeps the older one and rejects this one "
+                        "(Conflicted): merge them or target different resources",
+                    ),
+                    "Conflicted",
+                )
         unreferenced = unreferenced_proxies(self.resources)
         if len(unreferenced) > 1:
             raise unreferenced[1].error(
@@ -112,30 +131,26 @@ class _Checker:
                 raise res.error(f"{path}.name", f"no Gateway {namespace}/{parent['name']} in the input files")
             section = parent.get("sectionName")
             if section and section not in {li["name"] for li in gateway.spec["listeners"]}:
-                raise res.error(
-                    f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                raise _with_reason(
+                    res.error(
+                        f"{path}.sectionName", f"Gateway {namespace}/{parent['name']} has no listener named {section!r}"
+                    ),
+                    "NoMatchingParent",
                 )
             if not any(listener_accepts(gateway, li, res, parent) for li in gateway.spec["listeners"]):
-                raise res.error(
-                    path,
-                    f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
-                    "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
-                    "allowedRoutes.namespaces)",
+                raise _with_reason(
+                    res.error(
+                        path,
+                        f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
+                        "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
+                        "allowedRoutes.namespaces)",
+                    ),
+                    _unmatched_reason(gateway, res, parent),
                 )
         for r, rule in enumerate(res.spec.get("rules") or []):
             refs = rule.get("backendRefs") or []
-            targets = [
-                backend_ref_target(self.resources, res, ref, f"spec.rules[{r}].backendRefs[{i}]")
-                for i, ref in enumerate(refs)
-            ]
-            kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
-            if "fqdn" in kinds and len(kinds) > 1:
-                raise res.error(
-                    f"spec.rules[{r}].backendRefs",
-                    "mixes FQDN endpoints with "
-                    f"{'/'.join(sorted(kinds - {'fqdn'}))} endpoints in one rule; EG needs one "
-                    "address type per rule (split the rule, or use one kind of Backend)",
-                )
+            # backendRefs that do not resolve are EG's decision, not an input error: the builder answers 500
+            # for their share (backendrefs.py); backends one cluster cannot hold get a cluster each (routes.py).
             filters = rule.get("filters") or []
             for f, flt in enumerate(filters):
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
@@ -159,13 +174,8 @@ class _Checker:
                         ) from None
 
     def _Backend(self, res: Resource) -> None:
-        kinds = {endpoint_kind(e) for e in res.spec["endpoints"]}
-        if "fqdn" in kinds and len(kinds) > 1:
-            raise res.error(
-                "spec.endpoints",
-                "mixes fqdn with ip/unix endpoints; EG needs one address type "
-                "(a Backend of IPs and sockets, or one of FQDNs)",
-            )
+        # EG 1.9 accepts any mix of address types in a Backend (its cluster resolves names, and takes IP
+        # literals as they are); unix sockets only serve extProc, which refuses them beside names (below).
         for index, endpoint in enumerate(res.spec["endpoints"]):
             path = f"spec.endpoints[{index}]"
             if endpoint.get("ip") is not None:
@@ -181,7 +191,7 @@ class _Checker:
                 host = endpoint["fqdn"]["hostname"]
                 if not HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
                     raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
-                if "." not in host:
+                if "." not in host and self.strict_eg:  # EG allows single labels only running on a host
                     raise res.error(
                         f"{path}.fqdn.hostname",
                         f"expected a domain of two or more labels (EG refuses single-label names), got {host!r}",
@@ -203,6 +213,10 @@ class _Checker:
         for path, ref in policy_targets(res):
             kind = ref["kind"]
             group = ref.get("group", "")
+            if kind == "ServiceImport":
+                raise res.error(
+                    f"{path}.kind", "unsupported value 'ServiceImport' (this translator implements Backend and Service)"
+                )
             if (group, kind) not in ((EG_API, "Backend"), ("", "Service")):
                 raise res.error(path, f"expected a Backend (group {EG_API}) or a Service, got {group}/{kind}")
             if self.resources.get(kind, res.namespace, ref["name"]) is None:
@@ -211,8 +225,24 @@ class _Checker:
         refs = validation.get("caCertificateRefs") or []
         if bool(refs) == bool(validation.get("wellKnownCACertificates")):
             raise res.error("spec.validation", "expected exactly one of caCertificateRefs or wellKnownCACertificates")
+        for index, san in enumerate(validation.get("subjectAltNames") or []):
+            wanted, other = ("hostname", "uri") if san["type"] == "Hostname" else ("uri", "hostname")
+            if not san.get(wanted):
+                raise res.error(
+                    f"spec.validation.subjectAltNames[{index}].{wanted}", f"required with type {san['type']}"
+                )
+            if san.get(other):
+                raise res.error(
+                    f"spec.validation.subjectAltNames[{index}].{other}", f"not allowed with type {san['type']}"
+                )
         for index, ref in enumerate(refs):
-            secret_ref(self.resources, res, ref, f"spec.validation.caCertificateRefs[{index}]", ("ca.crt",))
+            if ref.get("kind") == "ClusterTrustBundle":
+                raise res.error(
+                    f"spec.validation.caCertificateRefs[{index}].kind",
+                    "unsupported value 'ClusterTrustBundle' (this translator loads CAs from ConfigMaps and Secrets)",
+                )
+        # A CA that does not load is EG's decision (the policy is not accepted and the routes using it answer
+        # 500; backendtls.py), not an input error.
 
     def _targets(self, res: Resource, kinds: tuple[str, ...]) -> None:
         targets = list(policy_targets(res))
@@ -221,7 +251,16 @@ class _Checker:
         if "targetRef" in res.spec and "targetRefs" in res.spec:
             raise res.error("spec", "expected exactly one of targetRef or targetRefs, got both")
         for path, ref in targets:
-            if ref["group"] != GATEWAY_API or ref["kind"] not in kinds:
+            if ref["group"] != GATEWAY_API:
+                raise res.error(
+                    f"{path}.group", f"expected {GATEWAY_API} (EG's CRD allows no other), got {ref['group']!r}"
+                )
+            if ref["kind"] in _EG_TARGET_KINDS and ref["kind"] not in kinds:
+                raise res.error(
+                    f"{path}.kind",
+                    f"unsupported value {ref['kind']!r} (this translator implements {' and '.join(kinds)} targets)",
+                )
+            if ref["kind"] not in kinds:
                 raise res.error(
                     path,
                     f"expected group {GATEWAY_API} and kind {' or '.join(kinds)}, got {ref['group']}/{ref['kind']}",
@@ -237,9 +276,12 @@ class _Checker:
                     else [rule.get("name") for rule in target.spec.get("rules") or []]
                 )
                 if section not in sections:
-                    raise res.error(
-                        f"{path}.sectionName",
-                        f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                    raise _with_reason(
+                        res.error(
+                            f"{path}.sectionName",
+                            f"{target.kind} {target.namespace}/{target.name} has no section named {section!r}",
+                        ),
+                        "TargetNotFound",
                     )
 
     def _EnvoyExtensionPolicy(self, res: Resource) -> None:
@@ -345,6 +387,48 @@ class _Checker:
         for index, entry in enumerate(res.spec.get("filterOrder") or []):
             if entry["name"] == entry.get("before", entry.get("after")):
                 raise res.error(f"spec.filterOrder[{index}]", "a filter cannot be placed relative to itself")
+
+
+# Target kinds EG's policy CRDs allow that this translator does not implement.
+_EG_TARGET_KINDS = ("ListenerSet", "GRPCRoute", "TCPRoute", "UDPRoute", "TLSRoute")
+
+# The reason EG gives when it refuses a resource of each kind for a reason without a name of its own.
+_DEFAULT_REASONS = {"HTTPRoute": "UnsupportedValue", "Gateway": "Invalid", "Backend": "Invalid"}
+
+
+@contextlib.contextmanager
+def _eg_reason(res: Resource) -> Iterator[None]:
+    """Tag a refusal of `res` with EG's reason (its Accepted=False reason), unless it already has one."""
+    try:
+        yield
+    except ConfigError as exc:
+        if not getattr(exc, "reason", ""):
+            exc.reason = _DEFAULT_REASONS.get(res.kind, "Invalid")  # type: ignore[attr-defined]
+        raise
+
+
+def _with_reason(exc: ConfigError, reason: str) -> ConfigError:
+    exc.reason = reason  # type: ignore[attr-defined]
+    return exc
+
+
+def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:
+    """EG's reason for a parentRef no listener accepts: no listener in that section/port, none allowing
+    the route's namespace, or none whose hostname meets the route's."""
+    candidates = [
+        li
+        for li in gateway.spec["listeners"]
+        if parent.get("sectionName") in (None, li["name"]) and parent.get("port") in (None, li["port"])
+    ]
+    if not candidates:
+        return "NoMatchingParent"
+    allowed = [
+        li
+        for li in candidates
+        if ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
+        or route.namespace == gateway.namespace
+    ]
+    return "NoMatchingListenerHostname" if allowed else "NotAllowedByListeners"
 
 
 def _is_prime(n: int) -> bool:

@@ -101,11 +101,19 @@ class Int(Node):
 
 
 class Enum(Node):
-    def __init__(self, *values: Any) -> None:
+    """One of `values`. `unsupported` are values EG's CRD allows that this translator does not implement:
+    they are refused as unsupported (out of scope), not as invalid."""
+
+    def __init__(self, *values: Any, unsupported: tuple[Any, ...] = ()) -> None:
         self.values = values
+        self.unsupported = unsupported
         self.expected = "one of " + ", ".join(str(v) for v in values)
 
     def check(self, res: Resource, value: Any, path: str) -> None:
+        if value in self.unsupported and isinstance(value, str):
+            raise res.error(
+                path, f"unsupported value {value!r} (this translator implements {', '.join(map(str, self.values))})"
+            )
         if value not in self.values or isinstance(value, bool) != isinstance(self.values[0], bool):
             raise self.fail(res, path, value)
 
@@ -156,6 +164,10 @@ class Obj(Node):
             if key not in self.fields:
                 known = ", ".join(sorted(self.fields)) or "none"
                 raise res.error(_join(path, str(key)), f"unknown or unsupported field (expected one of {known})")
+        # The values present first: an unsupported value explains a missing field better than the other way.
+        for key, item in value.items():
+            if item is not None:
+                self.fields[key].check(res, item, _join(path, key))
         for key in self.required:
             if key not in value:
                 raise res.error(_join(path, key), "required field is missing")
@@ -170,9 +182,6 @@ class Obj(Node):
             present = [k for k in group if value.get(k) is not None]
             if len(present) > 1:
                 raise res.error(path or "spec", f"expected at most one of {', '.join(group)}, got {', '.join(present)}")
-        for key, item in value.items():
-            if item is not None:
-                self.fields[key].check(res, item, _join(path, key))
 
 
 # ---- the declarations: each kind's spec, as far as the translator implements it --------------------
@@ -201,7 +210,9 @@ _ATTRIBUTE = Str(
 )
 
 _TARGET_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"])
-_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, 16, 1)}
+# EG's CRDs set no maximum on targetRefs (EG accepts 18 and more); this cap only bounds the work a render does.
+MAX_TARGET_REFS = 1024
+_POLICY_TARGETS = {"targetRef": _TARGET_REF, "targetRefs": List(_TARGET_REF, MAX_TARGET_REFS, 1)}
 _OBJECT_REF = Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME}, ["name"])
 _BACKEND_REF = Obj(
     {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": _NAME, "port": _PORT, "weight": Int(0, 1000000)},
@@ -221,7 +232,13 @@ _PATH_MODIFIER = Obj(
 )
 _ROUTE_FILTER = Obj(
     {
-        "type": Enum("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite"),
+        "type": Enum(
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "RequestRedirect",
+            "URLRewrite",
+            unsupported=("RequestMirror", "ExtensionRef", "CORS", "ExternalAuth"),
+        ),
         "requestHeaderModifier": _HEADER_MODIFIER,
         "responseHeaderModifier": _HEADER_MODIFIER,
         "requestRedirect": Obj(
@@ -266,9 +283,11 @@ _LISTENER = Obj(
         "name": _NAME,
         "hostname": HOSTNAME,
         "port": _PORT,
-        "protocol": Enum("HTTP", "HTTPS"),
-        "tls": Obj({"mode": Enum("Terminate"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
-        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All")})}),
+        "protocol": Enum("HTTP", "HTTPS", unsupported=("TLS", "TCP", "UDP")),
+        "tls": Obj(
+            {"mode": Enum("Terminate", unsupported=("Passthrough",)), "certificateRefs": List(_SECRET_REF, 64, 1)}
+        ),
+        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))})}),
     },
     ["name", "port", "protocol"],
 )
@@ -392,7 +411,7 @@ _EXT_PROC = Obj(
 )
 _WASM_CODE = Obj(
     {
-        "type": Enum("HTTP", "Image"),
+        "type": Enum("HTTP", "Image", unsupported=("ConfigMap",)),
         "http": Obj({"url": Str(r"https?://\S+", 2048, what="an http:// or https:// URL"), "sha256": _SHA256}, ["url"]),
         "image": Obj({"url": Str(max_len=2048), "sha256": _SHA256, "pullSecretRef": _SECRET_REF}, ["url"]),
         "pullPolicy": Enum("IfNotPresent", "Always"),
@@ -442,7 +461,7 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "Backend": Obj(
         {
-            "type": Enum("Endpoints"),
+            "type": Enum("Endpoints", unsupported=("DynamicResolver",)),
             "endpoints": List(_ENDPOINT, 64, 1),
             "appProtocols": List(
                 Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
@@ -452,7 +471,10 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "BackendTLSPolicy": Obj(
         {
-            "targetRefs": List(_TARGET_REF, 16, 1),
+            # group may be left out for the core group (EG reads a missing group as "").
+            "targetRefs": List(
+                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["kind", "name"]), 16, 1
+            ),
             "validation": Obj(
                 {
                     "caCertificateRefs": List(
@@ -460,6 +482,19 @@ SPEC_SCHEMAS: dict[str, Node] = {
                     ),
                     "wellKnownCACertificates": Enum("System"),
                     "hostname": HOSTNAME,
+                    "subjectAltNames": List(
+                        Obj(
+                            {
+                                "type": Enum("Hostname", "URI"),
+                                "hostname": HOSTNAME,
+                                "uri": Str(
+                                    r"(([^:/?#]+):)(//([^/?#]*))([^?#]*)(\?([^#]*))?(#(.*))?", 253, what="a URI"
+                                ),
+                            },
+                            ["type"],
+                        ),
+                        5,
+                    ),
                 },
                 ["hostname"],
             ),
@@ -495,7 +530,8 @@ SPEC_SCHEMAS: dict[str, Node] = {
                 {
                     "xForwardedFor": Obj(
                         {
-                            "numTrustedHops": Int(0, 2**31 - 1),
+                            # int32 as in EG's CRD; EG treats 0 and below alike (the right-most entry).
+                            "numTrustedHops": Int(-(2**31), 2**31 - 1),
                             "trustedCIDRs": List(_CIDR, 64, 1),
                             "disableXForwardedForAppend": BOOL,
                         },
@@ -512,10 +548,12 @@ SPEC_SCHEMAS: dict[str, Node] = {
             **_POLICY_TARGETS,
             "loadBalancer": Obj(
                 {
-                    "type": Enum("ConsistentHash", "LeastRequest", "Random", "RoundRobin"),
+                    "type": Enum(
+                        "ConsistentHash", "LeastRequest", "Random", "RoundRobin", unsupported=("BackendUtilization",)
+                    ),
                     "consistentHash": Obj(
                         {
-                            "type": Enum("SourceIP", "Header", "Cookie"),
+                            "type": Enum("SourceIP", "Header", "Cookie", unsupported=("Headers", "QueryParams")),
                             "header": Obj({"name": _HEADER_NAME}, ["name"]),
                             "cookie": Obj(
                                 {"name": Str(max_len=256), "ttl": Duration(), "attributes": StrMap()}, ["name"]

@@ -156,10 +156,11 @@ def test_up_f_serves_and_reloads_without_dropping_an_in_flight_request(tmp_path:
 BAD_INPUTS = {
     "unknown-kind": ("kind: Backend\n", "kind: Bakend\n", "unknown kind 'Bakend'"),
     "unknown-field": ("  endpoints:", "  endpoint: []\n  endpoints:", "Backend/default/app: spec.endpoint: unknown"),
+    # (A backendRef to a missing Backend is no longer an input error: as in EG, its share answers 500.)
     "missing-target": (
-        "name: app}]",
-        "name: nothing}]",
-        "HTTPRoute/default/app: spec.rules[0].backendRefs[0].name: no Backend default/nothing",
+        "parentRefs: [{name: eg}]",
+        "parentRefs: [{name: nothing}]",
+        "HTTPRoute/default/app: spec.parentRefs[0].name: no Gateway default/nothing",
     ),
 }
 

@@ -35,6 +35,8 @@ class _Named(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "text/plain")
         self.send_header("x-backend", name)
+        # What reached the backend: differential tests compare the X-Forwarded-For each config forwards.
+        self.send_header("x-seen-xff", ", ".join(self.headers.get_all("x-forwarded-for") or []) or "-")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -32,6 +32,11 @@ def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, 
             + route("fqdn", "/fqdn", "by-fqdn")
             + route("uds", "/uds", "by-uds")
             + route("logical", "/logical", "by-fqdn-logical")
+            + route("mixed", "/mixed", "by-ip", "by-fqdn")  # EG 1.9: a cluster per backendRef, weighted
+            + backend("by-both", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}").replace(
+                "    - ip:", f"    - fqdn: {{hostname: echo.backend.test, port: {backends['b'].port}}}\n    - ip:"
+            )
+            + route("both", "/both", "by-both")  # one Backend, both address types: one cluster resolving names
         )
         url = run_envoy(text, dns_resolver=("127.0.0.1", dns.port))
         assert get(url, "/ip/x").text == "a /ip/x"
@@ -40,7 +45,10 @@ def test_backend_by_ip_fqdn_and_unix_socket(run_envoy: Run, backends: dict[str, 
         assert "echo.backend.test" in dns.queries
         wait_for(lambda: get(url, "/logical").status_code == 200, what="the LOGICAL_DNS backend to resolve")
         assert get(url, "/logical").text == "c /logical"
-        assert get(url, "/uds").text == "uds /uds"
+        # EG refuses unix sockets in route backendRefs (UnsupportedAddressType) and answers 500 instead.
+        assert get(url, "/uds").status_code == 500 and backends["uds"].paths == []
+        wait_for(lambda: {get(url, "/mixed").text[0] for _ in range(20)} == {"a", "b"}, what="both mixed backends")
+        wait_for(lambda: {get(url, "/both").text[0] for _ in range(20)} == {"a", "b"}, what="both endpoint kinds")
         assert get(url, "/nothing").status_code == 404
         assert get(url, "/ip", host="other.example.com").status_code == 404
     finally:

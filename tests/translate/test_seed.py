@@ -134,7 +134,9 @@ def test_seed_example_renders_and_validates(tmp_path: Path, block: str) -> None:
     if "SecurityPolicy" in kinds:
         assert "RBACPerRoute" in text
     if "ClientTrafficPolicy" in kinds:
-        assert "xff_num_trusted_hops: 1" in text
+        # EG's listener: the XFF detection extension (numTrustedHops 1 -> xff_num_trusted_hops 0), not the HCM's.
+        assert "envoy.extensions.http.original_ip_detection.xff" in text and "use_remote_address: false" in text
+        assert "xff_num_trusted_hops: 1" not in text
     if "BackendTrafficPolicy" in kinds:
         assert "MAGLEV" in text and "source_ip: true" in text
     if "Backend" in kinds:

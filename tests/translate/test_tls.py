@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import socket
 import ssl
@@ -257,3 +258,122 @@ spec:
         assert without_sni.status_code == 404  # the default chain's HCM has no route for it
     finally:
         app.close()
+
+
+def _tls_case(name: str, port: int, policies: list[str], ref_port: bool = False) -> str:
+    """A Backend `name` at the TLS backend, a route /name to it, and BackendTLSPolicies (YAML bodies)."""
+    port_field = f", port: {port}" if ref_port else ""
+    text = f"""
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: {name}}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: {port}}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /{name}}}}}]
+      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: {name}{port_field}}}]
+"""
+    for index, body in enumerate(policies):
+        section = re.search(r"TARGET_SECTION_(\w+)", body)
+        if section:
+            sectioned = (
+                f"{{group: gateway.envoyproxy.io, kind: Backend, name: {name}, sectionName: '{section.group(1)}'}}"
+            )
+            body = body.replace(section.group(0), sectioned)
+        text += f"""
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: BackendTLSPolicy
+metadata: {{name: {name}-{index}}}
+spec:
+{body.replace("TARGET", f"{{group: gateway.envoyproxy.io, kind: Backend, name: {name}}}")}
+"""
+    return text
+
+
+def test_backend_tls_policy_details_as_eg(tmp_path: Path, pki: Path, tls_backend: int) -> None:
+    """CA key fallback, subjectAltNames, the system trust store, a sectioned policy over a wildcard one, and
+    the older of two conflicting policies: each decides what Envoy sends and accepts, in a real Envoy."""
+    ca = "\n".join("    " + line for line in (pki / "ca.crt").read_text().splitlines())
+    cas = "".join(
+        f"""
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: {name}}}
+data:
+  {key}: |
+{ca}
+"""
+        for name, key in (("ca", "ca.crt"), ("only-key", "bundle.pem"), ("tls-key", "tls.crt"))
+    )
+
+    def policy(hostname: str, ca_name: str | None = "ca", sans: str = "", section: str | None = None) -> str:
+        target = "TARGET" if section is None else f"TARGET_SECTION_{section}"
+        validation = f"    hostname: {hostname}\n"
+        if ca_name:
+            validation += f'    caCertificateRefs: [{{group: "", kind: ConfigMap, name: {ca_name}}}]\n'
+        else:
+            validation += "    wellKnownCACertificates: System\n"
+        if sans:
+            validation += f"    subjectAltNames: {sans}\n"
+        return f"  targetRefs: [{target}]\n  validation:\n{validation}"
+
+    port = tls_backend
+    text = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners: [{{name: http, protocol: HTTP, port: 80}}]
+{cas}"""
+    text += _tls_case("only-key", port, [policy("backend.example.com", "only-key")])
+    text += _tls_case("tls-key", port, [policy("backend.example.com", "tls-key")])
+    text += _tls_case(
+        "san-ok", port, [policy("sni.example.com", sans="[{type: Hostname, hostname: backend.example.com}]")]
+    )
+    text += _tls_case(
+        "san-bad", port, [policy("backend.example.com", sans="[{type: Hostname, hostname: nothere.example.com}]")]
+    )
+    text += _tls_case("system", port, [policy("backend.example.com", None)])
+    text += _tls_case(
+        "sectioned",
+        port,
+        [policy("wildcard.example.com"), policy("backend.example.com", section=str(port))],
+        ref_port=True,
+    )
+    text += _tls_case(
+        "other-section",
+        port,
+        [policy("backend.example.com"), policy("wildcard.example.com", section="1")],
+        ref_port=True,
+    )
+    text += _tls_case("conflict", port, [policy("backend.example.com"), policy("other.example.com")])
+    path = tmp_path / "tls.yaml"
+    path.write_text(text)
+    bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    validate_bootstrap(bootstrap)
+    with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+        host, listen = envoy.listener_address("default/eg/http")
+
+        def get(name: str) -> tuple[int, str]:
+            response = httpx.get(f"http://{host}:{listen}/{name}", timeout=10)
+            return response.status_code, response.text
+
+        assert get("only-key") == (200, "tls backend sni=backend.example.com")  # the ConfigMap's only key
+        assert get("tls-key") == (200, "tls backend sni=backend.example.com")  # tls.crt when no ca.crt
+        # subjectAltNames replace the hostname as what the certificate must name; SNI stays the hostname.
+        assert get("san-ok") == (200, "tls backend sni=sni.example.com")
+        assert get("san-bad")[0] == 503
+        assert get("system")[0] == 503  # our test CA is not in the system store: refused, not sent in clear
+        assert get("sectioned") == (200, "tls backend sni=backend.example.com")  # the sectioned policy wins
+        assert get("other-section") == (200, "tls backend sni=backend.example.com")  # another port's does not apply
+        assert get("conflict") == (200, "tls backend sni=backend.example.com")  # the older policy applies
