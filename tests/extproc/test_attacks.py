@@ -165,14 +165,25 @@ async def test_connections_past_the_cap(sidecar: tuple[SidecarProcess, str, str]
     holders: list[RawClient] = []
     try:
         # Until one is refused (the connection of the start-up health check may still be closing).
+        refused = False
         for _ in range(10):
             outcome = await attack(sock, [b""], deadline=10)
             if outcome.closed:
+                refused = True
                 break
             holders.append(await RawClient.connect(sock))
             holders[-1].send(hf.PingFrame(0, b"answered"))
-            await holders[-1].until(partial(answered, holders[-1]))
-        assert outcome.closed
+            try:
+                await holders[-1].until(partial(answered, holders[-1]))
+            except AssertionError:
+                # grpcio counts connections asynchronously: the one past its cap may be the next holder,
+                # accepted and then closed, rather than the probe.
+                if transport != "grpcio":
+                    raise
+                await holders.pop().close()
+                refused = True
+                break
+        assert refused
         assert 5 <= len(holders) <= 6  # limits.max_connections
         if transport == "native":
             assert outcome.goaway == ENHANCE_YOUR_CALM
