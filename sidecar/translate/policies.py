@@ -118,8 +118,8 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             # Accepted in EG bundles (render --format eg writes it for the sidecar); not translated here.
             raise policy.error(
                 f"{path}.backendSettings",
-                "not translated by `sidecar render`; a sidecar Backend gets its health checks, ejection and "
-                "retries built in (docs/reliability.md)",
+                "unsupported field: not translated by `sidecar render`; a sidecar Backend gets its health "
+                "checks, ejection and retries built in (docs/reliability.md)",
             )
         ir_name = f"envoyextensionpolicy/{policy.namespace}/{policy.name}/extproc/{index}"
         refs = ext["backendRefs"]

@@ -210,7 +210,7 @@ def test_render_refuses_backend_settings_it_would_not_translate(
     text = _with_ext_field("backendSettings: {circuitBreaker: {maxParallelRetries: 3}}")
     code, err = _run(tmp_path, capsys, "fail_closed", text)
     assert code == 2
-    assert "spec.extProc[0].backendSettings: not translated by `sidecar render`" in err
+    assert "spec.extProc[0].backendSettings: unsupported field: not translated by `sidecar render`" in err
 
 
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
