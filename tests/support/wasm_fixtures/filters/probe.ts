@@ -97,9 +97,10 @@ declare function h_replace_header(t: u32, kp: usize, kn: usize, vp: usize, vn: u
 // @ts-ignore: decorator
 @external("env", "proxy_remove_header_map_value")
 declare function h_remove_header(t: u32, kp: usize, kn: usize): u32;
-// @ts-ignore: decorator
-@external("env", "proxy_get_log_level")
-declare function h_log_level(rp: usize): u32;
+// proxy_get_log_level exists only in ABI 0.2.1 (the gcore SDK); the build uncomments `//abi021:` lines there.
+//abi021: // @ts-ignore: decorator
+//abi021: @external("env", "proxy_get_log_level")
+//abi021: declare function h_log_level(rp: usize): u32;
 // @ts-ignore: decorator
 @external("env", "proxy_get_current_time_nanoseconds")
 declare function h_now(rp: usize): u32;
@@ -377,8 +378,9 @@ function probeGrpc(cluster: string): string {
 }
 
 function probeMisc(): string {
-  let out = "loglevel=" + h_log_level(S).toString();
-  out += ",now=" + h_now(S).toString();
+  let out = "";
+  //abi021: out += "loglevel=" + h_log_level(S).toString() + ",";
+  out += "now=" + h_now(S).toString();
   const now = load<u64>(S);
   out += ",now-plausible=" + (now > 1600000000000000000 ? "yes" : "no");
   out += ",reqsize=" + h_map_size(0, S).toString();
