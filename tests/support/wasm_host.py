@@ -212,6 +212,7 @@ def describe(obj: object) -> str:
 
 # -- the broader differential suite: a probe module in Envoy and in the host ------------------------------
 
+
 # What a client saw: `complete` is False when the connection closed before the body ended (a reset after
 # the headers went out); `stalled` when nothing came back before the client gave up.
 @dataclass(frozen=True)
