@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 
 from sidecar.stack.envoy import Envoy
-from sidecar.wasm.host import HttpCall, HttpCallResponse, Plugin
-from sidecar.wasm.host.exchange import Exchange, Request, Response, UpstreamRequest, run_exchange
+from sidecar.wasm.host import Plugin
+from sidecar.wasm.host.exchange import Exchange, Request, run_exchange
+from sidecar.wasm.host.upstream import HttpUpstream, cluster_responder
 from tests.support.wasm_host import (
     ENVOY_ADDED,
     ClientView,
     EchoServer,
     closed_port,
     echo_server,
-    forward,
     normalized,
     probe_bootstrap,
     send_view,
@@ -38,6 +38,8 @@ AUTHORITY = "example.com"
 DOCS = Path(__file__).parents[3] / "docs" / "wasm-host.md"
 # Seconds a client waits for a scenario that stalls in Envoy (and is reported `stalled` by the host).
 STALL_WAIT_S = 2.0
+# The route timeout in the Envoy config (tests/support/wasm_host.probe_bootstrap).
+ROUTE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -182,13 +184,8 @@ def setup(
     module = sdk_modules[request.param]
     with echo_server() as echo, closed_port() as dead, silent_server() as blackhole:
         clusters = {"dead": dead, "blackhole": blackhole}
-
-        def responder(call: HttpCall) -> HttpCallResponse | None:
-            if call.upstream != "echo":
-                return None
-            answer = forward(echo.port, "GET", call.header(":path") or "/", call.headers, call.body)
-            return HttpCallResponse([(":status", str(answer.status)), *answer.headers], answer.body)
-
+        addresses = {name: f"127.0.0.1:{port}" for name, port in {"echo": echo.port, **clusters}.items()}
+        # The host gets what the Envoy config says: the route's names, the clusters and their addresses.
         plugin = Plugin(
             module,
             name="probe",
@@ -196,8 +193,8 @@ def setup(
             vm_id="probe-vm",
             configuration="probe-config",
             properties={"xds.cluster_name": "echo", "xds.route_name": "probe-route", "xds.virtual_host_name": "all"},
-            http_responder=responder,
-            clusters=["echo", *clusters],
+            http_responder=cluster_responder(addresses),
+            clusters=addresses,
             cache=tmp_path_factory.mktemp("cwasm"),
         ).start()
         with Envoy(probe_bootstrap(module, upstream_port=echo.port, clusters=clusters)) as envoy:
@@ -226,12 +223,10 @@ def _run(setup: Setup, case: Case) -> tuple[tuple[object, ...], tuple[object, ..
     via_envoy = send_view(setup.envoy, case.method, case.path, headers, case.body, timeout=timeout)
     envoy_seen = _seen(setup.echo)
 
-    def upstream(req: UpstreamRequest) -> Response:
-        path = req.header(":path") or "/"
-        return forward(setup.echo.port, req.header(":method") or "GET", path, req.headers, req.body)
-
+    address = f"127.0.0.1:{setup.echo.port}"
+    upstream = HttpUpstream(address, timeout_s=ROUTE_TIMEOUT_S)
     request = Request(case.method, case.path, list(case.headers), case.body, authority=AUTHORITY)
-    exchange = run_exchange(setup.plugin, request, upstream)
+    exchange = run_exchange(setup.plugin, request, upstream, upstream_address=address)
     host_seen = _seen(setup.echo)
     return _normalized_view(via_envoy), _normalized_view(_host_view(exchange)), list(envoy_seen), list(host_seen)
 
