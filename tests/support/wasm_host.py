@@ -66,7 +66,9 @@ class EchoServer:
 
 
 @contextmanager
-def echo_server() -> Iterator[EchoServer]:
+def echo_server(*, close: bool = False) -> Iterator[EchoServer]:
+    """`close`: answer `connection: close`, so Envoy opens a new upstream connection per request and bytes a
+    module left over on one (a stale content-length) cannot leak into the next scenario."""
     echo = EchoServer()
 
     class Handler(BaseHTTPRequestHandler):
@@ -81,6 +83,9 @@ def echo_server() -> Iterator[EchoServer]:
             for k, v in resp.headers:
                 self.send_header(k, v)
             self.send_header("content-length", str(len(resp.body)))
+            if close:
+                self.send_header("connection", "close")
+                self.close_connection = True
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(resp.body)

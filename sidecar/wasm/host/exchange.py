@@ -312,7 +312,8 @@ def run_exchange(
         if run.direction(True, request.envoy_headers(), request.body, request.trailers, chunk_size):
             sent = UpstreamRequest(http.request_headers, http.request_body, http.request_trailers)
             result.upstream_request = sent
-            if _request_length_warning(sent, result):
+            if _request_length_warning(sent, result) and not callable(upstream):
+                # A real upstream (a callable, e.g. upstream.HttpUpstream) shows it by itself.
                 answer = _UPSTREAM_TIMEOUT
                 http.set_upstream(upstream_address, "upstream_response_timeout")
             else:

@@ -188,7 +188,7 @@ class Env:
     def proxy_get_buffer_status(self, caller: Caller, btype: int, size_ptr: int, flags_ptr: int) -> int:
         buffer = self._buffer(btype)
         if buffer is None:
-            return Status.NOT_FOUND
+            return Status.NOT_FOUND if btype in tuple(BufferType) else Status.BAD_ARGUMENT
         mem = self.state.memory
         # Envoy writes no flags (0), whatever the end-of-stream state (checked against Envoy 1.40).
         if not (mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, 0)):

@@ -151,8 +151,74 @@ function printable(data: ArrayBuffer): bool {
   return true;
 }
 
-// A value as text for a header: printable text as is, anything else as hex (long values as length + head).
+const VARYING = ["date", "server", "x-envoy-upstream-service-time", "x-request-id"];
+
+function keyIs(at: usize, length: u32, name: string): bool {
+  if (<u32>name.length != length) {
+    return false;
+  }
+  for (let i: u32 = 0; i < length; i++) {
+    if (<u32>load<u8>(at + i) != <u32>name.charCodeAt(i)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+function fnv(hash: u64, at: usize, length: u32): u64 {
+  let h = hash;
+  for (let i: u32 = 0; i < length; i++) {
+    h = (h ^ <u64>load<u8>(at + i)) * 1099511628211;
+  }
+  return h;
+}
+
+// A value in the header-map wire format as "m<count>:<digest>", the digest the same whatever the order of
+// the pairs (Envoy's property maps have none); "" if `data` is not such a map. Values of headers that
+// vary from run to run are left out. (Integers only: one SDK's old AssemblyScript runtime traps on
+// strings built in loops here.)
+function showMap(data: ArrayBuffer): string {
+  const n = <u32>data.byteLength;
+  if (n < 4) {
+    return "";
+  }
+  const base = changetype<usize>(data);
+  const count = load<u32>(base);
+  if (count > 1024 || <u32>4 + <u32>8 * count > n) {
+    return "";
+  }
+  let pos: u32 = <u32>4 + <u32>8 * count;
+  let digest: u64 = 0;
+  for (let i: u32 = 0; i < count; i++) {
+    const kn = load<u32>(base + 4 + 8 * i);
+    const vn = load<u32>(base + 8 + 8 * i);
+    if (pos + kn + vn + 2 > n) {
+      return "";
+    }
+    let h = fnv(14695981039346656037, base + pos, kn + 1);
+    let varies = false;
+    for (let v = 0; v < VARYING.length; v++) {
+      varies = varies || keyIs(base + pos, kn, VARYING[v]);
+    }
+    if (!varies) {
+      h = fnv(h, base + pos + kn + 1, vn);
+    }
+    digest += h;
+    pos += kn + vn + 2;
+  }
+  if (pos != n) {
+    return "";
+  }
+  return "m" + count.toString() + ":" + digest.toString(16);
+}
+
+// A value as text for a header: printable text as is, a map as its sorted pairs, anything else as hex
+// (long values as length + head).
 function show(data: ArrayBuffer): string {
+  const map = showMap(data);
+  if (map.length > 0) {
+    return map;
+  }
   if (data.byteLength <= 160 && printable(data)) {
     return "s:" + String.UTF8.decode(data);
   }
@@ -232,11 +298,20 @@ function pairsText(map: u32): string {
   for (let i: u32 = 0; i < count; i++) {
     const kn = load<u32>(base + 4 + 8 * i);
     const vn = load<u32>(base + 8 + 8 * i);
-    const key = String.UTF8.decodeUnsafe(pos, kn);
-    const value = String.UTF8.decodeUnsafe(pos + kn + 1, vn);
+    let varies = false;
+    for (let v = 0; v < VARYING.length; v++) {
+      varies = varies || keyIs(pos, kn, VARYING[v]);
+    }
+    if (i > 0) {
+      out += ";";
+    }
+    out += String.UTF8.decodeUnsafe(pos, kn);
+    // Plain statements: the old AssemblyScript runtime of one SDK miscounts strings in conditional operands.
+    if (!varies) {
+      out += "=";
+      out += String.UTF8.decodeUnsafe(pos + kn + 1, vn);
+    }
     pos += kn + vn + 2;
-    const varies = key == "date" || key == "server" || key == "x-envoy-upstream-service-time";
-    out += (i > 0 ? ";" : "") + key + (varies ? "" : "=" + value);
   }
   return out;
 }
@@ -355,7 +430,10 @@ function probeForeign(names: string): string {
       if (list[i] == "compress") {
         const back = enc("uncompress");
         const again = h_foreign(ptr(back), back.byteLength, ptr(result), result.byteLength, S, S + 4);
-        out += ":" + again.toString() + ":" + (again == 0 ? String.UTF8.decode(taken()).length.toString() : "");
+        out += ":" + again.toString() + ":";
+        if (again == 0) {
+          out += String.UTF8.decode(taken()).length.toString();
+        }
       }
     }
   }
