@@ -29,7 +29,6 @@ DEFAULT_ROUTE_TIMEOUT_S = 15.0
 # A bound on a response body kept in memory (callouts are buffered whole, as in Envoy).
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 _READ = 64 << 10
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 
 
 class _Failure(Exception):
@@ -102,8 +101,8 @@ def _exchange(
             raise _Failure("timeout", f"no complete answer from {address} within {timeout_s:g}s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Failure("connect", f"{address} broke the exchange: {exc}") from None
-        # Envoy's codec consumes the connection-level headers; a filter never sees them.
-        got = [(k.lower(), v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP]
+        # Envoy's HTTP/1 codec consumes the framing header; `connection` and the rest reach the filter.
+        got = [(k.lower(), v) for k, v in resp.getheaders() if k.lower() != "transfer-encoding"]
         return resp.status, got, b"".join(chunks)
     finally:
         conn.close()

@@ -477,7 +477,9 @@ function probeMisc(): string {
   out += ",remove-missing=" + h_remove_header(0, ptr(missing), missing.byteLength).toString();
   out += ",close-bad=" + h_close(9).toString();
   out += ",continue-bad=" + h_continue(9).toString();
-  out += ",status=" + h_get_status(S, S + 4, S + 8).toString();
+  store<u32>(S, 77);
+  store<u32>(S + 8, 0);
+  out += ",status=" + h_get_status(S, S + 4, S + 8).toString() + ":" + u32At(0).toString() + ":" + u32At(8).toString();
   return out;
 }
 
@@ -680,10 +682,13 @@ function onCallout(origin: CALLBACK_CONTEXT, headers: u32, body_size: usize, tra
   const self = changetype<Probe>(origin);
   h_get_buffer(4, 0, body_size as u32, S, S + 4);
   const body = String.UTF8.decode(taken());
-  h_get_status(S + 16, S, S + 4);
+  store<u32>(S + 16, 77);  // a sentinel: shows whether proxy_get_status wrote a code
+  store<u32>(S + 4, 0);
+  const got = h_get_status(S + 16, S, S + 4);
   const code = load<u32>(S + 16);
-  self.callout = headers.toString() + "|" + body_size.toString() + "|" + trailers.toString() + "|" + code.toString() +
-    "|" + pairsText(6) + "|" + body;
+  const message = String.UTF8.decode(taken());
+  self.callout = headers.toString() + "|" + body_size.toString() + "|" + trailers.toString() + "|" + got.toString() +
+    ":" + code.toString() + ":" + message + "|" + pairsText(6) + "|" + body;
   h_continue(0);
 }
 
