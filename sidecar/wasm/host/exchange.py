@@ -245,9 +245,13 @@ _UPSTREAM_TIMEOUT = Response(
 
 
 def _local_reply(local: LocalResponse) -> Response:
+    """The response Envoy makes of a local reply: the module's headers, then the body's length and a
+    text/plain type unless the module gave one."""
     headers = list(local.headers)
     if local.body:
-        headers += [("content-length", str(len(local.body))), ("content-type", "text/plain")]
+        headers.append(("content-length", str(len(local.body))))
+        if not any(k == "content-type" for k, _ in headers):
+            headers.append(("content-type", "text/plain"))
     return Response(local.status, headers, local.body)
 
 

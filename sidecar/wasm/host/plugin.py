@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from sidecar.wasm.host.abi import Action, LogLevel, MapType, Status
+from sidecar.wasm.host.abi import AbiVersion, Action, LogLevel, MapType, Status
 from sidecar.wasm.host.errors import WasmCallError, WasmStateError
 from sidecar.wasm.host.imports import CALL_RESPONSE_SCOPE, callout_scope
 from sidecar.wasm.host.instance import Instance, InstanceOptions
@@ -73,7 +73,7 @@ class Plugin:
         log_level: LogLevel = LogLevel.TRACE,
         http_responder: HttpResponder | None = None,
         clusters: Iterable[str] | None = None,
-        allow_on_headers_stop_iteration: bool = False,
+        allow_on_headers_stop_iteration: bool | None = None,
         seed: int | None = None,
     ) -> None:
         if isinstance(module, Path) or (isinstance(module, str) and not module.lstrip().startswith("(")):
@@ -98,8 +98,13 @@ class Plugin:
         )
         self.name = module_name
         self.http_responder = http_responder
-        self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._instance = Instance(source, module_name, options)
+        # Envoy's PluginConfig field (default false): a headers StopIteration stays StopIteration, so body
+        # data still reaches the filter. Unset, it is on only for Higress' 0_2_100 modules, whose gateway
+        # runs them that way (their plugins wait in the headers for a body they must see).
+        if allow_on_headers_stop_iteration is None:
+            allow_on_headers_stop_iteration = self._instance.abi is AbiVersion.V0_2_100
+        self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._vm_started = False
         self._started = False
 

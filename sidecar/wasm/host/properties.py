@@ -219,7 +219,7 @@ def _response(stream: StreamState, name: str) -> PropertyValue | None:
     if name == "code":
         return stream.response_code
     if name == "code_details":
-        return stream.response_details or None
+        return stream.response_details
     if name == "grpc_status":
         status = _header_map(headers).get("grpc-status", "")
         return int(status) if status.isdigit() else _GRPC_FROM_HTTP.get(stream.response_code, 2)

@@ -77,7 +77,6 @@ BEHAVIOUR = [
         "verify_signature;sign;no_such_function",
     ),
     _probe("grpc-unknown-cluster", "", grpc="no-such-cluster"),
-    _probe("grpc-known-cluster", "", grpc="echo"),
     Case("request-body-trace", "POST", headers=(("x-req-body", "trace"),), body=b"hello"),
     Case("request-body-buffer", "POST", headers=(("x-req-body", "buffer"),), body=b"hello"),
     Case("request-body-end-replace", "POST", headers=(("x-req-body", "end-replace"),), body=b"hello"),
@@ -91,6 +90,8 @@ BEHAVIOUR = [
     Case("response-body-local-reply", headers=(("x-resp-body", "local"),)),
     Case("response-headers-local-reply", headers=(("x-resp-body", "local-headers"),)),
     Case("request-headers-local-reply", "POST", headers=(("x-req-headers", "local"),), body=b"hello"),
+    Case("local-reply-typed-body", headers=(("x-req-headers", "local-typed"), ("x-props", "response.headers"))),
+    Case("local-reply-empty", headers=(("x-req-headers", "local-empty"), ("x-props", "response.code_details"))),
     Case("request-headers-continue-and-end", "POST", headers=(("x-req-headers", "continue-end"),), body=b"abc"),
     Case("request-headers-stop-with-body", "POST", headers=(("x-req-headers", "stop"),), body=b"abc", stalls=True),
     Case("callout-ok", headers=(("x-callout", "echo|/callout|3000"),)),
@@ -121,13 +122,24 @@ PROPERTIES = [
 ]
 # fmt: on
 
-CASES = BEHAVIOUR + [
-    Case(f"property-{p}", headers=(("x-props", p), ("x-tag", "t"), ("referer", "http://r"), ("user-agent", "ua")))
-    for p in PROPERTIES
-]
+# Last: Envoy's gRPC call fails against the echo upstream and its status (13) then stays what
+# proxy_get_status reports on that root context, even after later HTTP callouts.
+GRPC_LAST = [_probe("grpc-known-cluster", "", grpc="echo")]
+
+CASES = (
+    BEHAVIOUR
+    + [
+        Case(f"property-{p}", headers=(("x-props", p), ("x-tag", "t"), ("referer", "http://r"), ("user-agent", "ua")))
+        for p in PROPERTIES
+    ]
+    + GRPC_LAST
+)
 
 # Scenarios that differ on purpose, with the docs/wasm-host.md heading that explains each.
-DOCUMENTED: dict[str, str] = {}
+DOCUMENTED: dict[str, str] = {
+    "grpc-known-cluster": "gRPC calls are not made",
+    "property-xds.node": "xds.node",
+}
 
 # Properties whose values depend on the run: compared by status and shape only.
 VOLATILE_PROPERTIES = {
@@ -236,6 +248,47 @@ def _run(setup: Setup, case: Case) -> tuple[tuple[object, ...], tuple[object, ..
         wait_for(lambda: setup.echo.seen, 5, "the cut-short request to reach the upstream")
     host_seen = _seen(setup.echo)
     return _normalized_view(via_envoy), _normalized_view(_host_view(exchange)), list(envoy_seen), list(host_seen)
+
+
+# With allow_on_headers_stop_iteration (PluginConfig field 9) a headers StopIteration still lets body data
+# reach the filter, and a body callback that continues resumes the stream.
+ALLOW_STOP_CASES = [
+    Case("stop-then-body-continues", "POST", headers=(("x-req-headers", "stop"), ("x-req-body", "trace")), body=b"hi"),
+    Case("stop-then-body-buffers", "POST", headers=(("x-req-headers", "stop"), ("x-req-body", "buffer")), body=b"hi"),
+    Case("stop-then-body-local-reply", "POST", headers=(("x-req-headers", "stop"), ("x-req-body", "local")), body=b"x"),
+    Case("stop-without-body-stalls", headers=(("x-req-headers", "stop"),), stalls=True),
+    Case("stop-all-still-stalls", "POST", headers=(("x-req-headers", "stop-all"),), body=b"hi", stalls=True),
+]
+
+
+@pytest.fixture(scope="module", params=MODULES)
+def allow_stop(
+    request: pytest.FixtureRequest, sdk_modules: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Setup]:
+    module = sdk_modules[request.param]
+    with echo_server(close=True) as echo:
+        plugin = Plugin(
+            module,
+            name="probe",
+            root_id="probe",
+            vm_id="probe-vm",
+            configuration="probe-config",
+            properties={"xds.cluster_name": "echo", "xds.route_name": "probe-route", "xds.virtual_host_name": "all"},
+            allow_on_headers_stop_iteration=True,
+            cache=tmp_path_factory.mktemp("cwasm"),
+        ).start()
+        boot = probe_bootstrap(module, upstream_port=echo.port, clusters={}, allow_on_headers_stop_iteration=True)
+        with Envoy(boot) as envoy:
+            yield Setup(echo, envoy, plugin, RESULTS.setdefault(f"{request.param}+allow-stop", {}))
+
+
+@pytest.mark.parametrize("case", ALLOW_STOP_CASES, ids=lambda c: c.name)
+def test_stop_iteration_matches_envoy(allow_stop: Setup, case: Case) -> None:
+    allow_stop.results[case.name] = False
+    envoy_view, host_view, envoy_seen, host_seen = _run(allow_stop, case)
+    allow_stop.results[case.name] = envoy_view == host_view and envoy_seen == host_seen
+    assert host_view == envoy_view
+    assert host_seen == envoy_seen
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

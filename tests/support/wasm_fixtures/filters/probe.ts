@@ -594,6 +594,18 @@ class Probe extends Context {
       send_local_response(403, "probe_denied", enc("denied"), [], -1 as GrpcStatusValues);
       return FilterHeadersStatusValues.StopIteration;
     }
+    if (mode == "local-typed") {
+      const typed: Headers = [];
+      typed.push(pair("content-type", "application/json"));
+      typed.push(pair("x-dup", "a"));
+      typed.push(pair("x-dup", "b"));
+      send_local_response(401, "probe typed", enc("{}"), typed, 7 as GrpcStatusValues);
+      return FilterHeadersStatusValues.StopIteration;
+    }
+    if (mode == "local-empty") {
+      send_local_response(204, "", new ArrayBuffer(0), [], -1 as GrpcStatusValues);
+      return FilterHeadersStatusValues.StopIteration;
+    }
     return FilterHeadersStatusValues.Continue;
   }
 
