@@ -453,11 +453,14 @@ class Env:
 
     @host_function(params=(I32, I64), results=(I32,))
     def proxy_increment_metric(self, caller: Caller, metric_id: int, delta: int) -> int:
-        metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
-        # Envoy: an unknown id, a histogram, and a counter incremented by 0 or less are all BAD_ARGUMENT.
-        if metric is None or metric.type == MetricType.HISTOGRAM:
+        # Envoy reads the metric's type from the id's low bits before looking it up: a histogram id (known or
+        # not) cannot be incremented, an unknown counter or gauge id is NOT_FOUND.
+        if _id_type(metric_id) not in (MetricType.COUNTER, MetricType.GAUGE):
             return Status.BAD_ARGUMENT
-        if metric.type == MetricType.COUNTER and delta <= 0:
+        metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
+        if metric is None:
+            return Status.NOT_FOUND
+        if metric.type == MetricType.COUNTER and delta <= 0:  # Envoy refuses 0 too
             return Status.BAD_ARGUMENT
         metric.value += delta
         return Status.OK
@@ -465,7 +468,7 @@ class Env:
     @host_function(params=(I32, I64), results=(I32,))
     def proxy_record_metric(self, caller: Caller, metric_id: int, value: int) -> int:
         metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
-        if metric is None:
+        if metric is None:  # whatever type the id's bits name
             return Status.NOT_FOUND
         value &= 0xFFFFFFFFFFFFFFFF
         if metric.type == MetricType.COUNTER:
@@ -480,9 +483,11 @@ class Env:
 
     @host_function(params=(I32, I32), results=(I32,))
     def proxy_get_metric(self, caller: Caller, metric_id: int, ret: int) -> int:
+        if _id_type(metric_id) not in (MetricType.COUNTER, MetricType.GAUGE):
+            return Status.BAD_ARGUMENT  # histograms have no single value
         metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
-        if metric is None or metric.type == MetricType.HISTOGRAM:
-            return Status.BAD_ARGUMENT
+        if metric is None:
+            return Status.NOT_FOUND
         return Status.OK if self.state.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
 
     # -- shared data and queues -------------------------------------------------------------------
@@ -673,6 +678,12 @@ class Env:
     @host_function(params=(I32,))
     def emscripten_notify_memory_growth(self, caller: Caller, index: int) -> None:
         return None
+
+
+def _id_type(metric_id: int) -> MetricType | None:
+    """The metric type an id names: Envoy keeps it in the id's two low bits (3 names none)."""
+    bits = metric_id & 3
+    return MetricType(bits) if bits in tuple(MetricType) else None
 
 
 def _held_reply(reply: LocalResponse) -> int:

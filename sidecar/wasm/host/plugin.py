@@ -31,6 +31,8 @@ from sidecar.wasm.host.vm import Limits, cache_dir, read_module_bytes
 __all__ = ["HttpContext", "HttpResponder", "Plugin", "continues"]
 
 HttpResponder = Callable[[HttpCall], HttpCallResponse | None]
+# Bound on the ticks one advance() runs (a module with a 1 ms period and a long advance).
+MAX_TICKS_PER_ADVANCE = 10_000
 Headers = Iterable[tuple[str, str]] | Mapping[str, str]
 
 
@@ -107,6 +109,7 @@ class Plugin:
         self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._vm_started = False
         self._started = False
+        self._tick_clock_ms = 0  # time since the last tick, for advance()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -220,6 +223,32 @@ class Plugin:
         vm = self._instance
         vm.active_context = vm.root_context_id
         vm.call("proxy_on_tick", vm.root_context_id)
+
+    def advance(self, milliseconds: int) -> int:
+        """Let time pass as Envoy's timer sees it: on_tick runs once per tick period that elapses (the
+        module's proxy_set_tick_period_milliseconds; a period the module changes in on_tick applies from the
+        next tick). Returns the ticks run. Envoy ticks on its own; a test calls this where time would pass."""
+        if milliseconds < 0:
+            raise WasmStateError(f"{self.name}: advance({milliseconds}): time does not go backwards")
+        period = self.tick_period_ms
+        if period == 0:
+            self._tick_clock_ms = 0
+            return 0
+        due = (self._tick_clock_ms + milliseconds) // period
+        if due > MAX_TICKS_PER_ADVANCE:
+            raise WasmStateError(
+                f"{self.name}: advance({milliseconds}) would run {due} ticks of {period} ms; at most "
+                f"{MAX_TICKS_PER_ADVANCE} run per call: advance in smaller steps"
+            )
+        self._tick_clock_ms += milliseconds
+        ticks = 0
+        while self.tick_period_ms and self._tick_clock_ms >= self.tick_period_ms and ticks < MAX_TICKS_PER_ADVANCE:
+            self._tick_clock_ms -= self.tick_period_ms
+            self.tick()
+            ticks += 1
+        if not self.tick_period_ms:
+            self._tick_clock_ms = 0
+        return ticks
 
     def respond_http_call(self, call: HttpCall | int, response: HttpCallResponse | None) -> None:
         """Deliver the answer to a callout; None delivers a failure (reset / timeout)."""

@@ -116,6 +116,9 @@ class HttpUpstream:
     timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
+    def __post_init__(self) -> None:
+        _split(self.address)
+
     def __call__(self, request: UpstreamRequest) -> Response:
         headers = [*request.headers, ("x-envoy-expected-rq-timeout-ms", str(int(self.timeout_s * 1000)))]
         try:

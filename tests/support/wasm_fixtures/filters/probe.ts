@@ -352,6 +352,12 @@ function probeMetrics(tag: string): string {
   out += ",unknown-inc=" + h_increment_metric(987654, 1).toString();
   out += ",unknown-rec=" + h_record_metric(987654, 1).toString();
   out += ",unknown-get=" + h_get_metric(987654, S).toString();
+  // Envoy reads a metric's type from the id's two low bits: ids of each type that were never defined.
+  for (let t: u32 = 0; t < 4; t++) {
+    const unknown = 987648 + t;
+    out += ",unknown" + t.toString() + "=" + h_increment_metric(unknown, 1).toString() + "/" +
+      h_record_metric(unknown, 1).toString() + "/" + h_get_metric(unknown, S).toString();
+  }
   const gname = enc("probe_" + tag + "_gauge");
   out += ",gdef=" + h_define_metric(1, ptr(gname), gname.byteLength, S).toString();
   const gid = u32At(0);
