@@ -284,6 +284,14 @@ def test_host_matches_envoy(setup: Setup, case: Case) -> None:
     assert host_seen == envoy_seen
 
 
+def test_envoy_starts_a_vm_per_thread_the_host_one(setup: Setup) -> None:
+    """A documented difference ("One VM, not one per thread"), measured: the probe counts its on_configure."""
+    starts = setup.envoy.stats("wasmcustom").get("wasmcustom.probe_configured")
+    assert starts == 3  # the main thread's VM, the base VM and one worker's (--concurrency 1)
+    assert setup.plugin.metrics["probe_configured"] == 1
+    assert "#### One VM, not one per thread" in DOCS.read_text()
+
+
 def test_match_rate() -> None:
     """At least 95% of the scenarios match exactly; the rest are documented."""
     outcomes = [(module, name, ok) for module, cases in RESULTS.items() for name, ok in cases.items()]
