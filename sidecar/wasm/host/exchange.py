@@ -94,6 +94,9 @@ class UpstreamRequest:
     headers: HeaderList
     body: bytes
     trailers: HeaderList
+    # False when Envoy had already sent the headers (and `body` so far) when the stream stopped (a local
+    # reply from a body callback, the buffer limit): the upstream saw a request cut short, then a reset.
+    complete: bool = True
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -154,6 +157,14 @@ class _Run:
         self.framing: Framing = framing
         self.overflow = False
         self.response_headers_sent: HeaderList | None = None  # what the client got before a late failure
+        self.request_headers_sent: HeaderList | None = None  # what the upstream got before a late stop
+
+    def _headers_went_on(self, request: bool) -> None:
+        """Envoy passed the headers on (to the upstream, or to the client) as they are now."""
+        if request and self.request_headers_sent is None:
+            self.request_headers_sent = self.http.request_headers
+        if not request and self.response_headers_sent is None:
+            self.response_headers_sent = self.http.response_headers
 
     def record(self, phase: Phase, action: Action) -> Action:
         self.result.actions.append((phase, action))
@@ -199,14 +210,15 @@ class _Run:
         # A true StopIteration (allow_on_headers_stop_iteration) still hands body data to this filter.
         data_flows = action is Action.PAUSE and bool(body)
         headers_paused = not continues(action, True)
-        if headers_paused and not data_flows and not self.wait(headers_phase, request):
+        stopped = headers_paused and not data_flows
+        if stopped and not self.wait(headers_phase, request):
             return False
         if self.ended():
             return False
-        if not request and not headers_paused:
-            self.response_headers_sent = http.response_headers
+        if not headers_paused or stopped:  # continued, or resumed by proxy_continue_stream
+            self._headers_went_on(request)
         # Data that arrived while headers were stopped is buffered and handed over in one piece.
-        whole = headers_paused and not data_flows
+        whole = stopped
         pieces = _pieces(body, None if whole else chunk, "whole" if whole else self.framing, not trailers)
         for data, last in pieces if body else ():
             action = self.record(body_phase, on_body(data, last))
@@ -214,8 +226,7 @@ class _Run:
                 return False
             if data_flows and action is Action.CONTINUE:
                 data_flows = headers_paused = False  # the body callback continued the stopped headers
-                if not request:
-                    self.response_headers_sent = http.response_headers
+                self._headers_went_on(request)
             held = http.request_body_held if request else http.response_body_held
             if action is not Action.CONTINUE and len(held) > self.buffer_limit:
                 self.overflow = True
@@ -226,8 +237,7 @@ class _Run:
                 release()
         if headers_paused and data_flows and not self.wait(headers_phase, request):
             return False
-        if not request and self.response_headers_sent is None:
-            self.response_headers_sent = http.response_headers
+        self._headers_went_on(request)
         if trailers:
             action = self.record(trailers_phase, on_trailers(trailers))
             if action is not Action.CONTINUE and not self.wait(trailers_phase, request):
@@ -333,6 +343,13 @@ def run_exchange(
                     answer.trailers,
                 )
         else:
+            if run.request_headers_sent is not None:
+                cut = UpstreamRequest(run.request_headers_sent, http.request_body_sent, [], complete=False)
+                result.upstream_request = cut
+                result.warnings.append(
+                    f"the request headers and {len(cut.body)} body bytes had already gone to the upstream when "
+                    "the filter stopped the request: Envoy resets that upstream request, but the upstream saw it"
+                )
             local = http.take_local_response()
             if run.overflow:
                 local = _PAYLOAD_TOO_LARGE
@@ -354,6 +371,7 @@ def run_exchange(
             local = http.take_local_response()
             if local is not None and result.local_response is None:
                 result.local_response = local
+                http.set_response(local.status, local.details, _local_reply(local).headers)
                 sent_headers = run.response_headers_sent
                 if sent_headers is None:
                     result.response = _local_reply(local)

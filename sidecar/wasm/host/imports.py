@@ -73,12 +73,13 @@ class Env:
     def _read(self, caller: Caller, ptr: int, size: int) -> bytes | None:
         return self.state.memory.read(caller, ptr, size)
 
-    def _map(self, map_type: int) -> HeaderList | None:
-        found = self._map_and_scope(map_type)
+    def _map(self, map_type: int, *, reading: bool = False) -> HeaderList | None:
+        found = self._map_and_scope(map_type, reading=reading)
         return None if found is None else found[0]
 
-    def _map_and_scope(self, map_type: int) -> tuple[HeaderList, Hashable] | None:
-        """The header map and the budget scope its growth is charged to."""
+    def _map_and_scope(self, map_type: int, *, reading: bool = False) -> tuple[HeaderList, Hashable] | None:
+        """The header map and the budget scope its growth is charged to; None if the module cannot use it
+        now (`reading`: get a value or the pairs, which on_log may do on every map)."""
         state = self.state
         if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
             if state.call_response is None:
@@ -87,7 +88,7 @@ class Env:
                 return state.call_response.headers, CALL_RESPONSE_SCOPE
             return state.call_response.trailers, CALL_RESPONSE_SCOPE
         stream = state.stream()
-        if stream is None or map_type not in stream.held_maps:
+        if stream is None or not (stream.readable(map_type) if reading else map_type in stream.held_maps):
             return None
         maps: dict[int, HeaderList] = {
             MapType.HTTP_REQUEST_HEADERS: stream.request_headers,
@@ -238,7 +239,7 @@ class Env:
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_get_header_map_pairs(self, caller: Caller, map_type: int, pp: int, sp: int) -> int:
-        headers = self._map(map_type)
+        headers = self._map(map_type, reading=True)
         if headers is None:
             # A map Envoy does not hold (now) reads as empty; only an unknown map type is an error.
             known = map_type in tuple(MapType) and map_type not in _GRPC_MAPS
@@ -276,7 +277,7 @@ class Env:
         kv = self._key_value(caller, kp, ks)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
-        headers = self._map(map_type)
+        headers = self._map(map_type, reading=True)
         if headers is None:
             return Status.BAD_ARGUMENT
         values = [v for k, v in headers if k == kv[0]]

@@ -394,10 +394,10 @@ class HttpContext:
 
     def finish(self) -> None:
         """End of stream as Envoy ends it: on_done, on_log, on_delete (with every map readable, as the
-        access log sees them)."""
+        access log sees them, and only the maps still held changeable)."""
         if self._state.done:
             return
-        self._state.held_maps.update(MapType(m) for m in range(MapType.HTTP_RESPONSE_TRAILERS + 1))
+        self._state.logging = True
         vm = self._enter()
         vm.call("proxy_on_done", self.context_id)
         vm.call("proxy_on_log", self.context_id)
@@ -424,6 +424,18 @@ class HttpContext:
         self._state.upstream_address = address
         self._state.upstream_attempts = 1 if address is not None else self._state.upstream_attempts
         self._state.response_details = details
+
+    def set_response(self, status: int, details: str, headers: HeaderList) -> None:
+        """A local reply replaced the response without passing this filter: Envoy writes it into the same
+        response header map (what on_log reads) and the response.code / code_details properties."""
+        self._state.response_code = status
+        self._state.response_details = details
+        self._state.response_headers[:] = [(":status", str(status)), *headers]
+
+    @property
+    def request_body_sent(self) -> bytes:
+        """The part of the request body that went on to the upstream."""
+        return bytes(self._state.request_sent)
 
     @property
     def response_body_sent(self) -> bytes:

@@ -21,6 +21,7 @@ that Envoy 1.40 no longer answers.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Mapping
 
 from sidecar.wasm.host.abi import MapType, Status, encode_pairs
@@ -166,12 +167,15 @@ def _derived(stream: StreamState, key: str) -> PropertyValue | Status | None:
 
 
 def _request(stream: StreamState, name: str) -> PropertyValue | None:
-    held = MapType.HTTP_REQUEST_HEADERS in stream.held_maps
+    held = stream.readable(MapType.HTTP_REQUEST_HEADERS)
     headers = stream.request_headers if held else []
     if name == "protocol":
         return "HTTP/1.1"
     if name == "time":
         return stream.started_ns
+    if name == "duration":
+        # Envoy knows it once the stream is complete (on_log).
+        return time.time_ns() - stream.started_ns if stream.logging else None
     if name == "size":
         length = _header_map(headers).get("content-length", "")
         return int(length) if length.isdigit() else stream.request_bytes
@@ -200,7 +204,7 @@ def _request(stream: StreamState, name: str) -> PropertyValue | None:
 
 
 def _response(stream: StreamState, name: str) -> PropertyValue | None:
-    held = MapType.HTTP_RESPONSE_HEADERS in stream.held_maps
+    held = stream.readable(MapType.HTTP_RESPONSE_HEADERS)
     headers = stream.response_headers if held else []
     if name == "flags":
         return 0
@@ -211,7 +215,7 @@ def _response(stream: StreamState, name: str) -> PropertyValue | None:
     if name == "headers":
         return _header_map(headers)
     if name == "trailers":
-        return _header_map(stream.response_trailers if MapType.HTTP_RESPONSE_TRAILERS in stream.held_maps else [])
+        return _header_map(stream.response_trailers if stream.readable(MapType.HTTP_RESPONSE_TRAILERS) else [])
     if name.startswith("headers."):
         return _header_map(headers).get(name[len("headers.") :])
     if stream.response_code is None:

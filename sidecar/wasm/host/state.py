@@ -131,6 +131,8 @@ class StreamState:
     # and keeps it only while that callback stopped iteration (a Continue lets it go): afterwards the map
     # calls answer BAD_ARGUMENT and the request.* properties derived from it are not found.
     held_maps: set[int] = field(default_factory=set)
+    # on_done / on_log / on_delete run: every map can be read (Envoy's access-log view), none changed.
+    logging: bool = False
     # Stream facts behind the request.*, response.* and upstream.* properties.
     started_ns: int = 0
     request_bytes: int = 0  # request body bytes received so far
@@ -139,6 +141,9 @@ class StreamState:
     response_details: str = ""
     upstream_address: str | None = None  # set once an upstream answered
     upstream_attempts: int = 0
+
+    def readable(self, map_type: int) -> bool:
+        return map_type in self.held_maps or self.logging
 
 
 @dataclass

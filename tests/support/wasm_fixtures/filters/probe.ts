@@ -567,6 +567,11 @@ class Probe extends Context {
     const grpc = header(0, "x-grpc");
     if (grpc != "") this.note("x-r-grpc", probeGrpc(grpc));
     if (has(probes, "pairs")) this.note("x-r-request-pairs", pairsText(0));
+    if (has(probes, "lastlog")) {
+      const key = enc("probe-last-log");
+      const got = h_get_shared(ptr(key), key.byteLength, S, S + 4, S + 8);
+      this.note("x-r-last-log", got.toString() + ":" + String.UTF8.decode(taken()));
+    }
     if (has(probes, "maps")) {
       this.note("x-r-maps-response-in-request", probeMap(2));
       this.note("x-r-maps-trailers-in-request", probeMap(1));
@@ -615,6 +620,17 @@ class Probe extends Context {
     return FilterHeadersStatusValues.Continue;
   }
 
+  // What on_log sees (Envoy's access-log view), kept in shared data for the next request to report.
+  onLog(): void {
+    let seen = readProperty("request.path") + "|" + readProperty("response.code") + "|" +
+      readProperty("response.code_details") + "|" + readProperty("upstream.request_attempt_count") + "|" +
+      readProperty("request.duration").substring(0, 1) + "|" + header(0, ":path") + "|" +
+      h_map_size(2, S).toString() + "|" + header(2, ":status");
+    const key = enc("probe-last-log");
+    const value = enc(seen);
+    h_set_shared(ptr(key), key.byteLength, ptr(value), value.byteLength, 0);
+  }
+
   onRequestBody(size: usize, end_of_stream: bool): FilterDataStatusValues {
     const status = h_buffer_status(0, S, S + 4);
     this.reqTrace += (this.reqTrace.length > 0 ? "," : "") + size.toString() + "/" + (end_of_stream ? "1" : "0") +
@@ -645,6 +661,14 @@ class Probe extends Context {
     if (this.respBody == "trace" || this.respBody == "end-replace") {
       const k = enc("content-length");
       h_remove_header(2, ptr(k), k.byteLength);
+    }
+    if (this.respBody == "callout-local" || this.respBody == "callout-continue") {
+      const call: Headers = [];
+      call.push(pair(":method", "GET"));
+      call.push(pair(":path", "/callout"));
+      call.push(pair(":authority", "callout.local"));
+      this.root_context.httpCall("echo", call, new ArrayBuffer(0), [], 3000, this, onResponseCallout);
+      return FilterHeadersStatusValues.StopIteration;
     }
     if (this.respBody == "local-headers") {
       send_local_response(418, "probe_teapot", enc("teapot"), [], -1 as GrpcStatusValues);
@@ -708,6 +732,16 @@ function onCallout(origin: CALLBACK_CONTEXT, headers: u32, body_size: usize, tra
   self.callout = headers.toString() + "|" + body_size.toString() + "|" + trailers.toString() + "|" + got.toString() +
     ":" + code.toString() + ":" + message + "|" + pairsText(6) + "|" + body;
   h_continue(0);
+}
+
+function onResponseCallout(origin: CALLBACK_CONTEXT, headers: u32, body_size: usize, trailers: u32): void {
+  const self = changetype<Probe>(origin);
+  addResponse("x-r-response-callout", headers.toString() + "|" + body_size.toString());
+  if (self.respBody == "callout-local") {
+    send_local_response(409, "probe_conflict", enc("conflict"), [], -1 as GrpcStatusValues);
+    return;
+  }
+  h_continue(1);
 }
 
 registerRootContext((context_id: u32) => {
