@@ -18,6 +18,8 @@ Envoy's rules reproduced here (checked against Envoy 1.40 by tests/wasm/host/tes
   response short: the client keeps the status and headers it got and the body so far, then a reset;
 * a body held back beyond the buffer limit (Envoy's per-connection default, 1 MiB) ends the exchange:
   413 "Payload Too Large" for a request, a reset for a response;
+* a request stopped after its headers went on (a local reply from a body callback, the buffer limit) may
+  already have reached the upstream: it is reported as an incomplete `upstream_request`;
 * a body whose size no longer matches its `content-length` (a module that grew or cut it and left the
   header) is forwarded as Envoy forwards it: the header unchanged. An HTTP/1 peer reads what the header
   says, so the upstream or the client gets a truncated body and the leftover corrupts the next message on
