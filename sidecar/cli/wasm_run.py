@@ -48,9 +48,41 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--callout-status",
         type=int,
         default=None,
-        help="answer the module's HTTP callouts with this status (default: they fail)",
+        help="answer the module's HTTP callouts with this status (default: Envoy's reply for an unreachable "
+        "cluster, see --callout-failure)",
     )
     run.add_argument("--callout-body", default="", help="body of callout answers: a string or @file")
+    run.add_argument(
+        "--callout-failure",
+        choices=["connect-failure", "timeout", "reset"],
+        default="connect-failure",
+        help="without --callout-status, how callouts fail: Envoy's 503 'upstream connect error' (default), "
+        "its 504 'upstream request timeout', or a reset (no response at all)",
+    )
+    run.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="make callouts to cluster NAME for real, to HOST:PORT (repeatable); callouts to clusters not "
+        "listed are then refused as Envoy refuses unknown clusters",
+    )
+    run.add_argument(
+        "--upstream",
+        default=None,
+        metavar="HOST:PORT",
+        help="send the request to this real HTTP/1.1 upstream instead of the canned --response-* answer",
+    )
+    run.add_argument(
+        "--route-timeout", type=float, default=15.0, help="with --upstream: Envoy's route timeout (default 15s)"
+    )
+    run.add_argument(
+        "--framing",
+        choices=["http1", "whole"],
+        default="http1",
+        help="how bodies reach the module: as Envoy does for HTTP/1 (data, then an empty end-of-stream "
+        "call; the default) or whole in one end-of-stream call",
+    )
     run.add_argument("--property", action="append", default=[], metavar="K=V", help="property, e.g. route_name=r1")
     run.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable for WASI")
     run.add_argument("--chunk-size", type=int, default=None, help="split bodies into chunks of this many bytes")
@@ -97,12 +129,21 @@ def _run(args: argparse.Namespace) -> int:
     from sidecar.wasm.host.exchange import Request, Response, run_exchange
     from sidecar.wasm.host.plugin import Plugin
     from sidecar.wasm.host.state import HttpCallResponse
+    from sidecar.wasm.host.upstream import HttpUpstream, cluster_responder
     from sidecar.wasm.host.vm import Limits
 
     callout_body = _value(args.callout_body, "--callout-body")
+    clusters = dict(_pair(c, "=", "--cluster") for c in args.cluster)
+    real_callouts = cluster_responder(clusters) if clusters else None
 
     def responder(call: HttpCall) -> HttpCallResponse | None:
-        return None if args.callout_status is None else HttpCallResponse.of(args.callout_status, callout_body)
+        if real_callouts is not None and call.upstream in clusters:
+            return real_callouts(call)
+        if args.callout_status is not None:
+            return HttpCallResponse.of(args.callout_status, callout_body)
+        if args.callout_failure == "timeout":
+            return HttpCallResponse.timeout()
+        return HttpCallResponse.connect_failure() if args.callout_failure == "connect-failure" else None
 
     plugin = Plugin(
         _module_path(args.module),
@@ -114,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         environment=dict(_pair(e, "=", "--env") for e in args.env),
         limits=Limits(call_timeout_s=args.timeout, memory_bytes=args.memory_mb << 20),
         http_responder=responder,
+        clusters=clusters or None,
     )
     try:
         plugin.start()
@@ -125,11 +167,20 @@ def _run(args: argparse.Namespace) -> int:
             authority=args.authority,
         )
         upstream_headers = [_pair(h, ":", "--response-header") for h in args.response_header]
-        upstream = Response(args.response_status, upstream_headers, _value(args.response_body, "--response-body"))
-        exchange = run_exchange(plugin, request, upstream, chunk_size=args.chunk_size)
+        canned = Response(args.response_status, upstream_headers, _value(args.response_body, "--response-body"))
+        if args.upstream is not None:
+            real = HttpUpstream(args.upstream, timeout_s=args.route_timeout)
+            exchange = run_exchange(
+                plugin, request, real, chunk_size=args.chunk_size, framing=args.framing, upstream_address=args.upstream
+            )
+        else:
+            exchange = run_exchange(plugin, request, canned, chunk_size=args.chunk_size, framing=args.framing)
     finally:
         logs = [(r.level.name.lower(), r.message) for r in plugin.log_records]
     report = _report(plugin, exchange, logs)
+    for warning in exchange.warnings:
+        # Loudly: this is what a local test host is for (Envoy would do it silently).
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -163,6 +214,7 @@ def _report(plugin: Plugin, exchange: Exchange, logs: list[tuple[str, str]]) -> 
             "grpc_status": local.grpc_status,
         },
         "stalled": exchange.stalled,
+        "warnings": exchange.warnings,
         "closed": exchange.closed,
         "metrics": plugin.metrics,
         "logs": [{"level": level, "message": message} for level, message in logs],
@@ -171,7 +223,10 @@ def _report(plugin: Plugin, exchange: Exchange, logs: list[tuple[str, str]]) -> 
 
 def _print_text(report: dict[str, Any]) -> None:
     out = sys.stdout.write
-    out(f"module {report['module']} (proxy-wasm ABI {report['abi']})\n\nphases:\n")
+    out(f"module {report['module']} (proxy-wasm ABI {report['abi']})\n")
+    for warning in report["warnings"]:
+        out(f"\nWARNING: {warning}\n")
+    out("\nphases:\n")
     for item in report["actions"]:
         out(f"  {item['phase']:<18} {item['action']}\n")
     if report["stalled"]:

@@ -66,7 +66,9 @@ class EchoServer:
 
 
 @contextmanager
-def echo_server() -> Iterator[EchoServer]:
+def echo_server(*, close: bool = False) -> Iterator[EchoServer]:
+    """`close`: answer `connection: close`, so Envoy opens a new upstream connection per request and bytes a
+    module left over on one (a stale content-length) cannot leak into the next scenario."""
     echo = EchoServer()
 
     class Handler(BaseHTTPRequestHandler):
@@ -81,6 +83,9 @@ def echo_server() -> Iterator[EchoServer]:
             for k, v in resp.headers:
                 self.send_header(k, v)
             self.send_header("content-length", str(len(resp.body)))
+            if close:
+                self.send_header("connection", "close")
+                self.close_connection = True
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(resp.body)
@@ -208,3 +213,129 @@ def normalized(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def describe(obj: object) -> str:
     return json.dumps(obj, default=lambda o: o.decode(errors="replace") if isinstance(o, bytes) else vars(o))
+
+
+# -- the broader differential suite: a probe module in Envoy and in the host ------------------------------
+
+
+# What a client saw: `complete` is False when the connection closed before the body ended (a reset after
+# the headers went out); `stalled` when nothing came back before the client gave up.
+@dataclass(frozen=True)
+class ClientView:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    complete: bool = True
+    stalled: bool = False
+
+
+STALLED = ClientView(0, [], b"", complete=False, stalled=True)
+
+
+def send_view(
+    envoy: Envoy, method: str, path: str, headers: list[tuple[str, str]], body: bytes, *, timeout: float = 10
+) -> ClientView:
+    """One request through Envoy, keeping what a reset leaves (status, headers, the body up to the reset)."""
+    host, port = envoy.listener_address("main")
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers:
+            conn.putheader(k, v)
+        if body or method in ("POST", "PUT"):
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
+        try:
+            resp = conn.getresponse()
+        except TimeoutError:
+            return STALLED
+        got = [(k.lower(), v) for k, v in resp.getheaders()]
+        try:
+            return ClientView(resp.status, got, resp.read())
+        except http.client.IncompleteRead as cut:
+            return ClientView(resp.status, got, cut.partial, complete=False)
+        except TimeoutError:
+            return ClientView(resp.status, got, b"", complete=False, stalled=True)
+    finally:
+        conn.close()
+
+
+def forward(port: int, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+    """Send a request as Envoy's router forwards it over HTTP/1: the headers as the filter left them (a
+    stale content-length included) and every body byte; the upstream reads what content-length says."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        length = None
+        for k, v in headers:
+            if k == ":authority":
+                conn.putheader("host", v)
+            elif k == "content-length":
+                length = v
+            elif not k.startswith(":"):
+                conn.putheader(k, v)
+        if length is None and (body or method in ("POST", "PUT")):
+            length = str(len(body))
+        if length is not None:
+            conn.putheader("content-length", length)
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        return Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], resp.read())
+    finally:
+        conn.close()
+
+
+def probe_bootstrap(
+    module: Path,
+    *,
+    upstream_port: int,
+    clusters: dict[str, int],
+    configuration: str = "probe-config",
+    allow_on_headers_stop_iteration: bool = False,
+) -> dict[str, Any]:
+    """The probe module in front of the echo upstream, with a named route and extra callout clusters."""
+    boot = bootstrap(module, root_id="probe", configuration=configuration, upstream_port=upstream_port)
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    config = hcm["http_filters"][0]["typed_config"]["config"]
+    config["name"] = "probe"
+    config["vm_config"]["vm_id"] = "probe-vm"
+    if allow_on_headers_stop_iteration:
+        config["allow_on_headers_stop_iteration"] = True
+    hcm["route_config"]["name"] = "probe-routes"
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    route["name"] = "probe-route"
+    route["route"]["timeout"] = "3s"
+    template = boot["static_resources"]["clusters"][0]
+    for name, port in clusters.items():
+        cluster = json.loads(json.dumps(template))
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = name
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"]["socket_address"]["port_value"] = port
+        boot["static_resources"]["clusters"].append(cluster)
+    return boot
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on (connections are refused)."""
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = int(probe.getsockname()[1])
+    probe.close()
+    yield port
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers (callouts to it time out)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        listener.close()

@@ -1,7 +1,8 @@
 """A local proxy-wasm host on wasmtime: run an Envoy Wasm filter module from Python as Envoy would.
 
 * plugin.py       `Plugin` and `HttpContext`: the testing API, callback by callback as Envoy calls them
-* exchange.py     `run_exchange`: one whole request and response through a plugin
+* exchange.py     `run_exchange`: one whole request and response through a plugin, framed as Envoy frames it
+* upstream.py     `HttpUpstream`, `cluster_responder`: real upstreams and callouts, failing as Envoy's router
 * instance.py     `Instance`: one instantiated module, its host state, guarded calls into it
 * binding.py      `HostState` (what host functions see), `@host_function` signatures, `link()`
 * imports.py      the `env.proxy_*` host functions
@@ -9,7 +10,8 @@
 * vm.py           engines, limits, the compiled-code cache
 * memory.py       bounds-checked access to guest memory
 * state.py        streams, logs, metrics, shared data, callouts
-* properties.py   the values behind proxy_get_property
+* properties.py   the values behind proxy_get_property, by phase, as Envoy 1.40 answers them
+* foreign.py      the foreign functions behind proxy_call_foreign_function (compress, uncompress, ...)
 * abi.py          ABI versions, enums, the header-map wire format
 * errors.py       `WasmLoadError` and the rest, all `WasmError`
 """
@@ -24,6 +26,7 @@ from sidecar.wasm.host.errors import (
     WasmMemoryLimitError,
     WasmStateError,
     WasmTimeoutError,
+    WasmUpstreamError,
 )
 from sidecar.wasm.host.plugin import HttpContext, Plugin
 from sidecar.wasm.host.state import HttpCall, HttpCallResponse, LocalResponse, LogRecord
@@ -48,4 +51,5 @@ __all__ = [
     "WasmMemoryLimitError",
     "WasmStateError",
     "WasmTimeoutError",
+    "WasmUpstreamError",
 ]

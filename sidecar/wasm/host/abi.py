@@ -61,6 +61,7 @@ class Status(enum.IntEnum):
     EMPTY = 7
     CAS_MISMATCH = 8
     INTERNAL_FAILURE = 10
+    BROKEN_CONNECTION = 11
     UNIMPLEMENTED = 12
 
 

@@ -22,7 +22,7 @@ from sidecar.wasm.host.memory import GuestMemory
 from sidecar.wasm.host.properties import Properties
 from sidecar.wasm.host.state import HostBudget, HttpCall, HttpCallResponse, Metric, SharedState, StreamState
 
-__all__ = ["I32", "I64", "HostSignature", "HostState", "host_function", "host_functions", "link"]
+__all__ = ["I32", "I64", "HostSignature", "HostState", "available", "host_function", "host_functions", "link"]
 
 I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
@@ -54,6 +54,10 @@ class HostState(Protocol):
     status: tuple[int, bytes]
     root_context_id: int
     active_context: int
+    current_callback: str  # the export being called ("" between calls)
+
+    @property
+    def vm_id(self) -> str: ...
 
     @property
     def vm_configuration(self) -> bytes: ...
@@ -105,7 +109,33 @@ def host_functions(cls: type) -> dict[str, HostSignature]:
     return found
 
 
-def link(linker: wasmtime.Linker, module: wasmtime.Module, module_name: str, providers: Mapping[str, object]) -> None:
+# Host functions Envoy registers only for some ABI versions (cpp-host registerCallbacks): a module of
+# another version that imports one fails to load, as in Envoy ("missing import").
+_ONLY_FOR: dict[str, frozenset[AbiVersion]] = {
+    **dict.fromkeys(
+        ("proxy_get_configuration", "proxy_continue_request", "proxy_continue_response", "proxy_clear_route_cache"),
+        frozenset({AbiVersion.V0_1_0}),
+    ),
+    **dict.fromkeys(
+        ("proxy_continue_stream", "proxy_close_stream"),
+        frozenset({AbiVersion.V0_2_0, AbiVersion.V0_2_1, AbiVersion.V0_2_100}),
+    ),
+    "proxy_get_log_level": frozenset({AbiVersion.V0_2_1, AbiVersion.V0_2_100}),
+}
+
+
+def available(name: str, abi: AbiVersion) -> bool:
+    """Whether Envoy links host function `name` into a module of ABI version `abi`."""
+    return abi in _ONLY_FOR.get(name, frozenset(AbiVersion))
+
+
+def link(
+    linker: wasmtime.Linker,
+    module: wasmtime.Module,
+    module_name: str,
+    providers: Mapping[str, object],
+    abi: AbiVersion,
+) -> None:
     """Define exactly the imports `module` asks for, from `providers` (import module name -> object whose
     `@host_function` methods provide it); a missing one fails the load, as in Envoy."""
     tables = {namespace: host_functions(type(target)) for namespace, target in providers.items()}
@@ -116,6 +146,8 @@ def link(linker: wasmtime.Linker, module: wasmtime.Module, module_name: str, pro
         where = f"{module_name}: import {imp.module}.{name}"
         if name not in table:
             raise WasmLoadError(f"{where} is not provided by the host (nor by Envoy's)")
+        if imp.module == "env" and not available(name, abi):
+            raise WasmLoadError(f"{where} does not exist in proxy-wasm ABI {abi.value} (Envoy refuses it too)")
         expected = table[name].func_type()
         wanted = imp.type
         if not isinstance(wanted, wasmtime.FuncType) or (

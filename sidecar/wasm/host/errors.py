@@ -4,6 +4,7 @@
   + WasmLoadError                   the file is not a loadable module, or needs imports the host lacks
     + WasmAbiError                  no, or an unknown, proxy-wasm ABI marker, or a missing export
   + WasmStateError                  the testing API was used out of order
+  + WasmUpstreamError               a real upstream (upstream.py) was misconfigured or answered past a bound
   + WasmCallError                   a callback trapped, hit a limit or was refused; `module`, `callback`, `reason`
     + WasmTimeoutError              a callback ran past its deadline
     + WasmMemoryLimitError          the module tried to grow its memory past the limit
@@ -28,6 +29,7 @@ __all__ = [
     "WasmMemoryLimitError",
     "WasmStateError",
     "WasmTimeoutError",
+    "WasmUpstreamError",
 ]
 
 
@@ -41,6 +43,10 @@ class WasmAbiError(WasmLoadError):
 
 class WasmStateError(WasmError):
     """The testing API was used out of order (e.g. a callback on a failed VM or a finished stream)."""
+
+
+class WasmUpstreamError(WasmError):
+    """A real upstream's address is not HOST:PORT, or its answer went past a bound (body size)."""
 
 
 class WasmCallError(WasmError):

@@ -28,6 +28,7 @@ from sidecar.wasm.host.abi import (
     encode_pairs,
 )
 from sidecar.wasm.host.binding import I32, I64, HostState, host_function
+from sidecar.wasm.host.foreign import call_foreign
 from sidecar.wasm.host.state import ENTRY_BYTES, HeaderList, HttpCall, LocalResponse, Metric, held, held_pairs
 
 __all__ = ["CALL_RESPONSE_SCOPE", "Env", "callout_scope"]
@@ -38,6 +39,10 @@ Caller = Any
 CALL_RESPONSE_SCOPE = "http-call-response"
 # Bytes one histogram sample costs the host (a list slot and an int object).
 _SAMPLE_BYTES = 48
+
+
+# gRPC metadata maps: this host makes no gRPC calls, so they never exist.
+_GRPC_MAPS = (MapType.GRPC_CALL_INITIAL_METADATA, MapType.GRPC_CALL_TRAILING_METADATA)
 
 
 def callout_scope(token: int) -> tuple[str, int]:
@@ -68,12 +73,13 @@ class Env:
     def _read(self, caller: Caller, ptr: int, size: int) -> bytes | None:
         return self.state.memory.read(caller, ptr, size)
 
-    def _map(self, map_type: int) -> HeaderList | None:
-        found = self._map_and_scope(map_type)
+    def _map(self, map_type: int, *, reading: bool = False) -> HeaderList | None:
+        found = self._map_and_scope(map_type, reading=reading)
         return None if found is None else found[0]
 
-    def _map_and_scope(self, map_type: int) -> tuple[HeaderList, Hashable] | None:
-        """The header map and the budget scope its growth is charged to."""
+    def _map_and_scope(self, map_type: int, *, reading: bool = False) -> tuple[HeaderList, Hashable] | None:
+        """The header map and the budget scope its growth is charged to; None if the module cannot use it
+        now (`reading`: get a value or the pairs, which on_log may do on every map)."""
         state = self.state
         if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
             if state.call_response is None:
@@ -82,7 +88,7 @@ class Env:
                 return state.call_response.headers, CALL_RESPONSE_SCOPE
             return state.call_response.trailers, CALL_RESPONSE_SCOPE
         stream = state.stream()
-        if stream is None:
+        if stream is None or not (stream.readable(map_type) if reading else map_type in stream.held_maps):
             return None
         maps: dict[int, HeaderList] = {
             MapType.HTTP_REQUEST_HEADERS: stream.request_headers,
@@ -100,10 +106,13 @@ class Env:
     def _buffer(self, buffer_type: int) -> tuple[bytes, bool] | None:
         """The buffer's bytes and its end-of-stream flag."""
         state = self.state
+        # Envoy hands the configurations over only in the callbacks they are meant for.
         if buffer_type == BufferType.PLUGIN_CONFIGURATION:
-            return state.plugin_configuration, True
+            configuring = state.current_callback == "proxy_on_configure"
+            return (state.plugin_configuration, True) if configuring else None
         if buffer_type == BufferType.VM_CONFIGURATION:
-            return state.vm_configuration, True
+            starting = state.current_callback == "proxy_on_vm_start"
+            return (state.vm_configuration if starting else b"", True)
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
             return (state.call_response.body, True) if state.call_response is not None else None
         stream = state.stream()
@@ -180,9 +189,10 @@ class Env:
     def proxy_get_buffer_status(self, caller: Caller, btype: int, size_ptr: int, flags_ptr: int) -> int:
         buffer = self._buffer(btype)
         if buffer is None:
-            return Status.NOT_FOUND
+            return Status.NOT_FOUND if btype in tuple(BufferType) else Status.BAD_ARGUMENT
         mem = self.state.memory
-        if not (mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, int(buffer[1]))):
+        # Envoy writes no flags (0), whatever the end-of-stream state (checked against Envoy 1.40).
+        if not (mem.put_u32(caller, size_ptr, len(buffer[0])) and mem.put_u32(caller, flags_ptr, 0)):
             return Status.INVALID_MEMORY_ACCESS
         return Status.OK
 
@@ -214,6 +224,7 @@ class Env:
 
     @host_function(params=(I32, I32), results=(I32,))
     def proxy_get_configuration(self, caller: Caller, pp: int, sp: int) -> int:
+        # ABI 0.1.0's only configuration call: the plugin's, whenever asked.
         return self.state.memory.give(caller, self.state.plugin_configuration, pp, sp)
 
     # -- header maps ----------------------------------------------------------------------------
@@ -228,9 +239,11 @@ class Env:
 
     @host_function(params=(I32, I32, I32), results=(I32,))
     def proxy_get_header_map_pairs(self, caller: Caller, map_type: int, pp: int, sp: int) -> int:
-        headers = self._map(map_type)
+        headers = self._map(map_type, reading=True)
         if headers is None:
-            return Status.BAD_ARGUMENT
+            # A map Envoy does not hold (now) reads as empty; only an unknown map type is an error.
+            known = map_type in tuple(MapType) and map_type not in _GRPC_MAPS
+            return self.state.memory.give(caller, b"", pp, sp) if known else Status.BAD_ARGUMENT
         return self.state.memory.give(caller, encode_pairs(_to_bytes(headers)), pp, sp)
 
     @host_function(params=(I32, I32, I32), results=(I32,))
@@ -264,7 +277,7 @@ class Env:
         kv = self._key_value(caller, kp, ks)
         if kv is None:
             return Status.INVALID_MEMORY_ACCESS
-        headers = self._map(map_type)
+        headers = self._map(map_type, reading=True)
         if headers is None:
             return Status.BAD_ARGUMENT
         values = [v for k, v in headers if k == kv[0]]
@@ -397,8 +410,8 @@ class Env:
             return Status.INVALID_MEMORY_ACCESS
         state = self.state
         value = state.properties.get(path, state.stream())
-        if value is None:
-            return Status.NOT_FOUND
+        if isinstance(value, Status):
+            return value
         return state.memory.give(caller, value, pp, sp)
 
     @host_function(params=(I32, I32, I32, I32), results=(I32,))
@@ -426,21 +439,29 @@ class Env:
             return Status.BAD_ARGUMENT
         state = self.state
         key = (mtype, _text(name))
-        metric_id = state.metric_ids.get(key)
-        if metric_id is None:
+        # Every definition gets a new id, as in Envoy; a name defined again names the same metric.
+        metric_id = (len(state.metrics) + 1) << 2 | mtype
+        first = state.metric_ids.get(key)
+        if first is None:
             # The name, a Metric record, its key tuple and two dict entries.
             state.budget.charge(held(key[1]) + 3 * ENTRY_BYTES, f"proxy_define_metric of {key[1]!r}")
-            # Envoy encodes the type in the low bits of the id; any stable distinct id will do.
-            metric_id = state.metric_ids[key] = (len(state.metric_ids) + 1) << 2 | mtype
+            state.metric_ids[key] = metric_id
             state.metrics[metric_id] = Metric(metric_id, MetricType(mtype), key[1])
+        else:
+            state.budget.charge(ENTRY_BYTES, f"proxy_define_metric of {key[1]!r} again")
+            state.metrics[metric_id] = state.metrics[first]
         return Status.OK if state.memory.put_u32(caller, ret, metric_id) else Status.INVALID_MEMORY_ACCESS
 
     @host_function(params=(I32, I64), results=(I32,))
     def proxy_increment_metric(self, caller: Caller, metric_id: int, delta: int) -> int:
+        # Envoy reads the metric's type from the id's low bits before looking it up: a histogram id (known or
+        # not) cannot be incremented, an unknown counter or gauge id is NOT_FOUND.
+        if _id_type(metric_id) not in (MetricType.COUNTER, MetricType.GAUGE):
+            return Status.BAD_ARGUMENT
         metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
         if metric is None:
             return Status.NOT_FOUND
-        if metric.type == MetricType.HISTOGRAM or (metric.type == MetricType.COUNTER and delta < 0):
+        if metric.type == MetricType.COUNTER and delta <= 0:  # Envoy refuses 0 too
             return Status.BAD_ARGUMENT
         metric.value += delta
         return Status.OK
@@ -448,7 +469,7 @@ class Env:
     @host_function(params=(I32, I64), results=(I32,))
     def proxy_record_metric(self, caller: Caller, metric_id: int, value: int) -> int:
         metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
-        if metric is None:
+        if metric is None:  # whatever type the id's bits name
             return Status.NOT_FOUND
         value &= 0xFFFFFFFFFFFFFFFF
         if metric.type == MetricType.COUNTER:
@@ -463,11 +484,11 @@ class Env:
 
     @host_function(params=(I32, I32), results=(I32,))
     def proxy_get_metric(self, caller: Caller, metric_id: int, ret: int) -> int:
+        if _id_type(metric_id) not in (MetricType.COUNTER, MetricType.GAUGE):
+            return Status.BAD_ARGUMENT  # histograms have no single value
         metric = self.state.metrics.get(metric_id & 0xFFFFFFFF)
         if metric is None:
             return Status.NOT_FOUND
-        if metric.type == MetricType.HISTOGRAM:
-            return Status.BAD_ARGUMENT
         return Status.OK if self.state.memory.put_u64(caller, ret, metric.value) else Status.INVALID_MEMORY_ACCESS
 
     # -- shared data and queues -------------------------------------------------------------------
@@ -497,7 +518,7 @@ class Env:
         # A new entry holds its key, value and a (value, cas) tuple; a replaced one only swaps the value.
         growth = held(key, value) + ENTRY_BYTES if current is None else held(value) - held(current[0])
         self.state.budget.charge(growth, f"proxy_set_shared_data of {len(value)} bytes")
-        self.state.shared.data[key] = (value, (current[1] + 1) if current else 1)
+        self.state.shared.data[key] = (value, self.state.shared.take_cas())
         return Status.OK
 
     @host_function(params=(I32, I32, I32), results=(I32,))
@@ -519,6 +540,9 @@ class Env:
         vm_id, name = self._read(caller, vp, vs), self._read(caller, np, ns)
         if vm_id is None or name is None:
             return Status.INVALID_MEMORY_ACCESS
+        # Queues belong to a VM id; "" names the caller's own (this host runs one VM).
+        if vm_id and _text(vm_id) != self.state.vm_id:
+            return Status.NOT_FOUND
         queue_id = self.state.shared.queue_ids.get(name)
         if queue_id is None:
             return Status.NOT_FOUND
@@ -601,13 +625,25 @@ class Env:
         state.http_calls[token] = call
         return Status.OK
 
-    @host_function(params=(I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32), results=(I32,))
-    def proxy_grpc_call(self, caller: Caller, *args: int) -> int:
+    def _grpc_refused(self, caller: Caller, up: int, us: int) -> int:
+        """This host makes no gRPC calls. Envoy answers PARSE_FAILURE for a cluster it does not have;
+        for one it has, the host answers UNIMPLEMENTED (docs/wasm-host.md)."""
+        self._check(us, f"a gRPC call to a {us & 0xFFFFFFFF}-byte service")
+        upstream = self._read(caller, up, us)
+        if upstream is None:
+            return Status.INVALID_MEMORY_ACCESS
+        clusters = self.state.clusters
+        if clusters is not None and _text(upstream) not in clusters:
+            return Status.PARSE_FAILURE
         return Status.UNIMPLEMENTED
 
+    @host_function(params=(I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32), results=(I32,))
+    def proxy_grpc_call(self, caller: Caller, up: int, us: int, *args: int) -> int:
+        return self._grpc_refused(caller, up, us)
+
     @host_function(params=(I32, I32, I32, I32, I32, I32, I32, I32, I32), results=(I32,))
-    def proxy_grpc_stream(self, caller: Caller, *args: int) -> int:
-        return Status.UNIMPLEMENTED
+    def proxy_grpc_stream(self, caller: Caller, up: int, us: int, *args: int) -> int:
+        return self._grpc_refused(caller, up, us)
 
     @host_function(params=(I32, I32, I32, I32), results=(I32,))
     def proxy_grpc_send(self, caller: Caller, *args: int) -> int:
@@ -622,9 +658,17 @@ class Env:
         return Status.NOT_FOUND
 
     @host_function(params=(I32, I32, I32, I32, I32, I32), results=(I32,))
-    def proxy_call_foreign_function(self, caller: Caller, *args: int) -> int:
-        # Envoy registers a handful of foreign functions (e.g. compress); none are emulated here.
-        return Status.NOT_FOUND
+    def proxy_call_foreign_function(
+        self, caller: Caller, name_ptr: int, name_size: int, args_ptr: int, args_size: int, pp: int, sp: int
+    ) -> int:
+        self._check((name_size & 0xFFFFFFFF) + (args_size & 0xFFFFFFFF), "proxy_call_foreign_function")
+        name, args = self._read(caller, name_ptr, name_size), self._read(caller, args_ptr, args_size)
+        if name is None or args is None:
+            return Status.INVALID_MEMORY_ACCESS
+        result = call_foreign(_text(name), args, self.state.memory.size(caller))
+        if isinstance(result, Status):
+            return result
+        return self.state.memory.give(caller, result, pp, sp)
 
     # -- emscripten leftovers Envoy also provides ------------------------------------------------
 
@@ -635,6 +679,12 @@ class Env:
     @host_function(params=(I32,))
     def emscripten_notify_memory_growth(self, caller: Caller, index: int) -> None:
         return None
+
+
+def _id_type(metric_id: int) -> MetricType | None:
+    """The metric type an id names: Envoy keeps it in the id's two low bits (3 names none)."""
+    bits = metric_id & 3
+    return MetricType(bits) if bits in tuple(MetricType) else None
 
 
 def _held_reply(reply: LocalResponse) -> int:

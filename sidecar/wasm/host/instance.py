@@ -57,6 +57,7 @@ class InstanceOptions:
     log_level: LogLevel
     clusters: frozenset[str] | None
     seed: int | None
+    vm_id: str = ""
 
 
 class Instance:
@@ -95,6 +96,7 @@ class Instance:
         self.root_context_id = 1
         self.next_context_id = 2
         self.active_context = 0
+        self.current_callback = ""
         self.random = random.Random(options.seed) if options.seed is not None else random.SystemRandom()
         self.failed: str | None = None
 
@@ -104,7 +106,7 @@ class Instance:
         wasi = Wasi(self)
         # Envoy registers WASI under both names (cpp-host src/wasm.cc).
         providers = {"env": Env(self), "wasi_snapshot_preview1": wasi, "wasi_unstable": wasi}
-        link(linker, self.module, module_name, providers)
+        link(linker, self.module, module_name, providers, self.abi)
         self.store.set_epoch_deadline(ticks_for(options.limits.call_timeout_s))
         try:
             instance = linker.instantiate(self.store, self.module)
@@ -137,6 +139,7 @@ class Instance:
         if func is None:
             return None
         self.store.set_epoch_deadline(ticks_for(self.options.limits.call_timeout_s))
+        outer, self.current_callback = self.current_callback, export
         try:
             result = func(self.store, *args)
         except (wasmtime.Trap, wasmtime.WasmtimeError, ProcExit, HostBudgetExceeded) as exc:
@@ -147,6 +150,7 @@ class Instance:
             self.failed = f"host function raised {type(exc).__name__}: {exc}"
             raise WasmCallError(self.module_name, export, self.failed) from exc
         finally:
+            self.current_callback = outer
             self._deliver_queue_ready(export)
         return int(result) if isinstance(result, int) else None
 
@@ -194,6 +198,10 @@ class Instance:
     @property
     def clusters(self) -> frozenset[str] | None:
         return self.options.clusters
+
+    @property
+    def vm_id(self) -> str:
+        return self.options.vm_id
 
     def stream(self) -> StreamState | None:
         return self.streams.get(self.active_context)

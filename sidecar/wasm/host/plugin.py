@@ -8,10 +8,11 @@ assert ("x-a", "1") in http.request_headers
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from sidecar.wasm.host.abi import Action, LogLevel
+from sidecar.wasm.host.abi import AbiVersion, Action, LogLevel, MapType, Status
 from sidecar.wasm.host.errors import WasmCallError, WasmStateError
 from sidecar.wasm.host.imports import CALL_RESPONSE_SCOPE, callout_scope
 from sidecar.wasm.host.instance import Instance, InstanceOptions
@@ -27,15 +28,23 @@ from sidecar.wasm.host.state import (
 )
 from sidecar.wasm.host.vm import Limits, cache_dir, read_module_bytes
 
-__all__ = ["HttpContext", "HttpResponder", "Plugin"]
+__all__ = ["HttpContext", "HttpResponder", "Plugin", "continues"]
 
 HttpResponder = Callable[[HttpCall], HttpCallResponse | None]
+# Bound on the ticks one advance() runs (a module with a 1 ms period and a long advance).
+MAX_TICKS_PER_ADVANCE = 10_000
 Headers = Iterable[tuple[str, str]] | Mapping[str, str]
 
 
 def _headers(headers: Headers) -> HeaderList:
     items = headers.items() if isinstance(headers, Mapping) else headers
     return [(str(k).lower(), str(v)) for k, v in items]
+
+
+def continues(action: Action, headers: bool) -> bool:
+    """Whether Envoy's filter chain goes on after this action. ContinueAndDontEndStream (2) on headers
+    continues too (it only matters for a filter that adds a body to a body-less request)."""
+    return action is Action.CONTINUE or (headers and action is Action.CONTINUE_AND_END_STREAM)
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -66,7 +75,7 @@ class Plugin:
         log_level: LogLevel = LogLevel.TRACE,
         http_responder: HttpResponder | None = None,
         clusters: Iterable[str] | None = None,
-        allow_on_headers_stop_iteration: bool = False,
+        allow_on_headers_stop_iteration: bool | None = None,
         seed: int | None = None,
     ) -> None:
         if isinstance(module, Path) or (isinstance(module, str) and not module.lstrip().startswith("(")):
@@ -75,16 +84,8 @@ class Plugin:
             module_name = path.name
         else:
             source, module_name = module, name or "module"
-        base: dict[str, PropertyValue] = {
-            "plugin_name": name,
-            "plugin_root_id": root_id,
-            "plugin_vm_id": vm_id,
-            "source.address": "127.0.0.1:50000",
-            "source.port": 50000,
-            "destination.address": "127.0.0.1:10000",
-            "destination.port": 10000,
-            "connection.mtls": False,
-        }
+        # Envoy's defaults for the rest are in properties.ENVOY_DEFAULTS (what is not configured here).
+        base: dict[str, PropertyValue] = {"plugin_name": name, "plugin_root_id": root_id, "plugin_vm_id": vm_id}
         options = InstanceOptions(
             plugin_configuration=_as_bytes(configuration),
             vm_configuration=_as_bytes(vm_configuration),
@@ -95,13 +96,20 @@ class Plugin:
             log_level=log_level,
             clusters=frozenset(clusters) if clusters is not None else None,
             seed=seed,
+            vm_id=vm_id,
         )
         self.name = module_name
         self.http_responder = http_responder
-        self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._instance = Instance(source, module_name, options)
+        # Envoy's PluginConfig field (default false): a headers StopIteration stays StopIteration, so body
+        # data still reaches the filter. Unset, it is on only for Higress' 0_2_100 modules, whose gateway
+        # runs them that way (their plugins wait in the headers for a body they must see).
+        if allow_on_headers_stop_iteration is None:
+            allow_on_headers_stop_iteration = self._instance.abi is AbiVersion.V0_2_100
+        self.allow_on_headers_stop_iteration = allow_on_headers_stop_iteration
         self._vm_started = False
         self._started = False
+        self._tick_clock_ms = 0  # time since the last tick, for advance()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -216,6 +224,32 @@ class Plugin:
         vm.active_context = vm.root_context_id
         vm.call("proxy_on_tick", vm.root_context_id)
 
+    def advance(self, milliseconds: int) -> int:
+        """Let time pass as Envoy's timer sees it: on_tick runs once per tick period that elapses (the
+        module's proxy_set_tick_period_milliseconds; a period the module changes in on_tick applies from the
+        next tick). Returns the ticks run. Envoy ticks on its own; a test calls this where time would pass."""
+        if milliseconds < 0:
+            raise WasmStateError(f"{self.name}: advance({milliseconds}): time does not go backwards")
+        period = self.tick_period_ms
+        if period == 0:
+            self._tick_clock_ms = 0
+            return 0
+        due = (self._tick_clock_ms + milliseconds) // period
+        if due > MAX_TICKS_PER_ADVANCE:
+            raise WasmStateError(
+                f"{self.name}: advance({milliseconds}) would run {due} ticks of {period} ms; at most "
+                f"{MAX_TICKS_PER_ADVANCE} run per call: advance in smaller steps"
+            )
+        self._tick_clock_ms += milliseconds
+        ticks = 0
+        while self.tick_period_ms and self._tick_clock_ms >= self.tick_period_ms and ticks < MAX_TICKS_PER_ADVANCE:
+            self._tick_clock_ms -= self.tick_period_ms
+            self.tick()
+            ticks += 1
+        if not self.tick_period_ms:
+            self._tick_clock_ms = 0
+        return ticks
+
     def respond_http_call(self, call: HttpCall | int, response: HttpCallResponse | None) -> None:
         """Deliver the answer to a callout; None delivers a failure (reset / timeout)."""
         vm = self._instance
@@ -225,11 +259,9 @@ class Plugin:
             raise WasmStateError(f"{self.name}: no pending http call with token {token}")
         vm.budget.release(callout_scope(token))
         vm.call_response = response or HttpCallResponse([])
-        if response is None:
-            vm.status = (503, b"")
-        else:
-            status = next((v for k, v in response.headers if k == ":status"), "200")
-            vm.status = (int(status) if status.isdigit() else 0, b"")
+        # Envoy reports OK for any response (its own 503/504 replies included) and a broken connection
+        # for a reset.
+        vm.status = (Status.BROKEN_CONNECTION, b"reset") if response is None else (Status.OK, b"")
         vm.active_context = pending.context_id
         try:
             if response is None:
@@ -272,7 +304,7 @@ class HttpContext:
         self.plugin = plugin
         vm = plugin.instance
         self.context_id = vm.new_context_id()
-        self._state = vm.streams[self.context_id] = StreamState(self.context_id)
+        self._state = vm.streams[self.context_id] = StreamState(self.context_id, started_ns=time.time_ns())
         self._enter()
         vm.call("proxy_on_context_create", self.context_id, vm.root_context_id)
 
@@ -283,16 +315,18 @@ class HttpContext:
         vm.active_context = self.context_id
         return vm
 
-    def _action(self, raw: int | None, headers: bool) -> Action:
+    def _action(self, raw: int | None, headers: bool, held_map: MapType | None = None) -> Action:
         value = 0 if raw is None else raw & 0xFFFFFFFF
         if self._state.local_response is not None:
-            return Action.PAUSE  # Envoy stops iteration once a local reply is sent
-        if headers:
+            action = Action.PAUSE  # Envoy stops iteration once a local reply is sent
+        elif headers and value == Action.PAUSE and not self.plugin.allow_on_headers_stop_iteration:
             # Envoy turns StopIteration on headers into StopAllIterationAndWatermark (cpp-host issue #143).
-            if value == Action.PAUSE and not self.plugin.allow_on_headers_stop_iteration:
-                return Action.STOP_ALL_ITERATION_AND_WATERMARK
-            return Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
-        return Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
+            action = Action.STOP_ALL_ITERATION_AND_WATERMARK
+        else:
+            action = Action(min(value, Action.STOP_ALL_ITERATION_AND_WATERMARK))
+        if held_map is not None and continues(action, headers):
+            self._state.held_maps.discard(held_map)  # Envoy lets go of a map its callback continued
+        return action
 
     def _headers_call(self, export: str, count: int, end_of_stream: bool) -> int | None:
         vm = self._enter()
@@ -303,19 +337,24 @@ class HttpContext:
     def on_request_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
         self._state.request_headers[:] = _headers(headers)
         self._state.request_end = end_of_stream
+        self._state.held_maps.add(MapType.HTTP_REQUEST_HEADERS)
         raw = self._headers_call("proxy_on_request_headers", len(self._state.request_headers), end_of_stream)
-        return self._action(raw, headers=True)
+        return self._action(raw, True, MapType.HTTP_REQUEST_HEADERS)
 
     def on_response_headers(self, headers: Headers, end_of_stream: bool = False) -> Action:
         self._state.response_headers[:] = _headers(headers)
         self._state.response_end = end_of_stream
+        status = next((v for k, v in self._state.response_headers if k == ":status"), "")
+        self._state.response_code = int(status) if status.isdigit() else None
+        self._state.held_maps.add(MapType.HTTP_RESPONSE_HEADERS)
         raw = self._headers_call("proxy_on_response_headers", len(self._state.response_headers), end_of_stream)
-        return self._action(raw, headers=True)
+        return self._action(raw, True, MapType.HTTP_RESPONSE_HEADERS)
 
     def on_request_body(self, chunk: bytes, end_of_stream: bool = True) -> Action:
         """Envoy's decodeData: the module sees everything it held back so far plus this chunk."""
         s = self._state
         s.request_buffer.extend(chunk)
+        s.request_bytes += len(chunk)
         s.request_end = end_of_stream
         vm = self._enter()
         action = self._action(
@@ -341,20 +380,24 @@ class HttpContext:
 
     def on_request_trailers(self, trailers: Headers) -> Action:
         self._state.request_trailers[:] = _headers(trailers)
+        self._state.held_maps.add(MapType.HTTP_REQUEST_TRAILERS)
         vm = self._enter()
         raw = vm.call("proxy_on_request_trailers", self.context_id, len(self._state.request_trailers))
-        return self._action(raw, headers=False)
+        return self._action(raw, False, MapType.HTTP_REQUEST_TRAILERS)
 
     def on_response_trailers(self, trailers: Headers) -> Action:
         self._state.response_trailers[:] = _headers(trailers)
+        self._state.held_maps.add(MapType.HTTP_RESPONSE_TRAILERS)
         vm = self._enter()
         raw = vm.call("proxy_on_response_trailers", self.context_id, len(self._state.response_trailers))
-        return self._action(raw, headers=False)
+        return self._action(raw, False, MapType.HTTP_RESPONSE_TRAILERS)
 
     def finish(self) -> None:
-        """End of stream as Envoy ends it: on_done, on_log, on_delete."""
+        """End of stream as Envoy ends it: on_done, on_log, on_delete (with every map readable, as the
+        access log sees them, and only the maps still held changeable)."""
         if self._state.done:
             return
+        self._state.logging = True
         vm = self._enter()
         vm.call("proxy_on_done", self.context_id)
         vm.call("proxy_on_log", self.context_id)
@@ -371,8 +414,33 @@ class HttpContext:
         self._state.request_buffer.clear()
 
     def release_response_body(self) -> None:
+        self._state.response_bytes += len(self._state.response_buffer)
         self._state.response_sent.extend(self._state.response_buffer)
         self._state.response_buffer.clear()
+
+    def set_upstream(self, address: str | None, details: str) -> None:
+        """What Envoy's router knows once it has an answer (the upstream.* and response.* properties):
+        the upstream's address (None for a reply Envoy or the filter made) and the response code details."""
+        self._state.upstream_address = address
+        self._state.upstream_attempts = 1 if address is not None else self._state.upstream_attempts
+        self._state.response_details = details
+
+    def set_response(self, status: int, details: str, headers: HeaderList) -> None:
+        """A local reply replaced the response without passing this filter: Envoy writes it into the same
+        response header map (what on_log reads) and the response.code / code_details properties."""
+        self._state.response_code = status
+        self._state.response_details = details
+        self._state.response_headers[:] = [(":status", str(status)), *headers]
+
+    @property
+    def request_body_sent(self) -> bytes:
+        """The part of the request body that went on to the upstream."""
+        return bytes(self._state.request_sent)
+
+    @property
+    def response_body_sent(self) -> bytes:
+        """The part of the response body that went on to the client."""
+        return bytes(self._state.response_sent)
 
     def take_local_response(self) -> LocalResponse | None:
         """Hand the local reply over to Envoy's encoder path, which runs the response callbacks on it."""

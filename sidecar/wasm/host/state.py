@@ -12,7 +12,9 @@ from sidecar.wasm.host.abi import LogLevel, MetricType
 from sidecar.wasm.host.errors import HostBudgetExceeded
 
 __all__ = [
+    "CONNECT_FAILURE_BODY",
     "ENTRY_BYTES",
+    "TIMEOUT_BODY",
     "HeaderList",
     "HostBudget",
     "HttpCall",
@@ -27,6 +29,12 @@ __all__ = [
 ]
 
 HeaderList = list[tuple[str, str]]
+
+# The bodies of the replies Envoy's router makes itself (checked against Envoy 1.40).
+CONNECT_FAILURE_BODY = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+)
+TIMEOUT_BODY = b"upstream request timeout"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,21 @@ class HttpCallResponse:
     @classmethod
     def of(cls, status: int, body: bytes = b"", headers: HeaderList | None = None) -> HttpCallResponse:
         return cls([(":status", str(status)), *(headers or [])], body)
+
+    @classmethod
+    def local_reply(cls, status: int, body: bytes) -> HttpCallResponse:
+        """A reply Envoy's router makes itself: the status, a text body and its two headers."""
+        return cls([(":status", str(status)), ("content-length", str(len(body))), ("content-type", "text/plain")], body)
+
+    @classmethod
+    def connect_failure(cls) -> HttpCallResponse:
+        """What Envoy delivers when the callout's cluster cannot be connected to (refused, unreachable)."""
+        return cls.local_reply(503, CONNECT_FAILURE_BODY)
+
+    @classmethod
+    def timeout(cls) -> HttpCallResponse:
+        """What Envoy delivers when the callout's timeout passes before the response ends."""
+        return cls.local_reply(504, TIMEOUT_BODY)
 
 
 @dataclass
@@ -104,15 +127,41 @@ class StreamState:
     continue_response: bool = False
     closed: bool = False
     done: bool = False
+    # Which maps the module may touch now. Envoy hands a header map to the module while its callback runs
+    # and keeps it only while that callback stopped iteration (a Continue lets it go): afterwards the map
+    # calls answer BAD_ARGUMENT and the request.* properties derived from it are not found.
+    held_maps: set[int] = field(default_factory=set)
+    # on_done / on_log / on_delete run: every map can be read (Envoy's access-log view), none changed.
+    logging: bool = False
+    # Stream facts behind the request.*, response.* and upstream.* properties.
+    started_ns: int = 0
+    request_bytes: int = 0  # request body bytes received so far
+    response_bytes: int = 0  # response body bytes sent so far
+    response_code: int | None = None
+    response_details: str = ""
+    upstream_address: str | None = None  # set once an upstream answered
+    upstream_attempts: int = 0
+
+    def readable(self, map_type: int) -> bool:
+        return map_type in self.held_maps or self.logging
 
 
 @dataclass
 class SharedState:
-    """Shared data and queues; Envoy shares them per VM id across plugins, we share them per Plugin."""
+    """Shared data and queues; Envoy shares them per VM id across plugins, we share them per Plugin.
+
+    CAS tokens come from one counter for all keys, as in Envoy (a token says nothing about its key).
+    """
 
     data: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
     queues: dict[int, tuple[bytes, int, deque[bytes]]] = field(default_factory=dict)
     queue_ids: dict[bytes, int] = field(default_factory=dict)
+    next_cas: int = 1
+
+    def take_cas(self) -> int:
+        cas = self.next_cas
+        self.next_cas = (self.next_cas + 1) & 0xFFFFFFFF or 1  # 0 means "no CAS" to set_shared_data
+        return cas
 
 
 # What one more entry costs the host beyond its payload: a list or dict slot, a tuple or a small record.

@@ -20,6 +20,12 @@ def higress_wasm() -> Path:
 
 
 @pytest.fixture(scope="session")
+def higress_data_masking() -> Path:
+    """Higress' ai-data-masking plugin (Rust, ABI 0_2_100): it pauses in the request headers and reads the body."""
+    return higress_module("ai-data-masking")
+
+
+@pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A compiled-module cache shared by tests that do not measure the cache itself."""
     return tmp_path_factory.mktemp("cwasm-shared")

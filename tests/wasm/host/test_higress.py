@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.wasm.host import LogLevel, Plugin, WasmCallError
-from sidecar.wasm.host.exchange import Request, Response, run_exchange
+from sidecar.wasm.host.exchange import Request, Response, UpstreamRequest, run_exchange
 
 CONFIG = {
     "routeNameHeader": "x-route-name",
@@ -54,3 +54,35 @@ def test_compiled_cache_makes_reload_fast(higress_wasm: Path, tmp_path: Path) ->
     Plugin(higress_wasm, configuration=json.dumps(CONFIG), cache=tmp_path).start()
     warm = time.monotonic() - started
     assert warm < cold / 3, (cold, warm)
+
+
+def test_a_plugin_that_waits_in_its_headers_for_the_body_gets_it(
+    higress_data_masking: Path, shared_cache: Path
+) -> None:
+    """Higress' gateway lets a headers StopIteration stand, so body data still reaches the plugin: unset,
+    allow_on_headers_stop_iteration is on for 0_2_100 modules. (Upstream Envoy's default would stall it.)"""
+    masking = [{"regex": "%{MOBILE}", "type": "replace"}]
+    config = {"deny_openai": True, "deny_words": ["forbidden-word"], "replace_roles": masking}
+    plugin = Plugin(higress_data_masking, configuration=json.dumps(config), cache=shared_cache).start()
+    assert plugin.allow_on_headers_stop_iteration
+
+    def chat(text: str) -> Request:
+        body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+        return Request("POST", "/v1/chat/completions", [("content-type", "application/json")], body)
+
+    def echo(req: UpstreamRequest) -> Response:
+        return Response(200, [("content-type", "application/json")], req.body)
+
+    denied = run_exchange(plugin, chat("say the forbidden-word now"), echo)
+    assert denied.stalled is None and denied.upstream_request is None
+    assert denied.local_response is not None and denied.response is not None
+    assert b"forbidden-word" not in denied.response.body
+
+    masked = run_exchange(plugin, chat("call me at 13800138000 please"), echo)
+    assert masked.stalled is None and masked.upstream_request is not None
+    assert b"13800138000" not in masked.upstream_request.body and b"please" in masked.upstream_request.body
+
+    stalled = Plugin(higress_data_masking, configuration=json.dumps(config), cache=shared_cache)
+    stalled.allow_on_headers_stop_iteration = False  # upstream Envoy's default
+    stalled.start()
+    assert run_exchange(stalled, chat("hello"), echo).stalled == "request_headers"

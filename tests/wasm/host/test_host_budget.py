@@ -81,6 +81,14 @@ GROWING = {
         "proxy_replace_header_map_value",
     ),
     "metric-names": (f"(call $defm (i32.const 0) {HAMMER_KEY} (i32.const 16))", "", 0, 100_000, "proxy_define_metric"),
+    # One name defined again and again: each definition is a new id, as in Envoy, and each id is kept.
+    "metric-redefinitions": (
+        f"(call $defm (i32.const 0) {HAMMER_FIXED_KEY} (i32.const 16))",
+        "",
+        0,
+        100_000,
+        "proxy_define_metric",
+    ),
     "histogram-samples": (f"(call $recm {QUEUE} (i64.const 7))", HISTOGRAM_SETUP, 0, 100_000, "proxy_record_metric"),
     "properties": (f"(call $setprop {HAMMER_KEY} {PAYLOAD})", "", CHUNK, 100, "proxy_set_property"),
     "property-paths": (f"(call $setprop {HAMMER_KEY} {EMPTY})", "", 0, 100_000, "proxy_set_property"),
