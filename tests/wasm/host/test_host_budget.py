@@ -98,7 +98,10 @@ GROWING = {
 
 
 def _plugin(source: str, tmp_path: Path, budget: int = BUDGET) -> Plugin:
-    return Plugin(source, name="hammer", cache=tmp_path, limits=Limits(host_state_bytes=budget)).start()
+    # A generous call deadline: what is tested is the budget, and some hammers (thousands of header names,
+    # each replace a scan of the map, as in Envoy) take seconds under coverage on a shared machine.
+    limits = Limits(host_state_bytes=budget, call_timeout_s=60)
+    return Plugin(source, name="hammer", cache=tmp_path, limits=limits).start()
 
 
 @pytest.mark.parametrize("kind", sorted(GROWING))
