@@ -10,38 +10,11 @@ import yaml
 
 from sidecar.cli import main
 from tests.support.translate_crds import CRDS, crd_schemas
+from tests.support.translate_kit import SIDECAR_ROUTE
 
-INPUT = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 80}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: myapp}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {name: app}
-spec:
-  endpoints: [{fqdn: {hostname: app.example.com, port: 80}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata:
-  name: envoy-sidecar
-  annotations: {envoy-sidecar/extproc: "true"}
-spec:
-  endpoints: [{unix: {path: /placeholder.sock}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
+INPUT = (
+    SIDECAR_ROUTE
+    + """apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
 metadata: {name: ext-proc-example}
 spec:
@@ -49,6 +22,7 @@ spec:
   extProc:
   - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: envoy-sidecar}]
 """
+)
 
 
 def render(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, *extra: str) -> tuple[int, str]:

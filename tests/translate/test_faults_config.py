@@ -21,6 +21,7 @@ from sidecar.translate.backends import SIDECAR_FAULTS, eg_backend_settings
 from sidecar.translate.bootstrap import BootstrapOptions, RouteSpec, build_bootstrap
 from sidecar.wire import SERVICE_NAME
 from tests.support.testplugins import TP
+from tests.support.translate_kit import SIDECAR_ROUTE
 
 EXT_PROC = "envoy.filters.http.ext_proc"
 
@@ -106,37 +107,9 @@ def test_no_fail_open_override_beside_a_full_duplex_chain() -> None:
 
 # ---- sidecar render / render --format eg ---------------------------------------------------------------
 
-RESOURCES = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 80}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: myapp}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {name: app}
-spec:
-  endpoints: [{fqdn: {hostname: app.example.com, port: 80}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata:
-  name: envoy-sidecar
-  annotations: {envoy-sidecar/extproc: "true"}
-spec:
-  endpoints: [{unix: {path: /placeholder.sock}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
+RESOURCES = (
+    SIDECAR_ROUTE
+    + """apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
 metadata: {name: ext}
 spec:
@@ -144,6 +117,7 @@ spec:
   extProc:
   - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: envoy-sidecar}]
 """
+)
 
 
 def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], on_error: str, text: str, *args: str) -> Any:
