@@ -11,12 +11,21 @@ from collections.abc import Iterable, Iterator, MutableMapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from google.protobuf import wrappers_pb2
 
-__all__ = ["FIELD_NAME_CHARS", "FORBIDDEN_IN_VALUE", "Headers"]
+__all__ = ["FIELD_NAME_CHARS", "FORBIDDEN_IN_VALUE", "Headers", "append_option"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 _HeaderValue = base_pb2.HeaderValue
+# Envoy's ext_proc reads `append_action` only when it is not 0, and APPEND_IF_EXISTS_OR_ADD *is* 0: an
+# append is then decided by the deprecated `append` flag, which defaults to false (overwrite). So an
+# appended value must carry `append: true`, or only the last value of a name reaches the peer.
+_APPEND_FLAG = wrappers_pb2.BoolValue(value=True)
+
+
+def append_option(name: str, value: bytes) -> base_pb2.HeaderValueOption:
+    """A HeaderValueOption that Envoy's ext_proc applies as "add this value, keep the others"."""
+    return base_pb2.HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append=_APPEND_FLAG)
 
 
 #: RFC 9110 5.6.2: a field name is a token.
@@ -198,13 +207,13 @@ class Headers(MutableMapping[str, str]):
             if not values:
                 mutation.remove_headers.append(name)
                 continue
-            action = _OVERWRITE
-            for value in values:
-                add(header=_HeaderValue(key=name, raw_value=value), append_action=action)
-                action = _APPEND
+            first, *rest = values
+            add(header=_HeaderValue(key=name, raw_value=first), append_action=_OVERWRITE)
+            for value in rest:
+                add(header=_HeaderValue(key=name, raw_value=value), append=_APPEND_FLAG)
         for name, values in self._appended.items():
             for value in values:
-                add(header=_HeaderValue(key=name, raw_value=value), append_action=_APPEND)
+                add(header=_HeaderValue(key=name, raw_value=value), append=_APPEND_FLAG)
 
     def to_header_map(self) -> base_pb2.HeaderMap:
         return base_pb2.HeaderMap(headers=[_HeaderValue(key=k, raw_value=v) for k, v in self._items])

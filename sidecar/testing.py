@@ -428,8 +428,11 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
             result.rejected_mutations.append(f"set {name}")
             continue
         action = option.append_action
-        if action == Option.APPEND_IF_EXISTS_OR_ADD:
-            headers.append(name, value)
+        if action == Option.APPEND_IF_EXISTS_OR_ADD:  # 0: Envoy decides by the deprecated `append` flag
+            if option.HasField("append") and option.append.value:
+                headers.append(name, value)
+            else:
+                headers[name] = value
         elif (
             action == Option.OVERWRITE_IF_EXISTS_OR_ADD
             or (action == Option.ADD_IF_ABSENT and name not in headers)

@@ -39,8 +39,8 @@ def test_set_append_remove_become_minimal_mutation() -> None:
     headers.remove("never-there")
     mutation = headers.mutation()
     assert mutation is not None
-    sets = [(o.header.key, o.header.raw_value, o.append_action) for o in mutation.set_headers]
-    assert sets == [("a", b"x", OVERWRITE), ("a", b"y", APPEND), ("d", b"new", APPEND)]
+    sets = [(o.header.key, o.header.raw_value, o.append_action, o.append.value) for o in mutation.set_headers]
+    assert sets == [("a", b"x", OVERWRITE, False), ("a", b"y", APPEND, True), ("d", b"new", APPEND, True)]
     assert sorted(mutation.remove_headers) == ["b", "never-there"]
     assert headers.items_all() == [("c", "3"), ("a", "x"), ("a", "y"), ("d", "new")]
 
@@ -66,9 +66,10 @@ def test_append_after_set_is_part_of_the_replacement() -> None:
     headers.append("x", "second")
     mutation = headers.mutation()
     assert mutation is not None
-    assert [(o.header.raw_value, o.append_action) for o in mutation.set_headers] == [
-        (b"\xffraw", OVERWRITE),
-        (b"second", APPEND),
+    # Envoy reads append_action only when it is not 0 (APPEND_IF_EXISTS_OR_ADD is 0), else the `append` flag.
+    assert [(o.header.raw_value, o.append_action, o.append.value) for o in mutation.set_headers] == [
+        (b"\xffraw", OVERWRITE, False),
+        (b"second", APPEND, True),
     ]
 
 

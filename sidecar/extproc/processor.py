@@ -18,14 +18,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar.chains import BodyStage, Chain, Registry
 from sidecar.config import DEFAULT_STREAM_TIMEOUT
 from sidecar.errors import ProtocolError, StreamFailure
 from sidecar.extproc.duplex import DuplexPipe, as_body, call_chunk, streamed_response
-from sidecar.headers import Headers
+from sidecar.headers import Headers, append_option
 from sidecar.plugins import BodyMode, Context, Respond
 
 __all__ = ["StreamProcessor", "immediate_response"]
@@ -67,11 +66,9 @@ def immediate_response(respond: Respond) -> pb.ProcessingResponse:
         immediate.details = respond.details
     if respond.grpc_status is not None:
         immediate.grpc_status.status = respond.grpc_status
+    options = immediate.headers.set_headers
     for name, value in respond.header_pairs:  # checked when the Respond was built
-        immediate.headers.set_headers.add(
-            header=base_pb2.HeaderValue(key=name, raw_value=value.encode("latin-1")),
-            append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
-        )
+        options.append(append_option(name, value.encode("latin-1")))
     return response
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from sidecar.config import TRANSPORTS
 from sidecar.stack.sidecar import health_status
-from sidecar.testing import EnvoyHarness
+from sidecar.testing import Driver, EnvoyHarness, Request, Response
 from sidecar.wire import SERVICE_NAME
-from tests.support.testplugins import TP
+from tests.support.testplugins import TP, MultiValue
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
@@ -217,3 +217,18 @@ def test_supervisor_serves_the_sum_of_its_workers_metrics(sidecar_envoy: Factory
         return found is not None and float(found.group(1)) == sent
 
     wait_for(streams_counted, what="the supervisor's metrics to add up both workers' streams")
+
+
+def test_several_values_of_a_header_all_reach_the_client(sidecar_envoy: Factory) -> None:
+    env = sidecar_envoy(plugins=[TP + "MultiValue"])
+    answer = httpx.get(env.url + "/")
+    assert answer.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert answer.headers.get_list("x-multi") == ["p1", "p2"]
+    denied = httpx.get(env.url + "/", headers={"x-deny": "1"})
+    assert denied.status_code == 401
+    assert denied.headers.get_list("www-authenticate") == ["Basic", "Bearer"]
+    driven = Driver([MultiValue()]).run(Request(), Response())
+    assert driven.response.headers.get_all("set-cookie") == ["a=1", "b=2"]
+    assert driven.response.headers.get_all("x-multi") == ["p1", "p2"]
+    local = Driver([MultiValue()]).run(Request(headers={"x-deny": "1"}))
+    assert local.response.headers.get_all("www-authenticate") == ["Basic", "Bearer"]

@@ -267,3 +267,20 @@ class Misspelled(Plugin):
 
     def on_request_header(self, ctx: Context, headers: Headers) -> None:
         headers["x-never"] = "1"
+
+
+class MultiValue(Plugin):
+    """Headers with several values, appended and replaced, both ways and in a local reply."""
+
+    name = "multi-value"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        if "x-deny" in headers:
+            return Respond(401, headers=[("www-authenticate", "Basic"), ("www-authenticate", "Bearer")])
+        return None
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers.append("set-cookie", "a=1")
+        headers.append("set-cookie", "b=2")
+        headers["x-multi"] = "p1"
+        headers.append("x-multi", "p2")
