@@ -13,40 +13,6 @@ from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.support.translate_servers import NamedBackend
 
-# A Gateway, an HTTPRoute to an FQDN Backend, and a Backend that is this sidecar (`envoy-sidecar/extproc`):
-# what an EnvoyExtensionPolicy for the sidecar is added to.
-SIDECAR_ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 80}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: myapp}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {name: app}
-spec:
-  endpoints: [{fqdn: {hostname: app.example.com, port: 80}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata:
-  name: envoy-sidecar
-  annotations: {envoy-sidecar/extproc: "true"}
-spec:
-  endpoints: [{unix: {path: /placeholder.sock}}]
----
-"""
-
 # A Gateway, an HTTPRoute and the Backend it routes to: the smallest input that renders.
 BASE = """
 apiVersion: gateway.networking.k8s.io/v1
@@ -92,6 +58,33 @@ spec:
   endpoints:
     - {endpoint}
 """
+
+
+# GATEWAY, an HTTPRoute to an FQDN Backend, and a Backend that is this sidecar (`envoy-sidecar/extproc`):
+# what an EnvoyExtensionPolicy for the sidecar is added to.
+SIDECAR_ROUTE = (
+    GATEWAY
+    + """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: myapp}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]
+"""
+    + backend("app", "{fqdn: {hostname: app.example.com, port: 80}}")
+    + """---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata:
+  name: envoy-sidecar
+  annotations: {envoy-sidecar/extproc: "true"}
+spec:
+  endpoints: [{unix: {path: /placeholder.sock}}]
+---
+"""
+)
 
 
 def route(name: str, prefix: str, *backends: str, host: str = "www.example.com") -> str:
