@@ -78,33 +78,39 @@ def _sections(policy: Resource, backend: Resource) -> list[str | None]:
     ]
 
 
-def conflicted_tls_policies(resources: ResourceSet) -> dict[tuple[str, str, str], Resource]:
-    """{policy key: the older policy it conflicts with}: same namespace, target and section."""
-    seen: dict[tuple[str, ...], Resource] = {}
-    conflicts: dict[tuple[str, str, str], Resource] = {}
+def _clashes(resources: ResourceSet) -> dict[tuple[tuple[str, str, str], tuple[object, ...]], Resource]:
+    """{(policy key, target): the older policy that holds that target}: same namespace, target and section.
+
+    Per target, not per policy: a policy that clashes on one target still applies to its others (dropping
+    it everywhere would send those backends plain text)."""
+    holders: dict[tuple[object, ...], Resource] = {}
+    clashes: dict[tuple[tuple[str, str, str], tuple[object, ...]], Resource] = {}
     for policy in age_order(resources.of("BackendTLSPolicy")):
         for ref in policy.spec.get("targetRefs") or []:
-            key = (policy.namespace, ref.get("group", ""), ref.get("kind"), ref.get("name"), ref.get("sectionName"))
-            older = seen.get(key)
-            if older is not None:
-                conflicts[policy.key] = older
-                break
-            seen[key] = policy
-    return conflicts
+            target = (policy.namespace, ref.get("group", ""), ref.get("kind"), ref.get("name"), ref.get("sectionName"))
+            older = holders.setdefault(target, policy)
+            if older is not policy:
+                clashes[(policy.key, target)] = older
+    return clashes
+
+
+def conflicted_tls_policies(resources: ResourceSet) -> dict[tuple[str, str, str], Resource]:
+    """{policy key: the older policy it conflicts with on some target} (EG's `Conflicted` condition)."""
+    return {key: older for (key, _), older in _clashes(resources).items()}
 
 
 def tls_policy(resources: ResourceSet, target: BackendTarget) -> Resource | None:
-    """The BackendTLSPolicy that applies to the backendRef `target`, if any."""
-    conflicted = conflicted_tls_policies(resources)
-    policies = [p for p in age_order(resources.of("BackendTLSPolicy")) if p.key not in conflicted]
+    """The BackendTLSPolicy that applies to the backendRef `target`, if any: the oldest one aimed at its
+    section, else the oldest aimed at the whole backend (a younger one on the same target clashes)."""
+    backend = target.resource
+    held = {(key, t[1:]) for key, t in _clashes(resources)}
+    ident = (_group(backend.kind), backend.kind, backend.name)
     section = target_section(target)
-    if section is not None:
+    policies = age_order(resources.of("BackendTLSPolicy"))
+    for wanted in ((section,) if section is not None else ()) + (None,):
         for policy in policies:
-            if section in _sections(policy, target.resource):
+            if wanted in _sections(policy, backend) and (policy.key, (*ident, wanted)) not in held:
                 return policy
-    for policy in policies:
-        if None in _sections(policy, target.resource):
-            return policy
     return None
 
 

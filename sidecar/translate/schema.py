@@ -531,7 +531,7 @@ SPEC_SCHEMAS: dict[str, Node] = {
                     "xForwardedFor": Obj(
                         {
                             # int32 as in EG's CRD; EG treats 0 and below alike (the right-most entry).
-                            "numTrustedHops": Int(-(2**31), 2**31 - 1),
+                            "numTrustedHops": Int(0, 2**32 - 1),
                             "trustedCIDRs": List(_CIDR, 64, 1),
                             "disableXForwardedForAppend": BOOL,
                         },
