@@ -284,8 +284,12 @@ class Plugin:
         if self.http_responder is None:
             return 0
         answered = 0
-        while self._instance.http_calls and self._instance.failed is None:
-            call = next(iter(self._instance.http_calls.values()))
+        # Only the calls pending now: a module that makes a new callout in every response callback would
+        # otherwise keep this loop going forever; the caller's rounds (exchange.wait) bound those.
+        for token in list(self._instance.http_calls):
+            call = self._instance.http_calls.get(token)
+            if call is None or self._instance.failed is not None:
+                continue
             self.respond_http_call(call, self.http_responder(call))
             answered += 1
         return answered

@@ -13,7 +13,10 @@ http.client's own limits on the status line and headers (64 KiB a line, 100 head
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +32,17 @@ DEFAULT_ROUTE_TIMEOUT_S = 15.0
 # A bound on a response body kept in memory (callouts are buffered whole, as in Envoy).
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 _READ = 64 << 10
+
+#: The longest a real callout may take, whatever timeout the module asks for.
+MAX_CALLOUT_TIMEOUT_MS = 60_000
+
+
+def _shut(conn: http.client.HTTPConnection) -> None:
+    """The deadline passed: end the exchange's socket, so a blocked read returns at once."""
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Failure(Exception):
@@ -67,20 +81,27 @@ def _exchange(
             raise _Failure("connect", f"cannot connect to {address}: {exc.strerror or exc}") from None
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         method, path = pseudo.get(":method", "GET"), pseudo.get(":path", "/")
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        length = None
-        for k, v in headers:
-            if k == ":authority":
-                conn.putheader("host", v)
-            elif k == "content-length":
-                length = v  # as the filter left it, stale or not: Envoy forwards it
-            elif not k.startswith(":"):
-                conn.putheader(k, v)
-        if length is None and body:
-            length = str(len(body))
-        if length is not None:
-            conn.putheader("content-length", length)
+        # The whole exchange is bounded by one deadline: a watchdog shuts the socket when it passes, so an
+        # upstream dripping its status line or headers a byte at a time cannot outlive it.
+        watchdog = threading.Timer(remaining(), _shut, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
+            # Method, path and headers come from the module: http.client refuses what is not HTTP
+            # (ValueError), and Envoy would reset such a request.
+            conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            length = None
+            for k, v in headers:
+                if k == ":authority":
+                    conn.putheader("host", v)
+                elif k == "content-length":
+                    length = v  # as the filter left it, stale or not: Envoy forwards it
+                elif not k.startswith(":"):
+                    conn.putheader(k, v)
+            if length is None and body:
+                length = str(len(body))
+            if length is not None:
+                conn.putheader("content-length", length)
             conn.endheaders(body or None)
             assert conn.sock is not None
             conn.sock.settimeout(remaining())
@@ -97,10 +118,16 @@ def _exchange(
                 if size > max_body:
                     raise _Failure("too-large", f"{address} answered with a body over {max_body} bytes")
                 chunks.append(chunk)
+            if time.monotonic() >= deadline:  # the watchdog cut the body short: not a complete answer
+                raise TimeoutError
         except TimeoutError:
             raise _Failure("timeout", f"no complete answer from {address} within {timeout_s:g}s") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise _Failure("timeout", f"no complete answer from {address} within {timeout_s:g}s") from None
             raise _Failure("connect", f"{address} broke the exchange: {exc}") from None
+        finally:
+            watchdog.cancel()
         # Envoy's HTTP/1 codec consumes the framing header; `connection` and the rest reach the filter.
         got = [(k.lower(), v) for k, v in resp.getheaders() if k.lower() != "transfer-encoding"]
         return resp.status, got, b"".join(chunks)
@@ -142,7 +169,8 @@ def cluster_responder(
         address = clusters.get(call.upstream)
         if address is None:
             return None
-        timeout_s = (call.timeout_ms or 1) / 1000
+        # The module picks the timeout (a u32 of milliseconds): capped, as the host blocks meanwhile.
+        timeout_s = min(call.timeout_ms or 1, MAX_CALLOUT_TIMEOUT_MS) / 1000
         headers = [
             *call.headers,
             ("x-envoy-internal", "true"),
