@@ -100,9 +100,9 @@ def _is_async(func: Callable[..., Any]) -> bool:
     )
 
 
-def _hook(plugin: Plugin, name: str) -> Hook | None:
+def _hook(plugin: Plugin, name: str, label: str) -> Hook | None:
     func = getattr(plugin, name, None)
-    return None if func is None else Hook(plugin.display_name(), func, _is_async(func), name)
+    return None if func is None else Hook(label, func, _is_async(func), name)
 
 
 def load_plugin_class(use: str) -> type[Plugin]:
@@ -288,10 +288,18 @@ class Chain:
         self.name = name
         self.plugins = tuple(plugins)
         self.fail_open = on_error == "fail_open"
+        # One label per plugin instance, so the same class twice (with two configs) stays two plugins for
+        # body modes, fail_open bypasses and logs: "name", then "name#2", "name#3"...
+        self.labels: dict[int, str] = {}
+        counts: dict[str, int] = {}
+        for plugin in self.plugins:
+            base = plugin.display_name()
+            counts[base] = counts.get(base, 0) + 1
+            self.labels[id(plugin)] = base if counts[base] == 1 else f"{base}#{counts[base]}"
         self.hooks: dict[str, tuple[Hook, ...]] = {}
         for phase in PHASES:
             self.hooks[phase] = tuple(
-                hook for p in self._ordered(phase) if (hook := _hook(p, "on_" + phase)) is not None
+                hook for p in self._ordered(phase) if (hook := _hook(p, "on_" + phase, self.labels[id(p)])) is not None
             )
         self.body_stages = {d: self._body_stages(d) for d in ("request", "response")}
         self.request_body_mode = self._body_mode("request")
@@ -328,14 +336,14 @@ class Chain:
     def _body_stages(self, direction: str) -> tuple[BodyStage, ...]:
         # check_plugin made sure each plugin has at most one body hook per direction.
         return tuple(
-            BodyStage(plugin.display_name(), kind, hook)
+            BodyStage(self.labels[id(plugin)], kind, hook)
             for plugin in self._ordered(direction)
             for kind in BODY_KINDS
-            if (hook := _hook(plugin, f"on_{direction}_{kind}")) is not None
+            if (hook := _hook(plugin, f"on_{direction}_{kind}", self.labels[id(plugin)])) is not None
         )
 
     def _declared(self, direction: str, stage: BodyStage) -> BodyMode:
-        plugin = next(p for p in self.plugins if p.display_name() == stage.plugin)
+        plugin = next(p for p in self.plugins if self.labels[id(p)] == stage.plugin)
         declared = getattr(plugin, f"{direction}_body")
         return _DEFAULT_MODE[stage.kind] if declared is None else BodyMode(declared)  # checked by check_plugin
 

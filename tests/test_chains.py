@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from sidecar import BodyMode, Plugin
+from sidecar import BodyMode, Context, Plugin
 from sidecar.chains import Chain, Registry, describe_mode, load_plugin_class
 from sidecar.config import ChainSpec, PluginSpec
 from sidecar.errors import ConfigError, PluginLoadError
@@ -161,3 +161,21 @@ def test_observe_only_chains_cannot_mix() -> None:
 def test_empty_registry_is_an_error() -> None:
     with pytest.raises(ConfigError, match="no plugins configured"):
         Registry([])
+
+
+def test_one_plugin_name_twice_is_two_plugins() -> None:
+    class Streamed(Plugin):
+        name = "body"
+        request_body = BodyMode.STREAMED
+
+        def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+            return None
+
+    class Partial(Streamed):
+        request_body = BodyMode.BUFFERED_PARTIAL
+
+    twins = Chain("default", [Streamed(), Streamed()])
+    assert [s.plugin for s in twins.body_stages["request"]] == ["body", "body#2"]
+    # Each instance's own declaration counts (the first one's used to stand for both).
+    with pytest.raises(ConfigError, match="body=STREAMED, body#2=BUFFERED_PARTIAL"):
+        Chain("default", [Streamed(), Partial()])

@@ -92,7 +92,7 @@ def _plugins(args: argparse.Namespace) -> int:
         for name, chain in registry.chains.items():
             report["chains"][name] = {
                 "on_error": "fail_open" if chain.fail_open else "fail_closed",
-                "plugins": [p.display_name() for p in chain.plugins],
+                "plugins": [chain.labels[id(p)] for p in chain.plugins],
                 "hooks": {ph: [h.plugin for h in chain.hooks[ph]] for ph in PHASES if chain.hooks[ph]},
                 "processing_mode": chain.describe_mode(),
             }
