@@ -19,6 +19,27 @@ from typing import Any, TextIO
 __all__ = ["ProgressLine", "add_wasm_commands"]
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """argparse type: a number above zero (a zero timeout or size would fail deep in the transfer)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _at_least_zero(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0, got {text!r}")
+    return int(text)
+
+
 def _common(parser: argparse.ArgumentParser, network: bool) -> None:
     parser.add_argument(
         "--cache-dir",
@@ -38,10 +59,16 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
     )
     parser.add_argument("--ca-bundle", help="PEM file of CAs to trust instead of the system ones")
     parser.add_argument("--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret")
-    parser.add_argument("--timeout", type=float, default=15.0, help="seconds per network call (default 15)")
-    parser.add_argument("--deadline", type=float, default=300.0, help="seconds for the whole transfer (default 300)")
-    parser.add_argument("--max-size", type=int, default=256 << 20, help="largest module in bytes (default 256 MiB)")
-    parser.add_argument("--retries", type=int, default=5, help="retries of retryable HTTP errors (default 5)")
+    parser.add_argument("--timeout", type=_positive(float), default=15.0, help="seconds per network call (default 15)")
+    parser.add_argument(
+        "--deadline", type=_positive(float), default=300.0, help="seconds for the whole transfer (default 300)"
+    )
+    parser.add_argument(
+        "--max-size", type=_positive(int), default=256 << 20, help="largest module in bytes (default 256 MiB)"
+    )
+    parser.add_argument(
+        "--retries", type=_at_least_zero, default=5, help="retries of retryable HTTP errors (default 5)"
+    )
 
 
 def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -52,7 +79,7 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--policy", choices=("Always", "IfNotPresent"), help="default: Always for :latest, else IfNotPresent"
     )
     pull.add_argument(
-        "--cache-max-bytes", type=int, default=1 << 30, help="cache size cap, LRU-evicted (default 1 GiB)"
+        "--cache-max-bytes", type=_positive(int), default=1 << 30, help="cache size cap, LRU-evicted (default 1 GiB)"
     )
     pull.add_argument(
         "--output",
@@ -104,7 +131,9 @@ def _options(args: argparse.Namespace) -> Any:
 def _cache(args: argparse.Namespace, max_bytes: int | None = None) -> Any:
     from sidecar.wasm.fetch.cache import DEFAULT_MAX_CACHE_BYTES, ModuleCache, default_cache_dir
 
-    return ModuleCache(args.cache_dir or default_cache_dir(), max_bytes=max_bytes or DEFAULT_MAX_CACHE_BYTES)
+    return ModuleCache(
+        args.cache_dir or default_cache_dir(), max_bytes=DEFAULT_MAX_CACHE_BYTES if max_bytes is None else max_bytes
+    )
 
 
 def _secret(args: argparse.Namespace) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.cli import main
 from sidecar.cli.wasm_fetch import ProgressLine
 from sidecar.wasm.fetch.auth import load_pull_secret, resolve_credentials
 from sidecar.wasm.fetch.errors import BadReferenceError, CredentialsFileError
@@ -78,3 +79,14 @@ def test_progress_appears_only_after_a_second() -> None:
     assert "3.0 / 10.0 MiB" in out.getvalue()
     progress.finish()
     assert out.getvalue().endswith("\n")
+
+
+@pytest.mark.parametrize(
+    "option", ["--timeout=0", "--deadline=-1", "--max-size=0", "--cache-max-bytes=0", "--retries=-2", "--timeout=x"]
+)
+def test_a_number_that_cannot_work_is_refused_in_one_line(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["wasm", "pull", "registry.example/team/filter:1", option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sidecar wasm pull: error: argument ") and option.split("=")[0] in err[-1]
