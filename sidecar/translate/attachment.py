@@ -42,13 +42,6 @@ def age_order(resources: Iterable[Resource]) -> list[Resource]:
 CLAIMING_KINDS = ("BackendTrafficPolicy", "ClientTrafficPolicy", "EnvoyExtensionPolicy", "SecurityPolicy")
 
 
-def _targets(policy: Resource) -> list[tuple[str, dict[str, Any]]]:
-    spec = policy.spec
-    if "targetRefs" in spec:
-        return [(f"spec.targetRefs[{i}]", ref) for i, ref in enumerate(spec.get("targetRefs") or [])]
-    return [("spec.targetRef", spec["targetRef"])] if isinstance(spec.get("targetRef"), dict) else []
-
-
 def conflicts(policies: Iterable[Resource]) -> dict[tuple[str, str, str], tuple[str, Resource]]:
     """{policy key: (targetRef path, the older policy that holds that target)} for policies of one kind.
 
@@ -59,7 +52,7 @@ def conflicts(policies: Iterable[Resource]) -> dict[tuple[str, str, str], tuple[
     held: dict[tuple[str, str, str, str | None], Resource] = {}
     found: dict[tuple[str, str, str], tuple[str, Resource]] = {}
     for policy in age_order(policies):
-        for path, ref in _targets(policy):
+        for path, ref in policy_targets(policy):
             key = (str(ref.get("kind")), policy.namespace, str(ref.get("name")), ref.get("sectionName"))
             older = held.get(key)
             if older is None:
@@ -80,13 +73,11 @@ def attached_policy(
     """The `kind` policy in force for `route` (its rule named `rule`) on `gateway`'s `listener`.
 
     The most specific wins, as in EG: the route rule (a targetRef sectionName naming the rule), the route, the
-    listener (a Gateway targetRef with that sectionName), the Gateway. A Conflicted policy is in force nowhere.
+    listener (a Gateway targetRef with that sectionName), the Gateway. Conflicted policies never get here:
+    `rules.validate` refuses them (and in age order the older would win a tie anyway).
     """
-    conflicted = conflicts(resources.of(kind))
     best: tuple[int, Resource] | None = None
     for policy in age_order(resources.of(kind)):
-        if policy.key in conflicted:
-            continue
         for _, ref in policy_targets(policy):
             section = ref.get("sectionName")
             if ref["kind"] == "HTTPRoute":
