@@ -13,7 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from google.protobuf import wrappers_pb2
 
-__all__ = ["FIELD_NAME_CHARS", "FORBIDDEN_IN_VALUE", "Headers", "append_option"]
+__all__ = ["Headers", "append_option", "check_field"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _HeaderValue = base_pb2.HeaderValue
@@ -28,10 +28,10 @@ def append_option(name: str, value: bytes) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=_HeaderValue(key=name, raw_value=value), append=_APPEND_FLAG)
 
 
-#: RFC 9110 5.6.2: a field name is a token.
-FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-#: What Envoy's header validation rejects in a value.
-FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")
+# RFC 9110 5.6.2: a field name is a token.
+_FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# What Envoy's header validation rejects in a value.
+_FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")
 
 
 def _encode(value: str | bytes) -> bytes:
@@ -40,7 +40,7 @@ def _encode(value: str | bytes) -> bytes:
     return value.encode("latin-1")
 
 
-def _checked(name: str, value: str | bytes) -> tuple[str, bytes]:
+def check_field(name: str, value: str | bytes) -> tuple[str, bytes]:
     """A change a plugin makes, checked where it makes it. Envoy refuses a whole mutation that holds a name
     other than a token or a value with CR, LF or NUL, and answers the request with a 500 that names no
     plugin; a ValueError here is that plugin's error instead, under its chain's failure policy."""
@@ -48,7 +48,7 @@ def _checked(name: str, value: str | bytes) -> tuple[str, bytes]:
         raise TypeError(f"header name: expected str, got {type(name).__name__}")
     lowered = name.lower()
     bare = lowered[1:] if lowered.startswith(":") else lowered  # pseudo-headers: Envoy decides which may change
-    if not bare or not FIELD_NAME_CHARS.issuperset(bare):
+    if not bare or not _FIELD_NAME_CHARS.issuperset(bare):
         raise ValueError(f"header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)
@@ -61,7 +61,7 @@ def _checked(name: str, value: str | bytes) -> tuple[str, bytes]:
             ) from None
     else:
         raise TypeError(f"header {lowered!r}: expected a str or bytes value, got {type(value).__name__}")
-    if any(bad in raw for bad in FORBIDDEN_IN_VALUE):
+    if any(bad in raw for bad in _FORBIDDEN_IN_VALUE):
         raise ValueError(f"header {lowered!r}: the value contains CR, LF or NUL")
     return lowered, raw
 
@@ -146,14 +146,14 @@ class Headers(MutableMapping[str, str]):
     # -- changing ------------------------------------------------------------------------------
 
     def __setitem__(self, name: str, value: str | bytes) -> None:
-        name, encoded = _checked(name, value)
+        name, encoded = check_field(name, value)
         self._items = [(key, v) for key, v in self._items if key != name]
         self._items.append((name, encoded))
         self._replaced.add(name)
         self._appended.pop(name, None)
 
     def append(self, name: str, value: str | bytes) -> None:
-        name, encoded = _checked(name, value)
+        name, encoded = check_field(name, value)
         self._items.append((name, encoded))
         if name not in self._replaced:
             self._appended.setdefault(name, []).append(encoded)

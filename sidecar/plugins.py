@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from google.protobuf import json_format, struct_pb2
 
-from sidecar.headers import FIELD_NAME_CHARS, FORBIDDEN_IN_VALUE, Headers
+from sidecar.headers import Headers, check_field
 from sidecar.wire import METADATA_NAMESPACE
 
 __all__ = ["BodyMode", "Context", "HeaderValue", "Plugin", "Respond", "State", "StateKey"]
@@ -117,37 +117,28 @@ def _header_pairs(headers: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(item, tuple | list) or len(item) != 2:
             raise TypeError(f"Respond headers: expected (name, value) pairs, got an item {describe(item)}")
         name, value = item
-        pairs.append((_header_name(name), _header_value(name, value)))
+        pairs.append(_header(name, value))
     return tuple(pairs)
 
 
-def _header_name(name: Any) -> str:
+def _header(name: Any, value: Any) -> tuple[str, str]:
+    """One Respond header, checked as a hook's header changes are (`check_field`), plus what only a local
+    reply adds: no pseudo-headers (the status is `status`), and whole numbers as text."""
     if not isinstance(name, str):
         raise TypeError(f"Respond header name: expected str, got {describe(name)}")
     if name.startswith(":"):
         raise ValueError(f"Respond header {name!r}: pseudo-headers cannot be set; the status is Respond(status=...)")
-    if not name or not FIELD_NAME_CHARS.issuperset(name):
-        raise ValueError(f"Respond header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
-    return name.lower()
-
-
-def _header_value(name: str, value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        raw = bytes(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        raw = str(int(value)).encode()
-    elif isinstance(value, str):
-        try:
-            raw = value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"Respond header {name!r}: the value has characters outside latin-1; encode it (e.g. UTF-8) to bytes"
-            ) from None
-    else:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(int(value))
+    elif isinstance(value, bytearray):
+        value = bytes(value)
+    elif not isinstance(value, str | bytes):
         raise TypeError(f"Respond header {name!r}: expected a str, bytes or int value, got {describe(value)}")
-    if any(bad in raw for bad in FORBIDDEN_IN_VALUE):
-        raise ValueError(f"Respond header {name!r}: the value contains CR, LF or NUL")
-    return raw.decode("latin-1")
+    try:
+        checked, raw = check_field(name, value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"Respond {exc}") from None
+    return checked, raw.decode("latin-1")
 
 
 def describe(value: Any) -> str:
