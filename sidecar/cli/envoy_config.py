@@ -25,6 +25,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
         listen_port=port,
         upstream=parse_host_port(args.upstream, "--upstream"),
         routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
+        otlp_endpoint=parse_host_port(args.otlp_endpoint, "--otlp-endpoint") if args.otlp_endpoint else None,
     )
     bootstrap = build_bootstrap(registry, config, options)
     if args.validate:
@@ -56,6 +57,12 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=[],
         metavar="PREFIX[=CHAIN]",
         help="a route and the chain it uses (repeatable; default: / with the default chain)",
+    )
+    envoy.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="turn on Envoy's OpenTelemetry tracer, sending to this OTLP gRPC collector (give the sidecar --tracing "
+        "and OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT to join its spans to Envoy's traces)",
     )
     envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
     envoy.set_defaults(func=_envoy_config)

@@ -45,13 +45,16 @@ class Tracing:
             raise ConfigError(
                 "tracing: OpenTelemetry is not installed; install the extra: pip install 'envoy-sidecar[otel]'"
             ) from None
-        if exporter is None:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:
+            if exporter is None:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter()
-        attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
-        self.provider = TracerProvider(resource=Resource.create(attributes))
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+                exporter = OTLPSpanExporter()
+            attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
+            self.provider = TracerProvider(resource=Resource.create(attributes))
+            self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        except ValueError as exc:  # the SDK checks OTEL_BSP_* and the exporter's settings
+            raise ConfigError(f"tracing: the OTEL_* settings do not work: {exc}") from None
         self.tracer = self.provider.get_tracer("envoy-sidecar")
         self._propagator = TraceContextTextMapPropagator()
         self._getter = DefaultGetter()
