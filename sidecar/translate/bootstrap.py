@@ -157,7 +157,9 @@ def _otlp_tracing(host: str, port: int) -> tuple[Any, Any]:
     cluster.typed_extension_protocol_options = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             HttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
             )
         )
     }

@@ -4,7 +4,8 @@ trace; and tracing never failing a request (malformed context, collector down, O
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest_asyncio
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sidecar.chains import Registry
@@ -154,16 +157,42 @@ async def test_a_malformed_traceparent_starts_a_new_trace(
 async def test_a_collector_that_is_down_never_fails_a_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
-    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
-    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
     tracing = Tracing()
     async for server in _server(tmp_path, "native", tracing):
-        for _ in range(100):  # far more spans than the queue holds
+        for _ in range(50):
             (reply,) = await _call(server, [headers_message()])
             assert reply.HasField("request_headers")
-    processor = tracing.provider._active_span_processor._span_processors[0]
-    assert len(processor._batch_processor._queue) <= 16
+
+
+class _StuckExporter(SpanExporter):
+    """A collector that takes the first batch and never answers (until the test lets it go)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exported += len(spans)
+        self.release.wait(10)
+        return SpanExportResult.SUCCESS
+
+
+async def test_spans_past_the_bounded_queue_are_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    exporter = _StuckExporter()
+    tracing = Tracing(exporter=exporter)
+    streams = 100
+    async for server in _server(tmp_path, "native", tracing):
+        for _ in range(streams):  # 4 spans each: a stream, its phase and two plugins
+            (reply,) = await _call(server, [headers_message()])
+            assert reply.HasField("request_headers")
+        exporter.release.set()
+    tracing.provider.force_flush(5000)
+    assert 0 < exporter.exported <= 8 * 3 + 16  # what was in flight, plus the queue: the rest were dropped
+    assert exporter.exported < streams * 4
 
 
 async def test_tracing_without_opentelemetry_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
