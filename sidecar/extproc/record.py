@@ -52,6 +52,8 @@ class StreamRecord:
         self.responder: str | None = None
         self.error_id: str | None = None
         self.calls = 0
+        #: Envoy reset the stream while a message was being answered (its message_timeout).
+        self.cancelled = False
         # A phase's plugin calls, for spans: plugin, outcome, start ns, end ns, phase, error id.
         self._pending: list[list[Any]] = []
         self._span: Any = None
@@ -70,6 +72,8 @@ class StreamRecord:
     def stream_error(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.stream_error(reason)
+        if reason == "cancelled":
+            self.cancelled = True
 
     def plugin_error(self, plugin: str, phase: str, error_id: str = "") -> None:
         if self.metrics is not None:

@@ -187,7 +187,7 @@ class ExtProcServer:
         try:
             failed = await self._run(processor, read, write)
         except asyncio.CancelledError:
-            record.finish("cancelled")
+            record.finish("cancelled" if record.cancelled else None)  # see lifetime._answer
             raise
         record.finish(failed[0] if failed is not None else None)
         return failed[1] if failed is not None else None
@@ -200,11 +200,6 @@ class ExtProcServer:
             return "protocol", self._failed(processor, "protocol", CallError(Status.INVALID_ARGUMENT, str(exc)))
         except StreamFailure as exc:
             return "stream", self._failed(processor, "stream", CallError(Status.INTERNAL, str(exc)))
-        except asyncio.CancelledError:
-            # Envoy reset the stream (its message_timeout, the client went away) or the server is stopping.
-            if self.metrics is not None:
-                self.metrics.stream_error("cancelled")
-            raise
         return None
 
     def _failed(self, processor: StreamProcessor, reason: str, error: CallError) -> CallError:

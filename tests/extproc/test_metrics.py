@@ -248,6 +248,29 @@ async def test_a_stream_the_client_cancels_is_counted(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_reset_after_an_immediate_response_is_no_error(tmp_path: Path) -> None:
+    """Envoy resets the stream once it has an immediate response: that is the stream's normal end."""
+    metrics = Metrics()
+    registry = Registry.from_specs((ChainSpec("default", (PluginSpec(f"{MP}Metered"),)),))
+    sock = tmp_path / "s.sock"
+    server = ExtProcServer(registry, SidecarConfig(listen=f"unix:{sock}"), socket_path=sock, metrics=metrics)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=5)
+            await call.write(headers_message(("x-deny", b"1")))
+            reply = await call.read()
+            assert reply.immediate_response.status.code == 401
+            await wait_until(lambda: metrics.active == 1)
+            call.cancel()
+            await wait_until(lambda: metrics.active == 0)
+        assert "cancelled" not in metrics.stream_errors
+        assert metrics.responses == {("metered", 401): 1}
+    finally:
+        await server.stop(1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("chains", [("default",), ("default", "other")])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_stream_naming_an_unknown_chain_fails_closed(

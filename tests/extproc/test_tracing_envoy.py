@@ -1,0 +1,123 @@
+"""Tracing end to end: a real Envoy with its OpenTelemetry tracer on and the sidecar with `--tracing` both
+export to one OTLP gRPC receiver run by the test; one trace holds both, linked parent to child."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from sidecar.chains import load_sidecar
+from sidecar.testing import EnvoyHarness
+from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+from tests.support.meterplugins import MP
+from tests.support.testplugins import TP
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.envoy
+
+PLUGINS = [f"{MP}Metered", f"{TP}AddHeaders"]
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP gRPC trace receiver: keeps every span with its resource's service.name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def Export(  # the OTLP method name
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+                )
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of(self, service: str) -> list[Any]:
+        with self._lock:
+            return [span for name, span in self.spans if name == service]
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[Receiver, int]]:
+    servicer = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, port
+    finally:
+        server.stop(None)
+
+
+def _envoy_tracing(port: int) -> Callable[[dict[str, Any]], None]:
+    """What `sidecar envoy-config --otlp-endpoint` writes, put into the harness's bootstrap."""
+    config, registry = load_sidecar(None, PLUGINS)
+    traced = build_bootstrap(registry, config, BootstrapOptions(otlp_endpoint=("127.0.0.1", port)))
+    hcm = traced["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (collector,) = [c for c in traced["static_resources"]["clusters"] if c["name"] == "otlp-collector"]
+
+    def hook(bootstrap: dict[str, Any]) -> None:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = hcm["tracing"]
+        bootstrap["static_resources"]["clusters"].append(collector)
+
+    return hook
+
+
+def test_one_trace_holds_envoys_spans_and_the_sidecars(
+    sidecar_envoy: Callable[..., EnvoyHarness],
+    receiver: tuple[Receiver, int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    spans, port = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    harness = sidecar_envoy(plugins=PLUGINS, serve_args=["--tracing"], bootstrap_hook=_envoy_tracing(port))
+    for i in range(6):
+        headers = {"x-deny": "1"} if i == 0 else {}
+        response = httpx.get(harness.url + f"/item/{i}", headers=headers, timeout=10)
+        assert response.status_code == (401 if i == 0 else 200)
+
+    def both_sides() -> bool:
+        # Envoy flushes in groups of 5 spans or every 5 s: its last spans may come a little later.
+        envoy_ids = {span.span_id for span in spans.of("envoy")}
+        streams = [s for s in spans.of("envoy-sidecar") if s.name == "ext_proc default"]
+        return len(streams) == 6 and all(s.parent_span_id in envoy_ids for s in streams)
+
+    wait_for(both_sides, timeout=20, what="Envoy's and the sidecar's spans at the receiver")
+    envoy_spans = {span.span_id: span for span in spans.of("envoy")}
+    sidecar_spans = {span.span_id: span for span in spans.of("envoy-sidecar")}
+    streams = [span for span in sidecar_spans.values() if span.name == "ext_proc default"]
+    for stream in streams:
+        parent = envoy_spans.get(stream.parent_span_id)
+        assert parent is not None, "the sidecar's stream span hangs under one of Envoy's spans"
+        assert parent.trace_id == stream.trace_id
+        # Envoy's chain above it goes up to the request's root span, all in the same trace.
+        while parent.parent_span_id:
+            parent = envoy_spans[parent.parent_span_id]
+            assert parent.trace_id == stream.trace_id
+        phases = [s for s in sidecar_spans.values() if s.parent_span_id == stream.span_id]
+        assert {p.name for p in phases} >= {"request_headers"}
+        for phase in phases:
+            assert phase.trace_id == stream.trace_id
+            children = [s for s in sidecar_spans.values() if s.parent_span_id == phase.span_id]
+            assert children and all(c.trace_id == stream.trace_id for c in children)
+    attributes = [{a.key: a.value for a in s.attributes} for s in streams]
+    denied = [a for a in attributes if a["sidecar.outcome"].string_value == "respond"]
+    assert len(denied) == 1 and denied[0]["sidecar.respond.status"].int_value == 401
+    assert len({s.trace_id for s in streams}) == len(streams)  # one trace per request
