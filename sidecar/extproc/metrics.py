@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sidecar import instruments
 from sidecar.config import parse_host_port
 from sidecar.errors import ConfigError
+from sidecar.plugins import Respond
 from sidecar.wire import PHASES
 
 __all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "process_usage", "read_snapshots", "serve_metrics"]
@@ -85,9 +86,8 @@ class Metrics:
             counts = self.plugin_latency[(plugin, phase)] = [0] * (len(BUCKETS) + 1) + [0.0]
         counts[bisect_left(BUCKETS, seconds)] += 1
         counts[-1] += seconds
-        status = getattr(outcome, "status", None)
-        if type(status) is int:  # a Respond: the client got this status from this plugin
-            key = (plugin, status)
+        if isinstance(outcome, Respond):  # the client got this status from this plugin
+            key = (plugin, outcome.status)
             self.responses[key] = self.responses.get(key, 0) + 1
 
     def stream_error(self, reason: str) -> None:

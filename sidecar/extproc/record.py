@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from sidecar.plugins import Respond
+
 if TYPE_CHECKING:
     from sidecar.extproc.metrics import Metrics
     from sidecar.extproc.tracing import Tracing
@@ -88,10 +90,9 @@ class StreamRecord:
         self.calls += 1
         if plugin not in self.plugins and len(self.plugins) < MAX_RECORDED_CALLS:
             self.plugins.append(plugin)
-        status = getattr(outcome, "status", None)
-        if type(status) is int:
-            self.status, self.responder = status, plugin
-            result = f"respond {status}"
+        if isinstance(outcome, Respond):
+            self.status, self.responder = outcome.status, plugin
+            result = f"respond {outcome.status}"
         elif isinstance(outcome, BaseException):
             result = "error"
         else:

@@ -3,21 +3,18 @@ export to one OTLP gRPC receiver run by the test; one trace holds both, linked p
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from sidecar.chains import load_sidecar
 from sidecar.testing import EnvoyHarness
 from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
 from tests.support.meterplugins import MP
+from tests.support.otlp import Receiver, otlp_receiver
 from tests.support.testplugins import TP
 from tests.support.wait import wait_for
 
@@ -26,41 +23,10 @@ pytestmark = pytest.mark.envoy
 PLUGINS = [f"{MP}Metered", f"{TP}AddHeaders"]
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP gRPC trace receiver: keeps every span with its resource's service.name."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def Export(  # the OTLP method name
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                service = next(
-                    (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
-                )
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((service, span) for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def of(self, service: str) -> list[Any]:
-        with self._lock:
-            return [span for name, span in self.spans if name == service]
-
-
 @pytest.fixture
 def receiver() -> Iterator[tuple[Receiver, int]]:
-    servicer = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, port
-    finally:
-        server.stop(None)
+    with otlp_receiver() as running:
+        yield running
 
 
 def _envoy_tracing(port: int) -> Callable[[dict[str, Any]], None]:
