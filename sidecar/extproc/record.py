@@ -138,6 +138,9 @@ class StreamRecord:
             tracing = self.tracing
             assert tracing is not None
             parent = self._stream_span()
+            if not self._span.is_recording():  # not sampled (say, Envoy's traceparent says so): no children
+                self._pending.clear()
+                return
             end = time.time_ns()
             span = tracing.tracer.start_span(
                 phase,

@@ -5,9 +5,11 @@ import os
 import re
 import signal
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -21,6 +23,7 @@ from sidecar.errors import ConfigError
 from sidecar.extproc.metrics import Metrics, MetricsCollector, read_snapshots
 from sidecar.extproc.server import ExtProcServer
 from sidecar.stack.sidecar import SidecarProcess
+from sidecar.testing import EnvoyHarness
 from sidecar.wire import CHAIN_METADATA_KEY
 from tests.support.meterplugins import MP
 from tests.support.net import free_port
@@ -300,3 +303,22 @@ async def test_a_stream_naming_an_unknown_chain_fails_closed(
         assert metrics.stream_errors["unknown_chain"] == 4
     finally:
         await server.stop(1)
+
+
+@pytest.mark.envoy
+def test_streams_envoy_gives_up_on_are_counted_and_responses_are_not(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    """Through a real Envoy: a plugin past message_timeout is a `cancelled` stream (Envoy answers 504);
+    a Respond, after which Envoy resets the stream too, is a response and no error."""
+    port = free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"message_timeout: 0.25\nmetrics: 127.0.0.1:{port}\nplugins: ['{MP}Metered', '{TP}Slow']\n")
+    harness = sidecar_envoy(config=config)
+    assert httpx.get(harness.url + "/", headers={"x-delay": "1.0"}, timeout=10).status_code == 504
+    assert httpx.get(harness.url + "/", headers={"x-deny": "1"}, timeout=10).status_code == 401
+    url = f"http://127.0.0.1:{port}/metrics"
+    wait_for(lambda: _value(_scrape_url(url), 'sidecar_extproc_stream_errors_total{reason="cancelled"}') == 1.0)
+    text = _scrape_url(url)
+    assert _value(text, 'sidecar_plugin_responses_total{plugin="metered",status="401"}') == 1.0
+    assert _value(text, 'sidecar_plugin_seconds_count{phase="request_headers",plugin="slow"}') is None  # cut short

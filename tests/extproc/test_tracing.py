@@ -210,3 +210,13 @@ async def test_otel_settings_that_cannot_work_are_one_clear_error(monkeypatch: p
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")  # smaller than the default export batch (512)
     with pytest.raises(ConfigError, match="tracing: the OTEL_\\* settings do not work"):
         Tracing(exporter=InMemorySpanExporter())
+
+
+async def test_an_unsampled_parent_gets_no_spans(
+    traced: tuple[ExtProcServer, Tracing], exporter: InMemorySpanExporter
+) -> None:
+    server, tracing = traced
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # Envoy did not sample this request
+    (reply,) = await _call(server, [headers_message()], (("traceparent", unsampled),))
+    assert reply.HasField("request_headers")
+    assert _finished(tracing, exporter) == []
