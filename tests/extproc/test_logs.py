@@ -9,21 +9,16 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from sidecar.logs import TRACEBACK_BURST, TracebackLimiter
 from sidecar.stack.sidecar import SidecarProcess
+from tests.support.messages import headers_message
 from tests.support.meterplugins import MP
 from tests.support.testplugins import TP
 
 FAILURES = 300
-
-
-def headers_message(*pairs: tuple[str, bytes]) -> pb.ProcessingRequest:
-    header_map = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in pairs])
-    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map))
 
 
 def json_lines(proc: SidecarProcess) -> list[dict[str, Any]]:

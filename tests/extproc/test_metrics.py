@@ -11,8 +11,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -25,15 +23,11 @@ from sidecar.extproc.server import ExtProcServer
 from sidecar.stack.sidecar import SidecarProcess
 from sidecar.testing import EnvoyHarness
 from sidecar.wire import CHAIN_METADATA_KEY
+from tests.support.messages import headers_message
 from tests.support.meterplugins import MP
 from tests.support.net import free_port
 from tests.support.testplugins import TP
 from tests.support.wait import wait_for, wait_until
-
-
-def headers_message(*pairs: tuple[str, bytes]) -> pb.ProcessingRequest:
-    header_map = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in pairs])
-    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map))
 
 
 def scrape(source: Metrics | dict[str, object]) -> str:

@@ -24,6 +24,7 @@ from sidecar.config import TRANSPORTS, ChainSpec, PluginSpec, SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.extproc.server import ExtProcServer
 from sidecar.extproc.tracing import Tracing
+from tests.support.messages import headers_message
 from tests.support.meterplugins import MP
 from tests.support.net import free_port
 from tests.support.testplugins import TP
@@ -33,11 +34,6 @@ pytestmark = pytest.mark.asyncio
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-
-
-def headers_message(*pairs: tuple[str, bytes]) -> pb.ProcessingRequest:
-    header_map = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in pairs])
-    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map))
 
 
 def response_headers() -> pb.ProcessingRequest:
