@@ -30,10 +30,12 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 
-__all__ = ["MAX_SERIES", "Counter", "Gauge", "Histogram", "declared", "snapshot"]
+__all__ = ["MAX_INSTRUMENTS", "MAX_SERIES", "Counter", "Gauge", "Histogram", "declared", "snapshot"]
 
 #: Label sets one instrument keeps; updates for more are dropped and counted.
 MAX_SERIES = 1000
+#: Instruments one process may declare (a name built from request data would otherwise grow forever).
+MAX_INSTRUMENTS = 1000
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,199}")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
@@ -75,6 +77,10 @@ class _Instrument:
             self._series = existing._series  # one set of numbers, whichever object a plugin holds
             self._dropped = existing._dropped
         else:
+            if len(_declared) >= MAX_INSTRUMENTS:
+                raise ConfigError(
+                    f"metric {name}: this process already has {MAX_INSTRUMENTS} metrics, the most it keeps"
+                )
             _declared[name] = self
 
     def _shape(self) -> tuple[float, ...]:

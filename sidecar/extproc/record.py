@@ -27,6 +27,8 @@ access_log = logging.getLogger("sidecar.access")
 
 #: Plugin calls a record keeps for one stream's access line (a long STREAMED body calls hooks per chunk).
 MAX_RECORDED_CALLS = 64
+#: Characters of the request id (the client's x-request-id) in an access line or span.
+MAX_REQUEST_ID = 128
 
 
 class StreamRecord:
@@ -192,7 +194,7 @@ class StreamRecord:
                 self._stream_span()
                 self._span.set_attribute("sidecar.outcome", outcome)
                 if self.ctx is not None and self.ctx.request_id:
-                    self._span.set_attribute("sidecar.request_id", self.ctx.request_id)
+                    self._span.set_attribute("sidecar.request_id", self.ctx.request_id[:MAX_REQUEST_ID])
                 if self.status is not None:
                     self._span.set_attribute("sidecar.respond.status", self.status)
                 if self.error_id is not None:
@@ -204,7 +206,7 @@ class StreamRecord:
                 logging.getLogger("sidecar.tracing").debug("span dropped: %s", exc)
         if self.access:
             extra: dict[str, Any] = {
-                "request_id": self.ctx.request_id if self.ctx is not None else None,
+                "request_id": self.ctx.request_id[:MAX_REQUEST_ID] if self.ctx and self.ctx.request_id else None,
                 "chain": self.chain,
                 "plugins": self.plugins,
                 "outcome": outcome,

@@ -14,6 +14,7 @@ the collector.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping
@@ -21,13 +22,27 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 
-__all__ = ["SERVICE_NAME", "Tracing"]
+__all__ = ["SERVICE_NAME", "Tracing", "check_installed"]
 
 log = logging.getLogger("sidecar.tracing")
 
 SERVICE_NAME = "envoy-sidecar"
 #: Seconds `shutdown` gives the exporter to send what is queued.
 _FLUSH_SECONDS = 5.0
+
+
+def check_installed() -> None:
+    """ConfigError unless the `otel` extra is installed (checked once, before workers start)."""
+    for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        if not found:
+            raise ConfigError(_MISSING)
+
+
+_MISSING = "tracing: OpenTelemetry is not installed; install the extra: pip install 'envoy-sidecar[otel]'"
 
 
 class Tracing:
@@ -42,9 +57,7 @@ class Tracing:
             from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError:
-            raise ConfigError(
-                "tracing: OpenTelemetry is not installed; install the extra: pip install 'envoy-sidecar[otel]'"
-            ) from None
+            raise ConfigError(_MISSING) from None
         try:
             if exporter is None:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -122,6 +122,10 @@ class Supervisor:
                     proc.kill()
 
     async def run(self) -> int:
+        if self.config.tracing:  # once here, not in N workers crash-looping on it
+            from sidecar.extproc.tracing import check_installed
+
+            check_installed()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)

@@ -99,13 +99,16 @@ def test_the_access_line_names_request_chain_plugins_outcome_and_duration(tmp_pa
     with SidecarProcess(args, [sock]) as proc:
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             client = pb_grpc.ExternalProcessorStub(channel)
-            for rid, extra in (("rid-ok", ()), ("rid-deny", (("x-deny", b"1"),)), ("rid-boom", (("x-boom", b"1"),))):
+            long_rid = ("rid-long-" + "x" * 10_000, ())  # a client's x-request-id: capped in the line
+            cases = (("rid-ok", ()), ("rid-deny", (("x-deny", b"1"),)), ("rid-boom", (("x-boom", b"1"),)), long_rid)
+            for rid, extra in cases:
                 list(client.Process(iter([headers_message(("x-request-id", rid.encode()), *extra)]), timeout=5))
             with pytest.raises(grpc.RpcError):  # a protocol error: a body before any headers
                 list(client.Process(iter([pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x"))]), timeout=5))
         lines = json_lines(proc)
     access = {line["request_id"]: line for line in lines if line["logger"] == "sidecar.access"}
     ok, deny, boom = access["rid-ok"], access["rid-deny"], access["rid-boom"]
+    assert ("rid-long-" + "x" * 10_000)[:128] in access
     assert ok["chain"] == "default" and ok["outcome"] == "ok"
     assert ok["plugins"] == ["metered", "add-headers"]
     assert isinstance(ok["duration_ms"], float) and 0 <= ok["duration_ms"] < 5000

@@ -316,3 +316,13 @@ def test_streams_envoy_gives_up_on_are_counted_and_responses_are_not(
     text = _scrape_url(url)
     assert _value(text, 'sidecar_plugin_responses_total{plugin="metered",status="401"}') == 1.0
     assert _value(text, 'sidecar_plugin_seconds_count{phase="request_headers",plugin="slow"}') is None  # cut short
+
+
+def test_the_number_of_instruments_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin building metric names from request data cannot grow a process's metrics forever."""
+    monkeypatch.setattr(instruments, "MAX_INSTRUMENTS", len(instruments.declared()) + 2)
+    Counter("cap_test_a", "a")
+    Counter("cap_test_b", "b")
+    with pytest.raises(ConfigError, match="already has"):
+        Counter("cap_test_c", "c")
+    assert Counter("cap_test_a", "a") is not None  # declaring an existing one again still works

@@ -216,3 +216,14 @@ async def test_an_unsampled_parent_gets_no_spans(
     (reply,) = await _call(server, [headers_message()], (("traceparent", unsampled),))
     assert reply.HasField("request_headers")
     assert _finished(tracing, exporter) == []
+
+
+async def test_workers_refuse_tracing_without_opentelemetry_before_they_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from sidecar.extproc.tracing import check_installed
+
+    check_installed()  # installed here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match="pip install 'envoy-sidecar\\[otel\\]'"):
+        check_installed()
