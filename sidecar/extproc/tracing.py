@@ -27,6 +27,12 @@ __all__ = ["SERVICE_NAME", "Tracing", "check_installed"]
 log = logging.getLogger("sidecar.tracing")
 
 SERVICE_NAME = "envoy-sidecar"
+_WHOLE_NUMBERS = (
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+)
 #: Seconds `shutdown` gives the exporter to send what is queued.
 _FLUSH_SECONDS = 5.0
 
@@ -58,6 +64,10 @@ class Tracing:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
         except ImportError:
             raise ConfigError(_MISSING) from None
+        for name in _WHOLE_NUMBERS:  # the SDK logs a traceback and falls back to its default: say it once, here
+            value = os.environ.get(name)
+            if value is not None and not value.strip().isdigit():
+                raise ConfigError(f"tracing: {name}: expected a whole number, got {value[:40]!r}")
         try:
             if exporter is None:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

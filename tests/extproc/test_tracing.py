@@ -206,6 +206,11 @@ async def test_otel_settings_that_cannot_work_are_one_clear_error(monkeypatch: p
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")  # smaller than the default export batch (512)
     with pytest.raises(ConfigError, match="tracing: the OTEL_\\* settings do not work"):
         Tracing(exporter=InMemorySpanExporter())
+    for value in ("abc", "-1", "1e3", "x" * 1000):
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", value)
+        with pytest.raises(ConfigError, match="OTEL_BSP_SCHEDULE_DELAY: expected a whole number") as raised:
+            Tracing(exporter=InMemorySpanExporter())
+        assert len(str(raised.value)) < 120
 
 
 async def test_an_unsampled_parent_gets_no_spans(
