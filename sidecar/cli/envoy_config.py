@@ -25,7 +25,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
         listen_port=port,
         upstream=parse_host_port(args.upstream, "--upstream"),
         routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
-        otlp_endpoint=parse_host_port(args.otlp_endpoint, "--otlp-endpoint") if args.otlp_endpoint else None,
+        otlp_endpoint=parse_host_port(args.otlp_endpoint, "--otlp-endpoint")
+        if args.otlp_endpoint is not None
+        else None,
     )
     bootstrap = build_bootstrap(registry, config, options)
     if args.validate:

@@ -3,12 +3,15 @@ export to one OTLP gRPC receiver run by the test; one trace holds both, linked p
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from sidecar.chains import load_sidecar
 from sidecar.testing import EnvoyHarness
@@ -21,6 +24,7 @@ from tests.support.wait import wait_for
 pytestmark = pytest.mark.envoy
 
 PLUGINS = [f"{MP}Metered", f"{TP}AddHeaders"]
+ENVOY_CONFIG = [sys.executable, "-m", "sidecar", "envoy-config", "--plugin", f"{TP}AddHeaders"]
 
 
 @pytest.fixture
@@ -87,3 +91,35 @@ def test_one_trace_holds_envoys_spans_and_the_sidecars(
     denied = [a for a in attributes if a["sidecar.outcome"].string_value == "respond"]
     assert len(denied) == 1 and denied[0]["sidecar.respond.status"].int_value == 401
     assert len({s.trace_id for s in streams}) == len(streams)  # one trace per request
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "collector:notaport", ":4317", "127.0.0.1:99999", ""])
+def test_envoy_config_refuses_an_otlp_endpoint_that_cannot_work(value: str) -> None:
+    proc = subprocess.run(
+        [*ENVOY_CONFIG, "--otlp-endpoint", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("sidecar: error: --otlp-endpoint") and "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # nothing half-written
+
+
+def test_envoy_config_with_an_otlp_endpoint_is_valid_for_envoy() -> None:
+    proc = subprocess.run(
+        [*ENVOY_CONFIG, "--otlp-endpoint", "127.0.0.1:4317", "--validate"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    bootstrap = yaml.safe_load(proc.stdout)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
+    (collector,) = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "otlp-collector"]
+    address = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address["socket_address"] == {"address": "127.0.0.1", "port_value": 4317}
