@@ -17,8 +17,15 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import instruments
@@ -32,6 +39,10 @@ __all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "process_usage", 
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
 Snapshot = dict[str, Any]
+#: Samples of a worker's own prometheus_client registry (a plugin's Counter...) it publishes; more are dropped.
+MAX_REGISTRY_SAMPLES = 10_000
+# Per process, not summable: prometheus_client's default collectors describe the supervisor itself.
+_PER_PROCESS = ("process_", "python_", "sidecar_")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -63,6 +74,8 @@ class Metrics:
         self.responses: dict[tuple[str, int], int] = {}  # (plugin, status) -> Responds returned
         #: Which worker this process is ("0" alone); labels its process metrics.
         self.worker = "0"
+        #: A worker publishes what plugins registered with prometheus_client too (nobody scrapes a worker).
+        self.publish_registry = False
 
     def stream_opened(self, chain: str) -> None:
         self.streams[chain] = self.streams.get(chain, 0) + 1
@@ -105,6 +118,7 @@ class Metrics:
             "responses": {f"{p}\0{status}": count for (p, status), count in self.responses.items()},
             "processes": {self.worker: process_usage()},
             "instruments": instruments.snapshot(),
+            "registry": registry_samples() if self.publish_registry else {},
         }
 
     def write_snapshot(self, path: Path) -> None:
@@ -113,6 +127,36 @@ class Metrics:
         with os.fdopen(fd, "w") as out:
             json.dump(self.snapshot(), out)
         os.replace(tmp, path)
+
+
+def registry_samples() -> dict[str, Any]:
+    """This process's prometheus_client registry (what plugins registered there) as plain data:
+    family -> type, help, and {sample name + labels (JSON): value}. Bounded by MAX_REGISTRY_SAMPLES."""
+    families: dict[str, Any] = {}
+    count = 0
+    for family in REGISTRY.collect():
+        if family.name.startswith(_PER_PROCESS):
+            continue
+        samples: dict[str, float] = {}
+        for sample in family.samples:
+            if sample.name.endswith("_created") or count >= MAX_REGISTRY_SAMPLES:
+                continue  # a creation time is no sum; past the bound the rest is dropped
+            samples[json.dumps([sample.name, sample.labels], sort_keys=True)] = sample.value
+            count += 1
+        families[family.name] = {"type": family.type, "help": family.documentation, "samples": samples}
+    return families
+
+
+def _add_registry(total: dict[str, Any], part: dict[str, Any], live: bool) -> None:
+    """Counters, histograms and summaries summed over every worker, gauges over the live ones."""
+    for name, family in part.items():
+        mine = total.setdefault(name, {"type": family["type"], "help": family["help"], "samples": {}})
+        if mine["type"] != family["type"] or (family["type"] == "gauge" and not live):
+            continue
+        if family["type"] in ("counter", "gauge", "histogram", "summary", "untyped", "unknown"):
+            _add(mine["samples"], family["samples"])
+        else:  # info, stateset, enum: a value, not an amount
+            mine["samples"].update(family["samples"])
 
 
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -152,6 +196,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     total = Metrics().snapshot()
     total["processes"] = {}
     total["instruments"] = {}
+    total["registry"] = {}
     for snap in snapshots:
         live = snap.get("live", True)
         _add(total["streams"], snap["streams"])
@@ -163,6 +208,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         _add_lists(total["plugin_latency"], snap.get("plugin_latency", {}))
         _add(total["responses"], snap.get("responses", {}))
         _add_instruments(total["instruments"], snap.get("instruments", {}), live)
+        _add_registry(total["registry"], snap.get("registry", {}), live)
         if live:
             total["active"] += snap["active"]
             total["processes"].update(snap.get("processes", {}))
@@ -226,6 +272,17 @@ class MetricsCollector(Collector):
         yield from _plugin_families(snap)
         yield from _process_families(snap)
         yield from _instrument_families(snap.get("instruments", {}))
+        yield from _registry_families(snap.get("registry", {}))
+
+
+def _registry_families(families: dict[str, Any]) -> Iterator[Any]:
+    """The workers' prometheus_client metrics, summed (only a supervisor's snapshot has any)."""
+    for name, family in sorted(families.items()):
+        metric = Metric(name, family["help"], family["type"])
+        for key, value in sorted(family["samples"].items()):
+            sample_name, labels = json.loads(key)
+            metric.add_sample(sample_name, labels, value)
+        yield metric
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], bounds: Iterable[float], counts: list[float]) -> None:
@@ -303,12 +360,22 @@ def _instrument_families(declared: dict[str, Any]) -> Iterator[Any]:
     yield dropped
 
 
-def serve_metrics(address: str, source: Callable[[], Snapshot]) -> int:
-    """Serve /metrics on host:port in a background thread; return the bound port."""
+def serve_metrics(address: str, source: Callable[[], Snapshot], *, supervisor: bool = False) -> int:
+    """Serve /metrics on host:port in a background thread; return the bound port.
+
+    A supervisor serves a registry of its own: the default one holds the plugins' prometheus_client
+    metrics as the supervisor loaded them (never used, all zero), while the workers' sums come in the
+    snapshots."""
     host, port = parse_host_port(address, "metrics")
-    REGISTRY.register(MetricsCollector(source))
+    registry = REGISTRY
+    if supervisor:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    registry.register(MetricsCollector(source))
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ConfigError(f"metrics: cannot listen on {address}: {exc.strerror}") from None
     return int(server.server_port)

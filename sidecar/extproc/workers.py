@@ -51,6 +51,7 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
     snapshot_file = None
     if worker:
         metrics.worker = os.environ.get(WORKER_INDEX_ENV, str(os.getpid()))
+        metrics.publish_registry = True
         directory = os.environ.get(METRICS_DIR_ENV)
         snapshot_file = Path(directory) / f"{os.getpid()}.json" if directory else None
     elif config.metrics:
@@ -133,7 +134,7 @@ class Supervisor:
         try:
             env = {**os.environ, METRICS_DIR_ENV: metrics_dir}
             if self.config.metrics:
-                port = serve_metrics(self.config.metrics, self._metrics_source(Path(metrics_dir)))
+                port = serve_metrics(self.config.metrics, self._metrics_source(Path(metrics_dir)), supervisor=True)
                 log.info("metrics on http://%s:%d/metrics", self.config.metrics.rpartition(":")[0], port)
             tasks = [asyncio.create_task(self._keep_alive(i, env)) for i in range(len(self.commands))]
             await self._stopping.wait()

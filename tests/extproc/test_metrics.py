@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import prometheus_client
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,6 +19,7 @@ from sidecar import Counter, Gauge, Histogram, Respond, instruments
 from sidecar.chains import Registry
 from sidecar.config import TRANSPORTS, ChainSpec, PluginSpec, SidecarConfig
 from sidecar.errors import ConfigError
+from sidecar.extproc import metrics as metrics_module
 from sidecar.extproc.metrics import Metrics, MetricsCollector, read_snapshots
 from sidecar.extproc.server import ExtProcServer
 from sidecar.stack.sidecar import SidecarProcess
@@ -199,6 +201,12 @@ def test_two_workers_sum_plugin_metrics_responses_and_restarts(tmp_path: Path) -
         assert _value(text, 'test_requests_seen_total{verdict="deny"}') == 2.0
         assert _value(text, 'test_requests_seen_total{verdict="boom"}') == 1.0
         assert _value(text, "test_plugins_loaded") == 2.0  # one per live worker
+        # A plugin's own prometheus_client metrics: summed too, once (the supervisor's unused copies are not shown).
+        assert _value(text, 'test_legacy_requests_total{verdict="any"}') == 8.0
+        assert _value(text, 'test_legacy_seconds_bucket{le="1.0"}') == 8.0
+        assert _value(text, "test_legacy_seconds_count") == 8.0
+        assert text.count("# TYPE test_legacy_requests_total counter") == 1
+        assert _value(text, "process_open_fds") is not None  # the supervisor's own process metrics stay
         assert _value(text, 'test_path_bytes_bucket{le="16.0"}') == 8.0
         assert _value(text, 'sidecar_plugin_responses_total{plugin="metered",status="401"}') == 2.0
         assert _value(text, 'sidecar_plugin_seconds_count{phase="request_headers",plugin="metered"}') == 8.0
@@ -220,6 +228,7 @@ def test_two_workers_sum_plugin_metrics_responses_and_restarts(tmp_path: Path) -
         proc.wait_serving()
         text = _scrape_url(url)
         assert _value(text, 'test_requests_seen_total{verdict="pass"}') == 5.0  # the dead worker's counts stay
+        assert _value(text, 'test_legacy_requests_total{verdict="any"}') == 8.0
         assert _value(text, 'sidecar_plugin_responses_total{plugin="metered",status="401"}') == 2.0
 
 
@@ -326,3 +335,26 @@ def test_the_number_of_instruments_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError, match="already has"):
         Counter("cap_test_c", "c")
     assert Counter("cap_test_a", "a") is not None  # declaring an existing one again still works
+
+
+def test_a_workers_prometheus_client_registry_is_published_bounded_and_summed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hits = prometheus_client.Counter("registry_test_hits", "hits", ["user"])
+    depth = prometheus_client.Gauge("registry_test_depth", "depth")
+    for i in range(20):
+        hits.labels(f"u{i}").inc()
+    depth.set(5)
+    worker = Metrics()
+    worker.publish_registry = True
+    snap = worker.snapshot()
+    assert not any(name.startswith(("process_", "python_")) for name in snap["registry"])  # per process
+    assert not any("_created" in key for key in snap["registry"]["registry_test_hits"]["samples"])
+    (tmp_path / "100.json").write_text(json.dumps(snap))
+    (tmp_path / "200.json").write_text(json.dumps(snap))  # a dead worker: its counters count, its gauges not
+    text = scrape(read_snapshots(tmp_path, live_pids={100}))
+    assert 'registry_test_hits_total{user="u7"} 2.0' in text
+    assert "registry_test_depth 5.0" in text
+    monkeypatch.setattr(metrics_module, "MAX_REGISTRY_SAMPLES", 5)
+    bounded = metrics_module.registry_samples()
+    assert sum(len(family["samples"]) for family in bounded.values()) == 5
