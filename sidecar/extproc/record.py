@@ -27,6 +27,8 @@ access_log = logging.getLogger("sidecar.access")
 
 #: Plugin calls a record keeps for one stream's access line (a long STREAMED body calls hooks per chunk).
 MAX_RECORDED_CALLS = 64
+#: Phase spans one stream makes (a STREAMED body is a message per chunk); later phases are counted only.
+MAX_PHASE_SPANS = 64
 #: Characters of the request id (the client's x-request-id) in an access line or span.
 MAX_REQUEST_ID = 128
 
@@ -58,6 +60,7 @@ class StreamRecord:
         self.calls = 0
         #: Envoy reset the stream while a message was being answered (its message_timeout).
         self.cancelled = False
+        self._phase_spans_made = 0
         # A phase's plugin calls, for spans: plugin, outcome, start ns, end ns, phase, error id.
         self._pending: list[list[Any]] = []
         self._span: Any = None
@@ -107,7 +110,11 @@ class StreamRecord:
         if self.metrics is not None:
             self.metrics.observe(phase, seconds)
         if self.tracing is not None:
-            self._phase_spans(phase, seconds)
+            self._phase_spans_made += 1
+            if self._phase_spans_made <= MAX_PHASE_SPANS:
+                self._phase_spans(phase, seconds)
+            else:
+                self._pending.clear()
 
     # -- spans ----------------------------------------------------------------------------------
 
@@ -199,6 +206,8 @@ class StreamRecord:
                     self._span.set_attribute("sidecar.respond.status", self.status)
                 if self.error_id is not None:
                     self._span.set_attribute("sidecar.error_id", self.error_id)
+                if self._phase_spans_made > MAX_PHASE_SPANS:
+                    self._span.set_attribute("sidecar.phase_spans_dropped", self._phase_spans_made - MAX_PHASE_SPANS)
                 if failure is not None or self.error_id is not None:
                     self._span.set_status(self.tracing.error_status)
                 self._span.end()
@@ -211,6 +220,7 @@ class StreamRecord:
                 "plugins": self.plugins,
                 "outcome": outcome,
                 "duration_ms": round(duration * 1000, 3),
+                "hook_calls": self.calls,
             }
             if self.status is not None:
                 extra["status"] = self.status

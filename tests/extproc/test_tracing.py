@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sidecar.chains import Registry
 from sidecar.config import TRANSPORTS, ChainSpec, PluginSpec, SidecarConfig
 from sidecar.errors import ConfigError
+from sidecar.extproc.record import MAX_PHASE_SPANS
 from sidecar.extproc.server import ExtProcServer
 from sidecar.extproc.tracing import Tracing
 from tests.support.messages import headers_message
@@ -232,3 +233,24 @@ async def test_workers_refuse_tracing_without_opentelemetry_before_they_start(mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ConfigError, match="pip install 'envoy-sidecar\\[otel\\]'"):
         check_installed()
+
+
+async def test_a_long_streamed_body_makes_a_bounded_number_of_spans(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    tracing = Tracing(exporter=exporter)
+    specs = (ChainSpec("default", (PluginSpec(f"{TP}StreamPass"),)),)
+    sock = tmp_path / "s.sock"
+    server = ExtProcServer(Registry.from_specs(specs), SidecarConfig(listen=f"unix:{sock}"), socket_path=sock)
+    server._tracing, server._recording = tracing, True
+    await server.start()
+    try:
+        chunks = [pb.ProcessingRequest(request_body=pb.HttpBody(body=b"x", end_of_stream=i == 499)) for i in range(500)]
+        replies = await _call(server, [headers_message(), *chunks])
+        assert len(replies) == 501
+    finally:
+        await server.stop(1)
+    spans = _finished(tracing, exporter)
+    (stream,) = [s for s in spans if s.name == "ext_proc default"]
+    assert stream.attributes["sidecar.phase_spans_dropped"] == 501 - MAX_PHASE_SPANS
+    assert len(spans) <= 1 + MAX_PHASE_SPANS * 2  # each phase span and its one plugin span
