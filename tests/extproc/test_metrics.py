@@ -233,12 +233,14 @@ def test_two_workers_sum_plugin_metrics_responses_and_restarts(tmp_path: Path) -
 
 
 @pytest.mark.asyncio
-async def test_a_stream_the_client_cancels_is_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_stream_the_client_cancels_is_counted(tmp_path: Path, transport: str) -> None:
     """Envoy resets a stream whose message_timeout passed: the sidecar counts it as `cancelled`."""
     metrics = Metrics()
     registry = Registry.from_specs((ChainSpec("default", (PluginSpec(f"{TP}Slow"),)),))
     sock = tmp_path / "s.sock"
-    server = ExtProcServer(registry, SidecarConfig(listen=f"unix:{sock}"), socket_path=sock, metrics=metrics)
+    config = SidecarConfig(listen=f"unix:{sock}", transport=transport)
+    server = ExtProcServer(registry, config, socket_path=sock, metrics=metrics)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
@@ -254,12 +256,14 @@ async def test_a_stream_the_client_cancels_is_counted(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_reset_after_an_immediate_response_is_no_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_reset_after_an_immediate_response_is_no_error(tmp_path: Path, transport: str) -> None:
     """Envoy resets the stream once it has an immediate response: that is the stream's normal end."""
     metrics = Metrics()
     registry = Registry.from_specs((ChainSpec("default", (PluginSpec(f"{MP}Metered"),)),))
     sock = tmp_path / "s.sock"
-    server = ExtProcServer(registry, SidecarConfig(listen=f"unix:{sock}"), socket_path=sock, metrics=metrics)
+    config = SidecarConfig(listen=f"unix:{sock}", transport=transport)
+    server = ExtProcServer(registry, config, socket_path=sock, metrics=metrics)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
