@@ -120,7 +120,9 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         epilog="SIGTERM: health turns NOT_SERVING, in-flight streams finish within --grace-period, exit 0.",
     )
     add_source_args(serve)
-    serve.add_argument("--listen", help=f"unix:PATH of the socket (default unix:{DEFAULT_SOCKET})")
+    serve.add_argument(
+        "--listen", help=f"unix:PATH of the socket (default: the config file's listen:, else unix:{DEFAULT_SOCKET})"
+    )
     serve.add_argument("--socket-mode", help="permissions of the socket file, octal (default 0660)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (TLS from the config file's tls:)")
     serve.add_argument("--workers", type=int, help="worker processes, each on its own socket NAME-i.sock (default 1)")
