@@ -12,7 +12,7 @@ from sidecar.config import DEFAULT_SOCKET, TRANSPORTS
 from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
-    from sidecar.chains import Registry
+    from sidecar.chains import Chain, Registry
     from sidecar.config import SidecarConfig
 
 __all__ = ["SOURCES_HELP", "add_commands", "add_source_args", "resolve"]
@@ -76,11 +76,26 @@ def _serve(args: argparse.Namespace) -> int:
     return Supervisor(commands, config).run_blocking()
 
 
+def _hook_listing(chain: Chain) -> dict[str, list[str]]:
+    """Each hook kind the chain's plugins define, `request_chunk` and `response_stream` included, in call order."""
+    from sidecar.chains import BODY_KINDS, HOOK_KINDS
+
+    listing: dict[str, list[str]] = {}
+    for direction in ("request", "response"):
+        for kind in HOOK_KINDS:
+            if kind in BODY_KINDS:
+                plugins = [stage.plugin for stage in chain.body_stages[direction] if stage.kind == kind]
+            else:
+                plugins = [hook.plugin for hook in chain.hooks[f"{direction}_{kind}"]]
+            if plugins:
+                listing[f"{direction}_{kind}"] = plugins
+    return listing
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from importlib.metadata import entry_points
 
     from sidecar.chains import ENTRY_POINT_GROUP, describe_mode
-    from sidecar.wire import PHASES
 
     installed = sorted(f"{ep.name} = {ep.value}" for ep in entry_points(group=ENTRY_POINT_GROUP))
     registry: Registry | None = None
@@ -93,7 +108,7 @@ def _plugins(args: argparse.Namespace) -> int:
             report["chains"][name] = {
                 "on_error": "fail_open" if chain.fail_open else "fail_closed",
                 "plugins": [chain.labels[id(p)] for p in chain.plugins],
-                "hooks": {ph: [h.plugin for h in chain.hooks[ph]] for ph in PHASES if chain.hooks[ph]},
+                "hooks": _hook_listing(chain),
                 "processing_mode": chain.describe_mode(),
             }
     if args.json:

@@ -103,6 +103,31 @@ def test_plugins_lists_chains_and_modes() -> None:
     assert "request_body_mode=BUFFERED" in proc.stdout
 
 
+def test_plugins_lists_chunk_and_stream_hooks_in_call_order(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "chains:\n  default: [header-stamp, body-digest, sse-meter]\n"
+        "  both:\n    plugins:\n      - use: tests.support.testplugins:StreamPass\n      - use: sse-meter\n"
+    )
+    proc = sidecar("plugins", "-c", str(config), "--json")
+    assert proc.returncode == 0, proc.stderr
+    chains = json.loads(proc.stdout)["chains"]
+    assert chains["default"]["hooks"] == {
+        "request_headers": ["header-stamp"],
+        "request_chunk": ["body-digest"],
+        "request_trailers": ["body-digest"],
+        "response_headers": ["sse-meter", "header-stamp"],
+        "response_chunk": ["sse-meter"],
+    }
+    stream_pass, sse_meter = chains["both"]["plugins"]
+    assert chains["both"]["hooks"]["request_chunk"] == [stream_pass]
+    assert chains["both"]["hooks"]["response_chunk"] == [sse_meter, stream_pass]  # responses unwind
+    text = sidecar("plugins", "-c", str(config)).stdout
+    assert re.search(r"^  request_chunk\s+body-digest$", text, flags=re.MULTILINE), text
+    duplex = json.loads(sidecar("plugins", "--plugin", "jsonl-tag", "--json").stdout)["chains"]["default"]
+    assert duplex["hooks"] == {"response_headers": ["jsonl-tag"], "response_stream": ["jsonl-tag"]}
+
+
 def test_envoy_config_validates_with_envoy(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("workers: 3\nchains:\n  default: [header-stamp]\n  admin: [json-redact]\n")
