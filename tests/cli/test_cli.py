@@ -52,7 +52,10 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> N
         ([], "no plugins configured"),
         (["--plugin", "header-stamp", "--tcp", "nonsense"], "--tcp: expected HOST:PORT, got 'nonsense'"),
         (["--plugin", "header-stamp", "--metrics", "9464"], "--metrics: expected HOST:PORT"),
-        (["--plugin", "header-stamp", "--envoy-processing-mode", "request_body=BUFFERED"], "unknown field 'request_body'"),
+        (
+            ["--plugin", "header-stamp", "--envoy-processing-mode", "request_body=BUFFERED"],
+            "unknown field 'request_body'",
+        ),
         (["--plugin", "header-stamp", "--envoy-processing-mode", "request_body_mode=SEND"], "request_body_mode='SEND'"),
         (["--plugin", "header-stamp", "--envoy-processing-mode", "request_header_mode"], "request_header_mode=''"),
         (["--plugin", "json-redact", "--envoy-processing-mode", ""], "request_body_mode=NONE, but the plugins need"),
