@@ -265,6 +265,7 @@ def _ls(args: argparse.Namespace) -> int:
                 "size": m.size,
                 "digest": m.digest,
                 "source": m.source,
+                "layout": m.layout,
             }
             for key, m in entries
         ]

@@ -87,7 +87,8 @@ class CachedModule:
     path: Path
     size: int
     digest: str  # the manifest digest of an image, the body sha256 of an HTTP URL
-    source: str
+    source: str  # the image reference or URL this entry was fetched for
+    layout: str | None = None  # an image's layout ("oci" or "compat"); None for HTTP URLs
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ class ModuleCache:
         assert verdict.stamp is not None
         if verdict.rehashed or time.time() - float(info["last_used"]) > _TOUCH_INTERVAL:
             self._touch(sha, verdict.stamp)
-        module = CachedModule(sha, self.path_for(sha), int(info["size"]), str(ref["digest"]), str(ref["source"]))
+        module = _module(sha, self.path_for(sha), int(info["size"]), ref)
         return CacheLookup(module)
 
     def lookup(self, keys: Sequence[str]) -> CachedModule | None:
@@ -447,7 +448,16 @@ class ModuleCache:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def store(self, temp: Path, sha256: str, size: int, keys: Sequence[str], digest: str, source: str) -> CachedModule:
+    def store(
+        self,
+        temp: Path,
+        sha256: str,
+        size: int,
+        keys: Sequence[str],
+        digest: str,
+        source: str,
+        layout: str | None = None,
+    ) -> CachedModule:
         """Publish a verified module file (renamed, not copied) and point `keys` at it. If the index
         cannot be written, a module file published by this call is removed again."""
         if size > self.max_bytes:
@@ -469,7 +479,7 @@ class ModuleCache:
                 same = (after.st_dev, after.st_ino) == (written.st_dev, written.st_ino)
                 index["modules"][sha256] = {"size": size, "last_used": now, "stamp": _stamp(after) if same else None}
                 for key in keys:
-                    index["refs"][key] = {"module": sha256, "digest": digest, "source": source, "fetched": now}
+                    index["refs"][key] = _ref(sha256, digest, source, layout, now)
                 self._evict(index, keep=sha256)
                 self._write_index(index)
         except (OSError, CacheError) as exc:
@@ -478,7 +488,7 @@ class ModuleCache:
             if isinstance(exc, CacheError):
                 raise
             raise CacheError(f"cache directory {self.root}: cannot store module ({_errno_text(exc)})") from None
-        return CachedModule(sha256, final, size, digest, source)
+        return CachedModule(sha256, final, size, digest, source, layout)
 
     def _evict(self, index: dict[str, Any], keep: str) -> None:
         """Least-recently-used eviction until the total fits; runs under the index lock."""
@@ -497,8 +507,13 @@ class ModuleCache:
         index["modules"].pop(sha, None)
         index["refs"] = {k: v for k, v in index["refs"].items() if v["module"] != sha}
 
-    def store_keys(self, module: CachedModule, keys: Sequence[str]) -> CachedModule:
-        """Point more keys at a module already cached (a tag re-resolved to a known digest)."""
+    def store_keys(
+        self, module: CachedModule, keys: Sequence[str], source: str | None = None, layout: str | None = None
+    ) -> CachedModule:
+        """Point more keys at a module already cached (a tag re-resolved to a known digest, or another
+        tag of the same image); the keys record `source` (default: the module's) and `layout`."""
+        source = module.source if source is None else source
+        layout = module.layout if layout is None else layout
         with self._index_lock():
             index = self._load(True)
             if module.sha256 not in index["modules"]:
@@ -506,14 +521,9 @@ class ModuleCache:
             now = time.time()
             index["modules"][module.sha256]["last_used"] = now
             for key in keys:
-                index["refs"][key] = {
-                    "module": module.sha256,
-                    "digest": module.digest,
-                    "source": module.source,
-                    "fetched": now,
-                }
+                index["refs"][key] = _ref(module.sha256, module.digest, source, layout, now)
             self._write_index(index)
-        return module
+        return CachedModule(module.sha256, module.path, module.size, module.digest, source, layout)
 
     def entries(self) -> list[tuple[str, CachedModule]]:
         """(source key, module) for every index entry whose module file is on disk (not verified:
@@ -524,9 +534,7 @@ class ModuleCache:
             sha = ref["module"]
             path = self.path_for(sha)
             if path.is_file() and not path.is_symlink():
-                found.append(
-                    (key, CachedModule(sha, path, int(index["modules"][sha]["size"]), ref["digest"], ref["source"]))
-                )
+                found.append((key, _module(sha, path, int(index["modules"][sha]["size"]), ref)))
         return found
 
     def _module_files(self) -> list[Path]:
@@ -597,6 +605,21 @@ class _Verdict:
     rehashed: bool = False
 
 
+_LAYOUTS = ("oci", "compat")
+
+
+def _ref(sha256: str, digest: str, source: str, layout: str | None, fetched: float) -> dict[str, Any]:
+    """An index entry pointing a source key at a module (`layout` only for images)."""
+    ref: dict[str, Any] = {"module": sha256, "digest": digest, "source": source, "fetched": fetched}
+    if layout is not None:
+        ref["layout"] = layout
+    return ref
+
+
+def _module(sha256: str, path: Path, size: int, ref: dict[str, Any]) -> CachedModule:
+    return CachedModule(sha256, path, size, str(ref["digest"]), str(ref["source"]), ref.get("layout"))
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -624,5 +647,6 @@ def _validated(document: Any) -> dict[str, Any]:
             continue
         digest, source, fetched = ref.get("digest"), ref.get("source"), ref.get("fetched", 0.0)
         if isinstance(digest, str) and isinstance(source, str) and _number(fetched):
-            refs[key] = {"module": ref["module"], "digest": digest, "source": source, "fetched": float(fetched)}
+            layout = ref.get("layout")
+            refs[key] = _ref(ref["module"], digest, source, layout if layout in _LAYOUTS else None, float(fetched))
     return {"version": 1, "modules": modules, "refs": refs}

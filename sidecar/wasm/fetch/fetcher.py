@@ -17,7 +17,7 @@ too, its error says the cached copy was thrown away.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -48,9 +48,15 @@ REMOTE_FETCHES = Counter("wasm_remote_fetch", "Failed remote Wasm module fetches
 
 @dataclass(frozen=True)
 class PullResult:
+    """The module (its `source` is the reference or URL this pull asked for), whether the cache had it,
+    and an image's layout ("oci" / "compat"; recorded in the cache, so hits know it too)."""
+
     module: CachedModule
     cache_hit: bool
-    layout: str | None = None  # "oci" / "compat" for a fresh image pull
+
+    @property
+    def layout(self) -> str | None:
+        return self.module.layout
 
 
 @dataclass
@@ -81,7 +87,7 @@ class ModuleFetcher:
             keys = [_tag_key(ref)]
         hit, evicted = self._lookup(keys)
         if hit is not None:
-            return PullResult(hit, True)
+            return PullResult(replace(hit, source=str(ref)), True)
         lock_key = _image_key(ref, pins[0]) if pins else _tag_key(ref)
         try:
             with (
@@ -90,7 +96,7 @@ class ModuleFetcher:
             ):
                 found = self.cache.find(keys)
                 if found.module is not None:  # another process fetched it while we waited
-                    return PullResult(found.module, True)
+                    return PullResult(replace(found.module, source=str(ref)), True)
                 return self._fetch_image(ref, want, pull_secret, deadline, progress)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()
@@ -115,22 +121,24 @@ class ModuleFetcher:
             if ref.digest is None:
                 keys.append(_tag_key(ref))
             known = self.cache.lookup([_image_key(ref, image.manifest_digest)])
-            if known is not None:  # Always on an unchanged tag: re-resolved, nothing to download
-                module = self.cache.store_keys(known, keys)
-                return PullResult(module, True, image.layout)
+            if known is not None:  # Always on an unchanged tag, or another tag of it: nothing to download
+                module = self.cache.store_keys(known, keys, str(ref), image.layout)
+                return PullResult(module, True)
             with self.cache.temp_file() as (blob_path, blob):
                 client.download_blob(image.layer, blob, progress)
                 blob.flush()
                 where = f"image {ref}"
                 if image.layout == "oci":  # the verified blob is the module: its digest is the module sha
                     sha_size = (image.layer.hex, image.layer.size)
-                    module = self._publish(blob_path, sha_size, keys, image.manifest_digest, str(ref), where)
-                    return PullResult(module, False, image.layout)
+                    module = self._publish(blob_path, sha_size, keys, image.manifest_digest, str(ref), where, "oci")
+                    return PullResult(module, False)
                 with self.cache.temp_file() as (wasm_path, wasm):
                     sha_size = extract_plugin(blob_path, wasm, self.options.max_module_bytes, deadline, where)
                     wasm.flush()
-                    module = self._publish(wasm_path, sha_size, keys, image.manifest_digest, str(ref), where)
-                    return PullResult(module, False, image.layout)
+                    module = self._publish(
+                        wasm_path, sha_size, keys, image.manifest_digest, str(ref), where, image.layout
+                    )
+                    return PullResult(module, False)
 
     # --- HTTP ---
 
@@ -179,7 +187,14 @@ class ModuleFetcher:
         return found.module, found.evicted
 
     def _publish(
-        self, path: Path, sha_size: tuple[str, int], keys: list[str], digest: str, source: str, where: str
+        self,
+        path: Path,
+        sha_size: tuple[str, int],
+        keys: list[str],
+        digest: str,
+        source: str,
+        where: str,
+        layout: str | None = None,
     ) -> CachedModule:
         """Validate a module whose sha256 and size were computed while it was written, then store it."""
         try:
@@ -187,7 +202,7 @@ class ModuleFetcher:
         except OSError as exc:
             raise CacheError(f"{where}: cannot read the download back ({exc.strerror or exc})") from None
         sha, size = sha_size
-        return self.cache.store(path, sha, size, keys, digest, source)
+        return self.cache.store(path, sha, size, keys, digest, source, layout)
 
 
 def _after_eviction(exc: FetchError, evicted: str | None) -> FetchError:
