@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.auth import DockerConfig, naming_the_credential_store, resolve_credentials
 from sidecar.wasm.fetch.binary import check_module
 from sidecar.wasm.fetch.cache import CachedModule, ModuleCache
 from sidecar.wasm.fetch.errors import (
@@ -112,7 +112,8 @@ class ModuleFetcher:
     ) -> PullResult:
         credentials = resolve_credentials(ref.registry, pull_secret, self.options.environ)
         with RegistryClient(ref, credentials, self.options, deadline) as client:
-            image = client.resolve()
+            with naming_the_credential_store(ref.registry, credentials, pull_secret, self.options.environ):
+                image = client.resolve()
             if want is not None and want not in (image.top_digest, image.manifest_digest):
                 raise ChecksumMismatchError(
                     f"image {ref}: manifest digest is {image.manifest_digest}, but sha256 says {want}"
