@@ -55,7 +55,8 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="allow plain HTTP to this registry or URL host (repeatable)",
+        help="allow plain HTTP to this registry or URL host (repeatable; loopback hosts need not be listed: "
+        "HTTPS is tried first, then plain HTTP, as docker does)",
     )
     parser.add_argument("--ca-bundle", help="PEM file of CAs to trust instead of the system ones")
     parser.add_argument("--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret")
