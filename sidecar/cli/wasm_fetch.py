@@ -45,7 +45,8 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="cache root (default $SIDECAR_WASM_CACHE or ~/.cache/sidecar/wasm)",
+        help="cache root (default $SIDECAR_WASM_CACHE or ~/.cache/sidecar/wasm; the same for render, up -f "
+        "and wasm run, whose compiled code goes to compiled/ under it)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     if not network:
@@ -317,12 +318,15 @@ def _gc(args: argparse.Namespace) -> int:
             "removed_temp_files": result.removed_temp_files,
             "removed_corrupt": result.removed_corrupt,
             "index_rebuilt": result.index_rebuilt,
+            "removed_compiled": result.removed_compiled,
+            "removed_compiled_bytes": result.removed_compiled_bytes,
         }
         print(json.dumps(doc, sort_keys=True))
     else:
         rebuilt = "; rebuilt a corrupt index" if result.index_rebuilt else ""
         print(
             f"removed {result.removed_modules} modules ({result.removed_bytes} bytes, "
-            f"{result.removed_corrupt} of them corrupt) and {result.removed_temp_files} stale temp files{rebuilt}"
+            f"{result.removed_corrupt} of them corrupt), {result.removed_temp_files} stale temp files and "
+            f"{result.removed_compiled} compiled artifacts ({result.removed_compiled_bytes} bytes){rebuilt}"
         )
     return 0

@@ -43,6 +43,7 @@ from typing import IO, Any
 
 from prometheus_client import Gauge
 
+from sidecar.wasm import COMPILED_DIR, ENV_CACHE_DIR, cache_root
 from sidecar.wasm.fetch.errors import CacheError, TooLargeError, UnavailableError
 
 __all__ = [
@@ -63,20 +64,17 @@ _LOCK_POLL = 0.05
 _HASH_CHUNK = 1 << 20
 _MODULE_NAME = re.compile(r"([a-f0-9]{64})\.wasm")
 _HEX64 = re.compile(r"[a-f0-9]{64}")
+_COMPILED_NAME = re.compile(r"([a-f0-9]{64})-[a-f0-9]{16}\.cwasm")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO planted in the cache must not block us
 # Named as Envoy Gateway's (internal/wasm/metrics.go), so EG dashboards work unchanged.
 CACHE_ENTRIES = Gauge("wasm_cache_entries", "Number of Wasm modules in the cache.")
-ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
 _log = logging.getLogger("sidecar.wasm.fetch")
 
 
 def default_cache_dir() -> Path:
     """The cache root when none is given: `$SIDECAR_WASM_CACHE`, else `$XDG_CACHE_HOME/sidecar/wasm`
-    (`~/.cache/sidecar/wasm`). The CLI and `sidecar render` use it."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sidecar" / "wasm"
+    (`~/.cache/sidecar/wasm`). The CLI, `sidecar render` and `sidecar up -f` use it."""
+    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -106,6 +104,8 @@ class GcResult:
     removed_temp_files: int
     removed_corrupt: int = 0
     index_rebuilt: bool = False
+    removed_compiled: int = 0  # wasmtime artifacts (`compiled/*.cwasm`) and leftovers there
+    removed_compiled_bytes: int = 0
 
 
 class _CorruptIndex(Exception):
@@ -591,9 +591,34 @@ class ModuleCache:
                         temps += 1
                         self._remove(path)
                 self._write_index(index)
+                compiled, compiled_bytes = self._sweep_compiled(set(index["modules"]), now, max_age)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root}: cannot clean up ({_errno_text(exc)})") from None
-        return GcResult(removed, removed_bytes, temps, corrupt, rebuilt)
+        return GcResult(removed, removed_bytes, temps, corrupt, rebuilt, compiled, compiled_bytes)
+
+    def _sweep_compiled(self, cached: set[str], now: float, max_age: float | None) -> tuple[int, int]:
+        """The host's compiled code under `compiled/`: drop artifacts of modules no longer cached (once
+        unused for an hour, so a module run from a local file keeps its code a while), everything unused
+        for `max_age`, leftovers of crashed writes, and anything that is not a regular file."""
+        directory = self.root / COMPILED_DIR
+        if not directory.is_dir() or directory.is_symlink():
+            return 0, 0
+        removed = removed_bytes = 0
+        for path in directory.iterdir():
+            st = os.lstat(path)
+            idle = now - st.st_mtime
+            match = _COMPILED_NAME.fullmatch(path.name)
+            if stat.S_ISREG(st.st_mode) and match is not None:
+                drop = (max_age is not None and idle > max_age) or (
+                    match.group(1) not in cached and idle > _STALE_TMP_SECONDS
+                )
+            else:
+                drop = not stat.S_ISREG(st.st_mode) or idle > _STALE_TMP_SECONDS
+            if drop and not stat.S_ISDIR(st.st_mode):
+                removed += 1
+                removed_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                self._remove(path)
+        return removed, removed_bytes
 
 
 @dataclass(frozen=True)
