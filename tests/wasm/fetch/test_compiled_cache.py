@@ -51,7 +51,12 @@ def test_every_command_uses_one_root(root: Path, monkeypatch: pytest.MonkeyPatch
     import sidecar.stack.files as files
 
     seen: list[object] = []
-    monkeypatch.setattr(files, "fetch_module", lambda code, cache_dir, **_: seen.append(cache_dir) or {})
+
+    def fetch_module(code: object, cache_dir: object, **_: object) -> dict[str, object]:
+        seen.append(cache_dir)
+        return {}
+
+    monkeypatch.setattr(files, "fetch_module", fetch_module)
     files.Stack(files.StackOptions(files=()), root.parent)._fetch({}, {})
     assert seen == [None]
 
