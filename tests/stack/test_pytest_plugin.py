@@ -96,6 +96,21 @@ def test_a_loop_scope_the_project_sets_wins(tmp_path: Path) -> None:
     assert "4 tests collected" in proc.stdout
 
 
+@pytest.mark.envoy
+def test_a_failing_test_gets_the_shared_harness_logs(tmp_path: Path) -> None:
+    project = _project(tmp_path / "project")
+    (project / "test_mine.py").write_text(
+        "import pytest\n\n\n@pytest.mark.envoy\n"
+        "def test_fails(sidecar_envoy_session):\n"
+        "    sidecar_envoy_session(plugins=['header-stamp'])\n"
+        "    assert False, 'on purpose'\n"
+    )
+    proc = _pytest(project)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "envoy-sidecar harness 0 logs" in proc.stdout
+    assert "1 failed" in proc.stdout
+
+
 def test_the_envoy_marker_is_registered_for_the_project(tmp_path: Path) -> None:
     proc = _pytest(_project(tmp_path / "project"), "--markers")
     assert proc.returncode == 0, proc.stderr
