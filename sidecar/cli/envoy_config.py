@@ -69,8 +69,8 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     add_source_args(envoy)
     envoy.add_argument(
         "--listen",
-        help=f"the sidecar's unix:PATH (default: the config file's listen:, else unix:{DEFAULT_SOCKET}; "
-        "`sidecar serve` resolves it the same way)",
+        help=f"the sidecar's unix:PATH (default: the config file's listen:, else unix:{DEFAULT_SOCKET}, as "
+        "`sidecar serve` resolves it; --validate warns when nothing listens there)",
     )
     envoy.add_argument("--workers", type=int, help="number of sidecar workers (one endpoint each)")
     envoy.add_argument("--message-timeout", type=float, help="ext_proc message_timeout in seconds (default 0.5)")
@@ -83,9 +83,5 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="PREFIX[=CHAIN]",
         help="a route and the chain it uses (repeatable; default: / with the default chain)",
     )
-    envoy.add_argument(
-        "--validate",
-        action="store_true",
-        help="check the result with `envoy --mode validate`, and warn when nothing listens on the sidecar's socket",
-    )
+    envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
     envoy.set_defaults(func=_envoy_config)
