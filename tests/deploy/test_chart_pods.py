@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.test_helm import CI, _all_containers, _arg, _envoy_side_mode, _one, _sidecar_parts, _standalone
+from tests.deploy.test_helm import (
+    CI,
+    _all_containers,
+    _arg,
+    _envoy_side_mode,
+    _one,
+    _seconds,
+    _sidecar_parts,
+    _standalone,
+)
 from tests.support.helm import Render, helm_template
 
 OPTIONS = CI / "standalone-options-values.yaml"
@@ -174,3 +183,41 @@ def test_bad_pod_options_fail(helm: Path, sets: dict[str, str], message: str) ->
     proc = helm_template(helm, CI / "standalone-values.yaml", sets=sets)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def _proto_values(node: Any) -> Any:
+    """Drop proto3 defaults (false, NONE) and compare durations and int64s as numbers."""
+    if isinstance(node, dict):
+        return {k: _proto_values(v) for k, v in node.items() if v is not False and v != "NONE"}
+    if isinstance(node, list):
+        return [_proto_values(v) for v in node]
+    return _seconds(node)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "sets"),
+    [
+        ("header-stamp", {}),
+        (
+            "json-redact",
+            {"extProc.processingMode.request.body": "Buffered", "extProc.processingMode.response.body": "Buffered"},
+        ),
+        ("jsonl-tag", {"extProc.processingMode.response.body": "FullDuplexStreamed"}),
+        ("header-stamp", {"extProc.messageTimeout": "12s"}),
+    ],
+)
+def test_the_charts_ext_proc_filter_is_the_one_envoy_config_writes(
+    render: Render, tmp_path: Path, plugin: str, sets: dict[str, str]
+) -> None:
+    """`_bootstrap.tpl` is a second writer of the ext_proc filter: every field envoy-config writes, it
+    writes the same (a fail_closed chain; the chart's failure_mode_allow follows sidecar.onError)."""
+    from sidecar.chains import Registry
+    from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.plugins[0]": plugin, **sets})
+    chains = (ChainSpec("default", (PluginSpec(plugin),)),)
+    timeout = _seconds(sets.get("extProc.messageTimeout", "500ms"))
+    config = SidecarConfig(chains, message_timeout=timeout)
+    written = build_bootstrap(Registry.from_specs(chains), config, BootstrapOptions())
+    assert _proto_values(_sidecar_parts(bootstrap)[1]) == _proto_values(_sidecar_parts(written)[1])
