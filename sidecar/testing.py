@@ -455,6 +455,27 @@ EnvoyHarness = LocalEnvoy
 
 
 _HARNESSES = pytest.StashKey[list[EnvoyHarness]]()
+_SESSION_HARNESSES = pytest.StashKey[dict[str, EnvoyHarness]]()
+_LOOP_SCOPE = "asyncio_default_fixture_loop_scope"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `envoy` marker, and give pytest-asyncio a loop scope when the project sets none.
+
+    pytest-asyncio warns (an error under `-W error`) when `asyncio_default_fixture_loop_scope` is
+    unset; "function" is the default it announces for its next versions. A value the project sets wins:
+    this runs first and only fills the gap. `_inicache` is where pytest keeps resolved ini values.
+    """
+    config.addinivalue_line("markers", "envoy: the test starts a real Envoy (the sidecar_envoy fixtures)")
+    if config.pluginmanager.hasplugin("asyncio"):
+        try:
+            unset = not config.getini(_LOOP_SCOPE)
+        except ValueError:  # a pytest-asyncio without that option
+            return
+        cache = getattr(config, "_inicache", None)
+        if unset and isinstance(cache, dict):
+            cache[_LOOP_SCOPE] = "function"
 
 
 @pytest.fixture
@@ -474,11 +495,41 @@ def sidecar_envoy(request: pytest.FixtureRequest) -> Iterator[Callable[..., Envo
         harness.close()
 
 
+@pytest.fixture(scope="session")
+def sidecar_envoy_session(request: pytest.FixtureRequest) -> Iterator[Callable[..., EnvoyHarness]]:
+    """`sidecar_envoy`, shared by the whole session: the same arguments give the same running harness.
+
+    Starting Envoy and the sidecar costs about a second; tests that only send requests can share one.
+    Every harness stops when the session ends. State the plugins keep carries over between tests.
+    """
+    started: dict[str, EnvoyHarness] = {}
+    request.config.stash[_SESSION_HARNESSES] = started
+
+    def factory(**kwargs: Any) -> EnvoyHarness:
+        key = repr(sorted(kwargs.items()))
+        if key not in started:
+            harness = EnvoyHarness(**kwargs)
+            try:
+                harness.start()
+            except BaseException:
+                harness.close()
+                raise
+            started[key] = harness
+        return started[key]
+
+    yield factory
+    for harness in started.values():
+        harness.close()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.failed:
-        harnesses: list[EnvoyHarness] = item.stash.get(_HARNESSES, [])
+        own: list[EnvoyHarness] = item.stash.get(_HARNESSES, [])
+        harnesses = list(own)
+        if "sidecar_envoy_session" in getattr(item, "fixturenames", ()):
+            harnesses += item.config.stash.get(_SESSION_HARNESSES, {}).values()
         for i, harness in enumerate(harnesses):
             report.sections.append((f"envoy-sidecar harness {i} logs", harness.logs()[-20000:]))
     return report

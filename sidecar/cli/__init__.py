@@ -9,6 +9,7 @@ SidecarError (a user mistake) becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,12 +40,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # worker processes are started with the same arguments
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's exit
     except SidecarError as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`sidecar wasm ls --json | head`): stop quietly, as a pipeline expects.
+        _discard_stdout()
+        return _SIGPIPE_EXIT
     return result
+
+
+_SIGPIPE_EXIT = 141  # what a shell reports for a command ended by SIGPIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured output)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from sidecar.cli.serve import SOURCES_HELP, add_source_args, resolve
@@ -34,8 +37,27 @@ def _envoy_config(args: argparse.Namespace) -> int:
         from sidecar.stack.envoy import validate_bootstrap
 
         validate_bootstrap(bootstrap)
+        for path in _silent_sockets(config.socket_paths()):
+            print(
+                f"sidecar: warning: nothing listens on unix:{path}; Envoy will answer 500 until "
+                "`sidecar serve` runs with the same config (or the same --listen)",
+                file=sys.stderr,
+            )
     sys.stdout.write(yaml.safe_dump(bootstrap, sort_keys=False))
     return 0
+
+
+def _silent_sockets(paths: Sequence[Path]) -> list[Path]:
+    """The sockets Envoy will be pointed at that accept no connection now (connect only: nothing is sent)."""
+    silent = []
+    for path in paths:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                silent.append(path)
+    return silent
 
 
 def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -48,7 +70,11 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         ),
     )
     add_source_args(envoy)
-    envoy.add_argument("--listen", help=f"the sidecar's unix:PATH (default unix:{DEFAULT_SOCKET})")
+    envoy.add_argument(
+        "--listen",
+        help=f"the sidecar's unix:PATH (default: the config file's listen:, else unix:{DEFAULT_SOCKET}, as "
+        "`sidecar serve` resolves it; --validate warns when nothing listens there)",
+    )
     envoy.add_argument("--workers", type=int, help="number of sidecar workers (one endpoint each)")
     envoy.add_argument("--message-timeout", type=float, help="ext_proc message_timeout in seconds (default 0.5)")
     envoy.add_argument("--listen-address", default="127.0.0.1:10000", help="Envoy's listener (default %(default)s)")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["ProgressLine", "add_wasm_commands"]
+__all__ = ["ProgressLine", "add_reference_args", "add_wasm_commands", "pull_reference"]
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
@@ -45,7 +45,8 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="cache root (default $SIDECAR_WASM_CACHE or ~/.cache/sidecar/wasm)",
+        help="cache root (default $SIDECAR_WASM_CACHE or ~/.cache/sidecar/wasm; the same for render, up -f "
+        "and wasm run, whose compiled code goes to compiled/ under it)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     if not network:
@@ -55,7 +56,8 @@ def _common(parser: argparse.ArgumentParser, network: bool) -> None:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="allow plain HTTP to this registry or URL host (repeatable)",
+        help="allow plain HTTP to this registry or URL host (repeatable; loopback hosts need not be listed: "
+        "HTTPS is tried first, then plain HTTP, as docker does)",
     )
     parser.add_argument("--ca-bundle", help="PEM file of CAs to trust instead of the system ones")
     parser.add_argument("--pull-secret", type=Path, help="Docker config.json or Kubernetes dockerconfigjson Secret")
@@ -175,16 +177,7 @@ def _pull(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
     progress = ProgressLine(sys.stderr) if show else None
     try:
-        if args.ref.startswith(("https://", "http://")):
-            if args.pull_secret is not None:
-                from sidecar.wasm.fetch.errors import BadReferenceError
-
-                raise BadReferenceError("--pull-secret applies to images, not to HTTP URLs")
-            result = fetcher.pull_http(args.ref, sha256=args.sha256, policy=args.policy, progress=progress)
-        else:
-            result = fetcher.pull_image(
-                args.ref, sha256=args.sha256, policy=args.policy, pull_secret=_secret(args), progress=progress
-            )
+        result = _pull_one(fetcher, args.ref, args.sha256, args.policy, _secret(args), progress)
     finally:
         if progress is not None:
             progress.finish()
@@ -206,6 +199,46 @@ def _pull(args: argparse.Namespace) -> int:
         how = "cached" if result.cache_hit else f"pulled ({result.layout or 'http'})"
         print(f"{module.path}  sha256:{module.sha256}  {module.size} bytes  {how}")
     return 0
+
+
+def _pull_one(fetcher: Any, ref: str, sha256: str | None, policy: str | None, secret: Any, progress: Any) -> Any:
+    if ref.startswith(("https://", "http://")):
+        if secret is not None:
+            from sidecar.wasm.fetch.errors import BadReferenceError
+
+            raise BadReferenceError("--pull-secret applies to images, not to HTTP URLs")
+        return fetcher.pull_http(ref, sha256=sha256, policy=policy, progress=progress)
+    return fetcher.pull_image(ref, sha256=sha256, policy=policy, pull_secret=secret, progress=progress)
+
+
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    """For commands that take a module reference besides a file (`wasm run`): where and how to pull it."""
+    parser.add_argument("--sha256", help="with a reference: image manifest digest, or a URL body's sha256")
+    parser.add_argument("--policy", choices=("Always", "IfNotPresent"), help="with a reference: pull policy")
+    parser.add_argument("--pull-secret", type=Path, help="with a reference: Docker config.json or Secret manifest")
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="with a reference: allow plain HTTP to this registry or URL host (loopback ones need not be listed)",
+    )
+    parser.add_argument("--ca-bundle", help="with a reference: PEM file of CAs to trust")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="with a reference: cache root (default as `sidecar wasm pull`)"
+    )
+
+
+def pull_reference(args: argparse.Namespace, ref: str) -> Path:
+    """Pull (or find in the cache) the module `ref` names, with `add_reference_args`' flags and the
+    fetcher's default limits; its verified path in the cache."""
+    from sidecar.wasm.fetch.fetcher import ModuleFetcher
+    from sidecar.wasm.fetch.transfer import FetchOptions
+
+    options = FetchOptions(insecure_hosts=frozenset(args.insecure_registry), ca_bundle=args.ca_bundle)
+    fetcher = ModuleFetcher(_cache(args), options)
+    result = _pull_one(fetcher, ref, args.sha256, args.policy, _secret(args), None)
+    return Path(result.module.path)
 
 
 def _write_output(source: Path, sha256: str, target: Path) -> None:
@@ -265,6 +298,7 @@ def _ls(args: argparse.Namespace) -> int:
                 "size": m.size,
                 "digest": m.digest,
                 "source": m.source,
+                "layout": m.layout,
             }
             for key, m in entries
         ]
@@ -284,12 +318,15 @@ def _gc(args: argparse.Namespace) -> int:
             "removed_temp_files": result.removed_temp_files,
             "removed_corrupt": result.removed_corrupt,
             "index_rebuilt": result.index_rebuilt,
+            "removed_compiled": result.removed_compiled,
+            "removed_compiled_bytes": result.removed_compiled_bytes,
         }
         print(json.dumps(doc, sort_keys=True))
     else:
         rebuilt = "; rebuilt a corrupt index" if result.index_rebuilt else ""
         print(
             f"removed {result.removed_modules} modules ({result.removed_bytes} bytes, "
-            f"{result.removed_corrupt} of them corrupt) and {result.removed_temp_files} stale temp files{rebuilt}"
+            f"{result.removed_corrupt} of them corrupt), {result.removed_temp_files} stale temp files and "
+            f"{result.removed_compiled} compiled artifacts ({result.removed_compiled_bytes} bytes){rebuilt}"
         )
     return 0

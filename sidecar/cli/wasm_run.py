@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.cli import wasm_fetch
 from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,7 +32,13 @@ def add_wasm_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "upstream response, and print each phase's action, the mutated headers and bodies, any local "
         "reply and the logs.",
     )
-    run.add_argument("module", metavar="MODULE_OR_REF", help="path to a .wasm file")
+    run.add_argument(
+        "module",
+        metavar="MODULE_OR_REF",
+        help="a .wasm (or .wat) file, or a module to pull first as `sidecar wasm pull` does: an image "
+        "reference (host/repo:tag, @sha256:...) or an https:// URL; pulled modules are verified and cached",
+    )
+    wasm_fetch.add_reference_args(run)
     run.add_argument("--config", default="", help="plugin configuration: a JSON string or @file")
     run.add_argument("--vm-config", default="", help="VM configuration: a string or @file")
     run.add_argument("--root-id", default="", help="root_id of the plugin (selects the root context)")
@@ -112,17 +119,27 @@ def _pair(text: str, sep: str, what: str) -> tuple[str, str]:
     return name.strip(), value
 
 
-def _module_path(ref: str) -> Path:
+def _module_path(args: argparse.Namespace) -> Path:
+    """A local file as given; a reference or URL is pulled first (verified, cached) and run from the cache."""
     from sidecar.wasm.host.errors import WasmLoadError
 
+    ref: str = args.module
     path = Path(ref)
     if path.exists():
         return path
-    if "://" in ref or (":" in ref and "/" in ref) or "@sha256:" in ref:
-        raise WasmLoadError(
-            f"{ref}: registry and URL references are not supported by `wasm run` yet; pass a local .wasm file"
-        )
+    if _is_reference(ref):
+        return wasm_fetch.pull_reference(args, ref)
     raise WasmLoadError(f"{ref}: no such file")
+
+
+def _is_reference(text: str) -> bool:
+    """`https://...`, `oci://...`, `host.tld/repo:tag`, `localhost:5000/repo`, `repo@sha256:...`; not a path."""
+    if "://" in text or "@sha256:" in text:
+        return True
+    if text.startswith(("/", ".", "~")) or "/" not in text or text.endswith((".wasm", ".wat")):
+        return False
+    first = text.split("/", 1)[0]
+    return "." in first or ":" in first or first == "localhost"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -146,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         return HttpCallResponse.connect_failure() if args.callout_failure == "connect-failure" else None
 
     plugin = Plugin(
-        _module_path(args.module),
+        _module_path(args),
         configuration=_value(args.config, "--config"),
         vm_configuration=_value(args.vm_config, "--vm-config"),
         name=args.name,

@@ -101,11 +101,11 @@ class Stack:
         self.link: SidecarLink | None = None
         self.envoy: Envoy | None = None
         self._generation = 0
-        self._cache = workdir / "wasm"
         self._retired: list[tuple[Envoy, threading.Thread]] = []
 
     def _fetch(self, code: dict[str, Any], pull_secrets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return fetch_module(code, self._cache, pull_secrets=pull_secrets)
+        # The one Wasm cache (`sidecar wasm pull/ls/gc`, `render`): a module pulled once is not pulled again.
+        return fetch_module(code, None, pull_secrets=pull_secrets)
 
     def _build(self) -> tuple[ResourceSet, dict[str, Any]]:
         resources = load_resources(self.options.files)

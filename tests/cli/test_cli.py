@@ -52,6 +52,17 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> N
         ([], "no plugins configured"),
         (["--plugin", "header-stamp", "--tcp", "nonsense"], "--tcp: expected HOST:PORT, got 'nonsense'"),
         (["--plugin", "header-stamp", "--metrics", "9464"], "--metrics: expected HOST:PORT"),
+        (
+            ["--plugin", "header-stamp", "--envoy-processing-mode", "request_body=BUFFERED"],
+            "unknown field 'request_body'",
+        ),
+        (["--plugin", "header-stamp", "--envoy-processing-mode", "request_body_mode=SEND"], "request_body_mode='SEND'"),
+        (["--plugin", "header-stamp", "--envoy-processing-mode", "request_header_mode"], "request_header_mode=''"),
+        (["--plugin", "json-redact", "--envoy-processing-mode", ""], "request_body_mode=NONE, but the plugins need"),
+        (
+            ["--plugin", "body-digest", "--envoy-processing-mode", "request_body_mode=BUFFERED_PARTIAL"],
+            "request_body_mode=BUFFERED_PARTIAL, but the plugins need STREAMED (chain 'default': body-digest)",
+        ),
     ],
 )
 def test_serve_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
@@ -101,6 +112,31 @@ def test_plugins_lists_chains_and_modes() -> None:
     assert "header-stamp = sidecar_plugins.stamp:HeaderStamp" in proc.stdout
     assert re.search(r"request_body\s+json-redact", proc.stdout)
     assert "request_body_mode=BUFFERED" in proc.stdout
+
+
+def test_plugins_lists_chunk_and_stream_hooks_in_call_order(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "chains:\n  default: [header-stamp, body-digest, sse-meter]\n"
+        "  both:\n    plugins:\n      - use: tests.support.testplugins:StreamPass\n      - use: sse-meter\n"
+    )
+    proc = sidecar("plugins", "-c", str(config), "--json")
+    assert proc.returncode == 0, proc.stderr
+    chains = json.loads(proc.stdout)["chains"]
+    assert chains["default"]["hooks"] == {
+        "request_headers": ["header-stamp"],
+        "request_chunk": ["body-digest"],
+        "request_trailers": ["body-digest"],
+        "response_headers": ["sse-meter", "header-stamp"],
+        "response_chunk": ["sse-meter"],
+    }
+    stream_pass, sse_meter = chains["both"]["plugins"]
+    assert chains["both"]["hooks"]["request_chunk"] == [stream_pass]
+    assert chains["both"]["hooks"]["response_chunk"] == [sse_meter, stream_pass]  # responses unwind
+    text = sidecar("plugins", "-c", str(config)).stdout
+    assert re.search(r"^  request_chunk\s+body-digest$", text, flags=re.MULTILINE), text
+    duplex = json.loads(sidecar("plugins", "--plugin", "jsonl-tag", "--json").stdout)["chains"]["default"]
+    assert duplex["hooks"] == {"response_headers": ["jsonl-tag"], "response_stream": ["jsonl-tag"]}
 
 
 def test_envoy_config_validates_with_envoy(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ static_resources:
                       # The default chain's failure policy, for timeouts and an unreachable sidecar too.
                       failure_mode_allow: {{ include "envoy-sidecar.failOpen" . }}
                       message_timeout: {{ include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout }}
+                      # The longest a plugin may ask for per message (override_message_timeout), as envoy-config.
+                      {{- $seconds := include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout | trimSuffix "s" | float64 }}
+                      max_message_timeout: {{ ternary (include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout) "10s" (gt $seconds 10.0) }}
                       allow_mode_override: {{ .Values.extProc.allowModeOverride }}
                       processing_mode:
                         request_header_mode: {{ ternary "SEND" "SKIP" $pm.request.enabled }}

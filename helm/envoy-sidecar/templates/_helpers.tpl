@@ -31,6 +31,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 {{- end -}}
 
+{{/* Pod labels: the chart's labels win over standalone.podLabels (the selector must keep matching). */}}
+{{- define "envoy-sidecar.podLabels" -}}
+{{- $labels := include "envoy-sidecar.labels" . | fromYaml -}}
+{{- toYaml (merge $labels (deepCopy .Values.standalone.podLabels)) -}}
+{{- end -}}
+
+{{- define "envoy-sidecar.serviceAccountName" -}}
+{{- $sa := .Values.standalone.serviceAccount -}}
+{{- if $sa.create -}}
+{{- default (include "envoy-sidecar.fullname" .) $sa.name -}}
+{{- else -}}
+{{- default "default" $sa.name -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "envoy-sidecar.annotations" -}}
 {{- with .Values.commonAnnotations -}}
 annotations:
@@ -148,6 +163,10 @@ args:
   - {{ $v.logFormat }}
   - --log-level
   - {{ $v.logLevel }}
+  # What Envoy was told to send (the same values the ext_proc filter is rendered from): the sidecar
+  # refuses to start, with the reason in one log line, when its plugins need more.
+  - --envoy-processing-mode
+  - {{ include "envoy-sidecar.envoyProcessingMode" . }}
   {{- if $v.metrics.enabled }}
   - --metrics
   - 0.0.0.0:{{ $v.metrics.port }}
@@ -350,6 +369,21 @@ typed_config:
       code:
         local:
           filename: {{ include "envoy-sidecar.wasmFile" . }}
+{{- end -}}
+
+{{/* extProc.processingMode as Envoy's processing_mode fields, for `sidecar serve --envoy-processing-mode`.
+Trailers are sent only with FULL_DUPLEX_STREAMED bodies, as the standalone bootstrap and EG configure them. */}}
+{{- define "envoy-sidecar.envoyProcessingMode" -}}
+{{- $pm := .Values.extProc.processingMode -}}
+{{- $out := list -}}
+{{- range $side := list "request" "response" -}}
+{{- $block := get $pm $side -}}
+{{- $body := include "envoy-sidecar.bodyMode" $block.body -}}
+{{- $out = append $out (printf "%s_header_mode=%s" $side (ternary "SEND" "SKIP" $block.enabled)) -}}
+{{- $out = append $out (printf "%s_body_mode=%s" $side $body) -}}
+{{- $out = append $out (printf "%s_trailer_mode=%s" $side (ternary "SEND" "SKIP" (eq $body "FULL_DUPLEX_STREAMED"))) -}}
+{{- end -}}
+{{- join "," $out -}}
 {{- end -}}
 
 {{- define "envoy-sidecar.bodyMode" -}}

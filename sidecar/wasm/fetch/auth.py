@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sidecar.wasm.fetch.errors import CredentialsFileError
+from sidecar.wasm.fetch.errors import AuthError, CredentialsFileError
 
 __all__ = [
     "ENV_PASSWORD",
@@ -29,6 +30,8 @@ __all__ = [
     "Credentials",
     "DockerConfig",
     "load_pull_secret",
+    "missing_credentials_hint",
+    "naming_the_credential_store",
     "pull_secret_from_manifest",
     "resolve_credentials",
 ]
@@ -36,6 +39,7 @@ __all__ = [
 ENV_USERNAME = "SIDECAR_REGISTRY_USERNAME"
 ENV_PASSWORD = "SIDECAR_REGISTRY_PASSWORD"
 _MAX_FILE_BYTES = 1 << 20
+_MAX_HELPER_NAME = 64  # a helper name is echoed in errors: keep a hostile config from flooding them
 _DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
@@ -58,7 +62,18 @@ class DockerConfig:
 
     auths: Mapping[str, Mapping[str, Any]]
     source: str
-    helper_hosts: frozenset[str] = frozenset()
+    helpers: Mapping[str, str] = field(default_factory=dict)  # credHelpers: host -> helper name
+    store: str | None = None  # credsStore: the helper for every host not in auths
+
+    def store_hint(self, registry: str) -> str | None:
+        """Why no credentials were found for `registry` when a credential store should have had them."""
+        if self.store is None or self.auths.get(registry) is not None:
+            return None
+        return (
+            f"{self.source} keeps credentials in the credential store {self.store!r} (credsStore, "
+            f"docker-credential-{self.store}), which is not supported; put them in 'auths', or pass "
+            f"--pull-secret or ${ENV_USERNAME}/${ENV_PASSWORD}"
+        )
 
     def credentials_for(self, registry: str) -> Credentials | None:
         keys = _DOCKER_HUB_KEYS if registry in _DOCKER_HUB_KEYS else (registry,)
@@ -66,10 +81,11 @@ class DockerConfig:
             entry = self.auths.get(key)
             if entry is not None:
                 return _entry_credentials(entry, f"{self.source} (auths[{key!r}])")
-        if any(key in self.helper_hosts for key in keys):
+        helper = next((self.helpers[key] for key in keys if key in self.helpers), None)
+        if helper is not None:
             raise CredentialsFileError(
-                f"{self.source}: credentials for {registry} are in a credential helper, "
-                "which is not supported; put them in 'auths'"
+                f"{self.source}: credentials for {registry} are in the credential helper {helper!r} "
+                f"(credHelpers, docker-credential-{helper}), which is not supported; put them in 'auths'"
             )
         return None
 
@@ -109,8 +125,17 @@ def _docker_config(data: Any, source: str, *, legacy: bool = False) -> DockerCon
     if not isinstance(auths, Mapping):
         raise CredentialsFileError(f"{source}: 'auths' must be an object")
     helpers = data.get("credHelpers", {}) if not legacy else {}
-    helper_hosts = frozenset(_host_key(k) for k in helpers) if isinstance(helpers, Mapping) else frozenset()
-    return DockerConfig({_host_key(k): v for k, v in auths.items()}, source, helper_hosts)
+    if not isinstance(helpers, Mapping):
+        helpers = {}
+    named = {_host_key(k): _helper_name(v) for k, v in helpers.items()}
+    store = data.get("credsStore") if not legacy else None
+    store_name = _helper_name(store) if isinstance(store, str) and store else None
+    return DockerConfig({_host_key(k): v for k, v in auths.items()}, source, named, store_name)
+
+
+def _helper_name(value: Any) -> str:
+    """A helper name as it may appear in an error: printable, and short."""
+    return "".join(c for c in str(value) if c.isprintable())[:_MAX_HELPER_NAME]
 
 
 def pull_secret_from_manifest(manifest: Mapping[str, Any], source: str) -> DockerConfig:
@@ -175,12 +200,54 @@ def resolve_credentials(
     user, password = env.get(ENV_USERNAME), env.get(ENV_PASSWORD)
     if user and password is not None:
         return Credentials(user, password, f"${ENV_USERNAME}/${ENV_PASSWORD}")
+    for path in _config_candidates(env):
+        if path.is_file():
+            return load_pull_secret(path).credentials_for(registry)
+    return None
+
+
+def missing_credentials_hint(
+    registry: str, pull_secret: DockerConfig | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """When a registry asked for credentials and `resolve_credentials` found none: the Docker config's
+    credential store that may hold them (named, so the user knows where to look), or None."""
+    env = os.environ if environ is None else environ
+    if pull_secret is not None:
+        return pull_secret.store_hint(registry)
+    if env.get(ENV_USERNAME):
+        return None
+    for path in _config_candidates(env):
+        if path.is_file():
+            try:
+                return load_pull_secret(path).store_hint(registry)
+            except CredentialsFileError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def naming_the_credential_store(
+    registry: str,
+    credentials: Credentials | None,
+    pull_secret: DockerConfig | None,
+    environ: Mapping[str, str] | None,
+) -> Iterator[None]:
+    """An AuthError of an anonymous request gains the credsStore that may hold the credentials."""
+    try:
+        yield
+    except AuthError as exc:
+        hint = missing_credentials_hint(registry, pull_secret, environ) if credentials is None else None
+        if hint is None:
+            raise
+        named = AuthError(f"{exc}; {hint}")
+        named.reason = exc.reason
+        raise named from None
+
+
+def _config_candidates(env: Mapping[str, str]) -> list[Path]:
     candidates = []
     if env.get("DOCKER_CONFIG"):
         candidates.append(Path(env["DOCKER_CONFIG"]) / "config.json")
     if env.get("HOME"):
         candidates.append(Path(env["HOME"]) / ".docker" / "config.json")
-    for path in candidates:
-        if path.is_file():
-            return load_pull_secret(path).credentials_for(registry)
-    return None
+    return candidates

@@ -43,6 +43,7 @@ from typing import IO, Any
 
 from prometheus_client import Gauge
 
+from sidecar.wasm import COMPILED_DIR, ENV_CACHE_DIR, cache_root
 from sidecar.wasm.fetch.errors import CacheError, TooLargeError, UnavailableError
 
 __all__ = [
@@ -63,20 +64,17 @@ _LOCK_POLL = 0.05
 _HASH_CHUNK = 1 << 20
 _MODULE_NAME = re.compile(r"([a-f0-9]{64})\.wasm")
 _HEX64 = re.compile(r"[a-f0-9]{64}")
+_COMPILED_NAME = re.compile(r"([a-f0-9]{64})-[a-f0-9]{16}\.cwasm")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO planted in the cache must not block us
 # Named as Envoy Gateway's (internal/wasm/metrics.go), so EG dashboards work unchanged.
 CACHE_ENTRIES = Gauge("wasm_cache_entries", "Number of Wasm modules in the cache.")
-ENV_CACHE_DIR = "SIDECAR_WASM_CACHE"
 _log = logging.getLogger("sidecar.wasm.fetch")
 
 
 def default_cache_dir() -> Path:
     """The cache root when none is given: `$SIDECAR_WASM_CACHE`, else `$XDG_CACHE_HOME/sidecar/wasm`
-    (`~/.cache/sidecar/wasm`). The CLI and `sidecar render` use it."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sidecar" / "wasm"
+    (`~/.cache/sidecar/wasm`). The CLI, `sidecar render` and `sidecar up -f` use it."""
+    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,8 @@ class CachedModule:
     path: Path
     size: int
     digest: str  # the manifest digest of an image, the body sha256 of an HTTP URL
-    source: str
+    source: str  # the image reference or URL this entry was fetched for
+    layout: str | None = None  # an image's layout ("oci" or "compat"); None for HTTP URLs
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,8 @@ class GcResult:
     removed_temp_files: int
     removed_corrupt: int = 0
     index_rebuilt: bool = False
+    removed_compiled: int = 0  # wasmtime artifacts (`compiled/*.cwasm`) and leftovers there
+    removed_compiled_bytes: int = 0
 
 
 class _CorruptIndex(Exception):
@@ -409,7 +410,7 @@ class ModuleCache:
         assert verdict.stamp is not None
         if verdict.rehashed or time.time() - float(info["last_used"]) > _TOUCH_INTERVAL:
             self._touch(sha, verdict.stamp)
-        module = CachedModule(sha, self.path_for(sha), int(info["size"]), str(ref["digest"]), str(ref["source"]))
+        module = _module(sha, self.path_for(sha), int(info["size"]), ref)
         return CacheLookup(module)
 
     def lookup(self, keys: Sequence[str]) -> CachedModule | None:
@@ -447,7 +448,16 @@ class ModuleCache:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def store(self, temp: Path, sha256: str, size: int, keys: Sequence[str], digest: str, source: str) -> CachedModule:
+    def store(
+        self,
+        temp: Path,
+        sha256: str,
+        size: int,
+        keys: Sequence[str],
+        digest: str,
+        source: str,
+        layout: str | None = None,
+    ) -> CachedModule:
         """Publish a verified module file (renamed, not copied) and point `keys` at it. If the index
         cannot be written, a module file published by this call is removed again."""
         if size > self.max_bytes:
@@ -469,7 +479,7 @@ class ModuleCache:
                 same = (after.st_dev, after.st_ino) == (written.st_dev, written.st_ino)
                 index["modules"][sha256] = {"size": size, "last_used": now, "stamp": _stamp(after) if same else None}
                 for key in keys:
-                    index["refs"][key] = {"module": sha256, "digest": digest, "source": source, "fetched": now}
+                    index["refs"][key] = _ref(sha256, digest, source, layout, now)
                 self._evict(index, keep=sha256)
                 self._write_index(index)
         except (OSError, CacheError) as exc:
@@ -478,7 +488,7 @@ class ModuleCache:
             if isinstance(exc, CacheError):
                 raise
             raise CacheError(f"cache directory {self.root}: cannot store module ({_errno_text(exc)})") from None
-        return CachedModule(sha256, final, size, digest, source)
+        return CachedModule(sha256, final, size, digest, source, layout)
 
     def _evict(self, index: dict[str, Any], keep: str) -> None:
         """Least-recently-used eviction until the total fits; runs under the index lock."""
@@ -497,8 +507,13 @@ class ModuleCache:
         index["modules"].pop(sha, None)
         index["refs"] = {k: v for k, v in index["refs"].items() if v["module"] != sha}
 
-    def store_keys(self, module: CachedModule, keys: Sequence[str]) -> CachedModule:
-        """Point more keys at a module already cached (a tag re-resolved to a known digest)."""
+    def store_keys(
+        self, module: CachedModule, keys: Sequence[str], source: str | None = None, layout: str | None = None
+    ) -> CachedModule:
+        """Point more keys at a module already cached (a tag re-resolved to a known digest, or another
+        tag of the same image); the keys record `source` (default: the module's) and `layout`."""
+        source = module.source if source is None else source
+        layout = module.layout if layout is None else layout
         with self._index_lock():
             index = self._load(True)
             if module.sha256 not in index["modules"]:
@@ -506,14 +521,9 @@ class ModuleCache:
             now = time.time()
             index["modules"][module.sha256]["last_used"] = now
             for key in keys:
-                index["refs"][key] = {
-                    "module": module.sha256,
-                    "digest": module.digest,
-                    "source": module.source,
-                    "fetched": now,
-                }
+                index["refs"][key] = _ref(module.sha256, module.digest, source, layout, now)
             self._write_index(index)
-        return module
+        return CachedModule(module.sha256, module.path, module.size, module.digest, source, layout)
 
     def entries(self) -> list[tuple[str, CachedModule]]:
         """(source key, module) for every index entry whose module file is on disk (not verified:
@@ -524,9 +534,7 @@ class ModuleCache:
             sha = ref["module"]
             path = self.path_for(sha)
             if path.is_file() and not path.is_symlink():
-                found.append(
-                    (key, CachedModule(sha, path, int(index["modules"][sha]["size"]), ref["digest"], ref["source"]))
-                )
+                found.append((key, _module(sha, path, int(index["modules"][sha]["size"]), ref)))
         return found
 
     def _module_files(self) -> list[Path]:
@@ -583,9 +591,34 @@ class ModuleCache:
                         temps += 1
                         self._remove(path)
                 self._write_index(index)
+                compiled, compiled_bytes = self._sweep_compiled(set(index["modules"]), now, max_age)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root}: cannot clean up ({_errno_text(exc)})") from None
-        return GcResult(removed, removed_bytes, temps, corrupt, rebuilt)
+        return GcResult(removed, removed_bytes, temps, corrupt, rebuilt, compiled, compiled_bytes)
+
+    def _sweep_compiled(self, cached: set[str], now: float, max_age: float | None) -> tuple[int, int]:
+        """The host's compiled code under `compiled/`: drop artifacts of modules no longer cached (once
+        unused for an hour, so a module run from a local file keeps its code a while), everything unused
+        for `max_age`, leftovers of crashed writes, and anything that is not a regular file."""
+        directory = self.root / COMPILED_DIR
+        if not directory.is_dir() or directory.is_symlink():
+            return 0, 0
+        removed = removed_bytes = 0
+        for path in directory.iterdir():
+            st = os.lstat(path)
+            idle = now - st.st_mtime
+            match = _COMPILED_NAME.fullmatch(path.name)
+            if stat.S_ISREG(st.st_mode) and match is not None:
+                drop = (max_age is not None and idle > max_age) or (
+                    match.group(1) not in cached and idle > _STALE_TMP_SECONDS
+                )
+            else:
+                drop = not stat.S_ISREG(st.st_mode) or idle > _STALE_TMP_SECONDS
+            if drop and not stat.S_ISDIR(st.st_mode):
+                removed += 1
+                removed_bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                self._remove(path)
+        return removed, removed_bytes
 
 
 @dataclass(frozen=True)
@@ -595,6 +628,21 @@ class _Verdict:
     stamp: list[int] | None
     problem: str | None
     rehashed: bool = False
+
+
+_LAYOUTS = ("oci", "compat")
+
+
+def _ref(sha256: str, digest: str, source: str, layout: str | None, fetched: float) -> dict[str, Any]:
+    """An index entry pointing a source key at a module (`layout` only for images)."""
+    ref: dict[str, Any] = {"module": sha256, "digest": digest, "source": source, "fetched": fetched}
+    if layout is not None:
+        ref["layout"] = layout
+    return ref
+
+
+def _module(sha256: str, path: Path, size: int, ref: dict[str, Any]) -> CachedModule:
+    return CachedModule(sha256, path, size, str(ref["digest"]), str(ref["source"]), ref.get("layout"))
 
 
 def _number(value: Any) -> bool:
@@ -624,5 +672,6 @@ def _validated(document: Any) -> dict[str, Any]:
             continue
         digest, source, fetched = ref.get("digest"), ref.get("source"), ref.get("fetched", 0.0)
         if isinstance(digest, str) and isinstance(source, str) and _number(fetched):
-            refs[key] = {"module": ref["module"], "digest": digest, "source": source, "fetched": float(fetched)}
+            layout = ref.get("layout")
+            refs[key] = _ref(ref["module"], digest, source, layout if layout in _LAYOUTS else None, float(fetched))
     return {"version": 1, "modules": modules, "refs": refs}

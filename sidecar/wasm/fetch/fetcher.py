@@ -17,12 +17,13 @@ too, its error says the cached copy was thrown away.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import urllib.parse
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prometheus_client import Counter
 
-from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.auth import DockerConfig, naming_the_credential_store, resolve_credentials
 from sidecar.wasm.fetch.binary import check_module
 from sidecar.wasm.fetch.cache import CachedModule, ModuleCache
 from sidecar.wasm.fetch.errors import (
@@ -48,9 +49,15 @@ REMOTE_FETCHES = Counter("wasm_remote_fetch", "Failed remote Wasm module fetches
 
 @dataclass(frozen=True)
 class PullResult:
+    """The module (its `source` is the reference or URL this pull asked for), whether the cache had it,
+    and an image's layout ("oci" / "compat"; recorded in the cache, so hits know it too)."""
+
     module: CachedModule
     cache_hit: bool
-    layout: str | None = None  # "oci" / "compat" for a fresh image pull
+
+    @property
+    def layout(self) -> str | None:
+        return self.module.layout
 
 
 @dataclass
@@ -81,7 +88,7 @@ class ModuleFetcher:
             keys = [_tag_key(ref)]
         hit, evicted = self._lookup(keys)
         if hit is not None:
-            return PullResult(hit, True)
+            return PullResult(replace(hit, source=str(ref)), True)
         lock_key = _image_key(ref, pins[0]) if pins else _tag_key(ref)
         try:
             with (
@@ -90,7 +97,7 @@ class ModuleFetcher:
             ):
                 found = self.cache.find(keys)
                 if found.module is not None:  # another process fetched it while we waited
-                    return PullResult(found.module, True)
+                    return PullResult(replace(found.module, source=str(ref)), True)
                 return self._fetch_image(ref, want, pull_secret, deadline, progress)
         except FetchError as exc:
             REMOTE_FETCHES.labels(reason=exc.reason).inc()
@@ -106,7 +113,8 @@ class ModuleFetcher:
     ) -> PullResult:
         credentials = resolve_credentials(ref.registry, pull_secret, self.options.environ)
         with RegistryClient(ref, credentials, self.options, deadline) as client:
-            image = client.resolve()
+            with naming_the_credential_store(ref.registry, credentials, pull_secret, self.options.environ):
+                image = client.resolve()
             if want is not None and want not in (image.top_digest, image.manifest_digest):
                 raise ChecksumMismatchError(
                     f"image {ref}: manifest digest is {image.manifest_digest}, but sha256 says {want}"
@@ -115,22 +123,24 @@ class ModuleFetcher:
             if ref.digest is None:
                 keys.append(_tag_key(ref))
             known = self.cache.lookup([_image_key(ref, image.manifest_digest)])
-            if known is not None:  # Always on an unchanged tag: re-resolved, nothing to download
-                module = self.cache.store_keys(known, keys)
-                return PullResult(module, True, image.layout)
+            if known is not None:  # Always on an unchanged tag, or another tag of it: nothing to download
+                module = self.cache.store_keys(known, keys, str(ref), image.layout)
+                return PullResult(module, True)
             with self.cache.temp_file() as (blob_path, blob):
                 client.download_blob(image.layer, blob, progress)
                 blob.flush()
                 where = f"image {ref}"
                 if image.layout == "oci":  # the verified blob is the module: its digest is the module sha
                     sha_size = (image.layer.hex, image.layer.size)
-                    module = self._publish(blob_path, sha_size, keys, image.manifest_digest, str(ref), where)
-                    return PullResult(module, False, image.layout)
+                    module = self._publish(blob_path, sha_size, keys, image.manifest_digest, str(ref), where, "oci")
+                    return PullResult(module, False)
                 with self.cache.temp_file() as (wasm_path, wasm):
                     sha_size = extract_plugin(blob_path, wasm, self.options.max_module_bytes, deadline, where)
                     wasm.flush()
-                    module = self._publish(wasm_path, sha_size, keys, image.manifest_digest, str(ref), where)
-                    return PullResult(module, False, image.layout)
+                    module = self._publish(
+                        wasm_path, sha_size, keys, image.manifest_digest, str(ref), where, image.layout
+                    )
+                    return PullResult(module, False)
 
     # --- HTTP ---
 
@@ -142,7 +152,11 @@ class ModuleFetcher:
         policy: str | None = None,
         progress: Progress | None = None,
     ) -> PullResult:
-        check_url(url, self.options)
+        options = self.options
+        host = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+        if url.startswith("http://") and options.named_loopback(host):
+            options = options.trusting(host)  # docker's loopback rule, for the URL's own host only
+        check_url(url, options)
         key, shown = url_key(url), shown_url(url)
         want = normalize_sha256(sha256) if sha256 else None
         policy = _policy(policy, False)
@@ -159,7 +173,7 @@ class ModuleFetcher:
                 if found.module is not None:
                     return PullResult(found.module, True)
                 with self.cache.temp_file() as (path, handle):
-                    body_sha, size = fetch_url(url, handle, self.options, deadline, progress)
+                    body_sha, size = fetch_url(url, handle, options, deadline, progress)
                     handle.flush()
                     if want is not None and body_sha != want:
                         raise ChecksumMismatchError(f"URL {shown}: body has sha256 {body_sha}, but sha256 says {want}")
@@ -179,7 +193,14 @@ class ModuleFetcher:
         return found.module, found.evicted
 
     def _publish(
-        self, path: Path, sha_size: tuple[str, int], keys: list[str], digest: str, source: str, where: str
+        self,
+        path: Path,
+        sha_size: tuple[str, int],
+        keys: list[str],
+        digest: str,
+        source: str,
+        where: str,
+        layout: str | None = None,
     ) -> CachedModule:
         """Validate a module whose sha256 and size were computed while it was written, then store it."""
         try:
@@ -187,7 +208,7 @@ class ModuleFetcher:
         except OSError as exc:
             raise CacheError(f"{where}: cannot read the download back ({exc.strerror or exc})") from None
         sha, size = sha_size
-        return self.cache.store(path, sha, size, keys, digest, source)
+        return self.cache.store(path, sha, size, keys, digest, source, layout)
 
 
 def _after_eviction(exc: FetchError, evicted: str | None) -> FetchError:

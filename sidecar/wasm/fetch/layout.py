@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from sidecar.wasm.fetch.auth import DockerConfig, resolve_credentials
+from sidecar.wasm.fetch.auth import DockerConfig, naming_the_credential_store, resolve_credentials
 from sidecar.wasm.fetch.binary import structure_problem
 from sidecar.wasm.fetch.errors import BadReferenceError, NotWasmError, TooLargeError
 from sidecar.wasm.fetch.oci import (
@@ -229,6 +229,7 @@ def push_image(
     with (
         Deadline(options.deadline, f"push to {ref}") as deadline,
         RegistryClient(ref, credentials, options, deadline) as client,
+        naming_the_credential_store(ref.registry, credentials, pull_secret, options.environ),
     ):
         for blob in image.blobs:
             client.push_blob(blob)

@@ -115,6 +115,9 @@ class RegistryClient:
         insecure = options.is_insecure(ref.api_host)
         self._session = new_session(deadline, options)
         self._base = f"{'http' if insecure else 'https'}://{ref.api_host}/v2/{ref.repository}"
+        # A loopback registry not listed: HTTPS first, plain HTTP if it does not speak TLS (as docker does).
+        self._plain_fallback = options.named_loopback(ref.api_host)
+        self._fell_back = False
         self._authorization: str | None = None
 
     def close(self) -> None:
@@ -140,13 +143,12 @@ class RegistryClient:
         ok: tuple[int, ...] = (200,),
     ) -> requests.Response:
         """One registry call, answering at most one auth challenge; raises on any status not in `ok`."""
-        url = url_or_path if "://" in url_or_path else f"{self._base}/{url_or_path}"
-        response = self._send(method, url, headers, data, stream, what)
+        response = self._send(method, self._url(url_or_path), headers, data, stream, what)
         if response.status_code == 401:
             challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
             response.close()
             self._answer_challenge(challenge, what)
-            response = self._send(method, url, headers, data, stream, what)
+            response = self._send(method, self._url(url_or_path), headers, data, stream, what)
             if response.status_code == 401:
                 detail = Challenge.parse(response.headers.get("WWW-Authenticate", "")).error
                 response.close()
@@ -169,19 +171,49 @@ class RegistryClient:
             sent["Authorization"] = self._authorization
         try:
             return self._session.request(method, url, headers=sent, data=data, stream=stream)
+        except requests.exceptions.SSLError as exc:
+            plain = self._without_tls(url)
+            if plain is None:
+                raise self._failure(url, what, exc) from None
+            return self._send(method, plain, headers, data, stream, what)
         except requests.RequestException as exc:
-            host = urllib.parse.urlsplit(url).netloc
-            if self._deadline.passed:
-                raise self._deadline.error(f"waiting for {host} to answer for {what}") from None
-            if isinstance(exc, requests.exceptions.SSLError):
-                raise FetchError(
-                    f"{what}: TLS handshake with {host} failed (untrusted certificate? "
-                    "a plain-HTTP registry must be marked insecure)"
-                ) from None
-            if isinstance(exc, requests.Timeout):
-                raise UnavailableError(f"{what}: {host} did not answer in time (per-call timeout)") from None
-            what_host = f"registry {host}" if host == self.ref.api_host else host
-            raise UnavailableError(f"{what}: cannot reach {what_host} ({type(exc).__name__})") from None
+            raise self._failure(url, what, exc) from None
+
+    def _url(self, url_or_path: str) -> str:
+        """A path under the repository, or an absolute URL (moved to plain HTTP with the registry, if it was)."""
+        if "://" not in url_or_path:
+            return f"{self._base}/{url_or_path}"
+        https = f"https://{self.ref.api_host}/"
+        if self._fell_back and url_or_path.startswith(https):
+            return "http://" + url_or_path.removeprefix("https://")
+        return url_or_path
+
+    def _without_tls(self, url: str) -> str | None:
+        """The plain-HTTP URL to retry a loopback registry's failed TLS call on, once; None otherwise."""
+        https = f"https://{self.ref.api_host}/"
+        if not (self._plain_fallback and url.startswith(https)):
+            return None
+        self._plain_fallback, self._fell_back = False, True
+        self._base = "http" + self._base.removeprefix("https")
+        self._options = self._options.trusting(self.ref.api_host)  # this registry only, not its redirects
+        self._session.close()
+        self._session = new_session(self._deadline, self._options)
+        return "http://" + url.removeprefix("https://")
+
+    def _failure(self, url: str, what: str, exc: requests.RequestException) -> FetchError:
+        """A failed call as the error to raise."""
+        host = urllib.parse.urlsplit(url).netloc
+        if self._deadline.passed:
+            return self._deadline.error(f"waiting for {host} to answer for {what}")
+        if isinstance(exc, requests.exceptions.SSLError):
+            return FetchError(
+                f"{what}: TLS handshake with {host} failed (untrusted certificate? "
+                "a plain-HTTP registry must be marked insecure with --insecure-registry)"
+            )
+        if isinstance(exc, requests.Timeout):
+            return UnavailableError(f"{what}: {host} did not answer in time (per-call timeout)")
+        what_host = f"registry {host}" if host == self.ref.api_host else host
+        return UnavailableError(f"{what}: cannot reach {what_host} ({type(exc).__name__})")
 
     def _who(self) -> str:
         if self._credentials is None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import requests
@@ -93,10 +94,37 @@ class FetchOptions:
     ca_bundle: str | None = None
     http_retries: int = 5
     environ: Mapping[str, str] | None = field(default=None, repr=False)
+    # Docker's rule: the registry (or URL host) a pull names may speak plain HTTP when it is on a loopback
+    # address, unlisted: `sidecar wasm pull 127.0.0.1:5000/team/filter:v1` works as `docker pull` does
+    # (a registry tries HTTPS first). Redirects and token realms elsewhere still need listing.
+    loopback_plain_http: bool = True
 
     def is_insecure(self, host: str) -> bool:
         """Plain HTTP is allowed only for hosts the user listed (`host:port` or bare `host`)."""
         return host in self.insecure_hosts or host.rsplit(":", 1)[0] in self.insecure_hosts
+
+    def trusting(self, host: str) -> FetchOptions:
+        """These options with `host` listed as insecure."""
+        return replace(self, insecure_hosts=self.insecure_hosts | {host})
+
+    def named_loopback(self, host: str) -> bool:
+        """Is `host`, named by the pull itself, a loopback host that may use plain HTTP unlisted?"""
+        return self.loopback_plain_http and not self.is_insecure(host) and is_loopback(host)
+
+
+def is_loopback(host: str) -> bool:
+    """`127.0.0.1:5000`, `[::1]:5000`, `localhost` (any 127.0.0.0/8 or ::1, with or without a port)."""
+    bare = host.rpartition("@")[2]
+    if bare.startswith("["):
+        bare = bare[1:].partition("]")[0]
+    elif bare.count(":") == 1:
+        bare = bare.partition(":")[0]
+    if bare.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
 
 
 def shown_url(url: str) -> str:

@@ -7,9 +7,11 @@ call sets its deadline in ticks, so no thread is started per call.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import wasmtime
 
+from sidecar.wasm import COMPILED_DIR, cache_root
 from sidecar.wasm.host.errors import WasmLoadError
 
 __all__ = ["Limits", "cache_dir", "compile_module", "engine_for", "read_module_bytes", "ticks_for"]
@@ -73,11 +76,8 @@ def ticks_for(seconds: float) -> int:
 
 
 def cache_dir() -> Path:
-    configured = os.environ.get("SIDECAR_WASM_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "envoy-sidecar" / "wasm-host"
+    """The compiled-code cache: `compiled/` under the Wasm cache root the fetcher uses too (0700)."""
+    return cache_root() / COMPILED_DIR
 
 
 def read_module_bytes(path: Path) -> bytes:
@@ -101,24 +101,44 @@ def compile_module(engine: wasmtime.Engine, data: bytes | str, name: str, *, cac
     artifacts are written atomically; never point `cache` at a directory others can write.
     """
     raw = data.encode() if isinstance(data, str) else data
-    key = hashlib.sha256(raw + _engine_fingerprint(engine)).hexdigest()
-    path = cache / f"{key}.cwasm" if cache is not None else None
+    # <module sha256>-<engine>.cwasm: `sidecar wasm gc` keeps the code of modules still in the cache.
+    engine_key = hashlib.sha256(_engine_fingerprint(engine)).hexdigest()[:16]
+    usable = cache is not None and _private_dir(cache)
+    path = cache / f"{hashlib.sha256(raw).hexdigest()}-{engine_key}.cwasm" if usable and cache else None
     if path is not None and path.exists():
         try:
-            return wasmtime.Module.deserialize_file(engine, str(path))
+            module = wasmtime.Module.deserialize_file(engine, str(path))
         except wasmtime.WasmtimeError:
             path.unlink(missing_ok=True)  # stale artifact from another wasmtime build
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last use, for `sidecar wasm gc --max-age`
+            return module
     try:
         module = wasmtime.Module(engine, raw if raw.startswith(_WASM_MAGIC) else raw.decode(errors="replace"))
     except wasmtime.WasmtimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid module"
         raise WasmLoadError(f"{name}: cannot compile: {first}") from None
     if path is not None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(module.serialize())
         os.replace(tmp, path)
     return module
+
+
+def _private_dir(directory: Path) -> bool:
+    """Create `directory` 0700, or make an existing one of ours 0700. wasmtime runs what it deserializes,
+    so a directory another user owns (or a symlink) is not used at all: compilation runs uncached."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+        return True
+    except OSError:
+        return False
 
 
 def _engine_fingerprint(engine: wasmtime.Engine) -> bytes:

@@ -177,21 +177,38 @@ def test_unsupported_media_type(
     assert_user_error(code, err, "application/vnd.oci.image.layer.v1.tar")
 
 
-def test_plain_http_needs_insecure_flag(
+def test_a_loopback_registry_may_speak_plain_http_unlisted_as_with_docker(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serve_image(scripted_server, "ok/tls", make_module(10))
-    code, _, err = run(
-        capsys,
-        "wasm",
-        "pull",
-        f"{scripted_server.host}/ok/tls:v1",
-        "--cache-dir",
-        str(tmp_path),
-        "--timeout",
-        "3",
-    )
-    assert_user_error(code, err, "TLS")
+    module = make_module(10)
+    serve_image(scripted_server, "ok/plain", module)
+    ref = f"{scripted_server.host}/ok/plain:v1"
+    doc = pull_json(capsys, ref, "--cache-dir", str(tmp_path / "a"), "--timeout", "3")
+    assert doc["sha256"] == hashlib.sha256(module).hexdigest()
+    # The same registry named as localhost: loopback too.
+    doc = pull_json(capsys, f"localhost:{scripted_server.port}/ok/plain:v1", "--cache-dir", str(tmp_path / "b"))
+    assert doc["sha256"] == hashlib.sha256(module).hexdigest()
+    # With the rule off (library callers may), the TLS failure is the error, and it says what to do.
+    from sidecar.wasm.fetch.cache import ModuleCache
+    from sidecar.wasm.fetch.errors import FetchError
+    from sidecar.wasm.fetch.fetcher import ModuleFetcher
+    from sidecar.wasm.fetch.transfer import FetchOptions
+
+    strict = ModuleFetcher(ModuleCache(tmp_path / "c"), FetchOptions(loopback_plain_http=False, request_timeout=3))
+    with pytest.raises(FetchError, match=r"TLS handshake with .* failed .*--insecure-registry"):
+        strict.pull_image(ref)
+
+
+def test_the_loopback_rule_does_not_extend_to_redirects(
+    scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unlisted loopback registry may hand us only to itself or to HTTPS, never to another plain host."""
+    module = make_module(10)
+    other = "http://localhost:1/blob"  # loopback as well, but not the registry the pull named
+    serve_image(scripted_server, "hop/plain", module, blob_answer=(307, {"Location": other}, b""))
+    code, _, err = run(capsys, "wasm", "pull", f"{scripted_server.host}/hop/plain:v1", "--cache-dir", str(tmp_path))
+    assert_user_error(code, err, "refusing to fetch", other)
+    assert cache_files(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -283,12 +300,18 @@ def test_http_oversize_and_not_wasm(
     assert cache_files(tmp_path) == []
 
 
-def test_http_plain_needs_insecure(
+def test_plain_http_urls_need_listing_unless_loopback(
     scripted_server: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "wasm", "pull", scripted_server.url("/m.wasm"), "--cache-dir", str(tmp_path))
-    assert_user_error(code, err, "plain http")
-    assert scripted_server.hits == {}
+    code, _, err = run(capsys, "wasm", "pull", "http://modules.example.invalid/m.wasm", "--cache-dir", str(tmp_path))
+    assert_user_error(code, err, "plain http")  # refused before any lookup or connection
+    module = make_module(100, seed="loopback-url")
+    scripted_server.routes["/m.wasm"] = [(200, {}, module)]
+    doc = pull_json(capsys, scripted_server.url("/m.wasm"), "--cache-dir", str(tmp_path))
+    assert doc["sha256"] == hashlib.sha256(module).hexdigest()
+    scripted_server.routes["/away.wasm"] = [(302, {"Location": "http://localhost:1/m.wasm"}, b"")]
+    code, _, err = run(capsys, "wasm", "pull", scripted_server.url("/away.wasm"), "--cache-dir", str(tmp_path))
+    assert_user_error(code, err, "refusing to fetch", "http://localhost:1/m.wasm")
 
 
 def test_signed_url_query_never_shown(

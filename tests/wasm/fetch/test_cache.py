@@ -154,6 +154,8 @@ def test_gc_removes_unreferenced_and_stale_files(tmp_path: Path, capsys: pytest.
         "removed_temp_files": 1,
         "removed_corrupt": 0,
         "index_rebuilt": False,
+        "removed_compiled": 0,
+        "removed_compiled_bytes": 0,
     }
     assert cache_files(tmp_path) == [f"modules/{sha}.wasm"]
     code, out, _ = run(capsys, "wasm", "gc", "--json", "--max-age", "0", "--cache-dir", str(tmp_path))

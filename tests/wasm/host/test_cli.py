@@ -53,7 +53,8 @@ def test_text_output(sdk_modules: dict[str, Path], capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["oci://ghcr.io/acme/filter:1.0"], "registry and URL references are not supported"),
+        # A reference is pulled first (tests/wasm/fetch/test_run_reference.py); nothing listens on port 1.
+        (["oci://127.0.0.1:1/acme/filter:1.0", "--cache-dir", "{tmp}"], "cannot reach registry 127.0.0.1:1"),
         (["/nonexistent/filter.wasm"], "/nonexistent/filter.wasm: no such file"),
         (["{module}", "--header", "no-colon"], "--header 'no-colon' is not in the form NAME:VALUE"),
         (["{module}", "--config", "@/nonexistent.json"], "--config: cannot read /nonexistent.json"),
@@ -72,7 +73,7 @@ def test_user_errors_are_one_line(
     bogus.write_text("not wasm")
     trap = tmp_path / "trap.wat"
     trap.write_text(wat.TRAP)
-    paths = {"module": sdk_modules["gcore_conformance"], "bogus": bogus, "trap": trap}
+    paths = {"module": sdk_modules["gcore_conformance"], "bogus": bogus, "trap": trap, "tmp": tmp_path / "cache"}
     assert main(["wasm", "run", *[a.format(**paths) for a in argv]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
