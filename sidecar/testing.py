@@ -387,10 +387,22 @@ class _Session:
 
 
 def _struct_to_python(value: Any) -> dict[str, Any]:
+    """Metadata as Envoy shows it: a protobuf Struct has one number type (double), and Envoy prints a
+    whole one as a whole number (`%DYNAMIC_METADATA%` of 3 is "3"), so whole numbers come back as int."""
     from google.protobuf import json_format
 
-    out: dict[str, Any] = json_format.MessageToDict(value)
+    out: dict[str, Any] = _whole_numbers(json_format.MessageToDict(value))
     return out
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
 def _immediate(answer: Any, result: Result) -> bool:
@@ -430,20 +442,20 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
         action = option.append_action
         if action == Option.APPEND_IF_EXISTS_OR_ADD:  # 0: Envoy decides by the deprecated `append` flag
             if option.HasField("append") and option.append.value:
-                headers.append(name, value)
+                headers._add(name, value)
             else:
-                headers[name] = value
+                headers._put(name, value)
         elif (
             action == Option.OVERWRITE_IF_EXISTS_OR_ADD
             or (action == Option.ADD_IF_ABSENT and name not in headers)
             or (action == Option.OVERWRITE_IF_EXISTS and name in headers)
         ):
-            headers[name] = value
+            headers._put(name, value)
     for name in mutation.remove_headers:
         if name.startswith((":", _PROTECTED_PREFIX)) or name == "host":
             result.rejected_mutations.append(f"remove {name}")
             continue
-        headers.remove(name)
+        headers._discard(name.lower())
 
 
 # -- real Envoy harness ---------------------------------------------------------------------------------

@@ -179,3 +179,86 @@ def test_one_plugin_name_twice_is_two_plugins() -> None:
     # Each instance's own declaration counts (the first one's used to stand for both).
     with pytest.raises(ConfigError, match="body=STREAMED, body#2=BUFFERED_PARTIAL"):
         Chain("default", [Streamed(), Partial()])
+
+
+class _Reads(Plugin):
+    name = "reads"
+    metadata_namespaces = ("other-ns", "envoy-sidecar")
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path", "source.address")
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx: Context, headers: Any) -> None:
+        ctx.set_metadata("k", 1, namespace="other-ns")
+
+
+class _AlsoReads(Plugin):
+    name = "also-reads"
+    metadata_namespaces = ("third-ns",)
+    request_attributes = ("request.path", "xds.route_name")
+
+    def on_request_headers(self, ctx: Context, headers: Any) -> None:
+        return None
+
+
+def test_declarations_are_gathered_per_chain_and_for_the_filter() -> None:
+    registry = Registry([Chain("a", [_Reads()]), Chain("b", [_AlsoReads(), _Reads()])])
+    a = registry.chains["a"]
+    assert a.metadata_namespaces == ("envoy-sidecar", "other-ns")
+    assert a.writable_namespaces == frozenset({"envoy-sidecar", "other-ns"})
+    assert registry.chains["b"].request_attributes == ("request.path", "xds.route_name", "source.address")
+    assert registry.metadata_namespaces == ("envoy-sidecar", "other-ns", "third-ns")
+    assert registry.forwarding_namespaces == ("envoy.filters.http.jwt_authn",)
+    assert registry.request_attributes == ("request.path", "source.address", "xds.route_name")
+    assert registry.response_attributes == ("response.code",)
+
+
+def test_every_generated_envoy_config_asks_for_what_plugins_declare() -> None:
+    from sidecar.config import SidecarConfig
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    registry = Registry([Chain("default", [_Reads()]), Chain("b", [_AlsoReads()])])
+    bootstrap = build_bootstrap(registry, SidecarConfig(), BootstrapOptions())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy-sidecar", "other-ns", "third-ns"]
+    assert ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]
+    assert ext_proc["request_attributes"] == ["request.path", "source.address", "xds.route_name"]
+    assert ext_proc["response_attributes"] == ["response.code"]
+
+
+def test_an_undeclared_namespace_is_the_plugins_error() -> None:
+    from sidecar.testing import Driver, Request
+
+    class Writes(Plugin):
+        def on_request_headers(self, ctx: Context, headers: Any) -> None:
+            ctx.set_metadata("k", 1, namespace="not-declared")
+
+    result = Driver([_Reads(), Writes()]).run(Request())
+    assert result.status == 500 and result.upstream is None
+    ok = Driver([_Reads()]).run(Request())
+    assert ok.status == 200 and ok.dynamic_metadata == {"other-ns": {"k": 1}}
+    assert type(ok.dynamic_metadata["other-ns"]["k"]) is int  # as Envoy prints it: "1", not "1.0"
+    ctx = Context("c")
+    with pytest.raises(ValueError, match="namespace 'x' is not declared"):
+        ctx.set_metadata("k", 1, namespace="x")
+    with pytest.raises(TypeError, match="the key must be a str"):
+        ctx.set_metadata(3, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"metadata_namespaces": "other-ns"}, "metadata_namespaces must be a tuple of names"),
+        ({"forwarding_namespaces": ("a", 3)}, "got an item int 3"),
+        ({"request_attributes": ("request path",)}, "'request path' is not a name"),
+        ({"response_attributes": ("",)}, "'' is not a name"),
+        ({"metadata_namespaces": ("x" * 300,)}, "is not a name"),
+        ({"request_attributes": tuple(f"a{i}" for i in range(65))}, "at most 64"),
+        ({"metadata_namespaces": None}, "got NoneType None"),
+    ],
+)
+def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: str) -> None:
+    plugin_class = type("Declares", (_AlsoReads,), attributes)
+    with pytest.raises(PluginLoadError, match=message):
+        Chain("c", [plugin_class()])

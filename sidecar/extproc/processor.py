@@ -103,7 +103,7 @@ class StreamProcessor:
         self.mode_override = plan.mode_override
         self._body_modes = plan.body_modes
         self._filter_modes = plan.filter_body_modes
-        self.ctx = Context(chain.name)
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         self.metrics = metrics
         self.stream_timeout = stream_timeout
         self._send: Send | None = None
@@ -300,7 +300,7 @@ class StreamProcessor:
         headers = ctx.request_headers if kind == "request_body" else ctx.response_headers
         if body is not original and headers is not None and "content-length" in headers:
             # BUFFERED with headers sent: Envoy rejects a new body whose content-length is stale.
-            headers["content-length"] = str(len(body))
+            headers._put("content-length", str(len(body)).encode())
         changed = headers is not None and headers.changed
         if body is original and not changed:
             return _CONTINUE[kind]

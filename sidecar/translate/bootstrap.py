@@ -18,7 +18,7 @@ from sidecar.chains import FULL_DUPLEX, SEND, Registry
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.translate.backends import route_around_failed_workers, sidecar_retry_policy
-from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
+from sidecar.wire import CHAIN_METADATA_KEY
 
 __all__ = [
     "BootstrapOptions",
@@ -171,9 +171,14 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig) -> Any:
         message_timeout=timeout,
         max_message_timeout=max(timeout, datetime.timedelta(seconds=10)),
         allow_mode_override=True,
+        # What the plugins declared: Envoy drops metadata in a namespace it was not told to accept, and sends
+        # only the attributes and metadata it was asked for.
         metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=list(registry.metadata_namespaces)),
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=list(registry.forwarding_namespaces)),
         ),
+        request_attributes=list(registry.request_attributes),
+        response_attributes=list(registry.response_attributes),
         stat_prefix="sidecar",
         # Envoy sends and does not wait: observe-only plugins run off the request path.
         observability_mode=registry.observe_only,

@@ -288,6 +288,18 @@ def test_respond_normalises_what_it_accepts() -> None:
         ({"grpc_status": 17}, ValueError, "grpc_status: expected None or a gRPC status code from 0 to 16"),
         ({"grpc_status": -1}, ValueError, "grpc_status"),
         ({"grpc_status": "7"}, ValueError, "grpc_status"),
+        # What Envoy would cut, reset or strip: the reply's framing is Envoy's.
+        ({"status": 204, "body": b"x"}, ValueError, "Respond status 204 has no body (RFC 9110), got a body of 1 bytes"),
+        ({"status": 304, "body": "\u00e9"}, ValueError, "got a body of 2 bytes"),
+        ({"headers": {"content-length": "3"}, "body": b"four"}, ValueError, "got '3' for a body of 4 bytes"),
+        ({"headers": {"content-length": 0}, "body": "x"}, ValueError, "content-length"),
+        ({"headers": [("content-length", "1"), ("content-length", "1")], "body": "xx"}, ValueError, "content-length"),
+        ({"headers": {"connection": "close"}}, ValueError, "header 'connection' belongs to the connection"),
+        ({"headers": {"Transfer-Encoding": "chunked"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"upgrade": "h2c"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"keep-alive": "timeout=5"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"x": " lead"}}, ValueError, "starts or ends with a space or tab"),
+        ({"headers": {"x": b"trail\t"}}, ValueError, "space or tab"),
     ],
 )
 def test_respond_checks_itself_when_built(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
@@ -295,6 +307,13 @@ def test_respond_checks_itself_when_built(kwargs: dict[str, Any], error: type[Ex
     with pytest.raises(error) as raised:
         Respond(**arguments)
     assert message in str(raised.value)
+
+
+def test_respond_accepts_the_framing_envoy_keeps() -> None:
+    assert Respond(204).body == b""
+    assert Respond(304, headers={"etag": '"v1"'}).header_pairs == (("etag", '"v1"'),)
+    assert Respond(200, "\u00e9", {"content-length": "2"}).header_pairs == (("content-length", "2"),)
+    assert Respond(200, headers={"content-length": 0}).header_pairs == (("content-length", "0"),)
 
 
 @pytest.mark.parametrize("what", ["bad-header-value", "bad-header-name", "crlf"])
