@@ -485,10 +485,12 @@ def _immediate(answer: Any, result: Result) -> bool:
 
 
 def _local_reply_framing(reply: Message) -> None:
-    """What Envoy's local reply adds: `content-type: text/plain` to a body without one, and the body's
-    length (what an HTTP/1 client sees; 204 and 304 have no body and no length)."""
+    """What Envoy does to a local reply: `content-type: text/plain` for a body without one, no content-type
+    without a body, and the body's length (what an HTTP/1 client sees; 204 and 304 have neither)."""
     headers = reply.headers
-    if reply.body and "content-type" not in headers:
+    if not reply.body:
+        headers._discard("content-type")
+    elif "content-type" not in headers:
         headers._put("content-type", b"text/plain")
     if headers[":status"] not in ("204", "304"):
         headers._put("content-length", str(len(reply.body)).encode())

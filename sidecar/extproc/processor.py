@@ -237,7 +237,9 @@ class StreamProcessor:
         if not changed and override is None and not ctx.clear_route_cache_requested:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
-        common = getattr(response, kind).response
+        answer = getattr(response, kind)
+        answer.SetInParent()  # a mode_override alone must still answer this phase (reading sets nothing)
+        common = answer.response
         if changed:
             headers.flush_into(common.header_mutation)
         if ctx.clear_route_cache_requested and kind == "request_headers":
