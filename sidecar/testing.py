@@ -165,8 +165,8 @@ class Driver:
             await session.run(request, response or Response())
         except _StreamFailed as exc:
             result.failed = str(exc)
-            if result.response.headers:  # the response was under way: Envoy resets it
-                if session.streams("response") and session.mode.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED:
+            if session.under_way():  # the client has the response's headers: Envoy resets it
+                if session.mode.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED:
                     result.response.body, result.response.chunks = session._duplex_body("response_body")
             else:  # Envoy's own reply to a failed gRPC stream: a 500 with no body
                 result.status = 500
@@ -297,7 +297,10 @@ class _Session:
         if not chunks or mode is BodyMode.NONE:
             passed.body, passed.chunks = b"".join(chunks), list(chunks)
             return b"".join(chunks), chunks
-        messages = _body_messages(mode, chunks, framed="content-length" in headers, trailers=trailers)
+        # Envoy's HTTP/1 server codec ends a request framed by content-length with its last chunk; its client
+        # codec ends an upstream's response on its own, whatever the framing.
+        framed = kind == "request_body" and "content-length" in headers
+        messages = _body_messages(mode, chunks, framed=framed, trailers=trailers)
         if mode is not BodyMode.BUFFERED:
             # Envoy drops the length of a body it passes on as it comes: the peer gets it chunked (HTTP/1).
             headers._discard("content-length")
@@ -339,6 +342,15 @@ class _Session:
     def _duplex_body(self, kind: str) -> tuple[bytes, list[bytes]]:
         chunks = [body for body, _ in self.outputs[kind] if body]
         return b"".join(chunks), chunks
+
+    def under_way(self) -> bool:
+        """Whether the client has the response headers. In FULL_DUPLEX_STREAMED Envoy holds them until the
+        first streamed chunk comes back (it may carry their changes)."""
+        if not self.result.response.headers:
+            return False
+        if self.mode.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED:
+            return bool(self.outputs["response_body"])
+        return True
 
     def streams(self, direction: str) -> bool:
         """Whether Envoy passes the headers on before the body (NONE, STREAMED, FULL_DUPLEX_STREAMED): a
@@ -429,8 +441,9 @@ def _body_messages(mode: BodyMode, chunks: list[bytes], *, framed: bool, trailer
     """The (body, end_of_stream) messages Envoy 1.40 sends for a body from an HTTP/1 peer.
 
     BUFFERED and BUFFERED_PARTIAL (under the buffer limit): one message. STREAMED: the chunks; the last one
-    ends the body when a content-length frames it, else the end comes alone as an empty chunk (chunked
-    encoding's last chunk). FULL_DUPLEX_STREAMED: always that empty end chunk. Trailers end a body instead.
+    ends the body when `framed` (a request with a content-length), else the end comes alone as an empty
+    chunk (chunked encoding's last chunk; any upstream response). FULL_DUPLEX_STREAMED: always that empty
+    end chunk. Trailers end a body instead.
     """
     if mode in (BodyMode.BUFFERED, BodyMode.BUFFERED_PARTIAL):
         return [(b"".join(chunks), not trailers)]
