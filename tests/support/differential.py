@@ -654,3 +654,31 @@ def run_batch(cases: list[Case], env: Any, upstream: RecordingUpstream, log: Pat
         else:
             tally.agreed += 1
     return tally
+
+
+def run_cases(cases: list[Case], duplex: bool, workdir: Path, start: Any) -> Tally:
+    """The cases of one kind (FULL_DUPLEX or not) through one Envoy and one sidecar that `start(**kwargs)`
+    starts (the `sidecar_envoy` fixture, or `EnvoyHarness(**kwargs).start()`), and through the Driver."""
+    from sidecar.chains import Registry
+    from sidecar.config import load_config
+
+    chains = DUPLEX_CHAINS if duplex else CHAINS
+    cases = [case for case in cases if (case.chain in DUPLEX_CHAINS) == duplex]
+    config = workdir / ("sidecar-duplex.yaml" if duplex else "sidecar.yaml")
+    config.write_text(sidecar_config(chains))
+    log = workdir / ("access-duplex.log" if duplex else "access.log")
+    upstream = RecordingUpstream().start()
+    try:
+        env = start(
+            config=config,
+            upstream=upstream.address,
+            routes=[f"/{name}/={name}" for name in chains],
+            bootstrap_hook=access_log_hook(log),
+        )
+        return run_batch(cases, env, upstream, log, Registry.from_specs(load_config(config).chains))
+    finally:
+        upstream.stop()
+
+
+def report(tally: Tally) -> str:
+    return "\n".join(f"{case.ident} {case.chain} {case.shape} {case.script}: {p}" for case, p in tally.disagreements)
