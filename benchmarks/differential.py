@@ -10,6 +10,7 @@ Prints the counts (cases, agreements, disagreements) per kind of chain and the f
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def main() -> int:
     if args.count < 1:
         parser.error(f"--count: expected a number >= 1, got {args.count}")
     os.environ["PYTHONPATH"] = str(ROOT)  # the sidecar imports the scripted plugins from tests/support
+    logging.getLogger("sidecar.extproc").setLevel(logging.CRITICAL)  # the Driver's plugin errors are scripted
     cases = diff.generate(args.seed, args.count)
     failed = False
     harnesses: list[EnvoyHarness] = []

@@ -256,14 +256,18 @@ class _Session:
                 answer = taken
         if answer is None:
             return None
-        for namespace, values in answer.dynamic_metadata.items():
-            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
+        self._metadata(answer)
         which = answer.WhichOneof("response")
         if which == "immediate_response":
             return answer.immediate_response
         if which != kind:
             raise AssertionError(f"spurious response {which} to {kind}: Envoy would fail the stream")
         return answer
+
+    def _metadata(self, message: Any) -> None:
+        """Envoy applies the dynamic metadata of every message from the server, streamed chunks included."""
+        for namespace, values in message.dynamic_metadata.items():
+            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
 
     def _take(self, message: Any) -> Any:
         """One message from the server: a streamed body chunk is kept; the answer to a message is returned."""
@@ -283,6 +287,7 @@ class _Session:
             if mutation.WhichOneof("mutation") == "streamed_response":
                 streamed = mutation.streamed_response
                 self.outputs[which].append((bytes(streamed.body), streamed.end_of_stream))
+                self._metadata(message)
                 return None
         return message
 

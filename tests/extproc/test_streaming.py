@@ -250,3 +250,24 @@ def test_full_duplex_chunk_hook_failing_on_the_trailer_flush_fails_the_stream() 
 
     result = Driver([FlushBomb()]).run(Request("POST", body=[b"a"], trailers={"x-t": "1"}))
     assert result.failed is not None and "plugin 'FlushBomb' failed in on_request_chunk" in result.failed
+
+
+class _MetadataAtTheEnd(Plugin):
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+        ctx.set_metadata("request_bytes", 3)  # after the input ended
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in chunks:
+            seen += len(chunk)
+            yield chunk
+        ctx.set_metadata("response_bytes", seen)  # after the last message Envoy sends
+
+
+def test_full_duplex_metadata_set_after_the_input_ended_reaches_envoy() -> None:
+    # Issue 16 section 9: it went nowhere (no answer left to carry it); it now goes with the stream's output.
+    result = Driver([_MetadataAtTheEnd()]).run(Request("POST", body=[b"abc"]), Response(body=[b"hello", b"!"]))
+    assert result.failed is None
+    assert result.dynamic_metadata == {"envoy-sidecar": {"request_bytes": 3, "response_bytes": 6}}

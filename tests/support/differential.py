@@ -146,6 +146,8 @@ async def _stream_op(ctx: Context, direction: str, chunks: AsyncIterator[bytes])
         yield op[1].encode()
     if op[0] == "raise":
         raise RuntimeError("scripted failure at the end of a stream")
+    if op[0] == "meta":  # after the input ended: goes with the end of the output
+        ctx.set_metadata(op[1], op[2], "other-ns")
 
 
 class DiffDuplex(DiffHeaders):
@@ -259,7 +261,7 @@ def _header_script(rng: random.Random, direction: str) -> list[list[Any]]:
     return ops
 
 
-def _body_script(rng: random.Random, duplex: bool) -> list[Any] | None:
+def _body_script(rng: random.Random, duplex: bool, direction: str) -> list[Any] | None:
     roll = rng.random()
     if roll < 0.3:
         return None
@@ -269,6 +271,8 @@ def _body_script(rng: random.Random, duplex: bool) -> list[Any] | None:
         return ["suffix", rng.choice(["!", " [appended]"])]
     if roll < 0.72:
         return ["clear"]
+    if duplex and roll < 0.8:
+        return ["meta", f"{direction}-end", rng.choice(_METADATA_VALUES)]
     at = rng.choice(["first", "end"])
     if duplex or roll < 0.82:
         return ["raise", at]
@@ -287,8 +291,8 @@ def generate(seed: int, count: int, *, duplex_share: float = 0.15) -> list[Case]
             "response_headers": _header_script(rng, "response"),
         }
         if chain not in ("h", "ho"):
-            script["request_body"] = _body_script(rng, duplex)
-            script["response_body"] = _body_script(rng, duplex)
+            script["request_body"] = _body_script(rng, duplex, "request")
+            script["response_body"] = _body_script(rng, duplex, "response")
         cases.append(Case(f"{seed}-{i}", chain, rng.choice(SHAPES), script))
     return cases
 
