@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -262,3 +263,49 @@ def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: s
     plugin_class = type("Declares", (_AlsoReads,), attributes)
     with pytest.raises(PluginLoadError, match=message):
         Chain("c", [plugin_class()])
+
+
+def _envoy_config(*args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-m", "sidecar", "envoy-config", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_envoy_config_failure_mode_allow_and_an_access_log_with_the_plugins_metadata(tmp_path: Path) -> None:
+    import yaml
+
+    from sidecar.stack.envoy import validate_bootstrap
+
+    log = tmp_path / "access.log"
+    proc = _envoy_config("--plugin", f"{tp.TP}Framing", "--failure-mode-allow", "--access-log", str(log))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --failure-mode-allow" in proc.stderr
+    bootstrap = yaml.safe_load(proc.stdout)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"]["failure_mode_allow"] is True
+    (entry,) = hcm["access_log"]
+    assert entry["typed_config"]["path"] == str(log)
+    fields = entry["typed_config"]["log_format"]["json_format"]
+    assert fields["metadata.envoy-sidecar"] == "%DYNAMIC_METADATA(envoy-sidecar)%"
+    assert fields["metadata.other-ns"] == "%DYNAMIC_METADATA(other-ns)%"  # Framing declares it
+    validate_bootstrap(bootstrap)  # Envoy itself accepts it
+
+    plain = yaml.safe_load(_envoy_config("--plugin", f"{tp.TP}Framing").stdout)
+    hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"].get("failure_mode_allow", False) is False
+    assert "access_log" not in hcm
+
+
+def test_envoy_config_refuses_fail_open_with_full_duplex_and_an_empty_log_path() -> None:
+    for args, message in [
+        (("--plugin", f"{tp.TP}FdPass", "--failure-mode-allow"), "FULL_DUPLEX_STREAMED cannot fail open"),
+        (("--plugin", f"{tp.TP}AddHeaders", "--access-log", ""), "--access-log: expected a file path"),
+    ]:
+        proc = _envoy_config(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
