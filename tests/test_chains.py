@@ -309,3 +309,41 @@ def test_envoy_config_refuses_fail_open_with_full_duplex_and_an_empty_log_path()
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_render_asks_envoy_for_what_the_chains_plugins_declare(tmp_path: Path) -> None:
+    from sidecar.translate.options import RenderOptions, SidecarLink
+    from sidecar.translate.render import render_bootstrap
+    from tests.support.translate_kit import BASE
+
+    policy = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: gw, annotations: {envoy-sidecar/chain: reads}}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  extProc:
+  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
+    processingMode: {request: {attributes: [connection.id, request.path]}}
+    metadata: {writableNamespaces: [mine]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: proc}
+spec:
+  endpoints: [{unix: {path: /run/sidecar.sock}}]
+"""
+    path = tmp_path / "in.yaml"
+    path.write_text(BASE + policy)
+    registry = Registry([Chain("default", [_AlsoReads()]), Chain("reads", [_Reads()])])
+    link = SidecarLink(registry, (Path("/run/sidecar.sock"),))
+    bootstrap = render_bootstrap([path], RenderOptions(sidecar=link))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    # The policy's own names first, then the chain's plugins' (not the other chain's).
+    assert ext_proc["request_attributes"] == ["connection.id", "request.path", "source.address"]
+    assert ext_proc["response_attributes"] == ["response.code"]
+    options = ext_proc["metadata_options"]
+    assert options["receiving_namespaces"]["untyped"] == ["mine", "envoy-sidecar", "other-ns"]
+    assert options["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]
