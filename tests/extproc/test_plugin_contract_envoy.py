@@ -4,6 +4,7 @@ the server does (status, error id header, body, log line), so a plugin author's 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,29 @@ chains:
             assert real.headers["x-meta-count"] == "3", real.headers["x-meta-count"]
             assert driven.dynamic_metadata["other-ns"]["count"] == 3
             assert type(driven.dynamic_metadata["other-ns"]["count"]) is int  # Envoy shows "3", not "3.0"
+
+
+def test_a_chain_that_needs_less_than_the_filter_still_gets_its_body_hooks(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    # Found by the differential suite: the BUFFERED chain's first answer carried only a mode_override (its
+    # plugin has no header hook), with no phase set. Envoy took it for a spurious message: this request got
+    # a 500, and in the suite others lost their later hooks. Every request of such a chain failed.
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f"""
+chains:
+  upper: {{plugins: ["{TP}UpperBody"]}}
+  stream: {{plugins: ["{TP}StreamPass"]}}
+"""
+    )
+    env = sidecar_envoy(config=config, routes=["/upper=upper", "/stream=stream"])
+    assert env.registry is not None and env.registry.mode_override(env.registry.chains["upper"]) is not None
+    with httpx.Client(base_url=env.url, timeout=10) as client:
+        real = client.post("/upper", content=b"secret")
+        assert real.status_code == 200
+        assert real.content.startswith(b"wrapped:")  # the response body hook ran
+        assert json.loads(real.content[len(b"wrapped:") :])["body"] == "SECRETSECRET"  # and the request's
+        rejected = client.post("/upper", content=b"reject me")
+        assert rejected.status_code == 422
+        assert client.post("/stream", content=b"as is").json()["body"] == "as is"
