@@ -418,6 +418,11 @@ class Seen:
     complete: bool = False
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return None  # Envoy resets uploads answered early: expected here, not worth a traceback
+
+
 class RecordingUpstream:
     """An HTTP/1.1 upstream that records each request by `x-diff-id` and answers with DOWNLOAD, framed by
     content-length, or chunked when the request came chunked (what `driver_request` tells the Driver)."""
@@ -468,7 +473,7 @@ class RecordingUpstream:
 
             do_POST = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
