@@ -8,7 +8,13 @@ share the same upstream and the same process. Each sidecar runs one worker on a 
 plugin that adds one request header and one response header. Rounds alternate between the listeners so
 machine noise hits all alike; the floor shows what grpc.aio itself costs.
 
-    python benchmarks/extproc.py [--rounds 3] [--seconds 5] [--connections 16]
+    python benchmarks/extproc.py [--rounds 3] [--seconds 5] [--connections 16] [--tracing] [--access-log]
+                                 [--baseline TREE]
+
+`--tracing` adds a listener whose sidecar runs with `--tracing`, exporting every span to an OTLP receiver
+in this process; `--access-log` one whose sidecar writes the access line (to a file). `--baseline TREE`
+adds one whose sidecar is imported from another source tree (say `git archive main` unpacked): a change's
+before and after, interleaved in one run.
 
 Prints throughput per round, the ratio sidecar/plain (median of rounds), the sidecar's CPU time per
 request (from /proc/PID/stat, all its threads), and wrk's p50/p99 latency.
@@ -17,6 +23,7 @@ request (from /proc/PID/stat, all its threads), and wrk's p50/p99 latency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import re
@@ -105,18 +112,32 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--tracing", action="store_true", help="add a sidecar with --tracing (spans to a receiver)")
+    parser.add_argument("--access-log", action="store_true", help="add a sidecar with --access-log")
+    parser.add_argument("--baseline", type=Path, help="add a sidecar imported from this source tree")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     os.environ["PYTHONPATH"] = str(ROOT)
     servers = {"main": "sidecar (native)", "grpcio": "sidecar (grpcio)", "floor": "trivial grpc.aio"}
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+    variants = {  # more native sidecars, each with its flags
+        name: flags
+        for name, flags, wanted in (
+            ("baseline", [], args.baseline is not None),
+            ("traced", ["--tracing"], args.tracing),
+            ("access", ["--access-log"], args.access_log),
+        )
+        if wanted
+    }
+    servers |= {name: f"sidecar ({name})" for name in variants}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, contextlib.ExitStack() as stack:
         sockets = {name: Path(tmp) / f"{name}.sock" for name in servers}
         sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sockets['main']}"], [sockets["main"]])
         grpcio = SidecarProcess(
             ["--plugin", PLUGIN, "--listen", f"unix:{sockets['grpcio']}", "--transport", "grpcio"], [sockets["grpcio"]]
         )
+        extra = _start_variants(variants, sockets, args.baseline, Path(tmp), stack)
         floor = subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "trivial_extproc.py"), str(sockets["floor"])],
             stdout=subprocess.PIPE,
@@ -126,7 +147,7 @@ def main() -> int:
             sidecar.start()
             grpcio.start()
             assert floor.stdout is not None and floor.stdout.readline().strip() == "ready"
-            others = {name: sockets[name] for name in ("grpcio", "floor")}
+            others = {name: sockets[name] for name in ("grpcio", "floor", *variants)}
             with Envoy(bootstrap(sockets["main"], free_port(), others), concurrency=1) as envoy:
                 urls = {}
                 for name in ("plain", *servers):
@@ -135,6 +156,7 @@ def main() -> int:
                 for name in servers:  # warm-up: connections, caches, allocators
                     wrk(urls[name], 1, args.connections)
                 pids = {"main": sidecar.pid, "grpcio": grpcio.pid, "floor": floor.pid}
+                pids |= {name: proc.pid for name, proc in extra.items()}
                 results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in urls}
                 cpu_per_request: dict[str, list[float]] = {name: [] for name in servers}
                 for round_no in range(1, args.rounds + 1):
@@ -173,7 +195,44 @@ def main() -> int:
         f"sidecar: throughput ratio {median('main', 0) / plain_rps:.3f} (target >= 0.2), "
         f"CPU {statistics.median(cpu_per_request['main']):.0f} us/request (target <= 250)"
     )
+    main_cpu = statistics.median(cpu_per_request["main"])
+    for name in variants:  # what each variant costs against the plain native sidecar, same run
+        cpu = statistics.median(cpu_per_request[name])
+        print(f"{name}: CPU {cpu:.1f} us/request vs {main_cpu:.1f} ({(cpu / main_cpu - 1) * 100:+.1f}%)")
     return 0
+
+
+def _start_variants(
+    variants: dict[str, list[str]],
+    sockets: dict[str, Path],
+    baseline: Path | None,
+    tmp: Path,
+    stack: contextlib.ExitStack,
+) -> dict[str, SidecarProcess]:
+    """The extra sidecars, started; closed with `stack`. The traced one exports to a receiver in this process."""
+    started = {}
+    for name, flags in variants.items():
+        env = dict(os.environ)
+        if name == "baseline":
+            assert baseline is not None
+            env["PYTHONPATH"] = str(baseline.resolve())
+        if name == "traced":
+            from tests.support.otlp import otlp_receiver
+
+            _receiver, port = stack.enter_context(otlp_receiver())
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        proc = SidecarProcess(
+            ["--plugin", PLUGIN, "--listen", f"unix:{sockets[name]}", *flags], [sockets[name]], log_path=tmp / name
+        )
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)  # SidecarProcess passes this process's environment on
+        try:
+            started[name] = stack.enter_context(proc)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return started
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ class Deny(Plugin):
 
 from sidecar.errors import ConfigError, PluginLoadError, ProtocolError, SidecarError, WasmError
 from sidecar.headers import Headers
+from sidecar.instruments import Counter, Gauge, Histogram
 from sidecar.plugins import BodyMode, Context, Plugin, Respond, State, StateKey
 
 __all__ = [
     "BodyMode",
     "ConfigError",
     "Context",
+    "Counter",
+    "Gauge",
     "Headers",
+    "Histogram",
     "Plugin",
     "PluginLoadError",
     "ProtocolError",

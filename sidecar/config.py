@@ -8,6 +8,8 @@
     message_timeout: 0.5                           # for the generated Envoy config
     stream_timeout: 10                             # deadline for streaming body hooks (FULL_DUPLEX)
     transport: native                              # or grpcio (grpc.aio): see docs/serving.md
+    tracing: false                                 # OpenTelemetry spans, exporter from OTEL_* (docs/serving.md)
+    access_log: false                              # one log line per ext_proc stream
     limits:                                        # what a peer may cost a worker (docs/serving.md)
       receive_buffer: 256MiB                       # received, unread messages, all connections together
       connection_receive_buffer: 128MiB
@@ -132,6 +134,10 @@ class SidecarConfig:
     log_format: str = "json"
     #: "native": the sidecar's own HTTP/2 gRPC transport on the event loop (fast); "grpcio": grpc.aio.
     transport: str = "native"
+    #: OpenTelemetry spans per stream, phase and plugin (the `otel` extra; OTEL_* configure the exporter).
+    tracing: bool = False
+    #: One `sidecar.access` log line per ext_proc stream.
+    access_log: bool = False
     limits: Limits = field(default_factory=Limits)
     source: str = "<defaults>"
 
@@ -197,6 +203,8 @@ _TOP_FIELDS = {
     "log_format",
     "transport",
     "limits",
+    "tracing",
+    "access_log",
 }
 
 #: limits field -> (kind, minimum, maximum); sizes are bytes (or "64MiB"), times are seconds.
@@ -322,6 +330,11 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["log_format"] = data["log_format"]
     if "limits" in data:
         kwargs["limits"] = _limits(r, data["limits"])
+    for switch in ("tracing", "access_log"):
+        if switch in data:
+            if not isinstance(data[switch], bool):
+                raise r.fail(switch, "true or false", data[switch])
+            kwargs[switch] = data[switch]
     return SidecarConfig(**kwargs)
 
 

@@ -27,6 +27,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
         routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
         failure_mode_allow=args.failure_mode_allow,
         access_log=args.access_log,
+        otlp_endpoint=parse_host_port(args.otlp_endpoint, "--otlp-endpoint")
+        if args.otlp_endpoint is not None
+        else None,
     )
     bootstrap = build_bootstrap(registry, config, options)
     if args.failure_mode_allow:
@@ -74,6 +77,12 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--access-log",
         metavar="PATH",
         help="write Envoy's access log to PATH: JSON lines with the plugins' dynamic metadata",
+    )
+    envoy.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="turn on Envoy's OpenTelemetry tracer, sending to this OTLP gRPC collector (give the sidecar --tracing "
+        "and OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT to join its spans to Envoy's traces)",
     )
     envoy.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
     envoy.set_defaults(func=_envoy_config)

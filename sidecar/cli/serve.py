@@ -44,6 +44,8 @@ _OVERRIDABLE = (
     "message_timeout",
     "socket_mode",
     "transport",
+    "tracing",
+    "access_log",
 )
 
 
@@ -130,6 +132,15 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--transport",
         choices=TRANSPORTS,
         help="gRPC transport: native (the sidecar's own HTTP/2 on the event loop, default) or grpcio (grpc.aio)",
+    )
+    serve.add_argument(
+        "--tracing",
+        action="store_true",
+        default=None,
+        help="OpenTelemetry spans (needs envoy-sidecar[otel]; OTEL_EXPORTER_OTLP_ENDPOINT etc. configure the exporter)",
+    )
+    serve.add_argument(
+        "--access-log", action="store_true", default=None, help="log one line per ext_proc stream (sidecar.access)"
     )
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

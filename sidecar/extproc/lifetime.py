@@ -74,9 +74,17 @@ async def _answer(processor: StreamProcessor, read: Read, write: Write) -> None:
     metrics = processor.metrics
     while (request := await read()) is not None:
         started = time.perf_counter()
-        response = await processor.process(request)
-        if response is not None:
-            await write(response)
+        try:
+            response = await processor.process(request)
+            if response is not None:
+                await write(response)
+        except asyncio.CancelledError:
+            # Envoy reset the stream while a message was being answered: its message_timeout passed (or the
+            # client went away). A reset while waiting for the next message is how Envoy ends a stream after an
+            # immediate response: not an error.
+            if metrics is not None:
+                metrics.stream_error("cancelled")
+            raise
         if metrics is not None:
             metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
 

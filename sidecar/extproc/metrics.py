@@ -3,7 +3,8 @@
 The hot path only bumps plain numbers (no locks, no label lookups, no prometheus_client objects); a
 Collector turns a snapshot of them into metric families when Prometheus scrapes. With `--workers N`
 each worker writes its snapshot to a file every second and the supervisor serves the sum, so nothing
-depends on prometheus_client's multiprocess mode.
+depends on prometheus_client's multiprocess mode. A snapshot also carries the plugins' own instruments
+(`sidecar.instruments`) and the process's RSS, CPU and open fds, shown per worker.
 """
 
 from __future__ import annotations
@@ -16,19 +17,45 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sidecar import instruments
 from sidecar.config import parse_host_port
 from sidecar.errors import ConfigError
+from sidecar.plugins import Respond
 from sidecar.wire import PHASES
 
-__all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "read_snapshots", "serve_metrics"]
+__all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "process_usage", "read_snapshots", "serve_metrics"]
 
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
 Snapshot = dict[str, Any]
+#: Samples of a worker's own prometheus_client registry (a plugin's Counter...) it publishes; more are dropped.
+MAX_REGISTRY_SAMPLES = 10_000
+# Per process, not summable: prometheus_client's default collectors describe the supervisor itself.
+_PER_PROCESS = ("process_", "python_", "sidecar_")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_usage() -> dict[str, float]:
+    """This process's resident memory (bytes), CPU time (seconds) and open file descriptors."""
+    times = os.times()
+    usage = {"cpu_seconds": times.user + times.system, "resident_bytes": 0.0, "open_fds": 0.0}
+    try:
+        usage["resident_bytes"] = float(int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE)
+        usage["open_fds"] = float(len(os.listdir("/proc/self/fd")))
+    except (OSError, ValueError, IndexError):  # not Linux: the CPU time is still right
+        pass
+    return usage
 
 
 class Metrics:
@@ -42,6 +69,13 @@ class Metrics:
         self.latency_sum: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.plugin_errors: dict[str, int] = {}  # "plugin\0phase" -> count
         self.stream_errors: dict[str, int] = {}
+        # (plugin, phase) -> a count per bucket, +Inf, then the sum of seconds: one hook call each.
+        self.plugin_latency: dict[tuple[str, str], list[float]] = {}
+        self.responses: dict[tuple[str, int], int] = {}  # (plugin, status) -> Responds returned
+        #: Which worker this process is ("0" alone); labels its process metrics.
+        self.worker = "0"
+        #: A worker publishes what plugins registered with prometheus_client too (nobody scrapes a worker).
+        self.publish_registry = False
 
     def stream_opened(self, chain: str) -> None:
         self.streams[chain] = self.streams.get(chain, 0) + 1
@@ -54,9 +88,20 @@ class Metrics:
         self.latency[phase][bisect_left(BUCKETS, seconds)] += 1
         self.latency_sum[phase] += seconds
 
-    def plugin_error(self, plugin: str, phase: str) -> None:
+    def plugin_error(self, plugin: str, phase: str, error_id: str = "") -> None:
         key = f"{plugin}\0{phase}"
         self.plugin_errors[key] = self.plugin_errors.get(key, 0) + 1
+
+    def plugin_ran(self, plugin: str, phase: str, seconds: float, outcome: object = None) -> None:
+        """One hook call took `seconds`; `outcome` is what it ended with (None, a Respond, an exception)."""
+        counts = self.plugin_latency.get((plugin, phase))
+        if counts is None:
+            counts = self.plugin_latency[(plugin, phase)] = [0] * (len(BUCKETS) + 1) + [0.0]
+        counts[bisect_left(BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+        if isinstance(outcome, Respond):  # the client got this status from this plugin
+            key = (plugin, outcome.status)
+            self.responses[key] = self.responses.get(key, 0) + 1
 
     def stream_error(self, reason: str) -> None:
         self.stream_errors[reason] = self.stream_errors.get(reason, 0) + 1
@@ -69,6 +114,11 @@ class Metrics:
             "latency_sum": dict(self.latency_sum),
             "plugin_errors": dict(self.plugin_errors),
             "stream_errors": dict(self.stream_errors),
+            "plugin_latency": {f"{p}\0{ph}": list(counts) for (p, ph), counts in self.plugin_latency.items()},
+            "responses": {f"{p}\0{status}": count for (p, status), count in self.responses.items()},
+            "processes": {self.worker: process_usage()},
+            "instruments": instruments.snapshot(),
+            "registry": registry_samples() if self.publish_registry else {},
         }
 
     def write_snapshot(self, path: Path) -> None:
@@ -79,23 +129,89 @@ class Metrics:
         os.replace(tmp, path)
 
 
+def registry_samples() -> dict[str, Any]:
+    """This process's prometheus_client registry (what plugins registered there) as plain data:
+    family -> type, help, and {sample name + labels (JSON): value}. Bounded by MAX_REGISTRY_SAMPLES."""
+    families: dict[str, Any] = {}
+    count = 0
+    for family in REGISTRY.collect():
+        if family.name.startswith(_PER_PROCESS):
+            continue
+        samples: dict[str, float] = {}
+        for sample in family.samples:
+            if sample.name.endswith("_created") or count >= MAX_REGISTRY_SAMPLES:
+                continue  # a creation time is no sum; past the bound the rest is dropped
+            samples[json.dumps([sample.name, sample.labels], sort_keys=True)] = sample.value
+            count += 1
+        families[family.name] = {"type": family.type, "help": family.documentation, "samples": samples}
+    return families
+
+
+def _add_registry(total: dict[str, Any], part: dict[str, Any], live: bool) -> None:
+    """Counters, histograms and summaries summed over every worker, gauges over the live ones."""
+    for name, family in part.items():
+        mine = total.setdefault(name, {"type": family["type"], "help": family["help"], "samples": {}})
+        if mine["type"] != family["type"] or (family["type"] == "gauge" and not live):
+            continue
+        if family["type"] in ("counter", "gauge", "histogram", "summary", "untyped", "unknown"):
+            _add(mine["samples"], family["samples"])
+        else:  # info, stateset, enum: a value, not an amount
+            mine["samples"].update(family["samples"])
+
+
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
     for key, value in part.items():
         total[key] = total.get(key, 0) + value
 
 
+def _add_lists(total: dict[str, list[float]], part: dict[str, list[float]]) -> None:
+    for key, counts in part.items():
+        mine = total.get(key)
+        total[key] = list(counts) if mine is None else [a + b for a, b in zip(mine, counts, strict=True)]
+
+
+def _add_instruments(total: dict[str, Any], part: dict[str, Any], live: bool) -> None:
+    """Counters and histograms summed over every worker; gauges over the live ones."""
+    for name, declared in part.items():
+        mine = total.get(name)
+        if mine is None:
+            mine = total[name] = {**declared, "series": {}, "dropped": 0}
+        elif (mine["kind"], mine["labels"], mine.get("buckets")) != (
+            declared["kind"],
+            declared["labels"],
+            declared.get("buckets"),
+        ):
+            continue  # workers disagree (a restart with other code): keep the first declaration
+        mine["dropped"] += declared["dropped"]
+        if declared["kind"] == "gauge" and not live:
+            continue
+        if declared["kind"] == "histogram":
+            _add_lists(mine["series"], declared["series"])
+        else:
+            _add(mine["series"], declared["series"])
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """Counters and histograms summed; `active` only from the snapshots marked live."""
+    """Counters and histograms summed; `active`, gauges and process metrics only from the live snapshots."""
     total = Metrics().snapshot()
+    total["processes"] = {}
+    total["instruments"] = {}
+    total["registry"] = {}
     for snap in snapshots:
+        live = snap.get("live", True)
         _add(total["streams"], snap["streams"])
         _add(total["plugin_errors"], snap["plugin_errors"])
         _add(total["stream_errors"], snap["stream_errors"])
         _add(total["latency_sum"], snap["latency_sum"])
         for phase, counts in snap["latency"].items():
             total["latency"][phase] = [a + b for a, b in zip(total["latency"][phase], counts, strict=True)]
-        if snap.get("live", True):
+        _add_lists(total["plugin_latency"], snap.get("plugin_latency", {}))
+        _add(total["responses"], snap.get("responses", {}))
+        _add_instruments(total["instruments"], snap.get("instruments", {}), live)
+        _add_registry(total["registry"], snap.get("registry", {}), live)
+        if live:
             total["active"] += snap["active"]
+            total["processes"].update(snap.get("processes", {}))
     return total
 
 
@@ -153,14 +269,113 @@ class MetricsCollector(Collector):
         for reason, count in sorted(snap["stream_errors"].items()):
             failed.add_metric([reason], count)
         yield failed
+        yield from _plugin_families(snap)
+        yield from _process_families(snap)
+        yield from _instrument_families(snap.get("instruments", {}))
+        yield from _registry_families(snap.get("registry", {}))
 
 
-def serve_metrics(address: str, source: Callable[[], Snapshot]) -> int:
-    """Serve /metrics on host:port in a background thread; return the bound port."""
+def _registry_families(families: dict[str, Any]) -> Iterator[Any]:
+    """The workers' prometheus_client metrics, summed (only a supervisor's snapshot has any)."""
+    for name, family in sorted(families.items()):
+        metric = Metric(name, family["help"], family["type"])
+        for key, value in sorted(family["samples"].items()):
+            sample_name, labels = json.loads(key)
+            metric.add_sample(sample_name, labels, value)
+        yield metric
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], bounds: Iterable[float], counts: list[float]) -> None:
+    """`counts`: one per bucket, +Inf, then the sum."""
+    cumulative, buckets = 0.0, []
+    for bound, count in zip([*map(str, bounds), "+Inf"], counts[:-1], strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    family.add_metric(labels, buckets, counts[-1])
+
+
+def _plugin_families(snap: Snapshot) -> Iterator[Any]:
+    latency = HistogramMetricFamily(
+        "sidecar_plugin_seconds", "Time one plugin hook took, by plugin and phase", labels=["plugin", "phase"]
+    )
+    for key, counts in sorted(snap.get("plugin_latency", {}).items()):
+        _histogram(latency, key.split("\0", 1), BUCKETS, counts)
+    yield latency
+    responses = CounterMetricFamily(
+        "sidecar_plugin_responses",
+        "Immediate responses plugins returned (Respond), by plugin and HTTP status",
+        labels=["plugin", "status"],
+    )
+    for key, count in sorted(snap.get("responses", {}).items()):
+        responses.add_metric(key.split("\0", 1), count)
+    yield responses
+
+
+def _process_families(snap: Snapshot) -> Iterator[Any]:
+    families: dict[str, Any] = {
+        "resident_bytes": GaugeMetricFamily(
+            "sidecar_worker_resident_memory_bytes", "Resident memory of each serving process", labels=["worker"]
+        ),
+        "cpu_seconds": CounterMetricFamily(
+            "sidecar_worker_cpu_seconds", "CPU time (user + system) of each serving process", labels=["worker"]
+        ),
+        "open_fds": GaugeMetricFamily(
+            "sidecar_worker_open_fds", "Open file descriptors of each serving process", labels=["worker"]
+        ),
+    }
+    for worker, usage in sorted(snap.get("processes", {}).items()):
+        for field, family in families.items():
+            family.add_metric([worker], usage.get(field, 0.0))
+    yield from families.values()
+    if "restarts" in snap:
+        yield CounterMetricFamily(
+            "sidecar_worker_restarts", "Worker processes restarted after they exited", value=snap["restarts"]
+        )
+
+
+def _instrument_families(declared: dict[str, Any]) -> Iterator[Any]:
+    dropped = CounterMetricFamily(
+        "sidecar_plugin_metric_series_dropped",
+        f"Plugin metric updates dropped: the metric already had {instruments.MAX_SERIES} label sets",
+        labels=["metric"],
+    )
+    for name, spec in sorted(declared.items()):
+        labels = list(spec["labels"])
+        family: Any
+        if spec["kind"] == "counter":
+            family = CounterMetricFamily(name, spec["help"], labels=labels)
+        elif spec["kind"] == "gauge":
+            family = GaugeMetricFamily(name, spec["help"], labels=labels)
+        else:
+            family = HistogramMetricFamily(name, spec["help"], labels=labels)
+        for key, value in sorted(spec["series"].items()):
+            values = key.split("\0") if labels else []
+            if spec["kind"] == "histogram":
+                _histogram(family, values, spec["buckets"], value)
+            else:
+                family.add_metric(values, value)
+        yield family
+        if spec["dropped"]:
+            dropped.add_metric([name], spec["dropped"])
+    yield dropped
+
+
+def serve_metrics(address: str, source: Callable[[], Snapshot], *, supervisor: bool = False) -> int:
+    """Serve /metrics on host:port in a background thread; return the bound port.
+
+    A supervisor serves a registry of its own: the default one holds the plugins' prometheus_client
+    metrics as the supervisor loaded them (never used, all zero), while the workers' sums come in the
+    snapshots."""
     host, port = parse_host_port(address, "metrics")
-    REGISTRY.register(MetricsCollector(source))
+    registry = REGISTRY
+    if supervisor:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    registry.register(MetricsCollector(source))
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ConfigError(f"metrics: cannot listen on {address}: {exc.strerror}") from None
     return int(server.server_port)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -179,8 +180,13 @@ class StreamProcessor:
             extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
         )
         if self.metrics is not None:
-            self.metrics.plugin_error(plugin, kind)
+            self.metrics.plugin_error(plugin, kind, error_id)
         return error_id
+
+    def _ran(self, kind: str, plugin: str, started: float, outcome: object) -> None:
+        """One hook call is over (for per-plugin latency, responses and spans)."""
+        if self.metrics is not None:
+            self.metrics.plugin_ran(plugin, kind, perf_counter() - started, outcome)
 
     def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
         """fail_open: log and count the failure, and bypass the plugin for the rest of the stream (its
@@ -217,6 +223,7 @@ class StreamProcessor:
                 if hook.plugin in self._disabled:
                     continue
                 before = headers.snapshot()
+            started = perf_counter()
             try:
                 # Sync hooks are called without a coroutine around them: this is the hottest loop.
                 result = hook.func(ctx, headers)
@@ -224,10 +231,13 @@ class StreamProcessor:
                     result = await result
                 if result is not None:
                     if isinstance(result, Respond):
+                        self._ran(kind, hook.plugin, started, result)
                         return immediate_response(result)
                     # Anything else (403, "403", False, the Respond class...) is a broken plugin, never a pass.
                     raise hook.wrong(result)
+                self._ran(kind, hook.plugin, started, None)
             except Exception as exc:
+                self._ran(kind, hook.plugin, started, exc)
                 if not fail_open:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
@@ -279,15 +289,20 @@ class StreamProcessor:
         for stage in stages:
             if stage.plugin in self._disabled:
                 continue
+            started = perf_counter()
             try:
                 # Chunk hooks in a BUFFERED chain see the whole body as one final chunk.
                 result = await (stage.hook(ctx, body) if stage.kind == "body" else stage.hook(ctx, body, end))
                 if result is None:
+                    self._ran(kind, stage.plugin, started, None)
                     continue
                 if isinstance(result, Respond):
+                    self._ran(kind, stage.plugin, started, result)
                     return immediate_response(result)
                 body = as_body(result, stage.hook)
+                self._ran(kind, stage.plugin, started, None)
             except Exception as exc:
+                self._ran(kind, stage.plugin, started, exc)
                 if not self.chain.fail_open:
                     return self._failed(kind, stage.plugin, exc)
                 self._skip(kind, stage.plugin, exc)
@@ -393,11 +408,14 @@ class StreamProcessor:
                 if hook.plugin in self._disabled:
                     continue
                 before = trailers.snapshot()
+            started = perf_counter()
             try:
                 result = await hook(self.ctx, trailers)
                 if result is not None:  # a Respond too: trailers come after the body went on
                     raise hook.wrong(result)
+                self._ran(kind, hook.plugin, started, None)
             except Exception as exc:
+                self._ran(kind, hook.plugin, started, exc)
                 if not fail_open:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)

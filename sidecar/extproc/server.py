@@ -16,9 +16,9 @@ import signal
 import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -34,8 +34,12 @@ from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.lifetime import Read, Write, serve
 from sidecar.extproc.metrics import Metrics
 from sidecar.extproc.processor import StreamProcessor
+from sidecar.extproc.record import StreamRecord
 from sidecar.extproc.status import CallError, Status
 from sidecar.wire import CHAIN_METADATA_KEY, PROCESS_METHOD, SERVICE_NAME
+
+if TYPE_CHECKING:
+    from sidecar.extproc.tracing import Tracing
 
 __all__ = ["ExtProcServer", "grpcio_options", "prepare_unix_socket"]
 
@@ -141,7 +145,13 @@ class ExtProcServer:
         self.metrics = metrics
         #: With --workers: where this worker publishes its metrics for the supervisor, every second.
         self.snapshot_file = snapshot_file
-        self._single_chain = registry.default if len(registry.chains) == 1 else None
+        self._tracing: Tracing | None = None
+        if config.tracing:
+            from sidecar.extproc.tracing import Tracing
+
+            self._tracing = Tracing()
+        #: A StreamRecord per stream only when something reads it (spans, the access line).
+        self._recording = config.tracing or config.access_log
         self._native: Http2Server | None = None
         self._grpcio: grpc.aio.Server | None = None
         self._health = Health()
@@ -150,26 +160,46 @@ class ExtProcServer:
 
     # -- the RPC -------------------------------------------------------------------------------
 
-    async def _stream(self, chain_name: str | None, read: Read, write: Write) -> CallError | None:
+    async def _stream(
+        self, chain_name: str | None, read: Read, write: Write, metadata: Mapping[str, str] | None = None
+    ) -> CallError | None:
         """One ext_proc stream, whatever the transport; how the call must end if not with OK."""
-        if self._single_chain is not None:
-            chain: Chain | None = self._single_chain
-        else:
-            chain = self.registry.default if chain_name is None else self.registry.chain(chain_name)
+        # A name this sidecar does not know is an error even with one chain: a route meant for another
+        # chain (or another sidecar) must not run this one's plugins instead.
+        chain: Chain | None = self.registry.chain(chain_name)
         if chain is None:
             log.error("stream asked for an unknown chain; known: %s", ", ".join(self.registry.chains))
             if self.metrics is not None:
                 self.metrics.stream_error("unknown_chain")
             return CallError(Status.INVALID_ARGUMENT, "unknown plugin chain")
-        processor = StreamProcessor(
-            chain, self.registry, metrics=self.metrics, stream_timeout=self.config.stream_timeout
+        if not self._recording:
+            processor = StreamProcessor(
+                chain, self.registry, metrics=self.metrics, stream_timeout=self.config.stream_timeout
+            )
+            failed = await self._run(processor, read, write)
+            return failed[1] if failed is not None else None
+        record = StreamRecord(
+            self.metrics, chain.name, tracing=self._tracing, access=self.config.access_log, metadata=metadata
         )
+        processor = StreamProcessor(chain, self.registry, metrics=record, stream_timeout=self.config.stream_timeout)
+        record.ctx = processor.ctx
+        failed = None
+        try:
+            failed = await self._run(processor, read, write)
+        except asyncio.CancelledError:
+            record.finish("cancelled" if record.cancelled else None)  # see lifetime._answer
+            raise
+        record.finish(failed[0] if failed is not None else None)
+        return failed[1] if failed is not None else None
+
+    async def _run(self, processor: StreamProcessor, read: Read, write: Write) -> tuple[str, CallError] | None:
+        """Serve one stream; how it failed (a metrics reason and the call's end), or None."""
         try:
             await serve(processor, read, write)
         except ProtocolError as exc:
-            return self._failed(processor, "protocol", CallError(Status.INVALID_ARGUMENT, str(exc)))
+            return "protocol", self._failed(processor, "protocol", CallError(Status.INVALID_ARGUMENT, str(exc)))
         except StreamFailure as exc:
-            return self._failed(processor, "stream", CallError(Status.INTERNAL, str(exc)))
+            return "stream", self._failed(processor, "stream", CallError(Status.INTERNAL, str(exc)))
         return None
 
     def _failed(self, processor: StreamProcessor, reason: str, error: CallError) -> CallError:
@@ -193,7 +223,7 @@ class ExtProcServer:
         async def write(response: pb.ProcessingResponse) -> None:
             await call.send(response.SerializeToString())
 
-        error = await self._stream(call.metadata.get(CHAIN_METADATA_KEY), read, write)
+        error = await self._stream(call.metadata.get(CHAIN_METADATA_KEY), read, write, call.metadata)
         if error is not None:
             raise error
 
@@ -206,10 +236,9 @@ class ExtProcServer:
             request = await context.read()
             return None if request is grpc.aio.EOF else request
 
-        chain_name = None
-        if self._single_chain is None:
-            chain_name = dict(context.invocation_metadata() or ()).get(CHAIN_METADATA_KEY)
-        error = await self._stream(chain_name, read, context.write)
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        chain_name = metadata.get(CHAIN_METADATA_KEY)
+        error = await self._stream(chain_name, read, context.write, metadata)
         if error is not None:
             await context.abort(grpc.StatusCode[error.status.name], error.message)
 
@@ -319,6 +348,8 @@ class ExtProcServer:
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.shutdown)
         log.info("stopped", extra={"pid": os.getpid()})
 
     def request_stop(self) -> None:

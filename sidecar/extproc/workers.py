@@ -28,6 +28,7 @@ __all__ = ["Supervisor", "run_single"]
 log = logging.getLogger("sidecar.workers")
 
 METRICS_DIR_ENV = "SIDECAR_METRICS_DIR"
+WORKER_INDEX_ENV = "SIDECAR_WORKER_INDEX"
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
 _HEALTHY_AFTER = 30.0
@@ -49,6 +50,8 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
     metrics = Metrics()
     snapshot_file = None
     if worker:
+        metrics.worker = os.environ.get(WORKER_INDEX_ENV, str(os.getpid()))
+        metrics.publish_registry = True
         directory = os.environ.get(METRICS_DIR_ENV)
         snapshot_file = Path(directory) / f"{os.getpid()}.json" if directory else None
     elif config.metrics:
@@ -71,6 +74,7 @@ class Supervisor:
         self.restarts = 0
 
     async def _keep_alive(self, index: int, env: dict[str, str]) -> None:
+        env = {**env, WORKER_INDEX_ENV: str(index)}
         backoff = _BACKOFF_START
         while not self._stopping.is_set():
             started = time.monotonic()
@@ -97,7 +101,9 @@ class Supervisor:
     def _metrics_source(self, directory: Path) -> Callable[[], Snapshot]:
         def source() -> Snapshot:
             live = {proc.pid for proc in self._procs.values() if proc.returncode is None}
-            return read_snapshots(directory, live)
+            total = read_snapshots(directory, live)
+            total["restarts"] = self.restarts
+            return total
 
         return source
 
@@ -117,6 +123,10 @@ class Supervisor:
                     proc.kill()
 
     async def run(self) -> int:
+        if self.config.tracing:  # once here, not in N workers crash-looping on it
+            from sidecar.extproc.tracing import check_installed
+
+            check_installed()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -124,7 +134,7 @@ class Supervisor:
         try:
             env = {**os.environ, METRICS_DIR_ENV: metrics_dir}
             if self.config.metrics:
-                port = serve_metrics(self.config.metrics, self._metrics_source(Path(metrics_dir)))
+                port = serve_metrics(self.config.metrics, self._metrics_source(Path(metrics_dir)), supervisor=True)
                 log.info("metrics on http://%s:%d/metrics", self.config.metrics.rpartition(":")[0], port)
             tasks = [asyncio.create_task(self._keep_alive(i, env)) for i in range(len(self.commands))]
             await self._stopping.wait()

@@ -32,6 +32,7 @@ __all__ = [
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 SIDECAR_CLUSTER = "envoy-sidecar"
 UPSTREAM_CLUSTER = "upstream"
+OTLP_CLUSTER = "otlp-collector"
 LISTENER_NAME = "main"
 
 
@@ -53,6 +54,8 @@ class BootstrapOptions:
     failure_mode_allow: bool = False
     #: A file for Envoy's access log, one JSON line per request with the plugins' dynamic metadata.
     access_log: str | None = None
+    #: An OTLP gRPC collector: Envoy's own OpenTelemetry tracer sends its spans there, every request sampled.
+    otlp_endpoint: tuple[str, int] | None = None
 
 
 def parse_route(value: str) -> RouteSpec:
@@ -129,6 +132,44 @@ def _upstream_cluster(host: str, port: int) -> Any:
             endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(host, port)))])],
         ),
     )
+
+
+def _otlp_tracing(host: str, port: int) -> tuple[Any, Any]:
+    """Envoy's OpenTelemetry tracer for the HCM (it puts `traceparent` in the ext_proc stream's metadata,
+    so the sidecar's spans join Envoy's trace) and the collector's HTTP/2 cluster."""
+    from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc, Http2ProtocolOptions
+    from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        HttpConnectionManagerTracing,
+    )
+    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+        HttpProtocolOptions,
+        HttpProtocolOptionsExplicitHttpConfig,
+    )
+    from envoy_data_plane.envoy.type.v3 import Percent
+
+    otel = OpenTelemetryConfig(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER), timeout=datetime.timedelta(seconds=1)
+        ),
+        service_name="envoy",
+    )
+    tracing = HttpConnectionManagerTracing(
+        random_sampling=Percent(value=100.0),
+        provider=TracingHttp(name="envoy.tracers.opentelemetry", typed_config=_any(otel)),
+    )
+    cluster = _upstream_cluster(host, port)
+    cluster.name = cluster.load_assignment.cluster_name = OTLP_CLUSTER
+    cluster.typed_extension_protocol_options = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+        )
+    }
+    return tracing, cluster
 
 
 def check_processing_mode(mode: Any, *, failure_mode_allow: bool, where: str = "ext_proc") -> None:
@@ -285,11 +326,11 @@ def build_bootstrap(registry: Registry, config: SidecarConfig, options: Bootstra
             FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
         ],
     )
-    bootstrap = Bootstrap(
-        static_resources=BootstrapStaticResources(
-            listeners=[listener],
-            clusters=[_sidecar_cluster(config.socket_paths()), _upstream_cluster(*options.upstream)],
-        )
-    )
+    clusters = [_sidecar_cluster(config.socket_paths()), _upstream_cluster(*options.upstream)]
+    if options.otlp_endpoint is not None:
+        hcm.tracing, collector = _otlp_tracing(*options.otlp_endpoint)
+        clusters.append(collector)
+        listener.filter_chains[0].filters[0].typed_config = _any(hcm)
+    bootstrap = Bootstrap(static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters))
     result: dict[str, Any] = bootstrap.to_dict(casing=betterproto2.Casing.SNAKE)
     return result
