@@ -271,3 +271,31 @@ def test_full_duplex_metadata_set_after_the_input_ended_reaches_envoy() -> None:
     result = Driver([_MetadataAtTheEnd()]).run(Request("POST", body=[b"abc"]), Response(body=[b"hello", b"!"]))
     assert result.failed is None
     assert result.dynamic_metadata == {"envoy-sidecar": {"request_bytes": 3, "response_bytes": 6}}
+
+
+class _RefuseSecondChunk(Plugin):
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Respond | None:
+        return Respond(413, "too much") if chunk == b"second" else None
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Respond | None:
+        return Respond(502, "bad upstream") if chunk == b"bad" else None
+
+
+def test_a_reply_mid_upload_comes_after_the_upstream_had_the_headers() -> None:
+    result = Driver([_RefuseSecondChunk()]).run(Request("POST", "/up", {"x-client": "1"}, [b"first", b"second"]))
+    assert result.immediate and result.status == 413
+    assert result.response.body == b"too much" and result.response.headers["content-type"] == "text/plain"
+    assert result.response.headers["content-length"] == "8"
+    upstream = result.upstream
+    assert upstream is not None and not upstream.complete  # the headers and the first chunk, then a reset
+    assert upstream.headers["x-client"] == "1" and upstream.body == b"first"
+
+
+def test_a_reply_from_a_response_chunk_cuts_the_upstreams_response() -> None:
+    result = Driver([_RefuseSecondChunk()]).run(
+        Request(), Response(201, {"x-up": "1", "content-type": "text/csv"}, [b"good,", b"bad", b"never"])
+    )
+    assert result.cut and not result.immediate
+    assert result.status == 201 and result.response.headers["x-up"] == "1"  # the upstream's, already sent
+    assert result.response.body == b"good,"
+    assert "content-length" not in result.response.headers  # a streamed body goes on without one
