@@ -196,7 +196,8 @@ _DECLARED_MAX = 64
 
 def _declaration_problem(declaration: str, value: Any) -> str | None:
     expected = f"{declaration} must be a tuple of names"
-    if isinstance(value, str | bytes) or not isinstance(value, tuple | list | frozenset | set):
+    # Not a set: its order changes from run to run, and so would every generated config.
+    if not isinstance(value, tuple | list):
         return f'{expected} (e.g. ("a.b",)), got {describe(value)}'
     if len(value) > _DECLARED_MAX:
         return f"{expected}: at most {_DECLARED_MAX}, got {len(value)}"

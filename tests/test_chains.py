@@ -257,6 +257,8 @@ def test_an_undeclared_namespace_is_the_plugins_error() -> None:
         ({"metadata_namespaces": ("x" * 300,)}, "is not a name"),
         ({"request_attributes": tuple(f"a{i}" for i in range(65))}, "at most 64"),
         ({"metadata_namespaces": None}, "got NoneType None"),
+        ({"request_attributes": {"request.path"}}, "got set of 1 items"),
+        ({"forwarding_namespaces": b"ns"}, "got bytes of 2 bytes"),
     ],
 )
 def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: str) -> None:
