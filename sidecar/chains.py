@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -35,7 +36,7 @@ from sidecar.config import (
 )
 from sidecar.errors import ConfigError, PluginLoadError
 from sidecar.plugins import BodyMode, Plugin, describe
-from sidecar.wire import PHASES
+from sidecar.wire import METADATA_NAMESPACE, PHASES
 
 __all__ = ["BodyStage", "Chain", "Hook", "Registry", "check_plugin", "load_plugin_class", "load_sidecar"]
 
@@ -161,6 +162,10 @@ def check_plugin(plugin: Plugin) -> None:
         raise PluginLoadError(f"{where}: name must be a str, got {describe(cls.name)}")
     if not isinstance(cls.observe_only, bool):
         raise PluginLoadError(f"{where}: observe_only must be True or False, got {describe(cls.observe_only)}")
+    for declaration in DECLARATIONS:
+        problem = _declaration_problem(declaration, getattr(plugin, declaration))
+        if problem:
+            raise PluginLoadError(f"{where}: {problem}")
     for attr in dir(plugin):
         if attr not in HOOK_NAMES and _looks_like_hook(attr):
             raise PluginLoadError(f"{where}: {_unknown_hook(attr)}")
@@ -178,6 +183,41 @@ def check_plugin(plugin: Plugin) -> None:
         problem = _body_problem(plugin, direction)
         if problem:
             raise PluginLoadError(f"{where}: {problem}")
+
+
+#: What a plugin declares it needs from Envoy: tuples of names every generated config asks Envoy for.
+DECLARATIONS = ("metadata_namespaces", "forwarding_namespaces", "request_attributes", "response_attributes")
+# A metadata namespace or an attribute (`request.path`, `source.address`, `xds.route_name`...): printable,
+# no spaces, bounded. Envoy reads the names from its config; a name it cannot use fails Envoy's start.
+_DECLARED_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-/:[]'\"")
+_DECLARED_NAME_MAX = 256
+_DECLARED_MAX = 64
+
+
+def _declaration_problem(declaration: str, value: Any) -> str | None:
+    expected = f"{declaration} must be a tuple of names"
+    # Not a set: its order changes from run to run, and so would every generated config.
+    if not isinstance(value, tuple | list):
+        return f'{expected} (e.g. ("a.b",)), got {describe(value)}'
+    if len(value) > _DECLARED_MAX:
+        return f"{expected}: at most {_DECLARED_MAX}, got {len(value)}"
+    for name in value:
+        if not isinstance(name, str):
+            return f"{expected}, got an item {describe(name)}"
+        if not name or len(name) > _DECLARED_NAME_MAX or not _DECLARED_NAME_CHARS.issuperset(name):
+            return (
+                f"{declaration}: {name[:_DECLARED_NAME_MAX]!r} is not a name (1 to {_DECLARED_NAME_MAX} letters, "
+                "digits and ._-/:[]'\")"
+            )
+    return None
+
+
+def _declared_names(declarers: Iterable[Any], declaration: str, first: Sequence[str] = ()) -> tuple[str, ...]:
+    """The names plugins (or chains) declare, once each, in order (`first` ahead)."""
+    names = dict.fromkeys(first)
+    for declarer in declarers:
+        names.update(dict.fromkeys(getattr(declarer, declaration)))
+    return tuple(names)
 
 
 _HOOK_KEYS = {name.replace("_", ""): name for name in HOOK_NAMES}
@@ -302,6 +342,12 @@ class Chain:
                 hook for p in self._ordered(phase) if (hook := _hook(p, "on_" + phase, self.labels[id(p)])) is not None
             )
         self.body_stages = {d: self._body_stages(d) for d in ("request", "response")}
+        #: What the plugins declared (see `DECLARATIONS`); the sidecar's own namespace is always writable.
+        self.metadata_namespaces = _declared_names(self.plugins, "metadata_namespaces", (METADATA_NAMESPACE,))
+        self.writable_namespaces = frozenset(self.metadata_namespaces)  # what ctx.set_metadata checks
+        self.forwarding_namespaces = _declared_names(self.plugins, "forwarding_namespaces")
+        self.request_attributes = _declared_names(self.plugins, "request_attributes")
+        self.response_attributes = _declared_names(self.plugins, "response_attributes")
         self.request_body_mode = self._body_mode("request")
         self.response_body_mode = self._body_mode("response")
         self.full_duplex = BodyMode.FULL_DUPLEX_STREAMED in (self.request_body_mode, self.response_body_mode)
@@ -410,6 +456,12 @@ class Registry:
                 "(Envoy's observability_mode is per filter)"
             )
         self.observe_only = observing == {True}
+        # One filter serves every chain: it asks Envoy for what any chain's plugins declared.
+        chains_ = tuple(self.chains.values())
+        self.metadata_namespaces = _declared_names(chains_, "metadata_namespaces")
+        self.forwarding_namespaces = _declared_names(chains_, "forwarding_namespaces")
+        self.request_attributes = _declared_names(chains_, "request_attributes")
+        self.response_attributes = _declared_names(chains_, "response_attributes")
         self._plans: dict[str, StreamPlan] = {}
 
     def plan(self, chain: Chain) -> StreamPlan:

@@ -13,7 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from google.protobuf import wrappers_pb2
 
-__all__ = ["Headers", "append_option", "check_field"]
+__all__ = ["Headers", "append_option", "check_connection_field", "check_field"]
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _HeaderValue = base_pb2.HeaderValue
@@ -32,6 +32,13 @@ def append_option(name: str, value: bytes) -> base_pb2.HeaderValueOption:
 _FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # What Envoy's header validation rejects in a value.
 _FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")
+# RFC 9110 5.5: a field value has no whitespace at either end. Envoy strips it in front of a value set by
+# ext_proc, HTTP/1 peers strip it at the end: what a plugin set would not be what the peer gets.
+_EDGE_WHITESPACE = b" \t"
+#: Connection-specific fields (RFC 9110 7.6.1; HTTP/2 forbids them). Envoy's codecs own them: they drop a
+#: `connection` a hook sets, and a `transfer-encoding` a hook sets or removes breaks the body's framing
+#: (a chunked upload reached the upstream empty). A plugin cannot set them.
+CONNECTION_FIELDS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 
 
 def _encode(value: str | bytes) -> bytes:
@@ -63,7 +70,20 @@ def check_field(name: str, value: str | bytes) -> tuple[str, bytes]:
         raise TypeError(f"header {lowered!r}: expected a str or bytes value, got {type(value).__name__}")
     if any(bad in raw for bad in _FORBIDDEN_IN_VALUE):
         raise ValueError(f"header {lowered!r}: the value contains CR, LF or NUL")
+    if raw and (raw[0] in _EDGE_WHITESPACE or raw[-1] in _EDGE_WHITESPACE):
+        raise ValueError(
+            f"header {lowered!r}: the value starts or ends with a space or tab (Envoy strips it; RFC 9110 5.5)"
+        )
     return lowered, raw
+
+
+def check_connection_field(name: str) -> None:
+    """Refuse a field that Envoy's codecs own (`CONNECTION_FIELDS`): setting it would not reach the peer as
+    set, or would break the body's framing. `name` is lower-case."""
+    if name in CONNECTION_FIELDS:
+        raise ValueError(
+            f"header {name!r} belongs to the connection, which Envoy manages (RFC 9110 7.6.1): a plugin cannot set it"
+        )
 
 
 class Headers(MutableMapping[str, str]):
@@ -147,16 +167,36 @@ class Headers(MutableMapping[str, str]):
 
     def __setitem__(self, name: str, value: str | bytes) -> None:
         name, encoded = check_field(name, value)
-        self._items = [(key, v) for key, v in self._items if key != name]
-        self._items.append((name, encoded))
-        self._replaced.add(name)
-        self._appended.pop(name, None)
+        check_connection_field(name)
+        if name == "content-length" and self.raw_all(name) != [encoded]:
+            raise ValueError(
+                "header 'content-length': the sidecar keeps it equal to the body (Envoy cuts or rejects a body "
+                "that disagrees with it); return a new body from a body hook, or remove the header"
+            )
+        self._put(name, encoded)
 
     def append(self, name: str, value: str | bytes) -> None:
         name, encoded = check_field(name, value)
-        self._items.append((name, encoded))
+        check_connection_field(name)
+        if name == "content-length":
+            raise ValueError("header 'content-length': a message has one length; the sidecar keeps it right")
+        self._add(name, encoded)
+
+    # What the sidecar and Envoy do, past the rules for plugins: the sidecar keeps content-length equal to a
+    # body it replaced, and the test Driver applies Envoy's side of a mutation.
+
+    def _put(self, name: str, value: bytes) -> None:
+        """Replace every value of a (lower-case) name, unchecked: for the sidecar's own changes."""
+        self._items = [(key, v) for key, v in self._items if key != name]
+        self._items.append((name, value))
+        self._replaced.add(name)
+        self._appended.pop(name, None)
+
+    def _add(self, name: str, value: bytes) -> None:
+        """Add a value to a (lower-case) name, unchecked: for the sidecar's own changes."""
+        self._items.append((name, value))
         if name not in self._replaced:
-            self._appended.setdefault(name, []).append(encoded)
+            self._appended.setdefault(name, []).append(value)
 
     def __delitem__(self, name: str) -> None:
         name = name.lower()
@@ -165,8 +205,15 @@ class Headers(MutableMapping[str, str]):
         self.remove(name)
 
     def remove(self, name: str) -> None:
-        """Remove every value of `name`; no error if there is none."""
+        """Remove every value of `name`; no error if there is none. Removing `content-length` is fine (Envoy
+        then frames the body itself: chunked on HTTP/1); `transfer-encoding` is the connection's."""
         name = name.lower()
+        if name == "transfer-encoding":
+            check_connection_field(name)
+        self._discard(name)
+
+    def _discard(self, name: str) -> None:
+        """Remove every value of a (lower-case) name, unchecked: for the sidecar's own changes."""
         self._items = [(key, v) for key, v in self._items if key != name]
         self._replaced.add(name)
         self._appended.pop(name, None)

@@ -31,15 +31,12 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 
 from google.protobuf import json_format, struct_pb2
 
-from sidecar.headers import Headers, check_field
+from sidecar.headers import Headers, check_connection_field, check_field
 from sidecar.wire import METADATA_NAMESPACE
 
 __all__ = ["BodyMode", "Context", "HeaderValue", "Plugin", "Respond", "State", "StateKey"]
 
 T = TypeVar("T")
-
-#: Dynamic metadata namespace plugins write to unless they name another. The generated Envoy
-#: config lists it in `metadata_options.receiving_namespaces`, so Envoy accepts it.
 
 
 class BodyMode(enum.IntEnum):
@@ -88,6 +85,7 @@ class Respond:
         elif not isinstance(body, bytes | str):
             raise TypeError(f"Respond body: expected bytes or str, got {describe(body)}")
         object.__setattr__(self, "headers", _header_pairs(self.headers))
+        _check_framing(status, self.body, self.header_pairs)
         if not isinstance(self.details, str):
             raise TypeError(f"Respond details: expected str, got {describe(self.details)}")
         code = self.grpc_status
@@ -101,6 +99,25 @@ class Respond:
         """The checked headers: (lower-case name, value) pairs, values as latin-1 text."""
         pairs: tuple[tuple[str, str], ...] = self.headers  # type: ignore[assignment]  # set by __post_init__
         return pairs
+
+
+#: Statuses whose reply has no body (RFC 9110 6.4.1): Envoy would send a content-length with no body on
+#: HTTP/1 and reset the stream on HTTP/2.
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _check_framing(status: int, body: bytes | str, headers: tuple[tuple[str, str], ...]) -> None:
+    """The reply's framing is Envoy's: no body where the status has none, and a content-length (if the
+    plugin gives one) equal to the body's."""
+    length = len(body.encode() if isinstance(body, str) else body)
+    if length and status in NO_BODY_STATUSES:
+        raise ValueError(f"Respond status {status} has no body (RFC 9110), got a body of {length} bytes")
+    for name, value in headers:
+        if name == "content-length" and value != str(length):
+            raise ValueError(
+                f"Respond header 'content-length': got {value!r} for a body of {length} bytes "
+                "(leave it out: Envoy sets it)"
+            )
 
 
 def _header_pairs(headers: Any) -> tuple[tuple[str, str], ...]:
@@ -136,6 +153,7 @@ def _header(name: Any, value: Any) -> tuple[str, str]:
         raise TypeError(f"Respond header {name!r}: expected a str, bytes or int value, got {describe(value)}")
     try:
         checked, raw = check_field(name, value)
+        check_connection_field(checked)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"Respond {exc}") from None
     return checked, raw.decode("latin-1")
@@ -212,6 +230,7 @@ class Context:
         "_attributes_pb",
         "_metadata",
         "_metadata_pb",
+        "_namespaces",
         "_send",
         "chain",
         "clear_route_cache_requested",
@@ -222,9 +241,18 @@ class Context:
         "state",
     )
 
-    def __init__(self, chain: str, request_id: str = "", send: Callable[[Any], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        chain: str,
+        request_id: str = "",
+        send: Callable[[Any], Awaitable[None]] | None = None,
+        namespaces: Iterable[str] = (METADATA_NAMESPACE,),
+    ) -> None:
         self.chain = chain
         self._send = send
+        #: Where `set_metadata` may write: the namespaces the chain's plugins declared, which every generated
+        #: config lists in Envoy's `receiving_namespaces` (Envoy drops any other without a word).
+        self._namespaces = frozenset(namespaces)
         self.request_id = request_id
         self.state = State()
         #: The request headers as they left the chain; set once request headers were processed.
@@ -257,7 +285,20 @@ class Context:
         return self._metadata
 
     def set_metadata(self, key: str, value: Any, namespace: str = METADATA_NAMESPACE) -> None:
-        """Emit dynamic metadata (for access logs, later filters, routing). JSON-like values only."""
+        """Emit dynamic metadata (for access logs, later filters, routing). JSON-like values only; numbers
+        come back from Envoy as floats (protobuf Struct has one number type).
+
+        `namespace` must be the sidecar's own or one the plugin declares in `metadata_namespaces`: Envoy
+        keeps only the namespaces its config accepts, and every generated config accepts exactly those.
+        """
+        if namespace not in self._namespaces:
+            declared = ", ".join(sorted(self._namespaces))
+            raise ValueError(
+                f"set_metadata: namespace {namespace!r} is not declared (chain {self.chain!r} may write {declared});"
+                " add it to the plugin's metadata_namespaces so the generated Envoy config accepts it"
+            )
+        if not isinstance(key, str):
+            raise TypeError(f"set_metadata: the key must be a str, got {describe(key)}")
         _check_json(value, key)
         self.dynamic_metadata.setdefault(namespace, {})[key] = value
 
@@ -302,15 +343,26 @@ class Plugin:
     """Base class for plugins. Subclasses define hooks (see module doc) and may set:
 
     * `name`: how logs, metrics and `sidecar plugins` call it (defaults to the class name);
-    * `request_body` / `response_body`: the BodyMode the body hooks need (default BUFFERED).
+    * `request_body` / `response_body`: the BodyMode the body hooks need (default BUFFERED);
+    * `metadata_namespaces`: dynamic metadata namespaces `ctx.set_metadata` writes besides the sidecar's;
+    * `forwarding_namespaces`: dynamic metadata namespaces Envoy sends along (`ctx.metadata`);
+    * `request_attributes` / `response_attributes`: Envoy attributes the plugin reads (`ctx.attributes`),
+      e.g. ("request.path", "source.address"), sent with the request's or the response's first message.
 
-    The constructor receives the plugin's `config` mapping from the sidecar config file.
+    Every generated Envoy config (`envoy-config`, `render`) asks Envoy for what the plugins declare.
+
+    The constructor receives the plugin's `config` mapping from the sidecar config file; a subclass that
+    defines `__init__(self, config)` calls `super().__init__(config)`, which sets `self.config`.
     """
 
     name: ClassVar[str] = ""
     request_body: ClassVar[BodyMode | None] = None
     response_body: ClassVar[BodyMode | None] = None
     observe_only: ClassVar[bool] = False
+    metadata_namespaces: ClassVar[tuple[str, ...]] = ()
+    forwarding_namespaces: ClassVar[tuple[str, ...]] = ()
+    request_attributes: ClassVar[tuple[str, ...]] = ()
+    response_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config: Mapping[str, Any] = config or {}

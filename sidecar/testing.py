@@ -81,6 +81,10 @@ class Message:
     trailers: Any = None
     #: The body as the chunks Envoy passed on (streaming modes).
     chunks: list[bytes] = field(default_factory=list)
+    #: False when Envoy stopped passing this message on part-way: the upstream got the request headers (and
+    #: the chunks before) of a streamed upload answered early, or the client got the response headers (and
+    #: the chunks before) of a streamed response that was then reset.
+    complete: bool = True
 
 
 @dataclass
@@ -96,6 +100,11 @@ class Result:
     phases: list[str] = field(default_factory=list)
     #: Why the gRPC stream failed (Envoy then answers 500 or cuts the response), or None.
     failed: str | None = None
+
+    @property
+    def cut(self) -> bool:
+        """The client got the response headers, then a reset: a reply after the response was under way."""
+        return not self.response.complete
 
 
 class _StreamFailed(Exception):
@@ -156,9 +165,16 @@ class Driver:
             await session.run(request, response or Response())
         except _StreamFailed as exc:
             result.failed = str(exc)
-            if not result.response.headers:
+            if session.under_way():  # the client has the response's headers: Envoy resets it
+                if session.mode.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED:
+                    result.response.body, result.response.chunks = session._duplex_body("response_body")
+            else:  # Envoy's own reply to a failed gRPC stream: a 500 with no body
                 result.status = 500
                 result.response = Message(Headers([(":status", "500")]))
+                _local_reply_framing(result.response)
+                upstream = result.upstream
+                if upstream is not None and not upstream.complete and session.streams("request"):
+                    upstream.body, upstream.chunks = session._duplex_body("request_body")
         finally:
             await session.close()
         return result
@@ -240,14 +256,18 @@ class _Session:
                 answer = taken
         if answer is None:
             return None
-        for namespace, values in answer.dynamic_metadata.items():
-            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
+        self._metadata(answer)
         which = answer.WhichOneof("response")
         if which == "immediate_response":
             return answer.immediate_response
         if which != kind:
             raise AssertionError(f"spurious response {which} to {kind}: Envoy would fail the stream")
         return answer
+
+    def _metadata(self, message: Any) -> None:
+        """Envoy applies the dynamic metadata of every message from the server, streamed chunks included."""
+        for namespace, values in message.dynamic_metadata.items():
+            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
 
     def _take(self, message: Any) -> Any:
         """One message from the server: a streamed body chunk is kept; the answer to a message is returned."""
@@ -267,38 +287,48 @@ class _Session:
             if mutation.WhichOneof("mutation") == "streamed_response":
                 streamed = mutation.streamed_response
                 self.outputs[which].append((bytes(streamed.body), streamed.end_of_stream))
+                self._metadata(message)
                 return None
         return message
 
-    async def _body(self, kind: str, body: bytes | Sequence[bytes], trailers: bool, headers: Any) -> Any:
-        """Send a body as the mode says; return the body Envoy passes on, or an ImmediateResponse."""
-        chunks = [body] if isinstance(body, bytes) else list(body)
-        chunks = [c for c in chunks if c]
+    async def _body(
+        self, kind: str, body: bytes | Sequence[bytes], trailers: bool, headers: Any, passed: Message
+    ) -> Any:
+        """Send a body as Envoy 1.40 does in the mode; return (the body Envoy passes on, its chunks), or
+        (an ImmediateResponse, the chunks passed before it), or None (FULL_DUPLEX: see `_duplex_body`).
+        `passed` gets each chunk as Envoy passes it on (what the peer has when a reply cuts the body)."""
+        chunks = [c for c in ([body] if isinstance(body, bytes) else list(body)) if c]
         mode = BodyMode(getattr(self.mode, f"{kind.split('_')[0]}_body_mode"))
         if not chunks or mode is BodyMode.NONE:
+            passed.body, passed.chunks = b"".join(chunks), list(chunks)
             return b"".join(chunks), chunks
-        if mode in (BodyMode.BUFFERED, BodyMode.BUFFERED_PARTIAL):  # (under the buffer limit): one message
-            chunks = [b"".join(chunks)]
+        # Envoy's HTTP/1 server codec ends a request framed by content-length with its last chunk; its client
+        # codec ends an upstream's response on its own, whatever the framing.
+        framed = kind == "request_body" and "content-length" in headers
+        messages = _body_messages(mode, chunks, framed=framed, trailers=trailers)
+        if mode is not BodyMode.BUFFERED:
+            # Envoy drops the length of a body it passes on as it comes: the peer gets it chunked (HTTP/1).
+            headers._discard("content-length")
         if mode is BodyMode.FULL_DUPLEX_STREAMED:
-            return await self._duplex(kind, chunks, trailers)
+            for chunk, end in messages:
+                if await self._send(kind, body=chunk, end_of_stream=end) is not None:
+                    raise AssertionError(f"an answer to a FULL_DUPLEX {kind} chunk: Envoy expects streamed chunks")
+            if not trailers:
+                await self._wait_end(kind)
+            return None
         out: list[bytes] = []
-        for i, chunk in enumerate(chunks):
-            answer = await self._send(kind, body=chunk, end_of_stream=i == len(chunks) - 1 and not trailers)
-            if _immediate(answer, self.result):
+        for chunk, end in messages:
+            answer = await self._send(kind, body=chunk, end_of_stream=end)
+            if _is_immediate(answer):
                 return answer, out
             common = getattr(answer, kind).response
-            out.append(_new_body(common, chunk))
+            new = _new_body(common, chunk)
+            if new:
+                out.append(new)
+                passed.body += new
+                passed.chunks.append(new)
             _apply(common.header_mutation, headers, self.result, request=kind == "request_body")
         return b"".join(out), out
-
-    async def _duplex(self, kind: str, chunks: list[bytes], trailers: bool) -> Any:
-        for i, chunk in enumerate(chunks):
-            answer = await self._send(kind, body=chunk, end_of_stream=i == len(chunks) - 1 and not trailers)
-            if answer is not None:
-                raise AssertionError(f"an answer to a FULL_DUPLEX {kind} chunk: Envoy expects streamed chunks")
-        if not trailers:
-            await self._wait_end(kind)
-        return None
 
     async def _wait_end(self, kind: str) -> None:
         loop = asyncio.get_running_loop()
@@ -317,6 +347,21 @@ class _Session:
     def _duplex_body(self, kind: str) -> tuple[bytes, list[bytes]]:
         chunks = [body for body, _ in self.outputs[kind] if body]
         return b"".join(chunks), chunks
+
+    def under_way(self) -> bool:
+        """Whether the client has the response headers. In FULL_DUPLEX_STREAMED Envoy holds them until the
+        first streamed chunk comes back (it may carry their changes)."""
+        if not self.result.response.headers:
+            return False
+        if self.mode.response_body_mode == BodyMode.FULL_DUPLEX_STREAMED:
+            return bool(self.outputs["response_body"])
+        return True
+
+    def streams(self, direction: str) -> bool:
+        """Whether Envoy passes the headers on before the body (NONE, STREAMED, FULL_DUPLEX_STREAMED): a
+        reply during the body or the trailers then comes after the peer got the headers."""
+        mode = getattr(self.mode, f"{direction}_body_mode")
+        return mode in (BodyMode.NONE, BodyMode.STREAMED, BodyMode.FULL_DUPLEX_STREAMED)
 
     async def run(self, request: Request, response: Response) -> None:
         from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -338,7 +383,7 @@ class _Session:
         )
         if "x-request-id" not in req_headers:
             req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
-        has_body = bool(request.body if isinstance(request.body, bytes) else any(request.body))
+        has_body = _has_body(request.body)
         answer = await self._send(
             "request_headers", headers=req_headers.to_header_map(), end_of_stream=not has_body and not request.trailers
         )
@@ -347,7 +392,10 @@ class _Session:
         _apply(answer.request_headers.response.header_mutation, req_headers, result, request=True)
         if answer.HasField("mode_override"):
             self.mode = answer.mode_override
-        body = await self._body("request_body", request.body, bool(request.trailers), req_headers)
+        upstream = Message(req_headers, complete=False)
+        if (has_body or request.trailers) and self.streams("request"):
+            result.upstream = upstream  # the headers went on; a reply during the upload comes after them
+        body = await self._body("request_body", request.body, bool(request.trailers), req_headers, upstream)
         if body is not None and _immediate(body[0], result):
             return
         req_trailers = Headers(_pairs(request.trailers))
@@ -361,7 +409,7 @@ class _Session:
         result.upstream = Message(req_headers, body[0], req_trailers, body[1])
 
         resp_headers = Headers([(":status", str(response.status)), *_pairs(response.headers)])
-        has_body = bool(response.body if isinstance(response.body, bytes) else any(response.body))
+        has_body = _has_body(response.body)
         if self.mode.response_header_mode == send:
             answer = await self._send(
                 "response_headers", headers=resp_headers.to_header_map(), end_of_stream=not has_body
@@ -369,16 +417,20 @@ class _Session:
             if _immediate(answer, result):
                 return
             _apply(answer.response_headers.response.header_mutation, resp_headers, result, request=False)
+        # The headers reached the client (a streamed body) or wait for the body's answer (buffered).
         result.status = int(resp_headers[":status"])
-        result.response = Message(resp_headers)  # headers reached the client; a later failure cuts the body
-        resp = await self._body("response_body", response.body, bool(response.trailers), resp_headers)
-        if resp is not None and _immediate(resp[0], result):
+        under_way = result.response = Message(resp_headers, complete=False)
+        resp = await self._body("response_body", response.body, bool(response.trailers), resp_headers, under_way)
+        if resp is not None and _is_immediate(resp[0]):
+            if not self.streams("response"):
+                _immediate(resp[0], result)
+            # Else the client has the upstream's status and headers and part of the body: Envoy resets it.
             return
         resp_trailers = Headers(_pairs(response.trailers))
         if response.trailers and self.mode.response_trailer_mode == send:
             answer = await self._send("response_trailers", trailers=resp_trailers.to_header_map())
-            if _immediate(answer, result):
-                return
+            if _is_immediate(answer):
+                return  # the body went on: the reply cuts the response
             _apply(answer.response_trailers.header_mutation, resp_trailers, result, request=False)
         if resp is None:
             resp = self._duplex_body("response_body")
@@ -386,26 +438,80 @@ class _Session:
         result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])
 
 
+def _has_body(body: bytes | Sequence[bytes]) -> bool:
+    return bool(body if isinstance(body, bytes) else any(body))
+
+
+def _body_messages(mode: BodyMode, chunks: list[bytes], *, framed: bool, trailers: bool) -> list[tuple[bytes, bool]]:
+    """The (body, end_of_stream) messages Envoy 1.40 sends for a body from an HTTP/1 peer.
+
+    BUFFERED and BUFFERED_PARTIAL (under the buffer limit): one message. STREAMED: the chunks; the last one
+    ends the body when `framed` (a request with a content-length), else the end comes alone as an empty
+    chunk (chunked encoding's last chunk; any upstream response). FULL_DUPLEX_STREAMED: always that empty
+    end chunk. Trailers end a body instead.
+    """
+    if mode in (BodyMode.BUFFERED, BodyMode.BUFFERED_PARTIAL):
+        return [(b"".join(chunks), not trailers)]
+    messages = [(chunk, False) for chunk in chunks]
+    if trailers:
+        return messages
+    if mode is BodyMode.STREAMED and framed:
+        messages[-1] = (chunks[-1], True)
+    else:
+        messages.append((b"", True))
+    return messages
+
+
 def _struct_to_python(value: Any) -> dict[str, Any]:
+    """Metadata as Envoy shows it: a protobuf Struct has one number type (double), and Envoy prints a
+    whole one as a whole number (`%DYNAMIC_METADATA%` of 3 is "3"), so whole numbers come back as int."""
     from google.protobuf import json_format
 
-    out: dict[str, Any] = json_format.MessageToDict(value)
+    out: dict[str, Any] = _whole_numbers(json_format.MessageToDict(value))
     return out
 
 
-def _immediate(answer: Any, result: Result) -> bool:
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
+
+
+def _is_immediate(answer: Any) -> bool:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+    return isinstance(answer, pb.ImmediateResponse)
+
+
+def _immediate(answer: Any, result: Result) -> bool:
+    """If `answer` is a reply from Envoy, make it the client's response (with Envoy's framing)."""
     from sidecar.headers import Headers
 
-    if not isinstance(answer, pb.ImmediateResponse):
+    if not _is_immediate(answer):
         return False
     headers = Headers([(":status", str(answer.status.code))])
     _apply(answer.headers, headers, result, request=False)
     result.immediate = True
     result.status = answer.status.code
     result.response = Message(headers, answer.body)
+    _local_reply_framing(result.response)
     return True
+
+
+def _local_reply_framing(reply: Message) -> None:
+    """What Envoy does to a local reply: `content-type: text/plain` for a body without one, no content-type
+    without a body, and the body's length (what an HTTP/1 client sees; 204 and 304 have neither)."""
+    headers = reply.headers
+    if not reply.body:
+        headers._discard("content-type")
+    elif "content-type" not in headers:
+        headers._put("content-type", b"text/plain")
+    if headers[":status"] not in ("204", "304"):
+        headers._put("content-length", str(len(reply.body)).encode())
 
 
 def _new_body(common: Any, body: bytes) -> bytes:
@@ -427,23 +533,27 @@ def _apply(mutation: Any, headers: Any, result: Result, *, request: bool) -> Non
         if name.startswith(_PROTECTED_PREFIX) or (request and name in _PROTECTED_SET):
             result.rejected_mutations.append(f"set {name}")
             continue
+        if name == ":status" and not (value.isdigit() and 200 <= int(value) <= 999):
+            # Envoy keeps the status it has and counts the change as rejected (the request goes on).
+            result.rejected_mutations.append(f"set {name}")
+            continue
         action = option.append_action
         if action == Option.APPEND_IF_EXISTS_OR_ADD:  # 0: Envoy decides by the deprecated `append` flag
             if option.HasField("append") and option.append.value:
-                headers.append(name, value)
+                headers._add(name, value)
             else:
-                headers[name] = value
+                headers._put(name, value)
         elif (
             action == Option.OVERWRITE_IF_EXISTS_OR_ADD
             or (action == Option.ADD_IF_ABSENT and name not in headers)
             or (action == Option.OVERWRITE_IF_EXISTS and name in headers)
         ):
-            headers[name] = value
+            headers._put(name, value)
     for name in mutation.remove_headers:
         if name.startswith((":", _PROTECTED_PREFIX)) or name == "host":
             result.rejected_mutations.append(f"remove {name}")
             continue
-        headers.remove(name)
+        headers._discard(name.lower())
 
 
 # -- real Envoy harness ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,172 @@ def test_one_plugin_name_twice_is_two_plugins() -> None:
     # Each instance's own declaration counts (the first one's used to stand for both).
     with pytest.raises(ConfigError, match="body=STREAMED, body#2=BUFFERED_PARTIAL"):
         Chain("default", [Streamed(), Partial()])
+
+
+class _Reads(Plugin):
+    name = "reads"
+    metadata_namespaces = ("other-ns", "envoy-sidecar")
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path", "source.address")
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx: Context, headers: Any) -> None:
+        ctx.set_metadata("k", 1, namespace="other-ns")
+
+
+class _AlsoReads(Plugin):
+    name = "also-reads"
+    metadata_namespaces = ("third-ns",)
+    request_attributes = ("request.path", "xds.route_name")
+
+    def on_request_headers(self, ctx: Context, headers: Any) -> None:
+        return None
+
+
+def test_declarations_are_gathered_per_chain_and_for_the_filter() -> None:
+    registry = Registry([Chain("a", [_Reads()]), Chain("b", [_AlsoReads(), _Reads()])])
+    a = registry.chains["a"]
+    assert a.metadata_namespaces == ("envoy-sidecar", "other-ns")
+    assert a.writable_namespaces == frozenset({"envoy-sidecar", "other-ns"})
+    assert registry.chains["b"].request_attributes == ("request.path", "xds.route_name", "source.address")
+    assert registry.metadata_namespaces == ("envoy-sidecar", "other-ns", "third-ns")
+    assert registry.forwarding_namespaces == ("envoy.filters.http.jwt_authn",)
+    assert registry.request_attributes == ("request.path", "source.address", "xds.route_name")
+    assert registry.response_attributes == ("response.code",)
+
+
+def test_every_generated_envoy_config_asks_for_what_plugins_declare() -> None:
+    from sidecar.config import SidecarConfig
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    registry = Registry([Chain("default", [_Reads()]), Chain("b", [_AlsoReads()])])
+    bootstrap = build_bootstrap(registry, SidecarConfig(), BootstrapOptions())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy-sidecar", "other-ns", "third-ns"]
+    assert ext_proc["metadata_options"]["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]
+    assert ext_proc["request_attributes"] == ["request.path", "source.address", "xds.route_name"]
+    assert ext_proc["response_attributes"] == ["response.code"]
+
+
+def test_an_undeclared_namespace_is_the_plugins_error() -> None:
+    from sidecar.testing import Driver, Request
+
+    class Writes(Plugin):
+        def on_request_headers(self, ctx: Context, headers: Any) -> None:
+            ctx.set_metadata("k", 1, namespace="not-declared")
+
+    result = Driver([_Reads(), Writes()]).run(Request())
+    assert result.status == 500 and result.upstream is None
+    ok = Driver([_Reads()]).run(Request())
+    assert ok.status == 200 and ok.dynamic_metadata == {"other-ns": {"k": 1}}
+    assert type(ok.dynamic_metadata["other-ns"]["k"]) is int  # as Envoy prints it: "1", not "1.0"
+    ctx = Context("c")
+    with pytest.raises(ValueError, match="namespace 'x' is not declared"):
+        ctx.set_metadata("k", 1, namespace="x")
+    with pytest.raises(TypeError, match="the key must be a str"):
+        ctx.set_metadata(3, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"metadata_namespaces": "other-ns"}, "metadata_namespaces must be a tuple of names"),
+        ({"forwarding_namespaces": ("a", 3)}, "got an item int 3"),
+        ({"request_attributes": ("request path",)}, "'request path' is not a name"),
+        ({"response_attributes": ("",)}, "'' is not a name"),
+        ({"metadata_namespaces": ("x" * 300,)}, "is not a name"),
+        ({"request_attributes": tuple(f"a{i}" for i in range(65))}, "at most 64"),
+        ({"metadata_namespaces": None}, "got NoneType None"),
+        ({"request_attributes": {"request.path"}}, "got set of 1 items"),
+        ({"forwarding_namespaces": b"ns"}, "got bytes of 2 bytes"),
+    ],
+)
+def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: str) -> None:
+    plugin_class = type("Declares", (_AlsoReads,), attributes)
+    with pytest.raises(PluginLoadError, match=message):
+        Chain("c", [plugin_class()])
+
+
+def _envoy_config(*args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-m", "sidecar", "envoy-config", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_envoy_config_failure_mode_allow_and_an_access_log_with_the_plugins_metadata(tmp_path: Path) -> None:
+    import yaml
+
+    from sidecar.stack.envoy import validate_bootstrap
+
+    log = tmp_path / "access.log"
+    proc = _envoy_config("--plugin", f"{tp.TP}Framing", "--failure-mode-allow", "--access-log", str(log))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --failure-mode-allow" in proc.stderr
+    bootstrap = yaml.safe_load(proc.stdout)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"]["failure_mode_allow"] is True
+    (entry,) = hcm["access_log"]
+    assert entry["typed_config"]["path"] == str(log)
+    fields = entry["typed_config"]["log_format"]["json_format"]
+    assert fields["metadata.envoy-sidecar"] == "%DYNAMIC_METADATA(envoy-sidecar)%"
+    assert fields["metadata.other-ns"] == "%DYNAMIC_METADATA(other-ns)%"  # Framing declares it
+    validate_bootstrap(bootstrap)  # Envoy itself accepts it
+
+    plain = yaml.safe_load(_envoy_config("--plugin", f"{tp.TP}Framing").stdout)
+    hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"].get("failure_mode_allow", False) is False
+    assert "access_log" not in hcm
+
+
+def test_envoy_config_refuses_fail_open_with_full_duplex_and_an_empty_log_path() -> None:
+    for args, message in [
+        (("--plugin", f"{tp.TP}FdPass", "--failure-mode-allow"), "FULL_DUPLEX_STREAMED cannot fail open"),
+        (("--plugin", f"{tp.TP}AddHeaders", "--access-log", ""), "--access-log: expected a file path"),
+    ]:
+        proc = _envoy_config(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_render_asks_envoy_for_what_the_chains_plugins_declare(tmp_path: Path) -> None:
+    from sidecar.translate.options import RenderOptions, SidecarLink
+    from sidecar.translate.render import render_bootstrap
+    from tests.support.translate_kit import BASE
+
+    policy = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: gw, annotations: {envoy-sidecar/chain: reads}}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  extProc:
+  - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: proc}]
+    processingMode: {request: {attributes: [connection.id, request.path]}}
+    metadata: {writableNamespaces: [mine]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: proc}
+spec:
+  endpoints: [{unix: {path: /run/sidecar.sock}}]
+"""
+    path = tmp_path / "in.yaml"
+    path.write_text(BASE + policy)
+    registry = Registry([Chain("default", [_AlsoReads()]), Chain("reads", [_Reads()])])
+    link = SidecarLink(registry, (Path("/run/sidecar.sock"),))
+    bootstrap = render_bootstrap([path], RenderOptions(sidecar=link))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    # The policy's own names first, then the chain's plugins' (not the other chain's).
+    assert ext_proc["request_attributes"] == ["connection.id", "request.path", "source.address"]
+    assert ext_proc["response_attributes"] == ["response.code"]
+    options = ext_proc["metadata_options"]
+    assert options["receiving_namespaces"]["untyped"] == ["mine", "envoy-sidecar", "other-ns"]
+    assert options["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]

@@ -54,10 +54,10 @@ def test_flush_into_resets_tracking() -> None:
     headers.flush_into(first)
     assert [o.header.raw_value for o in first.set_headers] == [b"2"]
     assert not headers.changed and headers.mutation() is None
-    headers["content-length"] = "5"
+    headers["x-later"] = "5"
     mutation = headers.mutation()
     assert mutation is not None
-    assert [o.header.key for o in mutation.set_headers] == ["content-length"]
+    assert [o.header.key for o in mutation.set_headers] == ["x-later"]
 
 
 def test_append_after_set_is_part_of_the_replacement() -> None:
@@ -106,6 +106,54 @@ def test_tokens_pseudo_headers_and_any_byte_but_cr_lf_nul_are_accepted() -> None
     headers = Headers()
     headers["X-Token!#$%&'*+-.^_`|~09"] = "v"
     headers[":path"] = "/rewritten?q=1"
-    headers.append("x-bin", b"\xff\x01\t")
+    headers.append("x-bin", b"\xff\x01\tz")
     assert headers["x-token!#$%&'*+-.^_`|~09"] == "v"
-    assert headers.raw("x-bin") == b"\xff\x01\t"
+    assert headers.raw("x-bin") == b"\xff\x01\tz"
+
+
+@pytest.mark.parametrize("value", [" v", "v ", "\tv", "v\t", b" raw", "  ", "a b \t"])
+def test_a_value_with_whitespace_at_either_end_is_refused(value: str | bytes) -> None:
+    # Envoy strips it in front of a value ext_proc sets, HTTP/1 peers at the end: the peer would see another value.
+    headers = Headers()
+    with pytest.raises(ValueError, match="space or tab"):
+        headers["x-v"] = value
+    with pytest.raises(ValueError, match="space or tab"):
+        headers.append("x-v", value)
+    assert not headers.changed
+    headers["x-v"] = "inner space\tand tab"  # inside a value both are fine
+    headers["x-empty"] = ""
+
+
+@pytest.mark.parametrize("name", ["Connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"])
+def test_connection_fields_cannot_be_set(name: str) -> None:
+    headers = Headers([("connection", "keep-alive"), ("transfer-encoding", "chunked")])
+    with pytest.raises(ValueError, match="belongs to the connection"):
+        headers[name] = "close"
+    with pytest.raises(ValueError, match="belongs to the connection"):
+        headers.append(name, "gzip")
+    assert not headers.changed
+
+
+def test_transfer_encoding_cannot_be_removed_but_connection_can() -> None:
+    headers = Headers([("connection", "keep-alive"), ("transfer-encoding", "chunked")])
+    with pytest.raises(ValueError, match="belongs to the connection"):
+        headers.remove("Transfer-Encoding")
+    with pytest.raises(ValueError, match="belongs to the connection"):
+        del headers["transfer-encoding"]
+    del headers["connection"]
+    assert headers.items_all() == [("transfer-encoding", "chunked")]
+
+
+def test_content_length_is_the_sidecars_but_may_be_removed() -> None:
+    headers = Headers([("content-length", "11")])
+    for wrong in ("3", "12", "011", "", "11, 11"):
+        with pytest.raises(ValueError, match="content-length"):
+            headers["content-length"] = wrong
+    with pytest.raises(ValueError, match="one length"):
+        headers.append("content-length", "11")
+    assert not headers.changed
+    headers["Content-Length"] = "11"  # what it already is: no disagreement
+    headers.remove("content-length")  # Envoy then frames the body itself (chunked on HTTP/1)
+    assert "content-length" not in headers
+    with pytest.raises(ValueError, match="content-length"):
+        headers["content-length"] = "11"  # none now: a length would be the plugin's guess

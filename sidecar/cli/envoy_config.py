@@ -28,11 +28,18 @@ def _envoy_config(args: argparse.Namespace) -> int:
         listen_port=port,
         upstream=parse_host_port(args.upstream, "--upstream"),
         routes=tuple(parse_route(r) for r in args.route) if args.route else BootstrapOptions().routes,
+        failure_mode_allow=args.failure_mode_allow,
+        access_log=args.access_log,
         otlp_endpoint=parse_host_port(args.otlp_endpoint, "--otlp-endpoint")
         if args.otlp_endpoint is not None
         else None,
     )
     bootstrap = build_bootstrap(registry, config, options)
+    if args.failure_mode_allow:
+        sys.stderr.write(
+            "warning: --failure-mode-allow: requests go through unprocessed when the sidecar cannot be reached, "
+            "times out or fails a stream\n"
+        )
     if args.validate:
         from sidecar.stack.envoy import validate_bootstrap
 
@@ -85,6 +92,17 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=[],
         metavar="PREFIX[=CHAIN]",
         help="a route and the chain it uses (repeatable; default: / with the default chain)",
+    )
+    envoy.add_argument(
+        "--failure-mode-allow",
+        action="store_true",
+        help="let requests through unprocessed when the sidecar cannot be reached or times out (plugin errors "
+        "still follow each chain's on_error); refused with FULL_DUPLEX_STREAMED",
+    )
+    envoy.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help="write Envoy's access log to PATH: JSON lines with the plugins' dynamic metadata",
     )
     envoy.add_argument(
         "--otlp-endpoint",

@@ -91,7 +91,11 @@ class DuplexPipe:
             async with deadline:
                 async for body, end in stream:
                     if body or end:
-                        await self._send(streamed_response(self.kind, body, end and not self._ended_by_trailers))
+                        response = streamed_response(self.kind, body, end and not self._ended_by_trailers)
+                        if self.ctx.dynamic_metadata:  # set by a stream hook: goes with its output
+                            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
+                            self.ctx.dynamic_metadata = {}
+                        await self._send(response)
                     if end:
                         return
         except StreamFailure:

@@ -104,7 +104,7 @@ class StreamProcessor:
         self.mode_override = plan.mode_override
         self._body_modes = plan.body_modes
         self._filter_modes = plan.filter_body_modes
-        self.ctx = Context(chain.name)
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         self.metrics = metrics
         self.stream_timeout = stream_timeout
         self._send: Send | None = None
@@ -247,7 +247,9 @@ class StreamProcessor:
         if not changed and override is None and not ctx.clear_route_cache_requested:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
-        common = getattr(response, kind).response
+        answer = getattr(response, kind)
+        answer.SetInParent()  # a mode_override alone must still answer this phase (reading sets nothing)
+        common = answer.response
         if changed:
             headers.flush_into(common.header_mutation)
         if ctx.clear_route_cache_requested and kind == "request_headers":
@@ -315,7 +317,7 @@ class StreamProcessor:
         headers = ctx.request_headers if kind == "request_body" else ctx.response_headers
         if body is not original and headers is not None and "content-length" in headers:
             # BUFFERED with headers sent: Envoy rejects a new body whose content-length is stale.
-            headers["content-length"] = str(len(body))
+            headers._put("content-length", str(len(body)).encode())
         changed = headers is not None and headers.changed
         if body is original and not changed:
             return _CONTINUE[kind]

@@ -18,7 +18,7 @@ from sidecar.chains import FULL_DUPLEX, SEND, Registry
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.translate.backends import route_around_failed_workers, sidecar_retry_policy
-from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
+from sidecar.wire import CHAIN_METADATA_KEY
 
 __all__ = [
     "BootstrapOptions",
@@ -48,6 +48,12 @@ class BootstrapOptions:
     listen_port: int = 10000
     upstream: tuple[str, int] = ("127.0.0.1", 8080)
     routes: tuple[RouteSpec, ...] = (RouteSpec("/"),)
+    #: Let requests through unprocessed when the sidecar cannot be reached, times out or fails its stream
+    #: (Envoy's `failure_mode_allow`). Plugin errors still follow each chain's `on_error`: the sidecar
+    #: answers them itself.
+    failure_mode_allow: bool = False
+    #: A file for Envoy's access log, one JSON line per request with the plugins' dynamic metadata.
+    access_log: str | None = None
     #: An OTLP gRPC collector: Envoy's own OpenTelemetry tracer sends its spans there, every request sampled.
     otlp_endpoint: tuple[str, int] | None = None
 
@@ -184,11 +190,13 @@ def check_processing_mode(mode: Any, *, failure_mode_allow: bool, where: str = "
             )
 
 
-def ext_proc_filter(registry: Registry, config: SidecarConfig) -> Any:
+def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_allow: bool = False) -> Any:
     """The `envoy.filters.http.ext_proc` HttpFilter that talks to this sidecar.
 
-    It fails closed (`failure_mode_allow: false`): a route whose chain is `fail_open` opens it in its
-    per-route override (`_route`), so no global switch can ever let a fail_closed chain's traffic through.
+    It fails closed (`failure_mode_allow: false`) unless the operator asks otherwise (`--failure-mode-allow`):
+    a route whose chain is `fail_open` opens it in its per-route override (`_route`). Either way a plugin's
+    error follows its chain's `on_error`, because the sidecar answers it; `failure_mode_allow` covers only
+    a sidecar that cannot be reached, times out or fails the stream. Refused with FULL_DUPLEX_STREAMED.
     """
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
@@ -199,7 +207,7 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig) -> Any:
     )
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
 
-    check_processing_mode(registry.mode, failure_mode_allow=False)
+    check_processing_mode(registry.mode, failure_mode_allow=failure_mode_allow)
     timeout = datetime.timedelta(seconds=config.message_timeout)
     processor = ExternalProcessor(
         grpc_service=GrpcService(
@@ -207,19 +215,54 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig) -> Any:
             timeout=datetime.timedelta(seconds=5),
             retry_policy=sidecar_retry_policy(),
         ),
-        failure_mode_allow=False,
+        failure_mode_allow=failure_mode_allow,
         processing_mode=ProcessingMode.FromString(registry.mode.SerializeToString()),
         message_timeout=timeout,
         max_message_timeout=max(timeout, datetime.timedelta(seconds=10)),
         allow_mode_override=True,
+        # What the plugins declared: Envoy drops metadata in a namespace it was not told to accept, and sends
+        # only the attributes and metadata it was asked for.
         metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=list(registry.metadata_namespaces)),
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=list(registry.forwarding_namespaces)),
         ),
+        request_attributes=list(registry.request_attributes),
+        response_attributes=list(registry.response_attributes),
         stat_prefix="sidecar",
         # Envoy sends and does not wait: observe-only plugins run off the request path.
         observability_mode=registry.observe_only,
     )
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_any(processor))
+
+
+#: Per request, besides the plugins' metadata: enough to find the request and see how it ended.
+_ACCESS_LOG_FIELDS = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+def access_log(path: str, registry: Registry) -> Any:
+    """A file access log of JSON lines that holds every namespace the plugins write (`metadata_namespaces`)."""
+    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+    from envoy_data_plane.envoy.config.core.v3 import SubstitutionFormatString
+    from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+    from envoy_data_plane.google.protobuf import Struct
+
+    if not path or any(c in path for c in "\r\n\0"):
+        raise ConfigError(f"--access-log: expected a file path, got {path!r}")
+    fields: dict[str, Any] = dict(_ACCESS_LOG_FIELDS)
+    for namespace in registry.metadata_namespaces:
+        fields[f"metadata.{namespace}"] = f"%DYNAMIC_METADATA({namespace})%"
+    log_format = SubstitutionFormatString(json_format=Struct.from_dict(fields))
+    file_log = FileAccessLog(path=path, log_format=log_format)
+    return AccessLog(name="envoy.access_loggers.file", typed_config=_any(file_log))
 
 
 def _route(spec: RouteSpec, registry: Registry) -> Any:
@@ -271,9 +314,10 @@ def build_bootstrap(registry: Registry, config: SidecarConfig, options: Bootstra
             name="local", virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=routes)]
         ),
         http_filters=[
-            ext_proc_filter(registry, config),
+            ext_proc_filter(registry, config, failure_mode_allow=options.failure_mode_allow),
             HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
         ],
+        access_log=[access_log(options.access_log, registry)] if options.access_log is not None else [],
     )
     listener = Listener(
         name=LISTENER_NAME,

@@ -23,7 +23,7 @@ from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
 from sidecar.translate.refs import backend_ref_target, pull_secrets
 from sidecar.translate.resources import Resource, ResourceSet
-from sidecar.wire import CHAIN_METADATA_KEY, METADATA_NAMESPACE
+from sidecar.wire import CHAIN_METADATA_KEY
 
 __all__ = [
     "PolicyFilter",
@@ -171,13 +171,21 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
             assert sidecar is not None
             processor.message_timeout = datetime.timedelta(seconds=sidecar.message_timeout)
         for direction in ("request", "response"):
-            attributes = ((mode_spec or {}).get(direction) or {}).get("attributes")
+            attributes = list(((mode_spec or {}).get(direction) or {}).get("attributes") or ())
+            if chain is not None:  # and what the chain's plugins declared they read
+                attributes += [a for a in getattr(chain, f"{direction}_attributes") if a not in attributes]
             if attributes:
-                setattr(processor, f"{direction}_attributes", list(attributes))
-        metadata = ext.get("metadata") or {}
-        if not metadata and is_sidecar:
-            # Plugins hand dynamic metadata back in the sidecar's namespace (as `sidecar envoy-config` sets up).
-            metadata = {"writableNamespaces": [METADATA_NAMESPACE]}
+                setattr(processor, f"{direction}_attributes", attributes)
+        metadata = dict(ext.get("metadata") or {})
+        if chain is not None:
+            # Plugins write metadata in the sidecar's namespace and the ones they declared, and read the ones
+            # they declared (as `sidecar envoy-config` sets up): Envoy drops or withholds any other.
+            for field, declared in (
+                ("writableNamespaces", chain.metadata_namespaces),
+                ("accessibleNamespaces", chain.forwarding_namespaces),
+            ):
+                names = list(metadata.get(field) or ())
+                metadata[field] = names + [n for n in declared if n not in names]
         if metadata:
             processor.metadata_options = MetadataOptions(
                 forwarding_namespaces=MetadataOptionsMetadataNamespaces(

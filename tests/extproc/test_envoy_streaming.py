@@ -258,3 +258,24 @@ def test_observe_only_plugins_run_off_the_request_path(sidecar_envoy: Factory, t
     assert httpx.get(env.url + "/observed", timeout=10).status_code == 200
     assert time.monotonic() - started < 1.0  # Envoy did not wait for the 1.5 s hook
     wait_for(lambda: seen.exists() and "/observed" in seen.read_text(), 15, "the observer to run")
+
+
+def test_full_duplex_failing_after_its_first_output_ends_the_response_promptly(sidecar_envoy: Factory) -> None:
+    # Issue 14: headers and the first chunk are out when the plugin raises. The sidecar fails the gRPC stream
+    # (INTERNAL); Envoy's local reply cannot replace a response under way, so it resets the stream (HTTP/2)
+    # or closes the connection after its delayed-close wait of 1 s (HTTP/1). Never a wait for the client's
+    # own timeout, and never a complete-looking response.
+    env = sidecar_envoy(plugins=[TP + "FdYieldThenRaise"])
+    for http2, path in [(False, "/lines/50"), (True, "/lines/50"), (False, "/sse/5"), (True, "/")]:
+        started = time.monotonic()
+        received = b""
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            httpx.Client(timeout=20, http1=not http2, http2=http2) as client,
+            client.stream("GET", env.url + path) as response,
+        ):
+            assert response.status_code == 200
+            for piece in response.iter_raw():
+                received += piece
+        assert time.monotonic() - started < 5, (http2, path)  # the stream deadline is 10 s, the client's 20 s
+        assert received, (http2, path)  # the first chunk went out before the failure

@@ -136,11 +136,20 @@ def test_a_body_or_chunk_hook_returning_a_wrong_type_fails_closed(
     driver = Driver([_plugin(hook, result, is_async=False)])
     with caplog.at_level(logging.ERROR, logger="sidecar.extproc"):
         outcome = driver.run(Request("POST", body=b"payload"), Response(body=b"answer"))
+    logged = [r.getMessage() for r in caplog.records if f"{hook} returned {described}" in r.getMessage()]
+    assert len(logged) == 1
+    if hook == "on_response_chunk":
+        # STREAMED: the client has the upstream's status and headers when the chunk fails; Envoy cuts the body.
+        assert outcome.cut and not outcome.immediate and outcome.status == 200
+        assert outcome.response.body == b""  # the one chunk never went on
+        return
     assert outcome.immediate and outcome.status == 500
-    if hook.startswith("on_request"):
-        assert outcome.upstream is None
-    error_id = outcome.response.headers["x-sidecar-error-id"]
-    assert any(error_id in r.getMessage() and f"{hook} returned {described}" in r.getMessage() for r in caplog.records)
+    if hook == "on_request_body":
+        assert outcome.upstream is None  # BUFFERED: Envoy holds the headers until the body is answered
+    elif hook == "on_request_chunk":
+        # STREAMED: the headers went on to the upstream before the body; its upload is cut.
+        assert outcome.upstream is not None and not outcome.upstream.complete and outcome.upstream.body == b""
+    assert outcome.response.headers["x-sidecar-error-id"] in logged[0]
 
 
 @pytest.mark.parametrize("hook", ["on_request_trailers", "on_response_trailers"])
@@ -149,8 +158,14 @@ def test_a_trailers_hook_returns_none_only(caplog: pytest.LogCaptureFixture, hoo
     plugin = _plugin(hook, lambda: returned, is_async=False)
     with caplog.at_level(logging.ERROR, logger="sidecar.extproc"):
         outcome = Driver([plugin]).run(Request("POST", body=b"x", trailers={"x-t": "1"}), Response(trailers={"a": "b"}))
-    assert outcome.immediate and outcome.status == 500
     assert any(f"{hook} returned" in r.getMessage() and "expected None" in r.getMessage() for r in caplog.records)
+    if hook == "on_response_trailers":
+        # The response is under way when its trailers come: Envoy cannot replace it, it resets it.
+        assert outcome.cut and not outcome.immediate and outcome.status == 200
+        return
+    assert outcome.immediate and outcome.status == 500
+    # The request went on before its trailers (no body hook holds it): the upstream had its headers and body.
+    assert outcome.upstream is not None and not outcome.upstream.complete and outcome.upstream.body == b"x"
 
 
 class _YieldsWrong(Plugin):
@@ -288,6 +303,18 @@ def test_respond_normalises_what_it_accepts() -> None:
         ({"grpc_status": 17}, ValueError, "grpc_status: expected None or a gRPC status code from 0 to 16"),
         ({"grpc_status": -1}, ValueError, "grpc_status"),
         ({"grpc_status": "7"}, ValueError, "grpc_status"),
+        # What Envoy would cut, reset or strip: the reply's framing is Envoy's.
+        ({"status": 204, "body": b"x"}, ValueError, "Respond status 204 has no body (RFC 9110), got a body of 1 bytes"),
+        ({"status": 304, "body": "\u00e9"}, ValueError, "got a body of 2 bytes"),
+        ({"headers": {"content-length": "3"}, "body": b"four"}, ValueError, "got '3' for a body of 4 bytes"),
+        ({"headers": {"content-length": 0}, "body": "x"}, ValueError, "content-length"),
+        ({"headers": [("content-length", "1"), ("content-length", "1")], "body": "xx"}, ValueError, "content-length"),
+        ({"headers": {"connection": "close"}}, ValueError, "header 'connection' belongs to the connection"),
+        ({"headers": {"Transfer-Encoding": "chunked"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"upgrade": "h2c"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"keep-alive": "timeout=5"}}, ValueError, "belongs to the connection"),
+        ({"headers": {"x": " lead"}}, ValueError, "starts or ends with a space or tab"),
+        ({"headers": {"x": b"trail\t"}}, ValueError, "space or tab"),
     ],
 )
 def test_respond_checks_itself_when_built(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
@@ -295,6 +322,13 @@ def test_respond_checks_itself_when_built(kwargs: dict[str, Any], error: type[Ex
     with pytest.raises(error) as raised:
         Respond(**arguments)
     assert message in str(raised.value)
+
+
+def test_respond_accepts_the_framing_envoy_keeps() -> None:
+    assert Respond(204).body == b""
+    assert Respond(304, headers={"etag": '"v1"'}).header_pairs == (("etag", '"v1"'),)
+    assert Respond(200, "\u00e9", {"content-length": "2"}).header_pairs == (("content-length", "2"),)
+    assert Respond(200, headers={"content-length": 0}).header_pairs == (("content-length", "0"),)
 
 
 @pytest.mark.parametrize("what", ["bad-header-value", "bad-header-name", "crlf"])

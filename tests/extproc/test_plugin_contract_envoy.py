@@ -4,8 +4,10 @@ the server does (status, error id header, body, log line), so a plugin author's 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -98,3 +100,117 @@ chains:
         wait_for(functools.partial(_logged, sidecar, "on_request_stream yielded int 403"), what="the duplex failure")
         # and the server goes on serving
         assert client.get("/closed").status_code == 200
+
+
+def _show_metadata(bootstrap: dict[str, Any]) -> None:
+    """Envoy's view of the plugins' metadata, in response headers (empty when Envoy dropped it)."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["response_headers_to_add"] = [
+        {"header": {"key": "x-meta-seen", "value": "%DYNAMIC_METADATA(other-ns:seen)%"}},
+        {"header": {"key": "x-meta-count", "value": "%DYNAMIC_METADATA(other-ns:count)%"}},
+    ]
+
+
+#: (x-edit, method, chunked upload): what Envoy would cut, strip, reset or drop. Each is the plugin's error.
+REFUSED = [
+    ("cl-wrong", "POST", False),
+    ("cl-wrong", "POST", True),
+    ("te", "POST", True),
+    ("te-remove", "POST", True),
+    ("lead", "GET", False),
+    ("respond-204", "GET", False),
+    ("respond-cl", "GET", False),
+    ("ns-undeclared", "GET", False),
+    ("resp-connection", "GET", False),
+    ("resp-cl", "GET", False),
+    ("resp-trail", "GET", False),
+]
+
+
+def _pieces(body: bytes) -> Iterator[bytes]:
+    yield body[:5]
+    yield body[5:]
+
+
+def test_what_envoy_would_cut_or_drop_is_the_plugins_error_on_both_sides(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f"""
+chains:
+  closed: {{on_error: fail_closed, plugins: ["{TP}Framing"]}}
+  open: {{on_error: fail_open, plugins: ["{TP}Framing"]}}
+"""
+    )
+    env = sidecar_envoy(config=config, routes=["/closed=closed", "/open=open"], bootstrap_hook=_show_metadata)
+    registry = Registry([Chain("closed", [tp.Framing()]), Chain("open", [tp.Framing()], on_error="fail_open")])
+    body = b"hello world"
+    for http2 in (False, True):
+        with httpx.Client(base_url=env.url, timeout=10, http1=not http2, http2=http2) as client:
+            for edit, method, chunked in REFUSED:
+                case = f"{edit} {method} chunked={chunked} http2={http2}"
+                headers = {"x-edit": edit}
+
+                def content() -> Iterator[bytes] | bytes | None:  # a fresh upload for each request
+                    return (_pieces(body) if chunked else body) if method == "POST" else None  # noqa: B023
+
+                driver_headers = dict(headers)
+                if method == "POST":
+                    driver_headers["transfer-encoding" if chunked else "content-length"] = (
+                        "chunked" if chunked else str(len(body))
+                    )
+                request = Request(method, "/closed", driver_headers, list(_pieces(body)) if method == "POST" else b"")
+                driven = Driver(registry, chain="closed").run(request)
+                real = client.request(method, "/closed", headers=headers, content=content())
+                assert real.status_code == driven.status == 500, case
+                assert real.content == driven.response.body == b"Internal Server Error\n", case
+                assert "x-sidecar-error-id" in real.headers and "x-sidecar-error-id" in driven.response.headers
+
+                # fail_open: the broken edit is dropped, the request goes through whole.
+                request.path = "/open"
+                driven = Driver(registry, chain="open").run(request)
+                real = client.request(method, "/open", headers=headers, content=content())
+                assert real.status_code == driven.status == 200, case
+                assert driven.upstream is not None
+                echoed = real.json()
+                assert echoed["body"].encode() == driven.upstream.body == (body if method == "POST" else b""), case
+                assert "x-lead" not in echoed["headers"] and "x-trail" not in real.headers, case
+
+            # Removing content-length is fine: Envoy frames the body itself.
+            real = client.post("/closed", headers={"x-edit": "cl-remove"}, content=body)
+            assert real.status_code == 200 and real.json()["body"] == "hello world"
+            # A declared namespace reaches Envoy: the generated config accepts it.
+            real = client.get("/closed", headers={"x-edit": "ns-other"})
+            driven = Driver(registry, chain="closed").run(Request("GET", "/closed", {"x-edit": "ns-other"}))
+            assert real.status_code == driven.status == 200
+            assert real.headers["x-meta-seen"] == driven.dynamic_metadata["other-ns"]["seen"] == "yes"
+            assert real.headers["x-meta-count"] == "3", real.headers["x-meta-count"]
+            assert driven.dynamic_metadata["other-ns"]["count"] == 3
+            assert type(driven.dynamic_metadata["other-ns"]["count"]) is int  # Envoy shows "3", not "3.0"
+
+
+def test_a_chain_that_needs_less_than_the_filter_still_gets_its_body_hooks(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    # Found by the differential suite: the BUFFERED chain's first answer carried only a mode_override (its
+    # plugin has no header hook), with no phase set. Envoy took it for a spurious message: this request got
+    # a 500, and in the suite others lost their later hooks. Every request of such a chain failed.
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f"""
+chains:
+  upper: {{plugins: ["{TP}UpperBody"]}}
+  stream: {{plugins: ["{TP}StreamPass"]}}
+"""
+    )
+    env = sidecar_envoy(config=config, routes=["/upper=upper", "/stream=stream"])
+    assert env.registry is not None and env.registry.mode_override(env.registry.chains["upper"]) is not None
+    with httpx.Client(base_url=env.url, timeout=10) as client:
+        real = client.post("/upper", content=b"secret")
+        assert real.status_code == 200
+        assert real.content.startswith(b"wrapped:")  # the response body hook ran
+        assert json.loads(real.content[len(b"wrapped:") :])["body"] == "SECRETSECRET"  # and the request's
+        rejected = client.post("/upper", content=b"reject me")
+        assert rejected.status_code == 422
+        assert client.post("/stream", content=b"as is").json()["body"] == "as is"

@@ -9,7 +9,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from sidecar import Context, Headers
+from sidecar import Context, Headers, Plugin
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError
 from sidecar.extproc.processor import StreamProcessor
@@ -176,3 +176,22 @@ def test_a_header_envoy_would_refuse_is_the_plugins_error_not_envoys(caplog: pyt
     opened = Driver([Smuggler(), tp.RequestOnly()], on_error="fail_open").run(Request())
     assert opened.upstream is not None and "x-user" not in opened.upstream.headers
     assert opened.upstream.headers["x-chain"] == "default"
+
+
+def test_a_mode_override_without_header_changes_still_answers_the_phase() -> None:
+    # Found by the differential suite: a chain that needs less than the filter sends mode_override on its
+    # first answer; with no header change and no route-cache clearing, the answer's oneof was left unset
+    # (reading a sub-message sets nothing), an answer to no phase.
+    class Looks(Plugin):
+        def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+            return None
+
+    registry = Registry([Chain("headers", [Looks()]), Chain("body", [tp.UpperBody()])])
+    processor = StreamProcessor(registry.chains["headers"], registry)
+    assert processor.mode_override is not None
+    request = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(), end_of_stream=True))
+    response = asyncio.run(processor.process(request))
+    assert response is not None
+    assert response.WhichOneof("response") == "request_headers"
+    assert response.HasField("mode_override")
+    assert not response.request_headers.response.HasField("header_mutation")

@@ -94,11 +94,13 @@ class RaiseOnChunk(Plugin):
 def test_streamed_replace_resize_and_drop() -> None:
     result = Driver([Upper()]).run(Request("POST", body=[b"ab", b"c"]), Response(body=[b"x", b"drop", b"y"]))
     assert result.upstream is not None
-    assert result.upstream.chunks == [b"AB", b"C!"]
+    # No content-length: as with HTTP/1 chunked encoding, Envoy sends the end alone, as an empty chunk.
+    assert result.upstream.chunks == [b"AB", b"C", b"!"]
     assert result.response.body == b"xy"
-    assert (
-        result.phases == ["request_headers", "request_body", "request_body", "response_headers"] + ["response_body"] * 3
-    )
+    assert result.phases == ["request_headers"] + ["request_body"] * 3 + ["response_headers"] + ["response_body"] * 4
+    framed = Driver([Upper()]).run(Request("POST", "/", {"content-length": "3"}, [b"ab", b"c"]))
+    assert framed.upstream is not None and framed.upstream.chunks == [b"AB", b"C!"]  # the last chunk ends it
+    assert "content-length" not in framed.upstream.headers  # a streamed body goes on chunked
 
 
 def test_buffered_partial_sees_one_chunk_with_completeness() -> None:
@@ -248,3 +250,52 @@ def test_full_duplex_chunk_hook_failing_on_the_trailer_flush_fails_the_stream() 
 
     result = Driver([FlushBomb()]).run(Request("POST", body=[b"a"], trailers={"x-t": "1"}))
     assert result.failed is not None and "plugin 'FlushBomb' failed in on_request_chunk" in result.failed
+
+
+class _MetadataAtTheEnd(Plugin):
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+        ctx.set_metadata("request_bytes", 3)  # after the input ended
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in chunks:
+            seen += len(chunk)
+            yield chunk
+        ctx.set_metadata("response_bytes", seen)  # after the last message Envoy sends
+
+
+def test_full_duplex_metadata_set_after_the_input_ended_reaches_envoy() -> None:
+    # Issue 16 section 9: it went nowhere (no answer left to carry it); it now goes with the stream's output.
+    result = Driver([_MetadataAtTheEnd()]).run(Request("POST", body=[b"abc"]), Response(body=[b"hello", b"!"]))
+    assert result.failed is None
+    assert result.dynamic_metadata == {"envoy-sidecar": {"request_bytes": 3, "response_bytes": 6}}
+
+
+class _RefuseSecondChunk(Plugin):
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Respond | None:
+        return Respond(413, "too much") if chunk == b"second" else None
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> Respond | None:
+        return Respond(502, "bad upstream") if chunk == b"bad" else None
+
+
+def test_a_reply_mid_upload_comes_after_the_upstream_had_the_headers() -> None:
+    result = Driver([_RefuseSecondChunk()]).run(Request("POST", "/up", {"x-client": "1"}, [b"first", b"second"]))
+    assert result.immediate and result.status == 413
+    assert result.response.body == b"too much" and result.response.headers["content-type"] == "text/plain"
+    assert result.response.headers["content-length"] == "8"
+    upstream = result.upstream
+    assert upstream is not None and not upstream.complete  # the headers and the first chunk, then a reset
+    assert upstream.headers["x-client"] == "1" and upstream.body == b"first"
+
+
+def test_a_reply_from_a_response_chunk_cuts_the_upstreams_response() -> None:
+    result = Driver([_RefuseSecondChunk()]).run(
+        Request(), Response(201, {"x-up": "1", "content-type": "text/csv"}, [b"good,", b"bad", b"never"])
+    )
+    assert result.cut and not result.immediate
+    assert result.status == 201 and result.response.headers["x-up"] == "1"  # the upstream's, already sent
+    assert result.response.body == b"good,"
+    assert "content-length" not in result.response.headers  # a streamed body goes on without one

@@ -284,3 +284,55 @@ class MultiValue(Plugin):
         headers.append("set-cookie", "b=2")
         headers["x-multi"] = "p1"
         headers.append("x-multi", "p2")
+
+
+class Framing(Plugin):
+    """What Envoy would cut, strip or drop, chosen by the request's `x-edit` header (issue 14): each is this
+    plugin's error at the hook, except what Envoy keeps (removing content-length, a declared namespace)."""
+
+    name = "framing"
+    metadata_namespaces = ("other-ns",)
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        edit = headers.get("x-edit", "")
+        if edit == "cl-wrong":
+            headers["content-length"] = "3"
+        elif edit == "cl-remove":
+            headers.remove("content-length")
+        elif edit == "te":
+            headers["transfer-encoding"] = "gzip"
+        elif edit == "te-remove":
+            headers.remove("transfer-encoding")
+        elif edit == "lead":
+            headers["x-lead"] = "  v"
+        elif edit == "respond-204":
+            return Respond(204, b"not for a 204")
+        elif edit == "respond-cl":
+            return Respond(403, b"denied", {"content-length": "60"})
+        elif edit == "ns-other":
+            ctx.set_metadata("seen", "yes", namespace="other-ns")
+            ctx.set_metadata("count", 3, namespace="other-ns")
+        elif edit == "ns-undeclared":
+            ctx.set_metadata("seen", "yes", namespace="undeclared-ns")
+        return None
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        assert ctx.request_headers is not None
+        edit = ctx.request_headers.get("x-edit", "")
+        if edit == "resp-connection":
+            headers["connection"] = "close"
+        elif edit == "resp-cl":
+            headers["content-length"] = "1"
+        elif edit == "resp-trail":
+            headers["x-trail"] = "v\t"
+
+
+class FdYieldThenRaise(Plugin):
+    """FULL_DUPLEX_STREAMED response: passes the first chunk on, then raises."""
+
+    name = "fd-yield-then-raise"
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            raise RuntimeError("failed after the first chunk")
