@@ -81,19 +81,9 @@ class _Checker:
             if listener["name"] in names:
                 raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
             names.add(listener["name"])
-            if listener["protocol"] == "HTTPS":
-                refs = (listener.get("tls") or {}).get("certificateRefs")
-                if not refs:
-                    raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
-                for i, ref in enumerate(refs):
-                    secret_ref(
-                        self.resources,
-                        res,
-                        {**ref, "kind": ref.get("kind", "Secret")},
-                        f"{path}.tls.certificateRefs[{i}]",
-                        ("tls.crt", "tls.key"),
-                    )
-            elif listener.get("tls"):
+            # HTTPS certificates that do not load are EG's decision, not an input error: the listener serves
+            # the ones that do, and is left out when none does (certificates.py).
+            if listener["protocol"] != "HTTPS" and listener.get("tls"):
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
         https_hosts: dict[int, set[str | None]] = {}
         for index, listener in enumerate(res.spec["listeners"]):

@@ -50,6 +50,7 @@ SECTIONS = {
     "clientTrafficPolicies": "ClientTrafficPolicy",
     "backendTrafficPolicies": "BackendTrafficPolicy",
     "envoyProxiesForGateways": "EnvoyProxy",
+    "referenceGrants": "ReferenceGrant",
     "envoyProxyForGatewayClass": "EnvoyProxy",
 }
 # Sections that carry no resource a user writes for this translator (EG's own deployment and Kubernetes'
@@ -374,6 +375,7 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
     decisions: dict[Key, Decision] = {}
     final = ResourceSet(live.values())
     route_state = _route_resolution(final) if unattributed is None else {}
+    route_state.update(_listener_resolution(final) if unattributed is None else {})
     verdicts = _translator_verdicts(final) if unattributed is None else {}
     for key in resources:
         if key[0] not in JUDGED or key in refused:
@@ -396,6 +398,18 @@ def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], t
     except ImportError:
         return {}
     found: dict[tuple[str, str, str], tuple[str, str, str]] = dict(backendtls.tls_policy_verdicts(resources))
+    return found
+
+
+def _listener_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
+    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load)."""
+    from sidecar.translate.certificates import gateway_listener_reasons
+
+    found: dict[tuple[str, str, str], str] = {}
+    for gateway in resources.of("Gateway"):
+        reasons = [c.reason for _, c in gateway_listener_reasons(resources, gateway) if c.reason]
+        if reasons:
+            found[gateway.key] = reasons[0]
     return found
 
 
