@@ -146,6 +146,9 @@ class _Checker:
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
                 if flt.get(field) is None:
                     raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
+            for f, flt in enumerate(filters):
+                if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+                    _check_header_modifier(res, f"spec.rules[{r}].filters[{f}]", flt)
             if any(f["type"] == "RequestRedirect" for f in filters) and refs:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
@@ -400,6 +403,30 @@ def _eg_reason(res: Resource) -> Iterator[None]:
 def _with_reason(exc: ConfigError, reason: str) -> ConfigError:
     exc.reason = reason  # type: ignore[attr-defined]
     return exc
+
+
+# EG's header value rule: visible ASCII, single spaces or tabs between words, nothing leading or trailing.
+_HEADER_VALUE = re.compile(r"[!-~]+([\t ]?[!-~]+)*")
+
+
+def _check_header_modifier(res: Resource, path: str, flt: dict[str, Any]) -> None:
+    """EG refuses the route (UnsupportedValue) for a Host header or a value outside its rule, in add/set/remove."""
+    field = "requestHeaderModifier" if flt["type"] == "RequestHeaderModifier" else "responseHeaderModifier"
+    modifier = flt[field]
+    for verb in ("add", "set", "remove"):
+        for i, entry in enumerate(modifier.get(verb) or []):
+            name = entry if verb == "remove" else entry["name"]
+            where = f"{path}.{field}.{verb}[{i}]"
+            if name.lower() == "host":
+                raise res.error(
+                    f"{where}" + ("" if verb == "remove" else ".name"),
+                    "the Host header cannot be changed by a header modifier (use a URLRewrite hostname)",
+                )
+            if verb != "remove" and not _HEADER_VALUE.fullmatch(entry["value"]):
+                raise res.error(
+                    f"{where}.value",
+                    f"expected visible ASCII with single spaces or tabs between words, got {entry['value']!r}",
+                )
 
 
 def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:
