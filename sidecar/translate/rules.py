@@ -22,6 +22,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
+from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
     backend_ref_target,
     endpoint_kinds,
@@ -306,6 +307,9 @@ class _Checker:
                     "expected body mode Streamed or none with shadowMode "
                     f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)",
                 )
+            back_off = (((ext.get("backendSettings") or {}).get("retry") or {}).get("perRetry") or {}).get("backOff")
+            if back_off is not None:
+                _check_back_off(res, f"{path}.backendSettings.retry.perRetry.backOff", back_off)
         for index, wasm in enumerate(res.spec.get("wasm") or []):
             path = f"spec.wasm[{index}].code"
             code = wasm["code"]
@@ -427,6 +431,18 @@ def _check_header_modifier(res: Resource, path: str, flt: dict[str, Any]) -> Non
                     f"{where}.value",
                     f"expected visible ASCII with single spaces or tabs between words, got {entry['value']!r}",
                 )
+
+
+def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:
+    """EG refuses a zero interval and a maximum below the base; Envoy needs a base interval."""
+    base, most = back_off.get("baseInterval"), back_off.get("maxInterval")
+    if base is None:
+        raise res.error(f"{path}.baseInterval", "required with a backOff (Envoy needs a base interval)")
+    for field, value in (("baseInterval", base), ("maxInterval", most)):
+        if value is not None and parse_duration(value).total_seconds() == 0:
+            raise res.error(f"{path}.{field}", f"cannot be {value} (EG refuses a zero interval)")
+    if most is not None and parse_duration(most) < parse_duration(base):
+        raise res.error(f"{path}.maxInterval", f"{most} is less than baseInterval {base}")
 
 
 def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:

@@ -337,20 +337,21 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
     bootstrap = None
     unattributed = None
     for _ in range(len(resources) + 1):
-        # Dependants of what is out of scope are out of scope too (until nothing changes).
+        # Dependants of what is out of scope are out of scope too (until nothing changes). The GatewayClass's
+        # EnvoyProxy applies to every Gateway: if it is out of scope, so are they (and what attaches to them).
         changed = True
         while changed:
             changed = False
+            if any(k in refused for k in case.class_proxies):
+                for key in [k for k in live if k[0] == "Gateway"]:
+                    out_of_scope(key, "its GatewayClass's EnvoyProxy is out of scope")
+                    changed = True
             gone = {k[:3] for k in refused}
             for key, res in list(live.items()):
                 hit = next((r for r in _refs(res) if r in gone), None)
                 if hit is not None:
                     out_of_scope(key, f"depends on {hit[0]} {hit[1]}/{hit[2]}, which is out of scope")
                     changed = True
-        # The GatewayClass's EnvoyProxy applies to every Gateway: if it is out of scope, so are they.
-        if any(k in refused for k in case.class_proxies):
-            for key in [k for k in live if k[0] == "Gateway"]:
-                out_of_scope(key, "its GatewayClass's EnvoyProxy is out of scope")
         try:
             bootstrap = translate(ResourceSet(live.values()))
             break
