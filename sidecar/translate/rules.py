@@ -147,9 +147,20 @@ class _Checker:
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
                 if flt.get(field) is None:
                     raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
+            rewrites = 0
             for f, flt in enumerate(filters):
+                where = f"spec.rules[{r}].filters[{f}]"
                 if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                    _check_header_modifier(res, f"spec.rules[{r}].filters[{f}]", flt)
+                    _check_header_modifier(res, where, flt)
+                elif flt["type"] in ("URLRewrite", "RequestRedirect"):
+                    field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
+                    path_modifier = flt[field].get("path")
+                    if path_modifier is not None:
+                        _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
+                    if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
+                        rewrites += 1
+                        if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
+                            raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
             if any(f["type"] == "RequestRedirect" for f in filters) and refs:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
@@ -431,6 +442,16 @@ def _check_header_modifier(res: Resource, path: str, flt: dict[str, Any]) -> Non
                     f"{where}.value",
                     f"expected visible ASCII with single spaces or tabs between words, got {entry['value']!r}",
                 )
+
+
+def _check_path_modifier(res: Resource, path: str, modifier: dict[str, Any]) -> None:
+    """The field its type names is required and the other one refused, as EG decides."""
+    wanted = "replaceFullPath" if modifier["type"] == "ReplaceFullPath" else "replacePrefixMatch"
+    other = "replacePrefixMatch" if wanted == "replaceFullPath" else "replaceFullPath"
+    if modifier.get(other) is not None:
+        raise res.error(f"{path}.{other}", f"not allowed with type {modifier['type']}")
+    if modifier.get(wanted) is None:
+        raise res.error(f"{path}.{wanted}", f"required with type {modifier['type']}")
 
 
 def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:

@@ -97,3 +97,51 @@ def test_repeated_names_first_wins_add_before_set_as_in_eg(tmp_path: Path) -> No
         ("x-three", "3", "OVERWRITE_IF_EXISTS_OR_ADD"),
     ]
     assert route["request_headers_to_remove"] == ["x-gone"]
+
+
+def _path(kind: str, **fields: str) -> dict[str, Any]:
+    return {"type": kind, **fields}
+
+
+@pytest.mark.parametrize(
+    ("filters", "where"),
+    [
+        ([{"type": "URLRewrite", "urlRewrite": {"path": _path("ReplaceFullPath")}}], "urlRewrite.path.replaceFullPath"),
+        (
+            [
+                {
+                    "type": "URLRewrite",
+                    "urlRewrite": {"path": _path("ReplaceFullPath", replaceFullPath="/a", replacePrefixMatch="/b")},
+                }
+            ],
+            "urlRewrite.path.replacePrefixMatch",
+        ),
+        (
+            [
+                {
+                    "type": "RequestRedirect",
+                    "requestRedirect": {"path": _path("ReplacePrefixMatch", replaceFullPath="/a")},
+                }
+            ],
+            "requestRedirect.path.replaceFullPath",
+        ),
+        (
+            [
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "a.example.com"}},
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "b.example.com"}},
+            ],
+            "filters[1]",
+        ),
+    ],
+    ids=["full-path-missing", "prefix-beside-full", "redirect-full-beside-prefix", "two-rewrites"],
+)
+def test_rewrites_and_redirects_eg_refuses(filters: list[dict[str, Any]], where: str) -> None:
+    text = _route_with(filters)
+    if filters[0]["type"] == "RequestRedirect":
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        del docs[1]["spec"]["rules"][0]["backendRefs"]
+        text = yaml.safe_dump_all(docs)
+    with pytest.raises(ConfigError) as refused:
+        _validate(text)
+    assert f"HTTPRoute/default/app: spec.rules[0].{where}" in str(refused.value).replace("filters[0].", "")
+    assert getattr(refused.value, "reason", "") == "UnsupportedValue"
