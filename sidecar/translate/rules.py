@@ -8,7 +8,7 @@ Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse, consistent-has
 filterOrder does not place a filter relative to itself.
 
 `strict_eg=True` also applies the rules that only make sense inside a cluster (EG refuses loopback
-Backend addresses, ClientTrafficPolicies target Gateways only); the local runtime needs loopback, so it
+Backend addresses, single-label FQDNs); the local runtime needs loopback, so it
 is off for `render`/`up`.
 """
 
@@ -357,9 +357,16 @@ class _Checker:
                     ) from None
 
     def _ClientTrafficPolicy(self, res: Resource) -> None:
-        # EG accepts only Gateway targets here; HTTPRoute is accepted (applied to the route's listeners)
-        # because EG 1.1's release announcement shows it that way.
-        self._targets(res, ("Gateway",) if self.strict_eg else ("Gateway", "HTTPRoute"))
+        for path, ref in policy_targets(res):
+            if ref["kind"] == "HTTPRoute":
+                # EG's CRD refuses it ("only ... a targetRef.kind of Gateway or ListenerSet"); EG 1.1's release
+                # post shows one, but client IP detection is a listener's setting, not a route's.
+                raise res.error(
+                    f"{path}.kind",
+                    "expected Gateway (EG's CRD takes no HTTPRoute here: client IP detection belongs to a "
+                    "listener); target the route's Gateway, with sectionName for one listener",
+                )
+        self._targets(res, ("Gateway",))
         xff = ((res.spec.get("clientIPDetection") or {}).get("xForwardedFor")) or {}
         for c, cidr in enumerate(xff.get("trustedCIDRs") or []):
             try:
