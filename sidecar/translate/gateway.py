@@ -92,10 +92,17 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
 
 
 def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import (
+        Http2ProtocolOptions,
+        HttpProtocolOptions,
+        HttpProtocolOptionsHeadersWithUnderscoresAction,
+    )
     from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
     from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
         HttpConnectionManager,
+        HttpConnectionManagerPathWithEscapedSlashesAction,
+        HttpConnectionManagerServerHeaderTransformation,
         HttpFilter,
     )
 
@@ -103,7 +110,7 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
         for route in attached_routes(resources, table.gateway, listener["name"]):
             routes.add(table, route, listener)
     virtual_hosts = table.virtual_hosts()
-    filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router()))]
+    filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router(suppress_envoy_headers=True)))]
     route_config = RouteConfiguration(name=table.name, ignore_port_in_host_matching=True, virtual_hosts=virtual_hosts)
     if table.names_missing_cluster:
         route_config.validate_clusters = False
@@ -111,6 +118,21 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
         stat_prefix=table.name.replace("/", "_"),
         route_config=route_config,
         http_filters=order_filters(filters, _filter_moves(resources, table.gateway)),
+        # EG's listener defaults, which decide what a path means before any route or policy sees it:
+        # `//admin`, `/./admin` and `/x/../admin` are `/admin`, and `%2F` is unescaped with a redirect, so a
+        # route (and the policies on it) cannot be bypassed by spelling its path another way; headers with
+        # underscores are refused (a proxy may read them as their dashed twins); Envoy's own headers are not
+        # sent upstream; the backend's Server header passes through.
+        merge_slashes=True,
+        normalize_path=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
+        common_http_protocol_options=HttpProtocolOptions(
+            headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST
+        ),
+        http2_protocol_options=Http2ProtocolOptions(
+            initial_connection_window_size=1048576, initial_stream_window_size=65536, max_concurrent_streams=100
+        ),
+        server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
     )
     client_ip_settings(client_traffic_policy(resources, table.gateway, table.listeners), hcm)
     return hcm
