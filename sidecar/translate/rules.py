@@ -22,6 +22,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
+from sidecar.translate.certificates import listener_certificates
 from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
     backend_ref_target,
@@ -88,8 +89,8 @@ class _Checker:
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
         https_hosts: dict[int, set[str | None]] = {}
         for index, listener in enumerate(res.spec["listeners"]):
-            if listener["protocol"] != "HTTPS":
-                continue
+            if listener["protocol"] != "HTTPS" or not listener_certificates(self.resources, res, listener).programmed:
+                continue  # a listener left out for its certificates takes no SNI (EG skips it for conflicts)
             seen = https_hosts.setdefault(listener["port"], set())
             if listener.get("hostname") in seen:
                 # One Envoy listener per port; its TLS filter chains are told apart by SNI only.

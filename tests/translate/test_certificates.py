@@ -201,3 +201,19 @@ def test_a_listener_without_certificates_is_not_served_the_rest_is(
     names = [listener["name"] for listener in bootstrap["static_resources"]["listeners"]]
     assert names == ["default/eg/http"]  # no filter chain could serve HTTPS without its certificate
     assert any("'https' is not served" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+
+
+def test_a_listener_left_out_takes_no_sni_from_its_twin(pems: dict[str, bytes], tmp_path: Path) -> None:
+    """Two HTTPS listeners on one port and hostname: the one whose certificate does not load does not clash."""
+    text = (
+        GATEWAY.replace("REFS", "[{name: gone}]").replace(
+            "      port: 443\n", "      port: 443\n      hostname: a.example.com\n"
+        )
+        + "    - {name: twin, protocol: HTTPS, port: 443, hostname: a.example.com, tls: {certificateRefs: [{name: ec}]}}\n"
+        + _secret("ec", pems["ec.crt"], pems["ec.key"])
+    )
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    bootstrap = render_bootstrap([path], RenderOptions(ephemeral_ports=True))
+    chains = [c["name"] for li in bootstrap["static_resources"]["listeners"] for c in li["filter_chains"]]
+    assert "default/eg/twin" in chains and "default/eg/https" not in chains
