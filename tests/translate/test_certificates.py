@@ -209,7 +209,8 @@ def test_a_listener_left_out_takes_no_sni_from_its_twin(pems: dict[str, bytes], 
         GATEWAY.replace("REFS", "[{name: gone}]").replace(
             "      port: 443\n", "      port: 443\n      hostname: a.example.com\n"
         )
-        + "    - {name: twin, protocol: HTTPS, port: 443, hostname: a.example.com, tls: {certificateRefs: [{name: ec}]}}\n"
+        + "    - {name: twin, protocol: HTTPS, port: 443, hostname: a.example.com,"
+        + " tls: {certificateRefs: [{name: ec}]}}\n"
         + _secret("ec", pems["ec.crt"], pems["ec.key"])
     )
     path = tmp_path / "gw.yaml"
