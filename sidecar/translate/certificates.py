@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import re
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ __all__ = ["ListenerCertificates", "gateway_listener_reasons", "listener_certifi
 
 TLS_SECRET_TYPE = "kubernetes.io/tls"
 _KEY_BLOCKS = ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY")
-_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -145,13 +143,27 @@ def _checked_pair(where: str, chain: bytes, key: bytes) -> tuple[str, str]:
 
 
 def _blocks(data: bytes) -> list[tuple[str, bytes]]:
+    """The PEM blocks of `data` in order, in one pass (a hostile Secret of many unclosed BEGIN lines cannot
+    make this quadratic): like Go's pem.Decode, a block without its END line, or with a body that is not
+    base64, ends the list."""
     found = []
-    for match in _PEM.finditer(data):
+    position = 0
+    while (start := data.find(b"-----BEGIN ", position)) != -1:
+        label_end = data.find(b"-----", start + 11)
+        if label_end == -1:
+            break
+        label = data[start + 11 : label_end]
+        end_marker = b"-----END " + label + b"-----"
+        body_start = label_end + 5
+        end = data.find(end_marker, body_start)
+        if end == -1 or not label or b"\n" in label:
+            break
         try:
-            body = base64.b64decode(b"".join(match.group(2).split()), validate=True)
+            body = base64.b64decode(b"".join(data[body_start:end].split()), validate=True)
         except (binascii.Error, ValueError):
-            break  # as Go's pem.Decode: a broken block ends the chain
-        found.append((match.group(1).decode(), body))
+            break
+        found.append((label.decode("ascii", errors="replace"), body))
+        position = end + len(end_marker)
     return found
 
 

@@ -130,6 +130,8 @@ def _length_past_the_end(pem: bytes) -> bytes:
         ("ec.crt", "ec.key", "Opaque", "is of type Opaque"),
         ("ec.crt", "ec.key", None, "has no type"),
         ("empty", "ec.key", "kubernetes.io/tls", "must contain tls.crt and tls.key"),
+        ("unclosed", "ec.key", "kubernetes.io/tls", "no PEM certificate"),
+        ("ec.crt", "unclosed", "kubernetes.io/tls", "no PEM private key"),
     ],
 )
 def test_a_bad_certificate_leaves_the_listener_out(
@@ -141,6 +143,8 @@ def test_a_bad_certificate_leaves_the_listener_out(
         "past-the-end": _length_past_the_end(pems["ec.crt"]),
         "garbage": b"not a certificate at all\n",
         "empty": b"",
+        # 100 000 BEGIN lines and no END: one pass, not one scan per line (a regex would take hours)
+        "unclosed": b"-----BEGIN CERTIFICATE-----\n" * 100_000,
         "encrypted": b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
     }
     found = _decide(
