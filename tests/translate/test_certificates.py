@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.errors import ConfigError
 from sidecar.translate.certificates import ListenerCertificates, listener_certificates
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
@@ -222,3 +223,18 @@ def test_a_listener_left_out_takes_no_sni_from_its_twin(pems: dict[str, bytes], 
     bootstrap = render_bootstrap([path], RenderOptions(ephemeral_ports=True))
     chains = [c["name"] for li in bootstrap["static_resources"]["listeners"] for c in li["filter_chains"]]
     assert "default/eg/twin" in chains and "default/eg/https" not in chains
+
+
+def test_two_served_listeners_on_one_port_need_distinct_hostnames(pems: dict[str, bytes], tmp_path: Path) -> None:
+    text = (
+        GATEWAY.replace("REFS", "[{name: ec}]")
+        + "    - {name: twin, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: ec}]}}\n"
+        + _secret("ec", pems["ec.crt"], pems["ec.key"])
+    )
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        render_bootstrap([path], RenderOptions(ephemeral_ports=True))
+    assert "Gateway/default/eg: spec.listeners[2].hostname: HTTPS listeners sharing port 443 need distinct" in str(
+        refused.value
+    )
