@@ -160,3 +160,35 @@ def test_a_malformed_grant_is_refused_naming_the_field(spec: dict[str, Any], fie
     with pytest.raises(ConfigError) as refused:
         validate(_resources(ROUTE_INTO_BACKENDS + "---\n" + yaml.safe_dump(doc)))
     assert f"ReferenceGrant/backends/g: {field}" in str(refused.value)
+
+
+WASM_PULL_SECRET = """
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: wasm}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  wasm:
+    - code:
+        type: Image
+        image: {url: "registry.example.com/filter:v1", pullSecretRef: {name: pull, namespace: secrets}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: pull, namespace: secrets}
+type: kubernetes.io/dockerconfigjson
+stringData: {.dockerconfigjson: '{"auths": {}}'}
+"""
+
+
+def test_a_wasm_pull_secret_in_another_namespace_needs_a_grant() -> None:
+    base = ROUTE_INTO_BACKENDS + _grant("backends", ROUTE, BACKEND) + WASM_PULL_SECRET
+    with pytest.raises(ConfigError) as refused:
+        validate(_resources(base))
+    assert "EnvoyExtensionPolicy/default/wasm: spec.wasm[0].code.image.pullSecretRef.namespace" in str(refused.value)
+    secret = {"group": "", "kind": "Secret", "name": "pull"}
+    validate(_resources(base + _grant("secrets", POLICY, secret).replace("name: grant", "name: grant-2")))
+    other_secret = {**secret, "name": "other"}
+    with pytest.raises(ConfigError):
+        validate(_resources(base + _grant("secrets", POLICY, other_secret).replace("name: grant", "name: grant-2")))
