@@ -468,7 +468,12 @@ def semantic_checks(case: Case, outcome: Outcome) -> list[Any]:
         for key, doc in reversed(case.inputs)
         if key[0] == "Service"
     }
-    return compare(case.out.get("xdsIR") or {}, outcome.bootstrap, accepted, features, services)
+    gateways = {
+        key[1:3]
+        for key, decision in outcome.decisions.items()
+        if key[0] == "Gateway" and decision.accepted and (eg := case.eg.get(key)) is not None and eg.accepted
+    }
+    return compare(case.out.get("xdsIR") or {}, outcome.bootstrap, accepted, features, services, gateways)
 
 
 TABLE_ROWS = (
