@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Iterable
 from typing import Any
 
-from sidecar.translate.refs import attached_routes, policy_targets
+from sidecar.translate.refs import policy_targets
 from sidecar.translate.resources import Resource, ResourceSet
 
 __all__ = ["CLAIMING_KINDS", "age_order", "attached_policy", "client_traffic_policy", "conflicts", "creation_time"]
@@ -105,10 +105,4 @@ def client_traffic_policy(
         found = attached_policy(resources, "ClientTrafficPolicy", None, gateway, listener["name"])
         if found is not None:
             return found
-    # Not EG (it takes only Gateway targets): a policy targeting a route on this listener applies here.
-    routes = {(r.namespace, r.name) for li in listeners for r in attached_routes(resources, gateway, li["name"])}
-    for policy in age_order(resources.of("ClientTrafficPolicy")):
-        for _, ref in policy_targets(policy):
-            if ref["kind"] == "HTTPRoute" and (policy.namespace, ref["name"]) in routes:
-                return policy
     return None

@@ -7,6 +7,8 @@ with the ResolvedRefs reason EG reports:
 
 * group: "", multicluster.x-k8s.io or gateway.envoyproxy.io; kind: Service, ServiceImport or Backend
   (InvalidKind). The kind decides what is looked up;
+* a backendRef into another namespace needs a ReferenceGrant there allowing HTTPRoutes of the route's
+  namespace (RefNotPermitted);
 * a Service needs a port (PortNotSpecified), must exist (BackendNotFound), must not be ExternalName
   (UnsupportedValue: EG asks for a Backend with an fqdn endpoint instead) and must have that TCP port
   (PortNotFound);
@@ -14,8 +16,7 @@ with the ResolvedRefs reason EG reports:
   only ext_proc and the like may reach a socket);
 * the BackendTLSPolicy that applies to the backendRef must have a usable CA (InvalidBackendTLS).
 
-A backendRef of weight 0 carries no traffic either way. Cross-namespace references are allowed here
-(ReferenceGrants are not modelled).
+A backendRef of weight 0 carries no traffic either way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.translate.backendtls import TlsProblem, ca_bundle, tls_policy
+from sidecar.translate.grants import reference_permitted
 from sidecar.translate.refs import BackendTarget, endpoint_kind
 from sidecar.translate.resources import EG_API, Resource, ResourceSet
 
@@ -56,6 +58,12 @@ def resolve_route_ref(
 
     if group not in ("", MULTICLUSTER_API, EG_API) or kind not in ("Service", "ServiceImport", "Backend"):
         return unresolved("InvalidKind", f"group {group!r} kind {kind!r}: expected a Service or a Backend")
+    if not reference_permitted(resources, route, group, kind, namespace, name):
+        return unresolved(
+            "RefNotPermitted",
+            f"{kind} {namespace}/{name} is in another namespace and no ReferenceGrant there allows it "
+            f"from HTTPRoutes of namespace {route.namespace}",
+        )
     if kind == "Service":
         port = ref.get("port")
         if port is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.backendtls import ca_bundle, tls_policy
-from sidecar.translate.messages import address, pack, pipe_address
+from sidecar.translate.messages import address, pack, parse_duration, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.refs import BackendTarget, endpoint_kinds, service_address
 from sidecar.translate.resources import Resource, ResourceSet
@@ -28,6 +28,8 @@ __all__ = [
     "SYSTEM_CA_BUNDLE",
     "LoadBalancing",
     "SidecarFaults",
+    "apply_backend_settings",
+    "backend_retry_policy",
     "build_cluster",
     "eg_backend_settings",
     "route_around_failed_workers",
@@ -186,6 +188,88 @@ def eg_backend_settings(workers: int, faults: SidecarFaults = SIDECAR_FAULTS) ->
             },
         }
     return settings
+
+
+# EG's CRD defaults for an extProc `backendSettings` (the API server fills them in before EG reads them).
+_ACTIVE_DEFAULTS = {"interval": "3s", "timeout": "1s", "unhealthyThreshold": 3, "healthyThreshold": 1}
+_PASSIVE_DEFAULTS = {
+    "splitExternalLocalOriginErrors": False,
+    "interval": "3s",
+    "consecutiveLocalOriginFailures": 5,
+    "consecutive5XxErrors": 5,
+    "baseEjectionTime": "30s",
+    "maxEjectionPercent": 10,
+}
+_NON_ROUTE_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+
+
+def apply_backend_settings(cluster: Any, settings: dict[str, Any]) -> None:
+    """An extProc entry's `backendSettings` on its cluster, as EG's xDS translator writes them: the TCP
+    connect timeout, the retry cap (circuit breaker), an active gRPC health check and outlier detection."""
+    from envoy_data_plane.envoy.config.cluster.v3 import CircuitBreakers, CircuitBreakersThresholds, OutlierDetection
+    from envoy_data_plane.envoy.config.core.v3 import HealthCheck, HealthCheckGrpcHealthCheck, RoutingPriority
+
+    connect = ((settings.get("timeout") or {}).get("tcp") or {}).get("connectTimeout")
+    if connect is not None:
+        cluster.connect_timeout = parse_duration(connect)
+    breaker = settings.get("circuitBreaker")
+    if breaker is not None:
+        cluster.circuit_breakers = CircuitBreakers(
+            thresholds=[
+                CircuitBreakersThresholds(
+                    priority=RoutingPriority.DEFAULT, max_retries=breaker.get("maxParallelRetries", 1024)
+                )
+            ]
+        )
+    checks = settings.get("healthCheck") or {}
+    if checks.get("active") is not None:
+        active = {**_ACTIVE_DEFAULTS, **checks["active"]}
+        cluster.health_checks = [
+            HealthCheck(
+                timeout=parse_duration(active["timeout"]),
+                interval=parse_duration(active["interval"]),
+                unhealthy_threshold=active["unhealthyThreshold"],
+                healthy_threshold=active["healthyThreshold"],
+                grpc_health_check=HealthCheckGrpcHealthCheck(
+                    service_name=(active.get("grpc") or {}).get("service", "")
+                ),
+            )
+        ]
+    if checks.get("passive") is not None:
+        passive = {**_PASSIVE_DEFAULTS, **checks["passive"]}
+        detection = OutlierDetection(
+            split_external_local_origin_errors=passive["splitExternalLocalOriginErrors"],
+            interval=parse_duration(passive["interval"]),
+            base_ejection_time=parse_duration(passive["baseEjectionTime"]),
+            consecutive_local_origin_failure=passive["consecutiveLocalOriginFailures"],
+            consecutive_5xx=passive["consecutive5XxErrors"],
+        )
+        if passive["maxEjectionPercent"] > 0:
+            detection.max_ejection_percent = passive["maxEjectionPercent"]
+        if "consecutiveGatewayErrors" in passive:
+            detection.consecutive_gateway_failure = passive["consecutiveGatewayErrors"]
+            detection.enforcing_consecutive_gateway_failure = 100
+        cluster.outlier_detection = detection
+
+
+def backend_retry_policy(retry: dict[str, Any]) -> Any:
+    """An extProc entry's `backendSettings.retry` as the gRPC stream's retry policy, as EG writes it:
+    its triggers (else EG's non-route default), numRetries (2 by default) and the back-off."""
+    from envoy_data_plane.envoy.config.core.v3 import BackoffStrategy, RetryPolicy
+
+    triggers = (retry.get("retryOn") or {}).get("triggers")
+    policy = RetryPolicy(
+        retry_on=",".join(triggers) if triggers else _NON_ROUTE_RETRY_ON,
+        num_retries=retry.get("numRetries", 2),
+    )
+    back_off = (retry.get("perRetry") or {}).get("backOff") or {}
+    if back_off:
+        base = parse_duration(back_off.get("baseInterval", "0s"))
+        policy.retry_back_off = BackoffStrategy(
+            base_interval=base,
+            max_interval=parse_duration(back_off["maxInterval"]) if "maxInterval" in back_off else None,
+        )
+    return policy
 
 
 def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:

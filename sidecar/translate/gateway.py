@@ -10,18 +10,22 @@ filter chain and route config `<ns>/<gateway>/<listener>`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sidecar.translate.attachment import client_traffic_policy
+from sidecar.translate.certificates import ListenerCertificates, listener_certificates
 from sidecar.translate.clientip import client_ip_settings
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.refs import attached_routes, gateway_envoy_proxy, listener_certificates
+from sidecar.translate.refs import attached_routes, gateway_envoy_proxy
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
 
 __all__ = ["build_listeners", "listener_name"]
+
+log = logging.getLogger(__name__)
 
 
 def listener_name(gateway: Resource, listener: str) -> str:
@@ -44,7 +48,12 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
     bound: dict[int, str] = {}
     for gateway in resources.of("Gateway"):
         by_port: dict[int, list[dict[str, Any]]] = {}
+        certificates: dict[str, ListenerCertificates] = {}
         for listener in gateway.spec["listeners"]:
+            if listener["protocol"] == "HTTPS":
+                certificates[listener["name"]] = found = _certificates(resources, gateway, listener)
+                if not found.programmed:
+                    continue
             by_port.setdefault(listener["port"], []).append(listener)
         for port, group in sorted(by_port.items()):
             name = listener_name(gateway, group[0]["name"])
@@ -63,7 +72,7 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
                 hcm_filter = Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))
                 fc = FilterChain(name=table.name, filters=[hcm_filter])
                 if protocols == {"HTTPS"}:
-                    fc.transport_socket = _tls(resources, gateway, members[0])
+                    fc.transport_socket = _tls(certificates[members[0]["name"]])
                     if members[0].get("hostname"):
                         fc.filter_chain_match = FilterChainMatch(server_names=[members[0]["hostname"]])
                 filter_chains.append(fc)
@@ -83,10 +92,17 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
 
 
 def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import (
+        Http2ProtocolOptions,
+        HttpProtocolOptions,
+        HttpProtocolOptionsHeadersWithUnderscoresAction,
+    )
     from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
     from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
         HttpConnectionManager,
+        HttpConnectionManagerPathWithEscapedSlashesAction,
+        HttpConnectionManagerServerHeaderTransformation,
         HttpFilter,
     )
 
@@ -94,7 +110,7 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
         for route in attached_routes(resources, table.gateway, listener["name"]):
             routes.add(table, route, listener)
     virtual_hosts = table.virtual_hosts()
-    filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router()))]
+    filters = [*table.filters.values(), HttpFilter(name=ROUTER, typed_config=pack(Router(suppress_envoy_headers=True)))]
     route_config = RouteConfiguration(name=table.name, ignore_port_in_host_matching=True, virtual_hosts=virtual_hosts)
     if table.names_missing_cluster:
         route_config.validate_clusters = False
@@ -102,6 +118,21 @@ def _hcm(resources: ResourceSet, routes: RouteBuilder, table: RouteTable) -> Any
         stat_prefix=table.name.replace("/", "_"),
         route_config=route_config,
         http_filters=order_filters(filters, _filter_moves(resources, table.gateway)),
+        # EG's listener defaults, which decide what a path means before any route or policy sees it:
+        # `//admin`, `/./admin` and `/x/../admin` are `/admin`, and `%2F` is unescaped with a redirect, so a
+        # route (and the policies on it) cannot be bypassed by spelling its path another way; headers with
+        # underscores are refused (a proxy may read them as their dashed twins); Envoy's own headers are not
+        # sent upstream; the backend's Server header passes through.
+        merge_slashes=True,
+        normalize_path=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
+        common_http_protocol_options=HttpProtocolOptions(
+            headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST
+        ),
+        http2_protocol_options=Http2ProtocolOptions(
+            initial_connection_window_size=1048576, initial_stream_window_size=65536, max_concurrent_streams=100
+        ),
+        server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
     )
     client_ip_settings(client_traffic_policy(resources, table.gateway, table.listeners), hcm)
     return hcm
@@ -112,7 +143,25 @@ def _filter_moves(resources: ResourceSet, gateway: Resource) -> list[dict[str, s
     return list(proxy.spec.get("filterOrder") or []) if proxy else []
 
 
-def _tls(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> Any:
+def _certificates(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> ListenerCertificates:
+    """The listener's certificates as EG resolves them, with a warning for each one left out."""
+    index = gateway.spec["listeners"].index(listener)
+    found = listener_certificates(resources, gateway, listener)
+    where = gateway.where(f"spec.listeners[{index}].tls")
+    for problem in found.problems:
+        log.warning("%s.%s; left out, as in EG (%s)", where, problem, found.reason)
+    if not found.programmed:
+        log.warning(
+            "%s: no usable certificate, so listener %r is not served (EG: not programmed); its routes get no "
+            "connection on port %s",
+            where,
+            listener["name"],
+            listener["port"],
+        )
+    return found
+
+
+def _tls(certificates: ListenerCertificates) -> Any:
     from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
         CommonTlsContext,
@@ -120,11 +169,11 @@ def _tls(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) ->
         TlsCertificate,
     )
 
-    certificates = [
+    served = [
         TlsCertificate(certificate_chain=DataSource(inline_string=chain), private_key=DataSource(inline_string=key))
-        for chain, key in listener_certificates(resources, gateway, listener)
+        for chain, key in certificates.pairs
     ]
     context = DownstreamTlsContext(
-        common_tls_context=CommonTlsContext(tls_certificates=certificates, alpn_protocols=["h2", "http/1.1"])
+        common_tls_context=CommonTlsContext(tls_certificates=served, alpn_protocols=["h2", "http/1.1"])
     )
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))

@@ -18,7 +18,13 @@ from typing import Any
 
 from sidecar.chains import Chain
 from sidecar.errors import ConfigError
-from sidecar.translate.backends import LoadBalancing, build_cluster, sidecar_retry_policy
+from sidecar.translate.backends import (
+    LoadBalancing,
+    apply_backend_settings,
+    backend_retry_policy,
+    build_cluster,
+    sidecar_retry_policy,
+)
 from sidecar.translate.messages import pack, parse_duration
 from sidecar.translate.options import CHAIN_ANNOTATION, RenderOptions
 from sidecar.translate.refs import backend_ref_target, pull_secrets
@@ -114,13 +120,6 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
     result = []
     for index, ext in enumerate(policy.spec.get("extProc") or []):
         path = f"spec.extProc[{index}]"
-        if "backendSettings" in ext:
-            # Accepted in EG bundles (render --format eg writes it for the sidecar); not translated here.
-            raise policy.error(
-                f"{path}.backendSettings",
-                "unsupported field: not translated by `sidecar render`; a sidecar Backend gets its health "
-                "checks, ejection and retries built in (docs/reliability.md)",
-            )
         ir_name = f"envoyextensionpolicy/{policy.namespace}/{policy.name}/extproc/{index}"
         refs = ext["backendRefs"]
         targets = [backend_ref_target(resources, policy, ref, f"{path}.backendRefs[{i}]") for i, ref in enumerate(refs)]
@@ -147,8 +146,20 @@ def ext_proc_filters(resources: ResourceSet, policy: Resource, options: RenderOp
                     f"no sidecar chain named {chain_name!r} (chains: {chains})",
                 )
             fail_open = _sidecar_fail_open(policy, ext, f"{path}.failOpen", chain)
+            if "backendSettings" in ext:
+                # `render --format eg` writes these for the sidecar under EG; here they are built in.
+                raise policy.error(
+                    f"{path}.backendSettings",
+                    "unsupported field for this sidecar's Backend: `sidecar render` builds its health checks, "
+                    "ejection and retries in (docs/reliability.md); drop backendSettings",
+                )
             # A worker that died or stalled: open the stream again on another one (see backends.py).
             grpc.retry_policy = sidecar_retry_policy()
+        elif "backendSettings" in ext:
+            settings = ext["backendSettings"]
+            apply_backend_settings(cluster, settings)
+            if settings.get("retry") is not None:
+                grpc.retry_policy = backend_retry_policy(settings["retry"])
         if mode_spec is None and chain is not None:
             mode = ProcessingMode.FromString(chain.mode.SerializeToString())
             if chain_name is not None:

@@ -8,8 +8,8 @@ Every cross-resource lookup of the translator is here, named for the reference i
   `host_intersection`);
 * policy targetRefs (`policy_targets`; which policy is in force is attachment.py, which BackendTLSPolicy
   backendtls.py); Gateway -> EnvoyProxy (`gateway_envoy_proxy`);
-* Secrets and ConfigMaps -> their keys (`secret_value`, `secret_ref`, listener certificates, wasm pull
-  Secrets).
+* Secrets and ConfigMaps -> their keys (`secret_value`, `secret_ref`, wasm pull Secrets; listener
+  certificates are certificates.py).
 
 Lookups that can fail raise ConfigError naming the owner's file, resource and field (rules.py calls them
 first, so the builders, which run after validation, find everything resolved).
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.translate.grants import reference_permitted
 from sidecar.translate.resources import EG_API, Resource, ResourceSet
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "gateway_envoy_proxy",
     "host_intersection",
     "listener_accepts",
-    "listener_certificates",
     "policy_targets",
     "pull_secrets",
     "secret_ref",
@@ -66,8 +66,8 @@ def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, A
         backend = resources.get("Backend", namespace, ref["name"])
         if backend is None:
             raise owner.error(f"{path}.name", f"no Backend {namespace}/{ref['name']} in the input files")
-        return BackendTarget(backend, ref.get("port"), weight)
-    if (group, kind) == ("", "Service"):
+        target = BackendTarget(backend, ref.get("port"), weight)
+    elif (group, kind) == ("", "Service"):
         service = resources.get("Service", namespace, ref["name"])
         if service is None:
             raise owner.error(
@@ -84,10 +84,25 @@ def backend_ref_target(resources: ResourceSet, owner: Resource, ref: dict[str, A
                 f"{path}.port",
                 f"Service {namespace}/{ref['name']} has no port {port} (ports: {', '.join(map(str, ports)) or 'none'})",
             )
-        return BackendTarget(service, port, weight)
-    raise owner.error(
-        path, f"expected a Backend (group {EG_API}) or a Service (group ''), got group {group!r} kind {kind!r}"
-    )
+        target = BackendTarget(service, port, weight)
+    else:
+        raise owner.error(
+            path, f"expected a Backend (group {EG_API}) or a Service (group ''), got group {group!r} kind {kind!r}"
+        )
+    _require_grant(resources, owner, group, kind, namespace, ref["name"], path)
+    return target
+
+
+def _require_grant(
+    resources: ResourceSet, owner: Resource, group: str, kind: str, namespace: str, name: str, path: str
+) -> None:
+    """ConfigError unless a ReferenceGrant allows `owner` to reference that object in another namespace."""
+    if not reference_permitted(resources, owner, group, kind, namespace, name):
+        raise owner.error(
+            f"{path}.namespace",
+            f"{kind} {namespace}/{name} is in another namespace and no ReferenceGrant in {namespace} allows "
+            f"references to it from {owner.kind}s of namespace {owner.namespace} (EG: RefNotPermitted)",
+        )
 
 
 def endpoint_kind(endpoint: dict[str, Any]) -> str:
@@ -218,6 +233,7 @@ def secret_ref(
     if ref.get("group", "") != "" or kind not in ("Secret", "ConfigMap"):
         raise owner.error(path, f"expected a core Secret or ConfigMap, got {ref.get('group', '')}/{kind}")
     namespace = ref.get("namespace", owner.namespace)
+    _require_grant(resources, owner, "", kind, namespace, ref["name"], path)
     found = resources.get(kind, namespace, ref["name"])
     if found is None:
         raise owner.error(f"{path}.name", f"no {kind} {namespace}/{ref['name']} in the input files")
@@ -227,22 +243,10 @@ def secret_ref(
     return found
 
 
-def listener_certificates(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> list[tuple[str, str]]:
-    """(certificate chain, private key) of each `tls.certificateRefs` Secret of an HTTPS listener."""
-    certificates = []
-    for ref in listener["tls"]["certificateRefs"]:
-        secret = resources.get("Secret", ref.get("namespace", gateway.namespace), ref["name"])
-        assert secret is not None  # validate() resolved it
-        chain, key = secret_value(secret, "tls.crt"), secret_value(secret, "tls.key")
-        assert chain is not None and key is not None
-        certificates.append((chain.decode(), key.decode()))
-    return certificates
-
-
 def pull_secrets(resources: ResourceSet, policy: Resource, code: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The pull Secret a wasm image names, from the policy's own namespace (as EG requires)."""
+    """The pull Secret a wasm image names (in another namespace only with a ReferenceGrant: rules.py checks)."""
     ref = (code.get("image") or {}).get("pullSecretRef")
     if not ref:
         return {}
-    secret = resources.get("Secret", policy.namespace, ref["name"])
+    secret = resources.get("Secret", ref.get("namespace", policy.namespace), ref["name"])
     return {ref["name"]: secret.data} if secret is not None else {}

@@ -35,16 +35,20 @@ def translate(resources: ResourceSet, options: RenderOptions | None = None) -> d
 
 def build_bootstrap_from_resources(resources: ResourceSet, options: RenderOptions) -> dict[str, Any]:
     """The Envoy bootstrap (static resources) for validated `resources`, as a plain dict."""
-    import betterproto2
     from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap, BootstrapStaticResources
 
     clusters: dict[str, Any] = {}
     listeners = build_listeners(resources, options, clusters)
     static = BootstrapStaticResources(listeners=listeners, clusters=[clusters[name] for name in sorted(clusters)])
-    result: dict[str, Any] = finish_per_filter_configs(
-        Bootstrap(static_resources=static).to_dict(casing=betterproto2.Casing.SNAKE)
-    )
+    # The proto field names as they are: Casing.SNAKE re-splits digits (consecutive_5xx -> consecutive_5_xx),
+    # which Envoy refuses as an unknown field.
+    as_dict = Bootstrap(static_resources=static).to_dict(casing=_proto_field_name)  # type: ignore[arg-type]
+    result: dict[str, Any] = finish_per_filter_configs(as_dict)
     return result
+
+
+def _proto_field_name(name: str) -> str:
+    return name
 
 
 def render_bootstrap(paths: Sequence[str | os.PathLike[str]], options: RenderOptions | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "Gateway": GATEWAY_API,
     "HTTPRoute": GATEWAY_API,
     "BackendTLSPolicy": GATEWAY_API,
+    "ReferenceGrant": GATEWAY_API,
     "Backend": EG_API,
     "EnvoyExtensionPolicy": EG_API,
     "SecurityPolicy": EG_API,

@@ -52,23 +52,35 @@ _REDIRECT_CODES = {
 }
 
 
-def _header_options(modifier: dict[str, Any]) -> list[Any]:
+def _header_options(modifiers: list[dict[str, Any]]) -> tuple[list[Any], list[str]]:
+    """Envoy's headers to add and to remove for a rule's header modifiers of one direction, as EG builds them:
+    per filter its `add` entries, then `set`, then `remove`; a name already added or set (in any case) by an
+    earlier entry is skipped, and so is a repeated removal."""
     from envoy_data_plane.envoy.config.core.v3 import (
         HeaderValue,
         HeaderValueOption,
         HeaderValueOptionHeaderAppendAction,
     )
 
-    options = []
-    for verb, action in (("set", "OVERWRITE_IF_EXISTS_OR_ADD"), ("add", "APPEND_IF_EXISTS_OR_ADD")):
-        for header in modifier.get(verb) or []:
-            options.append(
-                HeaderValueOption(
-                    header=HeaderValue(key=header["name"], value=header["value"]),
-                    append_action=HeaderValueOptionHeaderAppendAction[action],
+    options: list[Any] = []
+    seen: set[str] = set()
+    removed: list[str] = []
+    for modifier in modifiers:
+        for verb, action in (("add", "APPEND_IF_EXISTS_OR_ADD"), ("set", "OVERWRITE_IF_EXISTS_OR_ADD")):
+            for header in modifier.get(verb) or []:
+                if header["name"].lower() in seen:
+                    continue
+                seen.add(header["name"].lower())
+                options.append(
+                    HeaderValueOption(
+                        header=HeaderValue(key=header["name"], value=header["value"]),
+                        append_action=HeaderValueOptionHeaderAppendAction[action],
+                    )
                 )
-            )
-    return options
+        for name in modifier.get("remove") or []:
+            if name.lower() not in {r.lower() for r in removed}:
+                removed.append(name)
+    return options, removed
 
 
 def _route_match(match: dict[str, Any]) -> Any:
@@ -201,17 +213,14 @@ class RouteBuilder:
                         envoy_route.route = action
                     else:
                         envoy_route.direct_response = DirectResponseAction(status=500)
-                    for flt in filters:
-                        if flt["type"] == "RequestHeaderModifier":
-                            envoy_route.request_headers_to_add = _header_options(flt["requestHeaderModifier"])
-                            envoy_route.request_headers_to_remove = list(
-                                flt["requestHeaderModifier"].get("remove") or []
-                            )
-                        elif flt["type"] == "ResponseHeaderModifier":
-                            envoy_route.response_headers_to_add = _header_options(flt["responseHeaderModifier"])
-                            envoy_route.response_headers_to_remove = list(
-                                flt["responseHeaderModifier"].get("remove") or []
-                            )
+                    requests = [f["requestHeaderModifier"] for f in filters if f["type"] == "RequestHeaderModifier"]
+                    responses = [f["responseHeaderModifier"] for f in filters if f["type"] == "ResponseHeaderModifier"]
+                    if requests:
+                        added, removed = _header_options(requests)
+                        envoy_route.request_headers_to_add, envoy_route.request_headers_to_remove = added, removed
+                    if responses:
+                        added, removed = _header_options(responses)
+                        envoy_route.response_headers_to_add, envoy_route.response_headers_to_remove = added, removed
                     vhost_name = f"{table.name}/{host_key}"
                     if host not in table.vhosts:
                         table.vhosts[host] = VirtualHost(name=vhost_name, domains=[host])

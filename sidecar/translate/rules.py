@@ -8,7 +8,7 @@ Secrets/ConfigMaps exist and hold the expected keys, CIDRs parse, consistent-has
 filterOrder does not place a filter relative to itself.
 
 `strict_eg=True` also applies the rules that only make sense inside a cluster (EG refuses loopback
-Backend addresses, ClientTrafficPolicies target Gateways only); the local runtime needs loopback, so it
+Backend addresses, single-label FQDNs); the local runtime needs loopback, so it
 is off for `render`/`up`.
 """
 
@@ -22,6 +22,8 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
+from sidecar.translate.certificates import listener_certificates
+from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
     backend_ref_target,
     endpoint_kinds,
@@ -81,24 +83,14 @@ class _Checker:
             if listener["name"] in names:
                 raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
             names.add(listener["name"])
-            if listener["protocol"] == "HTTPS":
-                refs = (listener.get("tls") or {}).get("certificateRefs")
-                if not refs:
-                    raise res.error(f"{path}.tls.certificateRefs", "required for an HTTPS listener")
-                for i, ref in enumerate(refs):
-                    secret_ref(
-                        self.resources,
-                        res,
-                        {**ref, "kind": ref.get("kind", "Secret")},
-                        f"{path}.tls.certificateRefs[{i}]",
-                        ("tls.crt", "tls.key"),
-                    )
-            elif listener.get("tls"):
+            # HTTPS certificates that do not load are EG's decision, not an input error: the listener serves
+            # the ones that do, and is left out when none does (certificates.py).
+            if listener["protocol"] != "HTTPS" and listener.get("tls"):
                 raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
         https_hosts: dict[int, set[str | None]] = {}
         for index, listener in enumerate(res.spec["listeners"]):
-            if listener["protocol"] != "HTTPS":
-                continue
+            if listener["protocol"] != "HTTPS" or not listener_certificates(self.resources, res, listener).programmed:
+                continue  # a listener left out for its certificates takes no SNI (EG skips it for conflicts)
             seen = https_hosts.setdefault(listener["port"], set())
             if listener.get("hostname") in seen:
                 # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
@@ -156,6 +148,20 @@ class _Checker:
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
                 if flt.get(field) is None:
                     raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
+            rewrites = 0
+            for f, flt in enumerate(filters):
+                where = f"spec.rules[{r}].filters[{f}]"
+                if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+                    _check_header_modifier(res, where, flt)
+                elif flt["type"] in ("URLRewrite", "RequestRedirect"):
+                    field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
+                    path_modifier = flt[field].get("path")
+                    if path_modifier is not None:
+                        _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
+                    if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
+                        rewrites += 1
+                        if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
+                            raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
             if any(f["type"] == "RequestRedirect" for f in filters) and refs:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
@@ -313,6 +319,9 @@ class _Checker:
                     "expected body mode Streamed or none with shadowMode "
                     f"(send-and-go cannot wait for {', '.join(sorted(waiting))} bodies)",
                 )
+            back_off = (((ext.get("backendSettings") or {}).get("retry") or {}).get("perRetry") or {}).get("backOff")
+            if back_off is not None:
+                _check_back_off(res, f"{path}.backendSettings.retry.perRetry.backOff", back_off)
         for index, wasm in enumerate(res.spec.get("wasm") or []):
             path = f"spec.wasm[{index}].code"
             code = wasm["code"]
@@ -349,9 +358,16 @@ class _Checker:
                     ) from None
 
     def _ClientTrafficPolicy(self, res: Resource) -> None:
-        # EG accepts only Gateway targets here; HTTPRoute is accepted (applied to the route's listeners)
-        # because EG 1.1's release announcement shows it that way.
-        self._targets(res, ("Gateway",) if self.strict_eg else ("Gateway", "HTTPRoute"))
+        for path, ref in policy_targets(res):
+            if ref["kind"] == "HTTPRoute":
+                # EG's CRD refuses it ("only ... a targetRef.kind of Gateway or ListenerSet"); EG 1.1's release
+                # post shows one, but client IP detection is a listener's setting, not a route's.
+                raise res.error(
+                    f"{path}.kind",
+                    "expected Gateway (EG's CRD takes no HTTPRoute here: client IP detection belongs to a "
+                    "listener); target the route's Gateway, with sectionName for one listener",
+                )
+        self._targets(res, ("Gateway",))
         xff = ((res.spec.get("clientIPDetection") or {}).get("xForwardedFor")) or {}
         for c, cidr in enumerate(xff.get("trustedCIDRs") or []):
             try:
@@ -410,6 +426,52 @@ def _eg_reason(res: Resource) -> Iterator[None]:
 def _with_reason(exc: ConfigError, reason: str) -> ConfigError:
     exc.reason = reason  # type: ignore[attr-defined]
     return exc
+
+
+# EG's header value rule: visible ASCII, single spaces or tabs between words, nothing leading or trailing.
+_HEADER_VALUE = re.compile(r"[!-~]+([\t ]?[!-~]+)*")
+
+
+def _check_header_modifier(res: Resource, path: str, flt: dict[str, Any]) -> None:
+    """EG refuses the route (UnsupportedValue) for a Host header or a value outside its rule, in add/set/remove."""
+    field = "requestHeaderModifier" if flt["type"] == "RequestHeaderModifier" else "responseHeaderModifier"
+    modifier = flt[field]
+    for verb in ("add", "set", "remove"):
+        for i, entry in enumerate(modifier.get(verb) or []):
+            name = entry if verb == "remove" else entry["name"]
+            where = f"{path}.{field}.{verb}[{i}]"
+            if name.lower() == "host":
+                raise res.error(
+                    f"{where}" + ("" if verb == "remove" else ".name"),
+                    "the Host header cannot be changed by a header modifier (use a URLRewrite hostname)",
+                )
+            if verb != "remove" and not _HEADER_VALUE.fullmatch(entry["value"]):
+                raise res.error(
+                    f"{where}.value",
+                    f"expected visible ASCII with single spaces or tabs between words, got {entry['value']!r}",
+                )
+
+
+def _check_path_modifier(res: Resource, path: str, modifier: dict[str, Any]) -> None:
+    """The field its type names is required and the other one refused, as EG decides."""
+    wanted = "replaceFullPath" if modifier["type"] == "ReplaceFullPath" else "replacePrefixMatch"
+    other = "replacePrefixMatch" if wanted == "replaceFullPath" else "replaceFullPath"
+    if modifier.get(other) is not None:
+        raise res.error(f"{path}.{other}", f"not allowed with type {modifier['type']}")
+    if modifier.get(wanted) is None:
+        raise res.error(f"{path}.{wanted}", f"required with type {modifier['type']}")
+
+
+def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:
+    """EG refuses a zero interval and a maximum below the base; Envoy needs a base interval."""
+    base, most = back_off.get("baseInterval"), back_off.get("maxInterval")
+    if base is None:
+        raise res.error(f"{path}.baseInterval", "required with a backOff (Envoy needs a base interval)")
+    for field, value in (("baseInterval", base), ("maxInterval", most)):
+        if value is not None and parse_duration(value).total_seconds() == 0:
+            raise res.error(f"{path}.{field}", f"cannot be {value} (EG refuses a zero interval)")
+    if most is not None and parse_duration(most) < parse_duration(base):
+        raise res.error(f"{path}.maxInterval", f"{most} is less than baseInterval {base}")
 
 
 def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:

@@ -501,6 +501,16 @@ SPEC_SCHEMAS: dict[str, Node] = {
         },
         ["targetRefs", "validation"],
     ),
+    # Gateway API's CRD: from and to, 1 to 16 entries each; from names group, kind and namespace.
+    "ReferenceGrant": Obj(
+        {
+            "from": List(
+                Obj({"group": _GROUP, "kind": _KIND, "namespace": _NAME}, ["group", "kind", "namespace"]), 16, 1
+            ),
+            "to": List(Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind"]), 16, 1),
+        },
+        ["from", "to"],
+    ),
     "EnvoyExtensionPolicy": Obj({**_POLICY_TARGETS, "extProc": List(_EXT_PROC, 16), "wasm": List(_WASM, 16)}),
     "SecurityPolicy": Obj(
         {

@@ -50,6 +50,7 @@ SECTIONS = {
     "clientTrafficPolicies": "ClientTrafficPolicy",
     "backendTrafficPolicies": "BackendTrafficPolicy",
     "envoyProxiesForGateways": "EnvoyProxy",
+    "referenceGrants": "ReferenceGrant",
     "envoyProxyForGatewayClass": "EnvoyProxy",
 }
 # Sections that carry no resource a user writes for this translator (EG's own deployment and Kubernetes'
@@ -336,20 +337,21 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
     bootstrap = None
     unattributed = None
     for _ in range(len(resources) + 1):
-        # Dependants of what is out of scope are out of scope too (until nothing changes).
+        # Dependants of what is out of scope are out of scope too (until nothing changes). The GatewayClass's
+        # EnvoyProxy applies to every Gateway: if it is out of scope, so are they (and what attaches to them).
         changed = True
         while changed:
             changed = False
+            if any(k in refused for k in case.class_proxies):
+                for key in [k for k in live if k[0] == "Gateway"]:
+                    out_of_scope(key, "its GatewayClass's EnvoyProxy is out of scope")
+                    changed = True
             gone = {k[:3] for k in refused}
             for key, res in list(live.items()):
                 hit = next((r for r in _refs(res) if r in gone), None)
                 if hit is not None:
                     out_of_scope(key, f"depends on {hit[0]} {hit[1]}/{hit[2]}, which is out of scope")
                     changed = True
-        # The GatewayClass's EnvoyProxy applies to every Gateway: if it is out of scope, so are they.
-        if any(k in refused for k in case.class_proxies):
-            for key in [k for k in live if k[0] == "Gateway"]:
-                out_of_scope(key, "its GatewayClass's EnvoyProxy is out of scope")
         try:
             bootstrap = translate(ResourceSet(live.values()))
             break
@@ -374,6 +376,7 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
     decisions: dict[Key, Decision] = {}
     final = ResourceSet(live.values())
     route_state = _route_resolution(final) if unattributed is None else {}
+    route_state.update(_listener_resolution(final) if unattributed is None else {})
     verdicts = _translator_verdicts(final) if unattributed is None else {}
     for key in resources:
         if key[0] not in JUDGED or key in refused:
@@ -396,6 +399,18 @@ def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], t
     except ImportError:
         return {}
     found: dict[tuple[str, str, str], tuple[str, str, str]] = dict(backendtls.tls_policy_verdicts(resources))
+    return found
+
+
+def _listener_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
+    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load)."""
+    from sidecar.translate.certificates import gateway_listener_reasons
+
+    found: dict[tuple[str, str, str], str] = {}
+    for gateway in resources.of("Gateway"):
+        reasons = [c.reason for _, c in gateway_listener_reasons(resources, gateway) if c.reason]
+        if reasons:
+            found[gateway.key] = reasons[0]
     return found
 
 
@@ -453,7 +468,12 @@ def semantic_checks(case: Case, outcome: Outcome) -> list[Any]:
         for key, doc in reversed(case.inputs)
         if key[0] == "Service"
     }
-    return compare(case.out.get("xdsIR") or {}, outcome.bootstrap, accepted, features, services)
+    gateways = {
+        key[1:3]
+        for key, decision in outcome.decisions.items()
+        if key[0] == "Gateway" and decision.accepted and (eg := case.eg.get(key)) is not None and eg.accepted
+    }
+    return compare(case.out.get("xdsIR") or {}, outcome.bootstrap, accepted, features, services, gateways)
 
 
 TABLE_ROWS = (

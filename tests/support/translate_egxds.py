@@ -51,8 +51,11 @@ class EgXds:
                     if flt.get("name") == HCM:
                         yield flt["typedConfig"]
 
-    def bootstrap(self, address: str, upstream: tuple[str, int]) -> dict[str, Any]:
-        """A static bootstrap: listeners on `address` (ephemeral ports), every endpoint at `upstream`."""
+    def bootstrap(
+        self, address: str, upstream: tuple[str, int], per_cluster: dict[str, tuple[str, int]] | None = None
+    ) -> dict[str, Any]:
+        """A static bootstrap: listeners on `address` (ephemeral ports), every endpoint at `upstream` (or, for
+        a cluster named in `per_cluster`, at its own)."""
         routes = {rc["name"]: rc for rc in self.routes}
         listeners = copy.deepcopy(self.listeners)
         for listener in listeners:
@@ -63,8 +66,8 @@ class EgXds:
                 hcm["routeConfig"] = copy.deepcopy(routes[rds["routeConfigName"]])
         loads = {cla["clusterName"]: cla for cla in self.endpoints}
         clusters = copy.deepcopy(self.clusters)
-        host, port = upstream
         for cluster in clusters:
+            host, port = (per_cluster or {}).get(cluster["name"], upstream)
             eds = cluster.pop("edsClusterConfig", None)
             if cluster.get("type") == "EDS":
                 cluster["type"] = "STATIC"

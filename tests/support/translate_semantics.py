@@ -55,10 +55,13 @@ class Ours:
         self.clusters = {c["name"]: c for c in static.get("clusters") or []}
         self.routes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # name -> (route, hcm)
         self.hcms: dict[str, dict[str, Any]] = {}  # filter chain name -> hcm
+        self.tls_chains: list[str] = []  # filter chains that terminate TLS
         for listener in static.get("listeners") or []:
             for chain in listener.get("filter_chains") or []:
                 hcm = chain["filters"][0]["typed_config"]
                 self.hcms[chain.get("name", listener["name"])] = hcm
+                if chain.get("transport_socket"):
+                    self.tls_chains.append(chain.get("name", listener["name"]))
                 for vhost in (hcm.get("route_config") or {}).get("virtual_hosts") or []:
                     for route in vhost.get("routes") or []:
                         name = route["name"].replace("wildcard", "*")
@@ -348,10 +351,19 @@ def compare(
     routes_in_scope: set[tuple[str, str]],
     features_in_scope: set[str],
     services: dict[tuple[str, str], Resource],
+    gateways_in_scope: set[tuple[str, str]] | None = None,
 ) -> list[Check]:
     """The checks for one case: IR routes of in-scope HTTPRoutes, aspects of in-scope features only."""
     ours = Ours(bootstrap)
     checks: list[Check] = []
+    for key, ir in sorted(xds_ir.items()):
+        namespace, _, name = key.partition("/")
+        if (namespace, name) in (gateways_in_scope or set()):
+            # Which HTTPS listeners are served at all: EG leaves one out when none of its certificates loads.
+            eg_tls = tuple(sorted(li["name"] for li in (ir or {}).get("http") or [] if li.get("tls")))
+            our_tls = tuple(sorted(n for n in ours.tls_chains if n.startswith(f"{key}/")))
+            if eg_tls or our_tls:
+                checks.append(Check("Gateway", f"gateway {key} HTTPS listeners served", eg_tls, our_tls))
     for listener in itertools.chain.from_iterable((ir or {}).get("http") or [] for ir in xds_ir.values()):
         hcm = ours.hcms.get(listener.get("name", ""))
         if "ClientTrafficPolicy" in features_in_scope and hcm is not None:

@@ -3,6 +3,7 @@ a one-answer DNS server, and a recording ext_proc server."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import socketserver
@@ -18,6 +19,8 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+_VOLATILE = {"x-request-id", "x-envoy-expected-rq-timeout-ms"}
 
 
 class _Named(BaseHTTPRequestHandler):
@@ -37,6 +40,13 @@ class _Named(BaseHTTPRequestHandler):
         self.send_header("x-backend", name)
         # What reached the backend: differential tests compare the X-Forwarded-For each config forwards.
         self.send_header("x-seen-xff", ", ".join(self.headers.get_all("x-forwarded-for") or []) or "-")
+        # Differential tests compare the request headers each config forwards (less the per-request id)...
+        seen = sorted((k.lower(), v) for k, v in self.headers.items() if k.lower() not in _VOLATILE)
+        self.send_header("x-seen-headers", json.dumps(seen))
+        # ...and what each config does to response headers the backend sends: `x-reply-header: name: value`.
+        for line in self.headers.get_all("x-reply-header") or []:
+            name, _, value = line.partition(":")
+            self.send_header(name.strip(), value.strip())
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -76,7 +76,7 @@ spec:
   clientIPDetection:
     xForwardedFor:
       numTrustedHops: 1
-  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: http-with-authorization-client-ip}
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}
 """
 
 

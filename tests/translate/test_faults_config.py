@@ -178,13 +178,13 @@ def test_explicit_fail_closed_wins_over_a_fail_open_chain(tmp_path: Path, capsys
     assert next(d for d in docs if d["kind"] == "EnvoyExtensionPolicy")["spec"]["extProc"][0]["failOpen"] is False
 
 
-def test_render_refuses_backend_settings_it_would_not_translate(
+def test_render_refuses_backend_settings_for_its_own_sidecar(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = _with_ext_field("backendSettings: {circuitBreaker: {maxParallelRetries: 3}}")
     code, err = _run(tmp_path, capsys, "fail_closed", text)
     assert code == 2
-    assert "spec.extProc[0].backendSettings: unsupported field: not translated by `sidecar render`" in err
+    assert "spec.extProc[0].backendSettings: unsupported field for this sidecar's Backend" in err
 
 
 @pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])

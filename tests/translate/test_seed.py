@@ -16,6 +16,7 @@ import pytest
 import wasmtime
 import yaml
 
+from sidecar.errors import ConfigError
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
@@ -107,8 +108,30 @@ def complete(block: str, *app_ports: int, ext_proc_ip: str = "127.0.0.1") -> str
     return block + "---\n" + yaml.safe_dump_all(extra)
 
 
+def _client_ip_on_the_gateway(block: str) -> str:
+    """The release post's ClientTrafficPolicy targets an HTTPRoute, which EG's CRD refuses; EG takes it on the
+    route's Gateway."""
+    docs = [d for d in yaml.safe_load_all(block) if d]
+    for doc in docs:
+        if doc["kind"] == "ClientTrafficPolicy" and doc["spec"]["targetRef"]["kind"] == "HTTPRoute":
+            doc["spec"]["targetRef"] = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "eg"}
+    return yaml.safe_dump_all(docs)
+
+
+def test_seed_client_ip_example_on_a_route_is_refused_as_egs_crd_refuses_it(tmp_path: Path) -> None:
+    [block] = [b for b in BLOCKS if "kind: ClientTrafficPolicy" in b]
+    path = tmp_path / "seed.yaml"
+    path.write_text(complete(block, 8080))
+    with pytest.raises(ConfigError) as refused:
+        render_bootstrap([path], RenderOptions(ephemeral_ports=True))
+    assert "ClientTrafficPolicy/default/enable-client-ip-detection: spec.targetRef.kind: expected Gateway" in str(
+        refused.value
+    )
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[_name(b) for b in BLOCKS])
 def test_seed_example_renders_and_validates(tmp_path: Path, block: str) -> None:
+    block = _client_ip_on_the_gateway(block)
     module = tmp_path / "module.wasm"
     module.write_bytes(bytes(wasmtime.wat2wasm(MODULE_WAT)))
     fetched: list[dict[str, Any]] = []
@@ -206,7 +229,7 @@ def running(tmp_path: Path, text: str) -> Iterator[str]:
 
 def test_seed_ip_allow_list_example_runs(tmp_path: Path) -> None:
     [block] = [b for b in BLOCKS if "kind: SecurityPolicy" in b]
-    [ctp] = [b for b in BLOCKS if "kind: ClientTrafficPolicy" in b]
+    [ctp] = [_client_ip_on_the_gateway(b) for b in BLOCKS if "kind: ClientTrafficPolicy" in b]
     app = NamedBackend("app")
     try:
         with running(tmp_path, complete(block + "---\n" + ctp, app.port)) as url:

@@ -222,6 +222,7 @@ spec:
 apiVersion: v1
 kind: Secret
 metadata: {{name: cert}}
+type: kubernetes.io/tls
 data: {{tls.crt: {_b64(pki / "server.crt")}, tls.key: {_b64(pki / "server.key")}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1

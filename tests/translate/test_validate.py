@@ -92,22 +92,6 @@ CASES = {
         "FILE#3: SecurityPolicy/default/p: spec.authorization.rules[0].principal.clientCIDRs[1]: expected a CIDR "
         "such as 10.0.1.0/24 or 2001:db8::/32, got '10.0.300.0/24'",
     ),
-    "missing-secret": (
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: tls}\n"
-        "spec: {gatewayClassName: eg, listeners: [{name: https, protocol: HTTPS, port: 443,"
-        " tls: {certificateRefs: [{name: cert}]}}]}\n",
-        "FILE#3: Gateway/default/tls: spec.listeners[0].tls.certificateRefs[0].name: no Secret default/cert "
-        "in the input files",
-    ),
-    "https-same-port-same-host": (
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {name: cert}\n"
-        "stringData: {tls.crt: x, tls.key: y}\n"
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: tls}\n"
-        "spec: {gatewayClassName: eg, listeners: ["
-        "{name: a, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: cert}]}},"
-        " {name: b, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: cert}]}}]}\n",
-        "FILE#4: Gateway/default/tls: spec.listeners[1].hostname: HTTPS listeners sharing port 443 need distinct",
-    ),
     "missing-backend": (
         "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata: {name: p}\n"
         "spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg},"
