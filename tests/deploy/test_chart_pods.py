@@ -16,9 +16,12 @@ import pytest
 import yaml
 
 from tests.deploy.test_helm import (
+    AUDIT_PLUGIN,
     CI,
+    GRANTS,
     _all_containers,
     _arg,
+    _declaring_values,
     _envoy_side_mode,
     _one,
     _seconds,
@@ -274,53 +277,6 @@ def test_the_charts_ext_proc_filter_is_the_one_envoy_config_writes(
 
 
 # ---- declarations: what the plugins need from Envoy besides the processing mode ------------------------
-
-#: A plugin that declares one of each: delivered as `pluginFiles`, run by the sidecar as the chart runs it.
-AUDIT_PLUGIN = """\
-import json
-
-from sidecar import Plugin
-
-
-class Audit(Plugin):
-    name = "audit"
-    metadata_namespaces = ("audit",)
-    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
-    request_attributes = ("request.path", "source.address")
-    response_attributes = ("response.code",)
-
-    def on_request_headers(self, ctx, headers):
-        ctx.set_metadata("request", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
-
-    def on_response_headers(self, ctx, headers):
-        ctx.set_metadata("response", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
-"""
-
-#: The chart values that grant what AUDIT_PLUGIN declares, and the declaration each one covers.
-GRANTS = {
-    "extProc.metadata.writableNamespaces": ("metadata_namespaces", ["audit"]),
-    "extProc.metadata.accessibleNamespaces": ("forwarding_namespaces", ["envoy.filters.http.jwt_authn"]),
-    "extProc.processingMode.request.attributes": ("request_attributes", ["request.path", "source.address"]),
-    "extProc.processingMode.response.attributes": ("response_attributes", ["response.code"]),
-}
-
-
-def _declaring_values(tmp_path: Path, without: str | None = None, extra: dict[str, list[str]] | None = None) -> Path:
-    """A values file: header-stamp and AUDIT_PLUGIN in the default chain, every grant but `without`."""
-    values: dict[str, Any] = {
-        "pluginFiles": {"audit_plugin.py": AUDIT_PLUGIN},
-        "sidecar": {"plugins": [{"use": "header-stamp"}, {"use": "audit_plugin:Audit"}]},
-    }
-    grants = {key: names for key, (_, names) in GRANTS.items() if key != without}
-    for dotted, names in {**grants, **(extra or {})}.items():
-        *parents, leaf = dotted.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = names
-    path = tmp_path / "declaring-values.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def test_declarations_reach_both_modes_ext_proc_config(
