@@ -18,7 +18,7 @@ from sidecar.errors import ConfigError
 if TYPE_CHECKING:
     from sidecar.chains import Chain, Registry
 
-__all__ = ["add_envoy_args", "check_envoy", "hook_listing"]
+__all__ = ["add_envoy_args", "check_envoy", "declarations", "hook_listing"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,14 @@ def check_envoy(registry: Registry, args: argparse.Namespace) -> None:
         spec = getattr(args, grant.flag.removeprefix("--").replace("-", "_"))
         if spec is not None:
             _check_grant(registry, grant, spec)
+
+
+def declarations(chain: Chain) -> dict[str, list[str]]:
+    """What the chain's plugins declare, each name once (`sidecar plugins`: what to give Envoy, or the chart)."""
+    return {
+        grant.declaration: list(dict.fromkeys(name for p in chain.plugins for name in getattr(p, grant.declaration)))
+        for grant in _GRANTS
+    }
 
 
 def _check_grant(registry: Registry, grant: _Grant, spec: str) -> None:

@@ -98,6 +98,7 @@ def _plugins(args: argparse.Namespace) -> int:
                 "plugins": [chain.labels[id(p)] for p in chain.plugins],
                 "hooks": envoy_check.hook_listing(chain),
                 "processing_mode": chain.describe_mode(),
+                "declares": envoy_check.declarations(chain),
             }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -112,6 +113,9 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"  {phase:<18} {', '.join(plugins)}")
         mode = chain_report["processing_mode"]
         print("  processing_mode   " + ", ".join(f"{k}={v}" for k, v in mode.items()))
+        for declaration, names in chain_report["declares"].items():
+            if names:
+                print(f"  {declaration:<21} {', '.join(names)}")
     return 0
 
 

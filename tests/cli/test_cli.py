@@ -98,13 +98,13 @@ class Wide(Plugin):
 
 
 def _serve_declaring(
-    tmp_path: Path, *flags: str, chains: str = "default: [declaring:Audit]"
+    tmp_path: Path, *flags: str, chains: str = "default: [declaring:Audit]", command: str = "serve"
 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "declaring.py").write_text(DECLARING_PLUGINS)
     (tmp_path / "c.yaml").write_text(f"chains:\n  {chains}\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", "serve", "-c", str(tmp_path / "c.yaml"), *flags],
+        [sys.executable, "-m", "sidecar", command, "-c", str(tmp_path / "c.yaml"), *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -175,6 +175,22 @@ def test_serve_grants_more_than_declared_and_checks_only_the_flags_given(tmp_pat
     assert_user_error(
         _serve_declaring(tmp_path, *grants, "--listen", "unix:/proc/nope/s.sock"), "cannot create socket directory"
     )
+
+
+def test_plugins_lists_what_each_chain_declares(tmp_path: Path) -> None:
+    chains = "default: [header-stamp, declaring:Audit]\n  admin: [header-stamp]"
+    proc = _serve_declaring(tmp_path, "--json", chains=chains, command="plugins")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["chains"]
+    assert report["default"]["declares"] == {
+        "metadata_namespaces": ["audit"],
+        "forwarding_namespaces": ["envoy.filters.http.jwt_authn"],
+        "request_attributes": ["request.path", "source.address"],
+        "response_attributes": ["response.code"],
+    }
+    assert not any(report["admin"]["declares"].values())
+    text = _serve_declaring(tmp_path, chains=chains, command="plugins").stdout
+    assert re.search(r"^  request_attributes\s+request.path, source.address$", text, flags=re.MULTILINE), text
 
 
 def test_invalid_config_value_names_file_and_field(tmp_path: Path) -> None:
