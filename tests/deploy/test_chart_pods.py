@@ -409,3 +409,53 @@ def test_standalone_envoy_takes_what_eg_refuses(render: Render, tmp_path: Path) 
     assert len(ext_proc["metadata_options"]["receiving_namespaces"]["untyped"]) == 9
     assert ext_proc["request_attributes"] == ["xds.cluster_name", "request.path"]
     validate_bootstrap(bootstrap)
+
+
+# ---- tracing and the access line: sidecar config fields and the OTEL_* environment -------------------
+
+
+def test_tracing_and_access_log_are_off_by_default(render: Render) -> None:
+    docs = render(CI / "standalone-values.yaml")
+    config = yaml.safe_load(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
+    )
+    assert config["access_log"] is False and config["tracing"] is False
+    assert not [e for e in _sidecar(docs)["env"] if e["name"].startswith("OTEL_")]
+
+
+def test_tracing_and_access_log_values_start_the_sidecar_with_them(
+    render: Render, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The options case turns both on: the config file says so, the exporter's variables are in the
+    container's environment, and the sidecar starts with exactly those (the otel extra is installed here)."""
+    from sidecar.stack.sidecar import SidecarProcess, health_status
+
+    docs = render(CI / "all-options-values.yaml")
+    args, env = _as_rendered(docs, tmp_path)
+    config = yaml.safe_load((tmp_path / "sidecar.yaml").read_text())
+    assert config["access_log"] is True and config["tracing"] is True
+    otel = {e["name"]: e["value"] for e in _sidecar(docs)["env"] if e["name"].startswith("OTEL_")}
+    assert otel == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+        "OTEL_SERVICE_NAME": "edge-sidecar",
+    }
+    for name, value in {**otel, "PYTHONPATH": env["PYTHONPATH"]}.items():
+        monkeypatch.setenv(name, value)
+    sockets = [tmp_path / f"s-{i}.sock" for i in range(int(_arg(args, "--workers")))]
+    with SidecarProcess(args[1:], sockets, log_path=tmp_path / "sidecar.log"):
+        assert {health_status(s) for s in sockets} == {"SERVING"}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"sidecar.tracing.otlpEndpoint": "otel-collector:4317"}, "otlpEndpoint"),
+        ({"sidecar.tracing.otlpEndpoint": "http://a b:4317"}, "otlpEndpoint"),
+        ({"sidecar.tracing.serviceName": ""}, "serviceName"),
+        ({"sidecar.accessLog": "yes"}, "accessLog"),
+    ],
+)
+def test_bad_tracing_values_fail(helm: Path, sets: dict[str, str], message: str) -> None:
+    proc = helm_template(helm, CI / "standalone-values.yaml", sets=sets)
+    assert proc.returncode != 0
+    assert message in proc.stderr

@@ -114,6 +114,8 @@ unix:{{ trimSuffix "/" .Values.socket.dir }}/{{ .Values.socket.name }}
 {{- fail "sidecar.plugins (or sidecar.chains) must name at least one plugin" -}}
 {{- end -}}
 log_format: {{ .Values.sidecar.logFormat }}
+access_log: {{ .Values.sidecar.accessLog }}
+tracing: {{ .Values.sidecar.tracing.enabled }}
 chains:
   {{- toYaml $chains | nindent 2 }}
 {{- end -}}
@@ -190,6 +192,14 @@ env:
   {{- end }}
   - name: PYTHONDONTWRITEBYTECODE
     value: "1"
+  {{- if $v.tracing.enabled }}
+  {{- with $v.tracing.otlpEndpoint }}
+  - name: OTEL_EXPORTER_OTLP_ENDPOINT
+    value: {{ . | quote }}
+  {{- end }}
+  - name: OTEL_SERVICE_NAME
+    value: {{ $v.tracing.serviceName | quote }}
+  {{- end }}
   {{- with $v.extraEnvVars }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
