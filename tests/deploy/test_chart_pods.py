@@ -411,6 +411,32 @@ def test_standalone_envoy_takes_what_eg_refuses(render: Render, tmp_path: Path) 
     validate_bootstrap(bootstrap)
 
 
+def test_names_yaml_or_argparse_would_misread_reach_envoy_and_the_sidecar_intact(
+    render: Render, tmp_path: Path
+) -> None:
+    """Characters a declared name may hold, words YAML reads as other types and a leading '-' (an option to
+    argparse, were the value its own argument): the same names in Envoy's config and in the sidecar's check."""
+    from sidecar.stack.envoy import validate_bootstrap
+
+    odd = ["-x", "a:\"b'[0]/c", "envoy-sidecar", "true", "0.10", "null", "[x]"]
+    # --set splits on commas and reads quotes: a values file says exactly what a user would write.
+    values = tmp_path / "odd-values.yaml"
+    metadata = {"writableNamespaces": odd, "accessibleNamespaces": ["-y", "0.10"]}
+    values.write_text(yaml.safe_dump({"extProc": {"metadata": metadata}}))
+    docs = render(CI / "standalone-values.yaml", values, sets={"socket.dir": str(tmp_path)})
+    granted = _envoy_side_declarations(docs)["--envoy-receiving-namespaces"]
+    assert granted == ["envoy-sidecar", "-x", "a:\"b'[0]/c", "true", "0.10", "null", "[x]"]  # ours once, first
+    assert _arg(_sidecar(docs)["args"], "--envoy-receiving-namespaces").split(",") == granted
+    assert _envoy_side_declarations(docs)["--envoy-forwarding-namespaces"] == ["-y", "0.10"]
+    assert _arg(_sidecar(docs)["args"], "--envoy-forwarding-namespaces") == "-y,0.10"
+    validate_bootstrap(_bootstrap(docs))
+    # The check passes; serve goes on, to a socket it cannot make.
+    args, env = _as_rendered(docs, tmp_path)
+    args[args.index("--listen") + 1] = "unix:/proc/nope/s.sock"
+    proc = subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "cannot create socket directory" in proc.stderr, proc.stderr
+
+
 # ---- tracing and the access line: sidecar config fields and the OTEL_* environment -------------------
 
 

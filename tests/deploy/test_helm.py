@@ -213,7 +213,13 @@ def _eg_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any],
 
 
 def _arg(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+    """The value of `flag` in a command line, given as `FLAG VALUE` or `FLAG=VALUE`."""
+    for index, arg in enumerate(args):
+        if arg == flag:
+            return args[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.removeprefix(flag + "=")
+    raise AssertionError(f"{flag} is not in {args}")
 
 
 def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -170,14 +170,11 @@ args:
   - --envoy-processing-mode
   - {{ include "envoy-sidecar.envoyProcessingMode" . }}
   # ... and the namespaces and attributes it was given: a plugin declaring one more refuses to start.
-  - --envoy-receiving-namespaces
-  - {{ include "envoy-sidecar.receivingNamespaces" . | fromJsonArray | join "," | toJson }}
-  - --envoy-forwarding-namespaces
-  - {{ .Values.extProc.metadata.accessibleNamespaces | join "," | toJson }}
-  - --envoy-request-attributes
-  - {{ .Values.extProc.processingMode.request.attributes | join "," | toJson }}
-  - --envoy-response-attributes
-  - {{ .Values.extProc.processingMode.response.attributes | join "," | toJson }}
+  # FLAG=VALUE, one argument: a list starting with "-" stays a value.
+  - {{ printf "--envoy-receiving-namespaces=%s" (include "envoy-sidecar.receivingNamespaces" . | fromJsonArray | join ",") | toJson }}
+  - {{ printf "--envoy-forwarding-namespaces=%s" (.Values.extProc.metadata.accessibleNamespaces | join ",") | toJson }}
+  - {{ printf "--envoy-request-attributes=%s" (.Values.extProc.processingMode.request.attributes | join ",") | toJson }}
+  - {{ printf "--envoy-response-attributes=%s" (.Values.extProc.processingMode.response.attributes | join ",") | toJson }}
   {{- if $v.metrics.enabled }}
   - --metrics
   - 0.0.0.0:{{ $v.metrics.port }}
