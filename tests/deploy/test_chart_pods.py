@@ -485,3 +485,56 @@ def test_bad_tracing_values_fail(helm: Path, sets: dict[str, str], message: str)
     proc = helm_template(helm, CI / "standalone-values.yaml", sets=sets)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_eg_policy_declarations_become_envoys_through_the_translator(render: Render, tmp_path: Path) -> None:
+    """The chart's EG-mode Backend and EnvoyExtensionPolicy, with a Gateway and the targeted HTTPRoute,
+    through the project's EG translator: Envoy gets the namespaces and attributes the sidecar was handed
+    (EG's field names carried over right), and accepts the config."""
+    from sidecar.stack.envoy import validate_bootstrap
+    from sidecar.translate.options import RenderOptions
+    from sidecar.translate.render import render_bootstrap
+
+    docs = render(CI / "eg-extproc-values.yaml", _declaring_values(tmp_path))
+    chart = [d for d in docs if d["kind"] in ("Backend", "EnvoyExtensionPolicy")]
+    for policy in chart:  # `sidecar render` builds a sidecar's fault settings in, and refuses EG's (tested above)
+        for ext in policy["spec"].get("extProc", []):
+            del ext["backendSettings"]
+    gateway_and_route = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "eg", "namespace": "apps"},
+            "spec": {"gatewayClassName": "eg", "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}]},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "backend", "namespace": "apps"},
+            "spec": {
+                "parentRefs": [{"name": "eg"}],
+                "rules": [{"backendRefs": [{"group": "gateway.envoyproxy.io", "kind": "Backend", "name": "app"}]}],
+            },
+        },
+        {
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "Backend",
+            "metadata": {"name": "app", "namespace": "apps"},
+            "spec": {"endpoints": [{"ip": {"address": "127.0.0.1", "port": 8080}}]},
+        },
+    ]
+    (tmp_path / "eg.yaml").write_text(yaml.safe_dump_all([*gateway_and_route, *chart]))
+    bootstrap = render_bootstrap([tmp_path / "eg.yaml"], RenderOptions(listen_address="127.0.0.1"))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [ext_proc] = [f["typed_config"] for f in hcm["http_filters"] if f["name"].startswith("envoy.filters.http.ext_proc")]
+    granted = {
+        flag: _arg(_sidecar(docs)["args"], flag).split(",")
+        for flag in ("--envoy-receiving-namespaces", "--envoy-forwarding-namespaces")
+    }
+    assert ext_proc["metadata_options"] == {
+        "receiving_namespaces": {"untyped": granted["--envoy-receiving-namespaces"]},
+        "forwarding_namespaces": {"untyped": granted["--envoy-forwarding-namespaces"]},
+    }
+    assert ext_proc["request_attributes"] == _arg(_sidecar(docs)["args"], "--envoy-request-attributes").split(",")
+    assert ext_proc["response_attributes"] == _arg(_sidecar(docs)["args"], "--envoy-response-attributes").split(",")
+    validate_bootstrap(bootstrap)
