@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.cli import envoy_check
 from sidecar.config import DEFAULT_SOCKET, TRANSPORTS
 from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
-    from sidecar.chains import Chain, Registry
+    from sidecar.chains import Registry
     from sidecar.config import SidecarConfig
 
 __all__ = ["SOURCES_HELP", "add_commands", "add_source_args", "resolve"]
@@ -62,8 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.logs import setup_logging
 
     config, registry = resolve(args)
-    if args.envoy_processing_mode is not None:
-        _check_envoy_mode(registry, args.envoy_processing_mode)
+    envoy_check.check_envoy(registry, args)
     setup_logging(config.log_format, args.log_level)
     sockets = config.socket_paths()
     if args.worker_index is not None:
@@ -78,89 +78,6 @@ def _serve(args: argparse.Namespace) -> int:
         prepare_unix_socket(path)
     commands = [worker_command(args.argv, i) for i in range(config.workers)]
     return Supervisor(commands, config).run_blocking()
-
-
-#: What Envoy sends when a field of its processing_mode is not set (ext_proc's own defaults).
-_ENVOY_MODE_DEFAULTS = {
-    "request_header_mode": "SEND",
-    "response_header_mode": "SEND",
-    "request_trailer_mode": "SKIP",
-    "response_trailer_mode": "SKIP",
-    "request_body_mode": "NONE",
-    "response_body_mode": "NONE",
-}
-_HEADER_MODES = ("SEND", "SKIP")
-_BODY_MODES = ("NONE", "STREAMED", "BUFFERED", "BUFFERED_PARTIAL", "FULL_DUPLEX_STREAMED")
-
-
-def _parse_envoy_mode(spec: str) -> dict[str, str]:
-    mode = dict(_ENVOY_MODE_DEFAULTS)
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        field, _, value = item.partition("=")
-        if field not in mode:
-            raise ConfigError(
-                f"--envoy-processing-mode: unknown field {field!r}; expected FIELD=VALUE with FIELD one of "
-                + ", ".join(_ENVOY_MODE_DEFAULTS)
-            )
-        allowed = _BODY_MODES if field.endswith("_body_mode") else _HEADER_MODES
-        if value not in allowed:
-            raise ConfigError(f"--envoy-processing-mode: {field}={value!r}; expected one of {', '.join(allowed)}")
-        mode[field] = value
-    return mode
-
-
-def _check_envoy_mode(registry: Registry, spec: str) -> None:
-    """Refuse to serve when Envoy was configured to send less than the chains' hooks need.
-
-    The chart (and anyone writing Envoy's config by hand) hands in the mode Envoy was given; a hook whose
-    phase Envoy never sends would otherwise sit silent while traffic passes unprocessed. A body mode must
-    be the one the chains need (a whole-body hook fed chunks, or the reverse, is not the same program);
-    headers and trailers the chains need must be sent. Sending more is fine: the sidecar answers it.
-    """
-    from sidecar.chains import describe_mode
-
-    configured = _parse_envoy_mode(spec)
-    needed = describe_mode(registry.mode)
-    for field, want in needed.items():
-        have = configured[field]
-        unmet = have != want if field.endswith("_body_mode") and want != "NONE" else (want == "SEND" and have == "SKIP")
-        if unmet:
-            raise ConfigError(
-                f"--envoy-processing-mode: Envoy is configured with {field}={have}, but the plugins need {want} "
-                f"({_needing(registry, field, want)}); give Envoy that mode (Helm: extProc.processingMode), "
-                "or change the plugins"
-            )
-
-
-def _needing(registry: Registry, field: str, want: str) -> str:
-    """`chain 'default': json-redact, body-digest`: who needs `want` for that processing_mode field."""
-    direction, kind = field.split("_")[:2]
-    kinds = {"header": ("headers", "body", "chunk", "stream"), "body": ("body", "chunk", "stream")}
-    parts = []
-    for name, chain in registry.chains.items():
-        if chain.describe_mode()[field] != want:
-            continue
-        hooks = _hook_listing(chain)
-        phases = [f"{direction}_{k}" for k in kinds.get(kind, ("trailers", "stream"))]
-        plugins = dict.fromkeys(p for phase in phases for p in hooks.get(phase, []))
-        parts.append(f"chain {name!r}: {', '.join(plugins)}" if plugins else f"chain {name!r}")
-    return "; ".join(parts)
-
-
-def _hook_listing(chain: Chain) -> dict[str, list[str]]:
-    """Each hook kind the chain's plugins define, `request_chunk` and `response_stream` included, in call order."""
-    from sidecar.chains import BODY_KINDS, HOOK_KINDS
-
-    listing: dict[str, list[str]] = {}
-    for direction in ("request", "response"):
-        for kind in HOOK_KINDS:
-            if kind in BODY_KINDS:
-                plugins = [stage.plugin for stage in chain.body_stages[direction] if stage.kind == kind]
-            else:
-                plugins = [hook.plugin for hook in chain.hooks[f"{direction}_{kind}"]]
-            if plugins:
-                listing[f"{direction}_{kind}"] = plugins
-    return listing
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -179,8 +96,9 @@ def _plugins(args: argparse.Namespace) -> int:
             report["chains"][name] = {
                 "on_error": "fail_open" if chain.fail_open else "fail_closed",
                 "plugins": [chain.labels[id(p)] for p in chain.plugins],
-                "hooks": _hook_listing(chain),
+                "hooks": envoy_check.hook_listing(chain),
                 "processing_mode": chain.describe_mode(),
+                "declares": envoy_check.declarations(chain),
             }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -195,6 +113,9 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"  {phase:<18} {', '.join(plugins)}")
         mode = chain_report["processing_mode"]
         print("  processing_mode   " + ", ".join(f"{k}={v}" for k, v in mode.items()))
+        for declaration, names in chain_report["declares"].items():
+            if names:
+                print(f"  {declaration:<21} {', '.join(names)}")
     return 0
 
 
@@ -230,12 +151,7 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    serve.add_argument(
-        "--envoy-processing-mode",
-        metavar="FIELD=MODE,...",
-        help="the processing_mode Envoy's ext_proc filter was configured with (e.g. request_body_mode=BUFFERED; "
-        "unset fields are Envoy's defaults): refuse to start, in one line, when the plugins need more",
-    )
+    envoy_check.add_envoy_args(serve)
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 

@@ -72,6 +72,127 @@ def test_serve_bad_input_is_one_line_and_exit_2(args: list[str], message: str, t
     assert not (tmp_path / "s.sock").exists()  # nothing started
 
 
+#: Two plugins declaring what they need from Envoy (the second twice, in two chains), for the --envoy-* checks.
+DECLARING_PLUGINS = """\
+from sidecar import Plugin
+
+
+class Audit(Plugin):
+    name = "audit"
+    metadata_namespaces = ("audit",)
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path", "source.address")
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx, headers):
+        pass
+
+
+class Wide(Plugin):
+    name = "wide"
+    request_attributes = tuple(f"request.attr_{i}" for i in range(64))
+
+    def on_request_headers(self, ctx, headers):
+        pass
+"""
+
+
+def _serve_declaring(
+    tmp_path: Path, *flags: str, chains: str = "default: [declaring:Audit]", command: str = "serve"
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "declaring.py").write_text(DECLARING_PLUGINS)
+    (tmp_path / "c.yaml").write_text(f"chains:\n  {chains}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", command, "-c", str(tmp_path / "c.yaml"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--envoy-receiving-namespaces", "envoy-sidecar"],
+            "--envoy-receiving-namespaces: Envoy's ext_proc filter does not accept dynamic metadata from the sidecar "
+            "in 'audit' (metadata_namespaces of plugin 'audit' in chain 'default'); add it to Envoy's "
+            "metadata_options.receiving_namespaces (Helm: extProc.metadata.writableNamespaces)",
+        ),
+        (
+            ["--envoy-receiving-namespaces", "audit"],
+            "'envoy-sidecar' (the sidecar's own namespace, where ctx.set_metadata writes by default)",
+        ),
+        (["--envoy-receiving-namespaces", ""], "in 'envoy-sidecar' (the sidecar's own namespace"),
+        (["--envoy-receiving-namespaces", "Audit,envoy-sidecar"], "in 'audit'"),  # names are exact
+        (
+            ["--envoy-forwarding-namespaces", "envoy.filters.http.jwt_auth"],
+            "does not forward dynamic metadata to the sidecar from 'envoy.filters.http.jwt_authn'",
+        ),
+        (
+            ["--envoy-request-attributes", ","],
+            "does not send the request attributes 'request.path' (request_attributes of plugin 'audit' in chain "
+            "'default'), 'source.address' (",
+        ),
+        (["--envoy-request-attributes", "request.path"], "the request attribute 'source.address' ("),
+        (["--envoy-response-attributes", "request.code"], "(Helm: extProc.processingMode.response.attributes)"),
+        # The first flag that falls short is named, whatever the order on the command line.
+        (
+            ["--envoy-response-attributes", "", "--envoy-processing-mode", "request_header_mode=SKIP"],
+            "--envoy-processing-mode: Envoy is configured with request_header_mode=SKIP",
+        ),
+    ],
+)
+def test_serve_refuses_what_envoy_was_not_given_in_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
+    proc = _serve_declaring(tmp_path, *flags, "--listen", f"unix:{tmp_path}/s.sock")
+    assert_user_error(proc, message)
+    assert "or change the plugins" in proc.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_serve_names_every_declarer_and_bounds_the_line(tmp_path: Path) -> None:
+    chains = "default: [declaring:Audit, declaring:Wide]\n  admin: [declaring:Wide]"
+    proc = _serve_declaring(tmp_path, "--envoy-request-attributes", "source.address", chains=chains)
+    assert_user_error(
+        proc,
+        "'request.path' (request_attributes of plugin 'audit' in chain 'default'), 'request.attr_0' "
+        "(request_attributes of plugin 'wide' in chain 'default', plugin 'wide' in chain 'admin')",
+    )
+    assert "and 57 more; add them to Envoy's request_attributes" in proc.stderr  # 65 missing, 8 listed
+    assert "request.attr_7'" not in proc.stderr and len(proc.stderr) < 2000
+
+
+def test_serve_grants_more_than_declared_and_checks_only_the_flags_given(tmp_path: Path) -> None:
+    """Extra names and spaces are fine; the check passes and serve goes on (here to a socket it cannot make)."""
+    grants = [
+        "--envoy-receiving-namespaces", " envoy-sidecar , audit , spare ",
+        "--envoy-request-attributes", "request.path,source.address,request.method",
+        "--envoy-response-attributes", "response.code",
+    ]  # fmt: skip
+    assert_user_error(
+        _serve_declaring(tmp_path, *grants, "--listen", "unix:/proc/nope/s.sock"), "cannot create socket directory"
+    )
+
+
+def test_plugins_lists_what_each_chain_declares(tmp_path: Path) -> None:
+    chains = "default: [header-stamp, declaring:Audit]\n  admin: [header-stamp]"
+    proc = _serve_declaring(tmp_path, "--json", chains=chains, command="plugins")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["chains"]
+    assert report["default"]["declares"] == {
+        "metadata_namespaces": ["audit"],
+        "forwarding_namespaces": ["envoy.filters.http.jwt_authn"],
+        "request_attributes": ["request.path", "source.address"],
+        "response_attributes": ["response.code"],
+    }
+    assert not any(report["admin"]["declares"].values())
+    text = _serve_declaring(tmp_path, chains=chains, command="plugins").stdout
+    assert re.search(r"^  request_attributes\s+request.path, source.address$", text, flags=re.MULTILINE), text
+
+
 def test_invalid_config_value_names_file_and_field(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.yaml"
     config.write_text("plugins: [header-stamp]\ngrace_period: soon\n")

@@ -29,6 +29,7 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.stack.sidecar import SidecarProcess
 from tests.support import chartdoc
 from tests.support.helm import CHART, Render, helm_template
+from tests.support.wait import wait_for
 
 CI = CHART / "ci"
 CASES = sorted(p.name for p in CI.glob("*-values.yaml"))
@@ -212,7 +213,13 @@ def _eg_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any],
 
 
 def _arg(args: list[str], flag: str) -> str:
-    return args[args.index(flag) + 1]
+    """The value of `flag` in a command line, given as `FLAG VALUE` or `FLAG=VALUE`."""
+    for index, arg in enumerate(args):
+        if arg == flag:
+            return args[index + 1]
+        if arg.startswith(flag + "="):
+            return arg.removeprefix(flag + "=")
+    raise AssertionError(f"{flag} is not in {args}")
 
 
 def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -681,8 +688,8 @@ def test_standalone_needs_an_upstream(helm: Path) -> None:
 # ---- standalone: the rendered bootstrap in a real Envoy, with the rendered sidecar command ---------
 
 
-def _standalone(render: Render, tmp: Path, **sets: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp / "sock"), **sets})
+def _standalone(render: Render, tmp: Path, *values: Path, **sets: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    docs = render(CI / "standalone-values.yaml", *values, sets={"socket.dir": str(tmp / "sock"), **sets})
     bootstrap = yaml.safe_load(
         next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
     )
@@ -761,8 +768,30 @@ def test_eg_wasm_patch_is_a_valid_envoy_filter_loading_the_pulled_file(render: R
         validate_bootstrap(bootstrap)
 
 
+#: Test-side additions to the chart's bootstrap: dynamic metadata in a namespace Envoy forwards (as jwt_authn
+#: would set it), and an access log of the namespace the plugin writes.
+_FORWARDED_FILTER = {
+    "name": "envoy.filters.http.set_metadata",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+        "metadata": [{"metadata_namespace": "envoy.filters.http.jwt_authn", "value": {"sub": "alice"}}],
+    },
+}
+
+
+def _audit_access_log(path: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"json_format": {"path": "%REQ(:PATH)%", "audit": "%DYNAMIC_METADATA(audit)%"}},
+        },
+    }
+
+
 @pytest.mark.envoy
-def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
+def test_standalone_runs_end_to_end(render: Render, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = EchoBackend().start()
     host, port = backend.address
     try:
@@ -772,13 +801,21 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
             "wasm.dir": str(tmp_path / "wasm"),
             **WASM_SETS,
         }
-        docs = render(CI / "standalone-values.yaml", sets={"socket.dir": str(tmp_path / "sock"), **sets})
-        bootstrap, sidecar, config = _standalone(render, tmp_path, **sets)
+        # header-stamp and a plugin that declares a namespace it writes, one it reads and attributes.
+        declaring = _declaring_values(tmp_path)
+        docs = render(CI / "standalone-values.yaml", declaring, sets={"socket.dir": str(tmp_path / "sock"), **sets})
+        bootstrap, sidecar, config = _standalone(render, tmp_path, declaring, **sets)
         (output,) = _pull_outputs(docs)
         output.parent.mkdir()
         output.write_bytes(_wasm_module())
+        (tmp_path / "plugins").mkdir()
+        (tmp_path / "plugins" / "audit_plugin.py").write_text(AUDIT_PLUGIN)  # the chart's pluginFiles ConfigMap
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")]))
         for listener in bootstrap["static_resources"]["listeners"]:
             listener["address"]["socket_address"]["port_value"] = 0
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"].insert(0, _FORWARDED_FILTER)
+        hcm["access_log"] = [_audit_access_log(tmp_path / "access.log")]
         # The sidecar's own command line, as the chart renders it (only the config file's path changes).
         args = list(sidecar["args"])
         assert args[0] == "serve"
@@ -805,6 +842,16 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
             assert echoed["headers"]["x-wasm"] == "local"
             assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar"
             assert envoy.stats("http.ingress.ext_proc")["http.ingress.ext_proc.sidecar.streams_started"] >= 1
+            # What the plugin declared and the chart granted: Envoy kept the metadata it wrote in `audit`, sent
+            # the attributes and forwarded the jwt_authn namespace.
+            wait_for(lambda: _access_line(tmp_path / "access.log", "/hello"), 10, "the access log line")
+            audit = _access_line(tmp_path / "access.log", "/hello")
+            assert audit is not None
+            assert json.loads(audit["forwarded"]) == {"envoy.filters.http.jwt_authn": {"sub": "alice"}}
+            (request_attributes,) = json.loads(audit["request"]).values()  # keyed by the ext_proc filter's name
+            assert request_attributes["request.path"] == "/hello"
+            assert request_attributes["source.address"].startswith("127.0.0.1:")
+            assert json.loads(audit["response"]) == {"envoy.filters.http.ext_proc": {"response.code": 200}}
             # The chart's `helm test` script, pointed at this Envoy: passes now, fails once the sidecar is gone.
             test_cmd = _one(docs, "Pod")["spec"]["containers"][0]["command"]
             helm_test = [sys.executable, *test_cmd[1:-1], f"http://{lhost}:{lport}/"]
@@ -821,6 +868,66 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path) -> None:
             assert subprocess.run(helm_test, capture_output=True, timeout=30, check=False).returncode == 1
     finally:
         backend.stop()
+
+
+#: A plugin that declares one of each: delivered as `pluginFiles`, run by the sidecar as the chart runs it.
+AUDIT_PLUGIN = """\
+import json
+
+from sidecar import Plugin
+
+
+class Audit(Plugin):
+    name = "audit"
+    metadata_namespaces = ("audit",)
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path", "source.address")
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx, headers):
+        ctx.set_metadata("request", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
+        ctx.set_metadata("forwarded", json.dumps(ctx.metadata, sort_keys=True), namespace="audit")
+
+    def on_response_headers(self, ctx, headers):
+        ctx.set_metadata("response", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
+"""
+
+#: The chart values that grant what AUDIT_PLUGIN declares, and the declaration each one covers.
+GRANTS = {
+    "extProc.metadata.writableNamespaces": ("metadata_namespaces", ["audit"]),
+    "extProc.metadata.accessibleNamespaces": ("forwarding_namespaces", ["envoy.filters.http.jwt_authn"]),
+    "extProc.processingMode.request.attributes": ("request_attributes", ["request.path", "source.address"]),
+    "extProc.processingMode.response.attributes": ("response_attributes", ["response.code"]),
+}
+
+
+def _declaring_values(tmp_path: Path, without: str | None = None, extra: dict[str, list[str]] | None = None) -> Path:
+    """A values file: header-stamp and AUDIT_PLUGIN in the default chain, every grant but `without`."""
+    values: dict[str, Any] = {
+        "pluginFiles": {"audit_plugin.py": AUDIT_PLUGIN},
+        "sidecar": {"plugins": [{"use": "header-stamp"}, {"use": "audit_plugin:Audit"}]},
+    }
+    grants = {key: names for key, (_, names) in GRANTS.items() if key != without}
+    for dotted, names in {**grants, **(extra or {})}.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = names
+    path = tmp_path / "declaring-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _access_line(path: Path, request_path: str) -> dict[str, Any] | None:
+    """The `audit` metadata of the access log line for `request_path`, once Envoy has flushed it."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("path") == request_path:
+            return dict(entry["audit"])
+    return None
 
 
 # ---- documentation and schema cover every value ----------------------------------------------------

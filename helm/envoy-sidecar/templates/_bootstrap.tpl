@@ -65,8 +65,19 @@ static_resources:
                         response_header_mode: {{ ternary "SEND" "SKIP" $pm.response.enabled }}
                         response_body_mode: {{ $respBody }}
                         response_trailer_mode: {{ ternary "SEND" "SKIP" (eq $respBody "FULL_DUPLEX_STREAMED") }}
+                      # What the plugins declare (extProc.metadata, processingMode.*.attributes), as envoy-config
+                      # writes it: Envoy drops metadata in a namespace not named here and sends only these.
                       metadata_options:
-                        receiving_namespaces: {untyped: [envoy-sidecar]}
+                        receiving_namespaces: {untyped: {{ include "envoy-sidecar.receivingNamespaces" . }}}
+                        {{- with .Values.extProc.metadata.accessibleNamespaces }}
+                        forwarding_namespaces: {untyped: {{ toJson . }}}
+                        {{- end }}
+                      {{- with $pm.request.attributes }}
+                      request_attributes: {{ toJson . }}
+                      {{- end }}
+                      {{- with $pm.response.attributes }}
+                      response_attributes: {{ toJson . }}
+                      {{- end }}
                       stat_prefix: sidecar
                   - name: envoy.filters.http.router
                     typed_config:

@@ -114,6 +114,8 @@ unix:{{ trimSuffix "/" .Values.socket.dir }}/{{ .Values.socket.name }}
 {{- fail "sidecar.plugins (or sidecar.chains) must name at least one plugin" -}}
 {{- end -}}
 log_format: {{ .Values.sidecar.logFormat }}
+access_log: {{ .Values.sidecar.accessLog }}
+tracing: {{ .Values.sidecar.tracing.enabled }}
 chains:
   {{- toYaml $chains | nindent 2 }}
 {{- end -}}
@@ -167,6 +169,12 @@ args:
   # refuses to start, with the reason in one log line, when its plugins need more.
   - --envoy-processing-mode
   - {{ include "envoy-sidecar.envoyProcessingMode" . }}
+  # ... and the namespaces and attributes it was given: a plugin declaring one more refuses to start.
+  # FLAG=VALUE, one argument: a list starting with "-" stays a value.
+  - {{ printf "--envoy-receiving-namespaces=%s" (include "envoy-sidecar.receivingNamespaces" . | fromJsonArray | join ",") | toJson }}
+  - {{ printf "--envoy-forwarding-namespaces=%s" (.Values.extProc.metadata.accessibleNamespaces | join ",") | toJson }}
+  - {{ printf "--envoy-request-attributes=%s" (.Values.extProc.processingMode.request.attributes | join ",") | toJson }}
+  - {{ printf "--envoy-response-attributes=%s" (.Values.extProc.processingMode.response.attributes | join ",") | toJson }}
   {{- if $v.metrics.enabled }}
   - --metrics
   - 0.0.0.0:{{ $v.metrics.port }}
@@ -181,6 +189,14 @@ env:
   {{- end }}
   - name: PYTHONDONTWRITEBYTECODE
     value: "1"
+  {{- if $v.tracing.enabled }}
+  {{- with $v.tracing.otlpEndpoint }}
+  - name: OTEL_EXPORTER_OTLP_ENDPOINT
+    value: {{ . | quote }}
+  {{- end }}
+  - name: OTEL_SERVICE_NAME
+    value: {{ $v.tracing.serviceName | quote }}
+  {{- end }}
   {{- with $v.extraEnvVars }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -386,6 +402,41 @@ Trailers are sent only with FULL_DUPLEX_STREAMED bodies, as the standalone boots
 {{- join "," $out -}}
 {{- end -}}
 
+{{/* The namespaces Envoy accepts dynamic metadata from the sidecar in, as a JSON list: the sidecar's own
+first, then extProc.metadata.writableNamespaces (as `sidecar envoy-config` writes receiving_namespaces). */}}
+{{- define "envoy-sidecar.receivingNamespaces" -}}
+{{- prepend (without .Values.extProc.metadata.writableNamespaces "envoy-sidecar") "envoy-sidecar" | toJson -}}
+{{- end -}}
+
+{{/* The declarations' values: attributes ride on the headers message, and EG's own limits, said here in one
+line rather than by the API server or a silent drop. */}}
+{{- define "envoy-sidecar.validateDeclarations" -}}
+{{- range $side := list "request" "response" -}}
+{{- $block := get $.Values.extProc.processingMode $side -}}
+{{- if and $block.attributes (not $block.enabled) -}}
+{{- fail (printf "extProc.processingMode.%s.attributes: Envoy sends attributes with the %s headers, which extProc.processingMode.%s.enabled: false skips; enable it or drop the attributes" $side $side $side) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .Values.mode "envoyGateway" -}}
+{{- $writable := include "envoy-sidecar.receivingNamespaces" . | fromJsonArray -}}
+{{- if gt (len $writable) 8 -}}
+{{- fail (printf "extProc.metadata.writableNamespaces: Envoy Gateway allows at most 8 writable namespaces, envoy-sidecar included; got %d" (len $writable)) -}}
+{{- end -}}
+{{- range $writable -}}
+{{- if hasPrefix "envoy.filters.http" . -}}
+{{- fail (printf "extProc.metadata.writableNamespaces: %q: Envoy Gateway refuses an Envoy HTTP filter's namespace (envoy.filters.http...) as writable" .) -}}
+{{- end -}}
+{{- end -}}
+{{- range $side := list "request" "response" -}}
+{{- range (get $.Values.extProc.processingMode $side).attributes -}}
+{{- if not (regexMatch `^(connection\.|source\.|destination\.|request\.|response\.|upstream\.|xds\.route_)[a-z_1-9]*$` .) -}}
+{{- fail (printf "extProc.processingMode.%s.attributes: %q: Envoy Gateway accepts only connection., source., destination., request., response., upstream. and xds.route_ attributes (lower case)" $side .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "envoy-sidecar.bodyMode" -}}
 {{- $m := dict "" "NONE" "Streamed" "STREAMED" "Buffered" "BUFFERED" "BufferedPartial" "BUFFERED_PARTIAL" "FullDuplexStreamed" "FULL_DUPLEX_STREAMED" -}}
 {{- if not (hasKey $m .) -}}
@@ -400,6 +451,7 @@ Trailers are sent only with FULL_DUPLEX_STREAMED bodies, as the standalone boots
 {{- $_ := include "envoy-sidecar.sidecarConfig" . -}}
 {{- $_ := include "envoy-sidecar.bodyMode" .Values.extProc.processingMode.request.body -}}
 {{- $_ := include "envoy-sidecar.bodyMode" .Values.extProc.processingMode.response.body -}}
+{{- $_ := include "envoy-sidecar.validateDeclarations" . -}}
 {{- if hasPrefix (printf "%s/" (trimSuffix "/" .Values.socket.dir)) (printf "%s/" (trimSuffix "/" .Values.wasm.dir)) -}}
 {{- if (include "envoy-sidecar.localWasm" . | fromJsonArray) -}}
 {{- fail "wasm.dir must not be inside socket.dir: they are separate volumes" -}}
