@@ -166,8 +166,9 @@ def _check_mode(registry: Registry, spec: str) -> None:
     """Refuse to serve when Envoy was configured to send less than the chains' hooks need.
 
     A body mode must be the one the chains need (a whole-body hook fed chunks, or the reverse, is not the
-    same program); headers and trailers the chains need must be sent. Sending more is fine: the sidecar
-    answers it.
+    same program), NONE included: the sidecar answers a body its mode says Envoy never sends as a protocol
+    error, so every request with a body would fail. Headers and trailers the chains need must be sent;
+    sending more of those is fine: the sidecar answers them.
     """
     from sidecar.chains import describe_mode
 
@@ -175,7 +176,13 @@ def _check_mode(registry: Registry, spec: str) -> None:
     needed = describe_mode(registry.mode)
     for field, want in needed.items():
         have = configured[field]
-        unmet = have != want if field.endswith("_body_mode") and want != "NONE" else (want == "SEND" and have == "SKIP")
+        if field.endswith("_body_mode") and want == "NONE" and have != "NONE":
+            raise ConfigError(
+                f"--envoy-processing-mode: Envoy is configured with {field}={have}, but no plugin reads that body, "
+                "and the sidecar would answer every one with an error; set it to NONE (Helm: "
+                "extProc.processingMode), or add a plugin that reads it"
+            )
+        unmet = have != want if field.endswith("_body_mode") else (want == "SEND" and have == "SKIP")
         if unmet:
             raise ConfigError(
                 f"--envoy-processing-mode: Envoy is configured with {field}={have}, but the plugins need {want} "

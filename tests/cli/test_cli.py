@@ -63,6 +63,11 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], message: str) -> N
             ["--plugin", "body-digest", "--envoy-processing-mode", "request_body_mode=BUFFERED_PARTIAL"],
             "request_body_mode=BUFFERED_PARTIAL, but the plugins need STREAMED (chain 'default': body-digest)",
         ),
+        (
+            # Bodies no plugin reads would each be answered with a protocol error: an outage, not "more".
+            ["--plugin", "header-stamp", "--envoy-processing-mode", "response_body_mode=BUFFERED"],
+            "response_body_mode=BUFFERED, but no plugin reads that body",
+        ),
     ],
 )
 def test_serve_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
