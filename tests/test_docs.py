@@ -60,3 +60,16 @@ def _named_in_section(page: str, module: str) -> bool:
             if module.startswith(folder + "/") and f"`{module[len(folder) + 1 :]}`" in section:
                 return True
     return False
+
+
+def test_no_test_module_imports_another() -> None:
+    """CONTRIBUTING.md: what two test modules share lives in tests/support/, so each runs and reads alone."""
+    import ast
+
+    offenders = []
+    for path in [*(ROOT / "tests").rglob("test_*.py"), *(ROOT / "plugins" / "tests").rglob("test_*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.rpartition(".")[2].startswith("test_")]
+    assert offenders == []

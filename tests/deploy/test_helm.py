@@ -28,10 +28,22 @@ from sidecar.stack.demo import EchoBackend
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.stack.sidecar import SidecarProcess
 from tests.support import chartdoc
+from tests.support.chart import (
+    AUDIT_PLUGIN,
+    CI,
+    all_containers,
+    arg,
+    declaring_values,
+    eg_pod,
+    envoy_side_mode,
+    one,
+    seconds,
+    sidecar_parts,
+    standalone,
+)
 from tests.support.helm import CHART, Render, helm_template
 from tests.support.wait import wait_for
 
-CI = CHART / "ci"
 CASES = sorted(p.name for p in CI.glob("*-values.yaml"))
 EG_CRDS = CHART.parents[2] / "shared" / "reference" / "eg-v1.9.0" / "crds"
 K8S_VERSION = "1.33"
@@ -200,28 +212,6 @@ def test_strict_crd_validation_catches_a_misspelt_field() -> None:
 # ---- helpers over rendered EG / standalone pods -------------------------------------------------
 
 
-def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, [d["kind"] for d in docs]
-    return found[0]
-
-
-def _eg_pod(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(pod settings, envoy container settings, init containers) of the EnvoyProxy's deployment."""
-    dep = _one(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]
-    return dep["pod"], dep["container"], dep.get("initContainers", [])
-
-
-def _arg(args: list[str], flag: str) -> str:
-    """The value of `flag` in a command line, given as `FLAG VALUE` or `FLAG=VALUE`."""
-    for index, arg in enumerate(args):
-        if arg == flag:
-            return args[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.removeprefix(flag + "=")
-    raise AssertionError(f"{flag} is not in {args}")
-
-
 def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in container.get("volumeMounts", [])}
 
@@ -229,13 +219,13 @@ def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("case", ["eg-extproc-values.yaml", "eg-wasm-values.yaml", "all-options-values.yaml"])
 def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> None:
     docs = render(CI / case)
-    pod, envoy, inits = _eg_pod(docs)
+    pod, envoy, inits = eg_pod(docs)
     sidecar = next(c for c in inits if c["name"] == "envoy-sidecar")
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: up before Envoy, down after it
-    listen = _arg(sidecar["args"], "--listen").removeprefix("unix:")
-    workers = int(_arg(sidecar["args"], "--workers"))
+    listen = arg(sidecar["args"], "--listen").removeprefix("unix:")
+    workers = int(arg(sidecar["args"], "--workers"))
     # The Backend's unix endpoints are exactly the sockets `sidecar serve --listen ... --workers N` creates.
-    backend_paths = [e["unix"]["path"] for e in _one(docs, "Backend")["spec"]["endpoints"]]
+    backend_paths = [e["unix"]["path"] for e in one(docs, "Backend")["spec"]["endpoints"]]
     listen_path = Path(listen)
     expected = (
         [listen]
@@ -245,7 +235,7 @@ def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> 
     assert backend_paths == expected
     assert all(len(p) <= 107 for p in backend_paths)
     # Every policy routes through that Backend.
-    backend_name = _one(docs, "Backend")["metadata"]["name"]
+    backend_name = one(docs, "Backend")["metadata"]["name"]
     policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
     assert policies
     for policy in policies:
@@ -264,7 +254,7 @@ def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> 
     assert _mounts(envoy)[shared[0]]["mountPath"] == socket_dir
     assert not _mounts(envoy)[shared[0]].get("readOnly")
     # Envoy can connect: same UID, or the socket's group (pod fsGroup) with group rw.
-    mode = int(_arg(sidecar["args"], "--socket-mode"), 8)
+    mode = int(arg(sidecar["args"], "--socket-mode"), 8)
     same_uid = sidecar["securityContext"]["runAsUser"] == envoy["securityContext"]["runAsUser"]
     # fsGroup owns the emptyDir (setgid), so the socket's group is fsGroup, a supplementary group of Envoy.
     via_group = pod["securityContext"].get("fsGroup", 0) > 0 and mode & 0o060 == 0o060
@@ -273,14 +263,14 @@ def test_eg_socket_path_volume_and_identity_agree(render: Render, case: str) -> 
     # The sidecar's config file is the ConfigMap the pod mounts, in the namespace EG runs Envoy pods in.
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"))
     assert volumes["envoy-sidecar-config"]["configMap"]["name"] == cm["metadata"]["name"]
-    assert _arg(sidecar["args"], "--config").startswith(_mounts(sidecar)["envoy-sidecar-config"]["mountPath"])
+    assert arg(sidecar["args"], "--config").startswith(_mounts(sidecar)["envoy-sidecar-config"]["mountPath"])
     assert yaml.safe_load(cm["data"]["sidecar.yaml"])["chains"]["default"]["plugins"]
 
 
 @pytest.mark.parametrize("case", ["eg-wasm-values.yaml", "all-options-values.yaml"])
 def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, case: str) -> None:
     docs = render(CI / case)
-    pod, envoy, inits = _eg_pod(docs)
+    pod, envoy, inits = eg_pod(docs)
     names = [c["name"] for c in inits]
     pulls = [c for c in inits if c["name"].startswith("wasm-pull-")]
     assert pulls
@@ -288,7 +278,7 @@ def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, c
     # before the next starts, and all init containers finish before Envoy (the main container) starts.
     assert all("restartPolicy" not in c for c in pulls)
     assert max(names.index(c["name"]) for c in pulls) < names.index("envoy-sidecar")
-    patch = _one(docs, "EnvoyPatchPolicy")
+    patch = one(docs, "EnvoyPatchPolicy")
     filenames = {
         p["operation"]["value"]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
         for p in patch["spec"]["jsonPatches"]
@@ -296,15 +286,15 @@ def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, c
     outputs = set()
     for c in pulls:
         assert c["args"][:2] == ["wasm", "pull"]
-        assert len(_arg(c["args"], "--sha256")) == 64
-        output = _arg(c["args"], "--output")
+        assert len(arg(c["args"], "--sha256")) == 64
+        output = arg(c["args"], "--output")
         outputs.add(output)
-        assert _arg(c["args"], "--cache-dir").startswith(str(Path(output).parent))
+        assert arg(c["args"], "--cache-dir").startswith(str(Path(output).parent))
         wasm_volume = next(n for n, m in _mounts(c).items() if m["mountPath"] == str(Path(output).parent))
         envoy_mount = _mounts(envoy)[wasm_volume]
         assert envoy_mount["mountPath"] == str(Path(output).parent) and envoy_mount["readOnly"] is True
         if "--pull-secret" in c["args"]:
-            secret_file = Path(_arg(c["args"], "--pull-secret"))
+            secret_file = Path(arg(c["args"], "--pull-secret"))
             vol = next(n for n, m in _mounts(c).items() if m["mountPath"] == str(secret_file.parent))
             assert {v["name"]: v for v in pod["volumes"]}[vol]["secret"]["items"][0]["key"] == ".dockerconfigjson"
             assert vol not in _mounts(envoy)  # credentials only where they are used
@@ -315,13 +305,13 @@ def test_eg_wasm_pulled_before_envoy_into_the_file_envoy_loads(render: Render, c
 def test_standalone_socket_wasm_and_volumes_agree(render: Render, workers: str) -> None:
     sets = {"sidecar.workers": workers, "wasm.listeners[0]": "unused", **WASM_SETS}
     docs = render(CI / "standalone-values.yaml", sets=sets)
-    spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in spec["initContainers"] + spec["containers"]}
     sidecar, envoy = containers["envoy-sidecar"], containers["envoy"]
     assert sidecar["restartPolicy"] == "Always"
     names = [c["name"] for c in spec["initContainers"]]
     assert names.index("wasm-pull-add-header") < names.index("envoy-sidecar")
-    listen = Path(_arg(sidecar["args"], "--listen").removeprefix("unix:"))
+    listen = Path(arg(sidecar["args"], "--listen").removeprefix("unix:"))
     bootstrap = yaml.safe_load(
         next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
     )
@@ -361,31 +351,13 @@ def test_eg_modules_delivered_by_envoy_gateway_go_to_the_policy(render: Render) 
             "pullSecretRef": {"name": "wasm-creds"},
         },
     }
-    _, _, inits = _eg_pod(docs)
+    _, _, inits = eg_pod(docs)
     assert "wasm-pull-eg-fetched" not in [c["name"] for c in inits]
-
-
-def _all_containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(container, pod securityContext) for every container the chart defines, in both modes."""
-    out = []
-    for d in docs:
-        if d["kind"] == "EnvoyProxy":
-            pod, envoy, inits = _eg_pod([d])
-            out += [(c, pod["securityContext"]) for c in [{"name": "envoy", **envoy}, *inits]]
-            patch = d["spec"]["provider"]["kubernetes"]["envoyDeployment"].get("patch")
-            if patch:
-                out += [(c, pod["securityContext"]) for c in patch["value"]["spec"]["template"]["spec"]["containers"]]
-        elif d["kind"] == "Pod":  # the `helm test` pod
-            out += [(c, d["spec"]["securityContext"]) for c in d["spec"]["containers"]]
-        elif d["kind"] == "Deployment":
-            spec = d["spec"]["template"]["spec"]
-            out += [(c, spec["securityContext"]) for c in spec.get("initContainers", []) + spec["containers"]]
-    return out
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_no_container_runs_as_root_and_all_are_hardened(render: Render, case: str) -> None:
-    containers = _all_containers(render(CI / case))
+    containers = all_containers(render(CI / case))
     assert containers
     for c, pod in containers:
         sc = c["securityContext"]
@@ -402,9 +374,9 @@ def test_no_container_runs_as_root_and_all_are_hardened(render: Render, case: st
 @pytest.mark.parametrize("case", CASES)
 def test_sidecar_probes_ask_the_grpc_health_service_on_every_socket(render: Render, case: str) -> None:
     docs = render(CI / case)
-    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
-    listen = Path(_arg(sidecar["args"], "--listen").removeprefix("unix:"))
-    workers = int(_arg(sidecar["args"], "--workers"))
+    sidecar = next(c for c, _ in all_containers(docs) if c["name"] == "envoy-sidecar")
+    listen = Path(arg(sidecar["args"], "--listen").removeprefix("unix:"))
+    workers = int(arg(sidecar["args"], "--workers"))
     for probe, service in (("startupProbe", ""), ("livenessProbe", ""), ("readinessProbe", EXTPROC_SERVICE)):
         cmd = sidecar[probe]["exec"]["command"]
         assert "health_status" in cmd[2]
@@ -415,7 +387,7 @@ def test_sidecar_probes_ask_the_grpc_health_service_on_every_socket(render: Rend
 
 def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Render) -> None:
     docs = render(CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"})
-    dep = _one(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    dep = one(docs, "EnvoyProxy")["spec"]["provider"]["kubernetes"]["envoyDeployment"]
     assert "envoy-sidecar" not in [c["name"] for c in dep.get("initContainers", [])]
     (container,) = dep["patch"]["value"]["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "envoy-sidecar" and "restartPolicy" not in container
@@ -435,7 +407,7 @@ def test_native_sidecar_off_falls_back_to_a_container_with_prestop(render: Rende
         strict=True,
     )
     docs = render(CI / "standalone-values.yaml", sets={"sidecar.nativeSidecar": "false"})
-    spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["containers"]] == ["envoy", "envoy-sidecar"]
 
 
@@ -443,7 +415,7 @@ def test_plugin_files_configmap_is_on_pythonpath(render: Render) -> None:
     docs = render(CI / "all-options-values.yaml")
     plugins = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-plugins"))
     assert "edge_plugins.py" in plugins["data"]
-    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
+    sidecar = next(c for c, _ in all_containers(docs) if c["name"] == "envoy-sidecar")
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
     assert env["PYTHONPATH"].split(":")[0] == _mounts(sidecar)["envoy-sidecar-plugins"]["mountPath"]
     assert plugins["metadata"]["namespace"] == "edge-system"
@@ -669,13 +641,13 @@ def test_kubernetes_version_gates(helm: Path) -> None:
         helm, CI / "eg-extproc-values.yaml", sets={"sidecar.nativeSidecar": "false"}, kube_version="1.28.0"
     )
     assert fallback.returncode == 0, fallback.stderr
-    standalone = {"sidecar.nativeSidecar": "false"}
+    no_native = {"sidecar.nativeSidecar": "false"}
     assert (
         "preStopSeconds"
-        in helm_template(helm, CI / "standalone-values.yaml", sets=standalone, kube_version="1.28.0").stderr
+        in helm_template(helm, CI / "standalone-values.yaml", sets=no_native, kube_version="1.28.0").stderr
     )
-    standalone["standalone.envoy.preStopSeconds"] = "0"
-    done = helm_template(helm, CI / "standalone-values.yaml", sets=standalone, kube_version="1.28.0")
+    no_native["standalone.envoy.preStopSeconds"] = "0"
+    done = helm_template(helm, CI / "standalone-values.yaml", sets=no_native, kube_version="1.28.0")
     assert done.returncode == 0 and "preStop" in done.stdout  # the sidecar's exec preStop remains
     assert "sleep:" not in done.stdout
 
@@ -688,18 +660,8 @@ def test_standalone_needs_an_upstream(helm: Path) -> None:
 # ---- standalone: the rendered bootstrap in a real Envoy, with the rendered sidecar command ---------
 
 
-def _standalone(render: Render, tmp: Path, *values: Path, **sets: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    docs = render(CI / "standalone-values.yaml", *values, sets={"socket.dir": str(tmp / "sock"), **sets})
-    bootstrap = yaml.safe_load(
-        next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
-    )
-    sidecar = next(c for c, _ in _all_containers(docs) if c["name"] == "envoy-sidecar")
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and "sidecar.yaml" in d["data"])["data"]["sidecar.yaml"]
-    return bootstrap, sidecar, config
-
-
 def test_standalone_bootstrap_passes_envoy_validate(render: Render, tmp_path: Path) -> None:
-    bootstrap, _, _ = _standalone(
+    bootstrap, _, _ = standalone(
         render, tmp_path, **{"sidecar.workers": "2", "extProc.processingMode.request.body": "FullDuplexStreamed"}
     )
     pm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
@@ -749,7 +711,7 @@ def _wasm_module() -> bytes:
 
 def _pull_outputs(docs: list[dict[str, Any]]) -> list[Path]:
     """Where the rendered wasm-pull init containers write (we play `sidecar wasm pull` here)."""
-    return [Path(_arg(c["args"], "--output")) for c, _ in _all_containers(docs) if c["name"].startswith("wasm-pull-")]
+    return [Path(arg(c["args"], "--output")) for c, _ in all_containers(docs) if c["name"].startswith("wasm-pull-")]
 
 
 def test_eg_wasm_patch_is_a_valid_envoy_filter_loading_the_pulled_file(render: Render, tmp_path: Path) -> None:
@@ -757,9 +719,9 @@ def test_eg_wasm_patch_is_a_valid_envoy_filter_loading_the_pulled_file(render: R
     (output,) = _pull_outputs(docs)
     output.parent.mkdir()
     output.write_bytes(_wasm_module())
-    patch = _one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"][0]
+    patch = one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"][0]
     assert patch["operation"]["path"].endswith("/http_filters/0")
-    bootstrap, _, _ = _standalone(render, tmp_path)
+    bootstrap, _, _ = standalone(render, tmp_path)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"].insert(0, patch["operation"]["value"])  # what the JSON patch does to EG's listener
     validate_bootstrap(bootstrap)
@@ -802,9 +764,9 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path, monkeypatch:
             **WASM_SETS,
         }
         # header-stamp and a plugin that declares a namespace it writes, one it reads and attributes.
-        declaring = _declaring_values(tmp_path)
+        declaring = declaring_values(tmp_path)
         docs = render(CI / "standalone-values.yaml", declaring, sets={"socket.dir": str(tmp_path / "sock"), **sets})
-        bootstrap, sidecar, config = _standalone(render, tmp_path, declaring, **sets)
+        bootstrap, sidecar, config = standalone(render, tmp_path, declaring, **sets)
         (output,) = _pull_outputs(docs)
         output.parent.mkdir()
         output.write_bytes(_wasm_module())
@@ -833,7 +795,7 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path, monkeypatch:
             proc = subprocess.run([sys.executable, *probe[1:]], capture_output=True, text=True, timeout=30, check=False)
             assert proc.returncode == 0, shlex.join(probe) + proc.stderr
             stat = sockets[0].stat()
-            assert oct(stat.st_mode & 0o777) == oct(int(_arg(args, "--socket-mode"), 8))
+            assert oct(stat.st_mode & 0o777) == oct(int(arg(args, "--socket-mode"), 8))
             lhost, lport = envoy.listener_address("main")
             with urllib.request.urlopen(f"http://{lhost}:{lport}/hello", timeout=10) as resp:
                 assert resp.status == 200
@@ -853,7 +815,7 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path, monkeypatch:
             assert request_attributes["source.address"].startswith("127.0.0.1:")
             assert json.loads(audit["response"]) == {"envoy.filters.http.ext_proc": {"response.code": 200}}
             # The chart's `helm test` script, pointed at this Envoy: passes now, fails once the sidecar is gone.
-            test_cmd = _one(docs, "Pod")["spec"]["containers"][0]["command"]
+            test_cmd = one(docs, "Pod")["spec"]["containers"][0]["command"]
             helm_test = [sys.executable, *test_cmd[1:-1], f"http://{lhost}:{lport}/"]
             assert subprocess.run(helm_test, capture_output=True, timeout=30, check=False).returncode == 0
             rhost, rport = envoy.listener_address("ready")
@@ -868,55 +830,6 @@ def test_standalone_runs_end_to_end(render: Render, tmp_path: Path, monkeypatch:
             assert subprocess.run(helm_test, capture_output=True, timeout=30, check=False).returncode == 1
     finally:
         backend.stop()
-
-
-#: A plugin that declares one of each: delivered as `pluginFiles`, run by the sidecar as the chart runs it.
-AUDIT_PLUGIN = """\
-import json
-
-from sidecar import Plugin
-
-
-class Audit(Plugin):
-    name = "audit"
-    metadata_namespaces = ("audit",)
-    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
-    request_attributes = ("request.path", "source.address")
-    response_attributes = ("response.code",)
-
-    def on_request_headers(self, ctx, headers):
-        ctx.set_metadata("request", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
-        ctx.set_metadata("forwarded", json.dumps(ctx.metadata, sort_keys=True), namespace="audit")
-
-    def on_response_headers(self, ctx, headers):
-        ctx.set_metadata("response", json.dumps(ctx.attributes, sort_keys=True), namespace="audit")
-"""
-
-#: The chart values that grant what AUDIT_PLUGIN declares, and the declaration each one covers.
-GRANTS = {
-    "extProc.metadata.writableNamespaces": ("metadata_namespaces", ["audit"]),
-    "extProc.metadata.accessibleNamespaces": ("forwarding_namespaces", ["envoy.filters.http.jwt_authn"]),
-    "extProc.processingMode.request.attributes": ("request_attributes", ["request.path", "source.address"]),
-    "extProc.processingMode.response.attributes": ("response_attributes", ["response.code"]),
-}
-
-
-def _declaring_values(tmp_path: Path, without: str | None = None, extra: dict[str, list[str]] | None = None) -> Path:
-    """A values file: header-stamp and AUDIT_PLUGIN in the default chain, every grant but `without`."""
-    values: dict[str, Any] = {
-        "pluginFiles": {"audit_plugin.py": AUDIT_PLUGIN},
-        "sidecar": {"plugins": [{"use": "header-stamp"}, {"use": "audit_plugin:Audit"}]},
-    }
-    grants = {key: names for key, (_, names) in GRANTS.items() if key != without}
-    for dotted, names in {**grants, **(extra or {})}.items():
-        *parents, leaf = dotted.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = names
-    path = tmp_path / "declaring-values.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def _access_line(path: Path, request_path: str) -> dict[str, Any] | None:
@@ -964,32 +877,6 @@ def test_readme_parameters_are_generated_from_values() -> None:
 
 # ---- the sidecar reads the config the chart renders, and Envoy is asked for what the chains need ----
 
-_BODY = {
-    "Streamed": "STREAMED",
-    "Buffered": "BUFFERED",
-    "BufferedPartial": "BUFFERED_PARTIAL",
-    "FullDuplexStreamed": "FULL_DUPLEX_STREAMED",
-}
-
-
-def _envoy_side_mode(docs: list[dict[str, Any]]) -> dict[str, str]:
-    """The processing mode the rendered Envoy config asks for, in Envoy's enum names."""
-    policies = [d for d in docs if d["kind"] == "EnvoyExtensionPolicy"]
-    if policies:
-        pm = policies[0]["spec"]["extProc"][0]["processingMode"]
-        mode = {}
-        for side in ("request", "response"):
-            block = pm.get(side)
-            mode[f"{side}_header_mode"] = "SEND" if block is not None else "SKIP"
-            mode[f"{side}_body_mode"] = _BODY.get((block or {}).get("body", ""), "NONE")
-        return mode
-    bootstrap = yaml.safe_load(
-        next(d for d in docs if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])["data"]["envoy.yaml"]
-    )
-    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
-    return dict(ext_proc["typed_config"]["processing_mode"])
-
 
 @pytest.mark.parametrize("case", CASES)
 def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
@@ -1015,7 +902,7 @@ def test_rendered_sidecar_config_loads_and_envoy_sends_what_the_chains_need(
     )
     assert proc.returncode == 0, proc.stderr
     needed = json.loads(proc.stdout)["filter_processing_mode"]
-    asked = _envoy_side_mode(docs)
+    asked = envoy_side_mode(docs)
     for side in ("request", "response"):
         if needed[f"{side}_header_mode"] == "SEND":
             assert asked[f"{side}_header_mode"] == "SEND", (side, needed, asked)
@@ -1044,7 +931,7 @@ def test_eg_wasm_patch_path_exists_in_an_eg_generated_listener(render: Render) -
         CI / "eg-wasm-values.yaml",
         sets={"envoyGateway.gateway.name": "gateway-1", "envoyGateway.gateway.listeners[0]": "http"},
     )
-    patches = _one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"]
+    patches = one(docs, "EnvoyPatchPolicy")["spec"]["jsonPatches"]
     before = None
     for patch in patches:
         # EG names xDS listeners <gateway namespace>/<gateway>/<listener>; the testdata's Gateway is in envoy-gateway.
@@ -1064,19 +951,6 @@ def test_eg_wasm_patch_path_exists_in_an_eg_generated_listener(render: Render) -
 # The same settings as `sidecar envoy-config` and `sidecar render --format eg` (docs/reliability.md).
 
 
-def _seconds(value: Any) -> Any:
-    """'0.250s' / '250ms' / '1s' -> 0.25 / 1.0, recursively, so configs written by hand and by code compare."""
-    if isinstance(value, dict):
-        return {k: _seconds(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_seconds(v) for v in value]
-    if isinstance(value, str) and re.fullmatch(r"[0-9.]+m?s", value):
-        return float(value[:-2]) / 1000 if value.endswith("ms") else float(value[:-1])
-    if isinstance(value, str) and value.isdigit():
-        return int(value)  # proto JSON writes int64 as a string
-    return value
-
-
 def _envoy_config_parts(workers: int, on_error: str = "fail_closed") -> tuple[dict[str, Any], dict[str, Any]]:
     from sidecar.chains import Registry
     from sidecar.config import ChainSpec, PluginSpec, SidecarConfig
@@ -1084,15 +958,7 @@ def _envoy_config_parts(workers: int, on_error: str = "fail_closed") -> tuple[di
 
     chains = (ChainSpec("default", (PluginSpec("header-stamp"),), on_error),)
     bootstrap = build_bootstrap(Registry.from_specs(chains), SidecarConfig(chains, workers=workers), BootstrapOptions())
-    return _sidecar_parts(bootstrap)
-
-
-def _sidecar_parts(bootstrap: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the sidecar cluster, the ext_proc filter config) of a bootstrap."""
-    cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "envoy-sidecar")
-    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
-    return cluster, ext_proc
+    return sidecar_parts(bootstrap)
 
 
 FAULT_KEYS = ("connect_timeout", "circuit_breakers", "health_checks", "outlier_detection")
@@ -1100,13 +966,13 @@ FAULT_KEYS = ("connect_timeout", "circuit_breakers", "health_checks", "outlier_d
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_standalone_fault_settings_are_envoy_configs(render: Render, tmp_path: Path, workers: int) -> None:
-    bootstrap, _, _ = _standalone(render, tmp_path, **{"sidecar.workers": str(workers)})
-    cluster, ext_proc = _sidecar_parts(bootstrap)
+    bootstrap, _, _ = standalone(render, tmp_path, **{"sidecar.workers": str(workers)})
+    cluster, ext_proc = sidecar_parts(bootstrap)
     want_cluster, want_ext_proc = _envoy_config_parts(workers)
     for key in FAULT_KEYS:
-        assert _seconds(cluster.get(key)) == _seconds(want_cluster.get(key)), key
+        assert seconds(cluster.get(key)) == seconds(want_cluster.get(key)), key
     assert ("outlier_detection" in cluster) == (workers > 1)
-    assert _seconds(ext_proc["grpc_service"]["retry_policy"]) == _seconds(want_ext_proc["grpc_service"]["retry_policy"])
+    assert seconds(ext_proc["grpc_service"]["retry_policy"]) == seconds(want_ext_proc["grpc_service"]["retry_policy"])
     assert ext_proc["failure_mode_allow"] is False
 
 
@@ -1125,8 +991,8 @@ def test_eg_fault_settings_are_the_bundles(render: Render, workers: int) -> None
 
 def test_fail_open_default_chain_fails_open_in_both_modes(render: Render, tmp_path: Path) -> None:
     sets = {"sidecar.onError": "fail_open", "sidecar.workers": "2"}
-    bootstrap, _, config = _standalone(render, tmp_path, **sets)
-    assert _sidecar_parts(bootstrap)[1]["failure_mode_allow"] is True
+    bootstrap, _, config = standalone(render, tmp_path, **sets)
+    assert sidecar_parts(bootstrap)[1]["failure_mode_allow"] is True
     assert "on_error: fail_open" in config
     validate_bootstrap(bootstrap)
     docs = render(CI / "eg-extproc-values.yaml", sets=sets)

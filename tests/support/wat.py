@@ -321,3 +321,27 @@ def hammer(step: str, times: int, *, payload: int = 0, setup: str = "") -> str:
       (br $next)))
     i32.const 0))
 """
+
+
+#: A proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: pulled` to requests, assembled from text.
+ADD_HEADER = r"""
+(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 100) "x-wasm")
+  (data (i32.const 200) "pulled")
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 6)))
+    (i32.const 0))
+)
+"""

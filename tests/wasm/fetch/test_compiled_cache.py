@@ -16,7 +16,7 @@ from sidecar.wasm import cache_root
 from sidecar.wasm.fetch.cache import default_cache_dir
 from sidecar.wasm.host import vm
 from tests.support.wasm_fetch import ScriptedServer, pull_json, run
-from tests.wasm.fetch.test_run_reference import ADD_HEADER
+from tests.support.wat import ADD_HEADER
 
 HOUR = 3600.0
 
