@@ -261,17 +261,25 @@ class Context:
         self.response_headers: Headers | None = None
         self.dynamic_metadata: dict[str, dict[str, Any]] = {}
         self.clear_route_cache_requested = False
-        self._attributes_pb: Mapping[str, struct_pb2.Struct] | None = None
+        self._attributes_pb: list[Mapping[str, struct_pb2.Struct]] = []
         self._attributes: dict[str, Any] | None = None
         self._metadata_pb: Any = None
         self._metadata: dict[str, Any] | None = None
 
     @property
     def attributes(self) -> dict[str, Any]:
-        """The attributes Envoy sent (`request_attributes`/`response_attributes`), as plain Python."""
+        """The attributes Envoy sent for the chain's declared `request_attributes`/`response_attributes`, by
+        name: `ctx.attributes["request.path"]`. The request's stay when the response's arrive.
+
+        Envoy nests them under the ext_proc filter's config name, which differs between generated configs
+        (`envoy-config`, `render`, the chart), so they are merged here; whole numbers come back as int
+        (`response.code` is 200), as in metadata."""
         if self._attributes is None:
-            pb = self._attributes_pb or {}
-            self._attributes = {key: json_format.MessageToDict(value) for key, value in pb.items()}
+            merged: dict[str, Any] = {}
+            for sent in self._attributes_pb:
+                for struct in sent.values():
+                    merged.update(struct_to_python(struct))
+            self._attributes = merged
         return self._attributes
 
     @property
@@ -279,14 +287,12 @@ class Context:
         """Dynamic metadata Envoy forwarded (`metadata_options.forwarding_namespaces`), by namespace."""
         if self._metadata is None:
             pb = self._metadata_pb
-            self._metadata = (
-                {ns: json_format.MessageToDict(value) for ns, value in pb.filter_metadata.items()} if pb else {}
-            )
+            self._metadata = {ns: struct_to_python(value) for ns, value in pb.filter_metadata.items()} if pb else {}
         return self._metadata
 
     def set_metadata(self, key: str, value: Any, namespace: str = METADATA_NAMESPACE) -> None:
         """Emit dynamic metadata (for access logs, later filters, routing). JSON-like values only; numbers
-        come back from Envoy as floats (protobuf Struct has one number type).
+        travel as doubles (protobuf Struct has one number type): whole ones come back as int.
 
         `namespace` must be the sidecar's own or one the plugin declares in `metadata_namespaces`: Envoy
         keeps only the namespaces its config accepts, and every generated config accepts exactly those.
@@ -370,3 +376,20 @@ class Plugin:
     @classmethod
     def display_name(cls) -> str:
         return cls.name or cls.__name__
+
+
+def struct_to_python(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A protobuf Struct as Envoy shows it: Struct has one number type (double), and Envoy prints a whole
+    one as a whole number (`%DYNAMIC_METADATA%` of 3 is "3"), so whole numbers come back as int."""
+    out: dict[str, Any] = _whole_numbers(json_format.MessageToDict(value))
+    return out
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value

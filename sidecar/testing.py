@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sidecar.plugins import BodyMode
+from sidecar.plugins import BodyMode, struct_to_python
 from sidecar.stack.local import LocalEnvoy
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ class Request:
     body: bytes | Sequence[bytes] = b""
     trailers: HeaderInput = ()
     authority: str = "example.test"
+    #: Envoy attributes sent with the request headers (`request_attributes`), by name.
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    #: Dynamic metadata Envoy forwards (`forwarding_namespaces`), by namespace.
+    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Response:
     headers: HeaderInput = ()
     body: bytes | Sequence[bytes] = b""
     trailers: HeaderInput = ()
+    #: Envoy attributes sent with the response headers (`response_attributes`), by name.
+    attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -239,13 +245,14 @@ class _Session:
 
     # -- Envoy's side
 
-    async def _send(self, kind: str, **fields: Any) -> Any:
-        """Send one message, wait until the server has handled it, return its answer (None if none)."""
+    async def _send(self, kind: str, envoy: Mapping[str, Any] | None = None, **fields: Any) -> Any:
+        """Send one message (`envoy`: its attributes and forwarded metadata), wait until the server has
+        handled it, return its answer (None if none)."""
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
         self.result.phases.append(kind)
         self._reading.clear()
-        self._to_server.put_nowait(pb.ProcessingRequest(**{kind: fields}))
+        self._to_server.put_nowait(pb.ProcessingRequest(**{kind: fields}, **(envoy or {})))
         await self._reading.wait()
         answer = None
         while not self._from_server.empty():
@@ -267,7 +274,7 @@ class _Session:
     def _metadata(self, message: Any) -> None:
         """Envoy applies the dynamic metadata of every message from the server, streamed chunks included."""
         for namespace, values in message.dynamic_metadata.items():
-            self.result.dynamic_metadata.setdefault(namespace, {}).update(_struct_to_python(values))
+            self.result.dynamic_metadata.setdefault(namespace, {}).update(struct_to_python(values))
 
     def _take(self, message: Any) -> Any:
         """One message from the server: a streamed body chunk is kept; the answer to a message is returned."""
@@ -385,7 +392,10 @@ class _Session:
             req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
         has_body = _has_body(request.body)
         answer = await self._send(
-            "request_headers", headers=req_headers.to_header_map(), end_of_stream=not has_body and not request.trailers
+            "request_headers",
+            _envoy_fields(request.attributes, request.metadata),
+            headers=req_headers.to_header_map(),
+            end_of_stream=not has_body and not request.trailers,
         )
         if _immediate(answer, result):
             return
@@ -412,7 +422,10 @@ class _Session:
         has_body = _has_body(response.body)
         if self.mode.response_header_mode == send:
             answer = await self._send(
-                "response_headers", headers=resp_headers.to_header_map(), end_of_stream=not has_body
+                "response_headers",
+                _envoy_fields(response.attributes, request.metadata),
+                headers=resp_headers.to_header_map(),
+                end_of_stream=not has_body,
             )
             if _immediate(answer, result):
                 return
@@ -462,23 +475,23 @@ def _body_messages(mode: BodyMode, chunks: list[bytes], *, framed: bool, trailer
     return messages
 
 
-def _struct_to_python(value: Any) -> dict[str, Any]:
-    """Metadata as Envoy shows it: a protobuf Struct has one number type (double), and Envoy prints a
-    whole one as a whole number (`%DYNAMIC_METADATA%` of 3 is "3"), so whole numbers come back as int."""
-    from google.protobuf import json_format
+def _envoy_fields(attributes: Mapping[str, Any], metadata: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The attributes and forwarded metadata of a headers message, shaped as Envoy sends them: attributes
+    under the ext_proc filter's name, metadata by namespace."""
+    from envoy.config.core.v3 import base_pb2
+    from google.protobuf import struct_pb2
 
-    out: dict[str, Any] = _whole_numbers(json_format.MessageToDict(value))
-    return out
+    def struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+        message = struct_pb2.Struct()
+        message.update(dict(values))
+        return message
 
-
-def _whole_numbers(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _whole_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(item) for item in value]
-    return value
+    fields: dict[str, Any] = {}
+    if attributes:
+        fields["attributes"] = {"envoy.filters.http.ext_proc": struct(attributes)}
+    if metadata:
+        fields["metadata_context"] = base_pb2.Metadata(filter_metadata={ns: struct(v) for ns, v in metadata.items()})
+    return fields
 
 
 def _is_immediate(answer: Any) -> bool:

@@ -147,7 +147,8 @@ class StreamProcessor:
             self.ctx._metadata_pb = request.metadata_context
             self.ctx._metadata = None
         if request.attributes:
-            self.ctx._attributes_pb = request.attributes
+            # Envoy sends them with each direction's headers; a peer sending more keeps only the last two.
+            self.ctx._attributes_pb = [*self.ctx._attributes_pb[-1:], request.attributes]
             self.ctx._attributes = None
         response = await _HANDLERS[kind](self, getattr(request, kind))
         if response is None or request.observability_mode:

@@ -630,3 +630,37 @@ def test_a_full_duplex_chunk_hooks_own_timeout_error_is_its_failure_not_the_dead
     assert raised.failed is not None and "plugin 'broken' failed in on_request_chunk (error id" in raised.failed
     slow = Driver([TooSlow(None)], stream_timeout=0.2).run(Request("POST", body=[b"a"]))
     assert slow.failed is not None and "on_request_chunk of plugin 'broken' took longer than 0.2s" in slow.failed
+
+
+class ReadsWhatEnvoySends(Plugin):
+    """Echoes the attributes and forwarded metadata it sees, per phase, into its own metadata namespace."""
+
+    metadata_namespaces = ("seen",)
+    forwarding_namespaces = ("envoy.filters.http.jwt_authn",)
+    request_attributes = ("request.path",)
+    response_attributes = ("response.code",)
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        ctx.set_metadata("request", dict(ctx.attributes), namespace="seen")
+        ctx.set_metadata("forwarded", ctx.metadata, namespace="seen")
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        ctx.set_metadata("response", dict(ctx.attributes), namespace="seen")
+
+
+def test_attributes_are_by_name_and_metadata_forwarded_as_envoy_sends_them() -> None:
+    """Envoy nests attributes under the ext_proc filter's name; plugins read them by attribute name, the
+    request's stay for the response, and whole numbers are int (Envoy's `response.code` is a double)."""
+    result = Driver([ReadsWhatEnvoySends()]).run(
+        Request(
+            path="/a",
+            attributes={"request.path": "/a"},
+            metadata={"envoy.filters.http.jwt_authn": {"sub": "alice", "exp": 1700000000}},
+        ),
+        Response(attributes={"response.code": 200}),
+    )
+    seen = result.dynamic_metadata["seen"]
+    assert seen["request"] == {"request.path": "/a"}
+    assert seen["forwarded"] == {"envoy.filters.http.jwt_authn": {"sub": "alice", "exp": 1700000000}}
+    assert seen["response"] == {"request.path": "/a", "response.code": 200}
+    assert type(seen["response"]["response.code"]) is int
