@@ -10,6 +10,9 @@ $(BIN)/sidecar: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# xds-protos ships an old copy of opentelemetry-proto's modules over the real package's files (which
+	# one wins depends on install order); put the real ones back so the OTLP exporter can import them.
+	$(BIN)/pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	@touch $@
 
 run: $(BIN)/sidecar
