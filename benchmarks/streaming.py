@@ -24,6 +24,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,7 @@ def transfer(client: httpx.Client, url: str, direction: str) -> float:
 def python_path(tree: Path) -> Iterator[None]:
     """Children started inside import `sidecar` (and the test plugins) from `tree`."""
     saved = os.environ["PYTHONPATH"]
-    os.environ["PYTHONPATH"] = str(tree.resolve())
+    os.environ["PYTHONPATH"] = str(tree)
     try:
         yield
     finally:
@@ -101,9 +102,15 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(ROOT)
+    # `python -m sidecar` puts its working directory first on sys.path, before PYTHONPATH: run the sidecars
+    # from a directory without a `sidecar` package, or the baseline would import this tree.
+    baseline = args.baseline.resolve() if args.baseline is not None else None
+    profile = args.profile.resolve() if args.profile is not None else None
+    workdir = tempfile.TemporaryDirectory(prefix="streaming-bench-")
+    os.chdir(workdir.name)
     variants = {name: (plugin, None) for name, plugin in PLUGINS.items()}
-    if args.baseline is not None:
-        variants |= {f"{name} (base)": (plugin, args.baseline) for name, plugin in PLUGINS.items()}
+    if baseline is not None:
+        variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in PLUGINS.items()}
     profilers: list[subprocess.Popen[bytes]] = []
     with EchoBackend() as backend:
         harnesses = {
@@ -131,8 +138,8 @@ def main() -> int:
                 with httpx.Client(timeout=120) as client:
                     for url in urls.values():  # warm-up
                         transfer(client, url, "download")
-                    if args.profile is not None:
-                        profilers = start_profilers(pids, args.profile)
+                    if profile is not None:
+                        profilers = start_profilers(pids, profile)
                     for round_no in range(1, args.rounds + 1):
                         for direction in ("download", "upload"):
                             for name, url in urls.items():
@@ -154,6 +161,8 @@ def main() -> int:
                 profiler.wait()
             for harness in harnesses.values():
                 harness.close()
+            os.chdir(ROOT)
+            workdir.cleanup()
     print()
     moved = args.rounds * args.transfers * SIZE / MiB  # per variant and direction
     for direction in ("download", "upload"):
