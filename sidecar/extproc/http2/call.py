@@ -12,7 +12,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
@@ -43,6 +43,9 @@ Handler = Callable[["Call"], Awaitable[None]]
 _MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 #: What one received message costs beyond its bytes (Python objects), for the connection's buffer budget.
 MESSAGE_COST = 96
+#: A message smaller than this is joined into one write (cheaper than handing the socket a list of pieces);
+#: a larger one is handed over as views of its pieces, without copies.
+_JOIN_BELOW = 16 * 1024
 
 
 class _Limits(Protocol):
@@ -84,9 +87,25 @@ class Carrier(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def writelines(self, pieces: Iterable[bytes | memoryview]) -> None: ...
+
     def forget(self, call: Call) -> None: ...
 
     def reset_stream(self, call: Call, code: ErrorCode) -> None: ...
+
+
+def _take(parts: deque[memoryview], count: int, out: list[bytes | memoryview]) -> None:
+    """Move the first `count` bytes of `parts` to `out`, as views (no copy)."""
+    while count:
+        part = parts[0]
+        if len(part) <= count:
+            out.append(part)
+            parts.popleft()
+            count -= len(part)
+        else:
+            out.append(part[:count])
+            parts[0] = part[count:]
+            count = 0
 
 
 def _literal(name: bytes, value: bytes) -> bytes:
@@ -289,9 +308,11 @@ class Call:
 
     # -- sending
 
-    async def send(self, message: bytes) -> None:
-        """Send one message; waits only when flow control or the socket buffer asks it to.
+    async def send(self, message: bytes, *more: bytes) -> None:
+        """Send one message: `message`, or `message` and `more` end to end (joined on the wire, not in memory).
 
+        Waits only when flow control or the socket buffer asks it to. A large message goes to the socket as
+        views of the caller's bytes, never copied here: the caller must not change them (bytes cannot be).
         One sender at a time per call. Cancelled half-way, the message cannot be completed: the stream
         is reset instead, so the client never parses a cut message as the start of the next."""
         if self._finished:
@@ -302,23 +323,31 @@ class Call:
         if not self._headers_sent:
             self._headers_sent = True
             head = frame(HEADERS, END_HEADERS, self.stream_id, _RESPONSE_HEADERS)
-        data = _MESSAGE_PREFIX.pack(0, len(message)) + message
-        size = len(data)
+        length = len(message)
+        for piece in more:
+            length += len(piece)
+        size = 5 + length
+        prefix = _MESSAGE_PREFIX.pack(0, length)
         if size <= conn.peer_max_frame and size <= window.size and size <= conn_window.size and conn.writable:
             window.size -= size
             conn_window.size -= size
             conn.progress += 1
-            conn.write(head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + data)
+            first = head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + prefix
+            if size <= _JOIN_BELOW:
+                conn.write(b"".join((first, message, *more)))
+            else:
+                conn.writelines((first, message, *more))
             return
-        pieces: list[bytes | memoryview] = [head]
-        view = memoryview(data)
+        parts = deque(memoryview(piece) for piece in (prefix, message, *more) if piece)
+        out: list[bytes | memoryview] = [head] if head else []
+        remaining = size
         try:
-            while view and not self._finished:
-                allowed = min(len(view), window.size, conn_window.size)
+            while remaining and not self._finished:
+                allowed = min(remaining, window.size, conn_window.size)
                 if allowed <= 0 or not conn.writable:
-                    if pieces:
-                        conn.write(b"".join(pieces))
-                        pieces = []
+                    if out:
+                        conn.writelines(out)
+                        out = []
                     if window.size <= 0:
                         await window.wait()
                     else:
@@ -326,14 +355,16 @@ class Call:
                     continue
                 window.size -= allowed
                 conn_window.size -= allowed
-                for offset in range(0, allowed, conn.peer_max_frame):
-                    chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
-                    pieces += (FRAME_HEAD.pack(len(chunk) << 8 | DATA, 0, self.stream_id), chunk)
+                remaining -= allowed
+                while allowed:
+                    length = min(allowed, conn.peer_max_frame)
+                    out.append(FRAME_HEAD.pack(length << 8 | DATA, 0, self.stream_id))
+                    _take(parts, length, out)
+                    allowed -= length
                 conn.progress += 1
-                conn.write(b"".join(pieces))
-                pieces = []
-                view = view[allowed:]
-                self._midway = bool(view)
+                conn.writelines(out)
+                out = []
+                self._midway = remaining > 0
         except asyncio.CancelledError:
             if self._midway:
                 self.finish()  # a reset, see finish()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import hpack
@@ -554,6 +554,11 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def writelines(self, pieces: Iterable[bytes | memoryview]) -> None:
+        """Write pieces as one: uvloop hands them to one writev, keeping views of what it cannot send yet."""
+        if self.transport is not None:
+            self.transport.writelines(pieces)
 
     @property
     def closed_for_new_streams(self) -> bool:

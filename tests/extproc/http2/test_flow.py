@@ -116,6 +116,36 @@ async def test_outbound_flow_control_respects_the_connection_window(tmp_path: Pa
     assert headers[b"grpc-status"] == b"0"
 
 
+@pytest.mark.parametrize(
+    ("window", "max_frame"), [(65_535, 16_384), (1_000, 16_384), (777, 16_384), (4 * 1024 * 1024, 1024 * 1024)]
+)
+async def test_a_message_sent_in_pieces_arrives_whole_whatever_the_windows_and_frames(
+    tmp_path: Path, window: int, max_frame: int
+) -> None:
+    """`Call.send(message, *more)` frames views of the pieces: frame and window boundaries fall anywhere inside
+    them (and on their edges), empty pieces included, and the peer still reads the pieces end to end."""
+    rng = random.Random(window)
+    sizes = [0, 1, 5, 16_379, 16_384, 16_385, 100_000, 300_000]
+    answers = [[rng.randbytes(size) for size in rng.sample(sizes, rng.randint(1, 4))] for _ in range(6)]
+    answers += [[b"", b"", b"x"], [rng.randbytes(20_000)], [b"a", rng.randbytes(2 * 1024 * 1024), b"", b"z"]]
+
+    async def handler(call: Call) -> None:
+        for pieces in answers:
+            await call.send(*pieces)
+
+    codes = h2.settings.SettingCodes
+    settings = {codes.INITIAL_WINDOW_SIZE: window, codes.MAX_FRAME_SIZE: max_frame}
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path, settings) as client:
+        client.h2.increment_flow_control_window(16 * 1024 * 1024)  # the connection window is not under test here
+        client.h2.max_inbound_frame_size = max_frame  # h2 applies its own setting only once acknowledged
+        sid = client.start(end_stream=True)
+        headers = await client.finish(sid)
+    frames = [e.flow_controlled_length for e in client.seen(h2.events.DataReceived)]
+    assert max(frames) <= min(window, max_frame)
+    assert client.messages(sid) == [b"".join(pieces) for pieces in answers]
+    assert headers[b"grpc-status"] == b"0"
+
+
 async def test_resetting_a_flow_blocked_call_leaves_the_others_alone(tmp_path: Path) -> None:
     payload = b"x" * 1000
     cancelled: list[int] = []
