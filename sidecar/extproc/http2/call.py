@@ -144,7 +144,6 @@ class Call:
         "_midway",
         "_partial",
         "_partial_needed",
-        "_partial_size",
         "_receive",
         "_remote_done",
         "_started",
@@ -162,9 +161,11 @@ class Call:
         self.path = path
         #: Request headers other than pseudo-headers, names lower-case, values decoded as latin-1.
         self.metadata = metadata
-        self._messages: deque[bytes] = deque()
-        self._partial: list[bytes] = []
-        self._partial_size = self._partial_needed = 0
+        #: Complete messages not yet read: bytes, or a view of the buffer a large message was assembled in.
+        self._messages: deque[bytes | memoryview] = deque()
+        #: The start of a message whose end has not arrived yet (its prefix included), and its whole size.
+        self._partial = bytearray()
+        self._partial_needed = 0
         self._waiter: asyncio.Future[None] | None = None
         self._remote_done = False
         self._finished = False
@@ -184,7 +185,7 @@ class Call:
 
     # -- receiving
 
-    async def read(self) -> bytes | None:
+    async def read(self) -> bytes | memoryview | None:
         """The next message, or None once the client has half-closed and every message was read.
 
         One reader per call: the handler."""
@@ -223,8 +224,9 @@ class Call:
         if self._receive.credit_due and not self._remote_done and not self._finished:
             self._conn.write(window_update(self.stream_id, self._receive.return_credit()))
 
-    def _on_data(self, payload: bytes, flow_length: int, end_stream: bool) -> None:
-        """A DATA frame's payload (padding removed) for this call."""
+    def _on_data(self, payload: memoryview, flow_length: int, end_stream: bool) -> None:
+        """A DATA frame's payload (padding removed) for this call: a view of what the socket delivered,
+        which is copied (once) for whatever is kept."""
         if self._remote_done:
             self._conn.reset_stream(self, ErrorCode.STREAM_CLOSED)
             return
@@ -233,10 +235,20 @@ class Call:
             return
         if not payload and not end_stream:
             return  # costs the sender nothing, so it must cost this side nothing either
-        data = self._complete(payload, end_stream)
-        if data is None:
-            return
-        received = self._deframe(data)
+        partial = self._partial
+        if partial:
+            # A message spread over many frames is assembled here, one copy of each payload.
+            partial += payload
+            self._hold(len(payload))
+            if len(partial) < self._partial_needed and not end_stream:
+                if not self._messages:
+                    self._return_credit()  # the rest of this message cannot arrive without it
+                return
+            self._partial = bytearray()
+            self._hold(-len(partial))
+            received = self._deframe(memoryview(partial), assembled=True)
+        else:
+            received = self._deframe(payload, assembled=False)
         if received is None:
             return
         if end_stream:
@@ -250,26 +262,12 @@ class Call:
         if not self._messages:
             self._return_credit()
 
-    def _complete(self, payload: bytes, end_stream: bool) -> bytes | None:
-        """The bytes to de-frame now: `payload`, or a message spread over many frames once it is whole."""
-        if not self._partial:
-            return payload
-        # Joined once, when it is complete.
-        self._partial.append(payload)
-        self._partial_size += len(payload)
-        self._hold(len(payload))
-        if self._partial_size < self._partial_needed and not end_stream:
-            if not self._messages:
-                self._return_credit()  # the rest of this message cannot arrive without it
-            return None
-        data = b"".join(self._partial)
-        self._partial = []
-        self._hold(-self._partial_size)
-        return data
-
-    def _deframe(self, data: bytes) -> bool | None:
+    def _deframe(self, data: memoryview, assembled: bool) -> bool | None:
         """Length-prefixed messages out of `data` for the reader, the rest kept as the partial message.
 
+        A message that `data` was `assembled` for is handed on as a view of it when little else is in it (at
+        most an eighth of its size more, the start of the next message): nothing is held that is not counted
+        beyond that. Any other message is copied out of `data`, which is a read's buffer.
         Whether a message arrived; None when one cannot be taken and the call was ended."""
         size = len(data)
         position = 0
@@ -288,15 +286,17 @@ class Call:
             if end > size:
                 needed = 5 + length
                 break
-            messages.append(data[position + 5 : end])
+            if assembled and position == 0 and size - end <= end >> 3:
+                messages.append(data[5:end])
+            else:
+                messages.append(data[position + 5 : end].tobytes())
             self._hold(length + MESSAGE_COST)
             received = True
             position = end
         if position < size:
-            self._partial = [data[position:]]
-            self._partial_size = size - position
+            self._partial = bytearray(data[position:])
             self._partial_needed = needed
-            self._hold(self._partial_size)
+            self._hold(size - position)
         return received
 
     def _on_remote_end(self) -> None:
@@ -308,7 +308,7 @@ class Call:
 
     # -- sending
 
-    async def send(self, message: bytes, *more: bytes) -> None:
+    async def send(self, message: bytes | memoryview, *more: bytes | memoryview) -> None:
         """Send one message: `message`, or `message` and `more` end to end (joined on the wire, not in memory).
 
         Waits only when flow control or the socket buffer asks it to. A large message goes to the socket as
@@ -405,5 +405,5 @@ class Call:
 
     def _release(self) -> None:
         self._messages.clear()
-        self._partial = []
+        self._partial = bytearray()
         self._hold(-self._buffered)
