@@ -118,9 +118,9 @@ class Connection(asyncio.Protocol):
         self._discarding = False
         #: Runs while a header block is split over CONTINUATION frames.
         self._block_timer: asyncio.TimerHandle | None = None
-        #: The start of a frame (or of the preface) that the next reads complete.
-        self._pending: list[memoryview] = []
-        self._pending_size = self._pending_needed = 0
+        #: The start of a frame (or of the preface) that the next reads complete, and its whole size.
+        self._pending = bytearray()
+        self._pending_needed = 0
         self._preface_seen = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
@@ -192,15 +192,15 @@ class Connection(asyncio.Protocol):
         while self._pending:
             # A frame (or the preface) began in an earlier read: complete just that one with the head of this
             # read, then parse the rest of it in place (joining whole reads would copy every byte once more).
-            missing = self._pending_needed - self._pending_size
+            pending = self._pending
+            missing = self._pending_needed - len(pending)
             if len(view) < missing:
-                self._pending.append(view)
-                self._pending_size += len(view)
+                pending += view  # bytes, not a list of pieces: a peer trickling bytes costs no objects
                 return
-            joined = b"".join((*self._pending, view[:missing]))
-            self._pending = []
+            pending += view[:missing]
+            self._pending = bytearray()
             view = view[missing:]
-            if not self._parse(memoryview(joined)):
+            if not self._parse(memoryview(pending)):
                 return
         if view:
             self._parse(view)
@@ -245,8 +245,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def _keep(self, rest: memoryview, needed: int) -> None:
-        self._pending = [rest]
-        self._pending_size = len(rest)
+        self._pending = bytearray(rest)  # a copy: nothing here keeps a read's buffer alive
         self._pending_needed = needed
 
     def _close_unspoken(self) -> None:
