@@ -266,8 +266,9 @@ class Call:
         """Length-prefixed messages out of `data` for the reader, the rest kept as the partial message.
 
         A message that `data` was `assembled` for is handed on as a view of it when little else is in it (at
-        most an eighth of its size more, the start of the next message): nothing is held that is not counted
-        beyond that. Any other message is copied out of `data`, which is a read's buffer.
+        most an eighth of its size more, the start of the next message, which is copied out): what it holds
+        beyond its counted size is that and the buffer's growth slack. Any other message is copied out of
+        `data`, which may be a read's buffer.
         Whether a message arrived; None when one cannot be taken and the call was ended."""
         size = len(data)
         position = 0
