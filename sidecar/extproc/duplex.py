@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -25,12 +25,23 @@ from sidecar.chains import EXPECTED_IN_STREAM, BodyStage, Hook
 from sidecar.errors import StreamFailure
 from sidecar.plugins import Context
 
-__all__ = ["DuplexPipe", "as_body", "call_chunk", "streamed_response"]
+__all__ = ["DuplexPipe", "SendChunk", "WriteEncoded", "as_body", "call_chunk", "encode_streamed", "streamed_response"]
 
 _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
 
 Item = tuple[bytes, bool]
-Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
+#: One `streamed_response` chunk to Envoy: (body kind, bytes, end_of_stream).
+SendChunk = Callable[[str, bytes, bool], Awaitable[None]]
+
+
+class WriteEncoded(Protocol):
+    """One ProcessingResponse to Envoy, already encoded: the pieces end to end are the message.
+
+    What a transport offers that can write pieces without joining them (the native one: `Call.send`)."""
+
+    def __call__(self, message: bytes, *more: bytes) -> Awaitable[None]: ...
+
+
 #: Reports a plugin's failure in a body stage (logged, counted) and gives the error that fails the stream.
 Fault = Callable[[str, BodyStage, BaseException], StreamFailure]
 
@@ -41,6 +52,63 @@ def streamed_response(kind: str, body: bytes, end_of_stream: bool) -> pb.Process
     streamed.body = body
     streamed.end_of_stream = end_of_stream
     return response
+
+
+_SMALL = [bytes((value,)) for value in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: Any) -> bytes:
+    """A length-delimited field's key (wire type 2), from its descriptor."""
+    return _varint(field.number << 3 | 2)
+
+
+def _path(kind: str) -> tuple[bytes, ...]:
+    """The keys from a ProcessingResponse down to its StreamedBodyResponse, outermost first."""
+    response = pb.ProcessingResponse.DESCRIPTOR.fields_by_name[kind]
+    common = response.message_type.fields_by_name["response"]
+    mutation = common.message_type.fields_by_name["body_mutation"]
+    streamed = mutation.message_type.fields_by_name["streamed_response"]
+    return tuple(_key(field) for field in (response, common, mutation, streamed))
+
+
+# Keys from the generated descriptors, not typed in: `encode_streamed` must equal SerializeToString.
+_PATHS = {kind: _path(kind) for kind in ("request_body", "response_body")}
+_STREAMED = pb.StreamedBodyResponse.DESCRIPTOR.fields_by_name
+_BODY_KEY = _key(_STREAMED["body"])
+_END = _varint(_STREAMED["end_of_stream"].number << 3) + b"\x01"  # varint field (wire type 0), true
+
+
+def encode_streamed(kind: str, body: bytes, end_of_stream: bool) -> tuple[bytes, bytes, bytes]:
+    """`streamed_response(kind, body, end_of_stream)` encoded as (head, body, tail), which end to end are
+    exactly its SerializeToString, without building the message or copying the body."""
+    size = len(body)
+    tail = _END if end_of_stream else b""
+    if size:  # proto3: an empty body is left out, as upb does
+        length_of = _varint(size)
+        length = len(_BODY_KEY) + len(length_of) + size + len(tail)
+        parts = [_BODY_KEY + length_of]
+    else:
+        length = len(tail)
+        parts = []
+    for key in reversed(_PATHS[kind]):  # innermost first: each message's length is its content's
+        length_of = _varint(length)
+        parts += (length_of, key)
+        length += len(key) + len(length_of)
+    parts.reverse()
+    return b"".join(parts), body, tail
 
 
 class DuplexPipe:
@@ -55,7 +123,7 @@ class DuplexPipe:
         kind: str,
         stages: tuple[BodyStage, ...],
         ctx: Context,
-        send: Send,
+        send: SendChunk,
         deadline: float,
         tasks: asyncio.TaskGroup,
         fault: Fault,
@@ -91,11 +159,7 @@ class DuplexPipe:
             async with deadline:
                 async for body, end in stream:
                     if body or end:
-                        response = streamed_response(self.kind, body, end and not self._ended_by_trailers)
-                        if self.ctx.dynamic_metadata:  # set by a stream hook: goes with its output
-                            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
-                            self.ctx.dynamic_metadata = {}
-                        await self._send(response)
+                        await self._send(self.kind, body, end and not self._ended_by_trailers)
                     if end:
                         return
         except StreamFailure:
@@ -113,13 +177,16 @@ class DuplexPipe:
         if self._ended:
             raise StreamFailure("body chunk after end of stream")
         self._ended = end_of_stream
-        try:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for may swallow the cancellation that
-            # fails this stream when the put completes at the same moment.
-            async with asyncio.timeout(self.deadline):
-                await self._queue.put((body, end_of_stream))
-        except TimeoutError:
-            raise StreamFailure(f"{self.kind}: plugins did not take input for {self.deadline:g}s") from None
+        if self._queue.full():
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for may swallow the cancellation that
+                # fails this stream when the put completes at the same moment.
+                async with asyncio.timeout(self.deadline):
+                    await self._queue.put((body, end_of_stream))
+            except TimeoutError:
+                raise StreamFailure(f"{self.kind}: plugins did not take input for {self.deadline:g}s") from None
+        else:  # room in the queue: no deadline to arm (a timer per chunk was a third of this path's cost)
+            self._queue.put_nowait((body, end_of_stream))
         if end_of_stream:
             self._finish_by = asyncio.get_running_loop().time() + self.deadline
             # Not started yet: it starts with this deadline. Finished already (a stage may stop early): none.

@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from sidecar.extproc.duplex import WriteEncoded
 from sidecar.extproc.processor import StreamProcessor
 
-__all__ = ["Read", "Write", "serve"]
+__all__ = ["Read", "Write", "WriteEncoded", "serve"]
 
 #: Envoy's next message, or None once it half-closed the stream.
 Read = Callable[[], Awaitable[pb.ProcessingRequest | None]]
@@ -28,8 +29,13 @@ Read = Callable[[], Awaitable[pb.ProcessingRequest | None]]
 Write = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
 
-async def serve(processor: StreamProcessor, read: Read, write: Write) -> None:
+async def serve(
+    processor: StreamProcessor, read: Read, write: Write, write_encoded: WriteEncoded | None = None
+) -> None:
     """Answer Envoy's messages until it half-closes the stream.
+
+    `write_encoded`, when the transport has it, writes a message already encoded in pieces: FULL_DUPLEX
+    body chunks then go out without a message object and without copying their bytes.
 
     Raises ProtocolError when Envoy breaks the protocol and StreamFailure when a streaming body cannot go
     on; the stream's other tasks are over by then. Cancelling the caller (Envoy went away, the server
@@ -40,7 +46,7 @@ async def serve(processor: StreamProcessor, read: Read, write: Write) -> None:
         metrics.stream_opened(processor.chain.name)
     try:
         if processor.full_duplex:
-            await _serve_with_pipelines(processor, read, _whole(write))
+            await _serve_with_pipelines(processor, read, *_one_at_a_time(write, write_encoded))
         else:
             # Nothing but this loop writes: no task group to set up and tear down on the hot path.
             processor.open(write, None)
@@ -53,12 +59,14 @@ async def serve(processor: StreamProcessor, read: Read, write: Write) -> None:
             metrics.stream_closed()
 
 
-async def _serve_with_pipelines(processor: StreamProcessor, read: Read, write: Write) -> None:
+async def _serve_with_pipelines(
+    processor: StreamProcessor, read: Read, write: Write, write_encoded: WriteEncoded | None
+) -> None:
     """A FULL_DUPLEX stream: body pipelines run as tasks beside the loop reading Envoy's messages."""
     failure: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
-            processor.open(write, tasks)
+            processor.open(write, tasks, write_encoded)
             try:
                 await _answer(processor, read, write)
             finally:
@@ -95,11 +103,21 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def _whole(write: Write) -> Write:
+def _one_at_a_time(write: Write, write_encoded: WriteEncoded | None) -> tuple[Write, WriteEncoded | None]:
+    """`write` and `write_encoded` taking turns: a message waiting for flow control is never cut into by
+    another task's."""
     lock = asyncio.Lock()
 
     async def write_whole(response: pb.ProcessingResponse) -> None:
         async with lock:
             await write(response)
 
-    return write_whole
+    if write_encoded is None:
+        return write_whole, None
+    send = write_encoded
+
+    async def write_encoded_whole(message: bytes, *more: bytes) -> None:
+        async with lock:
+            await send(message, *more)
+
+    return write_whole, write_encoded_whole

@@ -24,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar.chains import BodyStage, Chain, Registry
 from sidecar.config import DEFAULT_STREAM_TIMEOUT
 from sidecar.errors import ProtocolError, StreamFailure
-from sidecar.extproc.duplex import DuplexPipe, as_body, call_chunk, streamed_response
+from sidecar.extproc.duplex import DuplexPipe, WriteEncoded, as_body, call_chunk, encode_streamed, streamed_response
 from sidecar.headers import Headers, append_option
 from sidecar.plugins import BodyMode, Context, Respond
 
@@ -81,8 +81,10 @@ class StreamProcessor:
         "_disabled",
         "_filter_modes",
         "_last",
+        "_observing",
         "_pipes",
         "_send",
+        "_send_encoded",
         "_tasks",
         "chain",
         "ctx",
@@ -108,6 +110,9 @@ class StreamProcessor:
         self.metrics = metrics
         self.stream_timeout = stream_timeout
         self._send: Send | None = None
+        self._send_encoded: WriteEncoded | None = None
+        #: The message being answered came in observability mode: Envoy wants no answer to it.
+        self._observing = False
         self._tasks: asyncio.TaskGroup | None = None
         self._last: list[tuple[int, int] | None] = [None, None]
         self._pipes: dict[str, DuplexPipe] = {}
@@ -118,11 +123,13 @@ class StreamProcessor:
         """Whether a body of this stream is FULL_DUPLEX_STREAMED: answers may then be sent by other tasks."""
         return BodyMode.FULL_DUPLEX_STREAMED in self._body_modes
 
-    def open(self, send: Send, tasks: asyncio.TaskGroup | None) -> None:
+    def open(self, send: Send, tasks: asyncio.TaskGroup | None, send_encoded: WriteEncoded | None = None) -> None:
         """Run inside one stream's lifetime: messages other than answers (streamed body chunks,
         `ctx.extend_timeout`) go out through `send`; body pipelines run as tasks of `tasks`, which a
-        FULL_DUPLEX stream must give."""
+        FULL_DUPLEX stream must give. A transport that writes encoded pieces without joining them gives
+        `send_encoded` too: streamed chunks then go out without a message built around them."""
         self._send = send
+        self._send_encoded = send_encoded
         self._tasks = tasks
         self.ctx._send = send
 
@@ -150,6 +157,7 @@ class StreamProcessor:
             # Envoy sends them with each direction's headers; a peer sending more keeps only the last two.
             self.ctx._attributes_pb = [*self.ctx._attributes_pb[-1:], request.attributes]
             self.ctx._attributes = None
+        self._observing = request.observability_mode
         response = await _HANDLERS[kind](self, getattr(request, kind))
         if response is None or request.observability_mode:
             return None
@@ -358,13 +366,31 @@ class StreamProcessor:
                 if self._send is None or self._tasks is None:
                     raise RuntimeError("FULL_DUPLEX stream hooks run inside a stream's lifetime (lifetime.serve)")
                 pipe = self._pipes[kind] = DuplexPipe(
-                    kind, stages, self.ctx, self._send, self.stream_timeout, self._tasks, self._stream_fault
+                    kind, stages, self.ctx, self._send_streamed, self.stream_timeout, self._tasks, self._stream_fault
                 )
             await pipe.feed(message.body, message.end_of_stream)
             return None
-        # Chunk hooks only: answer each chunk inline, in order, one streamed chunk per input chunk.
-        body = await self._duplex_chunk_hooks(kind, stages, message.body, message.end_of_stream)
-        return streamed_response(kind, body, message.end_of_stream)
+        # Chunk hooks only (or none): answer each chunk inline, in order, one streamed chunk per input chunk.
+        end = message.end_of_stream
+        body = await self._duplex_chunk_hooks(kind, stages, message.body, end) if stages else message.body
+        if not self._observing:
+            await self._send_streamed(kind, body, end)
+        return None
+
+    async def _send_streamed(self, kind: str, body: bytes, end_of_stream: bool) -> None:
+        """One streamed chunk to Envoy, with the dynamic metadata a hook set since the last message."""
+        send_encoded = self._send_encoded
+        if send_encoded is not None and not self.ctx.dynamic_metadata:
+            # The hot path: no message built, the body not copied (the transport writes views of it).
+            await send_encoded(*encode_streamed(kind, body, end_of_stream))
+            return
+        if self._send is None:
+            raise RuntimeError("FULL_DUPLEX bodies are answered inside a stream's lifetime (lifetime.serve)")
+        response = streamed_response(kind, body, end_of_stream)
+        if self.ctx.dynamic_metadata:  # set by a hook: goes with its output
+            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
+            self.ctx.dynamic_metadata = {}
+        await self._send(response)
 
     async def _duplex_chunk_hooks(self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool) -> bytes:
         """Chunk hooks in FULL_DUPLEX, each bounded by the stream deadline (Envoy applies none here)."""
@@ -436,9 +462,7 @@ class StreamProcessor:
         stages = self.chain.body_stages[body_kind.split("_")[0]]
         flushed = await self._duplex_chunk_hooks(body_kind, stages, b"", True) if stages else b""
         if flushed:
-            if self._send is None:
-                raise RuntimeError("FULL_DUPLEX bodies are answered inside a stream's lifetime (lifetime.serve)")
-            await self._send(streamed_response(body_kind, flushed, False))
+            await self._send_streamed(body_kind, flushed, False)
 
     async def _request_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:
         return await self._trailers("request_trailers", message)

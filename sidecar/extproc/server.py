@@ -31,7 +31,7 @@ from sidecar.config import Limits, SidecarConfig, TlsConfig, parse_host_port
 from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, Http2Server
-from sidecar.extproc.lifetime import Read, Write, serve
+from sidecar.extproc.lifetime import Read, Write, WriteEncoded, serve
 from sidecar.extproc.metrics import Metrics
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.extproc.record import StreamRecord
@@ -161,7 +161,12 @@ class ExtProcServer:
     # -- the RPC -------------------------------------------------------------------------------
 
     async def _stream(
-        self, chain_name: str | None, read: Read, write: Write, metadata: Mapping[str, str] | None = None
+        self,
+        chain_name: str | None,
+        read: Read,
+        write: Write,
+        metadata: Mapping[str, str] | None = None,
+        write_encoded: WriteEncoded | None = None,
     ) -> CallError | None:
         """One ext_proc stream, whatever the transport; how the call must end if not with OK."""
         # A name this sidecar does not know is an error even with one chain: a route meant for another
@@ -176,7 +181,7 @@ class ExtProcServer:
             processor = StreamProcessor(
                 chain, self.registry, metrics=self.metrics, stream_timeout=self.config.stream_timeout
             )
-            failed = await self._run(processor, read, write)
+            failed = await self._run(processor, read, write, write_encoded)
             return failed[1] if failed is not None else None
         record = StreamRecord(
             self.metrics, chain.name, tracing=self._tracing, access=self.config.access_log, metadata=metadata
@@ -185,17 +190,19 @@ class ExtProcServer:
         record.ctx = processor.ctx
         failed = None
         try:
-            failed = await self._run(processor, read, write)
+            failed = await self._run(processor, read, write, write_encoded)
         except asyncio.CancelledError:
             record.finish("cancelled" if record.cancelled else None)  # see lifetime._answer
             raise
         record.finish(failed[0] if failed is not None else None)
         return failed[1] if failed is not None else None
 
-    async def _run(self, processor: StreamProcessor, read: Read, write: Write) -> tuple[str, CallError] | None:
+    async def _run(
+        self, processor: StreamProcessor, read: Read, write: Write, write_encoded: WriteEncoded | None
+    ) -> tuple[str, CallError] | None:
         """Serve one stream; how it failed (a metrics reason and the call's end), or None."""
         try:
-            await serve(processor, read, write)
+            await serve(processor, read, write, write_encoded)
         except ProtocolError as exc:
             return "protocol", self._failed(processor, "protocol", CallError(Status.INVALID_ARGUMENT, str(exc)))
         except StreamFailure as exc:
@@ -223,7 +230,7 @@ class ExtProcServer:
         async def write(response: pb.ProcessingResponse) -> None:
             await call.send(response.SerializeToString())
 
-        error = await self._stream(call.metadata.get(CHAIN_METADATA_KEY), read, write, call.metadata)
+        error = await self._stream(call.metadata.get(CHAIN_METADATA_KEY), read, write, call.metadata, call.send)
         if error is not None:
             raise error
 

@@ -101,6 +101,21 @@ def test_full_duplex_request_transform(sidecar_envoy: Factory) -> None:
     assert "content-length" not in echoed["headers"]
 
 
+def test_full_duplex_pass_through_is_byte_exact_at_frame_and_message_edges(sidecar_envoy: Factory) -> None:
+    """FULL_DUPLEX chunks go back to Envoy encoded by hand and written as views (`duplex.encode_streamed`,
+    `Call.send`), and come in parsed as views of the socket's reads: sizes around HTTP/2 frame (16 KiB),
+    varint-length and Envoy read (1 MiB) edges must arrive byte for byte, both ways."""
+    env = sidecar_envoy(plugins=[TP + "FdPass"])
+    sizes = [0, 1, 127, 128, 16_379, 16_384, 16_385, 2**21 - 30, MiB + 3, 3 * MiB + 1]
+    with httpx.Client(timeout=60) as client:
+        for size in sizes:
+            body = b"".join(pattern_bytes(size))
+            echoed = client.post(env.url + "/upload", content=pieces(body, 65_536)).json()
+            assert (echoed["body_length"], echoed["body_sha256"]) == (size, hashlib.sha256(body).hexdigest()), size
+            response = client.get(env.url + f"/bytes/{size}")
+            assert response.content == body, size
+
+
 def test_full_duplex_stall_costs_a_500_within_the_deadline(sidecar_envoy: Factory, tmp_path: Path) -> None:
     env = sidecar_envoy(config=config(tmp_path, f"stream_timeout: 1\nplugins: ['{TP}FdStall']\n"))
     outcome: dict[str, Any] = {}

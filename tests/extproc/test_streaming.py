@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,10 +15,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError, StreamFailure
+from sidecar.extproc.duplex import encode_streamed, streamed_response
 from sidecar.extproc.lifetime import serve
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
 from tests.support import testplugins as tp
+from tests.support.wait import wait_until
 
 
 class Upper(Plugin):
@@ -299,3 +302,106 @@ def test_a_reply_from_a_response_chunk_cuts_the_upstreams_response() -> None:
     assert result.status == 201 and result.response.headers["x-up"] == "1"  # the upstream's, already sent
     assert result.response.body == b"good,"
     assert "content-length" not in result.response.headers  # a streamed body goes on without one
+
+
+@pytest.mark.parametrize("kind", ["request_body", "response_body"])
+def test_encoded_streamed_chunks_are_exactly_the_messages(kind: str) -> None:
+    """The native transport writes FULL_DUPLEX chunks from `encode_streamed`, never building the message:
+    the encoding must be byte for byte what protobuf writes, at every varint length boundary."""
+    rng = random.Random(kind)
+    sizes = {0, 1, 2, 100, 2**21 + 3, 3 * 1024 * 1024}
+    sizes |= {edge + delta for edge in (2**7, 2**14, 2**21) for delta in range(-12, 4)}  # where a length grows
+    for size in sorted(sizes):
+        body = rng.randbytes(size)
+        for end in (False, True):
+            head, same, tail = encode_streamed(kind, body, end)
+            assert same is body  # handed on, not copied
+            assert head + body + tail == streamed_response(kind, body, end).SerializeToString(), (size, end)
+
+
+class _ChunkMetadata(Plugin):
+    """FULL_DUPLEX chunk hooks (answered inline): metadata on some chunks, one chunk dropped."""
+
+    request_body = BodyMode.FULL_DUPLEX_STREAMED
+    response_body = BodyMode.FULL_DUPLEX_STREAMED
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        if chunk == b"mark":
+            ctx.set_metadata("marked", True)
+        return b"" if chunk == b"drop" else chunk.upper()
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes | None:
+        return b"tail" if end else None  # the flush before the trailers carries this
+
+
+_DUPLEX_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] = {
+    "stream hooks": (
+        [Doubler()],
+        [("request_body", b"ab", False), ("request_body", b"", True), ("response_body", b"x" * 70_000, True)],
+    ),
+    "stream hooks, metadata at the end": (
+        [_MetadataAtTheEnd()],
+        [("request_body", b"abc", True), ("response_body", b"hello", False), ("response_body", b"!", True)],
+    ),
+    "chunk hooks, metadata, a trailer flush": (
+        [_ChunkMetadata()],
+        [
+            ("request_body", b"mark", False),
+            ("request_body", b"drop", False),
+            ("request_body", b"z", True),
+            ("response_body", b"r" * 20_000, False),
+            ("response_trailers", b"", False),
+        ],
+    ),
+    "pass-through beside a headers plugin": (
+        [tp.FdPass(), tp.AddHeaders()],
+        [("request_body", b"q" * 200_000, True), ("response_body", b"", False), ("response_body", b"s", True)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DUPLEX_STREAMS))
+def test_full_duplex_through_an_encoded_writer_sends_what_the_message_writer_sends(case: str) -> None:
+    """The same stream served twice: once writing messages (grpcio, the Driver), once with the native
+    transport's encoded writer. Envoy must receive the same messages in the same order, metadata included."""
+    plugins, bodies = _DUPLEX_STREAMS[case]
+    messages = [_message("request_headers"), _message("response_headers")]
+    for kind, body, end in bodies:
+        if kind == "response_trailers":
+            messages.append(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
+        else:
+            messages.append(_message(kind, body=body, end_of_stream=end))
+    ends = sum(1 for kind, _, end in bodies if end or kind == "response_trailers")
+
+    async def run(encoded: bool) -> tuple[list[pb.ProcessingResponse], int]:
+        incoming = iter([*messages, None])
+        sent: list[pb.ProcessingResponse] = []
+        pieces_written = 0
+
+        def ended() -> bool:  # every body ended (or its trailers were answered): Envoy may half-close now
+            done = [r for r in sent if r.WhichOneof("response") in ("request_body", "response_body")]
+            streamed = [getattr(r, r.WhichOneof("response")).response.body_mutation.streamed_response for r in done]
+            trailers = [r for r in sent if r.HasField("response_trailers")]
+            return bool(sum(s.end_of_stream for s in streamed) + len(trailers) >= ends)
+
+        async def read() -> pb.ProcessingRequest | None:
+            message = next(incoming)
+            if message is None:
+                await wait_until(ended)
+            return message
+
+        async def write(response: pb.ProcessingResponse) -> None:
+            sent.append(response)
+
+        async def write_encoded(message: bytes, *more: bytes) -> None:
+            nonlocal pieces_written
+            pieces_written += 1
+            sent.append(pb.ProcessingResponse.FromString(b"".join((message, *more))))
+
+        await serve(StreamProcessor(Chain("c", plugins)), read, write, write_encoded if encoded else None)
+        return sent, pieces_written
+
+    plain, _ = asyncio.run(run(encoded=False))
+    sent, pieces_written = asyncio.run(run(encoded=True))
+    assert pieces_written > 0  # the encoded path was taken
+    assert sent == plain

@@ -361,6 +361,10 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def writelines(self, pieces: Iterable[bytes | memoryview]) -> None:
+        for piece in pieces:
+            self.out += piece
+
     def get_write_buffer_size(self) -> int:
         return 0  # everything written is taken at once
 

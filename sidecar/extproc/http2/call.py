@@ -12,7 +12,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.extproc.http2.flow import ReceiveWindow, SendWindow
@@ -43,6 +43,9 @@ Handler = Callable[["Call"], Awaitable[None]]
 _MESSAGE_PREFIX = struct.Struct(">BI")  # compressed flag, length
 #: What one received message costs beyond its bytes (Python objects), for the connection's buffer budget.
 MESSAGE_COST = 96
+#: A message smaller than this is joined into one write (cheaper than handing the socket a list of pieces);
+#: a larger one is handed over as views of its pieces, without copies.
+_JOIN_BELOW = 16 * 1024
 
 
 class _Limits(Protocol):
@@ -84,9 +87,25 @@ class Carrier(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def writelines(self, pieces: Iterable[bytes | memoryview]) -> None: ...
+
     def forget(self, call: Call) -> None: ...
 
     def reset_stream(self, call: Call, code: ErrorCode) -> None: ...
+
+
+def _take(parts: deque[memoryview], count: int, out: list[bytes | memoryview]) -> None:
+    """Move the first `count` bytes of `parts` to `out`, as views (no copy)."""
+    while count:
+        part = parts[0]
+        if len(part) <= count:
+            out.append(part)
+            parts.popleft()
+            count -= len(part)
+        else:
+            out.append(part[:count])
+            parts[0] = part[count:]
+            count = 0
 
 
 def _literal(name: bytes, value: bytes) -> bytes:
@@ -125,7 +144,6 @@ class Call:
         "_midway",
         "_partial",
         "_partial_needed",
-        "_partial_size",
         "_receive",
         "_remote_done",
         "_started",
@@ -143,9 +161,11 @@ class Call:
         self.path = path
         #: Request headers other than pseudo-headers, names lower-case, values decoded as latin-1.
         self.metadata = metadata
-        self._messages: deque[bytes] = deque()
-        self._partial: list[bytes] = []
-        self._partial_size = self._partial_needed = 0
+        #: Complete messages not yet read: bytes, or a view of the buffer a large message was assembled in.
+        self._messages: deque[bytes | memoryview] = deque()
+        #: The start of a message whose end has not arrived yet (its prefix included), and its whole size.
+        self._partial = bytearray()
+        self._partial_needed = 0
         self._waiter: asyncio.Future[None] | None = None
         self._remote_done = False
         self._finished = False
@@ -165,7 +185,7 @@ class Call:
 
     # -- receiving
 
-    async def read(self) -> bytes | None:
+    async def read(self) -> bytes | memoryview | None:
         """The next message, or None once the client has half-closed and every message was read.
 
         One reader per call: the handler."""
@@ -204,8 +224,9 @@ class Call:
         if self._receive.credit_due and not self._remote_done and not self._finished:
             self._conn.write(window_update(self.stream_id, self._receive.return_credit()))
 
-    def _on_data(self, payload: bytes, flow_length: int, end_stream: bool) -> None:
-        """A DATA frame's payload (padding removed) for this call."""
+    def _on_data(self, payload: memoryview, flow_length: int, end_stream: bool) -> None:
+        """A DATA frame's payload (padding removed) for this call: a view of what the socket delivered,
+        which is copied (once) for whatever is kept."""
         if self._remote_done:
             self._conn.reset_stream(self, ErrorCode.STREAM_CLOSED)
             return
@@ -214,10 +235,20 @@ class Call:
             return
         if not payload and not end_stream:
             return  # costs the sender nothing, so it must cost this side nothing either
-        data = self._complete(payload, end_stream)
-        if data is None:
-            return
-        received = self._deframe(data)
+        partial = self._partial
+        if partial:
+            # A message spread over many frames is assembled here, one copy of each payload.
+            partial += payload
+            self._hold(len(payload))
+            if len(partial) < self._partial_needed and not end_stream:
+                if not self._messages:
+                    self._return_credit()  # the rest of this message cannot arrive without it
+                return
+            self._partial = bytearray()
+            self._hold(-len(partial))
+            received = self._deframe(memoryview(partial), assembled=True)
+        else:
+            received = self._deframe(payload, assembled=False)
         if received is None:
             return
         if end_stream:
@@ -231,26 +262,13 @@ class Call:
         if not self._messages:
             self._return_credit()
 
-    def _complete(self, payload: bytes, end_stream: bool) -> bytes | None:
-        """The bytes to de-frame now: `payload`, or a message spread over many frames once it is whole."""
-        if not self._partial:
-            return payload
-        # Joined once, when it is complete.
-        self._partial.append(payload)
-        self._partial_size += len(payload)
-        self._hold(len(payload))
-        if self._partial_size < self._partial_needed and not end_stream:
-            if not self._messages:
-                self._return_credit()  # the rest of this message cannot arrive without it
-            return None
-        data = b"".join(self._partial)
-        self._partial = []
-        self._hold(-self._partial_size)
-        return data
-
-    def _deframe(self, data: bytes) -> bool | None:
+    def _deframe(self, data: memoryview, assembled: bool) -> bool | None:
         """Length-prefixed messages out of `data` for the reader, the rest kept as the partial message.
 
+        A message that `data` was `assembled` for is handed on as a view of it when little else is in it (at
+        most an eighth of its size more, the start of the next message, which is copied out): what it holds
+        beyond its counted size is that and the buffer's growth slack. Any other message is copied out of
+        `data`, which may be a read's buffer.
         Whether a message arrived; None when one cannot be taken and the call was ended."""
         size = len(data)
         position = 0
@@ -269,15 +287,17 @@ class Call:
             if end > size:
                 needed = 5 + length
                 break
-            messages.append(data[position + 5 : end])
+            if assembled and position == 0 and size - end <= end >> 3:
+                messages.append(data[5:end])
+            else:
+                messages.append(data[position + 5 : end].tobytes())
             self._hold(length + MESSAGE_COST)
             received = True
             position = end
         if position < size:
-            self._partial = [data[position:]]
-            self._partial_size = size - position
+            self._partial = bytearray(data[position:])
             self._partial_needed = needed
-            self._hold(self._partial_size)
+            self._hold(size - position)
         return received
 
     def _on_remote_end(self) -> None:
@@ -289,9 +309,11 @@ class Call:
 
     # -- sending
 
-    async def send(self, message: bytes) -> None:
-        """Send one message; waits only when flow control or the socket buffer asks it to.
+    async def send(self, message: bytes | memoryview, *more: bytes | memoryview) -> None:
+        """Send one message: `message`, or `message` and `more` end to end (joined on the wire, not in memory).
 
+        Waits only when flow control or the socket buffer asks it to. A large message goes to the socket as
+        views of the caller's bytes, never copied here: the caller must not change them (bytes cannot be).
         One sender at a time per call. Cancelled half-way, the message cannot be completed: the stream
         is reset instead, so the client never parses a cut message as the start of the next."""
         if self._finished:
@@ -302,23 +324,31 @@ class Call:
         if not self._headers_sent:
             self._headers_sent = True
             head = frame(HEADERS, END_HEADERS, self.stream_id, _RESPONSE_HEADERS)
-        data = _MESSAGE_PREFIX.pack(0, len(message)) + message
-        size = len(data)
+        length = len(message)
+        for piece in more:
+            length += len(piece)
+        size = 5 + length
+        prefix = _MESSAGE_PREFIX.pack(0, length)
         if size <= conn.peer_max_frame and size <= window.size and size <= conn_window.size and conn.writable:
             window.size -= size
             conn_window.size -= size
             conn.progress += 1
-            conn.write(head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + data)
+            first = head + FRAME_HEAD.pack(size << 8 | DATA, 0, self.stream_id) + prefix
+            if size <= _JOIN_BELOW:
+                conn.write(b"".join((first, message, *more)))
+            else:
+                conn.writelines((first, message, *more))
             return
-        pieces: list[bytes | memoryview] = [head]
-        view = memoryview(data)
+        parts = deque(memoryview(piece) for piece in (prefix, message, *more) if piece)
+        out: list[bytes | memoryview] = [head] if head else []
+        remaining = size
         try:
-            while view and not self._finished:
-                allowed = min(len(view), window.size, conn_window.size)
+            while remaining and not self._finished:
+                allowed = min(remaining, window.size, conn_window.size)
                 if allowed <= 0 or not conn.writable:
-                    if pieces:
-                        conn.write(b"".join(pieces))
-                        pieces = []
+                    if out:
+                        conn.writelines(out)
+                        out = []
                     if window.size <= 0:
                         await window.wait()
                     else:
@@ -326,14 +356,16 @@ class Call:
                     continue
                 window.size -= allowed
                 conn_window.size -= allowed
-                for offset in range(0, allowed, conn.peer_max_frame):
-                    chunk = view[offset : min(offset + conn.peer_max_frame, allowed)]
-                    pieces += (FRAME_HEAD.pack(len(chunk) << 8 | DATA, 0, self.stream_id), chunk)
+                remaining -= allowed
+                while allowed:
+                    length = min(allowed, conn.peer_max_frame)
+                    out.append(FRAME_HEAD.pack(length << 8 | DATA, 0, self.stream_id))
+                    _take(parts, length, out)
+                    allowed -= length
                 conn.progress += 1
-                conn.write(b"".join(pieces))
-                pieces = []
-                view = view[allowed:]
-                self._midway = bool(view)
+                conn.writelines(out)
+                out = []
+                self._midway = remaining > 0
         except asyncio.CancelledError:
             if self._midway:
                 self.finish()  # a reset, see finish()
@@ -374,5 +406,5 @@ class Call:
 
     def _release(self) -> None:
         self._messages.clear()
-        self._partial = []
+        self._partial = bytearray()
         self._hold(-self._buffered)

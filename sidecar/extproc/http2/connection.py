@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import hpack
@@ -118,8 +118,9 @@ class Connection(asyncio.Protocol):
         self._discarding = False
         #: Runs while a header block is split over CONTINUATION frames.
         self._block_timer: asyncio.TimerHandle | None = None
-        self._pending: list[bytes] = []
-        self._pending_size = self._pending_needed = 0
+        #: The start of a frame (or of the preface) that the next reads complete, and its whole size.
+        self._pending = bytearray()
+        self._pending_needed = 0
         self._preface_seen = False
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = MAX_HEADER_LIST
@@ -187,24 +188,36 @@ class Connection(asyncio.Protocol):
         if self._discarding:
             return
         self._last_active = self.loop.time()
-        if self._pending:
-            # A frame bigger than one read: keep the pieces and join them once, when it is complete.
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size < self._pending_needed:
+        view = memoryview(data)
+        while self._pending:
+            # A frame (or the preface) began in an earlier read: complete just that one with the head of this
+            # read, then parse the rest of it in place (joining whole reads would copy every byte once more).
+            pending = self._pending
+            missing = self._pending_needed - len(pending)
+            if len(view) < missing:
+                pending += view  # bytes, not a list of pieces: a peer trickling bytes costs no objects
                 return
-            data = b"".join(self._pending)
-            self._pending = []
+            pending += view[:missing]
+            self._pending = bytearray()
+            view = view[missing:]
+            if not self._parse(memoryview(pending)):
+                return
+        if view:
+            self._parse(view)
+
+    def _parse(self, data: memoryview) -> bool:
+        """The preface and the frames in `data`, an incomplete one kept for the next read. DATA payloads are
+        views of `data` (no copy: the call copies what it keeps). False once the connection is done for."""
         if not self._preface_seen:
             if len(data) < len(PREFACE):
-                if not PREFACE.startswith(data):
+                if not PREFACE.startswith(bytes(data)):
                     self._close_unspoken()
-                    return
+                    return False
                 self._keep(data, len(PREFACE))
-                return
-            if not data.startswith(PREFACE):
+                return True
+            if data[: len(PREFACE)] != PREFACE:
                 self._close_unspoken()
-                return
+                return False
             self._preface_seen = True
             data = data[len(PREFACE) :]
         position = 0
@@ -223,16 +236,16 @@ class Connection(asyncio.Protocol):
                 self._on_frame(head & 0xFF, flags, stream_id & MAX_WINDOW, data[position + 9 : end])
                 position = end
                 if self.transport is None or self.transport.is_closing():
-                    return
+                    return False
         except Http2Error as exc:
             self.fail(exc.code, str(exc), exc.reason)
-            return
+            return False
         if position < size:
             self._keep(data[position:], needed)
+        return True
 
-    def _keep(self, rest: bytes, needed: int) -> None:
-        self._pending = [rest]
-        self._pending_size = len(rest)
+    def _keep(self, rest: memoryview, needed: int) -> None:
+        self._pending = bytearray(rest)  # a copy: nothing here keeps a read's buffer alive
         self._pending_needed = needed
 
     def _close_unspoken(self) -> None:
@@ -242,14 +255,15 @@ class Connection(asyncio.Protocol):
 
     # -- frames
 
-    def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+    def _on_frame(self, kind: int, flags: int, stream_id: int, view: memoryview) -> None:
         if self._continuation is not None and (kind != CONTINUATION or stream_id != self._continuation[0]):
             raise Http2Error(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
         if not self._settings_seen:
             self._on_first_frame(kind, flags)
         if kind == DATA:
-            self._on_data(flags, stream_id, payload)
+            self._on_data(flags, stream_id, view)
             return
+        payload = bytes(view)  # small, and kept or decoded: a copy of its own, not a view of the read
         if kind == HEADERS:
             self._on_headers(flags, stream_id, payload)
             return
@@ -377,7 +391,7 @@ class Connection(asyncio.Protocol):
             largest.abandon(Status.RESOURCE_EXHAUSTED, "the server's receive buffer is full")
         return True
 
-    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
         flow_length = len(payload)
         data = unpad(flags, payload) if flags & PADDED else payload
         if data:
@@ -554,6 +568,11 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def writelines(self, pieces: Iterable[bytes | memoryview]) -> None:
+        """Write pieces as one: uvloop hands them to one writev, keeping views of what it cannot send yet."""
+        if self.transport is not None:
+            self.transport.writelines(pieces)
 
     @property
     def closed_for_new_streams(self) -> bool:

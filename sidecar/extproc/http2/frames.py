@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import TypeVar
 
 __all__ = [
     "CONNECTION_WINDOW",
@@ -28,6 +29,8 @@ __all__ = [
     "unpad",
     "window_update",
 ]
+
+Payload = TypeVar("Payload", bytes, memoryview)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -114,7 +117,7 @@ def server_settings() -> bytes:
     return frame(SETTINGS, 0, 0, settings) + window_update(0, CONNECTION_WINDOW - DEFAULT_WINDOW)
 
 
-def unpad(flags: int, payload: bytes) -> bytes:
+def unpad(flags: int, payload: Payload) -> Payload:
     """A DATA or HEADERS payload without its padding."""
     if not flags & PADDED:
         return payload

@@ -100,7 +100,7 @@ async def test_non_grpc_content_type_gets_415(tmp_path: Path) -> None:
 
 
 async def test_compressed_and_oversized_messages_end_their_call_not_the_connection(tmp_path: Path) -> None:
-    reads: list[bytes | None] = []
+    reads: list[bytes | memoryview | None] = []
 
     async def handler(call: Call) -> None:
         reads.append(await call.read())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -248,3 +249,25 @@ async def test_the_last_stream_id_in_goaway_never_goes_up(tmp_path: Path) -> Non
         await raw.read_to_eof()
         await asyncio.wait_for(stopping, DEADLINE)
     assert [g.last_stream_id for g in raw.of(hf.GoAwayFrame)] == [2**31 - 1, 1, 1]
+
+
+async def test_a_frame_trickled_byte_by_byte_costs_its_bytes_not_an_object_per_read() -> None:
+    """A peer may deliver a large frame one byte per read. What waits for the rest of the frame is held as
+    bytes, not as one object per read (a list of 1-byte pieces would cost tens of bytes for each byte)."""
+    server = Http2Server({ECHO: echo}, max_message=1024 * 1024)
+    encoder = hpack.Encoder()
+    opening = PREFACE + raw_frame(0x4, 0, 0) + raw_frame(0x1, 0x4, 1, encoder.encode(request_headers()))
+    conn, transport = await feed(server, [opening])
+    frame = raw_frame(0x0, 0, 1, grpc_frame(b"t" * 60_000))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for byte in range(len(frame) - 1):
+            conn.data_received(frame[byte : byte + 1])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * len(frame)  # the frame's bytes and the bytearray's slack, nothing per read
+    conn.data_received(frame[-1:])
+    assert list(conn.streams[1]._messages) == [b"t" * 60_000]
+    await settle(conn, transport)

@@ -16,9 +16,21 @@ import hpack
 import pytest
 
 from sidecar.extproc.http2 import Call, Http2Server
+from sidecar.extproc.http2.call import MESSAGE_COST
 from sidecar.extproc.http2.frames import PREFACE, STREAM_WINDOW
 from sidecar.extproc.http2.limits import CALL_COST
-from tests.support.h2peers import ECHO, echo, feed, grpc_frame, h2_client, raw_frame, request_headers, serving, settle
+from tests.support.h2peers import (
+    ECHO,
+    echo,
+    feed,
+    grpc_frame,
+    h2_client,
+    random_splits,
+    raw_frame,
+    request_headers,
+    serving,
+    settle,
+)
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -26,7 +38,7 @@ pytestmark = pytest.mark.asyncio
 
 async def test_inbound_flow_control_holds_the_client_back_until_the_handler_reads(tmp_path: Path) -> None:
     go = asyncio.Event()
-    received: list[bytes] = []
+    received: list[bytes | memoryview] = []
 
     async def handler(call: Call) -> None:
         await go.wait()
@@ -116,6 +128,36 @@ async def test_outbound_flow_control_respects_the_connection_window(tmp_path: Pa
     assert headers[b"grpc-status"] == b"0"
 
 
+@pytest.mark.parametrize(
+    ("window", "max_frame"), [(65_535, 16_384), (1_000, 16_384), (777, 16_384), (4 * 1024 * 1024, 1024 * 1024)]
+)
+async def test_a_message_sent_in_pieces_arrives_whole_whatever_the_windows_and_frames(
+    tmp_path: Path, window: int, max_frame: int
+) -> None:
+    """`Call.send(message, *more)` frames views of the pieces: frame and window boundaries fall anywhere inside
+    them (and on their edges), empty pieces included, and the peer still reads the pieces end to end."""
+    rng = random.Random(window)
+    sizes = [0, 1, 5, 16_379, 16_384, 16_385, 100_000, 300_000]
+    answers = [[rng.randbytes(size) for size in rng.sample(sizes, rng.randint(1, 4))] for _ in range(6)]
+    answers += [[b"", b"", b"x"], [rng.randbytes(20_000)], [b"a", rng.randbytes(2 * 1024 * 1024), b"", b"z"]]
+
+    async def handler(call: Call) -> None:
+        for pieces in answers:
+            await call.send(*pieces)
+
+    codes = h2.settings.SettingCodes
+    settings = {codes.INITIAL_WINDOW_SIZE: window, codes.MAX_FRAME_SIZE: max_frame}
+    async with serving(tmp_path, {ECHO: handler}) as (_, path), h2_client(path, settings) as client:
+        client.h2.increment_flow_control_window(16 * 1024 * 1024)  # the connection window is not under test here
+        client.h2.max_inbound_frame_size = max_frame  # h2 applies its own setting only once acknowledged
+        sid = client.start(end_stream=True)
+        headers = await client.finish(sid)
+    frames = [e.flow_controlled_length for e in client.seen(h2.events.DataReceived)]
+    assert max(frames) <= min(window, max_frame)
+    assert client.messages(sid) == [b"".join(pieces) for pieces in answers]
+    assert headers[b"grpc-status"] == b"0"
+
+
 async def test_resetting_a_flow_blocked_call_leaves_the_others_alone(tmp_path: Path) -> None:
     payload = b"x" * 1000
     cancelled: list[int] = []
@@ -161,7 +203,7 @@ async def test_empty_data_frames_cost_nothing() -> None:
     empty = raw_frame(0x0, 0, 1) * server.limits.max_empty_frames
     conn, transport = await feed(server, [PREFACE + raw_frame(0x4, 0, 0) + opening, empty])
     call = conn.streams[1]
-    assert conn.buffered == 3 + CALL_COST and len(call._partial) == 1
+    assert conn.buffered == 3 + CALL_COST and call._partial == b"\0\0\0"
     assert not transport.closing
     await settle(conn, transport)
 
@@ -173,4 +215,41 @@ async def test_a_peer_that_stops_reading_stops_being_read() -> None:
     assert transport.reading is False
     conn.resume_writing()
     assert transport.reading is True
+    await settle(conn, transport)
+
+
+def _data_frames(stream_id: int, data: bytes, size: int = 16_384) -> bytes:
+    return b"".join(raw_frame(0x0, 0, stream_id, data[i : i + size]) for i in range(0, len(data), size))
+
+
+@pytest.mark.parametrize("reads", ["one read", "random reads"])
+async def test_what_a_call_keeps_of_a_read_is_a_copy_or_counted(reads: str) -> None:
+    """Frames are parsed as views of the socket's reads, and a call keeps copies: of a small message in a big
+    read, of the start of a message, of a large message with much of the next one behind it. Only a large
+    message assembled over many frames is handed on as a view of the buffer it was assembled in."""
+    server = Http2Server({ECHO: echo}, max_message=1024 * 1024)
+    encoder = hpack.Encoder()
+
+    def stream(stream_id: int, data: bytes) -> bytes:
+        return raw_frame(0x1, 0x4, stream_id, encoder.encode(request_headers())) + _data_frames(stream_id, data)
+
+    small, large, following = b"s" * 10, random.Random(7).randbytes(100_000), grpc_frame(b"n" * 40_000)
+    wire = (
+        PREFACE
+        + raw_frame(0x4, 0, 0)
+        + stream(1, grpc_frame(small) + grpc_frame(large)[:7_000])  # a small message, then a message's start
+        + stream(3, grpc_frame(large))  # one large message over 7 frames, the last ending with it
+        + stream(5, grpc_frame(large) + following[:30_000])  # the last frame of the message has 14,683 more
+    )
+    chunks = [wire] if reads == "one read" else random_splits(random.Random(3), wire)
+    conn, transport = await feed(server, chunks)  # the handlers have not run yet: everything is still held
+    one, three, five = (conn.streams[stream_id] for stream_id in (1, 3, 5))
+    assert list(one._messages) == [small] and type(one._messages[0]) is bytes
+    assert one._partial == grpc_frame(large)[:7_000]
+    assert list(three._messages) == [large] and type(three._messages[0]) is memoryview
+    assert not three._partial
+    assert list(five._messages) == [large] and type(five._messages[0]) is bytes  # too much behind it: copied
+    assert five._partial == following[:30_000]
+    messages = len(small) + 2 * len(large) + 3 * MESSAGE_COST
+    assert conn.buffered == messages + 7_000 + 30_000 + 3 * CALL_COST  # what each call holds, counted once
     await settle(conn, transport)
