@@ -120,6 +120,8 @@ def main() -> int:
         print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     os.environ["PYTHONPATH"] = str(ROOT)
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()  # before the chdir below
     servers = {"main": "sidecar (native)", "grpcio": "sidecar (grpcio)", "floor": "trivial grpc.aio"}
     variants = {  # more native sidecars, each with its flags
         name: flags
@@ -132,6 +134,9 @@ def main() -> int:
     }
     servers |= {name: f"sidecar ({name})" for name in variants}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, contextlib.ExitStack() as stack:
+        # `python -m sidecar` puts its working directory first on sys.path, before PYTHONPATH: start the
+        # sidecars from a directory without a `sidecar` package, or the baseline imports this tree.
+        os.chdir(tmp)
         sockets = {name: Path(tmp) / f"{name}.sock" for name in servers}
         sidecar = SidecarProcess(["--plugin", PLUGIN, "--listen", f"unix:{sockets['main']}"], [sockets["main"]])
         grpcio = SidecarProcess(

@@ -30,8 +30,6 @@ def append_option(name: str, value: bytes) -> base_pb2.HeaderValueOption:
 
 # RFC 9110 5.6.2: a field name is a token.
 _FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-# What Envoy's header validation rejects in a value.
-_FORBIDDEN_IN_VALUE = (b"\r", b"\n", b"\0")
 # RFC 9110 5.5: a field value has no whitespace at either end. Envoy strips it in front of a value set by
 # ext_proc, HTTP/1 peers strip it at the end: what a plugin set would not be what the peer gets.
 _EDGE_WHITESPACE = b" \t"
@@ -68,7 +66,8 @@ def check_field(name: str, value: str | bytes) -> tuple[str, bytes]:
             ) from None
     else:
         raise TypeError(f"header {lowered!r}: expected a str or bytes value, got {type(value).__name__}")
-    if any(bad in raw for bad in _FORBIDDEN_IN_VALUE):
+    # What Envoy's header validation rejects in a value (three scans beat one generator on short values).
+    if b"\r" in raw or b"\n" in raw or b"\0" in raw:
         raise ValueError(f"header {lowered!r}: the value contains CR, LF or NUL")
     if raw and (raw[0] in _EDGE_WHITESPACE or raw[-1] in _EDGE_WHITESPACE):
         raise ValueError(
