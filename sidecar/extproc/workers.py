@@ -124,9 +124,9 @@ class Supervisor:
 
     async def run(self) -> int:
         if self.config.tracing:  # once here, not in N workers crash-looping on it
-            from sidecar.extproc.tracing import check_installed
+            from sidecar.extproc.tracing import check_settings
 
-            check_installed()
+            check_settings()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)

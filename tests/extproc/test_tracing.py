@@ -254,3 +254,77 @@ async def test_a_long_streamed_body_makes_a_bounded_number_of_spans(
     (stream,) = [s for s in spans if s.name == "ext_proc default"]
     assert stream.attributes["sidecar.phase_spans_dropped"] == 501 - MAX_PHASE_SPANS
     assert len(spans) <= 1 + MAX_PHASE_SPANS * 2  # each phase span and its one plugin span
+
+
+class _DeadCollector(SpanExporter):
+    """Every export blocks, as the OTLP exporter does against a collector that is down, until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exporting = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exporting += 1
+        self.release.wait(10)
+        self.exporting -= 1
+        return SpanExportResult.FAILURE
+
+
+async def test_shutdown_abandons_spans_a_dead_collector_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.extproc import tracing as tracing_module
+
+    monkeypatch.setattr(tracing_module, "_FLUSH_SECONDS", 0.2)
+    exporter = _DeadCollector()
+    tracing = Tracing(exporter=exporter)
+    for i in range(3000):  # several batches: the SDK's shutdown would export each, one timeout apiece
+        tracing.tracer.start_span(f"s{i}").end()
+    try:
+        tracing.shutdown()
+        # It returned while the exporter is still stuck in a batch: the rest was abandoned.
+        assert exporter.exporting == 1
+    finally:
+        exporter.release.set()
+
+
+async def test_no_unbounded_flush_is_left_for_interpreter_exit() -> None:
+    tracing = Tracing(exporter=InMemorySpanExporter())
+    assert tracing.provider._atexit_handler is None  # the SDK's own atexit shutdown has no time bound
+    tracing.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "brotli"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "abc"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+    ],
+)
+async def test_any_otel_setting_the_sdk_refuses_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from sidecar.extproc.tracing import check_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"^tracing: ") as raised:
+        check_settings()  # the OTLP exporter and batch processor the server would build
+    assert "\n" not in str(raised.value)
+    assert len(str(raised.value)) < 300
+
+
+async def test_a_supervisor_refuses_bad_otel_settings_before_starting_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sidecar.extproc.workers import Supervisor
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "abc")
+    started = tmp_path / "started"
+    # A worker that would leave a mark: none may start.
+    command = [sys.executable, "-c", f"open({str(started)!r}, 'w')"]
+    supervisor = Supervisor([command, command], SidecarConfig(tracing=True))
+    with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number"):
+        await supervisor.run()
+    assert not started.exists()
