@@ -32,7 +32,7 @@ from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.lifetime import Read, Write, serve
-from sidecar.extproc.metrics import Metrics
+from sidecar.extproc.metrics import Metrics, write_snapshot
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.extproc.record import StreamRecord
 from sidecar.extproc.status import CallError, Status
@@ -369,16 +369,19 @@ class ExtProcServer:
             await self.stop()
             if publisher is not None:
                 publisher.cancel()
-                self._write_snapshot()
+                await self._publish()
 
-    def _write_snapshot(self) -> None:
+    async def _publish(self) -> None:
+        """Take the snapshot on the loop (plain copies, bounded by the series caps); serialise and write it
+        in a thread, so the loop never waits for json or the disk. A failure (a full disk, a plugin's
+        collector) is a warning: the next publish tries again."""
         if self.metrics is not None and self.snapshot_file is not None:
             try:
-                self.metrics.write_snapshot(self.snapshot_file)
-            except OSError as exc:
-                log.warning("cannot publish metrics to %s: %s", self.snapshot_file, exc.strerror)
+                await asyncio.to_thread(write_snapshot, self.snapshot_file, self.metrics.snapshot())
+            except Exception as exc:
+                log.warning("cannot publish metrics to %s: %r", self.snapshot_file, exc)
 
     async def _publish_metrics(self) -> None:
         while True:
-            self._write_snapshot()
+            await self._publish()
             await asyncio.sleep(METRICS_PUBLISH_SECONDS)
