@@ -36,6 +36,9 @@ _WHOLE_NUMBERS = (
 )
 #: Seconds `shutdown` gives the exporter to send what is queued; past them the rest is abandoned.
 _FLUSH_SECONDS = 5.0
+#: A W3C traceparent is 55 characters (version 00); tracestate at most 32 members, 512 characters.
+_MAX_TRACEPARENT = 55
+_MAX_TRACESTATE = 512
 #: Characters of an OpenTelemetry error quoted in a ConfigError (it may echo a long setting).
 _MAX_QUOTED = 200
 
@@ -101,9 +104,14 @@ class Tracing:
 
     def parent(self, carrier: Mapping[str, str]) -> Any:
         """The context a `traceparent` (and `tracestate`) in `carrier` names; an empty one otherwise."""
-        if "traceparent" not in carrier:
-            return None
-        return self._propagator.extract(dict(carrier), getter=self._getter)
+        traceparent = carrier.get("traceparent")
+        if traceparent is None or len(traceparent) > _MAX_TRACEPARENT:
+            return None  # not a W3C traceparent: the stream starts a trace of its own
+        fields = {"traceparent": traceparent}
+        tracestate = carrier.get("tracestate")
+        if tracestate is not None and len(tracestate) <= _MAX_TRACESTATE:
+            fields["tracestate"] = tracestate  # a longer one is dropped; the parent still counts
+        return self._propagator.extract(fields, getter=self._getter)
 
     def shutdown(self) -> None:
         """Send what is queued within _FLUSH_SECONDS, then abandon the rest: a collector that is down or

@@ -328,3 +328,47 @@ async def test_a_supervisor_refuses_bad_otel_settings_before_starting_workers(
     with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number"):
         await supervisor.run()
     assert not started.exists()
+
+
+_CLIENT_CONTEXTS = """
+import sys
+from sidecar.logs import setup_logging
+setup_logging("json", "info")
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sidecar.extproc.tracing import Tracing
+from sidecar.extproc.record import StreamRecord
+tracing = Tracing(exporter=InMemorySpanExporter())
+good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+carriers = [
+    {"traceparent": "x" * 600},
+    {"traceparent": good + "-" + "y" * 5000},
+    {"traceparent": good, "tracestate": "k=v," * 300},
+    {"traceparent": good, "tracestate": "NOT VALID=" + "\\x01" * 300},
+    {"traceparent": good, "tracestate": ",".join(f"k{i}=v" for i in range(60))},
+]
+for carrier in carriers * 5:
+    record = StreamRecord(None, "default", tracing=tracing, access=False, metadata=carrier)
+    record.observe("request_headers", 0.001)
+    record.finish()
+"""
+
+
+async def test_hostile_trace_context_from_a_client_writes_nothing_to_stderr() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT_CONTEXTS], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""  # no unformatted last-resort line, no line per request
+
+
+async def test_an_over_long_tracestate_is_dropped_and_the_parent_kept() -> None:
+    tracing = Tracing(exporter=InMemorySpanExporter())
+    from opentelemetry.trace import get_current_span
+
+    kept = tracing.parent({"traceparent": TRACEPARENT, "tracestate": "k=v," * 200})
+    assert format(get_current_span(kept).get_span_context().trace_id, "032x") == TRACE_ID
+    assert len(get_current_span(kept).get_span_context().trace_state) == 0
+    assert tracing.parent({"traceparent": TRACEPARENT + "0"}) is None
+    tracing.shutdown()
