@@ -193,7 +193,7 @@ class StreamRecord:
         return "ok"
 
     def finish(self, failure: str | None = None) -> None:
-        """The stream is over: `failure` names how it failed (protocol, stream, cancelled), None if it did not."""
+        """The stream is over: `failure` names how it failed (protocol, stream, cancelled, internal), None if not."""
         outcome = self.outcome(failure)
         duration = time.perf_counter() - self._started
         if self.tracing is not None:

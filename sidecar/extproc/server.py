@@ -183,13 +183,15 @@ class ExtProcServer:
         )
         processor = StreamProcessor(chain, self.registry, metrics=record, stream_timeout=self.config.stream_timeout)
         record.ctx = processor.ctx
-        failed = None
+        failure: str | None = "internal"  # unless _run returns: an exception nobody expected
         try:
             failed = await self._run(processor, read, write)
+            failure = failed[0] if failed is not None else None
         except asyncio.CancelledError:
-            record.finish("cancelled" if record.cancelled else None)  # see lifetime._answer
+            failure = "cancelled" if record.cancelled else None  # see lifetime._answer
             raise
-        record.finish(failed[0] if failed is not None else None)
+        finally:  # every stream gets its access line and its span ended, however it ends
+            record.finish(failure)
         return failed[1] if failed is not None else None
 
     async def _run(self, processor: StreamProcessor, read: Read, write: Write) -> tuple[str, CallError] | None:

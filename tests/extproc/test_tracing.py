@@ -372,3 +372,31 @@ async def test_an_over_long_tracestate_is_dropped_and_the_parent_kept() -> None:
     assert len(get_current_span(kept).get_span_context().trace_state) == 0
     assert tracing.parent({"traceparent": TRACEPARENT + "0"}) is None
     tracing.shutdown()
+
+
+async def test_a_stream_that_fails_unexpectedly_still_ends_its_span_and_access_line(
+    tmp_path: Path, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar.extproc import server as server_module
+
+    async def broken(*args: Any) -> None:
+        raise KeyError("a bug nobody expected")
+
+    tracing = Tracing(exporter=exporter)
+    specs = (ChainSpec("default", (PluginSpec(f"{TP}AddHeaders"),)),)
+    server = ExtProcServer(Registry.from_specs(specs), SidecarConfig(tracing=False, access_log=True), socket_path=None)
+    server._tracing, server._recording = tracing, True
+    monkeypatch.setattr(server_module, "serve", broken)
+
+    async def read() -> None:
+        return None
+
+    async def write(message: Any) -> None:
+        return None
+
+    with caplog.at_level("INFO", logger="sidecar.access"), pytest.raises(KeyError):
+        await server._stream("default", read, write, {})
+    (span,) = _finished(tracing, exporter)
+    assert span.attributes["sidecar.outcome"] == "internal"
+    (line,) = [r for r in caplog.records if r.name == "sidecar.access"]
+    assert line.outcome == "internal"
