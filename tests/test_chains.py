@@ -259,12 +259,24 @@ def test_an_undeclared_namespace_is_the_plugins_error() -> None:
         ({"metadata_namespaces": None}, "got NoneType None"),
         ({"request_attributes": {"request.path"}}, "got set of 1 items"),
         ({"forwarding_namespaces": b"ns"}, "got bytes of 2 bytes"),
+        # The access log reads %DYNAMIC_METADATA(a:b)% as namespace a, key b: no ':' (nor []'") in a namespace.
+        ({"metadata_namespaces": ("envoy.lb:canary",)}, "'envoy.lb:canary' is not a name"),
+        ({"metadata_namespaces": ("ns)%",)}, "is not a name"),
+        ({"forwarding_namespaces": ("a[0]",)}, "is not a name"),
+        ({"metadata_namespaces": ("it's",)}, "is not a name"),
+        ({"metadata_namespaces": ('say"',)}, "digits and ._-/\\)"),
     ],
 )
 def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: str) -> None:
     plugin_class = type("Declares", (_AlsoReads,), attributes)
     with pytest.raises(PluginLoadError, match=message):
         Chain("c", [plugin_class()])
+
+
+def test_attributes_keep_the_characters_namespaces_may_not_use() -> None:
+    attributes = ("request.headers['x-tenant']", 'request.headers["a:b"]', "xds.route_metadata")
+    plugin_class = type("Declares", (_AlsoReads,), {"request_attributes": attributes})
+    assert Chain("c", [plugin_class()]) is not None
 
 
 def _envoy_config(*args: str) -> Any:
@@ -292,6 +304,7 @@ def test_envoy_config_failure_mode_allow_and_an_access_log_with_the_plugins_meta
     (entry,) = hcm["access_log"]
     assert entry["typed_config"]["path"] == str(log)
     fields = entry["typed_config"]["log_format"]["json_format"]
+    assert fields["path"] == "%PATH(NQ)%"  # never the query: tokens, pre-signed URLs
     assert fields["metadata.envoy-sidecar"] == "%DYNAMIC_METADATA(envoy-sidecar)%"
     assert fields["metadata.other-ns"] == "%DYNAMIC_METADATA(other-ns)%"  # Framing declares it
     validate_bootstrap(bootstrap)  # Envoy itself accepts it
