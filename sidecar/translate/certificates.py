@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
+import os
 import ssl
-import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sidecar.translate.grants import reference_permitted
@@ -174,17 +176,46 @@ def _pem(kind: str, der: bytes) -> str:
 
 
 def _check_key_matches(where: str, chain_pem: str, key_pem: str) -> None:
-    """OpenSSL parses the chain and the key and checks that the key is the leaf certificate's."""
+    """OpenSSL parses the chain and the key and checks that the key is the leaf certificate's. Both reach
+    it through pipes, never a file: a private key is not written to disk, not even to a private temp dir."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory(prefix="sidecar-cert-") as scratch:  # created 0700: the key stays private
-        cert_file, key_file = Path(scratch, "tls.crt"), Path(scratch, "tls.key")
-        cert_file.write_text(chain_pem)
-        key_file.write_text(key_pem)
+    with _piped(chain_pem.encode()) as cert_file, _piped(key_pem.encode()) as key_file:
         try:
-            context.load_cert_chain(cert_file, key_file)
+            context.load_cert_chain(cert_file, key_file, password=_NO_PASSWORD)
         except ssl.SSLError as exc:
             problem = "private key does not match the certificate" if "mismatch" in str(exc).lower() else exc.reason
             raise _Refused(f"{where}: tls.crt and tls.key are not a usable pair: {problem}") from None
+
+
+def _NO_PASSWORD() -> bytes:
+    # An encrypted key (unreachable: _blocks refuses one) fails to decrypt; OpenSSL never prompts a terminal.
+    return b""
+
+
+@contextlib.contextmanager
+def _piped(data: bytes) -> Iterator[str]:
+    """A path (/dev/fd/N) OpenSSL reads `data` from, through a pipe a thread fills. A pipe holds 64 KiB,
+    hence the thread; if OpenSSL stops reading early, closing the read end ends the write (EPIPE)."""
+    read_end, write_end = os.pipe()
+
+    def fill() -> None:
+        try:
+            with open(write_end, "wb") as out:
+                out.write(data)
+        except OSError:  # the reader is gone
+            pass
+
+    writer = threading.Thread(target=fill, name="certificate-pipe", daemon=True)
+    writer.start()
+    try:
+        yield f"/dev/fd/{read_end}"
+    finally:
+        os.close(read_end)
+        writer.join(_PIPE_JOIN_SECONDS)
+
+
+#: Seconds to wait for a pipe's writer after OpenSSL is done (it ends at once: EOF or EPIPE).
+_PIPE_JOIN_SECONDS = 5.0
 
 
 # ---- the validity period of a DER certificate (Certificate -> tbsCertificate -> validity) ---------
