@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import os
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,9 +176,10 @@ def _pem(kind: str, der: bytes) -> str:
 
 def _check_key_matches(where: str, chain_pem: str, key_pem: str) -> None:
     """OpenSSL parses the chain and the key and checks that the key is the leaf certificate's. Both reach
-    it through pipes, never a file: a private key is not written to disk, not even to a private temp dir."""
+    it as in-memory files, never a file on disk: a private key is not written anywhere, not even to a
+    private temporary directory."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with _piped(chain_pem.encode()) as cert_file, _piped(key_pem.encode()) as key_file:
+    with _in_memory(chain_pem.encode()) as cert_file, _in_memory(key_pem.encode()) as key_file:
         try:
             context.load_cert_chain(cert_file, key_file, password=_NO_PASSWORD)
         except ssl.SSLError as exc:
@@ -193,29 +193,17 @@ def _NO_PASSWORD() -> bytes:
 
 
 @contextlib.contextmanager
-def _piped(data: bytes) -> Iterator[str]:
-    """A path (/dev/fd/N) OpenSSL reads `data` from, through a pipe a thread fills. A pipe holds 64 KiB,
-    hence the thread; if OpenSSL stops reading early, closing the read end ends the write (EPIPE)."""
-    read_end, write_end = os.pipe()
-
-    def fill() -> None:
-        try:
-            with open(write_end, "wb") as out:
-                out.write(data)
-        except OSError:  # the reader is gone
-            pass
-
-    writer = threading.Thread(target=fill, name="certificate-pipe", daemon=True)
-    writer.start()
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path (/dev/fd/N) OpenSSL reads `data` from: an anonymous in-memory file (memfd), which has no
+    name in any file system and is gone when closed. Seekable, unlike a pipe (OpenSSL seeks in a key)."""
+    fd = os.memfd_create("sidecar-certificate", os.MFD_CLOEXEC)
     try:
-        yield f"/dev/fd/{read_end}"
+        written = 0
+        while written < len(data):  # a write may be short
+            written += os.write(fd, memoryview(data)[written:])
+        yield f"/dev/fd/{fd}"
     finally:
-        os.close(read_end)
-        writer.join(_PIPE_JOIN_SECONDS)
-
-
-#: Seconds to wait for a pipe's writer after OpenSSL is done (it ends at once: EOF or EPIPE).
-_PIPE_JOIN_SECONDS = 5.0
+        os.close(fd)
 
 
 # ---- the validity period of a DER certificate (Certificate -> tbsCertificate -> validity) ---------

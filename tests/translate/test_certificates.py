@@ -259,7 +259,7 @@ def test_the_key_check_writes_no_file(pems: dict[str, bytes], tmp_path: Path, mo
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    big_chain = pems["rsa.crt"] * 60  # past a pipe's 64 KiB: the writer must not block the check
+    big_chain = pems["rsa.crt"] * 60  # a long chain (past 64 KiB)
     sys.addaudithook(_audit)  # every file Python opens for writing (a hook stays: it checks _WATCH)
     opened: list[str] = []
     _WATCH.append(opened)
