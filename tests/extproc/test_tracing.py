@@ -253,6 +253,7 @@ async def test_a_long_streamed_body_makes_a_bounded_number_of_spans(
     spans = _finished(tracing, exporter)
     (stream,) = [s for s in spans if s.name == "ext_proc default"]
     assert stream.attributes["sidecar.phase_spans_dropped"] == 501 - MAX_PHASE_SPANS
+    assert stream.attributes["sidecar.plugin_spans_dropped"] == 501 - MAX_PHASE_SPANS  # theirs too
     assert len(spans) <= 1 + MAX_PHASE_SPANS * 2  # each phase span and its one plugin span
 
 
@@ -400,3 +401,19 @@ async def test_a_stream_that_fails_unexpectedly_still_ends_its_span_and_access_l
     assert span.attributes["sidecar.outcome"] == "internal"
     (line,) = [r for r in caplog.records if r.name == "sidecar.access"]
     assert getattr(line, "outcome", None) == "internal"
+
+
+async def test_plugin_spans_past_the_bound_of_a_phase_are_counted(exporter: InMemorySpanExporter) -> None:
+    from sidecar.extproc.record import MAX_RECORDED_CALLS, StreamRecord
+
+    tracing = Tracing(exporter=exporter)
+    record = StreamRecord(None, "default", tracing=tracing, access=False, metadata={})
+    for i in range(MAX_RECORDED_CALLS + 30):  # one phase whose stream hook runs many times
+        record.plugin_ran(f"p{i}", "request_body", 0.0001)
+    record.observe("request_body", 0.01)
+    record.finish()
+    spans = _finished(tracing, exporter)
+    (stream,) = [s for s in spans if s.name == "ext_proc default"]
+    assert stream.attributes["sidecar.plugin_spans_dropped"] == 30
+    assert "sidecar.phase_spans_dropped" not in stream.attributes
+    assert len([s for s in spans if s.attributes.get("sidecar.plugin")]) == MAX_RECORDED_CALLS
