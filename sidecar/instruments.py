@@ -81,6 +81,8 @@ class _Instrument:
         self.labels = labels
         self._dropped = [0]  # shared with a second declaration of the same name, like the series
         self._series: dict[tuple[str, ...], Any] = {}
+        # Each series' key as published (a JSON list), made once when the series is: publishing is per second.
+        self._published_keys: dict[tuple[str, ...], str] = {}
         existing = _declared.get(name)
         if existing is not None:
             if existing.kind != self.kind or existing.labels != labels or existing._shape() != self._shape():
@@ -89,6 +91,7 @@ class _Instrument:
                     f"as a {self.kind} with labels {list(labels)}"
                 )
             self._series = existing._series  # one set of numbers, whichever object a plugin holds
+            self._published_keys = existing._published_keys
             self._dropped = existing._dropped
         else:
             if len(_declared) >= MAX_INSTRUMENTS:
@@ -113,13 +116,15 @@ class _Instrument:
                 self._dropped[0] += 1
                 return None
             _series_kept[0] += 1  # the caller adds the series now
+            # A JSON list, not a joined string: any character a label value holds stays in its own label.
+            self._published_keys[key] = json.dumps(key)
         return key
 
     def _values(self) -> dict[str, Any]:
-        # A JSON list, not a joined string: any character a label value holds stays in its own label.
         # Copies: the snapshot is serialised in another thread while hooks keep updating.
+        keys = self._published_keys  # an unlabelled instrument's one series, (), has none: "[]"
         series = self._series.items()
-        return {json.dumps(key): list(value) if isinstance(value, list) else value for key, value in series}
+        return {keys.get(key) or "[]": list(value) if isinstance(value, list) else value for key, value in series}
 
     def snapshot(self) -> dict[str, Any]:
         return {
