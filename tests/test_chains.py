@@ -362,3 +362,36 @@ spec:
     options = ext_proc["metadata_options"]
     assert options["receiving_namespaces"]["untyped"] == ["mine", "envoy-sidecar", "other-ns"]
     assert options["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]
+
+
+def test_the_generated_access_log_leaves_the_query_string_out_in_real_envoy(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    from sidecar.chains import load_sidecar
+    from sidecar.testing import EnvoyHarness
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from tests.support.wait import wait_for
+
+    def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+    log = tmp_path / "access.log"
+    plugin = f"{tp.TP}AddHeaders"
+    config, registry = load_sidecar(None, [plugin], listen=f"unix:{tmp_path / 'unused.sock'}", workers=1)
+    (generated,) = hcm(build_bootstrap(registry, config, BootstrapOptions(access_log=str(log))))["access_log"]
+
+    def use_generated_log(bootstrap: dict[str, Any]) -> None:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [generated]
+
+    with EnvoyHarness(plugins=[plugin], bootstrap_hook=use_generated_log) as env:
+        reply = httpx.get(f"{env.url}/files/report.pdf?X-Amz-Signature=s3cr3t-sig&token=s3cr3t-tok", timeout=10)
+        assert reply.status_code == 200
+        wait_for(lambda: log.exists() and log.read_text().strip(), 15, "the access log line")
+    text = log.read_text()
+    (line,) = [json.loads(raw) for raw in text.splitlines() if raw.strip()]
+    assert line["path"] == "/files/report.pdf"
+    assert "s3cr3t" not in text
