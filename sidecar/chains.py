@@ -190,6 +190,10 @@ DECLARATIONS = ("metadata_namespaces", "forwarding_namespaces", "request_attribu
 # A metadata namespace or an attribute (`request.path`, `source.address`, `xds.route_name`...): printable,
 # no spaces, bounded. Envoy reads the names from its config; a name it cannot use fails Envoy's start.
 _DECLARED_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-/:[]'\"")
+# A namespace goes into %DYNAMIC_METADATA(namespace)% of the access log, where ':' splits a namespace
+# from a key (and the others end or quote the name): attributes keep them (`request.headers['x']`).
+_NAMESPACE_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-/")
+_NAMESPACE_DECLARATIONS = ("metadata_namespaces", "forwarding_namespaces")
 _DECLARED_NAME_MAX = 256
 _DECLARED_MAX = 64
 
@@ -204,10 +208,12 @@ def _declaration_problem(declaration: str, value: Any) -> str | None:
     for name in value:
         if not isinstance(name, str):
             return f"{expected}, got an item {describe(name)}"
-        if not name or len(name) > _DECLARED_NAME_MAX or not _DECLARED_NAME_CHARS.issuperset(name):
+        namespace = declaration in _NAMESPACE_DECLARATIONS
+        allowed, shown = (_NAMESPACE_NAME_CHARS, "._-/") if namespace else (_DECLARED_NAME_CHARS, "._-/:[]'\"")
+        if not name or len(name) > _DECLARED_NAME_MAX or not allowed.issuperset(name):
             return (
                 f"{declaration}: {name[:_DECLARED_NAME_MAX]!r} is not a name (1 to {_DECLARED_NAME_MAX} letters, "
-                "digits and ._-/:[]'\")"
+                f"digits and {shown})"
             )
     return None
 

@@ -23,6 +23,7 @@ Gauges are summed over the live workers (a gauge per worker, like open connectio
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from bisect import bisect_left
@@ -30,12 +31,24 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 
-__all__ = ["MAX_INSTRUMENTS", "MAX_SERIES", "Counter", "Gauge", "Histogram", "declared", "snapshot"]
+__all__ = [
+    "MAX_INSTRUMENTS",
+    "MAX_PROCESS_SERIES",
+    "MAX_SERIES",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "declared",
+    "snapshot",
+]
 
 #: Label sets one instrument keeps; updates for more are dropped and counted.
 MAX_SERIES = 1000
 #: Instruments one process may declare (a name built from request data would otherwise grow forever).
 MAX_INSTRUMENTS = 1000
+#: Label sets all instruments of one process keep together: the snapshot a worker publishes every second
+#: stays small. Updates for more are dropped and counted like those past MAX_SERIES.
+MAX_PROCESS_SERIES = 10_000
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,199}")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
@@ -45,6 +58,7 @@ _RESERVED_LABELS = frozenset({"le", "worker"})
 _MAX_LABEL_VALUE = 256
 
 _declared: dict[str, _Instrument] = {}
+_series_kept = [0]  # label sets over every instrument of this process
 
 
 class _Instrument:
@@ -67,6 +81,8 @@ class _Instrument:
         self.labels = labels
         self._dropped = [0]  # shared with a second declaration of the same name, like the series
         self._series: dict[tuple[str, ...], Any] = {}
+        # Each series' key as published (a JSON list), made once when the series is: publishing is per second.
+        self._published_keys: dict[tuple[str, ...], str] = {}
         existing = _declared.get(name)
         if existing is not None:
             if existing.kind != self.kind or existing.labels != labels or existing._shape() != self._shape():
@@ -75,6 +91,7 @@ class _Instrument:
                     f"as a {self.kind} with labels {list(labels)}"
                 )
             self._series = existing._series  # one set of numbers, whichever object a plugin holds
+            self._published_keys = existing._published_keys
             self._dropped = existing._dropped
         else:
             if len(_declared) >= MAX_INSTRUMENTS:
@@ -94,13 +111,20 @@ class _Instrument:
             key = tuple(str(values[label])[:_MAX_LABEL_VALUE] for label in self.labels)
         except KeyError:
             raise ValueError(f"metric {self.name}: expected labels {list(self.labels)}, got {sorted(values)}") from None
-        if key not in self._series and len(self._series) >= MAX_SERIES:
-            self._dropped[0] += 1
-            return None
+        if key not in self._series:
+            if len(self._series) >= MAX_SERIES or _series_kept[0] >= MAX_PROCESS_SERIES:
+                self._dropped[0] += 1
+                return None
+            _series_kept[0] += 1  # the caller adds the series now
+            # A JSON list, not a joined string: any character a label value holds stays in its own label.
+            self._published_keys[key] = json.dumps(key)
         return key
 
     def _values(self) -> dict[str, Any]:
-        return {"\0".join(key): value for key, value in self._series.items()}
+        # Copies: the snapshot is serialised in another thread while hooks keep updating.
+        keys = self._published_keys  # an unlabelled instrument's one series, (), has none: "[]"
+        series = self._series.items()
+        return {keys.get(key) or "[]": list(value) if isinstance(value, list) else value for key, value in series}
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -109,3 +109,11 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # OpenTelemetry's own warnings (an exporter that cannot reach its collector) go through the same
+    # formatted handler, never Python's last-resort one. Its trace-context parsing warns about what a
+    # client sent, once per request and quoting it: that is the client's business, not the log's.
+    otel = logging.getLogger("opentelemetry")
+    otel.handlers[:] = [handler]
+    otel.setLevel(logging.WARNING)
+    otel.propagate = False
+    logging.getLogger("opentelemetry.trace").setLevel(logging.ERROR)

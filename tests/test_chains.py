@@ -259,12 +259,24 @@ def test_an_undeclared_namespace_is_the_plugins_error() -> None:
         ({"metadata_namespaces": None}, "got NoneType None"),
         ({"request_attributes": {"request.path"}}, "got set of 1 items"),
         ({"forwarding_namespaces": b"ns"}, "got bytes of 2 bytes"),
+        # The access log reads %DYNAMIC_METADATA(a:b)% as namespace a, key b: no ':' (nor []'") in a namespace.
+        ({"metadata_namespaces": ("envoy.lb:canary",)}, "'envoy.lb:canary' is not a name"),
+        ({"metadata_namespaces": ("ns)%",)}, "is not a name"),
+        ({"forwarding_namespaces": ("a[0]",)}, "is not a name"),
+        ({"metadata_namespaces": ("it's",)}, "is not a name"),
+        ({"metadata_namespaces": ('say"',)}, "digits and ._-/\\)"),
     ],
 )
 def test_declarations_are_checked_at_load(attributes: dict[str, Any], message: str) -> None:
     plugin_class = type("Declares", (_AlsoReads,), attributes)
     with pytest.raises(PluginLoadError, match=message):
         Chain("c", [plugin_class()])
+
+
+def test_attributes_keep_the_characters_namespaces_may_not_use() -> None:
+    attributes = ("request.headers['x-tenant']", 'request.headers["a:b"]', "xds.route_metadata")
+    plugin_class = type("Declares", (_AlsoReads,), {"request_attributes": attributes})
+    assert Chain("c", [plugin_class()]) is not None
 
 
 def _envoy_config(*args: str) -> Any:
@@ -292,6 +304,7 @@ def test_envoy_config_failure_mode_allow_and_an_access_log_with_the_plugins_meta
     (entry,) = hcm["access_log"]
     assert entry["typed_config"]["path"] == str(log)
     fields = entry["typed_config"]["log_format"]["json_format"]
+    assert fields["path"] == "%PATH(NQ)%"  # never the query: tokens, pre-signed URLs
     assert fields["metadata.envoy-sidecar"] == "%DYNAMIC_METADATA(envoy-sidecar)%"
     assert fields["metadata.other-ns"] == "%DYNAMIC_METADATA(other-ns)%"  # Framing declares it
     validate_bootstrap(bootstrap)  # Envoy itself accepts it
@@ -349,3 +362,36 @@ spec:
     options = ext_proc["metadata_options"]
     assert options["receiving_namespaces"]["untyped"] == ["mine", "envoy-sidecar", "other-ns"]
     assert options["forwarding_namespaces"]["untyped"] == ["envoy.filters.http.jwt_authn"]
+
+
+def test_the_generated_access_log_leaves_the_query_string_out_in_real_envoy(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    from sidecar.chains import load_sidecar
+    from sidecar.testing import EnvoyHarness
+    from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap
+    from tests.support.wait import wait_for
+
+    def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+    log = tmp_path / "access.log"
+    plugin = f"{tp.TP}AddHeaders"
+    config, registry = load_sidecar(None, [plugin], listen=f"unix:{tmp_path / 'unused.sock'}", workers=1)
+    (generated,) = hcm(build_bootstrap(registry, config, BootstrapOptions(access_log=str(log))))["access_log"]
+
+    def use_generated_log(bootstrap: dict[str, Any]) -> None:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [generated]
+
+    with EnvoyHarness(plugins=[plugin], bootstrap_hook=use_generated_log) as env:
+        reply = httpx.get(f"{env.url}/files/report.pdf?X-Amz-Signature=s3cr3t-sig&token=s3cr3t-tok", timeout=10)
+        assert reply.status_code == 200
+        wait_for(lambda: log.exists() and log.read_text().strip(), 15, "the access log line")
+    text = log.read_text()
+    (line,) = [json.loads(raw) for raw in text.splitlines() if raw.strip()]
+    assert line["path"] == "/files/report.pdf"
+    assert "s3cr3t" not in text

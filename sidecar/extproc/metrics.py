@@ -9,9 +9,12 @@ depends on prometheus_client's multiprocess mode. A snapshot also carries the pl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,7 +37,19 @@ from sidecar.errors import ConfigError
 from sidecar.plugins import Respond
 from sidecar.wire import PHASES
 
-__all__ = ["Metrics", "MetricsCollector", "Snapshot", "merge", "process_usage", "read_snapshots", "serve_metrics"]
+__all__ = [
+    "Metrics",
+    "MetricsCollector",
+    "Snapshot",
+    "fold_retired",
+    "merge",
+    "process_usage",
+    "read_snapshots",
+    "serve_metrics",
+    "write_snapshot",
+]
+
+log = logging.getLogger("sidecar.metrics")
 
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
@@ -44,6 +59,11 @@ MAX_REGISTRY_SAMPLES = 10_000
 # Per process, not summable: prometheus_client's default collectors describe the supervisor itself.
 _PER_PROCESS = ("process_", "python_", "sidecar_")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: Seconds between warnings about a plugin's collector that raises (it raises on every publish).
+_WARN_EVERY = 60.0
+_last_warned = [float("-inf")]
+#: The file a supervisor folds its dead workers' snapshots into (not a pid: never live).
+RETIRED = "retired.json"
 
 
 def process_usage() -> dict[str, float]:
@@ -123,10 +143,37 @@ class Metrics:
 
     def write_snapshot(self, path: Path) -> None:
         """Atomically replace `path` with the current snapshot (for the supervisor to sum)."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snapshot-")
+        write_snapshot(path, self.snapshot())
+
+
+def write_snapshot(path: Path, snap: Snapshot) -> None:
+    """Atomically replace `path` with `snap` (plain data, so another thread may serialise it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".snapshot-")
+    try:
         with os.fdopen(fd, "w") as out:
-            json.dump(self.snapshot(), out)
+            json.dump(snap, out)
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _collected_families() -> Iterator[Any]:
+    """The families of every collector in the default registry; a collector that raises (a plugin's
+    Gauge.set_function callback, say) is left out with a warning, never the others with it."""
+    with REGISTRY._lock:  # a copy: another thread may register meanwhile
+        collectors = list(REGISTRY._collector_to_names)
+    for collector in collectors:
+        try:
+            families = list(collector.collect())
+        except Exception as exc:
+            now = time.monotonic()
+            if now - _last_warned[0] >= _WARN_EVERY:
+                _last_warned[0] = now
+                log.warning("metrics: a prometheus_client collector raised; its metrics are left out: %r", exc)
+            continue
+        yield from families
 
 
 def registry_samples() -> dict[str, Any]:
@@ -134,7 +181,7 @@ def registry_samples() -> dict[str, Any]:
     family -> type, help, and {sample name + labels (JSON): value}. Bounded by MAX_REGISTRY_SAMPLES."""
     families: dict[str, Any] = {}
     count = 0
-    for family in REGISTRY.collect():
+    for family in _collected_families():
         if family.name.startswith(_PER_PROCESS):
             continue
         samples: dict[str, float] = {}
@@ -213,6 +260,25 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             total["active"] += snap["active"]
             total["processes"].update(snap.get("processes", {}))
     return total
+
+
+def fold_retired(directory: Path, live_pids: set[int]) -> None:
+    """Fold the snapshots of workers that exited into one file (RETIRED), so restarts do not pile up
+    files the supervisor reads on every scrape. Their counters still count; their gauges did not."""
+    dead = [path for path in directory.glob("*.json") if path.stem.isdigit() and int(path.stem) not in live_pids]
+    if not dead:
+        return
+    retired = directory / RETIRED
+    snapshots = []
+    for path in [retired, *dead]:
+        try:
+            snapshots.append({**json.loads(path.read_text()), "live": False})
+        except (OSError, ValueError):
+            continue  # none yet, or a worker killed mid-write (its temporary file is never a .json)
+    write_snapshot(retired, merge(snapshots))
+    for path in dead:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def read_snapshots(directory: Path, live_pids: set[int]) -> Snapshot:
@@ -349,7 +415,7 @@ def _instrument_families(declared: dict[str, Any]) -> Iterator[Any]:
         else:
             family = HistogramMetricFamily(name, spec["help"], labels=labels)
         for key, value in sorted(spec["series"].items()):
-            values = key.split("\0") if labels else []
+            values = json.loads(key) if labels else []
             if spec["kind"] == "histogram":
                 _histogram(family, values, spec["buckets"], value)
             else:

@@ -61,6 +61,7 @@ class StreamRecord:
         #: Envoy reset the stream while a message was being answered (its message_timeout).
         self.cancelled = False
         self._phase_spans_made = 0
+        self._plugin_spans_dropped = 0  # past MAX_RECORDED_CALLS in a phase, or under a dropped phase
         # A phase's plugin calls, for spans: plugin, outcome, start ns, end ns, phase, error id.
         self._pending: list[list[Any]] = []
         self._span: Any = None
@@ -102,9 +103,12 @@ class StreamRecord:
             result = "error"
         else:
             result = "continue"
-        if self.tracing is not None and len(self._pending) < MAX_RECORDED_CALLS:
-            end = time.time_ns()
-            self._pending.append([plugin, result, end - int(seconds * 1e9), end, phase, None])
+        if self.tracing is not None:
+            if len(self._pending) < MAX_RECORDED_CALLS:
+                end = time.time_ns()
+                self._pending.append([plugin, result, end - int(seconds * 1e9), end, phase, None])
+            else:
+                self._plugin_spans_dropped += 1
 
     def observe(self, phase: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -114,6 +118,7 @@ class StreamRecord:
             if self._phase_spans_made <= MAX_PHASE_SPANS:
                 self._phase_spans(phase, seconds)
             else:
+                self._plugin_spans_dropped += len(self._pending)
                 self._pending.clear()
 
     # -- spans ----------------------------------------------------------------------------------
@@ -193,7 +198,7 @@ class StreamRecord:
         return "ok"
 
     def finish(self, failure: str | None = None) -> None:
-        """The stream is over: `failure` names how it failed (protocol, stream, cancelled), None if it did not."""
+        """The stream is over: `failure` names how it failed (protocol, stream, cancelled, internal), None if not."""
         outcome = self.outcome(failure)
         duration = time.perf_counter() - self._started
         if self.tracing is not None:
@@ -208,6 +213,8 @@ class StreamRecord:
                     self._span.set_attribute("sidecar.error_id", self.error_id)
                 if self._phase_spans_made > MAX_PHASE_SPANS:
                     self._span.set_attribute("sidecar.phase_spans_dropped", self._phase_spans_made - MAX_PHASE_SPANS)
+                if self._plugin_spans_dropped:
+                    self._span.set_attribute("sidecar.plugin_spans_dropped", self._plugin_spans_dropped)
                 if failure is not None or self.error_id is not None:
                     self._span.set_status(self.tracing.error_status)
                 self._span.end()

@@ -32,7 +32,7 @@ from sidecar.errors import ConfigError, ProtocolError, StreamFailure
 from sidecar.extproc.health import Health
 from sidecar.extproc.http2 import Call, Http2Server
 from sidecar.extproc.lifetime import Read, Write, WriteEncoded, serve
-from sidecar.extproc.metrics import Metrics
+from sidecar.extproc.metrics import Metrics, write_snapshot
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.extproc.record import StreamRecord
 from sidecar.extproc.status import CallError, Status
@@ -188,13 +188,15 @@ class ExtProcServer:
         )
         processor = StreamProcessor(chain, self.registry, metrics=record, stream_timeout=self.config.stream_timeout)
         record.ctx = processor.ctx
-        failed = None
+        failure: str | None = "internal"  # unless _run returns: an exception nobody expected
         try:
             failed = await self._run(processor, read, write, write_encoded)
+            failure = failed[0] if failed is not None else None
         except asyncio.CancelledError:
-            record.finish("cancelled" if record.cancelled else None)  # see lifetime._answer
+            failure = "cancelled" if record.cancelled else None  # see lifetime._answer
             raise
-        record.finish(failed[0] if failed is not None else None)
+        finally:  # every stream gets its access line and its span ended, however it ends
+            record.finish(failure)
         return failed[1] if failed is not None else None
 
     async def _run(
@@ -376,16 +378,19 @@ class ExtProcServer:
             await self.stop()
             if publisher is not None:
                 publisher.cancel()
-                self._write_snapshot()
+                await self._publish()
 
-    def _write_snapshot(self) -> None:
+    async def _publish(self) -> None:
+        """Take the snapshot on the loop (plain copies, bounded by the series caps); serialise and write it
+        in a thread, so the loop never waits for json or the disk. A failure (a full disk, a plugin's
+        collector) is a warning: the next publish tries again."""
         if self.metrics is not None and self.snapshot_file is not None:
             try:
-                self.metrics.write_snapshot(self.snapshot_file)
-            except OSError as exc:
-                log.warning("cannot publish metrics to %s: %s", self.snapshot_file, exc.strerror)
+                await asyncio.to_thread(write_snapshot, self.snapshot_file, self.metrics.snapshot())
+            except Exception as exc:
+                log.warning("cannot publish metrics to %s: %r", self.snapshot_file, exc)
 
     async def _publish_metrics(self) -> None:
         while True:
-            self._write_snapshot()
+            await self._publish()
             await asyncio.sleep(METRICS_PUBLISH_SECONDS)

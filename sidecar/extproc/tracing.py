@@ -17,12 +17,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from sidecar.errors import ConfigError
 
-__all__ = ["SERVICE_NAME", "Tracing", "check_installed"]
+__all__ = ["SERVICE_NAME", "Tracing", "check_installed", "check_settings"]
 
 log = logging.getLogger("sidecar.tracing")
 
@@ -33,8 +34,13 @@ _WHOLE_NUMBERS = (
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
     "OTEL_BSP_EXPORT_TIMEOUT",
 )
-#: Seconds `shutdown` gives the exporter to send what is queued.
+#: Seconds `shutdown` gives the exporter to send what is queued; past them the rest is abandoned.
 _FLUSH_SECONDS = 5.0
+#: A W3C traceparent is 55 characters (version 00); tracestate at most 32 members, 512 characters.
+_MAX_TRACEPARENT = 55
+_MAX_TRACESTATE = 512
+#: Characters of an OpenTelemetry error quoted in a ConfigError (it may echo a long setting).
+_MAX_QUOTED = 200
 
 
 def check_installed() -> None:
@@ -46,6 +52,14 @@ def check_installed() -> None:
             found = False
         if not found:
             raise ConfigError(_MISSING)
+
+
+def check_settings() -> None:
+    """ConfigError unless tracing can start with this environment's OTEL_* settings: run once by a
+    supervisor before it starts workers, so a bad setting is one line and exit 2, not N workers
+    exiting and being restarted forever."""
+    check_installed()
+    Tracing().shutdown()
 
 
 _MISSING = "tracing: OpenTelemetry is not installed; install the extra: pip install 'envoy-sidecar[otel]'"
@@ -74,10 +88,12 @@ class Tracing:
 
                 exporter = OTLPSpanExporter()
             attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
-            self.provider = TracerProvider(resource=Resource.create(attributes))
+            # No atexit flush of its own: it would drain the queue with no time bound (`shutdown` has one).
+            self.provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
-        except ValueError as exc:  # the SDK checks OTEL_BSP_* and the exporter's settings
-            raise ConfigError(f"tracing: the OTEL_* settings do not work: {exc}") from None
+        except Exception as exc:  # the SDK and the exporter check OTEL_*, each with exceptions of its own
+            detail = str(exc)[:_MAX_QUOTED] or type(exc).__name__
+            raise ConfigError(f"tracing: the OTEL_* settings do not work: {detail}") from None
         self.tracer = self.provider.get_tracer("envoy-sidecar")
         self._propagator = TraceContextTextMapPropagator()
         self._getter = DefaultGetter()
@@ -88,14 +104,30 @@ class Tracing:
 
     def parent(self, carrier: Mapping[str, str]) -> Any:
         """The context a `traceparent` (and `tracestate`) in `carrier` names; an empty one otherwise."""
-        if "traceparent" not in carrier:
-            return None
-        return self._propagator.extract(dict(carrier), getter=self._getter)
+        traceparent = carrier.get("traceparent")
+        if traceparent is None or len(traceparent) > _MAX_TRACEPARENT:
+            return None  # not a W3C traceparent: the stream starts a trace of its own
+        fields = {"traceparent": traceparent}
+        tracestate = carrier.get("tracestate")
+        if tracestate is not None and len(tracestate) <= _MAX_TRACESTATE:
+            fields["tracestate"] = tracestate  # a longer one is dropped; the parent still counts
+        return self._propagator.extract(fields, getter=self._getter)
 
     def shutdown(self) -> None:
-        """Send what is queued, within a bound: a collector that is down cannot hold the exit up."""
-        try:
-            self.provider.force_flush(int(_FLUSH_SECONDS * 1000))
-            self.provider.shutdown()
-        except Exception as exc:  # an exporter's failure is never the server's
-            log.warning("tracing: could not flush spans at exit: %s", exc)
+        """Send what is queued within _FLUSH_SECONDS, then abandon the rest: a collector that is down or
+        slow cannot hold the exit up. The SDK's shutdown waits for the exporter with no bound, so it runs
+        in a daemon thread this waits for only as long as the budget lasts."""
+        done = threading.Event()
+
+        def flush_and_stop() -> None:
+            try:
+                self.provider.force_flush(int(_FLUSH_SECONDS * 1000))
+                self.provider.shutdown()
+            except Exception as exc:  # an exporter's failure is never the server's
+                log.warning("tracing: could not flush spans at exit: %s", exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=flush_and_stop, name="tracing-shutdown", daemon=True).start()
+        if not done.wait(_FLUSH_SECONDS):
+            log.warning("tracing: the collector did not take the queued spans within %.0f s: dropped", _FLUSH_SECONDS)

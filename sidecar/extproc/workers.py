@@ -14,13 +14,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.chains import Registry
 from sidecar.config import SidecarConfig
-from sidecar.extproc.metrics import Metrics, Snapshot, read_snapshots, serve_metrics
+from sidecar.extproc.metrics import Metrics, Snapshot, fold_retired, read_snapshots, serve_metrics
 from sidecar.extproc.server import ExtProcServer
 
 __all__ = ["Supervisor", "run_single"]
@@ -72,6 +73,8 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
+        # Scrapes (a thread) never read the snapshot files while a dead worker's is being folded away.
+        self._snapshots_lock = threading.Lock()
 
     async def _keep_alive(self, index: int, env: dict[str, str]) -> None:
         env = {**env, WORKER_INDEX_ENV: str(index)}
@@ -85,6 +88,7 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             self.restarts += 1
+            self._fold_dead_snapshots(Path(env[METRICS_DIR_ENV]))
             if time.monotonic() - started > _HEALTHY_AFTER:
                 backoff = _BACKOFF_START
             log.error(
@@ -100,12 +104,24 @@ class Supervisor:
 
     def _metrics_source(self, directory: Path) -> Callable[[], Snapshot]:
         def source() -> Snapshot:
-            live = {proc.pid for proc in self._procs.values() if proc.returncode is None}
-            total = read_snapshots(directory, live)
+            live = self._live_pids()
+            with self._snapshots_lock:
+                total = read_snapshots(directory, live)
             total["restarts"] = self.restarts
             return total
 
         return source
+
+    def _live_pids(self) -> set[int]:
+        return {proc.pid for proc in self._procs.values() if proc.returncode is None}
+
+    def _fold_dead_snapshots(self, directory: Path) -> None:
+        """One file for every worker that exited, not one per restart (each scrape reads them all)."""
+        try:
+            with self._snapshots_lock:
+                fold_retired(directory, self._live_pids())
+        except OSError as exc:
+            log.warning("cannot fold the metrics of exited workers in %s: %s", directory, exc.strerror)
 
     async def _stop_all(self) -> None:
         for proc in self._procs.values():
@@ -124,9 +140,9 @@ class Supervisor:
 
     async def run(self) -> int:
         if self.config.tracing:  # once here, not in N workers crash-looping on it
-            from sidecar.extproc.tracing import check_installed
+            from sidecar.extproc.tracing import check_settings
 
-            check_installed()
+            check_settings()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)

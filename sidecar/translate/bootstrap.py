@@ -239,7 +239,7 @@ def ext_proc_filter(registry: Registry, config: SidecarConfig, *, failure_mode_a
 _ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%PATH(NQ)%",  # never the query string: it carries tokens and pre-signed URLs
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",

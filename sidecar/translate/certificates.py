@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
+import os
 import ssl
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sidecar.translate.grants import reference_permitted
@@ -174,17 +175,35 @@ def _pem(kind: str, der: bytes) -> str:
 
 
 def _check_key_matches(where: str, chain_pem: str, key_pem: str) -> None:
-    """OpenSSL parses the chain and the key and checks that the key is the leaf certificate's."""
+    """OpenSSL parses the chain and the key and checks that the key is the leaf certificate's. Both reach
+    it as in-memory files, never a file on disk: a private key is not written anywhere, not even to a
+    private temporary directory."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory(prefix="sidecar-cert-") as scratch:  # created 0700: the key stays private
-        cert_file, key_file = Path(scratch, "tls.crt"), Path(scratch, "tls.key")
-        cert_file.write_text(chain_pem)
-        key_file.write_text(key_pem)
+    with _in_memory(chain_pem.encode()) as cert_file, _in_memory(key_pem.encode()) as key_file:
         try:
-            context.load_cert_chain(cert_file, key_file)
+            context.load_cert_chain(cert_file, key_file, password=_NO_PASSWORD)
         except ssl.SSLError as exc:
             problem = "private key does not match the certificate" if "mismatch" in str(exc).lower() else exc.reason
             raise _Refused(f"{where}: tls.crt and tls.key are not a usable pair: {problem}") from None
+
+
+def _NO_PASSWORD() -> bytes:
+    # An encrypted key (unreachable: _blocks refuses one) fails to decrypt; OpenSSL never prompts a terminal.
+    return b""
+
+
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path (/dev/fd/N) OpenSSL reads `data` from: an anonymous in-memory file (memfd), which has no
+    name in any file system and is gone when closed. Seekable, unlike a pipe (OpenSSL seeks in a key)."""
+    fd = os.memfd_create("sidecar-certificate", os.MFD_CLOEXEC)
+    try:
+        written = 0
+        while written < len(data):  # a write may be short
+            written += os.write(fd, memoryview(data)[written:])
+        yield f"/dev/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 # ---- the validity period of a DER certificate (Certificate -> tbsCertificate -> validity) ---------

@@ -137,7 +137,7 @@ def test_instrument_declarations_are_checked() -> None:
     second = Counter("decl_test_shared", "one", labels=("x",))  # the same plugin in two chains
     first.inc(x="1")
     second.inc(x="1")
-    assert instruments.snapshot()["decl_test_shared"]["series"] == {"1": 2.0}
+    assert instruments.snapshot()["decl_test_shared"]["series"] == {'["1"]': 2.0}
     with pytest.raises(ConfigError, match="declared twice"):
         Gauge("decl_test_shared", "other", labels=("x",))
     with pytest.raises(ConfigError, match="declared twice"):
@@ -161,11 +161,11 @@ def test_instrument_updates_are_checked_and_series_bounded() -> None:
     counter.inc(user="user-0")  # an existing series still counts
     snap = instruments.snapshot()["bound_test_hits"]
     assert len(snap["series"]) == instruments.MAX_SERIES
-    assert snap["series"]["user-0"] == 2.0
+    assert snap["series"]['["user-0"]'] == 2.0
     assert snap["dropped"] == 25
     assert 'sidecar_plugin_metric_series_dropped_total{metric="bound_test_hits"} 25.0' in scrape(Metrics())
     counter.inc(user="x" * 10_000)  # dropped too (full), and never a 10 kB label
-    assert all(len(key) <= 256 for key in instruments.snapshot()["bound_test_hits"]["series"])
+    assert all(len(json.loads(key)[0]) <= 256 for key in instruments.snapshot()["bound_test_hits"]["series"])
 
 
 def _scrape_url(url: str) -> str:
@@ -362,3 +362,114 @@ def test_a_workers_prometheus_client_registry_is_published_bounded_and_summed(
     monkeypatch.setattr(metrics_module, "MAX_REGISTRY_SAMPLES", 5)
     bounded = metrics_module.registry_samples()
     assert sum(len(family["samples"]) for family in bounded.values()) == 5
+
+
+def test_a_plugin_collector_that_raises_is_left_out_and_the_rest_still_published(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = prometheus_client.Gauge("raising_test_depth", "depth")
+    broken.set_function(lambda: 1 / 0)  # a plugin's callback that fails on every publish
+    kept = prometheus_client.Counter("raising_test_kept", "kept")
+    kept.inc(3)
+    try:
+        worker = Metrics()
+        worker.publish_registry = True
+        with caplog.at_level("WARNING", logger="sidecar.metrics"):
+            for _ in range(3):
+                snap = worker.snapshot()
+        assert "raising_test_depth" not in snap["registry"]
+        assert snap["registry"]["raising_test_kept"]["samples"]
+        warnings = [r for r in caplog.records if "collector raised" in r.getMessage()]
+        assert len(warnings) == 1  # rate-limited: not one line per publish
+        assert "ZeroDivisionError" in warnings[0].getMessage()
+    finally:
+        prometheus_client.REGISTRY.unregister(broken)
+        prometheus_client.REGISTRY.unregister(kept)
+
+
+@pytest.mark.asyncio
+async def test_a_publish_that_fails_leaves_the_publisher_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar.extproc import server as server_module
+
+    metrics = Metrics()
+    snapshot_file = tmp_path / "1.json"
+    specs = (ChainSpec("default", (PluginSpec(f"{TP}AddHeaders"),)),)
+    server = ExtProcServer(
+        Registry.from_specs(specs), SidecarConfig(), socket_path=None, metrics=metrics, snapshot_file=snapshot_file
+    )
+    threads: list[str] = []
+
+    def write(path: Path, snap: dict[str, object]) -> None:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        metrics_module.write_snapshot(path, snap)
+
+    monkeypatch.setattr(server_module, "write_snapshot", write)
+    monkeypatch.setattr(metrics, "snapshot", lambda: {"bad": object()})  # json cannot write it
+    with caplog.at_level("WARNING", logger="sidecar.extproc"):
+        await server._publish()  # returns: the publisher's loop goes on
+    assert "cannot publish metrics" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(server_module, "write_snapshot", write)
+    await server._publish()
+    assert json.loads(snapshot_file.read_text())["streams"] == {}
+    assert threads and all(name != "MainThread" for name in threads)  # serialised off the event loop
+
+
+def test_a_nul_in_a_label_value_stays_in_its_own_label() -> None:
+    hits = Counter("nul_test_hits", "h", labels=("tenant", "route"))
+    hits.inc(tenant="evil\0admin", route="/x")
+    hits.inc(tenant="evil", route="admin\0/x")
+    latency = Histogram("nul_test_latency", "l", labels=("tenant",))
+    latency.observe(0.1, tenant="a\0b")
+    series = instruments.snapshot()["nul_test_hits"]["series"]
+    assert len(series) == 2  # two label sets, not one merged
+    assert sorted(json.loads(key) for key in series) == [["evil", "admin\0/x"], ["evil\0admin", "/x"]]
+    text = scrape(Metrics())
+    hits_lines = [line for line in text.splitlines() if line.startswith("nul_test_hits_total")]
+    assert len(hits_lines) == 2
+    assert any('tenant="evil"' in line for line in hits_lines)
+    assert all(line.endswith(" 1.0") for line in hits_lines)
+    assert sum(line.startswith("nul_test_latency_count") for line in text.splitlines()) == 1
+
+
+def test_the_plugin_series_of_a_process_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instruments, "MAX_PROCESS_SERIES", instruments._series_kept[0] + 3)
+    first = Counter("proc_cap_test_a", "a", labels=("k",))
+    second = Histogram("proc_cap_test_b", "b", labels=("k",))
+    for i in range(4):
+        first.inc(k=str(i))  # 3 kept, the 4th dropped
+    for i in range(4):
+        second.observe(1.0, k=str(i))  # all dropped: the process is full
+    first.inc(k="0")  # an existing series still counts
+    snap = instruments.snapshot()
+    assert len(snap["proc_cap_test_a"]["series"]) == 3
+    assert snap["proc_cap_test_a"]["series"]['["0"]'] == 2.0
+    assert snap["proc_cap_test_a"]["dropped"] == 1
+    assert snap["proc_cap_test_b"]["series"] == {}
+    assert snap["proc_cap_test_b"]["dropped"] == 4
+
+
+def test_dead_workers_snapshots_are_folded_into_one_file(tmp_path: Path) -> None:
+    def worker(streams: int) -> Metrics:
+        metrics = Metrics()
+        for _ in range(streams):
+            metrics.stream_opened("default")
+        return metrics
+
+    worker(3).write_snapshot(tmp_path / "100.json")
+    worker(4).write_snapshot(tmp_path / "200.json")
+    worker(5).write_snapshot(tmp_path / "300.json")
+    metrics_module.fold_retired(tmp_path, live_pids={100})
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == ["100.json", metrics_module.RETIRED]
+    total = read_snapshots(tmp_path, live_pids={100})
+    assert total["streams"] == {"default": 12}
+    assert total["active"] == 3  # only the live worker's streams are open
+    for pid in range(400, 420):  # a worker crash-looping: still one file
+        worker(1).write_snapshot(tmp_path / f"{pid}.json")
+        metrics_module.fold_retired(tmp_path, live_pids={100})
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert read_snapshots(tmp_path, live_pids={100})["streams"] == {"default": 32}

@@ -253,4 +253,167 @@ async def test_a_long_streamed_body_makes_a_bounded_number_of_spans(
     spans = _finished(tracing, exporter)
     (stream,) = [s for s in spans if s.name == "ext_proc default"]
     assert stream.attributes["sidecar.phase_spans_dropped"] == 501 - MAX_PHASE_SPANS
+    assert stream.attributes["sidecar.plugin_spans_dropped"] == 501 - MAX_PHASE_SPANS  # theirs too
     assert len(spans) <= 1 + MAX_PHASE_SPANS * 2  # each phase span and its one plugin span
+
+
+class _DeadCollector(SpanExporter):
+    """Every export blocks, as the OTLP exporter does against a collector that is down, until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exporting = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exporting += 1
+        self.release.wait(10)
+        self.exporting -= 1
+        return SpanExportResult.FAILURE
+
+
+async def test_shutdown_abandons_spans_a_dead_collector_does_not_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.extproc import tracing as tracing_module
+
+    monkeypatch.setattr(tracing_module, "_FLUSH_SECONDS", 0.2)
+    exporter = _DeadCollector()
+    tracing = Tracing(exporter=exporter)
+    for i in range(3000):  # several batches: the SDK's shutdown would export each, one timeout apiece
+        tracing.tracer.start_span(f"s{i}").end()
+    try:
+        tracing.shutdown()
+        # It returned while the exporter is still stuck in a batch: the rest was abandoned.
+        assert exporter.exporting == 1
+    finally:
+        exporter.release.set()
+
+
+async def test_no_unbounded_flush_is_left_for_interpreter_exit() -> None:
+    tracing = Tracing(exporter=InMemorySpanExporter())
+    assert tracing.provider._atexit_handler is None  # the SDK's own atexit shutdown has no time bound
+    tracing.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "brotli"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://[::1"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "abc"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+    ],
+)
+async def test_any_otel_setting_the_sdk_refuses_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from sidecar.extproc.tracing import check_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"^tracing: ") as raised:
+        check_settings()  # the OTLP exporter and batch processor the server would build
+    assert "\n" not in str(raised.value)
+    assert len(str(raised.value)) < 300
+
+
+async def test_a_supervisor_refuses_bad_otel_settings_before_starting_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sidecar.extproc.workers import Supervisor
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "abc")
+    started = tmp_path / "started"
+    # A worker that would leave a mark: none may start.
+    command = [sys.executable, "-c", f"open({str(started)!r}, 'w')"]
+    supervisor = Supervisor([command, command], SidecarConfig(tracing=True))
+    with pytest.raises(ConfigError, match="OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number"):
+        await supervisor.run()
+    assert not started.exists()
+
+
+_CLIENT_CONTEXTS = """
+import sys
+from sidecar.logs import setup_logging
+setup_logging("json", "info")
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sidecar.extproc.tracing import Tracing
+from sidecar.extproc.record import StreamRecord
+tracing = Tracing(exporter=InMemorySpanExporter())
+good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+carriers = [
+    {"traceparent": "x" * 600},
+    {"traceparent": good + "-" + "y" * 5000},
+    {"traceparent": good, "tracestate": "k=v," * 300},
+    {"traceparent": good, "tracestate": "NOT VALID=" + "\\x01" * 300},
+    {"traceparent": good, "tracestate": ",".join(f"k{i}=v" for i in range(60))},
+]
+for carrier in carriers * 5:
+    record = StreamRecord(None, "default", tracing=tracing, access=False, metadata=carrier)
+    record.observe("request_headers", 0.001)
+    record.finish()
+"""
+
+
+async def test_hostile_trace_context_from_a_client_writes_nothing_to_stderr() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT_CONTEXTS], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""  # no unformatted last-resort line, no line per request
+
+
+async def test_an_over_long_tracestate_is_dropped_and_the_parent_kept() -> None:
+    tracing = Tracing(exporter=InMemorySpanExporter())
+    from opentelemetry.trace import get_current_span
+
+    kept = tracing.parent({"traceparent": TRACEPARENT, "tracestate": "k=v," * 200})
+    assert format(get_current_span(kept).get_span_context().trace_id, "032x") == TRACE_ID
+    assert len(get_current_span(kept).get_span_context().trace_state) == 0
+    assert tracing.parent({"traceparent": TRACEPARENT + "0"}) is None
+    tracing.shutdown()
+
+
+async def test_a_stream_that_fails_unexpectedly_still_ends_its_span_and_access_line(
+    tmp_path: Path, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar.extproc import server as server_module
+
+    async def broken(*args: Any) -> None:
+        raise KeyError("a bug nobody expected")
+
+    tracing = Tracing(exporter=exporter)
+    specs = (ChainSpec("default", (PluginSpec(f"{TP}AddHeaders"),)),)
+    server = ExtProcServer(Registry.from_specs(specs), SidecarConfig(tracing=False, access_log=True), socket_path=None)
+    server._tracing, server._recording = tracing, True
+    monkeypatch.setattr(server_module, "serve", broken)
+
+    async def read() -> None:
+        return None
+
+    async def write(message: Any) -> None:
+        return None
+
+    with caplog.at_level("INFO", logger="sidecar.access"), pytest.raises(KeyError):
+        await server._stream("default", read, write, {})
+    (span,) = _finished(tracing, exporter)
+    assert span.attributes["sidecar.outcome"] == "internal"
+    (line,) = [r for r in caplog.records if r.name == "sidecar.access"]
+    assert getattr(line, "outcome", None) == "internal"
+
+
+async def test_plugin_spans_past_the_bound_of_a_phase_are_counted(exporter: InMemorySpanExporter) -> None:
+    from sidecar.extproc.record import MAX_RECORDED_CALLS, StreamRecord
+
+    tracing = Tracing(exporter=exporter)
+    record = StreamRecord(None, "default", tracing=tracing, access=False, metadata={})
+    for i in range(MAX_RECORDED_CALLS + 30):  # one phase whose stream hook runs many times
+        record.plugin_ran(f"p{i}", "request_body", 0.0001)
+    record.observe("request_body", 0.01)
+    record.finish()
+    spans = _finished(tracing, exporter)
+    (stream,) = [s for s in spans if s.name == "ext_proc default"]
+    assert stream.attributes["sidecar.plugin_spans_dropped"] == 30
+    assert "sidecar.phase_spans_dropped" not in stream.attributes
+    assert len([s for s in spans if s.attributes.get("sidecar.plugin")]) == MAX_RECORDED_CALLS

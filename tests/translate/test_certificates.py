@@ -238,3 +238,41 @@ def test_two_served_listeners_on_one_port_need_distinct_hostnames(pems: dict[str
     assert "Gateway/default/eg: spec.listeners[2].hostname: HTTPS listeners sharing port 443 need distinct" in str(
         refused.value
     )
+
+
+_WATCH: list[list[str]] = []  # while a test watches: the paths opened for writing
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and _WATCH and not isinstance(args[0], int):
+        mode, flags = args[1], args[2]
+        writing = (mode is not None and any(c in mode for c in "wax+")) or (flags or 0) & 0o3
+        if writing:
+            _WATCH[0].append(str(args[0]))
+
+
+def test_the_key_check_writes_no_file(pems: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    big_chain = pems["rsa.crt"] * 60  # a long chain (past 64 KiB)
+    sys.addaudithook(_audit)  # every file Python opens for writing (a hook stays: it checks _WATCH)
+    opened: list[str] = []
+    _WATCH.append(opened)
+    try:
+        found = _decide(
+            [{"name": "rsa"}, {"name": "ec"}, {"name": "swapped"}],
+            _secret("rsa", big_chain, pems["rsa.key"])
+            + _secret("ec", pems["ec.crt"], pems["ec.key"])
+            + _secret("swapped", pems["rsa.crt"], pems["ec.key"]),
+        )
+    finally:
+        _WATCH.clear()
+    assert len(found.pairs) == 2
+    assert any("not a usable pair" in problem for problem in found.problems)
+    assert opened == []  # no key (nor certificate) was written to any file
+    assert list(scratch.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import logging
 import os
 import stat
 import threading
@@ -24,7 +25,11 @@ from sidecar.wasm.host.errors import WasmLoadError
 
 __all__ = ["Limits", "cache_dir", "compile_module", "engine_for", "read_module_bytes", "ticks_for"]
 
+log = logging.getLogger("sidecar.wasm")
+
 _TICK_S = 0.005
+#: Compiled code read back from the cache; a larger file is not loaded (modules are at most 256 MiB).
+MAX_ARTIFACT_BYTES = 1 << 30
 _WASM_MAGIC = b"\0asm"
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
@@ -105,9 +110,10 @@ def compile_module(engine: wasmtime.Engine, data: bytes | str, name: str, *, cac
     engine_key = hashlib.sha256(_engine_fingerprint(engine)).hexdigest()[:16]
     usable = cache is not None and _private_dir(cache)
     path = cache / f"{hashlib.sha256(raw).hexdigest()}-{engine_key}.cwasm" if usable and cache else None
-    if path is not None and path.exists():
+    artifact = _read_own_artifact(path) if path is not None else None
+    if path is not None and artifact is not None:
         try:
-            module = wasmtime.Module.deserialize_file(engine, str(path))
+            module = wasmtime.Module.deserialize(engine, artifact)
         except wasmtime.WasmtimeError:
             path.unlink(missing_ok=True)  # stale artifact from another wasmtime build
         else:
@@ -121,9 +127,35 @@ def compile_module(engine: wasmtime.Engine, data: bytes | str, name: str, *, cac
         raise WasmLoadError(f"{name}: cannot compile: {first}") from None
     if path is not None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(module.serialize())
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(module.serialize())
         os.replace(tmp, path)
     return module
+
+
+def _read_own_artifact(path: Path) -> bytes | None:
+    """The compiled code at `path` if this user alone could have written it; None otherwise (and a
+    file that fails the check is deleted, so it is compiled afresh). wasmtime runs deserialized code
+    as it is: a file planted by someone else, or reached through a symlink, is never loaded."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:  # a symlink (ELOOP), or unreadable
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    with os.fdopen(fd, "rb") as artifact:
+        st = os.fstat(artifact.fileno())
+        trusted = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+        if trusted and st.st_size <= MAX_ARTIFACT_BYTES:
+            return artifact.read(MAX_ARTIFACT_BYTES + 1)[:MAX_ARTIFACT_BYTES]
+    log.warning("compiled-code cache: %s is not a private file of this user; compiling afresh", path)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
 
 
 def _private_dir(directory: Path) -> bool:
