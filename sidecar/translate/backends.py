@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.translate.backendtls import ca_bundle, tls_policy
+from sidecar.translate.backendtls import UpstreamTls, upstream_tls
 from sidecar.translate.messages import address, pack, parse_duration, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.refs import BackendTarget, endpoint_kinds, service_address
-from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.resources import ResourceSet
 from sidecar.wire import SERVICE_NAME
 
 __all__ = [
@@ -272,9 +272,9 @@ def backend_retry_policy(retry: dict[str, Any]) -> Any:
     return policy
 
 
-def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
-    """EG's upstream TLS for a BackendTLSPolicy: SNI = hostname; the subjectAltNames if any, else the
-    hostname, as the names the certificate must carry; the policy's CA bundle or the system one."""
+def _upstream_tls(tls: UpstreamTls) -> Any:
+    """EG's UpstreamTlsContext: the SNI if any; unless verification is skipped, the CA bundle (or the system
+    one) and the names the certificate must carry (the subjectAltNames, else the SNI)."""
     from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
         CertificateValidationContext,
@@ -285,27 +285,20 @@ def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
     )
     from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
-    validation = policy.spec["validation"]
-    hostname = validation["hostname"]
-    cas = ca_bundle(resources, policy)  # raises TlsProblem (a ConfigError) when the CA does not load
-    trusted = DataSource(inline_string=cas) if cas is not None else DataSource(filename=SYSTEM_CA_BUNDLE)
-    names = [
-        (SubjectAltNameMatcherSanType.DNS, san["hostname"])
-        if san["type"] == "Hostname"
-        else (SubjectAltNameMatcherSanType.URI, san["uri"])
-        for san in validation.get("subjectAltNames") or []
-    ] or [(SubjectAltNameMatcherSanType.DNS, hostname)]
-    context = UpstreamTlsContext(
-        sni=hostname,
-        common_tls_context=CommonTlsContext(
-            validation_context=CertificateValidationContext(
-                trusted_ca=trusted,
-                match_typed_subject_alt_names=[
-                    SubjectAltNameMatcher(san_type=kind, matcher=StringMatcher(exact=name)) for kind, name in names
-                ],
-            )
-        ),
-    )
+    common = CommonTlsContext()
+    if not tls.skip_verify:
+        kinds = {"DNS": SubjectAltNameMatcherSanType.DNS, "URI": SubjectAltNameMatcherSanType.URI}
+        trusted = DataSource(inline_string=tls.ca) if tls.ca is not None else DataSource(filename=SYSTEM_CA_BUNDLE)
+        common.validation_context = CertificateValidationContext(
+            trusted_ca=trusted,
+            match_typed_subject_alt_names=[
+                SubjectAltNameMatcher(san_type=kinds[kind], matcher=StringMatcher(exact=name))
+                for kind, name in tls.san_names
+            ],
+        )
+    context = UpstreamTlsContext(common_tls_context=common)
+    if tls.sni is not None:
+        context.sni = tls.sni
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
 
@@ -438,13 +431,10 @@ def build_cluster(
     sidecar = options.sidecar
     if grpc and sidecar is not None and any(sidecar.is_sidecar(b) for b in backends):
         route_around_failed_workers(cluster, len(sidecar.sockets))
-    policies = [tls_policy(resources, t) for t in live]
-    with_tls = {p.key: p for p in policies if p is not None}
+    settings = {upstream_tls(resources, t) for t in live}  # raises TlsProblem (a ConfigError) when unusable
+    with_tls = [tls for tls in settings if tls is not None]
     if with_tls:
-        if len(with_tls) > 1 or None in policies:
-            raise ConfigError(
-                f"{owner}: backends of one cluster need the same BackendTLSPolicy (found "
-                f"{len(with_tls)} policies for {len(policies)} backends)"
-            )
-        cluster.transport_socket = _upstream_tls(resources, next(iter(with_tls.values())))
+        if len(settings) > 1:
+            raise ConfigError(f"{owner}: backends of one cluster need the same upstream TLS (found {len(settings)})")
+        cluster.transport_socket = _upstream_tls(with_tls[0])
     return cluster

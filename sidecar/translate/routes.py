@@ -19,7 +19,7 @@ from sidecar.errors import ConfigError
 from sidecar.translate.attachment import attached_policy
 from sidecar.translate.backendrefs import rule_backends
 from sidecar.translate.backends import H2C, build_cluster
-from sidecar.translate.backendtls import tls_policy
+from sidecar.translate.backendtls import upstream_tls
 from sidecar.translate.messages import enable_on_route, pack, parse_duration
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.policies import (
@@ -166,7 +166,7 @@ def _needs_cluster_per_backend(resources: ResourceSet, targets: list[BackendTarg
     """EG's NeedsClusterPerSetting, for what one Envoy cluster cannot hold: DNS names mixed with static
     addresses, backends with different upstream TLS, or HTTP/2-only backends beside HTTP/1 ones."""
     kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
-    tls = {(p.namespace, p.name) if (p := tls_policy(resources, t)) else None for t in targets}
+    tls = {upstream_tls(resources, t) for t in targets}
     h2c = {t.resource.kind == "Backend" and H2C in (t.resource.spec.get("appProtocols") or []) for t in targets}
     return ("fqdn" in kinds and len(kinds) > 1) or len(tls) > 1 or len(h2c) > 1
 

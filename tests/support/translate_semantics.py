@@ -142,7 +142,7 @@ def _tls(cluster: dict[str, Any]) -> Facts:
         return None
     validation = (config.get("common_tls_context") or {}).get("validation_context") or {}
     trusted = validation.get("trusted_ca") or {}
-    ca = "system" if "filename" in trusted else _pem(trusted.get("inline_string", ""))
+    ca = None if not trusted else "system" if "filename" in trusted else _pem(trusted.get("inline_string", ""))
     sans = tuple(
         (m.get("san_type", "DNS"), (m.get("matcher") or {}).get("exact"))
         for m in validation.get("match_typed_subject_alt_names") or []
@@ -229,9 +229,11 @@ def _eg_tls(tls: dict[str, Any] | None) -> Facts:
     if not tls:
         return None
     sni = tls.get("sni")
+    if tls.get("insecureSkipVerify"):
+        return (sni, (), None)  # EG writes no validation context at all
     sans = tuple(
         ("DNS", s["hostname"]) if s.get("hostname") else ("URI", s.get("uri")) for s in tls.get("subjectAltNames") or []
-    ) or (("DNS", sni),)
+    ) or ((("DNS", sni),) if sni else ())
     certificate = (tls.get("caCertificate") or {}).get("certificate")
     ca = (
         "system"
