@@ -272,6 +272,10 @@ def backend_retry_policy(retry: dict[str, Any]) -> Any:
     return policy
 
 
+def _is_fallback(target: BackendTarget) -> bool:
+    return target.resource.kind == "Backend" and target.resource.spec.get("fallback") is True
+
+
 def _upstream_tls(tls: UpstreamTls) -> Any:
     """EG's UpstreamTlsContext: the SNI if any; unless verification is skipped, the CA bundle (or the system
     one) and the names the certificate must carry (the subjectAltNames, else the SNI)."""
@@ -381,6 +385,9 @@ def build_cluster(
                 locality=Locality(region=f"{name}/backend/{index}"),
                 lb_endpoints=endpoints,
                 load_balancing_weight=None if lb.consistent else target.weight,
+                # EG's fallback Backend: priority 1, served only while the priority-0 hosts are unhealthy
+                # (below 72% with Envoy's default overprovisioning factor of 1.4).
+                priority=1 if _is_fallback(target) else 0,
             )
         )
     backends = [t.resource for t in live]

@@ -466,6 +466,7 @@ SPEC_SCHEMAS: dict[str, Node] = {
             "appProtocols": List(
                 Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
             ),
+            "fallback": BOOL,
             # The server-validation half of EG's BackendTLSSettings (backendtls.upstream_tls); client
             # certificates, versions, ciphers, ALPN and auto SNI are not implemented (unknown fields).
             "tls": Obj(

@@ -201,3 +201,15 @@ def test_h2c_backend_gets_http2(run_envoy: Run, h2c: bool) -> None:
         assert response.headers.get("grpc-status") == ("12" if h2c else "14")
     finally:
         grpc_server.close()
+
+
+def test_a_fallback_backend_waits_behind_the_primary(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+    """EG's `fallback: true`: the Backend's locality gets priority 1 in the rule's one cluster. While the
+    primary is healthy it gets no traffic; a rule whose only backend is a fallback still serves from it."""
+    text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+    text += backend("b", f"ip: {{address: 127.0.0.1, port: {backends['b'].port}}}") + "  fallback: true\n"
+    text += route("both", "/both", "a", "b") + route("alone", "/alone", "b")
+    url = run_envoy(text)
+    assert {get(url, "/both").text for _ in range(20)} == {"a /both"}
+    assert get(url, "/alone").text == "b /alone"
+    assert not [p for p in backends["b"].paths if p.startswith("/both")]
