@@ -483,3 +483,20 @@ def test_backend_tls_that_cannot_verify_is_refused_by_name(tmp_path: Path, tls: 
     )
     with pytest.raises(ConfigError, match=r"Backend/default/b: spec\.tls"):
         render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+
+
+def test_a_policy_in_another_namespace_does_not_supply_a_backends_ca(tmp_path: Path) -> None:
+    """EG's Backend check counts a BackendTLSPolicy naming the Backend from any namespace, but a policy only
+    ever targets its own: the render stops with the policy named, never a cluster without verification."""
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eg}\nspec:\n"
+        "  gatewayClassName: eg\n  listeners: [{name: http, protocol: HTTP, port: 80}]\n"
+        + _backend_with_tls("b", 8443, "{}")
+        + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: BackendTLSPolicy\n"
+        "metadata: {name: elsewhere, namespace: x}\nspec:\n"
+        "  targetRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]\n"
+        "  validation: {hostname: backend.example.com, wellKnownCACertificates: System}\n"
+    )
+    with pytest.raises(ConfigError, match=r"BackendTLSPolicy/x/elsewhere: spec\.targetRefs\[0\]"):
+        render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
