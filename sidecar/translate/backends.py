@@ -303,6 +303,8 @@ def _upstream_tls(tls: UpstreamTls) -> Any:
     context = UpstreamTlsContext(common_tls_context=common)
     if tls.sni is not None:
         context.sni = tls.sni
+    elif not tls.skip_verify and not tls.san_names:
+        context.auto_sni_san_validation = True  # the SNI Envoy takes from the request's host (cluster's auto_sni)
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
 
@@ -364,7 +366,12 @@ def build_cluster(
         ClusterLbPolicy,
         ClusterMaglevLbConfig,
     )
-    from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions, Locality
+    from envoy_data_plane.envoy.config.core.v3 import (
+        Http1ProtocolOptions,
+        Http2ProtocolOptions,
+        Locality,
+        UpstreamHttpProtocolOptions,
+    )
     from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LocalityLbEndpoints
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptions,
@@ -425,23 +432,28 @@ def build_cluster(
     if dns and options.dns_resolver is not None:
         cluster.typed_dns_resolver_config = _dns_resolver(*options.dns_resolver)
     h2 = grpc or any(H2C in (b.spec.get("appProtocols") or []) for b in backends if b.kind == "Backend")
-    if h2:
-        cluster.typed_extension_protocol_options = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        }
+    settings = {upstream_tls(resources, t) for t in live}  # raises TlsProblem (a ConfigError) when unusable
+    with_tls = [tls for tls in settings if tls is not None]
+    if with_tls and len(settings) > 1:
+        raise ConfigError(f"{owner}: backends of one cluster need the same upstream TLS (found {len(settings)})")
+    tls = with_tls[0] if with_tls else None
+    # EG's auto SNI: TLS without a literal SNI takes the request's host as SNI (and, verifying, as the name
+    # the certificate must carry: _upstream_tls), so any certificate of the CA does not do for every host.
+    auto_sni = tls is not None and tls.sni is None
+    if h2 or auto_sni:
+        explicit = (
+            HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+            if h2
+            else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+        )
+        protocol = HttpProtocolOptions(explicit_http_config=explicit)
+        if auto_sni:
+            protocol.upstream_http_protocol_options = UpstreamHttpProtocolOptions(auto_sni=True)
+        options_name = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        cluster.typed_extension_protocol_options = {options_name: pack(protocol)}
+    if tls is not None:
+        cluster.transport_socket = _upstream_tls(tls)
     sidecar = options.sidecar
     if grpc and sidecar is not None and any(sidecar.is_sidecar(b) for b in backends):
         route_around_failed_workers(cluster, len(sidecar.sockets))
-    settings = {upstream_tls(resources, t) for t in live}  # raises TlsProblem (a ConfigError) when unusable
-    with_tls = [tls for tls in settings if tls is not None]
-    if with_tls:
-        if len(settings) > 1:
-            raise ConfigError(f"{owner}: backends of one cluster need the same upstream TLS (found {len(settings)})")
-        cluster.transport_socket = _upstream_tls(with_tls[0])
     return cluster

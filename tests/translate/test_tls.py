@@ -421,6 +421,7 @@ spec:
         "missing-ca": '{sni: backend.example.com, caCertificateRefs: [{group: "", kind: ConfigMap, name: absent}]}',
         "system": "{sni: backend.example.com, wellKnownCACertificates: System}",
         "skip": "{sni: www.example.com, insecureSkipVerify: true}",
+        "skip-no-sni": "{insecureSkipVerify: true}",
         "policy-wins": "{sni: nothere.example.com, wellKnownCACertificates: System}",
         "policy-supplies-ca": "{}",
     }
@@ -443,12 +444,17 @@ spec:
     with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
         host, listen = envoy.listener_address("default/eg/http")
 
-        def get(name: str) -> tuple[int, str]:
-            response = httpx.get(f"http://{host}:{listen}/{name}", timeout=10)
+        def get(name: str, authority: str = "www.example.com") -> tuple[int, str]:
+            response = httpx.get(f"http://{host}:{listen}/{name}", headers={"host": authority}, timeout=10)
             return response.status_code, response.text
 
         assert get("own-ca") == (200, "tls backend sni=backend.example.com")
-        assert get("own-ca-no-sni") == (200, "tls backend sni=")  # no SNI, no name to check: the CA decides
+        # No SNI set: as in EG, the request's host is the SNI and the name the certificate must carry, so a
+        # certificate of the CA for one name is not accepted for any host.
+        assert get("own-ca-no-sni", "backend.example.com") == (200, "tls backend sni=backend.example.com")
+        assert get("own-ca-no-sni", "backend.example.com:8080") == (200, "tls backend sni=backend.example.com")
+        assert get("own-ca-no-sni", "evil.example.com")[0] == 503
+        assert get("skip-no-sni", "evil.example.com") == (200, "tls backend sni=evil.example.com")
         assert get("wrong-sni")[0] == 503  # the SNI is also the name the certificate must carry
         assert get("wrong-ca")[0] == 503  # a CA that did not sign the backend's certificate
         assert get("missing-ca")[0] == 500
