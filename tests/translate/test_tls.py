@@ -21,6 +21,7 @@ from sidecar.errors import ConfigError
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
+from tests.support.translate_egxds import XDS, EgXds
 
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
 
@@ -506,3 +507,30 @@ def test_a_policy_in_another_namespace_does_not_supply_a_backends_ca(tmp_path: P
     )
     with pytest.raises(ConfigError, match=r"BackendTLSPolicy/x/elsewhere: spec\.targetRefs\[0\]"):
         render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+
+
+@pytest.mark.skipif(not XDS.is_dir(), reason="EG reference data (../shared) not present")
+def test_skip_verify_gives_the_same_traffic_as_egs_xds(tmp_path: Path, tls_backend: int) -> None:
+    """EG's `backend-tls-skip-verify` xDS and our render of a Backend with `tls: {insecureSkipVerify: true}`,
+    in two real Envoys before the same TLS backend: for each request host, the same status and the same SNI
+    reaching the backend (EG's auto SNI: the host, without its port)."""
+    eg = EgXds.load("backend-tls-skip-verify").bootstrap("127.0.0.1", ("127.0.0.1", tls_backend))
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eg}\nspec:\n"
+        "  gatewayClassName: eg\n  listeners: [{name: http, protocol: HTTP, port: 80}]\n"
+        + _backend_with_tls("app", tls_backend, "{insecureSkipVerify: true}").replace("value: /app", "value: /")
+    )
+    ours = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    hosts = ["www.example.com", "backend.example.com:8080", "Evil.Example.COM", "127.0.0.1", "[::1]:80", "a" * 63]
+    outcomes: dict[str, list[tuple[int, str]]] = {}
+    for bootstrap, name, listener in ((eg, "eg", "first-listener"), (ours, "ours", "default/eg/http")):
+        validate_bootstrap(bootstrap)
+        with Envoy(bootstrap, workdir=tmp_path / name) as envoy:
+            address, port = envoy.listener_address(listener)
+            outcomes[name] = [
+                (r.status_code, r.text)
+                for r in (httpx.get(f"http://{address}:{port}/x", headers={"host": h}, timeout=10) for h in hosts)
+            ]
+    assert outcomes["eg"] == outcomes["ours"]
+    assert (200, "tls backend sni=www.example.com") in outcomes["ours"]
