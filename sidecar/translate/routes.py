@@ -300,7 +300,16 @@ class RouteBuilder:
         if not targets:
             return None  # nothing resolves (or every weight is 0): the route answers 500
         action = RouteAction(hash_policy=hash_policies)
-        if unresolved or _needs_cluster_per_backend(self.resources, targets):
+        split = bool(unresolved) or _needs_cluster_per_backend(self.resources, targets)
+        fallbacks = [t.resource.name for t in targets if t.resource.spec.get("fallback") is True]
+        if split and fallbacks and len(targets) > 1:
+            # In a cluster of its own a fallback Backend would take its weighted share all the time.
+            raise ConfigError(
+                f"{route.where(path)}: fallback Backend {fallbacks[0]} needs one cluster with the rule's other "
+                "backends, which differ in address type, TLS or protocol (or a backendRef does not resolve); "
+                "give them the same, or drop fallback"
+            )
+        if split:
             # EG: one cluster per resolved backendRef, weighted; and for the unresolved share an entry
             # naming a cluster that does not exist, so that Envoy answers 500 exactly for that share.
             invalid = sum(u.weight for u in unresolved)
