@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.translate.backendtls import TlsProblem, ca_bundle, tls_policy
+from sidecar.translate.backendtls import TlsProblem, upstream_tls
 from sidecar.translate.grants import reference_permitted
 from sidecar.translate.refs import BackendTarget, endpoint_kind
 from sidecar.translate.resources import EG_API, Resource, ResourceSet
@@ -95,14 +95,11 @@ def resolve_route_ref(
         return unresolved(
             "BackendNotFound", f"ServiceImport {namespace}/{name} not found (ServiceImports are not loaded)"
         )
-    policy = tls_policy(resources, target)
-    if policy is not None:
-        try:
-            ca_bundle(resources, policy)
-        except TlsProblem as problem:
-            return unresolved(
-                "InvalidBackendTLS", f"BackendTLSPolicy {policy.namespace}/{policy.name}: {problem.message}"
-            )
+    try:
+        upstream_tls(resources, target)
+    except TlsProblem as problem:
+        owner = problem.policy
+        return unresolved("InvalidBackendTLS", f"{owner.kind} {owner.namespace}/{owner.name}: {problem.message}")
     return target
 
 

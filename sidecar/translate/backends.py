@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.translate.backendtls import ca_bundle, tls_policy
+from sidecar.translate.backendtls import UpstreamTls, upstream_tls
 from sidecar.translate.messages import address, pack, parse_duration, pipe_address
 from sidecar.translate.options import DNS_ANNOTATION, RenderOptions
 from sidecar.translate.refs import BackendTarget, endpoint_kinds, service_address
-from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.resources import ResourceSet
 from sidecar.wire import SERVICE_NAME
 
 __all__ = [
@@ -272,9 +272,13 @@ def backend_retry_policy(retry: dict[str, Any]) -> Any:
     return policy
 
 
-def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
-    """EG's upstream TLS for a BackendTLSPolicy: SNI = hostname; the subjectAltNames if any, else the
-    hostname, as the names the certificate must carry; the policy's CA bundle or the system one."""
+def _is_fallback(target: BackendTarget) -> bool:
+    return target.resource.kind == "Backend" and target.resource.spec.get("fallback") is True
+
+
+def _upstream_tls(tls: UpstreamTls) -> Any:
+    """EG's UpstreamTlsContext: the SNI if any; unless verification is skipped, the CA bundle (or the system
+    one) and the names the certificate must carry (the subjectAltNames, else the SNI)."""
     from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
         CertificateValidationContext,
@@ -285,27 +289,22 @@ def _upstream_tls(resources: ResourceSet, policy: Resource) -> Any:
     )
     from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
-    validation = policy.spec["validation"]
-    hostname = validation["hostname"]
-    cas = ca_bundle(resources, policy)  # raises TlsProblem (a ConfigError) when the CA does not load
-    trusted = DataSource(inline_string=cas) if cas is not None else DataSource(filename=SYSTEM_CA_BUNDLE)
-    names = [
-        (SubjectAltNameMatcherSanType.DNS, san["hostname"])
-        if san["type"] == "Hostname"
-        else (SubjectAltNameMatcherSanType.URI, san["uri"])
-        for san in validation.get("subjectAltNames") or []
-    ] or [(SubjectAltNameMatcherSanType.DNS, hostname)]
-    context = UpstreamTlsContext(
-        sni=hostname,
-        common_tls_context=CommonTlsContext(
-            validation_context=CertificateValidationContext(
-                trusted_ca=trusted,
-                match_typed_subject_alt_names=[
-                    SubjectAltNameMatcher(san_type=kind, matcher=StringMatcher(exact=name)) for kind, name in names
-                ],
-            )
-        ),
-    )
+    common = CommonTlsContext()
+    if not tls.skip_verify:
+        kinds = {"DNS": SubjectAltNameMatcherSanType.DNS, "URI": SubjectAltNameMatcherSanType.URI}
+        trusted = DataSource(inline_string=tls.ca) if tls.ca is not None else DataSource(filename=SYSTEM_CA_BUNDLE)
+        common.validation_context = CertificateValidationContext(
+            trusted_ca=trusted,
+            match_typed_subject_alt_names=[
+                SubjectAltNameMatcher(san_type=kinds[kind], matcher=StringMatcher(exact=name))
+                for kind, name in tls.san_names
+            ],
+        )
+    context = UpstreamTlsContext(common_tls_context=common)
+    if tls.sni is not None:
+        context.sni = tls.sni
+    elif not tls.skip_verify and not tls.san_names:
+        context.auto_sni_san_validation = True  # the SNI Envoy takes from the request's host (cluster's auto_sni)
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(context))
 
 
@@ -367,7 +366,12 @@ def build_cluster(
         ClusterLbPolicy,
         ClusterMaglevLbConfig,
     )
-    from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions, Locality
+    from envoy_data_plane.envoy.config.core.v3 import (
+        Http1ProtocolOptions,
+        Http2ProtocolOptions,
+        Locality,
+        UpstreamHttpProtocolOptions,
+    )
     from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LocalityLbEndpoints
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptions,
@@ -388,6 +392,9 @@ def build_cluster(
                 locality=Locality(region=f"{name}/backend/{index}"),
                 lb_endpoints=endpoints,
                 load_balancing_weight=None if lb.consistent else target.weight,
+                # EG's fallback Backend: priority 1, served only while the priority-0 hosts are unhealthy
+                # (below 72% with Envoy's default overprovisioning factor of 1.4).
+                priority=1 if _is_fallback(target) else 0,
             )
         )
     backends = [t.resource for t in live]
@@ -425,26 +432,28 @@ def build_cluster(
     if dns and options.dns_resolver is not None:
         cluster.typed_dns_resolver_config = _dns_resolver(*options.dns_resolver)
     h2 = grpc or any(H2C in (b.spec.get("appProtocols") or []) for b in backends if b.kind == "Backend")
-    if h2:
-        cluster.typed_extension_protocol_options = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        }
+    settings = {upstream_tls(resources, t) for t in live}  # raises TlsProblem (a ConfigError) when unusable
+    with_tls = [tls for tls in settings if tls is not None]
+    if with_tls and len(settings) > 1:
+        raise ConfigError(f"{owner}: backends of one cluster need the same upstream TLS (found {len(settings)})")
+    tls = with_tls[0] if with_tls else None
+    # EG's auto SNI: TLS without a literal SNI takes the request's host as SNI (and, verifying, as the name
+    # the certificate must carry: _upstream_tls), so any certificate of the CA does not do for every host.
+    auto_sni = tls is not None and tls.sni is None
+    if h2 or auto_sni:
+        explicit = (
+            HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+            if h2
+            else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+        )
+        protocol = HttpProtocolOptions(explicit_http_config=explicit)
+        if auto_sni:
+            protocol.upstream_http_protocol_options = UpstreamHttpProtocolOptions(auto_sni=True)
+        options_name = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        cluster.typed_extension_protocol_options = {options_name: pack(protocol)}
+    if tls is not None:
+        cluster.transport_socket = _upstream_tls(tls)
     sidecar = options.sidecar
     if grpc and sidecar is not None and any(sidecar.is_sidecar(b) for b in backends):
         route_around_failed_workers(cluster, len(sidecar.sockets))
-    policies = [tls_policy(resources, t) for t in live]
-    with_tls = {p.key: p for p in policies if p is not None}
-    if with_tls:
-        if len(with_tls) > 1 or None in policies:
-            raise ConfigError(
-                f"{owner}: backends of one cluster need the same BackendTLSPolicy (found "
-                f"{len(with_tls)} policies for {len(policies)} backends)"
-            )
-        cluster.transport_socket = _upstream_tls(resources, next(iter(with_tls.values())))
     return cluster

@@ -15,10 +15,18 @@
   system bundle.
 * **Conflicts.** A second policy aimed at the same target and section as an older one is Conflicted;
   it is not applied.
+* **A Backend's own `spec.tls`** (`upstream_tls`). A Backend may carry its TLS settings itself: `sni`,
+  `insecureSkipVerify`, and (unless it skips verification) `wellKnownCACertificates: System` or
+  `caCertificateRefs` (ConfigMaps or Secrets in the Backend's namespace, read as above). A BackendTLSPolicy
+  that also applies takes precedence where it says something: its CA replaces the Backend's (and the system
+  store unless it asks for that itself), its hostname replaces the SNI, its subjectAltNames replace the
+  names checked. TLS that ends up neither skipping verification nor trusting a CA (`tls: {}`) is an error:
+  the route share answers 500 (EG's InvalidBackendTLS), never plain text.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import ConfigError
@@ -29,11 +37,13 @@ from sidecar.translate.resources import EG_API, Resource, ResourceSet
 __all__ = [
     "CA_KEYS",
     "TlsProblem",
+    "UpstreamTls",
     "ca_bundle",
     "conflicted_tls_policies",
     "target_section",
     "tls_policy",
     "tls_policy_verdicts",
+    "upstream_tls",
 ]
 
 CA_KEYS = ("ca.crt", "tls.crt")
@@ -42,8 +52,14 @@ CA_KEYS = ("ca.crt", "tls.crt")
 class TlsProblem(ConfigError):
     """Why a BackendTLSPolicy cannot be used, with EG's reasons for its Accepted and ResolvedRefs."""
 
-    def __init__(self, policy: Resource, message: str, resolved_reason: str = "InvalidCACertificateRef") -> None:
-        super().__init__(f"{policy.where('spec.validation.caCertificateRefs')}: {message}")
+    def __init__(
+        self,
+        policy: Resource,
+        message: str,
+        resolved_reason: str = "InvalidCACertificateRef",
+        field: str = "spec.validation.caCertificateRefs",
+    ) -> None:
+        super().__init__(f"{policy.where(field)}: {message}")
         self.policy = policy
         self.message = message
         self.reason = "NoValidCACertificate"
@@ -119,30 +135,39 @@ def ca_bundle(resources: ResourceSet, policy: Resource) -> str | None:
     validation = policy.spec["validation"]
     if validation.get("wellKnownCACertificates") == "System":
         return None
+    return _ca_refs(resources, policy, validation.get("caCertificateRefs") or [], "spec.validation.caCertificateRefs")
+
+
+def _ca_refs(resources: ResourceSet, owner: Resource, refs: list[dict[str, Any]], field: str) -> str:
+    """The PEM bundle of `refs` (ConfigMaps or Secrets in `owner`'s namespace), or TlsProblem."""
     found: list[str] = []
     supported = False
-    for ref in validation.get("caCertificateRefs") or []:
+    for ref in refs:
         kind = ref.get("kind")
         if ref.get("group", "") != "" or kind not in ("ConfigMap", "Secret"):
             continue  # EG skips refs of other kinds; only if none is usable is that the problem
         supported = True
-        holder = resources.get(kind, policy.namespace, ref["name"])
+        holder = resources.get(kind, owner.namespace, ref["name"])
         if holder is None:
-            raise TlsProblem(policy, f"{kind} {policy.namespace}/{ref['name']} not found")
+            raise TlsProblem(owner, f"{kind} {owner.namespace}/{ref['name']} not found", field=field)
         value = _ca_value(holder)
         if value is None:
             raise TlsProblem(
-                policy,
-                f"no CA in {kind} {policy.namespace}/{ref['name']} (expected key {' or '.join(CA_KEYS)}, "
+                owner,
+                f"no CA in {kind} {owner.namespace}/{ref['name']} (expected key {' or '.join(CA_KEYS)}, "
                 "or a single key)",
+                field=field,
             )
         found.append(value)
     if not found:
         if not supported:
             raise TlsProblem(
-                policy, "no caCertificateRef of a supported kind (ConfigMap or Secret of the core group)", "InvalidKind"
+                owner,
+                "no caCertificateRef of a supported kind (ConfigMap or Secret of the core group)",
+                "InvalidKind",
+                field=field,
             )
-        raise TlsProblem(policy, "no valid CA certificate found in the referenced resources")
+        raise TlsProblem(owner, "no valid CA certificate found in the referenced resources", field=field)
     return "\n".join(found)
 
 
@@ -177,3 +202,64 @@ def tls_policy_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tu
         except TlsProblem as problem:
             verdicts[policy.key] = (problem.reason, problem.resolved_reason, problem.message)
     return verdicts
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """The TLS Envoy speaks to one backend, merged from the Backend's `spec.tls` and a BackendTLSPolicy."""
+
+    sni: str | None = None
+    skip_verify: bool = False
+    system: bool = False  # trust the system store
+    ca: str | None = None  # else this PEM bundle
+    names: tuple[tuple[str, str], ...] = ()  # (DNS or URI, value) the certificate must carry; () with an SNI: the SNI
+
+    @property
+    def san_names(self) -> tuple[tuple[str, str], ...]:
+        if self.skip_verify:
+            return ()
+        return self.names or ((("DNS", self.sni),) if self.sni else ())
+
+
+def _backend_tls(resources: ResourceSet, backend: Resource) -> UpstreamTls | None:
+    tls = backend.spec.get("tls")
+    if tls is None:
+        return None
+    skip = bool(tls.get("insecureSkipVerify", False))
+    system = not skip and tls.get("wellKnownCACertificates") == "System"
+    ca = None
+    if not skip and not system and tls.get("caCertificateRefs"):
+        ca = _ca_refs(resources, backend, tls["caCertificateRefs"], "spec.tls.caCertificateRefs")
+    return UpstreamTls(sni=tls.get("sni"), skip_verify=skip, system=system, ca=ca)
+
+
+def _policy_tls(resources: ResourceSet, policy: Resource) -> UpstreamTls:
+    validation = policy.spec["validation"]
+    ca = ca_bundle(resources, policy)
+    names = tuple(
+        ("DNS", san["hostname"]) if san["type"] == "Hostname" else ("URI", san["uri"])
+        for san in validation.get("subjectAltNames") or []
+    )
+    return UpstreamTls(sni=validation["hostname"], system=ca is None, ca=ca, names=names)
+
+
+def upstream_tls(resources: ResourceSet, target: BackendTarget) -> UpstreamTls | None:
+    """The TLS for the backendRef `target` (None: plain text), EG's merge of the Backend's own settings and
+    the BackendTLSPolicy that applies. Raises TlsProblem when it cannot be used."""
+    own = _backend_tls(resources, target.resource) if target.resource.kind == "Backend" else None
+    policy = tls_policy(resources, target)
+    from_policy = _policy_tls(resources, policy) if policy is not None else None
+    if own is None:
+        return from_policy
+    merged = own
+    if from_policy is not None:
+        # The policy's CA (or system store), SNI and names win; the Backend keeps insecureSkipVerify, which
+        # EG lets switch verification off even under a policy.
+        merged = UpstreamTls(from_policy.sni, own.skip_verify, from_policy.system, from_policy.ca, from_policy.names)
+    if not merged.skip_verify and not merged.system and merged.ca is None:
+        raise TlsProblem(
+            target.resource,
+            "a CA is required unless insecureSkipVerify is true (caCertificateRefs or wellKnownCACertificates)",
+            field="spec.tls",
+        )
+    return merged

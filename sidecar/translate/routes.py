@@ -19,7 +19,7 @@ from sidecar.errors import ConfigError
 from sidecar.translate.attachment import attached_policy
 from sidecar.translate.backendrefs import rule_backends
 from sidecar.translate.backends import H2C, build_cluster
-from sidecar.translate.backendtls import tls_policy
+from sidecar.translate.backendtls import upstream_tls
 from sidecar.translate.messages import enable_on_route, pack, parse_duration
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.policies import (
@@ -166,7 +166,7 @@ def _needs_cluster_per_backend(resources: ResourceSet, targets: list[BackendTarg
     """EG's NeedsClusterPerSetting, for what one Envoy cluster cannot hold: DNS names mixed with static
     addresses, backends with different upstream TLS, or HTTP/2-only backends beside HTTP/1 ones."""
     kinds = set().union(*(endpoint_kinds(t) for t in targets)) if targets else set()
-    tls = {(p.namespace, p.name) if (p := tls_policy(resources, t)) else None for t in targets}
+    tls = {upstream_tls(resources, t) for t in targets}
     h2c = {t.resource.kind == "Backend" and H2C in (t.resource.spec.get("appProtocols") or []) for t in targets}
     return ("fqdn" in kinds and len(kinds) > 1) or len(tls) > 1 or len(h2c) > 1
 
@@ -300,7 +300,16 @@ class RouteBuilder:
         if not targets:
             return None  # nothing resolves (or every weight is 0): the route answers 500
         action = RouteAction(hash_policy=hash_policies)
-        if unresolved or _needs_cluster_per_backend(self.resources, targets):
+        split = bool(unresolved) or _needs_cluster_per_backend(self.resources, targets)
+        fallbacks = [t.resource.name for t in targets if t.resource.spec.get("fallback") is True]
+        if split and fallbacks and len(targets) > 1:
+            # In a cluster of its own a fallback Backend would take its weighted share all the time.
+            raise ConfigError(
+                f"{route.where(path)}: fallback Backend {fallbacks[0]} needs one cluster with the rule's other "
+                "backends, which differ in address type, TLS or protocol (or a backendRef does not resolve); "
+                "give them the same, or drop fallback"
+            )
+        if split:
             # EG: one cluster per resolved backendRef, weighted; and for the unresolved share an entry
             # naming a cluster that does not exist, so that Envoy answers 500 exactly for that share.
             invalid = sum(u.weight for u in unresolved)

@@ -204,6 +204,35 @@ class _Checker:
                     )
             elif not endpoint["unix"]["path"].startswith("/"):
                 raise res.error(f"{path}.unix.path", f"expected an absolute path, got {endpoint['unix']['path']!r}")
+        self._backend_tls(res)
+
+    def _backend_tls(self, res: Resource) -> None:
+        """EG's rule: TLS that verifies needs a CA, from the Backend itself or from BackendTLSPolicies (one on
+        the whole Backend with a CA, or one sectioned on every endpoint port). EG matches policies to the
+        Backend by name only; a policy in another namespace never applies, so routes through it answer 500."""
+        tls = res.spec.get("tls")
+        sources = ("insecureSkipVerify", "wellKnownCACertificates", "caCertificateRefs")
+        if tls is None or any(tls.get(k) for k in sources):
+            return
+        addresses = [e.get("ip") or e.get("fqdn") for e in res.spec["endpoints"]]
+        ports = {str(a["port"]) for a in addresses if a}
+        sectioned: set[str] = set()
+        for policy in self.resources.of("BackendTLSPolicy"):
+            validation = policy.spec.get("validation") or {}
+            for ref in policy.spec.get("targetRefs") or []:
+                if (ref.get("group"), ref.get("kind"), ref.get("name")) != (EG_API, "Backend", res.name):
+                    continue
+                if ref.get("sectionName") is None:
+                    if validation.get("wellKnownCACertificates") or validation.get("caCertificateRefs"):
+                        return
+                else:
+                    sectioned.add(str(ref["sectionName"]))
+        if not ports or not ports <= sectioned:
+            raise res.error(
+                "spec.tls",
+                "a CA is required unless insecureSkipVerify is true: set caCertificateRefs or wellKnownCACertificates "
+                "(or attach a BackendTLSPolicy with one)",
+            )
 
     def _Service(self, res: Resource) -> None:
         if res.spec.get("type") == "ExternalName" and not res.spec.get("externalName"):

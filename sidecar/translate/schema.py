@@ -466,6 +466,22 @@ SPEC_SCHEMAS: dict[str, Node] = {
             "appProtocols": List(
                 Enum("gateway.envoyproxy.io/h2c", "gateway.envoyproxy.io/ws", "gateway.envoyproxy.io/wss"), 41
             ),
+            "fallback": BOOL,
+            # The server-validation half of EG's BackendTLSSettings (backendtls.upstream_tls); client
+            # certificates, versions, ciphers, ALPN and auto SNI are not implemented (unknown fields).
+            "tls": Obj(
+                {
+                    "caCertificateRefs": List(
+                        Obj({"group": _GROUP, "kind": _KIND, "name": _NAME}, ["group", "kind", "name"]), 8
+                    ),
+                    "wellKnownCACertificates": Enum("System"),
+                    "insecureSkipVerify": BOOL,
+                    "sni": Str(
+                        r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", 253, what="a DNS name"
+                    ),
+                },
+                at_most_one=[("caCertificateRefs", "wellKnownCACertificates")],
+            ),
         },
         ["endpoints"],
     ),

@@ -5,6 +5,7 @@ Both sides are reduced to the same plain facts, per EG IR route (by name) and pe
 * destination (HTTPRoute; Backend when a Backend is among them): a direct response and its status, a
   redirect, or the weighted shares: each share's weight and endpoints (a Service as its clusterIP and
   port, since outside Kubernetes that is where it is reached), and the unresolved weight answering 500;
+* the priority of each share (1 for a fallback Backend);
 * upstream TLS per share (BackendTLSPolicy): SNI, the SANs the certificate must carry, the CA (the PEM, or
   the system store);
 * authorization (SecurityPolicy): allowed or denied, for addresses in and around every CIDR named;
@@ -89,7 +90,8 @@ class Ours:
                 share = weight if weight is not None else locality.get("load_balancing_weight")
                 if share is None:  # consistent hash: the weight rides on each endpoint
                     share = (locality.get("lb_endpoints") or [{}])[0].get("load_balancing_weight", 1)
-                found.append((share, frozenset(_address(a) for a in endpoints), _tls(cluster)))
+                priority = locality.get("priority", 0)  # a fallback Backend's locality: 1
+                found.append((share, frozenset(_address(a) for a in endpoints), _tls(cluster), priority))
         return ("shares", tuple(sorted(found, key=repr)))
 
     def lb(self, route: dict[str, Any]) -> Facts:
@@ -142,7 +144,7 @@ def _tls(cluster: dict[str, Any]) -> Facts:
         return None
     validation = (config.get("common_tls_context") or {}).get("validation_context") or {}
     trusted = validation.get("trusted_ca") or {}
-    ca = "system" if "filename" in trusted else _pem(trusted.get("inline_string", ""))
+    ca = None if not trusted else "system" if "filename" in trusted else _pem(trusted.get("inline_string", ""))
     sans = tuple(
         (m.get("san_type", "DNS"), (m.get("matcher") or {}).get("exact"))
         for m in validation.get("match_typed_subject_alt_names") or []
@@ -210,7 +212,7 @@ def _eg_shares(route: dict[str, Any], services: dict[tuple[str, str], Resource])
                 ("unix", e["path"]) if e.get("path") else (e.get("host"), e.get("port"))
                 for e in setting.get("endpoints") or []
             )
-        found.append((weight, endpoints, _eg_tls(setting.get("tls"))))
+        found.append((weight, endpoints, _eg_tls(setting.get("tls")), setting.get("priority", 0)))
     if invalid:
         found.append(("invalid", invalid))
     return ("shares", tuple(sorted(found, key=repr)))
@@ -229,9 +231,11 @@ def _eg_tls(tls: dict[str, Any] | None) -> Facts:
     if not tls:
         return None
     sni = tls.get("sni")
+    if tls.get("insecureSkipVerify"):
+        return (sni, (), None)  # EG writes no validation context at all
     sans = tuple(
         ("DNS", s["hostname"]) if s.get("hostname") else ("URI", s.get("uri")) for s in tls.get("subjectAltNames") or []
-    ) or (("DNS", sni),)
+    ) or ((("DNS", sni),) if sni else ())
     certificate = (tls.get("caCertificate") or {}).get("certificate")
     ca = (
         "system"

@@ -3,9 +3,14 @@ through a real Envoy."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
+from sidecar.errors import ConfigError
+from sidecar.translate.options import RenderOptions
+from sidecar.translate.render import render_bootstrap
 from tests.support.translate_kit import GATEWAY, Run, backend, get, route
 from tests.support.translate_servers import ExtProcRecorder, NamedBackend
 
@@ -201,3 +206,27 @@ def test_h2c_backend_gets_http2(run_envoy: Run, h2c: bool) -> None:
         assert response.headers.get("grpc-status") == ("12" if h2c else "14")
     finally:
         grpc_server.close()
+
+
+def test_a_fallback_backend_waits_behind_the_primary(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
+    """EG's `fallback: true`: the Backend's locality gets priority 1 in the rule's one cluster. While the
+    primary is healthy it gets no traffic; a rule whose only backend is a fallback still serves from it."""
+    text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}")
+    text += backend("b", f"ip: {{address: 127.0.0.1, port: {backends['b'].port}}}") + "  fallback: true\n"
+    text += route("both", "/both", "a", "b") + route("alone", "/alone", "b")
+    url = run_envoy(text)
+    assert {get(url, "/both").text for _ in range(20)} == {"a /both"}
+    assert get(url, "/alone").text == "b /alone"
+    assert not [p for p in backends["b"].paths if p.startswith("/both")]
+
+
+def test_a_fallback_that_would_need_a_cluster_of_its_own_is_refused(tmp_path: Path) -> None:
+    """A fallback Backend beside a backend by name (another cluster): in a cluster of its own it would take
+    its weighted share all the time, so the render stops naming the rule instead."""
+    text = GATEWAY + backend("a", "fqdn: {hostname: primary.example.com, port: 80}")
+    text += backend("b", "ip: {address: 127.0.0.1, port: 9}") + "  fallback: true\n"
+    text += route("both", "/both", "a", "b")
+    path = tmp_path / "input.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"HTTPRoute/default/both: spec\.rules\[0\]\.backendRefs: fallback Backend b"):
+        render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))

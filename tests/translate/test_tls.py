@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.errors import ConfigError
 from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
+from tests.support.translate_egxds import XDS, EgXds
 
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
 
@@ -378,3 +380,157 @@ spec:
         assert get("sectioned") == (200, "tls backend sni=backend.example.com")  # the sectioned policy wins
         assert get("other-section") == (200, "tls backend sni=backend.example.com")  # another port's does not apply
         assert get("conflict") == (200, "tls backend sni=backend.example.com")  # the older policy applies
+
+
+def _configmap(name: str, pem: Path) -> str:
+    body = "\n".join("    " + line for line in pem.read_text().splitlines())
+    return f"\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata:\n  ca.crt: |\n{body}\n"
+
+
+def _backend_with_tls(name: str, port: int, tls: str) -> str:
+    """A Backend `name` at the TLS backend with `spec.tls` (YAML flow mapping) and a route /name to it."""
+    return _tls_case(name, port, []).replace(
+        f"  endpoints: [{{ip: {{address: 127.0.0.1, port: {port}}}}}]\n",
+        f"  endpoints: [{{ip: {{address: 127.0.0.1, port: {port}}}}}]\n  tls: {tls}\n",
+        1,
+    )
+
+
+def test_a_backends_own_tls_settings_as_eg(tmp_path: Path, pki: Path, tls_backend: int) -> None:
+    """Backend `spec.tls` in a real Envoy: the CA it names and the SNI it sets decide what Envoy accepts
+    and sends; a wrong CA, a wrong name or the system store (which lacks the test CA) is refused, never
+    sent in clear; insecureSkipVerify connects unverified; a BackendTLSPolicy wins over the Backend's CA
+    and SNI; a CA that does not load makes the route answer 500."""
+    port = tls_backend
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 80}]
+"""
+    other = ("-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt", "-days", "2")
+    _openssl("req", "-x509", *other, "-subj", "/CN=another-ca", cwd=pki)
+    text += _configmap("ca", pki / "ca.crt") + _configmap("not-the-ca", pki / "other.crt")
+    ca = '[{group: "", kind: ConfigMap, name: ca}]'
+    cases = {
+        "own-ca": f"{{sni: backend.example.com, caCertificateRefs: {ca}}}",
+        "own-ca-no-sni": f"{{caCertificateRefs: {ca}}}",
+        "wrong-sni": f"{{sni: nothere.example.com, caCertificateRefs: {ca}}}",
+        "wrong-ca": '{sni: backend.example.com, caCertificateRefs: [{group: "", kind: ConfigMap, name: not-the-ca}]}',
+        "missing-ca": '{sni: backend.example.com, caCertificateRefs: [{group: "", kind: ConfigMap, name: absent}]}',
+        "system": "{sni: backend.example.com, wellKnownCACertificates: System}",
+        "skip": "{sni: www.example.com, insecureSkipVerify: true}",
+        "skip-no-sni": "{insecureSkipVerify: true}",
+        "policy-wins": "{sni: nothere.example.com, wellKnownCACertificates: System}",
+        "policy-supplies-ca": "{}",
+    }
+    for name, tls in cases.items():
+        text += _backend_with_tls(name, port, tls)
+    for name in ("policy-wins", "policy-supplies-ca"):
+        text += f"""
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: BackendTLSPolicy
+metadata: {{name: {name}}}
+spec:
+  targetRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: {name}}}]
+  validation: {{hostname: backend.example.com, caCertificateRefs: {ca}}}
+"""
+    path = tmp_path / "tls.yaml"
+    path.write_text(text)
+    bootstrap = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    validate_bootstrap(bootstrap)
+    with Envoy(bootstrap, workdir=tmp_path / "envoy") as envoy:
+        host, listen = envoy.listener_address("default/eg/http")
+
+        def get(name: str, authority: str = "www.example.com") -> tuple[int, str]:
+            response = httpx.get(f"http://{host}:{listen}/{name}", headers={"host": authority}, timeout=10)
+            return response.status_code, response.text
+
+        assert get("own-ca") == (200, "tls backend sni=backend.example.com")
+        # No SNI set: as in EG, the request's host is the SNI and the name the certificate must carry, so a
+        # certificate of the CA for one name is not accepted for any host.
+        assert get("own-ca-no-sni", "backend.example.com") == (200, "tls backend sni=backend.example.com")
+        assert get("own-ca-no-sni", "backend.example.com:8080") == (200, "tls backend sni=backend.example.com")
+        assert get("own-ca-no-sni", "evil.example.com")[0] == 503
+        assert get("skip-no-sni", "evil.example.com") == (200, "tls backend sni=evil.example.com")
+        assert get("wrong-sni")[0] == 503  # the SNI is also the name the certificate must carry
+        assert get("wrong-ca")[0] == 503  # a CA that did not sign the backend's certificate
+        assert get("missing-ca")[0] == 500
+        assert get("system")[0] == 503
+        assert get("skip") == (200, "tls backend sni=www.example.com")
+        assert get("policy-wins") == (200, "tls backend sni=backend.example.com")
+        assert get("policy-supplies-ca") == (200, "tls backend sni=backend.example.com")
+
+
+@pytest.mark.parametrize(
+    "tls",
+    [
+        "{}",
+        "{sni: backend.example.com}",
+        "{insecureSkipVerify: false}",
+        '{wellKnownCACertificates: System, caCertificateRefs: [{group: "", kind: ConfigMap, name: ca}]}',
+        "{wellKnownCACertificates: example.com/bundle}",
+        "{sni: '*.example.com', insecureSkipVerify: true}",
+        "{insecureSkipVerify: true, minVersion: '1.3'}",
+        "{insecureSkipVerify: true, clientCertificateRef: {name: client}}",
+        "[]",
+    ],
+)
+def test_backend_tls_that_cannot_verify_is_refused_by_name(tmp_path: Path, tls: str) -> None:
+    """TLS with no CA and no skip (as EG: the Backend is Invalid), or fields not implemented: one clear error
+    naming the Backend's spec.tls, never a cluster that would connect unverified."""
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eg}\nspec:\n"
+        "  gatewayClassName: eg\n  listeners: [{name: http, protocol: HTTP, port: 80}]\n"
+        + _backend_with_tls("b", 8443, tls)
+    )
+    with pytest.raises(ConfigError, match=r"Backend/default/b: spec\.tls"):
+        render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+
+
+def test_a_policy_in_another_namespace_does_not_supply_a_backends_ca(tmp_path: Path) -> None:
+    """EG's Backend check counts a BackendTLSPolicy naming the Backend from any namespace, but a policy only
+    ever targets its own: the render stops with the policy named, never a cluster without verification."""
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eg}\nspec:\n"
+        "  gatewayClassName: eg\n  listeners: [{name: http, protocol: HTTP, port: 80}]\n"
+        + _backend_with_tls("b", 8443, "{}")
+        + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: BackendTLSPolicy\n"
+        "metadata: {name: elsewhere, namespace: x}\nspec:\n"
+        "  targetRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]\n"
+        "  validation: {hostname: backend.example.com, wellKnownCACertificates: System}\n"
+    )
+    with pytest.raises(ConfigError, match=r"BackendTLSPolicy/x/elsewhere: spec\.targetRefs\[0\]"):
+        render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+
+
+@pytest.mark.skipif(not XDS.is_dir(), reason="EG reference data (../shared) not present")
+def test_skip_verify_gives_the_same_traffic_as_egs_xds(tmp_path: Path, tls_backend: int) -> None:
+    """EG's `backend-tls-skip-verify` xDS and our render of a Backend with `tls: {insecureSkipVerify: true}`,
+    in two real Envoys before the same TLS backend: for each request host, the same status and the same SNI
+    reaching the backend (EG's auto SNI: the host, without its port)."""
+    eg = EgXds.load("backend-tls-skip-verify").bootstrap("127.0.0.1", ("127.0.0.1", tls_backend))
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: eg}\nspec:\n"
+        "  gatewayClassName: eg\n  listeners: [{name: http, protocol: HTTP, port: 80}]\n"
+        + _backend_with_tls("app", tls_backend, "{insecureSkipVerify: true}").replace("value: /app", "value: /")
+    )
+    ours = render_bootstrap([path], RenderOptions(listen_address="127.0.0.1", ephemeral_ports=True))
+    hosts = ["www.example.com", "backend.example.com:8080", "Evil.Example.COM", "127.0.0.1", "[::1]:80", "a" * 63]
+    outcomes: dict[str, list[tuple[int, str]]] = {}
+    for bootstrap, name, listener in ((eg, "eg", "first-listener"), (ours, "ours", "default/eg/http")):
+        validate_bootstrap(bootstrap)
+        with Envoy(bootstrap, workdir=tmp_path / name) as envoy:
+            address, port = envoy.listener_address(listener)
+            outcomes[name] = [
+                (r.status_code, r.text)
+                for r in (httpx.get(f"http://{address}:{port}/x", headers={"host": h}, timeout=10) for h in hosts)
+            ]
+    assert outcomes["eg"] == outcomes["ours"]
+    assert (200, "tls backend sni=www.example.com") in outcomes["ours"]
