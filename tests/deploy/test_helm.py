@@ -43,6 +43,7 @@ from tests.support.chart import (
 )
 from tests.support.helm import CHART, Render, helm_template
 from tests.support.wait import wait_for
+from tests.support.wat import add_header
 
 CASES = sorted(p.name for p in CI.glob("*-values.yaml"))
 EG_CRDS = CHART.parents[2] / "shared" / "reference" / "eg-v1.9.0" / "crds"
@@ -674,28 +675,7 @@ def test_standalone_bootstrap_passes_envoy_validate(render: Render, tmp_path: Pa
         validate_bootstrap(bootstrap)
 
 
-# A minimal proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: local` to requests, assembled from text.
-WASM_ADD_HEADER = r"""
-(module
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (data (i32.const 100) "x-wasm")
-  (data (i32.const 200) "local")
-  (global $heap (mut i32) (i32.const 4096))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 5)))
-    (i32.const 0))
-)
-"""
+WASM_ADD_HEADER = add_header("local")
 WASM_SETS = {
     "wasm.modules[0].name": "add-header",
     "wasm.modules[0].image": "registry.example.com/team/add-header:1.0.0",

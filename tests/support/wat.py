@@ -323,13 +323,14 @@ def hammer(step: str, times: int, *, payload: int = 0, setup: str = "") -> str:
 """
 
 
-#: A proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: pulled` to requests, assembled from text.
-ADD_HEADER = r"""
+def add_header(value: str) -> str:
+    """A minimal proxy-wasm (ABI 0.2.1) filter that adds `x-wasm: VALUE` to requests, as text."""
+    return f"""
 (module
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
   (data (i32.const 100) "x-wasm")
-  (data (i32.const 200) "pulled")
+  (data (i32.const 200) "{value}")
   (global $heap (mut i32) (i32.const 4096))
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
@@ -341,7 +342,11 @@ ADD_HEADER = r"""
   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 6)))
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const {len(value)})))
     (i32.const 0))
 )
 """
+
+
+#: The filter `wasm run REF` tests pull from a registry.
+ADD_HEADER = add_header("pulled")
