@@ -538,3 +538,29 @@ def test_eg_policy_declarations_become_envoys_through_the_translator(render: Ren
     assert ext_proc["request_attributes"] == arg(_sidecar(docs)["args"], "--envoy-request-attributes").split(",")
     assert ext_proc["response_attributes"] == arg(_sidecar(docs)["args"], "--envoy-response-attributes").split(",")
     validate_bootstrap(bootstrap)
+
+
+@pytest.mark.parametrize("values", ["standalone-values.yaml", "eg-extproc-values.yaml"])
+def test_extra_args_cannot_override_what_the_chart_sets(render: Render, values: str, tmp_path: Path) -> None:
+    """`sidecar.extraArgs` is for flags the chart does not set: the socket, its mode and the start checks
+    against Envoy's config keep the chart's values (argparse keeps a flag's last value)."""
+    from sidecar.cli import build_parser
+
+    hostile = [
+        "--listen=unix:/tmp/elsewhere.sock",
+        "--socket-mode=0666",
+        "--envoy-processing-mode=",
+        "--envoy-receiving-namespaces=envoy-sidecar,anything",
+        "--envoy-request-attributes=request.path",
+        "--log-level=debug",
+    ]
+    plain = _sidecar(render(CI / values))["args"]
+    extra = tmp_path / "extra-args.yaml"
+    extra.write_text(yaml.safe_dump({"sidecar": {"extraArgs": hostile}}))
+    docs = render(CI / values, extra)
+    args = _sidecar(docs)["args"]
+    parsed, expected = build_parser().parse_args(args), build_parser().parse_args(plain)
+    for field in ("listen", "socket_mode", "envoy_processing_mode", "envoy_receiving_namespaces"):
+        assert getattr(parsed, field) == getattr(expected, field), field
+    assert parsed.envoy_request_attributes == expected.envoy_request_attributes
+    assert parsed.log_level == expected.log_level  # the chart sets it too: its value stands

@@ -151,6 +151,11 @@ restartPolicy: Always
 {{- end }}
 args:
   - serve
+  # Extra arguments first: argparse keeps a flag's last value, so none of them can override what the chart
+  # sets below (the socket, its mode, the start checks against Envoy's config).
+  {{- range $v.extraArgs }}
+  - {{ . | quote }}
+  {{- end }}
   - --config
   - /etc/envoy-sidecar/config/sidecar.yaml
   - --listen
@@ -178,9 +183,6 @@ args:
   {{- if $v.metrics.enabled }}
   - --metrics
   - 0.0.0.0:{{ $v.metrics.port }}
-  {{- end }}
-  {{- range $v.extraArgs }}
-  - {{ . | quote }}
   {{- end }}
 env:
   {{- if .Values.pluginFiles }}
