@@ -5,8 +5,13 @@ EG's `ext-proc` case holds two policies on one route (`/foo` on gateway.envoypro
 (request body BUFFERED_PARTIAL, response headers sent, fail open) and policy-for-route-2 (request headers
 and a BUFFERED request body, a STREAMED response body, attributes, metadata namespaces forwarded and
 received, mode override allowed, fail open). EG's side is its listener and route for `/foo` as written,
-less the filters and routes of the case's other policies. Our side is the same intent as two policies in
-this project's input. Each side's processors are their own recording ext_proc servers (gRPC, loopback).
+less the filters and routes of the case's other policies, with one change: the case's IR is hand-written
+and processes a body without its headers, which EG's translator never produces from a policy (it sends
+the headers of each direction the policy names), so those header modes are made SEND. Our side is the
+same intent as one policy with two extProc entries (two policies on one route would conflict as
+resources). Each side's processors are their own recording ext_proc servers (gRPC, loopback). The
+metadata namespaces are compared as the processors see them (nothing upstream of the filters writes
+metadata here, so that is the empty set on both; the configs themselves are compared in test_conformance).
 
 Compared, per generated request: the status, body and headers the client gets, what the upstream saw,
 and what each processor saw (the phases, which follow the processing mode; the attributes; the metadata
