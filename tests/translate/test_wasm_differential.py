@@ -7,10 +7,12 @@ module cache (`wasm_cluster`, which the case does not hold), so it is pointed at
 instead; a local file is what this project's render hands Envoy after fetching and verifying the module
 (`code.local.filename`). Our side is the same intent as a policy with `code.type: HTTP`: the module is
 served on loopback, fetched, checked against its sha256 and cached by the render. The module is
-`tests/support/wat.py`'s `add_header(value)`: it adds `x-wasm` to every request it sees.
+`tests/support/wat.py`'s `add_header(value)`: it adds `x-wasm` to every request it sees; then its `TRAP`,
+which traps on every request, with the policy failing open (EG's setting) and closed (the same change on
+both sides).
 
 Compared, per generated request: status, body, and the headers the upstream saw (so: which requests the
-module ran on, and what it did). Bounded: 5 requests per side, 10s client timeout.
+module ran on, and what it did). Bounded: 5 requests per side per run, three runs, 10s client timeout.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
 from tests.support.translate_egxds import XDS, EgXds
 from tests.support.translate_servers import NamedBackend
-from tests.support.wat import add_header
+from tests.support.wat import TRAP, add_header
 
 pytestmark = [
     pytest.mark.envoy,
@@ -52,7 +54,7 @@ REQUESTS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 
-def eg_xds(module: Path) -> EgXds:
+def eg_xds(module: Path, fail_open: bool) -> EgXds:
     xds = EgXds.load(CASE)
     (hcm,) = list(xds.hcms())
     hcm["httpFilters"] = [f for f in hcm["httpFilters"] if f["name"] in (FILTER, "envoy.filters.http.router")]
@@ -60,6 +62,9 @@ def eg_xds(module: Path) -> EgXds:
     vm = hcm["httpFilters"][0]["typedConfig"]["config"]["vmConfig"]
     assert "remote" in vm["code"]
     vm["code"] = {"local": {"filename": str(module)}}
+    plugin = hcm["httpFilters"][0]["typedConfig"]["config"]
+    assert plugin["failOpen"] is True
+    plugin["failOpen"] = fail_open
     config = next(rc for rc in xds.routes if rc["name"] == "envoy-gateway/gateway-1/http")
     host = config["virtualHosts"][0]
     assert host["domains"] == [HOST]
@@ -71,7 +76,7 @@ def eg_xds(module: Path) -> EgXds:
     return xds
 
 
-def our_resources(backend: int, url: str, sha256: str) -> str:
+def our_resources(backend: int, url: str, sha256: str, fail_open: bool) -> str:
     return f"""
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -103,7 +108,7 @@ spec:
   targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: httproute-1}}]
   wasm:
   - name: wasm-filter-4
-    failOpen: true
+    failOpen: {str(fail_open).lower()}
     config: {{parameter1: {{key1: value1}}, parameter2: {{key2: {{key3: value3}}}}}}
     code:
       type: HTTP
@@ -112,12 +117,12 @@ spec:
 
 
 @pytest.fixture
-def module(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """The module file, and the URL a loopback server serves it at."""
+def module(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
+    """The module file (`request.param`'s text), and the URL a loopback server serves it at."""
     served = tmp_path / "served"
     served.mkdir()
     path = served / "filter.wasm"
-    path.write_bytes(bytes(wasmtime.wat2wasm(add_header("added-by-wasm"))))
+    path.write_bytes(bytes(wasmtime.wat2wasm(request.param)))
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -130,14 +135,14 @@ def module(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 @pytest.fixture
-def envoys(tmp_path: Path, module: tuple[Path, str]) -> Iterator[tuple[Envoy, Envoy]]:
+def envoys(tmp_path: Path, module: tuple[Path, str], fail_open: bool) -> Iterator[tuple[Envoy, Envoy]]:
     path, url = module
     upstream = NamedBackend("upstream")
     started: list[Envoy] = []
     try:
-        eg = eg_xds(path).bootstrap("127.0.0.1", ("127.0.0.1", upstream.port))
+        eg = eg_xds(path, fail_open).bootstrap("127.0.0.1", ("127.0.0.1", upstream.port))
         source = tmp_path / "resources.yaml"
-        source.write_text(our_resources(upstream.port, url, hashlib.sha256(path.read_bytes()).hexdigest()))
+        source.write_text(our_resources(upstream.port, url, hashlib.sha256(path.read_bytes()).hexdigest(), fail_open))
         options = RenderOptions(
             listen_address="127.0.0.1",
             ephemeral_ports=True,
@@ -162,15 +167,34 @@ def _outcome(
     return response.status_code, response.text, response.headers.get("x-seen-headers", "")
 
 
-def test_the_module_runs_where_and_as_in_egs_xds(envoys: tuple[Envoy, Envoy]) -> None:
+def _run(envoys: tuple[Envoy, Envoy]) -> tuple[list[str], list[tuple[int, bool]]]:
+    """(differences, EG's (status, whether the module's header reached the upstream) per request)."""
     eg, ours = envoys
-    differences, ran = [], 0
+    differences, outcomes = [], []
     with httpx.Client(timeout=10) as client:
         for path, headers in REQUESTS:
             want = _outcome(client, eg, "envoy-gateway/gateway-1/http", path, headers)
             got = _outcome(client, ours, "default/eg/http", path, headers)
-            ran += '"added-by-wasm"' in want[2]
+            outcomes.append((want[0], '"added-by-wasm"' in want[2]))
             if want != got:
                 differences.append(f"{path} {headers}:\n  EG   {want}\n  ours {got}")
+    return differences, outcomes
+
+
+@pytest.mark.parametrize("fail_open", [True])
+@pytest.mark.parametrize("module", [add_header("added-by-wasm")], indirect=True)
+def test_the_module_runs_where_and_as_in_egs_xds(envoys: tuple[Envoy, Envoy]) -> None:
+    differences, outcomes = _run(envoys)
     assert not differences, "\n".join(differences)
-    assert ran == 3, "the module ran on each request to /foo, and on nothing else"
+    assert outcomes == [(200, True), (200, True), (200, True), (404, False), (404, False)]
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+@pytest.mark.parametrize("module", [TRAP], indirect=True)
+def test_a_trapping_module_fails_as_in_egs_xds(envoys: tuple[Envoy, Envoy], fail_open: bool) -> None:
+    """The module traps on every request: EG's failOpen lets /foo through unfiltered, or refuses it."""
+    differences, outcomes = _run(envoys)
+    assert not differences, "\n".join(differences)
+    statuses = [status for status, _ in outcomes]
+    assert statuses[3:] == [404, 404]
+    assert (statuses[:3] == [200] * 3) if fail_open else all(status >= 500 for status in statuses[:3])
