@@ -53,6 +53,7 @@ _RBAC_PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v
 
 
 _FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 
 def finish_per_filter_configs(value: Any) -> Any:
@@ -60,13 +61,20 @@ def finish_per_filter_configs(value: Any) -> Any:
 
     * per-route RBAC entries become the RBACPerRoute that wraps them;
     * a FilterConfig that only enables a filter gets `config: {}` (an empty Any, as EG writes it):
-      without it Envoy refuses an "empty per filter configuration".
+      without it Envoy refuses an "empty per filter configuration";
+    * a Wasm plugin's `failure_policy: FAIL_OPEN` becomes EG's `fail_open: true`. Envoy treats them
+      differently: with FAIL_OPEN the request on which the module fails gets a 503 and only later ones
+      bypass it; with `fail_open` that request passes too (tests/translate/test_wasm_differential.py).
+      The binding warns on building a message with the deprecated field, hence here, in the dict.
     """
     if isinstance(value, list):
         return [finish_per_filter_configs(v) for v in value]
     if not isinstance(value, dict):
         return value
     result = {k: finish_per_filter_configs(v) for k, v in value.items()}
+    plugin = result.get("config")
+    if result.get("@type") == _WASM_TYPE and isinstance(plugin, dict) and plugin.get("failure_policy") == "FAIL_OPEN":
+        result["config"] = {**{k: v for k, v in plugin.items() if k != "failure_policy"}, "fail_open": True}
     per_filter = result.get("typed_per_filter_config")
     if isinstance(per_filter, dict):
         for name, entry in per_filter.items():

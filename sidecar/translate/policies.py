@@ -241,6 +241,7 @@ def wasm_filters(resources: ResourceSet, policy: Resource, options: RenderOption
         host_keys = (wasm.get("env") or {}).get("hostKeys")
         if host_keys:
             vm.environment_variables = EnvironmentVariables(host_env_keys=list(host_keys))
+        # FAIL_OPEN is written out as EG's `fail_open: true` (messages.finish_per_filter_configs says why).
         policy_on_failure = FailurePolicy.FAIL_OPEN if wasm.get("failOpen") else FailurePolicy.FAIL_CLOSED
         plugin = PluginConfig(
             name=wasm.get("name", ir_name),

@@ -24,7 +24,7 @@ import yaml
 
 from sidecar.errors import ConfigError
 
-__all__ = ["KINDS", "LoadLimits", "Resource", "ResourceSet", "load_resources", "resource_files"]
+__all__ = ["KINDS", "LoadLimits", "Resource", "ResourceSet", "eg_default_reason", "load_resources", "resource_files"]
 
 GATEWAY_API = "gateway.networking.k8s.io"
 EG_API = "gateway.envoyproxy.io"
@@ -46,6 +46,14 @@ KINDS: dict[str, str] = {
     "ConfigMap": "",
     "Service": "",
 }
+
+
+# The reason EG gives when it refuses a resource of each kind for a reason without a name of its own.
+_EG_DEFAULT_REASONS = {"HTTPRoute": "UnsupportedValue", "Gateway": "Invalid", "Backend": "Invalid"}
+
+
+def eg_default_reason(kind: str) -> str:
+    return _EG_DEFAULT_REASONS.get(kind, "Invalid")
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,11 @@ class ResourceSet:
         for res in resources:
             earlier = self._by_key.get(res.key)
             if earlier is not None:
-                raise ConfigError(f"{res.where()}: duplicate resource (first defined in {earlier.source})")
+                # Kubernetes cannot hold two; EG's test inputs can, and EG judges each copy on its own. Ours
+                # refuses the later copy, with EG's reason for a refusal of its kind.
+                duplicate = ConfigError(f"{res.where()}: duplicate resource (first defined in {earlier.source})")
+                duplicate.reason = eg_default_reason(res.kind)  # type: ignore[attr-defined]
+                raise duplicate
             self._by_key[res.key] = res
             self.items.append(res)
 

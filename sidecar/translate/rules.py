@@ -32,7 +32,7 @@ from sidecar.translate.refs import (
     secret_ref,
     unreferenced_proxies,
 )
-from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
+from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
 from sidecar.translate.schema import HOSTNAME, check_structure
 
 __all__ = ["validate"]
@@ -437,9 +437,6 @@ class _Checker:
 # Target kinds EG's policy CRDs allow that this translator does not implement.
 _EG_TARGET_KINDS = ("ListenerSet", "GRPCRoute", "TCPRoute", "UDPRoute", "TLSRoute")
 
-# The reason EG gives when it refuses a resource of each kind for a reason without a name of its own.
-_DEFAULT_REASONS = {"HTTPRoute": "UnsupportedValue", "Gateway": "Invalid", "Backend": "Invalid"}
-
 
 @contextlib.contextmanager
 def _eg_reason(res: Resource) -> Iterator[None]:
@@ -448,7 +445,7 @@ def _eg_reason(res: Resource) -> Iterator[None]:
         yield
     except ConfigError as exc:
         if not getattr(exc, "reason", ""):
-            exc.reason = _DEFAULT_REASONS.get(res.kind, "Invalid")  # type: ignore[attr-defined]
+            exc.reason = eg_default_reason(res.kind)  # type: ignore[attr-defined]
         raise
 
 

@@ -55,7 +55,7 @@ class EgXds:
         self, address: str, upstream: tuple[str, int], per_cluster: dict[str, tuple[str, int]] | None = None
     ) -> dict[str, Any]:
         """A static bootstrap: listeners on `address` (ephemeral ports), every endpoint at `upstream` (or, for
-        a cluster named in `per_cluster`, at its own)."""
+        a cluster named in `per_cluster`, at its own, even where EG's data gives it none)."""
         routes = {rc["name"]: rc for rc in self.routes}
         listeners = copy.deepcopy(self.listeners)
         for listener in listeners:
@@ -73,7 +73,12 @@ class EgXds:
                 cluster["type"] = "STATIC"
                 name = (eds or {}).get("serviceName", cluster["name"])
                 cluster["loadAssignment"] = copy.deepcopy(loads.get(name, {"clusterName": name}))
+            localities = (cluster.get("loadAssignment") or {}).get("endpoints") or []
+            if cluster["name"] in (per_cluster or {}) and not any(loc.get("lbEndpoints") for loc in localities):
+                # EG's data leaves some clusters without hosts (a Service it was not given): one, the test's.
+                cluster["loadAssignment"] = {"clusterName": cluster["name"], "endpoints": [{"lbEndpoints": [{}]}]}
             for locality in (cluster.get("loadAssignment") or {}).get("endpoints") or []:
                 for lb_endpoint in locality.get("lbEndpoints") or []:
-                    lb_endpoint["endpoint"]["address"] = {"socketAddress": {"address": host, "portValue": port}}
+                    socket = {"socketAddress": {"address": host, "portValue": port}}
+                    lb_endpoint.setdefault("endpoint", {})["address"] = socket
         return {"static_resources": {"listeners": listeners, "clusters": clusters}}

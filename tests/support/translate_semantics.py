@@ -117,7 +117,7 @@ class Ours:
                 plugin = config.get("config") or {}
                 filename = (((plugin.get("vm_config") or {}).get("code") or {}).get("local") or {}).get("filename", "")
                 sha = filename.rsplit("/", 1)[-1].removesuffix(".wasm")
-                wasms.append((ir_name, plugin.get("failure_policy") == "FAIL_OPEN", sha))
+                wasms.append((ir_name, bool(plugin.get("fail_open", False)), sha))
         return (tuple(sorted(procs)), tuple(sorted(wasms)))
 
     def allowed(self, route: dict[str, Any], address: str) -> bool | None:

@@ -21,10 +21,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 _VOLATILE = {"x-request-id", "x-envoy-expected-rq-timeout-ms"}
+_MAX_BODY = 1 << 20  # what a named backend reads of a request body
 
 
 class _Named(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    body_seen = b""  # a POST's body
 
     def log_message(self, format: str, *args: object) -> None:
         return None
@@ -43,6 +45,8 @@ class _Named(BaseHTTPRequestHandler):
         # Differential tests compare the request headers each config forwards (less the per-request id)...
         seen = sorted((k.lower(), v) for k, v in self.headers.items() if k.lower() not in _VOLATILE)
         self.send_header("x-seen-headers", json.dumps(seen))
+        self.send_header("x-seen-body-bytes", str(len(self.body_seen)))
+        self.body_seen = b""  # the handler serves the connection's next request too
         # ...and what each config does to response headers the backend sends: `x-reply-header: name: value`.
         for line in self.headers.get_all("x-reply-header") or []:
             name, _, value = line.partition(":")
@@ -52,6 +56,24 @@ class _Named(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     do_DELETE = do_GET
+
+    def do_POST(self) -> None:
+        # Read the body (sized or chunked, at most 1 MiB) so the connection stays in step, and say how much came.
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while len(body) <= _MAX_BODY:
+                size = int(self.rfile.readline(64).split(b";")[0], 16)
+                body += self.rfile.read(size)
+                self.rfile.readline(64)  # the CRLF after the chunk (or the empty trailer section)
+                if size == 0:
+                    break
+        else:
+            body = self.rfile.read(min(int(self.headers.get("content-length") or 0), _MAX_BODY + 1))
+        if len(body) > _MAX_BODY:
+            self.send_error(413)
+            return
+        self.body_seen = body
+        self.do_GET()
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -141,15 +163,29 @@ class DnsServer:
 
 
 class _Recorder(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, seen: list[tuple[str, Any]]) -> None:
+    def __init__(self, seen: list[tuple[str, Any]], context: list[tuple[list[str], list[str]]]) -> None:
         self.seen = seen
+        self.context = context
+        self.lock = threading.Lock()
+        self.open_streams = 0  # streams Envoy has not closed yet: what they will see is not all seen
 
     def Process(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        with self.lock:
+            self.open_streams += 1
+        try:
+            yield from self._answer(requests)
+        finally:
+            with self.lock:
+                self.open_streams -= 1
+
+    def _answer(self, requests: Iterator[Any]) -> Iterator[Any]:
         for request in requests:
             phase = request.WhichOneof("request")
             if phase == "request_headers":
                 headers = request.request_headers.headers.headers
                 self.seen.append((phase, {h.key: h.raw_value.decode() for h in headers}))
+                # What the filter sends besides: the attributes asked for and the metadata namespaces forwarded.
+                self.context.append((sorted(request.attributes), sorted(request.metadata_context.filter_metadata)))
                 yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
             elif phase == "response_headers":
                 self.seen.append((phase, None))
@@ -174,12 +210,18 @@ class ExtProcRecorder:
     def __init__(self, where: Path | str) -> None:
         self.path = Path(where) if isinstance(where, Path) else None
         self.seen: list[tuple[str, Any]] = []
+        self.context: list[tuple[list[str], list[str]]] = []  # per request_headers: (attributes, namespaces)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_ExternalProcessorServicer_to_server(_Recorder(self.seen), self._server)
+        self._recorder = _Recorder(self.seen, self.context)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self._recorder, self._server)
         self.port = int(self._server.add_insecure_port(f"unix:{where}" if self.path else str(where)))
         self._server.start()
         if self.path is not None:
             os.chmod(self.path, 0o660)
+
+    def idle(self) -> bool:
+        """No stream open: everything Envoy sent so far has been recorded."""
+        return self._recorder.open_streams == 0
 
     def phases(self) -> list[str]:
         return [phase for phase, _ in self.seen]

@@ -244,3 +244,46 @@ def test_render_cli_matches_the_golden_file_and_envoy_accepts_it(tmp_path: Path)
     assert main(["render", "-f", str(FIXTURES / "basic"), "--validate", "-o", str(out)]) == 0
     # Regenerate after an intended change: sidecar render -f tests/translate/fixtures/basic -o <golden>
     assert out.read_text() == (FIXTURES / "basic.envoy.yaml").read_text()
+
+
+def _gateway_with_protocol(protocol: str) -> str:
+    return BASE.replace("protocol: HTTP,", f"protocol: {protocol!r},", 1)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reason"),
+    [
+        # Names Gateway API allows that EG does not serve: EG refuses the listener as UnsupportedProtocol.
+        ("GRPC", "UnsupportedProtocol"),
+        ("SCTP", "UnsupportedProtocol"),
+        ("http", "UnsupportedProtocol"),  # EG's names are case-sensitive
+        ("example.com/custom", "UnsupportedProtocol"),
+        # Not a protocol name at all (Gateway API's CRD would not admit it): plain invalid.
+        ("HTTP 2", "Invalid"),
+        ("-HTTP", "Invalid"),
+        ("x" * 256, "Invalid"),
+    ],
+)
+def test_listener_protocol_refusals_carry_egs_reason(tmp_path: Path, protocol: str, reason: str) -> None:
+    path = write(tmp_path, "", _gateway_with_protocol(protocol))
+    with pytest.raises(ConfigError) as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == reason
+    assert "spec.listeners[0].protocol: expected one of HTTP, HTTPS" in str(info.value)
+    assert "unsupported" not in str(info.value)  # in scope: refused, not left out as unimplemented
+
+
+@pytest.mark.parametrize("protocol", ["TLS", "TCP", "UDP"])
+def test_listener_protocols_eg_serves_but_ours_does_not_are_unsupported(tmp_path: Path, protocol: str) -> None:
+    path = write(tmp_path, "", _gateway_with_protocol(protocol))
+    with pytest.raises(ConfigError, match=f"unsupported value '{protocol}'") as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "Invalid") != "UnsupportedProtocol"
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("HTTPRoute", "UnsupportedValue"), ("Backend", "Invalid")])
+def test_a_duplicate_resource_is_refused_with_egs_reason_for_its_kind(tmp_path: Path, kind: str, reason: str) -> None:
+    copy = "---\n" + next(doc for doc in BASE.split("---\n") if f"kind: {kind}\n" in doc)
+    with pytest.raises(ConfigError, match=f"{kind}/default/app: duplicate resource") as info:
+        render_bootstrap([write(tmp_path, copy)])
+    assert getattr(info.value, "reason", "") == reason
