@@ -103,6 +103,17 @@ spec:
 """
 
 
+def loopback(port: int) -> str:
+    """A Backend endpoint on 127.0.0.1 (for `backend()`)."""
+    return f"{{ip: {{address: 127.0.0.1, port: {port}}}}}"
+
+
+def gateway_route(host: str, prefix: str, port: int) -> str:
+    """GATEWAY, HTTPRoute `httproute-1` (EG's xds-testdata name) for `host` and `prefix`, and its Backend
+    `upstream` on 127.0.0.1:`port`: what the differential tests attach EG's policies to."""
+    return GATEWAY + route("httproute-1", prefix, "upstream", host=host) + backend("upstream", loopback(port))
+
+
 Run = Callable[..., str]
 
 

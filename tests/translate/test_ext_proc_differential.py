@@ -34,6 +34,7 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.support.translate_egxds import XDS, EgXds
+from tests.support.translate_kit import backend, gateway_route, loopback
 from tests.support.translate_servers import ExtProcRecorder, NamedBackend
 from tests.support.wait import wait_for
 
@@ -83,7 +84,7 @@ def eg_xds(fail_open: bool) -> EgXds:
     return xds
 
 
-def our_resources(backend: int, ports: dict[str, int], fail_open: bool) -> str:
+def our_resources(upstream: int, ports: dict[str, int], fail_open: bool) -> str:
     policy_2 = """
     processingMode:
       request: {attributes: [xds.route_metadata, connection.requested_server_name], body: Buffered}
@@ -94,17 +95,7 @@ def our_resources(backend: int, ports: dict[str, int], fail_open: bool) -> str:
       writableNamespaces: [envoy.filters.http.my_custom]"""
     policy_1 = "\n    processingMode: {request: {body: BufferedPartial}, response: {}}"
     modes = {POLICIES[0]: policy_1, POLICIES[1]: policy_2}
-    processors = "".join(
-        f"""
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: {name}-processor}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: {port}}}}}]
-"""
-        for name, port in ports.items()
-    )
+    processors = "".join(backend(f"{name}-processor", loopback(port)) for name, port in ports.items())
     # EG's two policies on one route would conflict as resources (EG keeps the older): one policy with two
     # extProc entries, in EG's filter order, is the same traffic.
     entries = "".join(
@@ -123,30 +114,7 @@ spec:
   targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: httproute-1}}]
   extProc:{entries}
 """
-    return f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: httproute-1}}
-spec:
-  parentRefs: [{{name: eg}}]
-  hostnames: [{HOST}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /foo}}}}]
-      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: upstream}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: upstream}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: {backend}}}}}]
-{processors}{policy}"""
+    return gateway_route(HOST, "/foo", upstream) + processors + policy
 
 
 class Side:

@@ -33,6 +33,7 @@ from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from sidecar.translate.wasmsource import fetch_module
 from tests.support.translate_egxds import XDS, EgXds
+from tests.support.translate_kit import gateway_route
 from tests.support.translate_servers import NamedBackend
 from tests.support.wat import TRAP, add_header
 
@@ -76,30 +77,10 @@ def eg_xds(module: Path, fail_open: bool) -> EgXds:
     return xds
 
 
-def our_resources(backend: int, url: str, sha256: str, fail_open: bool) -> str:
-    return f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: httproute-1}}
-spec:
-  parentRefs: [{{name: eg}}]
-  hostnames: [{HOST}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /foo}}}}]
-      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: upstream}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: upstream}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: {backend}}}}}]
+def our_resources(upstream: int, url: str, sha256: str, fail_open: bool) -> str:
+    return (
+        gateway_route(HOST, "/foo", upstream)
+        + f"""
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
@@ -114,6 +95,7 @@ spec:
       type: HTTP
       http: {{url: "{url}", sha256: {sha256}}}
 """
+    )
 
 
 @pytest.fixture
