@@ -260,31 +260,6 @@ def send_view(
         conn.close()
 
 
-def forward(port: int, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Response:
-    """Send a request as Envoy's router forwards it over HTTP/1: the headers as the filter left them (a
-    stale content-length included) and every body byte; the upstream reads what content-length says."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        length = None
-        for k, v in headers:
-            if k == ":authority":
-                conn.putheader("host", v)
-            elif k == "content-length":
-                length = v
-            elif not k.startswith(":"):
-                conn.putheader(k, v)
-        if length is None and (body or method in ("POST", "PUT")):
-            length = str(len(body))
-        if length is not None:
-            conn.putheader("content-length", length)
-        conn.endheaders(body or None)
-        resp = conn.getresponse()
-        return Response(resp.status, [(k.lower(), v) for k, v in resp.getheaders()], resp.read())
-    finally:
-        conn.close()
-
-
 def probe_bootstrap(
     module: Path,
     *,
