@@ -193,9 +193,13 @@ class StreamProcessor:
         return error_id
 
     def _ran(self, kind: str, plugin: str, started: float, outcome: object) -> None:
-        """One hook call is over (for per-plugin latency, responses and spans)."""
+        """One hook call is over (for per-plugin latency, responses and spans). Called inside the hook's
+        `try`: a failure here must not count as the plugin's (a fail_open chain would then drop its deny)."""
         if self.metrics is not None:
-            self.metrics.plugin_ran(plugin, kind, perf_counter() - started, outcome)
+            try:
+                self.metrics.plugin_ran(plugin, kind, perf_counter() - started, outcome)
+            except Exception:  # observability never decides a request
+                log.exception("recording hook %s of plugin %s failed", kind, plugin)
 
     def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
         """fail_open: log and count the failure, and bypass the plugin for the rest of the stream (its

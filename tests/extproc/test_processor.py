@@ -195,3 +195,23 @@ def test_a_mode_override_without_header_changes_still_answers_the_phase() -> Non
     assert response.WhichOneof("response") == "request_headers"
     assert response.HasField("mode_override")
     assert not response.request_headers.response.HasField("header_mutation")
+
+
+class _BrokenMetrics:
+    """Per-plugin recording that fails: observability must not decide what happens to the request."""
+
+    def plugin_ran(self, plugin: str, phase: str, seconds: float, outcome: object = None) -> None:
+        raise RuntimeError("recording failed")
+
+
+@pytest.mark.parametrize("on_error", ["fail_open", "fail_closed"])
+def test_a_failing_recorder_neither_drops_a_deny_nor_blames_the_plugin(
+    on_error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fail_open chain bypasses a plugin that raised; were a recording error blamed on the plugin, its
+    403 would be dropped and the request let through."""
+    processor = StreamProcessor(Chain("c", [tp.DenyHeader(), tp.AddHeaders()], on_error), metrics=_BrokenMetrics())
+    headers = base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key="x-deny", raw_value=b"1")])
+    answer = asyncio.run(processor.process(pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=headers))))
+    assert answer is not None and answer.immediate_response.status.code == 403
+    assert "recording hook request_headers of plugin deny-header failed" in caplog.text
