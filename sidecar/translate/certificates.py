@@ -60,7 +60,16 @@ class _Refused(Exception):
 
 
 def listener_certificates(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> ListenerCertificates:
-    """EG's decision on the certificateRefs of one HTTPS listener of `gateway`."""
+    """EG's decision on the certificateRefs of one HTTPS listener of `gateway` (decided once per render:
+    validation and the listener builder both ask)."""
+    key = ("listener-certificates", gateway.key, str(listener.get("name")))
+    found = resources.derived.get(key)
+    if not isinstance(found, ListenerCertificates):
+        found = resources.derived[key] = _decide(resources, gateway, listener)
+    return found
+
+
+def _decide(resources: ResourceSet, gateway: Resource, listener: dict[str, Any]) -> ListenerCertificates:
     refs = (listener.get("tls") or {}).get("certificateRefs") or []
     pairs: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -114,7 +123,19 @@ def _load(resources: ResourceSet, gateway: Resource, ref: dict[str, Any]) -> tup
         raise _Refused(f"Secret {namespace}/{name}: {exc}") from None
     if not chain or not key:
         raise _Refused(f"Secret {namespace}/{name} must contain tls.crt and tls.key")
-    return _checked_pair(f"Secret {namespace}/{name}", chain, key)
+    # Checked once per Secret and render, however many listeners and refs name it (a check loads the
+    # whole chain into OpenSSL).
+    memo = ("certificate-pair", namespace, name)
+    checked = resources.derived.get(memo)
+    if checked is None:
+        try:
+            checked = _checked_pair(f"Secret {namespace}/{name}", chain, key)
+        except _Refused as refused:
+            checked = refused
+        resources.derived[memo] = checked
+    if isinstance(checked, _Refused):
+        raise checked
+    return checked  # type: ignore[return-value]
 
 
 def _checked_pair(where: str, chain: bytes, key: bytes) -> tuple[str, str]:
@@ -183,7 +204,8 @@ def _check_key_matches(where: str, chain_pem: str, key_pem: str) -> None:
         try:
             context.load_cert_chain(cert_file, key_file, password=_NO_PASSWORD)
         except ssl.SSLError as exc:
-            problem = "private key does not match the certificate" if "mismatch" in str(exc).lower() else exc.reason
+            mismatch = "mismatch" in str(exc).lower()
+            problem = "private key does not match the certificate" if mismatch else exc.reason or exc.library or exc
             raise _Refused(f"{where}: tls.crt and tls.key are not a usable pair: {problem}") from None
 
 

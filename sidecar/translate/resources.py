@@ -93,6 +93,9 @@ class ResourceSet:
     def __init__(self, resources: Iterable[Resource]) -> None:
         self.items: list[Resource] = []
         self._by_key: dict[tuple[str, str, str], Resource] = {}
+        #: What is derived from the resources and costly to derive (a listener's certificate checks),
+        #: computed once per render however many builders ask: keyed by the deriving module's own tuples.
+        self.derived: dict[tuple[object, ...], object] = {}
         for res in resources:
             earlier = self._by_key.get(res.key)
             if earlier is not None:

@@ -145,3 +145,20 @@ def test_rewrites_and_redirects_eg_refuses(filters: list[dict[str, Any]], where:
         _validate(text)
     assert f"HTTPRoute/default/app: spec.rules[0].{where}" in str(refused.value).replace("filters[0].", "")
     assert getattr(refused.value, "reason", "") == "UnsupportedValue"
+
+
+@pytest.mark.parametrize("value", ["a" * 4000 + " ", "a " * 1999 + " ", "a" * 4000 + "\t\t"])
+def test_a_long_value_just_short_of_the_rule_is_refused_at_once(value: str, tmp_path: Path) -> None:
+    """A header value's check runs in linear time: with an optional separator, a run of letters ending in a
+    space was tried every way it can be split (40 letters hung `render`). A subprocess bounds the test."""
+    import subprocess
+    import sys
+
+    filters = [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-a", "value": value}]}}]
+    source = tmp_path / "route.yaml"
+    source.write_text(_route_with(filters))
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "render", "-f", str(source)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "requestHeaderModifier.set[0].value" in done.stderr
