@@ -145,7 +145,10 @@ class StreamProcessor:
         direction = order[0]
         last = self._last[direction]
         if last is None:
-            if kind != "request_headers" and self._last[0] is None:
+            # The response side may come first: a filter before ext_proc (RBAC, JWT, CORS...) answered the
+            # request itself, and Envoy still sends its local reply through ext_proc. The request side never
+            # starts after that, nor with anything but its headers.
+            if direction == 0 and (kind != "request_headers" or self._last[1] is not None):
                 raise ProtocolError(f"{kind} arrived before request_headers")
         elif order < last or (order == last and kind not in _REPEATABLE):
             raise ProtocolError(f"{kind} arrived out of order")
@@ -230,6 +233,8 @@ class StreamProcessor:
             ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
         else:
             ctx.response_headers = headers
+            if not ctx.request_id:  # a local reply from a filter before ext_proc: no request headers came
+                ctx.request_id = Context.new_request_id()
         fail_open = self.chain.fail_open
         for hook in self.chain.hooks[kind]:
             if fail_open:

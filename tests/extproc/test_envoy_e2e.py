@@ -10,6 +10,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -232,3 +233,30 @@ def test_several_values_of_a_header_all_reach_the_client(sidecar_envoy: Factory)
     assert driven.response.headers.get_all("x-multi") == ["p1", "p2"]
     local = Driver([MultiValue()]).run(Request(headers={"x-deny": "1"}))
     assert local.response.headers.get_all("www-authenticate") == ["Basic", "Bearer"]
+
+
+def _deny_before_ext_proc(bootstrap: dict[str, Any]) -> None:
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    deny_admin = {
+        "action": "DENY",
+        "policies": {
+            "admin": {"permissions": [{"url_path": {"path": {"prefix": "/admin"}}}], "principals": [{"any": True}]}
+        },
+    }
+    rbac = {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC", "rules": deny_admin}
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.rbac", "typed_config": rbac})
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_local_reply_from_a_filter_before_ext_proc_keeps_its_status(
+    sidecar_envoy: Factory, tmp_path: Path, transport: str
+) -> None:
+    # EG puts ext_authz, basic auth, OAuth2, JWT and CORS before ext_proc. Their 401/403 replies reach ext_proc
+    # with no request side: they were answered as a protocol error, and Envoy turned the 403 into a 500.
+    config = write_config(tmp_path, f"transport: {transport}\nplugins: ['{TP}AddHeaders']\n")
+    env = sidecar_envoy(config=config, bootstrap_hook=_deny_before_ext_proc)
+    denied = httpx.get(env.url + "/admin/users")
+    assert denied.status_code == 403
+    assert denied.headers["x-resp"] == "yes"  # the response hooks ran on the local reply
+    allowed = httpx.get(env.url + "/echo")
+    assert allowed.status_code == 200 and allowed.json()["headers"]["x-added"] == "yes"

@@ -139,6 +139,8 @@ def _headers_request() -> pb.ProcessingRequest:
         ["request_headers", "request_headers"],
         ["request_headers", "request_trailers", "request_body"],
         ["request_headers", "response_trailers", "response_headers"],
+        ["response_headers", "request_headers"],
+        ["response_body", "request_body"],
         [None],
     ],
 )
@@ -152,6 +154,17 @@ def test_out_of_order_messages_are_protocol_errors(sequence: list[str | None]) -
 
     with pytest.raises(ProtocolError):
         asyncio.run(run())
+
+
+def test_a_local_reply_from_a_filter_before_ext_proc_runs_the_response_hooks() -> None:
+    # RBAC, JWT or CORS before ext_proc answered the request: Envoy sends only the response side.
+    processor = StreamProcessor(Chain("c", [tp.AddHeaders()]))
+    reply = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status")]))
+    )
+    answer = asyncio.run(processor.process(reply))
+    assert answer is not None and answer.HasField("response_headers")
+    assert processor.ctx.request_headers is None and processor.ctx.request_id
 
 
 def test_observability_mode_gets_no_answer() -> None:
