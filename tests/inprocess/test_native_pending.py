@@ -84,7 +84,8 @@ def test_a_stream_never_scheduled_is_closed_when_the_client_leaves(envoy: InProc
 async def _one(address: tuple[str, int], delay_ms: int) -> int:
     reader, writer = await asyncio.open_connection(*address)
     try:
-        writer.write(f"GET /pending HTTP/1.1\r\nhost: t\r\nx-delay-ms: {delay_ms}\r\nconnection: close\r\n\r\n".encode())
+        request = f"GET /pending HTTP/1.1\r\nhost: t\r\nx-delay-ms: {delay_ms}\r\nconnection: close\r\n\r\n"
+        writer.write(request.encode())
         await writer.drain()
         raw = await reader.read()
         return int(raw.split(b" ", 2)[1])
