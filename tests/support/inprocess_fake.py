@@ -202,6 +202,8 @@ class _Stream:
             b"/pending": lambda: self._later(stamp, delay),
             b"/pending-respond": lambda: self._later(_respond(451, "fake_pending_denied"), delay),
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
+            b"/pending-both": lambda: self._later(None, delay),
+            b"/rewrite": lambda: (0, ((0, b":path", b"/rewritten"),), None, None),
             b"/spin": self._spin,
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
@@ -230,12 +232,12 @@ class _Stream:
         self.chunks += 1
         self.body_bytes += len(chunk)
         path = self.path.split(b"?")[0]
-        if path in (b"/upper", b"/pending-upper"):
+        if path in (b"/upper", b"/pending-upper", b"/pending-both"):
             ops: tuple[Any, ...] = ()
             if self.config.request_body_mode == 1:
                 ops = ((0, b"content-length", str(len(chunk)).encode()),)
             result = (0, ops, chunk.upper(), (("sidecar.fake", "body_calls", self.chunks),))
-            return self._later(result, 5) if path == b"/pending-upper" else result
+            return self._later(result, 5) if path != b"/upper" else result
         if path == b"/body-respond" and end_of_stream:
             return _respond(413, "fake_body_denied")
         if path.startswith(b"/malformed-body/"):
@@ -255,7 +257,7 @@ class _Stream:
         if path.startswith(b"/malformed-response/"):
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         if path == b"/respond-response":
-            return _respond(418, "fake_response_denied")
+            return _respond(418, "fake_response_denied", b"teapot\n", ((b"x-teapot", b"1"),))
         ops = ((0, b"x-fake-resp", b"1"), (0, b"x-request-body-calls", str(self.chunks).encode()))
         return (0, ops, None, None)
 
