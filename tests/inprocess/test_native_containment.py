@@ -33,6 +33,17 @@ def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> No
             assert envoy.request("/ok")[0] == 200
 
 
+def test_a_hook_blocked_in_c_cannot_be_interrupted_but_still_fails_closed_when_it_returns() -> None:
+    # time.sleep waits in C: the TimeoutError is raised when it returns to Python, after the whole sleep (1 s,
+    # over the 200 ms deadline). The worker is blocked meanwhile: sync hooks must not block (use async hooks).
+    with InProcessEnvoy("headers", hook_deadline_ms=200) as envoy:
+        status, headers, _ = envoy.request("/sleep")
+        assert status == 500
+        assert "x-envoy-upstream-service-time" not in headers
+        assert any("raised TimeoutError" in line for line in envoy.module_lines())
+        assert envoy.request("/ok")[0] == 200
+
+
 def test_a_spinning_hook_on_one_worker_does_not_stop_the_other() -> None:
     with InProcessEnvoy("headers", hook_deadline_ms=2000, concurrency=2) as envoy:
         spin = threading.Thread(target=lambda: spun.append(envoy.request("/spin")[0]))
