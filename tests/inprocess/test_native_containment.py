@@ -108,6 +108,16 @@ def test_an_envoy_of_another_version_is_refused_in_one_line() -> None:
     assert "refusing to load: this module was written for Envoy 1.39.0" in lines[0]
 
 
+@pytest.mark.parametrize("override", ["1", "", "envoy", "1.40", "1.40.0.0", "1..0", "9" * 40])
+def test_an_override_that_is_not_a_version_cannot_loosen_the_check(override: str) -> None:
+    # Not N.N.N: ignored (and said so), so the module checks for 1.40.0, which this Envoy is, and loads.
+    with InProcessEnvoy("headers", env={"SIDECAR_INPROCESS_EXPECT_ENVOY": override}) as envoy:
+        assert envoy.request("/ok")[0] == 200
+        assert envoy.module_lines() == [
+            "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored"
+        ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [

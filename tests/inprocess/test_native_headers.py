@@ -113,3 +113,12 @@ def test_a_flood_of_failures_is_rate_limited_in_the_log(envoy: InProcessEnvoy) -
     # At most 10 lines a second (the 30 requests take well under 3 s here, and the earlier tests' share too).
     lines = envoy.module_lines()
     assert len(lines) < 30 + 2 * len(MALFORMED)
+
+
+def test_envoys_own_local_reply_runs_the_response_hooks() -> None:
+    # As under ext_proc: a 503 Envoy makes itself (the upstream is down) passes the response phase.
+    with InProcessEnvoy("headers") as envoy:
+        envoy.backend.stop()
+        status, headers, _ = envoy.request("/ok")
+        assert status == 503
+        assert headers["x-fake-resp"] == "1"

@@ -929,8 +929,11 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void *e, void *f) { re
 int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_filter, uint32_t code,
                                                     dm_envoy_buf details, bool reset_imminent) {
   (void)envoy, (void)code, (void)details, (void)reset_imminent;
-  /* Envoy's own replies (a 413 over its buffer limit, ...) and ours are not run through Python. */
-  ((stream_filter *)module_filter)->finished = 1;
+  stream_filter *f = module_filter;
+  /* Ours set `finished` before sending. Envoy's own (no upstream, a 413 over its buffer limit, ...) run the
+   * response hooks as an upstream answer would, as under ext_proc; unless a phase is waiting for resume(): then
+   * the stream's Python state cannot follow, and the reply goes out as Envoy made it. */
+  if (f->dir[REQUEST].pending >= 0 || f->dir[RESPONSE].pending >= 0) f->finished = 1;
   return DM_LOCAL_REPLY_CONTINUE;
 }
 
@@ -1114,7 +1117,11 @@ void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envo
     PyErr_Fetch(&type, &value, &tb);
     PyObject *msg = value ? PyObject_Str(value) : NULL;
     const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
-    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", m ? m : "");
+    char line[512];
+    snprintf(line, sizeof line, "%s", m ? m : "");
+    for (char *c = line; *c; c++)
+      if (*c == '\n' || *c == '\r') *c = ' '; /* one line, whatever the message */
+    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", line);
     Py_XDECREF(msg);
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -1153,12 +1160,31 @@ static int scan_executable(struct dl_phdr_info *info, size_t size, void *data) {
   return 1; /* stop after the executable */
 }
 
+/* "N.N.N": an override that is not a whole version cannot match some other short string in the binary. */
+static int is_version(const char *s) {
+  int dots = 0, digits = 0;
+  if (!s || strlen(s) > 16) return 0;
+  for (; *s; s++) {
+    if (*s == '.') {
+      if (!digits) return 0;
+      dots++, digits = 0;
+    } else if (*s >= '0' && *s <= '9') {
+      digits++;
+    } else {
+      return 0;
+    }
+  }
+  return dots == 2 && digits > 0;
+}
+
 const char *envoy_dynamic_module_on_program_init(void) {
   /* Envoy only warns about an ABI version mismatch and resolves callbacks by name: a different Envoy with a changed
    * signature would load and misbehave. Its version string is in its read-only data. The override exists so the
    * refusal itself can be tested. */
   const char *expected = getenv("SIDECAR_INPROCESS_EXPECT_ENVOY");
-  if (!expected || !*expected || strlen(expected) > 32) expected = EXPECTED_ENVOY_VERSION;
+  if (expected && !is_version(expected))
+    fprintf(stderr, "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored\n");
+  if (!is_version(expected)) expected = EXPECTED_ENVOY_VERSION;
   char needle[40];
   needle[0] = 0;
   strcpy(needle + 1, expected);
