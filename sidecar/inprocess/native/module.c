@@ -183,21 +183,37 @@ static watch_slot *watch_slot_for_thread(void) {
   return s;
 }
 
-/* Calls callable(*args) on this thread with the GIL held, under the deadline. Returns a new reference or NULL with
- * the Python error set. */
-static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+/* A Python call on this thread, with the GIL held, under the deadline: watch_begin before, watch_end after. */
+static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
     atomic_store(&s->deadline_ns, deadline_ns);
     atomic_store(&s->started_ns, monotonic_ns());
   }
+  return s;
+}
+
+static void watch_end(watch_slot *s) {
+  if (!s) return;
+  atomic_store(&s->started_ns, 0);
+  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
+  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+}
+
+/* callable(*args); a new reference, or NULL with the Python error set. */
+static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
   PyObject *result = PyObject_Vectorcall(callable, args, nargs, NULL);
-  if (s) {
-    atomic_store(&s->started_ns, 0);
-    uint64_t generation = atomic_fetch_add(&s->generation, 1);
-    /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-    if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
-  }
+  watch_end(s);
+  return result;
+}
+
+/* self.name(*args) without making a bound method; args[0] is self. */
+static PyObject *call_method_watched(PyObject *name, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
+  PyObject *result = PyObject_VectorcallMethod(name, args, nargs, NULL);
+  watch_end(s);
   return result;
 }
 
@@ -402,8 +418,11 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *pair = Py_BuildValue("(y#y#)", h[i].key, (Py_ssize_t)h[i].key_len, h[i].value,
-                                   (Py_ssize_t)h[i].value_len);
+    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
+    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
+    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
+    Py_XDECREF(name);
+    Py_XDECREF(value);
     if (!pair) Py_CLEAR(list);
     else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
@@ -787,20 +806,8 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     }
     return STOPPED;
   }
-  PyObject *method = PyObject_GetAttr(f->stream, str_phase[d][kind]);
-  if (!method) {
-    Py_DECREF(payload);
-    fail_python(f, phase);
-    return STOPPED;
-  }
-  if (kind == TRAILERS) {
-    PyObject *args[1] = {payload};
-    r = call_watched(method, args, 1, f->cfg->deadline_ns);
-  } else {
-    PyObject *args[2] = {payload, end_of_stream ? Py_True : Py_False};
-    r = call_watched(method, args, 2, f->cfg->deadline_ns);
-  }
-  Py_DECREF(method);
+  PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
+  r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
@@ -937,9 +944,7 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   int kind = dir->pending;
   dir->pending = -1;
   gil_take();
-  PyObject *resume = PyObject_GetAttr(f->stream, str_resume);
-  PyObject *r = resume ? call_watched(resume, NULL, 0, f->cfg->deadline_ns) : NULL;
-  Py_XDECREF(resume);
+  PyObject *r = call_method_watched(str_resume, &f->stream, 1, f->cfg->deadline_ns);
   enum outcome out = apply_result(f, d, kind, r, 0);
   if (out == PENDING) {
     dir->pending = (int8_t)kind;
@@ -992,14 +997,12 @@ void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
   if (f->stream) {
     gil_take();
-    PyObject *close = PyObject_GetAttr(f->stream, str_close);
-    PyObject *r = close ? call_watched(close, NULL, 0, f->cfg->deadline_ns) : NULL;
+    PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
     if (!r) {
       log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
       PyErr_Clear();
     }
     Py_XDECREF(r);
-    Py_XDECREF(close);
     Py_CLEAR(f->stream);
     gil_drop();
   }
