@@ -1144,10 +1144,12 @@ done:
 
 void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envoy_buf name, dm_envoy_buf config) {
   (void)config_envoy, (void)name; /* name: the filter_name, the chain */
+  /* 0 not yet, 1 running, -1 failed: an interpreter that failed to start is never started twice. */
   static int started = 0;
-  if (!started) {
-    if (python_start() != 0) return NULL;
-    started = 1;
+  if (started == 0) started = python_start() == 0 ? 1 : -1;
+  if (started < 0) {
+    log_line("filter config rejected: the embedded Python did not start (see above)");
+    return NULL;
   }
   gil_take();
   filter_config *cfg = configure(config.ptr, config.length);
