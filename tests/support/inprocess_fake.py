@@ -182,6 +182,28 @@ class _Stream:
             timer.start()
         return (2,)
 
+    def _storm(self) -> Result:
+        """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.waiting = None
+
+        def wake() -> None:
+            for _ in range(250):
+                self.config.native.schedule(self.handle)
+
+        for _ in range(4):
+            threading.Thread(target=wake, daemon=True).start()
+        return (2,)
+
+    def _garbage(self) -> list[str]:
+        """What schedule() says to handles and values that are not this stream's."""
+        seen = []
+        for value in (0, 1, self.handle + 1, self.handle ^ (1 << 32), (1 << 64) - 1, -1, 1 << 64, "x", None, 1.5):
+            try:
+                seen.append(repr(self.config.native.schedule(value)))
+            except (TypeError, OverflowError) as error:
+                seen.append(type(error).__name__)
+        return seen
+
     def resume(self) -> Result:
         with Counters.lock:
             Counters.resumed += 1
@@ -220,6 +242,8 @@ class _Stream:
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
             b"/pending-both": lambda: self._later(None, delay),
             b"/rewrite": lambda: (0, ((0, b":path", b"/rewritten"),), None, None),
+            b"/pending-storm": self._storm,
+            b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),

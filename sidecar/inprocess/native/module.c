@@ -394,6 +394,14 @@ static void fail_python(stream_filter *f, const char *phase) {
   fail_closed(f);
 }
 
+/* A body from Envoy larger than max_body_bytes: 413 for a request (as Envoy's own buffer limit answers), 500 for a
+ * response. */
+static void fail_too_large(stream_filter *f, int d) {
+  static const char details[] = "sidecar_inprocess_body_too_large";
+  log_line("%s: a body over max_body_bytes: failing closed", d == 0 ? "request_body" : "response_body");
+  send_local_reply(f, d == 0 ? 413 : 500, NULL, 0, NULL, 0, details, sizeof details - 1);
+}
+
 static void fail_result(stream_filter *f, const char *phase, const char *what) {
   log_line("%s returned a malformed Result (%s): failing closed with 500", phase, what);
   fail_closed(f);
@@ -431,6 +439,8 @@ done:
   return list;
 }
 
+static const char TOO_LARGE[] = "a body over max_body_bytes";
+
 /* Appends Envoy's chunks of body `type` to `out` (a bytearray of room `limit`). -1 when over the limit. */
 static int body_append(stream_filter *f, int type, char *out, size_t *len, size_t limit) {
   size_t n = dm_get_body_chunks_size(f->envoy, type);
@@ -465,7 +475,7 @@ static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t ski
   size_t limit = f->cfg->max_body_bytes + skip, len = 0;
   size_t size = body_size(f, d, in_hook);
   if (size > limit) {
-    *why = "a body over max_body_bytes";
+    *why = TOO_LARGE;
     return NULL;
   }
   char *buf = malloc(size ? size : 1);
@@ -797,7 +807,9 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   }
   else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
   if (!payload) {
-    if (why) {
+    if (why == TOO_LARGE) {
+      fail_too_large(f, d);
+    } else if (why) {
       log_line("%s: %s: failing closed with 500", phase, why);
       PyErr_Clear();
       fail_closed(f);
@@ -886,9 +898,7 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   if (f->cfg->body_mode[d] == BODY_BUFFERED && !end_of_stream) {
     /* Buffering on past the limit would only fail later: fail now, before copying more. */
     if (body_size(f, d, 1) > f->cfg->max_body_bytes) {
-      log_line("%s: a body over max_body_bytes: failing closed", PHASE_NAMES[d][BODY]);
-      static const char too_large[] = "sidecar_inprocess_body_too_large";
-      send_local_reply(f, d == REQUEST ? 413 : 500, NULL, 0, NULL, 0, too_large, sizeof too_large - 1);
+      fail_too_large(f, d);
       return DM_BODY_STOP_NO_BUFFER;
     }
     return DM_BODY_STOP_AND_BUFFER;
