@@ -283,6 +283,7 @@ typedef struct {
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
+  _Atomic int awaited;  /* a Python call or a PENDING phase is under way: schedule() may wake this stream */
   direction dir[2];
 } stream_filter;
 
@@ -355,6 +356,9 @@ static PyObject *native_schedule(PyObject *self, PyObject *arg) {
   int alive;
   Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&registry_mu);
   alive = slot < registry_used && registry[slot].generation == generation && registry[slot].filter != NULL;
+  /* Only while a hook runs (the bridge may schedule before its (2,) reaches us) or a phase is pending: a late
+   * second schedule() for a phase already resumed must not resume the next one early. */
+  alive = alive && atomic_load(&registry[slot].filter->awaited);
   if (alive) {
     registry[slot].wake = 1;
     registry_commit_locked(&registry[slot]);
@@ -795,6 +799,24 @@ static int ensure_stream(stream_filter *f, const char *phase) {
   return 0;
 }
 
+/* The Python call ended without PENDING: nothing may wake this stream now, and a schedule() that came during the
+ * call was for the phase that just ended (the bridge scheduled twice), not for the next one. */
+static void end_awaited(stream_filter *f) {
+  pthread_mutex_lock(&registry_mu);
+  atomic_store(&f->awaited, 0);
+  registry[(uint32_t)f->handle].wake = 0;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* The phase waits for resume(): posts the wake-up at once if schedule() came first. */
+static void mark_pending(stream_filter *f, direction *dir, int kind) {
+  dir->pending = (int8_t)kind;
+  pthread_mutex_lock(&registry_mu);
+  if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
+  registry_commit_locked(&registry[(uint32_t)f->handle]);
+  pthread_mutex_unlock(&registry_mu);
+}
+
 /* Runs phase `kind` of direction `d` in Python and applies its Result. GIL held. */
 static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stream, int in_hook) {
   const char *phase = PHASE_NAMES[d][kind], *why = NULL;
@@ -818,17 +840,16 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     }
     return STOPPED;
   }
+  atomic_store(&f->awaited, 1);
   PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
   r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
-    dir->pending = (int8_t)kind;
     dir->pending_end = (uint8_t)end_of_stream;
-    pthread_mutex_lock(&registry_mu);
-    if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
-    registry_commit_locked(&registry[(uint32_t)f->handle]); /* a schedule() that came before we knew */
-    pthread_mutex_unlock(&registry_mu);
+    mark_pending(f, dir, kind);
+  } else {
+    end_awaited(f);
   }
   return out;
 }
@@ -957,8 +978,11 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   PyObject *r = call_method_watched(str_resume, &f->stream, 1, f->cfg->deadline_ns);
   enum outcome out = apply_result(f, d, kind, r, 0);
   if (out == PENDING) {
-    dir->pending = (int8_t)kind;
-  } else if (out == GO_ON) {
+    mark_pending(f, dir, kind);
+  } else {
+    end_awaited(f);
+  }
+  if (out == GO_ON) {
     /* A buffered body has its one call; a streamed chunk given end_of_stream was the last. */
     if (kind == BODY && (dir->pending_end || f->cfg->body_mode[d] == BODY_BUFFERED)) dir->body_done = 1;
     if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
