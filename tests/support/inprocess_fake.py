@@ -192,24 +192,28 @@ class _Stream:
     def _storm(self) -> Result:
         """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
         self.waiting = None
-
         self.ready = True
-
         self.storming = True
+        threads = [threading.Thread(target=self._wake_storm, daemon=True) for _ in range(4)]
 
-        def wake() -> None:
-            for _ in range(250):
-                self.config.native.schedule(self.handle)
-            # Then more while resume() runs (it waits for them, the GIL let go): wakes for the phase that is ending,
-            # which must not carry over to the next one.
-            if self.in_resume.wait(10):
-                for _ in range(50):
-                    self.config.native.schedule(self.handle)
+        def over() -> None:
+            for thread in threads:
+                thread.join(10)
             self.storm_over.set()
 
-        for _ in range(4):
-            threading.Thread(target=wake, daemon=True).start()
+        for thread in threads:
+            thread.start()
+        threading.Thread(target=over, daemon=True).start()
         return (2,)
+
+    def _wake_storm(self) -> None:
+        for _ in range(250):
+            self.config.native.schedule(self.handle)
+        # Then more while resume() runs (it waits for them, the GIL let go): wakes for the phase that is ending,
+        # which must not carry over to the next one.
+        if self.in_resume.wait(10):
+            for _ in range(50):
+                self.config.native.schedule(self.handle)
 
     def _garbage(self) -> list[str]:
         """What schedule() says to handles and values that are not this stream's."""
