@@ -451,8 +451,9 @@ static int body_append(stream_filter *f, int type, char *out, size_t *len, size_
   if (n == 0) return 0;
   dm_envoy_buf stack[16], *c = n <= 16 ? stack : malloc(n * sizeof *c);
   if (!c) return -1;
-  int rc = 0;
+  int rc = -1;
   if (dm_get_body_chunks(f->envoy, type, c)) {
+    rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
       if (c[i].length > limit - *len) rc = -1;
       else {
@@ -525,7 +526,8 @@ static void body_replace(stream_filter *f, int d, int in_hook, size_t keep, size
 
 /* ---- Python -> Envoy: checking a Result ------------------------------------------------------------------------ */
 static int is_token_char(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~", c) != NULL;
+  /* c != 0: strchr finds the terminator too */
+  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
 /* A header name Envoy's codecs would send as is: lower-case RFC 9110 token characters; pseudo-headers only when
@@ -547,14 +549,15 @@ static const char *check_name(PyObject *name, int pseudo_ok, int d) {
   return NULL;
 }
 
-/* A value with no NUL, CR or LF (they would split or cut the header on the wire), and no surrounding space. */
+/* A value with no control character but tab (CR and LF would split the header on the wire, NUL cut it; the rest
+ * RFC 9110 forbids and HTTP/2 peers refuse), and no surrounding whitespace. */
 static const char *check_value(PyObject *value) {
   if (!PyBytes_CheckExact(value)) return "a header value that is not bytes";
   Py_ssize_t n = PyBytes_GET_SIZE(value);
   const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
   if (n > MAX_HEADER_VALUE) return "a header value over " Py_STRINGIFY(MAX_HEADER_VALUE) " bytes";
   for (Py_ssize_t i = 0; i < n; i++)
-    if (s[i] == 0 || s[i] == '\r' || s[i] == '\n' || s[i] == 0x7f) return "a header value with a control character";
+    if ((s[i] < 0x20 && s[i] != '\t') || s[i] == 0x7f) return "a header value with a control character";
   if (n && (s[0] == ' ' || s[0] == '\t' || s[n - 1] == ' ' || s[n - 1] == '\t'))
     return "a header value with leading or trailing whitespace";
   return NULL;
