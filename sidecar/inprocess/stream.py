@@ -353,9 +353,7 @@ class BridgeStream:
                 self._reject(f"set {name}")
                 continue
             headers.append((name.encode(), value.encode("latin-1")))
-        # Envoy's ext_proc turns whitespace in the details into underscores (they go into access logs).
-        details = "_".join(respond.details.split()) if respond.details else ""
-        return (RESPOND, respond.status, tuple(headers), body, details)
+        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
 
     def _reject(self, change: str) -> None:
         self.rejected.append(change)
@@ -549,11 +547,30 @@ def _as_body(result: Any, hook: Hook) -> bytes:
 
 
 def _scalar(value: Any) -> str | int | float | bool:
-    """A metadata value as the native module can set it: str, number or bool as they are; None, lists and
-    dicts as their JSON text (the contract carries no Struct)."""
-    if isinstance(value, str | int | float):  # bool is an int
-        return value
-    return json.dumps(value, separators=(",", ":"))
+    """A metadata value as the native module can set it: str, number or bool as exactly those types (an
+    IntEnum is an int); None, lists and dicts as their JSON text (the contract carries no Struct)."""
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+#: Characters of one token in Envoy's response code details (the native module checks them).
+_DETAIL_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+MAX_DETAILS = 128
+
+
+def _details(details: str) -> str:
+    """A Respond's details as one token: Envoy's ext_proc turns each whitespace character into an underscore;
+    the native module takes only token characters, so any other becomes one too. At most MAX_DETAILS."""
+    if not _DETAIL_CHARS.issuperset(details):
+        details = "".join(c if c in _DETAIL_CHARS else "_" for c in details)
+    return details[:MAX_DETAILS]
 
 
 def _close(awaitable: Awaitable[Any]) -> None:
