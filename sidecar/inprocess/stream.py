@@ -298,12 +298,12 @@ class BridgeStream:
             result: Result = None
         else:
             result = self._failed(pending.kind, self._awaited, exc)
-        self._settle(pending, result)
-        self._stop(pending)
         runner = plan.runner
         loop = pending.loop
         if runner is not None and loop is not None and runner.stuck(loop, plan.hook_deadline):
-            runner.replace(loop)
+            runner.replace(loop)  # before the stream goes on: its next async hook needs a turning loop
+        self._settle(pending, result)
+        self._stop(pending)
 
     def _stop(self, pending: _Pending) -> None:
         task, loop = pending.task, pending.loop
