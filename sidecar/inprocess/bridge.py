@@ -94,14 +94,8 @@ class InProcessConfig:
         self.request_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[0])]
         self.response_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[1])]
         async_hooks = _async_hooks(chain)
-        self.plan = StreamPlan(
-            chain=chain,
-            meters=_meters,
-            schedule=schedule,
-            runner=shared_loop() if async_hooks else None,
-            hook_deadline=hook_deadline_ms / 1000,
-            body_modes=body_modes,
-            async_hooks=async_hooks,
+        self.plan = StreamPlan.of(
+            chain, _meters, schedule, shared_loop() if async_hooks else None, hook_deadline_ms / 1000, async_hooks
         )
 
     def new_stream(self, handle: int) -> BridgeStream:

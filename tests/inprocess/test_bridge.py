@@ -171,6 +171,14 @@ class AsyncJunk(Plugin):
         return 200
 
 
+class Watches(Plugin):
+    observe_only = True
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond:
+        headers["x-watched"] = "1"
+        return Respond(403)
+
+
 class WithAttributes(Plugin):
     request_attributes = ("source.address",)
 
@@ -263,6 +271,12 @@ def test_metadata_keeps_each_scalar_type_and_sends_the_rest_as_json(tmp_path: Pa
         ("other", "nested"): '{"a":"x","b":[1,null]}',
     }
     assert type(metadata["envoy-sidecar", "enum"]) is int and metadata["envoy-sidecar", "flag"] is True
+
+
+def test_an_observe_only_chain_changes_nothing_as_in_observability_mode(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Watches")
+    assert s.request_headers(REQUEST, True) is None
+    assert bridge.meters().plugin_latency[("Watches", "request_headers")][-1] > 0  # it ran
 
 
 # ---- bodies -------------------------------------------------------------------------------------------------
