@@ -244,7 +244,7 @@ def test_header_changes_are_set_append_remove_ops(tmp_path: Path) -> None:
 def test_a_respond_is_a_local_reply_with_checked_headers_and_one_token_details(tmp_path: Path) -> None:
     s = stream(tmp_path, "Denies")
     assert s.request_headers(REQUEST, False) == (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2")
-    assert s.rejected == ["set x-envoy-sneaky"]  # ext_proc's mutation rules drop it from a reply too
+    assert s.rejected == ("set x-envoy-sneaky",)  # ext_proc's mutation rules drop it from a reply too
 
 
 def test_the_header_stamp_plugin_in_both_directions(tmp_path: Path) -> None:
