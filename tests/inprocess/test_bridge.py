@@ -21,7 +21,7 @@ from sidecar.errors import ConfigError, PluginLoadError, ProtocolError
 from sidecar.inprocess import bridge
 from sidecar.inprocess.stream import BridgeStream
 from sidecar.plugins import BodyMode
-from sidecar.testing import Request, Response
+from sidecar.testing import Driver, Request, Response
 from tests.support.inprocess_double import InProcessDouble, NativeDouble
 from tests.support.wait import wait_for
 
@@ -381,6 +381,14 @@ def test_an_async_body_hook_pauses_the_held_body(tmp_path: Path) -> None:
     result = d.run(Request("POST", "/", {"content-length": "3"}, b"abc"))
     assert result.upstream is not None and result.upstream.body == b"cba"
     assert "request_body" in result.phases
+
+
+def test_sync_and_async_body_stages_run_in_chain_order_across_the_pause(tmp_path: Path) -> None:
+    request = Request("POST", "/", {}, b"abc")
+    result = double(tmp_path, "Upper", "AsyncBody", "AsyncBody", "Upper").run(request)
+    ext_proc = Driver([Upper(), AsyncBody(), AsyncBody(), Upper()]).run(request)
+    assert result.upstream is not None and ext_proc.upstream is not None
+    assert result.upstream.body == ext_proc.upstream.body == b"ABC!!"  # upper!, reversed twice, upper!
 
 
 def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_path: Path) -> None:
