@@ -630,18 +630,18 @@ class BridgeStream:
             raw = name.encode()
             if not values:
                 ops.append((REMOVE, raw, None))
-                continue
-            ops.append((SET, raw, values[0]))
-            for value in values[1:]:
-                ops.append((APPEND, raw, value))
+            elif len(values) == 1:
+                ops.append((SET, raw, values[0]))
+            else:
+                ops.append((SET, raw, values[0]))
+                ops += [(APPEND, raw, value) for value in values[1:]]
         for name, added in appended.items():
             if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
                 name, added[0], request, len(added)
             ):
                 continue
             raw = name.encode()
-            for value in added:
-                ops.append((APPEND, raw, value))
+            ops += [(APPEND, raw, value) for value in added]
         replaced.clear()  # track afresh (flush_into's job for ext_proc)
         appended.clear()
         return tuple(ops)
