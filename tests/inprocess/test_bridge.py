@@ -523,3 +523,15 @@ def test_meters_count_each_plugin_and_phase(tmp_path: Path) -> None:
     snapshot = meters.snapshot()
     assert snapshot["plugin_latency"]["Edits\0response_headers"][-1] > 0
     assert set(snapshot) >= {"streams", "active", "plugin_errors", "plugin_latency", "responses", "instruments"}
+
+
+def test_the_meters_snapshot_is_what_the_sidecars_prometheus_collector_reads(tmp_path: Path) -> None:
+    """The proposal for metrics in-process: the sidecar's own collector serves `bridge.meters().snapshot`."""
+    from sidecar.extproc.metrics import MetricsCollector
+
+    double(tmp_path, "Edits").run(Request(), Response())
+    families = {family.name: family for family in MetricsCollector(bridge.meters().snapshot).collect()}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["sidecar_plugin_seconds"].samples}
+    count = samples[("sidecar_plugin_seconds_count", (("phase", "request_headers"), ("plugin", "Edits")))]
+    assert count >= 1
+    assert families["sidecar_extproc_streams"].samples[0].value >= 1
