@@ -104,6 +104,8 @@ class StreamPlan:
     steps: dict[str, tuple[tuple[Any, list[float]], ...]]
     #: The chain's [opened, closed] stream counters in `meters`.
     stream_counts: list[int]
+    #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
+    max_body: int
 
     @classmethod
     def of(
@@ -114,6 +116,7 @@ class StreamPlan:
         runner: LoopThread | None,
         hook_deadline: float,
         async_hooks: dict[str, int],
+        max_body: int,
     ) -> StreamPlan:
         mode = chain.mode
         steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
@@ -132,6 +135,7 @@ class StreamPlan:
             async_hooks=async_hooks,
             steps=steps,
             stream_counts=meters.streams_of(chain.name),
+            max_body=max_body,
         )
 
 
@@ -413,8 +417,18 @@ class BridgeStream:
         headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
         return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
 
+    def _too_big(self, hook: str, what: str, size: int) -> ValueError:
+        return ValueError(
+            f"{hook} {what} of {size} bytes; the in-process filter passes at most {self._plan.max_body} "
+            "(max_body_bytes)"
+        )
+
     def _respond(self, respond: Respond) -> Result:
+        """A Respond as C's RESPOND; a reply body over max_body_bytes is the plugin's error (raised in its hook's
+        try), as C would refuse it."""
         body = respond.body.encode() if isinstance(respond.body, str) else respond.body
+        if len(body) > self._plan.max_body:
+            raise self._too_big("a Respond", "has a body", len(body))
         headers = []
         for name, value in respond.header_pairs:  # checked when the Respond was built
             if name.startswith(_PROTECTED_PREFIX):  # what ext_proc's mutation rules drop from a reply too
@@ -488,8 +502,9 @@ class BridgeStream:
         come after the body went on."""
         if kind in _TRAILERS or not isinstance(result, Respond):
             raise hook.wrong(result)
+        answer = self._respond(result)
         self._plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
-        return self._respond(result)
+        return answer
 
     def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
         request = kind in _REQUEST
@@ -573,9 +588,15 @@ class BridgeStream:
     ) -> bytes | Result | object:
         """A body or chunk hook's outcome: the new body, a reply (a Respond), or _GO_ON (None: unchanged)."""
         if isinstance(result, Respond):
+            reply = self._respond(result)
             self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, result)
-            return self._respond(result)
-        answer = _GO_ON if result is None else _as_body(result, hook)
+            return reply
+        if result is None:
+            answer: bytes | object = _GO_ON
+        else:
+            answer = _as_body(result, hook)
+            if len(answer) > self._plan.max_body:  # C would fail the stream closed, whatever the policy
+                raise self._too_big(hook.name, "returned a body", len(answer))
         elapsed = perf_counter() - started
         cell[bisect_left(BUCKETS, elapsed)] += 1
         cell[-1] += elapsed

@@ -354,11 +354,35 @@ def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: P
 def test_huge_headers_and_bodies_go_through_whole(tmp_path: Path) -> None:
     d = double(tmp_path, "Edits", "Upper")
     many = {f"x-h{i}": "v" * 1000 for i in range(1000)}
-    body = b"a" * (8 * 1024 * 1024)
+    body = b"a" * (bridge.DEFAULT_MAX_BODY_BYTES - 1)  # upper-cased with a "!": the most C takes back
     result = d.run(Request("POST", "/", many, body), Response(200, (), b"b" * 1024 * 1024))
     assert result.upstream is not None and result.upstream.body == b"A" * len(body) + b"!"
     assert result.upstream.headers["x-h999"] == "v" * 1000 and result.upstream.headers["x-set"] == "1"
     assert len(result.response.body) == 1024 * 1024 + len(" (checked)")
+
+
+class Inflates(Plugin):
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        return body * 1000
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> Respond:
+        return Respond(502, b"x" * 2048)
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_body_over_the_native_limit_is_the_plugins_error_under_its_policy(tmp_path: Path, on_error: str) -> None:
+    """The native module would fail such a result closed whatever the policy: the bridge makes it the plugin's."""
+    path = config_file(tmp_path, "Inflates", on_error=on_error)
+    text = json.dumps({"config": str(path), "chain": "default", "max_body_bytes": 1024})
+    config = bridge.configure(text, NativeDouble())
+    s = config.new_stream(1)
+    s.request_headers([*REQUEST, (b"content-length", b"10")], False)
+    body = s.request_body(b"0123456789", True)
+    reply = s.response_headers([(b":status", b"200")], True)
+    if on_error == "fail_closed":
+        assert body is not None and body[:2] == (1, 500)
+    else:
+        assert body is None and reply is None  # the plugin is bypassed from its failure on
 
 
 # ---- async hooks --------------------------------------------------------------------------------------------
@@ -479,6 +503,9 @@ def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 0}', "hook_deadline_ms"),
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": true}', "hook_deadline_ms"),
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 1e999}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 2.5}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "max_body_bytes": 0}', "max_body_bytes"),
+        ('{"config": "CONFIG", "chain": "default", "max_body_bytes": "1MiB"}', "max_body_bytes"),
         ('{"config": "CONFIG", "chain": "nope"}', "chain 'nope' is not in .* \\(its chains: default\\)"),
         ('{"config": "/nonexistent/sidecar.yaml", "chain": "default"}', "nonexistent"),
         ("x" * (bridge.MAX_FILTER_CONFIG + 1), "at most"),
