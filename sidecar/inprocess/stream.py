@@ -77,6 +77,10 @@ _PROTECTED_PREFIX = "x-envoy"
 #: Guards a pending phase's settling against the stream's close (held for a schedule() call: microseconds).
 _SETTLING = threading.Lock()
 
+#: The longest `ctx.extend_timeout` honoured (seconds), as the generated ext_proc configs allow (or the hook
+#: deadline, if that is longer).
+MAX_EXTENSION = 10.0
+
 #: A hook finished without ending its phase: the next one runs.
 _GO_ON = object()
 _TRAILERS = frozenset({"request_trailers", "response_trailers"})
@@ -182,6 +186,7 @@ class BridgeStream:
         "_done",
         "_pending",
         "_plan",
+        "_timeout",
         "ctx",
         "handle",
         "rejected",
@@ -191,12 +196,13 @@ class BridgeStream:
         chain = plan.chain
         self._plan = plan
         self.handle = handle
-        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces, send=self._extend)
         #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
         self._disabled: frozenset[str] = frozenset()
         self._done = 0  # the phases seen, as bits of _BIT
         self._pending: _Pending | None = None
         self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
+        self._timeout: asyncio.Timeout | None = None  # the awaited hook's deadline, for ctx.extend_timeout
         self._closed = False
         #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
         self._broken = False
@@ -328,7 +334,7 @@ class BridgeStream:
             self._awaited = waiting.plugin
             error: BaseException | None = None
             value: Any = None
-            timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py (DuplexPipe.feed)
+            timeout = self._timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py
             try:
                 async with timeout:
                     value = await waiting.awaitable
@@ -387,6 +393,24 @@ class BridgeStream:
         task, loop = pending.task, pending.loop
         if task is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(task.cancel)
+
+    async def _extend(self, message: Any) -> None:
+        """`ctx.extend_timeout(seconds)` in-process: the awaited hook's deadline moves to `seconds` from now, at
+        most MAX_EXTENSION (as Envoy caps ext_proc's at the filter's max_message_timeout), and so does the
+        watchdog's backstop. Only an async hook can await it, and only on the loop thread."""
+        timeout, pending = self._timeout, self._pending
+        if timeout is None or pending is None or pending.settled:
+            raise RuntimeError("extend_timeout() needs a running stream")
+        seconds = min(message.override_message_timeout.ToTimedelta().total_seconds(), self._max_extension())
+        timeout.reschedule(asyncio.get_running_loop().time() + seconds)
+        runner = self._plan.runner
+        if runner is not None:
+            runner.watchdog.disarm(pending.backstop)
+            later = time.monotonic() + seconds + self._plan.hook_deadline
+            pending.backstop = runner.watchdog.arm(later, partial(self._backstop, pending))
+
+    def _max_extension(self) -> float:
+        return max(MAX_EXTENSION, self._plan.hook_deadline)
 
     # -- failure policy (the ext_proc processor's) -------------------------------------------------
 

@@ -166,6 +166,13 @@ class AsyncBlocksTheLoop(Plugin):
         AsyncBlocksTheLoop.release.wait(5)
 
 
+class AsksForTime(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await ctx.extend_timeout(5)
+        await asyncio.sleep(0.2)  # four times the hook deadline of the test
+        headers["x-took-its-time"] = "1"
+
+
 class AsyncJunk(Plugin):
     async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
         return 200
@@ -425,6 +432,12 @@ def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_pa
     assert AsyncHangs.cancelled.wait(5)
     opened = double(tmp_path, "AsyncHangs", "AddsAfter", on_error="fail_open", deadline_ms=50).run(Request())
     assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
+
+
+def test_extend_timeout_moves_the_async_hooks_deadline(tmp_path: Path) -> None:
+    result = double(tmp_path, "AsksForTime", deadline_ms=50).run(Request())
+    assert result.status == 200 and result.upstream is not None
+    assert result.upstream.headers["x-took-its-time"] == "1"
 
 
 def test_junk_from_an_async_hook_is_the_plugins_error(tmp_path: Path) -> None:
