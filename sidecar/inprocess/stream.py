@@ -532,6 +532,10 @@ class BridgeStream:
 
     def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
         request = kind in _REQUEST
+        if self.ctx.clear_route_cache_requested:
+            refused = self._no_route_cache(kind)
+            if refused is not _GO_ON:
+                return refused  # type: ignore[return-value]
         ops = self._header_ops(fields, request)
         if (
             not end_of_stream
@@ -543,6 +547,17 @@ class BridgeStream:
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
         return self._continue(ops, None)
+
+    def _no_route_cache(self, kind: str) -> Result | object:
+        """`ctx.clear_route_cache()` has no way to Envoy in-process (the contract carries none): the request would
+        go on to the route picked before the plugin's change, silently. Under the chain's policy instead: fail_open
+        logs it and goes on (_GO_ON)."""
+        self.ctx.clear_route_cache_requested = False
+        exc = RuntimeError("ctx.clear_route_cache() is not available in-process: serve this chain from the sidecar")
+        if self._plan.chain.fail_open:
+            self._log_failure(kind, "clear_route_cache", exc)
+            return _GO_ON
+        return self._failed(kind, "clear_route_cache", exc)
 
     def _hook_failed(
         self, kind: str, plugin: str, started: float, exc: Exception, fields: Headers | None, before: Any

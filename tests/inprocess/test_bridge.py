@@ -173,6 +173,12 @@ class AsksForTime(Plugin):
         headers["x-took-its-time"] = "1"
 
 
+class Reroutes(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers[":path"] = "/elsewhere"
+        ctx.clear_route_cache()
+
+
 class AsyncJunk(Plugin):
     async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
         return 200
@@ -347,6 +353,14 @@ def test_fail_open_drops_the_failing_plugins_changes_and_bypasses_it(tmp_path: P
     s = stream(tmp_path, "Raises", "AddsAfter", on_error="fail_open")
     assert s.request_headers(REQUEST, True) == (0, ((0, b"x-after", b"yes"),), None, None)
     assert "Raises" in s._disabled
+
+
+def test_clear_route_cache_is_refused_not_silently_ignored(tmp_path: Path) -> None:
+    """In-process there is no way to re-pick the route: the request would reach the old one with the new path."""
+    closed = stream(tmp_path, "Reroutes").request_headers(REQUEST, True)
+    assert closed is not None and closed[:2] == (1, 500)
+    opened = stream(tmp_path, "Reroutes", on_error="fail_open").request_headers(REQUEST, True)
+    assert opened == (0, ((0, b":path", b"/elsewhere"),), None, None)  # fail_open: logged, the change goes on
 
 
 def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: Path) -> None:
