@@ -179,6 +179,11 @@ class Reroutes(Plugin):
         ctx.clear_route_cache()
 
 
+class SetsDelete(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-odd"] = "a\x7fb"  # Headers allows DEL; the native module refuses it in a value
+
+
 class AsyncJunk(Plugin):
     async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
         return 200
@@ -361,6 +366,16 @@ def test_clear_route_cache_is_refused_not_silently_ignored(tmp_path: Path) -> No
     assert closed is not None and closed[:2] == (1, 500)
     opened = stream(tmp_path, "Reroutes", on_error="fail_open").request_headers(REQUEST, True)
     assert opened == (0, ((0, b":path", b"/elsewhere"),), None, None)  # fail_open: logged, the change goes on
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_value_the_native_module_refuses_fails_the_request_closed_whatever_the_policy(
+    tmp_path: Path, on_error: str
+) -> None:
+    """Documented difference: ext_proc's Envoy takes a DEL in a value; the native module fails closed (500)."""
+    result = double(tmp_path, "SetsDelete", on_error=on_error).run(Request())
+    assert result.status == 500 and result.upstream is None
+    assert result.failed is not None and "x-odd" in result.failed
 
 
 def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: Path) -> None:
