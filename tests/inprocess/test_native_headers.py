@@ -113,3 +113,23 @@ def test_a_flood_of_failures_is_rate_limited_in_the_log(envoy: InProcessEnvoy) -
     # At most 10 lines a second (the 30 requests take well under 3 s here, and the earlier tests' share too).
     lines = envoy.module_lines()
     assert len(lines) < 30 + 2 * len(MALFORMED)
+
+
+def test_envoys_own_local_reply_runs_the_response_hooks() -> None:
+    # As under ext_proc: a 503 Envoy makes itself (the upstream is down) passes the response phase.
+    with InProcessEnvoy("headers") as envoy:
+        envoy.backend.stop()
+        status, headers, _ = envoy.request("/ok")
+        assert status == 503
+        assert headers["x-fake-resp"] == "1"
+
+
+@pytest.mark.parametrize(("count", "status"), [(1000, 403), (1100, 500)])
+def test_more_header_fields_than_the_module_copies_fail_closed(count: int, status: int) -> None:
+    # Envoy's own default stops at 100 fields; raised here so the module's bound (1,024) is what decides. Under
+    # it the hook runs and answers itself (403; the echo backend would refuse over 100 fields).
+    with InProcessEnvoy("headers", max_headers_count=4000) as envoy:
+        headers = {f"x-h{i}": "v" for i in range(count)}
+        assert envoy.request("/respond", headers=headers)[0] == status
+        if status == 500:
+            assert any("more header fields than 1024" in line for line in envoy.module_lines())

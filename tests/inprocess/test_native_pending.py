@@ -124,3 +124,30 @@ def test_trailers_that_arrive_while_the_body_is_pending_run_after_it(
     assert int(raw.split(b" ", 2)[1]) == status
     if status == 200:
         assert b"x-request-body-calls: 1\r\n" in raw and b"HELLO" in raw
+
+
+def test_a_storm_of_schedule_calls_resumes_once(envoy: InProcessEnvoy) -> None:
+    before = _stats(envoy)["resumed"]
+    assert envoy.request("/pending-storm")[0] == 200
+    assert envoy.request("/pending-storm")[0] == 200
+    # Wakes that come after the resume (the storm goes on) find the stream not pending or gone: ignored.
+    assert _stats(envoy)["resumed"] - before == 2
+
+
+def test_schedule_with_handles_and_values_that_are_not_a_live_stream(envoy: InProcessEnvoy) -> None:
+    status, _, body = envoy.request("/schedule-garbage")
+    assert status == 200
+    # Other slots or generations: False (the registry has no such stream); not an int, or outside 0..2**64-1:
+    # the Python error, never a wake-up.
+    assert json.loads(body) == [
+        "False",
+        "False",
+        "False",
+        "False",
+        "False",
+        "OverflowError",
+        "OverflowError",
+        "TypeError",
+        "TypeError",
+        "TypeError",
+    ]

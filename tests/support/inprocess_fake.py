@@ -8,7 +8,9 @@ hook returns (`_Stream`). Nothing here is a plugin: it returns Results directly,
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,11 @@ FACTORY = "tests.support.inprocess_fake:configure"
 # chain -> (phases bitmask, request body mode, response body mode); modes: 0 none, 1 buffered, 2 streamed.
 CHAINS: dict[str, tuple[int, int, int]] = {
     "headers": (1 | 8, 0, 0),
+    # For benchmarks/inprocess_native.py: the module loaded but Python never called; hooks that return None;
+    # one header set in each direction.
+    "none": (0, 0, 0),
+    "noop": (1 | 8, 0, 0),
+    "stamp": (1 | 8, 0, 0),
     "buffered": (63, 1, 1),
     "streamed": (63, 2, 2),
 }
@@ -80,6 +87,8 @@ MALFORMED: list[Any] = [
     (0, ((2, b"x-a", b"v"),), None, None),
     (0, ((0, b"x-a", None),), None, None),
     (0, (), b"a body in a headers phase", None),
+    (0, (), b"x" * _HUGE, None),
+    (0, (), "a str body", None),
     (0, (), None, (("ns", "k"),)),
     (0, (), None, (("ns", "k", None),)),
     (0, (), None, (("ns", "k", float("nan")),)),
@@ -93,6 +102,9 @@ MALFORMED: list[Any] = [
     (0, (), None, (("ns", "k", b"bytes"),)),
     object(),
 ]
+
+
+_BENCH: dict[str, Result] = {"noop": None, "stamp": (0, ((0, b"x-stamp", b"1"),), None, None)}
 
 
 class Counters:
@@ -131,6 +143,8 @@ class _Config:
 
 def configure(filter_config_json: str, native: types.ModuleType) -> _Config:
     doc = json.loads(filter_config_json)
+    if sys.modules.get("sidecar_inprocess_native") is not native:
+        raise RuntimeError("fake: the native module is not sys.modules['sidecar_inprocess_native']")
     if doc.get("chain") not in CHAINS:
         raise ValueError(f"fake: unknown chain {doc.get('chain')!r}")
     return _Config(doc, native)
@@ -168,6 +182,28 @@ class _Stream:
             timer.start()
         return (2,)
 
+    def _storm(self) -> Result:
+        """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.waiting = None
+
+        def wake() -> None:
+            for _ in range(250):
+                self.config.native.schedule(self.handle)
+
+        for _ in range(4):
+            threading.Thread(target=wake, daemon=True).start()
+        return (2,)
+
+    def _garbage(self) -> list[str]:
+        """What schedule() says to handles and values that are not this stream's."""
+        seen = []
+        for value in (0, 1, self.handle + 1, self.handle ^ (1 << 32), (1 << 64) - 1, -1, 1 << 64, "x", None, 1.5):
+            try:
+                seen.append(repr(self.config.native.schedule(value)))
+            except (TypeError, OverflowError) as error:
+                seen.append(type(error).__name__)
+        return seen
+
     def resume(self) -> Result:
         with Counters.lock:
             Counters.resumed += 1
@@ -180,6 +216,8 @@ class _Stream:
 
     # -- request ---------------------------------------------------------------------------------------------------
     def request_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        if self.config.chain in _BENCH:
+            return _BENCH[self.config.chain]
         self.path = _get(headers, b":path") or b""
         path = self.path.split(b"?")[0]
         stamp = (0, ((0, b"x-fake-req", b"1"), (1, b"x-fake-append", b"a"), (2, b"x-remove-me", None)), None, None)
@@ -204,7 +242,10 @@ class _Stream:
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
             b"/pending-both": lambda: self._later(None, delay),
             b"/rewrite": lambda: (0, ((0, b":path", b"/rewritten"),), None, None),
+            b"/pending-storm": self._storm,
+            b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
+            b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
                 200, "fake_headers", json.dumps([[k.decode(), len(v)] for k, v in headers]).encode()
@@ -253,6 +294,8 @@ class _Stream:
 
     # -- response --------------------------------------------------------------------------------------------------
     def response_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        if self.config.chain in _BENCH:
+            return _BENCH[self.config.chain]
         path = self.path.split(b"?")[0]
         if path.startswith(b"/malformed-response/"):
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]

@@ -183,25 +183,50 @@ static watch_slot *watch_slot_for_thread(void) {
   return s;
 }
 
-/* Calls callable(*args) on this thread with the GIL held, under the deadline. Returns a new reference or NULL with
- * the Python error set. */
-static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+/* A Python call on this thread, with the GIL held, under the deadline: watch_begin before, watch_end after. */
+static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
     atomic_store(&s->deadline_ns, deadline_ns);
     atomic_store(&s->started_ns, monotonic_ns());
   }
+  return s;
+}
+
+static void watch_end(watch_slot *s) {
+  if (!s) return;
+  atomic_store(&s->started_ns, 0);
+  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
+  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+}
+
+/* callable(*args); a new reference, or NULL with the Python error set. */
+static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
   PyObject *result = PyObject_Vectorcall(callable, args, nargs, NULL);
-  if (s) {
-    atomic_store(&s->started_ns, 0);
-    uint64_t generation = atomic_fetch_add(&s->generation, 1);
-    /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-    if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
-  }
+  watch_end(s);
+  return result;
+}
+
+/* self.name(*args) without making a bound method; args[0] is self. */
+static PyObject *call_method_watched(PyObject *name, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
+  PyObject *result = PyObject_VectorcallMethod(name, args, nargs, NULL);
+  watch_end(s);
   return result;
 }
 
 /* ---- filter config (one per http_filters entry) ------------------------------------------------------------- */
+#ifdef SIDECAR_HOOK_TIMING
+/* benchmarks/inprocess_native.py builds a copy with this on: the CPU and wall time inside each headers hook,
+ * averaged per filter config and printed every 65,536 calls (the spike's method, so the figures compare). */
+typedef struct {
+  _Atomic uint64_t calls, cpu_ns, wall_ns;
+  char name[64];
+} hook_timing;
+#endif
+
 typedef struct {
   PyObject *config; /* the bridge's InProcessConfig */
   PyObject *new_stream;
@@ -209,7 +234,33 @@ typedef struct {
   int body_mode[2];
   uint64_t deadline_ns;
   size_t max_body_bytes;
+#ifdef SIDECAR_HOOK_TIMING
+  hook_timing timing;
+#endif
 } filter_config;
+
+#ifdef SIDECAR_HOOK_TIMING
+static uint64_t thread_cpu_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void timing_record(filter_config *cfg, uint64_t cpu0, uint64_t wall0) {
+  hook_timing *t = &cfg->timing;
+  atomic_fetch_add(&t->wall_ns, monotonic_ns() - wall0);
+  atomic_fetch_add(&t->cpu_ns, thread_cpu_ns() - cpu0);
+  uint64_t n = atomic_fetch_add(&t->calls, 1) + 1;
+  if ((n & 0xffff) == 0)
+    fprintf(stderr, "sidecar_inprocess: hook timing %s calls=%lu cpu_ns=%.0f wall_ns=%.0f\n", t->name, (unsigned long)n,
+            (double)atomic_load(&t->cpu_ns) / (double)n, (double)atomic_load(&t->wall_ns) / (double)n);
+}
+#define TIMING_START(cfg) uint64_t timing_cpu0 = thread_cpu_ns(), timing_wall0 = monotonic_ns()
+#define TIMING_END(cfg) timing_record((cfg), timing_cpu0, timing_wall0)
+#else
+#define TIMING_START(cfg) (void)0
+#define TIMING_END(cfg) (void)0
+#endif
 
 /* ---- per-stream state ------------------------------------------------------------------------------------------ */
 typedef struct {
@@ -343,6 +394,14 @@ static void fail_python(stream_filter *f, const char *phase) {
   fail_closed(f);
 }
 
+/* A body from Envoy larger than max_body_bytes: 413 for a request (as Envoy's own buffer limit answers), 500 for a
+ * response. */
+static void fail_too_large(stream_filter *f, int d) {
+  static const char details[] = "sidecar_inprocess_body_too_large";
+  log_line("%s: a body over max_body_bytes: failing closed", d == 0 ? "request_body" : "response_body");
+  send_local_reply(f, d == 0 ? 413 : 500, NULL, 0, NULL, 0, details, sizeof details - 1);
+}
+
 static void fail_result(stream_filter *f, const char *phase, const char *what) {
   log_line("%s returned a malformed Result (%s): failing closed with 500", phase, what);
   fail_closed(f);
@@ -367,8 +426,11 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *pair = Py_BuildValue("(y#y#)", h[i].key, (Py_ssize_t)h[i].key_len, h[i].value,
-                                   (Py_ssize_t)h[i].value_len);
+    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
+    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
+    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
+    Py_XDECREF(name);
+    Py_XDECREF(value);
     if (!pair) Py_CLEAR(list);
     else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
@@ -376,6 +438,8 @@ done:
   if (h != stack) free(h);
   return list;
 }
+
+static const char TOO_LARGE[] = "a body over max_body_bytes";
 
 /* Appends Envoy's chunks of body `type` to `out` (a bytearray of room `limit`). -1 when over the limit. */
 static int body_append(stream_filter *f, int type, char *out, size_t *len, size_t limit) {
@@ -411,7 +475,7 @@ static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t ski
   size_t limit = f->cfg->max_body_bytes + skip, len = 0;
   size_t size = body_size(f, d, in_hook);
   if (size > limit) {
-    *why = "a body over max_body_bytes";
+    *why = TOO_LARGE;
     return NULL;
   }
   char *buf = malloc(size ? size : 1);
@@ -743,7 +807,9 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   }
   else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
   if (!payload) {
-    if (why) {
+    if (why == TOO_LARGE) {
+      fail_too_large(f, d);
+    } else if (why) {
       log_line("%s: %s: failing closed with 500", phase, why);
       PyErr_Clear();
       fail_closed(f);
@@ -752,20 +818,8 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     }
     return STOPPED;
   }
-  PyObject *method = PyObject_GetAttr(f->stream, str_phase[d][kind]);
-  if (!method) {
-    Py_DECREF(payload);
-    fail_python(f, phase);
-    return STOPPED;
-  }
-  if (kind == TRAILERS) {
-    PyObject *args[1] = {payload};
-    r = call_watched(method, args, 1, f->cfg->deadline_ns);
-  } else {
-    PyObject *args[2] = {payload, end_of_stream ? Py_True : Py_False};
-    r = call_watched(method, args, 2, f->cfg->deadline_ns);
-  }
-  Py_DECREF(method);
+  PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
+  r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
@@ -814,6 +868,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   (void)envoy;
   direction *dir = &f->dir[d];
   if (skip(f)) return DM_HEADERS_CONTINUE;
+  TIMING_START(f->cfg);
   if (end_of_stream) dir->end_seen = 1;
   enum outcome out = GO_ON;
   if (wants(f, d, HEADERS)) {
@@ -821,6 +876,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
     out = run_phase(f, d, HEADERS, end_of_stream, 1);
     gil_drop();
   }
+  TIMING_END(f->cfg);
   if (out == PENDING) dir->held = 1; /* not passed on until resume: body-phase header ops may still apply */
   if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
   dir->headers_done = 1;
@@ -842,9 +898,7 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   if (f->cfg->body_mode[d] == BODY_BUFFERED && !end_of_stream) {
     /* Buffering on past the limit would only fail later: fail now, before copying more. */
     if (body_size(f, d, 1) > f->cfg->max_body_bytes) {
-      log_line("%s: a body over max_body_bytes: failing closed", PHASE_NAMES[d][BODY]);
-      static const char too_large[] = "sidecar_inprocess_body_too_large";
-      send_local_reply(f, d == REQUEST ? 413 : 500, NULL, 0, NULL, 0, too_large, sizeof too_large - 1);
+      fail_too_large(f, d);
       return DM_BODY_STOP_NO_BUFFER;
     }
     return DM_BODY_STOP_AND_BUFFER;
@@ -900,9 +954,7 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   int kind = dir->pending;
   dir->pending = -1;
   gil_take();
-  PyObject *resume = PyObject_GetAttr(f->stream, str_resume);
-  PyObject *r = resume ? call_watched(resume, NULL, 0, f->cfg->deadline_ns) : NULL;
-  Py_XDECREF(resume);
+  PyObject *r = call_method_watched(str_resume, &f->stream, 1, f->cfg->deadline_ns);
   enum outcome out = apply_result(f, d, kind, r, 0);
   if (out == PENDING) {
     dir->pending = (int8_t)kind;
@@ -929,8 +981,11 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void *e, void *f) { re
 int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_filter, uint32_t code,
                                                     dm_envoy_buf details, bool reset_imminent) {
   (void)envoy, (void)code, (void)details, (void)reset_imminent;
-  /* Envoy's own replies (a 413 over its buffer limit, ...) and ours are not run through Python. */
-  ((stream_filter *)module_filter)->finished = 1;
+  stream_filter *f = module_filter;
+  /* Ours set `finished` before sending. Envoy's own (no upstream, a 413 over its buffer limit, ...) run the
+   * response hooks as an upstream answer would, as under ext_proc; unless a phase is waiting for resume(): then
+   * the stream's Python state cannot follow, and the reply goes out as Envoy made it. */
+  if (f->dir[REQUEST].pending >= 0 || f->dir[RESPONSE].pending >= 0) f->finished = 1;
   return DM_LOCAL_REPLY_CONTINUE;
 }
 
@@ -952,14 +1007,12 @@ void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
   if (f->stream) {
     gil_take();
-    PyObject *close = PyObject_GetAttr(f->stream, str_close);
-    PyObject *r = close ? call_watched(close, NULL, 0, f->cfg->deadline_ns) : NULL;
+    PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
     if (!r) {
       log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
       PyErr_Clear();
     }
     Py_XDECREF(r);
-    Py_XDECREF(close);
     Py_CLEAR(f->stream);
     gil_drop();
   }
@@ -1100,21 +1153,30 @@ done:
 }
 
 void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envoy_buf name, dm_envoy_buf config) {
-  (void)config_envoy, (void)name;
+  (void)config_envoy, (void)name; /* name: the filter_name, the chain */
+  /* 0 not yet, 1 running, -1 failed: an interpreter that failed to start is never started twice. */
   static int started = 0;
-  if (!started) {
-    if (python_start() != 0) return NULL;
-    started = 1;
+  if (started == 0) started = python_start() == 0 ? 1 : -1;
+  if (started < 0) {
+    log_line("filter config rejected: the embedded Python did not start (see above)");
+    return NULL;
   }
   gil_take();
   filter_config *cfg = configure(config.ptr, config.length);
+#ifdef SIDECAR_HOOK_TIMING
+  if (cfg) snprintf(cfg->timing.name, sizeof cfg->timing.name, "%.*s", (int)name.length, name.ptr);
+#endif
   if (!cfg) {
     /* The bridge's message is about the user's config file: it is the one line a user needs. */
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyObject *msg = value ? PyObject_Str(value) : NULL;
     const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
-    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", m ? m : "");
+    char line[512];
+    snprintf(line, sizeof line, "%s", m ? m : "");
+    for (char *c = line; *c; c++)
+      if (*c == '\n' || *c == '\r') *c = ' '; /* one line, whatever the message */
+    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", line);
     Py_XDECREF(msg);
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -1153,12 +1215,31 @@ static int scan_executable(struct dl_phdr_info *info, size_t size, void *data) {
   return 1; /* stop after the executable */
 }
 
+/* "N.N.N": an override that is not a whole version cannot match some other short string in the binary. */
+static int is_version(const char *s) {
+  int dots = 0, digits = 0;
+  if (!s || strlen(s) > 16) return 0;
+  for (; *s; s++) {
+    if (*s == '.') {
+      if (!digits) return 0;
+      dots++, digits = 0;
+    } else if (*s >= '0' && *s <= '9') {
+      digits++;
+    } else {
+      return 0;
+    }
+  }
+  return dots == 2 && digits > 0;
+}
+
 const char *envoy_dynamic_module_on_program_init(void) {
   /* Envoy only warns about an ABI version mismatch and resolves callbacks by name: a different Envoy with a changed
    * signature would load and misbehave. Its version string is in its read-only data. The override exists so the
    * refusal itself can be tested. */
   const char *expected = getenv("SIDECAR_INPROCESS_EXPECT_ENVOY");
-  if (!expected || !*expected || strlen(expected) > 32) expected = EXPECTED_ENVOY_VERSION;
+  if (expected && !is_version(expected))
+    fprintf(stderr, "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored\n");
+  if (!is_version(expected)) expected = EXPECTED_ENVOY_VERSION;
   char needle[40];
   needle[0] = 0;
   strcpy(needle + 1, expected);
