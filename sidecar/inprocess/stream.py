@@ -342,8 +342,13 @@ class BridgeStream:
                 error = exc
                 if timeout.expired():
                     error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
-            except Exception as exc:
-                error = exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the stream is gone (close) or the watchdog answered: nothing to settle
+                error = RuntimeError("the hook raised CancelledError")  # its own, not ours: a failure like any
+            except BaseException as exc:  # SystemExit too: on the loop thread it would end the phase unanswered
+                error = exc if isinstance(exc, Exception) else RuntimeError(f"the hook raised {type(exc).__name__}")
             try:
                 answer = waiting.go_on(waiting.state, value, error)
             except Exception as exc:  # the bridge's own bug: C answers 500

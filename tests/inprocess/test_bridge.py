@@ -184,6 +184,13 @@ class SetsDelete(Plugin):
         headers["x-odd"] = "a\x7fb"  # Headers allows DEL; the native module refuses it in a value
 
 
+class AsyncSelfCancels(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        if "x-exit" in headers:
+            raise SystemExit(3)
+        raise asyncio.CancelledError()
+
+
 class AsyncJunk(Plugin):
     async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
         return 200
@@ -467,6 +474,36 @@ def test_extend_timeout_moves_the_async_hooks_deadline(tmp_path: Path) -> None:
     result = double(tmp_path, "AsksForTime", deadline_ms=50).run(Request())
     assert result.status == 200 and result.upstream is not None
     assert result.upstream.headers["x-took-its-time"] == "1"
+
+
+@pytest.mark.parametrize("how", [{}, {"x-exit": "1"}])
+def test_an_async_hook_raising_cancelled_or_exit_gets_the_policy_at_once(tmp_path: Path, how: dict[str, str]) -> None:
+    d = double(tmp_path, "AsyncSelfCancels", deadline_ms=5000)
+    started = time.monotonic()
+    result = d.run(Request(headers=how))
+    assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+    assert time.monotonic() - started < 4  # not the watchdog's (two deadlines of 5 s)
+
+
+def test_concurrent_streams_from_two_workers_keep_apart(tmp_path: Path) -> None:
+    """Envoy calls from each worker thread under one GIL; async hooks of both share the loop thread."""
+    d = double(tmp_path, "AsyncStamp", "Edits")
+    results: list[Any] = []
+
+    def worker() -> None:
+        for i in range(40):
+            results.append(d.run(Request(headers={"x-request-id": f"{threading.get_ident()}-{i}"}), Response()))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 80
+    for result in results:
+        assert result.status == 200 and result.upstream is not None
+        assert result.upstream.headers["x-async"] == "1" and result.upstream.headers["x-set"] == "1"
+        assert result.response.headers["x-rid"] == result.upstream.headers["x-request-id"]
 
 
 def test_junk_from_an_async_hook_is_the_plugins_error(tmp_path: Path) -> None:

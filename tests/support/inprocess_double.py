@@ -18,6 +18,7 @@ request, so the two backends can be compared field by field. What it does, as th
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Sequence
@@ -277,11 +278,10 @@ class InProcessDouble:
         self.config = configure(json.dumps(filter_config), self.native)
         #: How long PENDING may last before the double calls it a hang (the bridge's deadlines are shorter).
         self.resume_timeout = hook_deadline_ms / 1000 * 4 + 5
-        self._handles = 0
+        self._handles = itertools.count(1)  # thread-safe: two "workers" may run requests at once
 
     def run(self, request: Request, response: Response | None = None) -> Result:
-        self._handles += 1
-        exchange = _Exchange(self, self._handles)
+        exchange = _Exchange(self, next(self._handles))
         try:
             self._run(exchange, request, response or Response())
         except BadResult as exc:
