@@ -196,7 +196,9 @@ class BridgeStream:
         chain = plan.chain
         self._plan = plan
         self.handle = handle
-        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces, send=self._extend)
+        # `ctx.extend_timeout` is given a way out only while a phase is pending (`_suspend`): a stream that
+        # points at itself from its Context is a cycle, which only the garbage collector frees (2 µs a request).
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
         self._disabled: frozenset[str] = frozenset()
         self._done = 0  # the phases seen, as bits of _BIT
@@ -255,6 +257,7 @@ class BridgeStream:
         if pending is None or not pending.settled:
             raise ProtocolError("resume() without a finished pending phase")
         self._pending = None
+        self.ctx._send = None
         result = pending.result
         if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
             raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
@@ -272,6 +275,7 @@ class BridgeStream:
                     if self._closed:
                         return
                     self._closed = True
+            self.ctx._send = None
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
@@ -315,6 +319,7 @@ class BridgeStream:
             raise ProtocolError(f"{kind}: an async hook ran, but the chain's filter has no event loop")
         pending = self._pending = _Pending(kind)
         self._awaited = waiting.plugin
+        self.ctx._send = self._extend  # undone by resume() and close()
         budget = plan.hook_deadline * (plan.async_hooks.get(kind, 1) + 1)
         pending.backstop = runner.watchdog.arm(time.monotonic() + budget, partial(self._backstop, pending))
         pending.loop = runner.submit(self._start, pending, waiting)
