@@ -279,6 +279,9 @@ class BridgeStream:
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
+                runner = self._plan.runner
+                if runner is not None:
+                    runner.watchdog.disarm(pending.backstop)
             self._plan.stream_counts[1] += 1
         except Exception:  # never raises into C
             log.exception("closing an in-process stream failed")
