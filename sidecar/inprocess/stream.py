@@ -491,8 +491,8 @@ class BridgeStream:
         fail_open = plan.chain.fail_open
         steps = plan.steps[kind]
         before = None
-        for index in range(start, len(steps)):
-            hook, cell = steps[index]
+        for step in steps[start:] if start else steps:
+            hook, cell = step
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
@@ -501,6 +501,7 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, fields)
                 if hook.is_async:
+                    index = steps.index(step, start)  # found by identity: each step is its own tuple
                     state = (kind, fields, end_of_stream, index, hook, cell, started, before)
                     return _Await(result, self._fields_go_on, hook.plugin, state)
                 if result is None:
@@ -601,8 +602,8 @@ class BridgeStream:
         end = True if mode == BodyMode.BUFFERED else end_of_stream
         ctx = self.ctx
         steps = plan.steps[kind]
-        for index in range(start, len(steps)):
-            stage, cell = steps[index]
+        for step in steps[start:] if start else steps:
+            stage, cell = step
             if stage.plugin in self._disabled:
                 continue
             hook = stage.hook
@@ -610,6 +611,7 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, body) if stage.kind == "body" else hook.func(ctx, body, end)
                 if hook.is_async:
+                    index = steps.index(step, start)
                     state = (kind, direction, chunk, end_of_stream, index, stage, cell, started, body)
                     return _Await(result, self._body_go_on, stage.plugin, state)
                 answer = self._body_result(kind, stage.plugin, hook, cell, started, result)
