@@ -1,0 +1,806 @@
+"""One HTTP stream inside Envoy: the chain's hooks for each phase the native module hands over, and the Result
+tuples it applies.
+
+The semantics are the ext_proc server's (`sidecar.extproc.processor`), phase by phase: request hooks in chain
+order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's
+error; a failure gets the chain's policy (fail_closed: a 500 with an error id; fail_open: the plugin's changes
+dropped and the plugin bypassed for the rest of the stream); a buffered body that changes keeps content-length
+right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is dropped and
+counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
+
+Each phase is a generator: sync hooks run inline on Envoy's worker; at the first `async def` hook the
+generator yields the hook's coroutine and the rest of the phase runs on the loop thread (`loop.py`), which
+awaits each coroutine under the hook deadline and sends the result back in. The worker gets PENDING and, once
+the bridge called `native.schedule(handle)`, `resume()` hands it the phase's result.
+
+What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details)
+or (2,).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from time import perf_counter
+from typing import Any
+
+from sidecar.chains import Chain, Hook
+from sidecar.errors import ProtocolError
+from sidecar.headers import Headers
+from sidecar.inprocess.loop import LoopThread
+from sidecar.inprocess.meters import BUCKETS, Meters
+from sidecar.plugins import BodyMode, Context, Respond
+
+__all__ = ["CONTINUE", "PENDING", "RESPOND", "BridgeStream", "StreamPlan"]
+
+log = logging.getLogger("sidecar.inprocess")
+
+CONTINUE, RESPOND = 0, 1
+PENDING = (2,)
+SET, APPEND, REMOVE = 0, 1, 2
+
+#: The ext_proc path's reply to a failed plugin in a fail_closed chain.
+_ERROR_BODY = b"Internal Server Error\n"
+_ERROR_DETAILS = "sidecar_plugin_error"
+
+# Phases as bits; within a direction a phase may not come after a later one, nor twice (bodies may).
+_BIT = {
+    "request_headers": 1,
+    "request_body": 2,
+    "request_trailers": 4,
+    "response_headers": 8,
+    "response_body": 16,
+    "response_trailers": 32,
+}
+_LATER = {
+    "request_headers": 2 | 4,
+    "request_body": 4,
+    "request_trailers": 0,
+    "response_headers": 16 | 32,
+    "response_body": 32,
+    "response_trailers": 0,
+}
+_BODIES = 2 | 16
+
+# Envoy's default HeaderMutationRules in its ext_proc filter: these changes are dropped (and counted).
+_PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
+_PROTECTED_PREFIX = "x-envoy"
+
+#: Guards a pending phase's settling against the stream's close (held for a schedule() call: microseconds).
+_SETTLING = threading.Lock()
+
+#: The longest `ctx.extend_timeout` honoured (seconds), as the generated ext_proc configs allow (or the hook
+#: deadline, if that is longer).
+MAX_EXTENSION = 10.0
+
+#: A hook finished without ending its phase: the next one runs.
+_GO_ON = object()
+_TRAILERS = frozenset({"request_trailers", "response_trailers"})
+_REQUEST = frozenset({"request_headers", "request_body", "request_trailers"})
+Result = tuple[Any, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """What every stream of one in-process filter needs, computed once at configure."""
+
+    chain: Chain
+    meters: Meters
+    #: `native.schedule(handle) -> bool`, callable from any thread.
+    schedule: Callable[[int], bool]
+    #: The loop thread for async hooks (None: the chain has none).
+    runner: LoopThread | None
+    #: Seconds an awaited hook may take before it gets the chain's failure policy.
+    hook_deadline: float
+    #: The chain's body mode per direction (request, response): NONE, BUFFERED, BUFFERED_PARTIAL, STREAMED.
+    body_modes: tuple[int, int]
+    #: Async hooks per phase: how long the watchdog waits for a pending phase (one deadline each, plus one).
+    async_hooks: dict[str, int]
+    #: Per phase, the hooks (or body stages) with each one's latency cell in `meters`.
+    steps: dict[str, tuple[tuple[Any, list[float]], ...]]
+    #: The chain's [opened, closed] stream counters in `meters`.
+    stream_counts: list[int]
+    #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
+    max_body: int
+
+    @classmethod
+    def of(
+        cls,
+        chain: Chain,
+        meters: Meters,
+        schedule: Callable[[int], bool],
+        runner: LoopThread | None,
+        hook_deadline: float,
+        async_hooks: dict[str, int],
+        max_body: int,
+    ) -> StreamPlan:
+        mode = chain.mode
+        steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
+        for kind, hooks in chain.hooks.items():
+            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind)) for hook in hooks)
+        for direction in ("request", "response"):
+            kind = f"{direction}_body"
+            steps[kind] = tuple((stage, meters.cell(stage.plugin, kind)) for stage in chain.body_stages[direction])
+        return cls(
+            chain=chain,
+            meters=meters,
+            schedule=schedule,
+            runner=runner,
+            hook_deadline=hook_deadline,
+            body_modes=(int(mode.request_body_mode), int(mode.response_body_mode)),
+            async_hooks=async_hooks,
+            steps=steps,
+            stream_counts=meters.streams_of(chain.name),
+            max_body=max_body,
+        )
+
+
+class _Await:
+    """A phase stopped at an async hook: the hook's coroutine, and how the phase goes on with its outcome."""
+
+    __slots__ = ("awaitable", "go_on", "plugin", "state")
+
+    def __init__(
+        self,
+        awaitable: Awaitable[Any],
+        go_on: Callable[[tuple[Any, ...], Any, BaseException | None], Result | _Await],
+        plugin: str,
+        state: tuple[Any, ...],
+    ) -> None:
+        self.awaitable = awaitable
+        self.go_on = go_on
+        self.plugin = plugin
+        self.state = state
+
+
+class _Pending:
+    """A phase running on the loop thread; settled once, by the loop or by the watchdog."""
+
+    __slots__ = ("backstop", "kind", "loop", "result", "settled", "task")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.result: Result | BaseException = None
+        self.settled = False
+        self.task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.backstop = -1
+
+
+class BridgeStream:
+    """The ext_proc processor's semantics for one HTTP stream, driven by the native module's calls."""
+
+    __slots__ = (
+        "_awaited",
+        "_broken",
+        "_closed",
+        "_disabled",
+        "_done",
+        "_pending",
+        "_plan",
+        "_timeout",
+        "ctx",
+        "handle",
+        "rejected",
+    )
+
+    def __init__(self, plan: StreamPlan, handle: int) -> None:
+        chain = plan.chain
+        self._plan = plan
+        self.handle = handle
+        # `ctx.extend_timeout` is given a way out only while a phase is pending (`_suspend`): a stream that
+        # points at itself from its Context is a cycle, which only the garbage collector frees (2 µs a request).
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
+        #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
+        self._disabled: frozenset[str] = frozenset()
+        self._done = 0  # the phases seen, as bits of _BIT
+        self._pending: _Pending | None = None
+        self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
+        self._timeout: asyncio.Timeout | None = None  # the awaited hook's deadline, for ctx.extend_timeout
+        self._closed = False
+        #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
+        self._broken = False
+        #: Header changes Envoy's mutation rules dropped, as "set name" / "remove name" (the Driver's list).
+        self.rejected: tuple[str, ...] = ()
+        plan.stream_counts[0] += 1
+
+    # -- what C calls ------------------------------------------------------------------------------
+
+    def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+        if self._order("request_headers"):
+            return self._given_up()
+        view = _headers(headers)
+        ctx = self.ctx
+        ctx.request_headers = view
+        rid = view.raw("x-request-id")
+        ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
+        return self._run("request_headers", self._fields("request_headers", view, end_of_stream, 0))
+
+    def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+        if self._order("response_headers"):
+            return self._given_up()
+        view = _headers(headers)
+        self.ctx.response_headers = view
+        return self._run("response_headers", self._fields("response_headers", view, end_of_stream, 0))
+
+    def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        if self._order("request_body"):
+            return self._given_up()
+        return self._run("request_body", self._body("request_body", 0, chunk, end_of_stream, 0, chunk))
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        if self._order("response_body"):
+            return self._given_up()
+        return self._run("response_body", self._body("response_body", 1, chunk, end_of_stream, 0, chunk))
+
+    def request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+        if self._order("request_trailers"):
+            return self._given_up()
+        return self._run("request_trailers", self._fields("request_trailers", _headers(trailers), True, 0))
+
+    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+        if self._order("response_trailers"):
+            return self._given_up()
+        return self._run("response_trailers", self._fields("response_trailers", _headers(trailers), True, 0))
+
+    def resume(self) -> Result:
+        """The result of the phase that was PENDING, once the bridge called `native.schedule`."""
+        pending = self._pending
+        if pending is None or not pending.settled:
+            raise ProtocolError("resume() without a finished pending phase")
+        self._pending = None
+        self.ctx._send = None
+        result = pending.result
+        if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
+            raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
+        return None if self._plan.chain.observe_only else result
+
+    def close(self) -> None:
+        """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
+        if self._closed:
+            return
+        try:
+            if self._plan.runner is None:  # no async hook: nothing settles this stream from another thread
+                self._closed = True
+            else:
+                with _SETTLING:
+                    if self._closed:
+                        return
+                    self._closed = True
+            self.ctx._send = None
+            pending = self._pending
+            if pending is not None and not pending.settled:
+                self._stop(pending)
+                runner = self._plan.runner
+                if runner is not None:
+                    runner.watchdog.disarm(pending.backstop)
+            self._plan.stream_counts[1] += 1
+        except Exception:  # never raises into C
+            log.exception("closing an in-process stream failed")
+
+    # -- running a phase ---------------------------------------------------------------------------
+
+    def _order(self, kind: str) -> bool:
+        """The native module keeps the ext_proc order of phases; a break is its bug, failed closed. True when
+        the watchdog gave up on this stream (no hook of it runs again)."""
+        if self._pending is not None:
+            raise ProtocolError(f"{kind} arrived while {self._pending.kind} is pending")
+        bit = _BIT[kind]
+        done = self._done
+        if done & _LATER[kind] or (done & bit and not bit & _BODIES):  # bodies may repeat
+            raise ProtocolError(f"{kind} arrived out of order")
+        if not (done | bit) & 1:
+            raise ProtocolError(f"{kind} arrived before request_headers")
+        self._done = done | bit
+        return self._broken
+
+    def _run(self, kind: str, answer: Result | _Await) -> Result:
+        if type(answer) is _Await:
+            return self._suspend(kind, answer)
+        # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
+        return None if self._plan.chain.observe_only else answer  # type: ignore[return-value]
+
+    def _given_up(self) -> Result:
+        """A phase after the watchdog gave up on this stream: its plugins' state is unknown."""
+        if self._plan.chain.fail_open:
+            return None
+        return self._error_reply("watchdog")
+
+    def _suspend(self, kind: str, waiting: _Await) -> Result:
+        plan = self._plan
+        runner = plan.runner
+        if runner is None:  # an async hook the chain did not declare at configure (a hook swapped later)
+            _close(waiting.awaitable)
+            raise ProtocolError(f"{kind}: an async hook ran, but the chain's filter has no event loop")
+        pending = self._pending = _Pending(kind)
+        self._awaited = waiting.plugin
+        self.ctx._send = self._extend  # undone by resume() and close()
+        budget = plan.hook_deadline * (plan.async_hooks.get(kind, 1) + 1)
+        pending.backstop = runner.watchdog.arm(time.monotonic() + budget, partial(self._backstop, pending))
+        pending.loop = runner.submit(self._start, pending, waiting)
+        return PENDING
+
+    def _start(self, pending: _Pending, waiting: _Await) -> None:
+        """On the loop thread: the rest of the phase as a task."""
+        if self._closed or pending.settled:
+            _close(waiting.awaitable)
+            return
+        pending.task = asyncio.get_running_loop().create_task(self._drive(pending, waiting))
+
+    async def _drive(self, pending: _Pending, waiting: _Await) -> None:
+        """Await each async hook of the phase under the hook deadline; the phase's sync hooks after one run here."""
+        deadline = self._plan.hook_deadline
+        while True:
+            self._awaited = waiting.plugin
+            error: BaseException | None = None
+            value: Any = None
+            timeout = self._timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py
+            try:
+                async with timeout:
+                    value = await waiting.awaitable
+            except TimeoutError as exc:
+                error = exc
+                if timeout.expired():
+                    error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the stream is gone (close) or the watchdog answered: nothing to settle
+                error = RuntimeError("the hook raised CancelledError")  # its own, not ours: a failure like any
+            except BaseException as exc:  # SystemExit too: on the loop thread it would end the phase unanswered
+                error = exc if isinstance(exc, Exception) else RuntimeError(f"the hook raised {type(exc).__name__}")
+            try:
+                answer = waiting.go_on(waiting.state, value, error)
+            except Exception as exc:  # the bridge's own bug: C answers 500
+                self._settle(pending, exc)
+                return
+            if type(answer) is not _Await:
+                self._settle(pending, answer)  # type: ignore[arg-type]
+                return
+            waiting = answer
+
+    def _settle(self, pending: _Pending, result: Result | BaseException) -> None:
+        with _SETTLING:
+            if pending.settled:
+                return
+            pending.settled = True
+            pending.result = result
+            if self._closed:
+                return
+            runner = self._plan.runner
+            if runner is not None:
+                runner.watchdog.disarm(pending.backstop)
+            # Inside the lock: close() waits for this call, so no schedule() follows a closed stream.
+            self._plan.schedule(self.handle)
+
+    def _backstop(self, pending: _Pending) -> None:
+        """The watchdog's: a pending phase outlived its deadlines (its hook blocks the loop thread or
+        ignored its cancellation). It gets the chain's policy now; the stream runs no more hooks."""
+        if pending.settled or self._closed:
+            return
+        plan = self._plan
+        plan.meters.backstops += 1
+        self._broken = True
+        exc = TimeoutError(f"{pending.kind} did not finish within its hook deadlines; the event loop did not answer")
+        if plan.chain.fail_open:
+            self._log_failure(pending.kind, self._awaited, exc)
+            result: Result = None
+        else:
+            result = self._failed(pending.kind, self._awaited, exc)
+        runner = plan.runner
+        loop = pending.loop
+        if runner is not None and loop is not None and runner.stuck(loop, plan.hook_deadline):
+            runner.replace(loop)  # before the stream goes on: its next async hook needs a turning loop
+        self._settle(pending, result)
+        self._stop(pending)
+
+    def _stop(self, pending: _Pending) -> None:
+        task, loop = pending.task, pending.loop
+        if task is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    async def _extend(self, message: Any) -> None:
+        """`ctx.extend_timeout(seconds)` in-process: the awaited hook's deadline moves to `seconds` from now, at
+        most MAX_EXTENSION (as Envoy caps ext_proc's at the filter's max_message_timeout), and so does the
+        watchdog's backstop. Only an async hook can await it, and only on the loop thread."""
+        timeout, pending = self._timeout, self._pending
+        if timeout is None or pending is None or pending.settled:
+            raise RuntimeError("extend_timeout() needs a running stream")
+        seconds = min(message.override_message_timeout.ToTimedelta().total_seconds(), self._max_extension())
+        timeout.reschedule(asyncio.get_running_loop().time() + seconds)
+        runner = self._plan.runner
+        if runner is not None:
+            runner.watchdog.disarm(pending.backstop)
+            later = time.monotonic() + seconds + self._plan.hook_deadline
+            pending.backstop = runner.watchdog.arm(later, partial(self._backstop, pending))
+
+    def _max_extension(self) -> float:
+        return max(MAX_EXTENSION, self._plan.hook_deadline)
+
+    # -- failure policy (the ext_proc processor's) -------------------------------------------------
+
+    def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
+        error_id = uuid.uuid4().hex[:16]
+        log.error(
+            "plugin %s failed in %s (chain %s, error id %s): %s: %s",
+            plugin,
+            kind,
+            self._plan.chain.name,
+            error_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
+        )
+        self._plan.meters.plugin_error(plugin, kind, error_id)
+        return error_id
+
+    def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
+        self._log_failure(kind, plugin, exc)
+        self._disabled = self._disabled | {plugin}
+
+    def _failed(self, kind: str, plugin: str, exc: BaseException) -> Result:
+        return self._error_reply(self._log_failure(kind, plugin, exc))
+
+    def _error_reply(self, error_id: str) -> Result:
+        headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
+        return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
+
+    def _too_big(self, hook: str, what: str, size: int) -> ValueError:
+        return ValueError(
+            f"{hook} {what} of {size} bytes; the in-process filter passes at most {self._plan.max_body} "
+            "(max_body_bytes)"
+        )
+
+    def _respond(self, respond: Respond) -> Result:
+        """A Respond as C's RESPOND; a reply body over max_body_bytes is the plugin's error (raised in its hook's
+        try), as C would refuse it."""
+        body = respond.body.encode() if isinstance(respond.body, str) else respond.body
+        if len(body) > self._plan.max_body:
+            raise self._too_big("a Respond", "has a body", len(body))
+        headers = []
+        for name, value in respond.header_pairs:  # checked when the Respond was built
+            if name.startswith(_PROTECTED_PREFIX):  # what ext_proc's mutation rules drop from a reply too
+                self._reject(f"set {name}")
+                continue
+            headers.append((name.encode(), value.encode("latin-1")))
+        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
+
+    def _reject(self, change: str) -> None:
+        self.rejected = (*self.rejected, change)
+        self._plan.meters.rejected_mutations += 1
+
+    # -- the phases --------------------------------------------------------------------------------
+
+    # Each phase is a plain loop over its hooks from `start`. At an `async def` hook it returns an _Await: the
+    # loop thread awaits the coroutine and hands the outcome to `go_on`, which finishes that hook the way the
+    # loop would have and runs the phase on from the next hook. Sync phases never build anything for that.
+
+    def _fields(self, kind: str, fields: Headers, end_of_stream: bool, start: int) -> Result | _Await:
+        """A headers or a trailers phase, from hook `start`."""
+        ctx = self.ctx
+        plan = self._plan
+        fail_open = plan.chain.fail_open
+        steps = plan.steps[kind]
+        before = None
+        for step in steps[start:] if start else steps:
+            hook, cell = step
+            if fail_open:
+                if hook.plugin in self._disabled:
+                    continue
+                before = fields.snapshot()
+            started = perf_counter()
+            try:
+                result = hook.func(ctx, fields)
+                if hook.is_async:
+                    index = steps.index(step, start)  # found by identity: each step is its own tuple
+                    state = (kind, fields, end_of_stream, index, hook, cell, started, before)
+                    return _Await(result, self._fields_go_on, hook.plugin, state)
+                if result is None:
+                    elapsed = perf_counter() - started
+                    cell[bisect_left(BUCKETS, elapsed)] += 1
+                    cell[-1] += elapsed
+                    continue
+                answer: Any = self._fields_result(kind, hook, started, result)
+            except Exception as exc:
+                answer = self._hook_failed(kind, hook.plugin, started, exc, fields, before)
+            if answer is not _GO_ON:
+                return answer  # type: ignore[no-any-return]
+        return self._fields_end(kind, fields, end_of_stream)
+
+    def _fields_go_on(self, state: tuple[Any, ...], value: Any, error: BaseException | None) -> Result | _Await:
+        kind, fields, end_of_stream, index, hook, cell, started, before = state
+        try:
+            if error is not None:
+                raise error
+            if value is None:
+                elapsed = perf_counter() - started
+                cell[bisect_left(BUCKETS, elapsed)] += 1
+                cell[-1] += elapsed
+                answer: Any = _GO_ON
+            else:
+                answer = self._fields_result(kind, hook, started, value)
+        except Exception as exc:
+            answer = self._hook_failed(kind, hook.plugin, started, exc, fields, before)
+        if answer is not _GO_ON:
+            return answer  # type: ignore[no-any-return]
+        return self._fields(kind, fields, end_of_stream, index + 1)
+
+    def _fields_result(self, kind: str, hook: Hook, started: float, result: Any) -> Result:
+        """A headers or trailers hook returned something: a Respond ends the phase; anything else (403, "403",
+        False, the Respond class...) is a broken plugin, never a pass, and so is a Respond in trailers, which
+        come after the body went on."""
+        if kind in _TRAILERS or not isinstance(result, Respond):
+            raise hook.wrong(result)
+        answer = self._respond(result)
+        self._plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
+        return answer
+
+    def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
+        request = kind in _REQUEST
+        if self.ctx.clear_route_cache_requested:
+            refused = self._no_route_cache(kind)
+            if refused is not _GO_ON:
+                return refused  # type: ignore[return-value]
+        ops = self._header_ops(fields, request)
+        if (
+            not end_of_stream
+            and kind not in _TRAILERS
+            and "content-length" in fields
+            and self._drops_length(0 if request else 1)
+        ):
+            # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
+            # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
+            ops = (*ops, (REMOVE, b"content-length", None))
+        return self._continue(ops, None)
+
+    def _no_route_cache(self, kind: str) -> Result | object:
+        """`ctx.clear_route_cache()` has no way to Envoy in-process (the contract carries none): the request would
+        go on to the route picked before the plugin's change, silently. Under the chain's policy instead: fail_open
+        logs it and goes on (_GO_ON)."""
+        self.ctx.clear_route_cache_requested = False
+        exc = RuntimeError("ctx.clear_route_cache() is not available in-process: serve this chain from the sidecar")
+        if self._plan.chain.fail_open:
+            self._log_failure(kind, "clear_route_cache", exc)
+            return _GO_ON
+        return self._failed(kind, "clear_route_cache", exc)
+
+    def _hook_failed(
+        self, kind: str, plugin: str, started: float, exc: Exception, fields: Headers | None, before: Any
+    ) -> Result | object:
+        """The chain's policy for a hook that raised or broke its contract: fail_closed answers 500; fail_open
+        drops what the plugin changed, bypasses it for the rest of the stream and goes on (_GO_ON)."""
+        self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, exc)
+        if not self._plan.chain.fail_open:
+            return self._failed(kind, plugin, exc)
+        self._skip(kind, plugin, exc)
+        if fields is not None:
+            fields.restore(before)
+        return _GO_ON
+
+    def _drops_length(self, direction: int) -> bool:
+        mode = self._plan.body_modes[direction]
+        return mode == BodyMode.STREAMED or mode == BodyMode.BUFFERED_PARTIAL
+
+    def _body(
+        self, kind: str, direction: int, chunk: bytes, end_of_stream: bool, start: int, body: bytes
+    ) -> Result | _Await:
+        """A body phase from stage `start`; `body` is what the stages before it made of `chunk`."""
+        plan = self._plan
+        mode = plan.body_modes[direction]
+        if mode == BodyMode.NONE:
+            raise ProtocolError(f"{kind} arrived but the chain asked for no body")
+        # Whole-body and chunk hooks of a BUFFERED chain see the whole body as one final chunk.
+        end = True if mode == BodyMode.BUFFERED else end_of_stream
+        ctx = self.ctx
+        steps = plan.steps[kind]
+        for step in steps[start:] if start else steps:
+            stage, cell = step
+            if stage.plugin in self._disabled:
+                continue
+            hook = stage.hook
+            started = perf_counter()
+            try:
+                result = hook.func(ctx, body) if stage.kind == "body" else hook.func(ctx, body, end)
+                if hook.is_async:
+                    index = steps.index(step, start)
+                    state = (kind, direction, chunk, end_of_stream, index, stage, cell, started, body)
+                    return _Await(result, self._body_go_on, stage.plugin, state)
+                answer = self._body_result(kind, stage.plugin, hook, cell, started, result)
+            except Exception as exc:
+                answer = self._hook_failed(kind, stage.plugin, started, exc, None, None)
+            if type(answer) is bytes:
+                body = answer
+            elif answer is not _GO_ON:
+                return answer  # type: ignore[return-value]
+        return self._body_end(direction, chunk, body, mode)
+
+    def _body_go_on(self, state: tuple[Any, ...], value: Any, error: BaseException | None) -> Result | _Await:
+        kind, direction, chunk, end_of_stream, index, stage, cell, started, body = state
+        try:
+            if error is not None:
+                raise error
+            answer = self._body_result(kind, stage.plugin, stage.hook, cell, started, value)
+        except Exception as exc:
+            answer = self._hook_failed(kind, stage.plugin, started, exc, None, None)
+        if type(answer) is bytes:
+            body = answer
+        elif answer is not _GO_ON:
+            return answer  # type: ignore[return-value]
+        return self._body(kind, direction, chunk, end_of_stream, index + 1, body)
+
+    def _body_result(
+        self, kind: str, plugin: str, hook: Hook, cell: list[float], started: float, result: Any
+    ) -> bytes | Result | object:
+        """A body or chunk hook's outcome: the new body, a reply (a Respond), or _GO_ON (None: unchanged)."""
+        if isinstance(result, Respond):
+            reply = self._respond(result)
+            self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, result)
+            return reply
+        if result is None:
+            answer: bytes | object = _GO_ON
+        else:
+            answer = _as_body(result, hook)
+            if len(answer) > self._plan.max_body:  # C would fail the stream closed, whatever the policy
+                raise self._too_big(hook.name, "returned a body", len(answer))
+        elapsed = perf_counter() - started
+        cell[bisect_left(BUCKETS, elapsed)] += 1
+        cell[-1] += elapsed
+        return answer
+
+    def _body_end(self, direction: int, chunk: bytes, body: bytes, mode: int) -> Result:
+        changed = body is not chunk
+        ops: tuple[tuple[int, bytes, bytes | None], ...] = ()
+        if mode == BodyMode.BUFFERED:
+            headers = self.ctx.request_headers if direction == 0 else self.ctx.response_headers
+            if headers is not None:
+                if changed and "content-length" in headers:
+                    # Envoy holds the headers until the body is answered: a stale length would cut the body.
+                    headers._put("content-length", str(len(body)).encode())
+                ops = self._header_ops(headers, direction == 0)
+        return self._continue(ops, body if changed else None)
+
+    def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
+        metadata = self._metadata() if self.ctx.dynamic_metadata else None
+        if not ops and body is None and metadata is None:
+            return None
+        return (CONTINUE, ops, body, metadata)
+
+    def _metadata(self) -> tuple[tuple[str, str, Any], ...] | None:
+        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items."""
+        ctx = self.ctx
+        if not ctx.dynamic_metadata:
+            return None
+        items = tuple(
+            (namespace, key, _scalar(value))
+            for namespace, values in ctx.dynamic_metadata.items()
+            for key, value in values.items()
+        )
+        ctx.dynamic_metadata = {}
+        return items
+
+    def _header_ops(self, headers: Headers, request: bool) -> tuple[tuple[int, bytes, bytes | None], ...]:
+        """The smallest list of set/append/remove that turns what Envoy has into `headers` (as
+        `Headers.flush_into` writes a HeaderMutation), less what Envoy's mutation rules drop; then tracks
+        afresh, so a later phase sends only later changes."""
+        replaced, appended = headers._replaced, headers._appended
+        if not replaced and not appended:
+            return ()
+        ops: list[tuple[int, bytes, bytes | None]] = []
+        items = headers._items
+        for name in sorted(replaced) if len(replaced) > 1 else replaced:
+            values = [value for key, value in items if key == name]
+            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
+                name, values[0] if values else None, request, len(values)
+            ):
+                continue
+            raw = name.encode()
+            if not values:
+                ops.append((REMOVE, raw, None))
+            elif len(values) == 1:
+                ops.append((SET, raw, values[0]))
+            else:
+                ops.append((SET, raw, values[0]))
+                ops += [(APPEND, raw, value) for value in values[1:]]
+        for name, added in appended.items():
+            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
+                name, added[0], request, len(added)
+            ):
+                continue
+            raw = name.encode()
+            ops += [(APPEND, raw, value) for value in added]
+        replaced.clear()  # track afresh (flush_into's job for ext_proc)
+        appended.clear()
+        return tuple(ops)
+
+    def _refused(self, name: str, value: bytes | None, request: bool, count: int) -> bool:
+        """Whether Envoy's default mutation rules drop this change (each value counted, as Envoy counts them)."""
+        if value is None:
+            if name[0] == ":" or name.startswith(_PROTECTED_PREFIX) or name == "host":
+                self._reject(f"remove {name}")
+                return True
+            return False
+        if name.startswith(_PROTECTED_PREFIX) or (request and name in _PROTECTED_SET):
+            refused = True
+        else:
+            refused = name == ":status" and not (value.isdigit() and 200 <= int(value) <= 999)
+        if refused:
+            for _ in range(count):
+                self._reject(f"set {name}")
+        return refused
+
+
+#: Header names seen, as the str a Headers holds: most requests carry the same few dozen names, and a lookup
+#: beats decoding each. Bounded: past MAX_NAMES new names are decoded, not kept (a peer sending random names
+#: costs a decode each, never memory).
+_NAMES: dict[bytes, str] = {}
+MAX_NAMES = 4096
+
+
+def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """Envoy's header map (lower-case names, raw values) as a plugin's Headers, without a copy of the values."""
+    known = _NAMES.get
+    headers = Headers.__new__(Headers)
+    headers._items = [(known(name) or _name(name), value) for name, value in pairs]
+    headers._replaced = set()
+    headers._appended = {}
+    return headers
+
+
+def _name(raw: bytes) -> str:
+    name = raw.decode("latin-1")
+    if len(_NAMES) < MAX_NAMES:
+        _NAMES[raw] = name
+    return name
+
+
+def _as_body(result: Any, hook: Hook) -> bytes:
+    """A body or chunk hook's result as bytes (None and Respond are handled by the caller)."""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, str):
+        return result.encode()
+    if isinstance(result, bytearray | memoryview):
+        return bytes(result)
+    raise hook.wrong(result)
+
+
+def _scalar(value: Any) -> str | int | float | bool:
+    """A metadata value as the native module can set it: str, number or bool as exactly those types (an
+    IntEnum is an int); None, lists and dicts as their JSON text (the contract carries no Struct)."""
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+#: Characters of one token in Envoy's response code details (the native module checks them).
+_DETAIL_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+MAX_DETAILS = 128
+
+
+def _details(details: str) -> str:
+    """A Respond's details as one token: Envoy's ext_proc turns each whitespace character into an underscore;
+    the native module takes only token characters, so any other becomes one too. At most MAX_DETAILS."""
+    if not _DETAIL_CHARS.issuperset(details):
+        details = "".join(c if c in _DETAIL_CHARS else "_" for c in details)
+    return details[:MAX_DETAILS]
+
+
+def _close(awaitable: Awaitable[Any]) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

@@ -1,0 +1,427 @@
+"""An in-memory double of the native module: it drives a bridge stream exactly as the C filter does.
+
+`InProcessDouble(config_path, chain).run(Request, Response)` plays one HTTP request through Envoy with the
+in-process filter and returns the `sidecar.testing.Result` the ext_proc `Driver` returns for the same
+request, so the two backends can be compared field by field. What it does, as the contract says C does:
+
+* calls `configure(filter_config_json, native)` once, with a `native` whose `schedule(handle)` may be called
+  from any thread, and `config.new_stream(handle)` at the first hook;
+* calls only the phases whose bit is set in `config.phases`;
+* body mode 1 (buffered): holds the headers, calls the body hook once with the whole body and
+  `end_of_stream=True`, applies that result's header ops to the held headers; mode 2 (streamed): one call
+  per chunk as Envoy 1.40's HTTP/1 codecs deliver them, the headers already gone on;
+* PENDING: waits (bounded) for `schedule`, then calls `resume()` on the same thread and applies its result;
+* checks every result strictly; an exception or a result not exactly of the contract's shapes is a 500 local
+  reply with details `sidecar_inprocess_error` (and `Result.failed` says why), never traffic passing;
+* applies a RESPOND as Envoy's local reply (its framing), or cuts a response already under way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sidecar.headers import Headers
+from sidecar.inprocess.bridge import configure
+from sidecar.plugins import BodyMode
+from sidecar.testing import Message, Request, Response, Result, _body_messages, _local_reply_framing, _pairs
+from sidecar.wire import PHASES
+
+__all__ = ["BadResult", "InProcessDouble", "NativeDouble", "check_result", "metadata_differences", "replied"]
+
+BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
+#: The C module's reply when Python fails or breaks the contract.
+FAULT_DETAILS = "sidecar_inprocess_error"
+
+
+class BadResult(Exception):
+    """What C would log (one line) before its 500: the bridge raised or returned something off-contract."""
+
+
+class NativeDouble:
+    """`sidecar_inprocess_native`: schedule(handle) -> bool, thread-safe, False once the stream is gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, threading.Event] = {}
+        self.scheduled = 0
+        self.late = 0  # schedule() for a stream that was gone
+
+    def open(self, handle: int) -> threading.Event:
+        with self._lock:
+            event = self._events[handle] = threading.Event()
+        return event
+
+    def gone(self, handle: int) -> None:
+        with self._lock:
+            self._events.pop(handle, None)
+
+    def schedule(self, handle: int) -> bool:
+        with self._lock:
+            event = self._events.get(handle)
+            if event is None:
+                self.late += 1
+                return False
+            self.scheduled += 1
+        event.set()
+        return True
+
+
+# What the native module accepts in a Result (its checks, sidecar/inprocess/native/module.c): anything else is
+# failed closed there, so the double refuses it too.
+_TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+_DETAIL_TOKEN = _TOKEN | frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SETTABLE_PSEUDO = frozenset({b":path", b":method", b":authority", b":scheme", b":status"})
+MAX_HEADER_OPS = 1024
+MAX_HEADER_NAME = 1024
+MAX_HEADER_VALUE = 64 * 1024
+MAX_METADATA_ENTRIES = 128
+MAX_METADATA_NAME = 256
+MAX_METADATA_STRING = 64 * 1024
+MAX_DETAILS = 128
+MAX_BODY = 8 * 1024 * 1024
+
+
+def _name_problem(name: Any, pseudo_ok: bool) -> str | None:
+    if type(name) is not bytes or not 0 < len(name) <= MAX_HEADER_NAME:
+        return f"header name {name!r}"
+    if name[:1] == b":":
+        return None if pseudo_ok and name in _SETTABLE_PSEUDO else f"pseudo-header {name!r} here"
+    return None if _TOKEN.issuperset(name) else f"header name {name!r}"
+
+
+def _value_problem(name: bytes, value: Any) -> str | None:
+    if type(value) is not bytes or len(value) > MAX_HEADER_VALUE:
+        return f"header value of {name!r}"
+    controls = any(c in value for c in (b"\0", b"\r", b"\n", b"\x7f"))
+    if controls or (value and (value[:1] in b" \t" or value[-1:] in b" \t")):
+        return f"header value of {name!r}: {value!r}"
+    if name == b":status" and not (len(value) == 3 and value.isdigit() and 200 <= int(value) <= 599):
+        return f":status {value!r}"
+    return None
+
+
+def _ops_problem(ops: Any, pseudo_ok: bool) -> str | None:
+    if type(ops) is not tuple or len(ops) > MAX_HEADER_OPS:
+        return "header ops"
+    for op in ops:
+        if type(op) is not tuple or len(op) != 3 or type(op[0]) is not int or op[0] not in (0, 1, 2):
+            return f"header op {op!r}"
+        problem = _name_problem(op[1], pseudo_ok and op[0] == 0)
+        if problem is None:
+            problem = (None if op[2] is None else "a remove with a value") if op[0] == 2 else _value_problem(*op[1:])
+        if problem:
+            return problem
+    return None
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if type(metadata) is not tuple or len(metadata) > MAX_METADATA_ENTRIES:
+        return "metadata"
+    for entry in metadata:
+        if type(entry) is not tuple or len(entry) != 3:
+            return f"metadata entry {entry!r}"
+        namespace, key, value = entry
+        for text in (namespace, key):
+            if type(text) is not str or not 0 < len(text.encode()) <= MAX_METADATA_NAME:
+                return f"metadata name {text!r}"
+        if type(value) is bool or (type(value) is float and value == value and abs(value) != float("inf")):
+            continue
+        if type(value) is int:
+            try:
+                float(value)
+            except OverflowError:
+                return "a metadata int too large for a number"
+            continue
+        if type(value) is not str or len(value.encode()) > MAX_METADATA_STRING:
+            return f"metadata value {type(value).__name__}"
+    return None
+
+
+def check_result(result: Any, phase: str, *, held: bool, max_body: int = MAX_BODY) -> Any:
+    """The result as the native module accepts it (strictly), or BadResult. `held`: the phase's headers are
+    still held (a headers phase, or a buffered body), so header ops may apply."""
+    if result is None:
+        return None
+    if type(result) is not tuple or not result or type(result[0]) is not int:
+        raise BadResult(f"{phase}: not a result tuple: {type(result).__name__}")
+    kind, problem = result[0], "not one of the contract's results"
+    if kind == 2 and len(result) == 1:
+        return result
+    if kind == 0 and len(result) == 4:
+        _, ops, body, metadata = result
+        problem = _ops_problem(ops, phase.endswith("headers")) or _metadata_problem(metadata) or ""
+        if ops and not held:
+            problem = "header ops where the headers already went on"
+        if body is not None and (type(body) is not bytes or "body" not in phase or len(body) > max_body):
+            problem = "a body"
+    elif kind == 1 and len(result) == 5:
+        _, status, headers, body, details = result
+        problem = ""
+        if type(status) is not int or not 200 <= status <= 599:
+            problem = f"RESPOND status {status!r}"
+        elif type(headers) is not tuple or len(headers) > MAX_HEADER_OPS:
+            problem = "RESPOND headers"
+        elif type(body) is not bytes or len(body) > max_body:
+            problem = "RESPOND body"
+        elif type(details) is not str or len(details) > MAX_DETAILS or not _DETAIL_TOKEN.issuperset(details.encode()):
+            problem = f"RESPOND details {details!r}"
+        for header in headers if not problem else ():
+            if type(header) is not tuple or len(header) != 2:
+                problem = f"RESPOND header {header!r}"
+            else:
+                problem = _name_problem(header[0], False) or _value_problem(*header) or ""
+            if problem:
+                break
+    if problem:
+        raise BadResult(f"{phase}: the native module would refuse {problem}"[:300])
+    return result
+
+
+class _Exchange:
+    """One request through the simulated filter chain."""
+
+    def __init__(self, double: InProcessDouble, handle: int) -> None:
+        self.double = double
+        self.config = double.config
+        self.handle = handle
+        self.event = double.native.open(handle)
+        self.stream: Any = None
+        self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
+        self.client_has_headers = False
+
+    def call(self, phase: str, *args: Any, held: bool) -> Any:
+        """One hook call as C makes it; PENDING waits for schedule and resumes. A BadResult on a fault."""
+        if self.stream is None:
+            self.stream = self.config.new_stream(self.handle)
+        self.result.phases.append(phase)
+        self.event.clear()
+        try:
+            result = check_result(getattr(self.stream, phase)(*args), phase, held=held)
+            if result == (2,):
+                if not self.event.wait(self.double.resume_timeout):
+                    raise AssertionError(f"{phase}: PENDING but the bridge never scheduled: Envoy would hang")
+                result = check_result(self.stream.resume(), phase, held=held)
+                if result == (2,):
+                    raise BadResult(f"{phase}: resume() returned PENDING")
+        except BadResult:
+            raise
+        except Exception as exc:
+            raise BadResult(f"{phase}: {type(exc).__name__}: {exc}") from exc
+        if result is not None and result[0] == 0 and result[3]:
+            for namespace, key, value in result[3]:
+                self.result.dynamic_metadata.setdefault(namespace, {})[key] = value
+        return result
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.result.rejected_mutations = list(self.stream.rejected)
+        self.double.native.gone(self.handle)
+
+    def reply(self, result: tuple[Any, ...]) -> None:
+        """A RESPOND: Envoy's local reply, unless the client has the response's headers (then a reset)."""
+        if self.client_has_headers:
+            self.result.response.complete = False
+            return
+        _, status, headers, body, _details = result
+        reply = Headers([(":status", str(status))])
+        for name, value in headers:
+            reply._add(name.decode("latin-1"), value)
+        self.result.immediate = True
+        self.result.status = status
+        self.result.response = Message(reply, body)
+        _local_reply_framing(self.result.response)
+
+    def fault(self, why: str) -> None:
+        self.result.failed = why
+        self.reply((1, 500, (), b"", FAULT_DETAILS))
+
+
+def _apply(ops: Sequence[tuple[int, bytes, bytes | None]], headers: Headers) -> None:
+    for op, raw_name, value in ops:
+        name = raw_name.decode("latin-1")
+        if op == 0:
+            headers._put(name, value)  # type: ignore[arg-type]  # checked: set has a value
+        elif op == 1:
+            headers._add(name, value)  # type: ignore[arg-type]
+        else:
+            headers._discard(name)
+
+
+def _is_reply(result: Any) -> bool:
+    return isinstance(result, tuple) and len(result) == 5 and result[0] == 1
+
+
+def _envoy_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value) for name, value in headers._items]
+
+
+class InProcessDouble:
+    """The native filter in memory, in front of a scripted upstream."""
+
+    def __init__(self, config_path: str | Path, chain: str = "default", *, hook_deadline_ms: int = 1000) -> None:
+        self.native = NativeDouble()
+        filter_config = {
+            "factory": "sidecar.inprocess.bridge:configure",
+            "config": str(Path(config_path).resolve()),
+            "chain": chain,
+            "site": [],
+            "hook_deadline_ms": hook_deadline_ms,
+        }
+        self.config = configure(json.dumps(filter_config), self.native)
+        #: How long PENDING may last before the double calls it a hang (the bridge's deadlines are shorter).
+        self.resume_timeout = hook_deadline_ms / 1000 * 4 + 5
+        self._handles = itertools.count(1)  # thread-safe: two "workers" may run requests at once
+
+    def run(self, request: Request, response: Response | None = None) -> Result:
+        exchange = _Exchange(self, next(self._handles))
+        try:
+            self._run(exchange, request, response or Response())
+        except BadResult as exc:
+            exchange.fault(str(exc))
+        finally:
+            exchange.close()
+        return exchange.result
+
+    def _body(
+        self,
+        ex: _Exchange,
+        direction: str,
+        body: bytes | Sequence[bytes],
+        trailers: bool,
+        headers: Headers,
+        passed: Message,
+    ) -> tuple[Any, ...]:
+        """The body through the filter: (what goes on, its chunks), or a RESPOND result."""
+        chunks = [c for c in ([body] if isinstance(body, bytes) else list(body)) if c]
+        mode = getattr(self.config, f"{direction}_body_mode")
+        phase = f"{direction}_body"
+        if not chunks or mode == 0 or not self.config.phases & BITS[phase]:
+            passed.body, passed.chunks = b"".join(chunks), list(chunks)
+            return b"".join(chunks), chunks
+        if mode == 1:
+            result = ex.call(phase, b"".join(chunks), True, held=True)
+            if _is_reply(result):
+                return tuple(result)
+            whole = b"".join(chunks)
+            if result is not None:
+                _apply(result[1], headers)
+                if result[2] is not None:
+                    whole = result[2]
+            passed.body, passed.chunks = whole, [whole] if whole else []
+            return whole, passed.chunks
+        framed = direction == "request" and "content-length" in headers
+        out: list[bytes] = []
+        for chunk, end in _body_messages(BodyMode.STREAMED, chunks, framed=framed, trailers=trailers):
+            result = ex.call(phase, chunk, end, held=False)
+            if _is_reply(result):
+                return tuple(result)
+            new = chunk if result is None or result[2] is None else result[2]
+            if new:
+                out.append(new)
+                passed.body += new
+                passed.chunks.append(new)
+        return b"".join(out), out
+
+    def _run(self, ex: _Exchange, request: Request, response: Response) -> None:
+        phases = self.config.phases
+        result = ex.result
+        req_headers = Headers(
+            [
+                (":method", request.method),
+                (":path", request.path),
+                (":authority", request.authority),
+                (":scheme", "http"),
+                *_pairs(request.headers),
+            ]
+        )
+        if "x-request-id" not in req_headers:
+            req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
+        has_body = any(request.body) if not isinstance(request.body, bytes) else bool(request.body)
+        answer = ex.call(
+            "request_headers",
+            _envoy_pairs(req_headers),
+            not has_body and not request.trailers,
+            held=True,
+        )
+        if _is_reply(answer):
+            return ex.reply(answer)
+        if answer is not None:
+            _apply(answer[1], req_headers)
+        upstream = Message(req_headers, complete=False)
+        if (has_body or request.trailers) and self.config.request_body_mode != 1:
+            result.upstream = upstream  # the headers went on; a reply during the upload comes after them
+        body = self._body(ex, "request", request.body, bool(request.trailers), req_headers, upstream)
+        if _is_reply(body):
+            return ex.reply(body)
+        req_trailers = Headers(_pairs(request.trailers))
+        if request.trailers and phases & BITS["request_trailers"]:
+            answer = ex.call("request_trailers", _envoy_pairs(req_trailers), held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)
+            if answer is not None:
+                _apply(answer[1], req_trailers)
+        result.upstream = Message(req_headers, body[0], req_trailers, body[1])
+
+        resp_headers = Headers([(":status", str(response.status)), *_pairs(response.headers)])
+        has_body = any(response.body) if not isinstance(response.body, bytes) else bool(response.body)
+        if phases & BITS["response_headers"]:
+            answer = ex.call("response_headers", _envoy_pairs(resp_headers), not has_body, held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)
+            if answer is not None:
+                _apply(answer[1], resp_headers)
+        result.status = int(resp_headers[":status"])
+        under_way = result.response = Message(resp_headers, complete=False)
+        ex.client_has_headers = not has_body or self.config.response_body_mode != 1
+        resp = self._body(ex, "response", response.body, bool(response.trailers), resp_headers, under_way)
+        if _is_reply(resp):
+            return ex.reply(resp)
+        ex.client_has_headers = True
+        resp_trailers = Headers(_pairs(response.trailers))
+        if response.trailers and phases & BITS["response_trailers"]:
+            answer = ex.call("response_trailers", _envoy_pairs(resp_trailers), held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)  # the body went on: the reply cuts the response
+            if answer is not None:
+                _apply(answer[1], resp_trailers)
+        result.status = int(resp_headers[":status"])
+        result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])
+
+
+# ---- comparing with the ext_proc path --------------------------------------------------------------------------
+
+
+def _as_contract(value: Any) -> Any:
+    """A metadata value as the in-process path sets it (a str, number or bool; anything else its JSON text)."""
+    return value if isinstance(value, str | int | float) else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def metadata_differences(ext_proc: dict[str, Any], in_process: dict[str, Any], replied: bool) -> list[str]:
+    """The differences in dynamic metadata beyond the documented ones: non-scalar values travel as JSON text;
+    the metadata of a phase that ends in a reply is not set in-process (the contract's RESPOND carries none),
+    so after a reply the in-process side may hold less than the ext_proc side, never other values."""
+    expected = {ns: {k: _as_contract(v) for k, v in values.items()} for ns, values in ext_proc.items()}
+    if not replied:
+        return [] if expected == in_process else [f"metadata: ext_proc {expected}, in-process {in_process}"]
+    extra = {
+        ns: {k: v for k, v in values.items() if expected.get(ns, {}).get(k, object()) != v}
+        for ns, values in in_process.items()
+    }
+    extra = {ns: values for ns, values in extra.items() if values}
+    return [f"metadata in-process only: {extra}"] if extra else []
+
+
+def replied(script: dict[str, Any], seen: Any) -> bool:
+    """Some phase ended in a reply or a failure: the script says so (tests/support/differential.py), or what the
+    client saw does (a plugin's error id, a cut response)."""
+    text = json.dumps(script)
+    failed = seen.cut or any(name == "x-sidecar-error-id" for name, _ in seen.headers)
+    return failed or '"respond"' in text or '"raise"' in text
