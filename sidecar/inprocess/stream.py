@@ -61,7 +61,8 @@ _BIT = {
     "response_trailers": 32,
 }
 _LATER = {
-    "request_headers": 2 | 4,
+    # A response first means a filter before this one answered: the request side never starts after it.
+    "request_headers": 2 | 4 | 8 | 16 | 32,
     "request_body": 4,
     "request_trailers": 0,
     "response_headers": 16 | 32,
@@ -229,6 +230,8 @@ class BridgeStream:
             return self._given_up()
         view = _headers(headers)
         self.ctx.response_headers = view
+        if not self.ctx.request_id:  # a local reply from a filter before this one: no request headers came
+            self.ctx.request_id = Context.new_request_id()
         return self._run("response_headers", self._fields("response_headers", view, end_of_stream, 0))
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
@@ -297,7 +300,7 @@ class BridgeStream:
         done = self._done
         if done & _LATER[kind] or (done & bit and not bit & _BODIES):  # bodies may repeat
             raise ProtocolError(f"{kind} arrived out of order")
-        if not (done | bit) & 1:
+        if bit & 6 and not done & 1:  # the response side may come alone (a local reply from an earlier filter)
             raise ProtocolError(f"{kind} arrived before request_headers")
         self._done = done | bit
         return self._broken

@@ -562,6 +562,15 @@ def test_phases_out_of_order_are_protocol_errors(tmp_path: Path) -> None:
         s.request_body(b"x", True)
 
 
+def test_a_local_reply_from_an_earlier_filter_runs_the_response_hooks_alone(tmp_path: Path) -> None:
+    # RBAC, JWT or CORS before this filter answered: Envoy runs only the response side, as under ext_proc.
+    s = stream(tmp_path, "Upper")
+    s.response_headers([(b":status", b"403")], True)
+    assert s.ctx.request_headers is None and s.ctx.request_id
+    with pytest.raises(ProtocolError, match="out of order"):
+        s.request_headers(REQUEST, True)
+
+
 def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
     d = double(tmp_path, "AsyncStamp")
     s = d.config.new_stream(1)
