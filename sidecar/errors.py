@@ -7,6 +7,7 @@
   + StreamFailure               one ext_proc stream cannot go on (a FULL_DUPLEX body stage failed or
                                 missed its deadline): that gRPC stream is failed, the server goes on
   + WasmError                   anything about Wasm modules (fetch, verify, cache, host)
+  + InProcessUnavailable        the in-process backend's native module was not built for this Python
 
 Errors a plugin raises while handling a request are not SidecarErrors: the chain's failure policy
 turns them into a 500 or lets the request through, and the server keeps serving.
@@ -14,7 +15,15 @@ turns them into a 500 or lets the request through, and the server keeps serving.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "PluginLoadError", "ProtocolError", "SidecarError", "StreamFailure", "WasmError"]
+__all__ = [
+    "ConfigError",
+    "InProcessUnavailable",
+    "PluginLoadError",
+    "ProtocolError",
+    "SidecarError",
+    "StreamFailure",
+    "WasmError",
+]
 
 
 class SidecarError(Exception):
@@ -40,3 +49,8 @@ class StreamFailure(SidecarError):
 
 class WasmError(SidecarError):
     """A Wasm module could not be fetched, verified, cached or run."""
+
+
+class InProcessUnavailable(SidecarError):
+    """The in-process backend's native module (libsidecar_inprocess.so) is not installed: this Python has no
+    shared libpython, or the module did not compile when the package was installed."""

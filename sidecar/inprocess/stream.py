@@ -1,0 +1,579 @@
+"""One HTTP stream inside Envoy: the chain's hooks for each phase the native module hands over, and the Result
+tuples it applies.
+
+The semantics are the ext_proc server's (`sidecar.extproc.processor`), phase by phase: request hooks in chain
+order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's
+error; a failure gets the chain's policy (fail_closed: a 500 with an error id; fail_open: the plugin's changes
+dropped and the plugin bypassed for the rest of the stream); a buffered body that changes keeps content-length
+right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is dropped and
+counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
+
+Each phase is a generator: sync hooks run inline on Envoy's worker; at the first `async def` hook the
+generator yields the hook's coroutine and the rest of the phase runs on the loop thread (`loop.py`), which
+awaits each coroutine under the hook deadline and sends the result back in. The worker gets PENDING and, once
+the bridge called `native.schedule(handle)`, `resume()` hands it the phase's result.
+
+What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details)
+or (2,).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from functools import partial
+from time import perf_counter
+from typing import Any
+
+from sidecar.chains import Chain, Hook
+from sidecar.errors import ProtocolError
+from sidecar.headers import Headers
+from sidecar.inprocess.loop import LoopThread
+from sidecar.inprocess.meters import Meters
+from sidecar.plugins import BodyMode, Context, Respond
+
+__all__ = ["CONTINUE", "PENDING", "RESPOND", "BridgeStream", "StreamPlan"]
+
+log = logging.getLogger("sidecar.inprocess")
+
+CONTINUE, RESPOND = 0, 1
+PENDING = (2,)
+SET, APPEND, REMOVE = 0, 1, 2
+
+#: The ext_proc path's reply to a failed plugin in a fail_closed chain.
+_ERROR_BODY = b"Internal Server Error\n"
+_ERROR_DETAILS = "sidecar_plugin_error"
+
+# Order of phases within each direction, as the ext_proc processor checks it: C must keep it.
+_ORDER = {
+    "request_headers": (0, 0),
+    "request_body": (0, 1),
+    "request_trailers": (0, 2),
+    "response_headers": (1, 0),
+    "response_body": (1, 1),
+    "response_trailers": (1, 2),
+}
+
+# Envoy's default HeaderMutationRules in its ext_proc filter: these changes are dropped (and counted).
+_PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
+_PROTECTED_PREFIX = "x-envoy"
+
+Phase = Generator[Awaitable[Any], Any, Any]
+Result = tuple[Any, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """What every stream of one in-process filter needs, computed once at configure."""
+
+    chain: Chain
+    meters: Meters
+    #: `native.schedule(handle) -> bool`, callable from any thread.
+    schedule: Callable[[int], bool]
+    #: The loop thread for async hooks (None: the chain has none).
+    runner: LoopThread | None
+    #: Seconds an awaited hook may take before it gets the chain's failure policy.
+    hook_deadline: float
+    #: The chain's body mode per direction (request, response): NONE, BUFFERED, BUFFERED_PARTIAL, STREAMED.
+    body_modes: tuple[int, int]
+    #: Async hooks per phase: how long the watchdog waits for a pending phase (one deadline each, plus one).
+    async_hooks: dict[str, int]
+
+
+class _Pending:
+    """A phase running on the loop thread; settled once, by the loop or by the watchdog."""
+
+    __slots__ = ("backstop", "kind", "loop", "result", "settled", "task")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.result: Result | BaseException = None
+        self.settled = False
+        self.task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.backstop = -1
+
+
+class BridgeStream:
+    """The ext_proc processor's semantics for one HTTP stream, driven by the native module's calls."""
+
+    __slots__ = (
+        "_awaited",
+        "_broken",
+        "_closed",
+        "_disabled",
+        "_last",
+        "_lock",
+        "_pending",
+        "_plan",
+        "ctx",
+        "handle",
+        "rejected",
+    )
+
+    def __init__(self, plan: StreamPlan, handle: int) -> None:
+        chain = plan.chain
+        self._plan = plan
+        self.handle = handle
+        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
+        self._disabled: set[str] = set()  # fail_open: plugins bypassed for the rest of this stream
+        self._last: list[tuple[int, int] | None] = [None, None]
+        self._pending: _Pending | None = None
+        self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
+        self._lock = threading.Lock()
+        self._closed = False
+        #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
+        self._broken = False
+        #: Header changes Envoy's mutation rules dropped, as "set name" / "remove name" (the Driver's list).
+        self.rejected: list[str] = []
+        plan.meters.stream_opened(chain.name)
+
+    # -- what C calls ------------------------------------------------------------------------------
+
+    def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+        self._order("request_headers")
+        view = _headers(headers)
+        ctx = self.ctx
+        ctx.request_headers = view
+        rid = view.raw("x-request-id")
+        ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
+        return self._run("request_headers", self._headers("request_headers", view, end_of_stream))
+
+    def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+        self._order("response_headers")
+        view = _headers(headers)
+        self.ctx.response_headers = view
+        return self._run("response_headers", self._headers("response_headers", view, end_of_stream))
+
+    def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        self._order("request_body")
+        return self._run("request_body", self._body("request_body", 0, chunk, end_of_stream))
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        self._order("response_body")
+        return self._run("response_body", self._body("response_body", 1, chunk, end_of_stream))
+
+    def request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+        self._order("request_trailers")
+        return self._run("request_trailers", self._trailers("request_trailers", _headers(trailers)))
+
+    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+        self._order("response_trailers")
+        return self._run("response_trailers", self._trailers("response_trailers", _headers(trailers)))
+
+    def resume(self) -> Result:
+        """The result of the phase that was PENDING, once the bridge called `native.schedule`."""
+        pending = self._pending
+        if pending is None or not pending.settled:
+            raise ProtocolError("resume() without a finished pending phase")
+        self._pending = None
+        result = pending.result
+        if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
+            raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
+        return result
+
+    def close(self) -> None:
+        """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+            pending = self._pending
+            if pending is not None and not pending.settled:
+                self._stop(pending)
+            self._plan.meters.stream_closed()
+        except Exception:  # never raises into C
+            log.exception("closing an in-process stream failed")
+
+    # -- running a phase ---------------------------------------------------------------------------
+
+    def _order(self, kind: str) -> None:
+        """The native module keeps the ext_proc order of phases; a break is its bug, failed closed."""
+        if self._pending is not None:
+            raise ProtocolError(f"{kind} arrived while {self._pending.kind} is pending")
+        order = _ORDER[kind]
+        direction = order[0]
+        last = self._last[direction]
+        if last is None:
+            if kind != "request_headers" and self._last[0] is None:
+                raise ProtocolError(f"{kind} arrived before request_headers")
+        elif order < last or (order == last and kind not in ("request_body", "response_body")):
+            raise ProtocolError(f"{kind} arrived out of order")
+        self._last[direction] = order
+
+    def _run(self, kind: str, phase: Phase) -> Result:
+        if self._broken:
+            phase.close()
+            return self._given_up(kind)
+        try:
+            awaitable = phase.send(None)
+        except StopIteration as done:
+            result: Result = done.value
+            return result
+        return self._suspend(kind, phase, awaitable)
+
+    def _given_up(self, kind: str) -> Result:
+        """A phase after the watchdog gave up on this stream: its plugins' state is unknown."""
+        if self._plan.chain.fail_open:
+            return None
+        return self._error_reply("watchdog")
+
+    def _suspend(self, kind: str, phase: Phase, awaitable: Awaitable[Any]) -> Result:
+        plan = self._plan
+        runner = plan.runner
+        if runner is None:  # an async hook the chain did not declare at configure (a hook swapped later)
+            _close(awaitable)
+            phase.close()
+            raise ProtocolError(f"{kind}: an async hook ran, but the chain's filter has no event loop")
+        pending = self._pending = _Pending(kind)
+        budget = plan.hook_deadline * (plan.async_hooks.get(kind, 1) + 1)
+        pending.backstop = runner.watchdog.arm(time.monotonic() + budget, partial(self._backstop, pending))
+        pending.loop = runner.submit(self._start, pending, phase, awaitable)
+        return PENDING
+
+    def _start(self, pending: _Pending, phase: Phase, awaitable: Awaitable[Any]) -> None:
+        """On the loop thread: the rest of the phase as a task."""
+        if self._closed or pending.settled:
+            _close(awaitable)
+            phase.close()
+            return
+        pending.task = asyncio.get_running_loop().create_task(self._drive(pending, phase, awaitable))
+
+    async def _drive(self, pending: _Pending, phase: Phase, awaitable: Awaitable[Any]) -> None:
+        deadline = self._plan.hook_deadline
+        while True:
+            error: BaseException | None = None
+            value: Any = None
+            timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py (DuplexPipe.feed)
+            try:
+                async with timeout:
+                    value = await awaitable
+            except TimeoutError as exc:
+                error = exc
+                if timeout.expired():
+                    error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
+            except Exception as exc:
+                error = exc
+            try:
+                awaitable = phase.throw(error) if error is not None else phase.send(value)
+            except StopIteration as done:
+                self._settle(pending, done.value)
+                return
+            except Exception as exc:  # the bridge's own bug: C answers 500
+                self._settle(pending, exc)
+                return
+
+    def _settle(self, pending: _Pending, result: Result | BaseException) -> None:
+        with self._lock:
+            if pending.settled:
+                return
+            pending.settled = True
+            pending.result = result
+            if self._closed:
+                return
+            runner = self._plan.runner
+            if runner is not None:
+                runner.watchdog.disarm(pending.backstop)
+            # Inside the lock: close() waits for this call, so no schedule() follows a closed stream.
+            self._plan.schedule(self.handle)
+
+    def _backstop(self, pending: _Pending) -> None:
+        """The watchdog's: a pending phase outlived its deadlines (its hook blocks the loop thread or
+        ignored its cancellation). It gets the chain's policy now; the stream runs no more hooks."""
+        if pending.settled or self._closed:
+            return
+        plan = self._plan
+        plan.meters.backstops += 1
+        self._broken = True
+        exc = TimeoutError(f"{pending.kind} did not finish within its hook deadlines; the event loop did not answer")
+        if plan.chain.fail_open:
+            self._log_failure(pending.kind, self._awaited, exc)
+            result: Result = None
+        else:
+            result = self._failed(pending.kind, self._awaited, exc)
+        self._settle(pending, result)
+        self._stop(pending)
+        runner = plan.runner
+        loop = pending.loop
+        if runner is not None and loop is not None and runner.stuck(loop, plan.hook_deadline):
+            runner.replace(loop)
+
+    def _stop(self, pending: _Pending) -> None:
+        task, loop = pending.task, pending.loop
+        if task is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    # -- failure policy (the ext_proc processor's) -------------------------------------------------
+
+    def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
+        error_id = uuid.uuid4().hex[:16]
+        log.error(
+            "plugin %s failed in %s (chain %s, error id %s): %s: %s",
+            plugin,
+            kind,
+            self._plan.chain.name,
+            error_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
+        )
+        self._plan.meters.plugin_error(plugin, kind, error_id)
+        return error_id
+
+    def _ran(self, kind: str, plugin: str, started: float, outcome: object) -> None:
+        try:
+            self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, outcome)
+        except Exception:  # observability never decides a request
+            log.exception("recording hook %s of plugin %s failed", kind, plugin)
+
+    def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
+        self._log_failure(kind, plugin, exc)
+        self._disabled.add(plugin)
+
+    def _failed(self, kind: str, plugin: str, exc: BaseException) -> Result:
+        return self._error_reply(self._log_failure(kind, plugin, exc))
+
+    def _error_reply(self, error_id: str) -> Result:
+        headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
+        return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
+
+    def _respond(self, respond: Respond) -> Result:
+        body = respond.body.encode() if isinstance(respond.body, str) else respond.body
+        headers = []
+        for name, value in respond.header_pairs:  # checked when the Respond was built
+            if name.startswith(_PROTECTED_PREFIX):  # what ext_proc's mutation rules drop from a reply too
+                self._reject(f"set {name}")
+                continue
+            headers.append((name.encode(), value.encode("latin-1")))
+        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
+
+    def _reject(self, change: str) -> None:
+        self.rejected.append(change)
+        self._plan.meters.rejected_mutations += 1
+
+    # -- the phases --------------------------------------------------------------------------------
+
+    def _headers(self, kind: str, headers: Headers, end_of_stream: bool) -> Phase:
+        ctx = self.ctx
+        fail_open = self._plan.chain.fail_open
+        for hook in self._plan.chain.hooks[kind]:
+            if fail_open:
+                if hook.plugin in self._disabled:
+                    continue
+                before = headers.snapshot()
+            started = perf_counter()
+            try:
+                result = hook.func(ctx, headers)
+                if hook.is_async:
+                    self._awaited = hook.plugin
+                    result = yield result
+                if result is not None:
+                    if isinstance(result, Respond):
+                        self._ran(kind, hook.plugin, started, result)
+                        return self._respond(result)
+                    raise hook.wrong(result)
+                self._ran(kind, hook.plugin, started, None)
+            except Exception as exc:
+                self._ran(kind, hook.plugin, started, exc)
+                if not fail_open:
+                    return self._failed(kind, hook.plugin, exc)
+                self._skip(kind, hook.plugin, exc)
+                headers.restore(before)
+        request = kind == "request_headers"
+        ops = self._header_ops(headers, request)
+        if not end_of_stream and self._drops_length(0 if request else 1) and "content-length" in headers:
+            # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
+            # a chunk hook may change the size. Not in `headers`: hooks still see what the client sent.
+            ops = (*ops, (REMOVE, b"content-length", None))
+        return self._continue(ops, None)
+
+    def _drops_length(self, direction: int) -> bool:
+        mode = self._plan.body_modes[direction]
+        return mode == BodyMode.STREAMED or mode == BodyMode.BUFFERED_PARTIAL
+
+    def _body(self, kind: str, direction: int, chunk: bytes, end_of_stream: bool) -> Phase:
+        plan = self._plan
+        mode = plan.body_modes[direction]
+        if mode == BodyMode.NONE:
+            raise ProtocolError(f"{kind} arrived but the chain asked for no body")
+        # Whole-body and chunk hooks of a BUFFERED chain see the whole body as one final chunk.
+        end = True if mode == BodyMode.BUFFERED else end_of_stream
+        ctx = self.ctx
+        body = chunk
+        fail_open = plan.chain.fail_open
+        for stage in plan.chain.body_stages["request" if direction == 0 else "response"]:
+            if stage.plugin in self._disabled:
+                continue
+            hook = stage.hook
+            started = perf_counter()
+            try:
+                result = hook.func(ctx, body) if stage.kind == "body" else hook.func(ctx, body, end)
+                if hook.is_async:
+                    self._awaited = stage.plugin
+                    result = yield result
+                if result is None:
+                    self._ran(kind, stage.plugin, started, None)
+                    continue
+                if isinstance(result, Respond):
+                    self._ran(kind, stage.plugin, started, result)
+                    return self._respond(result)
+                body = _as_body(result, hook)
+                self._ran(kind, stage.plugin, started, None)
+            except Exception as exc:
+                self._ran(kind, stage.plugin, started, exc)
+                if not fail_open:
+                    return self._failed(kind, stage.plugin, exc)
+                self._skip(kind, stage.plugin, exc)
+        changed = body is not chunk
+        ops: tuple[tuple[int, bytes, bytes | None], ...] = ()
+        if mode == BodyMode.BUFFERED:
+            headers = ctx.request_headers if direction == 0 else ctx.response_headers
+            if headers is not None:
+                if changed and "content-length" in headers:
+                    # Envoy holds the headers until the body is answered: a stale length would cut the body.
+                    headers._put("content-length", str(len(body)).encode())
+                ops = self._header_ops(headers, direction == 0)
+        return self._continue(ops, body if changed else None)
+
+    def _trailers(self, kind: str, trailers: Headers) -> Phase:
+        ctx = self.ctx
+        fail_open = self._plan.chain.fail_open
+        for hook in self._plan.chain.hooks[kind]:
+            if fail_open:
+                if hook.plugin in self._disabled:
+                    continue
+                before = trailers.snapshot()
+            started = perf_counter()
+            try:
+                result = hook.func(ctx, trailers)
+                if hook.is_async:
+                    self._awaited = hook.plugin
+                    result = yield result
+                if result is not None:  # a Respond too: trailers come after the body went on
+                    raise hook.wrong(result)
+                self._ran(kind, hook.plugin, started, None)
+            except Exception as exc:
+                self._ran(kind, hook.plugin, started, exc)
+                if not fail_open:
+                    return self._failed(kind, hook.plugin, exc)
+                self._skip(kind, hook.plugin, exc)
+                trailers.restore(before)
+        return self._continue(self._header_ops(trailers, kind == "request_trailers"), None)
+
+    def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
+        metadata = self._metadata()
+        if not ops and body is None and metadata is None:
+            return None
+        return (CONTINUE, ops, body, metadata)
+
+    def _metadata(self) -> tuple[tuple[str, str, Any], ...] | None:
+        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items."""
+        ctx = self.ctx
+        if not ctx.dynamic_metadata:
+            return None
+        items = tuple(
+            (namespace, key, _scalar(value))
+            for namespace, values in ctx.dynamic_metadata.items()
+            for key, value in values.items()
+        )
+        ctx.dynamic_metadata = {}
+        return items
+
+    def _header_ops(self, headers: Headers, request: bool) -> tuple[tuple[int, bytes, bytes | None], ...]:
+        """The smallest list of set/append/remove that turns what Envoy has into `headers` (as
+        `Headers.flush_into` writes a HeaderMutation), less what Envoy's mutation rules drop; then tracks
+        afresh, so a later phase sends only later changes."""
+        replaced, appended = headers._replaced, headers._appended
+        if not replaced and not appended:
+            return ()
+        wanted: list[tuple[int, str, bytes | None]] = []
+        for name in sorted(replaced):
+            values = headers.raw_all(name)
+            if not values:
+                wanted.append((REMOVE, name, None))
+                continue
+            wanted.append((SET, name, values[0]))
+            wanted.extend((APPEND, name, value) for value in values[1:])
+        for name, added in appended.items():
+            wanted.extend((APPEND, name, value) for value in added)
+        headers._replaced = set()
+        headers._appended = {}
+        ops = []
+        for op, name, value in wanted:
+            if op == REMOVE:
+                if name.startswith((":", _PROTECTED_PREFIX)) or name == "host":
+                    self._reject(f"remove {name}")
+                    continue
+            elif _protected(name, value, request):  # type: ignore[arg-type]  # a set or append has a value
+                self._reject(f"set {name}")
+                continue
+            ops.append((op, name.encode(), value))
+        return tuple(ops)
+
+
+def _protected(name: str, value: bytes, request: bool) -> bool:
+    """Whether Envoy's default mutation rules drop setting `name` to `value` (the status keeps what it has)."""
+    if name.startswith(_PROTECTED_PREFIX) or (request and name in _PROTECTED_SET):
+        return True
+    return name == ":status" and not (value.isdigit() and 200 <= int(value) <= 999)
+
+
+def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """Envoy's header map (lower-case names, raw values) as a plugin's Headers, without a copy of the values."""
+    headers = Headers.__new__(Headers)
+    headers._items = [(name.decode("latin-1"), value) for name, value in pairs]
+    headers._replaced = set()
+    headers._appended = {}
+    return headers
+
+
+def _as_body(result: Any, hook: Hook) -> bytes:
+    """A body or chunk hook's result as bytes (None and Respond are handled by the caller)."""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, str):
+        return result.encode()
+    if isinstance(result, bytearray | memoryview):
+        return bytes(result)
+    raise hook.wrong(result)
+
+
+def _scalar(value: Any) -> str | int | float | bool:
+    """A metadata value as the native module can set it: str, number or bool as exactly those types (an
+    IntEnum is an int); None, lists and dicts as their JSON text (the contract carries no Struct)."""
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+#: Characters of one token in Envoy's response code details (the native module checks them).
+_DETAIL_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+MAX_DETAILS = 128
+
+
+def _details(details: str) -> str:
+    """A Respond's details as one token: Envoy's ext_proc turns each whitespace character into an underscore;
+    the native module takes only token characters, so any other becomes one too. At most MAX_DETAILS."""
+    if not _DETAIL_CHARS.issuperset(details):
+        details = "".join(c if c in _DETAIL_CHARS else "_" for c in details)
+    return details[:MAX_DETAILS]
+
+
+def _close(awaitable: Awaitable[Any]) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

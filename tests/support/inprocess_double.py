@@ -1,0 +1,339 @@
+"""An in-memory double of the native module: it drives a bridge stream exactly as the C filter does.
+
+`InProcessDouble(config_path, chain).run(Request, Response)` plays one HTTP request through Envoy with the
+in-process filter and returns the `sidecar.testing.Result` the ext_proc `Driver` returns for the same
+request, so the two backends can be compared field by field. What it does, as the contract says C does:
+
+* calls `configure(filter_config_json, native)` once, with a `native` whose `schedule(handle)` may be called
+  from any thread, and `config.new_stream(handle)` at the first hook;
+* calls only the phases whose bit is set in `config.phases`;
+* body mode 1 (buffered): holds the headers, calls the body hook once with the whole body and
+  `end_of_stream=True`, applies that result's header ops to the held headers; mode 2 (streamed): one call
+  per chunk as Envoy 1.40's HTTP/1 codecs deliver them, the headers already gone on;
+* PENDING: waits (bounded) for `schedule`, then calls `resume()` on the same thread and applies its result;
+* checks every result strictly; an exception or a result not exactly of the contract's shapes is a 500 local
+  reply with details `sidecar_inprocess_error` (and `Result.failed` says why), never traffic passing;
+* applies a RESPOND as Envoy's local reply (its framing), or cuts a response already under way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sidecar.headers import Headers
+from sidecar.inprocess.bridge import configure
+from sidecar.plugins import BodyMode
+from sidecar.testing import Message, Request, Response, Result, _body_messages, _local_reply_framing, _pairs
+from sidecar.wire import PHASES
+
+__all__ = ["BadResult", "InProcessDouble", "NativeDouble", "check_result"]
+
+BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
+#: The C module's reply when Python fails or breaks the contract.
+FAULT_DETAILS = "sidecar_inprocess_error"
+
+
+class BadResult(Exception):
+    """What C would log (one line) before its 500: the bridge raised or returned something off-contract."""
+
+
+class NativeDouble:
+    """`sidecar_inprocess_native`: schedule(handle) -> bool, thread-safe, False once the stream is gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, threading.Event] = {}
+        self.scheduled = 0
+        self.late = 0  # schedule() for a stream that was gone
+
+    def open(self, handle: int) -> threading.Event:
+        with self._lock:
+            event = self._events[handle] = threading.Event()
+        return event
+
+    def gone(self, handle: int) -> None:
+        with self._lock:
+            self._events.pop(handle, None)
+
+    def schedule(self, handle: int) -> bool:
+        with self._lock:
+            event = self._events.get(handle)
+            if event is None:
+                self.late += 1
+                return False
+            self.scheduled += 1
+        event.set()
+        return True
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float)
+
+
+def check_result(result: Any, phase: str, *, held: bool) -> Any:
+    """The result as C accepts it (strictly), or BadResult. `held`: the phase's headers are still held
+    (a headers phase, or a buffered body), so header ops may apply."""
+    if result is None:
+        return None
+    if not isinstance(result, tuple) or not result or type(result[0]) is not int:
+        raise BadResult(f"{phase}: not a result tuple: {type(result).__name__}")
+    kind = result[0]
+    if kind == 2 and len(result) == 1:
+        return result
+    if kind == 0 and len(result) == 4:
+        _, ops, body, metadata = result
+        if not isinstance(ops, tuple) or (ops and not held):
+            raise BadResult(f"{phase}: header ops where the headers are gone: {ops!r}")
+        for op in ops:
+            if not (
+                isinstance(op, tuple)
+                and len(op) == 3
+                and op[0] in (0, 1, 2)
+                and type(op[0]) is int
+                and isinstance(op[1], bytes)
+                and (op[2] is None if op[0] == 2 else isinstance(op[2], bytes))
+            ):
+                raise BadResult(f"{phase}: bad header op {op!r}")
+        if body is not None and (not isinstance(body, bytes) or "body" not in phase):
+            raise BadResult(f"{phase}: bad body {type(body).__name__}")
+        if metadata is not None and not (
+            isinstance(metadata, tuple)
+            and all(
+                isinstance(m, tuple)
+                and len(m) == 3
+                and isinstance(m[0], str)
+                and isinstance(m[1], str)
+                and _is_scalar(m[2])
+                for m in metadata
+            )
+        ):
+            raise BadResult(f"{phase}: bad metadata {metadata!r}")
+        return result
+    if kind == 1 and len(result) == 5:
+        _, status, headers, body, details = result
+        if (
+            type(status) is int
+            and isinstance(headers, tuple)
+            and all(isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, bytes) for x in h) for h in headers)
+            and isinstance(body, bytes)
+            and isinstance(details, str)
+        ):
+            return result
+    raise BadResult(f"{phase}: not one of the contract's results: {result!r}"[:300])
+
+
+class _Exchange:
+    """One request through the simulated filter chain."""
+
+    def __init__(self, double: InProcessDouble, handle: int) -> None:
+        self.double = double
+        self.config = double.config
+        self.handle = handle
+        self.event = double.native.open(handle)
+        self.stream: Any = None
+        self.result = Result(upstream=None, response=Message(Headers()), status=0, immediate=False)
+        self.client_has_headers = False
+
+    def call(self, phase: str, *args: Any, held: bool) -> Any:
+        """One hook call as C makes it; PENDING waits for schedule and resumes. A BadResult on a fault."""
+        if self.stream is None:
+            self.stream = self.config.new_stream(self.handle)
+        self.result.phases.append(phase)
+        self.event.clear()
+        try:
+            result = check_result(getattr(self.stream, phase)(*args), phase, held=held)
+            if result == (2,):
+                if not self.event.wait(self.double.resume_timeout):
+                    raise AssertionError(f"{phase}: PENDING but the bridge never scheduled: Envoy would hang")
+                result = check_result(self.stream.resume(), phase, held=held)
+                if result == (2,):
+                    raise BadResult(f"{phase}: resume() returned PENDING")
+        except BadResult:
+            raise
+        except Exception as exc:
+            raise BadResult(f"{phase}: {type(exc).__name__}: {exc}") from exc
+        if result is not None and result[0] == 0 and result[3]:
+            for namespace, key, value in result[3]:
+                self.result.dynamic_metadata.setdefault(namespace, {})[key] = value
+        return result
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.result.rejected_mutations = list(self.stream.rejected)
+        self.double.native.gone(self.handle)
+
+    def reply(self, result: tuple[Any, ...]) -> None:
+        """A RESPOND: Envoy's local reply, unless the client has the response's headers (then a reset)."""
+        if self.client_has_headers:
+            self.result.response.complete = False
+            return
+        _, status, headers, body, _details = result
+        reply = Headers([(":status", str(status))])
+        for name, value in headers:
+            reply._add(name.decode("latin-1"), value)
+        self.result.immediate = True
+        self.result.status = status
+        self.result.response = Message(reply, body)
+        _local_reply_framing(self.result.response)
+
+    def fault(self, why: str) -> None:
+        self.result.failed = why
+        self.reply((1, 500, (), b"", FAULT_DETAILS))
+
+
+def _apply(ops: Sequence[tuple[int, bytes, bytes | None]], headers: Headers) -> None:
+    for op, raw_name, value in ops:
+        name = raw_name.decode("latin-1")
+        if op == 0:
+            headers._put(name, value)  # type: ignore[arg-type]  # checked: set has a value
+        elif op == 1:
+            headers._add(name, value)  # type: ignore[arg-type]
+        else:
+            headers._discard(name)
+
+
+def _is_reply(result: Any) -> bool:
+    return isinstance(result, tuple) and len(result) == 5 and result[0] == 1
+
+
+def _envoy_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value) for name, value in headers._items]
+
+
+class InProcessDouble:
+    """The native filter in memory, in front of a scripted upstream."""
+
+    def __init__(self, config_path: str | Path, chain: str = "default", *, hook_deadline_ms: int = 1000) -> None:
+        self.native = NativeDouble()
+        filter_config = {
+            "factory": "sidecar.inprocess.bridge:configure",
+            "config": str(Path(config_path).resolve()),
+            "chain": chain,
+            "site": [],
+            "hook_deadline_ms": hook_deadline_ms,
+        }
+        self.config = configure(json.dumps(filter_config), self.native)
+        #: How long PENDING may last before the double calls it a hang (the bridge's deadlines are shorter).
+        self.resume_timeout = hook_deadline_ms / 1000 * 4 + 5
+        self._handles = 0
+
+    def run(self, request: Request, response: Response | None = None) -> Result:
+        self._handles += 1
+        exchange = _Exchange(self, self._handles)
+        try:
+            self._run(exchange, request, response or Response())
+        except BadResult as exc:
+            exchange.fault(str(exc))
+        finally:
+            exchange.close()
+        return exchange.result
+
+    def _body(
+        self,
+        ex: _Exchange,
+        direction: str,
+        body: bytes | Sequence[bytes],
+        trailers: bool,
+        headers: Headers,
+        passed: Message,
+    ) -> tuple[Any, ...]:
+        """The body through the filter: (what goes on, its chunks), or a RESPOND result."""
+        chunks = [c for c in ([body] if isinstance(body, bytes) else list(body)) if c]
+        mode = getattr(self.config, f"{direction}_body_mode")
+        phase = f"{direction}_body"
+        if not chunks or mode == 0 or not self.config.phases & BITS[phase]:
+            passed.body, passed.chunks = b"".join(chunks), list(chunks)
+            return b"".join(chunks), chunks
+        if mode == 1:
+            result = ex.call(phase, b"".join(chunks), True, held=True)
+            if _is_reply(result):
+                return tuple(result)
+            whole = b"".join(chunks)
+            if result is not None:
+                _apply(result[1], headers)
+                if result[2] is not None:
+                    whole = result[2]
+            passed.body, passed.chunks = whole, [whole] if whole else []
+            return whole, passed.chunks
+        framed = direction == "request" and "content-length" in headers
+        out: list[bytes] = []
+        for chunk, end in _body_messages(BodyMode.STREAMED, chunks, framed=framed, trailers=trailers):
+            result = ex.call(phase, chunk, end, held=False)
+            if _is_reply(result):
+                return tuple(result)
+            new = chunk if result is None or result[2] is None else result[2]
+            if new:
+                out.append(new)
+                passed.body += new
+                passed.chunks.append(new)
+        return b"".join(out), out
+
+    def _run(self, ex: _Exchange, request: Request, response: Response) -> None:
+        phases = self.config.phases
+        result = ex.result
+        req_headers = Headers(
+            [
+                (":method", request.method),
+                (":path", request.path),
+                (":authority", request.authority),
+                (":scheme", "http"),
+                *_pairs(request.headers),
+            ]
+        )
+        if "x-request-id" not in req_headers:
+            req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
+        has_body = any(request.body) if not isinstance(request.body, bytes) else bool(request.body)
+        answer = ex.call(
+            "request_headers",
+            _envoy_pairs(req_headers),
+            not has_body and not request.trailers,
+            held=True,
+        )
+        if _is_reply(answer):
+            return ex.reply(answer)
+        if answer is not None:
+            _apply(answer[1], req_headers)
+        upstream = Message(req_headers, complete=False)
+        if (has_body or request.trailers) and self.config.request_body_mode != 1:
+            result.upstream = upstream  # the headers went on; a reply during the upload comes after them
+        body = self._body(ex, "request", request.body, bool(request.trailers), req_headers, upstream)
+        if _is_reply(body):
+            return ex.reply(body)
+        req_trailers = Headers(_pairs(request.trailers))
+        if request.trailers and phases & BITS["request_trailers"]:
+            answer = ex.call("request_trailers", _envoy_pairs(req_trailers), held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)
+            if answer is not None:
+                _apply(answer[1], req_trailers)
+        result.upstream = Message(req_headers, body[0], req_trailers, body[1])
+
+        resp_headers = Headers([(":status", str(response.status)), *_pairs(response.headers)])
+        has_body = any(response.body) if not isinstance(response.body, bytes) else bool(response.body)
+        if phases & BITS["response_headers"]:
+            answer = ex.call("response_headers", _envoy_pairs(resp_headers), not has_body, held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)
+            if answer is not None:
+                _apply(answer[1], resp_headers)
+        result.status = int(resp_headers[":status"])
+        under_way = result.response = Message(resp_headers, complete=False)
+        ex.client_has_headers = not has_body or self.config.response_body_mode != 1
+        resp = self._body(ex, "response", response.body, bool(response.trailers), resp_headers, under_way)
+        if _is_reply(resp):
+            return ex.reply(resp)
+        ex.client_has_headers = True
+        resp_trailers = Headers(_pairs(response.trailers))
+        if response.trailers and phases & BITS["response_trailers"]:
+            answer = ex.call("response_trailers", _envoy_pairs(resp_trailers), held=True)
+            if _is_reply(answer):
+                return ex.reply(answer)  # the body went on: the reply cuts the response
+            if answer is not None:
+                _apply(answer[1], resp_trailers)
+        result.status = int(resp_headers[":status"])
+        result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])

@@ -1,0 +1,258 @@
+"""A stand-in for the bridge (`sidecar.inprocess.bridge:configure`) that exercises every Result kind of the
+in-process contract, so the native module can be tested against real Envoy on its own.
+
+The filter config's `chain` picks the phases and body modes (`CHAINS`); the request's `:path` picks what each
+hook returns (`_Stream`). Nothing here is a plugin: it returns Results directly, well-formed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["CHAINS", "FACTORY", "MALFORMED", "Counters", "configure"]
+
+FACTORY = "tests.support.inprocess_fake:configure"
+
+# chain -> (phases bitmask, request body mode, response body mode); modes: 0 none, 1 buffered, 2 streamed.
+CHAINS: dict[str, tuple[int, int, int]] = {
+    "headers": (1 | 8, 0, 0),
+    "buffered": (63, 1, 1),
+    "streamed": (63, 2, 2),
+}
+
+Result = Any
+Header = tuple[bytes, bytes]
+
+_HUGE = 9 * 1024 * 1024  # over the module's default max_body_bytes (8 MiB)
+
+#: Results the native module must refuse (500, `sidecar_inprocess_error`), by index in `/malformed/N`.
+MALFORMED: list[Any] = [
+    (),
+    (0,),
+    (0, (), None),
+    (0, (), None, None, None),
+    (3,),
+    (-1,),
+    (True,),
+    [0, (), None, None],
+    "continue",
+    42,
+    (2, None),
+    (1, 403),
+    (1, 403, (), b"", "x", "extra"),
+    (1, 99, (), b"", "d"),
+    (1, 600, (), b"", "d"),
+    (1, "403", (), b"", "d"),
+    (1, 403, [], b"", "d"),
+    (1, 403, ((b"x-a",),), b"", "d"),
+    (1, 403, ((b"x-a", b"v\r\nx-injected: 1"),), b"", "d"),
+    (1, 403, ((b":status", b"200"),), b"", "d"),
+    (1, 403, (), "a str body", "d"),
+    (1, 403, (), b"", "two words"),
+    (1, 403, (), b"", b"bytes-details"),
+    (1, 403, (), b"", "d" * 200),
+    (1, 403, (), b"x" * _HUGE, "d"),
+    (0, [], None, None),
+    (0, ((0, b"x-a"),), None, None),
+    (0, ((3, b"x-a", b"v"),), None, None),
+    (0, ((True, b"x-a", b"v"),), None, None),
+    (0, ((0, "x-a", b"v"),), None, None),
+    (0, ((0, b"x-a", "v"),), None, None),
+    (0, ((0, b"X-Upper", b"v"),), None, None),
+    (0, ((0, b"", b"v"),), None, None),
+    (0, ((0, b"x a", b"v"),), None, None),
+    (0, ((0, b"x-a:", b"v"),), None, None),
+    (0, ((0, b"x-a", b"v\r\nx-injected: 1"),), None, None),
+    (0, ((0, b"x-a", b"v\x00w"),), None, None),
+    (0, ((0, b"x-a", b"v\n"),), None, None),
+    (0, ((0, b"x-a", b" padded"),), None, None),
+    (0, ((0, b"x-a", b"v" * 70_000),), None, None),
+    (0, ((0, b"n" * 2000, b"v"),), None, None),
+    (0, tuple((0, b"x-a", b"v") for _ in range(2000)), None, None),
+    (0, ((2, b":path", None),), None, None),
+    (0, ((1, b":method", b"GET"),), None, None),
+    (0, ((0, b":foo", b"x"),), None, None),
+    (0, ((0, b":status", b"99"),), None, None),
+    (0, ((2, b"x-a", b"v"),), None, None),
+    (0, ((0, b"x-a", None),), None, None),
+    (0, (), b"a body in a headers phase", None),
+    (0, (), None, (("ns", "k"),)),
+    (0, (), None, (("ns", "k", None),)),
+    (0, (), None, (("ns", "k", float("nan")),)),
+    (0, (), None, (("ns", "k", float("inf")),)),
+    (0, (), None, (("ns", "k", 10**400),)),
+    (0, (), None, ((b"ns", "k", "v"),)),
+    (0, (), None, (("", "k", "v"),)),
+    (0, (), None, [("ns", "k", "v")]),
+    (0, (), None, tuple(("ns", f"k{i}", i) for i in range(200))),
+    (0, (), None, (("ns", "k", "v" * 70_000),)),
+    (0, (), None, (("ns", "k", b"bytes"),)),
+    object(),
+]
+
+
+class Counters:
+    """What the fake saw, shared by every config (one interpreter per Envoy)."""
+
+    lock = threading.Lock()
+    opened = 0
+    closed = 0
+    resumed = 0
+    late_schedules = 0  # schedule() calls that found the stream gone (False)
+
+    @classmethod
+    def snapshot(cls) -> dict[str, int]:
+        with cls.lock:
+            return {"opened": cls.opened, "closed": cls.closed, "resumed": cls.resumed, "late": cls.late_schedules}
+
+
+class _Config:
+    def __init__(self, doc: dict[str, Any], native: types.ModuleType) -> None:
+        self.phases, self.request_body_mode, self.response_body_mode = CHAINS[doc["chain"]]
+        self.chain: str = doc["chain"]
+        self.native = native
+
+    def new_stream(self, handle: int) -> _Stream:
+        with Counters.lock:
+            Counters.opened += 1
+        return _Stream(self, handle)
+
+
+def configure(filter_config_json: str, native: types.ModuleType) -> _Config:
+    doc = json.loads(filter_config_json)
+    if doc.get("chain") not in CHAINS:
+        raise ValueError(f"fake: unknown chain {doc.get('chain')!r}")
+    return _Config(doc, native)
+
+
+def _get(headers: list[Header], name: bytes) -> bytes | None:
+    return next((value for key, value in headers if key == name), None)
+
+
+def _respond(status: int, details: str, body: bytes = b"", headers: tuple[Header, ...] = ()) -> Result:
+    return (1, status, headers, body, details)
+
+
+class _Stream:
+    def __init__(self, config: _Config, handle: int) -> None:
+        self.config = config
+        self.handle = handle
+        self.path = b""
+        self.chunks = 0
+        self.body_bytes = 0
+        self.waiting: Result = None
+
+    # -- PENDING: the answer comes from another thread, as an async hook's would --------------------------------
+    def _later(self, result: Result, delay_ms: int, schedule: bool = True) -> Result:
+        self.waiting = result
+
+        def wake() -> None:
+            if not self.config.native.schedule(self.handle):
+                with Counters.lock:
+                    Counters.late_schedules += 1
+
+        if schedule:
+            timer = threading.Timer(delay_ms / 1000, wake)
+            timer.daemon = True
+            timer.start()
+        return (2,)
+
+    def resume(self) -> Result:
+        with Counters.lock:
+            Counters.resumed += 1
+        result, self.waiting = self.waiting, None
+        return result
+
+    def close(self) -> None:
+        with Counters.lock:
+            Counters.closed += 1
+
+    # -- request ---------------------------------------------------------------------------------------------------
+    def request_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        self.path = _get(headers, b":path") or b""
+        path = self.path.split(b"?")[0]
+        stamp = (0, ((0, b"x-fake-req", b"1"), (1, b"x-fake-append", b"a"), (2, b"x-remove-me", None)), None, None)
+        delay = int(_get(headers, b"x-delay-ms") or b"0")
+        actions: dict[bytes, Callable[[], Result]] = {
+            b"/ok": lambda: stamp,
+            b"/respond": lambda: _respond(403, "fake_denied", b"denied\n", ((b"x-denied", b"yes"),)),
+            b"/raise": self._raise,
+            b"/metadata": lambda: (
+                0,
+                (),
+                None,
+                (
+                    ("sidecar.fake", "str", "v"),
+                    ("sidecar.fake", "num", 7),
+                    ("sidecar.fake", "flag", True),
+                    ("sidecar.fake", "ratio", 0.5),
+                ),
+            ),
+            b"/pending": lambda: self._later(stamp, delay),
+            b"/pending-respond": lambda: self._later(_respond(451, "fake_pending_denied"), delay),
+            b"/pending-never": lambda: self._later(None, 0, schedule=False),
+            b"/spin": self._spin,
+            b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
+            b"/headers-seen": lambda: _respond(
+                200, "fake_headers", json.dumps([[k.decode(), len(v)] for k, v in headers]).encode()
+            ),
+        }
+        if path.startswith(b"/malformed/"):
+            return MALFORMED[int(path.rsplit(b"/", 1)[1])]
+        action = actions.get(path)
+        return action() if action else None
+
+    def _raise(self) -> Result:
+        raise RuntimeError("secret-token-0123")  # the module must not log this message
+
+    def _spin(self) -> Result:
+        while True:
+            pass
+
+    def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        self.chunks += 1
+        self.body_bytes += len(chunk)
+        path = self.path.split(b"?")[0]
+        if path in (b"/upper", b"/pending-upper"):
+            ops: tuple[Any, ...] = ()
+            if self.config.request_body_mode == 1:
+                ops = ((0, b"content-length", str(len(chunk)).encode()),)
+            result = (0, ops, chunk.upper(), (("sidecar.fake", "body_calls", self.chunks),))
+            return self._later(result, 5) if path == b"/pending-upper" else result
+        if path == b"/body-respond" and end_of_stream:
+            return _respond(413, "fake_body_denied")
+        if path.startswith(b"/malformed-body/"):
+            return MALFORMED[int(path.rsplit(b"/", 1)[1])]
+        if path == b"/body-header-op" and self.config.request_body_mode == 2:
+            return (0, ((0, b"x-late", b"1"),), None, None)  # malformed: the headers already went on
+        return None
+
+    def request_trailers(self, trailers: list[Header]) -> Result:
+        if _get(trailers, b"x-deny") is not None:
+            return _respond(403, "fake_trailer_denied")
+        return (0, ((0, b"x-fake-trailer", b"1"),), None, None)
+
+    # -- response --------------------------------------------------------------------------------------------------
+    def response_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        path = self.path.split(b"?")[0]
+        if path.startswith(b"/malformed-response/"):
+            return MALFORMED[int(path.rsplit(b"/", 1)[1])]
+        if path == b"/respond-response":
+            return _respond(418, "fake_response_denied")
+        ops = ((0, b"x-fake-resp", b"1"), (0, b"x-request-body-calls", str(self.chunks).encode()))
+        return (0, ops, None, None)
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        if self.path.split(b"?")[0] == b"/resp-upper":
+            ops: tuple[Any, ...] = ()
+            if self.config.response_body_mode == 1:
+                ops = ((0, b"content-length", str(len(chunk)).encode()),)
+            return (0, ops, chunk.upper(), None)
+        return None
+
+    def response_trailers(self, trailers: list[Header]) -> Result:
+        return None
