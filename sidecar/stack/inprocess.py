@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,14 @@ def inprocess_bootstrap(
             "--failure-mode-allow: there is no sidecar to be unreachable with --in-process; "
             "give a chain on_error: fail_open instead"
         )
+    # The bridge's own refusal (a FULL_DUPLEX chain, attributes it cannot give), here in one line: inside Envoy
+    # it would only be "Failed to initialize dynamic module", with the reason on Envoy's stderr.
+    from sidecar.inprocess.bridge import _check_chain
+
     deadline_ms = hook_deadline or hook_deadline_ms(config)  # checked before the translator sees the timeout
     bootstrap = build_bootstrap(registry, config, options)
-    use_inprocess_filter(bootstrap, config_path, deadline_ms=deadline_ms)
+    for name in use_inprocess_filter(bootstrap, config_path, deadline_ms=deadline_ms):
+        _check_chain(registry.chains[name], str(config_path))
     return bootstrap
 
 
@@ -63,27 +68,29 @@ def _route_chain(route: dict[str, Any]) -> str:
     return DEFAULT_CHAIN
 
 
-def use_inprocess_filter(bootstrap: dict[str, Any], config_path: Path, *, deadline_ms: int) -> None:
+def use_inprocess_filter(bootstrap: dict[str, Any], config_path: Path, *, deadline_ms: int) -> set[str]:
     """Rewrite, in place, every HTTP connection manager's ext_proc filter into the in-process filter(s), and
-    drop the sidecar's cluster."""
+    drop the sidecar's cluster. Returns the names of the chains the filters run."""
     from sidecar.inprocess.module import http_filter
 
     if not config_path.is_absolute():
         raise ConfigError(f"in-process config path must be absolute, got {str(config_path)!r}")
     resources = bootstrap["static_resources"]
+    used: set[str] = set()
     for listener in resources.get("listeners", []):
         for chain in listener.get("filter_chains", []):
             for network_filter in chain.get("filters", []):
                 if network_filter.get("name") == _HCM:
-                    _rewrite_hcm(network_filter["typed_config"], config_path, deadline_ms, http_filter)
+                    used |= _rewrite_hcm(network_filter["typed_config"], config_path, deadline_ms, http_filter)
     resources["clusters"] = [c for c in resources.get("clusters", []) if c.get("name") != _SIDECAR_CLUSTER]
+    return used
 
 
-def _rewrite_hcm(hcm: dict[str, Any], config_path: Path, deadline_ms: int, http_filter: Any) -> None:
+def _rewrite_hcm(hcm: dict[str, Any], config_path: Path, deadline_ms: int, http_filter: Any) -> set[str]:
     filters: list[dict[str, Any]] = hcm["http_filters"]
     at = next((i for i, f in enumerate(filters) if f.get("name") == _EXT_PROC_FILTER), None)
     if at is None:
-        return
+        return set()
     routes = [r for vhost in hcm["route_config"]["virtual_hosts"] for r in vhost.get("routes", [])]
     chains = {id(route): _route_chain(route) for route in routes}
     for route in routes:
@@ -92,32 +99,18 @@ def _rewrite_hcm(hcm: dict[str, Any], config_path: Path, deadline_ms: int, http_
         if not per_filter:
             route.pop("typed_per_filter_config", None)
     names = sorted(set(chains.values())) or [DEFAULT_CHAIN]
-    replacement = _chain_filters(names, config_path, deadline_ms, http_filter)
-    filters[at : at + 1] = replacement
+    replacement = {name: http_filter(config_path, name, hook_deadline_ms=deadline_ms) for name in names}
+    filters[at : at + 1] = replacement.values()
     if len(replacement) > 1:
         # Envoy turns a filter off for a route with an empty FilterConfig, but will not turn one on without
         # that filter's own per-route config: so every chain's filter is on, and each route turns off the others.
         off = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
         for route in routes:
             per_filter = route.setdefault("typed_per_filter_config", {})
-            for name in names:
+            for name, entry in replacement.items():
                 if name != chains[id(route)]:
-                    per_filter[_filter_name(name)] = dict(off)
-
-
-def _filter_name(chain: str) -> str:
-    return f"sidecar.inprocess.{chain}"
-
-
-def _chain_filters(
-    chains: Sequence[str], config_path: Path, deadline_ms: int, http_filter: Any
-) -> list[dict[str, Any]]:
-    out = []
-    for chain in chains:
-        entry: dict[str, Any] = dict(http_filter(config_path, chain, hook_deadline_ms=deadline_ms))
-        entry["name"] = _filter_name(chain)
-        out.append(entry)
-    return out
+                    per_filter[entry["name"]] = dict(off)
+    return set(names)
 
 
 def write_env_file(path: Path, environment: Mapping[str, str]) -> None:

@@ -64,10 +64,11 @@ def test_the_charts_filter_is_the_one_envoy_config_writes() -> None:
     from tests.support.helm import helm_binary
 
     for timeout, deadline in (("500ms", 500), ("250ms", 250), ("2s", 2000)):
-        proc = helm_template(helm_binary(), VALUES, sets={"extProc.messageTimeout": timeout})
+        sets = {"extProc.messageTimeout": timeout, "inProcess.maxBodyBytes": "1024"}
+        proc = helm_template(helm_binary(), VALUES, sets=sets)
         assert proc.returncode == 0, proc.stderr
         ours = _http_filters(_bootstrap([d for d in yaml.safe_load_all(proc.stdout) if d]))[0]
-        code = http_filter(Path(CONFIG_PATH), "default", hook_deadline_ms=deadline)
+        code = http_filter(Path(CONFIG_PATH), "default", hook_deadline_ms=deadline, max_body_bytes=1024)
         chart_config = json.loads(ours["typed_config"]["filter_config"]["value"])
         code_config = json.loads(code["typed_config"]["filter_config"]["value"])
         assert chart_config["site"] == ["/opt/sidecar/site"]  # the image's fixed path (images/Dockerfile)

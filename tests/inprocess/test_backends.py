@@ -1,11 +1,18 @@
 """Both backends, the same results, real Envoy: every generated case of the differential suite
 (tests/support/differential.py) goes through Envoy + `sidecar serve` (ext_proc) and through Envoy running the same
 config in-process (the dynamic-module filter), and the client and the upstream must see the same status, headers,
-body and metadata. One Envoy per backend serves all the chains of a batch, each route its own chain."""
+body and metadata. One Envoy per backend serves all the chains of a batch, each route its own chain.
+
+What differs today is listed in KNOWN, each difference as the one normalisation that explains it; a case that needs
+anything else fails, and so does a KNOWN entry no case needs any more (remove it when it is fixed)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import sysconfig
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -15,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.errors import ConfigError
 from sidecar.testing import EnvoyHarness
 from tests.support import differential as diff
 from tests.support.wait import wait_for
@@ -27,6 +35,59 @@ pytestmark = [
 
 SEED = 17
 COUNT = 240
+#: Chains whose request body goes to the plugin chunk by chunk (the in-process filter does not hold the headers).
+STREAMED_REQUEST_CHAINS = frozenset({"s", "p"})
+
+
+def _drop_empty_values(obs: diff.Observation, case: diff.Case) -> diff.Observation:
+    headers = [(n, v) for n, v in obs.headers if v != ""]
+    upstream = obs.upstream
+    if isinstance(upstream, tuple):
+        upstream = (*upstream[:2], [(n, v) for n, v in upstream[2] if v != ""], upstream[3])
+    return dataclasses.replace(obs, headers=headers, upstream=upstream)
+
+
+def _struct_as_json_text(obs: diff.Observation, case: diff.Case) -> diff.Observation:
+    def text(value: Any) -> Any:
+        return json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else value
+
+    metadata = {ns: {k: text(v) for k, v in values.items()} for ns, values in obs.metadata.items()}
+    return dataclasses.replace(obs, metadata=metadata)
+
+
+def _no_metadata_after_a_reply(obs: diff.Observation, case: diff.Case) -> diff.Observation:
+    replied = obs.status != 200 or obs.cut or '"respond"' in json.dumps(case.script)
+    return dataclasses.replace(obs, metadata={}) if replied else obs
+
+
+def _headers_went_upstream(obs: diff.Observation, case: diff.Case) -> diff.Observation:
+    if case.chain in STREAMED_REQUEST_CHAINS and obs.upstream is None:
+        return dataclasses.replace(obs, upstream="partial")
+    return obs
+
+
+#: What the in-process backend does differently today: a reason, and the normalisation of the ext_proc side's
+#: observation that makes the two agree. Reported to the native and bridge parts; the inherent ones are in
+#: docs/in-process.md ("What differs from the ext_proc path").
+KNOWN: dict[str, tuple[str, Callable[[diff.Observation, diff.Case], diff.Observation]]] = {
+    "empty header value": (
+        "a header set or appended with an empty value is removed in-process (ext_proc keeps `name:` with nothing)",
+        _drop_empty_values,
+    ),
+    "struct metadata": (
+        "a dict or list metadata value reaches Envoy as JSON text in-process (ext_proc writes a Struct)",
+        _struct_as_json_text,
+    ),
+    "metadata lost with a reply": (
+        "metadata a hook set before it (or a later hook) replied or failed is dropped in-process; ext_proc keeps it",
+        _no_metadata_after_a_reply,
+    ),
+    "streamed request headers upstream": (
+        "with a STREAMED request body the in-process filter lets the headers go upstream before the body hook has "
+        "decided; ext_proc holds them, so a reply from the body hook reaches no upstream",
+        _headers_went_upstream,
+    ),
+}
 
 
 @dataclass
@@ -42,8 +103,8 @@ class Backend:
 class Comparison:
     cases: int = 0
     agreed: int = 0
-    races: int = 0
-    differences: list[tuple[diff.Case, list[str]]] = field(default_factory=list)
+    known: Counter[str] = field(default_factory=Counter)
+    unexplained: list[tuple[diff.Case, list[str]]] = field(default_factory=list)
 
 
 def _start(
@@ -51,15 +112,15 @@ def _start(
     stack: ExitStack,
     workdir: Path,
     config: Path,
-    upstream: Any,
-    chains: Any,
+    upstream: diff.RecordingUpstream,
     **kw: Any,
 ) -> Backend:
+    workdir.mkdir()
     log = workdir / "access.log"
     env = start(
         config=config,
         upstream=upstream.address,
-        routes=[f"/{name}/={name}" for name in chains],
+        routes=[f"/{name}/={name}" for name in diff.CHAINS],
         bootstrap_hook=diff.access_log_hook(log),
         **kw,
     )
@@ -74,55 +135,80 @@ def _logged(log: Path, count: int) -> Callable[[], bool]:
     return lambda: len(diff.read_access_log(log)) >= count
 
 
-def compare_backends(
-    cases: list[diff.Case], duplex: bool, workdir: Path, start: Callable[..., EnvoyHarness]
-) -> Comparison:
-    chains = diff.DUPLEX_CHAINS if duplex else diff.CHAINS
-    cases = [case for case in cases if (case.chain in diff.DUPLEX_CHAINS) == duplex]
+def observe_both(
+    cases: list[diff.Case], workdir: Path, start: Callable[..., EnvoyHarness]
+) -> list[tuple[diff.Case, diff.Observation, diff.Observation]]:
+    """Each case through Envoy + sidecar and through Envoy in-process: (case, ext_proc's, in-process's)."""
     config = workdir / "sidecar.yaml"
-    config.write_text(diff.sidecar_config(chains))
+    config.write_text(diff.sidecar_config(diff.CHAINS))
     upstream = diff.RecordingUpstream().start()
-    observed: list[tuple[diff.Case, diff.Observation, diff.Observation]] = []
+    observed = []
     with ExitStack() as stack:
         stack.callback(upstream.stop)
-        (workdir / "extproc").mkdir()
-        (workdir / "inprocess").mkdir()
-        extproc = _start(start, stack, workdir / "extproc", config, upstream, chains)
-        inprocess = _start(start, stack, workdir / "inprocess", config, upstream, chains, in_process=True)
+        extproc = _start(start, stack, workdir / "extproc", config, upstream)
+        inprocess = _start(start, stack, workdir / "inprocess", config, upstream, in_process=True)
         for case in cases:
             ours = diff.observe_envoy(extproc.clients, extproc.env, upstream, case)
             theirs = diff.observe_envoy(inprocess.clients, inprocess.env, upstream, case)
+            # Envoy's rejected_header_mutations is an ext_proc statistic; the in-process backend counts the same
+            # refusals in its own meters, which nothing outside Envoy can read (docs/in-process.md).
+            ours.rejected = theirs.rejected = 0
             observed.append((case, ours, theirs))
         for log in (extproc.log, inprocess.log):
             wait_for(_logged(log, len(cases)), 20, f"{len(cases)} lines in {log}")
         metadata = [diff.read_access_log(backend.log) for backend in (extproc, inprocess)]
         for case, ours, theirs in observed:
             ours.metadata, theirs.metadata = (logged.get(case.ident, {}) for logged in metadata)
+    return observed
+
+
+def explain(case: diff.Case, ours: diff.Observation, theirs: diff.Observation) -> tuple[list[str], list[str]]:
+    """The KNOWN differences that make the two agree (fewest first), or the problems no KNOWN one explains."""
+    streams = case.chain in diff.STREAMING_CHAINS
+    problems = diff.compare(ours, theirs, streams_response=streams)
+    if not problems:
+        return [], []
+    names = list(KNOWN)
+    for size in range(1, len(names) + 1):
+        for start in range(len(names) - size + 1):
+            chosen = names[start : start + size]
+            normalised = copy.deepcopy(ours)
+            for name in chosen:
+                normalised = KNOWN[name][1](normalised, case)
+            if not diff.compare(normalised, theirs, streams_response=streams):
+                return chosen, []
+    return [], problems
+
+
+def compare_backends(cases: list[diff.Case], workdir: Path, start: Callable[..., EnvoyHarness]) -> Comparison:
     result = Comparison()
-    for case, ours, theirs in observed:
-        streams = case.chain in diff.STREAMING_CHAINS
-        problems = diff.compare(ours, theirs, streams_response=streams)
+    for case, ours, theirs in observe_both(cases, workdir, start):
+        known, problems = explain(case, ours, theirs)
         result.cases += 1
+        result.agreed += not known and not problems
+        result.known.update(known)
         if problems:
-            result.differences.append((case, problems))
-        else:
-            result.agreed += 1
-            result.races += streams and ours.cut != theirs.cut
+            result.unexplained.append((case, problems))
     return result
 
 
-def _report(result: Comparison) -> str:
-    """The differences, one case a line; `compare` names the ext_proc side "driver" and the in-process "envoy"."""
-    lines = [f"{case.ident} {case.chain} {case.shape} {case.script}: {p}" for case, p in result.differences]
-    return "ext_proc is 'driver', in-process is 'envoy' below\n" + "\n".join(lines)
-
-
-@pytest.mark.parametrize("duplex", [False, True], ids=["chains", "full-duplex"])
 def test_extproc_and_inprocess_agree_on_generated_plugin_actions(
-    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path, duplex: bool
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
 ) -> None:
-    result = compare_backends(diff.generate(SEED, COUNT), duplex, tmp_path, sidecar_envoy)
-    kind = "full-duplex" if duplex else "chains"
-    print(f"backends ({kind}): {result.cases} cases, {result.agreed} agreed ({result.races} by a race in Envoy)")
-    assert result.cases >= (20 if duplex else 180)
-    assert not result.differences, _report(result)
+    cases = [case for case in diff.generate(SEED, COUNT) if case.chain in diff.CHAINS]
+    result = compare_backends(cases, tmp_path, sidecar_envoy)
+    print(f"backends: {result.cases} cases, {result.agreed} identical; known differences {dict(result.known)}")
+    assert result.cases >= 180
+    lines = [f"{case.ident} {case.chain} {case.shape} {case.script}: {p}" for case, p in result.unexplained]
+    assert not result.unexplained, "ext_proc is 'driver', in-process is 'envoy' below\n" + "\n".join(lines)
+    gone = set(KNOWN) - set(result.known)
+    assert not gone, f"no longer seen (fixed? remove it from KNOWN): {gone}"
+
+
+def test_a_full_duplex_chain_is_refused_in_one_line_not_in_envoys_log(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(diff.sidecar_config(diff.DUPLEX_CHAINS))
+    with pytest.raises(ConfigError, match="chain 'd': FULL_DUPLEX_STREAMED bodies cannot run in-process"):
+        sidecar_envoy(config=config, routes=["/d/=d"], in_process=True)

@@ -176,15 +176,15 @@ admin:
 {{/* The in-process filter: the chains run inside Envoy through the module in the sidecar image, which keeps it
 (and the virtualenv Python imports from) at fixed paths (images/Dockerfile). The filter config is the JSON
 `sidecar.inprocess.module.http_filter` writes; each hook's deadline is extProc.messageTimeout, as
-`sidecar envoy-config --in-process` takes it from message_timeout. */}}
+`sidecar envoy-config --in-process` takes it from message_timeout. The filter is named after the chain. */}}
 {{- define "envoy-sidecar.inProcessFilter" -}}
 {{- $seconds := include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout | trimSuffix "s" | float64 -}}
-{{- $config := dict "factory" "sidecar.inprocess.bridge:configure" "config" "/etc/envoy-sidecar/config/sidecar.yaml" "chain" "default" "site" (list "/opt/sidecar/site") "hook_deadline_ms" (round (mulf $seconds 1000) 0 | int) -}}
+{{- $config := dict "factory" "sidecar.inprocess.bridge:configure" "config" "/etc/envoy-sidecar/config/sidecar.yaml" "chain" "default" "site" (list "/opt/sidecar/site") "hook_deadline_ms" (round (mulf $seconds 1000) 0 | int) "max_body_bytes" (.Values.inProcess.maxBodyBytes | int) -}}
 name: sidecar.inprocess.default
 typed_config:
   "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
   dynamic_module_config: {name: sidecar_inprocess, do_not_close: true}
-  filter_name: sidecar
+  filter_name: default
   filter_config:
     "@type": type.googleapis.com/google.protobuf.StringValue
     value: {{ toJson $config | quote }}
