@@ -60,4 +60,5 @@ def native_extensions() -> list[Extension]:
     ]
 
 
-setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildNative})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for native_extensions()
+    setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildNative})

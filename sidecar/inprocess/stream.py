@@ -64,6 +64,9 @@ _ORDER = {
 _PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
 _PROTECTED_PREFIX = "x-envoy"
 
+#: Guards a pending phase's settling against the stream's close (held for a schedule() call: microseconds).
+_SETTLING = threading.Lock()
+
 Phase = Generator[Awaitable[Any], Any, Any]
 Result = tuple[Any, ...] | None
 
@@ -109,7 +112,6 @@ class BridgeStream:
         "_closed",
         "_disabled",
         "_last",
-        "_lock",
         "_pending",
         "_plan",
         "ctx",
@@ -123,10 +125,9 @@ class BridgeStream:
         self.handle = handle
         self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         self._disabled: set[str] = set()  # fail_open: plugins bypassed for the rest of this stream
-        self._last: list[tuple[int, int] | None] = [None, None]
+        self._last = [-1, -1]  # the last step (headers 0, body 1, trailers 2) of each direction
         self._pending: _Pending | None = None
         self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
-        self._lock = threading.Lock()
         self._closed = False
         #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
         self._broken = False
@@ -181,10 +182,15 @@ class BridgeStream:
     def close(self) -> None:
         """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
         try:
-            with self._lock:
-                if self._closed:
-                    return
+            if self._closed:
+                return
+            if self._plan.runner is None:  # no async hook: nothing settles this stream from another thread
                 self._closed = True
+            else:
+                with _SETTLING:
+                    if self._closed:
+                        return
+                    self._closed = True
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
@@ -198,15 +204,13 @@ class BridgeStream:
         """The native module keeps the ext_proc order of phases; a break is its bug, failed closed."""
         if self._pending is not None:
             raise ProtocolError(f"{kind} arrived while {self._pending.kind} is pending")
-        order = _ORDER[kind]
-        direction = order[0]
-        last = self._last[direction]
-        if last is None:
-            if kind != "request_headers" and self._last[0] is None:
-                raise ProtocolError(f"{kind} arrived before request_headers")
-        elif order < last or (order == last and kind not in ("request_body", "response_body")):
+        direction, step = _ORDER[kind]
+        last = self._last
+        if step < last[direction] or (step == last[direction] and step != 1):  # bodies may repeat
             raise ProtocolError(f"{kind} arrived out of order")
-        self._last[direction] = order
+        if last[0] < 0 and kind != "request_headers":
+            raise ProtocolError(f"{kind} arrived before request_headers")
+        last[direction] = step
 
     def _run(self, kind: str, phase: Phase) -> Result:
         if self._broken:
@@ -271,7 +275,7 @@ class BridgeStream:
                 return
 
     def _settle(self, pending: _Pending, result: Result | BaseException) -> None:
-        with self._lock:
+        with _SETTLING:
             if pending.settled:
                 return
             pending.settled = True
@@ -298,12 +302,12 @@ class BridgeStream:
             result: Result = None
         else:
             result = self._failed(pending.kind, self._awaited, exc)
-        self._settle(pending, result)
-        self._stop(pending)
         runner = plan.runner
         loop = pending.loop
         if runner is not None and loop is not None and runner.stuck(loop, plan.hook_deadline):
-            runner.replace(loop)
+            runner.replace(loop)  # before the stream goes on: its next async hook needs a turning loop
+        self._settle(pending, result)
+        self._stop(pending)
 
     def _stop(self, pending: _Pending) -> None:
         task, loop = pending.task, pending.loop
@@ -327,12 +331,6 @@ class BridgeStream:
         )
         self._plan.meters.plugin_error(plugin, kind, error_id)
         return error_id
-
-    def _ran(self, kind: str, plugin: str, started: float, outcome: object) -> None:
-        try:
-            self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, outcome)
-        except Exception:  # observability never decides a request
-            log.exception("recording hook %s of plugin %s failed", kind, plugin)
 
     def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
         self._log_failure(kind, plugin, exc)
@@ -363,8 +361,10 @@ class BridgeStream:
 
     def _headers(self, kind: str, headers: Headers, end_of_stream: bool) -> Phase:
         ctx = self.ctx
-        fail_open = self._plan.chain.fail_open
-        for hook in self._plan.chain.hooks[kind]:
+        plan = self._plan
+        ran = plan.meters.plugin_ran  # plain numbers: cannot fail, so inside the hook's try it blames no plugin
+        fail_open = plan.chain.fail_open
+        for hook in plan.chain.hooks[kind]:
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
@@ -377,12 +377,12 @@ class BridgeStream:
                     result = yield result
                 if result is not None:
                     if isinstance(result, Respond):
-                        self._ran(kind, hook.plugin, started, result)
+                        ran(hook.plugin, kind, perf_counter() - started, result)
                         return self._respond(result)
                     raise hook.wrong(result)
-                self._ran(kind, hook.plugin, started, None)
+                ran(hook.plugin, kind, perf_counter() - started, None)
             except Exception as exc:
-                self._ran(kind, hook.plugin, started, exc)
+                ran(hook.plugin, kind, perf_counter() - started, exc)
                 if not fail_open:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
@@ -408,6 +408,7 @@ class BridgeStream:
         end = True if mode == BodyMode.BUFFERED else end_of_stream
         ctx = self.ctx
         body = chunk
+        ran = plan.meters.plugin_ran
         fail_open = plan.chain.fail_open
         for stage in plan.chain.body_stages["request" if direction == 0 else "response"]:
             if stage.plugin in self._disabled:
@@ -420,15 +421,15 @@ class BridgeStream:
                     self._awaited = stage.plugin
                     result = yield result
                 if result is None:
-                    self._ran(kind, stage.plugin, started, None)
+                    ran(stage.plugin, kind, perf_counter() - started, None)
                     continue
                 if isinstance(result, Respond):
-                    self._ran(kind, stage.plugin, started, result)
+                    ran(stage.plugin, kind, perf_counter() - started, result)
                     return self._respond(result)
                 body = _as_body(result, hook)
-                self._ran(kind, stage.plugin, started, None)
+                ran(stage.plugin, kind, perf_counter() - started, None)
             except Exception as exc:
-                self._ran(kind, stage.plugin, started, exc)
+                ran(stage.plugin, kind, perf_counter() - started, exc)
                 if not fail_open:
                     return self._failed(kind, stage.plugin, exc)
                 self._skip(kind, stage.plugin, exc)
@@ -445,8 +446,10 @@ class BridgeStream:
 
     def _trailers(self, kind: str, trailers: Headers) -> Phase:
         ctx = self.ctx
-        fail_open = self._plan.chain.fail_open
-        for hook in self._plan.chain.hooks[kind]:
+        plan = self._plan
+        ran = plan.meters.plugin_ran
+        fail_open = plan.chain.fail_open
+        for hook in plan.chain.hooks[kind]:
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
@@ -459,9 +462,9 @@ class BridgeStream:
                     result = yield result
                 if result is not None:  # a Respond too: trailers come after the body went on
                     raise hook.wrong(result)
-                self._ran(kind, hook.plugin, started, None)
+                ran(hook.plugin, kind, perf_counter() - started, None)
             except Exception as exc:
-                self._ran(kind, hook.plugin, started, exc)
+                ran(hook.plugin, kind, perf_counter() - started, exc)
                 if not fail_open:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
@@ -469,7 +472,7 @@ class BridgeStream:
         return self._continue(self._header_ops(trailers, kind == "request_trailers"), None)
 
     def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
-        metadata = self._metadata()
+        metadata = self._metadata() if self.ctx.dynamic_metadata else None
         if not ops and body is None and metadata is None:
             return None
         return (CONTINUE, ops, body, metadata)
@@ -494,45 +497,72 @@ class BridgeStream:
         replaced, appended = headers._replaced, headers._appended
         if not replaced and not appended:
             return ()
-        wanted: list[tuple[int, str, bytes | None]] = []
-        for name in sorted(replaced):
-            values = headers.raw_all(name)
+        ops: list[tuple[int, bytes, bytes | None]] = []
+        items = headers._items
+        for name in sorted(replaced) if len(replaced) > 1 else replaced:
+            values = [value for key, value in items if key == name]
+            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
+                name, values[0] if values else None, request, len(values)
+            ):
+                continue
+            raw = name.encode()
             if not values:
-                wanted.append((REMOVE, name, None))
+                ops.append((REMOVE, raw, None))
                 continue
-            wanted.append((SET, name, values[0]))
-            wanted.extend((APPEND, name, value) for value in values[1:])
+            ops.append((SET, raw, values[0]))
+            for value in values[1:]:
+                ops.append((APPEND, raw, value))
         for name, added in appended.items():
-            wanted.extend((APPEND, name, value) for value in added)
-        headers._replaced = set()
-        headers._appended = {}
-        ops = []
-        for op, name, value in wanted:
-            if op == REMOVE:
-                if name.startswith((":", _PROTECTED_PREFIX)) or name == "host":
-                    self._reject(f"remove {name}")
-                    continue
-            elif _protected(name, value, request):  # type: ignore[arg-type]  # a set or append has a value
-                self._reject(f"set {name}")
+            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
+                name, added[0], request, len(added)
+            ):
                 continue
-            ops.append((op, name.encode(), value))
+            raw = name.encode()
+            for value in added:
+                ops.append((APPEND, raw, value))
+        replaced.clear()  # track afresh (flush_into's job for ext_proc)
+        appended.clear()
         return tuple(ops)
 
+    def _refused(self, name: str, value: bytes | None, request: bool, count: int) -> bool:
+        """Whether Envoy's default mutation rules drop this change (each value counted, as Envoy counts them)."""
+        if value is None:
+            if name[0] == ":" or name.startswith(_PROTECTED_PREFIX) or name == "host":
+                self._reject(f"remove {name}")
+                return True
+            return False
+        if name.startswith(_PROTECTED_PREFIX) or (request and name in _PROTECTED_SET):
+            refused = True
+        else:
+            refused = name == ":status" and not (value.isdigit() and 200 <= int(value) <= 999)
+        if refused:
+            for _ in range(count):
+                self._reject(f"set {name}")
+        return refused
 
-def _protected(name: str, value: bytes, request: bool) -> bool:
-    """Whether Envoy's default mutation rules drop setting `name` to `value` (the status keeps what it has)."""
-    if name.startswith(_PROTECTED_PREFIX) or (request and name in _PROTECTED_SET):
-        return True
-    return name == ":status" and not (value.isdigit() and 200 <= int(value) <= 999)
+
+#: Header names seen, as the str a Headers holds: most requests carry the same few dozen names, and a lookup
+#: beats decoding each. Bounded: past MAX_NAMES new names are decoded, not kept (a peer sending random names
+#: costs a decode each, never memory).
+_NAMES: dict[bytes, str] = {}
+MAX_NAMES = 4096
 
 
 def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     """Envoy's header map (lower-case names, raw values) as a plugin's Headers, without a copy of the values."""
+    known = _NAMES.get
     headers = Headers.__new__(Headers)
-    headers._items = [(name.decode("latin-1"), value) for name, value in pairs]
+    headers._items = [(known(name) or _name(name), value) for name, value in pairs]
     headers._replaced = set()
     headers._appended = {}
     return headers
+
+
+def _name(raw: bytes) -> str:
+    name = raw.decode("latin-1")
+    if len(_NAMES) < MAX_NAMES:
+        _NAMES[raw] = name
+    return name
 
 
 def _as_body(result: Any, hook: Hook) -> bytes:

@@ -103,11 +103,18 @@ class Counters:
     closed = 0
     resumed = 0
     late_schedules = 0  # schedule() calls that found the stream gone (False)
+    spinning = 0  # hooks spinning in Python right now
 
     @classmethod
     def snapshot(cls) -> dict[str, int]:
         with cls.lock:
-            return {"opened": cls.opened, "closed": cls.closed, "resumed": cls.resumed, "late": cls.late_schedules}
+            return {
+                "opened": cls.opened,
+                "closed": cls.closed,
+                "resumed": cls.resumed,
+                "late": cls.late_schedules,
+                "spinning": cls.spinning,
+            }
 
 
 class _Config:
@@ -210,8 +217,14 @@ class _Stream:
         raise RuntimeError("secret-token-0123")  # the module must not log this message
 
     def _spin(self) -> Result:
-        while True:
-            pass
+        with Counters.lock:
+            Counters.spinning += 1
+        try:
+            while True:
+                pass
+        finally:
+            with Counters.lock:
+                Counters.spinning -= 1
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
         self.chunks += 1

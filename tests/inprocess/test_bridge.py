@@ -1,0 +1,503 @@
+"""The bridge the native module calls, result by result: each Result kind, the ext_proc path's contract checks,
+failure policies, async hooks through the loop thread, deadlines and the watchdog, hostile plugins, and what
+`configure` refuses. Streams are driven directly (the exact tuples C gets) and through the native module's
+double (tests/support/inprocess_double.py) where a whole request says more."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import Context, Headers, Plugin, Respond
+from sidecar.errors import ConfigError, PluginLoadError, ProtocolError
+from sidecar.inprocess import bridge
+from sidecar.inprocess.stream import BridgeStream
+from sidecar.plugins import BodyMode
+from sidecar.testing import Request, Response
+from tests.support.inprocess_double import InProcessDouble, NativeDouble
+from tests.support.wait import wait_for
+
+HERE = "tests.inprocess.test_bridge:"
+REQUEST = [(b":method", b"POST"), (b":path", b"/x"), (b":authority", b"a.test"), (b"x-request-id", b"rid-1")]
+
+
+# ---- plugins ------------------------------------------------------------------------------------------------
+
+
+class Edits(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-set"] = "1"
+        headers.append("x-multi", "b")
+        headers.remove("x-gone")
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-rid"] = ctx.request_id
+
+
+class Quiet(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        return None
+
+
+class Denies(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond:
+        return Respond(403, "no\n", {"x-why": "policy", "x-envoy-sneaky": "1"}, details="denied by policy/v2")
+
+
+class Junk(Plugin):
+    """Returns whatever `x-junk` names: each is a broken contract, never a pass."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
+        return {"int": 403, "str": "403", "false": False, "class": Respond, "dict": {}}[headers["x-junk"]]
+
+
+class Raises(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-half"] = "done"
+        raise RuntimeError("secret-token-abc in the message")
+
+
+class AddsAfter(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-after"] = "yes"
+
+
+class Upper(Plugin):
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        return body.upper() + b"!"
+
+    def on_response_body(self, ctx: Context, body: bytes) -> str:
+        return body.decode() + " (checked)"
+
+
+class Chunks(Plugin):
+    request_body = BodyMode.STREAMED
+    response_body = BodyMode.STREAMED
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        ctx.state[SEEN_LENGTH] = ctx.request_headers.get("content-length") if ctx.request_headers else None
+        return chunk.replace(b"a", b"aaa")
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes | None:
+        return None
+
+
+from sidecar import StateKey  # noqa: E402  (next to its only use)
+
+SEEN_LENGTH = StateKey[Any]("seen-length")
+
+
+class TrailerReply(Plugin):
+    def on_request_trailers(self, ctx: Context, trailers: Headers) -> Respond:
+        return Respond(401)
+
+
+class Protected(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-envoy-original"] = "1"
+        headers[":authority"] = "elsewhere.test"
+        del headers["host"]
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers[":status"] = "abc"
+
+
+class Color(enum.IntEnum):
+    RED = 7
+
+
+class Metadata(Plugin):
+    metadata_namespaces = ("other",)
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        ctx.set_metadata("flag", True)
+        ctx.set_metadata("enum", Color.RED)
+        ctx.set_metadata("ratio", 0.5, "other")
+        ctx.set_metadata("nested", {"b": [1, None], "a": "x"}, "other")
+
+
+class AsyncStamp(Plugin):
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.threads: list[str] = []
+
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await asyncio.sleep(0)
+        self.threads.append(threading.current_thread().name)
+        headers["x-async"] = "1"
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-sync-after-async"] = "1"
+
+
+class AsyncBody(Plugin):
+    async def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return body[::-1]
+
+
+class AsyncHangs(Plugin):
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        AsyncHangs.started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            AsyncHangs.cancelled.set()
+            raise
+
+
+class AsyncBlocksTheLoop(Plugin):
+    """Blocks the loop thread itself (a sync sleep inside `async def`): only the watchdog can answer."""
+
+    release = threading.Event()
+
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        AsyncBlocksTheLoop.release.wait(5)
+
+
+class AsyncJunk(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
+        return 200
+
+
+class WithAttributes(Plugin):
+    request_attributes = ("source.address",)
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        return None
+
+
+class Duplex(Plugin):
+    async def on_request_stream(self, ctx: Context, chunks: Any) -> Any:
+        async for chunk in chunks:
+            yield chunk
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+
+def config_file(tmp_path: Path, *plugins: str, on_error: str = "fail_closed") -> Path:
+    uses = ", ".join(f'"{HERE}{p}"' for p in plugins)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(f"chains:\n  default: {{on_error: {on_error}, plugins: [{uses}]}}\n")
+    return path
+
+
+def double(tmp_path: Path, *plugins: str, on_error: str = "fail_closed", deadline_ms: int = 1000) -> InProcessDouble:
+    return InProcessDouble(config_file(tmp_path, *plugins, on_error=on_error), hook_deadline_ms=deadline_ms)
+
+
+def stream(tmp_path: Path, *plugins: str, on_error: str = "fail_closed") -> BridgeStream:
+    config = double(tmp_path, *plugins, on_error=on_error).config
+    return config.new_stream(1)
+
+
+def filter_config(path: Path, **fields: Any) -> str:
+    return json.dumps({"config": str(path), "chain": "default", **fields})
+
+
+@pytest.fixture(autouse=True)
+def _quiet_failures(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level("CRITICAL", logger="sidecar.inprocess")
+    yield
+
+
+# ---- each Result kind ---------------------------------------------------------------------------------------
+
+
+def test_a_phase_that_changes_nothing_is_none(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Quiet")
+    assert s.request_headers(REQUEST, True) is None
+
+
+def test_header_changes_are_set_append_remove_ops(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Edits")
+    headers = [*REQUEST, (b"x-multi", b"a"), (b"x-gone", b"1")]
+    assert s.request_headers(headers, True) == (
+        0,
+        ((2, b"x-gone", None), (0, b"x-set", b"1"), (1, b"x-multi", b"b")),
+        None,
+        None,
+    )
+    assert s.response_headers([(b":status", b"200")], True) == (0, ((0, b"x-rid", b"rid-1"),), None, None)
+
+
+def test_a_respond_is_a_local_reply_with_checked_headers_and_one_token_details(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Denies")
+    assert s.request_headers(REQUEST, False) == (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2")
+    assert s.rejected == ["set x-envoy-sneaky"]  # ext_proc's mutation rules drop it from a reply too
+
+
+def test_the_header_stamp_plugin_in_both_directions(tmp_path: Path) -> None:
+    path = tmp_path / "stamp.yaml"
+    path.write_text("plugins:\n  - use: header-stamp\n")
+    config = bridge.configure(filter_config(path), NativeDouble())
+    assert (config.phases, config.request_body_mode, config.response_body_mode) == (1 | 8, 0, 0)
+    s = config.new_stream(7)
+    assert s.request_headers(REQUEST, True) == (0, ((0, b"x-stamped-by", b"envoy-sidecar"),), None, None)
+    result = s.response_headers([(b":status", b"200")], True)
+    assert result is not None and result[1][0] == (0, b"x-request-id", b"rid-1")
+    assert result[1][1][:2] == (1, b"server-timing") and result[1][1][2].startswith(b"sidecar;dur=")
+
+
+def test_metadata_keeps_each_scalar_type_and_sends_the_rest_as_json(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Metadata")
+    result = s.request_headers(REQUEST, True)
+    assert result is not None
+    metadata = {(ns, key): value for ns, key, value in result[3]}
+    assert metadata == {
+        ("envoy-sidecar", "flag"): True,
+        ("envoy-sidecar", "enum"): 7,
+        ("other", "ratio"): 0.5,
+        ("other", "nested"): '{"a":"x","b":[1,null]}',
+    }
+    assert type(metadata["envoy-sidecar", "enum"]) is int and metadata["envoy-sidecar", "flag"] is True
+
+
+# ---- bodies -------------------------------------------------------------------------------------------------
+
+
+def test_a_buffered_body_change_fixes_the_held_content_length(tmp_path: Path) -> None:
+    d = double(tmp_path, "Upper")
+    assert (d.config.request_body_mode, d.config.response_body_mode) == (1, 1)
+    s = d.config.new_stream(1)
+    assert s.request_headers([*REQUEST, (b"content-length", b"5")], False) is None
+    assert s.request_body(b"hello", True) == (0, ((0, b"content-length", b"6"),), b"HELLO!", None)
+    result = d.run(
+        Request("POST", "/", {"content-length": "5"}, b"hello"),
+        Response(200, {"content-length": "2"}, b"ok"),
+    )
+    assert result.upstream is not None and result.upstream.body == b"HELLO!"
+    assert result.upstream.headers["content-length"] == "6"
+    assert result.response.body == b"ok (checked)" and result.response.headers["content-length"] == "12"
+
+
+def test_a_streamed_body_loses_its_length_but_hooks_still_see_it(tmp_path: Path) -> None:
+    d = double(tmp_path, "Chunks")
+    s = d.config.new_stream(1)
+    result = s.request_headers([*REQUEST, (b"content-length", b"4")], False)
+    assert result == (0, ((2, b"content-length", None),), None, None)
+    assert s.request_body(b"abab", True) == (0, (), b"aaabaaab", None)
+    assert s.ctx.state[SEEN_LENGTH] == "4"
+    assert s.response_headers([(b":status", b"200"), (b"content-length", b"3")], True) is None  # no body follows
+
+
+def test_a_respond_in_trailers_breaks_the_contract(tmp_path: Path) -> None:
+    s = stream(tmp_path, "TrailerReply")
+    s.request_headers(REQUEST, False)
+    result = s.request_trailers([(b"x-t", b"1")])
+    assert result is not None and result[:2] == (1, 500) and result[4] == "sidecar_plugin_error"
+    opened = stream(tmp_path, "TrailerReply", on_error="fail_open")
+    opened.request_headers(REQUEST, False)
+    assert opened.request_trailers([(b"x-t", b"1")]) is None
+
+
+# ---- failure policies and hostile plugins -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("junk", ["int", "str", "false", "class", "dict"])
+def test_junk_from_a_hook_is_the_plugins_error_under_fail_closed(tmp_path: Path, junk: str) -> None:
+    d = double(tmp_path, "Junk")
+    result = d.run(Request(headers={"x-junk": junk}))
+    assert result.status == 500 and result.upstream is None
+    assert result.response.headers["x-sidecar-error-id"] and result.response.body == b"Internal Server Error\n"
+    assert bridge.meters().plugin_errors.get("Junk\0request_headers", 0) >= 1
+
+
+def test_fail_closed_hides_the_exception_from_the_client(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Raises")
+    result = s.request_headers(REQUEST, True)
+    assert result is not None and result[:2] == (1, 500)
+    assert b"secret" not in repr(result).encode()
+
+
+def test_fail_open_drops_the_failing_plugins_changes_and_bypasses_it(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Raises", "AddsAfter", on_error="fail_open")
+    assert s.request_headers(REQUEST, True) == (0, ((0, b"x-after", b"yes"),), None, None)
+    assert "Raises" in s._disabled
+
+
+def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: Path) -> None:
+    d = double(tmp_path, "Protected")
+    before = bridge.meters().rejected_mutations
+    result = d.run(Request(headers={"host": "a.test"}), Response(200))
+    assert sorted(result.rejected_mutations) == ["remove host", "set :authority", "set :status", "set x-envoy-original"]
+    assert result.status == 200 and result.upstream is not None and result.upstream.headers[":authority"] != "elsewhere"
+    assert bridge.meters().rejected_mutations == before + 4
+
+
+def test_huge_headers_and_bodies_go_through_whole(tmp_path: Path) -> None:
+    d = double(tmp_path, "Edits", "Upper")
+    many = {f"x-h{i}": "v" * 1000 for i in range(1000)}
+    body = b"a" * (8 * 1024 * 1024)
+    result = d.run(Request("POST", "/", many, body), Response(200, (), b"b" * 1024 * 1024))
+    assert result.upstream is not None and result.upstream.body == b"A" * len(body) + b"!"
+    assert result.upstream.headers["x-h999"] == "v" * 1000 and result.upstream.headers["x-set"] == "1"
+    assert len(result.response.body) == 1024 * 1024 + len(" (checked)")
+
+
+# ---- async hooks --------------------------------------------------------------------------------------------
+
+
+def test_an_async_hook_runs_on_the_loop_thread_and_resumes_with_its_result(tmp_path: Path) -> None:
+    d = double(tmp_path, "AsyncStamp")
+    s = d.config.new_stream(1)
+    event = d.native.open(1)
+    assert s.request_headers(REQUEST, True) == (2,)
+    assert event.wait(5)
+    assert s.resume() == (0, ((0, b"x-async", b"1"),), None, None)
+    plugin = d.config.chain.plugins[0]
+    assert isinstance(plugin, AsyncStamp) and plugin.threads == ["sidecar-inprocess-loop"]
+    assert s.response_headers([(b":status", b"200")], True) == (0, ((0, b"x-sync-after-async", b"1"),), None, None)
+
+
+def test_an_async_body_hook_pauses_the_held_body(tmp_path: Path) -> None:
+    d = double(tmp_path, "AsyncBody")
+    result = d.run(Request("POST", "/", {"content-length": "3"}, b"abc"))
+    assert result.upstream is not None and result.upstream.body == b"cba"
+    assert "request_body" in result.phases
+
+
+def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_path: Path) -> None:
+    AsyncHangs.cancelled.clear()
+    d = double(tmp_path, "AsyncHangs", deadline_ms=50)
+    started = time.monotonic()
+    result = d.run(Request())
+    assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+    assert time.monotonic() - started < 5
+    assert AsyncHangs.cancelled.wait(5)
+    opened = double(tmp_path, "AsyncHangs", "AddsAfter", on_error="fail_open", deadline_ms=50).run(Request())
+    assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
+
+
+def test_junk_from_an_async_hook_is_the_plugins_error(tmp_path: Path) -> None:
+    result = double(tmp_path, "AsyncJunk").run(Request())
+    assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+
+
+def test_a_hook_that_blocks_the_loop_gets_the_policy_from_the_watchdog_and_a_new_loop(tmp_path: Path) -> None:
+    AsyncBlocksTheLoop.release.clear()
+    d = double(tmp_path, "AsyncBlocksTheLoop", deadline_ms=50)
+    runner = d.config.plan.runner
+    assert runner is not None
+    replaced, backstops = runner.replaced, bridge.meters().backstops
+    try:
+        result = d.run(Request())
+        assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+        assert bridge.meters().backstops == backstops + 1
+        assert runner.replaced == replaced + 1
+        # The next async hook runs on the new loop while the old one is still blocked.
+        assert double(tmp_path, "AsyncStamp").run(Request()).upstream is not None
+    finally:
+        AsyncBlocksTheLoop.release.set()
+
+
+def test_no_schedule_reaches_a_stream_closed_while_pending(tmp_path: Path) -> None:
+    AsyncHangs.cancelled.clear()
+    AsyncHangs.started.clear()
+    d = double(tmp_path, "AsyncHangs", deadline_ms=5000)
+    s = d.config.new_stream(1)
+    d.native.open(1)
+    assert s.request_headers(REQUEST, True) == (2,)
+    assert AsyncHangs.started.wait(5)
+    s.close()
+    assert AsyncHangs.cancelled.wait(5)  # the hook was cancelled, not left running
+    wait_for(lambda: s._pending is not None and s._pending.task is not None and s._pending.task.done(), 5, "the task")
+    assert d.native.scheduled == 0 and d.native.late == 0
+    s.close()  # twice is fine
+
+
+# ---- the native module's side of the contract ---------------------------------------------------------------
+
+
+def test_phases_out_of_order_are_protocol_errors(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Upper")
+    with pytest.raises(ProtocolError, match="before request_headers"):
+        s.request_body(b"x", True)
+    s.request_headers(REQUEST, False)
+    with pytest.raises(ProtocolError, match="resume"):
+        s.resume()
+    s.request_trailers([])
+    with pytest.raises(ProtocolError, match="out of order"):
+        s.request_body(b"x", True)
+
+
+def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
+    d = double(tmp_path, "AsyncStamp")
+    s = d.config.new_stream(1)
+    event = d.native.open(1)
+    assert s.request_headers(REQUEST, False) == (2,)
+    with pytest.raises(ProtocolError, match="pending"):
+        s.response_headers([(b":status", b"200")], True)
+    assert event.wait(5) and s.resume() is not None
+
+
+# ---- configure ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{", "not JSON"),
+        ("[]", "expected a JSON object"),
+        ('{"config": "/x", "chain": "default", "colour": 1}', "unknown field 'colour'"),
+        ('{"config": "relative.yaml", "chain": "default"}', "absolute path"),
+        ('{"config": "CONFIG", "chain": ""}', "field 'chain': expected a non-empty string"),
+        ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 0}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": true}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 1e999}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "nope"}', "chain 'nope' is not in .* \\(its chains: default\\)"),
+        ('{"config": "/nonexistent/sidecar.yaml", "chain": "default"}', "nonexistent"),
+        ("x" * (bridge.MAX_FILTER_CONFIG + 1), "at most"),
+    ],
+)
+def test_a_bad_filter_config_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = config_file(tmp_path, "Quiet")
+    with pytest.raises(ConfigError, match=expected) as caught:
+        bridge.configure(text.replace("CONFIG", str(path)), NativeDouble())
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "expected"),
+    [("WithAttributes", "request_attributes \\(source.address\\)"), ("Duplex", "FULL_DUPLEX_STREAMED")],
+)
+def test_a_chain_that_would_run_differently_in_process_is_refused(tmp_path: Path, plugin: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        double(tmp_path, plugin)
+
+
+def test_a_plugin_that_fails_to_load_is_its_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text('plugins: ["tests.inprocess.test_bridge:NoSuchPlugin"]\n')
+    with pytest.raises(PluginLoadError, match="NoSuchPlugin"):
+        bridge.configure(filter_config(path), NativeDouble())
+
+
+def test_a_native_module_without_schedule_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="schedule"):
+        bridge.configure(filter_config(config_file(tmp_path, "Quiet")), object())
+
+
+def test_meters_count_each_plugin_and_phase(tmp_path: Path) -> None:
+    meters = bridge.meters()
+    calls = meters.plugin_latency.get(("Edits", "request_headers"), [0] * 15)[:-1]
+    before = sum(calls)
+    opened = meters.streams.get("default", 0)
+    double(tmp_path, "Edits").run(Request(), Response())
+    assert sum(meters.plugin_latency[("Edits", "request_headers")][:-1]) == before + 1
+    assert meters.streams["default"] == opened + 1
+    snapshot = meters.snapshot()
+    assert snapshot["plugin_latency"]["Edits\0response_headers"][-1] > 0
+    assert set(snapshot) >= {"streams", "active", "plugin_errors", "plugin_latency", "responses", "instruments"}

@@ -1,0 +1,134 @@
+"""The native module in a real Envoy: buffered and streamed bodies, both directions, and trailers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.inprocess_envoy import InProcessEnvoy, raw_exchange
+
+pytestmark = pytest.mark.envoy
+
+
+@pytest.fixture(scope="module")
+def buffered() -> Iterator[InProcessEnvoy]:
+    with InProcessEnvoy("buffered") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def streamed() -> Iterator[InProcessEnvoy]:
+    with InProcessEnvoy("streamed") as running:
+        yield running
+
+
+def _chunked(path: str, pieces: list[bytes], trailers: dict[str, str] | None = None) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".encode()
+    body = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces)
+    tail = "".join(f"{k}: {v}\r\n" for k, v in (trailers or {}).items()).encode()
+    return head + body + b"0\r\n" + tail + b"\r\n"
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def _json_body(raw: bytes) -> dict[str, object]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2 :]
+        body = out
+    decoded: dict[str, object] = json.loads(body)
+    return decoded
+
+
+def test_buffered_request_body_is_replaced_once_with_the_headers_fixed(buffered: InProcessEnvoy) -> None:
+    status, headers, body = buffered.request("/upper", method="POST", body=b"hello world")
+    echo = json.loads(body)
+    assert status == 200
+    assert echo["body"] == "HELLO WORLD"
+    assert echo["headers"]["content-length"] == "11"
+    assert headers["x-request-body-calls"] == "1"
+
+
+def test_buffered_body_sent_in_many_chunks_reaches_python_whole(buffered: InProcessEnvoy) -> None:
+    pieces = [bytes([97 + i % 26]) * 1000 for i in range(300)]  # 300 kB in 300 chunks
+    raw = raw_exchange(buffered.address, _chunked("/upper", pieces))
+    assert _status(raw) == 200
+    echo = _json_body(raw)
+    whole = b"".join(pieces).upper()
+    assert echo["body_sha256"] == hashlib.sha256(whole).hexdigest()
+    assert echo["body_length"] == len(whole)
+    assert b"x-request-body-calls: 1\r\n" in raw
+
+
+def test_buffered_response_body_is_replaced(buffered: InProcessEnvoy) -> None:
+    status, headers, body = buffered.request("/resp-upper")
+    assert status == 200
+    assert b'"PATH": "/RESP-UPPER"' in body
+    assert headers["content-length"] == str(len(body))
+
+
+def test_respond_from_the_body_phase(buffered: InProcessEnvoy) -> None:
+    status, headers, _ = buffered.request("/body-respond", method="POST", body=b"x" * 100)
+    assert status == 413
+    assert "x-envoy-upstream-service-time" not in headers
+
+
+@pytest.mark.parametrize("index", [0, 7, 24, 36, 47, 59])
+def test_a_malformed_body_result_fails_closed(buffered: InProcessEnvoy, index: int) -> None:
+    status, headers, _ = buffered.request(f"/malformed-body/{index}", method="POST", body=b"payload")
+    assert status == 500
+    assert "x-envoy-upstream-service-time" not in headers
+
+
+def test_a_buffered_body_over_the_limit_is_refused_not_passed() -> None:
+    with InProcessEnvoy("buffered", max_body_bytes=64 * 1024) as envoy:
+        pieces = [b"a" * 16384] * 8  # 128 KiB, more than max_body_bytes, less than Envoy's own buffer limit
+        raw = raw_exchange(envoy.address, _chunked("/upper", pieces))
+        assert _status(raw) == 413
+        assert b"HELLO" not in raw and b"AAAA" not in raw
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+        assert envoy.request("/upper", method="POST", body=b"small")[0] == 200
+
+
+def test_streamed_chunks_are_each_replaced(streamed: InProcessEnvoy) -> None:
+    pieces = [b"abc" * 1000, b"def" * 1000, b"ghi" * 1000]
+    raw = raw_exchange(streamed.address, _chunked("/upper", pieces))
+    assert _status(raw) == 200
+    echo = _json_body(raw)
+    assert echo["body_sha256"] == hashlib.sha256(b"".join(pieces).upper()).hexdigest()
+
+
+def test_streamed_response_chunks_are_replaced(streamed: InProcessEnvoy) -> None:
+    status, _, body = streamed.request("/resp-upper")
+    assert status == 200
+    assert body == body.upper() and b'"PATH": "/RESP-UPPER"' in body
+
+
+def test_streamed_header_ops_in_a_body_phase_fail_closed(streamed: InProcessEnvoy) -> None:
+    # The headers went on before the body: a header op there cannot be honoured, so it is refused, not dropped.
+    status, _, _ = streamed.request("/body-header-op", method="POST", body=b"x")
+    assert status == 500
+
+
+@pytest.mark.parametrize("mode", ["buffered", "streamed"])
+def test_request_trailers_reach_python(mode: str, buffered: InProcessEnvoy, streamed: InProcessEnvoy) -> None:
+    envoy = buffered if mode == "buffered" else streamed
+    denied = raw_exchange(envoy.address, _chunked("/ok", [b"one", b"two"], {"x-deny": "1"}))
+    assert _status(denied) == 403
+    allowed = raw_exchange(envoy.address, _chunked("/ok", [b"one", b"two"], {"x-other": "1"}))
+    assert _status(allowed) == 200
+    # Buffered: the body's one call came before the trailers, with the whole body.
+    if mode == "buffered":
+        assert b"x-request-body-calls: 1\r\n" in allowed
+        assert _json_body(allowed)["body"] == "onetwo"

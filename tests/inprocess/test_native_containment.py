@@ -1,0 +1,115 @@
+"""Containment: a hook that runs past its deadline is interrupted by the native watchdog and fails closed; other
+streams go on; two Envoy workers share the interpreter under load; SIGTERM ends Envoy cleanly even with streams
+pending; a bad filter config and an Envoy of another version are refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sidecar.stack.envoy import EnvoyError
+from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.load import run_load
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.envoy
+
+
+def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> None:
+    with InProcessEnvoy("headers", hook_deadline_ms=200) as envoy:
+        status, headers, body = envoy.request("/spin")
+        assert (status, body) == (500, b"")
+        assert "x-envoy-upstream-service-time" not in headers
+        assert any("raised TimeoutError" in line for line in envoy.module_lines())
+        # No TimeoutError left behind for the worker's next hooks.
+        for _ in range(20):
+            assert envoy.request("/ok")[0] == 200
+
+
+def test_a_spinning_hook_on_one_worker_does_not_stop_the_other() -> None:
+    with InProcessEnvoy("headers", hook_deadline_ms=2000, concurrency=2) as envoy:
+        spin = threading.Thread(target=lambda: spun.append(envoy.request("/spin")[0]))
+        spun: list[int] = []
+        spin.start()
+        # A /stats answered while the other worker spins in Python (it lets go of the GIL every 5 ms switch
+        # interval) says so; one that landed on the spinning worker waits for the deadline and says 0.
+        # Eight connections at once: Envoy's kernel-balanced listeners put some on the other worker.
+        # Rounds until one answer says so, or the spin ends (its 2 s deadline) and the assertion below fails.
+        during: list[int] = []
+        with ThreadPoolExecutor(8) as pool:
+            while spin.is_alive() and 1 not in during:
+                during = list(pool.map(lambda _: _stats(envoy)["spinning"], range(8)))
+        spin.join(timeout=20)
+        assert spun == [500]
+        assert 1 in during
+
+
+def test_two_workers_under_load_then_sigterm_with_streams_pending() -> None:
+    envoy = InProcessEnvoy("headers", concurrency=2).start()
+    try:
+        report = asyncio.run(run_load(*envoy.address, seconds=3, connections=16, max_requests=3000, path="/ok"))
+        assert report.failed == [], report.summary()
+        assert len(report.outcomes) >= 100
+        # Two streams left pending forever, then SIGTERM.
+        socks = [socket.create_connection(envoy.address) for _ in range(2)]
+        for sock in socks:
+            sock.sendall(b"GET /pending-never HTTP/1.1\r\nhost: t\r\n\r\n")
+        wait_for(lambda: _stats(envoy)["opened"] >= 3, what="the pending streams")
+        assert envoy.envoy is not None
+        process = envoy.envoy._proc
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        returncode = process.wait(timeout=20)
+        assert returncode == 0, envoy.logs()[-2000:]
+        assert time.monotonic() - started < 15
+        assert "Caught" not in envoy.logs()  # Envoy's crash handler names the signal it caught
+        for sock in socks:
+            sock.close()
+    finally:
+        envoy.close()
+
+
+def _stats(envoy: InProcessEnvoy) -> dict[str, int]:
+    stats: dict[str, int] = json.loads(envoy.request("/stats")[2])
+    return stats
+
+
+def _refused(envoy: InProcessEnvoy) -> list[str]:
+    with pytest.raises(EnvoyError):
+        envoy.start()
+    try:
+        return envoy.module_lines()
+    finally:
+        envoy.close()
+
+
+def test_an_envoy_of_another_version_is_refused_in_one_line() -> None:
+    lines = _refused(InProcessEnvoy("headers", env={"SIDECAR_INPROCESS_EXPECT_ENVOY": "1.39.0"}))
+    assert len(lines) == 1
+    assert "refusing to load: this module was written for Envoy 1.39.0" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"chain": "no-such-chain"}, "ValueError: fake: unknown chain 'no-such-chain'"),
+        ({"factory": "tests.support.no_such_module:configure"}, "ModuleNotFoundError"),
+        ({"factory": "tests.support.inprocess_fake"}, 'expected "module:function"'),
+        ({"factory": "tests.support.inprocess_fake:no_such_function"}, "AttributeError"),
+        ({"hook_deadline_ms": 0}, "hook_deadline_ms`: expected an int from 1 to 3600000"),
+        ({"max_body_bytes": -5}, "max_body_bytes`: expected an int from 1 to 1073741824"),
+    ],
+)
+def test_a_bad_filter_config_is_refused_in_one_line(kwargs: dict[str, object], expected: str) -> None:
+    chain = str(kwargs.pop("chain", "headers"))
+    lines = _refused(InProcessEnvoy(chain, **kwargs))  # type: ignore[arg-type]
+    assert len(lines) == 1
+    assert "filter config rejected" in lines[0] and expected in lines[0]

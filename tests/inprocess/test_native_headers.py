@@ -1,0 +1,110 @@
+"""The native module in a real Envoy, headers phases: set / append / remove, RESPOND, dynamic metadata, and
+failing closed on a Python exception or on any Result that is not exactly as the contract says."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.inprocess_fake import MALFORMED
+
+pytestmark = pytest.mark.envoy
+
+
+@pytest.fixture(scope="module")
+def envoy() -> Iterator[InProcessEnvoy]:
+    with InProcessEnvoy("headers") as running:
+        yield running
+
+
+def _upstream_headers(body: bytes) -> dict[str, str]:
+    headers: dict[str, str] = json.loads(body)["headers"]
+    return headers
+
+
+def test_request_header_ops_reach_the_upstream_and_response_ops_the_client(envoy: InProcessEnvoy) -> None:
+    status, headers, body = envoy.request("/ok", headers={"x-remove-me": "gone", "x-keep": "kept"})
+    assert status == 200
+    seen = _upstream_headers(body)
+    assert seen["x-fake-req"] == "1"
+    assert seen["x-fake-append"] == "a"
+    assert "x-remove-me" not in seen
+    assert seen["x-keep"] == "kept"
+    assert headers["x-fake-resp"] == "1"
+
+
+def test_headers_arrive_as_envoy_has_them_pseudo_headers_included(envoy: InProcessEnvoy) -> None:
+    status, _, body = envoy.request("/headers-seen", headers={"X-Mixed-Case": "v" * 300})
+    assert status == 200
+    names = dict(json.loads(body))
+    assert {":method", ":path", ":authority", ":scheme"} <= names.keys()
+    assert names["x-mixed-case"] == 300  # lower-cased by Envoy, value whole
+
+
+def test_respond_sends_the_local_reply_and_never_reaches_the_upstream(envoy: InProcessEnvoy) -> None:
+    status, headers, body = envoy.request("/respond")
+    assert (status, headers["x-denied"], body) == (403, "yes", b"denied\n")
+    assert "x-envoy-upstream-service-time" not in headers
+
+
+def test_respond_in_the_response_phase_replaces_the_upstream_answer(envoy: InProcessEnvoy) -> None:
+    status, _, body = envoy.request("/respond-response")
+    assert (status, body) == (418, b"")
+
+
+def test_dynamic_metadata_is_set_in_envoy(tmp_path: object) -> None:
+    # A fresh Envoy so the access log holds this request alone.
+    with InProcessEnvoy("headers") as envoy:
+        assert envoy.request("/metadata")[0] == 200
+        assert envoy.request("/respond")[0] == 403
+        first, second = envoy.access_log(2)
+    assert first["metadata"] == {"str": "v", "num": 7, "flag": True, "ratio": 0.5}
+    assert (first["code"], first["details"]) == (200, "via_upstream")
+    assert (second["code"], second["details"]) == (403, "fake_denied")
+
+
+def test_a_python_exception_fails_closed_and_its_message_is_not_logged(envoy: InProcessEnvoy) -> None:
+    status, headers, body = envoy.request("/raise", headers={"authorization": "Bearer secret-header-value"})
+    assert (status, body) == (500, b"")
+    assert "x-envoy-upstream-service-time" not in headers
+    lines = [line for line in envoy.module_lines() if "raised RuntimeError" in line]
+    assert lines and "request_headers" in lines[0]
+    assert "secret" not in envoy.logs()
+
+
+@pytest.mark.parametrize("index", range(len(MALFORMED)))
+def test_a_malformed_request_result_fails_closed(envoy: InProcessEnvoy, index: int) -> None:
+    status, headers, body = envoy.request(f"/malformed/{index}")
+    assert (status, body) == (500, b""), MALFORMED[index]
+    assert "x-envoy-upstream-service-time" not in headers  # never passed on unprocessed
+    assert "x-injected" not in headers
+
+
+@pytest.mark.parametrize("index", range(len(MALFORMED)))
+def test_a_malformed_response_result_fails_closed(envoy: InProcessEnvoy, index: int) -> None:
+    status, headers, body = envoy.request(f"/malformed-response/{index}")
+    assert (status, body) == (500, b""), MALFORMED[index]
+    assert "x-fake-resp" not in headers
+
+
+def test_failures_are_reported_in_one_line_each_without_values() -> None:
+    with InProcessEnvoy("headers") as envoy:
+        for index in (18, 35):  # a CR LF injection in a RESPOND header and in a header op
+            assert envoy.request(f"/malformed/{index}")[0] == 500
+        lines = envoy.module_lines()
+        assert len(lines) == 2
+        assert all("control character" in line for line in lines)
+        assert "x-injected" not in envoy.logs()
+        # And Envoy still serves.
+        assert envoy.request("/ok")[0] == 200
+
+
+def test_a_flood_of_failures_is_rate_limited_in_the_log(envoy: InProcessEnvoy) -> None:
+    for _ in range(30):
+        assert envoy.request("/malformed/0")[0] == 500
+    # At most 10 lines a second (the 30 requests take well under 3 s here, and the earlier tests' share too).
+    lines = envoy.module_lines()
+    assert len(lines) < 30 + 2 * len(MALFORMED)
