@@ -101,10 +101,14 @@ def image(buildah: imagekit.Buildah, base: str, registry: imagekit.Registry, wor
         f"BASE={base}",
         "--build-arg",
         "PIP_INSTALL_ARGS=--no-index",
+        # The test base is Debian's python3, which has no shared libpython to embed (the official images do):
+        # a sidecar-only image, which must say so in one line when asked for the in-process mode.
+        "--build-arg",
+        "IN_PROCESS=no",
         "-t",
         tag,
         str(context),
-        timeout=900,
+        timeout=1200,
     )
     seconds = time.monotonic() - started
     try:
@@ -202,6 +206,22 @@ def test_entrypoint_help(image: Image) -> None:
     assert "serve" in out and "envoy-config" in out and "wasm" in out
     code, out = _run(image.bundle, ["python", "-c", "import oras, os; print(os.getuid(), os.getgid())"])
     assert (code, out.split()) == (0, ["65532", "65532"]), out
+
+
+def test_envoy_is_in_the_image_and_a_sidecar_only_image_refuses_in_process_in_one_line(image: Image) -> None:
+    code, out = _run(image.bundle, ["envoy", "--version"])
+    assert code == 0 and "1.40.0" in out, out
+    code, out = _run(
+        image.bundle,
+        [
+            "sh",
+            "-c",
+            "printf 'plugins: [header-stamp]\\n' > /tmp/s.yaml && sidecar envoy-config --in-process -c /tmp/s.yaml",
+        ],
+    )
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out
+    assert lines[0].startswith("sidecar: error: the in-process backend is not installed"), out
 
 
 def test_serve_answers_grpc_health_and_the_charts_probe(image: Image, render: Render, tmp_path: Path) -> None:
