@@ -47,7 +47,8 @@ DEFAULT_HOOK_DEADLINE_MS = 1000
 MAX_HOOK_DEADLINE_MS = 600_000
 #: The filter config is a few hundred bytes; a bigger one is not ours.
 MAX_FILTER_CONFIG = 64 * 1024
-_FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms"})
+# `site` and `max_body_bytes` are the native module's (it checks them); the bridge reads the rest.
+_FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms", "max_body_bytes"})
 
 #: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed.
 _NATIVE_BODY_MODE = {
@@ -94,14 +95,8 @@ class InProcessConfig:
         self.request_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[0])]
         self.response_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[1])]
         async_hooks = _async_hooks(chain)
-        self.plan = StreamPlan(
-            chain=chain,
-            meters=_meters,
-            schedule=schedule,
-            runner=shared_loop() if async_hooks else None,
-            hook_deadline=hook_deadline_ms / 1000,
-            body_modes=body_modes,
-            async_hooks=async_hooks,
+        self.plan = StreamPlan.of(
+            chain, _meters, schedule, shared_loop() if async_hooks else None, hook_deadline_ms / 1000, async_hooks
         )
 
     def new_stream(self, handle: int) -> BridgeStream:

@@ -24,8 +24,8 @@ class Meters:
     """The numbers one Envoy process's bridge keeps, over all its in-process filters."""
 
     def __init__(self) -> None:
-        self.streams: dict[str, int] = {}
-        self.active = 0
+        #: Per chain: [streams opened, streams closed] (a filter bumps its chain's list directly).
+        self.stream_counts: dict[str, list[int]] = {}
         self.plugin_errors: dict[str, int] = {}  # "plugin\0phase" -> count
         self.stream_errors: dict[str, int] = {}
         # (plugin, phase) -> a count per bucket, +Inf, then the sum of seconds: one hook call each.
@@ -36,21 +36,32 @@ class Meters:
         #: Async phases the watchdog had to settle (their loop was blocked or their hook ignored cancellation).
         self.backstops = 0
 
-    def stream_opened(self, chain: str) -> None:
-        self.streams[chain] = self.streams.get(chain, 0) + 1
-        self.active += 1
+    def streams_of(self, chain: str) -> list[int]:
+        """The [opened, closed] counters of a chain's streams, to bump without a lookup per stream."""
+        return self.stream_counts.setdefault(chain, [0, 0])
 
-    def stream_closed(self) -> None:
-        self.active -= 1
+    @property
+    def streams(self) -> dict[str, int]:
+        return {chain: counts[0] for chain, counts in self.stream_counts.items()}
+
+    @property
+    def active(self) -> int:
+        return sum(opened - closed for opened, closed in self.stream_counts.values())
+
+    def cell(self, plugin: str, phase: str) -> list[float]:
+        """The latency histogram of one plugin in one phase (a count per bucket, +Inf, the sum of seconds),
+        to bump in place: `cell[bisect_left(BUCKETS, seconds)] += 1; cell[-1] += seconds`."""
+        counts = self.plugin_latency.get((plugin, phase))
+        if counts is None:
+            counts = self.plugin_latency[(plugin, phase)] = [0] * (len(BUCKETS) + 1) + [0.0]
+        return counts
 
     def plugin_error(self, plugin: str, phase: str, error_id: str = "") -> None:
         key = f"{plugin}\0{phase}"
         self.plugin_errors[key] = self.plugin_errors.get(key, 0) + 1
 
     def plugin_ran(self, plugin: str, phase: str, seconds: float, outcome: object = None) -> None:
-        counts = self.plugin_latency.get((plugin, phase))
-        if counts is None:
-            counts = self.plugin_latency[(plugin, phase)] = [0] * (len(BUCKETS) + 1) + [0.0]
+        counts = self.cell(plugin, phase)
         counts[bisect_left(BUCKETS, seconds)] += 1
         counts[-1] += seconds
         if isinstance(outcome, Respond):

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import uuid
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +36,7 @@ from sidecar.chains import Chain, Hook
 from sidecar.errors import ProtocolError
 from sidecar.headers import Headers
 from sidecar.inprocess.loop import LoopThread
-from sidecar.inprocess.meters import Meters
+from sidecar.inprocess.meters import BUCKETS, Meters
 from sidecar.plugins import BodyMode, Context, Respond
 
 __all__ = ["CONTINUE", "PENDING", "RESPOND", "BridgeStream", "StreamPlan"]
@@ -50,15 +51,24 @@ SET, APPEND, REMOVE = 0, 1, 2
 _ERROR_BODY = b"Internal Server Error\n"
 _ERROR_DETAILS = "sidecar_plugin_error"
 
-# Order of phases within each direction, as the ext_proc processor checks it: C must keep it.
-_ORDER = {
-    "request_headers": (0, 0),
-    "request_body": (0, 1),
-    "request_trailers": (0, 2),
-    "response_headers": (1, 0),
-    "response_body": (1, 1),
-    "response_trailers": (1, 2),
+# Phases as bits; within a direction a phase may not come after a later one, nor twice (bodies may).
+_BIT = {
+    "request_headers": 1,
+    "request_body": 2,
+    "request_trailers": 4,
+    "response_headers": 8,
+    "response_body": 16,
+    "response_trailers": 32,
 }
+_LATER = {
+    "request_headers": 2 | 4,
+    "request_body": 4,
+    "request_trailers": 0,
+    "response_headers": 16 | 32,
+    "response_body": 32,
+    "response_trailers": 0,
+}
+_BODIES = 2 | 16
 
 # Envoy's default HeaderMutationRules in its ext_proc filter: these changes are dropped (and counted).
 _PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
@@ -87,6 +97,39 @@ class StreamPlan:
     body_modes: tuple[int, int]
     #: Async hooks per phase: how long the watchdog waits for a pending phase (one deadline each, plus one).
     async_hooks: dict[str, int]
+    #: Per phase, the hooks (or body stages) with each one's latency cell in `meters`.
+    steps: dict[str, tuple[tuple[Any, list[float]], ...]]
+    #: The chain's [opened, closed] stream counters in `meters`.
+    stream_counts: list[int]
+
+    @classmethod
+    def of(
+        cls,
+        chain: Chain,
+        meters: Meters,
+        schedule: Callable[[int], bool],
+        runner: LoopThread | None,
+        hook_deadline: float,
+        async_hooks: dict[str, int],
+    ) -> StreamPlan:
+        mode = chain.mode
+        steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
+        for kind, hooks in chain.hooks.items():
+            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind)) for hook in hooks)
+        for direction in ("request", "response"):
+            kind = f"{direction}_body"
+            steps[kind] = tuple((stage, meters.cell(stage.plugin, kind)) for stage in chain.body_stages[direction])
+        return cls(
+            chain=chain,
+            meters=meters,
+            schedule=schedule,
+            runner=runner,
+            hook_deadline=hook_deadline,
+            body_modes=(int(mode.request_body_mode), int(mode.response_body_mode)),
+            async_hooks=async_hooks,
+            steps=steps,
+            stream_counts=meters.streams_of(chain.name),
+        )
 
 
 class _Pending:
@@ -111,7 +154,7 @@ class BridgeStream:
         "_broken",
         "_closed",
         "_disabled",
-        "_last",
+        "_done",
         "_pending",
         "_plan",
         "ctx",
@@ -124,16 +167,17 @@ class BridgeStream:
         self._plan = plan
         self.handle = handle
         self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
-        self._disabled: set[str] = set()  # fail_open: plugins bypassed for the rest of this stream
-        self._last = [-1, -1]  # the last step (headers 0, body 1, trailers 2) of each direction
+        #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
+        self._disabled: frozenset[str] = frozenset()
+        self._done = 0  # the phases seen, as bits of _BIT
         self._pending: _Pending | None = None
         self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
         self._closed = False
         #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
         self._broken = False
         #: Header changes Envoy's mutation rules dropped, as "set name" / "remove name" (the Driver's list).
-        self.rejected: list[str] = []
-        plan.meters.stream_opened(chain.name)
+        self.rejected: tuple[str, ...] = ()
+        plan.stream_counts[0] += 1
 
     # -- what C calls ------------------------------------------------------------------------------
 
@@ -144,13 +188,13 @@ class BridgeStream:
         ctx.request_headers = view
         rid = view.raw("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
-        return self._run("request_headers", self._headers("request_headers", view, end_of_stream))
+        return self._run("request_headers", self._fields("request_headers", view, end_of_stream))
 
     def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
         self._order("response_headers")
         view = _headers(headers)
         self.ctx.response_headers = view
-        return self._run("response_headers", self._headers("response_headers", view, end_of_stream))
+        return self._run("response_headers", self._fields("response_headers", view, end_of_stream))
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
         self._order("request_body")
@@ -162,11 +206,11 @@ class BridgeStream:
 
     def request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
         self._order("request_trailers")
-        return self._run("request_trailers", self._trailers("request_trailers", _headers(trailers)))
+        return self._run("request_trailers", self._fields("request_trailers", _headers(trailers), True))
 
     def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
         self._order("response_trailers")
-        return self._run("response_trailers", self._trailers("response_trailers", _headers(trailers)))
+        return self._run("response_trailers", self._fields("response_trailers", _headers(trailers), True))
 
     def resume(self) -> Result:
         """The result of the phase that was PENDING, once the bridge called `native.schedule`."""
@@ -177,13 +221,13 @@ class BridgeStream:
         result = pending.result
         if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
             raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
-        return result
+        return None if self._plan.chain.observe_only else result
 
     def close(self) -> None:
         """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
+        if self._closed:
+            return
         try:
-            if self._closed:
-                return
             if self._plan.runner is None:  # no async hook: nothing settles this stream from another thread
                 self._closed = True
             else:
@@ -194,7 +238,7 @@ class BridgeStream:
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
-            self._plan.meters.stream_closed()
+            self._plan.stream_counts[1] += 1
         except Exception:  # never raises into C
             log.exception("closing an in-process stream failed")
 
@@ -204,13 +248,13 @@ class BridgeStream:
         """The native module keeps the ext_proc order of phases; a break is its bug, failed closed."""
         if self._pending is not None:
             raise ProtocolError(f"{kind} arrived while {self._pending.kind} is pending")
-        direction, step = _ORDER[kind]
-        last = self._last
-        if step < last[direction] or (step == last[direction] and step != 1):  # bodies may repeat
+        bit = _BIT[kind]
+        done = self._done
+        if done & _LATER[kind] or (done & bit and not bit & _BODIES):  # bodies may repeat
             raise ProtocolError(f"{kind} arrived out of order")
-        if last[0] < 0 and kind != "request_headers":
+        if not (done | bit) & 1:
             raise ProtocolError(f"{kind} arrived before request_headers")
-        last[direction] = step
+        self._done = done | bit
 
     def _run(self, kind: str, phase: Phase) -> Result:
         if self._broken:
@@ -220,7 +264,8 @@ class BridgeStream:
             awaitable = phase.send(None)
         except StopIteration as done:
             result: Result = done.value
-            return result
+            # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
+            return None if self._plan.chain.observe_only else result
         return self._suspend(kind, phase, awaitable)
 
     def _given_up(self, kind: str) -> Result:
@@ -334,7 +379,7 @@ class BridgeStream:
 
     def _skip(self, kind: str, plugin: str, exc: BaseException) -> None:
         self._log_failure(kind, plugin, exc)
-        self._disabled.add(plugin)
+        self._disabled = self._disabled | {plugin}
 
     def _failed(self, kind: str, plugin: str, exc: BaseException) -> Result:
         return self._error_reply(self._log_failure(kind, plugin, exc))
@@ -354,44 +399,49 @@ class BridgeStream:
         return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
 
     def _reject(self, change: str) -> None:
-        self.rejected.append(change)
+        self.rejected = (*self.rejected, change)
         self._plan.meters.rejected_mutations += 1
 
     # -- the phases --------------------------------------------------------------------------------
 
-    def _headers(self, kind: str, headers: Headers, end_of_stream: bool) -> Phase:
+    def _fields(self, kind: str, fields: Headers, end_of_stream: bool) -> Phase:
+        """A headers or a trailers phase."""
         ctx = self.ctx
         plan = self._plan
-        ran = plan.meters.plugin_ran  # plain numbers: cannot fail, so inside the hook's try it blames no plugin
         fail_open = plan.chain.fail_open
-        for hook in plan.chain.hooks[kind]:
+        trailers = kind.endswith("trailers")
+        for hook, cell in plan.steps[kind]:
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
-                before = headers.snapshot()
+                before = fields.snapshot()
             started = perf_counter()
             try:
-                result = hook.func(ctx, headers)
+                result = hook.func(ctx, fields)
                 if hook.is_async:
                     self._awaited = hook.plugin
                     result = yield result
                 if result is not None:
-                    if isinstance(result, Respond):
-                        ran(hook.plugin, kind, perf_counter() - started, result)
-                        return self._respond(result)
-                    raise hook.wrong(result)
-                ran(hook.plugin, kind, perf_counter() - started, None)
+                    # Anything but a Respond (403, "403", False, the Respond class...) is a broken plugin, never
+                    # a pass; a Respond too in trailers, which come after the body went on.
+                    if trailers or not isinstance(result, Respond):
+                        raise hook.wrong(result)
+                    plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
+                    return self._respond(result)
+                elapsed = perf_counter() - started
+                cell[bisect_left(BUCKETS, elapsed)] += 1
+                cell[-1] += elapsed
             except Exception as exc:
-                ran(hook.plugin, kind, perf_counter() - started, exc)
+                plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, exc)
                 if not fail_open:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
-                headers.restore(before)
-        request = kind == "request_headers"
-        ops = self._header_ops(headers, request)
-        if not end_of_stream and self._drops_length(0 if request else 1) and "content-length" in headers:
+                fields.restore(before)
+        request = kind.startswith("request")
+        ops = self._header_ops(fields, request)
+        if not end_of_stream and not trailers and "content-length" in fields and self._drops_length(not request):
             # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
-            # a chunk hook may change the size. Not in `headers`: hooks still see what the client sent.
+            # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
         return self._continue(ops, None)
 
@@ -408,9 +458,8 @@ class BridgeStream:
         end = True if mode == BodyMode.BUFFERED else end_of_stream
         ctx = self.ctx
         body = chunk
-        ran = plan.meters.plugin_ran
         fail_open = plan.chain.fail_open
-        for stage in plan.chain.body_stages["request" if direction == 0 else "response"]:
+        for stage, cell in plan.steps[kind]:
             if stage.plugin in self._disabled:
                 continue
             hook = stage.hook
@@ -420,16 +469,16 @@ class BridgeStream:
                 if hook.is_async:
                     self._awaited = stage.plugin
                     result = yield result
-                if result is None:
-                    ran(stage.plugin, kind, perf_counter() - started, None)
-                    continue
                 if isinstance(result, Respond):
-                    ran(stage.plugin, kind, perf_counter() - started, result)
+                    plan.meters.plugin_ran(stage.plugin, kind, perf_counter() - started, result)
                     return self._respond(result)
-                body = _as_body(result, hook)
-                ran(stage.plugin, kind, perf_counter() - started, None)
+                if result is not None:
+                    body = _as_body(result, hook)
+                elapsed = perf_counter() - started
+                cell[bisect_left(BUCKETS, elapsed)] += 1
+                cell[-1] += elapsed
             except Exception as exc:
-                ran(stage.plugin, kind, perf_counter() - started, exc)
+                plan.meters.plugin_ran(stage.plugin, kind, perf_counter() - started, exc)
                 if not fail_open:
                     return self._failed(kind, stage.plugin, exc)
                 self._skip(kind, stage.plugin, exc)
@@ -443,33 +492,6 @@ class BridgeStream:
                     headers._put("content-length", str(len(body)).encode())
                 ops = self._header_ops(headers, direction == 0)
         return self._continue(ops, body if changed else None)
-
-    def _trailers(self, kind: str, trailers: Headers) -> Phase:
-        ctx = self.ctx
-        plan = self._plan
-        ran = plan.meters.plugin_ran
-        fail_open = plan.chain.fail_open
-        for hook in plan.chain.hooks[kind]:
-            if fail_open:
-                if hook.plugin in self._disabled:
-                    continue
-                before = trailers.snapshot()
-            started = perf_counter()
-            try:
-                result = hook.func(ctx, trailers)
-                if hook.is_async:
-                    self._awaited = hook.plugin
-                    result = yield result
-                if result is not None:  # a Respond too: trailers come after the body went on
-                    raise hook.wrong(result)
-                ran(hook.plugin, kind, perf_counter() - started, None)
-            except Exception as exc:
-                ran(hook.plugin, kind, perf_counter() - started, exc)
-                if not fail_open:
-                    return self._failed(kind, hook.plugin, exc)
-                self._skip(kind, hook.plugin, exc)
-                trailers.restore(before)
-        return self._continue(self._header_ops(trailers, kind == "request_trailers"), None)
 
     def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
         metadata = self._metadata() if self.ctx.dynamic_metadata else None

@@ -171,6 +171,14 @@ class AsyncJunk(Plugin):
         return 200
 
 
+class Watches(Plugin):
+    observe_only = True
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond:
+        headers["x-watched"] = "1"
+        return Respond(403)
+
+
 class WithAttributes(Plugin):
     request_attributes = ("source.address",)
 
@@ -236,7 +244,7 @@ def test_header_changes_are_set_append_remove_ops(tmp_path: Path) -> None:
 def test_a_respond_is_a_local_reply_with_checked_headers_and_one_token_details(tmp_path: Path) -> None:
     s = stream(tmp_path, "Denies")
     assert s.request_headers(REQUEST, False) == (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2")
-    assert s.rejected == ["set x-envoy-sneaky"]  # ext_proc's mutation rules drop it from a reply too
+    assert s.rejected == ("set x-envoy-sneaky",)  # ext_proc's mutation rules drop it from a reply too
 
 
 def test_the_header_stamp_plugin_in_both_directions(tmp_path: Path) -> None:
@@ -263,6 +271,12 @@ def test_metadata_keeps_each_scalar_type_and_sends_the_rest_as_json(tmp_path: Pa
         ("other", "nested"): '{"a":"x","b":[1,null]}',
     }
     assert type(metadata["envoy-sidecar", "enum"]) is int and metadata["envoy-sidecar", "flag"] is True
+
+
+def test_an_observe_only_chain_changes_nothing_as_in_observability_mode(tmp_path: Path) -> None:
+    s = stream(tmp_path, "Watches")
+    assert s.request_headers(REQUEST, True) is None
+    assert bridge.meters().plugin_latency[("Watches", "request_headers")][-1] > 0  # it ran
 
 
 # ---- bodies -------------------------------------------------------------------------------------------------

@@ -33,6 +33,17 @@ def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> No
             assert envoy.request("/ok")[0] == 200
 
 
+def test_a_hook_blocked_in_c_cannot_be_interrupted_but_still_fails_closed_when_it_returns() -> None:
+    # time.sleep waits in C: the TimeoutError is raised when it returns to Python, after the whole sleep (1 s,
+    # over the 200 ms deadline). The worker is blocked meanwhile: sync hooks must not block (use async hooks).
+    with InProcessEnvoy("headers", hook_deadline_ms=200) as envoy:
+        status, headers, _ = envoy.request("/sleep")
+        assert status == 500
+        assert "x-envoy-upstream-service-time" not in headers
+        assert any("raised TimeoutError" in line for line in envoy.module_lines())
+        assert envoy.request("/ok")[0] == 200
+
+
 def test_a_spinning_hook_on_one_worker_does_not_stop_the_other() -> None:
     with InProcessEnvoy("headers", hook_deadline_ms=2000, concurrency=2) as envoy:
         spin = threading.Thread(target=lambda: spun.append(envoy.request("/spin")[0]))
@@ -95,6 +106,16 @@ def test_an_envoy_of_another_version_is_refused_in_one_line() -> None:
     lines = _refused(InProcessEnvoy("headers", env={"SIDECAR_INPROCESS_EXPECT_ENVOY": "1.39.0"}))
     assert len(lines) == 1
     assert "refusing to load: this module was written for Envoy 1.39.0" in lines[0]
+
+
+@pytest.mark.parametrize("override", ["1", "", "envoy", "1.40", "1.40.0.0", "1..0", "9" * 40])
+def test_an_override_that_is_not_a_version_cannot_loosen_the_check(override: str) -> None:
+    # Not N.N.N: ignored (and said so), so the module checks for 1.40.0, which this Envoy is, and loads.
+    with InProcessEnvoy("headers", env={"SIDECAR_INPROCESS_EXPECT_ENVOY": override}) as envoy:
+        assert envoy.request("/ok")[0] == 200
+        assert envoy.module_lines() == [
+            "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored"
+        ]
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,11 @@ def test_headers_arrive_as_envoy_has_them_pseudo_headers_included(envoy: InProce
     assert names["x-mixed-case"] == 300  # lower-cased by Envoy, value whole
 
 
+def test_a_pseudo_header_can_be_set(envoy: InProcessEnvoy) -> None:
+    status, _, body = envoy.request("/rewrite")
+    assert (status, json.loads(body)["path"]) == (200, "/rewritten")
+
+
 def test_respond_sends_the_local_reply_and_never_reaches_the_upstream(envoy: InProcessEnvoy) -> None:
     status, headers, body = envoy.request("/respond")
     assert (status, headers["x-denied"], body) == (403, "yes", b"denied\n")
@@ -51,8 +56,8 @@ def test_respond_sends_the_local_reply_and_never_reaches_the_upstream(envoy: InP
 
 
 def test_respond_in_the_response_phase_replaces_the_upstream_answer(envoy: InProcessEnvoy) -> None:
-    status, _, body = envoy.request("/respond-response")
-    assert (status, body) == (418, b"")
+    status, headers, body = envoy.request("/respond-response")
+    assert (status, headers["x-teapot"], body) == (418, "1", b"teapot\n")
 
 
 def test_dynamic_metadata_is_set_in_envoy(tmp_path: object) -> None:
@@ -108,3 +113,12 @@ def test_a_flood_of_failures_is_rate_limited_in_the_log(envoy: InProcessEnvoy) -
     # At most 10 lines a second (the 30 requests take well under 3 s here, and the earlier tests' share too).
     lines = envoy.module_lines()
     assert len(lines) < 30 + 2 * len(MALFORMED)
+
+
+def test_envoys_own_local_reply_runs_the_response_hooks() -> None:
+    # As under ext_proc: a 503 Envoy makes itself (the upstream is down) passes the response phase.
+    with InProcessEnvoy("headers") as envoy:
+        envoy.backend.stop()
+        status, headers, _ = envoy.request("/ok")
+        assert status == 503
+        assert headers["x-fake-resp"] == "1"

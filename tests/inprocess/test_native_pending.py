@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.inprocess_envoy import InProcessEnvoy, raw_exchange
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
@@ -101,3 +101,26 @@ def test_a_thousand_pending_streams_at_once(envoy: InProcessEnvoy) -> None:
     statuses = asyncio.run(run())
     assert statuses == [200] * 1000
     wait_for(lambda: (s := _stats(envoy))["opened"] - s["closed"] == 1, what="every stream to close")
+
+
+def test_headers_and_then_the_buffered_body_both_pending(envoy: InProcessEnvoy) -> None:
+    # The headers wait for resume(), the body arrives meanwhile, then the body waits too; its content-length fix
+    # still applies because the headers were never passed on.
+    status, _, body = envoy.request("/pending-both", method="POST", body=b"twice held", headers={"x-delay-ms": "30"})
+    echo = json.loads(body)
+    assert status == 200
+    assert (echo["body"], echo["headers"]["content-length"]) == ("TWICE HELD", "10")
+
+
+@pytest.mark.parametrize(("trailer", "status"), [("x-deny", 403), ("x-other", 200)])
+def test_trailers_that_arrive_while_the_body_is_pending_run_after_it(
+    envoy: InProcessEnvoy, trailer: str, status: int
+) -> None:
+    request = (
+        b"POST /pending-upper HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n" + f"{trailer}: 1\r\n\r\n".encode()
+    )
+    raw = raw_exchange(envoy.address, request)
+    assert int(raw.split(b" ", 2)[1]) == status
+    if status == 200:
+        assert b"x-request-body-calls: 1\r\n" in raw and b"HELLO" in raw

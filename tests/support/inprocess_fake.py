@@ -8,7 +8,9 @@ hook returns (`_Stream`). Nothing here is a plugin: it returns Results directly,
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,11 @@ FACTORY = "tests.support.inprocess_fake:configure"
 # chain -> (phases bitmask, request body mode, response body mode); modes: 0 none, 1 buffered, 2 streamed.
 CHAINS: dict[str, tuple[int, int, int]] = {
     "headers": (1 | 8, 0, 0),
+    # For benchmarks/inprocess_native.py: the module loaded but Python never called; hooks that return None;
+    # one header set in each direction.
+    "none": (0, 0, 0),
+    "noop": (1 | 8, 0, 0),
+    "stamp": (1 | 8, 0, 0),
     "buffered": (63, 1, 1),
     "streamed": (63, 2, 2),
 }
@@ -95,6 +102,9 @@ MALFORMED: list[Any] = [
 ]
 
 
+_BENCH: dict[str, Result] = {"noop": None, "stamp": (0, ((0, b"x-stamp", b"1"),), None, None)}
+
+
 class Counters:
     """What the fake saw, shared by every config (one interpreter per Envoy)."""
 
@@ -131,6 +141,8 @@ class _Config:
 
 def configure(filter_config_json: str, native: types.ModuleType) -> _Config:
     doc = json.loads(filter_config_json)
+    if sys.modules.get("sidecar_inprocess_native") is not native:
+        raise RuntimeError("fake: the native module is not sys.modules['sidecar_inprocess_native']")
     if doc.get("chain") not in CHAINS:
         raise ValueError(f"fake: unknown chain {doc.get('chain')!r}")
     return _Config(doc, native)
@@ -180,6 +192,8 @@ class _Stream:
 
     # -- request ---------------------------------------------------------------------------------------------------
     def request_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        if self.config.chain in _BENCH:
+            return _BENCH[self.config.chain]
         self.path = _get(headers, b":path") or b""
         path = self.path.split(b"?")[0]
         stamp = (0, ((0, b"x-fake-req", b"1"), (1, b"x-fake-append", b"a"), (2, b"x-remove-me", None)), None, None)
@@ -202,7 +216,10 @@ class _Stream:
             b"/pending": lambda: self._later(stamp, delay),
             b"/pending-respond": lambda: self._later(_respond(451, "fake_pending_denied"), delay),
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
+            b"/pending-both": lambda: self._later(None, delay),
+            b"/rewrite": lambda: (0, ((0, b":path", b"/rewritten"),), None, None),
             b"/spin": self._spin,
+            b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
                 200, "fake_headers", json.dumps([[k.decode(), len(v)] for k, v in headers]).encode()
@@ -230,12 +247,12 @@ class _Stream:
         self.chunks += 1
         self.body_bytes += len(chunk)
         path = self.path.split(b"?")[0]
-        if path in (b"/upper", b"/pending-upper"):
+        if path in (b"/upper", b"/pending-upper", b"/pending-both"):
             ops: tuple[Any, ...] = ()
             if self.config.request_body_mode == 1:
                 ops = ((0, b"content-length", str(len(chunk)).encode()),)
             result = (0, ops, chunk.upper(), (("sidecar.fake", "body_calls", self.chunks),))
-            return self._later(result, 5) if path == b"/pending-upper" else result
+            return self._later(result, 5) if path != b"/upper" else result
         if path == b"/body-respond" and end_of_stream:
             return _respond(413, "fake_body_denied")
         if path.startswith(b"/malformed-body/"):
@@ -251,11 +268,13 @@ class _Stream:
 
     # -- response --------------------------------------------------------------------------------------------------
     def response_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+        if self.config.chain in _BENCH:
+            return _BENCH[self.config.chain]
         path = self.path.split(b"?")[0]
         if path.startswith(b"/malformed-response/"):
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         if path == b"/respond-response":
-            return _respond(418, "fake_response_denied")
+            return _respond(418, "fake_response_denied", b"teapot\n", ((b"x-teapot", b"1"),))
         ops = ((0, b"x-fake-resp", b"1"), (0, b"x-request-body-calls", str(self.chunks).encode()))
         return (0, ops, None, None)
 

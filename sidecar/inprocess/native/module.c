@@ -228,6 +228,7 @@ typedef struct {
   void *envoy; /* the filter_envoy pointer, valid until filter_destroy */
   filter_config *cfg;
   PyObject *stream;     /* the bridge's stream, created at the first Python call */
+  int registered;       /* holds a registry slot (even if new_stream then failed) */
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
@@ -461,17 +462,17 @@ static int is_token_char(unsigned char c) {
 
 /* A header name Envoy's codecs would send as is: lower-case RFC 9110 token characters; pseudo-headers only when
  * `pseudo_ok` and only the ones a filter may set. */
-static const char *check_name(PyObject *name, int pseudo_ok) {
+static const char *check_name(PyObject *name, int pseudo_ok, int d) {
   if (!PyBytes_CheckExact(name)) return "a header name that is not bytes";
   Py_ssize_t n = PyBytes_GET_SIZE(name);
   const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(name);
   if (n == 0 || n > MAX_HEADER_NAME) return "a header name that is empty or over " Py_STRINGIFY(MAX_HEADER_NAME) " bytes";
   if (s[0] == ':') {
-    static const char *const settable[] = {":path", ":method", ":authority", ":scheme", ":status"};
+    static const char *const settable[2][4] = {{":path", ":method", ":authority", ":scheme"}, {":status"}};
     if (!pseudo_ok) return "a pseudo-header where none may be changed";
-    for (size_t i = 0; i < sizeof settable / sizeof *settable; i++)
-      if ((size_t)n == strlen(settable[i]) && memcmp(s, settable[i], (size_t)n) == 0) return NULL;
-    return "an unknown pseudo-header";
+    for (size_t i = 0; i < 4 && settable[d][i]; i++)
+      if ((size_t)n == strlen(settable[d][i]) && memcmp(s, settable[d][i], (size_t)n) == 0) return NULL;
+    return "a pseudo-header this direction does not have";
   }
   for (Py_ssize_t i = 0; i < n; i++)
     if (!is_token_char(s[i])) return "a header name with a character other than lower-case token characters";
@@ -500,7 +501,7 @@ static const char *check_status_value(PyObject *name, PyObject *value) {
   return NULL;
 }
 
-static const char *check_header_ops(PyObject *ops, int allow_pseudo) {
+static const char *check_header_ops(PyObject *ops, int allow_pseudo, int d) {
   if (!PyTuple_CheckExact(ops)) return "header_ops is not a tuple";
   Py_ssize_t n = PyTuple_GET_SIZE(ops);
   if (n > MAX_HEADER_OPS) return "more than " Py_STRINGIFY(MAX_HEADER_OPS) " header ops";
@@ -514,7 +515,7 @@ static const char *check_header_ops(PyObject *ops, int allow_pseudo) {
       PyErr_Clear();
       return "a header op kind other than 0, 1, 2";
     }
-    const char *why = check_name(name, allow_pseudo && k == 0);
+    const char *why = check_name(name, allow_pseudo && k == 0, d);
     if (why) return why;
     if (k == 2) {
       if (value != Py_None) return "a remove op with a value";
@@ -612,7 +613,8 @@ static const char *check_respond(PyObject *r, size_t max_body) {
     PyObject *h = PyTuple_GET_ITEM(headers, i);
     const char *why;
     if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2) return "a RESPOND header that is not a 2-tuple";
-    if ((why = check_name(PyTuple_GET_ITEM(h, 0), 0)) || (why = check_value(PyTuple_GET_ITEM(h, 1)))) return why;
+    if ((why = check_name(PyTuple_GET_ITEM(h, 0), 0, RESPONSE)) || (why = check_value(PyTuple_GET_ITEM(h, 1))))
+      return why;
   }
   if (!PyBytes_CheckExact(body)) return "a RESPOND body that is not bytes";
   if ((size_t)PyBytes_GET_SIZE(body) > max_body) return "a RESPOND body over max_body_bytes";
@@ -685,7 +687,7 @@ static enum outcome apply_result(stream_filter *f, int d, int kind, PyObject *r,
   }
   PyObject *ops = PyTuple_GET_ITEM(r, 1), *body = PyTuple_GET_ITEM(r, 2), *metadata = PyTuple_GET_ITEM(r, 3);
   direction *dir = &f->dir[d];
-  if ((why = check_header_ops(ops, kind == HEADERS)) || (why = check_metadata(metadata))) goto done;
+  if ((why = check_header_ops(ops, kind == HEADERS, d)) || (why = check_metadata(metadata))) goto done;
   if (kind == BODY && PyTuple_GET_SIZE(ops) > 0 && !dir->held) {
     why = "header ops in a body phase whose headers already went on";
     goto done;
@@ -717,6 +719,7 @@ static int ensure_stream(stream_filter *f, const char *phase) {
     fail_closed(f);
     return -1;
   }
+  f->registered = 1;
   PyObject *handle = PyLong_FromUnsignedLongLong(f->handle);
   PyObject *args[1] = {handle};
   f->stream = handle ? call_watched(f->cfg->new_stream, args, 1, f->cfg->deadline_ns) : NULL;
@@ -788,11 +791,10 @@ static enum outcome catch_up(stream_filter *f, int d) {
   direction *dir = &f->dir[d];
   if (!dir->headers_done) dir->headers_done = 1;
   if (!dir->body_done && wants(f, d, BODY)) {
-    int mode = f->cfg->body_mode[d];
-    int have = body_size(f, d, 0) > dir->processed;
-    if (mode == BODY_BUFFERED && !dir->end_seen) return WAIT; /* keep holding; the body hooks go on */
-    if (have || dir->end_seen) {
-      enum outcome out = run_phase(f, d, BODY, dir->end_seen && !dir->trailers_seen, 0);
+    if (f->cfg->body_mode[d] == BODY_BUFFERED && !dir->end_seen) return WAIT; /* keep holding; hooks go on */
+    int have = body_size(f, d, 0) > dir->processed, end = dir->end_seen && !dir->trailers_seen;
+    if (have || end) {
+      enum outcome out = run_phase(f, d, BODY, end, 0);
       if (out != GO_ON) return out;
     }
     if (dir->end_seen) dir->body_done = 1;
@@ -819,6 +821,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
     out = run_phase(f, d, HEADERS, end_of_stream, 1);
     gil_drop();
   }
+  if (out == PENDING) dir->held = 1; /* not passed on until resume: body-phase header ops may still apply */
   if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
   dir->headers_done = 1;
   if (end_of_stream) dir->body_done = 1;
@@ -832,7 +835,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
 static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   (void)envoy;
   direction *dir = &f->dir[d];
-  if (skip(f)) return f->finished ? DM_BODY_STOP_NO_BUFFER : DM_BODY_CONTINUE;
+  if (skip(f)) return DM_BODY_CONTINUE; /* a local reply's own body passes */
   if (end_of_stream) dir->end_seen = 1;
   if (dir->pending >= 0 || !dir->headers_done) return DM_BODY_STOP_AND_BUFFER; /* Python sees it on resume */
   if (dir->body_done || !wants(f, d, BODY)) return dir->held ? DM_BODY_STOP_AND_BUFFER : DM_BODY_CONTINUE;
@@ -904,7 +907,8 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   if (out == PENDING) {
     dir->pending = (int8_t)kind;
   } else if (out == GO_ON) {
-    if (kind == BODY && dir->pending_end) dir->body_done = 1;
+    /* A buffered body has its one call; a streamed chunk given end_of_stream was the last. */
+    if (kind == BODY && (dir->pending_end || f->cfg->body_mode[d] == BODY_BUFFERED)) dir->body_done = 1;
     if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
   }
   if (out == GO_ON) dir->processed = 0; /* everything buffered goes on now */
@@ -925,8 +929,11 @@ int envoy_dynamic_module_on_http_filter_response_trailers(void *e, void *f) { re
 int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_filter, uint32_t code,
                                                     dm_envoy_buf details, bool reset_imminent) {
   (void)envoy, (void)code, (void)details, (void)reset_imminent;
-  /* Envoy's own replies (a 413 over its buffer limit, ...) and ours are not run through Python. */
-  ((stream_filter *)module_filter)->finished = 1;
+  stream_filter *f = module_filter;
+  /* Ours set `finished` before sending. Envoy's own (no upstream, a 413 over its buffer limit, ...) run the
+   * response hooks as an upstream answer would, as under ext_proc; unless a phase is waiting for resume(): then
+   * the stream's Python state cannot follow, and the reply goes out as Envoy made it. */
+  if (f->dir[REQUEST].pending >= 0 || f->dir[RESPONSE].pending >= 0) f->finished = 1;
   return DM_LOCAL_REPLY_CONTINUE;
 }
 
@@ -945,8 +952,8 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *envoy, void *modu
 
 void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   stream_filter *f = module_filter;
+  if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
   if (f->stream) {
-    registry_remove(f);
     gil_take();
     PyObject *close = PyObject_GetAttr(f->stream, str_close);
     PyObject *r = close ? call_watched(close, NULL, 0, f->cfg->deadline_ns) : NULL;
@@ -958,8 +965,6 @@ void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
     Py_XDECREF(close);
     Py_CLEAR(f->stream);
     gil_drop();
-  } else if (f->scheduler) {
-    dm_scheduler_delete(f->scheduler);
   }
   free(f);
 }
@@ -1112,7 +1117,11 @@ void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envo
     PyErr_Fetch(&type, &value, &tb);
     PyObject *msg = value ? PyObject_Str(value) : NULL;
     const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
-    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", m ? m : "");
+    char line[512];
+    snprintf(line, sizeof line, "%s", m ? m : "");
+    for (char *c = line; *c; c++)
+      if (*c == '\n' || *c == '\r') *c = ' '; /* one line, whatever the message */
+    log_line("filter config rejected: %s: %s", type ? ((PyTypeObject *)type)->tp_name : "error", line);
     Py_XDECREF(msg);
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -1151,12 +1160,31 @@ static int scan_executable(struct dl_phdr_info *info, size_t size, void *data) {
   return 1; /* stop after the executable */
 }
 
+/* "N.N.N": an override that is not a whole version cannot match some other short string in the binary. */
+static int is_version(const char *s) {
+  int dots = 0, digits = 0;
+  if (!s || strlen(s) > 16) return 0;
+  for (; *s; s++) {
+    if (*s == '.') {
+      if (!digits) return 0;
+      dots++, digits = 0;
+    } else if (*s >= '0' && *s <= '9') {
+      digits++;
+    } else {
+      return 0;
+    }
+  }
+  return dots == 2 && digits > 0;
+}
+
 const char *envoy_dynamic_module_on_program_init(void) {
   /* Envoy only warns about an ABI version mismatch and resolves callbacks by name: a different Envoy with a changed
    * signature would load and misbehave. Its version string is in its read-only data. The override exists so the
    * refusal itself can be tested. */
   const char *expected = getenv("SIDECAR_INPROCESS_EXPECT_ENVOY");
-  if (!expected || !*expected || strlen(expected) > 32) expected = EXPECTED_ENVOY_VERSION;
+  if (expected && !is_version(expected))
+    fprintf(stderr, "sidecar_inprocess: SIDECAR_INPROCESS_EXPECT_ENVOY is not a version N.N.N: ignored\n");
+  if (!is_version(expected)) expected = EXPECTED_ENVOY_VERSION;
   char needle[40];
   needle[0] = 0;
   strcpy(needle + 1, expected);

@@ -1,0 +1,126 @@
+"""The in-process module's own cost: wrk through one Envoy (1 worker) with four listeners, interleaved rounds.
+
+    plain   router only
+    none    the module loaded, Python never called (phases 0): Envoy's dynamic-module filter and our C hooks
+    noop    request and response headers copied to Python, hooks that return None (plus new_stream and close)
+    stamp   the same, setting one header each way (the issue's header-stamp plugin, without the plugin layer)
+
+All route to a fifth listener answering 200 itself, so Envoy's CPU per request (from /proc/PID/stat, every
+thread: the interpreter runs on Envoy's worker) covers both sides of the proxy. The Python side is the fake
+bridge of tests/support/inprocess_fake.py: this measures the native module, not the plugin layer.
+
+    python benchmarks/inprocess_native.py [--rounds 3] [--seconds 5] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.inprocess import module  # noqa: E402
+from sidecar.stack.envoy import Envoy  # noqa: E402
+from tests.support import inprocess_fake  # noqa: E402
+from tests.support.load import direct_response_listener  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
+
+NAMES = ("plain", "none", "noop", "stamp")
+_TICKS = os.sysconf("SC_CLK_TCK")
+_HCM = "envoy.filters.network.http_connection_manager"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def listener(name: str, backend_port: int, config_path: Path) -> dict[str, Any]:
+    proxy = direct_response_listener(name, 0)
+    hcm = proxy["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]
+    if name != "plain":
+        hcm["http_filters"].insert(0, module.http_filter(config_path, name, factory=inprocess_fake.FACTORY))
+    return proxy
+
+
+def bootstrap(backend_port: int, config_path: Path) -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": backend_port}}
+    return {
+        "static_resources": {
+            "listeners": [
+                direct_response_listener("backend", backend_port),
+                *(listener(n, backend_port, config_path) for n in NAMES),
+            ],
+            "clusters": [
+                {
+                    "name": "backend",
+                    "connect_timeout": "2s",
+                    "type": "STATIC",
+                    "load_assignment": {
+                        "cluster_name": "backend",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+                    },
+                }
+            ],
+        }
+    }
+
+
+def wrk(url: str, seconds: int, connections: int) -> tuple[float, int]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url], capture_output=True, text=True, check=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out:
+        raise SystemExit(f"{url}: non-2xx answers:\n{out}")
+    return rps, total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    os.environ.update(module.envoy_environment())
+    with tempfile.TemporaryDirectory(prefix="inprocess-bench-") as tmp:
+        envoy = Envoy(bootstrap(free_port(), Path(tmp) / "unused.yaml"), concurrency=1)
+        with envoy:
+            assert envoy._proc is not None
+            pid = envoy._proc.pid
+            urls = {n: "http://{}:{}/".format(*envoy.listener_address(n)) for n in NAMES}
+            for url in urls.values():
+                wrk(url, 1, args.connections)  # warm-up
+            rps: dict[str, list[float]] = {n: [] for n in NAMES}
+            cpu: dict[str, list[float]] = {n: [] for n in NAMES}
+            for round_ in range(args.rounds):
+                for name in NAMES:
+                    before = cpu_seconds(pid)
+                    rate, total = wrk(urls[name], args.seconds, args.connections)
+                    cpu[name].append((cpu_seconds(pid) - before) / total * 1e6)
+                    rps[name].append(rate)
+                    print(f"round {round_ + 1} {name:6} {rate:9.0f} req/s  {cpu[name][-1]:6.1f} us CPU/req", flush=True)
+    plain_rps, plain_cpu = statistics.median(rps["plain"]), statistics.median(cpu["plain"])
+    print("\nmedians      req/s  ratio  Envoy CPU/req  added")
+    for name in NAMES:
+        r, c = statistics.median(rps[name]), statistics.median(cpu[name])
+        print(f"{name:8} {r:9.0f}  {r / plain_rps:5.2f}  {c:9.1f} us  {c - plain_cpu:+6.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
