@@ -191,3 +191,20 @@ def test_up_in_process_serves_the_bundled_example_from_inside_envoy() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
+
+
+def test_the_env_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from sidecar.errors import ConfigError
+    from sidecar.stack.inprocess import write_env_file
+
+    path = tmp_path / "envoy.env"
+    write_env_file(path, {"A": "/x y", "B": "2"})
+    assert path.read_text() == "A=/x y\nB=2\n"
+    for bad in ({"A": "one\ntwo"}, {"A": "nul\0"}):
+        with pytest.raises(ConfigError, match="newline or NUL"):
+            write_env_file(path, bad)
+    assert path.read_text() == "A=/x y\nB=2\n"  # the earlier file, untouched
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ConfigError, match="--env-file .*dir: cannot write it"):
+        write_env_file(tmp_path / "dir", {"A": "1"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "envoy.env"]  # no temporary file left
