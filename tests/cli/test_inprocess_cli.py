@@ -205,6 +205,6 @@ def test_the_env_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
             write_env_file(path, bad)
     assert path.read_text() == "A=/x y\nB=2\n"  # the earlier file, untouched
     (tmp_path / "dir").mkdir()
-    with pytest.raises(ConfigError, match="--env-file .*dir: cannot write it"):
+    with pytest.raises(ConfigError, match=r"--env-file .*dir: cannot write it"):
         write_env_file(tmp_path / "dir", {"A": "1"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "envoy.env"]  # no temporary file left
