@@ -251,6 +251,9 @@ REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("gate", "POST", {}, b"x" * 64),
     ("gate", "POST", {}, b"boom"),
     ("partial", "POST", {}, b"some body"),
+    # Bodies past Envoy's 1 MiB buffer: the streamed gate and json-redact's own limit answer 413 on both.
+    ("gate", "POST", {}, b"b" * (2 << 20)),
+    ("demo", "POST", {}, b"d" * (2 << 20)),
     *[("wrong", "GET", {"x-return": kind}, b"") for kind in ("int", "dict", "crlf", "int-header", "bad-header-name")],
 ]
 _CLIENT_NOISE = frozenset(
@@ -273,6 +276,10 @@ def _seen(response: httpx.Response) -> tuple[Any, ...]:
     return response.status_code, headers, body
 
 
+def _without(seen: tuple[Any, ...], header: tuple[str, str]) -> tuple[Any, ...]:
+    return seen[0], [h for h in seen[1] if h != header], seen[2]
+
+
 def test_reference_and_test_plugins_answer_alike_on_both_backends(
     sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
 ) -> None:
@@ -290,16 +297,34 @@ def test_reference_and_test_plugins_answer_alike_on_both_backends(
                 _seen(client.request(method, f"/{chain}/echo", headers=headers, content=body))
                 for chain, method, headers, body in REQUESTS
             ]
-    # Reported: a reply from a STREAMED request-body hook closes the client's HTTP/1.1 connection in-process
-    # (Envoy adds `connection: close` to a local reply sent while the upload is still unread); ext_proc keeps it.
+    # Reported: a reply from a request-body hook closes the client's HTTP/1.1 connection in-process (Envoy adds
+    # `connection: close` to a local reply sent while the upload is still unread); ext_proc mostly keeps it open
+    # (not always, for a 2 MiB upload). Compared without it; counted where only in-process closed.
     closed = ("connection", "close")
     differences, replies_that_close = [], 0
     for request, ours, theirs in zip(REQUESTS, seen[False], seen[True], strict=True):
-        kept = (theirs[0], [h for h in theirs[1] if h != closed], theirs[2])
-        replies_that_close += ours != theirs and ours == kept and request[0] == "gate"
-        if ours != kept:
+        replies_that_close += closed in theirs[1] and closed not in ours[1]
+        if _without(ours, closed) != _without(theirs, closed):
             differences.append(f"{request}: ext_proc {ours}, in-process {theirs}")
     assert not differences, "\n".join(differences)
-    assert replies_that_close, "no reply closed the connection in-process any more: drop that allowance"
+    assert replies_that_close, "no reply closed the connection in-process only any more: drop that allowance"
     statuses = [status for status, _, _ in seen[True]]
     assert {403, 422, 500, 413} <= set(statuses)  # the cases did reply and fail, not only pass
+
+
+def test_buffered_partial_past_envoys_buffer_is_413_in_process(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    """Reported difference: a BUFFERED_PARTIAL body larger than Envoy's buffer (1 MiB) reaches the plugin as a
+    partial view under ext_proc and goes on upstream whole; in-process it is buffered as BUFFERED and answered 413,
+    every time. (The ext_proc side is left out here: with 2 MiB it answered 200, but 2 times in 8 it never answered
+    at all; reported.)"""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f'chains:\n  partial: {{plugins: ["{TP}PartialProbe"]}}\n')
+    env = sidecar_envoy(config=config, routes=["/partial/=partial"], in_process=True)
+    with httpx.Client(base_url=env.url, timeout=20) as client:
+        for size in (2 << 20, 8 << 20):
+            answer = client.post("/partial/echo", content=b"c" * size)
+            assert (answer.status_code, answer.headers.get("x-partial")) == (413, "none")
+        small = client.post("/partial/echo", content=b"c" * 1000)
+        assert (small.status_code, small.headers["x-partial"]) == (200, "1000 whole")
