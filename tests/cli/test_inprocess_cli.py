@@ -208,3 +208,18 @@ def test_the_env_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--env-file .*dir: cannot write it"):
         write_env_file(tmp_path / "dir", {"A": "1"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "envoy.env"]  # no temporary file left
+
+
+@pytest.mark.envoy
+def test_a_config_path_with_quotes_spaces_and_unicode_reaches_envoys_interpreter_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / 'dir with "quotes", spaces\\ and ünïcode'
+    odd.mkdir()
+    path = odd / "sidecar $HOME.yaml"
+    path.write_text(CONFIG)
+    code = main(["envoy-config", "--in-process", "-c", str(path), "--validate"])
+    out, err = capsys.readouterr()
+    assert code == 0, err  # Envoy's interpreter loaded that very file (validate mode runs the bridge's configure)
+    loaded = json.loads(_http_filters(yaml.safe_load(out))[0]["typed_config"]["filter_config"]["value"])
+    assert loaded["config"] == str(path.resolve())
