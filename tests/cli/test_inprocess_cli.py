@@ -223,3 +223,19 @@ def test_a_config_path_with_quotes_spaces_and_unicode_reaches_envoys_interpreter
     assert code == 0, err  # Envoy's interpreter loaded that very file (validate mode runs the bridge's configure)
     loaded = json.loads(_http_filters(yaml.safe_load(out))[0]["typed_config"]["filter_config"]["value"])
     assert loaded["config"] == str(path.resolve())
+
+
+def test_up_in_process_refuses_a_chain_it_cannot_run_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What Envoy would only log as "Failed to initialize dynamic module": said before anything starts."""
+    config = tmp_path / "duplex.yaml"
+    config.write_text('chains:\n  default: {plugins: ["tests.support.testplugins:FdPass"]}\n')
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["up", "--in-process", "-c", str(config), "--port", "0"])
+    finally:
+        for sig, handler in handlers.items():  # `up` installs its own: give pytest's back
+            signal.signal(sig, handler)
+    _, err = capsys.readouterr()
+    assert_user_error(code, err, "chain 'default': FULL_DUPLEX_STREAMED bodies cannot run in-process")
