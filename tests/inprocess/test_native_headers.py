@@ -122,3 +122,14 @@ def test_envoys_own_local_reply_runs_the_response_hooks() -> None:
         status, headers, _ = envoy.request("/ok")
         assert status == 503
         assert headers["x-fake-resp"] == "1"
+
+
+@pytest.mark.parametrize(("count", "status"), [(1000, 403), (1100, 500)])
+def test_more_header_fields_than_the_module_copies_fail_closed(count: int, status: int) -> None:
+    # Envoy's own default stops at 100 fields; raised here so the module's bound (1,024) is what decides. Under
+    # it the hook runs and answers itself (403; the echo backend would refuse over 100 fields).
+    with InProcessEnvoy("headers", max_headers_count=4000) as envoy:
+        headers = {f"x-h{i}": "v" for i in range(count)}
+        assert envoy.request("/respond", headers=headers)[0] == status
+        if status == 500:
+            assert any("more header fields than 1024" in line for line in envoy.module_lines())

@@ -65,6 +65,7 @@ class InProcessEnvoy:
         hook_deadline_ms: int = module.DEFAULT_HOOK_DEADLINE_MS,
         max_body_bytes: int = module.DEFAULT_MAX_BODY_BYTES,
         env: Mapping[str, str] | None = None,
+        max_headers_count: int | None = None,
     ) -> None:
         self.backend = EchoBackend()
         self._env = {**module.envoy_environment(), **(env or {})}
@@ -74,6 +75,7 @@ class InProcessEnvoy:
         self._hook_deadline_ms = hook_deadline_ms
         self._max_body_bytes = max_body_bytes
         self._concurrency = concurrency
+        self._max_headers_count = max_headers_count
         self.envoy: Envoy | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -118,6 +120,8 @@ class InProcessEnvoy:
                 },
             ],
         }
+        if self._max_headers_count is not None:
+            hcm["common_http_protocol_options"] = {"max_headers_count": self._max_headers_count}
         return {
             "static_resources": {
                 "listeners": [

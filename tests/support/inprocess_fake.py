@@ -87,6 +87,8 @@ MALFORMED: list[Any] = [
     (0, ((2, b"x-a", b"v"),), None, None),
     (0, ((0, b"x-a", None),), None, None),
     (0, (), b"a body in a headers phase", None),
+    (0, (), b"x" * _HUGE, None),
+    (0, (), "a str body", None),
     (0, (), None, (("ns", "k"),)),
     (0, (), None, (("ns", "k", None),)),
     (0, (), None, (("ns", "k", float("nan")),)),

@@ -183,25 +183,50 @@ static watch_slot *watch_slot_for_thread(void) {
   return s;
 }
 
-/* Calls callable(*args) on this thread with the GIL held, under the deadline. Returns a new reference or NULL with
- * the Python error set. */
-static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+/* A Python call on this thread, with the GIL held, under the deadline: watch_begin before, watch_end after. */
+static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
     atomic_store(&s->deadline_ns, deadline_ns);
     atomic_store(&s->started_ns, monotonic_ns());
   }
+  return s;
+}
+
+static void watch_end(watch_slot *s) {
+  if (!s) return;
+  atomic_store(&s->started_ns, 0);
+  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
+  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+}
+
+/* callable(*args); a new reference, or NULL with the Python error set. */
+static PyObject *call_watched(PyObject *callable, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
   PyObject *result = PyObject_Vectorcall(callable, args, nargs, NULL);
-  if (s) {
-    atomic_store(&s->started_ns, 0);
-    uint64_t generation = atomic_fetch_add(&s->generation, 1);
-    /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-    if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
-  }
+  watch_end(s);
+  return result;
+}
+
+/* self.name(*args) without making a bound method; args[0] is self. */
+static PyObject *call_method_watched(PyObject *name, PyObject *const *args, size_t nargs, uint64_t deadline_ns) {
+  watch_slot *s = watch_begin(deadline_ns);
+  PyObject *result = PyObject_VectorcallMethod(name, args, nargs, NULL);
+  watch_end(s);
   return result;
 }
 
 /* ---- filter config (one per http_filters entry) ------------------------------------------------------------- */
+#ifdef SIDECAR_HOOK_TIMING
+/* benchmarks/inprocess_native.py builds a copy with this on: the CPU and wall time inside each headers hook,
+ * averaged per filter config and printed every 65,536 calls (the spike's method, so the figures compare). */
+typedef struct {
+  _Atomic uint64_t calls, cpu_ns, wall_ns;
+  char name[64];
+} hook_timing;
+#endif
+
 typedef struct {
   PyObject *config; /* the bridge's InProcessConfig */
   PyObject *new_stream;
@@ -209,7 +234,33 @@ typedef struct {
   int body_mode[2];
   uint64_t deadline_ns;
   size_t max_body_bytes;
+#ifdef SIDECAR_HOOK_TIMING
+  hook_timing timing;
+#endif
 } filter_config;
+
+#ifdef SIDECAR_HOOK_TIMING
+static uint64_t thread_cpu_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void timing_record(filter_config *cfg, uint64_t cpu0, uint64_t wall0) {
+  hook_timing *t = &cfg->timing;
+  atomic_fetch_add(&t->wall_ns, monotonic_ns() - wall0);
+  atomic_fetch_add(&t->cpu_ns, thread_cpu_ns() - cpu0);
+  uint64_t n = atomic_fetch_add(&t->calls, 1) + 1;
+  if ((n & 0xffff) == 0)
+    fprintf(stderr, "sidecar_inprocess: hook timing %s calls=%lu cpu_ns=%.0f wall_ns=%.0f\n", t->name, (unsigned long)n,
+            (double)atomic_load(&t->cpu_ns) / (double)n, (double)atomic_load(&t->wall_ns) / (double)n);
+}
+#define TIMING_START(cfg) uint64_t timing_cpu0 = thread_cpu_ns(), timing_wall0 = monotonic_ns()
+#define TIMING_END(cfg) timing_record((cfg), timing_cpu0, timing_wall0)
+#else
+#define TIMING_START(cfg) (void)0
+#define TIMING_END(cfg) (void)0
+#endif
 
 /* ---- per-stream state ------------------------------------------------------------------------------------------ */
 typedef struct {
@@ -367,8 +418,11 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *pair = Py_BuildValue("(y#y#)", h[i].key, (Py_ssize_t)h[i].key_len, h[i].value,
-                                   (Py_ssize_t)h[i].value_len);
+    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
+    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
+    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
+    Py_XDECREF(name);
+    Py_XDECREF(value);
     if (!pair) Py_CLEAR(list);
     else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
@@ -752,20 +806,8 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     }
     return STOPPED;
   }
-  PyObject *method = PyObject_GetAttr(f->stream, str_phase[d][kind]);
-  if (!method) {
-    Py_DECREF(payload);
-    fail_python(f, phase);
-    return STOPPED;
-  }
-  if (kind == TRAILERS) {
-    PyObject *args[1] = {payload};
-    r = call_watched(method, args, 1, f->cfg->deadline_ns);
-  } else {
-    PyObject *args[2] = {payload, end_of_stream ? Py_True : Py_False};
-    r = call_watched(method, args, 2, f->cfg->deadline_ns);
-  }
-  Py_DECREF(method);
+  PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
+  r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
@@ -814,6 +856,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   (void)envoy;
   direction *dir = &f->dir[d];
   if (skip(f)) return DM_HEADERS_CONTINUE;
+  TIMING_START(f->cfg);
   if (end_of_stream) dir->end_seen = 1;
   enum outcome out = GO_ON;
   if (wants(f, d, HEADERS)) {
@@ -821,6 +864,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
     out = run_phase(f, d, HEADERS, end_of_stream, 1);
     gil_drop();
   }
+  TIMING_END(f->cfg);
   if (out == PENDING) dir->held = 1; /* not passed on until resume: body-phase header ops may still apply */
   if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
   dir->headers_done = 1;
@@ -900,9 +944,7 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   int kind = dir->pending;
   dir->pending = -1;
   gil_take();
-  PyObject *resume = PyObject_GetAttr(f->stream, str_resume);
-  PyObject *r = resume ? call_watched(resume, NULL, 0, f->cfg->deadline_ns) : NULL;
-  Py_XDECREF(resume);
+  PyObject *r = call_method_watched(str_resume, &f->stream, 1, f->cfg->deadline_ns);
   enum outcome out = apply_result(f, d, kind, r, 0);
   if (out == PENDING) {
     dir->pending = (int8_t)kind;
@@ -955,14 +997,12 @@ void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
   if (f->stream) {
     gil_take();
-    PyObject *close = PyObject_GetAttr(f->stream, str_close);
-    PyObject *r = close ? call_watched(close, NULL, 0, f->cfg->deadline_ns) : NULL;
+    PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
     if (!r) {
       log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
       PyErr_Clear();
     }
     Py_XDECREF(r);
-    Py_XDECREF(close);
     Py_CLEAR(f->stream);
     gil_drop();
   }
@@ -1103,14 +1143,19 @@ done:
 }
 
 void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, dm_envoy_buf name, dm_envoy_buf config) {
-  (void)config_envoy, (void)name;
+  (void)config_envoy, (void)name; /* name: the filter_name, the chain */
+  /* 0 not yet, 1 running, -1 failed: an interpreter that failed to start is never started twice. */
   static int started = 0;
-  if (!started) {
-    if (python_start() != 0) return NULL;
-    started = 1;
+  if (started == 0) started = python_start() == 0 ? 1 : -1;
+  if (started < 0) {
+    log_line("filter config rejected: the embedded Python did not start (see above)");
+    return NULL;
   }
   gil_take();
   filter_config *cfg = configure(config.ptr, config.length);
+#ifdef SIDECAR_HOOK_TIMING
+  if (cfg) snprintf(cfg->timing.name, sizeof cfg->timing.name, "%.*s", (int)name.length, name.ptr);
+#endif
   if (!cfg) {
     /* The bridge's message is about the user's config file: it is the one line a user needs. */
     PyObject *type, *value, *tb;
