@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from time import perf_counter
@@ -77,7 +77,10 @@ _PROTECTED_PREFIX = "x-envoy"
 #: Guards a pending phase's settling against the stream's close (held for a schedule() call: microseconds).
 _SETTLING = threading.Lock()
 
-Phase = Generator[Awaitable[Any], Any, Any]
+#: A hook finished without ending its phase: the next one runs.
+_GO_ON = object()
+_TRAILERS = frozenset({"request_trailers", "response_trailers"})
+_REQUEST = frozenset({"request_headers", "request_body", "request_trailers"})
 Result = tuple[Any, ...] | None
 
 
@@ -132,6 +135,24 @@ class StreamPlan:
         )
 
 
+class _Await:
+    """A phase stopped at an async hook: the hook's coroutine, and how the phase goes on with its outcome."""
+
+    __slots__ = ("awaitable", "go_on", "plugin", "state")
+
+    def __init__(
+        self,
+        awaitable: Awaitable[Any],
+        go_on: Callable[[tuple[Any, ...], Any, BaseException | None], Result | _Await],
+        plugin: str,
+        state: tuple[Any, ...],
+    ) -> None:
+        self.awaitable = awaitable
+        self.go_on = go_on
+        self.plugin = plugin
+        self.state = state
+
+
 class _Pending:
     """A phase running on the loop thread; settled once, by the loop or by the watchdog."""
 
@@ -182,35 +203,41 @@ class BridgeStream:
     # -- what C calls ------------------------------------------------------------------------------
 
     def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        self._order("request_headers")
+        if self._order("request_headers"):
+            return self._given_up()
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
         rid = view.raw("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
-        return self._run("request_headers", self._fields("request_headers", view, end_of_stream))
+        return self._run("request_headers", self._fields("request_headers", view, end_of_stream, 0))
 
     def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        self._order("response_headers")
+        if self._order("response_headers"):
+            return self._given_up()
         view = _headers(headers)
         self.ctx.response_headers = view
-        return self._run("response_headers", self._fields("response_headers", view, end_of_stream))
+        return self._run("response_headers", self._fields("response_headers", view, end_of_stream, 0))
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
-        self._order("request_body")
-        return self._run("request_body", self._body("request_body", 0, chunk, end_of_stream))
+        if self._order("request_body"):
+            return self._given_up()
+        return self._run("request_body", self._body("request_body", 0, chunk, end_of_stream, 0, chunk))
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Result:
-        self._order("response_body")
-        return self._run("response_body", self._body("response_body", 1, chunk, end_of_stream))
+        if self._order("response_body"):
+            return self._given_up()
+        return self._run("response_body", self._body("response_body", 1, chunk, end_of_stream, 0, chunk))
 
     def request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
-        self._order("request_trailers")
-        return self._run("request_trailers", self._fields("request_trailers", _headers(trailers), True))
+        if self._order("request_trailers"):
+            return self._given_up()
+        return self._run("request_trailers", self._fields("request_trailers", _headers(trailers), True, 0))
 
     def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
-        self._order("response_trailers")
-        return self._run("response_trailers", self._fields("response_trailers", _headers(trailers), True))
+        if self._order("response_trailers"):
+            return self._given_up()
+        return self._run("response_trailers", self._fields("response_trailers", _headers(trailers), True, 0))
 
     def resume(self) -> Result:
         """The result of the phase that was PENDING, once the bridge called `native.schedule`."""
@@ -244,8 +271,9 @@ class BridgeStream:
 
     # -- running a phase ---------------------------------------------------------------------------
 
-    def _order(self, kind: str) -> None:
-        """The native module keeps the ext_proc order of phases; a break is its bug, failed closed."""
+    def _order(self, kind: str) -> bool:
+        """The native module keeps the ext_proc order of phases; a break is its bug, failed closed. True when
+        the watchdog gave up on this stream (no hook of it runs again)."""
         if self._pending is not None:
             raise ProtocolError(f"{kind} arrived while {self._pending.kind} is pending")
         bit = _BIT[kind]
@@ -255,55 +283,51 @@ class BridgeStream:
         if not (done | bit) & 1:
             raise ProtocolError(f"{kind} arrived before request_headers")
         self._done = done | bit
+        return self._broken
 
-    def _run(self, kind: str, phase: Phase) -> Result:
-        if self._broken:
-            phase.close()
-            return self._given_up(kind)
-        try:
-            awaitable = phase.send(None)
-        except StopIteration as done:
-            result: Result = done.value
-            # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
-            return None if self._plan.chain.observe_only else result
-        return self._suspend(kind, phase, awaitable)
+    def _run(self, kind: str, answer: Result | _Await) -> Result:
+        if type(answer) is _Await:
+            return self._suspend(kind, answer)
+        # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
+        return None if self._plan.chain.observe_only else answer  # type: ignore[return-value]
 
-    def _given_up(self, kind: str) -> Result:
+    def _given_up(self) -> Result:
         """A phase after the watchdog gave up on this stream: its plugins' state is unknown."""
         if self._plan.chain.fail_open:
             return None
         return self._error_reply("watchdog")
 
-    def _suspend(self, kind: str, phase: Phase, awaitable: Awaitable[Any]) -> Result:
+    def _suspend(self, kind: str, waiting: _Await) -> Result:
         plan = self._plan
         runner = plan.runner
         if runner is None:  # an async hook the chain did not declare at configure (a hook swapped later)
-            _close(awaitable)
-            phase.close()
+            _close(waiting.awaitable)
             raise ProtocolError(f"{kind}: an async hook ran, but the chain's filter has no event loop")
         pending = self._pending = _Pending(kind)
+        self._awaited = waiting.plugin
         budget = plan.hook_deadline * (plan.async_hooks.get(kind, 1) + 1)
         pending.backstop = runner.watchdog.arm(time.monotonic() + budget, partial(self._backstop, pending))
-        pending.loop = runner.submit(self._start, pending, phase, awaitable)
+        pending.loop = runner.submit(self._start, pending, waiting)
         return PENDING
 
-    def _start(self, pending: _Pending, phase: Phase, awaitable: Awaitable[Any]) -> None:
+    def _start(self, pending: _Pending, waiting: _Await) -> None:
         """On the loop thread: the rest of the phase as a task."""
         if self._closed or pending.settled:
-            _close(awaitable)
-            phase.close()
+            _close(waiting.awaitable)
             return
-        pending.task = asyncio.get_running_loop().create_task(self._drive(pending, phase, awaitable))
+        pending.task = asyncio.get_running_loop().create_task(self._drive(pending, waiting))
 
-    async def _drive(self, pending: _Pending, phase: Phase, awaitable: Awaitable[Any]) -> None:
+    async def _drive(self, pending: _Pending, waiting: _Await) -> None:
+        """Await each async hook of the phase under the hook deadline; the phase's sync hooks after one run here."""
         deadline = self._plan.hook_deadline
         while True:
+            self._awaited = waiting.plugin
             error: BaseException | None = None
             value: Any = None
             timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py (DuplexPipe.feed)
             try:
                 async with timeout:
-                    value = await awaitable
+                    value = await waiting.awaitable
             except TimeoutError as exc:
                 error = exc
                 if timeout.expired():
@@ -311,13 +335,14 @@ class BridgeStream:
             except Exception as exc:
                 error = exc
             try:
-                awaitable = phase.throw(error) if error is not None else phase.send(value)
-            except StopIteration as done:
-                self._settle(pending, done.value)
-                return
+                answer = waiting.go_on(waiting.state, value, error)
             except Exception as exc:  # the bridge's own bug: C answers 500
                 self._settle(pending, exc)
                 return
+            if type(answer) is not _Await:
+                self._settle(pending, answer)  # type: ignore[arg-type]
+                return
+            waiting = answer
 
     def _settle(self, pending: _Pending, result: Result | BaseException) -> None:
         with _SETTLING:
@@ -404,13 +429,19 @@ class BridgeStream:
 
     # -- the phases --------------------------------------------------------------------------------
 
-    def _fields(self, kind: str, fields: Headers, end_of_stream: bool) -> Phase:
-        """A headers or a trailers phase."""
+    # Each phase is a plain loop over its hooks from `start`. At an `async def` hook it returns an _Await: the
+    # loop thread awaits the coroutine and hands the outcome to `go_on`, which finishes that hook the way the
+    # loop would have and runs the phase on from the next hook. Sync phases never build anything for that.
+
+    def _fields(self, kind: str, fields: Headers, end_of_stream: bool, start: int) -> Result | _Await:
+        """A headers or a trailers phase, from hook `start`."""
         ctx = self.ctx
         plan = self._plan
         fail_open = plan.chain.fail_open
-        trailers = kind.endswith("trailers")
-        for hook, cell in plan.steps[kind]:
+        steps = plan.steps[kind]
+        before = None
+        for index in range(start, len(steps)):
+            hook, cell = steps[index]
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
@@ -419,37 +450,82 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, fields)
                 if hook.is_async:
-                    self._awaited = hook.plugin
-                    result = yield result
-                if result is not None:
-                    # Anything but a Respond (403, "403", False, the Respond class...) is a broken plugin, never
-                    # a pass; a Respond too in trailers, which come after the body went on.
-                    if trailers or not isinstance(result, Respond):
-                        raise hook.wrong(result)
-                    plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
-                    return self._respond(result)
+                    state = (kind, fields, end_of_stream, index, hook, cell, started, before)
+                    return _Await(result, self._fields_go_on, hook.plugin, state)
+                if result is None:
+                    elapsed = perf_counter() - started
+                    cell[bisect_left(BUCKETS, elapsed)] += 1
+                    cell[-1] += elapsed
+                    continue
+                answer: Any = self._fields_result(kind, hook, started, result)
+            except Exception as exc:
+                answer = self._hook_failed(kind, hook.plugin, started, exc, fields, before)
+            if answer is not _GO_ON:
+                return answer  # type: ignore[no-any-return]
+        return self._fields_end(kind, fields, end_of_stream)
+
+    def _fields_go_on(self, state: tuple[Any, ...], value: Any, error: BaseException | None) -> Result | _Await:
+        kind, fields, end_of_stream, index, hook, cell, started, before = state
+        try:
+            if error is not None:
+                raise error
+            if value is None:
                 elapsed = perf_counter() - started
                 cell[bisect_left(BUCKETS, elapsed)] += 1
                 cell[-1] += elapsed
-            except Exception as exc:
-                plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, exc)
-                if not fail_open:
-                    return self._failed(kind, hook.plugin, exc)
-                self._skip(kind, hook.plugin, exc)
-                fields.restore(before)
-        request = kind.startswith("request")
+                answer: Any = _GO_ON
+            else:
+                answer = self._fields_result(kind, hook, started, value)
+        except Exception as exc:
+            answer = self._hook_failed(kind, hook.plugin, started, exc, fields, before)
+        if answer is not _GO_ON:
+            return answer  # type: ignore[no-any-return]
+        return self._fields(kind, fields, end_of_stream, index + 1)
+
+    def _fields_result(self, kind: str, hook: Hook, started: float, result: Any) -> Result:
+        """A headers or trailers hook returned something: a Respond ends the phase; anything else (403, "403",
+        False, the Respond class...) is a broken plugin, never a pass, and so is a Respond in trailers, which
+        come after the body went on."""
+        if kind in _TRAILERS or not isinstance(result, Respond):
+            raise hook.wrong(result)
+        self._plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
+        return self._respond(result)
+
+    def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
+        request = kind in _REQUEST
         ops = self._header_ops(fields, request)
-        if not end_of_stream and not trailers and "content-length" in fields and self._drops_length(not request):
+        if (
+            not end_of_stream
+            and kind not in _TRAILERS
+            and "content-length" in fields
+            and self._drops_length(0 if request else 1)
+        ):
             # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
         return self._continue(ops, None)
 
+    def _hook_failed(
+        self, kind: str, plugin: str, started: float, exc: Exception, fields: Headers | None, before: Any
+    ) -> Result | object:
+        """The chain's policy for a hook that raised or broke its contract: fail_closed answers 500; fail_open
+        drops what the plugin changed, bypasses it for the rest of the stream and goes on (_GO_ON)."""
+        self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, exc)
+        if not self._plan.chain.fail_open:
+            return self._failed(kind, plugin, exc)
+        self._skip(kind, plugin, exc)
+        if fields is not None:
+            fields.restore(before)
+        return _GO_ON
+
     def _drops_length(self, direction: int) -> bool:
         mode = self._plan.body_modes[direction]
         return mode == BodyMode.STREAMED or mode == BodyMode.BUFFERED_PARTIAL
 
-    def _body(self, kind: str, direction: int, chunk: bytes, end_of_stream: bool) -> Phase:
+    def _body(
+        self, kind: str, direction: int, chunk: bytes, end_of_stream: bool, start: int, body: bytes
+    ) -> Result | _Await:
+        """A body phase from stage `start`; `body` is what the stages before it made of `chunk`."""
         plan = self._plan
         mode = plan.body_modes[direction]
         if mode == BodyMode.NONE:
@@ -457,9 +533,9 @@ class BridgeStream:
         # Whole-body and chunk hooks of a BUFFERED chain see the whole body as one final chunk.
         end = True if mode == BodyMode.BUFFERED else end_of_stream
         ctx = self.ctx
-        body = chunk
-        fail_open = plan.chain.fail_open
-        for stage, cell in plan.steps[kind]:
+        steps = plan.steps[kind]
+        for index in range(start, len(steps)):
+            stage, cell = steps[index]
             if stage.plugin in self._disabled:
                 continue
             hook = stage.hook
@@ -467,25 +543,49 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, body) if stage.kind == "body" else hook.func(ctx, body, end)
                 if hook.is_async:
-                    self._awaited = stage.plugin
-                    result = yield result
-                if isinstance(result, Respond):
-                    plan.meters.plugin_ran(stage.plugin, kind, perf_counter() - started, result)
-                    return self._respond(result)
-                if result is not None:
-                    body = _as_body(result, hook)
-                elapsed = perf_counter() - started
-                cell[bisect_left(BUCKETS, elapsed)] += 1
-                cell[-1] += elapsed
+                    state = (kind, direction, chunk, end_of_stream, index, stage, cell, started, body)
+                    return _Await(result, self._body_go_on, stage.plugin, state)
+                answer = self._body_result(kind, stage.plugin, hook, cell, started, result)
             except Exception as exc:
-                plan.meters.plugin_ran(stage.plugin, kind, perf_counter() - started, exc)
-                if not fail_open:
-                    return self._failed(kind, stage.plugin, exc)
-                self._skip(kind, stage.plugin, exc)
+                answer = self._hook_failed(kind, stage.plugin, started, exc, None, None)
+            if type(answer) is bytes:
+                body = answer
+            elif answer is not _GO_ON:
+                return answer  # type: ignore[return-value]
+        return self._body_end(direction, chunk, body, mode)
+
+    def _body_go_on(self, state: tuple[Any, ...], value: Any, error: BaseException | None) -> Result | _Await:
+        kind, direction, chunk, end_of_stream, index, stage, cell, started, body = state
+        try:
+            if error is not None:
+                raise error
+            answer = self._body_result(kind, stage.plugin, stage.hook, cell, started, value)
+        except Exception as exc:
+            answer = self._hook_failed(kind, stage.plugin, started, exc, None, None)
+        if type(answer) is bytes:
+            body = answer
+        elif answer is not _GO_ON:
+            return answer  # type: ignore[return-value]
+        return self._body(kind, direction, chunk, end_of_stream, index + 1, body)
+
+    def _body_result(
+        self, kind: str, plugin: str, hook: Hook, cell: list[float], started: float, result: Any
+    ) -> bytes | Result | object:
+        """A body or chunk hook's outcome: the new body, a reply (a Respond), or _GO_ON (None: unchanged)."""
+        if isinstance(result, Respond):
+            self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, result)
+            return self._respond(result)
+        answer = _GO_ON if result is None else _as_body(result, hook)
+        elapsed = perf_counter() - started
+        cell[bisect_left(BUCKETS, elapsed)] += 1
+        cell[-1] += elapsed
+        return answer
+
+    def _body_end(self, direction: int, chunk: bytes, body: bytes, mode: int) -> Result:
         changed = body is not chunk
         ops: tuple[tuple[int, bytes, bytes | None], ...] = ()
         if mode == BodyMode.BUFFERED:
-            headers = ctx.request_headers if direction == 0 else ctx.response_headers
+            headers = self.ctx.request_headers if direction == 0 else self.ctx.response_headers
             if headers is not None:
                 if changed and "content-length" in headers:
                     # Envoy holds the headers until the body is answered: a stale length would cut the body.
@@ -530,18 +630,18 @@ class BridgeStream:
             raw = name.encode()
             if not values:
                 ops.append((REMOVE, raw, None))
-                continue
-            ops.append((SET, raw, values[0]))
-            for value in values[1:]:
-                ops.append((APPEND, raw, value))
+            elif len(values) == 1:
+                ops.append((SET, raw, values[0]))
+            else:
+                ops.append((SET, raw, values[0]))
+                ops += [(APPEND, raw, value) for value in values[1:]]
         for name, added in appended.items():
             if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
                 name, added[0], request, len(added)
             ):
                 continue
             raw = name.encode()
-            for value in added:
-                ops.append((APPEND, raw, value))
+            ops += [(APPEND, raw, value) for value in added]
         replaced.clear()  # track afresh (flush_into's job for ext_proc)
         appended.clear()
         return tuple(ops)

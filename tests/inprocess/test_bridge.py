@@ -21,7 +21,7 @@ from sidecar.errors import ConfigError, PluginLoadError, ProtocolError
 from sidecar.inprocess import bridge
 from sidecar.inprocess.stream import BridgeStream
 from sidecar.plugins import BodyMode
-from sidecar.testing import Request, Response
+from sidecar.testing import Driver, Request, Response
 from tests.support.inprocess_double import InProcessDouble, NativeDouble
 from tests.support.wait import wait_for
 
@@ -383,6 +383,14 @@ def test_an_async_body_hook_pauses_the_held_body(tmp_path: Path) -> None:
     assert "request_body" in result.phases
 
 
+def test_sync_and_async_body_stages_run_in_chain_order_across_the_pause(tmp_path: Path) -> None:
+    request = Request("POST", "/", {}, b"abc")
+    result = double(tmp_path, "Upper", "AsyncBody", "AsyncBody", "Upper").run(request)
+    ext_proc = Driver([Upper(), AsyncBody(), AsyncBody(), Upper()]).run(request)
+    assert result.upstream is not None and ext_proc.upstream is not None
+    assert result.upstream.body == ext_proc.upstream.body == b"ABC!!"  # upper!, reversed twice, upper!
+
+
 def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_path: Path) -> None:
     AsyncHangs.cancelled.clear()
     d = double(tmp_path, "AsyncHangs", deadline_ms=50)
@@ -515,3 +523,15 @@ def test_meters_count_each_plugin_and_phase(tmp_path: Path) -> None:
     snapshot = meters.snapshot()
     assert snapshot["plugin_latency"]["Edits\0response_headers"][-1] > 0
     assert set(snapshot) >= {"streams", "active", "plugin_errors", "plugin_latency", "responses", "instruments"}
+
+
+def test_the_meters_snapshot_is_what_the_sidecars_prometheus_collector_reads(tmp_path: Path) -> None:
+    """The proposal for metrics in-process: the sidecar's own collector serves `bridge.meters().snapshot`."""
+    from sidecar.extproc.metrics import MetricsCollector
+
+    double(tmp_path, "Edits").run(Request(), Response())
+    families = {family.name: family for family in MetricsCollector(bridge.meters().snapshot).collect()}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["sidecar_plugin_seconds"].samples}
+    count = samples[("sidecar_plugin_seconds_count", (("phase", "request_headers"), ("plugin", "Edits")))]
+    assert count >= 1
+    assert families["sidecar_extproc_streams"].samples[0].value >= 1

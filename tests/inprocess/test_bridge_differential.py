@@ -10,9 +10,7 @@ more than the double's, never other values.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,7 +18,7 @@ from sidecar.chains import Registry
 from sidecar.config import load_config
 from sidecar.testing import Driver
 from tests.support import differential as diff
-from tests.support.inprocess_double import InProcessDouble
+from tests.support.inprocess_double import InProcessDouble, metadata_differences, replied
 
 SEEDS = (17, 1717, 424242)
 CASES_PER_SEED = 150
@@ -36,40 +34,17 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Driver
     return drivers, doubles
 
 
-def _as_contract(value: Any) -> Any:
-    return value if isinstance(value, str | int | float) else json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _metadata_problems(ext_proc: dict[str, Any], in_process: dict[str, Any], replied: bool) -> list[str]:
-    expected = {ns: {k: _as_contract(v) for k, v in values.items()} for ns, values in ext_proc.items()}
-    if not replied:
-        return [] if expected == in_process else [f"metadata: ext_proc {expected}, in-process {in_process}"]
-    extra = {
-        ns: {k: v for k, v in values.items() if expected.get(ns, {}).get(k, object()) != v}
-        for ns, values in in_process.items()
-    }
-    extra = {ns: values for ns, values in extra.items() if values}
-    return [f"metadata in-process only: {extra}"] if extra else []
-
-
 def run_seed(seed: int, drivers: dict[str, Driver], doubles: dict[str, InProcessDouble]) -> tuple[int, list[str]]:
     problems = []
     cases = diff.generate(seed, CASES_PER_SEED, duplex_share=0)
     for case in cases:
         ours = diff.observe_driver(drivers[case.chain], case)
         theirs = diff.observe_driver(doubles[case.chain], case)
-        replied = theirs.cut or any(name == "x-sidecar-error-id" for name, _ in theirs.headers) or _replied(case)
-        found = _metadata_problems(ours.metadata, theirs.metadata, replied)
+        found = metadata_differences(ours.metadata, theirs.metadata, replied(case.script, theirs))
         ours.metadata = theirs.metadata = {}
         found += diff.compare(ours, theirs)
         problems += [f"{case.ident} {case.chain} {case.shape} {case.script}: {p}" for p in found]
     return len(cases), problems
-
-
-def _replied(case: diff.Case) -> bool:
-    """The script ends some phase with a reply or a failure (its metadata then is not set in-process)."""
-    text = json.dumps(case.script)
-    return '"respond"' in text or '"raise"' in text
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -30,7 +30,7 @@ from sidecar.plugins import BodyMode
 from sidecar.testing import Message, Request, Response, Result, _body_messages, _local_reply_framing, _pairs
 from sidecar.wire import PHASES
 
-__all__ = ["BadResult", "InProcessDouble", "NativeDouble", "check_result"]
+__all__ = ["BadResult", "InProcessDouble", "NativeDouble", "check_result", "metadata_differences", "replied"]
 
 BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
 #: The C module's reply when Python fails or breaks the contract.
@@ -337,3 +337,34 @@ class InProcessDouble:
                 _apply(answer[1], resp_trailers)
         result.status = int(resp_headers[":status"])
         result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])
+
+
+# ---- comparing with the ext_proc path --------------------------------------------------------------------------
+
+
+def _as_contract(value: Any) -> Any:
+    """A metadata value as the in-process path sets it (a str, number or bool; anything else its JSON text)."""
+    return value if isinstance(value, str | int | float) else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def metadata_differences(ext_proc: dict[str, Any], in_process: dict[str, Any], replied: bool) -> list[str]:
+    """The differences in dynamic metadata beyond the documented ones: non-scalar values travel as JSON text;
+    the metadata of a phase that ends in a reply is not set in-process (the contract's RESPOND carries none),
+    so after a reply the in-process side may hold less than the ext_proc side, never other values."""
+    expected = {ns: {k: _as_contract(v) for k, v in values.items()} for ns, values in ext_proc.items()}
+    if not replied:
+        return [] if expected == in_process else [f"metadata: ext_proc {expected}, in-process {in_process}"]
+    extra = {
+        ns: {k: v for k, v in values.items() if expected.get(ns, {}).get(k, object()) != v}
+        for ns, values in in_process.items()
+    }
+    extra = {ns: values for ns, values in extra.items() if values}
+    return [f"metadata in-process only: {extra}"] if extra else []
+
+
+def replied(script: dict[str, Any], seen: Any) -> bool:
+    """Some phase ended in a reply or a failure: the script says so (tests/support/differential.py), or what the
+    client saw does (a plugin's error id, a cut response)."""
+    text = json.dumps(script)
+    failed = seen.cut or any(name == "x-sidecar-error-id" for name, _ in seen.headers)
+    return failed or '"respond"' in text or '"raise"' in text
