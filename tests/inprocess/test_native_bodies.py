@@ -137,3 +137,26 @@ def test_request_trailers_reach_python(mode: str, buffered: InProcessEnvoy, stre
     if mode == "buffered":
         assert b"x-request-body-calls: 1\r\n" in allowed
         assert _json_body(allowed)["body"] == "onetwo"
+
+
+def test_a_buffered_response_body_over_the_limit_is_refused_not_passed() -> None:
+    with InProcessEnvoy("buffered", max_body_bytes=64 * 1024) as envoy:
+        status, _, body = envoy.request("/bytes/200000")
+        assert status == 500 and b"0123456789" not in body
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+
+
+def test_a_streamed_response_chunk_over_the_limit_cuts_the_response() -> None:
+    # The headers already went to the client: Envoy cannot answer 500 any more and resets the stream instead.
+    with InProcessEnvoy("streamed", max_body_bytes=16 * 1024) as envoy:
+        raw = raw_exchange(envoy.address, b"GET /bytes/200000 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        _, _, body = raw.partition(b"\r\n\r\n")
+        assert len(body) < 200_000
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+
+
+def test_a_streamed_request_chunk_over_the_limit_is_refused() -> None:
+    with InProcessEnvoy("streamed", max_body_bytes=16 * 1024) as envoy:
+        raw = raw_exchange(envoy.address, _chunked("/upper", [b"a" * 100_000]))
+        assert _status(raw) == 413
+        assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"

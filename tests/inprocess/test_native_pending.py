@@ -124,3 +124,51 @@ def test_trailers_that_arrive_while_the_body_is_pending_run_after_it(
     assert int(raw.split(b" ", 2)[1]) == status
     if status == 200:
         assert b"x-request-body-calls: 1\r\n" in raw and b"HELLO" in raw
+
+
+def test_a_storm_of_schedule_calls_resumes_once(envoy: InProcessEnvoy) -> None:
+    before = _stats(envoy)["resumed"]
+    assert envoy.request("/pending-storm")[0] == 200
+    assert envoy.request("/pending-storm")[0] == 200
+    # Wakes that come after the resume (the storm goes on) find nothing pending or the stream gone: dropped, so
+    # each stream resumed once.
+    assert _stats(envoy)["resumed"] - before == 2
+
+
+def test_a_late_schedule_does_not_resume_the_next_phase_early(envoy: InProcessEnvoy) -> None:
+    # /pending-storm-twice: the request headers go PENDING and get a storm of wakes that lasts past their resume
+    # (some land during the resume() call); the response headers then go PENDING and must be woken only by their
+    # own, later schedule().
+    status, headers, _ = envoy.request("/pending-storm-twice")
+    assert status == 200
+    assert "x-resumed-early" not in headers
+    assert headers["x-fake-resp"] == "late-but-right"
+
+
+def test_schedule_with_handles_and_values_that_are_not_a_live_stream(envoy: InProcessEnvoy) -> None:
+    status, _, body = envoy.request("/schedule-garbage")
+    assert status == 200
+    # Other slots or generations: False (the registry has no such stream); not an int, or outside 0..2**64-1:
+    # the Python error, never a wake-up.
+    assert json.loads(body) == [
+        "False",
+        "False",
+        "False",
+        "False",
+        "False",
+        "OverflowError",
+        "OverflowError",
+        "TypeError",
+        "TypeError",
+        "TypeError",
+    ]
+
+
+def test_a_late_schedule_does_not_resume_the_body_phase_that_follows_at_once(envoy: InProcessEnvoy) -> None:
+    # The headers' resume is followed, in the same event, by the buffered body's call (it has all arrived), which
+    # goes PENDING: a wake-up posted for the headers during their resume() must not resume the body.
+    status, _, body = envoy.request("/pending-storm-body", method="POST", body=b"storm")
+    echo = json.loads(body)
+    assert status == 200
+    assert "x-resumed-early" not in echo["headers"]
+    assert echo["body"] == "STORM"

@@ -73,6 +73,11 @@ MALFORMED: list[Any] = [
     (0, ((0, b"", b"v"),), None, None),
     (0, ((0, b"x a", b"v"),), None, None),
     (0, ((0, b"x-a:", b"v"),), None, None),
+    (0, ((0, b"x\x00a", b"v"),), None, None),
+    (0, ((0, b"x-\xe9", b"v"),), None, None),
+    (0, ((0, b"x-a", b"v\x01w"),), None, None),
+    (0, ((0, b"x-a", b"v\x1bw"),), None, None),
+    (1, 403, ((b"x\x00", b"v"),), b"", "d"),
     (0, ((0, b"x-a", b"v\r\nx-injected: 1"),), None, None),
     (0, ((0, b"x-a", b"v\x00w"),), None, None),
     (0, ((0, b"x-a", b"v\n"),), None, None),
@@ -166,12 +171,19 @@ class _Stream:
         self.chunks = 0
         self.body_bytes = 0
         self.waiting: Result = None
+        self.ready = True  # the work behind the current PENDING is done (resume() before that is a bug)
+        self.resumed_once = False
+        self.storming = False
+        self.in_resume = threading.Event()
+        self.storm_over = threading.Event()
 
     # -- PENDING: the answer comes from another thread, as an async hook's would --------------------------------
     def _later(self, result: Result, delay_ms: int, schedule: bool = True) -> Result:
         self.waiting = result
+        self.ready = False
 
         def wake() -> None:
+            self.ready = True
             if not self.config.native.schedule(self.handle):
                 with Counters.lock:
                     Counters.late_schedules += 1
@@ -182,9 +194,52 @@ class _Stream:
             timer.start()
         return (2,)
 
+    def _storm(self) -> Result:
+        """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.waiting = None
+        self.ready = True
+        self.storming = True
+        threads = [threading.Thread(target=self._wake_storm, daemon=True) for _ in range(4)]
+
+        def over() -> None:
+            for thread in threads:
+                thread.join(10)
+            self.storm_over.set()
+
+        for thread in threads:
+            thread.start()
+        threading.Thread(target=over, daemon=True).start()
+        return (2,)
+
+    def _wake_storm(self) -> None:
+        for _ in range(250):
+            self.config.native.schedule(self.handle)
+        # Then more while resume() runs (it waits for them, the GIL let go): wakes for the phase that is ending,
+        # which must not carry over to the next one.
+        if self.in_resume.wait(10):
+            for _ in range(50):
+                self.config.native.schedule(self.handle)
+
+    def _garbage(self) -> list[str]:
+        """What schedule() says to handles and values that are not this stream's."""
+        seen = []
+        for value in (0, 1, self.handle + 1, self.handle ^ (1 << 32), (1 << 64) - 1, -1, 1 << 64, "x", None, 1.5):
+            try:
+                seen.append(repr(self.config.native.schedule(value)))
+            except (TypeError, OverflowError) as error:
+                seen.append(type(error).__name__)
+        return seen
+
     def resume(self) -> Result:
         with Counters.lock:
             Counters.resumed += 1
+        self.resumed_once = True
+        if self.storming:
+            self.storming = False
+            self.in_resume.set()
+            self.storm_over.wait(10)
+        if not self.ready:
+            return (0, ((0, b"x-resumed-early", b"1"),), None, None)
         result, self.waiting = self.waiting, None
         return result
 
@@ -220,6 +275,10 @@ class _Stream:
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
             b"/pending-both": lambda: self._later(None, delay),
             b"/rewrite": lambda: (0, ((0, b":path", b"/rewritten"),), None, None),
+            b"/pending-storm": self._storm,
+            b"/pending-storm-twice": self._storm,
+            b"/pending-storm-body": self._storm,
+            b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
@@ -249,12 +308,12 @@ class _Stream:
         self.chunks += 1
         self.body_bytes += len(chunk)
         path = self.path.split(b"?")[0]
-        if path in (b"/upper", b"/pending-upper", b"/pending-both"):
+        if path in (b"/upper", b"/pending-upper", b"/pending-both", b"/pending-storm-body"):
             ops: tuple[Any, ...] = ()
             if self.config.request_body_mode == 1:
                 ops = ((0, b"content-length", str(len(chunk)).encode()),)
             result = (0, ops, chunk.upper(), (("sidecar.fake", "body_calls", self.chunks),))
-            return self._later(result, 5) if path != b"/upper" else result
+            return self._later(result, 50) if path != b"/upper" else result
         if path == b"/body-respond" and end_of_stream:
             return _respond(413, "fake_body_denied")
         if path.startswith(b"/malformed-body/"):
@@ -275,6 +334,11 @@ class _Stream:
         path = self.path.split(b"?")[0]
         if path.startswith(b"/malformed-response/"):
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
+        if path == b"/pending-storm-twice":
+            # The request phase's storm is over (its last wakes came while nothing waited): only our own
+            # schedule() may wake this phase.
+            self.storm_over.wait(10)
+            return self._later((0, ((0, b"x-fake-resp", b"late-but-right"),), None, None), 50)
         if path == b"/respond-response":
             return _respond(418, "fake_response_denied", b"teapot\n", ((b"x-teapot", b"1"),))
         ops = ((0, b"x-fake-resp", b"1"), (0, b"x-request-body-calls", str(self.chunks).encode()))

@@ -283,6 +283,7 @@ typedef struct {
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
+  _Atomic int awaited;  /* a Python call or a PENDING phase is under way: schedule() may wake this stream */
   direction dir[2];
 } stream_filter;
 
@@ -355,6 +356,9 @@ static PyObject *native_schedule(PyObject *self, PyObject *arg) {
   int alive;
   Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&registry_mu);
   alive = slot < registry_used && registry[slot].generation == generation && registry[slot].filter != NULL;
+  /* Only while a hook runs (the bridge may schedule before its (2,) reaches us) or a phase is pending: a late
+   * second schedule() for a phase already resumed must not resume the next one early. */
+  alive = alive && atomic_load(&registry[slot].filter->awaited);
   if (alive) {
     registry[slot].wake = 1;
     registry_commit_locked(&registry[slot]);
@@ -394,6 +398,14 @@ static void fail_python(stream_filter *f, const char *phase) {
   fail_closed(f);
 }
 
+/* A body from Envoy larger than max_body_bytes: 413 for a request (as Envoy's own buffer limit answers), 500 for a
+ * response. */
+static void fail_too_large(stream_filter *f, int d) {
+  static const char details[] = "sidecar_inprocess_body_too_large";
+  log_line("%s: a body over max_body_bytes: failing closed", d == 0 ? "request_body" : "response_body");
+  send_local_reply(f, d == 0 ? 413 : 500, NULL, 0, NULL, 0, details, sizeof details - 1);
+}
+
 static void fail_result(stream_filter *f, const char *phase, const char *what) {
   log_line("%s returned a malformed Result (%s): failing closed with 500", phase, what);
   fail_closed(f);
@@ -431,14 +443,17 @@ done:
   return list;
 }
 
+static const char TOO_LARGE[] = "a body over max_body_bytes";
+
 /* Appends Envoy's chunks of body `type` to `out` (a bytearray of room `limit`). -1 when over the limit. */
 static int body_append(stream_filter *f, int type, char *out, size_t *len, size_t limit) {
   size_t n = dm_get_body_chunks_size(f->envoy, type);
   if (n == 0) return 0;
   dm_envoy_buf stack[16], *c = n <= 16 ? stack : malloc(n * sizeof *c);
   if (!c) return -1;
-  int rc = 0;
+  int rc = -1;
   if (dm_get_body_chunks(f->envoy, type, c)) {
+    rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
       if (c[i].length > limit - *len) rc = -1;
       else {
@@ -465,7 +480,7 @@ static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t ski
   size_t limit = f->cfg->max_body_bytes + skip, len = 0;
   size_t size = body_size(f, d, in_hook);
   if (size > limit) {
-    *why = "a body over max_body_bytes";
+    *why = TOO_LARGE;
     return NULL;
   }
   char *buf = malloc(size ? size : 1);
@@ -511,7 +526,8 @@ static void body_replace(stream_filter *f, int d, int in_hook, size_t keep, size
 
 /* ---- Python -> Envoy: checking a Result ------------------------------------------------------------------------ */
 static int is_token_char(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~", c) != NULL;
+  /* c != 0: strchr finds the terminator too */
+  return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
 /* A header name Envoy's codecs would send as is: lower-case RFC 9110 token characters; pseudo-headers only when
@@ -533,14 +549,15 @@ static const char *check_name(PyObject *name, int pseudo_ok, int d) {
   return NULL;
 }
 
-/* A value with no NUL, CR or LF (they would split or cut the header on the wire), and no surrounding space. */
+/* A value with no control character but tab (CR and LF would split the header on the wire, NUL cut it; the rest
+ * RFC 9110 forbids and HTTP/2 peers refuse), and no surrounding whitespace. */
 static const char *check_value(PyObject *value) {
   if (!PyBytes_CheckExact(value)) return "a header value that is not bytes";
   Py_ssize_t n = PyBytes_GET_SIZE(value);
   const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(value);
   if (n > MAX_HEADER_VALUE) return "a header value over " Py_STRINGIFY(MAX_HEADER_VALUE) " bytes";
   for (Py_ssize_t i = 0; i < n; i++)
-    if (s[i] == 0 || s[i] == '\r' || s[i] == '\n' || s[i] == 0x7f) return "a header value with a control character";
+    if ((s[i] < 0x20 && s[i] != '\t') || s[i] == 0x7f) return "a header value with a control character";
   if (n && (s[0] == ' ' || s[0] == '\t' || s[n - 1] == ' ' || s[n - 1] == '\t'))
     return "a header value with leading or trailing whitespace";
   return NULL;
@@ -785,6 +802,24 @@ static int ensure_stream(stream_filter *f, const char *phase) {
   return 0;
 }
 
+/* The Python call ended without PENDING: nothing may wake this stream now, and a schedule() that came during the
+ * call was for the phase that just ended (the bridge scheduled twice), not for the next one. */
+static void end_awaited(stream_filter *f) {
+  pthread_mutex_lock(&registry_mu);
+  atomic_store(&f->awaited, 0);
+  registry[(uint32_t)f->handle].wake = 0;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* The phase waits for resume(): posts the wake-up at once if schedule() came first. */
+static void mark_pending(stream_filter *f, direction *dir, int kind) {
+  dir->pending = (int8_t)kind;
+  pthread_mutex_lock(&registry_mu);
+  if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
+  registry_commit_locked(&registry[(uint32_t)f->handle]);
+  pthread_mutex_unlock(&registry_mu);
+}
+
 /* Runs phase `kind` of direction `d` in Python and applies its Result. GIL held. */
 static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stream, int in_hook) {
   const char *phase = PHASE_NAMES[d][kind], *why = NULL;
@@ -797,7 +832,9 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   }
   else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
   if (!payload) {
-    if (why) {
+    if (why == TOO_LARGE) {
+      fail_too_large(f, d);
+    } else if (why) {
       log_line("%s: %s: failing closed with 500", phase, why);
       PyErr_Clear();
       fail_closed(f);
@@ -806,17 +843,16 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     }
     return STOPPED;
   }
+  atomic_store(&f->awaited, 1);
   PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
   r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
-    dir->pending = (int8_t)kind;
     dir->pending_end = (uint8_t)end_of_stream;
-    pthread_mutex_lock(&registry_mu);
-    if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
-    registry_commit_locked(&registry[(uint32_t)f->handle]); /* a schedule() that came before we knew */
-    pthread_mutex_unlock(&registry_mu);
+    mark_pending(f, dir, kind);
+  } else {
+    end_awaited(f);
   }
   return out;
 }
@@ -886,9 +922,7 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   if (f->cfg->body_mode[d] == BODY_BUFFERED && !end_of_stream) {
     /* Buffering on past the limit would only fail later: fail now, before copying more. */
     if (body_size(f, d, 1) > f->cfg->max_body_bytes) {
-      log_line("%s: a body over max_body_bytes: failing closed", PHASE_NAMES[d][BODY]);
-      static const char too_large[] = "sidecar_inprocess_body_too_large";
-      send_local_reply(f, d == REQUEST ? 413 : 500, NULL, 0, NULL, 0, too_large, sizeof too_large - 1);
+      fail_too_large(f, d);
       return DM_BODY_STOP_NO_BUFFER;
     }
     return DM_BODY_STOP_AND_BUFFER;
@@ -947,8 +981,11 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   PyObject *r = call_method_watched(str_resume, &f->stream, 1, f->cfg->deadline_ns);
   enum outcome out = apply_result(f, d, kind, r, 0);
   if (out == PENDING) {
-    dir->pending = (int8_t)kind;
-  } else if (out == GO_ON) {
+    mark_pending(f, dir, kind);
+  } else {
+    end_awaited(f);
+  }
+  if (out == GO_ON) {
     /* A buffered body has its one call; a streamed chunk given end_of_stream was the last. */
     if (kind == BODY && (dir->pending_end || f->cfg->body_mode[d] == BODY_BUFFERED)) dir->body_done = 1;
     if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
