@@ -21,7 +21,6 @@ filter config:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from sidecar.wire import PHASES
 
 __all__ = [
     "DEFAULT_HOOK_DEADLINE_MS",
+    "DEFAULT_MAX_BODY_BYTES",
     "MAX_FILTER_CONFIG",
     "MAX_HOOK_DEADLINE_MS",
     "InProcessConfig",
@@ -44,7 +44,10 @@ __all__ = [
 
 #: How long an async hook may run before its chain's failure policy applies (the contract's default).
 DEFAULT_HOOK_DEADLINE_MS = 1000
-MAX_HOOK_DEADLINE_MS = 600_000
+MAX_HOOK_DEADLINE_MS = 3_600_000
+#: The largest body (or chunk) the native module copies either way (its `max_body_bytes`, same default).
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_MAX_BODY_BYTES = 1 << 30
 #: The filter config is a few hundred bytes; a bigger one is not ours.
 MAX_FILTER_CONFIG = 64 * 1024
 # `site` and `max_body_bytes` are the native module's (it checks them); the bridge reads the rest.
@@ -73,7 +76,9 @@ def meters() -> Meters:
 class InProcessConfig:
     """One in-process filter config: a chain, and what the native module needs to drive it."""
 
-    def __init__(self, chain: Chain, native: Any, hook_deadline_ms: int) -> None:
+    def __init__(
+        self, chain: Chain, native: Any, hook_deadline_ms: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ) -> None:
         schedule = getattr(native, "schedule", None)
         if not callable(schedule):
             raise ConfigError("in-process filter: the native module has no schedule(handle) function")
@@ -95,9 +100,9 @@ class InProcessConfig:
         self.request_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[0])]
         self.response_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[1])]
         async_hooks = _async_hooks(chain)
-        self.plan = StreamPlan.of(
-            chain, _meters, schedule, shared_loop() if async_hooks else None, hook_deadline_ms / 1000, async_hooks
-        )
+        runner = shared_loop() if async_hooks else None
+        deadline = hook_deadline_ms / 1000
+        self.plan = StreamPlan.of(chain, _meters, schedule, runner, deadline, async_hooks, max_body_bytes)
 
     def new_stream(self, handle: int) -> BridgeStream:
         return BridgeStream(self.plan, handle)
@@ -125,7 +130,7 @@ def configure(filter_config_json: str, native: Any) -> InProcessConfig:
         known = ", ".join(sorted(registry.chains))
         raise ConfigError(f"in-process filter config: chain {name!r} is not in {path} (its chains: {known})")
     _check_chain(chain, path)
-    return InProcessConfig(chain, native, fields["hook_deadline_ms"])
+    return InProcessConfig(chain, native, fields["hook_deadline_ms"], fields["max_body_bytes"])
 
 
 def _parse(text: Any) -> dict[str, Any]:
@@ -147,17 +152,13 @@ def _parse(text: Any) -> dict[str, Any]:
         value = fields.get(key)
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: field {key!r}: expected a non-empty string, got {_shown(value)}")
-    deadline = fields.setdefault("hook_deadline_ms", DEFAULT_HOOK_DEADLINE_MS)
-    if (
-        isinstance(deadline, bool)
-        or not isinstance(deadline, int | float)
-        or not math.isfinite(deadline)
-        or not 1 <= deadline <= MAX_HOOK_DEADLINE_MS
+    for key, default, top, unit in (
+        ("hook_deadline_ms", DEFAULT_HOOK_DEADLINE_MS, MAX_HOOK_DEADLINE_MS, "milliseconds"),
+        ("max_body_bytes", DEFAULT_MAX_BODY_BYTES, MAX_MAX_BODY_BYTES, "bytes"),
     ):
-        raise ConfigError(
-            f"{where}: field 'hook_deadline_ms': expected milliseconds from 1 to {MAX_HOOK_DEADLINE_MS}, "
-            f"got {_shown(deadline)}"
-        )
+        value = fields.setdefault(key, default)
+        if type(value) is not int or not 1 <= value <= top:  # the native module reads them as exact ints too
+            raise ConfigError(f"{where}: field {key!r}: expected whole {unit} from 1 to {top}, got {_shown(value)}")
     return fields
 
 

@@ -28,11 +28,12 @@ _HEARTBEAT = 0.05
 
 
 class Watchdog:
-    """Calls a function at a monotonic time from one daemon thread, unless disarmed first."""
+    """Calls a function at a monotonic time from one daemon thread, unless disarmed first. A disarmed entry lets
+    go of its function at once (it may hold a whole stream), not when its time comes."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cancelled: set[int] = set()
+        self._heap: list[tuple[float, int]] = []
+        self._actions: dict[int, Callable[[], None]] = {}
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="sidecar-inprocess-watchdog", daemon=True)
@@ -41,24 +42,29 @@ class Watchdog:
     def arm(self, when: float, action: Callable[[], None]) -> int:
         token = next(self._order)
         with self._wake:
-            heapq.heappush(self._heap, (when, token, action))
+            self._actions[token] = action
+            heapq.heappush(self._heap, (when, token))
             if self._heap[0][1] == token:
                 self._wake.notify()
         return token
 
     def disarm(self, token: int) -> None:
         with self._wake:
-            self._cancelled.add(token)
+            self._actions.pop(token, None)
+
+    @property
+    def armed(self) -> int:
+        return len(self._actions)
 
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
-                _, token, action = heapq.heappop(self._heap)
-                if token in self._cancelled:
-                    self._cancelled.discard(token)
-                    continue
+                _, token = heapq.heappop(self._heap)
+                action = self._actions.pop(token, None)
+            if action is None:
+                continue
             try:
                 action()
             except Exception:  # the watchdog outlives any one stream's trouble

@@ -77,6 +77,10 @@ _PROTECTED_PREFIX = "x-envoy"
 #: Guards a pending phase's settling against the stream's close (held for a schedule() call: microseconds).
 _SETTLING = threading.Lock()
 
+#: The longest `ctx.extend_timeout` honoured (seconds), as the generated ext_proc configs allow (or the hook
+#: deadline, if that is longer).
+MAX_EXTENSION = 10.0
+
 #: A hook finished without ending its phase: the next one runs.
 _GO_ON = object()
 _TRAILERS = frozenset({"request_trailers", "response_trailers"})
@@ -104,6 +108,8 @@ class StreamPlan:
     steps: dict[str, tuple[tuple[Any, list[float]], ...]]
     #: The chain's [opened, closed] stream counters in `meters`.
     stream_counts: list[int]
+    #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
+    max_body: int
 
     @classmethod
     def of(
@@ -114,6 +120,7 @@ class StreamPlan:
         runner: LoopThread | None,
         hook_deadline: float,
         async_hooks: dict[str, int],
+        max_body: int,
     ) -> StreamPlan:
         mode = chain.mode
         steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
@@ -132,6 +139,7 @@ class StreamPlan:
             async_hooks=async_hooks,
             steps=steps,
             stream_counts=meters.streams_of(chain.name),
+            max_body=max_body,
         )
 
 
@@ -178,6 +186,7 @@ class BridgeStream:
         "_done",
         "_pending",
         "_plan",
+        "_timeout",
         "ctx",
         "handle",
         "rejected",
@@ -187,12 +196,15 @@ class BridgeStream:
         chain = plan.chain
         self._plan = plan
         self.handle = handle
+        # `ctx.extend_timeout` is given a way out only while a phase is pending (`_suspend`): a stream that
+        # points at itself from its Context is a cycle, which only the garbage collector frees (2 µs a request).
         self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
         self._disabled: frozenset[str] = frozenset()
         self._done = 0  # the phases seen, as bits of _BIT
         self._pending: _Pending | None = None
         self._awaited = ""  # the plugin whose async hook was awaited last (for the watchdog's log line)
+        self._timeout: asyncio.Timeout | None = None  # the awaited hook's deadline, for ctx.extend_timeout
         self._closed = False
         #: The watchdog settled a phase whose hook may still run: no hook of this stream runs again.
         self._broken = False
@@ -245,6 +257,7 @@ class BridgeStream:
         if pending is None or not pending.settled:
             raise ProtocolError("resume() without a finished pending phase")
         self._pending = None
+        self.ctx._send = None
         result = pending.result
         if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
             raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
@@ -262,9 +275,13 @@ class BridgeStream:
                     if self._closed:
                         return
                     self._closed = True
+            self.ctx._send = None
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
+                runner = self._plan.runner
+                if runner is not None:
+                    runner.watchdog.disarm(pending.backstop)
             self._plan.stream_counts[1] += 1
         except Exception:  # never raises into C
             log.exception("closing an in-process stream failed")
@@ -305,6 +322,7 @@ class BridgeStream:
             raise ProtocolError(f"{kind}: an async hook ran, but the chain's filter has no event loop")
         pending = self._pending = _Pending(kind)
         self._awaited = waiting.plugin
+        self.ctx._send = self._extend  # undone by resume() and close()
         budget = plan.hook_deadline * (plan.async_hooks.get(kind, 1) + 1)
         pending.backstop = runner.watchdog.arm(time.monotonic() + budget, partial(self._backstop, pending))
         pending.loop = runner.submit(self._start, pending, waiting)
@@ -324,7 +342,7 @@ class BridgeStream:
             self._awaited = waiting.plugin
             error: BaseException | None = None
             value: Any = None
-            timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py (DuplexPipe.feed)
+            timeout = self._timeout = asyncio.timeout(deadline)  # not wait_for: see extproc/duplex.py
             try:
                 async with timeout:
                     value = await waiting.awaitable
@@ -332,8 +350,13 @@ class BridgeStream:
                 error = exc
                 if timeout.expired():
                     error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
-            except Exception as exc:
-                error = exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the stream is gone (close) or the watchdog answered: nothing to settle
+                error = RuntimeError("the hook raised CancelledError")  # its own, not ours: a failure like any
+            except BaseException as exc:  # SystemExit too: on the loop thread it would end the phase unanswered
+                error = exc if isinstance(exc, Exception) else RuntimeError(f"the hook raised {type(exc).__name__}")
             try:
                 answer = waiting.go_on(waiting.state, value, error)
             except Exception as exc:  # the bridge's own bug: C answers 500
@@ -384,6 +407,24 @@ class BridgeStream:
         if task is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(task.cancel)
 
+    async def _extend(self, message: Any) -> None:
+        """`ctx.extend_timeout(seconds)` in-process: the awaited hook's deadline moves to `seconds` from now, at
+        most MAX_EXTENSION (as Envoy caps ext_proc's at the filter's max_message_timeout), and so does the
+        watchdog's backstop. Only an async hook can await it, and only on the loop thread."""
+        timeout, pending = self._timeout, self._pending
+        if timeout is None or pending is None or pending.settled:
+            raise RuntimeError("extend_timeout() needs a running stream")
+        seconds = min(message.override_message_timeout.ToTimedelta().total_seconds(), self._max_extension())
+        timeout.reschedule(asyncio.get_running_loop().time() + seconds)
+        runner = self._plan.runner
+        if runner is not None:
+            runner.watchdog.disarm(pending.backstop)
+            later = time.monotonic() + seconds + self._plan.hook_deadline
+            pending.backstop = runner.watchdog.arm(later, partial(self._backstop, pending))
+
+    def _max_extension(self) -> float:
+        return max(MAX_EXTENSION, self._plan.hook_deadline)
+
     # -- failure policy (the ext_proc processor's) -------------------------------------------------
 
     def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
@@ -413,8 +454,18 @@ class BridgeStream:
         headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
         return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
 
+    def _too_big(self, hook: str, what: str, size: int) -> ValueError:
+        return ValueError(
+            f"{hook} {what} of {size} bytes; the in-process filter passes at most {self._plan.max_body} "
+            "(max_body_bytes)"
+        )
+
     def _respond(self, respond: Respond) -> Result:
+        """A Respond as C's RESPOND; a reply body over max_body_bytes is the plugin's error (raised in its hook's
+        try), as C would refuse it."""
         body = respond.body.encode() if isinstance(respond.body, str) else respond.body
+        if len(body) > self._plan.max_body:
+            raise self._too_big("a Respond", "has a body", len(body))
         headers = []
         for name, value in respond.header_pairs:  # checked when the Respond was built
             if name.startswith(_PROTECTED_PREFIX):  # what ext_proc's mutation rules drop from a reply too
@@ -440,8 +491,8 @@ class BridgeStream:
         fail_open = plan.chain.fail_open
         steps = plan.steps[kind]
         before = None
-        for index in range(start, len(steps)):
-            hook, cell = steps[index]
+        for step in steps[start:] if start else steps:
+            hook, cell = step
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
@@ -450,6 +501,7 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, fields)
                 if hook.is_async:
+                    index = steps.index(step, start)  # found by identity: each step is its own tuple
                     state = (kind, fields, end_of_stream, index, hook, cell, started, before)
                     return _Await(result, self._fields_go_on, hook.plugin, state)
                 if result is None:
@@ -488,11 +540,16 @@ class BridgeStream:
         come after the body went on."""
         if kind in _TRAILERS or not isinstance(result, Respond):
             raise hook.wrong(result)
+        answer = self._respond(result)
         self._plan.meters.plugin_ran(hook.plugin, kind, perf_counter() - started, result)
-        return self._respond(result)
+        return answer
 
     def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
         request = kind in _REQUEST
+        if self.ctx.clear_route_cache_requested:
+            refused = self._no_route_cache(kind)
+            if refused is not _GO_ON:
+                return refused  # type: ignore[return-value]
         ops = self._header_ops(fields, request)
         if (
             not end_of_stream
@@ -504,6 +561,17 @@ class BridgeStream:
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
         return self._continue(ops, None)
+
+    def _no_route_cache(self, kind: str) -> Result | object:
+        """`ctx.clear_route_cache()` has no way to Envoy in-process (the contract carries none): the request would
+        go on to the route picked before the plugin's change, silently. Under the chain's policy instead: fail_open
+        logs it and goes on (_GO_ON)."""
+        self.ctx.clear_route_cache_requested = False
+        exc = RuntimeError("ctx.clear_route_cache() is not available in-process: serve this chain from the sidecar")
+        if self._plan.chain.fail_open:
+            self._log_failure(kind, "clear_route_cache", exc)
+            return _GO_ON
+        return self._failed(kind, "clear_route_cache", exc)
 
     def _hook_failed(
         self, kind: str, plugin: str, started: float, exc: Exception, fields: Headers | None, before: Any
@@ -534,8 +602,8 @@ class BridgeStream:
         end = True if mode == BodyMode.BUFFERED else end_of_stream
         ctx = self.ctx
         steps = plan.steps[kind]
-        for index in range(start, len(steps)):
-            stage, cell = steps[index]
+        for step in steps[start:] if start else steps:
+            stage, cell = step
             if stage.plugin in self._disabled:
                 continue
             hook = stage.hook
@@ -543,6 +611,7 @@ class BridgeStream:
             try:
                 result = hook.func(ctx, body) if stage.kind == "body" else hook.func(ctx, body, end)
                 if hook.is_async:
+                    index = steps.index(step, start)
                     state = (kind, direction, chunk, end_of_stream, index, stage, cell, started, body)
                     return _Await(result, self._body_go_on, stage.plugin, state)
                 answer = self._body_result(kind, stage.plugin, hook, cell, started, result)
@@ -573,9 +642,15 @@ class BridgeStream:
     ) -> bytes | Result | object:
         """A body or chunk hook's outcome: the new body, a reply (a Respond), or _GO_ON (None: unchanged)."""
         if isinstance(result, Respond):
+            reply = self._respond(result)
             self._plan.meters.plugin_ran(plugin, kind, perf_counter() - started, result)
-            return self._respond(result)
-        answer = _GO_ON if result is None else _as_body(result, hook)
+            return reply
+        if result is None:
+            answer: bytes | object = _GO_ON
+        else:
+            answer = _as_body(result, hook)
+            if len(answer) > self._plan.max_body:  # C would fail the stream closed, whatever the policy
+                raise self._too_big(hook.name, "returned a body", len(answer))
         elapsed = perf_counter() - started
         cell[bisect_left(BUCKETS, elapsed)] += 1
         cell[-1] += elapsed

@@ -166,6 +166,31 @@ class AsyncBlocksTheLoop(Plugin):
         AsyncBlocksTheLoop.release.wait(5)
 
 
+class AsksForTime(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await ctx.extend_timeout(5)
+        await asyncio.sleep(0.2)  # four times the hook deadline of the test
+        headers["x-took-its-time"] = "1"
+
+
+class Reroutes(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers[":path"] = "/elsewhere"
+        ctx.clear_route_cache()
+
+
+class SetsDelete(Plugin):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-odd"] = "a\x7fb"  # Headers allows DEL; the native module refuses it in a value
+
+
+class AsyncSelfCancels(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        if "x-exit" in headers:
+            raise SystemExit(3)
+        raise asyncio.CancelledError()
+
+
 class AsyncJunk(Plugin):
     async def on_request_headers(self, ctx: Context, headers: Headers) -> Any:
         return 200
@@ -342,6 +367,24 @@ def test_fail_open_drops_the_failing_plugins_changes_and_bypasses_it(tmp_path: P
     assert "Raises" in s._disabled
 
 
+def test_clear_route_cache_is_refused_not_silently_ignored(tmp_path: Path) -> None:
+    """In-process there is no way to re-pick the route: the request would reach the old one with the new path."""
+    closed = stream(tmp_path, "Reroutes").request_headers(REQUEST, True)
+    assert closed is not None and closed[:2] == (1, 500)
+    opened = stream(tmp_path, "Reroutes", on_error="fail_open").request_headers(REQUEST, True)
+    assert opened == (0, ((0, b":path", b"/elsewhere"),), None, None)  # fail_open: logged, the change goes on
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_value_the_native_module_refuses_fails_the_request_closed_whatever_the_policy(
+    tmp_path: Path, on_error: str
+) -> None:
+    """Documented difference: ext_proc's Envoy takes a DEL in a value; the native module fails closed (500)."""
+    result = double(tmp_path, "SetsDelete", on_error=on_error).run(Request())
+    assert result.status == 500 and result.upstream is None
+    assert result.failed is not None and "x-odd" in result.failed
+
+
 def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: Path) -> None:
     d = double(tmp_path, "Protected")
     before = bridge.meters().rejected_mutations
@@ -354,11 +397,35 @@ def test_protected_headers_are_dropped_and_counted_as_ext_proc_would(tmp_path: P
 def test_huge_headers_and_bodies_go_through_whole(tmp_path: Path) -> None:
     d = double(tmp_path, "Edits", "Upper")
     many = {f"x-h{i}": "v" * 1000 for i in range(1000)}
-    body = b"a" * (8 * 1024 * 1024)
+    body = b"a" * (bridge.DEFAULT_MAX_BODY_BYTES - 1)  # upper-cased with a "!": the most C takes back
     result = d.run(Request("POST", "/", many, body), Response(200, (), b"b" * 1024 * 1024))
     assert result.upstream is not None and result.upstream.body == b"A" * len(body) + b"!"
     assert result.upstream.headers["x-h999"] == "v" * 1000 and result.upstream.headers["x-set"] == "1"
     assert len(result.response.body) == 1024 * 1024 + len(" (checked)")
+
+
+class Inflates(Plugin):
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        return body * 1000
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> Respond:
+        return Respond(502, b"x" * 2048)
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_a_body_over_the_native_limit_is_the_plugins_error_under_its_policy(tmp_path: Path, on_error: str) -> None:
+    """The native module would fail such a result closed whatever the policy: the bridge makes it the plugin's."""
+    path = config_file(tmp_path, "Inflates", on_error=on_error)
+    text = json.dumps({"config": str(path), "chain": "default", "max_body_bytes": 1024})
+    config = bridge.configure(text, NativeDouble())
+    s = config.new_stream(1)
+    s.request_headers([*REQUEST, (b"content-length", b"10")], False)
+    body = s.request_body(b"0123456789", True)
+    reply = s.response_headers([(b":status", b"200")], True)
+    if on_error == "fail_closed":
+        assert body is not None and body[:2] == (1, 500)
+    else:
+        assert body is None and reply is None  # the plugin is bypassed from its failure on
 
 
 # ---- async hooks --------------------------------------------------------------------------------------------
@@ -403,6 +470,42 @@ def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_pa
     assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
 
 
+def test_extend_timeout_moves_the_async_hooks_deadline(tmp_path: Path) -> None:
+    result = double(tmp_path, "AsksForTime", deadline_ms=50).run(Request())
+    assert result.status == 200 and result.upstream is not None
+    assert result.upstream.headers["x-took-its-time"] == "1"
+
+
+@pytest.mark.parametrize("how", [{}, {"x-exit": "1"}])
+def test_an_async_hook_raising_cancelled_or_exit_gets_the_policy_at_once(tmp_path: Path, how: dict[str, str]) -> None:
+    d = double(tmp_path, "AsyncSelfCancels", deadline_ms=5000)
+    started = time.monotonic()
+    result = d.run(Request(headers=how))
+    assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+    assert time.monotonic() - started < 4  # not the watchdog's (two deadlines of 5 s)
+
+
+def test_concurrent_streams_from_two_workers_keep_apart(tmp_path: Path) -> None:
+    """Envoy calls from each worker thread under one GIL; async hooks of both share the loop thread."""
+    d = double(tmp_path, "AsyncStamp", "Edits")
+    results: list[Any] = []
+
+    def worker() -> None:
+        for i in range(40):
+            results.append(d.run(Request(headers={"x-request-id": f"{threading.get_ident()}-{i}"}), Response()))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 80
+    for result in results:
+        assert result.status == 200 and result.upstream is not None
+        assert result.upstream.headers["x-async"] == "1" and result.upstream.headers["x-set"] == "1"
+        assert result.response.headers["x-rid"] == result.upstream.headers["x-request-id"]
+
+
 def test_junk_from_an_async_hook_is_the_plugins_error(tmp_path: Path) -> None:
     result = double(tmp_path, "AsyncJunk").run(Request())
     assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
@@ -433,7 +536,11 @@ def test_no_schedule_reaches_a_stream_closed_while_pending(tmp_path: Path) -> No
     d.native.open(1)
     assert s.request_headers(REQUEST, True) == (2,)
     assert AsyncHangs.started.wait(5)
+    runner = d.config.plan.runner
+    assert runner is not None
+    armed = runner.watchdog.armed
     s.close()
+    assert runner.watchdog.armed <= armed - 1  # its backstop let go of it
     assert AsyncHangs.cancelled.wait(5)  # the hook was cancelled, not left running
     wait_for(lambda: s._pending is not None and s._pending.task is not None and s._pending.task.done(), 5, "the task")
     assert d.native.scheduled == 0 and d.native.late == 0
@@ -479,6 +586,9 @@ def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 0}', "hook_deadline_ms"),
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": true}', "hook_deadline_ms"),
         ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 1e999}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "hook_deadline_ms": 2.5}', "hook_deadline_ms"),
+        ('{"config": "CONFIG", "chain": "default", "max_body_bytes": 0}', "max_body_bytes"),
+        ('{"config": "CONFIG", "chain": "default", "max_body_bytes": "1MiB"}', "max_body_bytes"),
         ('{"config": "CONFIG", "chain": "nope"}', "chain 'nope' is not in .* \\(its chains: default\\)"),
         ('{"config": "/nonexistent/sidecar.yaml", "chain": "default"}', "nonexistent"),
         ("x" * (bridge.MAX_FILTER_CONFIG + 1), "at most"),
@@ -535,3 +645,30 @@ def test_the_meters_snapshot_is_what_the_sidecars_prometheus_collector_reads(tmp
     count = samples[("sidecar_plugin_seconds_count", (("phase", "request_headers"), ("plugin", "Edits")))]
     assert count >= 1
     assert families["sidecar_extproc_streams"].samples[0].value >= 1
+
+
+def test_a_finished_stream_is_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    """No reference cycle through a stream (its Context pointing back at it cost 2 µs a request in collections);
+    and a settled async phase leaves nothing armed in the watchdog."""
+    import gc
+
+    def alive() -> bool:
+        return any(type(o) is BridgeStream and o.handle == 4242 for o in gc.get_objects())
+
+    d = double(tmp_path, "Edits", "AsyncStamp")
+    runner = d.config.plan.runner
+    assert runner is not None
+    armed = runner.watchdog.armed  # other tests' streams may still be pending
+    gc.disable()
+    try:
+        s = d.config.new_stream(4242)
+        event = d.native.open(4242)
+        assert s.request_headers(REQUEST, True) == (2,)
+        assert event.wait(5) and s.resume() is not None
+        s.response_headers([(b":status", b"200")], True)
+        s.close()
+        del s
+        wait_for(lambda: not alive(), 5, "the stream freed by reference counting")
+    finally:
+        gc.enable()
+    assert runner.watchdog.armed <= armed

@@ -18,6 +18,7 @@ request, so the two backends can be compared field by field. What it does, as th
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Sequence
@@ -70,60 +71,117 @@ class NativeDouble:
         return True
 
 
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float)
+# What the native module accepts in a Result (its checks, sidecar/inprocess/native/module.c): anything else is
+# failed closed there, so the double refuses it too.
+_TOKEN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+_DETAIL_TOKEN = _TOKEN | frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SETTABLE_PSEUDO = frozenset({b":path", b":method", b":authority", b":scheme", b":status"})
+MAX_HEADER_OPS = 1024
+MAX_HEADER_NAME = 1024
+MAX_HEADER_VALUE = 64 * 1024
+MAX_METADATA_ENTRIES = 128
+MAX_METADATA_NAME = 256
+MAX_METADATA_STRING = 64 * 1024
+MAX_DETAILS = 128
+MAX_BODY = 8 * 1024 * 1024
 
 
-def check_result(result: Any, phase: str, *, held: bool) -> Any:
-    """The result as C accepts it (strictly), or BadResult. `held`: the phase's headers are still held
-    (a headers phase, or a buffered body), so header ops may apply."""
+def _name_problem(name: Any, pseudo_ok: bool) -> str | None:
+    if type(name) is not bytes or not 0 < len(name) <= MAX_HEADER_NAME:
+        return f"header name {name!r}"
+    if name[:1] == b":":
+        return None if pseudo_ok and name in _SETTABLE_PSEUDO else f"pseudo-header {name!r} here"
+    return None if _TOKEN.issuperset(name) else f"header name {name!r}"
+
+
+def _value_problem(name: bytes, value: Any) -> str | None:
+    if type(value) is not bytes or len(value) > MAX_HEADER_VALUE:
+        return f"header value of {name!r}"
+    controls = any(c in value for c in (b"\0", b"\r", b"\n", b"\x7f"))
+    if controls or (value and (value[:1] in b" \t" or value[-1:] in b" \t")):
+        return f"header value of {name!r}: {value!r}"
+    if name == b":status" and not (len(value) == 3 and value.isdigit() and 200 <= int(value) <= 599):
+        return f":status {value!r}"
+    return None
+
+
+def _ops_problem(ops: Any, pseudo_ok: bool) -> str | None:
+    if type(ops) is not tuple or len(ops) > MAX_HEADER_OPS:
+        return "header ops"
+    for op in ops:
+        if type(op) is not tuple or len(op) != 3 or type(op[0]) is not int or op[0] not in (0, 1, 2):
+            return f"header op {op!r}"
+        problem = _name_problem(op[1], pseudo_ok and op[0] == 0)
+        if problem is None:
+            problem = (None if op[2] is None else "a remove with a value") if op[0] == 2 else _value_problem(*op[1:])
+        if problem:
+            return problem
+    return None
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if type(metadata) is not tuple or len(metadata) > MAX_METADATA_ENTRIES:
+        return "metadata"
+    for entry in metadata:
+        if type(entry) is not tuple or len(entry) != 3:
+            return f"metadata entry {entry!r}"
+        namespace, key, value = entry
+        for text in (namespace, key):
+            if type(text) is not str or not 0 < len(text.encode()) <= MAX_METADATA_NAME:
+                return f"metadata name {text!r}"
+        if type(value) is bool or (type(value) is float and value == value and abs(value) != float("inf")):
+            continue
+        if type(value) is int:
+            try:
+                float(value)
+            except OverflowError:
+                return "a metadata int too large for a number"
+            continue
+        if type(value) is not str or len(value.encode()) > MAX_METADATA_STRING:
+            return f"metadata value {type(value).__name__}"
+    return None
+
+
+def check_result(result: Any, phase: str, *, held: bool, max_body: int = MAX_BODY) -> Any:
+    """The result as the native module accepts it (strictly), or BadResult. `held`: the phase's headers are
+    still held (a headers phase, or a buffered body), so header ops may apply."""
     if result is None:
         return None
-    if not isinstance(result, tuple) or not result or type(result[0]) is not int:
+    if type(result) is not tuple or not result or type(result[0]) is not int:
         raise BadResult(f"{phase}: not a result tuple: {type(result).__name__}")
-    kind = result[0]
+    kind, problem = result[0], "not one of the contract's results"
     if kind == 2 and len(result) == 1:
         return result
     if kind == 0 and len(result) == 4:
         _, ops, body, metadata = result
-        if not isinstance(ops, tuple) or (ops and not held):
-            raise BadResult(f"{phase}: header ops where the headers are gone: {ops!r}")
-        for op in ops:
-            if not (
-                isinstance(op, tuple)
-                and len(op) == 3
-                and op[0] in (0, 1, 2)
-                and type(op[0]) is int
-                and isinstance(op[1], bytes)
-                and (op[2] is None if op[0] == 2 else isinstance(op[2], bytes))
-            ):
-                raise BadResult(f"{phase}: bad header op {op!r}")
-        if body is not None and (not isinstance(body, bytes) or "body" not in phase):
-            raise BadResult(f"{phase}: bad body {type(body).__name__}")
-        if metadata is not None and not (
-            isinstance(metadata, tuple)
-            and all(
-                isinstance(m, tuple)
-                and len(m) == 3
-                and isinstance(m[0], str)
-                and isinstance(m[1], str)
-                and _is_scalar(m[2])
-                for m in metadata
-            )
-        ):
-            raise BadResult(f"{phase}: bad metadata {metadata!r}")
-        return result
-    if kind == 1 and len(result) == 5:
+        problem = _ops_problem(ops, phase.endswith("headers")) or _metadata_problem(metadata) or ""
+        if ops and not held:
+            problem = "header ops where the headers already went on"
+        if body is not None and (type(body) is not bytes or "body" not in phase or len(body) > max_body):
+            problem = "a body"
+    elif kind == 1 and len(result) == 5:
         _, status, headers, body, details = result
-        if (
-            type(status) is int
-            and isinstance(headers, tuple)
-            and all(isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, bytes) for x in h) for h in headers)
-            and isinstance(body, bytes)
-            and isinstance(details, str)
-        ):
-            return result
-    raise BadResult(f"{phase}: not one of the contract's results: {result!r}"[:300])
+        problem = ""
+        if type(status) is not int or not 200 <= status <= 599:
+            problem = f"RESPOND status {status!r}"
+        elif type(headers) is not tuple or len(headers) > MAX_HEADER_OPS:
+            problem = "RESPOND headers"
+        elif type(body) is not bytes or len(body) > max_body:
+            problem = "RESPOND body"
+        elif type(details) is not str or len(details) > MAX_DETAILS or not _DETAIL_TOKEN.issuperset(details.encode()):
+            problem = f"RESPOND details {details!r}"
+        for header in headers if not problem else ():
+            if type(header) is not tuple or len(header) != 2:
+                problem = f"RESPOND header {header!r}"
+            else:
+                problem = _name_problem(header[0], False) or _value_problem(*header) or ""
+            if problem:
+                break
+    if problem:
+        raise BadResult(f"{phase}: the native module would refuse {problem}"[:300])
+    return result
 
 
 class _Exchange:
@@ -220,11 +278,10 @@ class InProcessDouble:
         self.config = configure(json.dumps(filter_config), self.native)
         #: How long PENDING may last before the double calls it a hang (the bridge's deadlines are shorter).
         self.resume_timeout = hook_deadline_ms / 1000 * 4 + 5
-        self._handles = 0
+        self._handles = itertools.count(1)  # thread-safe: two "workers" may run requests at once
 
     def run(self, request: Request, response: Response | None = None) -> Result:
-        self._handles += 1
-        exchange = _Exchange(self, self._handles)
+        exchange = _Exchange(self, next(self._handles))
         try:
             self._run(exchange, request, response or Response())
         except BadResult as exc:
