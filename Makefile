@@ -35,6 +35,7 @@ format: $(BIN)/sidecar
 
 bench: $(BIN)/sidecar
 	$(BIN)/python benchmarks/extproc.py
+	$(BIN)/python benchmarks/inprocess.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .coverage

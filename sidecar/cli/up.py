@@ -15,11 +15,27 @@ def _up(args: argparse.Namespace) -> int:
     from sidecar.config import parse_host_port
     from sidecar.stack.up import run_up
 
+    if args.in_process:
+        _refuse_sidecar_flags(args)
     if args.files:
         return _up_files(args)
 
     upstream = parse_host_port(args.upstream, "--upstream") if args.upstream else None
-    return run_up(args.config, port=args.port, upstream=upstream, workers=args.workers)
+    return run_up(args.config, port=args.port, upstream=upstream, workers=args.workers, in_process=args.in_process)
+
+
+def _refuse_sidecar_flags(args: argparse.Namespace) -> None:
+    from sidecar.errors import ConfigError
+
+    if args.files:
+        raise ConfigError(
+            "--in-process does not apply with -f: the EG resources' reload runs the sidecar beside Envoy; "
+            "use -f without --in-process"
+        )
+    if args.workers != 1:
+        raise ConfigError(
+            "--workers: there is no sidecar process with --in-process (the chains run on Envoy's worker thread)"
+        )
 
 
 def _up_files(args: argparse.Namespace) -> int:
@@ -91,4 +107,10 @@ def add_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     up.add_argument("--upstream", metavar="HOST:PORT", help="send traffic to this backend instead of the echo one")
     up.add_argument("--workers", type=int, default=1, help="sidecar worker processes (default %(default)s)")
+    up.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the chains inside Envoy instead of a sidecar process: faster, but a plugin crash in C takes "
+        "Envoy down and one Python serves all of Envoy's workers (docs/in-process.md); not with -f",
+    )
     up.set_defaults(func=_up)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,8 +46,11 @@ def _write_bootstrap(bootstrap: dict[str, Any], directory: Path) -> Path:
     return path
 
 
-def validate_bootstrap(bootstrap: dict[str, Any], *, timeout: float = 60.0) -> None:
-    """Run `envoy --mode validate`; raise ConfigError with Envoy's own reason if it refuses."""
+def validate_bootstrap(
+    bootstrap: dict[str, Any], *, timeout: float = 60.0, env: Mapping[str, str] | None = None
+) -> None:
+    """Run `envoy --mode validate` (with `env` added to this environment); raise ConfigError with Envoy's own
+    reason if it refuses."""
     with tempfile.TemporaryDirectory(prefix="sidecar-validate-") as tmp:
         path = _write_bootstrap(bootstrap, Path(tmp))
         proc = subprocess.run(
@@ -55,6 +59,7 @@ def validate_bootstrap(bootstrap: dict[str, Any], *, timeout: float = 60.0) -> N
             text=True,
             timeout=timeout,
             check=False,
+            env={**os.environ, **env} if env else None,
         )
     if proc.returncode != 0:
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
@@ -78,6 +83,7 @@ class Envoy:
         log_level: str = "warning",
         extra_args: tuple[str, ...] = (),
         hot_restart_of: Envoy | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-envoy-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
@@ -89,6 +95,9 @@ class Envoy:
         self.concurrency = concurrency
         self.log_level = log_level
         self.extra_args = extra_args
+        #: Added to this process's environment for Envoy (the in-process module's search path).
+        inherited: Mapping[str, str] = hot_restart_of.env if hot_restart_of is not None else {}
+        self.env: dict[str, str] = dict(env if env is not None else inherited)
         self.log_path = self.workdir / "envoy.log"
         self.config_path = self.workdir / "envoy.yaml"
         self._admin_path = self.workdir / "admin-address"
@@ -128,7 +137,13 @@ class Envoy:
             *self.extra_args,
         ]
         with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -179,6 +194,13 @@ class Envoy:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    @property
+    def pid(self) -> int:
+        """The running Envoy's process id (its CPU time is in /proc/PID/stat)."""
+        if self._proc is None:
+            raise EnvoyError("this Envoy is not running")
+        return self._proc.pid
 
     @property
     def running(self) -> bool:

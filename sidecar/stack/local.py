@@ -1,7 +1,9 @@
-"""Envoy + the ext_proc sidecar (+ the demo backend) as one local stack, for `sidecar up` and the tests."""
+"""Envoy + the ext_proc sidecar (+ the demo backend) as one local stack, for `sidecar up` and the tests; or, with
+`in_process`, Envoy alone running the same chains in its in-process module."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ class LocalEnvoy:
         serve_args: Sequence[str] = (),
         workdir: Path | None = None,
         bootstrap_hook: Callable[[dict[str, Any]], None] | None = None,
+        in_process: bool = False,
     ) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-harness-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
@@ -47,6 +50,8 @@ class LocalEnvoy:
         self.serve_args = list(serve_args)
         #: Called with the generated bootstrap before Envoy starts, to add what a test needs (access logs...).
         self.bootstrap_hook = bootstrap_hook
+        #: Run the chains inside Envoy (the dynamic-module filter) instead of in a `sidecar serve` process.
+        self.in_process = in_process
         self.backend: EchoBackend | None = None
         self.sidecar: SidecarProcess | None = None
         self.envoy: Envoy | None = None
@@ -75,22 +80,43 @@ class LocalEnvoy:
             self.backend = EchoBackend().start()
             self.upstream = self.backend.address
         routes = tuple(parse_route(r) for r in self.routes) if self.routes else BootstrapOptions().routes
-        self.bootstrap = build_bootstrap(
-            registry, config, BootstrapOptions(listen_port=self.port, upstream=self.upstream, routes=routes)
-        )
+        options = BootstrapOptions(listen_port=self.port, upstream=self.upstream, routes=routes)
+        env: dict[str, str] = {}
+        if self.in_process:
+            from sidecar.inprocess.module import envoy_environment
+            from sidecar.stack.inprocess import inprocess_bootstrap
+
+            self.bootstrap = inprocess_bootstrap(registry, config, self._inprocess_config(), options)
+            env = envoy_environment()
+        else:
+            self.bootstrap = build_bootstrap(registry, config, options)
         if self.bootstrap_hook is not None:
             self.bootstrap_hook(self.bootstrap)
-        self.sidecar = SidecarProcess(
-            [*self._source_args(), "--listen", listen, "--workers", str(self.workers), *self.serve_args],
-            config.socket_paths(),
-            log_path=self.workdir / "sidecar.log",
-        ).start()
+        if not self.in_process:
+            self.sidecar = SidecarProcess(
+                [*self._source_args(), "--listen", listen, "--workers", str(self.workers), *self.serve_args],
+                config.socket_paths(),
+                log_path=self.workdir / "sidecar.log",
+            ).start()
         self.registry = registry
-        self.envoy = Envoy(self.bootstrap, workdir=self.workdir / "envoy").start()
+        self.envoy = Envoy(self.bootstrap, workdir=self.workdir / "envoy", env=env).start()
         host, port = self.envoy.listener_address(LISTENER_NAME)
         self.url = f"http://{host}:{port}"
         self.sockets = config.socket_paths()
         return self
+
+    def _inprocess_config(self) -> Path:
+        """The config file Envoy's module loads: the given one, or one written for `plugins` alone."""
+        from sidecar.errors import ConfigError
+
+        if self.config and self.plugins:
+            raise ConfigError("in-process: give the plugins in the config file or as plugins=, not both")
+        if self.config:
+            return Path(self.config).resolve()
+        path = self.workdir / "sidecar-inprocess.yaml"
+        uses = ", ".join(json.dumps(plugin) for plugin in self.plugins)
+        path.write_text(f"chains:\n  default:\n    plugins: [{uses}]\n")
+        return path.resolve()
 
     def running_problem(self) -> str | None:
         """Why the stack is no longer whole (a process exited), or None."""

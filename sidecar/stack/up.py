@@ -25,7 +25,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_up(config_path: Path | None, *, port: int, upstream: tuple[str, int] | None, workers: int) -> int:
+def run_up(
+    config_path: Path | None, *, port: int, upstream: tuple[str, int] | None, workers: int, in_process: bool = False
+) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -37,6 +39,7 @@ def run_up(config_path: Path | None, *, port: int, upstream: tuple[str, int] | N
             workers=workers,
             serve_args=["--log-format", "text"],
             workdir=Path(tmp),
+            in_process=in_process,
         )
         try:
             stack.start()
@@ -44,10 +47,12 @@ def run_up(config_path: Path | None, *, port: int, upstream: tuple[str, int] | N
                 host, bound = stack.backend.address
                 _say(f"echo backend   http://{host}:{bound}/")
             assert stack.registry is not None and stack.envoy is not None
-            _say(
-                f"sidecar        {stack.sockets[0].parent} ({workers} worker{'s' if workers > 1 else ''}, chains: "
-                f"{', '.join(sorted(stack.registry.chains))})"
-            )
+            chains = ", ".join(sorted(stack.registry.chains))
+            if in_process:
+                _say(f"sidecar        in-process, inside Envoy (chains: {chains})")
+            else:
+                plural = "s" if workers > 1 else ""
+                _say(f"sidecar        {stack.sockets[0].parent} ({workers} worker{plural}, chains: {chains})")
             _say(f"envoy          {stack.url}/  (admin {stack.envoy.admin_url})")
             _say("\nTry it:\n")
             _say(f"  curl -si {stack.url}/hello")

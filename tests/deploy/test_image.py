@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import time
 import urllib.request
@@ -31,6 +32,7 @@ import pytest
 from sidecar.stack.sidecar import health_status
 from tests.support import imagekit
 from tests.support.helm import CHART, Render
+from tests.support.wait import wait_for
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="buildah/umoci/runc here need root"),
@@ -101,10 +103,14 @@ def image(buildah: imagekit.Buildah, base: str, registry: imagekit.Registry, wor
         f"BASE={base}",
         "--build-arg",
         "PIP_INSTALL_ARGS=--no-index",
+        # The test base is Debian's python3, which has no shared libpython to embed (the official images do):
+        # a sidecar-only image, which must say so in one line when asked for the in-process mode.
+        "--build-arg",
+        "IN_PROCESS=no",
         "-t",
         tag,
         str(context),
-        timeout=900,
+        timeout=1200,
     )
     seconds = time.monotonic() - started
     try:
@@ -128,10 +134,22 @@ def _du(path: Path) -> int:
 class Container:
     """`runc run` of an unpacked bundle with our args, a read-only root (as the chart runs it) and binds."""
 
-    def __init__(self, bundle: Path, args: Sequence[str], binds: Sequence[tuple[Path, str]] = ()) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        args: Sequence[str],
+        binds: Sequence[tuple[Path, str]] = (),
+        *,
+        host_network: bool = False,
+        env: Sequence[str] = (),
+    ) -> None:
         self.name = f"es-{uuid.uuid4().hex[:10]}"
         spec = json.loads((bundle / "config.json").read_text())
         spec["process"]["terminal"] = False
+        spec["process"]["env"] = [*spec["process"].get("env", []), *env]
+        if host_network:  # listen on the host's loopback, as a pod's containers share one
+            namespaces = spec["linux"]["namespaces"]
+            spec["linux"]["namespaces"] = [n for n in namespaces if n["type"] != "network"]
         spec["process"]["args"] = list(args)
         spec["root"] = {"path": str(bundle / "rootfs"), "readonly": True}
         for source, dest in binds:
@@ -202,6 +220,22 @@ def test_entrypoint_help(image: Image) -> None:
     assert "serve" in out and "envoy-config" in out and "wasm" in out
     code, out = _run(image.bundle, ["python", "-c", "import oras, os; print(os.getuid(), os.getgid())"])
     assert (code, out.split()) == (0, ["65532", "65532"]), out
+
+
+def test_envoy_is_in_the_image_and_a_sidecar_only_image_refuses_in_process_in_one_line(image: Image) -> None:
+    code, out = _run(image.bundle, ["envoy", "--version"])
+    assert code == 0 and "1.40.0" in out, out
+    code, out = _run(
+        image.bundle,
+        [
+            "sh",
+            "-c",
+            "printf 'plugins: [header-stamp]\\n' > /tmp/s.yaml && sidecar envoy-config --in-process -c /tmp/s.yaml",
+        ],
+    )
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out
+    assert lines[0].startswith("sidecar: error: the in-process backend is not installed"), out
 
 
 def test_serve_answers_grpc_health_and_the_charts_probe(image: Image, render: Render, tmp_path: Path) -> None:
@@ -369,3 +403,117 @@ def test_wasm_filter_recipe_makes_a_compat_image(
             tar.getmember(tar.getnames()[[n.lstrip("./") for n in tar.getnames()].index("plugin.wasm")])
         )
         assert member is not None and member.read() == WASM_MODULE
+
+
+# ---- the in-process image: Envoy from the image, the chart's in-process bootstrap ------------------
+
+
+@pytest.fixture(scope="module")
+def shared_python_base(buildah: imagekit.Buildah, base: str) -> str:
+    """The Debian base plus this machine's Python (which has a shared libpython) at its own prefix: Debian's
+    python3 has none, and the official images cannot be pulled here."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        pytest.skip("this Python has no shared libpython to build the in-process image on")
+    prefix = Path(sys.base_prefix)
+    name = f"localhost/shared-python:{hashlib.sha256(str(prefix).encode()).hexdigest()[:12]}"
+    ctr = buildah("from", "--pull=never", base)
+    try:
+        mnt = Path(buildah("mount", ctr))
+        ignore = shutil.ignore_patterns("site-packages", "test", "__pycache__", "idlelib", "tkinter", "turtledemo")
+        copy = mnt / str(prefix).lstrip("/")
+        shutil.copytree(prefix, copy, symlinks=True, ignore=ignore)
+        for parent in copy.relative_to(mnt).parents:  # /root is 0700: the image's user 65532 must reach Python
+            (mnt / parent).chmod(0o755)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        (copy / "lib" / version / "site-packages").mkdir()  # left out above: this machine's packages
+        buildah("unmount", ctr)
+        path = f"{prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        buildah("config", "--env", f"PATH={path}", ctr)
+        buildah("commit", "--format", "oci", ctr, name, timeout=900)
+    finally:
+        buildah("rm", ctr)
+    return name
+
+
+@pytest.fixture(scope="module")
+def inprocess_image(buildah: imagekit.Buildah, shared_python_base: str, work: Path) -> Iterator[Path]:
+    """images/Dockerfile with its defaults (IN_PROCESS=yes): the module compiled in the build stage."""
+    context = imagekit.build_context(work / "context-inprocess", buildah.log)
+    tag = f"localhost/envoy-sidecar:inprocess-{uuid.uuid4().hex[:8]}"
+    buildah(
+        *("build", "--isolation", "chroot", "--runtime", "runc", "--layers=false", "--pull=never"),
+        *("--build-arg", f"BASE={shared_python_base}", "--build-arg", "PIP_INSTALL_ARGS=--no-index"),
+        *("-t", tag, str(context)),
+        timeout=1500,
+    )
+    try:
+        oci = work / "inprocess-oci"
+        buildah("push", tag, f"oci:{oci}:test", timeout=600)
+        bundle = work / "inprocess-bundle"
+        imagekit.run(["umoci", "unpack", "--image", f"{oci}:test", str(bundle)], timeout=600, log=buildah.log)
+        yield bundle
+    finally:
+        with contextlib.suppress(RuntimeError):
+            buildah("rmi", "-f", tag)
+
+
+def test_in_process_image_has_no_build_tools_and_envoy_loads_the_module(inprocess_image: Path) -> None:
+    rootfs = inprocess_image / "rootfs"
+    dirs = ("usr/bin", "usr/local/bin", "bin", "usr/sbin", "opt/sidecar/bin")
+    assert [f"{d}/{tool}" for d in dirs for tool in BUILD_TOOLS if (rootfs / d / tool).exists()] == []
+    for link, inside in (("modules", "libsidecar_inprocess.so"), ("site", "sidecar/__init__.py")):
+        target = os.readlink(rootfs / "opt/sidecar" / link)  # absolute inside the image
+        assert (rootfs / target.lstrip("/") / inside).is_file(), (link, target)
+
+
+def test_the_charts_in_process_pod_serves_from_the_image(inprocess_image: Path, render: Render, tmp_path: Path) -> None:
+    """The chart's Envoy container as it renders (command, args, env, the two ConfigMaps), run by runc."""
+    from sidecar.stack.demo import EchoBackend
+    from tests.support.net import free_port
+
+    backend = EchoBackend().start()
+    try:
+        host, port = backend.address
+        listen, ready, admin = free_port(), free_port(), free_port()
+        sets = {
+            "inProcess.enabled": "true",
+            "standalone.upstream.host": host,
+            "standalone.upstream.port": str(port),
+            "standalone.envoy.port": str(listen),
+            "standalone.envoy.readyPort": str(ready),
+            "standalone.envoy.adminPort": str(admin),
+        }
+        docs = render(CHART / "ci" / "standalone-values.yaml", sets=sets)
+        envoy = next(c for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"])
+        for name, key in (("envoy", "envoy.yaml"), ("config", "sidecar.yaml")):
+            (tmp_path / name).mkdir()
+            cm = next(d for d in docs if d["kind"] == "ConfigMap" and key in d.get("data", {}))
+            (tmp_path / name / key).write_text(cm["data"][key])
+        ctr = Container(
+            inprocess_image,
+            [*envoy["command"], *envoy["args"]],
+            binds=[(tmp_path / "envoy", "/etc/envoy"), (tmp_path / "config", "/etc/envoy-sidecar/config")],
+            host_network=True,
+            env=[f"{e['name']}={e['value']}" for e in envoy["env"]],
+        )
+        try:
+            wait_for(lambda: _answers(f"http://127.0.0.1:{ready}/ready", ctr), 60, "Envoy's /ready in the container")
+            with urllib.request.urlopen(f"http://127.0.0.1:{listen}/hello", timeout=10) as resp:
+                echoed = json.loads(resp.read())
+            assert echoed["headers"]["x-stamped-by"] == "envoy-sidecar"  # header-stamp ran inside Envoy
+            subprocess.run(["runc", "kill", ctr.name, "TERM"], check=True, timeout=10)
+            code, out = ctr.communicate(60)
+            assert code == 0, out
+        finally:
+            ctr.close()
+    finally:
+        backend.stop()
+
+
+def _answers(url: str, ctr: Container) -> bool:
+    assert ctr.proc.poll() is None, f"the container exited: {ctr.communicate(5)[1][-2000:]}"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -159,14 +159,29 @@ class Buildah:
 
 
 def build_context(dest: Path, log: Path) -> Path:
-    """images/ + dist/ holding the project's wheel and all its dependencies as wheels (no index in the build)."""
+    """images/ + dist/ holding the project's source distribution (the image compiles the in-process module against
+    its own Python) and all its dependencies and setuptools as wheels (no index in the build)."""
     shutil.copytree(ROOT / "images", dest)
     dist = dest / "dist"
     dist.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)], timeout=300, log=log)
-    wheel = next(dist.glob("envoy_sidecar-*.whl"))
-    run([*pip, "wheel", "-q", "-w", str(dist), f"{wheel}[wasm]"], timeout=600, log=log)
+    # A setuptools new enough for the project's metadata (the build isolation pip gives `pip wheel`), for the sdist
+    # here and the build in the image.
+    run([*pip, "wheel", "-q", "-w", str(dist), "setuptools>=77"], timeout=300, log=log)
+    builder = dest.parent / f"{dest.name}-sdist-venv"
+    run([sys.executable, "-m", "venv", str(builder)], timeout=120, log=log)
+    run(
+        [str(builder / "bin" / "pip"), "install", "-q", "-U", "--no-index", "-f", str(dist), "setuptools"],
+        timeout=120,
+        log=log,
+    )
+    build_sdist = f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"
+    run([str(builder / "bin" / "python"), "-c", build_sdist], timeout=300, log=log, cwd=ROOT)
+    shutil.rmtree(builder)
+    sdist = next(dist.glob("envoy_sidecar-*.tar.gz"))
+    run([*pip, "wheel", "-q", "-w", str(dist), f"{sdist}[wasm,envoy]"], timeout=900, log=log)
+    for wheel in dist.glob("envoy_sidecar-*.whl"):
+        wheel.unlink()  # built for this machine's Python: the image builds its own from the sdist
     return dest
 
 

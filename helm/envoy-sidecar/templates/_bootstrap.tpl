@@ -34,6 +34,9 @@ static_resources:
                   {{- range $m := include "envoy-sidecar.localWasm" . | fromJsonArray }}
                   - {{ include "envoy-sidecar.wasmFilter" (dict "root" $root "module" $m) | nindent 20 | trim }}
                   {{- end }}
+                  {{- if .Values.inProcess.enabled }}
+                  - {{ include "envoy-sidecar.inProcessFilter" . | nindent 20 | trim }}
+                  {{- else }}
                   - name: envoy.filters.http.ext_proc
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
@@ -79,6 +82,7 @@ static_resources:
                       response_attributes: {{ toJson . }}
                       {{- end }}
                       stat_prefix: sidecar
+                  {{- end }}
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -112,6 +116,7 @@ static_resources:
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
+    {{- if not .Values.inProcess.enabled }}
     - name: envoy-sidecar
       type: STATIC
       connect_timeout: 0.250s
@@ -151,6 +156,7 @@ static_resources:
         max_ejection_time: 30s
         max_ejection_percent: 50
       {{- end }}
+    {{- end }}
     - name: upstream
       type: {{ ternary "STATIC" "STRICT_DNS" $isIP }}
       connect_timeout: 2s
@@ -164,6 +170,24 @@ static_resources:
 admin:
   address:
     socket_address: {address: 127.0.0.1, port_value: {{ $s.envoy.adminPort }}}
+{{- end -}}
+
+
+{{/* The in-process filter: the chains run inside Envoy through the module in the sidecar image, which keeps it
+(and the virtualenv Python imports from) at fixed paths (images/Dockerfile). The filter config is the JSON
+`sidecar.inprocess.module.http_filter` writes; each hook's deadline is extProc.messageTimeout, as
+`sidecar envoy-config --in-process` takes it from message_timeout. The filter is named after the chain. */}}
+{{- define "envoy-sidecar.inProcessFilter" -}}
+{{- $seconds := include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout | trimSuffix "s" | float64 -}}
+{{- $config := dict "factory" "sidecar.inprocess.bridge:configure" "config" "/etc/envoy-sidecar/config/sidecar.yaml" "chain" "default" "site" (list "/opt/sidecar/site") "hook_deadline_ms" (round (mulf $seconds 1000) 0 | int) "max_body_bytes" (.Values.inProcess.maxBodyBytes | int) -}}
+name: sidecar.inprocess.default
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+  dynamic_module_config: {name: sidecar_inprocess, do_not_close: true}
+  filter_name: default
+  filter_config:
+    "@type": type.googleapis.com/google.protobuf.StringValue
+    value: {{ toJson $config | quote }}
 {{- end -}}
 
 

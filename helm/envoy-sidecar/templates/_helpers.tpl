@@ -473,6 +473,9 @@ line rather than by the API server or a silent drop. */}}
 {{- if not .Values.envoyGateway.targets -}}
 {{- fail "envoyGateway.targets: at least one target (a Gateway or HTTPRoute to route through the sidecar) is required in envoyGateway mode" -}}
 {{- end -}}
+{{- if .Values.inProcess.enabled -}}
+{{- fail "inProcess.enabled: only with mode: standalone (the Envoy that Envoy Gateway runs has no Python to load the plugins into); use the sidecar there" -}}
+{{- end -}}
 {{- else if not .Values.standalone.upstream.host -}}
 {{- fail "standalone.upstream.host: the backend Envoy forwards to is required in standalone mode" -}}
 {{- end -}}
