@@ -206,6 +206,20 @@ def _respond(
     return (1, status, headers, body, details, metadata)
 
 
+def _hog(make: Callable[[], object]) -> Result:
+    """Allocates `make()` objects until Python refuses (the module's memory budget): MemoryError escapes."""
+    kept = []
+    while True:
+        kept.append(make())
+
+
+def _hog_grow() -> Result:
+    """One str grown in place (realloc) until Python refuses."""
+    grown = ""
+    while True:
+        grown += "x" * 65536
+
+
 class _Stream:
     def __init__(self, config: _Config, handle: int) -> None:
         self.config = config
@@ -336,6 +350,11 @@ class _Stream:
             b"/pending-storm-body": self._storm,
             b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
+            b"/hog-large": lambda: _hog(lambda: bytearray(1 << 20)),
+            b"/hog-small": lambda: _hog(object),
+            b"/hog-grow": _hog_grow,
+            b"/hog-thread": self._hog_thread,
+            b"/memory": lambda: _respond(200, "fake_memory", json.dumps(self.config.native.memory()).encode()),
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
@@ -346,6 +365,22 @@ class _Stream:
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         action = actions.get(path)
         return action() if action else None
+
+    def _hog_thread(self) -> Result:
+        """PENDING while another Python thread (as the bridge's event loop) allocates without bound: the budget is the
+        interpreter's, every thread's. It catches its MemoryError and answers 507."""
+
+        def hog() -> None:
+            try:
+                _hog(object)
+            except MemoryError:
+                self.waiting = _respond(507, "fake_hog_thread")
+            self.ready = True
+            self.config.native.schedule(self.handle)
+
+        self.ready = False
+        threading.Thread(target=hog, daemon=True).start()
+        return (2,)
 
     def _raise(self) -> Result:
         raise RuntimeError("secret-token-0123")  # the module must not log this message
