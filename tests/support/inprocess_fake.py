@@ -221,6 +221,11 @@ def _hog_grow() -> Result:
 
 
 class _Stream:
+    # Made by _storm() only: a threading.Event costs about 3 us (its Condition probes its Lock for methods it lacks,
+    # three AttributeErrors), more than the native module's own work per request in benchmarks/inprocess_native.py.
+    in_resume: threading.Event
+    storm_over: threading.Event
+
     def __init__(self, config: _Config, handle: int) -> None:
         self.config = config
         self.handle = handle
@@ -232,8 +237,6 @@ class _Stream:
         self.ready = True  # the work behind the current PENDING is done (resume() before that is a bug)
         self.resumed_once = False
         self.storming = False
-        self.in_resume = threading.Event()
-        self.storm_over = threading.Event()
 
     # -- PENDING: the answer comes from another thread, as an async hook's would --------------------------------
     def _later(self, result: Result, delay_ms: int, schedule: bool = True) -> Result:
@@ -254,6 +257,8 @@ class _Stream:
 
     def _storm(self) -> Result:
         """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.in_resume = threading.Event()
+        self.storm_over = threading.Event()
         self.waiting = None
         self.ready = True
         self.storming = True

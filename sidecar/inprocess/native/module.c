@@ -204,12 +204,18 @@ static void gil_drop(void) {
   PyEval_SaveThread();
 }
 
-/* ---- the watchdog: interrupts Python code that runs past the hook deadline ----------------------------------- */
+/* ---- the watchdog: interrupts Python code that runs past the hook deadline -----------------------------------
+ * The worker reads no clock: it only publishes which call it is in (two plain stores a call). The watchdog, every
+ * tick, notes when it first saw each call, and interrupts one it has seen for longer than the deadline. So a hook
+ * is interrupted between its deadline and two ticks (10 ms) later. */
+#define WATCHDOG_TICK_NS (5u * 1000 * 1000)
+
 typedef struct {
-  _Atomic uint64_t started_ns; /* 0 while the thread is not in a hook */
-  _Atomic uint64_t deadline_ns;
-  _Atomic uint64_t generation; /* bumped at every hook end */
-  _Atomic uint64_t fired_generation;
+  _Atomic uint64_t call;        /* the thread's call under way (a number it never reuses), 0 between calls */
+  _Atomic uint64_t deadline_ns; /* that call's */
+  _Atomic uint64_t fired;       /* the call the watchdog interrupted */
+  uint64_t calls;               /* the thread's own count, which numbers its calls */
+  uint64_t seen_call, seen_ns;  /* the watchdog's own: the call it saw last and when it first saw it */
   unsigned long thread_id;
 } watch_slot;
 
@@ -223,21 +229,21 @@ static void *watchdog_main(void *unused) {
   (void)unused;
   budget_exempt = 1; /* its few allocations (a thread state, the exception it sets) must not fail */
   for (;;) {
-    struct timespec tick = {0, 5 * 1000 * 1000};
+    struct timespec tick = {0, WATCHDOG_TICK_NS};
     nanosleep(&tick, NULL);
     uint64_t now = monotonic_ns();
     unsigned n = atomic_load(&watch_slot_count);
-    for (unsigned i = 0; i < n; i++) {
+    for (unsigned i = 0; i < n && i < MAX_WORKER_THREADS; i++) {
       watch_slot *s = &watch_slots[i];
-      uint64_t started = atomic_load(&s->started_ns), generation = atomic_load(&s->generation);
-      if (started == 0 || now - started < atomic_load(&s->deadline_ns)) continue;
-      if (atomic_load(&s->fired_generation) == generation + 1) continue;
-      /* With the GIL held the worker is either still inside the call or past its generation bump (it bumps under
-       * the GIL), so a matching generation means the exception lands in the hook that overran. A hook blocked in
-       * C while holding the GIL cannot be interrupted: we wait here until it lets go. */
+      uint64_t call = atomic_load_explicit(&s->call, memory_order_acquire);
+      if (call != s->seen_call) s->seen_call = call, s->seen_ns = now;
+      if (call == 0 || now - s->seen_ns < atomic_load(&s->deadline_ns) || atomic_load(&s->fired) == call) continue;
+      /* With the GIL held the worker is either still inside the call or past its end (it ends calls under the
+       * GIL), so a call still published means the exception lands in the hook that overran. A hook blocked in C
+       * while holding the GIL cannot be interrupted: we wait here until it lets go. */
       PyGILState_STATE g = PyGILState_Ensure();
-      if (atomic_load(&s->started_ns) != 0 && atomic_load(&s->generation) == generation) {
-        atomic_store(&s->fired_generation, generation + 1);
+      if (atomic_load(&s->call) == call) {
+        atomic_store(&s->fired, call);
         PyThreadState_SetAsyncExc(s->thread_id, PyExc_TimeoutError);
       }
       PyGILState_Release(g);
@@ -274,18 +280,17 @@ static watch_slot *watch_slot_for_thread(void) {
 static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
-    atomic_store(&s->deadline_ns, deadline_ns);
-    atomic_store(&s->started_ns, monotonic_ns());
+    atomic_store_explicit(&s->deadline_ns, deadline_ns, memory_order_relaxed);
+    atomic_store_explicit(&s->call, ++s->calls, memory_order_release);
   }
   return s;
 }
 
 static void watch_end(watch_slot *s) {
   if (!s) return;
-  atomic_store(&s->started_ns, 0);
-  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  atomic_store_explicit(&s->call, 0, memory_order_release);
   /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+  if (atomic_load_explicit(&s->fired, memory_order_relaxed) == s->calls) PyThreadState_SetAsyncExc(s->thread_id, NULL);
 }
 
 /* callable(*args); a new reference, or NULL with the Python error set. */
@@ -511,6 +516,33 @@ static void fail_result(stream_filter *f, const char *phase, const char *what) {
 }
 
 /* ---- Envoy -> Python copies ------------------------------------------------------------------------------------- */
+/* Header names Envoy's maps hold on most requests and responses, made once as bytes: a stream's copy of them costs
+ * a reference, not an allocation. */
+static const char *const COMMON_NAMES[] = {
+    ":authority", ":path", ":method", ":scheme", ":status", "host", "user-agent", "accept", "accept-encoding",
+    "accept-language", "content-type", "content-length", "transfer-encoding", "connection", "cookie", "authorization",
+    "cache-control", "date", "server", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-upstream-service-time", "x-envoy-internal", "te", "vary", "etag",
+    "location", "set-cookie", "referer", "origin"};
+#define COMMON_NAME_COUNT (sizeof COMMON_NAMES / sizeof COMMON_NAMES[0])
+static PyObject *common_names[COMMON_NAME_COUNT];
+static size_t common_name_lengths[COMMON_NAME_COUNT];
+
+static int common_names_make(void) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
+    common_name_lengths[i] = strlen(COMMON_NAMES[i]);
+    if (!(common_names[i] = PyBytes_FromStringAndSize(COMMON_NAMES[i], (Py_ssize_t)common_name_lengths[i]))) return -1;
+  }
+  return 0;
+}
+
+/* A new reference to `name` as bytes. */
+static PyObject *header_name(const char *name, size_t len) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++)
+    if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return Py_NewRef(common_names[i]);
+  return PyBytes_FromStringAndSize(name, (Py_ssize_t)len);
+}
+
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
   size_t n = dm_get_headers_size(f->envoy, map);
   if (n > MAX_HEADERS_IN) {
@@ -529,13 +561,18 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
-    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
-    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
-    Py_XDECREF(name);
-    Py_XDECREF(value);
-    if (!pair) Py_CLEAR(list);
-    else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    PyObject *pair = PyTuple_New(2), *name = NULL, *value = NULL;
+    if (pair && (name = header_name(h[i].key, h[i].key_len)))
+      value = PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len);
+    if (!value) {
+      Py_XDECREF(pair);
+      Py_XDECREF(name);
+      Py_CLEAR(list);
+      break;
+    }
+    PyTuple_SET_ITEM(pair, 0, name);
+    PyTuple_SET_ITEM(pair, 1, value);
+    PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
 done:
   if (h != stack) free(h);
@@ -1383,6 +1420,7 @@ static int python_start(void) {
   for (int d = 0; d < 2; d++)
     for (int k = 0; k < 3; k++)
       if (!(str_phase[d][k] = PyUnicode_InternFromString(PHASE_NAMES[d][k]))) goto fail;
+  if (common_names_make() != 0) goto fail;
   PyEval_SaveThread();
   pthread_once(&watchdog_once, watchdog_start);
   return 0;
