@@ -38,6 +38,7 @@ __all__ = [
     "MAX_FILTER_CONFIG",
     "MAX_HOOK_DEADLINE_MS",
     "InProcessConfig",
+    "check_chain",
     "configure",
     "meters",
 ]
@@ -53,14 +54,13 @@ MAX_FILTER_CONFIG = 64 * 1024
 # `site` and `max_body_bytes` are the native module's (it checks them); the bridge reads the rest.
 _FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms", "max_body_bytes"})
 
-#: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed.
+#: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed, 3 buffered
+#: partial (C holds the headers and buffers up to Envoy's buffer limit, then calls the hook once, as ext_proc).
 _NATIVE_BODY_MODE = {
     BodyMode.NONE: 0,
     BodyMode.BUFFERED: 1,
-    # BUFFERED_PARTIAL: Envoy's ext_proc sends what fits its buffer, as one message; in-process the whole
-    # body is buffered under Envoy's own buffer limit, and hooks get it as one chunk.
-    BodyMode.BUFFERED_PARTIAL: 1,
     BodyMode.STREAMED: 2,
+    BodyMode.BUFFERED_PARTIAL: 3,
 }
 _PHASE_BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
 
@@ -129,7 +129,7 @@ def configure(filter_config_json: str, native: Any) -> InProcessConfig:
     if chain is None:
         known = ", ".join(sorted(registry.chains))
         raise ConfigError(f"in-process filter config: chain {name!r} is not in {path} (its chains: {known})")
-    _check_chain(chain, path)
+    check_chain(chain, path)
     return InProcessConfig(chain, native, fields["hook_deadline_ms"], fields["max_body_bytes"])
 
 
@@ -170,7 +170,8 @@ def _shown(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_chain(chain: Chain, path: str) -> None:
+def check_chain(chain: Chain, path: str) -> None:
+    """A chain the in-process filter cannot run as the ext_proc server would: one ConfigError naming it."""
     where = f"{path}: chain {chain.name!r}"
     if chain.full_duplex:
         raise ConfigError(

@@ -2,25 +2,26 @@
 tuples it applies.
 
 The semantics are the ext_proc server's (`sidecar.extproc.processor`), phase by phase: request hooks in chain
-order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's
-error; a failure gets the chain's policy (fail_closed: a 500 with an error id; fail_open: the plugin's changes
-dropped and the plugin bypassed for the rest of the stream); a buffered body that changes keeps content-length
-right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is dropped and
-counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
+order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's error; a
+failure gets the chain's policy (fail_closed: a 500 with an error id, or a 504 past the hook deadline as Envoy's
+message_timeout answers; fail_open: the plugin's changes dropped and the plugin bypassed for the rest of the
+stream); every reply carries the metadata the phase's hooks set before it; a buffered body that changes keeps
+content-length right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is
+dropped and counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
 
 Each phase is a generator: sync hooks run inline on Envoy's worker; at the first `async def` hook the
 generator yields the hook's coroutine and the rest of the phase runs on the loop thread (`loop.py`), which
 awaits each coroutine under the hook deadline and sends the result back in. The worker gets PENDING and, once
 the bridge called `native.schedule(handle)`, `resume()` hands it the phase's result.
 
-What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details)
-or (2,).
+What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details,
+metadata) or (2,). Metadata is None or (namespace, key, value) items, each value JSON-like (str, int, float,
+bool, None, dict, list), nested at most MAX_METADATA_DEPTH deep.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -50,6 +51,13 @@ SET, APPEND, REMOVE = 0, 1, 2
 #: The ext_proc path's reply to a failed plugin in a fail_closed chain.
 _ERROR_BODY = b"Internal Server Error\n"
 _ERROR_DETAILS = "sidecar_plugin_error"
+#: ... and to a hook past its deadline, as Envoy's ext_proc answers a message past its `message_timeout`.
+_TIMEOUT_BODY = b"Gateway Timeout\n"
+_TIMEOUT_DETAILS = "sidecar_hook_timeout"
+#: How an awaited hook's deadline reads (the log line), and how the failure policy tells it from other failures.
+_DEADLINE_TEXT = "the hook ran past the in-process hook deadline"
+#: How deep a dict/list metadata value may nest (the native module refuses deeper ones).
+MAX_METADATA_DEPTH = 16
 
 # Phases as bits; within a direction a phase may not come after a later one, nor twice (bodies may).
 _BIT = {
@@ -352,7 +360,9 @@ class BridgeStream:
             except TimeoutError as exc:
                 error = exc
                 if timeout.expired():
-                    error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
+                    error = TimeoutError(f"{_DEADLINE_TEXT} ({deadline * 1000:g} ms)")
+                elif not exc.args:  # the hook's own bare TimeoutError (asyncio.wait_for): not our deadline
+                    error = TimeoutError("the hook raised TimeoutError")
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -392,7 +402,7 @@ class BridgeStream:
         plan = self._plan
         plan.meters.backstops += 1
         self._broken = True
-        exc = TimeoutError(f"{pending.kind} did not finish within its hook deadlines; the event loop did not answer")
+        exc = TimeoutError(f"{_DEADLINE_TEXT}s of {pending.kind}; the event loop did not answer")
         if plan.chain.fail_open:
             self._log_failure(pending.kind, self._awaited, exc)
             result: Result = None
@@ -451,11 +461,22 @@ class BridgeStream:
         self._disabled = self._disabled | {plugin}
 
     def _failed(self, kind: str, plugin: str, exc: BaseException) -> Result:
-        return self._error_reply(self._log_failure(kind, plugin, exc))
+        error_id = self._log_failure(kind, plugin, exc)
+        if _past_deadline(exc):
+            return self._error_reply(error_id, 504, _TIMEOUT_BODY, _TIMEOUT_DETAILS)
+        return self._error_reply(error_id)
 
-    def _error_reply(self, error_id: str) -> Result:
+    def _error_reply(
+        self, error_id: str, status: int = 500, body: bytes = _ERROR_BODY, details: str = _ERROR_DETAILS
+    ) -> Result:
+        """The failure policy's reply, with the metadata the phase's hooks set before it (ext_proc keeps it)."""
         headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
-        return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
+        try:
+            metadata = self._metadata()
+        except (TypeError, ValueError) as exc:  # the reply fails closed anyway; say why the metadata is not there
+            self._log_failure("metadata", "set_metadata", exc)
+            metadata = None
+        return (RESPOND, status, headers, body, details, metadata)
 
     def _too_big(self, hook: str, what: str, size: int) -> ValueError:
         return ValueError(
@@ -475,7 +496,7 @@ class BridgeStream:
                 self._reject(f"set {name}")
                 continue
             headers.append((name.encode(), value.encode("latin-1")))
-        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
+        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details), self._metadata())
 
     def _reject(self, change: str) -> None:
         self.rejected = (*self.rejected, change)
@@ -672,23 +693,32 @@ class BridgeStream:
         return self._continue(ops, body if changed else None)
 
     def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
-        metadata = self._metadata() if self.ctx.dynamic_metadata else None
+        metadata = None
+        if self.ctx.dynamic_metadata:
+            try:
+                metadata = self._metadata()
+            except (TypeError, ValueError) as exc:  # a value C cannot take: the chain's policy, not a silent drop
+                if not self._plan.chain.fail_open:
+                    return self._failed("metadata", "set_metadata", exc)
+                self._log_failure("metadata", "set_metadata", exc)
         if not ops and body is None and metadata is None:
             return None
         return (CONTINUE, ops, body, metadata)
 
     def _metadata(self) -> tuple[tuple[str, str, Any], ...] | None:
-        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items."""
+        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items of exact types
+        (a copy: a plugin may change its dict after set_metadata). Taken first, so a value that cannot go (too
+        deep) fails the phase once, and its failure reply goes without it."""
         ctx = self.ctx
-        if not ctx.dynamic_metadata:
+        metadata = ctx.dynamic_metadata
+        if not metadata:
             return None
-        items = tuple(
-            (namespace, key, _scalar(value))
-            for namespace, values in ctx.dynamic_metadata.items()
+        ctx.dynamic_metadata = {}
+        return tuple(
+            (namespace, key, _plain(value, key, 0))
+            for namespace, values in metadata.items()
             for key, value in values.items()
         )
-        ctx.dynamic_metadata = {}
-        return items
 
     def _header_ops(self, headers: Headers, request: bool) -> tuple[tuple[int, bytes, bytes | None], ...]:
         """The smallest list of set/append/remove that turns what Envoy has into `headers` (as
@@ -776,9 +806,13 @@ def _as_body(result: Any, hook: Hook) -> bytes:
     raise hook.wrong(result)
 
 
-def _scalar(value: Any) -> str | int | float | bool:
-    """A metadata value as the native module can set it: str, number or bool as exactly those types (an
-    IntEnum is an int); None, lists and dicts as their JSON text (the contract carries no Struct)."""
+def _plain(value: Any, key: str, depth: int) -> Any:
+    """A metadata value as the native module takes it: str, int, float, bool, None, dict (str keys) and list as
+    exactly those types (an IntEnum is an int, a tuple a list), nested at most MAX_METADATA_DEPTH deep.
+    `ctx.set_metadata` checked it was JSON-like; a deeper one (or a cycle) fails the phase closed."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
@@ -787,7 +821,19 @@ def _scalar(value: Any) -> str | int | float | bool:
         return float(value)
     if isinstance(value, str):
         return str(value)
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if depth >= MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata {key!r}: nested deeper than {MAX_METADATA_DEPTH} levels in-process")
+    if isinstance(value, dict):
+        return {str(k): _plain(v, key, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, key, depth + 1) for v in value]
+    raise TypeError(f"metadata {key!r}: {type(value).__name__} is not JSON-like")
+
+
+def _past_deadline(exc: BaseException) -> bool:
+    """A hook failed at its deadline: the bridge's own TimeoutError, or the bare one the native watchdog raises
+    in a sync hook's Python code."""
+    return type(exc) is TimeoutError and (not exc.args or str(exc.args[0]).startswith(_DEADLINE_TEXT))
 
 
 #: Characters of one token in Envoy's response code details (the native module checks them).
