@@ -17,10 +17,13 @@ import pytest
 
 from sidecar.stack.envoy import EnvoyError
 from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.inprocess_fake import MALFORMED
 from tests.support.load import run_load
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
+
+NUL_IN_NAME = MALFORMED.index((0, ((0, b"x\x00a", b"v"),), None, None))
 
 
 def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> None:
@@ -165,7 +168,7 @@ def test_streams_leave_nothing_behind_in_envoy() -> None:
         pid = envoy.envoy._proc.pid
 
         def batch(count: int) -> None:
-            for path in ("/respond", "/raise", "/malformed/35"):
+            for path in ("/respond", "/raise", f"/malformed/{NUL_IN_NAME}"):
                 report = asyncio.run(run_load(*envoy.address, seconds=60, connections=8, max_requests=count, path=path))
                 assert len(report.outcomes) == count
 

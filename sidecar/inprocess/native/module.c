@@ -39,7 +39,8 @@
 #define MAX_HEADER_VALUE (64 * 1024)          /* bytes */
 #define MAX_METADATA_ENTRIES 128              /* dynamic metadata entries in one Result */
 #define MAX_METADATA_NAME 256                 /* namespace or key, bytes */
-#define MAX_METADATA_STRING (64 * 1024)       /* a string value, bytes */
+#define MAX_METADATA_STRING (64 * 1024)       /* a string value, or a dict/list value encoded, bytes */
+#define MAX_METADATA_DEPTH 16                 /* dicts and lists nested in one metadata value */
 #define MAX_DETAILS 128                       /* RESPOND details, bytes */
 #define DEFAULT_MAX_BODY_BYTES (8u * 1024 * 1024) /* a body (or chunk) copied either way; `max_body_bytes` */
 #define MAX_LIVE_STREAMS (1u << 20)           /* streams with a Python stream object at once */
@@ -49,7 +50,7 @@
 
 enum { REQUEST = 0, RESPONSE = 1 };
 enum { HEADERS = 0, BODY = 1, TRAILERS = 2 };
-enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2 };
+enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2, BODY_BUFFERED_PARTIAL = 3 };
 enum { RESULT_CONTINUE = 0, RESULT_RESPOND = 1, RESULT_PENDING = 2 };
 /* What applying a Result left the filter to do. */
 enum outcome { GO_ON, STOPPED, PENDING, WAIT };
@@ -597,6 +598,163 @@ static const char *check_header_ops(PyObject *ops, int allow_pseudo, int d) {
   return NULL;
 }
 
+/* ---- metadata values that are dicts, lists or None: google.protobuf.Value in protobuf wire format ---------------
+ * Envoy 1.40's set_dynamic_metadata_struct takes a serialized google.protobuf.Struct and merges it into the
+ * namespace, so a nested value goes in as Struct{fields: {key: value}}, a real Struct as ext_proc writes it.
+ * Wire facts (struct.proto): Struct.fields = 1 (map entry: key = 1, value = 2); Value: null_value = 1 (enum),
+ * number_value = 2 (double), string_value = 3, bool_value = 4, struct_value = 5, list_value = 6;
+ * ListValue.values = 1. Sizing is a pass of its own that also checks the value; writing cannot fail after it. */
+static size_t varint_size(size_t n) {
+  size_t size = 1;
+  while (n >= 0x80) n >>= 7, size++;
+  return size;
+}
+
+static char *put_varint(char *out, size_t n) {
+  while (n >= 0x80) *out++ = (char)(n & 0x7f) | (char)0x80, n >>= 7;
+  *out++ = (char)n;
+  return out;
+}
+
+static char *put_bytes(char *out, unsigned tag, const char *p, size_t len) {
+  *out++ = (char)tag;
+  out = put_varint(out, len);
+  memcpy(out, p, len);
+  return out + len;
+}
+
+/* A length-delimited field of `len` bytes (tag, length, payload). */
+static size_t field_size(size_t len) { return 1 + varint_size(len) + len; }
+
+static Py_ssize_t value_size(PyObject *v, int depth, const char **why);
+
+/* The bytes of a Struct's fields (map entries), or of a ListValue's values. -1 with *why on a bad value. */
+static Py_ssize_t container_size(PyObject *v, int depth, const char **why) {
+  if (depth > MAX_METADATA_DEPTH) {
+    *why = "a metadata value nested deeper than " Py_STRINGIFY(MAX_METADATA_DEPTH);
+    return -1;
+  }
+  size_t total = 0;
+  if (PyList_CheckExact(v)) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+      Py_ssize_t n = value_size(PyList_GET_ITEM(v, i), depth, why);
+      if (n < 0) return -1;
+      total += field_size((size_t)n);
+      if (total > MAX_METADATA_STRING) goto too_large;
+    }
+    return (Py_ssize_t)total;
+  }
+  PyObject *key, *item;
+  Py_ssize_t pos = 0, key_len;
+  while (PyDict_Next(v, &pos, &key, &item)) {
+    if (!PyUnicode_CheckExact(key) || !PyUnicode_AsUTF8AndSize(key, &key_len)) {
+      PyErr_Clear();
+      *why = "a metadata dict key that is not a str";
+      return -1;
+    }
+    Py_ssize_t n = value_size(item, depth, why);
+    if (n < 0) return -1;
+    total += field_size(field_size((size_t)key_len) + field_size((size_t)n));
+    if (total > MAX_METADATA_STRING) goto too_large;
+  }
+  return (Py_ssize_t)total;
+too_large:
+  *why = "a metadata value over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+  return -1;
+}
+
+/* The size of `v` encoded as a google.protobuf.Value; -1 with *why when it is not JSON-like or too large. */
+static Py_ssize_t value_size(PyObject *v, int depth, const char **why) {
+  Py_ssize_t len;
+  if (v == Py_None) return 2;
+  if (PyBool_Check(v)) return 2;
+  if (PyLong_CheckExact(v)) {
+    double d = PyLong_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      *why = "a metadata int too large for a number";
+      return -1;
+    }
+    return 9;
+  }
+  if (PyFloat_CheckExact(v)) {
+    if (isfinite(PyFloat_AS_DOUBLE(v))) return 9;
+    *why = "a metadata float that is not finite";
+    return -1;
+  }
+  if (PyUnicode_CheckExact(v)) {
+    if (!PyUnicode_AsUTF8AndSize(v, &len)) {
+      PyErr_Clear();
+      *why = "a metadata str that is not valid UTF-8";
+      return -1;
+    }
+    if (len > MAX_METADATA_STRING) {
+      *why = "a metadata string over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+      return -1;
+    }
+    return (Py_ssize_t)field_size((size_t)len);
+  }
+  if (PyDict_CheckExact(v) || PyList_CheckExact(v)) {
+    Py_ssize_t n = container_size(v, depth + 1, why);
+    return n < 0 ? -1 : (Py_ssize_t)field_size((size_t)n);
+  }
+  *why = "a metadata value that is not str, int, float, bool, None, dict or list";
+  return -1;
+}
+
+static char *put_value(char *out, PyObject *v);
+
+static char *put_container(char *out, PyObject *v) {
+  const char *unused;
+  if (PyList_CheckExact(v)) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+      PyObject *item = PyList_GET_ITEM(v, i);
+      *out++ = 0x0a; /* ListValue.values */
+      out = put_varint(out, (size_t)value_size(item, 0, &unused));
+      out = put_value(out, item);
+    }
+    return out;
+  }
+  PyObject *key, *item;
+  Py_ssize_t pos = 0, key_len;
+  while (PyDict_Next(v, &pos, &key, &item)) {
+    const char *k = PyUnicode_AsUTF8AndSize(key, &key_len);
+    size_t item_len = (size_t)value_size(item, 0, &unused);
+    *out++ = 0x0a; /* Struct.fields: one map entry */
+    out = put_varint(out, field_size((size_t)key_len) + field_size(item_len));
+    out = put_bytes(out, 0x0a, k, (size_t)key_len); /* entry key */
+    *out++ = 0x12;                                 /* entry value */
+    out = put_varint(out, item_len);
+    out = put_value(out, item);
+  }
+  return out;
+}
+
+static char *put_value(char *out, PyObject *v) {
+  Py_ssize_t len;
+  if (v == Py_None) {
+    *out++ = 0x08, *out++ = 0; /* null_value: NULL_VALUE */
+  } else if (PyBool_Check(v)) {
+    *out++ = 0x20, *out++ = v == Py_True;
+  } else if (PyLong_CheckExact(v) || PyFloat_CheckExact(v)) {
+    double d = PyLong_CheckExact(v) ? PyLong_AsDouble(v) : PyFloat_AS_DOUBLE(v);
+    *out++ = 0x11; /* number_value, fixed 64-bit little-endian (x86-64 and aarch64 both are) */
+    memcpy(out, &d, 8);
+    out += 8;
+  } else if (PyUnicode_CheckExact(v)) {
+    const char *p = PyUnicode_AsUTF8AndSize(v, &len);
+    out = put_bytes(out, 0x1a, p, (size_t)len);
+  } else {
+    const char *unused;
+    *out++ = PyDict_CheckExact(v) ? 0x2a : 0x32; /* struct_value or list_value */
+    out = put_varint(out, (size_t)container_size(v, 0, &unused));
+    out = put_container(out, v);
+  }
+  return out;
+}
+
+static int is_structured(PyObject *v) { return v == Py_None || PyDict_CheckExact(v) || PyList_CheckExact(v); }
+
 static const char *check_metadata(PyObject *metadata) {
   if (metadata == Py_None) return NULL;
   if (!PyTuple_CheckExact(metadata)) return "metadata is neither a tuple nor None";
@@ -613,26 +771,8 @@ static const char *check_metadata(PyObject *metadata) {
       }
       if (len == 0 || len > MAX_METADATA_NAME) return "a metadata namespace or key empty or over " Py_STRINGIFY(MAX_METADATA_NAME) " bytes";
     }
-    PyObject *v = PyTuple_GET_ITEM(e, 2);
-    if (PyBool_Check(v)) continue;
-    if (PyLong_CheckExact(v)) {
-      double d = PyLong_AsDouble(v);
-      if (d == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return "a metadata int too large for a number";
-      }
-      continue;
-    }
-    if (PyFloat_CheckExact(v)) {
-      if (!isfinite(PyFloat_AS_DOUBLE(v))) return "a metadata float that is not finite";
-      continue;
-    }
-    Py_ssize_t len;
-    if (!PyUnicode_CheckExact(v) || !PyUnicode_AsUTF8AndSize(v, &len)) {
-      PyErr_Clear();
-      return "a metadata value that is not str, int, float or bool";
-    }
-    if (len > MAX_METADATA_STRING) return "a metadata string over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+    const char *why = NULL;
+    if (value_size(PyTuple_GET_ITEM(e, 2), 0, &why) < 0) return why;
   }
   return NULL;
 }
@@ -656,20 +796,46 @@ static void apply_header_ops(stream_filter *f, int map, PyObject *ops) {
   }
 }
 
-static void apply_metadata(stream_filter *f, PyObject *metadata) {
-  if (metadata == Py_None) return;
+/* Struct{fields: {key: v}}, merged into namespace `ns`. `v` passed check_metadata. */
+static int set_metadata_struct(stream_filter *f, dm_module_buf ns, dm_module_buf key, PyObject *v) {
+  const char *unused;
+  size_t value_len = (size_t)value_size(v, 0, &unused), entry_len = field_size(key.length) + field_size(value_len);
+  char stack[512], *buf = field_size(entry_len) <= sizeof stack ? stack : malloc(field_size(entry_len));
+  if (!buf) return -1;
+  char *out = buf;
+  *out++ = 0x0a;
+  out = put_varint(out, entry_len);
+  out = put_bytes(out, 0x0a, key.ptr, key.length);
+  *out++ = 0x12;
+  out = put_varint(out, value_len);
+  out = put_value(out, v);
+  dm_set_metadata_struct(f->envoy, ns, (dm_module_buf){buf, (size_t)(out - buf)});
+  if (buf != stack) free(buf);
+  return 0;
+}
+
+/* Sets the metadata of a checked Result; -1 when a value could not be encoded (no memory): the caller fails closed. */
+static int apply_metadata(stream_filter *f, PyObject *metadata) {
+  if (metadata == Py_None) return 0;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(metadata); i++) {
     PyObject *e = PyTuple_GET_ITEM(metadata, i), *v = PyTuple_GET_ITEM(e, 2);
     dm_module_buf ns = str_buf(PyTuple_GET_ITEM(e, 0)), key = str_buf(PyTuple_GET_ITEM(e, 1));
-    if (PyBool_Check(v)) dm_set_metadata_bool(f->envoy, ns, key, v == Py_True);
-    else if (PyLong_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyLong_AsDouble(v));
-    else if (PyFloat_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyFloat_AS_DOUBLE(v));
-    else dm_set_metadata_string(f->envoy, ns, key, str_buf(v));
+    if (is_structured(v)) {
+      if (set_metadata_struct(f, ns, key, v) != 0) return -1;
+    } else if (PyBool_Check(v)) { dm_set_metadata_bool(f->envoy, ns, key, v == Py_True);
+    } else if (PyLong_CheckExact(v)) {
+      dm_set_metadata_number(f->envoy, ns, key, PyLong_AsDouble(v));
+    } else if (PyFloat_CheckExact(v)) {
+      dm_set_metadata_number(f->envoy, ns, key, PyFloat_AS_DOUBLE(v));
+    } else {
+      dm_set_metadata_string(f->envoy, ns, key, str_buf(v));
+    }
   }
+  return 0;
 }
 
 static const char *check_respond(PyObject *r, size_t max_body) {
-  if (PyTuple_GET_SIZE(r) != 5) return "RESPOND is not a 5-tuple";
+  if (PyTuple_GET_SIZE(r) != 6) return "RESPOND is not a 6-tuple";
   PyObject *status = PyTuple_GET_ITEM(r, 1), *headers = PyTuple_GET_ITEM(r, 2), *body = PyTuple_GET_ITEM(r, 3),
            *details = PyTuple_GET_ITEM(r, 4);
   if (!PyLong_CheckExact(status)) return "a RESPOND status that is not an int";
@@ -696,6 +862,8 @@ static const char *check_respond(PyObject *r, size_t max_body) {
     return "RESPOND details that are not a str";
   }
   if (len > MAX_DETAILS) return "RESPOND details over " Py_STRINGIFY(MAX_DETAILS) " bytes";
+  const char *why = check_metadata(PyTuple_GET_ITEM(r, 5));
+  if (why) return why;
   /* Envoy's response code details are one token (access logs split on spaces). */
   for (Py_ssize_t i = 0; i < len; i++)
     if (!(is_token_char((unsigned char)d[i]) || (d[i] >= 'A' && d[i] <= 'Z'))) return "RESPOND details that are not one token";
@@ -703,6 +871,11 @@ static const char *check_respond(PyObject *r, size_t max_body) {
 }
 
 static void apply_respond(stream_filter *f, PyObject *r) {
+  /* Before the reply: it ends the stream, and the access log written then is where the metadata is read. */
+  if (apply_metadata(f, PyTuple_GET_ITEM(r, 5)) != 0) {
+    fail_closed(f);
+    return;
+  }
   PyObject *headers = PyTuple_GET_ITEM(r, 2);
   Py_ssize_t n = PyTuple_GET_SIZE(headers);
   dm_header stack[16], *h = n <= 16 ? stack : malloc((size_t)n * sizeof *h);
@@ -773,7 +946,10 @@ static enum outcome apply_result(stream_filter *f, int d, int kind, PyObject *r,
   if (body != Py_None)
     body_replace(f, d, in_hook, dir->processed, dir->handed, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body));
   if (kind == BODY) dir->processed += body != Py_None ? (size_t)PyBytes_GET_SIZE(body) : dir->handed;
-  apply_metadata(f, metadata);
+  if (apply_metadata(f, metadata) != 0) {
+    log_line("%s: no memory to encode its metadata: failing closed with 500", phase);
+    fail_closed(f);
+  }
   out = f->finished ? STOPPED : GO_ON;
 done:
   if (why) fail_result(f, phase, why);
@@ -857,6 +1033,29 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   return out;
 }
 
+/* The body modes that hold the headers and give the hook one call with a buffered body. */
+static int buffers_body(stream_filter *f, int d) {
+  return f->cfg->body_mode[d] == BODY_BUFFERED || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL;
+}
+
+/* BUFFERED_PARTIAL calls the hook once Envoy holds this much: the stream's buffer limit as Envoy's ext_proc uses it
+ * (the connection's per_connection_buffer_limit_bytes, 1 MiB by default), or max_body_bytes when Envoy gives none
+ * or it is larger (max_body_bytes bounds every copy to Python). */
+static size_t partial_limit(stream_filter *f) {
+  uint64_t limit = dm_get_buffer_limit(f->envoy);
+  return limit == 0 || limit > f->cfg->max_body_bytes ? f->cfg->max_body_bytes : (size_t)limit;
+}
+
+/* After a BUFFERED_PARTIAL call went on: Envoy, whose headers were held, now takes everything buffered as one
+ * buffer, which is at or past its limit by design and would be answered 413 (500 for a response). Raised to what it
+ * holds for this stream; the body then flows on, and the rest streams past this filter. */
+static void partial_went_on(stream_filter *f, int d, int in_hook) {
+  if (f->cfg->body_mode[d] != BODY_BUFFERED_PARTIAL) return;
+  size_t held = body_size(f, d, in_hook);
+  uint64_t limit = dm_get_buffer_limit(f->envoy);
+  if (limit != 0 && held >= limit) dm_set_buffer_limit(f->envoy, (uint64_t)held + 1);
+}
+
 static int wants(stream_filter *f, int d, int kind) {
   static const unsigned bits[2][3] = {{1, 2, 4}, {8, 16, 32}};
   if (kind == BODY && f->cfg->body_mode[d] == BODY_NONE) return 0;
@@ -869,13 +1068,16 @@ static enum outcome catch_up(stream_filter *f, int d) {
   direction *dir = &f->dir[d];
   if (!dir->headers_done) dir->headers_done = 1;
   if (!dir->body_done && wants(f, d, BODY)) {
-    if (f->cfg->body_mode[d] == BODY_BUFFERED && !dir->end_seen) return WAIT; /* keep holding; hooks go on */
+    if (buffers_body(f, d) && !dir->end_seen &&
+        (f->cfg->body_mode[d] == BODY_BUFFERED || body_size(f, d, 0) < partial_limit(f)))
+      return WAIT; /* keep holding; hooks go on */
     int have = body_size(f, d, 0) > dir->processed, end = dir->end_seen && !dir->trailers_seen;
     if (have || end) {
       enum outcome out = run_phase(f, d, BODY, end, 0);
       if (out != GO_ON) return out;
+      partial_went_on(f, d, 0);
     }
-    if (dir->end_seen) dir->body_done = 1;
+    if (dir->end_seen || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL) dir->body_done = 1;
   }
   dir->held = 0;
   if (dir->trailers_seen && wants(f, d, TRAILERS)) {
@@ -905,7 +1107,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
   dir->headers_done = 1;
   if (end_of_stream) dir->body_done = 1;
-  if (!end_of_stream && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+  if (!end_of_stream && wants(f, d, BODY) && buffers_body(f, d)) {
     dir->held = 1; /* the buffered body decides what the headers become (content-length, ...) */
     return DM_HEADERS_STOP_ITERATION;
   }
@@ -927,13 +1129,17 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
     }
     return DM_BODY_STOP_AND_BUFFER;
   }
+  if (f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL && !end_of_stream && body_size(f, d, 1) < partial_limit(f))
+    return DM_BODY_STOP_AND_BUFFER;
   gil_take();
   enum outcome out = run_phase(f, d, BODY, end_of_stream, 1);
   gil_drop();
   if (out == PENDING) return DM_BODY_STOP_AND_BUFFER;
   if (out == STOPPED) return DM_BODY_STOP_NO_BUFFER;
   dir->processed = 0;
-  if (end_of_stream) dir->body_done = 1;
+  partial_went_on(f, d, 1);
+  /* A partial body had its one call: the rest passes unprocessed. */
+  if (end_of_stream || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL) dir->body_done = 1;
   dir->held = 0;
   return DM_BODY_CONTINUE;
 }
@@ -949,7 +1155,7 @@ static int on_trailers(void *envoy, stream_filter *f, int d) {
   }
   enum outcome out = GO_ON;
   gil_take();
-  if (!dir->body_done && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+  if (!dir->body_done && wants(f, d, BODY) && buffers_body(f, d)) {
     /* Trailers end the body: the buffered body's one call comes first (end_of_stream False: trailers follow). */
     out = run_phase(f, d, BODY, 0, 0);
     if (out == GO_ON) dir->body_done = 1;
@@ -987,7 +1193,8 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   }
   if (out == GO_ON) {
     /* A buffered body has its one call; a streamed chunk given end_of_stream was the last. */
-    if (kind == BODY && (dir->pending_end || f->cfg->body_mode[d] == BODY_BUFFERED)) dir->body_done = 1;
+    if (kind == BODY && (dir->pending_end || buffers_body(f, d))) dir->body_done = 1;
+    if (kind == BODY) partial_went_on(f, d, 0);
     if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
   }
   if (out == GO_ON) dir->processed = 0; /* everything buffered goes on now */
@@ -1158,8 +1365,8 @@ static filter_config *configure(const char *json, size_t json_len) {
   PyObject *args[2] = {text, native_module};
   if (!(cfg->config = PyObject_Vectorcall(factory, args, 2, NULL))) goto fail;
   long phases, mode_req, mode_resp;
-  if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 2, &mode_req) ||
-      read_int_attr(cfg->config, "response_body_mode", 0, 2, &mode_resp))
+  if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 3, &mode_req) ||
+      read_int_attr(cfg->config, "response_body_mode", 0, 3, &mode_resp))
     goto fail;
   cfg->phases = (unsigned)phases;
   cfg->body_mode[REQUEST] = (int)mode_req;
