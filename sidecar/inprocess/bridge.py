@@ -21,6 +21,8 @@ filter config:
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = [
     "check_chain",
     "configure",
     "meters",
+    "serve_metrics",
 ]
 
 #: How long an async hook may run before its chain's failure policy applies (the contract's default).
@@ -62,6 +65,8 @@ _NATIVE_BODY_MODE = {
     BodyMode.STREAMED: 2,
     BodyMode.BUFFERED_PARTIAL: 3,
 }
+log = logging.getLogger("sidecar.inprocess")
+
 _PHASE_BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
 
 #: Every in-process filter of this Envoy counts into one Meters (one process, one GIL).
@@ -123,14 +128,41 @@ def configure(filter_config_json: str, native: Any) -> InProcessConfig:
     config_path = Path(path)
     if not config_path.is_absolute():
         raise ConfigError(f"in-process filter config: field 'config': expected an absolute path, got {path!r}")
-    _, registry = load_sidecar(config_path)
+    config, registry = load_sidecar(config_path)
     name = fields["chain"]
     chain = registry.chains.get(name)
     if chain is None:
         known = ", ".join(sorted(registry.chains))
         raise ConfigError(f"in-process filter config: chain {name!r} is not in {path} (its chains: {known})")
     check_chain(chain, path)
+    if config.metrics:
+        serve_metrics(config.metrics)
     return InProcessConfig(chain, native, fields["hook_deadline_ms"], fields["max_body_bytes"])
+
+
+_endpoint: Any = None  # the process's Endpoint, once one is serving
+_endpoint_lock = threading.Lock()
+
+
+def serve_metrics(address: str) -> int:
+    """Serve the meters on `address` (the config file's `metrics`), once per process: the first filter config
+    that names an address binds it; a later one naming another address is told so in the log, and the first
+    keeps serving (one Envoy, one interpreter, one set of numbers). The bound port."""
+    global _endpoint
+    with _endpoint_lock:
+        if _endpoint is None:
+            from sidecar.inprocess.endpoint import Endpoint  # prometheus_client only where metrics are served
+
+            endpoint = Endpoint(address, _meters, shared_loop())
+            endpoint.start()
+            _endpoint = endpoint
+        elif _endpoint.address != address:
+            log.warning(
+                "in-process metrics already served on %s for this Envoy; %s (another filter config) is not",
+                _endpoint.address,
+                address,
+            )
+        return int(_endpoint.port)
 
 
 def _parse(text: Any) -> dict[str, Any]:
