@@ -51,8 +51,9 @@ SET, APPEND, REMOVE = 0, 1, 2
 #: The ext_proc path's reply to a failed plugin in a fail_closed chain.
 _ERROR_BODY = b"Internal Server Error\n"
 _ERROR_DETAILS = "sidecar_plugin_error"
-#: ... and to a hook past its deadline, as Envoy's ext_proc answers a message past its `message_timeout`.
-_TIMEOUT_BODY = b"Gateway Timeout\n"
+#: ... and to a hook past its deadline, as Envoy's ext_proc answers a message past its `message_timeout`: 504 with
+#: no body (plus the error id, for the log line).
+_TIMEOUT_BODY = b""
 _TIMEOUT_DETAILS = "sidecar_hook_timeout"
 #: How an awaited hook's deadline reads (the log line), and how the failure policy tells it from other failures.
 _DEADLINE_TEXT = "the hook ran past the in-process hook deadline"
@@ -470,7 +471,9 @@ class BridgeStream:
         self, error_id: str, status: int = 500, body: bytes = _ERROR_BODY, details: str = _ERROR_DETAILS
     ) -> Result:
         """The failure policy's reply, with the metadata the phase's hooks set before it (ext_proc keeps it)."""
-        headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
+        headers: tuple[tuple[bytes, bytes], ...] = ((b"x-sidecar-error-id", error_id.encode()),)
+        if body:
+            headers = ((b"content-type", b"text/plain"), *headers)
         try:
             metadata = self._metadata()
         except (TypeError, ValueError) as exc:  # the reply fails closed anyway; say why the metadata is not there
