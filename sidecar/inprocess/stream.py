@@ -79,6 +79,7 @@ _LATER = {
     "response_trailers": 0,
 }
 _BODIES = 2 | 16
+_RESPONSE_SIDE = 8 | 16 | 32
 
 # Envoy's default HeaderMutationRules in its ext_proc filter: these changes are dropped (and counted).
 _PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
@@ -120,6 +121,9 @@ class StreamPlan:
     stream_counts: list[int]
     #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
     max_body: int
+    #: The chain's, read on every phase (one attribute, not two).
+    fail_open: bool
+    observe_only: bool
 
     @classmethod
     def of(
@@ -150,6 +154,8 @@ class StreamPlan:
             steps=steps,
             stream_counts=meters.streams_of(chain.name),
             max_body=max_body,
+            fail_open=chain.fail_open,
+            observe_only=chain.observe_only,
         )
 
 
@@ -224,24 +230,37 @@ class BridgeStream:
 
     # -- what C calls ------------------------------------------------------------------------------
 
+    # The two headers phases are every request's: their order check and `_run` are inlined (the same checks).
+
     def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        if self._order("request_headers"):
-            return self._given_up()
+        if self._done:  # not the first phase: out of order (raises), as `_order` says
+            self._order("request_headers")
+        self._done = 1
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
         rid = view.raw("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
-        return self._run("request_headers", self._fields("request_headers", view, end_of_stream, 0))
+        answer = self._fields("request_headers", view, end_of_stream, 0)
+        if type(answer) is _Await:
+            return self._suspend("request_headers", answer)
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]  # not an _Await here
 
     def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        if self._order("response_headers"):
-            return self._given_up()
+        if self._done & _RESPONSE_SIDE or self._pending is not None or self._broken:
+            if self._order("response_headers"):
+                return self._given_up()
+        else:
+            self._done |= 8
         view = _headers(headers)
-        self.ctx.response_headers = view
-        if not self.ctx.request_id:  # a local reply from a filter before this one: no request headers came
-            self.ctx.request_id = Context.new_request_id()
-        return self._run("response_headers", self._fields("response_headers", view, end_of_stream, 0))
+        ctx = self.ctx
+        ctx.response_headers = view
+        if not ctx.request_id:  # a local reply from a filter before this one: no request headers came
+            ctx.request_id = Context.new_request_id()
+        answer = self._fields("response_headers", view, end_of_stream, 0)
+        if type(answer) is _Await:
+            return self._suspend("response_headers", answer)
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]  # not an _Await here
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
         if self._order("request_body"):
@@ -273,28 +292,29 @@ class BridgeStream:
         result = pending.result
         if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
             raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
-        return None if self._plan.chain.observe_only else result
+        return None if self._plan.observe_only else result
 
     def close(self) -> None:
         """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
         if self._closed:
             return
+        plan = self._plan
+        runner = plan.runner
+        if runner is None:  # no async hook: nothing pending, nothing settles this stream from another thread
+            self._closed = True
+            plan.stream_counts[1] += 1
+            return
         try:
-            if self._plan.runner is None:  # no async hook: nothing settles this stream from another thread
+            with _SETTLING:
+                if self._closed:
+                    return
                 self._closed = True
-            else:
-                with _SETTLING:
-                    if self._closed:
-                        return
-                    self._closed = True
             self.ctx._send = None
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
-                runner = self._plan.runner
-                if runner is not None:
-                    runner.watchdog.disarm(pending.backstop)
-            self._plan.stream_counts[1] += 1
+                runner.watchdog.disarm(pending.backstop)
+            plan.stream_counts[1] += 1
         except Exception:  # never raises into C
             log.exception("closing an in-process stream failed")
 
@@ -318,7 +338,7 @@ class BridgeStream:
         if type(answer) is _Await:
             return self._suspend(kind, answer)
         # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
-        return None if self._plan.chain.observe_only else answer  # type: ignore[return-value]
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]
 
     def _given_up(self) -> Result:
         """A phase after the watchdog gave up on this stream: its plugins' state is unknown."""
@@ -515,7 +535,7 @@ class BridgeStream:
         """A headers or a trailers phase, from hook `start`."""
         ctx = self.ctx
         plan = self._plan
-        fail_open = plan.chain.fail_open
+        fail_open = plan.fail_open
         steps = plan.steps[kind]
         before = None
         for step in steps[start:] if start else steps:
@@ -573,11 +593,12 @@ class BridgeStream:
 
     def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
         request = kind in _REQUEST
-        if self.ctx.clear_route_cache_requested:
+        ctx = self.ctx
+        if ctx.clear_route_cache_requested:
             refused = self._no_route_cache(kind)
             if refused is not _GO_ON:
                 return refused  # type: ignore[return-value]
-        ops = self._header_ops(fields, request)
+        ops = self._header_ops(fields, request) if fields._replaced or fields._appended else ()
         if (
             not end_of_stream
             and kind not in _TRAILERS
@@ -587,7 +608,9 @@ class BridgeStream:
             # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
-        return self._continue(ops, None)
+        if ctx.dynamic_metadata:
+            return self._continue(ops, None)
+        return (CONTINUE, ops, None, None) if ops else None
 
     def _no_route_cache(self, kind: str) -> Result | object:
         """`ctx.clear_route_cache()` has no way to Envoy in-process (the contract carries none): the request would
@@ -732,26 +755,26 @@ class BridgeStream:
             return ()
         ops: list[tuple[int, bytes, bytes | None]] = []
         items = headers._items
+        known = _OUT_NAMES.get
         for name in sorted(replaced) if len(replaced) > 1 else replaced:
-            values = [value for key, value in items if key == name]
-            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
-                name, values[0] if values else None, request, len(values)
-            ):
+            raw, guarded = known(name) or _out_name(name)
+            values = []
+            for key, value in items:  # a loop, not a list comprehension: one call less (3.11)
+                if key == name:
+                    values.append(value)
+            if guarded and self._refused(name, values[0] if values else None, request, len(values)):
                 continue
-            raw = name.encode()
-            if not values:
-                ops.append((REMOVE, raw, None))
-            elif len(values) == 1:
+            if len(values) == 1:
                 ops.append((SET, raw, values[0]))
+            elif not values:
+                ops.append((REMOVE, raw, None))
             else:
                 ops.append((SET, raw, values[0]))
                 ops += [(APPEND, raw, value) for value in values[1:]]
         for name, added in appended.items():
-            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
-                name, added[0], request, len(added)
-            ):
+            raw, guarded = known(name) or _out_name(name)
+            if guarded and self._refused(name, added[0], request, len(added)):
                 continue
-            raw = name.encode()
             ops += [(APPEND, raw, value) for value in added]
         replaced.clear()  # track afresh (flush_into's job for ext_proc)
         appended.clear()
@@ -789,6 +812,18 @@ def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     headers._replaced = set()
     headers._appended = {}
     return headers
+
+
+#: The other way, for the header ops: a name's bytes and whether Envoy's mutation rules guard it (a pseudo-header,
+#: `host`, `x-envoy-*`). Bounded as _NAMES is.
+_OUT_NAMES: dict[str, tuple[bytes, bool]] = {}
+
+
+def _out_name(name: str) -> tuple[bytes, bool]:
+    out = (name.encode("latin-1"), name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX))
+    if len(_OUT_NAMES) < MAX_NAMES:
+        _OUT_NAMES[name] = out
+    return out
 
 
 def _name(raw: bytes) -> str:
