@@ -214,7 +214,7 @@ class BridgeStream:
         self.handle = handle
         # `ctx.extend_timeout` is given a way out only while a phase is pending (`_suspend`): a stream that
         # points at itself from its Context is a cycle, which only the garbage collector frees (2 µs a request).
-        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
+        self.ctx = Context(chain.name, "", None, chain.writable_namespaces)  # positional: no keyword parsing
         #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
         self._disabled: frozenset[str] = frozenset()
         self._done = 0  # the phases seen, as bits of _BIT
