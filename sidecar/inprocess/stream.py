@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -57,8 +58,10 @@ _TIMEOUT_BODY = b""
 _TIMEOUT_DETAILS = "sidecar_hook_timeout"
 #: How an awaited hook's deadline reads (the log line), and how the failure policy tells it from other failures.
 _DEADLINE_TEXT = "the hook ran past the in-process hook deadline"
-#: How deep a dict/list metadata value may nest (the native module refuses deeper ones).
+#: How deep a dict/list metadata value may nest, and how long one of its strings may be (the native module
+#: refuses more).
 MAX_METADATA_DEPTH = 16
+MAX_METADATA_STRING = 64 * 1024
 
 # Phases as bits; within a direction a phase may not come after a later one, nor twice (bodies may).
 _BIT = {
@@ -846,18 +849,31 @@ def _as_body(result: Any, hook: Hook) -> bytes:
 
 def _plain(value: Any, key: str, depth: int) -> Any:
     """A metadata value as the native module takes it: str, int, float, bool, None, dict (str keys) and list as
-    exactly those types (an IntEnum is an int, a tuple a list), nested at most MAX_METADATA_DEPTH deep.
-    `ctx.set_metadata` checked it was JSON-like; a deeper one (or a cycle) fails the phase closed."""
-    kind = type(value)
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
+    exactly those types (an IntEnum is an int, a tuple a list), nested at most MAX_METADATA_DEPTH deep, numbers
+    a double can hold, strings of valid UTF-8 up to MAX_METADATA_STRING bytes. `ctx.set_metadata` checked it
+    was JSON-like; anything C would refuse (a cycle too) fails the phase here, under the chain's policy, with
+    the key named."""
+    if value is None or type(value) is bool:
         return value
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"metadata {key!r}: an int too large for a number") from None
         return int(value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"metadata {key!r}: {value!r} is not a finite number")
         return float(value)
     if isinstance(value, str):
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            raise ValueError(f"metadata {key!r}: a str that is not valid UTF-8 (a lone surrogate)") from None
+        if size > MAX_METADATA_STRING:
+            raise ValueError(f"metadata {key!r}: a str of {size} bytes; at most {MAX_METADATA_STRING} in-process")
         return str(value)
     if depth >= MAX_METADATA_DEPTH:
         raise ValueError(f"metadata {key!r}: nested deeper than {MAX_METADATA_DEPTH} levels in-process")

@@ -350,6 +350,31 @@ def test_metadata_nested_too_deep_fails_closed_not_silently(tmp_path: Path, dept
         assert result.response.headers["x-sidecar-error-id"] and "deep" not in str(result.dynamic_metadata)
 
 
+class OddMetadata(Plugin):
+    """A value `set_metadata` takes (JSON-like) but the native module cannot set, picked by `x-odd`."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        odd = {
+            "nan": float("nan"),
+            "inf": [1.0, float("-inf")],
+            "huge-int": {"n": 10**400},
+            "surrogate": "a\ud800b",
+            "long": "x" * (64 * 1024 + 1),
+        }
+        ctx.set_metadata("fine", 1)
+        ctx.set_metadata("odd", odd[headers["x-odd"]])
+
+
+@pytest.mark.parametrize("odd", ["nan", "inf", "huge-int", "surrogate", "long"])
+def test_metadata_the_native_module_cannot_set_gets_the_chains_policy(tmp_path: Path, odd: str) -> None:
+    """Never C's own refusal (its 500 without the plugin's error id), never a value dropped in silence."""
+    closed = double(tmp_path, "OddMetadata").run(Request(headers={"x-odd": odd}))
+    assert closed.failed is None and closed.status == 500 and closed.response.headers["x-sidecar-error-id"]
+    opened = double(tmp_path, "OddMetadata", "AddsAfter", on_error="fail_open").run(Request(headers={"x-odd": odd}))
+    assert opened.failed is None and opened.status == 200 and opened.dynamic_metadata == {}
+    assert opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
+
+
 class NotesThenDenies(Plugin):
     metadata_namespaces = ("audit",)
 
