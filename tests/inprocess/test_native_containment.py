@@ -131,6 +131,7 @@ def test_an_override_that_is_not_a_version_cannot_loosen_the_check(override: str
         ({"factory": "tests.support.inprocess_fake:no_such_function"}, "AttributeError"),
         ({"hook_deadline_ms": 0}, "hook_deadline_ms`: expected an int from 1 to 3600000"),
         ({"max_body_bytes": -5}, "max_body_bytes`: expected an int from 1 to 1073741824"),
+        ({"max_python_bytes": 1 << 20}, "max_python_bytes`: expected an int from 33554432 (32 MiB)"),
     ],
 )
 def test_a_bad_filter_config_is_refused_in_one_line(kwargs: dict[str, object], expected: str) -> None:

@@ -206,7 +206,26 @@ def _respond(
     return (1, status, headers, body, details, metadata)
 
 
+def _hog(make: Callable[[], object]) -> Result:
+    """Allocates `make()` objects until Python refuses (the module's memory budget): MemoryError escapes."""
+    kept = []
+    while True:
+        kept.append(make())
+
+
+def _hog_grow() -> Result:
+    """One str grown in place (realloc) until Python refuses."""
+    grown = ""
+    while True:
+        grown += "x" * 65536
+
+
 class _Stream:
+    # Made by _storm() only: a threading.Event costs about 3 us (its Condition probes its Lock for methods it lacks,
+    # three AttributeErrors), more than the native module's own work per request in benchmarks/inprocess_native.py.
+    in_resume: threading.Event
+    storm_over: threading.Event
+
     def __init__(self, config: _Config, handle: int) -> None:
         self.config = config
         self.handle = handle
@@ -218,8 +237,6 @@ class _Stream:
         self.ready = True  # the work behind the current PENDING is done (resume() before that is a bug)
         self.resumed_once = False
         self.storming = False
-        self.in_resume = threading.Event()
-        self.storm_over = threading.Event()
 
     # -- PENDING: the answer comes from another thread, as an async hook's would --------------------------------
     def _later(self, result: Result, delay_ms: int, schedule: bool = True) -> Result:
@@ -240,6 +257,8 @@ class _Stream:
 
     def _storm(self) -> Result:
         """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.in_resume = threading.Event()
+        self.storm_over = threading.Event()
         self.waiting = None
         self.ready = True
         self.storming = True
@@ -336,6 +355,11 @@ class _Stream:
             b"/pending-storm-body": self._storm,
             b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
+            b"/hog-large": lambda: _hog(lambda: bytearray(1 << 20)),
+            b"/hog-small": lambda: _hog(object),
+            b"/hog-grow": _hog_grow,
+            b"/hog-thread": self._hog_thread,
+            b"/memory": lambda: _respond(200, "fake_memory", json.dumps(self.config.native.memory()).encode()),
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
@@ -346,6 +370,22 @@ class _Stream:
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         action = actions.get(path)
         return action() if action else None
+
+    def _hog_thread(self) -> Result:
+        """PENDING while another Python thread (as the bridge's event loop) allocates without bound: the budget is the
+        interpreter's, every thread's. It catches its MemoryError and answers 507."""
+
+        def hog() -> None:
+            try:
+                _hog(object)
+            except MemoryError:
+                self.waiting = _respond(507, "fake_hog_thread")
+            self.ready = True
+            self.config.native.schedule(self.handle)
+
+        self.ready = False
+        threading.Thread(target=hog, daemon=True).start()
+        return (2,)
 
     def _raise(self) -> Result:
         raise RuntimeError("secret-token-0123")  # the module must not log this message

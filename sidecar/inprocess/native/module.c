@@ -14,6 +14,7 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -47,6 +48,8 @@
 #define MAX_WORKER_THREADS 1024               /* threads the watchdog can watch */
 #define LOG_LINES_PER_SECOND 10               /* failure lines to stderr; the rest are counted */
 #define DEFAULT_HOOK_DEADLINE_MS 1000
+#define DEFAULT_MAX_PYTHON_BYTES (512LL * 1024 * 1024) /* the interpreter's heap, all threads; `max_python_bytes` */
+#define MIN_MAX_PYTHON_BYTES (32LL * 1024 * 1024)      /* below this the interpreter cannot even start the bridge */
 
 enum { REQUEST = 0, RESPONSE = 1 };
 enum { HEADERS = 0, BODY = 1, TRAILERS = 2 };
@@ -101,6 +104,79 @@ static uint64_t monotonic_ns(void) {
   return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+/* ---- the interpreter's memory budget ---------------------------------------------------------------------------
+ * Python runs in Envoy's process: a hook that allocates without bound would grow Envoy until the kernel kills it,
+ * taking every route down. Every byte the interpreter takes goes through two allocators, wrapped here before it
+ * starts: the raw domain (malloc; pymalloc also falls back to it for blocks over 512 bytes, and the mem and object
+ * domains are pymalloc) and pymalloc's arena allocator (its pools of small objects). Sizes are malloc's usable
+ * sizes, so the budget bounds what Envoy's allocator hands Python, not only what Python asked for. Past the budget both return
+ * NULL, so the allocating code gets a MemoryError, and the hook the chain's failure policy. Memory C extensions
+ * take with malloc directly, or with mmap, is not counted. */
+static _Atomic long long python_bytes;      /* held by the interpreter now: usable sizes and arena sizes */
+static _Atomic long long python_budget = DEFAULT_MAX_PYTHON_BYTES;
+static _Atomic unsigned long long python_refusals;
+static __thread int budget_exempt;          /* this thread's allocations must not fail (thread-state creation) */
+static PyMemAllocatorEx raw_base;
+
+/* Room for `more` bytes? Counts a refusal when not. */
+static int budget_allows(size_t more) {
+  long long held = atomic_load_explicit(&python_bytes, memory_order_relaxed);
+  if (more <= (size_t)LLONG_MAX && held + (long long)more <= atomic_load_explicit(&python_budget, memory_order_relaxed))
+    return 1;
+  if (budget_exempt) return 1; /* a thread-local read costs more than the sum above: only when over */
+  atomic_fetch_add_explicit(&python_refusals, 1, memory_order_relaxed);
+  return 0;
+}
+
+static void budget_add(long long delta) { atomic_fetch_add_explicit(&python_bytes, delta, memory_order_relaxed); }
+
+static void *budget_malloc(void *ctx, size_t size) {
+  if (!budget_allows(size)) return NULL;
+  void *p = raw_base.malloc(raw_base.ctx, size);
+  if (p) budget_add((long long)malloc_usable_size(p));
+  return p;
+}
+
+static void *budget_calloc(void *ctx, size_t count, size_t size) {
+  if (size && count > SIZE_MAX / size) return NULL;
+  if (!budget_allows(count * size)) return NULL;
+  void *p = raw_base.calloc(raw_base.ctx, count, size);
+  if (p) budget_add((long long)malloc_usable_size(p));
+  return p;
+}
+
+static void *budget_realloc(void *ctx, void *old, size_t size) {
+  size_t before = old ? malloc_usable_size(old) : 0;
+  /* A block that cannot grow where it is is copied: old and new are both held until the copy is done. */
+  if (size > before && !budget_allows(size)) return NULL;
+  void *p = raw_base.realloc(raw_base.ctx, old, size);
+  if (p) budget_add((long long)malloc_usable_size(p) - (long long)before);
+  return p;
+}
+
+static void budget_free(void *ctx, void *p) {
+  if (!p) return;
+  budget_add(-(long long)malloc_usable_size(p));
+  raw_base.free(raw_base.ctx, p);
+}
+
+/* pymalloc's arenas come from malloc too (pymalloc takes arenas at any alignment), not from mmap as by default:
+ * one allocator for all of Python's memory, so what one hook freed the next reuses, instead of Envoy holding both
+ * its allocator's freed pages and fresh mappings. */
+static void *budget_arena_alloc(void *ctx, size_t size) { return budget_malloc(ctx, size); }
+
+static void budget_arena_free(void *ctx, void *p, size_t size) { budget_free(ctx, p); }
+
+/* Before Python starts, so every byte it ever holds is counted. They wrap the default allocators (same malloc, same
+ * arenas), so memory taken before and freed after, or the other way round, stays valid. */
+static void budget_install(void) {
+  static PyMemAllocatorEx raw = {NULL, budget_malloc, budget_calloc, budget_realloc, budget_free};
+  static PyObjectArenaAllocator arena = {NULL, budget_arena_alloc, budget_arena_free};
+  PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &raw_base);
+  PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &raw);
+  PyObject_SetArenaAllocator(&arena);
+}
+
 /* ---- the interpreter ------------------------------------------------------------------------------------------- */
 static PyInterpreterState *interp;
 static PyObject *native_module; /* sidecar_inprocess_native */
@@ -110,7 +186,16 @@ static __thread int gil_depth;               /* a hook re-entered by Envoy must 
 
 static void gil_take(void) {
   if (gil_depth++ > 0) return;
-  if (thread_state == NULL) thread_state = PyThreadState_New(interp);
+  if (thread_state == NULL) {
+    /* Exempt from the budget: a worker without a thread state could not run Python at all, not even to fail. */
+    budget_exempt = 1;
+    thread_state = PyThreadState_New(interp);
+    budget_exempt = 0;
+    if (thread_state == NULL) {
+      fputs("sidecar_inprocess: no memory for a Python thread state\n", stderr);
+      abort(); /* not reachable short of malloc failing for a few hundred bytes */
+    }
+  }
   PyEval_RestoreThread(thread_state);
 }
 
@@ -119,12 +204,18 @@ static void gil_drop(void) {
   PyEval_SaveThread();
 }
 
-/* ---- the watchdog: interrupts Python code that runs past the hook deadline ----------------------------------- */
+/* ---- the watchdog: interrupts Python code that runs past the hook deadline -----------------------------------
+ * The worker reads no clock: it only publishes which call it is in (two plain stores a call). The watchdog, every
+ * tick, notes when it first saw each call, and interrupts one it has seen for longer than the deadline. So a hook
+ * is interrupted between its deadline and two ticks (10 ms) later. */
+#define WATCHDOG_TICK_NS (5u * 1000 * 1000)
+
 typedef struct {
-  _Atomic uint64_t started_ns; /* 0 while the thread is not in a hook */
-  _Atomic uint64_t deadline_ns;
-  _Atomic uint64_t generation; /* bumped at every hook end */
-  _Atomic uint64_t fired_generation;
+  _Atomic uint64_t call;        /* the thread's call under way (a number it never reuses), 0 between calls */
+  _Atomic uint64_t deadline_ns; /* that call's */
+  _Atomic uint64_t fired;       /* the call the watchdog interrupted */
+  uint64_t calls;               /* the thread's own count, which numbers its calls */
+  uint64_t seen_call, seen_ns;  /* the watchdog's own: the call it saw last and when it first saw it */
   unsigned long thread_id;
 } watch_slot;
 
@@ -136,22 +227,23 @@ static pthread_once_t watchdog_once = PTHREAD_ONCE_INIT;
 
 static void *watchdog_main(void *unused) {
   (void)unused;
+  budget_exempt = 1; /* its few allocations (a thread state, the exception it sets) must not fail */
   for (;;) {
-    struct timespec tick = {0, 5 * 1000 * 1000};
+    struct timespec tick = {0, WATCHDOG_TICK_NS};
     nanosleep(&tick, NULL);
     uint64_t now = monotonic_ns();
     unsigned n = atomic_load(&watch_slot_count);
-    for (unsigned i = 0; i < n; i++) {
+    for (unsigned i = 0; i < n && i < MAX_WORKER_THREADS; i++) {
       watch_slot *s = &watch_slots[i];
-      uint64_t started = atomic_load(&s->started_ns), generation = atomic_load(&s->generation);
-      if (started == 0 || now - started < atomic_load(&s->deadline_ns)) continue;
-      if (atomic_load(&s->fired_generation) == generation + 1) continue;
-      /* With the GIL held the worker is either still inside the call or past its generation bump (it bumps under
-       * the GIL), so a matching generation means the exception lands in the hook that overran. A hook blocked in
-       * C while holding the GIL cannot be interrupted: we wait here until it lets go. */
+      uint64_t call = atomic_load_explicit(&s->call, memory_order_acquire);
+      if (call != s->seen_call) s->seen_call = call, s->seen_ns = now;
+      if (call == 0 || now - s->seen_ns < atomic_load(&s->deadline_ns) || atomic_load(&s->fired) == call) continue;
+      /* With the GIL held the worker is either still inside the call or past its end (it ends calls under the
+       * GIL), so a call still published means the exception lands in the hook that overran. A hook blocked in C
+       * while holding the GIL cannot be interrupted: we wait here until it lets go. */
       PyGILState_STATE g = PyGILState_Ensure();
-      if (atomic_load(&s->started_ns) != 0 && atomic_load(&s->generation) == generation) {
-        atomic_store(&s->fired_generation, generation + 1);
+      if (atomic_load(&s->call) == call) {
+        atomic_store(&s->fired, call);
         PyThreadState_SetAsyncExc(s->thread_id, PyExc_TimeoutError);
       }
       PyGILState_Release(g);
@@ -188,18 +280,17 @@ static watch_slot *watch_slot_for_thread(void) {
 static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
-    atomic_store(&s->deadline_ns, deadline_ns);
-    atomic_store(&s->started_ns, monotonic_ns());
+    atomic_store_explicit(&s->deadline_ns, deadline_ns, memory_order_relaxed);
+    atomic_store_explicit(&s->call, ++s->calls, memory_order_release);
   }
   return s;
 }
 
 static void watch_end(watch_slot *s) {
   if (!s) return;
-  atomic_store(&s->started_ns, 0);
-  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  atomic_store_explicit(&s->call, 0, memory_order_release);
   /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+  if (atomic_load_explicit(&s->fired, memory_order_relaxed) == s->calls) PyThreadState_SetAsyncExc(s->thread_id, NULL);
 }
 
 /* callable(*args); a new reference, or NULL with the Python error set. */
@@ -368,7 +459,15 @@ static PyObject *native_schedule(PyObject *self, PyObject *arg) {
   Py_END_ALLOW_THREADS return PyBool_FromLong(alive);
 }
 
+static PyObject *native_memory(PyObject *self, PyObject *unused) {
+  (void)self, (void)unused;
+  return Py_BuildValue("(LLK)", atomic_load(&python_bytes), atomic_load(&python_budget), atomic_load(&python_refusals));
+}
+
 static PyMethodDef native_methods[] = {
+    {"memory", native_memory, METH_NOARGS,
+     "memory() -> (held, budget, refusals): bytes the interpreter holds, its budget (max_python_bytes), and how many "
+     "allocations the budget refused."},
     {"schedule", native_schedule, METH_O,
      "schedule(handle) -> bool: resume the stream's PENDING phase on its Envoy worker; False if the stream is gone."},
     {NULL, NULL, 0, NULL},
@@ -394,7 +493,11 @@ static void fail_closed(stream_filter *f) {
 static void fail_python(stream_filter *f, const char *phase) {
   PyObject *type = PyErr_Occurred();
   const char *name = type ? ((PyTypeObject *)type)->tp_name : "unknown error";
-  log_line("%s raised %s: failing closed with 500", phase, name);
+  if (type && PyErr_GivenExceptionMatches(type, PyExc_MemoryError))
+    log_line("%s raised %s (Python holds %lld of its %lld-byte budget, max_python_bytes): failing closed with 500",
+             phase, name, atomic_load(&python_bytes), atomic_load(&python_budget));
+  else
+    log_line("%s raised %s: failing closed with 500", phase, name);
   PyErr_Clear();
   fail_closed(f);
 }
@@ -413,6 +516,33 @@ static void fail_result(stream_filter *f, const char *phase, const char *what) {
 }
 
 /* ---- Envoy -> Python copies ------------------------------------------------------------------------------------- */
+/* Header names Envoy's maps hold on most requests and responses, made once as bytes: a stream's copy of them costs
+ * a reference, not an allocation. */
+static const char *const COMMON_NAMES[] = {
+    ":authority", ":path", ":method", ":scheme", ":status", "host", "user-agent", "accept", "accept-encoding",
+    "accept-language", "content-type", "content-length", "transfer-encoding", "connection", "cookie", "authorization",
+    "cache-control", "date", "server", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-upstream-service-time", "x-envoy-internal", "te", "vary", "etag",
+    "location", "set-cookie", "referer", "origin"};
+#define COMMON_NAME_COUNT (sizeof COMMON_NAMES / sizeof COMMON_NAMES[0])
+static PyObject *common_names[COMMON_NAME_COUNT];
+static size_t common_name_lengths[COMMON_NAME_COUNT];
+
+static int common_names_make(void) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
+    common_name_lengths[i] = strlen(COMMON_NAMES[i]);
+    if (!(common_names[i] = PyBytes_FromStringAndSize(COMMON_NAMES[i], (Py_ssize_t)common_name_lengths[i]))) return -1;
+  }
+  return 0;
+}
+
+/* A new reference to `name` as bytes. */
+static PyObject *header_name(const char *name, size_t len) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++)
+    if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return Py_NewRef(common_names[i]);
+  return PyBytes_FromStringAndSize(name, (Py_ssize_t)len);
+}
+
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
   size_t n = dm_get_headers_size(f->envoy, map);
   if (n > MAX_HEADERS_IN) {
@@ -431,13 +561,18 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
-    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
-    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
-    Py_XDECREF(name);
-    Py_XDECREF(value);
-    if (!pair) Py_CLEAR(list);
-    else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    PyObject *pair = PyTuple_New(2), *name = NULL, *value = NULL;
+    if (pair && (name = header_name(h[i].key, h[i].key_len)))
+      value = PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len);
+    if (!value) {
+      Py_XDECREF(pair);
+      Py_XDECREF(name);
+      Py_CLEAR(list);
+      break;
+    }
+    PyTuple_SET_ITEM(pair, 0, name);
+    PyTuple_SET_ITEM(pair, 1, value);
+    PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
 done:
   if (h != stack) free(h);
@@ -1262,6 +1397,7 @@ static int python_start(void) {
     log_line("cannot make %s global: %s", SIDECAR_LIBPYTHON, dlerror());
     return -1;
   }
+  budget_install();
   PyConfig config;
   PyConfig_InitPythonConfig(&config);
   config.install_signal_handlers = 0; /* SIGTERM/SIGINT belong to Envoy */
@@ -1284,6 +1420,7 @@ static int python_start(void) {
   for (int d = 0; d < 2; d++)
     for (int k = 0; k < 3; k++)
       if (!(str_phase[d][k] = PyUnicode_InternFromString(PHASE_NAMES[d][k]))) goto fail;
+  if (common_names_make() != 0) goto fail;
   PyEval_SaveThread();
   pthread_once(&watchdog_once, watchdog_start);
   return 0;
@@ -1347,6 +1484,15 @@ static filter_config *configure(const char *json, size_t json_len) {
     PyErr_SetString(PyExc_ValueError, "filter config `max_body_bytes`: expected an int from 1 to 1073741824");
     goto fail;
   }
+  v = PyDict_GetItemString(doc, "max_python_bytes");
+  long long max_python = DEFAULT_MAX_PYTHON_BYTES;
+  if (v && (!PyLong_CheckExact(v) || (max_python = PyLong_AsLongLong(v)) < MIN_MAX_PYTHON_BYTES ||
+            max_python > (1LL << 40))) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "filter config `max_python_bytes`: expected an int from 33554432 (32 MiB) to "
+                                      "1099511627776 (1 TiB)");
+    goto fail;
+  }
   cfg->deadline_ns = (uint64_t)deadline_ms * 1000000u;
   cfg->max_body_bytes = (size_t)max_body;
   PyObject *spec = PyDict_GetItemString(doc, "factory");
@@ -1372,6 +1518,8 @@ static filter_config *configure(const char *json, size_t json_len) {
   cfg->body_mode[REQUEST] = (int)mode_req;
   cfg->body_mode[RESPONSE] = (int)mode_resp;
   if (!(cfg->new_stream = PyObject_GetAttr(cfg->config, str_new_stream))) goto fail;
+  /* One interpreter per process: the filter config loaded last sets its budget. */
+  atomic_store(&python_budget, max_python);
   goto done;
 fail:
   Py_XDECREF(cfg->config);
