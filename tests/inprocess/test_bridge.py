@@ -758,6 +758,36 @@ def test_a_local_reply_from_an_earlier_filter_runs_the_response_hooks_alone(tmp_
         s.request_headers(REQUEST, True)
 
 
+@pytest.mark.parametrize(
+    "before",
+    [
+        ["request_headers"],
+        ["response_headers"],
+        ["request_headers", "response_headers"],
+        ["request_headers", "request_body"],
+        ["request_headers", "response_headers", "response_body"],
+        ["request_headers", "response_headers", "response_trailers"],
+    ],
+)
+def test_a_headers_phase_out_of_order_is_a_protocol_error(tmp_path: Path, before: list[str]) -> None:
+    """The headers phases check their order inline (every request has them): the same rule as every phase's."""
+    s = stream(tmp_path, "Upper")
+    calls = {
+        "request_headers": lambda: s.request_headers(REQUEST, False),
+        "request_body": lambda: s.request_body(b"x", True),
+        "response_headers": lambda: s.response_headers([(b":status", b"200")], False),
+        "response_body": lambda: s.response_body(b"x", True),
+        "response_trailers": lambda: s.response_trailers([]),
+    }
+    for phase in before:
+        calls[phase]()
+    with pytest.raises(ProtocolError, match="out of order"):
+        s.request_headers(REQUEST, True)
+    if before[-1] != "request_headers" and before[-1] != "request_body":  # the response side has begun
+        with pytest.raises(ProtocolError, match="out of order"):
+            s.response_headers([(b":status", b"200")], True)
+
+
 def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
     d = double(tmp_path, "AsyncStamp")
     s = d.config.new_stream(1)
