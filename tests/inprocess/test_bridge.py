@@ -715,6 +715,28 @@ def test_a_hook_that_blocks_the_loop_gets_the_policy_from_the_watchdog_and_a_new
         AsyncBlocksTheLoop.release.set()
 
 
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_after_the_watchdog_gave_up_no_hook_of_the_stream_runs_again(tmp_path: Path, on_error: str) -> None:
+    """The hook the watchdog answered for may still be running: the stream's later phases get the policy
+    without running hooks (the response-headers fast path included)."""
+    AsyncBlocksTheLoop.release.clear()
+    d = double(tmp_path, "AsyncBlocksTheLoop", "Edits", on_error=on_error, deadline_ms=50)
+    s = d.config.new_stream(1)
+    event = d.native.open(1)
+    try:
+        assert s.request_headers(REQUEST, True) == (2,)
+        assert event.wait(5)
+        answer = s.resume()
+        later = s.response_headers([(b":status", b"200")], True)
+    finally:
+        AsyncBlocksTheLoop.release.set()
+    if on_error == "fail_closed":
+        assert answer is not None and answer[:2] == (1, 504)
+        assert later is not None and later[:2] == (1, 500)  # "x-rid" never set: Edits did not run
+    else:
+        assert answer is None and later is None
+
+
 def test_no_schedule_reaches_a_stream_closed_while_pending(tmp_path: Path) -> None:
     AsyncHangs.cancelled.clear()
     AsyncHangs.started.clear()
