@@ -1,0 +1,164 @@
+"""The Prometheus endpoint of the plugins inside Envoy: the bridge's meters on the config file's `metrics` address.
+
+`sidecar serve` serves its numbers on `metrics: HOST:PORT`; inside Envoy the same setting opens one port per
+Envoy process, at the first filter config that names one, on the bridge's event-loop thread (no thread of its
+own). It serves what the sidecar's endpoint serves for one process: the per-plugin families
+(`sidecar_plugin_seconds`, `sidecar_plugin_errors`, `sidecar_plugin_responses`), the stream counts, the plugins'
+own instruments and prometheus_client objects, and the process (Envoy's) collectors; plus what only the
+in-process filter counts (header changes the mutation rules dropped, phases the watchdog settled, loops
+replaced).
+
+The endpoint is reachable by whoever reaches the address, as the sidecar's is: bind it to loopback or a pod
+address. Each connection is one bounded request (its head at most MAX_REQUEST_HEAD bytes, read within
+READ_TIMEOUT), answered and closed; at most MAX_CONNECTIONS are served at once, and more are closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar.config import parse_host_port
+from sidecar.errors import ConfigError
+from sidecar.extproc.metrics import MetricsCollector
+from sidecar.inprocess.loop import LoopThread
+from sidecar.inprocess.meters import Meters
+
+__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_HEAD", "READ_TIMEOUT", "Endpoint"]
+
+log = logging.getLogger("sidecar.inprocess")
+
+#: A scrape's request line and headers; a longer head is answered 431 and closed.
+MAX_REQUEST_HEAD = 8 * 1024
+#: How long a client may take to send its request head.
+READ_TIMEOUT = 5.0
+#: Scrapes served at once; more connections are closed unanswered (a scraper retries at its next interval).
+MAX_CONNECTIONS = 16
+#: How long `start` waits for the loop thread to bind the port.
+_BIND_TIMEOUT = 10.0
+_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class _InProcessCollector(Collector):
+    """What only the in-process filter counts."""
+
+    def __init__(self, meters: Meters, runner: LoopThread) -> None:
+        self._meters = meters
+        self._runner = runner
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "sidecar_inprocess_rejected_header_mutations",
+            "Header changes Envoy's default mutation rules dropped (ext_proc's rejected_header_mutations)",
+            value=self._meters.rejected_mutations,
+        )
+        yield CounterMetricFamily(
+            "sidecar_inprocess_watchdog_settled",
+            "Async phases the watchdog settled: their hook blocked the event loop or ignored its cancellation",
+            value=self._meters.backstops,
+        )
+        yield CounterMetricFamily(
+            "sidecar_inprocess_loops_replaced",
+            "Event loops replaced because a hook blocked them",
+            value=self._runner.replaced,
+        )
+
+
+class Endpoint:
+    """One listening socket on the bridge's loop, serving GET /metrics (any path, as prometheus_client does)."""
+
+    def __init__(
+        self,
+        address: str,
+        meters: Meters,
+        runner: LoopThread,
+        *,
+        registry: CollectorRegistry = REGISTRY,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.address = address
+        self.read_timeout = read_timeout
+        self.host, self.requested_port = parse_host_port(address, "metrics")
+        self._runner = runner
+        self._loop = runner.loop  # the loop the server lives on (a replaced loop keeps serving: it is not blocked)
+        self._registry = registry
+        self._collectors: list[Collector] = [MetricsCollector(meters.snapshot), _InProcessCollector(meters, runner)]
+        self._server: asyncio.Server | None = None
+        self._open = 0
+        self.port = 0
+
+    def start(self) -> int:
+        """Bind and serve; the bound port. A ConfigError in one line if the address cannot be bound."""
+        future = asyncio.run_coroutine_threadsafe(self._bind(), self._loop)
+        try:
+            self._server = future.result(_BIND_TIMEOUT)
+        except OSError as exc:
+            raise ConfigError(f"metrics: cannot listen on {self.address}: {exc.strerror or exc}") from None
+        except TimeoutError:
+            future.cancel()
+            raise ConfigError(f"metrics: the in-process event loop did not bind {self.address} in time") from None
+        try:
+            for collector in self._collectors:
+                self._registry.register(collector)
+        except ValueError as exc:  # another collector of this process already has these names
+            self.close()
+            raise ConfigError(f"metrics: {exc}") from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("in-process metrics on http://%s:%d/metrics", self.host, self.port)
+        return self.port
+
+    async def _bind(self) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, self.host, self.requested_port, limit=MAX_REQUEST_HEAD)
+
+    def close(self) -> None:
+        """Stop listening and take the collectors out of the registry (tests; Envoy never unloads Python)."""
+        for collector in self._collectors:
+            with contextlib.suppress(KeyError):  # never registered (the bind failed)
+                self._registry.unregister(collector)
+        server = self._server
+        if server is not None:
+            self._server = None
+            self._loop.call_soon_threadsafe(server.close)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
+        try:
+            status, body = await self._answer(reader)
+            head = (
+                f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+                f"content-type: {(_CONTENT_TYPE if status.startswith('200') else b'text/plain').decode()}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await asyncio.wait_for(writer.drain(), self.read_timeout)
+        except (OSError, TimeoutError):
+            pass  # the scraper went away or stalled: nothing to answer
+        except Exception:  # never let a scrape take the loop's other work with it
+            log.exception("in-process metrics: a scrape failed")
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+        except asyncio.LimitOverrunError:
+            return "431 Request Header Fields Too Large", b"request head too large\n"
+        except asyncio.IncompleteReadError:
+            return "400 Bad Request", b"incomplete request\n"
+        method, _, rest = head.partition(b" ")
+        if not rest:
+            return "400 Bad Request", b"not an HTTP request\n"
+        if method != b"GET":
+            return "405 Method Not Allowed", b"GET /metrics\n"
+        # On the loop thread, as everything here: a scrape takes a few milliseconds every scrape interval.
+        return "200 OK", generate_latest(self._registry)
