@@ -7,11 +7,14 @@ is given back."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from sidecar import Context, Headers, Plugin
+from sidecar.testing import EnvoyHarness
 from tests.support.inprocess_envoy import InProcessEnvoy
 
 pytestmark = pytest.mark.envoy
@@ -89,3 +92,34 @@ def test_the_budget_is_read_from_the_filter_config() -> None:
         assert json.loads(envoy.request("/memory")[2])[1] == 96 << 20
     with InProcessEnvoy("headers") as envoy:
         assert json.loads(envoy.request("/memory")[2])[1] == 512 << 20  # the default
+
+
+class Hog(Plugin):
+    """A plugin that allocates without bound in its request headers hook."""
+
+    name = "hog"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        kept = []
+        while True:
+            kept.append(bytearray(1 << 20))
+
+
+def test_the_real_bridge_answers_a_hog_with_the_chains_failure_policy(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    """Through the real bridge, with the module's default budget (512 MiB: the sidecar's config does not set
+    `max_python_bytes` yet) and a hook deadline far past the time the hog takes to reach it."""
+    config = tmp_path / "sidecar.yaml"
+    hog = f"{__name__}:Hog"
+    config.write_text(
+        "message_timeout: 60\n"
+        f'chains:\n  closed: {{on_error: fail_closed, plugins: ["{hog}"]}}\n'
+        f'  open: {{on_error: fail_open, plugins: ["{hog}"]}}\n'
+    )
+    env = sidecar_envoy(config=config, routes=["/closed/=closed", "/open/=open"], in_process=True)
+    with httpx.Client(base_url=env.url, timeout=60) as client:
+        for _ in range(2):
+            assert client.get("/closed/echo").status_code == 500
+            opened = client.get("/open/echo")
+            assert opened.status_code == 200 and json.loads(opened.content)["path"] == "/open/echo"
