@@ -209,6 +209,23 @@ def test_partial_body_past_the_buffer_gives_python_the_first_part_and_the_rest_p
     assert b"x-request-body-calls: 1\r\n" in raw
 
 
+def test_partial_view_stops_at_max_body_bytes_and_the_rest_passes_unchanged() -> None:
+    """max_body_bytes below Envoy's buffer limit: the hook's view is the first max_body_bytes of the body (not a
+    413, as for BUFFERED), marked partial even when the whole request was read; the rest goes on as it came."""
+    limit = 64 * 1024
+    with InProcessEnvoy("partial", max_body_bytes=limit) as envoy:
+        for size in (limit - 1, limit + 1, 200_000, 3 << 20):
+            whole = bytes(97 + i % 26 for i in range(26)) * (size // 26) + b"z" * (size % 26)
+            pieces = [whole[i : i + 50_000] for i in range(0, size, 50_000)]
+            raw = raw_exchange(envoy.address, _chunked("/partial-upper", pieces))
+            assert _status(raw) == 200, size
+            echo = _json_body(raw)
+            seen, kind = _upstream_header(echo, "x-partial-seen").split()
+            assert int(seen) == min(size, limit), size
+            assert kind == ("whole" if size <= limit else "partial")
+            assert echo["body_sha256"] == hashlib.sha256(whole[:limit].upper() + whole[limit:]).hexdigest()
+
+
 def test_partial_body_hook_can_reply_with_metadata() -> None:
     with InProcessEnvoy("partial") as envoy:
         with contextlib.suppress(ConnectionResetError):  # Envoy replies and closes while the upload goes on

@@ -708,10 +708,14 @@ static size_t body_size(stream_filter *f, int d, int in_hook) {
   return size;
 }
 
+/* The body Python has not had (past `skip`), at most max_body_bytes of it: more is TOO_LARGE, except for
+ * BUFFERED_PARTIAL, whose view is its first max_body_bytes (body_replace keeps what follows). Envoy holds at most
+ * its buffer limit and one more read then, so the copy made here stays bounded. */
 static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t skip, const char **why) {
+  int partial = f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL;
   size_t limit = f->cfg->max_body_bytes + skip, len = 0;
   size_t size = body_size(f, d, in_hook);
-  if (size > limit) {
+  if (size > limit && !partial) {
     *why = TOO_LARGE;
     return NULL;
   }
@@ -723,7 +727,11 @@ static PyObject *body_to_python(stream_filter *f, int d, int in_hook, size_t ski
     rc = body_append(f, RECEIVED_BODY[d], buf, &len, size);
   PyObject *out = NULL;
   if (rc != 0) *why = "a body that changed size while read";
-  else out = PyBytes_FromStringAndSize(buf + (skip < len ? skip : len), (Py_ssize_t)(skip < len ? len - skip : 0));
+  else {
+    size_t view = skip < len ? len - skip : 0;
+    if (view > f->cfg->max_body_bytes) view = f->cfg->max_body_bytes;
+    out = PyBytes_FromStringAndSize(buf + (skip < len ? skip : len), (Py_ssize_t)view);
+  }
   free(buf);
   return out;
 }
@@ -1236,6 +1244,8 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   if (kind == BODY) {
     payload = body_to_python(f, d, in_hook, dir->processed, &why);
     dir->handed = payload ? (size_t)PyBytes_GET_SIZE(payload) : 0;
+    /* A partial view cut at max_body_bytes is not the whole body, even at its end. */
+    if (payload && body_size(f, d, in_hook) > dir->processed + dir->handed) end_of_stream = 0;
   }
   else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
   if (!payload) {
