@@ -80,6 +80,26 @@ def test_envoys_memory_stays_bounded_however_often_hooks_hog() -> None:
         assert envoy.request("/ok")[0] == 200
 
 
+def test_while_the_budget_is_held_a_request_is_processed_or_fails_closed_never_passed() -> None:
+    """A plugin that filled the budget to the last 64 bytes and keeps it (a leak): what Python still has free
+    (pymalloc's pools) may serve a request, or not. Either the request is processed (the upstream sees the hook's
+    header) or it fails closed (500); none goes upstream unprocessed, and Envoy stays up. Nothing short of a
+    restart gives the memory back: the module cannot tell a leak from a cache."""
+    with InProcessEnvoy("headers", max_python_bytes=BUDGET, hook_deadline_ms=30_000) as envoy:
+        envoy.request("/hog-keep")  # processed, or failed closed after the hoard was kept: either way it is kept
+        outcomes = []
+        for _ in range(20):
+            status, _, body = envoy.request("/ok")
+            if status == 200:
+                assert json.loads(body)["headers"]["x-fake-req"] == "1"
+            else:
+                assert (status, body) == (500, b"")
+            outcomes.append(status)
+        assert 500 in outcomes
+        assert envoy.envoy is not None and envoy.envoy._proc is not None and envoy.envoy._proc.poll() is None
+        assert any("raised MemoryError" in line for line in envoy.module_lines())
+
+
 def test_another_python_thread_is_held_to_the_same_budget(envoy: InProcessEnvoy) -> None:
     # An async hook's thread (the fake's own thread here) gets the MemoryError; it answers 507 through resume().
     status, _, _ = envoy.request("/hog-thread")

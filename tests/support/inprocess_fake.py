@@ -213,6 +213,22 @@ def _hog(make: Callable[[], object]) -> Result:
         kept.append(make())
 
 
+#: What /hog-keep keeps between requests (a plugin that leaks to the budget, then holds on).
+_HOARD: list[bytearray] = []
+
+
+def _hog_keep() -> Result:
+    """Allocates until Python refuses, in ever smaller pieces down to 64 bytes, keeps it all, and answers as if
+    nothing happened."""
+    for size in (1 << 20, 1 << 16, 1 << 12, 1 << 6):
+        try:
+            while True:
+                _HOARD.append(bytearray(size))
+        except MemoryError:
+            pass
+    return None
+
+
 def _hog_grow() -> Result:
     """One str grown in place (realloc) until Python refuses."""
     grown = ""
@@ -359,6 +375,7 @@ class _Stream:
             b"/hog-small": lambda: _hog(object),
             b"/hog-grow": _hog_grow,
             b"/hog-thread": self._hog_thread,
+            b"/hog-keep": _hog_keep,
             b"/memory": lambda: _respond(200, "fake_memory", json.dumps(self.config.native.memory()).encode()),
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
