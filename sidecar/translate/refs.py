@@ -147,12 +147,18 @@ def host_intersection(route_host: str, listener_host: str | None) -> str | None:
     return None
 
 
+# The listener protocols whose routes are HTTPRoutes (EG's supported kinds; TLS, TCP and UDP take others).
+HTTP_ROUTE_PROTOCOLS = ("HTTP", "HTTPS")
+
+
 def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
     """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
     if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
         return False
     if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
         return False
+    if listener["protocol"] not in HTTP_ROUTE_PROTOCOLS:
+        return False  # EG: the listener's supported kinds (none for a protocol it does not know)
     allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
     if allowed == "Same" and route.namespace != gateway.namespace:
         return False  # Gateway API default: only routes from the Gateway's own namespace attach

@@ -22,9 +22,10 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
-from sidecar.translate.certificates import listener_certificates
+from sidecar.translate.listeners import listener_verdicts
 from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
+    HTTP_ROUTE_PROTOCOLS,
     backend_ref_target,
     endpoint_kinds,
     listener_accepts,
@@ -83,22 +84,19 @@ class _Checker:
             if listener["name"] in names:
                 raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
             names.add(listener["name"])
-            # HTTPS certificates that do not load are EG's decision, not an input error: the listener serves
-            # the ones that do, and is left out when none does (certificates.py).
-            if listener["protocol"] != "HTTPS" and listener.get("tls"):
-                raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
-        https_hosts: dict[int, set[str | None]] = {}
-        for index, listener in enumerate(res.spec["listeners"]):
-            if listener["protocol"] != "HTTPS" or not listener_certificates(self.resources, res, listener).programmed:
-                continue  # a listener left out for its certificates takes no SNI (EG skips it for conflicts)
-            seen = https_hosts.setdefault(listener["port"], set())
-            if listener.get("hostname") in seen:
-                # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
+            # Kubernetes refuses these (the Gateway CRD's rules), so EG never sees them.
+            if listener["protocol"] in ("HTTP", "TCP", "UDP") and listener.get("tls"):
+                raise res.error(f"{path}.tls", f"not allowed with protocol {listener['protocol']}")
+        # Certificates that do not load, protocols EG does not know and listeners that conflict are EG's
+        # decision per listener, not an input error: the others are served (listeners.py). What EG would
+        # serve and this translator does not implement is refused as unsupported.
+        for verdict in listener_verdicts(self.resources, res):
+            protocol = verdict.listener["protocol"]
+            if verdict.served and protocol not in ("HTTP", "HTTPS"):
                 raise res.error(
-                    f"spec.listeners[{index}].hostname",
-                    f"HTTPS listeners sharing port {listener['port']} need distinct hostnames",
+                    f"spec.listeners[{verdict.index}].protocol",
+                    f"unsupported value {protocol!r} (this translator implements HTTP and HTTPS listeners)",
                 )
-            seen.add(listener.get("hostname"))
         ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
         if ref is not None:
             if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
@@ -134,8 +132,8 @@ class _Checker:
                     res.error(
                         path,
                         f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
-                        "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
-                        "allowedRoutes.namespaces)",
+                        "(check sectionName, port, the listeners' protocol and hostname against spec.hostnames, "
+                        "and allowedRoutes.namespaces)" + self._refused_listeners(gateway),
                     ),
                     _unmatched_reason(gateway, res, parent),
                 )
@@ -178,6 +176,14 @@ class _Checker:
                         raise res.error(
                             f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}"
                         ) from None
+
+    def _refused_listeners(self, gateway: Resource) -> str:
+        """Why EG refuses the Gateway's listeners that it does, so a route left without one says so."""
+        return "".join(
+            f"; {gateway.where(f'spec.listeners[{v.index}].{v.field}')}: {v.why} (EG: {v.reason})"
+            for v in listener_verdicts(self.resources, gateway)
+            if not v.served
+        )
 
     def _Backend(self, res: Resource) -> None:
         # EG 1.9 accepts any mix of address types in a Backend (its cluster resolves names, and takes IP
@@ -515,8 +521,11 @@ def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]
     allowed = [
         li
         for li in candidates
-        if ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
-        or route.namespace == gateway.namespace
+        if li["protocol"] in HTTP_ROUTE_PROTOCOLS
+        and (
+            ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
+            or route.namespace == gateway.namespace
+        )
     ]
     return "NoMatchingListenerHostname" if allowed else "NotAllowedByListeners"
 

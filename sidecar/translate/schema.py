@@ -118,24 +118,22 @@ class Enum(Node):
             raise self.fail(res, path, value)
 
 
-class ListenerProtocol(Enum):
-    """A listener's protocol. Gateway API allows any protocol name; EG refuses the listener for a name that is
-    not HTTP, HTTPS, TLS, TCP or UDP with its own reason, UnsupportedProtocol (EG v1.9.0 listener.go)."""
+class ListenerProtocol(Node):
+    """A listener's protocol: any name Gateway API's pattern allows. Which ones are served is EG's decision
+    per listener (listeners.py: a name EG does not implement refuses that listener, UnsupportedProtocol),
+    and which of EG's this translator implements is rules.py's (TLS, TCP and UDP are refused as unsupported
+    where EG would serve them)."""
 
+    expected = "a protocol name such as HTTP or HTTPS"
     # Gateway API's pattern for a protocol: a plain name, or a domain-prefixed one such as example.com/proto.
     _NAME = re.compile(
         r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
         r"|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[a-zA-Z0-9]+"
     )
-    _EG_SERVES = ("HTTP", "HTTPS", "TLS", "TCP", "UDP")
 
     def check(self, res: Resource, value: Any, path: str) -> None:
-        named = isinstance(value, str) and len(value) <= 255 and self._NAME.fullmatch(value) is not None
-        if named and value not in self._EG_SERVES:
-            exc = self.fail(res, path, value)
-            exc.reason = "UnsupportedProtocol"  # type: ignore[attr-defined]
-            raise exc
-        super().check(res, value, path)
+        if not (isinstance(value, str) and len(value) <= 255 and self._NAME.fullmatch(value) is not None):
+            raise self.fail(res, path, value)
 
 
 class List(Node):
@@ -303,7 +301,7 @@ _LISTENER = Obj(
         "name": _NAME,
         "hostname": HOSTNAME,
         "port": _PORT,
-        "protocol": ListenerProtocol("HTTP", "HTTPS", unsupported=("TLS", "TCP", "UDP")),
+        "protocol": ListenerProtocol(),
         "tls": Obj(
             {"mode": Enum("Terminate", unsupported=("Passthrough",)), "certificateRefs": List(_SECRET_REF, 64, 1)}
         ),

@@ -103,6 +103,7 @@ class Case:
     out: dict[str, Any]
     eg: dict[Key, Decision] = field(default_factory=dict)
     class_proxies: set[Key] = field(default_factory=set)  # the EnvoyProxy of the GatewayClass (at most one)
+    own: int = 0  # how many of `inputs` the case itself holds (the harness's fixtures follow them)
 
 
 def case_names() -> list[str]:
@@ -168,7 +169,7 @@ def load_case(name: str) -> Case:
             foreign.append((section, doc))
         else:
             ours.append((kind, {**{k: v for k, v in doc.items() if k != "status"}, "kind": kind}))
-    case = Case(name, _keyed(ours + _fixtures()), foreign, out)
+    case = Case(name, _keyed(ours + _fixtures()), foreign, out, own=len(ours))
     case.eg = eg_decisions(out)
     proxy = data.get("envoyProxyForGatewayClass")
     if isinstance(proxy, dict):
@@ -258,6 +259,28 @@ def _refs(res: Resource) -> Iterator[tuple[str, str, str]]:
             yield from backend_refs(ext)
 
 
+API_SERVER = "a Kubernetes API server refuses it"
+
+
+def api_server_refusals(case: Case) -> dict[Key, str]:
+    """The case's resources a Kubernetes API server would refuse, with why: by the OpenAPI schema of EG's
+    CRDs (a quoted-less integer where a string is due, a hostname `*`, a missing required field; EG's
+    harness reads YAML as Go does, leniently), or a second object of one kind, namespace and name (the
+    server keeps one). EG decides on them in its corpus; no cluster ever hands them to EG."""
+    from tests.support.translate_crds import crd_refusal
+
+    found: dict[Key, str] = {}
+    own = case.inputs[: case.own]  # a case's own Service may share a fixture's name: EG's harness takes the case's
+    named = {key[:3] for key, _ in own if key[3] > 0}
+    for key, doc in own:
+        why = crd_refusal(doc)
+        if why is not None:
+            found[key] = f"{API_SERVER} (EG's CRD schema): {why}"
+        elif key[:3] in named:
+            found[key] = f"{API_SERVER}: it holds one {key[0]} named {key[1]}/{key[2]}, the case has several"
+    return found
+
+
 _TOKEN = re.compile(r"^@(\d+)\b")
 
 
@@ -307,7 +330,10 @@ def corpus_translate(case: Case) -> Callable[[ResourceSet], dict[str, Any]]:
     return run
 
 
-def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] | None = None) -> Outcome:
+def our_outcome(
+    case: Case, translate: Callable[[ResourceSet], dict[str, Any]] | None = None, api_server: bool = True
+) -> Outcome:
+    """What the translator makes of `case`; with `api_server`, without what an API server would refuse."""
     translate = translate or corpus_translate(case)
     resources = {
         key: parse_document(copy.deepcopy(doc), f"@{i}") for i, (key, doc) in enumerate(case.inputs) if key[0] in KINDS
@@ -328,6 +354,10 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
         refused[key] = why
         live.pop(key, None)
 
+    # What a Kubernetes API server would not store never reaches EG: out of scope (api_server_refusals).
+    for key, why in api_server_refusals(case).items() if api_server else ():
+        if key in live:
+            out_of_scope(key, why)
     # A resource naming a kind this translator does not load (GRPCRoute, ListenerSet, ...) is out of scope.
     for key, res in list(live.items()):
         for kind, ns, name in _refs(res):
@@ -399,6 +429,20 @@ def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], t
     except ImportError:
         return {}
     found: dict[tuple[str, str, str], tuple[str, str, str]] = dict(backendtls.tls_policy_verdicts(resources))
+    found.update(_gateway_verdicts(resources))
+    return found
+
+
+def _gateway_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+    """A Gateway with a listener EG does not accept (an unsupported protocol) reads Accepted=False in EG's
+    status (the first listener condition that is False), though the Gateway and its other listeners stay."""
+    from sidecar.translate.listeners import listener_verdicts
+
+    found: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+    for gateway in resources.of("Gateway"):
+        refused = [v for v in listener_verdicts(resources, gateway) if not v.accepted]
+        if refused:
+            found[gateway.key] = (refused[0].reason, "", refused[0].why)
     return found
 
 
