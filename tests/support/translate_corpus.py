@@ -104,6 +104,8 @@ class Case:
     eg: dict[Key, Decision] = field(default_factory=dict)
     class_proxies: set[Key] = field(default_factory=set)  # the EnvoyProxy of the GatewayClass (at most one)
     own: int = 0  # how many of `inputs` the case itself holds (the harness's fixtures follow them)
+    # Services whose endpoints the case's EndpointSlices give as none (EG answers 503 for them).
+    without_endpoints: set[tuple[str, str]] = field(default_factory=set)
 
 
 def case_names() -> list[str]:
@@ -170,6 +172,7 @@ def load_case(name: str) -> Case:
         else:
             ours.append((kind, {**{k: v for k, v in doc.items() if k != "status"}, "kind": kind}))
     case = Case(name, _keyed(ours + _fixtures()), foreign, out, own=len(ours))
+    case.without_endpoints = _services_without_endpoints(data)
     case.eg = eg_decisions(out)
     proxy = data.get("envoyProxyForGatewayClass")
     if isinstance(proxy, dict):
@@ -178,6 +181,20 @@ def load_case(name: str) -> Case:
             k for k, _ in case.inputs if k[:3] == ("EnvoyProxy", meta.get("namespace", "default"), meta.get("name"))
         }
     return case
+
+
+def _services_without_endpoints(data: dict[str, Any]) -> set[tuple[str, str]]:
+    """(namespace, name) of each Service the case's EndpointSlices cover without a single address."""
+    addresses: dict[tuple[str, str], int] = {}
+    for section in ("endpointSlices", "endpointslices"):
+        for item in data.get(section) or []:
+            meta = item.get("metadata") or {}
+            service = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+            if service:
+                key = (str(meta.get("namespace", "default")), str(service))
+                found = sum(len(e.get("addresses") or []) for e in item.get("endpoints") or [])
+                addresses[key] = addresses.get(key, 0) + found
+    return {key for key, count in addresses.items() if count == 0}
 
 
 # ---- EG's decisions --------------------------------------------------------------------------------
@@ -378,7 +395,7 @@ def our_outcome(
                     changed = True
             gone = {k[:3] for k in refused}
             for key, res in list(live.items()):
-                hit = next((r for r in _refs(res) if r in gone), None)
+                hit = next((r for r in _refs(res) if r in gone), None) or _older_claim(key, refused, resources)
                 if hit is not None:
                     out_of_scope(key, f"depends on {hit[0]} {hit[1]}/{hit[2]}, which is out of scope")
                     changed = True
@@ -420,6 +437,33 @@ def our_outcome(
             resolved_reason = route_state.get(key[:3], "")
             decisions[key] = Decision(True, "", not resolved_reason, resolved_reason)
     return Outcome(decisions, refused, errors, bootstrap, unattributed)
+
+
+def _claims(res: Resource) -> set[tuple[str, str, str, str]]:
+    single = res.spec.get("targetRef")
+    refs = res.spec.get("targetRefs") or ([single] if isinstance(single, dict) else [])
+    return {
+        (str(r.get("kind")), res.namespace, str(r.get("name")), str(r.get("sectionName") or ""))
+        for r in refs
+        if isinstance(r, dict)
+    }
+
+
+def _older_claim(key: Key, refused: dict[Key, str], resources: dict[Key, Resource]) -> tuple[str, str, str] | None:
+    """An out-of-scope policy of `key`'s kind, older, on one of its targets: EG keeps that one and marks this
+    one Conflicted, a decision that rests on a resource this run leaves out."""
+    from sidecar.translate.attachment import CLAIMING_KINDS, creation_time
+
+    if key[0] not in CLAIMING_KINDS:
+        return None
+    mine = resources[key]
+    order = list(resources)
+    for other in refused:
+        if other[0] != key[0] or other not in resources or not _claims(mine) & _claims(resources[other]):
+            continue
+        if (creation_time(resources[other]), order.index(other)) < (creation_time(mine), order.index(key)):
+            return other[:3]
+    return None
 
 
 def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tuple[str, str, str]]:
@@ -498,6 +542,20 @@ def semantic_checks(case: Case, outcome: Outcome) -> list[Any]:
         key[1:3]: {(p.get("namespace", key[1]), p["name"]) for p in (doc.get("spec") or {}).get("parentRefs") or []}
         for key, doc in case.inputs
         if key[0] == "HTTPRoute"
+    }
+    # So is one routing to a Service the case's EndpointSlices leave without endpoints (EG: 503): this
+    # translator loads no EndpointSlices (there are no pods outside Kubernetes) and reaches a Service at its
+    # clusterIP, as the comparison takes each of EG's Service endpoints to be.
+    accepted -= {
+        key[1:3]
+        for key, doc in case.inputs
+        if key[0] == "HTTPRoute"
+        and any(
+            (str(ref.get("namespace", key[1])), str(ref.get("name"))) in case.without_endpoints
+            for rule in (doc.get("spec") or {}).get("rules") or []
+            for ref in rule.get("backendRefs") or []
+            if ref.get("kind", "Service") == "Service"
+        )
     }
     accepted = {
         route
