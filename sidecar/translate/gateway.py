@@ -20,7 +20,7 @@ from sidecar.translate.listeners import ListenerVerdict, listener_verdicts
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.refs import attached_routes, gateway_envoy_proxy
+from sidecar.translate.refs import attached_routes, gateway_envoy_proxy, unresolved_parameters_ref
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
 
@@ -48,6 +48,14 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
     result = []
     bound: dict[int, str] = {}
     for gateway in resources.of("Gateway"):
+        unresolved = unresolved_parameters_ref(resources, gateway)
+        if unresolved is not None:
+            log.warning(
+                "%s: %s; the Gateway gets the settings of the EnvoyProxy no Gateway references, or the "
+                "defaults, as in EG",
+                gateway.where("spec.infrastructure.parametersRef"),
+                unresolved,
+            )
         by_port: dict[int, list[dict[str, Any]]] = {}
         certificates: dict[str, ListenerCertificates] = {}
         for verdict in listener_verdicts(resources, gateway):

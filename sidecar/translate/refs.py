@@ -196,6 +196,7 @@ def unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
     referenced = {
         (g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
         for g in resources.of("Gateway")
+        if unresolved_parameters_ref(resources, g) is None
     }
     return [
         p for p in resources.of("EnvoyProxy") if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced
@@ -204,12 +205,26 @@ def unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
 
 def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
     """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
-    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
+    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it).
+    A parametersRef that names no EnvoyProxy falls back the same way, as in EG (contexts.go: the Gateway
+    stays Accepted and gets the GatewayClass's settings, or the defaults)."""
     ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
-    if ref is not None:
+    if ref is not None and unresolved_parameters_ref(resources, gateway) is None:
         return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
     unreferenced = unreferenced_proxies(resources)
     return unreferenced[0] if unreferenced else None
+
+
+def unresolved_parameters_ref(resources: ResourceSet, gateway: Resource) -> str | None:
+    """Why `gateway`'s infrastructure.parametersRef names no EnvoyProxy, or None (also without one)."""
+    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
+    if ref is None:
+        return None
+    if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
+        return f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}"
+    if resources.get("EnvoyProxy", gateway.namespace, ref["name"]) is None:
+        return f"no EnvoyProxy {gateway.namespace}/{ref['name']} in the input files"
+    return None
 
 
 # ---- Secrets and ConfigMaps ----------------------------------------------------------------------

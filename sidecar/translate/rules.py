@@ -97,18 +97,8 @@ class _Checker:
                     f"spec.listeners[{verdict.index}].protocol",
                     f"unsupported value {protocol!r} (this translator implements HTTP and HTTPS listeners)",
                 )
-        ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
-        if ref is not None:
-            if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
-                raise res.error(
-                    "spec.infrastructure.parametersRef",
-                    f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}",
-                )
-            if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
-                raise res.error(
-                    "spec.infrastructure.parametersRef.name",
-                    f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files",
-                )
+        # A parametersRef that names no EnvoyProxy is not an error in EG: the Gateway gets the GatewayClass's
+        # settings or the defaults (refs.gateway_envoy_proxy); the builder warns.
 
     def _HTTPRoute(self, res: Resource) -> None:
         for index, parent in enumerate(res.spec.get("parentRefs") or []):

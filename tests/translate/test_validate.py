@@ -145,12 +145,6 @@ CASES = {
         "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.nope}]}\n",
         "FILE#3: EnvoyProxy/default/p: spec.filterOrder[0].before: expected one of envoy.filters.http.custom_response",
     ),
-    "missing-envoy-proxy": (
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: two}\n"
-        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81}], infrastructure:"
-        " {parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}}}\n",
-        "FILE#3: Gateway/default/two: spec.infrastructure.parametersRef.name: no EnvoyProxy default/custom",
-    ),
     "route-hostname-matches-no-listener": (
         "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: named}\n"
         "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81, hostname: '*.example.com'}]}\n"
@@ -288,3 +282,40 @@ def test_a_duplicate_resource_is_refused_with_egs_reason_for_its_kind(tmp_path: 
     with pytest.raises(ConfigError, match=f"{kind}/default/app: duplicate resource") as info:
         render_bootstrap([write(tmp_path, copy)])
     assert getattr(info.value, "reason", "") == reason
+
+
+SHARED_PROXY = (
+    "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyProxy\nmetadata: {name: shared}\n"
+    "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.ext_proc}]}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "{group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}",  # no such EnvoyProxy
+        "{group: example.com, kind: EnvoyProxy, name: shared}",  # another group: not EG's EnvoyProxy
+        "{group: gateway.envoyproxy.io, kind: ConfigMap, name: shared}",
+    ],
+)
+def test_a_parameters_ref_naming_no_envoy_proxy_falls_back_as_in_eg(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ref: str
+) -> None:
+    """EG keeps the Gateway and gives it the GatewayClass's EnvoyProxy (here: the unreferenced one), with a
+    warning line naming the file, the field and the value."""
+    from sidecar.translate.refs import gateway_envoy_proxy
+
+    infrastructure = f"  infrastructure: {{parametersRef: {ref}}}\n"
+    base = BASE.replace("  gatewayClassName: eg\n", "  gatewayClassName: eg\n" + infrastructure)
+    path = write(tmp_path, SHARED_PROXY, base)
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    assert [li["name"] for li in bootstrap["static_resources"]["listeners"]] == ["default/eg/http"]
+    lines = [r.getMessage() for r in caplog.records if "parametersRef" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "Gateway/default/eg" in lines[0]
+    assert ("custom" if "custom" in ref else "example.com" if "example" in ref else "ConfigMap") in lines[0]
+    resources = load_resources([path])
+    gateway = resources.get("Gateway", "default", "eg")
+    assert gateway is not None
+    found = gateway_envoy_proxy(resources, gateway)
+    assert found is not None and found.name == "shared"
