@@ -33,6 +33,7 @@ from sidecar.translate.policies import (
 )
 from sidecar.translate.refs import BackendTarget, endpoint_kinds, host_intersection
 from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.rules import dropped_rules
 
 __all__ = ["INVALID_BACKEND_CLUSTER", "RouteBuilder", "RouteTable"]
 
@@ -192,7 +193,14 @@ class RouteBuilder:
             if served is not None:
                 hosts.append(served)
         rules = route.spec.get("rules") or [{}]
+        dropped = dropped_rules(route)
+        for error in dropped.values():
+            if str(error) not in self._warned:  # a route attached to several listeners is built once per listener
+                self._warned.add(str(error))
+                log.warning("%s; the rule is left out and the route keeps its other rules, as in EG", error)
         for r, rule in enumerate(rules):
+            if r in dropped:
+                continue
             # Policies attach per rule: one aimed at a rule (sectionName) applies to that rule only.
             per_filter = self._rule_filters(table, route, listener["name"], rule.get("name"))
             action = self._route_action(route, r, rule, table, listener["name"])

@@ -36,7 +36,7 @@ from sidecar.translate.refs import (
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
 from sidecar.translate.schema import HOSTNAME, check_structure
 
-__all__ = ["validate"]
+__all__ = ["dropped_rules", "validate"]
 
 # ---- the rules: one method per kind ---------------------------------------------------------------
 
@@ -157,15 +157,11 @@ class _Checker:
                 is_regex = pmatch.get("type") == "RegularExpression"
                 if not is_regex and not pmatch.get("value", "/").startswith("/"):
                     raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
-                regexes: list[str] = [pmatch.get("value", "")] if is_regex else []
-                regexes += [h["value"] for h in match.get("headers") or [] if h.get("type") == "RegularExpression"]
-                for regex in regexes:
-                    try:
-                        re.compile(regex)
-                    except re.error as exc:
-                        raise res.error(
-                            f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}"
-                        ) from None
+        # A rule EG cannot process is dropped (PartiallyInvalid) and the route keeps its other rules; the route
+        # is refused only when every rule is dropped (EG route.go processHTTPRouteParentRefs).
+        dropped = dropped_rules(res)
+        if dropped and len(dropped) == len(res.spec.get("rules") or []):
+            raise _with_reason(dropped[min(dropped)], "UnsupportedValue")
 
     def _refused_listeners(self, gateway: Resource) -> str:
         """Why EG refuses the Gateway's listeners that it does, so a route left without one says so."""
@@ -496,6 +492,26 @@ def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:
             raise res.error(f"{path}.{field}", f"cannot be {value} (EG refuses a zero interval)")
     if most is not None and parse_duration(most) < parse_duration(base):
         raise res.error(f"{path}.maxInterval", f"{most} is less than baseInterval {base}")
+
+
+def dropped_rules(route: Resource) -> dict[int, ConfigError]:
+    """The rules of `route` EG drops, each with why: a path, header or query parameter match whose regular
+    expression does not compile (EG's processHTTPRouteRule, reason UnsupportedValue)."""
+    found: dict[int, ConfigError] = {}
+    for r, rule in enumerate(route.spec.get("rules") or []):
+        for m, match in enumerate(rule.get("matches") or []):
+            pmatch = match.get("path") or {}
+            regexes: list[str] = [pmatch.get("value", "")] if pmatch.get("type") == "RegularExpression" else []
+            for field in ("headers", "queryParams"):
+                regexes += [v["value"] for v in match.get(field) or [] if v.get("type") == "RegularExpression"]
+            for regex in regexes:
+                try:
+                    re.compile(regex)
+                except re.error as exc:
+                    found.setdefault(
+                        r, route.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}")
+                    )
+    return found
 
 
 def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:

@@ -319,3 +319,72 @@ def test_a_parameters_ref_naming_no_envoy_proxy_falls_back_as_in_eg(
     assert gateway is not None
     found = gateway_envoy_proxy(resources, gateway)
     assert found is not None and found.name == "shared"
+
+
+def _two_rule_route(bad_match: str, second: str = "{path: {type: PathPrefix, value: /good}}") -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners: [{{name: http, protocol: HTTP, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: app}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules:
+    - matches: [{bad_match}]
+      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
+    - matches: [{second}]
+      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: app}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: 8080}}}}]
+"""
+
+
+BAD_REGEX_MATCHES = [
+    "{path: {type: RegularExpression, value: '*regex*'}}",
+    "{headers: [{name: x-a, type: RegularExpression, value: '(unclosed'}]}",
+    "{queryParams: [{name: q, type: RegularExpression, value: '[z-a]'}]}",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_REGEX_MATCHES)
+def test_a_rule_eg_cannot_process_is_dropped_and_the_route_keeps_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_two_rule_route(bad))
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    routes = [r["name"] for r in dump_routes(bootstrap)]
+    assert routes == ["httproute/default/app/rule/1/match/0/wildcard"]
+    lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].matches[0]" in lines[0]
+
+
+@pytest.mark.parametrize("bad", BAD_REGEX_MATCHES)
+def test_a_route_whose_every_rule_is_dropped_is_refused(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_two_rule_route(bad, second=bad))
+    with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.matches\[0\]: invalid regular expression") as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == "UnsupportedValue"
+
+
+def dump_routes(bootstrap: dict[str, object]) -> list[dict[str, object]]:
+    listeners = bootstrap["static_resources"]["listeners"]  # type: ignore[index]
+    return [
+        route
+        for listener in listeners
+        for chain in listener["filter_chains"]
+        for vhost in chain["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+    ]
