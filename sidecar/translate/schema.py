@@ -505,9 +505,12 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "BackendTLSPolicy": Obj(
         {
-            # group may be left out for the core group (EG reads a missing group as "").
+            # group is required, "" for the core group: Gateway API's CRD refuses a targetRef without one (EG's
+            # own harness reads it leniently as "", a cluster never hands it such a policy).
             "targetRefs": List(
-                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["kind", "name"]), 16, 1
+                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"]),
+                16,
+                1,
             ),
             "validation": Obj(
                 {

@@ -48,6 +48,10 @@ def crd_refusal(doc: dict[str, Any]) -> str | None:
 
     schema = _versioned_schemas().get((str(doc.get("apiVersion")), str(doc.get("kind"))))
     if schema is None:
+        # A version these CRDs no longer serve (BackendTLSPolicy v1alpha2): the newest one's schema, whose
+        # fields and rules it kept.
+        schema = crd_schemas().get(str(doc.get("kind")))
+    if schema is None:
         return None
     # OpenAPI v3.0 schemas are JSON Schema draft 4 in what a CRD may use (boolean exclusiveMinimum).
     error = jsonschema.exceptions.best_match(jsonschema.Draft4Validator(schema).iter_errors(_without_nulls(doc)))
