@@ -36,7 +36,7 @@ from sidecar.translate.refs import (
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
 from sidecar.translate.schema import HOSTNAME, check_structure
 
-__all__ = ["dropped_rules", "validate"]
+__all__ = ["dropped_rules", "failed_rules", "validate"]
 
 # ---- the rules: one method per kind ---------------------------------------------------------------
 
@@ -136,20 +136,6 @@ class _Checker:
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
                 if flt.get(field) is None:
                     raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
-            rewrites = 0
-            for f, flt in enumerate(filters):
-                where = f"spec.rules[{r}].filters[{f}]"
-                if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                    _check_header_modifier(res, where, flt)
-                elif flt["type"] in ("URLRewrite", "RequestRedirect"):
-                    field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
-                    path_modifier = flt[field].get("path")
-                    if path_modifier is not None:
-                        _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
-                    if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
-                        rewrites += 1
-                        if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
-                            raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
             if any(f["type"] == "RequestRedirect" for f in filters) and refs:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
@@ -159,9 +145,11 @@ class _Checker:
                     raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
         # A rule EG cannot process is dropped (PartiallyInvalid) and the route keeps its other rules; the route
         # is refused only when every rule is dropped (EG route.go processHTTPRouteParentRefs).
-        dropped = dropped_rules(res)
-        if dropped and len(dropped) == len(res.spec.get("rules") or []):
-            raise _with_reason(dropped[min(dropped)], "UnsupportedValue")
+        # A rule whose filters EG cannot apply answers 500 instead; again the route is refused only when
+        # every rule failed one way or the other.
+        failed = {**failed_rules(res), **dropped_rules(res)}
+        if failed and len(failed) == len(res.spec.get("rules") or []):
+            raise _with_reason(failed[min(failed)], "UnsupportedValue")
 
     def _refused_listeners(self, gateway: Resource) -> str:
         """Why EG refuses the Gateway's listeners that it does, so a route left without one says so."""
@@ -492,6 +480,36 @@ def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:
             raise res.error(f"{path}.{field}", f"cannot be {value} (EG refuses a zero interval)")
     if most is not None and parse_duration(most) < parse_duration(base):
         raise res.error(f"{path}.maxInterval", f"{most} is less than baseInterval {base}")
+
+
+def failed_rules(route: Resource) -> dict[int, ConfigError]:
+    """The rules of `route` whose filters EG cannot apply, each with why: EG answers 500 for them (its filter
+    errors: a Host header or a value outside its rule in a header modifier, a path modifier without its
+    field or with the other one, a second URLRewrite of the path or hostname)."""
+    found: dict[int, ConfigError] = {}
+    for r, rule in enumerate(route.spec.get("rules") or []):
+        try:
+            _check_rule_filters(route, r, rule.get("filters") or [])
+        except ConfigError as exc:
+            found[r] = exc
+    return found
+
+
+def _check_rule_filters(res: Resource, r: int, filters: list[dict[str, Any]]) -> None:
+    rewrites = 0
+    for f, flt in enumerate(filters):
+        where = f"spec.rules[{r}].filters[{f}]"
+        if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+            _check_header_modifier(res, where, flt)
+        elif flt["type"] in ("URLRewrite", "RequestRedirect"):
+            field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
+            path_modifier = flt[field].get("path")
+            if path_modifier is not None:
+                _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
+            if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
+                rewrites += 1
+                if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
+                    raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
 
 
 def dropped_rules(route: Resource) -> dict[int, ConfigError]:

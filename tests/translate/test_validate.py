@@ -388,3 +388,47 @@ def dump_routes(bootstrap: dict[str, object]) -> list[dict[str, object]]:
         for vhost in chain["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
         for route in vhost["routes"]
     ]
+
+
+BAD_FILTERS = [
+    "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Host, value: evil.example}]}}",
+    "{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-a, value: 'two  spaces'}]}}",
+    "{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /x}}}",
+]
+
+
+def _route_with_filter_rule(bad_filter: str, second_too: bool = False) -> str:
+    text = _two_rule_route("{path: {type: PathPrefix, value: /bad}}")
+    marker = "      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]\n"
+    first, rest = text.split(marker, 1)
+    text = first + f"      filters: [{bad_filter}]\n" + marker + rest
+    if second_too:
+        head, tail = text.rsplit(marker, 1)
+        text = head + f"      filters: [{bad_filter}]\n" + marker + tail
+    return text
+
+
+@pytest.mark.parametrize("bad", BAD_FILTERS)
+def test_a_rule_whose_filters_eg_cannot_apply_answers_500_and_the_others_route(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_route_with_filter_rule(bad))
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    routes = {str(r["name"]): r for r in dump_routes(bootstrap)}
+    bad_route = routes["httproute/default/app/rule/0/match/0/wildcard"]
+    assert bad_route.get("direct_response") == {"status": 500} and "route" not in bad_route
+    assert not any(k.startswith(("request_headers", "response_headers")) for k in bad_route)
+    assert "cluster" in str(routes["httproute/default/app/rule/1/match/0/wildcard"]["route"])
+    lines = [r.getMessage() for r in caplog.records if "rule answers 500" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].filters[0]" in lines[0]
+
+
+@pytest.mark.parametrize("bad", BAD_FILTERS)
+def test_a_route_whose_every_rule_has_bad_filters_is_refused(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_route_with_filter_rule(bad, second_too=True))
+    with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.filters\[0\]") as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == "UnsupportedValue"
