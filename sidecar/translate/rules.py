@@ -175,8 +175,14 @@ class _Checker:
                     raise res.error(f"{path}.ip.address", f"{address} is a loopback address, which EG refuses")
             elif endpoint.get("fqdn") is not None:
                 host = endpoint["fqdn"]["hostname"]
-                if not HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
+                name = host.removesuffix(".")  # EG (and its CRD) take a fully qualified name's trailing dot
+                if not HOSTNAME.pattern.fullmatch(name) or name.startswith("*"):  # type: ignore[union-attr]
                     raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
+                with contextlib.suppress(ValueError):
+                    ipaddress.ip_address(name)
+                    raise res.error(
+                        f"{path}.fqdn.hostname", f"{host!r} is an IP address (EG refuses it here): use an ip endpoint"
+                    )
                 if "." not in host and self.strict_eg:  # EG allows single labels only running on a host
                     raise res.error(
                         f"{path}.fqdn.hostname",

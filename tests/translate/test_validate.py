@@ -432,3 +432,27 @@ def test_a_route_whose_every_rule_has_bad_filters_is_refused(tmp_path: Path, bad
     with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.filters\[0\]") as info:
         render_bootstrap([path])
     assert getattr(info.value, "reason", "") == "UnsupportedValue"
+
+
+@pytest.mark.parametrize(
+    ("hostname", "refused"),
+    [
+        ("app.example.com", ""),
+        ("app.example.com.", ""),  # fully qualified: EG and its CRD take the trailing dot
+        ("localhost.", ""),  # EG counts the labels of the name as written
+        ("10.0.0.1", "is an IP address"),
+        ("10.0.0.1.", "is an IP address"),
+        ("*.example.com", "expected a DNS name"),
+        ("app..example.com", "expected a DNS name"),
+        ("App.Example.com", "expected a DNS name"),
+    ],
+)
+def test_fqdn_endpoints_as_eg_decides_them(tmp_path: Path, hostname: str, refused: str) -> None:
+    base = BASE.replace("{ip: {address: 127.0.0.1, port: 8080}}", f"{{fqdn: {{hostname: '{hostname}', port: 8080}}}}")
+    assert base != BASE
+    path = write(tmp_path, "", base)
+    if not refused:
+        render_bootstrap([path])
+        return
+    with pytest.raises(ConfigError, match=r"spec\.endpoints\[0\]\.fqdn\.hostname: .*" + refused):
+        render_bootstrap([path])
