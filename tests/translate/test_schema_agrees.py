@@ -52,7 +52,8 @@ def test_every_accepted_field_and_enum_value_exists_in_the_crds() -> None:
 
 
 def _route_with_query(value: object) -> dict[str, Any]:
-    match = {"path": {"type": "PathPrefix", "value": "/"}, "queryParams": [{"type": "Exact", "name": "id", "value": value}]}
+    query = {"type": "Exact", "name": "id", "value": value}
+    match = {"path": {"type": "PathPrefix", "value": "/"}, "queryParams": [query]}
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
