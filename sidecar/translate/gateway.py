@@ -60,7 +60,7 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
         certificates: dict[str, ListenerCertificates] = {}
         for verdict in listener_verdicts(resources, gateway):
             listener = verdict.listener
-            if listener["protocol"] == "HTTPS":
+            if listener["protocol"] == "HTTPS" and verdict.field != "tls":  # EG reads no certificate of bad tls
                 certificates[listener["name"]] = _certificates(resources, gateway, listener)
             if not verdict.served:
                 _refused(gateway, verdict)
@@ -173,7 +173,7 @@ def _certificates(resources: ResourceSet, gateway: Resource, listener: dict[str,
 
 def _refused(gateway: Resource, verdict: ListenerVerdict) -> None:
     """One warning line for a listener EG refuses (a certificate problem has its own, from _certificates)."""
-    if verdict.field == "tls":
+    if verdict.field == "tls.certificateRefs":
         return
     log.warning(
         "%s: %s, so listener %r is not served (EG: %s); its routes get no connection on port %s",

@@ -4,8 +4,9 @@ EG keeps a Gateway whose listeners conflict and refuses only those listeners; th
 EG's order, for the listeners of one Gateway:
 
 1. each listener on its own: a protocol other than HTTP, HTTPS, TLS, TCP and UDP is refused
-   (Accepted=False, UnsupportedProtocol) and accepts no route; a TCP or UDP one with a hostname is
-   not programmed (Invalid); an HTTPS listener none of whose
+   (Accepted=False, UnsupportedProtocol) and accepts no route; tls that does not fit the protocol (on
+   HTTP, TCP or UDP; missing on HTTPS or TLS; an HTTPS mode other than Terminate, UnsupportedTLSMode) and
+   a hostname on TCP or UDP make it not programmed (Invalid); an HTTPS listener none of whose
    certificates load is not programmed (certificates.py). Neither takes part in the conflict checks, so a
    broken listener never takes a port or a hostname from a good one;
 2. protocols per port: UDP shares a port with anything (it is another socket); HTTPS and TLS are one
@@ -43,9 +44,9 @@ class ListenerVerdict:
 
     index: int
     listener: dict[str, Any]
-    reason: str = ""  # "", UnsupportedProtocol, Invalid, ProtocolConflict, HostnameConflict, a certificate one
+    reason: str = ""  # "", UnsupportedProtocol, Invalid, UnsupportedTLSMode, ProtocolConflict, HostnameConflict...
     why: str = ""
-    field: str = ""  # the listener field the refusal is about: protocol, hostname, port or tls
+    field: str = ""  # the listener field the refusal is about: protocol, hostname, tls or tls.certificateRefs
 
     @property
     def served(self) -> bool:
@@ -78,12 +79,18 @@ def _decide(resources: ResourceSet, gateway: Resource) -> list[ListenerVerdict]:
                 f"protocol {protocol!r} is not one of {', '.join(EG_PROTOCOLS)}",
                 "protocol",
             )
+        elif (tls_problem := _tls_problem(listener)) is not None:
+            refused[index] = (*tls_problem, "tls")
         elif protocol in _LAYER4 and listener.get("hostname"):
             refused[index] = ("Invalid", f"a hostname is not allowed with protocol {protocol}", "hostname")
         elif protocol == "HTTPS":
             certificates = listener_certificates(resources, gateway, listener)
             if not certificates.programmed:
-                refused[index] = (certificates.reason or "InvalidCertificateRef", "no usable certificate", "tls")
+                refused[index] = (
+                    certificates.reason or "InvalidCertificateRef",
+                    "no usable certificate",
+                    "tls.certificateRefs",
+                )
     # Only listeners valid on their own take part in the conflict checks.
     valid = [i for i in range(len(listeners)) if i not in refused]
     by_port: dict[int, list[int]] = {}
@@ -99,6 +106,23 @@ def _decide(resources: ResourceSet, gateway: Resource) -> list[ListenerVerdict]:
     return [
         ListenerVerdict(index, listener, *refused.get(index, ("", "", ""))) for index, listener in enumerate(listeners)
     ]
+
+
+def _tls_problem(listener: dict[str, Any]) -> tuple[str, str] | None:
+    """EG's reason and why, when the listener's tls does not fit its protocol (EG validate.go)."""
+    protocol, tls = listener["protocol"], listener.get("tls")
+    if protocol in ("HTTP", *_LAYER4):
+        return ("Invalid", f"tls is not allowed with protocol {protocol}") if tls is not None else None
+    if tls is None:
+        return "Invalid", f"protocol {protocol} needs tls"
+    mode, refs = tls.get("mode", "Terminate"), tls.get("certificateRefs")
+    if protocol == "HTTPS" and mode != "Terminate":
+        return "UnsupportedTLSMode", f"TLS mode {mode!r} is not supported with protocol HTTPS, only Terminate"
+    if protocol == "TLS" and mode == "Passthrough" and refs:
+        return "Invalid", "certificateRefs are not allowed with TLS mode Passthrough"
+    if protocol == "TLS" and mode == "Terminate" and not refs:
+        return "Invalid", "TLS mode Terminate needs certificateRefs"
+    return None
 
 
 def _protocol_class(listener: dict[str, Any]) -> str:

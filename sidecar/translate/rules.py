@@ -84,9 +84,6 @@ class _Checker:
             if listener["name"] in names:
                 raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
             names.add(listener["name"])
-            # Kubernetes refuses these (the Gateway CRD's rules), so EG never sees them.
-            if listener["protocol"] in ("HTTP", "TCP", "UDP") and listener.get("tls"):
-                raise res.error(f"{path}.tls", f"not allowed with protocol {listener['protocol']}")
         # Certificates that do not load, protocols EG does not know and listeners that conflict are EG's
         # decision per listener, not an input error: the others are served (listeners.py). What EG would
         # serve and this translator does not implement is refused as unsupported.

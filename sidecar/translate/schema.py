@@ -302,9 +302,7 @@ _LISTENER = Obj(
         "hostname": HOSTNAME,
         "port": _PORT,
         "protocol": ListenerProtocol(),
-        "tls": Obj(
-            {"mode": Enum("Terminate", unsupported=("Passthrough",)), "certificateRefs": List(_SECRET_REF, 64, 1)}
-        ),
+        "tls": Obj({"mode": Enum("Terminate", "Passthrough"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
         "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))})}),
     },
     ["name", "port", "protocol"],

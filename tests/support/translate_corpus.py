@@ -493,10 +493,13 @@ def _gateway_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tupl
 def _listener_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
     """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load)."""
     from sidecar.translate.certificates import gateway_listener_reasons
+    from sidecar.translate.listeners import listener_verdicts
 
     found: dict[tuple[str, str, str], str] = {}
     for gateway in resources.of("Gateway"):
-        reasons = [c.reason for _, c in gateway_listener_reasons(resources, gateway) if c.reason]
+        # EG reads no certificate of a listener whose tls does not fit its protocol (UnsupportedTLSMode, ...).
+        unread = {str(v.listener["name"]) for v in listener_verdicts(resources, gateway) if v.field == "tls"}
+        reasons = [c.reason for n, c in gateway_listener_reasons(resources, gateway) if c.reason and n not in unread]
         if reasons:
             found[gateway.key] = reasons[0]
     return found

@@ -44,7 +44,10 @@ def _verdicts(*listeners: str) -> dict[str, str]:
             {"a": "ProtocolConflict", "b": "ProtocolConflict"},
         ),
         (
-            ["{name: a, protocol: HTTP, port: 80, hostname: a.com}", "{name: b, protocol: TLS, port: 80}"],
+            [
+                "{name: a, protocol: HTTP, port: 80, hostname: a.com}",
+                "{name: b, protocol: TLS, port: 80, tls: {mode: Passthrough}}",
+            ],
             {"a": "ProtocolConflict", "b": "ProtocolConflict"},
         ),
         (
@@ -90,6 +93,18 @@ def _verdicts(*listeners: str) -> dict[str, str]:
         (["{name: d, protocol: example.com/custom, port: 80}"], {"d": "UnsupportedProtocol"}),
         (["{name: typo, protocol: HTPP, port: 80}"], {"typo": "UnsupportedProtocol"}),
         (["{name: t, protocol: TCP, port: 90, hostname: a.com}"], {"t": "Invalid"}),
+        # tls that does not fit the protocol: the listener is not programmed, and blocks nothing.
+        (
+            [
+                "{name: h, protocol: HTTP, port: 80, tls: {certificateRefs: [{name: x}]}}",
+                "{name: s, protocol: HTTPS, port: 80}",
+                "{name: p, protocol: HTTPS, port: 80, tls: {mode: Passthrough, certificateRefs: [{name: x}]}}",
+                "{name: t, protocol: TLS, port: 81}",
+                "{name: u, protocol: UDP, port: 82, tls: {certificateRefs: [{name: x}]}}",
+                "{name: ok, protocol: HTTP, port: 80}",
+            ],
+            {"h": "Invalid", "s": "Invalid", "p": "UnsupportedTLSMode", "t": "Invalid", "u": "Invalid", "ok": ""},
+        ),
         # An HTTPS listener without a usable certificate is not served and blocks nothing.
         (
             [
@@ -163,7 +178,6 @@ def test_a_route_only_on_an_unknown_protocol_is_refused_naming_the_listener(tmp_
     [
         ("{name: t, protocol: TCP, port: 90}", "spec.listeners[1].protocol: unsupported value 'TCP'"),
         ("{name: u, protocol: UDP, port: 80}", "spec.listeners[1].protocol: unsupported value 'UDP'"),
-        ("{name: h, protocol: HTTP, port: 90, tls: {certificateRefs: [{name: x}]}}", "spec.listeners[1].tls"),
         ("{name: bad, protocol: 'no spaces', port: 90}", "spec.listeners[1].protocol"),
     ],
 )

@@ -270,7 +270,10 @@ def test_a_listener_protocol_that_is_no_protocol_name_is_invalid(tmp_path: Path,
 
 @pytest.mark.parametrize("protocol", ["TLS", "TCP", "UDP"])
 def test_listener_protocols_eg_serves_but_ours_does_not_are_unsupported(tmp_path: Path, protocol: str) -> None:
-    path = write(tmp_path, "", _gateway_with_protocol(protocol))
+    text = _gateway_with_protocol(protocol)
+    if protocol == "TLS":  # a TLS listener EG serves has its tls
+        text = text.replace("port: 80}", "port: 80, tls: {mode: Passthrough}}", 1)
+    path = write(tmp_path, "", text)
     with pytest.raises(ConfigError, match=f"unsupported value '{protocol}'") as info:
         render_bootstrap([path])
     assert getattr(info.value, "reason", "Invalid") != "UnsupportedProtocol"
