@@ -4,7 +4,9 @@ EG keeps a Gateway whose listeners conflict and refuses only those listeners; th
 EG's order, for the listeners of one Gateway:
 
 1. each listener on its own: a protocol other than HTTP, HTTPS, TLS, TCP and UDP is refused
-   (Accepted=False, UnsupportedProtocol) and accepts no route; tls that does not fit the protocol (on
+   (Accepted=False, UnsupportedProtocol) and accepts no route; allowedRoutes.kinds naming a kind of
+   another group or one the protocol does not take is refused (InvalidRouteKinds; the valid kinds still
+   attach routes); tls that does not fit the protocol (on
    HTTP, TCP or UDP; missing on HTTPS or TLS; an HTTPS mode other than Terminate, UnsupportedTLSMode) and
    a hostname on TCP or UDP make it not programmed (Invalid); an HTTPS listener none of whose
    certificates load is not programmed (certificates.py). Neither takes part in the conflict checks, so a
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.translate.certificates import listener_certificates
-from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.refs import ROUTE_KINDS, supported_route_kinds
+from sidecar.translate.resources import GATEWAY_API, Resource, ResourceSet
 
 __all__ = ["EG_PROTOCOLS", "ListenerVerdict", "listener_verdicts"]
 
@@ -79,6 +82,8 @@ def _decide(resources: ResourceSet, gateway: Resource) -> list[ListenerVerdict]:
                 f"protocol {protocol!r} is not one of {', '.join(EG_PROTOCOLS)}",
                 "protocol",
             )
+        elif (kinds_problem := _kinds_problem(listener)) is not None:
+            refused[index] = ("InvalidRouteKinds", kinds_problem, "allowedRoutes.kinds")
         elif (tls_problem := _tls_problem(listener)) is not None:
             refused[index] = (*tls_problem, "tls")
         elif protocol in _LAYER4 and listener.get("hostname"):
@@ -106,6 +111,21 @@ def _decide(resources: ResourceSet, gateway: Resource) -> list[ListenerVerdict]:
     return [
         ListenerVerdict(index, listener, *refused.get(index, ("", "", ""))) for index, listener in enumerate(listeners)
     ]
+
+
+def _kinds_problem(listener: dict[str, Any]) -> str | None:
+    """Why EG refuses the listener's allowedRoutes.kinds (ResolvedRefs=False, InvalidRouteKinds): a kind of
+    another group, or one its protocol does not take. The valid ones still decide what attaches."""
+    wanted = (listener.get("allowedRoutes") or {}).get("kinds") or []
+    valid = set(supported_route_kinds(listener))
+    bad = [
+        f"{k.get('group') or GATEWAY_API}/{k['kind']}"
+        for k in wanted
+        if k["kind"] not in valid or k.get("group") not in (None, GATEWAY_API)
+    ]
+    if not bad:
+        return None
+    return f"route kinds {', '.join(bad)} are not among {', '.join(ROUTE_KINDS.get(listener['protocol'], ()))}"
 
 
 def _tls_problem(listener: dict[str, Any]) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.translate.grants import reference_permitted
-from sidecar.translate.resources import EG_API, Resource, ResourceSet
+from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 
 __all__ = [
     "BackendTarget",
@@ -147,8 +147,28 @@ def host_intersection(route_host: str, listener_host: str | None) -> str | None:
     return None
 
 
-# The listener protocols whose routes are HTTPRoutes (EG's supported kinds; TLS, TCP and UDP take others).
-HTTP_ROUTE_PROTOCOLS = ("HTTP", "HTTPS")
+# The route kinds a listener of each protocol takes (EG's allowedRouteKindsForProtocol; TLS in Terminate
+# mode, or none given, takes TCPRoutes and TLSRoutes, in Passthrough mode TLSRoutes only).
+ROUTE_KINDS = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
+    "TLS": ("TCPRoute", "TLSRoute"),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
+}
+
+
+def supported_route_kinds(listener: dict[str, Any]) -> list[str]:
+    """The route kinds `listener` accepts, as EG lists them: its protocol's, narrowed to the ones its
+    allowedRoutes.kinds names validly (group gateway.networking.k8s.io, a kind of the protocol)."""
+    protocol_kinds = ROUTE_KINDS.get(listener["protocol"], ())
+    if listener["protocol"] == "TLS" and (listener.get("tls") or {}).get("mode") == "Passthrough":
+        protocol_kinds = ("TLSRoute",)
+    wanted = (listener.get("allowedRoutes") or {}).get("kinds")
+    if not wanted:
+        return list(protocol_kinds)
+    # A group left out (or null) is Gateway API's; "" is the core group, which has no route kinds.
+    return [k["kind"] for k in wanted if k.get("group") in (None, GATEWAY_API) and k["kind"] in protocol_kinds]
 
 
 def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
@@ -157,7 +177,7 @@ def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resourc
         return False
     if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
         return False
-    if listener["protocol"] not in HTTP_ROUTE_PROTOCOLS:
+    if "HTTPRoute" not in supported_route_kinds(listener):
         return False  # EG: the listener's supported kinds (none for a protocol it does not know)
     allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
     if allowed == "Same" and route.namespace != gateway.namespace:

@@ -25,12 +25,12 @@ from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
 from sidecar.translate.listeners import listener_verdicts
 from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
-    HTTP_ROUTE_PROTOCOLS,
     backend_ref_target,
     endpoint_kinds,
     listener_accepts,
     policy_targets,
     secret_ref,
+    supported_route_kinds,
     unreferenced_proxies,
 )
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
@@ -548,7 +548,7 @@ def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]
     allowed = [
         li
         for li in candidates
-        if li["protocol"] in HTTP_ROUTE_PROTOCOLS
+        if "HTTPRoute" in supported_route_kinds(li)
         and (
             ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
             or route.namespace == gateway.namespace

@@ -303,7 +303,13 @@ _LISTENER = Obj(
         "port": _PORT,
         "protocol": ListenerProtocol(),
         "tls": Obj({"mode": Enum("Terminate", "Passthrough"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
-        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))})}),
+        "allowedRoutes": Obj(
+            {
+                "namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))}),
+                # Which of them EG accepts is its decision per listener (listeners.py: InvalidRouteKinds).
+                "kinds": List(Obj({"group": _GROUP, "kind": _KIND}, ["kind"]), 8),
+            }
+        ),
     },
     ["name", "port", "protocol"],
 )

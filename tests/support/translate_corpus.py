@@ -429,7 +429,9 @@ def our_outcome(
         if key[0] not in JUDGED or key in refused:
             continue
         if key in errors:
-            decisions[key] = Decision(False, reasons[key])
+            # EG resolves a refused route's backendRefs all the same (ResolvedRefs is its own condition).
+            resolved_reason = _refused_route_resolution(final, resources[key]) if key[0] == "HTTPRoute" else ""
+            decisions[key] = Decision(False, reasons[key], not resolved_reason, resolved_reason)
         elif key[:3] in verdicts:
             reason, resolved_reason, _ = verdicts[key[:3]]
             decisions[key] = Decision(False, reason, not resolved_reason, resolved_reason)
@@ -491,18 +493,32 @@ def _gateway_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tupl
 
 
 def _listener_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
-    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load)."""
+    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load, or
+    whose allowedRoutes.kinds EG refuses)."""
     from sidecar.translate.certificates import gateway_listener_reasons
     from sidecar.translate.listeners import listener_verdicts
 
     found: dict[tuple[str, str, str], str] = {}
     for gateway in resources.of("Gateway"):
-        # EG reads no certificate of a listener whose tls does not fit its protocol (UnsupportedTLSMode, ...).
-        unread = {str(v.listener["name"]) for v in listener_verdicts(resources, gateway) if v.field == "tls"}
-        reasons = [c.reason for n, c in gateway_listener_reasons(resources, gateway) if c.reason and n not in unread]
-        if reasons:
-            found[gateway.key] = reasons[0]
+        certificates = {n: c.reason for n, c in gateway_listener_reasons(resources, gateway) if c.reason}
+        reasons = []
+        for verdict in listener_verdicts(resources, gateway):  # in listener order, as EG's status lists them
+            if verdict.reason == "InvalidRouteKinds":
+                reasons.append(verdict.reason)
+            elif verdict.field != "tls":  # EG reads no certificate of a listener whose tls does not fit
+                reasons.append(certificates.get(str(verdict.listener["name"]), ""))
+        if any(reasons):
+            found[gateway.key] = next(r for r in reasons if r)
     return found
+
+
+def _refused_route_resolution(live: ResourceSet, route: Resource) -> str:
+    from sidecar.translate.backendrefs import first_unresolved_reason
+
+    try:
+        return first_unresolved_reason(ResourceSet([*live, route]), route)
+    except ConfigError:  # a backendRef the translator refuses outright: what refused the route may be it
+        return ""
 
 
 def _route_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:

@@ -93,6 +93,19 @@ def _verdicts(*listeners: str) -> dict[str, str]:
         (["{name: d, protocol: example.com/custom, port: 80}"], {"d": "UnsupportedProtocol"}),
         (["{name: typo, protocol: HTPP, port: 80}"], {"typo": "UnsupportedProtocol"}),
         (["{name: t, protocol: TCP, port: 90, hostname: a.com}"], {"t": "Invalid"}),
+        # allowedRoutes.kinds of another group, or that the protocol does not take: not programmed.
+        (
+            [
+                "{name: a, protocol: HTTP, port: 80, hostname: a.com, allowedRoutes: {kinds: [{kind: HTTPRoute}]}}",
+                "{name: b, protocol: HTTP, port: 80, hostname: b.com, allowedRoutes: {kinds: [{kind: TCPRoute}]}}",
+                "{name: c, protocol: HTTP, port: 80, hostname: c.com,"
+                " allowedRoutes: {kinds: [{group: example.com, kind: HTTPRoute}]}}",
+                "{name: d, protocol: HTTP, port: 80, hostname: d.com,"
+                " allowedRoutes: {kinds: [{group: '', kind: HTTPRoute}]}}",
+                "{name: e, protocol: HTTP, port: 80, allowedRoutes: {kinds: [{kind: GRPCRoute}, {kind: FooRoute}]}}",
+            ],
+            {"a": "", **dict.fromkeys("bcde", "InvalidRouteKinds")},
+        ),
         # tls that does not fit the protocol: the listener is not programmed, and blocks nothing.
         (
             [
@@ -233,3 +246,26 @@ def test_in_envoy_the_good_listener_serves_and_the_refused_ones_do_not(tmp_path:
     finally:
         envoy.close()
         app.close()
+
+
+@pytest.mark.parametrize(
+    ("kinds", "attaches"),
+    [
+        ("[{kind: HTTPRoute}]", True),
+        ("[{group: gateway.networking.k8s.io, kind: HTTPRoute}, {kind: FooRoute}]", True),  # EG: attached, not served
+        ("[{kind: GRPCRoute}]", False),
+        ("[{group: example.com, kind: HTTPRoute}]", False),
+    ],
+)
+def test_allowed_route_kinds_decide_what_attaches(tmp_path: Path, kinds: str, attaches: bool) -> None:
+    text = (
+        _gateway(f"{{name: http, protocol: HTTP, port: 80, allowedRoutes: {{kinds: {kinds}}}}}")
+        + ROUTE.format(name="r", section="http")
+        + backend("app", loopback(8080))
+    )
+    if attaches:
+        _render(tmp_path, text)
+        return
+    with pytest.raises(ConfigError) as caught:
+        _render(tmp_path, text)
+    assert getattr(caught.value, "reason", "") == "NotAllowedByListeners"
