@@ -145,7 +145,7 @@ class Side:
         """What each processor saw so far, then forgotten (phases; request_headers' attributes and metadata)."""
         found = {}
         for policy, rec in self.processors.items():
-            found[policy] = (rec.phases(), copy.deepcopy(rec.context))
+            found[policy] = (_chunks_as_one(rec.phases()), copy.deepcopy(rec.context))
             rec.seen.clear()
             rec.context.clear()
         return found
@@ -162,6 +162,12 @@ class Side:
         self.envoy.close()
         self.stop_processors()
         self.backend.close()
+
+
+def _chunks_as_one(phases: list[str]) -> list[str]:
+    """A streamed body reaches the processor in as many messages as the bytes arrive in (timing, on either
+    side): consecutive body messages count as one phase."""
+    return [p for i, p in enumerate(phases) if not (i and p == phases[i - 1] and p.endswith("_body"))]
 
 
 def _run(sides: tuple[Side, Side]) -> tuple[list[str], list[tuple[int, str]]]:
