@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
+from sidecar.errors import StreamFailure
 from sidecar.extproc.processor import ENVOY_BUFFER_LIMIT, StreamProcessor
 from sidecar.testing import Driver, Request
 from tests.support import testplugins as tp
@@ -181,3 +182,73 @@ def test_a_streamed_chunk_as_long_as_the_body_is_not_refused() -> None:
         processor, _headers("request_headers", {"content-length": "10"}), _body("request_body", b"s" * 10, end=False)
     )
     assert answer is not None and answer.WhichOneof("response") == "request_body"
+
+
+# ---- BUFFERED of unknown length in a streaming filter: the wait for the body is bounded -----------------
+
+
+def _mixed(stream_timeout: float = 0.05) -> StreamProcessor:
+    """A BUFFERED chain in a sidecar whose filter streams request bodies (another chain needs it)."""
+    registry = Registry([Chain("stream", [tp.StreamProbe()]), Chain("buffered", [tp.BufferedProbe()])])
+    return StreamProcessor(registry.chains["buffered"], registry, stream_timeout=stream_timeout)
+
+
+def _serve_then_stall(processor: StreamProcessor, *messages: pb.ProcessingRequest | None) -> BaseException | None:
+    """Serve `messages`, then leave the stream open with nothing more (Envoy stuck): how the stream ended."""
+    from sidecar.extproc.lifetime import serve
+
+    incoming: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+    for message in messages:
+        incoming.put_nowait(message)
+    answers: list[pb.ProcessingResponse] = []
+
+    async def write(response: pb.ProcessingResponse) -> None:
+        answers.append(response)
+
+    async def run() -> BaseException | None:
+        try:
+            async with asyncio.timeout(5):  # the test's own bound: the stream's must come first
+                await serve(processor, incoming.get, write)
+        except StreamFailure as exc:
+            return exc
+        return None
+
+    return asyncio.run(run())
+
+
+def test_a_buffered_body_of_unknown_length_that_never_comes_fails_the_stream() -> None:
+    processor = _mixed()
+    failure = _serve_then_stall(processor, _headers("request_headers", {":method": "POST"}))
+    assert isinstance(failure, StreamFailure)
+    assert "request_body: Envoy sent none within 0.05s" in str(failure)
+
+
+@pytest.mark.parametrize(
+    ("chain", "headers", "end"),
+    [
+        ("buffered", {"content-length": "10"}, False),  # a known length: Envoy has it whole or answers 413
+        ("buffered", {}, True),  # no body coming
+        ("stream", {}, False),  # not narrowed: Envoy streams it as the filter says
+    ],
+)
+def test_no_deadline_where_envoy_does_not_stall(chain: str, headers: dict[str, str], end: bool) -> None:
+    registry = Registry([Chain("stream", [tp.StreamProbe()]), Chain("buffered", [tp.BufferedProbe()])])
+    processor = StreamProcessor(registry.chains[chain], registry, stream_timeout=0.05)
+    _run(processor, _headers("request_headers", headers, end=end))
+    assert processor.body_due is None
+
+
+def test_no_deadline_when_the_filter_itself_buffers() -> None:
+    processor = StreamProcessor(Chain("c", [tp.BufferedProbe()]), stream_timeout=0.05)
+    _run(processor, _headers("request_headers", {}))
+    assert processor.body_due is None
+
+
+def test_the_body_arriving_lifts_the_deadline() -> None:
+    processor = _mixed()
+    _run(processor, _headers("request_headers", {}))
+    assert processor.body_due == 0.05
+    _run(processor, _body("request_body", b"x" * 10, end=True))
+    assert processor.body_due is None
+    body = _body("request_body", b"x", end=True)
+    assert _serve_then_stall(_mixed(), _headers("request_headers", {}), body, None) is None  # Envoy half-closed
