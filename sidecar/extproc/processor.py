@@ -424,7 +424,7 @@ class StreamProcessor:
             return False
         headers = self.ctx.request_headers if index == 0 else self.ctx.response_headers
         length = _content_length(headers) if headers is not None else None
-        return length is not None and size >= length
+        return length is not None and 0 < length <= size
 
     async def _duplex(
         self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]

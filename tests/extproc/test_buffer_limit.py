@@ -252,3 +252,11 @@ def test_the_body_arriving_lifts_the_deadline() -> None:
     assert processor.body_due is None
     body = _body("request_body", b"x", end=True)
     assert _serve_then_stall(_mixed(), _headers("request_headers", {}), body, None) is None  # Envoy half-closed
+
+
+def test_an_empty_chunk_of_an_empty_body_is_not_refused() -> None:
+    processor = StreamProcessor(Chain("c", [_Seen()]))
+    _, answer = _run(
+        processor, _headers("request_headers", {"content-length": "0"}), _body("request_body", b"", end=False)
+    )
+    assert answer is not None and answer.WhichOneof("response") == "request_body"

@@ -364,4 +364,3 @@ class StreamProbe(Plugin):
 
     def on_response_headers(self, ctx: Context, headers: Headers) -> None:
         headers["x-body-seen"] = ctx.state.get(_BODY_SEEN, "none")
-
