@@ -391,8 +391,9 @@ class StreamProcessor:
         Envoy 1.40 answers such a request 413 only when the body arrives after our headers answer. When it
         arrives first under another filter-level body mode (a mode_override narrows it for this chain), Envoy
         holds a buffer's worth, stops reading, and never sends the body nor a reply: the client hangs (on
-        HTTP/1; docs/streaming.md has the figures). The sidecar answers 413 itself, every time."""
-        if self._body_modes[0] != BodyMode.BUFFERED:
+        HTTP/1; docs/streaming.md has the figures). The sidecar answers 413 itself then. When the filter buffers
+        too, Envoy's own limit (which a deployment may have raised past ours) decides, as it should."""
+        if self._body_modes[0] != BodyMode.BUFFERED or self._filter_modes[0] == BodyMode.BUFFERED:
             return False
         length = _content_length(headers)
         return length is not None and length > self._buffer_limit
