@@ -1,12 +1,12 @@
 """The Prometheus endpoint of the plugins inside Envoy: the bridge's meters on the config file's `metrics` address.
 
-`sidecar serve` serves its numbers on `metrics: HOST:PORT`; inside Envoy the same setting opens one port per
-Envoy process, at the first filter config that names one, on the bridge's event-loop thread (no thread of its
-own). It serves what the sidecar's endpoint serves for one process: the per-plugin families
-(`sidecar_plugin_seconds`, `sidecar_plugin_errors`, `sidecar_plugin_responses`), the stream counts, the plugins'
-own instruments and prometheus_client objects, and the process (Envoy's) collectors; plus what only the
-in-process filter counts (header changes the mutation rules dropped, phases the watchdog settled, loops
-replaced).
+`sidecar serve` serves its numbers on `metrics: HOST:PORT`; inside Envoy the same setting opens one port per Envoy
+process, at the first filter config that names one, on the bridge's event-loop thread (no thread of its own; when
+the watchdog replaces a loop a hook blocks, the endpoint serves from the new one too). It serves what the sidecar's
+endpoint serves for one process: the per-plugin families (`sidecar_plugin_seconds`, `sidecar_plugin_errors`,
+`sidecar_plugin_responses`), the stream counts, the plugins' own instruments and prometheus_client objects, and the
+process (Envoy's) collectors; plus what only the in-process filter counts (header changes the mutation rules
+dropped, phases the watchdog settled, loops replaced).
 
 The endpoint is reachable by whoever reaches the address, as the sidecar's is: bind it to loopback or a pod
 address. Each connection is one bounded request (its head at most MAX_REQUEST_HEAD bytes, read within
@@ -18,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Iterator
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -71,6 +75,11 @@ class _InProcessCollector(Collector):
         )
 
 
+def _close_on(loop: asyncio.AbstractEventLoop, started: Future[asyncio.Server]) -> None:
+    if not started.cancelled() and started.exception() is None:
+        loop.call_soon_threadsafe(started.result().close)
+
+
 class Endpoint:
     """One listening socket on the bridge's loop, serving GET /metrics (any path, as prometheus_client does)."""
 
@@ -87,10 +96,12 @@ class Endpoint:
         self.read_timeout = read_timeout
         self.host, self.requested_port = parse_host_port(address, "metrics")
         self._runner = runner
-        self._loop = runner.loop  # the loop the server lives on (a replaced loop keeps serving: it is not blocked)
+        self._loop = runner.loop  # the loop the server was bound on
         self._registry = registry
         self._collectors: list[Collector] = [MetricsCollector(meters.snapshot), _InProcessCollector(meters, runner)]
         self._server: asyncio.Server | None = None
+        #: Servers on replacement loops, on the same listening socket (see `_follow`).
+        self._followers: list[tuple[asyncio.AbstractEventLoop, Future[asyncio.Server]]] = []
         self._open = 0
         self.port = 0
 
@@ -111,8 +122,20 @@ class Endpoint:
             self.close()
             raise ConfigError(f"metrics: {exc}") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
+        self._runner.on_replace.append(self._follow)
         log.info("in-process metrics on http://%s:%d/metrics", self.host, self.port)
         return self.port
+
+    def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The watchdog replaced the loop because a hook blocks it: serve from the new loop too, on a duplicate of
+        the listening socket (the blocked loop cannot close its own; while it is blocked, only the new one
+        accepts). Metrics are what show a blocked loop: they must not go dark with it."""
+        server = self._server
+        if server is None:
+            return
+        listening = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        start = asyncio.start_server(self._serve, sock=listening, limit=MAX_REQUEST_HEAD)
+        self._followers.append((loop, asyncio.run_coroutine_threadsafe(start, loop)))
 
     async def _bind(self) -> asyncio.Server:
         return await asyncio.start_server(self._serve, self.host, self.requested_port, limit=MAX_REQUEST_HEAD)
@@ -122,10 +145,15 @@ class Endpoint:
         for collector in self._collectors:
             with contextlib.suppress(KeyError):  # never registered (the bind failed)
                 self._registry.unregister(collector)
+        if self._follow in self._runner.on_replace:
+            self._runner.on_replace.remove(self._follow)
         server = self._server
         if server is not None:
             self._server = None
             self._loop.call_soon_threadsafe(server.close)
+        for loop, future in self._followers:
+            future.add_done_callback(partial(_close_on, loop))
+        self._followers = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:

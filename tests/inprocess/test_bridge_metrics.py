@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import sysconfig
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.errors import ConfigError
 from sidecar.inprocess import bridge
 from sidecar.inprocess.endpoint import MAX_CONNECTIONS, MAX_REQUEST_HEAD, Endpoint
-from sidecar.inprocess.loop import shared_loop
+from sidecar.inprocess.loop import LoopThread, shared_loop
 from sidecar.inprocess.meters import Meters
 from sidecar.testing import EnvoyHarness, Request
 from tests.support.inprocess_double import InProcessDouble
@@ -106,6 +107,34 @@ def test_connections_past_the_bound_are_closed_and_the_rest_still_served(endpoin
             conn.close()
     wait_for(lambda: served._open == 0, 5, "the idle connections closed")
     assert httpx.get(f"http://127.0.0.1:{served.port}/metrics", timeout=5).status_code == 200
+
+
+def test_the_endpoint_follows_the_loop_when_a_hook_blocks_it() -> None:
+    """A hook that blocks the loop thread makes the watchdog start a new loop; the metrics (which show that) keep
+    answering from the new one instead of going dark with the old."""
+    runner = LoopThread()
+    served = Endpoint("127.0.0.1:0", Meters(), runner, registry=CollectorRegistry(), read_timeout=0.3)
+    served.start()
+    release = threading.Event()
+    try:
+        blocked = runner.submit(release.wait, 10)
+        runner.replace(blocked)
+        answer = httpx.get(f"http://127.0.0.1:{served.port}/metrics", timeout=5)
+        assert answer.status_code == 200
+        assert samples(answer.text)["sidecar_inprocess_loops_replaced_total", ()] == 1
+    finally:
+        release.set()
+        served.close()
+    # Both loops turn again; closed, the port refuses.
+    wait_for(lambda: _refused(served.port), 5, "the endpoint closed on both loops")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def test_an_address_in_use_is_one_config_error(endpoint: tuple[Endpoint, Meters]) -> None:
