@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 from collections.abc import Iterator
 
@@ -235,3 +236,44 @@ def test_partial_request_with_trailers_gets_its_call_before_them(partial: InProc
     echo = _json_body(raw)
     assert echo["body"] == "ONETWO"
     assert _upstream_header(echo, "x-partial-seen") == "6 partial"  # trailers follow: the body alone is not the end
+
+
+def _keep_alive_exchange(envoy: InProcessEnvoy, requests: list[tuple[str, str, bytes]]) -> list[tuple[int, str]]:
+    """Requests one after the other on one HTTP/1.1 connection: (status, its `connection` header) for each."""
+    conn = http.client.HTTPConnection(*envoy.address, timeout=15)
+    seen = []
+    try:
+        for method, path, body in requests:
+            conn.request(method, path, body=body)
+            answer = conn.getresponse()
+            answer.read()
+            seen.append((answer.status, answer.getheader("connection") or ""))
+    finally:
+        conn.close()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["buffered", "streamed"])
+def test_a_reply_before_the_request_ends_keeps_the_connection_open(
+    mode: str, buffered: InProcessEnvoy, streamed: InProcessEnvoy
+) -> None:
+    """A reply made while the request is still arriving (from its headers hook, or its first streamed chunk's)
+    goes out once Envoy has read what the client sent, as under ext_proc: the HTTP/1.1 connection stays open
+    (it used to get `connection: close`), and the next request on it is served."""
+    envoy = buffered if mode == "buffered" else streamed
+    body = b"q" * 20_000
+    seen = _keep_alive_exchange(
+        envoy,
+        [("POST", "/respond", body), ("POST", "/chunk-respond", body), ("POST", "/ok", body), ("GET", "/ok", b"")],
+    )
+    assert seen == [(403, ""), (403, ""), (200, ""), (200, "")]
+
+
+def test_a_reply_to_an_upload_still_arriving_lets_nothing_through(streamed: InProcessEnvoy) -> None:
+    """A large upload refused at its first chunk: the reply waits one loop turn, the rest is dropped, not passed;
+    the upstream never gets the body (its echo would answer 200)."""
+    with contextlib.suppress(ConnectionResetError):
+        raw = raw_exchange(streamed.address, _chunked("/chunk-respond", [b"w" * 65536] * 64))  # 4 MiB
+        assert _status(raw) == 403
+        assert b"x-denied: chunk" in raw and b"wwww" not in raw
+    assert streamed.request("/ok")[0] == 200

@@ -413,6 +413,8 @@ class _Stream:
             return self._later(result, 50) if path != b"/upper" else result
         if path == b"/body-respond" and end_of_stream:
             return _respond(413, "fake_body_denied")
+        if path == b"/chunk-respond":  # on the first chunk, whatever follows
+            return _respond(403, "fake_chunk_denied", b"no\n", ((b"x-denied", b"chunk"),))
         if path == b"/partial-respond":
             return _respond(403, "fake_partial_denied", metadata=(("sidecar.fake", "seen", len(chunk)),))
         if path == b"/partial-upper":

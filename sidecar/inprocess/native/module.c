@@ -46,6 +46,8 @@
 #define DEFAULT_MAX_BODY_BYTES (8u * 1024 * 1024) /* a body (or chunk) copied either way; `max_body_bytes` */
 #define MAX_LIVE_STREAMS (1u << 20)           /* streams with a Python stream object at once */
 #define MAX_WORKER_THREADS 1024               /* threads the watchdog can watch */
+#define LATER_REPLY_WAIT_NS (10u * 1000 * 1000) /* a reply waits this long at most for the rest of the request */
+#define LATER_REPLY_MAX_DROP (1024u * 1024)      /* or until this much more of it was read (and dropped) */
 #define LOG_LINES_PER_SECOND 10               /* failure lines to stderr; the rest are counted */
 #define DEFAULT_HOOK_DEADLINE_MS 1000
 #define DEFAULT_MAX_PYTHON_BYTES (512LL * 1024 * 1024) /* the interpreter's heap, all threads; `max_python_bytes` */
@@ -57,7 +59,7 @@ enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2, BODY_BUFFERED_PARTIA
 enum { RESULT_CONTINUE = 0, RESULT_RESPOND = 1, RESULT_PENDING = 2 };
 /* What applying a Result left the filter to do. */
 enum outcome { GO_ON, STOPPED, PENDING, WAIT };
-enum { EVENT_RESUME = 1 };
+enum { EVENT_RESUME = 1, EVENT_REPLY = 2 };
 
 static const char *const PHASE_NAMES[2][3] = {
     {"request_headers", "request_body", "request_trailers"},
@@ -224,6 +226,7 @@ static _Atomic unsigned watch_slot_count;
 static __thread watch_slot *my_watch_slot;
 static __thread int my_watch_slot_tried;
 static pthread_once_t watchdog_once = PTHREAD_ONCE_INIT;
+static void later_replies_due(uint64_t now);
 
 static void *watchdog_main(void *unused) {
   (void)unused;
@@ -232,6 +235,7 @@ static void *watchdog_main(void *unused) {
     struct timespec tick = {0, WATCHDOG_TICK_NS};
     nanosleep(&tick, NULL);
     uint64_t now = monotonic_ns();
+    later_replies_due(now);
     unsigned n = atomic_load(&watch_slot_count);
     for (unsigned i = 0; i < n && i < MAX_WORKER_THREADS; i++) {
       watch_slot *s = &watch_slots[i];
@@ -375,6 +379,8 @@ typedef struct {
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
+  struct later_reply *later; /* a local reply waiting for the request's end (see send_local_reply); nothing passes */
+  size_t later_dropped;      /* request bytes read and dropped since */
   _Atomic int awaited;  /* a Python call or a PENDING phase is under way: schedule() may wake this stream */
   direction dir[2];
 } stream_filter;
@@ -385,11 +391,21 @@ typedef struct {
   stream_filter *filter;
   uint8_t wake;      /* schedule() called since the last resume */
   uint8_t committed; /* an EVENT_RESUME is posted and not yet run */
+  uint8_t later;     /* the stream keeps a local reply for the request's end; the watchdog sends it at the latest */
+  uint64_t later_since_ns;
 } registry_slot;
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
 static registry_slot *registry;
 static uint32_t registry_size, registry_used, *registry_free, registry_free_count;
+static _Atomic unsigned later_count; /* slots with `later` set */
+
+/* The slot no longer waits (its reply went out, was dropped, or its stream ended). Called with registry_mu held. */
+static void later_clear_locked(registry_slot *slot) {
+  if (!slot->later) return;
+  slot->later = 0;
+  atomic_fetch_sub(&later_count, 1);
+}
 
 static int registry_add(stream_filter *f) {
   pthread_mutex_lock(&registry_mu);
@@ -423,12 +439,26 @@ static int registry_add(stream_filter *f) {
 static void registry_remove(stream_filter *f) {
   uint32_t slot = (uint32_t)f->handle;
   pthread_mutex_lock(&registry_mu);
+  later_clear_locked(&registry[slot]);
   registry[slot].filter = NULL;
   registry[slot].generation++;
   registry_free[registry_free_count++] = slot;
   /* Deleted under the lock so a schedule() racing with the stream's end never commits to a freed scheduler. */
   if (f->scheduler) dm_scheduler_delete(f->scheduler);
   f->scheduler = NULL;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* On the watchdog thread, every tick: a kept reply whose wait is over is sent by its worker (EVENT_REPLY). */
+static void later_replies_due(uint64_t now) {
+  if (atomic_load(&later_count) == 0) return;
+  pthread_mutex_lock(&registry_mu);
+  for (uint32_t i = 0; i < registry_used && atomic_load(&later_count) > 0; i++) {
+    registry_slot *slot = &registry[i];
+    if (!slot->later || now - slot->later_since_ns < LATER_REPLY_WAIT_NS) continue;
+    later_clear_locked(slot);
+    if (slot->filter && slot->filter->scheduler) dm_scheduler_commit(slot->filter->scheduler, EVENT_REPLY);
+  }
   pthread_mutex_unlock(&registry_mu);
 }
 
@@ -476,12 +506,78 @@ static struct PyModuleDef native_def = {PyModuleDef_HEAD_INIT, "sidecar_inproces
                                         "The C side of sidecar's in-process backend.", -1, native_methods, NULL, NULL, NULL, NULL};
 
 /* ---- failing closed ------------------------------------------------------------------------------------------- */
-static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
-                             size_t body_len, const char *details, size_t details_len) {
+/* A local reply made while the request is still arriving, kept (copied: the Result it came from is gone by then)
+ * until the worker's next loop iteration. */
+struct later_reply {
+  uint32_t status;
+  size_t count, body_len, details_len;
+  const char *body, *details;
+  dm_header headers[]; /* then the bytes of all of it */
+};
+
+static void send_now(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
+                     size_t body_len, const char *details, size_t details_len) {
   /* Set first: Envoy runs the reply through this filter's response hooks before send_response returns. */
   f->finished = 1;
   dm_send_response(f->envoy, status, headers, count, (dm_module_buf){body, body_len},
                    (dm_module_buf){details, details_len});
+}
+
+static struct later_reply *later_reply_copy(uint32_t status, dm_header *headers, size_t count, const char *body,
+                                            size_t body_len, const char *details, size_t details_len) {
+  size_t bytes = body_len + details_len;
+  for (size_t i = 0; i < count; i++) bytes += headers[i].key_len + headers[i].value_len;
+  struct later_reply *r = malloc(sizeof *r + count * sizeof(dm_header) + bytes + 1);
+  if (!r) return NULL;
+  char *out = (char *)(r->headers + count);
+  *r = (struct later_reply){status, count, body_len, details_len, out, NULL};
+  memcpy(out, body, body_len), out += body_len;
+  r->details = memcpy(out, details, details_len), out += details_len;
+  for (size_t i = 0; i < count; i++) {
+    r->headers[i] = (dm_header){memcpy(out, headers[i].key, headers[i].key_len), headers[i].key_len, NULL,
+                                headers[i].value_len};
+    out += headers[i].key_len;
+    r->headers[i].value = memcpy(out, headers[i].value, headers[i].value_len);
+    out += headers[i].value_len;
+  }
+  return r;
+}
+
+/* Ends the stream with a local reply. While the request is still arriving, not at once: Envoy's HTTP/1 codec
+ * closes the connection (`connection: close`) on a reply to a request it has not read whole, so the reply waits
+ * for the request's end, at most LATER_REPLY_WAIT_NS (the watchdog then sends it) or LATER_REPLY_MAX_DROP more
+ * bytes. This is what the ext_proc path gets from its round trip to the sidecar. Meanwhile the stream is finished
+ * for Python and every hook stops what Envoy delivers: nothing passes, in either direction. Only streams in the
+ * registry wait (any that called Python); the others reply at once. */
+static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
+                             size_t body_len, const char *details, size_t details_len) {
+  if (f->later) return; /* a reply is on its way */
+  if (f->dir[REQUEST].end_seen || !f->registered ||
+      !(f->later = later_reply_copy(status, headers, count, body, body_len, details, details_len))) {
+    send_now(f, status, headers, count, body, body_len, details, details_len);
+    return;
+  }
+  f->finished = 1;
+  f->later_dropped = 0;
+  pthread_mutex_lock(&registry_mu);
+  if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
+  registry_slot *slot = &registry[(uint32_t)f->handle];
+  slot->later = 1;
+  slot->later_since_ns = monotonic_ns();
+  atomic_fetch_add(&later_count, 1);
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* EVENT_REPLY: the kept reply goes out now (unless Envoy replied itself meanwhile: see on_http_filter_local_reply). */
+static void send_later_reply(stream_filter *f) {
+  struct later_reply *r = f->later;
+  if (!r) return;
+  f->later = NULL;
+  pthread_mutex_lock(&registry_mu);
+  later_clear_locked(&registry[(uint32_t)f->handle]);
+  pthread_mutex_unlock(&registry_mu);
+  send_now(f, r->status, r->headers, r->count, r->body, r->body_len, r->details, r->details_len);
+  free(r);
 }
 
 static void fail_closed(stream_filter *f) {
@@ -1228,6 +1324,7 @@ static int skip(stream_filter *f) { return f->finished || f->cfg == NULL; }
 static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) return DM_HEADERS_STOP_ITERATION; /* an upstream answer while our reply waits: not passed */
   if (skip(f)) return DM_HEADERS_CONTINUE;
   TIMING_START(f->cfg);
   if (end_of_stream) dir->end_seen = 1;
@@ -1252,6 +1349,13 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
 static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) { /* read and dropped while the reply waits; the request's end (or enough of it) sends it */
+    if (d == REQUEST) {
+      f->later_dropped += dm_get_body_size(f->envoy, RECEIVED_BODY[REQUEST]);
+      if (end_of_stream || f->later_dropped > LATER_REPLY_MAX_DROP) send_later_reply(f);
+    }
+    return DM_BODY_STOP_NO_BUFFER;
+  }
   if (skip(f)) return DM_BODY_CONTINUE; /* a local reply's own body passes */
   if (end_of_stream) dir->end_seen = 1;
   if (dir->pending >= 0 || !dir->headers_done) return DM_BODY_STOP_AND_BUFFER; /* Python sees it on resume */
@@ -1282,6 +1386,10 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
 static int on_trailers(void *envoy, stream_filter *f, int d) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) {
+    if (d == REQUEST) send_later_reply(f);
+    return DM_TRAILERS_STOP_ITERATION;
+  }
   if (skip(f)) return DM_TRAILERS_CONTINUE;
   dir->end_seen = 1;
   if (dir->pending >= 0 || !dir->headers_done) {
@@ -1307,6 +1415,7 @@ static int on_trailers(void *envoy, stream_filter *f, int d) {
 void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_filter, uint64_t event) {
   stream_filter *f = module_filter;
   (void)envoy;
+  if (event == EVENT_REPLY) send_later_reply(f);
   if (event != EVENT_RESUME || !f->stream) return;
   pthread_mutex_lock(&registry_mu);
   registry_slot *slot = &registry[(uint32_t)f->handle];
@@ -1355,6 +1464,14 @@ int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_fi
    * response hooks as an upstream answer would, as under ext_proc; unless a phase is waiting for resume(): then
    * the stream's Python state cannot follow, and the reply goes out as Envoy made it. */
   if (f->dir[REQUEST].pending >= 0 || f->dir[RESPONSE].pending >= 0) f->finished = 1;
+  /* Envoy's own reply came first (a reset upstream, a timeout): ours is dropped. */
+  if (f->later) {
+    free(f->later);
+    f->later = NULL;
+    pthread_mutex_lock(&registry_mu);
+    later_clear_locked(&registry[(uint32_t)f->handle]);
+    pthread_mutex_unlock(&registry_mu);
+  }
   return DM_LOCAL_REPLY_CONTINUE;
 }
 
@@ -1374,6 +1491,8 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *envoy, void *modu
 void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   stream_filter *f = module_filter;
   if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
+  else if (f->scheduler) dm_scheduler_delete(f->scheduler);
+  free(f->later);
   if (f->stream) {
     gil_take();
     PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
