@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -35,7 +36,7 @@ from sidecar.extproc.metrics import MetricsCollector
 from sidecar.inprocess.loop import LoopThread
 from sidecar.inprocess.meters import Meters
 
-__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_HEAD", "READ_TIMEOUT", "Endpoint"]
+__all__ = ["MAX_CONNECTIONS", "MAX_REQUEST_HEAD", "READ_TIMEOUT", "RETRY_EVERY", "Endpoint"]
 
 log = logging.getLogger("sidecar.inprocess")
 
@@ -45,6 +46,8 @@ MAX_REQUEST_HEAD = 8 * 1024
 READ_TIMEOUT = 5.0
 #: Scrapes served at once; more connections are closed unanswered (a scraper retries at its next interval).
 MAX_CONNECTIONS = 16
+#: How often an address in use is tried again (a hot restart's parent Envoy holds it until it exits).
+RETRY_EVERY = 1.0
 #: How long `start` waits for the loop thread to bind the port.
 _BIND_TIMEOUT = 10.0
 _CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -103,28 +106,62 @@ class Endpoint:
         #: Servers on replacement loops, on the same listening socket (see `_follow`).
         self._followers: list[tuple[asyncio.AbstractEventLoop, Future[asyncio.Server]]] = []
         self._open = 0
+        self._closed = False
+        self._retrying: Future[None] | None = None
         self.port = 0
 
     def start(self) -> int:
-        """Bind and serve; the bound port. A ConfigError in one line if the address cannot be bound."""
-        future = asyncio.run_coroutine_threadsafe(self._bind(), self._loop)
-        try:
-            self._server = future.result(_BIND_TIMEOUT)
-        except OSError as exc:
-            raise ConfigError(f"metrics: cannot listen on {self.address}: {exc.strerror or exc}") from None
-        except TimeoutError:
-            future.cancel()
-            raise ConfigError(f"metrics: the in-process event loop did not bind {self.address} in time") from None
+        """Serve; the bound port. An address another process holds (the parent Envoy of a hot restart, a running
+        Envoy while `envoy-config --validate` checks a new config) does not reject the filter config: the endpoint
+        says so in one log line and binds as soon as the address is free (port 0 until then). Any other address
+        it cannot bind is a ConfigError in one line."""
         try:
             for collector in self._collectors:
                 self._registry.register(collector)
         except ValueError as exc:  # another collector of this process already has these names
             self.close()
             raise ConfigError(f"metrics: {exc}") from None
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        future = asyncio.run_coroutine_threadsafe(self._bind(), self._loop)
+        try:
+            server = future.result(_BIND_TIMEOUT)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                self.close()
+                raise ConfigError(f"metrics: cannot listen on {self.address}: {exc.strerror or exc}") from None
+            log.error(
+                "in-process metrics: %s is in use (a hot restart's parent Envoy, or another process); "
+                "binding it as soon as it is free, every %g s",
+                self.address,
+                RETRY_EVERY,
+            )
+            self._retrying = asyncio.run_coroutine_threadsafe(self._retry(), self._loop)
+            return 0
+        except TimeoutError:
+            future.cancel()
+            self.close()
+            raise ConfigError(f"metrics: the in-process event loop did not bind {self.address} in time") from None
+        self._bound(server)
+        return self.port
+
+    def _bound(self, server: asyncio.Server) -> None:
+        self._server = server
+        self.port = int(server.sockets[0].getsockname()[1])
         self._runner.on_replace.append(self._follow)
         log.info("in-process metrics on http://%s:%d/metrics", self.host, self.port)
-        return self.port
+
+    async def _retry(self) -> None:
+        """Bind the address once it is free (a bounded cost: one attempt every RETRY_EVERY seconds)."""
+        while not self._closed:
+            await asyncio.sleep(RETRY_EVERY)
+            try:
+                server = await self._bind()
+            except OSError:
+                continue
+            if self._closed:
+                server.close()
+            else:
+                self._bound(server)
+            return
 
     def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """The watchdog replaced the loop because a hook blocks it: serve from the new loop too, on a duplicate of
@@ -142,6 +179,9 @@ class Endpoint:
 
     def close(self) -> None:
         """Stop listening and take the collectors out of the registry (tests; Envoy never unloads Python)."""
+        self._closed = True
+        if self._retrying is not None:
+            self._retrying.cancel()
         for collector in self._collectors:
             with contextlib.suppress(KeyError):  # never registered (the bind failed)
                 self._registry.unregister(collector)

@@ -137,10 +137,28 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_an_address_in_use_is_one_config_error(endpoint: tuple[Endpoint, Meters]) -> None:
-    served, meters = endpoint
-    taken = Endpoint(f"127.0.0.1:{served.port}", meters, shared_loop(), registry=CollectorRegistry())
-    with pytest.raises(ConfigError, match=rf"^metrics: cannot listen on 127.0.0.1:{served.port}: ") as caught:
+def test_an_address_in_use_is_bound_once_it_is_free_and_never_rejects_the_config(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The parent Envoy of a hot restart holds the port until it exits (and a running Envoy holds it while
+    `envoy-config --validate` checks a new config): the filter config must not fail for it."""
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    waiting = Endpoint(f"127.0.0.1:{port}", Meters(), shared_loop(), registry=CollectorRegistry())
+    try:
+        assert waiting.start() == 0 and "is in use" in caplog.text
+        holder.close()
+        wait_for(lambda: waiting.port == port, 10, "the endpoint bound the freed port")
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+    finally:
+        holder.close()
+        waiting.close()
+
+
+@pytest.mark.parametrize("address", ["192.0.2.1:9464"])  # TEST-NET: no interface here, no traffic
+def test_an_address_that_cannot_be_bound_here_is_one_config_error(address: str) -> None:
+    taken = Endpoint(address, Meters(), shared_loop(), registry=CollectorRegistry())
+    with pytest.raises(ConfigError, match=rf"^metrics: cannot listen on {address}: ") as caught:
         taken.start()
     assert "\n" not in str(caught.value)
 
