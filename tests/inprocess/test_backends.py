@@ -62,8 +62,9 @@ KNOWN: dict[str, tuple[str, Callable[[diff.Observation, diff.Case], diff.Observa
         _drop_empty_values,
     ),
     "streamed request headers upstream": (
-        "with a STREAMED request body the in-process filter lets the headers go upstream before the body hook has "
-        "decided; ext_proc holds them, so a reply from the body hook reaches no upstream",
+        "with a STREAMED request body neither backend holds the headers for the first chunk's hook "
+        "(tests/inprocess/test_native_streamed_hold.py); in-process they reach the upstream sooner (no round trip), "
+        "so before a reply from that hook the upstream has seen them more often than under ext_proc: a race both have",
         _headers_went_upstream,
     ),
 }
