@@ -6,14 +6,24 @@ CODE := sidecar plugins tests benchmarks
 
 .PHONY: run test lint format bench clean
 
-$(BIN)/sidecar: pyproject.toml
+# The in-process backend's native module is compiled by setup.py at install: a change to either rebuilds it.
+NATIVE := setup.py $(wildcard sidecar/inprocess/native/*.c sidecar/inprocess/native/*.h)
+
+# A new pyproject.toml (or no virtualenv yet) installs everything; a change to the native module alone only
+# recompiles it (an editable install without its dependencies: seconds, not the whole environment).
+$(BIN)/sidecar: pyproject.toml $(NATIVE)
+	@if [ ! -e $@ ] || [ pyproject.toml -nt $@ ]; then $(MAKE) --no-print-directory environment; \
+	else $(BIN)/pip install -q -e . --no-deps; fi
+	@touch $@
+
+.PHONY: environment
+environment:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	# xds-protos ships an old copy of opentelemetry-proto's modules over the real package's files (which
 	# one wins depends on install order); put the real ones back so the OTLP exporter can import them.
 	$(BIN)/pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
-	@touch $@
 
 run: $(BIN)/sidecar
 	$(BIN)/sidecar up

@@ -13,12 +13,16 @@ The module is compiled again for this run with SIDECAR_HOOK_TIMING, which times 
 inside (thread CPU and wall clock, two clock reads of about 0.3 us each included, as in the spike that measured
 0.29 us for a C-only hook and 0.51 us for one calling Python); the installed module is not touched.
 
-    python benchmarks/inprocess_native.py [--rounds 3] [--seconds 5] [--connections 16]
+    python benchmarks/inprocess_native.py [--rounds 3] [--seconds 5] [--connections 16] [--baseline REV]
+
+--baseline REV also builds module.c (and abi.h) as they are at git revision REV, runs it in a second Envoy, and
+interleaves the rounds of both, so a change to the module is measured before and after in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -81,9 +85,21 @@ def bootstrap(backend_port: int, config_path: Path) -> dict[str, Any]:
     }
 
 
-def build_timed_module(directory: Path) -> None:
-    """The module with SIDECAR_HOOK_TIMING, built as setup.py builds it, into `directory`."""
-    native = ROOT / "sidecar" / "inprocess" / "native"
+def baseline_sources(revision: str, directory: Path) -> Path:
+    """module.c and abi.h as they are at git `revision`, in `directory`."""
+    for name in ("module.c", "abi.h"):
+        text = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{revision}:sidecar/inprocess/native/{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (directory / name).write_text(text)
+    return directory
+
+
+def build_timed_module(directory: Path, native: Path = ROOT / "sidecar" / "inprocess" / "native") -> None:
+    """The module with SIDECAR_HOOK_TIMING, built as setup.py builds it, from `native` into `directory`."""
     libdir = sysconfig.get_config_var("LIBDIR")
     subprocess.run(
         [
@@ -126,42 +142,71 @@ def wrk(url: str, seconds: int, connections: int) -> tuple[float, int]:
     return rps, total
 
 
+def measure(pids: dict[str, int], urls: dict[str, dict[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved rounds over every (build, listener): req/s and Envoy CPU per request, each a list per round."""
+    for by_name in urls.values():
+        for url in by_name.values():
+            wrk(url, 1, args.connections)  # warm-up
+    rps: dict[tuple[str, str], list[float]] = {(b, n): [] for b in urls for n in NAMES}
+    cpu: dict[tuple[str, str], list[float]] = {(b, n): [] for b in urls for n in NAMES}
+    for round_ in range(args.rounds):
+        for build, by_name in urls.items():
+            for name in NAMES:
+                before = cpu_seconds(pids[build])
+                rate, total = wrk(by_name[name], args.seconds, args.connections)
+                cpu[build, name].append((cpu_seconds(pids[build]) - before) / total * 1e6)
+                rps[build, name].append(rate)
+                print(
+                    f"round {round_ + 1} {build:8} {name:6} {rate:9.0f} req/s  {cpu[build, name][-1]:6.1f} us CPU/req",
+                    flush=True,
+                )
+    return {"rps": rps, "cpu": cpu}
+
+
+def report(build: str, seen: dict[str, Any], timings: dict[str, tuple[float, float]]) -> None:
+    rps, cpu = seen["rps"], seen["cpu"]
+    plain_rps, plain_cpu = statistics.median(rps[build, "plain"]), statistics.median(cpu[build, "plain"])
+    print(f"\n{build}: medians  req/s  ratio  Envoy CPU/req  added    in a headers hook: CPU   wall")
+    for name in NAMES:
+        r, c = statistics.median(rps[build, name]), statistics.median(cpu[build, name])
+        inside = "".join(f"  {ns / 1000:6.2f} us" for ns in timings.get(name, ()))
+        print(f"{name:8} {r:9.0f}  {r / plain_rps:5.2f}  {c:9.1f} us  {c - plain_cpu:+6.1f} us        {inside}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--baseline", metavar="REV", help="also measure the module as it is at this git revision")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("benchmark needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     module.module_search_path()  # the installed one must exist: this measures what users get
-    with tempfile.TemporaryDirectory(prefix="inprocess-bench-") as tmp:
-        build_timed_module(Path(tmp))
-        os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = tmp
-        envoy = Envoy(bootstrap(free_port(), Path(tmp) / "unused.yaml"), concurrency=1)
-        with envoy:
-            assert envoy._proc is not None
-            pid = envoy._proc.pid
-            urls = {n: "http://{}:{}/".format(*envoy.listener_address(n)) for n in NAMES}
-            for url in urls.values():
-                wrk(url, 1, args.connections)  # warm-up
-            rps: dict[str, list[float]] = {n: [] for n in NAMES}
-            cpu: dict[str, list[float]] = {n: [] for n in NAMES}
-            for round_ in range(args.rounds):
-                for name in NAMES:
-                    before = cpu_seconds(pid)
-                    rate, total = wrk(urls[name], args.seconds, args.connections)
-                    cpu[name].append((cpu_seconds(pid) - before) / total * 1e6)
-                    rps[name].append(rate)
-                    print(f"round {round_ + 1} {name:6} {rate:9.0f} req/s  {cpu[name][-1]:6.1f} us CPU/req", flush=True)
-            timings = hook_timings(envoy.logs())
-    plain_rps, plain_cpu = statistics.median(rps["plain"]), statistics.median(cpu["plain"])
-    print("\nmedians      req/s  ratio  Envoy CPU/req  added    in a headers hook: CPU   wall")
-    for name in NAMES:
-        r, c = statistics.median(rps[name]), statistics.median(cpu[name])
-        inside = "".join(f"  {ns / 1000:6.2f} us" for ns in timings.get(name, ()))
-        print(f"{name:8} {r:9.0f}  {r / plain_rps:5.2f}  {c:9.1f} us  {c - plain_cpu:+6.1f} us        {inside}")
+    with tempfile.TemporaryDirectory(prefix="inprocess-bench-") as tmp, contextlib.ExitStack() as stack:
+        builds = {"current": Path(tmp) / "current"}
+        if args.baseline:
+            builds = {"baseline": Path(tmp) / "baseline", **builds}
+        envoys: dict[str, Envoy] = {}
+        for build, directory in builds.items():
+            directory.mkdir()
+            sources = ROOT / "sidecar" / "inprocess" / "native"
+            if build == "baseline":
+                (Path(tmp) / "baseline-src").mkdir()
+                sources = baseline_sources(args.baseline, Path(tmp) / "baseline-src")
+            build_timed_module(directory, sources)
+            os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(directory)
+            envoys[build] = stack.enter_context(Envoy(bootstrap(free_port(), directory / "unused.yaml"), concurrency=1))
+        pids = {build: envoy._proc.pid for build, envoy in envoys.items()}  # type: ignore[union-attr]
+        urls = {
+            build: {n: "http://{}:{}/".format(*envoy.listener_address(n)) for n in NAMES}
+            for build, envoy in envoys.items()
+        }
+        seen = measure(pids, urls, args)
+        timings = {build: hook_timings(envoy.logs()) for build, envoy in envoys.items()}
+    for build in builds:
+        report(build, seen, timings[build])
     return 0
 
 

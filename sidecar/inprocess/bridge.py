@@ -21,6 +21,10 @@ filter config:
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,10 @@ __all__ = [
     "MAX_FILTER_CONFIG",
     "MAX_HOOK_DEADLINE_MS",
     "InProcessConfig",
+    "check_chain",
     "configure",
     "meters",
+    "serve_metrics",
 ]
 
 #: How long an async hook may run before its chain's failure policy applies (the contract's default).
@@ -53,15 +59,16 @@ MAX_FILTER_CONFIG = 64 * 1024
 # `site` and `max_body_bytes` are the native module's (it checks them); the bridge reads the rest.
 _FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms", "max_body_bytes"})
 
-#: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed.
+#: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed, 3 buffered
+#: partial (C holds the headers and buffers up to Envoy's buffer limit, then calls the hook once, as ext_proc).
 _NATIVE_BODY_MODE = {
     BodyMode.NONE: 0,
     BodyMode.BUFFERED: 1,
-    # BUFFERED_PARTIAL: Envoy's ext_proc sends what fits its buffer, as one message; in-process the whole
-    # body is buffered under Envoy's own buffer limit, and hooks get it as one chunk.
-    BodyMode.BUFFERED_PARTIAL: 1,
     BodyMode.STREAMED: 2,
+    BodyMode.BUFFERED_PARTIAL: 3,
 }
+log = logging.getLogger("sidecar.inprocess")
+
 _PHASE_BITS = {phase: 1 << i for i, phase in enumerate(PHASES)}
 
 #: Every in-process filter of this Envoy counts into one Meters (one process, one GIL).
@@ -103,9 +110,8 @@ class InProcessConfig:
         runner = shared_loop() if async_hooks else None
         deadline = hook_deadline_ms / 1000
         self.plan = StreamPlan.of(chain, _meters, schedule, runner, deadline, async_hooks, max_body_bytes)
-
-    def new_stream(self, handle: int) -> BridgeStream:
-        return BridgeStream(self.plan, handle)
+        #: `new_stream(handle)`: the stream C drives (a partial, not a method: one Python frame less a request).
+        self.new_stream: Callable[[int], BridgeStream] = partial(BridgeStream, self.plan)
 
 
 def _async_hooks(chain: Chain) -> dict[str, int]:
@@ -123,14 +129,42 @@ def configure(filter_config_json: str, native: Any) -> InProcessConfig:
     config_path = Path(path)
     if not config_path.is_absolute():
         raise ConfigError(f"in-process filter config: field 'config': expected an absolute path, got {path!r}")
-    _, registry = load_sidecar(config_path)
+    config, registry = load_sidecar(config_path)
     name = fields["chain"]
     chain = registry.chains.get(name)
     if chain is None:
         known = ", ".join(sorted(registry.chains))
         raise ConfigError(f"in-process filter config: chain {name!r} is not in {path} (its chains: {known})")
-    _check_chain(chain, path)
+    check_chain(chain, path)
+    if config.metrics:
+        serve_metrics(config.metrics)
     return InProcessConfig(chain, native, fields["hook_deadline_ms"], fields["max_body_bytes"])
+
+
+_endpoint: Any = None  # the process's Endpoint, once one is serving
+_endpoint_lock = threading.Lock()
+
+
+def serve_metrics(address: str) -> int:
+    """Serve the meters on `address` (the config file's `metrics`), once per process: the first filter config
+    that names an address binds it; a later one naming another address is told so in the log, and the first
+    keeps serving (one Envoy, one interpreter, one set of numbers). The bound port (0 while the address is in use,
+    see `Endpoint.start`)."""
+    global _endpoint
+    with _endpoint_lock:
+        if _endpoint is None:
+            from sidecar.inprocess.endpoint import Endpoint  # prometheus_client only where metrics are served
+
+            endpoint = Endpoint(address, _meters, shared_loop())
+            endpoint.start()
+            _endpoint = endpoint
+        elif _endpoint.address != address:
+            log.warning(
+                "in-process metrics already served on %s for this Envoy; %s (another filter config) is not",
+                _endpoint.address,
+                address,
+            )
+        return int(_endpoint.port)
 
 
 def _parse(text: Any) -> dict[str, Any]:
@@ -170,7 +204,8 @@ def _shown(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_chain(chain: Chain, path: str) -> None:
+def check_chain(chain: Chain, path: str) -> None:
+    """A chain the in-process filter cannot run as the ext_proc server would: one ConfigError naming it."""
     where = f"{path}: chain {chain.name!r}"
     if chain.full_duplex:
         raise ConfigError(

@@ -79,6 +79,9 @@ class LoopThread:
         self.loop = self._start()
         self.watchdog = Watchdog()
         self.replaced = 0
+        #: Called with the new loop after a replacement (from the watchdog's thread): what lives on the loop
+        #: besides hooks (the metrics endpoint) moves there too.
+        self.on_replace: list[Callable[[asyncio.AbstractEventLoop], None]] = []
 
     @staticmethod
     def _start() -> asyncio.AbstractEventLoop:
@@ -113,9 +116,14 @@ class LoopThread:
         with self._lock:
             if self.loop is not loop:
                 return  # someone replaced it already
-            self.loop = self._start()
+            self.loop = new = self._start()
             self.replaced += 1
         log.error("in-process event loop blocked by a hook; started a replacement loop thread")
+        for follow in list(self.on_replace):
+            try:
+                follow(new)
+            except Exception:  # the replacement serves hooks whatever a follower does
+                log.exception("in-process: moving to the replacement event loop failed")
 
 
 _shared: LoopThread | None = None

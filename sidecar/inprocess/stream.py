@@ -2,26 +2,28 @@
 tuples it applies.
 
 The semantics are the ext_proc server's (`sidecar.extproc.processor`), phase by phase: request hooks in chain
-order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's
-error; a failure gets the chain's policy (fail_closed: a 500 with an error id; fail_open: the plugin's changes
-dropped and the plugin bypassed for the rest of the stream); a buffered body that changes keeps content-length
-right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is dropped and
-counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
+order, response hooks in reverse; a Respond ends the phase; whatever else a hook returns is that plugin's error; a
+failure gets the chain's policy (fail_closed: a 500 with an error id, or a 504 past the hook deadline as Envoy's
+message_timeout answers; fail_open: the plugin's changes dropped and the plugin bypassed for the rest of the
+stream); every reply carries the metadata the phase's hooks set before it; a buffered body that changes keeps
+content-length right; Envoy's default header mutation rules apply (what ext_proc's filter would silently drop is
+dropped and counted); a body that goes on as it comes loses its content-length, as ext_proc's filter does.
 
 Each phase is a generator: sync hooks run inline on Envoy's worker; at the first `async def` hook the
 generator yields the hook's coroutine and the rest of the phase runs on the loop thread (`loop.py`), which
 awaits each coroutine under the hook deadline and sends the result back in. The worker gets PENDING and, once
 the bridge called `native.schedule(handle)`, `resume()` hands it the phase's result.
 
-What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details)
-or (2,).
+What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details,
+metadata) or (2,). Metadata is None or (namespace, key, value) items, each value JSON-like (str, int, float,
+bool, None, dict, list), nested at most MAX_METADATA_DEPTH deep.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -50,6 +52,16 @@ SET, APPEND, REMOVE = 0, 1, 2
 #: The ext_proc path's reply to a failed plugin in a fail_closed chain.
 _ERROR_BODY = b"Internal Server Error\n"
 _ERROR_DETAILS = "sidecar_plugin_error"
+#: ... and to a hook past its deadline, as Envoy's ext_proc answers a message past its `message_timeout`: 504 with
+#: no body (plus the error id, for the log line).
+_TIMEOUT_BODY = b""
+_TIMEOUT_DETAILS = "sidecar_hook_timeout"
+#: How an awaited hook's deadline reads (the log line), and how the failure policy tells it from other failures.
+_DEADLINE_TEXT = "the hook ran past the in-process hook deadline"
+#: How deep a dict/list metadata value may nest, and how long one of its strings may be (the native module
+#: refuses more).
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_STRING = 64 * 1024
 
 # Phases as bits; within a direction a phase may not come after a later one, nor twice (bodies may).
 _BIT = {
@@ -70,6 +82,7 @@ _LATER = {
     "response_trailers": 0,
 }
 _BODIES = 2 | 16
+_RESPONSE_SIDE = 8 | 16 | 32
 
 # Envoy's default HeaderMutationRules in its ext_proc filter: these changes are dropped (and counted).
 _PROTECTED_SET = frozenset({":method", ":authority", ":scheme", "host"})
@@ -105,12 +118,16 @@ class StreamPlan:
     body_modes: tuple[int, int]
     #: Async hooks per phase: how long the watchdog waits for a pending phase (one deadline each, plus one).
     async_hooks: dict[str, int]
-    #: Per phase, the hooks (or body stages) with each one's latency cell in `meters`.
-    steps: dict[str, tuple[tuple[Any, list[float]], ...]]
+    #: Per phase, the hooks (hook, cell, func, is_async) or body stages (stage, cell), each with its latency cell
+    #: in `meters`.
+    steps: dict[str, tuple[tuple[Any, ...], ...]]
     #: The chain's [opened, closed] stream counters in `meters`.
     stream_counts: list[int]
     #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
     max_body: int
+    #: The chain's, read on every phase (one attribute, not two).
+    fail_open: bool
+    observe_only: bool
 
     @classmethod
     def of(
@@ -124,9 +141,10 @@ class StreamPlan:
         max_body: int,
     ) -> StreamPlan:
         mode = chain.mode
-        steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
+        steps: dict[str, tuple[tuple[Any, ...], ...]] = {}
         for kind, hooks in chain.hooks.items():
-            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind)) for hook in hooks)
+            # A headers or trailers hook with its function and kind at hand (two attribute reads less a call).
+            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind), hook.func, hook.is_async) for hook in hooks)
         for direction in ("request", "response"):
             kind = f"{direction}_body"
             steps[kind] = tuple((stage, meters.cell(stage.plugin, kind)) for stage in chain.body_stages[direction])
@@ -141,6 +159,8 @@ class StreamPlan:
             steps=steps,
             stream_counts=meters.streams_of(chain.name),
             max_body=max_body,
+            fail_open=chain.fail_open,
+            observe_only=chain.observe_only,
         )
 
 
@@ -199,7 +219,7 @@ class BridgeStream:
         self.handle = handle
         # `ctx.extend_timeout` is given a way out only while a phase is pending (`_suspend`): a stream that
         # points at itself from its Context is a cycle, which only the garbage collector frees (2 µs a request).
-        self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
+        self.ctx = Context(chain.name, "", None, chain.writable_namespaces)  # positional: no keyword parsing
         #: fail_open: plugins bypassed for the rest of this stream (a new set on the first: most streams have none).
         self._disabled: frozenset[str] = frozenset()
         self._done = 0  # the phases seen, as bits of _BIT
@@ -215,24 +235,37 @@ class BridgeStream:
 
     # -- what C calls ------------------------------------------------------------------------------
 
+    # The two headers phases are every request's: their order check and `_run` are inlined (the same checks).
+
     def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        if self._order("request_headers"):
-            return self._given_up()
+        if self._done:  # not the first phase: out of order (raises), as `_order` says
+            self._order("request_headers")
+        self._done = 1
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
         rid = view.raw("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
-        return self._run("request_headers", self._fields("request_headers", view, end_of_stream, 0))
+        answer = self._fields("request_headers", view, end_of_stream, 0)
+        if type(answer) is _Await:
+            return self._suspend("request_headers", answer)
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]  # not an _Await here
 
     def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
-        if self._order("response_headers"):
-            return self._given_up()
+        if self._done & _RESPONSE_SIDE or self._pending is not None or self._broken:
+            if self._order("response_headers"):
+                return self._given_up()
+        else:
+            self._done |= 8
         view = _headers(headers)
-        self.ctx.response_headers = view
-        if not self.ctx.request_id:  # a local reply from a filter before this one: no request headers came
-            self.ctx.request_id = Context.new_request_id()
-        return self._run("response_headers", self._fields("response_headers", view, end_of_stream, 0))
+        ctx = self.ctx
+        ctx.response_headers = view
+        if not ctx.request_id:  # a local reply from a filter before this one: no request headers came
+            ctx.request_id = Context.new_request_id()
+        answer = self._fields("response_headers", view, end_of_stream, 0)
+        if type(answer) is _Await:
+            return self._suspend("response_headers", answer)
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]  # not an _Await here
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
         if self._order("request_body"):
@@ -264,28 +297,29 @@ class BridgeStream:
         result = pending.result
         if isinstance(result, BaseException):  # a bridge bug on the loop thread: C answers 500
             raise RuntimeError(f"{pending.kind}: the in-process bridge failed: {type(result).__name__}") from result
-        return None if self._plan.chain.observe_only else result
+        return None if self._plan.observe_only else result
 
     def close(self) -> None:
         """The stream is gone (Envoy destroyed the filter): no schedule() for it after this returns."""
         if self._closed:
             return
+        plan = self._plan
+        runner = plan.runner
+        if runner is None:  # no async hook: nothing pending, nothing settles this stream from another thread
+            self._closed = True
+            plan.stream_counts[1] += 1
+            return
         try:
-            if self._plan.runner is None:  # no async hook: nothing settles this stream from another thread
+            with _SETTLING:
+                if self._closed:
+                    return
                 self._closed = True
-            else:
-                with _SETTLING:
-                    if self._closed:
-                        return
-                    self._closed = True
             self.ctx._send = None
             pending = self._pending
             if pending is not None and not pending.settled:
                 self._stop(pending)
-                runner = self._plan.runner
-                if runner is not None:
-                    runner.watchdog.disarm(pending.backstop)
-            self._plan.stream_counts[1] += 1
+                runner.watchdog.disarm(pending.backstop)
+            plan.stream_counts[1] += 1
         except Exception:  # never raises into C
             log.exception("closing an in-process stream failed")
 
@@ -309,7 +343,7 @@ class BridgeStream:
         if type(answer) is _Await:
             return self._suspend(kind, answer)
         # Observe-only chains (ext_proc's observability mode): Envoy does not wait for or apply an answer.
-        return None if self._plan.chain.observe_only else answer  # type: ignore[return-value]
+        return None if self._plan.observe_only else answer  # type: ignore[return-value]
 
     def _given_up(self) -> Result:
         """A phase after the watchdog gave up on this stream: its plugins' state is unknown."""
@@ -352,7 +386,9 @@ class BridgeStream:
             except TimeoutError as exc:
                 error = exc
                 if timeout.expired():
-                    error = TimeoutError(f"the hook ran past the in-process hook deadline ({deadline * 1000:g} ms)")
+                    error = TimeoutError(f"{_DEADLINE_TEXT} ({deadline * 1000:g} ms)")
+                elif not exc.args:  # the hook's own bare TimeoutError (asyncio.wait_for): not our deadline
+                    error = TimeoutError("the hook raised TimeoutError")
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -392,7 +428,7 @@ class BridgeStream:
         plan = self._plan
         plan.meters.backstops += 1
         self._broken = True
-        exc = TimeoutError(f"{pending.kind} did not finish within its hook deadlines; the event loop did not answer")
+        exc = TimeoutError(f"{_DEADLINE_TEXT}s of {pending.kind}; the event loop did not answer")
         if plan.chain.fail_open:
             self._log_failure(pending.kind, self._awaited, exc)
             result: Result = None
@@ -451,11 +487,24 @@ class BridgeStream:
         self._disabled = self._disabled | {plugin}
 
     def _failed(self, kind: str, plugin: str, exc: BaseException) -> Result:
-        return self._error_reply(self._log_failure(kind, plugin, exc))
+        error_id = self._log_failure(kind, plugin, exc)
+        if _past_deadline(exc):
+            return self._error_reply(error_id, 504, _TIMEOUT_BODY, _TIMEOUT_DETAILS)
+        return self._error_reply(error_id)
 
-    def _error_reply(self, error_id: str) -> Result:
-        headers = ((b"content-type", b"text/plain"), (b"x-sidecar-error-id", error_id.encode()))
-        return (RESPOND, 500, headers, _ERROR_BODY, _ERROR_DETAILS)
+    def _error_reply(
+        self, error_id: str, status: int = 500, body: bytes = _ERROR_BODY, details: str = _ERROR_DETAILS
+    ) -> Result:
+        """The failure policy's reply, with the metadata the phase's hooks set before it (ext_proc keeps it)."""
+        headers: tuple[tuple[bytes, bytes], ...] = ((b"x-sidecar-error-id", error_id.encode()),)
+        if body:
+            headers = ((b"content-type", b"text/plain"), *headers)
+        try:
+            metadata = self._metadata()
+        except (TypeError, ValueError) as exc:  # the reply fails closed anyway; say why the metadata is not there
+            self._log_failure("metadata", "set_metadata", exc)
+            metadata = None
+        return (RESPOND, status, headers, body, details, metadata)
 
     def _too_big(self, hook: str, what: str, size: int) -> ValueError:
         return ValueError(
@@ -475,7 +524,7 @@ class BridgeStream:
                 self._reject(f"set {name}")
                 continue
             headers.append((name.encode(), value.encode("latin-1")))
-        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details))
+        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details), self._metadata())
 
     def _reject(self, change: str) -> None:
         self.rejected = (*self.rejected, change)
@@ -491,19 +540,19 @@ class BridgeStream:
         """A headers or a trailers phase, from hook `start`."""
         ctx = self.ctx
         plan = self._plan
-        fail_open = plan.chain.fail_open
+        fail_open = plan.fail_open
         steps = plan.steps[kind]
         before = None
         for step in steps[start:] if start else steps:
-            hook, cell = step
+            hook, cell, func, is_async = step
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
                 before = fields.snapshot()
             started = perf_counter()
             try:
-                result = hook.func(ctx, fields)
-                if hook.is_async:
+                result = func(ctx, fields)
+                if is_async:
                     index = steps.index(step, start)  # found by identity: each step is its own tuple
                     state = (kind, fields, end_of_stream, index, hook, cell, started, before)
                     return _Await(result, self._fields_go_on, hook.plugin, state)
@@ -549,11 +598,12 @@ class BridgeStream:
 
     def _fields_end(self, kind: str, fields: Headers, end_of_stream: bool) -> Result:
         request = kind in _REQUEST
-        if self.ctx.clear_route_cache_requested:
+        ctx = self.ctx
+        if ctx.clear_route_cache_requested:
             refused = self._no_route_cache(kind)
             if refused is not _GO_ON:
                 return refused  # type: ignore[return-value]
-        ops = self._header_ops(fields, request)
+        ops = self._header_ops(fields, request) if fields._replaced or fields._appended else ()
         if (
             not end_of_stream
             and kind not in _TRAILERS
@@ -563,7 +613,9 @@ class BridgeStream:
             # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
             ops = (*ops, (REMOVE, b"content-length", None))
-        return self._continue(ops, None)
+        if ctx.dynamic_metadata:
+            return self._continue(ops, None)
+        return (CONTINUE, ops, None, None) if ops else None
 
     def _no_route_cache(self, kind: str) -> Result | object:
         """`ctx.clear_route_cache()` has no way to Envoy in-process (the contract carries none): the request would
@@ -672,23 +724,32 @@ class BridgeStream:
         return self._continue(ops, body if changed else None)
 
     def _continue(self, ops: tuple[tuple[int, bytes, bytes | None], ...], body: bytes | None) -> Result:
-        metadata = self._metadata() if self.ctx.dynamic_metadata else None
+        metadata = None
+        if self.ctx.dynamic_metadata:
+            try:
+                metadata = self._metadata()
+            except (TypeError, ValueError) as exc:  # a value C cannot take: the chain's policy, not a silent drop
+                if not self._plan.chain.fail_open:
+                    return self._failed("metadata", "set_metadata", exc)
+                self._log_failure("metadata", "set_metadata", exc)
         if not ops and body is None and metadata is None:
             return None
         return (CONTINUE, ops, body, metadata)
 
     def _metadata(self) -> tuple[tuple[str, str, Any], ...] | None:
-        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items."""
+        """Dynamic metadata the hooks set since the last phase, as (namespace, key, value) items of exact types
+        (a copy: a plugin may change its dict after set_metadata). Taken first, so a value that cannot go (too
+        deep) fails the phase once, and its failure reply goes without it."""
         ctx = self.ctx
-        if not ctx.dynamic_metadata:
+        metadata = ctx.dynamic_metadata
+        if not metadata:
             return None
-        items = tuple(
-            (namespace, key, _scalar(value))
-            for namespace, values in ctx.dynamic_metadata.items()
+        ctx.dynamic_metadata = {}
+        return tuple(
+            (namespace, key, _plain(value, key, 0))
+            for namespace, values in metadata.items()
             for key, value in values.items()
         )
-        ctx.dynamic_metadata = {}
-        return items
 
     def _header_ops(self, headers: Headers, request: bool) -> tuple[tuple[int, bytes, bytes | None], ...]:
         """The smallest list of set/append/remove that turns what Envoy has into `headers` (as
@@ -699,26 +760,26 @@ class BridgeStream:
             return ()
         ops: list[tuple[int, bytes, bytes | None]] = []
         items = headers._items
+        known = _OUT_NAMES.get
         for name in sorted(replaced) if len(replaced) > 1 else replaced:
-            values = [value for key, value in items if key == name]
-            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
-                name, values[0] if values else None, request, len(values)
-            ):
+            raw, guarded = known(name) or _out_name(name)
+            values = []
+            for key, value in items:  # a loop, not a list comprehension: one call less (3.11)
+                if key == name:
+                    values.append(value)
+            if guarded and self._refused(name, values[0] if values else None, request, len(values)):
                 continue
-            raw = name.encode()
-            if not values:
-                ops.append((REMOVE, raw, None))
-            elif len(values) == 1:
+            if len(values) == 1:
                 ops.append((SET, raw, values[0]))
+            elif not values:
+                ops.append((REMOVE, raw, None))
             else:
                 ops.append((SET, raw, values[0]))
                 ops += [(APPEND, raw, value) for value in values[1:]]
         for name, added in appended.items():
-            if (name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX)) and self._refused(
-                name, added[0], request, len(added)
-            ):
+            raw, guarded = known(name) or _out_name(name)
+            if guarded and self._refused(name, added[0], request, len(added)):
                 continue
-            raw = name.encode()
             ops += [(APPEND, raw, value) for value in added]
         replaced.clear()  # track afresh (flush_into's job for ext_proc)
         appended.clear()
@@ -758,6 +819,18 @@ def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     return headers
 
 
+#: The other way, for the header ops: a name's bytes and whether Envoy's mutation rules guard it (a pseudo-header,
+#: `host`, `x-envoy-*`). Bounded as _NAMES is.
+_OUT_NAMES: dict[str, tuple[bytes, bool]] = {}
+
+
+def _out_name(name: str) -> tuple[bytes, bool]:
+    out = (name.encode("latin-1"), name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX))
+    if len(_OUT_NAMES) < MAX_NAMES:
+        _OUT_NAMES[name] = out
+    return out
+
+
 def _name(raw: bytes) -> str:
     name = raw.decode("latin-1")
     if len(_NAMES) < MAX_NAMES:
@@ -776,18 +849,47 @@ def _as_body(result: Any, hook: Hook) -> bytes:
     raise hook.wrong(result)
 
 
-def _scalar(value: Any) -> str | int | float | bool:
-    """A metadata value as the native module can set it: str, number or bool as exactly those types (an
-    IntEnum is an int); None, lists and dicts as their JSON text (the contract carries no Struct)."""
+def _plain(value: Any, key: str, depth: int) -> Any:
+    """A metadata value as the native module takes it: str, int, float, bool, None, dict (str keys) and list as
+    exactly those types (an IntEnum is an int, a tuple a list), nested at most MAX_METADATA_DEPTH deep, numbers
+    a double can hold, strings of valid UTF-8 up to MAX_METADATA_STRING bytes. `ctx.set_metadata` checked it
+    was JSON-like; anything C would refuse (a cycle too) fails the phase here, under the chain's policy, with
+    the key named."""
+    if value is None or type(value) is bool:
+        return value
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"metadata {key!r}: an int too large for a number") from None
         return int(value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"metadata {key!r}: {value!r} is not a finite number")
         return float(value)
     if isinstance(value, str):
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            raise ValueError(f"metadata {key!r}: a str that is not valid UTF-8 (a lone surrogate)") from None
+        if size > MAX_METADATA_STRING:
+            raise ValueError(f"metadata {key!r}: a str of {size} bytes; at most {MAX_METADATA_STRING} in-process")
         return str(value)
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if depth >= MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata {key!r}: nested deeper than {MAX_METADATA_DEPTH} levels in-process")
+    if isinstance(value, dict):
+        return {str(k): _plain(v, key, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, key, depth + 1) for v in value]
+    raise TypeError(f"metadata {key!r}: {type(value).__name__} is not JSON-like")
+
+
+def _past_deadline(exc: BaseException) -> bool:
+    """A hook failed at its deadline: the bridge's own TimeoutError, or the bare one the native watchdog raises
+    in a sync hook's Python code."""
+    return type(exc) is TimeoutError and (not exc.args or str(exc.args[0]).startswith(_DEADLINE_TEXT))
 
 
 #: Characters of one token in Envoy's response code details (the native module checks them).

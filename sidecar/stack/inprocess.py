@@ -51,12 +51,12 @@ def inprocess_bootstrap(
         )
     # The bridge's own refusal (a FULL_DUPLEX chain, attributes it cannot give), here in one line: inside Envoy
     # it would only be "Failed to initialize dynamic module", with the reason on Envoy's stderr.
-    from sidecar.inprocess.bridge import _check_chain
+    from sidecar.inprocess.bridge import check_chain
 
     deadline_ms = hook_deadline or hook_deadline_ms(config)  # checked before the translator sees the timeout
     bootstrap = build_bootstrap(registry, config, options)
     for name in use_inprocess_filter(bootstrap, config_path, deadline_ms=deadline_ms):
-        _check_chain(registry.chains[name], str(config_path))
+        check_chain(registry.chains[name], str(config_path))
     return bootstrap
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -268,7 +268,8 @@ def test_header_changes_are_set_append_remove_ops(tmp_path: Path) -> None:
 
 def test_a_respond_is_a_local_reply_with_checked_headers_and_one_token_details(tmp_path: Path) -> None:
     s = stream(tmp_path, "Denies")
-    assert s.request_headers(REQUEST, False) == (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2")
+    reply = (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2", None)
+    assert s.request_headers(REQUEST, False) == reply
     assert s.rejected == ("set x-envoy-sneaky",)  # ext_proc's mutation rules drop it from a reply too
 
 
@@ -284,7 +285,7 @@ def test_the_header_stamp_plugin_in_both_directions(tmp_path: Path) -> None:
     assert result[1][1][:2] == (1, b"server-timing") and result[1][1][2].startswith(b"sidecar;dur=")
 
 
-def test_metadata_keeps_each_scalar_type_and_sends_the_rest_as_json(tmp_path: Path) -> None:
+def test_metadata_keeps_each_type_and_nested_values_as_values(tmp_path: Path) -> None:
     s = stream(tmp_path, "Metadata")
     result = s.request_headers(REQUEST, True)
     assert result is not None
@@ -293,9 +294,110 @@ def test_metadata_keeps_each_scalar_type_and_sends_the_rest_as_json(tmp_path: Pa
         ("envoy-sidecar", "flag"): True,
         ("envoy-sidecar", "enum"): 7,
         ("other", "ratio"): 0.5,
-        ("other", "nested"): '{"a":"x","b":[1,null]}',
+        ("other", "nested"): {"b": [1, None], "a": "x"},
     }
     assert type(metadata["envoy-sidecar", "enum"]) is int and metadata["envoy-sidecar", "flag"] is True
+
+
+class NestedKinds(Plugin):
+    """What `set_metadata` takes, in the shapes a user has: subclasses, tuples, a dict changed after it was set."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        class Name(str):
+            pass
+
+        later = {"n": 1}
+        ctx.set_metadata("kinds", {"t": (1, Color.RED), "s": Name("x"), "none": None, "f": 2.5, "b": False})
+        ctx.set_metadata("later", later)
+        later["n"] = 2  # as ext_proc, what goes is the value at the phase's end
+
+
+def test_nested_metadata_goes_as_exact_plain_types(tmp_path: Path) -> None:
+    result = stream(tmp_path, "NestedKinds").request_headers(REQUEST, True)
+    assert result is not None
+    values = {key: value for _, key, value in result[3]}
+    assert values == {"kinds": {"t": [1, 7], "s": "x", "none": None, "f": 2.5, "b": False}, "later": {"n": 2}}
+    kinds = values["kinds"]
+    assert type(kinds["t"]) is list and type(kinds["t"][1]) is int and type(kinds["s"]) is str
+
+
+class DeepMetadata(Plugin):
+    """Metadata nested `x-depth` levels deep (or a list that holds itself, made after set_metadata checked it)."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        ctx.set_metadata("shallow", "kept")
+        if headers["x-depth"] == "cycle":
+            loop: list[Any] = []
+            ctx.set_metadata("deep", loop)
+            loop.append(loop)
+            return
+        value: Any = "leaf"
+        for _ in range(int(headers["x-depth"])):
+            value = [value]
+        ctx.set_metadata("deep", value)
+
+
+@pytest.mark.parametrize(("depth", "status"), [("16", 200), ("17", 500), ("10000", 500), ("cycle", 500)])
+def test_metadata_nested_too_deep_fails_closed_not_silently(tmp_path: Path, depth: str, status: int) -> None:
+    """The native module takes at most 16 levels: past them the phase gets a clear failure, never a dropped value
+    or a RecursionError reaching C."""
+    d = double(tmp_path, "DeepMetadata")
+    result = d.run(Request(headers={"x-depth": depth}))
+    assert result.failed is None and result.status == status
+    if status == 200:
+        assert result.dynamic_metadata["envoy-sidecar"]["shallow"] == "kept"
+    else:  # "shallow" may go with the 500 (set_metadata refused the deep one) or not (the phase's batch failed)
+        assert result.response.headers["x-sidecar-error-id"] and "deep" not in str(result.dynamic_metadata)
+
+
+class OddMetadata(Plugin):
+    """A value `set_metadata` takes (JSON-like) but the native module cannot set, picked by `x-odd`."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        odd = {
+            "nan": float("nan"),
+            "inf": [1.0, float("-inf")],
+            "huge-int": {"n": 10**400},
+            "surrogate": "a\ud800b",
+            "long": "x" * (64 * 1024 + 1),
+        }
+        ctx.set_metadata("fine", 1)
+        ctx.set_metadata("odd", odd[headers["x-odd"]])
+
+
+@pytest.mark.parametrize("odd", ["nan", "inf", "huge-int", "surrogate", "long"])
+def test_metadata_the_native_module_cannot_set_gets_the_chains_policy(tmp_path: Path, odd: str) -> None:
+    """Never C's own refusal (its 500 without the plugin's error id), never a value dropped in silence."""
+    closed = double(tmp_path, "OddMetadata").run(Request(headers={"x-odd": odd}))
+    assert closed.failed is None and closed.status == 500 and closed.response.headers["x-sidecar-error-id"]
+    opened = double(tmp_path, "OddMetadata", "AddsAfter", on_error="fail_open").run(Request(headers={"x-odd": odd}))
+    assert opened.failed is None and opened.status == 200 and opened.dynamic_metadata == {}
+    assert opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
+
+
+class NotesThenDenies(Plugin):
+    metadata_namespaces = ("audit",)
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        ctx.set_metadata("seen", {"path": headers[":path"]}, "audit")
+        if headers.get("x-act") == "raise":
+            raise RuntimeError("after noting")
+        return Respond(401) if headers.get("x-act") == "deny" else None
+
+    def on_request_body(self, ctx: Context, body: bytes) -> Respond:
+        ctx.set_metadata("size", len(body), "audit")
+        return Respond(413)
+
+
+@pytest.mark.parametrize("act", ["deny", "raise", "body"])
+def test_metadata_set_before_a_reply_or_a_failure_goes_with_it_as_ext_proc(tmp_path: Path, act: str) -> None:
+    request = Request("POST", "/p", {"x-act": act}, b"abc") if act == "body" else Request(headers={"x-act": act})
+    result = double(tmp_path, "NotesThenDenies").run(request)
+    ext_proc = Driver([NotesThenDenies()]).run(request)
+    assert result.failed is None and result.status == ext_proc.status == {"deny": 401, "raise": 500}.get(act, 413)
+    assert result.dynamic_metadata == ext_proc.dynamic_metadata
+    expected = {"seen": {"path": "/p" if act == "body" else "/"}, **({"size": 3} if act == "body" else {})}
+    assert result.dynamic_metadata == {"audit": expected}
 
 
 def test_an_observe_only_chain_changes_nothing_as_in_observability_mode(tmp_path: Path) -> None:
@@ -320,6 +422,60 @@ def test_a_buffered_body_change_fixes_the_held_content_length(tmp_path: Path) ->
     assert result.upstream is not None and result.upstream.body == b"HELLO!"
     assert result.upstream.headers["content-length"] == "6"
     assert result.response.body == b"ok (checked)" and result.response.headers["content-length"] == "12"
+
+
+class Partial(Plugin):
+    """BUFFERED_PARTIAL both ways: records each call, tags what it saw, and replies when asked to."""
+
+    request_body = BodyMode.BUFFERED_PARTIAL
+    response_body = BodyMode.BUFFERED_PARTIAL
+    calls: ClassVar[list[tuple[str, int, bool]]] = []
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes | Respond:
+        Partial.calls.append(("request", len(chunk), end))
+        if ctx.request_headers is not None and ctx.request_headers.get("x-act") == "deny":
+            return Respond(403, "scanned\n")
+        return b"<" + chunk + b">"
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        Partial.calls.append(("response", len(chunk), end))
+        return chunk.upper()
+
+
+def _partial(tmp_path: Path, limit: int) -> InProcessDouble:
+    Partial.calls = []
+    return InProcessDouble(config_file(tmp_path, "Partial"), buffer_limit=limit)
+
+
+def test_buffered_partial_gives_the_hook_what_fits_the_buffer_once_and_the_rest_passes(tmp_path: Path) -> None:
+    d = _partial(tmp_path, limit=8)
+    assert (d.config.request_body_mode, d.config.response_body_mode) == (3, 3)
+    chunks = [b"aaaa", b"bbbb", b"cccc", b"dddd"]
+    result = d.run(Request("POST", "/", {"transfer-encoding": "chunked"}, chunks), Response(200, {}, [b"xy"] * 6))
+    # One call per direction: the first 8 bytes, not the end; the rest went on unprocessed.
+    assert Partial.calls == [("request", 8, False), ("response", 8, False)]
+    assert result.upstream is not None and result.upstream.body == b"<aaaabbbb>ccccdddd"
+    assert result.response.body == b"XYXYXYXYxyxy" and "content-length" not in result.upstream.headers
+
+
+def test_buffered_partial_under_the_limit_is_one_whole_call_as_ext_proc(tmp_path: Path) -> None:
+    d = _partial(tmp_path, limit=1024)
+    request, response = Request("POST", "/", {"content-length": "5"}, b"hello"), Response(200, {}, b"ok")
+    result = d.run(request, response)
+    assert Partial.calls == [("request", 5, True), ("response", 2, True)]
+    ext_proc = Driver([Partial()]).run(request, response)
+    assert result.upstream is not None and ext_proc.upstream is not None
+    assert result.upstream.body == ext_proc.upstream.body == b"<hello>"
+    assert result.response.body == ext_proc.response.body == b"OK"
+
+
+@pytest.mark.parametrize("limit", [4, 1024])
+def test_a_reply_from_a_partial_body_hook_reaches_no_upstream(tmp_path: Path, limit: int) -> None:
+    """The headers are held until the partial body's result, as ext_proc holds them: a scanner that says no
+    stops the request before the upstream sees any of it."""
+    d = _partial(tmp_path, limit=limit)
+    result = d.run(Request("POST", "/", {"x-act": "deny", "transfer-encoding": "chunked"}, [b"evil", b"more"]))
+    assert (result.status, result.response.body, result.upstream) == (403, b"scanned\n", None)
 
 
 def test_a_streamed_body_loses_its_length_but_hooks_still_see_it(tmp_path: Path) -> None:
@@ -463,10 +619,41 @@ def test_an_async_hook_past_its_deadline_gets_the_policy_and_is_cancelled(tmp_pa
     d = double(tmp_path, "AsyncHangs", deadline_ms=50)
     started = time.monotonic()
     result = d.run(Request())
-    assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+    # Envoy's ext_proc answers a message past its message_timeout 504; so does a hook past its deadline.
+    assert result.status == 504 and result.response.headers["x-sidecar-error-id"]
     assert time.monotonic() - started < 5
     assert AsyncHangs.cancelled.wait(5)
     opened = double(tmp_path, "AsyncHangs", "AddsAfter", on_error="fail_open", deadline_ms=50).run(Request())
+    assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
+
+
+class TimesOut(Plugin):
+    """A sync hook stopped as the native watchdog stops one (a bare TimeoutError raised in its Python code), or
+    one that raises a TimeoutError of its own (a client library's), which is an ordinary failure."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        if headers["x-how"] == "watchdog":
+            raise TimeoutError
+        raise TimeoutError("upstream db timed out")
+
+
+class AsyncOwnTimeout(Plugin):
+    async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        await asyncio.wait_for(asyncio.sleep(1), 0.001)  # its own deadline, well within the hook's
+
+
+@pytest.mark.parametrize(
+    ("plugin", "how", "status"),
+    [
+        ("TimesOut", "watchdog", 504),
+        ("TimesOut", "own", 500),
+        ("AsyncOwnTimeout", "own", 500),
+    ],
+)
+def test_only_the_hook_deadline_answers_504(tmp_path: Path, plugin: str, how: str, status: int) -> None:
+    result = double(tmp_path, plugin, deadline_ms=2000).run(Request(headers={"x-how": how}))
+    assert result.failed is None and result.status == status and result.response.headers["x-sidecar-error-id"]
+    opened = double(tmp_path, plugin, "AddsAfter", on_error="fail_open").run(Request(headers={"x-how": how}))
     assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
 
 
@@ -519,13 +706,35 @@ def test_a_hook_that_blocks_the_loop_gets_the_policy_from_the_watchdog_and_a_new
     replaced, backstops = runner.replaced, bridge.meters().backstops
     try:
         result = d.run(Request())
-        assert result.status == 500 and result.response.headers["x-sidecar-error-id"]
+        assert result.status == 504 and result.response.headers["x-sidecar-error-id"]
         assert bridge.meters().backstops == backstops + 1
         assert runner.replaced == replaced + 1
         # The next async hook runs on the new loop while the old one is still blocked.
         assert double(tmp_path, "AsyncStamp").run(Request()).upstream is not None
     finally:
         AsyncBlocksTheLoop.release.set()
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+def test_after_the_watchdog_gave_up_no_hook_of_the_stream_runs_again(tmp_path: Path, on_error: str) -> None:
+    """The hook the watchdog answered for may still be running: the stream's later phases get the policy
+    without running hooks (the response-headers fast path included)."""
+    AsyncBlocksTheLoop.release.clear()
+    d = double(tmp_path, "AsyncBlocksTheLoop", "Edits", on_error=on_error, deadline_ms=50)
+    s = d.config.new_stream(1)
+    event = d.native.open(1)
+    try:
+        assert s.request_headers(REQUEST, True) == (2,)
+        assert event.wait(5)
+        answer = s.resume()
+        later = s.response_headers([(b":status", b"200")], True)
+    finally:
+        AsyncBlocksTheLoop.release.set()
+    if on_error == "fail_closed":
+        assert answer is not None and answer[:2] == (1, 504)
+        assert later is not None and later[:2] == (1, 500)  # "x-rid" never set: Edits did not run
+    else:
+        assert answer is None and later is None
 
 
 def test_no_schedule_reaches_a_stream_closed_while_pending(tmp_path: Path) -> None:
@@ -569,6 +778,36 @@ def test_a_local_reply_from_an_earlier_filter_runs_the_response_hooks_alone(tmp_
     assert s.ctx.request_headers is None and s.ctx.request_id
     with pytest.raises(ProtocolError, match="out of order"):
         s.request_headers(REQUEST, True)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        ["request_headers"],
+        ["response_headers"],
+        ["request_headers", "response_headers"],
+        ["request_headers", "request_body"],
+        ["request_headers", "response_headers", "response_body"],
+        ["request_headers", "response_headers", "response_trailers"],
+    ],
+)
+def test_a_headers_phase_out_of_order_is_a_protocol_error(tmp_path: Path, before: list[str]) -> None:
+    """The headers phases check their order inline (every request has them): the same rule as every phase's."""
+    s = stream(tmp_path, "Upper")
+    calls = {
+        "request_headers": lambda: s.request_headers(REQUEST, False),
+        "request_body": lambda: s.request_body(b"x", True),
+        "response_headers": lambda: s.response_headers([(b":status", b"200")], False),
+        "response_body": lambda: s.response_body(b"x", True),
+        "response_trailers": lambda: s.response_trailers([]),
+    }
+    for phase in before:
+        calls[phase]()
+    with pytest.raises(ProtocolError, match="out of order"):
+        s.request_headers(REQUEST, True)
+    if before[-1] != "request_headers" and before[-1] != "request_body":  # the response side has begun
+        with pytest.raises(ProtocolError, match="out of order"):
+            s.response_headers([(b":status", b"200")], True)
 
 
 def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:

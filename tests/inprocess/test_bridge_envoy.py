@@ -45,6 +45,9 @@ class Gate(Plugin):
         return None
 
     def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        if body == b"spin":  # pure Python past the deadline: the native watchdog interrupts it
+            while True:
+                pass
         return body.upper()
 
 
@@ -98,9 +101,20 @@ def test_a_failing_plugin_gets_the_chains_policy(envoy: InProcessEnvoy) -> None:
 
 def test_an_async_hook_past_its_deadline_gets_the_policy_in_time(envoy: InProcessEnvoy) -> None:
     status, _, _ = envoy.request("/hang", headers={"x-act": "hang"})
-    assert status == (500 if envoy._chain == "closed" else 200)
+    assert status == (504 if envoy._chain == "closed" else 200)  # as Envoy's ext_proc message_timeout answers
     status, _, _ = envoy.request("/after")  # the worker and the loop still serve
     assert status == 200
+
+
+def test_a_sync_hook_interrupted_at_its_deadline_gets_the_policy_as_ext_proc(envoy: InProcessEnvoy) -> None:
+    """The native watchdog's TimeoutError in a sync hook is the hook deadline: 504 in a fail-closed chain (as
+    Envoy's ext_proc message_timeout answers), the request goes on unchanged in a fail-open one."""
+    status, headers, body = envoy.request("/spin", method="POST", body=b"spin", headers={"content-type": "text/x"})
+    if envoy._chain == "closed":
+        assert (status, body) == (504, b"") and headers["x-sidecar-error-id"]
+    else:
+        assert status == 200 and _echo(body)["body"] == "spin"
+    assert envoy.request("/after-spin")[0] == 200  # no TimeoutError left behind for the worker's next hooks
 
 
 def test_no_native_failure_was_logged(envoy: InProcessEnvoy, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 from collections.abc import Iterator
 
@@ -160,3 +162,118 @@ def test_a_streamed_request_chunk_over_the_limit_is_refused() -> None:
         raw = raw_exchange(envoy.address, _chunked("/upper", [b"a" * 100_000]))
         assert _status(raw) == 413
         assert envoy.access_log(1)[0]["details"] == "sidecar_inprocess_body_too_large"
+
+
+@pytest.fixture(scope="module")
+def partial() -> Iterator[InProcessEnvoy]:
+    with InProcessEnvoy("partial") as running:
+        yield running
+
+
+def _upstream_header(echo: dict[str, object], name: str) -> str:
+    headers = echo["headers"]
+    assert isinstance(headers, dict)
+    return str(headers[name])
+
+
+_ENVOY_BUFFER = 1 << 20  # Envoy's default per-connection buffer limit: what BUFFERED_PARTIAL stops at, as ext_proc
+
+
+def test_partial_body_smaller_than_the_buffer_reaches_python_whole_once(partial: InProcessEnvoy) -> None:
+    pieces = [b"abc" * 1000] * 5
+    raw = raw_exchange(partial.address, _chunked("/partial-upper", pieces))
+    assert _status(raw) == 200
+    echo = _json_body(raw)
+    whole = b"".join(pieces)
+    assert echo["body_sha256"] == hashlib.sha256(whole.upper()).hexdigest()
+    assert _upstream_header(echo, "x-partial-seen") == f"{len(whole)} whole"  # headers held until the body's one call
+    assert b"x-request-body-calls: 1\r\n" in raw
+
+
+@pytest.mark.parametrize("size", [_ENVOY_BUFFER + 1, 3 * _ENVOY_BUFFER, 12 << 20])
+def test_partial_body_past_the_buffer_gives_python_the_first_part_and_the_rest_passes(
+    partial: InProcessEnvoy, size: int
+) -> None:
+    """Past Envoy's buffer limit (and past max_body_bytes: 12 MiB), the hook gets what was buffered, once, with
+    end_of_stream False; what it returns replaces that part; the rest goes upstream unprocessed, whole."""
+    pieces = [bytes([97 + i % 26]) * 65536 for i in range(size // 65536)] + [b"z" * (size % 65536)]
+    raw = raw_exchange(partial.address, _chunked("/partial-upper", [p for p in pieces if p]))
+    assert _status(raw) == 200
+    echo = _json_body(raw)
+    seen, kind = _upstream_header(echo, "x-partial-seen").split()
+    assert kind == "partial" and _ENVOY_BUFFER <= int(seen) < _ENVOY_BUFFER + (1 << 20)
+    whole = b"".join(pieces)
+    expected = whole[: int(seen)].upper() + whole[int(seen) :]
+    assert echo["body_length"] == size
+    assert echo["body_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert b"x-request-body-calls: 1\r\n" in raw
+
+
+def test_partial_body_hook_can_reply_with_metadata() -> None:
+    with InProcessEnvoy("partial") as envoy:
+        with contextlib.suppress(ConnectionResetError):  # Envoy replies and closes while the upload goes on
+            raw_exchange(envoy.address, _chunked("/partial-respond", [b"x" * 65536] * 40))  # 2.5 MiB
+        entry = envoy.access_log(1)[0]
+    assert (entry["code"], entry["details"]) == (403, "fake_partial_denied")
+    assert _ENVOY_BUFFER <= entry["metadata"]["seen"] < 2 * _ENVOY_BUFFER
+
+
+def test_partial_response_body_past_the_buffer() -> None:
+    with InProcessEnvoy("partial") as envoy:
+        status, _, small = envoy.request("/echo")
+        assert status == 200
+        status, _, large = envoy.request("/bytes/3000000")
+        assert (status, len(large)) == (200, 3_000_000)
+        first, second = (entry["metadata"]["response_seen"] for entry in envoy.access_log(2))
+    assert first == f"{len(small)} whole"
+    seen, kind = second.split()
+    assert kind == "partial" and _ENVOY_BUFFER <= int(seen) < 2 * _ENVOY_BUFFER
+
+
+def test_partial_request_with_trailers_gets_its_call_before_them(partial: InProcessEnvoy) -> None:
+    raw = raw_exchange(partial.address, _chunked("/partial-upper", [b"one", b"two"], {"x-other": "1"}))
+    assert _status(raw) == 200
+    echo = _json_body(raw)
+    assert echo["body"] == "ONETWO"
+    assert _upstream_header(echo, "x-partial-seen") == "6 partial"  # trailers follow: the body alone is not the end
+
+
+def _keep_alive_exchange(envoy: InProcessEnvoy, requests: list[tuple[str, str, bytes]]) -> list[tuple[int, str]]:
+    """Requests one after the other on one HTTP/1.1 connection: (status, its `connection` header) for each."""
+    conn = http.client.HTTPConnection(*envoy.address, timeout=15)
+    seen = []
+    try:
+        for method, path, body in requests:
+            conn.request(method, path, body=body)
+            answer = conn.getresponse()
+            answer.read()
+            seen.append((answer.status, answer.getheader("connection") or ""))
+    finally:
+        conn.close()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["buffered", "streamed"])
+def test_a_reply_before_the_request_ends_keeps_the_connection_open(
+    mode: str, buffered: InProcessEnvoy, streamed: InProcessEnvoy
+) -> None:
+    """A reply made while the request is still arriving (from its headers hook, or its first streamed chunk's)
+    goes out once Envoy has read what the client sent, as under ext_proc: the HTTP/1.1 connection stays open
+    (it used to get `connection: close`), and the next request on it is served."""
+    envoy = buffered if mode == "buffered" else streamed
+    body = b"q" * 20_000
+    seen = _keep_alive_exchange(
+        envoy,
+        [("POST", "/respond", body), ("POST", "/chunk-respond", body), ("POST", "/ok", body), ("GET", "/ok", b"")],
+    )
+    assert seen == [(403, ""), (403, ""), (200, ""), (200, "")]
+
+
+def test_a_reply_to_an_upload_still_arriving_lets_nothing_through(streamed: InProcessEnvoy) -> None:
+    """A large upload refused at its first chunk: the reply waits one loop turn, the rest is dropped, not passed;
+    the upstream never gets the body (its echo would answer 200)."""
+    with contextlib.suppress(ConnectionResetError):
+        raw = raw_exchange(streamed.address, _chunked("/chunk-respond", [b"w" * 65536] * 64))  # 4 MiB
+        assert _status(raw) == 403
+        assert b"x-denied: chunk" in raw and b"wwww" not in raw
+    assert streamed.request("/ok")[0] == 200

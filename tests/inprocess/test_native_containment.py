@@ -17,10 +17,13 @@ import pytest
 
 from sidecar.stack.envoy import EnvoyError
 from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.inprocess_fake import MALFORMED
 from tests.support.load import run_load
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
+
+NUL_IN_NAME = MALFORMED.index((0, ((0, b"x\x00a", b"v"),), None, None))
 
 
 def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> None:
@@ -128,6 +131,7 @@ def test_an_override_that_is_not_a_version_cannot_loosen_the_check(override: str
         ({"factory": "tests.support.inprocess_fake:no_such_function"}, "AttributeError"),
         ({"hook_deadline_ms": 0}, "hook_deadline_ms`: expected an int from 1 to 3600000"),
         ({"max_body_bytes": -5}, "max_body_bytes`: expected an int from 1 to 1073741824"),
+        ({"max_python_bytes": 1 << 20}, "max_python_bytes`: expected an int from 33554432 (32 MiB)"),
     ],
 )
 def test_a_bad_filter_config_is_refused_in_one_line(kwargs: dict[str, object], expected: str) -> None:
@@ -165,7 +169,7 @@ def test_streams_leave_nothing_behind_in_envoy() -> None:
         pid = envoy.envoy._proc.pid
 
         def batch(count: int) -> None:
-            for path in ("/respond", "/raise", "/malformed/35"):
+            for path in ("/respond", "/raise", f"/malformed/{NUL_IN_NAME}"):
                 report = asyncio.run(run_load(*envoy.address, seconds=60, connections=8, max_requests=count, path=path))
                 assert len(report.outcomes) == count
 

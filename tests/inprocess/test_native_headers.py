@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.inprocess_envoy import InProcessEnvoy
-from tests.support.inprocess_fake import MALFORMED
+from tests.support.inprocess_fake import MALFORMED, NESTED
 
 pytestmark = pytest.mark.envoy
 
@@ -69,6 +69,21 @@ def test_dynamic_metadata_is_set_in_envoy(tmp_path: object) -> None:
     assert first["metadata"] == {"str": "v", "num": 7, "flag": True, "ratio": 0.5}
     assert (first["code"], first["details"]) == (200, "via_upstream")
     assert (second["code"], second["details"]) == (403, "fake_denied")
+
+
+def test_nested_metadata_values_are_real_structs_and_a_reply_keeps_its_metadata() -> None:
+    """dict, list and None values reach Envoy as Struct/ListValue/null (the access log's JSON shows them as such,
+    not as JSON text), merged beside the scalar of the same namespace; a RESPOND's metadata is set before the
+    reply, also when it comes through resume()."""
+    with InProcessEnvoy("headers") as envoy:
+        assert envoy.request("/metadata-nested")[0] == 200
+        assert envoy.request("/respond-metadata")[0] == 403
+        assert envoy.request("/pending-respond-metadata", headers={"x-delay-ms": "20"})[0] == 451
+        nested, replied, pending = envoy.access_log(3)
+    assert nested["metadata"] == {"scalar": "kept", **NESTED}
+    assert (replied["code"], replied["details"]) == (403, "fake_denied")
+    assert replied["metadata"] == {"why": "denied", "who": {"id": 7}}
+    assert (pending["code"], pending["metadata"]) == (451, {"late": [1, 2]})
 
 
 def test_a_python_exception_fails_closed_and_its_message_is_not_logged(envoy: InProcessEnvoy) -> None:

@@ -66,6 +66,7 @@ class InProcessEnvoy:
         max_body_bytes: int = module.DEFAULT_MAX_BODY_BYTES,
         env: Mapping[str, str] | None = None,
         max_headers_count: int | None = None,
+        max_python_bytes: int | None = None,
     ) -> None:
         self.backend = EchoBackend()
         self._env = {**module.envoy_environment(), **(env or {})}
@@ -76,6 +77,7 @@ class InProcessEnvoy:
         self._max_body_bytes = max_body_bytes
         self._concurrency = concurrency
         self._max_headers_count = max_headers_count
+        self._max_python_bytes = max_python_bytes
         self.envoy: Envoy | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -107,13 +109,7 @@ class InProcessEnvoy:
                 ]
             },
             "http_filters": [
-                module.http_filter(
-                    config_path,
-                    self._chain,
-                    hook_deadline_ms=self._hook_deadline_ms,
-                    max_body_bytes=self._max_body_bytes,
-                    factory=self._factory,
-                ),
+                self._filter(config_path),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -159,6 +155,22 @@ class InProcessEnvoy:
                 ],
             }
         }
+
+    def _filter(self, config_path: Path) -> dict[str, Any]:
+        entry = module.http_filter(
+            config_path,
+            self._chain,
+            hook_deadline_ms=self._hook_deadline_ms,
+            max_body_bytes=self._max_body_bytes,
+            factory=self._factory,
+        )
+        if self._max_python_bytes is not None:
+            # A filter config key the native module reads itself (sidecar.inprocess.module does not write it yet).
+            holder = entry["typed_config"]["filter_config"]
+            doc = json.loads(holder["value"])
+            doc["max_python_bytes"] = self._max_python_bytes
+            holder["value"] = json.dumps(doc)
+        return entry
 
     def start(self) -> InProcessEnvoy:
         self.backend.start()

@@ -29,12 +29,38 @@ CHAINS: dict[str, tuple[int, int, int]] = {
     "stamp": (1 | 8, 0, 0),
     "buffered": (63, 1, 1),
     "streamed": (63, 2, 2),
+    "partial": (63, 3, 3),
 }
 
 Result = Any
 Header = tuple[bytes, bytes]
 
 _HUGE = 9 * 1024 * 1024  # over the module's default max_body_bytes (8 MiB)
+
+
+def _nested(depth: int) -> Any:
+    """A list nested `depth` deep (the module takes 16)."""
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _self_containing() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+#: Nested metadata values the module must set as real Struct values, by key (`/metadata-nested`).
+NESTED: dict[str, Any] = {
+    "dict": {"user": "ada", "roles": ["admin", "dev"], "quota": {"left": 3, "ratio": 0.25, "on": True}},
+    "list": [1, "two", None, False, [], {}],
+    "none": None,
+    "empty": {},
+    "deep": _nested(16),
+    "unicode": {"clé": "välue ☃"},
+}
 
 #: Results the native module must refuse (500, `sidecar_inprocess_error`), by index in `/malformed/N`.
 MALFORMED: list[Any] = [
@@ -51,18 +77,22 @@ MALFORMED: list[Any] = [
     (2, None),
     (1, 403),
     (1, 403, (), b"", "x", "extra"),
-    (1, 99, (), b"", "d"),
-    (1, 600, (), b"", "d"),
-    (1, "403", (), b"", "d"),
-    (1, 403, [], b"", "d"),
-    (1, 403, ((b"x-a",),), b"", "d"),
-    (1, 403, ((b"x-a", b"v\r\nx-injected: 1"),), b"", "d"),
-    (1, 403, ((b":status", b"200"),), b"", "d"),
-    (1, 403, (), "a str body", "d"),
-    (1, 403, (), b"", "two words"),
-    (1, 403, (), b"", b"bytes-details"),
-    (1, 403, (), b"", "d" * 200),
-    (1, 403, (), b"x" * _HUGE, "d"),
+    (1, 403, (), b"", "d"),  # the 5-element RESPOND of round 1: no metadata slot
+    (1, 403, (), b"", "d", None, None),
+    (1, 403, (), b"", "d", (("ns", "k", float("nan")),)),
+    (1, 403, (), b"", "d", [("ns", "k", "v")]),
+    (1, 99, (), b"", "d", None),
+    (1, 600, (), b"", "d", None),
+    (1, "403", (), b"", "d", None),
+    (1, 403, [], b"", "d", None),
+    (1, 403, ((b"x-a",),), b"", "d", None),
+    (1, 403, ((b"x-a", b"v\r\nx-injected: 1"),), b"", "d", None),
+    (1, 403, ((b":status", b"200"),), b"", "d", None),
+    (1, 403, (), "a str body", "d", None),
+    (1, 403, (), b"", "two words", None),
+    (1, 403, (), b"", b"bytes-details", None),
+    (1, 403, (), b"", "d" * 200, None),
+    (1, 403, (), b"x" * _HUGE, "d", None),
     (0, [], None, None),
     (0, ((0, b"x-a"),), None, None),
     (0, ((3, b"x-a", b"v"),), None, None),
@@ -77,7 +107,7 @@ MALFORMED: list[Any] = [
     (0, ((0, b"x-\xe9", b"v"),), None, None),
     (0, ((0, b"x-a", b"v\x01w"),), None, None),
     (0, ((0, b"x-a", b"v\x1bw"),), None, None),
-    (1, 403, ((b"x\x00", b"v"),), b"", "d"),
+    (1, 403, ((b"x\x00", b"v"),), b"", "d", None),
     (0, ((0, b"x-a", b"v\r\nx-injected: 1"),), None, None),
     (0, ((0, b"x-a", b"v\x00w"),), None, None),
     (0, ((0, b"x-a", b"v\n"),), None, None),
@@ -95,7 +125,6 @@ MALFORMED: list[Any] = [
     (0, (), b"x" * _HUGE, None),
     (0, (), "a str body", None),
     (0, (), None, (("ns", "k"),)),
-    (0, (), None, (("ns", "k", None),)),
     (0, (), None, (("ns", "k", float("nan")),)),
     (0, (), None, (("ns", "k", float("inf")),)),
     (0, (), None, (("ns", "k", 10**400),)),
@@ -105,6 +134,18 @@ MALFORMED: list[Any] = [
     (0, (), None, tuple(("ns", f"k{i}", i) for i in range(200))),
     (0, (), None, (("ns", "k", "v" * 70_000),)),
     (0, (), None, (("ns", "k", b"bytes"),)),
+    (0, (), None, (("ns", "k", {1: "int key"}),)),
+    (0, (), None, (("ns", "k", {b"bytes key": 1}),)),
+    (0, (), None, (("ns", "k", {"a": {"b": b"bytes deep"}}),)),
+    (0, (), None, (("ns", "k", ["x", float("inf")]),)),
+    (0, (), None, (("ns", "k", [10**400]),)),
+    (0, (), None, (("ns", "k", ("a", "tuple")),)),
+    (0, (), None, (("ns", "k", {"a", "set"}),)),
+    (0, (), None, (("ns", "k", _nested(17)),)),
+    (0, (), None, (("ns", "k", _self_containing()),)),
+    (0, (), None, (("ns", "k", ["v" * 1000] * 100),)),
+    (0, (), None, (("ns", "k", {f"k{i}": i for i in range(10_000)}),)),
+    (0, (), None, (("ns", "k", {"\ud800": 1}),)),
     object(),
 ]
 
@@ -159,23 +200,43 @@ def _get(headers: list[Header], name: bytes) -> bytes | None:
     return next((value for key, value in headers if key == name), None)
 
 
-def _respond(status: int, details: str, body: bytes = b"", headers: tuple[Header, ...] = ()) -> Result:
-    return (1, status, headers, body, details)
+def _respond(
+    status: int, details: str, body: bytes = b"", headers: tuple[Header, ...] = (), metadata: Any = None
+) -> Result:
+    return (1, status, headers, body, details, metadata)
+
+
+def _hog(make: Callable[[], object]) -> Result:
+    """Allocates `make()` objects until Python refuses (the module's memory budget): MemoryError escapes."""
+    kept = []
+    while True:
+        kept.append(make())
+
+
+def _hog_grow() -> Result:
+    """One str grown in place (realloc) until Python refuses."""
+    grown = ""
+    while True:
+        grown += "x" * 65536
 
 
 class _Stream:
+    # Made by _storm() only: a threading.Event costs about 3 us (its Condition probes its Lock for methods it lacks,
+    # three AttributeErrors), more than the native module's own work per request in benchmarks/inprocess_native.py.
+    in_resume: threading.Event
+    storm_over: threading.Event
+
     def __init__(self, config: _Config, handle: int) -> None:
         self.config = config
         self.handle = handle
         self.path = b""
         self.chunks = 0
         self.body_bytes = 0
+        self.last_end = False
         self.waiting: Result = None
         self.ready = True  # the work behind the current PENDING is done (resume() before that is a bug)
         self.resumed_once = False
         self.storming = False
-        self.in_resume = threading.Event()
-        self.storm_over = threading.Event()
 
     # -- PENDING: the answer comes from another thread, as an async hook's would --------------------------------
     def _later(self, result: Result, delay_ms: int, schedule: bool = True) -> Result:
@@ -196,6 +257,8 @@ class _Stream:
 
     def _storm(self) -> Result:
         """PENDING, then 1,000 schedule() calls from 4 threads: one resume."""
+        self.in_resume = threading.Event()
+        self.storm_over = threading.Event()
         self.waiting = None
         self.ready = True
         self.storming = True
@@ -270,6 +333,18 @@ class _Stream:
                     ("sidecar.fake", "ratio", 0.5),
                 ),
             ),
+            b"/metadata-nested": lambda: (
+                0,
+                (),
+                None,
+                (("sidecar.fake", "scalar", "kept"), *(("sidecar.fake", k, v) for k, v in NESTED.items())),
+            ),
+            b"/respond-metadata": lambda: _respond(
+                403, "fake_denied", b"", (), (("sidecar.fake", "why", "denied"), ("sidecar.fake", "who", {"id": 7}))
+            ),
+            b"/pending-respond-metadata": lambda: self._later(
+                _respond(451, "fake_pending_denied", metadata=(("sidecar.fake", "late", [1, 2]),)), delay
+            ),
             b"/pending": lambda: self._later(stamp, delay),
             b"/pending-respond": lambda: self._later(_respond(451, "fake_pending_denied"), delay),
             b"/pending-never": lambda: self._later(None, 0, schedule=False),
@@ -280,6 +355,11 @@ class _Stream:
             b"/pending-storm-body": self._storm,
             b"/schedule-garbage": lambda: _respond(200, "fake_schedule", json.dumps(self._garbage()).encode()),
             b"/spin": self._spin,
+            b"/hog-large": lambda: _hog(lambda: bytearray(1 << 20)),
+            b"/hog-small": lambda: _hog(object),
+            b"/hog-grow": _hog_grow,
+            b"/hog-thread": self._hog_thread,
+            b"/memory": lambda: _respond(200, "fake_memory", json.dumps(self.config.native.memory()).encode()),
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
@@ -290,6 +370,22 @@ class _Stream:
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         action = actions.get(path)
         return action() if action else None
+
+    def _hog_thread(self) -> Result:
+        """PENDING while another Python thread (as the bridge's event loop) allocates without bound: the budget is the
+        interpreter's, every thread's. It catches its MemoryError and answers 507."""
+
+        def hog() -> None:
+            try:
+                _hog(object)
+            except MemoryError:
+                self.waiting = _respond(507, "fake_hog_thread")
+            self.ready = True
+            self.config.native.schedule(self.handle)
+
+        self.ready = False
+        threading.Thread(target=hog, daemon=True).start()
+        return (2,)
 
     def _raise(self) -> Result:
         raise RuntimeError("secret-token-0123")  # the module must not log this message
@@ -307,6 +403,7 @@ class _Stream:
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
         self.chunks += 1
         self.body_bytes += len(chunk)
+        self.last_end = end_of_stream
         path = self.path.split(b"?")[0]
         if path in (b"/upper", b"/pending-upper", b"/pending-both", b"/pending-storm-body"):
             ops: tuple[Any, ...] = ()
@@ -316,6 +413,14 @@ class _Stream:
             return self._later(result, 50) if path != b"/upper" else result
         if path == b"/body-respond" and end_of_stream:
             return _respond(413, "fake_body_denied")
+        if path == b"/chunk-respond":  # on the first chunk, whatever follows
+            return _respond(403, "fake_chunk_denied", b"no\n", ((b"x-denied", b"chunk"),))
+        if path == b"/partial-respond":
+            return _respond(403, "fake_partial_denied", metadata=(("sidecar.fake", "seen", len(chunk)),))
+        if path == b"/partial-upper":
+            # The partial view upper-cased, its length in content-length's stead (headers are held for this call).
+            seen = f"{len(chunk)} {'whole' if end_of_stream else 'partial'}".encode()
+            return (0, ((0, b"x-partial-seen", seen),), chunk.upper(), None)
         if path.startswith(b"/malformed-body/"):
             return MALFORMED[int(path.rsplit(b"/", 1)[1])]
         if path == b"/body-header-op" and self.config.request_body_mode == 2:
@@ -341,10 +446,17 @@ class _Stream:
             return self._later((0, ((0, b"x-fake-resp", b"late-but-right"),), None, None), 50)
         if path == b"/respond-response":
             return _respond(418, "fake_response_denied", b"teapot\n", ((b"x-teapot", b"1"),))
-        ops = ((0, b"x-fake-resp", b"1"), (0, b"x-request-body-calls", str(self.chunks).encode()))
+        ops = (
+            (0, b"x-fake-resp", b"1"),
+            (0, b"x-request-body-calls", str(self.chunks).encode()),
+            (0, b"x-request-body-seen", f"{self.body_bytes} {'whole' if self.last_end else 'partial'}".encode()),
+        )
         return (0, ops, None, None)
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Result:
+        if self.config.chain == "partial":
+            seen = f"{len(chunk)} {'whole' if end_of_stream else 'partial'}"
+            return (0, (), None, (("sidecar.fake", "response_seen", seen),))
         if self.path.split(b"?")[0] == b"/resp-upper":
             ops: tuple[Any, ...] = ()
             if self.config.response_body_mode == 1:

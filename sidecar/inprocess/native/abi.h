@@ -50,6 +50,16 @@ extern void dm_set_metadata_number(void *filter, dm_module_buf ns, dm_module_buf
     DM_CALLBACK("set_dynamic_metadata_number");
 extern void dm_set_metadata_bool(void *filter, dm_module_buf ns, dm_module_buf key, bool value)
     DM_CALLBACK("set_dynamic_metadata_bool");
+/* A serialized google.protobuf.Struct, merged into the namespace (a buffer that does not parse is logged by Envoy
+ * and ignored). Its length goes to protobuf's ParseFromArray as an int: callers keep it small. */
+extern void dm_set_metadata_struct(void *filter, dm_module_buf ns, dm_module_buf serialized_struct)
+    DM_CALLBACK("set_dynamic_metadata_struct");
+
+/* The stream's buffer limit (the decoder callbacks' bufferLimit(), else the encoder's; 0 when there are none): the
+ * per-connection buffer limit Envoy's ext_proc uses for BUFFERED_PARTIAL. */
+extern uint64_t dm_get_buffer_limit(void *filter) DM_CALLBACK("get_buffer_limit");
+/* Sets that limit for the stream (both directions' buffers take the new watermarks). */
+extern void dm_set_buffer_limit(void *filter, uint64_t limit) DM_CALLBACK("set_buffer_limit");
 
 /* The scheduler: new/delete on the stream's worker, commit from any thread; Envoy runs on_http_filter_scheduled
  * on the worker only if the stream still exists. */

@@ -14,6 +14,7 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -39,21 +40,26 @@
 #define MAX_HEADER_VALUE (64 * 1024)          /* bytes */
 #define MAX_METADATA_ENTRIES 128              /* dynamic metadata entries in one Result */
 #define MAX_METADATA_NAME 256                 /* namespace or key, bytes */
-#define MAX_METADATA_STRING (64 * 1024)       /* a string value, bytes */
+#define MAX_METADATA_STRING (64 * 1024)       /* a string value, or a dict/list value encoded, bytes */
+#define MAX_METADATA_DEPTH 16                 /* dicts and lists nested in one metadata value */
 #define MAX_DETAILS 128                       /* RESPOND details, bytes */
 #define DEFAULT_MAX_BODY_BYTES (8u * 1024 * 1024) /* a body (or chunk) copied either way; `max_body_bytes` */
 #define MAX_LIVE_STREAMS (1u << 20)           /* streams with a Python stream object at once */
 #define MAX_WORKER_THREADS 1024               /* threads the watchdog can watch */
+#define LATER_REPLY_WAIT_NS (10u * 1000 * 1000) /* a reply waits this long at most for the rest of the request */
+#define LATER_REPLY_MAX_DROP (1024u * 1024)      /* or until this much more of it was read (and dropped) */
 #define LOG_LINES_PER_SECOND 10               /* failure lines to stderr; the rest are counted */
 #define DEFAULT_HOOK_DEADLINE_MS 1000
+#define DEFAULT_MAX_PYTHON_BYTES (512LL * 1024 * 1024) /* the interpreter's heap, all threads; `max_python_bytes` */
+#define MIN_MAX_PYTHON_BYTES (32LL * 1024 * 1024)      /* below this the interpreter cannot even start the bridge */
 
 enum { REQUEST = 0, RESPONSE = 1 };
 enum { HEADERS = 0, BODY = 1, TRAILERS = 2 };
-enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2 };
+enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2, BODY_BUFFERED_PARTIAL = 3 };
 enum { RESULT_CONTINUE = 0, RESULT_RESPOND = 1, RESULT_PENDING = 2 };
 /* What applying a Result left the filter to do. */
 enum outcome { GO_ON, STOPPED, PENDING, WAIT };
-enum { EVENT_RESUME = 1 };
+enum { EVENT_RESUME = 1, EVENT_REPLY = 2 };
 
 static const char *const PHASE_NAMES[2][3] = {
     {"request_headers", "request_body", "request_trailers"},
@@ -100,6 +106,79 @@ static uint64_t monotonic_ns(void) {
   return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
+/* ---- the interpreter's memory budget ---------------------------------------------------------------------------
+ * Python runs in Envoy's process: a hook that allocates without bound would grow Envoy until the kernel kills it,
+ * taking every route down. Every byte the interpreter takes goes through two allocators, wrapped here before it
+ * starts: the raw domain (malloc; pymalloc also falls back to it for blocks over 512 bytes, and the mem and object
+ * domains are pymalloc) and pymalloc's arena allocator (its pools of small objects). Sizes are malloc's usable
+ * sizes, so the budget bounds what Envoy's allocator hands Python, not only what Python asked for. Past the budget both return
+ * NULL, so the allocating code gets a MemoryError, and the hook the chain's failure policy. Memory C extensions
+ * take with malloc directly, or with mmap, is not counted. */
+static _Atomic long long python_bytes;      /* held by the interpreter now: usable sizes and arena sizes */
+static _Atomic long long python_budget = DEFAULT_MAX_PYTHON_BYTES;
+static _Atomic unsigned long long python_refusals;
+static __thread int budget_exempt;          /* this thread's allocations must not fail (thread-state creation) */
+static PyMemAllocatorEx raw_base;
+
+/* Room for `more` bytes? Counts a refusal when not. */
+static int budget_allows(size_t more) {
+  long long held = atomic_load_explicit(&python_bytes, memory_order_relaxed);
+  if (more <= (size_t)LLONG_MAX && held + (long long)more <= atomic_load_explicit(&python_budget, memory_order_relaxed))
+    return 1;
+  if (budget_exempt) return 1; /* a thread-local read costs more than the sum above: only when over */
+  atomic_fetch_add_explicit(&python_refusals, 1, memory_order_relaxed);
+  return 0;
+}
+
+static void budget_add(long long delta) { atomic_fetch_add_explicit(&python_bytes, delta, memory_order_relaxed); }
+
+static void *budget_malloc(void *ctx, size_t size) {
+  if (!budget_allows(size)) return NULL;
+  void *p = raw_base.malloc(raw_base.ctx, size);
+  if (p) budget_add((long long)malloc_usable_size(p));
+  return p;
+}
+
+static void *budget_calloc(void *ctx, size_t count, size_t size) {
+  if (size && count > SIZE_MAX / size) return NULL;
+  if (!budget_allows(count * size)) return NULL;
+  void *p = raw_base.calloc(raw_base.ctx, count, size);
+  if (p) budget_add((long long)malloc_usable_size(p));
+  return p;
+}
+
+static void *budget_realloc(void *ctx, void *old, size_t size) {
+  size_t before = old ? malloc_usable_size(old) : 0;
+  /* A block that cannot grow where it is is copied: old and new are both held until the copy is done. */
+  if (size > before && !budget_allows(size)) return NULL;
+  void *p = raw_base.realloc(raw_base.ctx, old, size);
+  if (p) budget_add((long long)malloc_usable_size(p) - (long long)before);
+  return p;
+}
+
+static void budget_free(void *ctx, void *p) {
+  if (!p) return;
+  budget_add(-(long long)malloc_usable_size(p));
+  raw_base.free(raw_base.ctx, p);
+}
+
+/* pymalloc's arenas come from malloc too (pymalloc takes arenas at any alignment), not from mmap as by default:
+ * one allocator for all of Python's memory, so what one hook freed the next reuses, instead of Envoy holding both
+ * its allocator's freed pages and fresh mappings. */
+static void *budget_arena_alloc(void *ctx, size_t size) { return budget_malloc(ctx, size); }
+
+static void budget_arena_free(void *ctx, void *p, size_t size) { budget_free(ctx, p); }
+
+/* Before Python starts, so every byte it ever holds is counted. They wrap the default allocators (same malloc, same
+ * arenas), so memory taken before and freed after, or the other way round, stays valid. */
+static void budget_install(void) {
+  static PyMemAllocatorEx raw = {NULL, budget_malloc, budget_calloc, budget_realloc, budget_free};
+  static PyObjectArenaAllocator arena = {NULL, budget_arena_alloc, budget_arena_free};
+  PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &raw_base);
+  PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &raw);
+  PyObject_SetArenaAllocator(&arena);
+}
+
 /* ---- the interpreter ------------------------------------------------------------------------------------------- */
 static PyInterpreterState *interp;
 static PyObject *native_module; /* sidecar_inprocess_native */
@@ -109,7 +188,16 @@ static __thread int gil_depth;               /* a hook re-entered by Envoy must 
 
 static void gil_take(void) {
   if (gil_depth++ > 0) return;
-  if (thread_state == NULL) thread_state = PyThreadState_New(interp);
+  if (thread_state == NULL) {
+    /* Exempt from the budget: a worker without a thread state could not run Python at all, not even to fail. */
+    budget_exempt = 1;
+    thread_state = PyThreadState_New(interp);
+    budget_exempt = 0;
+    if (thread_state == NULL) {
+      fputs("sidecar_inprocess: no memory for a Python thread state\n", stderr);
+      abort(); /* not reachable short of malloc failing for a few hundred bytes */
+    }
+  }
   PyEval_RestoreThread(thread_state);
 }
 
@@ -118,12 +206,18 @@ static void gil_drop(void) {
   PyEval_SaveThread();
 }
 
-/* ---- the watchdog: interrupts Python code that runs past the hook deadline ----------------------------------- */
+/* ---- the watchdog: interrupts Python code that runs past the hook deadline -----------------------------------
+ * The worker reads no clock: it only publishes which call it is in (two plain stores a call). The watchdog, every
+ * tick, notes when it first saw each call, and interrupts one it has seen for longer than the deadline. So a hook
+ * is interrupted between its deadline and two ticks (10 ms) later. */
+#define WATCHDOG_TICK_NS (5u * 1000 * 1000)
+
 typedef struct {
-  _Atomic uint64_t started_ns; /* 0 while the thread is not in a hook */
-  _Atomic uint64_t deadline_ns;
-  _Atomic uint64_t generation; /* bumped at every hook end */
-  _Atomic uint64_t fired_generation;
+  _Atomic uint64_t call;        /* the thread's call under way (a number it never reuses), 0 between calls */
+  _Atomic uint64_t deadline_ns; /* that call's */
+  _Atomic uint64_t fired;       /* the call the watchdog interrupted */
+  uint64_t calls;               /* the thread's own count, which numbers its calls */
+  uint64_t seen_call, seen_ns;  /* the watchdog's own: the call it saw last and when it first saw it */
   unsigned long thread_id;
 } watch_slot;
 
@@ -132,25 +226,28 @@ static _Atomic unsigned watch_slot_count;
 static __thread watch_slot *my_watch_slot;
 static __thread int my_watch_slot_tried;
 static pthread_once_t watchdog_once = PTHREAD_ONCE_INIT;
+static void later_replies_due(uint64_t now);
 
 static void *watchdog_main(void *unused) {
   (void)unused;
+  budget_exempt = 1; /* its few allocations (a thread state, the exception it sets) must not fail */
   for (;;) {
-    struct timespec tick = {0, 5 * 1000 * 1000};
+    struct timespec tick = {0, WATCHDOG_TICK_NS};
     nanosleep(&tick, NULL);
     uint64_t now = monotonic_ns();
+    later_replies_due(now);
     unsigned n = atomic_load(&watch_slot_count);
-    for (unsigned i = 0; i < n; i++) {
+    for (unsigned i = 0; i < n && i < MAX_WORKER_THREADS; i++) {
       watch_slot *s = &watch_slots[i];
-      uint64_t started = atomic_load(&s->started_ns), generation = atomic_load(&s->generation);
-      if (started == 0 || now - started < atomic_load(&s->deadline_ns)) continue;
-      if (atomic_load(&s->fired_generation) == generation + 1) continue;
-      /* With the GIL held the worker is either still inside the call or past its generation bump (it bumps under
-       * the GIL), so a matching generation means the exception lands in the hook that overran. A hook blocked in
-       * C while holding the GIL cannot be interrupted: we wait here until it lets go. */
+      uint64_t call = atomic_load_explicit(&s->call, memory_order_acquire);
+      if (call != s->seen_call) s->seen_call = call, s->seen_ns = now;
+      if (call == 0 || now - s->seen_ns < atomic_load(&s->deadline_ns) || atomic_load(&s->fired) == call) continue;
+      /* With the GIL held the worker is either still inside the call or past its end (it ends calls under the
+       * GIL), so a call still published means the exception lands in the hook that overran. A hook blocked in C
+       * while holding the GIL cannot be interrupted: we wait here until it lets go. */
       PyGILState_STATE g = PyGILState_Ensure();
-      if (atomic_load(&s->started_ns) != 0 && atomic_load(&s->generation) == generation) {
-        atomic_store(&s->fired_generation, generation + 1);
+      if (atomic_load(&s->call) == call) {
+        atomic_store(&s->fired, call);
         PyThreadState_SetAsyncExc(s->thread_id, PyExc_TimeoutError);
       }
       PyGILState_Release(g);
@@ -187,18 +284,17 @@ static watch_slot *watch_slot_for_thread(void) {
 static watch_slot *watch_begin(uint64_t deadline_ns) {
   watch_slot *s = deadline_ns ? watch_slot_for_thread() : NULL;
   if (s) {
-    atomic_store(&s->deadline_ns, deadline_ns);
-    atomic_store(&s->started_ns, monotonic_ns());
+    atomic_store_explicit(&s->deadline_ns, deadline_ns, memory_order_relaxed);
+    atomic_store_explicit(&s->call, ++s->calls, memory_order_release);
   }
   return s;
 }
 
 static void watch_end(watch_slot *s) {
   if (!s) return;
-  atomic_store(&s->started_ns, 0);
-  uint64_t generation = atomic_fetch_add(&s->generation, 1);
+  atomic_store_explicit(&s->call, 0, memory_order_release);
   /* A TimeoutError that arrived after Python's last check would fire in the next hook: drop it. */
-  if (atomic_load(&s->fired_generation) == generation + 1) PyThreadState_SetAsyncExc(s->thread_id, NULL);
+  if (atomic_load_explicit(&s->fired, memory_order_relaxed) == s->calls) PyThreadState_SetAsyncExc(s->thread_id, NULL);
 }
 
 /* callable(*args); a new reference, or NULL with the Python error set. */
@@ -283,6 +379,8 @@ typedef struct {
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
+  struct later_reply *later; /* a local reply waiting for the request's end (see send_local_reply); nothing passes */
+  size_t later_dropped;      /* request bytes read and dropped since */
   _Atomic int awaited;  /* a Python call or a PENDING phase is under way: schedule() may wake this stream */
   direction dir[2];
 } stream_filter;
@@ -293,11 +391,21 @@ typedef struct {
   stream_filter *filter;
   uint8_t wake;      /* schedule() called since the last resume */
   uint8_t committed; /* an EVENT_RESUME is posted and not yet run */
+  uint8_t later;     /* the stream keeps a local reply for the request's end; the watchdog sends it at the latest */
+  uint64_t later_since_ns;
 } registry_slot;
 
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
 static registry_slot *registry;
 static uint32_t registry_size, registry_used, *registry_free, registry_free_count;
+static _Atomic unsigned later_count; /* slots with `later` set */
+
+/* The slot no longer waits (its reply went out, was dropped, or its stream ended). Called with registry_mu held. */
+static void later_clear_locked(registry_slot *slot) {
+  if (!slot->later) return;
+  slot->later = 0;
+  atomic_fetch_sub(&later_count, 1);
+}
 
 static int registry_add(stream_filter *f) {
   pthread_mutex_lock(&registry_mu);
@@ -331,12 +439,26 @@ static int registry_add(stream_filter *f) {
 static void registry_remove(stream_filter *f) {
   uint32_t slot = (uint32_t)f->handle;
   pthread_mutex_lock(&registry_mu);
+  later_clear_locked(&registry[slot]);
   registry[slot].filter = NULL;
   registry[slot].generation++;
   registry_free[registry_free_count++] = slot;
   /* Deleted under the lock so a schedule() racing with the stream's end never commits to a freed scheduler. */
   if (f->scheduler) dm_scheduler_delete(f->scheduler);
   f->scheduler = NULL;
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* On the watchdog thread, every tick: a kept reply whose wait is over is sent by its worker (EVENT_REPLY). */
+static void later_replies_due(uint64_t now) {
+  if (atomic_load(&later_count) == 0) return;
+  pthread_mutex_lock(&registry_mu);
+  for (uint32_t i = 0; i < registry_used && atomic_load(&later_count) > 0; i++) {
+    registry_slot *slot = &registry[i];
+    if (!slot->later || now - slot->later_since_ns < LATER_REPLY_WAIT_NS) continue;
+    later_clear_locked(slot);
+    if (slot->filter && slot->filter->scheduler) dm_scheduler_commit(slot->filter->scheduler, EVENT_REPLY);
+  }
   pthread_mutex_unlock(&registry_mu);
 }
 
@@ -367,7 +489,15 @@ static PyObject *native_schedule(PyObject *self, PyObject *arg) {
   Py_END_ALLOW_THREADS return PyBool_FromLong(alive);
 }
 
+static PyObject *native_memory(PyObject *self, PyObject *unused) {
+  (void)self, (void)unused;
+  return Py_BuildValue("(LLK)", atomic_load(&python_bytes), atomic_load(&python_budget), atomic_load(&python_refusals));
+}
+
 static PyMethodDef native_methods[] = {
+    {"memory", native_memory, METH_NOARGS,
+     "memory() -> (held, budget, refusals): bytes the interpreter holds, its budget (max_python_bytes), and how many "
+     "allocations the budget refused."},
     {"schedule", native_schedule, METH_O,
      "schedule(handle) -> bool: resume the stream's PENDING phase on its Envoy worker; False if the stream is gone."},
     {NULL, NULL, 0, NULL},
@@ -376,12 +506,78 @@ static struct PyModuleDef native_def = {PyModuleDef_HEAD_INIT, "sidecar_inproces
                                         "The C side of sidecar's in-process backend.", -1, native_methods, NULL, NULL, NULL, NULL};
 
 /* ---- failing closed ------------------------------------------------------------------------------------------- */
-static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
-                             size_t body_len, const char *details, size_t details_len) {
+/* A local reply made while the request is still arriving, kept (copied: the Result it came from is gone by then)
+ * until the worker's next loop iteration. */
+struct later_reply {
+  uint32_t status;
+  size_t count, body_len, details_len;
+  const char *body, *details;
+  dm_header headers[]; /* then the bytes of all of it */
+};
+
+static void send_now(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
+                     size_t body_len, const char *details, size_t details_len) {
   /* Set first: Envoy runs the reply through this filter's response hooks before send_response returns. */
   f->finished = 1;
   dm_send_response(f->envoy, status, headers, count, (dm_module_buf){body, body_len},
                    (dm_module_buf){details, details_len});
+}
+
+static struct later_reply *later_reply_copy(uint32_t status, dm_header *headers, size_t count, const char *body,
+                                            size_t body_len, const char *details, size_t details_len) {
+  size_t bytes = body_len + details_len;
+  for (size_t i = 0; i < count; i++) bytes += headers[i].key_len + headers[i].value_len;
+  struct later_reply *r = malloc(sizeof *r + count * sizeof(dm_header) + bytes + 1);
+  if (!r) return NULL;
+  char *out = (char *)(r->headers + count);
+  *r = (struct later_reply){status, count, body_len, details_len, out, NULL};
+  memcpy(out, body, body_len), out += body_len;
+  r->details = memcpy(out, details, details_len), out += details_len;
+  for (size_t i = 0; i < count; i++) {
+    r->headers[i] = (dm_header){memcpy(out, headers[i].key, headers[i].key_len), headers[i].key_len, NULL,
+                                headers[i].value_len};
+    out += headers[i].key_len;
+    r->headers[i].value = memcpy(out, headers[i].value, headers[i].value_len);
+    out += headers[i].value_len;
+  }
+  return r;
+}
+
+/* Ends the stream with a local reply. While the request is still arriving, not at once: Envoy's HTTP/1 codec
+ * closes the connection (`connection: close`) on a reply to a request it has not read whole, so the reply waits
+ * for the request's end, at most LATER_REPLY_WAIT_NS (the watchdog then sends it) or LATER_REPLY_MAX_DROP more
+ * bytes. This is what the ext_proc path gets from its round trip to the sidecar. Meanwhile the stream is finished
+ * for Python and every hook stops what Envoy delivers: nothing passes, in either direction. Only streams in the
+ * registry wait (any that called Python); the others reply at once. */
+static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
+                             size_t body_len, const char *details, size_t details_len) {
+  if (f->later) return; /* a reply is on its way */
+  if (f->dir[REQUEST].end_seen || !f->registered ||
+      !(f->later = later_reply_copy(status, headers, count, body, body_len, details, details_len))) {
+    send_now(f, status, headers, count, body, body_len, details, details_len);
+    return;
+  }
+  f->finished = 1;
+  f->later_dropped = 0;
+  pthread_mutex_lock(&registry_mu);
+  if (!f->scheduler) f->scheduler = dm_scheduler_new(f->envoy);
+  registry_slot *slot = &registry[(uint32_t)f->handle];
+  slot->later = 1;
+  slot->later_since_ns = monotonic_ns();
+  atomic_fetch_add(&later_count, 1);
+  pthread_mutex_unlock(&registry_mu);
+}
+
+/* EVENT_REPLY: the kept reply goes out now (unless Envoy replied itself meanwhile: see on_http_filter_local_reply). */
+static void send_later_reply(stream_filter *f) {
+  struct later_reply *r = f->later;
+  if (!r) return;
+  f->later = NULL;
+  pthread_mutex_lock(&registry_mu);
+  later_clear_locked(&registry[(uint32_t)f->handle]);
+  pthread_mutex_unlock(&registry_mu);
+  send_now(f, r->status, r->headers, r->count, r->body, r->body_len, r->details, r->details_len);
+  free(r);
 }
 
 static void fail_closed(stream_filter *f) {
@@ -393,7 +589,11 @@ static void fail_closed(stream_filter *f) {
 static void fail_python(stream_filter *f, const char *phase) {
   PyObject *type = PyErr_Occurred();
   const char *name = type ? ((PyTypeObject *)type)->tp_name : "unknown error";
-  log_line("%s raised %s: failing closed with 500", phase, name);
+  if (type && PyErr_GivenExceptionMatches(type, PyExc_MemoryError))
+    log_line("%s raised %s (Python holds %lld of its %lld-byte budget, max_python_bytes): failing closed with 500",
+             phase, name, atomic_load(&python_bytes), atomic_load(&python_budget));
+  else
+    log_line("%s raised %s: failing closed with 500", phase, name);
   PyErr_Clear();
   fail_closed(f);
 }
@@ -412,6 +612,33 @@ static void fail_result(stream_filter *f, const char *phase, const char *what) {
 }
 
 /* ---- Envoy -> Python copies ------------------------------------------------------------------------------------- */
+/* Header names Envoy's maps hold on most requests and responses, made once as bytes: a stream's copy of them costs
+ * a reference, not an allocation. */
+static const char *const COMMON_NAMES[] = {
+    ":authority", ":path", ":method", ":scheme", ":status", "host", "user-agent", "accept", "accept-encoding",
+    "accept-language", "content-type", "content-length", "transfer-encoding", "connection", "cookie", "authorization",
+    "cache-control", "date", "server", "x-forwarded-for", "x-forwarded-proto", "x-request-id",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-upstream-service-time", "x-envoy-internal", "te", "vary", "etag",
+    "location", "set-cookie", "referer", "origin"};
+#define COMMON_NAME_COUNT (sizeof COMMON_NAMES / sizeof COMMON_NAMES[0])
+static PyObject *common_names[COMMON_NAME_COUNT];
+static size_t common_name_lengths[COMMON_NAME_COUNT];
+
+static int common_names_make(void) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
+    common_name_lengths[i] = strlen(COMMON_NAMES[i]);
+    if (!(common_names[i] = PyBytes_FromStringAndSize(COMMON_NAMES[i], (Py_ssize_t)common_name_lengths[i]))) return -1;
+  }
+  return 0;
+}
+
+/* A new reference to `name` as bytes. */
+static PyObject *header_name(const char *name, size_t len) {
+  for (size_t i = 0; i < COMMON_NAME_COUNT; i++)
+    if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return Py_NewRef(common_names[i]);
+  return PyBytes_FromStringAndSize(name, (Py_ssize_t)len);
+}
+
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
   size_t n = dm_get_headers_size(f->envoy, map);
   if (n > MAX_HEADERS_IN) {
@@ -430,13 +657,18 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *name = PyBytes_FromStringAndSize(h[i].key, (Py_ssize_t)h[i].key_len);
-    PyObject *value = name ? PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len) : NULL;
-    PyObject *pair = value ? PyTuple_Pack(2, name, value) : NULL;
-    Py_XDECREF(name);
-    Py_XDECREF(value);
-    if (!pair) Py_CLEAR(list);
-    else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    PyObject *pair = PyTuple_New(2), *name = NULL, *value = NULL;
+    if (pair && (name = header_name(h[i].key, h[i].key_len)))
+      value = PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len);
+    if (!value) {
+      Py_XDECREF(pair);
+      Py_XDECREF(name);
+      Py_CLEAR(list);
+      break;
+    }
+    PyTuple_SET_ITEM(pair, 0, name);
+    PyTuple_SET_ITEM(pair, 1, value);
+    PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
 done:
   if (h != stack) free(h);
@@ -597,6 +829,163 @@ static const char *check_header_ops(PyObject *ops, int allow_pseudo, int d) {
   return NULL;
 }
 
+/* ---- metadata values that are dicts, lists or None: google.protobuf.Value in protobuf wire format ---------------
+ * Envoy 1.40's set_dynamic_metadata_struct takes a serialized google.protobuf.Struct and merges it into the
+ * namespace, so a nested value goes in as Struct{fields: {key: value}}, a real Struct as ext_proc writes it.
+ * Wire facts (struct.proto): Struct.fields = 1 (map entry: key = 1, value = 2); Value: null_value = 1 (enum),
+ * number_value = 2 (double), string_value = 3, bool_value = 4, struct_value = 5, list_value = 6;
+ * ListValue.values = 1. Sizing is a pass of its own that also checks the value; writing cannot fail after it. */
+static size_t varint_size(size_t n) {
+  size_t size = 1;
+  while (n >= 0x80) n >>= 7, size++;
+  return size;
+}
+
+static char *put_varint(char *out, size_t n) {
+  while (n >= 0x80) *out++ = (char)(n & 0x7f) | (char)0x80, n >>= 7;
+  *out++ = (char)n;
+  return out;
+}
+
+static char *put_bytes(char *out, unsigned tag, const char *p, size_t len) {
+  *out++ = (char)tag;
+  out = put_varint(out, len);
+  memcpy(out, p, len);
+  return out + len;
+}
+
+/* A length-delimited field of `len` bytes (tag, length, payload). */
+static size_t field_size(size_t len) { return 1 + varint_size(len) + len; }
+
+static Py_ssize_t value_size(PyObject *v, int depth, const char **why);
+
+/* The bytes of a Struct's fields (map entries), or of a ListValue's values. -1 with *why on a bad value. */
+static Py_ssize_t container_size(PyObject *v, int depth, const char **why) {
+  if (depth > MAX_METADATA_DEPTH) {
+    *why = "a metadata value nested deeper than " Py_STRINGIFY(MAX_METADATA_DEPTH);
+    return -1;
+  }
+  size_t total = 0;
+  if (PyList_CheckExact(v)) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+      Py_ssize_t n = value_size(PyList_GET_ITEM(v, i), depth, why);
+      if (n < 0) return -1;
+      total += field_size((size_t)n);
+      if (total > MAX_METADATA_STRING) goto too_large;
+    }
+    return (Py_ssize_t)total;
+  }
+  PyObject *key, *item;
+  Py_ssize_t pos = 0, key_len;
+  while (PyDict_Next(v, &pos, &key, &item)) {
+    if (!PyUnicode_CheckExact(key) || !PyUnicode_AsUTF8AndSize(key, &key_len)) {
+      PyErr_Clear();
+      *why = "a metadata dict key that is not a str";
+      return -1;
+    }
+    Py_ssize_t n = value_size(item, depth, why);
+    if (n < 0) return -1;
+    total += field_size(field_size((size_t)key_len) + field_size((size_t)n));
+    if (total > MAX_METADATA_STRING) goto too_large;
+  }
+  return (Py_ssize_t)total;
+too_large:
+  *why = "a metadata value over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+  return -1;
+}
+
+/* The size of `v` encoded as a google.protobuf.Value; -1 with *why when it is not JSON-like or too large. */
+static Py_ssize_t value_size(PyObject *v, int depth, const char **why) {
+  Py_ssize_t len;
+  if (v == Py_None) return 2;
+  if (PyBool_Check(v)) return 2;
+  if (PyLong_CheckExact(v)) {
+    double d = PyLong_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      *why = "a metadata int too large for a number";
+      return -1;
+    }
+    return 9;
+  }
+  if (PyFloat_CheckExact(v)) {
+    if (isfinite(PyFloat_AS_DOUBLE(v))) return 9;
+    *why = "a metadata float that is not finite";
+    return -1;
+  }
+  if (PyUnicode_CheckExact(v)) {
+    if (!PyUnicode_AsUTF8AndSize(v, &len)) {
+      PyErr_Clear();
+      *why = "a metadata str that is not valid UTF-8";
+      return -1;
+    }
+    if (len > MAX_METADATA_STRING) {
+      *why = "a metadata string over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+      return -1;
+    }
+    return (Py_ssize_t)field_size((size_t)len);
+  }
+  if (PyDict_CheckExact(v) || PyList_CheckExact(v)) {
+    Py_ssize_t n = container_size(v, depth + 1, why);
+    return n < 0 ? -1 : (Py_ssize_t)field_size((size_t)n);
+  }
+  *why = "a metadata value that is not str, int, float, bool, None, dict or list";
+  return -1;
+}
+
+static char *put_value(char *out, PyObject *v);
+
+static char *put_container(char *out, PyObject *v) {
+  const char *unused;
+  if (PyList_CheckExact(v)) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+      PyObject *item = PyList_GET_ITEM(v, i);
+      *out++ = 0x0a; /* ListValue.values */
+      out = put_varint(out, (size_t)value_size(item, 0, &unused));
+      out = put_value(out, item);
+    }
+    return out;
+  }
+  PyObject *key, *item;
+  Py_ssize_t pos = 0, key_len;
+  while (PyDict_Next(v, &pos, &key, &item)) {
+    const char *k = PyUnicode_AsUTF8AndSize(key, &key_len);
+    size_t item_len = (size_t)value_size(item, 0, &unused);
+    *out++ = 0x0a; /* Struct.fields: one map entry */
+    out = put_varint(out, field_size((size_t)key_len) + field_size(item_len));
+    out = put_bytes(out, 0x0a, k, (size_t)key_len); /* entry key */
+    *out++ = 0x12;                                 /* entry value */
+    out = put_varint(out, item_len);
+    out = put_value(out, item);
+  }
+  return out;
+}
+
+static char *put_value(char *out, PyObject *v) {
+  Py_ssize_t len;
+  if (v == Py_None) {
+    *out++ = 0x08, *out++ = 0; /* null_value: NULL_VALUE */
+  } else if (PyBool_Check(v)) {
+    *out++ = 0x20, *out++ = v == Py_True;
+  } else if (PyLong_CheckExact(v) || PyFloat_CheckExact(v)) {
+    double d = PyLong_CheckExact(v) ? PyLong_AsDouble(v) : PyFloat_AS_DOUBLE(v);
+    *out++ = 0x11; /* number_value, fixed 64-bit little-endian (x86-64 and aarch64 both are) */
+    memcpy(out, &d, 8);
+    out += 8;
+  } else if (PyUnicode_CheckExact(v)) {
+    const char *p = PyUnicode_AsUTF8AndSize(v, &len);
+    out = put_bytes(out, 0x1a, p, (size_t)len);
+  } else {
+    const char *unused;
+    *out++ = PyDict_CheckExact(v) ? 0x2a : 0x32; /* struct_value or list_value */
+    out = put_varint(out, (size_t)container_size(v, 0, &unused));
+    out = put_container(out, v);
+  }
+  return out;
+}
+
+static int is_structured(PyObject *v) { return v == Py_None || PyDict_CheckExact(v) || PyList_CheckExact(v); }
+
 static const char *check_metadata(PyObject *metadata) {
   if (metadata == Py_None) return NULL;
   if (!PyTuple_CheckExact(metadata)) return "metadata is neither a tuple nor None";
@@ -613,26 +1002,8 @@ static const char *check_metadata(PyObject *metadata) {
       }
       if (len == 0 || len > MAX_METADATA_NAME) return "a metadata namespace or key empty or over " Py_STRINGIFY(MAX_METADATA_NAME) " bytes";
     }
-    PyObject *v = PyTuple_GET_ITEM(e, 2);
-    if (PyBool_Check(v)) continue;
-    if (PyLong_CheckExact(v)) {
-      double d = PyLong_AsDouble(v);
-      if (d == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return "a metadata int too large for a number";
-      }
-      continue;
-    }
-    if (PyFloat_CheckExact(v)) {
-      if (!isfinite(PyFloat_AS_DOUBLE(v))) return "a metadata float that is not finite";
-      continue;
-    }
-    Py_ssize_t len;
-    if (!PyUnicode_CheckExact(v) || !PyUnicode_AsUTF8AndSize(v, &len)) {
-      PyErr_Clear();
-      return "a metadata value that is not str, int, float or bool";
-    }
-    if (len > MAX_METADATA_STRING) return "a metadata string over " Py_STRINGIFY(MAX_METADATA_STRING) " bytes";
+    const char *why = NULL;
+    if (value_size(PyTuple_GET_ITEM(e, 2), 0, &why) < 0) return why;
   }
   return NULL;
 }
@@ -656,20 +1027,46 @@ static void apply_header_ops(stream_filter *f, int map, PyObject *ops) {
   }
 }
 
-static void apply_metadata(stream_filter *f, PyObject *metadata) {
-  if (metadata == Py_None) return;
+/* Struct{fields: {key: v}}, merged into namespace `ns`. `v` passed check_metadata. */
+static int set_metadata_struct(stream_filter *f, dm_module_buf ns, dm_module_buf key, PyObject *v) {
+  const char *unused;
+  size_t value_len = (size_t)value_size(v, 0, &unused), entry_len = field_size(key.length) + field_size(value_len);
+  char stack[512], *buf = field_size(entry_len) <= sizeof stack ? stack : malloc(field_size(entry_len));
+  if (!buf) return -1;
+  char *out = buf;
+  *out++ = 0x0a;
+  out = put_varint(out, entry_len);
+  out = put_bytes(out, 0x0a, key.ptr, key.length);
+  *out++ = 0x12;
+  out = put_varint(out, value_len);
+  out = put_value(out, v);
+  dm_set_metadata_struct(f->envoy, ns, (dm_module_buf){buf, (size_t)(out - buf)});
+  if (buf != stack) free(buf);
+  return 0;
+}
+
+/* Sets the metadata of a checked Result; -1 when a value could not be encoded (no memory): the caller fails closed. */
+static int apply_metadata(stream_filter *f, PyObject *metadata) {
+  if (metadata == Py_None) return 0;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(metadata); i++) {
     PyObject *e = PyTuple_GET_ITEM(metadata, i), *v = PyTuple_GET_ITEM(e, 2);
     dm_module_buf ns = str_buf(PyTuple_GET_ITEM(e, 0)), key = str_buf(PyTuple_GET_ITEM(e, 1));
-    if (PyBool_Check(v)) dm_set_metadata_bool(f->envoy, ns, key, v == Py_True);
-    else if (PyLong_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyLong_AsDouble(v));
-    else if (PyFloat_CheckExact(v)) dm_set_metadata_number(f->envoy, ns, key, PyFloat_AS_DOUBLE(v));
-    else dm_set_metadata_string(f->envoy, ns, key, str_buf(v));
+    if (is_structured(v)) {
+      if (set_metadata_struct(f, ns, key, v) != 0) return -1;
+    } else if (PyBool_Check(v)) { dm_set_metadata_bool(f->envoy, ns, key, v == Py_True);
+    } else if (PyLong_CheckExact(v)) {
+      dm_set_metadata_number(f->envoy, ns, key, PyLong_AsDouble(v));
+    } else if (PyFloat_CheckExact(v)) {
+      dm_set_metadata_number(f->envoy, ns, key, PyFloat_AS_DOUBLE(v));
+    } else {
+      dm_set_metadata_string(f->envoy, ns, key, str_buf(v));
+    }
   }
+  return 0;
 }
 
 static const char *check_respond(PyObject *r, size_t max_body) {
-  if (PyTuple_GET_SIZE(r) != 5) return "RESPOND is not a 5-tuple";
+  if (PyTuple_GET_SIZE(r) != 6) return "RESPOND is not a 6-tuple";
   PyObject *status = PyTuple_GET_ITEM(r, 1), *headers = PyTuple_GET_ITEM(r, 2), *body = PyTuple_GET_ITEM(r, 3),
            *details = PyTuple_GET_ITEM(r, 4);
   if (!PyLong_CheckExact(status)) return "a RESPOND status that is not an int";
@@ -696,6 +1093,8 @@ static const char *check_respond(PyObject *r, size_t max_body) {
     return "RESPOND details that are not a str";
   }
   if (len > MAX_DETAILS) return "RESPOND details over " Py_STRINGIFY(MAX_DETAILS) " bytes";
+  const char *why = check_metadata(PyTuple_GET_ITEM(r, 5));
+  if (why) return why;
   /* Envoy's response code details are one token (access logs split on spaces). */
   for (Py_ssize_t i = 0; i < len; i++)
     if (!(is_token_char((unsigned char)d[i]) || (d[i] >= 'A' && d[i] <= 'Z'))) return "RESPOND details that are not one token";
@@ -703,6 +1102,11 @@ static const char *check_respond(PyObject *r, size_t max_body) {
 }
 
 static void apply_respond(stream_filter *f, PyObject *r) {
+  /* Before the reply: it ends the stream, and the access log written then is where the metadata is read. */
+  if (apply_metadata(f, PyTuple_GET_ITEM(r, 5)) != 0) {
+    fail_closed(f);
+    return;
+  }
   PyObject *headers = PyTuple_GET_ITEM(r, 2);
   Py_ssize_t n = PyTuple_GET_SIZE(headers);
   dm_header stack[16], *h = n <= 16 ? stack : malloc((size_t)n * sizeof *h);
@@ -773,7 +1177,10 @@ static enum outcome apply_result(stream_filter *f, int d, int kind, PyObject *r,
   if (body != Py_None)
     body_replace(f, d, in_hook, dir->processed, dir->handed, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body));
   if (kind == BODY) dir->processed += body != Py_None ? (size_t)PyBytes_GET_SIZE(body) : dir->handed;
-  apply_metadata(f, metadata);
+  if (apply_metadata(f, metadata) != 0) {
+    log_line("%s: no memory to encode its metadata: failing closed with 500", phase);
+    fail_closed(f);
+  }
   out = f->finished ? STOPPED : GO_ON;
 done:
   if (why) fail_result(f, phase, why);
@@ -857,6 +1264,29 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
   return out;
 }
 
+/* The body modes that hold the headers and give the hook one call with a buffered body. */
+static int buffers_body(stream_filter *f, int d) {
+  return f->cfg->body_mode[d] == BODY_BUFFERED || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL;
+}
+
+/* BUFFERED_PARTIAL calls the hook once Envoy holds this much: the stream's buffer limit as Envoy's ext_proc uses it
+ * (the connection's per_connection_buffer_limit_bytes, 1 MiB by default), or max_body_bytes when Envoy gives none
+ * or it is larger (max_body_bytes bounds every copy to Python). */
+static size_t partial_limit(stream_filter *f) {
+  uint64_t limit = dm_get_buffer_limit(f->envoy);
+  return limit == 0 || limit > f->cfg->max_body_bytes ? f->cfg->max_body_bytes : (size_t)limit;
+}
+
+/* After a BUFFERED_PARTIAL call went on: Envoy, whose headers were held, now takes everything buffered as one
+ * buffer, which is at or past its limit by design and would be answered 413 (500 for a response). Raised to what it
+ * holds for this stream; the body then flows on, and the rest streams past this filter. */
+static void partial_went_on(stream_filter *f, int d, int in_hook) {
+  if (f->cfg->body_mode[d] != BODY_BUFFERED_PARTIAL) return;
+  size_t held = body_size(f, d, in_hook);
+  uint64_t limit = dm_get_buffer_limit(f->envoy);
+  if (limit != 0 && held >= limit) dm_set_buffer_limit(f->envoy, (uint64_t)held + 1);
+}
+
 static int wants(stream_filter *f, int d, int kind) {
   static const unsigned bits[2][3] = {{1, 2, 4}, {8, 16, 32}};
   if (kind == BODY && f->cfg->body_mode[d] == BODY_NONE) return 0;
@@ -869,13 +1299,16 @@ static enum outcome catch_up(stream_filter *f, int d) {
   direction *dir = &f->dir[d];
   if (!dir->headers_done) dir->headers_done = 1;
   if (!dir->body_done && wants(f, d, BODY)) {
-    if (f->cfg->body_mode[d] == BODY_BUFFERED && !dir->end_seen) return WAIT; /* keep holding; hooks go on */
+    if (buffers_body(f, d) && !dir->end_seen &&
+        (f->cfg->body_mode[d] == BODY_BUFFERED || body_size(f, d, 0) < partial_limit(f)))
+      return WAIT; /* keep holding; hooks go on */
     int have = body_size(f, d, 0) > dir->processed, end = dir->end_seen && !dir->trailers_seen;
     if (have || end) {
       enum outcome out = run_phase(f, d, BODY, end, 0);
       if (out != GO_ON) return out;
+      partial_went_on(f, d, 0);
     }
-    if (dir->end_seen) dir->body_done = 1;
+    if (dir->end_seen || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL) dir->body_done = 1;
   }
   dir->held = 0;
   if (dir->trailers_seen && wants(f, d, TRAILERS)) {
@@ -891,6 +1324,7 @@ static int skip(stream_filter *f) { return f->finished || f->cfg == NULL; }
 static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) return DM_HEADERS_STOP_ITERATION; /* an upstream answer while our reply waits: not passed */
   if (skip(f)) return DM_HEADERS_CONTINUE;
   TIMING_START(f->cfg);
   if (end_of_stream) dir->end_seen = 1;
@@ -905,7 +1339,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   if (out != GO_ON) return DM_HEADERS_STOP_ITERATION;
   dir->headers_done = 1;
   if (end_of_stream) dir->body_done = 1;
-  if (!end_of_stream && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+  if (!end_of_stream && wants(f, d, BODY) && buffers_body(f, d)) {
     dir->held = 1; /* the buffered body decides what the headers become (content-length, ...) */
     return DM_HEADERS_STOP_ITERATION;
   }
@@ -915,6 +1349,13 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
 static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) { /* read and dropped while the reply waits; the request's end (or enough of it) sends it */
+    if (d == REQUEST) {
+      f->later_dropped += dm_get_body_size(f->envoy, RECEIVED_BODY[REQUEST]);
+      if (end_of_stream || f->later_dropped > LATER_REPLY_MAX_DROP) send_later_reply(f);
+    }
+    return DM_BODY_STOP_NO_BUFFER;
+  }
   if (skip(f)) return DM_BODY_CONTINUE; /* a local reply's own body passes */
   if (end_of_stream) dir->end_seen = 1;
   if (dir->pending >= 0 || !dir->headers_done) return DM_BODY_STOP_AND_BUFFER; /* Python sees it on resume */
@@ -927,13 +1368,17 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
     }
     return DM_BODY_STOP_AND_BUFFER;
   }
+  if (f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL && !end_of_stream && body_size(f, d, 1) < partial_limit(f))
+    return DM_BODY_STOP_AND_BUFFER;
   gil_take();
   enum outcome out = run_phase(f, d, BODY, end_of_stream, 1);
   gil_drop();
   if (out == PENDING) return DM_BODY_STOP_AND_BUFFER;
   if (out == STOPPED) return DM_BODY_STOP_NO_BUFFER;
   dir->processed = 0;
-  if (end_of_stream) dir->body_done = 1;
+  partial_went_on(f, d, 1);
+  /* A partial body had its one call: the rest passes unprocessed. */
+  if (end_of_stream || f->cfg->body_mode[d] == BODY_BUFFERED_PARTIAL) dir->body_done = 1;
   dir->held = 0;
   return DM_BODY_CONTINUE;
 }
@@ -941,6 +1386,10 @@ static int on_body(void *envoy, stream_filter *f, int d, bool end_of_stream) {
 static int on_trailers(void *envoy, stream_filter *f, int d) {
   (void)envoy;
   direction *dir = &f->dir[d];
+  if (f->later) {
+    if (d == REQUEST) send_later_reply(f);
+    return DM_TRAILERS_STOP_ITERATION;
+  }
   if (skip(f)) return DM_TRAILERS_CONTINUE;
   dir->end_seen = 1;
   if (dir->pending >= 0 || !dir->headers_done) {
@@ -949,7 +1398,7 @@ static int on_trailers(void *envoy, stream_filter *f, int d) {
   }
   enum outcome out = GO_ON;
   gil_take();
-  if (!dir->body_done && wants(f, d, BODY) && f->cfg->body_mode[d] == BODY_BUFFERED) {
+  if (!dir->body_done && wants(f, d, BODY) && buffers_body(f, d)) {
     /* Trailers end the body: the buffered body's one call comes first (end_of_stream False: trailers follow). */
     out = run_phase(f, d, BODY, 0, 0);
     if (out == GO_ON) dir->body_done = 1;
@@ -966,6 +1415,7 @@ static int on_trailers(void *envoy, stream_filter *f, int d) {
 void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_filter, uint64_t event) {
   stream_filter *f = module_filter;
   (void)envoy;
+  if (event == EVENT_REPLY) send_later_reply(f);
   if (event != EVENT_RESUME || !f->stream) return;
   pthread_mutex_lock(&registry_mu);
   registry_slot *slot = &registry[(uint32_t)f->handle];
@@ -987,7 +1437,8 @@ void envoy_dynamic_module_on_http_filter_scheduled(void *envoy, void *module_fil
   }
   if (out == GO_ON) {
     /* A buffered body has its one call; a streamed chunk given end_of_stream was the last. */
-    if (kind == BODY && (dir->pending_end || f->cfg->body_mode[d] == BODY_BUFFERED)) dir->body_done = 1;
+    if (kind == BODY && (dir->pending_end || buffers_body(f, d))) dir->body_done = 1;
+    if (kind == BODY) partial_went_on(f, d, 0);
     if (kind == HEADERS || kind == BODY) out = catch_up(f, d);
   }
   if (out == GO_ON) dir->processed = 0; /* everything buffered goes on now */
@@ -1013,6 +1464,14 @@ int envoy_dynamic_module_on_http_filter_local_reply(void *envoy, void *module_fi
    * response hooks as an upstream answer would, as under ext_proc; unless a phase is waiting for resume(): then
    * the stream's Python state cannot follow, and the reply goes out as Envoy made it. */
   if (f->dir[REQUEST].pending >= 0 || f->dir[RESPONSE].pending >= 0) f->finished = 1;
+  /* Envoy's own reply came first (a reset upstream, a timeout): ours is dropped. */
+  if (f->later) {
+    free(f->later);
+    f->later = NULL;
+    pthread_mutex_lock(&registry_mu);
+    later_clear_locked(&registry[(uint32_t)f->handle]);
+    pthread_mutex_unlock(&registry_mu);
+  }
   return DM_LOCAL_REPLY_CONTINUE;
 }
 
@@ -1032,6 +1491,8 @@ void envoy_dynamic_module_on_http_filter_stream_complete(void *envoy, void *modu
 void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   stream_filter *f = module_filter;
   if (f->registered) registry_remove(f); /* also deletes the scheduler, under the registry lock */
+  else if (f->scheduler) dm_scheduler_delete(f->scheduler);
+  free(f->later);
   if (f->stream) {
     gil_take();
     PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
@@ -1055,6 +1516,7 @@ static int python_start(void) {
     log_line("cannot make %s global: %s", SIDECAR_LIBPYTHON, dlerror());
     return -1;
   }
+  budget_install();
   PyConfig config;
   PyConfig_InitPythonConfig(&config);
   config.install_signal_handlers = 0; /* SIGTERM/SIGINT belong to Envoy */
@@ -1077,6 +1539,7 @@ static int python_start(void) {
   for (int d = 0; d < 2; d++)
     for (int k = 0; k < 3; k++)
       if (!(str_phase[d][k] = PyUnicode_InternFromString(PHASE_NAMES[d][k]))) goto fail;
+  if (common_names_make() != 0) goto fail;
   PyEval_SaveThread();
   pthread_once(&watchdog_once, watchdog_start);
   return 0;
@@ -1140,6 +1603,15 @@ static filter_config *configure(const char *json, size_t json_len) {
     PyErr_SetString(PyExc_ValueError, "filter config `max_body_bytes`: expected an int from 1 to 1073741824");
     goto fail;
   }
+  v = PyDict_GetItemString(doc, "max_python_bytes");
+  long long max_python = DEFAULT_MAX_PYTHON_BYTES;
+  if (v && (!PyLong_CheckExact(v) || (max_python = PyLong_AsLongLong(v)) < MIN_MAX_PYTHON_BYTES ||
+            max_python > (1LL << 40))) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "filter config `max_python_bytes`: expected an int from 33554432 (32 MiB) to "
+                                      "1099511627776 (1 TiB)");
+    goto fail;
+  }
   cfg->deadline_ns = (uint64_t)deadline_ms * 1000000u;
   cfg->max_body_bytes = (size_t)max_body;
   PyObject *spec = PyDict_GetItemString(doc, "factory");
@@ -1158,13 +1630,15 @@ static filter_config *configure(const char *json, size_t json_len) {
   PyObject *args[2] = {text, native_module};
   if (!(cfg->config = PyObject_Vectorcall(factory, args, 2, NULL))) goto fail;
   long phases, mode_req, mode_resp;
-  if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 2, &mode_req) ||
-      read_int_attr(cfg->config, "response_body_mode", 0, 2, &mode_resp))
+  if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 3, &mode_req) ||
+      read_int_attr(cfg->config, "response_body_mode", 0, 3, &mode_resp))
     goto fail;
   cfg->phases = (unsigned)phases;
   cfg->body_mode[REQUEST] = (int)mode_req;
   cfg->body_mode[RESPONSE] = (int)mode_resp;
   if (!(cfg->new_stream = PyObject_GetAttr(cfg->config, str_new_stream))) goto fail;
+  /* One interpreter per process: the filter config loaded last sets its budget. */
+  atomic_store(&python_budget, max_python);
   goto done;
 fail:
   Py_XDECREF(cfg->config);
