@@ -51,6 +51,11 @@ class Watchdog:
     def disarm(self, token: int) -> None:
         with self._wake:
             self._actions.pop(token, None)
+            # A disarmed entry stays in the heap until its time; with long deadlines and a high request rate
+            # they would pile up by the million. Rebuild from the live ones once they are the minority.
+            if len(self._heap) > 2 * len(self._actions) + 64:
+                self._heap = [entry for entry in self._heap if entry[1] in self._actions]
+                heapq.heapify(self._heap)
 
     @property
     def armed(self) -> int:

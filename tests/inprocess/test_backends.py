@@ -361,3 +361,31 @@ def test_a_403_from_rbac_before_the_filter_runs_the_response_hooks_on_both_backe
         assert allowed.status_code == 200 and allowed.json()["headers"]["x-added"] == "yes"
         seen[in_process] = sorted(k for k in denied.headers if k not in _CLIENT_NOISE)
     assert seen[False] == seen[True]
+
+
+def test_a_reply_to_a_grpc_call_carries_its_grpc_status_on_both_backends(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path
+) -> None:
+    """A denial or a failure answered to a gRPC client names its gRPC status (Envoy's dynamic-module reply said
+    `grpc-status: 0`, OK, to a client that was denied or failed): the same status and message on both."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f'plugins: ["{TP}GrpcGate"]\n')
+    seen = {}
+    for in_process in (False, True):
+        env = sidecar_envoy(config=config, in_process=in_process)
+        calls = {}
+        with httpx.Client(base_url=env.url, timeout=10, http1=False, http2=True) as client:
+            for method in ("Deny", "Limit", "Boom"):
+                reply = client.post(
+                    f"/pkg.Service/{method}",
+                    content=b"",
+                    headers={"content-type": "application/grpc", "te": "trailers"},
+                )
+                calls[method] = (reply.status_code, reply.headers.get("grpc-status"), reply.headers.get("grpc-message"))
+        seen[in_process] = calls
+    assert seen[False] == {
+        "Deny": (200, "7", "denied"),
+        "Limit": (200, "8", None),
+        "Boom": (200, "2", "Internal Server Error%0A"),
+    }
+    assert seen[True] == seen[False]

@@ -364,3 +364,19 @@ class StreamProbe(Plugin):
 
     def on_response_headers(self, ctx: Context, headers: Headers) -> None:
         headers["x-body-seen"] = ctx.state.get(_BODY_SEEN, "none")
+
+
+class GrpcGate(Plugin):
+    """Answers gRPC calls by method name: `Deny` 403, `Limit` 429 with gRPC status 8, `Boom` raises."""
+
+    name = "grpc-gate"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        method = headers.get(":path", "").rsplit("/", 1)[-1]
+        if method == "Deny":
+            return Respond(403, "denied")
+        if method == "Limit":
+            return Respond(429, "", grpc_status=8)
+        if method == "Boom":
+            raise RuntimeError("grpc-gate failed")
+        return None
