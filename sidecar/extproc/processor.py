@@ -28,7 +28,7 @@ from sidecar.extproc.duplex import DuplexPipe, WriteEncoded, as_body, call_chunk
 from sidecar.headers import Headers, append_option
 from sidecar.plugins import BodyMode, Context, Respond
 
-__all__ = ["StreamProcessor", "immediate_response"]
+__all__ = ["ENVOY_BUFFER_LIMIT", "StreamProcessor", "immediate_response"]
 
 log = logging.getLogger("sidecar.extproc")
 
@@ -43,6 +43,10 @@ _ORDER = {
 }
 _REPEATABLE = frozenset({"request_body", "response_body"})
 _ERROR_BODY = b"Internal Server Error\n"
+
+#: Envoy's per-connection buffer limit in the configs the sidecar writes (Envoy's default). A BUFFERED body
+#: longer than this cannot be buffered; BUFFERED_PARTIAL sends what it holds once past it.
+ENVOY_BUFFER_LIMIT = 1024 * 1024
 
 Send = Callable[[pb.ProcessingResponse], Awaitable[None]]
 
@@ -78,6 +82,7 @@ class StreamProcessor:
 
     __slots__ = (
         "_body_modes",
+        "_buffer_limit",
         "_disabled",
         "_filter_modes",
         "_last",
@@ -86,6 +91,7 @@ class StreamProcessor:
         "_send",
         "_send_encoded",
         "_tasks",
+        "body_due",
         "chain",
         "ctx",
         "metrics",
@@ -100,6 +106,7 @@ class StreamProcessor:
         *,
         metrics: Any = None,
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        buffer_limit: int = ENVOY_BUFFER_LIMIT,
     ) -> None:
         plan = (registry or Registry([chain])).plan(chain)
         self.chain = chain
@@ -109,6 +116,10 @@ class StreamProcessor:
         self.ctx = Context(chain.name, namespaces=chain.writable_namespaces)
         self.metrics = metrics
         self.stream_timeout = stream_timeout
+        #: Envoy's buffer limit: a body known to be longer gets no BUFFERED processing (`_buffer_too_small`).
+        self._buffer_limit = buffer_limit
+        #: Seconds within which Envoy's next message must come, or None: see `_body_may_stall`.
+        self.body_due: float | None = None
         self._send: Send | None = None
         self._send_encoded: WriteEncoded | None = None
         #: The message being answered came in observability mode: Envoy wants no answer to it.
@@ -153,6 +164,7 @@ class StreamProcessor:
         elif order < last or (order == last and kind not in _REPEATABLE):
             raise ProtocolError(f"{kind} arrived out of order")
         self._last[direction] = order
+        self.body_due = None
         if request.HasField("metadata_context"):
             self.ctx._metadata_pb = request.metadata_context
             self.ctx._metadata = None
@@ -260,6 +272,10 @@ class StreamProcessor:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
                 headers.restore(before)
+        if kind == "request_headers":
+            if self._buffer_too_small(headers):
+                return _too_long_to_buffer("request_body")
+            self.body_due = self.stream_timeout if self._body_may_stall(headers, message.end_of_stream) else None
         override = self.mode_override if kind == "request_headers" else None
         changed = headers.changed
         if not changed and override is None and not ctx.clear_route_cache_requested:
@@ -353,9 +369,12 @@ class StreamProcessor:
     async def _chunked(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
         """STREAMED and BUFFERED_PARTIAL: one answer per chunk, of any size (empty holds data back)."""
         original = message.body
-        out = await self._run_body_hooks(kind, stages, original, message.end_of_stream)
+        end_lost = not message.end_of_stream and self._whole_partial_body(kind, len(original))
+        out = await self._run_body_hooks(kind, stages, original, message.end_of_stream or end_lost)
         if isinstance(out, pb.ProcessingResponse):
             return out
+        if end_lost:
+            return _too_long_to_buffer(kind)
         if out is original:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
@@ -365,6 +384,48 @@ class StreamProcessor:
         else:
             mutation.clear_body = True
         return response
+
+    def _buffer_too_small(self, headers: Headers) -> bool:
+        """A BUFFERED request body that its content-length says is longer than Envoy's buffer.
+
+        Envoy 1.40 answers such a request 413 only when the body arrives after our headers answer. When it
+        arrives first under another filter-level body mode (a mode_override narrows it for this chain), Envoy
+        holds a buffer's worth, stops reading, and never sends the body nor a reply: the client hangs (on
+        HTTP/1; docs/streaming.md has the figures). The sidecar answers 413 itself then. When the filter buffers
+        too, Envoy's own limit (which a deployment may have raised past ours) decides, as it should."""
+        if self._body_modes[0] != BodyMode.BUFFERED or self._filter_modes[0] == BodyMode.BUFFERED:
+            return False
+        length = _content_length(headers)
+        return length is not None and length > self._buffer_limit
+
+    def _body_may_stall(self, headers: Headers, end_of_stream: bool) -> bool:
+        """A BUFFERED request body of unknown length, in a filter Envoy runs in another body mode.
+
+        If such a body passes Envoy's buffer before the headers answer narrows the mode, Envoy 1.40 stops
+        reading and sends nothing more (the case `_buffer_too_small` cannot see: no content-length). No
+        Envoy timer runs then, so the sidecar bounds the wait for the body by `stream_timeout` and fails
+        the stream after it: Envoy answers 500 instead of leaving the client waiting."""
+        return (
+            not end_of_stream
+            and self._body_modes[0] == BodyMode.BUFFERED
+            and self._filter_modes[0] != BodyMode.BUFFERED
+            and _content_length(headers) is None
+        )
+
+    def _whole_partial_body(self, kind: str, size: int) -> bool:
+        """A BUFFERED_PARTIAL chunk that holds the whole body (its content-length) without end_of_stream.
+
+        Envoy 1.40 sends the body it holds once past its buffer limit; when the end of the body (an empty
+        last chunk) comes in while our answer is awaited, Envoy drops it: the peer never gets the end of the
+        body, and no timer runs. A chunk like this one is that case. Its hooks see it as the whole body it
+        is; unless one of them answers, the sidecar does (413 for a request, 500 for a response): a reply now,
+        not a hang."""
+        index = 0 if kind == "request_body" else 1
+        if self._body_modes[index] != BodyMode.BUFFERED_PARTIAL:
+            return False
+        headers = self.ctx.request_headers if index == 0 else self.ctx.response_headers
+        length = _content_length(headers) if headers is not None else None
+        return length is not None and 0 < length <= size
 
     async def _duplex(
         self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]
@@ -478,6 +539,23 @@ class StreamProcessor:
 
     async def _response_trailers(self, message: pb.HttpTrailers) -> pb.ProcessingResponse:
         return await self._trailers("response_trailers", message)
+
+
+def _content_length(headers: Headers) -> int | None:
+    """The content-length a message announces, or None (absent, or not a plain number: Envoy refuses those)."""
+    value = headers.raw("content-length")
+    if value is None or not value.isdigit() or len(value) > 19:
+        return None
+    return int(value)
+
+
+def _too_long_to_buffer(kind: str) -> pb.ProcessingResponse:
+    """What the sidecar answers for a body Envoy cannot buffer or would lose the end of (a new message: the
+    caller may add metadata to it)."""
+    status, body = (413, b"Payload Too Large\n") if kind == "request_body" else (500, _ERROR_BODY)
+    return immediate_response(
+        Respond(status, body, {"content-type": "text/plain"}, details="sidecar_body_over_buffer_limit")
+    )
 
 
 _HANDLERS = {

@@ -148,7 +148,8 @@ _endpoint_lock = threading.Lock()
 def serve_metrics(address: str) -> int:
     """Serve the meters on `address` (the config file's `metrics`), once per process: the first filter config
     that names an address binds it; a later one naming another address is told so in the log, and the first
-    keeps serving (one Envoy, one interpreter, one set of numbers). The bound port."""
+    keeps serving (one Envoy, one interpreter, one set of numbers). The bound port (0 while the address is in use,
+    see `Endpoint.start`)."""
     global _endpoint
     with _endpoint_lock:
         if _endpoint is None:

@@ -51,6 +51,11 @@ class Watchdog:
     def disarm(self, token: int) -> None:
         with self._wake:
             self._actions.pop(token, None)
+            # A disarmed entry stays in the heap until its time; with long deadlines and a high request rate
+            # they would pile up by the million. Rebuild from the live ones once they are the minority.
+            if len(self._heap) > 2 * len(self._actions) + 64:
+                self._heap = [entry for entry in self._heap if entry[1] in self._actions]
+                heapq.heapify(self._heap)
 
     @property
     def armed(self) -> int:
@@ -79,6 +84,9 @@ class LoopThread:
         self.loop = self._start()
         self.watchdog = Watchdog()
         self.replaced = 0
+        #: Called with the new loop after a replacement (from the watchdog's thread): what lives on the loop
+        #: besides hooks (the metrics endpoint) moves there too.
+        self.on_replace: list[Callable[[asyncio.AbstractEventLoop], None]] = []
 
     @staticmethod
     def _start() -> asyncio.AbstractEventLoop:
@@ -113,9 +121,14 @@ class LoopThread:
         with self._lock:
             if self.loop is not loop:
                 return  # someone replaced it already
-            self.loop = self._start()
+            self.loop = new = self._start()
             self.replaced += 1
         log.error("in-process event loop blocked by a hook; started a replacement loop thread")
+        for follow in list(self.on_replace):
+            try:
+                follow(new)
+            except Exception:  # the replacement serves hooks whatever a follower does
+                log.exception("in-process: moving to the replacement event loop failed")
 
 
 _shared: LoopThread | None = None

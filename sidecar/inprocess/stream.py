@@ -49,9 +49,14 @@ CONTINUE, RESPOND = 0, 1
 PENDING = (2,)
 SET, APPEND, REMOVE = 0, 1, 2
 
+#: Envoy's mapping of an HTTP status to a gRPC one for its local replies (Grpc::Utility::httpToGrpcStatus).
+_GRPC_OF_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+_GRPC_UNKNOWN = 2
+
 #: The ext_proc path's reply to a failed plugin in a fail_closed chain.
 _ERROR_BODY = b"Internal Server Error\n"
 _ERROR_DETAILS = "sidecar_plugin_error"
+
 #: ... and to a hook past its deadline, as Envoy's ext_proc answers a message past its `message_timeout`: 504 with
 #: no body (plus the error id, for the log line).
 _TIMEOUT_BODY = b""
@@ -118,8 +123,9 @@ class StreamPlan:
     body_modes: tuple[int, int]
     #: Async hooks per phase: how long the watchdog waits for a pending phase (one deadline each, plus one).
     async_hooks: dict[str, int]
-    #: Per phase, the hooks (or body stages) with each one's latency cell in `meters`.
-    steps: dict[str, tuple[tuple[Any, list[float]], ...]]
+    #: Per phase, the hooks (hook, cell, func, is_async) or body stages (stage, cell), each with its latency cell
+    #: in `meters`.
+    steps: dict[str, tuple[tuple[Any, ...], ...]]
     #: The chain's [opened, closed] stream counters in `meters`.
     stream_counts: list[int]
     #: The largest body, chunk or reply body the native module takes from a hook (its `max_body_bytes`).
@@ -140,9 +146,10 @@ class StreamPlan:
         max_body: int,
     ) -> StreamPlan:
         mode = chain.mode
-        steps: dict[str, tuple[tuple[Any, list[float]], ...]] = {}
+        steps: dict[str, tuple[tuple[Any, ...], ...]] = {}
         for kind, hooks in chain.hooks.items():
-            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind)) for hook in hooks)
+            # A headers or trailers hook with its function and kind at hand (two attribute reads less a call).
+            steps[kind] = tuple((hook, meters.cell(hook.plugin, kind), hook.func, hook.is_async) for hook in hooks)
         for direction in ("request", "response"):
             kind = f"{direction}_body"
             steps[kind] = tuple((stage, meters.cell(stage.plugin, kind)) for stage in chain.body_stages[direction])
@@ -497,12 +504,26 @@ class BridgeStream:
         headers: tuple[tuple[bytes, bytes], ...] = ((b"x-sidecar-error-id", error_id.encode()),)
         if body:
             headers = ((b"content-type", b"text/plain"), *headers)
+        headers = self._grpc_status(headers, status, None)
         try:
             metadata = self._metadata()
         except (TypeError, ValueError) as exc:  # the reply fails closed anyway; say why the metadata is not there
             self._log_failure("metadata", "set_metadata", exc)
             metadata = None
         return (RESPOND, status, headers, body, details, metadata)
+
+    def _grpc_status(
+        self, headers: tuple[tuple[bytes, bytes], ...], status: int, grpc_status: int | None
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """A reply to a gRPC request names its gRPC status, as Envoy's ext_proc reply does (the given one, else
+        Envoy's mapping of the HTTP status). Envoy's dynamic-module reply says `grpc-status: 0` otherwise: OK,
+        to a client that was denied or failed."""
+        request = self.ctx.request_headers
+        kind = request.raw("content-type") if request is not None else None
+        if not kind or not kind.startswith(b"application/grpc") or any(n == b"grpc-status" for n, _ in headers):
+            return headers
+        code = grpc_status if grpc_status is not None else _GRPC_OF_HTTP.get(status, _GRPC_UNKNOWN)
+        return (*headers, (b"grpc-status", b"%d" % code))
 
     def _too_big(self, hook: str, what: str, size: int) -> ValueError:
         return ValueError(
@@ -522,7 +543,8 @@ class BridgeStream:
                 self._reject(f"set {name}")
                 continue
             headers.append((name.encode(), value.encode("latin-1")))
-        return (RESPOND, respond.status, tuple(headers), body, _details(respond.details), self._metadata())
+        replied = self._grpc_status(tuple(headers), respond.status, respond.grpc_status)
+        return (RESPOND, respond.status, replied, body, _details(respond.details), self._metadata())
 
     def _reject(self, change: str) -> None:
         self.rejected = (*self.rejected, change)
@@ -540,22 +562,25 @@ class BridgeStream:
         plan = self._plan
         fail_open = plan.fail_open
         steps = plan.steps[kind]
+        deadline = plan.hook_deadline
         before = None
         for step in steps[start:] if start else steps:
-            hook, cell = step
+            hook, cell, func, is_async = step
             if fail_open:
                 if hook.plugin in self._disabled:
                     continue
                 before = fields.snapshot()
             started = perf_counter()
             try:
-                result = hook.func(ctx, fields)
-                if hook.is_async:
+                result = func(ctx, fields)
+                if is_async:
                     index = steps.index(step, start)  # found by identity: each step is its own tuple
                     state = (kind, fields, end_of_stream, index, hook, cell, started, before)
                     return _Await(result, self._fields_go_on, hook.plugin, state)
+                elapsed = perf_counter() - started
+                if elapsed > deadline:
+                    raise _overran(deadline, elapsed)
                 if result is None:
-                    elapsed = perf_counter() - started
                     cell[bisect_left(BUCKETS, elapsed)] += 1
                     cell[-1] += elapsed
                     continue
@@ -667,6 +692,9 @@ class BridgeStream:
                     index = steps.index(step, start)
                     state = (kind, direction, chunk, end_of_stream, index, stage, cell, started, body)
                     return _Await(result, self._body_go_on, stage.plugin, state)
+                elapsed = perf_counter() - started
+                if elapsed > plan.hook_deadline:
+                    raise _overran(plan.hook_deadline, elapsed)
                 answer = self._body_result(kind, stage.plugin, hook, cell, started, result)
             except Exception as exc:
                 answer = self._hook_failed(kind, stage.plugin, started, exc, None, None)
@@ -882,6 +910,13 @@ def _plain(value: Any, key: str, depth: int) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v, key, depth + 1) for v in value]
     raise TypeError(f"metadata {key!r}: {type(value).__name__} is not JSON-like")
+
+
+def _overran(deadline: float, elapsed: float) -> TimeoutError:
+    """A sync hook that returned past its deadline. The native watchdog interrupts it once with a bare
+    TimeoutError, which a plugin catching Exception swallows; it still failed, as under ext_proc, where Envoy
+    stops waiting at message_timeout whatever the server does next."""
+    return TimeoutError(f"{_DEADLINE_TEXT} ({deadline * 1000:g} ms): it returned after {elapsed * 1000:.0f} ms")
 
 
 def _past_deadline(exc: BaseException) -> bool:

@@ -30,7 +30,7 @@ from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
 from sidecar.translate.backends import eg_backend_settings
 from sidecar.translate.options import CHAIN_ANNOTATION, SIDECAR_ANNOTATION
-from sidecar.translate.refs import gateway_envoy_proxy
+from sidecar.translate.refs import gateway_envoy_proxy, unresolved_parameters_ref
 from sidecar.translate.render import dump_documents
 from sidecar.translate.resources import EG_API, Resource, ResourceSet, load_resources, parse_document
 from sidecar.translate.rules import validate
@@ -192,7 +192,14 @@ def _add_envoy_proxies(resources: ResourceSet, out: list[dict[str, Any]], patch:
             by_key[("EnvoyProxy", gateway.namespace, name)] = proxy
         else:
             proxy = by_key.get(("EnvoyProxy", gateway.namespace, ref["name"]))
-            assert proxy is not None  # validate() resolved the parametersRef
+            unresolved = unresolved_parameters_ref(resources, gateway)
+            if proxy is None or unresolved is not None:
+                # EG would run this Gateway's Envoy without the sidecar container the patch adds.
+                raise gateway.error(
+                    "spec.infrastructure.parametersRef",
+                    f"{unresolved}: the sidecar container goes into the referenced EnvoyProxy; add it, "
+                    "or drop the reference to have one made",
+                )
         deployment = (
             proxy["spec"]
             .setdefault("provider", {"type": "Kubernetes"})

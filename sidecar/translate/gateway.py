@@ -16,10 +16,11 @@ from typing import Any
 from sidecar.translate.attachment import client_traffic_policy
 from sidecar.translate.certificates import ListenerCertificates, listener_certificates
 from sidecar.translate.clientip import client_ip_settings
+from sidecar.translate.listeners import ListenerVerdict, listener_verdicts
 from sidecar.translate.messages import address, pack
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.order import ROUTER, order_filters
-from sidecar.translate.refs import attached_routes, gateway_envoy_proxy
+from sidecar.translate.refs import attached_routes, gateway_envoy_proxy, unresolved_parameters_ref
 from sidecar.translate.resources import Resource, ResourceSet
 from sidecar.translate.routes import RouteBuilder, RouteTable
 
@@ -47,19 +48,28 @@ def build_listeners(resources: ResourceSet, options: RenderOptions, clusters: di
     result = []
     bound: dict[int, str] = {}
     for gateway in resources.of("Gateway"):
+        unresolved = unresolved_parameters_ref(resources, gateway)
+        if unresolved is not None:
+            log.warning(
+                "%s: %s; the Gateway gets the settings of the EnvoyProxy no Gateway references, or the "
+                "defaults, as in EG",
+                gateway.where("spec.infrastructure.parametersRef"),
+                unresolved,
+            )
         by_port: dict[int, list[dict[str, Any]]] = {}
         certificates: dict[str, ListenerCertificates] = {}
-        for listener in gateway.spec["listeners"]:
-            if listener["protocol"] == "HTTPS":
-                certificates[listener["name"]] = found = _certificates(resources, gateway, listener)
-                if not found.programmed:
-                    continue
+        for verdict in listener_verdicts(resources, gateway):
+            listener = verdict.listener
+            if listener["protocol"] == "HTTPS" and verdict.field != "tls":  # EG reads no certificate of bad tls
+                certificates[listener["name"]] = _certificates(resources, gateway, listener)
+            if not verdict.served:
+                _refused(gateway, verdict)
+                continue
             by_port.setdefault(listener["port"], []).append(listener)
         for port, group in sorted(by_port.items()):
             name = listener_name(gateway, group[0]["name"])
+            # One protocol per port: EG refuses every listener of a port that mixes them (listeners.py).
             protocols = {li["protocol"] for li in group}
-            if len(protocols) > 1:
-                raise gateway.error("spec.listeners", f"port {port} mixes HTTP and HTTPS listeners")
             envoy_port = options.listener_port(port)
             if envoy_port and envoy_port in bound:
                 raise gateway.error("spec.listeners", f"port {port} is already used by {bound[envoy_port]}")
@@ -159,6 +169,20 @@ def _certificates(resources: ResourceSet, gateway: Resource, listener: dict[str,
             listener["port"],
         )
     return found
+
+
+def _refused(gateway: Resource, verdict: ListenerVerdict) -> None:
+    """One warning line for a listener EG refuses (a certificate problem has its own, from _certificates)."""
+    if verdict.field == "tls.certificateRefs":
+        return
+    log.warning(
+        "%s: %s, so listener %r is not served (EG: %s); its routes get no connection on port %s",
+        gateway.where(f"spec.listeners[{verdict.index}].{verdict.field}"),
+        verdict.why,
+        verdict.listener["name"],
+        verdict.reason,
+        verdict.listener["port"],
+    )
 
 
 def _tls(certificates: ListenerCertificates) -> Any:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.translate.grants import reference_permitted
-from sidecar.translate.resources import EG_API, Resource, ResourceSet
+from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet
 
 __all__ = [
     "BackendTarget",
@@ -147,12 +147,38 @@ def host_intersection(route_host: str, listener_host: str | None) -> str | None:
     return None
 
 
+# The route kinds a listener of each protocol takes (EG's allowedRouteKindsForProtocol; TLS in Terminate
+# mode, or none given, takes TCPRoutes and TLSRoutes, in Passthrough mode TLSRoutes only).
+ROUTE_KINDS = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
+    "TLS": ("TCPRoute", "TLSRoute"),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
+}
+
+
+def supported_route_kinds(listener: dict[str, Any]) -> list[str]:
+    """The route kinds `listener` accepts, as EG lists them: its protocol's, narrowed to the ones its
+    allowedRoutes.kinds names validly (group gateway.networking.k8s.io, a kind of the protocol)."""
+    protocol_kinds = ROUTE_KINDS.get(listener["protocol"], ())
+    if listener["protocol"] == "TLS" and (listener.get("tls") or {}).get("mode") == "Passthrough":
+        protocol_kinds = ("TLSRoute",)
+    wanted = (listener.get("allowedRoutes") or {}).get("kinds")
+    if not wanted:
+        return list(protocol_kinds)
+    # A group left out (or null) is Gateway API's; "" is the core group, which has no route kinds.
+    return [k["kind"] for k in wanted if k.get("group") in (None, GATEWAY_API) and k["kind"] in protocol_kinds]
+
+
 def listener_accepts(gateway: Resource, listener: dict[str, Any], route: Resource, parent: dict[str, Any]) -> bool:
     """Whether `parent` (one of `route`'s parentRefs) attaches the route to this listener of `gateway`."""
     if parent["name"] != gateway.name or parent.get("namespace", route.namespace) != gateway.namespace:
         return False
     if parent.get("sectionName") not in (None, listener["name"]) or parent.get("port") not in (None, listener["port"]):
         return False
+    if "HTTPRoute" not in supported_route_kinds(listener):
+        return False  # EG: the listener's supported kinds (none for a protocol it does not know)
     allowed = ((listener.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
     if allowed == "Same" and route.namespace != gateway.namespace:
         return False  # Gateway API default: only routes from the Gateway's own namespace attach
@@ -190,6 +216,7 @@ def unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
     referenced = {
         (g.namespace, ((g.spec.get("infrastructure") or {}).get("parametersRef") or {}).get("name"))
         for g in resources.of("Gateway")
+        if unresolved_parameters_ref(resources, g) is None
     }
     return [
         p for p in resources.of("EnvoyProxy") if p.spec.get("filterOrder") and (p.namespace, p.name) not in referenced
@@ -198,12 +225,26 @@ def unreferenced_proxies(resources: ResourceSet) -> list[Resource]:
 
 def gateway_envoy_proxy(resources: ResourceSet, gateway: Resource) -> Resource | None:
     """The EnvoyProxy whose settings apply to `gateway`: the one its parametersRef names, else the one
-    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it)."""
+    with a filterOrder that no Gateway references (there is no GatewayClass outside Kubernetes to carry it).
+    A parametersRef that names no EnvoyProxy falls back the same way, as in EG (contexts.go: the Gateway
+    stays Accepted and gets the GatewayClass's settings, or the defaults)."""
     ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
-    if ref is not None:
+    if ref is not None and unresolved_parameters_ref(resources, gateway) is None:
         return resources.get("EnvoyProxy", gateway.namespace, ref["name"])
     unreferenced = unreferenced_proxies(resources)
     return unreferenced[0] if unreferenced else None
+
+
+def unresolved_parameters_ref(resources: ResourceSet, gateway: Resource) -> str | None:
+    """Why `gateway`'s infrastructure.parametersRef names no EnvoyProxy, or None (also without one)."""
+    ref = (gateway.spec.get("infrastructure") or {}).get("parametersRef")
+    if ref is None:
+        return None
+    if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
+        return f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}"
+    if resources.get("EnvoyProxy", gateway.namespace, ref["name"]) is None:
+        return f"no EnvoyProxy {gateway.namespace}/{ref['name']} in the input files"
+    return None
 
 
 # ---- Secrets and ConfigMaps ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from sidecar.translate.policies import (
 )
 from sidecar.translate.refs import BackendTarget, endpoint_kinds, host_intersection
 from sidecar.translate.resources import Resource, ResourceSet
+from sidecar.translate.rules import dropped_rules, failed_rules
 
 __all__ = ["INVALID_BACKEND_CLUSTER", "RouteBuilder", "RouteTable"]
 
@@ -192,11 +193,20 @@ class RouteBuilder:
             if served is not None:
                 hosts.append(served)
         rules = route.spec.get("rules") or [{}]
+        dropped, failed = dropped_rules(route), failed_rules(route)
+        outcomes = [(e, "is left out") for e in dropped.values()] + [(e, "answers 500") for e in failed.values()]
+        for error, outcome in outcomes:
+            if str(error) not in self._warned:  # a route attached to several listeners is built once per listener
+                self._warned.add(str(error))
+                log.warning("%s; the rule %s and the route keeps its other rules, as in EG", error, outcome)
         for r, rule in enumerate(rules):
+            if r in dropped:
+                continue
             # Policies attach per rule: one aimed at a rule (sectionName) applies to that rule only.
             per_filter = self._rule_filters(table, route, listener["name"], rule.get("name"))
-            action = self._route_action(route, r, rule, table, listener["name"])
-            filters = rule.get("filters") or []
+            # A rule whose filters EG cannot apply answers 500, with none of them and no backend.
+            action = None if r in failed else self._route_action(route, r, rule, table, listener["name"])
+            filters = [] if r in failed else rule.get("filters") or []
             # EG numbers the one route of a rule without matches -1.
             for m, match in enumerate(rule.get("matches") or [{}]) if rule.get("matches") else [(-1, {})]:
                 for host in hosts:

@@ -22,7 +22,7 @@ from typing import Any
 
 from sidecar.errors import ConfigError
 from sidecar.translate.attachment import CLAIMING_KINDS, conflicts
-from sidecar.translate.certificates import listener_certificates
+from sidecar.translate.listeners import listener_verdicts
 from sidecar.translate.messages import parse_duration
 from sidecar.translate.refs import (
     backend_ref_target,
@@ -30,12 +30,13 @@ from sidecar.translate.refs import (
     listener_accepts,
     policy_targets,
     secret_ref,
+    supported_route_kinds,
     unreferenced_proxies,
 )
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
 from sidecar.translate.schema import HOSTNAME, check_structure
 
-__all__ = ["validate"]
+__all__ = ["dropped_rules", "failed_rules", "validate"]
 
 # ---- the rules: one method per kind ---------------------------------------------------------------
 
@@ -83,34 +84,18 @@ class _Checker:
             if listener["name"] in names:
                 raise res.error(f"{path}.name", f"duplicate listener name {listener['name']!r}")
             names.add(listener["name"])
-            # HTTPS certificates that do not load are EG's decision, not an input error: the listener serves
-            # the ones that do, and is left out when none does (certificates.py).
-            if listener["protocol"] != "HTTPS" and listener.get("tls"):
-                raise res.error(f"{path}.tls", "only allowed with protocol HTTPS")
-        https_hosts: dict[int, set[str | None]] = {}
-        for index, listener in enumerate(res.spec["listeners"]):
-            if listener["protocol"] != "HTTPS" or not listener_certificates(self.resources, res, listener).programmed:
-                continue  # a listener left out for its certificates takes no SNI (EG skips it for conflicts)
-            seen = https_hosts.setdefault(listener["port"], set())
-            if listener.get("hostname") in seen:
-                # One Envoy listener per port; its TLS filter chains are told apart by SNI only.
+        # Certificates that do not load, protocols EG does not know and listeners that conflict are EG's
+        # decision per listener, not an input error: the others are served (listeners.py). What EG would
+        # serve and this translator does not implement is refused as unsupported.
+        for verdict in listener_verdicts(self.resources, res):
+            protocol = verdict.listener["protocol"]
+            if verdict.served and protocol not in ("HTTP", "HTTPS"):
                 raise res.error(
-                    f"spec.listeners[{index}].hostname",
-                    f"HTTPS listeners sharing port {listener['port']} need distinct hostnames",
+                    f"spec.listeners[{verdict.index}].protocol",
+                    f"unsupported value {protocol!r} (this translator implements HTTP and HTTPS listeners)",
                 )
-            seen.add(listener.get("hostname"))
-        ref = (res.spec.get("infrastructure") or {}).get("parametersRef")
-        if ref is not None:
-            if (ref["group"], ref["kind"]) != (EG_API, "EnvoyProxy"):
-                raise res.error(
-                    "spec.infrastructure.parametersRef",
-                    f"expected group {EG_API} kind EnvoyProxy, got {ref['group']}/{ref['kind']}",
-                )
-            if self.resources.get("EnvoyProxy", res.namespace, ref["name"]) is None:
-                raise res.error(
-                    "spec.infrastructure.parametersRef.name",
-                    f"no EnvoyProxy {res.namespace}/{ref['name']} in the input files",
-                )
+        # A parametersRef that names no EnvoyProxy is not an error in EG: the Gateway gets the GatewayClass's
+        # settings or the defaults (refs.gateway_envoy_proxy); the builder warns.
 
     def _HTTPRoute(self, res: Resource) -> None:
         for index, parent in enumerate(res.spec.get("parentRefs") or []):
@@ -134,8 +119,8 @@ class _Checker:
                     res.error(
                         path,
                         f"no listener of Gateway {namespace}/{parent['name']} accepts this route "
-                        "(check sectionName, port, the listeners' hostname against spec.hostnames, and "
-                        "allowedRoutes.namespaces)",
+                        "(check sectionName, port, the listeners' protocol and hostname against spec.hostnames, "
+                        "and allowedRoutes.namespaces)" + self._refused_listeners(gateway),
                     ),
                     _unmatched_reason(gateway, res, parent),
                 )
@@ -148,20 +133,6 @@ class _Checker:
                 field = flt["type"][0].lower() + flt["type"][1:] if flt["type"] != "URLRewrite" else "urlRewrite"
                 if flt.get(field) is None:
                     raise res.error(f"spec.rules[{r}].filters[{f}].{field}", f"required for type {flt['type']}")
-            rewrites = 0
-            for f, flt in enumerate(filters):
-                where = f"spec.rules[{r}].filters[{f}]"
-                if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                    _check_header_modifier(res, where, flt)
-                elif flt["type"] in ("URLRewrite", "RequestRedirect"):
-                    field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
-                    path_modifier = flt[field].get("path")
-                    if path_modifier is not None:
-                        _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
-                    if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
-                        rewrites += 1
-                        if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
-                            raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
             if any(f["type"] == "RequestRedirect" for f in filters) and refs:
                 raise res.error(f"spec.rules[{r}]", "a RequestRedirect rule cannot also have backendRefs")
             for m, match in enumerate(rule.get("matches") or []):
@@ -169,15 +140,21 @@ class _Checker:
                 is_regex = pmatch.get("type") == "RegularExpression"
                 if not is_regex and not pmatch.get("value", "/").startswith("/"):
                     raise res.error(f"spec.rules[{r}].matches[{m}].path.value", "expected a path starting with '/'")
-                regexes: list[str] = [pmatch.get("value", "")] if is_regex else []
-                regexes += [h["value"] for h in match.get("headers") or [] if h.get("type") == "RegularExpression"]
-                for regex in regexes:
-                    try:
-                        re.compile(regex)
-                    except re.error as exc:
-                        raise res.error(
-                            f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}"
-                        ) from None
+        # A rule EG cannot process is dropped (PartiallyInvalid) and the route keeps its other rules; the route
+        # is refused only when every rule is dropped (EG route.go processHTTPRouteParentRefs).
+        # A rule whose filters EG cannot apply answers 500 instead; again the route is refused only when
+        # every rule failed one way or the other.
+        failed = {**failed_rules(res), **dropped_rules(res)}
+        if failed and len(failed) == len(res.spec.get("rules") or []):
+            raise _with_reason(failed[min(failed)], "UnsupportedValue")
+
+    def _refused_listeners(self, gateway: Resource) -> str:
+        """Why EG refuses the Gateway's listeners that it does, so a route left without one says so."""
+        return "".join(
+            f"; {gateway.where(f'spec.listeners[{v.index}].{v.field}')}: {v.why} (EG: {v.reason})"
+            for v in listener_verdicts(self.resources, gateway)
+            if not v.served
+        )
 
     def _Backend(self, res: Resource) -> None:
         # EG 1.9 accepts any mix of address types in a Backend (its cluster resolves names, and takes IP
@@ -195,8 +172,14 @@ class _Checker:
                     raise res.error(f"{path}.ip.address", f"{address} is a loopback address, which EG refuses")
             elif endpoint.get("fqdn") is not None:
                 host = endpoint["fqdn"]["hostname"]
-                if not HOSTNAME.pattern.fullmatch(host) or host.startswith("*"):  # type: ignore[union-attr]
+                name = host.removesuffix(".")  # EG (and its CRD) take a fully qualified name's trailing dot
+                if not HOSTNAME.pattern.fullmatch(name) or name.startswith("*"):  # type: ignore[union-attr]
                     raise res.error(f"{path}.fqdn.hostname", f"expected a DNS name, got {host!r}")
+                with contextlib.suppress(ValueError):
+                    ipaddress.ip_address(name)
+                    raise res.error(
+                        f"{path}.fqdn.hostname", f"{host!r} is an IP address (EG refuses it here): use an ip endpoint"
+                    )
                 if "." not in host and self.strict_eg:  # EG allows single labels only running on a host
                     raise res.error(
                         f"{path}.fqdn.hostname",
@@ -502,6 +485,56 @@ def _check_back_off(res: Resource, path: str, back_off: dict[str, Any]) -> None:
         raise res.error(f"{path}.maxInterval", f"{most} is less than baseInterval {base}")
 
 
+def failed_rules(route: Resource) -> dict[int, ConfigError]:
+    """The rules of `route` whose filters EG cannot apply, each with why: EG answers 500 for them (its filter
+    errors: a Host header or a value outside its rule in a header modifier, a path modifier without its
+    field or with the other one, a second URLRewrite of the path or hostname)."""
+    found: dict[int, ConfigError] = {}
+    for r, rule in enumerate(route.spec.get("rules") or []):
+        try:
+            _check_rule_filters(route, r, rule.get("filters") or [])
+        except ConfigError as exc:
+            found[r] = exc
+    return found
+
+
+def _check_rule_filters(res: Resource, r: int, filters: list[dict[str, Any]]) -> None:
+    rewrites = 0
+    for f, flt in enumerate(filters):
+        where = f"spec.rules[{r}].filters[{f}]"
+        if flt["type"] in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+            _check_header_modifier(res, where, flt)
+        elif flt["type"] in ("URLRewrite", "RequestRedirect"):
+            field = "urlRewrite" if flt["type"] == "URLRewrite" else "requestRedirect"
+            path_modifier = flt[field].get("path")
+            if path_modifier is not None:
+                _check_path_modifier(res, f"{where}.{field}.path", path_modifier)
+            if flt["type"] == "URLRewrite" and (path_modifier is not None or "hostname" in flt[field]):
+                rewrites += 1
+                if rewrites > 1:  # EG: "cannot configure multiple urlRewrite filters for a single rule"
+                    raise res.error(where, "a second URLRewrite of the rule's path or hostname (EG refuses it)")
+
+
+def dropped_rules(route: Resource) -> dict[int, ConfigError]:
+    """The rules of `route` EG drops, each with why: a path, header or query parameter match whose regular
+    expression does not compile (EG's processHTTPRouteRule, reason UnsupportedValue)."""
+    found: dict[int, ConfigError] = {}
+    for r, rule in enumerate(route.spec.get("rules") or []):
+        for m, match in enumerate(rule.get("matches") or []):
+            pmatch = match.get("path") or {}
+            regexes: list[str] = [pmatch.get("value", "")] if pmatch.get("type") == "RegularExpression" else []
+            for field in ("headers", "queryParams"):
+                regexes += [v["value"] for v in match.get(field) or [] if v.get("type") == "RegularExpression"]
+            for regex in regexes:
+                try:
+                    re.compile(regex)
+                except re.error as exc:
+                    found.setdefault(
+                        r, route.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}")
+                    )
+    return found
+
+
 def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]) -> str:
     """EG's reason for a parentRef no listener accepts: no listener in that section/port, none allowing
     the route's namespace, or none whose hostname meets the route's."""
@@ -515,8 +548,11 @@ def _unmatched_reason(gateway: Resource, route: Resource, parent: dict[str, Any]
     allowed = [
         li
         for li in candidates
-        if ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
-        or route.namespace == gateway.namespace
+        if "HTTPRoute" in supported_route_kinds(li)
+        and (
+            ((li.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same") == "All"
+            or route.namespace == gateway.namespace
+        )
     ]
     return "NoMatchingListenerHostname" if allowed else "NotAllowedByListeners"
 

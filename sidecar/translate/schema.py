@@ -118,24 +118,22 @@ class Enum(Node):
             raise self.fail(res, path, value)
 
 
-class ListenerProtocol(Enum):
-    """A listener's protocol. Gateway API allows any protocol name; EG refuses the listener for a name that is
-    not HTTP, HTTPS, TLS, TCP or UDP with its own reason, UnsupportedProtocol (EG v1.9.0 listener.go)."""
+class ListenerProtocol(Node):
+    """A listener's protocol: any name Gateway API's pattern allows. Which ones are served is EG's decision
+    per listener (listeners.py: a name EG does not implement refuses that listener, UnsupportedProtocol),
+    and which of EG's this translator implements is rules.py's (TLS, TCP and UDP are refused as unsupported
+    where EG would serve them)."""
 
+    expected = "a protocol name such as HTTP or HTTPS"
     # Gateway API's pattern for a protocol: a plain name, or a domain-prefixed one such as example.com/proto.
     _NAME = re.compile(
         r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
         r"|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[a-zA-Z0-9]+"
     )
-    _EG_SERVES = ("HTTP", "HTTPS", "TLS", "TCP", "UDP")
 
     def check(self, res: Resource, value: Any, path: str) -> None:
-        named = isinstance(value, str) and len(value) <= 255 and self._NAME.fullmatch(value) is not None
-        if named and value not in self._EG_SERVES:
-            exc = self.fail(res, path, value)
-            exc.reason = "UnsupportedProtocol"  # type: ignore[attr-defined]
-            raise exc
-        super().check(res, value, path)
+        if not (isinstance(value, str) and len(value) <= 255 and self._NAME.fullmatch(value) is not None):
+            raise self.fail(res, path, value)
 
 
 class List(Node):
@@ -303,11 +301,15 @@ _LISTENER = Obj(
         "name": _NAME,
         "hostname": HOSTNAME,
         "port": _PORT,
-        "protocol": ListenerProtocol("HTTP", "HTTPS", unsupported=("TLS", "TCP", "UDP")),
-        "tls": Obj(
-            {"mode": Enum("Terminate", unsupported=("Passthrough",)), "certificateRefs": List(_SECRET_REF, 64, 1)}
+        "protocol": ListenerProtocol(),
+        "tls": Obj({"mode": Enum("Terminate", "Passthrough"), "certificateRefs": List(_SECRET_REF, 64, 1)}),
+        "allowedRoutes": Obj(
+            {
+                "namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))}),
+                # Which of them EG accepts is its decision per listener (listeners.py: InvalidRouteKinds).
+                "kinds": List(Obj({"group": _GROUP, "kind": _KIND}, ["kind"]), 8),
+            }
         ),
-        "allowedRoutes": Obj({"namespaces": Obj({"from": Enum("Same", "All", unsupported=("Selector",))})}),
     },
     ["name", "port", "protocol"],
 )
@@ -507,9 +509,12 @@ SPEC_SCHEMAS: dict[str, Node] = {
     ),
     "BackendTLSPolicy": Obj(
         {
-            # group may be left out for the core group (EG reads a missing group as "").
+            # group is required, "" for the core group: Gateway API's CRD refuses a targetRef without one (EG's
+            # own harness reads it leniently as "", a cluster never hands it such a policy).
             "targetRefs": List(
-                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["kind", "name"]), 16, 1
+                Obj({"group": _GROUP, "kind": _KIND, "name": _NAME, "sectionName": _NAME}, ["group", "kind", "name"]),
+                16,
+                1,
             ),
             "validation": Obj(
                 {

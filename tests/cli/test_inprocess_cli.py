@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,6 +224,20 @@ def test_a_config_path_with_quotes_spaces_and_unicode_reaches_envoys_interpreter
     assert code == 0, err  # Envoy's interpreter loaded that very file (validate mode runs the bridge's configure)
     loaded = json.loads(_http_filters(yaml.safe_load(out))[0]["typed_config"]["filter_config"]["value"])
     assert loaded["config"] == str(path.resolve())
+
+
+@pytest.mark.envoy
+def test_validate_passes_while_a_running_envoy_holds_the_metrics_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validate mode runs the bridge's configure, which serves metrics: the port the running Envoy already serves
+    (or a hot restart's parent holds) must not make a good config fail."""
+    with socket.create_server(("127.0.0.1", 0)) as running_envoy:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(f'metrics: "127.0.0.1:{running_envoy.getsockname()[1]}"\n' + CONFIG)
+        code = main(["envoy-config", "--in-process", "-c", str(path), "--validate"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
 
 
 def test_up_in_process_refuses_a_chain_it_cannot_run_in_one_line(

@@ -6,6 +6,7 @@ double (tests/support/inprocess_double.py) where a whole request says more."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import threading
@@ -19,6 +20,7 @@ import pytest
 from sidecar import Context, Headers, Plugin, Respond
 from sidecar.errors import ConfigError, PluginLoadError, ProtocolError
 from sidecar.inprocess import bridge
+from sidecar.inprocess.loop import Watchdog
 from sidecar.inprocess.stream import BridgeStream
 from sidecar.plugins import BodyMode
 from sidecar.testing import Driver, Request, Response
@@ -657,6 +659,38 @@ def test_only_the_hook_deadline_answers_504(tmp_path: Path, plugin: str, how: st
     assert opened.status == 200 and opened.upstream is not None and opened.upstream.headers["x-after"] == "yes"
 
 
+class SwallowsTheDeadline(Plugin):
+    """Runs past the hook deadline inside `try: ... except Exception`, as plugins often do: it would swallow the
+    native watchdog's one TimeoutError, then return as if it had been on time."""
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        with contextlib.suppress(Exception):
+            time.sleep(0.25)
+        headers["x-late"] = "yes"
+
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        if body == b"late":
+            time.sleep(0.25)
+        return body
+
+
+@pytest.mark.parametrize("body", [b"", b"late"])
+def test_a_sync_hook_that_returns_past_its_deadline_failed(tmp_path: Path, body: bytes) -> None:
+    request = Request("POST", body=body)
+    late = "LateBody" if body else "SwallowsTheDeadline"  # LateBody's headers hook is on time
+    closed = double(tmp_path, late, deadline_ms=100).run(request)
+    assert closed.status == 504 and closed.upstream is None
+    opened = double(tmp_path, late, "AddsAfter", on_error="fail_open", deadline_ms=100).run(request)
+    assert opened.status == 200 and opened.upstream is not None
+    assert "x-late" not in opened.upstream.headers  # the late hook's changes are undone, as any failure's
+    assert opened.upstream.headers["x-after"] == "yes"
+
+
+class LateBody(SwallowsTheDeadline):
+    def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        return None
+
+
 def test_extend_timeout_moves_the_async_hooks_deadline(tmp_path: Path) -> None:
     result = double(tmp_path, "AsksForTime", deadline_ms=50).run(Request())
     assert result.status == 200 and result.upstream is not None
@@ -920,3 +954,14 @@ def test_a_finished_stream_is_freed_without_the_garbage_collector(tmp_path: Path
     finally:
         gc.enable()
     assert runner.watchdog.armed <= armed
+
+
+def test_the_watchdog_forgets_disarmed_entries_before_their_time() -> None:
+    watchdog = Watchdog()
+    later = time.monotonic() + 3600  # an hour's deadline: nothing comes due during the test
+    kept = watchdog.arm(later, lambda: None)
+    for _ in range(20_000):
+        watchdog.disarm(watchdog.arm(later, lambda: None))
+    assert watchdog.armed == 1
+    assert len(watchdog._heap) <= 2 * watchdog.armed + 64 + 1  # not 20,001 entries waiting for their hour
+    assert (later, kept) in watchdog._heap

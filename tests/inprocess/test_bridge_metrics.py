@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import sysconfig
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.errors import ConfigError
 from sidecar.inprocess import bridge
 from sidecar.inprocess.endpoint import MAX_CONNECTIONS, MAX_REQUEST_HEAD, Endpoint
-from sidecar.inprocess.loop import shared_loop
+from sidecar.inprocess.loop import LoopThread, shared_loop
 from sidecar.inprocess.meters import Meters
 from sidecar.testing import EnvoyHarness, Request
 from tests.support.inprocess_double import InProcessDouble
@@ -108,10 +109,56 @@ def test_connections_past_the_bound_are_closed_and_the_rest_still_served(endpoin
     assert httpx.get(f"http://127.0.0.1:{served.port}/metrics", timeout=5).status_code == 200
 
 
-def test_an_address_in_use_is_one_config_error(endpoint: tuple[Endpoint, Meters]) -> None:
-    served, meters = endpoint
-    taken = Endpoint(f"127.0.0.1:{served.port}", meters, shared_loop(), registry=CollectorRegistry())
-    with pytest.raises(ConfigError, match=rf"^metrics: cannot listen on 127.0.0.1:{served.port}: ") as caught:
+def test_the_endpoint_follows_the_loop_when_a_hook_blocks_it() -> None:
+    """A hook that blocks the loop thread makes the watchdog start a new loop; the metrics (which show that) keep
+    answering from the new one instead of going dark with the old."""
+    runner = LoopThread()
+    served = Endpoint("127.0.0.1:0", Meters(), runner, registry=CollectorRegistry(), read_timeout=0.3)
+    served.start()
+    release = threading.Event()
+    try:
+        blocked = runner.submit(release.wait, 10)
+        runner.replace(blocked)
+        answer = httpx.get(f"http://127.0.0.1:{served.port}/metrics", timeout=5)
+        assert answer.status_code == 200
+        assert samples(answer.text)["sidecar_inprocess_loops_replaced_total", ()] == 1
+    finally:
+        release.set()
+        served.close()
+    # Both loops turn again; closed, the port refuses.
+    wait_for(lambda: _refused(served.port), 5, "the endpoint closed on both loops")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_an_address_in_use_is_bound_once_it_is_free_and_never_rejects_the_config(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The parent Envoy of a hot restart holds the port until it exits (and a running Envoy holds it while
+    `envoy-config --validate` checks a new config): the filter config must not fail for it."""
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    waiting = Endpoint(f"127.0.0.1:{port}", Meters(), shared_loop(), registry=CollectorRegistry())
+    try:
+        assert waiting.start() == 0 and "is in use" in caplog.text
+        holder.close()
+        wait_for(lambda: waiting.port == port, 10, "the endpoint bound the freed port")
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+    finally:
+        holder.close()
+        waiting.close()
+
+
+@pytest.mark.parametrize("address", ["192.0.2.1:9464"])  # TEST-NET: no interface here, no traffic
+def test_an_address_that_cannot_be_bound_here_is_one_config_error(address: str) -> None:
+    taken = Endpoint(address, Meters(), shared_loop(), registry=CollectorRegistry())
+    with pytest.raises(ConfigError, match=rf"^metrics: cannot listen on {address}: ") as caught:
         taken.start()
     assert "\n" not in str(caught.value)
 

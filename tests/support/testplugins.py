@@ -336,3 +336,47 @@ class FdYieldThenRaise(Plugin):
         async for chunk in chunks:
             yield chunk
             raise RuntimeError("failed after the first chunk")
+
+
+_BODY_SEEN = StateKey[str]("body-probe")
+
+
+class BufferedProbe(Plugin):
+    """BUFFERED request: reports the size it saw in a response header (no limit of its own)."""
+
+    name = "buffered-probe"
+
+    def on_request_body(self, ctx: Context, body: bytes) -> None:
+        ctx.state[_BODY_SEEN] = str(len(body))
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-body-seen"] = ctx.state.get(_BODY_SEEN, "none")
+
+
+class StreamProbe(Plugin):
+    """STREAMED request: counts chunks and bytes, reported in a response header."""
+
+    name = "stream-probe"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> None:
+        chunks, size = map(int, ctx.state.get(_BODY_SEEN, "0 0").split())
+        ctx.state[_BODY_SEEN] = f"{chunks + 1} {size + len(chunk)}"
+
+    def on_response_headers(self, ctx: Context, headers: Headers) -> None:
+        headers["x-body-seen"] = ctx.state.get(_BODY_SEEN, "none")
+
+
+class GrpcGate(Plugin):
+    """Answers gRPC calls by method name: `Deny` 403, `Limit` 429 with gRPC status 8, `Boom` raises."""
+
+    name = "grpc-gate"
+
+    def on_request_headers(self, ctx: Context, headers: Headers) -> Respond | None:
+        method = headers.get(":path", "").rsplit("/", 1)[-1]
+        if method == "Deny":
+            return Respond(403, "denied")
+        if method == "Limit":
+            return Respond(429, "", grpc_status=8)
+        if method == "Boom":
+            raise RuntimeError("grpc-gate failed")
+        return None

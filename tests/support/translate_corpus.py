@@ -103,6 +103,9 @@ class Case:
     out: dict[str, Any]
     eg: dict[Key, Decision] = field(default_factory=dict)
     class_proxies: set[Key] = field(default_factory=set)  # the EnvoyProxy of the GatewayClass (at most one)
+    own: int = 0  # how many of `inputs` the case itself holds (the harness's fixtures follow them)
+    # Services whose endpoints the case's EndpointSlices give as none (EG answers 503 for them).
+    without_endpoints: set[tuple[str, str]] = field(default_factory=set)
 
 
 def case_names() -> list[str]:
@@ -168,7 +171,8 @@ def load_case(name: str) -> Case:
             foreign.append((section, doc))
         else:
             ours.append((kind, {**{k: v for k, v in doc.items() if k != "status"}, "kind": kind}))
-    case = Case(name, _keyed(ours + _fixtures()), foreign, out)
+    case = Case(name, _keyed(ours + _fixtures()), foreign, out, own=len(ours))
+    case.without_endpoints = _services_without_endpoints(data)
     case.eg = eg_decisions(out)
     proxy = data.get("envoyProxyForGatewayClass")
     if isinstance(proxy, dict):
@@ -177,6 +181,20 @@ def load_case(name: str) -> Case:
             k for k, _ in case.inputs if k[:3] == ("EnvoyProxy", meta.get("namespace", "default"), meta.get("name"))
         }
     return case
+
+
+def _services_without_endpoints(data: dict[str, Any]) -> set[tuple[str, str]]:
+    """(namespace, name) of each Service the case's EndpointSlices cover without a single address."""
+    addresses: dict[tuple[str, str], int] = {}
+    for section in ("endpointSlices", "endpointslices"):
+        for item in data.get(section) or []:
+            meta = item.get("metadata") or {}
+            service = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+            if service:
+                key = (str(meta.get("namespace", "default")), str(service))
+                found = sum(len(e.get("addresses") or []) for e in item.get("endpoints") or [])
+                addresses[key] = addresses.get(key, 0) + found
+    return {key for key, count in addresses.items() if count == 0}
 
 
 # ---- EG's decisions --------------------------------------------------------------------------------
@@ -258,6 +276,28 @@ def _refs(res: Resource) -> Iterator[tuple[str, str, str]]:
             yield from backend_refs(ext)
 
 
+API_SERVER = "a Kubernetes API server refuses it"
+
+
+def api_server_refusals(case: Case) -> dict[Key, str]:
+    """The case's resources a Kubernetes API server would refuse, with why: by the OpenAPI schema of EG's
+    CRDs (a quoted-less integer where a string is due, a hostname `*`, a missing required field; EG's
+    harness reads YAML as Go does, leniently), or a second object of one kind, namespace and name (the
+    server keeps one). EG decides on them in its corpus; no cluster ever hands them to EG."""
+    from tests.support.translate_crds import crd_refusal
+
+    found: dict[Key, str] = {}
+    own = case.inputs[: case.own]  # a case's own Service may share a fixture's name: EG's harness takes the case's
+    named = {key[:3] for key, _ in own if key[3] > 0}
+    for key, doc in own:
+        why = crd_refusal(doc)
+        if why is not None:
+            found[key] = f"{API_SERVER} (EG's CRD schema): {why}"
+        elif key[:3] in named:
+            found[key] = f"{API_SERVER}: it holds one {key[0]} named {key[1]}/{key[2]}, the case has several"
+    return found
+
+
 _TOKEN = re.compile(r"^@(\d+)\b")
 
 
@@ -307,7 +347,10 @@ def corpus_translate(case: Case) -> Callable[[ResourceSet], dict[str, Any]]:
     return run
 
 
-def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] | None = None) -> Outcome:
+def our_outcome(
+    case: Case, translate: Callable[[ResourceSet], dict[str, Any]] | None = None, api_server: bool = True
+) -> Outcome:
+    """What the translator makes of `case`; with `api_server`, without what an API server would refuse."""
     translate = translate or corpus_translate(case)
     resources = {
         key: parse_document(copy.deepcopy(doc), f"@{i}") for i, (key, doc) in enumerate(case.inputs) if key[0] in KINDS
@@ -328,6 +371,10 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
         refused[key] = why
         live.pop(key, None)
 
+    # What a Kubernetes API server would not store never reaches EG: out of scope (api_server_refusals).
+    for key, why in api_server_refusals(case).items() if api_server else ():
+        if key in live:
+            out_of_scope(key, why)
     # A resource naming a kind this translator does not load (GRPCRoute, ListenerSet, ...) is out of scope.
     for key, res in list(live.items()):
         for kind, ns, name in _refs(res):
@@ -348,7 +395,7 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
                     changed = True
             gone = {k[:3] for k in refused}
             for key, res in list(live.items()):
-                hit = next((r for r in _refs(res) if r in gone), None)
+                hit = next((r for r in _refs(res) if r in gone), None) or _older_claim(key, refused, resources)
                 if hit is not None:
                     out_of_scope(key, f"depends on {hit[0]} {hit[1]}/{hit[2]}, which is out of scope")
                     changed = True
@@ -382,7 +429,9 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
         if key[0] not in JUDGED or key in refused:
             continue
         if key in errors:
-            decisions[key] = Decision(False, reasons[key])
+            # EG resolves a refused route's backendRefs all the same (ResolvedRefs is its own condition).
+            resolved_reason = _refused_route_resolution(final, resources[key]) if key[0] == "HTTPRoute" else ""
+            decisions[key] = Decision(False, reasons[key], not resolved_reason, resolved_reason)
         elif key[:3] in verdicts:
             reason, resolved_reason, _ = verdicts[key[:3]]
             decisions[key] = Decision(False, reason, not resolved_reason, resolved_reason)
@@ -392,6 +441,33 @@ def our_outcome(case: Case, translate: Callable[[ResourceSet], dict[str, Any]] |
     return Outcome(decisions, refused, errors, bootstrap, unattributed)
 
 
+def _claims(res: Resource) -> set[tuple[str, str, str, str]]:
+    single = res.spec.get("targetRef")
+    refs = res.spec.get("targetRefs") or ([single] if isinstance(single, dict) else [])
+    return {
+        (str(r.get("kind")), res.namespace, str(r.get("name")), str(r.get("sectionName") or ""))
+        for r in refs
+        if isinstance(r, dict)
+    }
+
+
+def _older_claim(key: Key, refused: dict[Key, str], resources: dict[Key, Resource]) -> tuple[str, str, str] | None:
+    """An out-of-scope policy of `key`'s kind, older, on one of its targets: EG keeps that one and marks this
+    one Conflicted, a decision that rests on a resource this run leaves out."""
+    from sidecar.translate.attachment import CLAIMING_KINDS, creation_time
+
+    if key[0] not in CLAIMING_KINDS:
+        return None
+    mine = resources[key]
+    order = list(resources)
+    for other in refused:
+        if other[0] != key[0] or other not in resources or not _claims(mine) & _claims(resources[other]):
+            continue
+        if (creation_time(resources[other]), order.index(other)) < (creation_time(mine), order.index(key)):
+            return other[:3]
+    return None
+
+
 def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tuple[str, str, str]]:
     """Resources the translator leaves out without stopping the render (as EG does), where it can say."""
     try:
@@ -399,19 +475,50 @@ def _translator_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], t
     except ImportError:
         return {}
     found: dict[tuple[str, str, str], tuple[str, str, str]] = dict(backendtls.tls_policy_verdicts(resources))
+    found.update(_gateway_verdicts(resources))
+    return found
+
+
+def _gateway_verdicts(resources: ResourceSet) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+    """A Gateway with a listener EG does not accept (an unsupported protocol) reads Accepted=False in EG's
+    status (the first listener condition that is False), though the Gateway and its other listeners stay."""
+    from sidecar.translate.listeners import listener_verdicts
+
+    found: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+    for gateway in resources.of("Gateway"):
+        refused = [v for v in listener_verdicts(resources, gateway) if not v.accepted]
+        if refused:
+            found[gateway.key] = (refused[0].reason, "", refused[0].why)
     return found
 
 
 def _listener_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
-    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load)."""
+    """(Gateway key -> the ResolvedRefs reason of its first listener whose certificates do not all load, or
+    whose allowedRoutes.kinds EG refuses)."""
     from sidecar.translate.certificates import gateway_listener_reasons
+    from sidecar.translate.listeners import listener_verdicts
 
     found: dict[tuple[str, str, str], str] = {}
     for gateway in resources.of("Gateway"):
-        reasons = [c.reason for _, c in gateway_listener_reasons(resources, gateway) if c.reason]
-        if reasons:
-            found[gateway.key] = reasons[0]
+        certificates = {n: c.reason for n, c in gateway_listener_reasons(resources, gateway) if c.reason}
+        reasons = []
+        for verdict in listener_verdicts(resources, gateway):  # in listener order, as EG's status lists them
+            if verdict.reason == "InvalidRouteKinds":
+                reasons.append(verdict.reason)
+            elif verdict.field != "tls":  # EG reads no certificate of a listener whose tls does not fit
+                reasons.append(certificates.get(str(verdict.listener["name"]), ""))
+        if any(reasons):
+            found[gateway.key] = next(r for r in reasons if r)
     return found
+
+
+def _refused_route_resolution(live: ResourceSet, route: Resource) -> str:
+    from sidecar.translate.backendrefs import first_unresolved_reason
+
+    try:
+        return first_unresolved_reason(ResourceSet([*live, route]), route)
+    except ConfigError:  # a backendRef the translator refuses outright: what refused the route may be it
+        return ""
 
 
 def _route_resolution(resources: ResourceSet) -> dict[tuple[str, str, str], str]:
@@ -454,6 +561,20 @@ def semantic_checks(case: Case, outcome: Outcome) -> list[Any]:
         key[1:3]: {(p.get("namespace", key[1]), p["name"]) for p in (doc.get("spec") or {}).get("parentRefs") or []}
         for key, doc in case.inputs
         if key[0] == "HTTPRoute"
+    }
+    # So is one routing to a Service the case's EndpointSlices leave without endpoints (EG: 503): this
+    # translator loads no EndpointSlices (there are no pods outside Kubernetes) and reaches a Service at its
+    # clusterIP, as the comparison takes each of EG's Service endpoints to be.
+    accepted -= {
+        key[1:3]
+        for key, doc in case.inputs
+        if key[0] == "HTTPRoute"
+        and any(
+            (str(ref.get("namespace", key[1])), str(ref.get("name"))) in case.without_endpoints
+            for rule in (doc.get("spec") or {}).get("rules") or []
+            for ref in rule.get("backendRefs") or []
+            if ref.get("kind", "Service") == "Service"
+        )
     }
     accepted = {
         route

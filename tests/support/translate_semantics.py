@@ -368,6 +368,18 @@ def compare(
             our_tls = tuple(sorted(n for n in ours.tls_chains if n.startswith(f"{key}/")))
             if eg_tls or our_tls:
                 checks.append(Check("Gateway", f"gateway {key} HTTPS listeners served", eg_tls, our_tls))
+    # Routes served only here: a listener EG does not serve (a conflict, an unknown protocol) must not serve
+    # its routes here either. Route names carry the route's namespace and name, not the listener.
+    eg_routes = {
+        route.get("name")
+        for ir in xds_ir.values()
+        for listener in (ir or {}).get("http") or []
+        for route in listener.get("routes") or []
+    }
+    for name in sorted(ours.routes):
+        parts = name.split("/")
+        if parts[0] == "httproute" and (parts[1], parts[2]) in routes_in_scope and name not in eg_routes:
+            checks.append(Check("HTTPRoute", f"route {name} served", False, True))
     for listener in itertools.chain.from_iterable((ir or {}).get("http") or [] for ir in xds_ir.values()):
         hcm = ours.hcms.get(listener.get("name", ""))
         if "ClientTrafficPolicy" in features_in_scope and hcm is not None:

@@ -219,3 +219,12 @@ def test_rule_section_in_real_envoy(run_envoy: Run, backends: dict[str, NamedBac
     assert get(url, "/admin/x", host="any.example.com").status_code == 403
     assert get(url, "/public", host="any.example.com").status_code == 200
     assert backends["a"].paths == ["/public"]
+
+
+def test_a_single_target_ref_conflicts_with_an_older_policy_on_that_target(tmp_path: Path) -> None:
+    """EG's securitypolicy-status-conditions shape: the older policy (with targetRefs) keeps the route, the
+    newer one (with the singular targetRef, no other field) is Conflicted; the rule is the kind's, not CORS's."""
+    newer = security("newer", ROUTE).replace(f"targetRefs: [{ROUTE}]", f"targetRef: {ROUTE}")
+    text = GATEWAY + security("older", ROUTE) + newer.replace("  authorization: {defaultAction: Deny}\n", "")
+    message = refusal(tmp_path, text)
+    assert "SecurityPolicy/default/newer: spec.targetRef: conflicts with SecurityPolicy default/older" in message

@@ -112,3 +112,18 @@ spec:
     proxy = by_kind(docs, "EnvoyProxy", "custom-proxy-config")
     assert proxy["spec"]["filterOrder"] and proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["patch"]
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "EnvoyProxy"] == ["custom-proxy-config"]
+
+
+def test_bundle_refuses_a_parameters_ref_naming_no_envoy_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """EG would run that Gateway's Envoy without the sidecar container: one line, exit 2."""
+    text = INPUT.replace(
+        "  gatewayClassName: eg\n",
+        "  gatewayClassName: eg\n  infrastructure:\n"
+        "    parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: missing}\n",
+    )
+    assert text != INPUT
+    code, err = render(tmp_path, capsys, text)
+    assert code == 2
+    assert "spec.infrastructure.parametersRef: no EnvoyProxy default/missing" in err and len(err.splitlines()) == 1

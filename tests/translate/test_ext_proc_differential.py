@@ -145,7 +145,7 @@ class Side:
         """What each processor saw so far, then forgotten (phases; request_headers' attributes and metadata)."""
         found = {}
         for policy, rec in self.processors.items():
-            found[policy] = (rec.phases(), copy.deepcopy(rec.context))
+            found[policy] = (_chunks_as_one(rec.phases()), copy.deepcopy(rec.context))
             rec.seen.clear()
             rec.context.clear()
         return found
@@ -164,13 +164,28 @@ class Side:
         self.backend.close()
 
 
+def _chunks_as_one(phases: list[str]) -> list[str]:
+    """A streamed body reaches the processor in as many messages as the bytes arrive in (timing, on either
+    side): consecutive body messages count as one phase."""
+    return [p for i, p in enumerate(phases) if not (i and p == phases[i - 1] and p.endswith("_body"))]
+
+
+_TRIES = 3
+
+
 def _run(sides: tuple[Side, Side]) -> tuple[list[str], list[tuple[int, str]]]:
     """(differences, EG's (status, body bytes the upstream saw) per request)."""
     eg, ours = sides
     differences, statuses = [], []
     with httpx.Client(timeout=10) as client:
         for method, path, body in REQUESTS:
-            want, got = eg.send(client, method, path, body), ours.send(client, method, path, body)
+            # With a processor down, when Envoy learns that its gRPC stream failed races the request's body on
+            # both sides (a BUFFERED body may be buffered past the limit first: 413, or not: 200). A pair that
+            # differs is sent again; a difference in configuration differs every time, a race does not.
+            for _ in range(_TRIES):
+                want, got = eg.send(client, method, path, body), ours.send(client, method, path, body)
+                if want == got:
+                    break
             statuses.append((want[0], want[2][1]))
             if want != got:
                 differences.append(f"{method} {path} ({len(body)} bytes):\n  EG   {want}\n  ours {got}")
@@ -201,7 +216,10 @@ def test_processing_is_egs_and_a_processor_down_fails_open_as_in_eg(sides: tuple
         side.stop_processors()
     differences, statuses = _run(sides)
     assert not differences, "\n".join(differences)
-    assert [s for s, _ in statuses] == [200, 200, 200, 200, 404], "both fail open while the processors are down"
+    # The BUFFERED body past the buffer limit (third) may still be buffered before Envoy learns the stream
+    # failed (413, on both sides alike); nothing is refused for the processor being down.
+    codes = [s for s, _ in statuses]
+    assert codes[:2] + codes[3:] == [200, 200, 200, 404] and codes[2] in (200, 413), "both fail open"
 
 
 @pytest.mark.parametrize("sides", [False], indirect=True)

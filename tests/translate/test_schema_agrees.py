@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.translate.order import FILTER_ALIASES
 from sidecar.translate.schema import SPEC_SCHEMAS, Enum, List, Node, Obj
-from tests.support.translate_crds import CRDS, crd_schemas
+from tests.support.translate_crds import CRDS, crd_refusal, crd_schemas
 
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason="EG CRDs (../shared) not present")
 
@@ -49,3 +49,45 @@ def test_every_accepted_field_and_enum_value_exists_in_the_crds() -> None:
             checked += _walk(kind, node, schemas[kind]["properties"]["spec"], "spec", problems)
     assert not problems, "\n".join(problems)
     assert checked > 150
+
+
+def _route_with_query(value: object) -> dict[str, Any]:
+    query = {"type": "Exact", "name": "id", "value": value}
+    match = {"path": {"type": "PathPrefix", "value": "/"}, "queryParams": [query]}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "default"},
+        "spec": {"parentRefs": [{"name": "eg"}], "rules": [{"matches": [match], "tls": None}]},
+    }
+
+
+def _gateway_with_hostname(hostname: str) -> dict[str, Any]:
+    listener = {"name": "http", "protocol": "HTTP", "port": 80, "hostname": hostname}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "eg", "namespace": "default"},
+        "spec": {"gatewayClassName": "eg", "listeners": [listener]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("doc", "refusal"),
+    [
+        (_route_with_query("1234"), None),  # quoted: a string
+        (_route_with_query(1234), "spec.rules[0].matches[0].queryParams[0].value: 1234 is not of type 'string'"),
+        (_route_with_query(True), "is not of type 'string'"),
+        (_gateway_with_hostname("*.example.com"), None),
+        (_gateway_with_hostname("*"), "spec.listeners[0].hostname: '*' does not match"),
+        (_gateway_with_hostname("Example.com"), "does not match"),
+    ],
+)
+def test_the_api_servers_schema_check_refuses_what_the_crd_refuses(doc: dict[str, Any], refusal: str | None) -> None:
+    """What the conformance run counts out of scope as "a Kubernetes API server refuses it" (null values are
+    pruned first, as the API server does: the route's `tls: null` is no error)."""
+    found = crd_refusal(doc)
+    if refusal is None:
+        assert found is None
+    else:
+        assert found is not None and refusal in found

@@ -76,3 +76,20 @@ def test_unresolved_shares_answer_500_and_reach_nobody(run_envoy: Run, backends:
     assert backends["b"].paths == []
     assert backends["uds"].paths == []
     assert all(p.startswith(("/half", "/tls", "/zero")) for p in backends["a"].paths)
+
+
+def test_a_rule_whose_filters_eg_cannot_apply_answers_500_the_others_route(
+    run_envoy: Run, backends: dict[str, NamedBackend]
+) -> None:
+    """EG's filter errors (here a header modifier setting Host) make that rule answer 500; the route stays."""
+    bad = _route("app", "/bad", _ref("a")).replace(
+        "      backendRefs:",
+        "      filters: [{type: RequestHeaderModifier, requestHeaderModifier: "
+        "{set: [{name: Host, value: evil.example}]}}]\n      backendRefs:",
+    )
+    good = "    - matches: [{path: {type: PathPrefix, value: /good}}]\n      backendRefs:" + _ref("a") + "\n"
+    text = GATEWAY + backend("a", f"ip: {{address: 127.0.0.1, port: {backends['a'].port}}}") + bad + good
+    url = run_envoy(text)
+    assert get(url, "/bad").status_code == 500
+    assert get(url, "/good").status_code == 200
+    assert backends["a"].paths == ["/good"]

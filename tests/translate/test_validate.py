@@ -145,12 +145,6 @@ CASES = {
         "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.nope}]}\n",
         "FILE#3: EnvoyProxy/default/p: spec.filterOrder[0].before: expected one of envoy.filters.http.custom_response",
     ),
-    "missing-envoy-proxy": (
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: two}\n"
-        "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81}], infrastructure:"
-        " {parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}}}\n",
-        "FILE#3: Gateway/default/two: spec.infrastructure.parametersRef.name: no EnvoyProxy default/custom",
-    ),
     "route-hostname-matches-no-listener": (
         "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: named}\n"
         "spec: {gatewayClassName: eg, listeners: [{name: http, protocol: HTTP, port: 81, hostname: '*.example.com'}]}\n"
@@ -250,32 +244,36 @@ def _gateway_with_protocol(protocol: str) -> str:
     return BASE.replace("protocol: HTTP,", f"protocol: {protocol!r},", 1)
 
 
-@pytest.mark.parametrize(
-    ("protocol", "reason"),
-    [
-        # Names Gateway API allows that EG does not serve: EG refuses the listener as UnsupportedProtocol.
-        ("GRPC", "UnsupportedProtocol"),
-        ("SCTP", "UnsupportedProtocol"),
-        ("http", "UnsupportedProtocol"),  # EG's names are case-sensitive
-        ("example.com/custom", "UnsupportedProtocol"),
-        # Not a protocol name at all (Gateway API's CRD would not admit it): plain invalid.
-        ("HTTP 2", "Invalid"),
-        ("-HTTP", "Invalid"),
-        ("x" * 256, "Invalid"),
-    ],
-)
-def test_listener_protocol_refusals_carry_egs_reason(tmp_path: Path, protocol: str, reason: str) -> None:
+@pytest.mark.parametrize("protocol", ["GRPC", "SCTP", "http", "example.com/custom"])
+def test_a_listener_protocol_eg_does_not_know_refuses_the_listener_not_the_gateway(
+    tmp_path: Path, protocol: str
+) -> None:
+    """Names Gateway API allows that EG does not serve (EG's names are case-sensitive): EG refuses the listener
+    (UnsupportedProtocol), and the route that has no other listener (NotAllowedByListeners), naming it."""
     path = write(tmp_path, "", _gateway_with_protocol(protocol))
     with pytest.raises(ConfigError) as info:
         render_bootstrap([path])
-    assert getattr(info.value, "reason", "") == reason
-    assert "spec.listeners[0].protocol: expected one of HTTP, HTTPS" in str(info.value)
-    assert "unsupported" not in str(info.value)  # in scope: refused, not left out as unimplemented
+    assert getattr(info.value, "reason", "") == "NotAllowedByListeners"
+    assert "HTTPRoute/" in str(info.value) and f"spec.listeners[0].protocol: protocol {protocol!r}" in str(info.value)
+    assert "unsupported value" not in str(info.value)  # in scope: EG's decision, not left out as unimplemented
+
+
+@pytest.mark.parametrize("protocol", ["HTTP 2", "-HTTP", "x" * 256])
+def test_a_listener_protocol_that_is_no_protocol_name_is_invalid(tmp_path: Path, protocol: str) -> None:
+    """Gateway API's CRD would not admit these: the Gateway is refused, plainly invalid."""
+    path = write(tmp_path, "", _gateway_with_protocol(protocol))
+    with pytest.raises(ConfigError) as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == "Invalid"
+    assert "spec.listeners[0].protocol: expected a protocol name" in str(info.value)
 
 
 @pytest.mark.parametrize("protocol", ["TLS", "TCP", "UDP"])
 def test_listener_protocols_eg_serves_but_ours_does_not_are_unsupported(tmp_path: Path, protocol: str) -> None:
-    path = write(tmp_path, "", _gateway_with_protocol(protocol))
+    text = _gateway_with_protocol(protocol)
+    if protocol == "TLS":  # a TLS listener EG serves has its tls
+        text = text.replace("port: 80}", "port: 80, tls: {mode: Passthrough}}", 1)
+    path = write(tmp_path, "", text)
     with pytest.raises(ConfigError, match=f"unsupported value '{protocol}'") as info:
         render_bootstrap([path])
     assert getattr(info.value, "reason", "Invalid") != "UnsupportedProtocol"
@@ -287,3 +285,177 @@ def test_a_duplicate_resource_is_refused_with_egs_reason_for_its_kind(tmp_path: 
     with pytest.raises(ConfigError, match=f"{kind}/default/app: duplicate resource") as info:
         render_bootstrap([write(tmp_path, copy)])
     assert getattr(info.value, "reason", "") == reason
+
+
+SHARED_PROXY = (
+    "---\napiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyProxy\nmetadata: {name: shared}\n"
+    "spec: {filterOrder: [{name: envoy.filters.http.wasm, before: envoy.filters.http.ext_proc}]}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "{group: gateway.envoyproxy.io, kind: EnvoyProxy, name: custom}",  # no such EnvoyProxy
+        "{group: example.com, kind: EnvoyProxy, name: shared}",  # another group: not EG's EnvoyProxy
+        "{group: gateway.envoyproxy.io, kind: ConfigMap, name: shared}",
+    ],
+)
+def test_a_parameters_ref_naming_no_envoy_proxy_falls_back_as_in_eg(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ref: str
+) -> None:
+    """EG keeps the Gateway and gives it the GatewayClass's EnvoyProxy (here: the unreferenced one), with a
+    warning line naming the file, the field and the value."""
+    from sidecar.translate.refs import gateway_envoy_proxy
+
+    infrastructure = f"  infrastructure: {{parametersRef: {ref}}}\n"
+    base = BASE.replace("  gatewayClassName: eg\n", "  gatewayClassName: eg\n" + infrastructure)
+    path = write(tmp_path, SHARED_PROXY, base)
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    assert [li["name"] for li in bootstrap["static_resources"]["listeners"]] == ["default/eg/http"]
+    lines = [r.getMessage() for r in caplog.records if "parametersRef" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "Gateway/default/eg" in lines[0]
+    assert ("custom" if "custom" in ref else "example.com" if "example" in ref else "ConfigMap") in lines[0]
+    resources = load_resources([path])
+    gateway = resources.get("Gateway", "default", "eg")
+    assert gateway is not None
+    found = gateway_envoy_proxy(resources, gateway)
+    assert found is not None and found.name == "shared"
+
+
+def _two_rule_route(bad_match: str, second: str = "{path: {type: PathPrefix, value: /good}}") -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg}}
+spec:
+  gatewayClassName: eg
+  listeners: [{{name: http, protocol: HTTP, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: app}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules:
+    - matches: [{bad_match}]
+      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
+    - matches: [{second}]
+      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {{name: app}}
+spec:
+  endpoints: [{{ip: {{address: 127.0.0.1, port: 8080}}}}]
+"""
+
+
+BAD_REGEX_MATCHES = [
+    "{path: {type: RegularExpression, value: '*regex*'}}",
+    "{headers: [{name: x-a, type: RegularExpression, value: '(unclosed'}]}",
+    "{queryParams: [{name: q, type: RegularExpression, value: '[z-a]'}]}",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_REGEX_MATCHES)
+def test_a_rule_eg_cannot_process_is_dropped_and_the_route_keeps_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_two_rule_route(bad))
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    routes = [r["name"] for r in dump_routes(bootstrap)]
+    assert routes == ["httproute/default/app/rule/1/match/0/wildcard"]
+    lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].matches[0]" in lines[0]
+
+
+@pytest.mark.parametrize("bad", BAD_REGEX_MATCHES)
+def test_a_route_whose_every_rule_is_dropped_is_refused(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_two_rule_route(bad, second=bad))
+    with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.matches\[0\]: invalid regular expression") as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == "UnsupportedValue"
+
+
+def dump_routes(bootstrap: dict[str, object]) -> list[dict[str, object]]:
+    listeners = bootstrap["static_resources"]["listeners"]  # type: ignore[index]
+    return [
+        route
+        for listener in listeners
+        for chain in listener["filter_chains"]
+        for vhost in chain["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+    ]
+
+
+BAD_FILTERS = [
+    "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Host, value: evil.example}]}}",
+    "{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-a, value: 'two  spaces'}]}}",
+    "{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /x}}}",
+]
+
+
+def _route_with_filter_rule(bad_filter: str, second_too: bool = False) -> str:
+    text = _two_rule_route("{path: {type: PathPrefix, value: /bad}}")
+    marker = "      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]\n"
+    first, rest = text.split(marker, 1)
+    text = first + f"      filters: [{bad_filter}]\n" + marker + rest
+    if second_too:
+        head, tail = text.rsplit(marker, 1)
+        text = head + f"      filters: [{bad_filter}]\n" + marker + tail
+    return text
+
+
+@pytest.mark.parametrize("bad", BAD_FILTERS)
+def test_a_rule_whose_filters_eg_cannot_apply_answers_500_and_the_others_route(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_route_with_filter_rule(bad))
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    routes = {str(r["name"]): r for r in dump_routes(bootstrap)}
+    bad_route = routes["httproute/default/app/rule/0/match/0/wildcard"]
+    assert bad_route.get("direct_response") == {"status": 500} and "route" not in bad_route
+    assert not any(k.startswith(("request_headers", "response_headers")) for k in bad_route)
+    assert "cluster" in str(routes["httproute/default/app/rule/1/match/0/wildcard"]["route"])
+    lines = [r.getMessage() for r in caplog.records if "rule answers 500" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].filters[0]" in lines[0]
+
+
+@pytest.mark.parametrize("bad", BAD_FILTERS)
+def test_a_route_whose_every_rule_has_bad_filters_is_refused(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "route.yaml"
+    path.write_text(_route_with_filter_rule(bad, second_too=True))
+    with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.filters\[0\]") as info:
+        render_bootstrap([path])
+    assert getattr(info.value, "reason", "") == "UnsupportedValue"
+
+
+@pytest.mark.parametrize(
+    ("hostname", "refused"),
+    [
+        ("app.example.com", ""),
+        ("app.example.com.", ""),  # fully qualified: EG and its CRD take the trailing dot
+        ("localhost.", ""),  # EG counts the labels of the name as written
+        ("10.0.0.1", "is an IP address"),
+        ("10.0.0.1.", "is an IP address"),
+        ("*.example.com", "expected a DNS name"),
+        ("app..example.com", "expected a DNS name"),
+        ("App.Example.com", "expected a DNS name"),
+    ],
+)
+def test_fqdn_endpoints_as_eg_decides_them(tmp_path: Path, hostname: str, refused: str) -> None:
+    base = BASE.replace("{ip: {address: 127.0.0.1, port: 8080}}", f"{{fqdn: {{hostname: '{hostname}', port: 8080}}}}")
+    assert base != BASE
+    path = write(tmp_path, "", base)
+    if not refused:
+        render_bootstrap([path])
+        return
+    with pytest.raises(ConfigError, match=r"spec\.endpoints\[0\]\.fqdn\.hostname: .*" + refused):
+        render_bootstrap([path])
