@@ -226,6 +226,7 @@ static _Atomic unsigned watch_slot_count;
 static __thread watch_slot *my_watch_slot;
 static __thread int my_watch_slot_tried;
 static pthread_once_t watchdog_once = PTHREAD_ONCE_INIT;
+static _Atomic int watchdog_running; /* kept replies rely on it to go out at the latest */
 static void later_replies_due(uint64_t now);
 
 static void *watchdog_main(void *unused) {
@@ -262,6 +263,7 @@ static void watchdog_start(void) {
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   if (pthread_create(&t, &attr, watchdog_main, NULL) != 0) log_line("the hook watchdog could not start");
+  else atomic_store(&watchdog_running, 1);
   pthread_attr_destroy(&attr);
 }
 
@@ -552,7 +554,7 @@ static struct later_reply *later_reply_copy(uint32_t status, dm_header *headers,
 static void send_local_reply(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
                              size_t body_len, const char *details, size_t details_len) {
   if (f->later) return; /* a reply is on its way */
-  if (f->dir[REQUEST].end_seen || !f->registered ||
+  if (f->dir[REQUEST].end_seen || !f->registered || !atomic_load(&watchdog_running) ||
       !(f->later = later_reply_copy(status, headers, count, body, body_len, details, details_len))) {
     send_now(f, status, headers, count, body, body_len, details, details_len);
     return;
