@@ -56,8 +56,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_MAX_BODY_BYTES = 1 << 30
 #: The filter config is a few hundred bytes; a bigger one is not ours.
 MAX_FILTER_CONFIG = 64 * 1024
-# `site` and `max_body_bytes` are the native module's (it checks them); the bridge reads the rest.
-_FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms", "max_body_bytes"})
+# `site`, `max_body_bytes` and `max_python_bytes` are the native module's (it checks them); the bridge reads the rest.
+_FIELDS = frozenset({"factory", "config", "chain", "site", "hook_deadline_ms", "max_body_bytes", "max_python_bytes"})
 
 #: Body modes as the native module knows them: 0 none, 1 buffered (C holds the headers), 2 streamed, 3 buffered
 #: partial (C holds the headers and buffers up to Envoy's buffer limit, then calls the hook once, as ext_proc).

@@ -33,6 +33,9 @@ FACTORY = "sidecar.inprocess.bridge:configure"
 DEFAULT_HOOK_DEADLINE_MS = 1000
 #: The largest body (or chunk) copied between Envoy and Python, either way.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: The memory the embedded interpreter may hold, all its threads together; past it an allocation fails
+#: (MemoryError in the hook, then the chain's failure policy). The native module refuses less than 32 MiB.
+DEFAULT_MAX_PYTHON_BYTES = 512 * 1024 * 1024
 
 _NATIVE_DIR = Path(__file__).resolve().parent / "native"
 _FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
@@ -75,6 +78,7 @@ def filter_config(
     *,
     hook_deadline_ms: int = DEFAULT_HOOK_DEADLINE_MS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_python_bytes: int = DEFAULT_MAX_PYTHON_BYTES,
     factory: str = FACTORY,
 ) -> str:
     """The filter config JSON the native module reads at config load."""
@@ -86,6 +90,7 @@ def filter_config(
             "site": _site_dirs(),
             "hook_deadline_ms": hook_deadline_ms,
             "max_body_bytes": max_body_bytes,
+            "max_python_bytes": max_python_bytes,
         }
     )
 
@@ -96,6 +101,7 @@ def http_filter(
     *,
     hook_deadline_ms: int = DEFAULT_HOOK_DEADLINE_MS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_python_bytes: int = DEFAULT_MAX_PYTHON_BYTES,
     factory: str = FACTORY,
 ) -> dict[str, Any]:
     """The whole `http_filters` entry that runs `chain` of the sidecar config at `config_path` inside Envoy.
@@ -115,6 +121,7 @@ def http_filter(
                     chain,
                     hook_deadline_ms=hook_deadline_ms,
                     max_body_bytes=max_body_bytes,
+                    max_python_bytes=max_python_bytes,
                     factory=factory,
                 ),
             },

@@ -37,6 +37,24 @@ def test_a_spinning_hook_is_interrupted_at_its_deadline_and_fails_closed() -> No
             assert envoy.request("/ok")[0] == 200
 
 
+def test_a_hook_that_swallows_the_interrupt_is_interrupted_again() -> None:
+    # Without a second interrupt this one spins for good, and so does every stream on its worker.
+    with InProcessEnvoy("headers", hook_deadline_ms=200) as envoy:
+        status, _, _ = envoy.request("/spin-swallow-once")
+        assert status == 500
+        assert envoy.request("/ok")[0] == 200
+
+
+def test_the_modules_own_reply_to_a_grpc_call_names_its_grpc_status() -> None:
+    # Envoy's dynamic-module reply says grpc-status 0 (OK) unless told: a fail-closed 500 would read as success.
+    grpc = {"content-type": "application/grpc", "te": "trailers"}
+    with InProcessEnvoy("headers") as envoy:
+        status, headers, _ = envoy.request("/malformed/0", method="POST", body=b"", headers=grpc)
+        assert headers.get("grpc-status") == "2", (status, headers)  # Envoy's mapping of 500: UNKNOWN
+        status, headers, _ = envoy.request("/malformed/0", method="POST", body=b"")
+        assert status == 500 and "grpc-status" not in headers
+
+
 def test_a_hook_blocked_in_c_cannot_be_interrupted_but_still_fails_closed_when_it_returns() -> None:
     # time.sleep waits in C: the TimeoutError is raised when it returns to Python, after the whole sleep (1 s,
     # over the 200 ms deadline). The worker is blocked meanwhile: sync hooks must not block (use async hooks).

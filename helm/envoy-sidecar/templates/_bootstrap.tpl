@@ -179,7 +179,7 @@ admin:
 `sidecar envoy-config --in-process` takes it from message_timeout. The filter is named after the chain. */}}
 {{- define "envoy-sidecar.inProcessFilter" -}}
 {{- $seconds := include "envoy-sidecar.protoDuration" .Values.extProc.messageTimeout | trimSuffix "s" | float64 -}}
-{{- $config := dict "factory" "sidecar.inprocess.bridge:configure" "config" "/etc/envoy-sidecar/config/sidecar.yaml" "chain" "default" "site" (list "/opt/sidecar/site") "hook_deadline_ms" (round (mulf $seconds 1000) 0 | int) "max_body_bytes" (.Values.inProcess.maxBodyBytes | int) -}}
+{{- $config := dict "factory" "sidecar.inprocess.bridge:configure" "config" "/etc/envoy-sidecar/config/sidecar.yaml" "chain" "default" "site" (list "/opt/sidecar/site") "hook_deadline_ms" (round (mulf $seconds 1000) 0 | int) "max_body_bytes" (.Values.inProcess.maxBodyBytes | int) "max_python_bytes" (.Values.inProcess.maxPythonBytes | int64) -}}
 name: sidecar.inprocess.default
 typed_config:
   "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter

@@ -218,6 +218,7 @@ typedef struct {
   _Atomic uint64_t fired;       /* the call the watchdog interrupted */
   uint64_t calls;               /* the thread's own count, which numbers its calls */
   uint64_t seen_call, seen_ns;  /* the watchdog's own: the call it saw last and when it first saw it */
+  uint64_t fired_ns;            /* the watchdog's own: when it last interrupted that call */
   unsigned long thread_id;
 } watch_slot;
 
@@ -242,13 +243,18 @@ static void *watchdog_main(void *unused) {
       watch_slot *s = &watch_slots[i];
       uint64_t call = atomic_load_explicit(&s->call, memory_order_acquire);
       if (call != s->seen_call) s->seen_call = call, s->seen_ns = now;
-      if (call == 0 || now - s->seen_ns < atomic_load(&s->deadline_ns) || atomic_load(&s->fired) == call) continue;
+      uint64_t deadline = atomic_load(&s->deadline_ns);
+      if (call == 0 || now - s->seen_ns < deadline) continue;
+      /* A hook that caught the TimeoutError (`except Exception` around its work) is interrupted again every
+       * deadline while it keeps running: its worker's other streams wait meanwhile. */
+      if (atomic_load(&s->fired) == call && now - s->fired_ns < deadline) continue;
       /* With the GIL held the worker is either still inside the call or past its end (it ends calls under the
        * GIL), so a call still published means the exception lands in the hook that overran. A hook blocked in C
        * while holding the GIL cannot be interrupted: we wait here until it lets go. */
       PyGILState_STATE g = PyGILState_Ensure();
       if (atomic_load(&s->call) == call) {
         atomic_store(&s->fired, call);
+        s->fired_ns = now;
         PyThreadState_SetAsyncExc(s->thread_id, PyExc_TimeoutError);
       }
       PyGILState_Release(g);
@@ -517,12 +523,52 @@ struct later_reply {
   dm_header headers[]; /* then the bytes of all of it */
 };
 
+/* Whether the request is a gRPC call (its content-type), read from Envoy's map when a reply goes out. */
+static int grpc_request(stream_filter *f) {
+  size_t n = dm_get_headers_size(f->envoy, DM_REQUEST_HEADERS);
+  if (n == 0 || n > MAX_HEADERS_IN) return 0;
+  dm_header stack[64], *h = n <= 64 ? stack : malloc(n * sizeof *h);
+  int grpc = 0;
+  if (h && dm_get_headers(f->envoy, DM_REQUEST_HEADERS, h))
+    for (size_t i = 0; i < n; i++)
+      if (h[i].key_len == 12 && memcmp(h[i].key, "content-type", 12) == 0)
+        grpc = h[i].value_len >= 16 && memcmp(h[i].value, "application/grpc", 16) == 0;
+  if (h != stack) free(h);
+  return grpc;
+}
+
+/* Envoy's mapping of an HTTP status to a gRPC one for its local replies (Grpc::Utility::httpToGrpcStatus). */
+static const char *grpc_status_of(uint32_t status) {
+  switch (status) {
+  case 400: return "13";
+  case 401: return "16";
+  case 403: return "7";
+  case 404: return "12";
+  case 429: case 502: case 503: case 504: return "14";
+  default: return "2";
+  }
+}
+
 static void send_now(stream_filter *f, uint32_t status, dm_header *headers, size_t count, const char *body,
                      size_t body_len, const char *details, size_t details_len) {
+  /* Envoy's dynamic-module reply to a gRPC call says grpc-status 0 (OK) unless the reply names one: a denial or
+   * a failure would read as success. The bridge names it in its replies; these are the module's own. */
+  dm_header *named = NULL;
+  int has_status = 0;
+  for (size_t i = 0; i < count; i++)
+    has_status |= headers[i].key_len == 11 && memcmp(headers[i].key, "grpc-status", 11) == 0;
+  if (!has_status && grpc_request(f) && (named = malloc((count + 1) * sizeof *named))) {
+    if (count) memcpy(named, headers, count * sizeof *named);
+    const char *code = grpc_status_of(status);
+    named[count] = (dm_header){"grpc-status", 11, code, strlen(code)};
+    headers = named;
+    count++;
+  }
   /* Set first: Envoy runs the reply through this filter's response hooks before send_response returns. */
   f->finished = 1;
   dm_send_response(f->envoy, status, headers, count, (dm_module_buf){body, body_len},
                    (dm_module_buf){details, details_len});
+  free(named);
 }
 
 static struct later_reply *later_reply_copy(uint32_t status, dm_header *headers, size_t count, const char *body,
@@ -650,7 +696,10 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   dm_header stack[64], *h = n <= 64 ? stack : malloc(n * sizeof *h);
   PyObject *list = NULL;
   if (!h) goto done;
-  if (n && !dm_get_headers(f->envoy, map, h)) n = 0;
+  if (n && !dm_get_headers(f->envoy, map, h)) {
+    *why = "Envoy did not hand over the header map"; /* never an empty map: a deny list would pass it */
+    goto done;
+  }
   size_t total = 0;
   for (size_t i = 0; i < n; i++) total += h[i].key_len + h[i].value_len;
   if (total > MAX_HEADER_BYTES_IN) {
