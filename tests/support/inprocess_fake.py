@@ -7,6 +7,7 @@ hook returns (`_Stream`). Nothing here is a plugin: it returns Results directly,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -421,10 +422,8 @@ class _Stream:
     def _spin_swallowing_once(self) -> Result:
         """Catches the watchdog's first TimeoutError, as `except Exception` around a plugin's work does, and
         spins on: only a second interrupt stops it."""
-        try:
+        with contextlib.suppress(TimeoutError):
             self._spin()
-        except TimeoutError:
-            pass
         return self._spin()
 
     def request_body(self, chunk: bytes, end_of_stream: bool) -> Result:
