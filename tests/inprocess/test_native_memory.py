@@ -87,15 +87,14 @@ def test_while_the_budget_is_held_a_request_is_processed_or_fails_closed_never_p
     restart gives the memory back: the module cannot tell a leak from a cache."""
     with InProcessEnvoy("headers", max_python_bytes=BUDGET, hook_deadline_ms=30_000) as envoy:
         envoy.request("/hog-keep")  # processed, or failed closed after the hoard was kept: either way it is kept
-        outcomes = []
         for _ in range(20):
             status, _, body = envoy.request("/ok")
             if status == 200:
                 assert json.loads(body)["headers"]["x-fake-req"] == "1"
             else:
                 assert (status, body) == (500, b"")
-            outcomes.append(status)
-        assert 500 in outcomes
+        # Whether any of them still finds free memory depends on what the hoard left in pymalloc's pools: either
+        # way none passed unprocessed (above), the budget bit (below), and Envoy is up.
         assert envoy.envoy is not None and envoy.envoy._proc is not None and envoy.envoy._proc.poll() is None
         assert any("raised MemoryError" in line for line in envoy.module_lines())
 
