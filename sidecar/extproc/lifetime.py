@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from sidecar.errors import StreamFailure
 from sidecar.extproc.duplex import WriteEncoded
 from sidecar.extproc.processor import StreamProcessor
 
@@ -81,7 +80,7 @@ async def _serve_with_pipelines(
 async def _answer(processor: StreamProcessor, read: Read, write: Write) -> None:
     """Answer each of Envoy's messages until it half-closes the stream."""
     metrics = processor.metrics
-    while (request := await (read() if processor.body_due is None else _read_due(processor, read))) is not None:
+    while (request := await read()) is not None:
         started = time.perf_counter()
         try:
             response = await processor.process(request)
@@ -96,23 +95,6 @@ async def _answer(processor: StreamProcessor, read: Read, write: Write) -> None:
             raise
         if metrics is not None:
             metrics.observe(request.WhichOneof("request"), time.perf_counter() - started)
-
-
-async def _read_due(processor: StreamProcessor, read: Read) -> pb.ProcessingRequest | None:
-    """Envoy's next message, which must come within `processor.body_due` seconds (a body Envoy may have
-    stopped reading: see `StreamProcessor._body_may_stall`)."""
-    due = processor.body_due
-    deadline = asyncio.timeout(due)
-    try:
-        async with deadline:
-            return await read()
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise StreamFailure(
-            f"request_body: Envoy sent none within {due:g}s of the headers answer (a BUFFERED body past its "
-            "buffer, read before that answer, stops Envoy 1.40: see docs/streaming.md)"
-        ) from None
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

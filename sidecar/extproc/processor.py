@@ -91,7 +91,6 @@ class StreamProcessor:
         "_send",
         "_send_encoded",
         "_tasks",
-        "body_due",
         "chain",
         "ctx",
         "metrics",
@@ -118,8 +117,6 @@ class StreamProcessor:
         self.stream_timeout = stream_timeout
         #: Envoy's buffer limit: a body known to be longer gets no BUFFERED processing (`_buffer_too_small`).
         self._buffer_limit = buffer_limit
-        #: Seconds within which Envoy's next message must come, or None: see `_body_may_stall`.
-        self.body_due: float | None = None
         self._send: Send | None = None
         self._send_encoded: WriteEncoded | None = None
         #: The message being answered came in observability mode: Envoy wants no answer to it.
@@ -164,7 +161,6 @@ class StreamProcessor:
         elif order < last or (order == last and kind not in _REPEATABLE):
             raise ProtocolError(f"{kind} arrived out of order")
         self._last[direction] = order
-        self.body_due = None
         if request.HasField("metadata_context"):
             self.ctx._metadata_pb = request.metadata_context
             self.ctx._metadata = None
@@ -272,10 +268,8 @@ class StreamProcessor:
                     return self._failed(kind, hook.plugin, exc)
                 self._skip(kind, hook.plugin, exc)
                 headers.restore(before)
-        if kind == "request_headers":
-            if self._buffer_too_small(headers):
-                return _too_long_to_buffer("request_body")
-            self.body_due = self.stream_timeout if self._body_may_stall(headers, message.end_of_stream) else None
+        if kind == "request_headers" and self._buffer_too_small(headers):
+            return _too_long_to_buffer("request_body")
         override = self.mode_override if kind == "request_headers" else None
         changed = headers.changed
         if not changed and override is None and not ctx.clear_route_cache_requested:
@@ -398,20 +392,6 @@ class StreamProcessor:
         length = _content_length(headers)
         return length is not None and length > self._buffer_limit
 
-    def _body_may_stall(self, headers: Headers, end_of_stream: bool) -> bool:
-        """A BUFFERED request body of unknown length, in a filter Envoy runs in another body mode.
-
-        If such a body passes Envoy's buffer before the headers answer narrows the mode, Envoy 1.40 stops
-        reading and sends nothing more (the case `_buffer_too_small` cannot see: no content-length). No
-        Envoy timer runs then, so the sidecar bounds the wait for the body by `stream_timeout` and fails
-        the stream after it: Envoy answers 500 instead of leaving the client waiting."""
-        return (
-            not end_of_stream
-            and self._body_modes[0] == BodyMode.BUFFERED
-            and self._filter_modes[0] != BodyMode.BUFFERED
-            and _content_length(headers) is None
-        )
-
     def _whole_partial_body(self, kind: str, size: int) -> bool:
         """A BUFFERED_PARTIAL chunk that holds the whole body (its content-length) without end_of_stream.
 
@@ -419,13 +399,14 @@ class StreamProcessor:
         last chunk) comes in while our answer is awaited, Envoy drops it: the peer never gets the end of the
         body, and no timer runs. A chunk like this one is that case. Its hooks see it as the whole body it
         is; unless one of them answers, the sidecar does (413 for a request, 500 for a response): a reply now,
-        not a hang."""
+        not a hang. A smaller body Envoy still holds whole: without its end, trailers follow (HTTP/2, gRPC),
+        and it goes on as any partial chunk."""
         index = 0 if kind == "request_body" else 1
         if self._body_modes[index] != BodyMode.BUFFERED_PARTIAL:
             return False
         headers = self.ctx.request_headers if index == 0 else self.ctx.response_headers
         length = _content_length(headers) if headers is not None else None
-        return length is not None and 0 < length <= size
+        return length is not None and 0 < length <= size and size >= self._buffer_limit
 
     async def _duplex(
         self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]

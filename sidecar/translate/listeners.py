@@ -119,7 +119,7 @@ def _kinds_problem(listener: dict[str, Any]) -> str | None:
     wanted = (listener.get("allowedRoutes") or {}).get("kinds") or []
     valid = set(supported_route_kinds(listener))
     bad = [
-        f"{k.get('group') or GATEWAY_API}/{k['kind']}"
+        f"{GATEWAY_API if k.get('group') is None else (k['group'] or 'core')}/{k['kind']}"
         for k in wanted
         if k["kind"] not in valid or k.get("group") not in (None, GATEWAY_API)
     ]
