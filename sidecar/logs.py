@@ -12,11 +12,12 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["TracebackLimiter", "setup_logging"]
+__all__ = ["TracebackLimiter", "log_plugin_failure", "setup_logging"]
 
 #: Tracebacks of one kind logged in full per window, the window in seconds, and the kinds remembered.
 TRACEBACK_BURST = 5
@@ -96,6 +97,26 @@ class TracebackLimiter(logging.Filter):
         record.tracebacks_suppressed = int(state[2])
         record.msg = f"{record.msg} (traceback suppressed: {int(state[2])} of this kind since the last one shown)"
         return True
+
+
+def log_plugin_failure(
+    logger: logging.Logger, chain: str, phase: str, plugin: str, exc: BaseException, request_id: str
+) -> str:
+    """One line for a plugin that failed in a hook (traceback attached, rate-limited per kind above), under a
+    fresh error id: the id the client's reply carries, so the two can be matched."""
+    error_id = uuid.uuid4().hex[:16]
+    logger.error(
+        "plugin %s failed in %s (chain %s, error id %s): %s: %s",
+        plugin,
+        phase,
+        chain,
+        error_id,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+        extra={"error_id": error_id, "plugin": plugin, "phase": phase, "request_id": request_id},
+    )
+    return error_id
 
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:

@@ -37,6 +37,7 @@ from sidecar.stack.local import LocalEnvoy
 
 if TYPE_CHECKING:
     from sidecar.chains import Registry
+    from sidecar.headers import Headers
     from sidecar.plugins import Plugin
 
 __all__ = ["Driver", "EnvoyHarness", "Request", "Response", "Result", "sidecar_envoy"]
@@ -379,17 +380,7 @@ class _Session:
         await self._reading.wait()
         send = ProcessingMode.SEND
         result = self.result
-        req_headers = Headers(
-            [
-                (":method", request.method),
-                (":path", request.path),
-                (":authority", request.authority),
-                (":scheme", "http"),
-                *_pairs(request.headers),
-            ]
-        )
-        if "x-request-id" not in req_headers:
-            req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
+        req_headers = _request_headers(request)
         has_body = _has_body(request.body)
         answer = await self._send(
             "request_headers",
@@ -449,6 +440,24 @@ class _Session:
             resp = self._duplex_body("response_body")
         result.status = int(resp_headers[":status"])
         result.response = Message(resp_headers, resp[0], resp_trailers, resp[1])
+
+
+def _request_headers(request: Request) -> Headers:
+    """The request headers as Envoy hands them on: pseudo-headers first, and an x-request-id."""
+    from sidecar.headers import Headers
+
+    headers = Headers(
+        [
+            (":method", request.method),
+            (":path", request.path),
+            (":authority", request.authority),
+            (":scheme", "http"),
+            *_pairs(request.headers),
+        ]
+    )
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
+    return headers
 
 
 def _has_body(body: bytes | Sequence[bytes]) -> bool:

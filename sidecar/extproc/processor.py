@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -26,6 +25,7 @@ from sidecar.config import DEFAULT_STREAM_TIMEOUT
 from sidecar.errors import ProtocolError, StreamFailure
 from sidecar.extproc.duplex import DuplexPipe, WriteEncoded, as_body, call_chunk, encode_streamed, streamed_response
 from sidecar.headers import Headers, append_option
+from sidecar.logs import log_plugin_failure
 from sidecar.plugins import BodyMode, Context, Respond
 
 __all__ = ["ENVOY_BUFFER_LIMIT", "StreamProcessor", "immediate_response"]
@@ -187,18 +187,7 @@ class StreamProcessor:
     # -- failure policy ------------------------------------------------------------------------
 
     def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
-        error_id = uuid.uuid4().hex[:16]
-        log.error(
-            "plugin %s failed in %s (chain %s, error id %s): %s: %s",
-            plugin,
-            kind,
-            self.chain.name,
-            error_id,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-            extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
-        )
+        error_id = log_plugin_failure(log, self.chain.name, kind, plugin, exc, self.ctx.request_id)
         if self.metrics is not None:
             self.metrics.plugin_error(plugin, kind, error_id)
         return error_id

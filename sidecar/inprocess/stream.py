@@ -26,7 +26,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from sidecar.errors import ProtocolError
 from sidecar.headers import Headers
 from sidecar.inprocess.loop import LoopThread
 from sidecar.inprocess.meters import BUCKETS, Meters
+from sidecar.logs import log_plugin_failure
 from sidecar.plugins import BodyMode, Context, Respond
 
 __all__ = ["CONTINUE", "PENDING", "RESPOND", "BridgeStream", "StreamPlan"]
@@ -472,18 +472,7 @@ class BridgeStream:
     # -- failure policy (the ext_proc processor's) -------------------------------------------------
 
     def _log_failure(self, kind: str, plugin: str, exc: BaseException) -> str:
-        error_id = uuid.uuid4().hex[:16]
-        log.error(
-            "plugin %s failed in %s (chain %s, error id %s): %s: %s",
-            plugin,
-            kind,
-            self._plan.chain.name,
-            error_id,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-            extra={"error_id": error_id, "plugin": plugin, "phase": kind, "request_id": self.ctx.request_id},
-        )
+        error_id = log_plugin_failure(log, self._plan.chain.name, kind, plugin, exc, self.ctx.request_id)
         self._plan.meters.plugin_error(plugin, kind, error_id)
         return error_id
 

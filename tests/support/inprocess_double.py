@@ -31,7 +31,17 @@ from typing import Any
 from sidecar.headers import Headers
 from sidecar.inprocess.bridge import configure
 from sidecar.plugins import BodyMode
-from sidecar.testing import Message, Request, Response, Result, _body_messages, _local_reply_framing, _pairs
+from sidecar.testing import (
+    Message,
+    Request,
+    Response,
+    Result,
+    _body_messages,
+    _has_body,
+    _local_reply_framing,
+    _pairs,
+    _request_headers,
+)
 from sidecar.wire import PHASES
 
 __all__ = ["BadResult", "InProcessDouble", "NativeDouble", "check_result", "metadata_differences", "replied"]
@@ -386,18 +396,8 @@ class InProcessDouble:
     def _run(self, ex: _Exchange, request: Request, response: Response) -> None:
         phases = self.config.phases
         result = ex.result
-        req_headers = Headers(
-            [
-                (":method", request.method),
-                (":path", request.path),
-                (":authority", request.authority),
-                (":scheme", "http"),
-                *_pairs(request.headers),
-            ]
-        )
-        if "x-request-id" not in req_headers:
-            req_headers["x-request-id"] = "00000000-0000-4000-8000-000000000000"
-        has_body = any(request.body) if not isinstance(request.body, bytes) else bool(request.body)
+        req_headers = _request_headers(request)
+        has_body = _has_body(request.body)
         answer = ex.call(
             "request_headers",
             _envoy_pairs(req_headers),
