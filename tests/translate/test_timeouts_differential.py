@@ -22,6 +22,7 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.support.translate_egxds import XDS, EgXds
+from tests.support.translate_kit import GATEWAY, backend, loopback
 from tests.support.translate_servers import NamedBackend
 
 pytestmark = [
@@ -56,25 +57,8 @@ def eg_xds() -> EgXds:
 
 
 def our_resources(backends: dict[str, NamedBackend]) -> str:
-    found = "".join(
-        f"""
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: {name}}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: {backend.port}}}}}]
-"""
-        for name, backend in backends.items()
-    )
-    return f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
+    found = "".join(backend(name, loopback(named.port)) for name, named in backends.items())
+    route = f"""---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: timeouts}}
@@ -86,7 +70,8 @@ spec:
       backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: first-route-dest}}]
     - timeouts: {{request: 4000s}}
       backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: second-route-dest}}]
-{found}"""
+"""
+    return GATEWAY + route + found
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from sidecar.stack.files import check_ext_proc_reachable
 from sidecar.translate.render import dump_yaml, render_bootstrap
 from sidecar.translate.resources import load_resources
 from sidecar.translate.rules import validate
-from tests.support.translate_kit import BASE
+from tests.support.translate_kit import BASE, GATEWAY, backend, loopback
 
 
 def write(tmp_path: Path, extra: str, base: str = BASE) -> Path:
@@ -325,14 +325,8 @@ def test_a_parameters_ref_naming_no_envoy_proxy_falls_back_as_in_eg(
 
 
 def _two_rule_route(bad_match: str, second: str = "{path: {type: PathPrefix, value: /good}}") -> str:
-    return f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
+    to_app = "backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]"
+    rules = f"""---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: app}}
@@ -340,16 +334,11 @@ spec:
   parentRefs: [{{name: eg}}]
   rules:
     - matches: [{bad_match}]
-      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
+      {to_app}
     - matches: [{second}]
-      backendRefs: [{{group: gateway.envoyproxy.io, kind: Backend, name: app}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: app}}
-spec:
-  endpoints: [{{ip: {{address: 127.0.0.1, port: 8080}}}}]
+      {to_app}
 """
+    return GATEWAY + rules + backend("app", loopback(8080))
 
 
 BAD_REGEX_MATCHES = [
