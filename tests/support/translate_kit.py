@@ -48,15 +48,15 @@ spec:
 """
 
 
-def backend(name: str, endpoint: str) -> str:
+def backend(name: str, *endpoints: str) -> str:
+    listed = "".join(f"\n    - {endpoint}" for endpoint in endpoints)
     return f"""
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: Backend
 metadata: {{name: {name}}}
 spec:
-  endpoints:
-    - {endpoint}
+  endpoints:{listed}
 """
 
 

@@ -24,6 +24,7 @@ from sidecar.stack.envoy import Envoy, validate_bootstrap
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
 from tests.support.translate_egxds import XDS, EgXds
+from tests.support.translate_kit import GATEWAY, backend, loopback
 from tests.support.translate_servers import NamedBackend
 
 pytestmark = [
@@ -60,9 +61,9 @@ def eg_bootstrap(backends: list[NamedBackend]) -> dict[str, Any]:
         (locality,) = cluster["loadAssignment"]["endpoints"]
         (template,) = locality["lbEndpoints"]
         entries = []
-        for backend in backends:
+        for named in backends:
             entry = copy.deepcopy(template)
-            entry["endpoint"]["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": backend.port}}
+            entry["endpoint"]["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": named.port}}
             entries.append(entry)
         locality["lbEndpoints"] = entries
     listeners = bootstrap["static_resources"]["listeners"]
@@ -71,21 +72,7 @@ def eg_bootstrap(backends: list[NamedBackend]) -> dict[str, Any]:
 
 
 def our_resources(backends: list[NamedBackend]) -> str:
-    endpoints = ", ".join(f"{{ip: {{address: 127.0.0.1, port: {b.port}}}}}" for b in backends)
-    text = f"""
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: eg}}
-spec:
-  gatewayClassName: eg
-  listeners: [{{name: http, protocol: HTTP, port: 80}}]
----
-apiVersion: gateway.envoyproxy.io/v1alpha1
-kind: Backend
-metadata: {{name: pool}}
-spec:
-  endpoints: [{endpoints}]
-"""
+    text = GATEWAY + backend("pool", *(loopback(b.port) for b in backends))
     for name, (prefix, consistent) in HASHES.items():
         text += f"""
 ---
