@@ -157,3 +157,76 @@ def test_content_length_is_the_sidecars_but_may_be_removed() -> None:
     assert "content-length" not in headers
     with pytest.raises(ValueError, match="content-length"):
         headers["content-length"] = "11"  # none now: a length would be the plugin's guess
+
+
+def test_a_name_checked_before_is_still_checked_for_what_follows_the_token_rule() -> None:
+    """Names that passed the token check are remembered; the connection, content-length and value rules still
+    apply to them on every set (the second time round as the first)."""
+    headers = Headers([("content-length", "3")])
+    for _ in range(2):
+        headers["X-Mixed-Case"] = "v"
+        with pytest.raises(ValueError, match="connection"):
+            headers["Transfer-Encoding"] = "chunked"
+        with pytest.raises(ValueError, match="content-length"):
+            headers["Content-Length"] = "4"
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            headers["X-Mixed-Case"] = "a\r\nb"
+        with pytest.raises(TypeError):
+            headers["X-Mixed-Case"] = 3  # type: ignore[assignment]
+    assert headers.items_all() == [("content-length", "3"), ("x-mixed-case", "v")]
+
+
+def test_remembered_names_are_bounded_and_names_past_the_bound_are_checked() -> None:
+    from sidecar import headers as module
+
+    headers = Headers()
+    for i in range(module.MAX_CHECKED_NAMES + 50):
+        headers[f"x-echo-{i}"] = "1"
+    assert len(module._CHECKED_NAMES) <= module.MAX_CHECKED_NAMES
+    with pytest.raises(ValueError, match="token"):
+        headers["x bad"] = "1"
+    assert "x-echo-4100" in headers
+
+
+def test_a_str_subclass_name_is_checked_as_its_text_and_never_remembered() -> None:
+    class Sly(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("x-added")
+
+    from sidecar import headers as module
+
+    headers = Headers()
+    headers[Sly("x-sly")] = "1"
+    assert headers.raw("x-sly") == b"1"
+    assert all(type(name) is str for name in module._CHECKED_NAMES)
+    with pytest.raises(ValueError, match="token"):
+        headers[Sly("bad name")] = "1"
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("a\rb", "CR, LF or NUL"),
+        ("\n", "CR, LF or NUL"),
+        ("ab\0", "CR, LF or NUL"),
+        (b"\0ab", "CR, LF or NUL"),
+        (" a\r", "CR, LF or NUL"),  # both wrong: the framing break is named
+        ("\ta", "space or tab"),
+        ("a\t", "space or tab"),
+        (b"a ", "space or tab"),
+        (" ", "space or tab"),
+    ],
+)
+def test_one_scan_finds_every_refused_value_and_names_its_fault(value: str | bytes, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Headers()["x-v"] = value
+
+
+def test_inner_tabs_spaces_and_empty_values_pass() -> None:
+    headers = Headers()
+    for value in ("a\tb", "a b", "", b"\x7f\xff"):
+        headers["x-v"] = value
+        assert headers.raw("x-v") == (value.encode("latin-1") if isinstance(value, str) else value)

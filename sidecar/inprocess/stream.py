@@ -242,7 +242,7 @@ class BridgeStream:
 
     # The two headers phases are every request's: their order check and `_run` are inlined (the same checks).
 
-    def request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+    def request_headers(self, headers: list[tuple[str, bytes]], end_of_stream: bool) -> Result:
         if self._done:  # not the first phase: out of order (raises), as `_order` says
             self._order("request_headers")
         self._done = 1
@@ -256,7 +256,7 @@ class BridgeStream:
             return self._suspend("request_headers", answer)
         return None if self._plan.observe_only else answer  # type: ignore[return-value]  # not an _Await here
 
-    def response_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> Result:
+    def response_headers(self, headers: list[tuple[str, bytes]], end_of_stream: bool) -> Result:
         if self._done & _RESPONSE_SIDE or self._pending is not None or self._broken:
             if self._order("response_headers"):
                 return self._given_up()
@@ -282,12 +282,12 @@ class BridgeStream:
             return self._given_up()
         return self._run("response_body", self._body("response_body", 1, chunk, end_of_stream, 0, chunk))
 
-    def request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+    def request_trailers(self, trailers: list[tuple[str, bytes]]) -> Result:
         if self._order("request_trailers"):
             return self._given_up()
         return self._run("request_trailers", self._fields("request_trailers", _headers(trailers), True, 0))
 
-    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> Result:
+    def response_trailers(self, trailers: list[tuple[str, bytes]]) -> Result:
         if self._order("response_trailers"):
             return self._given_up()
         return self._run("response_trailers", self._fields("response_trailers", _headers(trailers), True, 0))
@@ -817,26 +817,25 @@ class BridgeStream:
         return refused
 
 
-#: Header names seen, as the str a Headers holds: most requests carry the same few dozen names, and a lookup
-#: beats decoding each. Bounded: past MAX_NAMES new names are decoded, not kept (a peer sending random names
-#: costs a decode each, never memory).
-_NAMES: dict[bytes, str] = {}
-MAX_NAMES = 4096
-
-
-def _headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
-    """Envoy's header map (lower-case names, raw values) as a plugin's Headers, without a copy of the values."""
-    known = _NAMES.get
+def _headers(pairs: list[tuple[str, bytes]]) -> Headers:
+    """Envoy's header map as a plugin's Headers: the native module hands over the list a Headers holds (lower-case
+    names as str, raw values), made for this call, so it is taken as it is. A list of bytes names is a native
+    module older than this bridge (a stale build): its names would match nothing a plugin looks for, so a deny
+    rule would pass; it fails the phase closed instead."""
+    if pairs and type(pairs[0][0]) is not str:
+        raise ProtocolError("header names from the native module are not str: rebuild it (pip install) to match")
     headers = Headers.__new__(Headers)
-    headers._items = [(known(name) or _name(name), value) for name, value in pairs]
+    headers._items = pairs
     headers._replaced = set()
     headers._appended = {}
     return headers
 
 
-#: The other way, for the header ops: a name's bytes and whether Envoy's mutation rules guard it (a pseudo-header,
-#: `host`, `x-envoy-*`). Bounded as _NAMES is.
+#: For the header ops: a name's bytes and whether Envoy's mutation rules guard it (a pseudo-header, `host`,
+#: `x-envoy-*`). Most requests carry the same few dozen names, and a lookup beats encoding and testing each.
+#: Bounded: past MAX_NAMES new names are encoded each time, never kept (random names cost a call, never memory).
 _OUT_NAMES: dict[str, tuple[bytes, bool]] = {}
+MAX_NAMES = 4096
 
 
 def _out_name(name: str) -> tuple[bytes, bool]:
@@ -844,13 +843,6 @@ def _out_name(name: str) -> tuple[bytes, bool]:
     if len(_OUT_NAMES) < MAX_NAMES:
         _OUT_NAMES[name] = out
     return out
-
-
-def _name(raw: bytes) -> str:
-    name = raw.decode("latin-1")
-    if len(_NAMES) < MAX_NAMES:
-        _NAMES[raw] = name
-    return name
 
 
 def _as_body(result: Any, hook: Hook) -> bytes:

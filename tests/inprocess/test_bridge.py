@@ -28,7 +28,7 @@ from tests.support.inprocess_double import InProcessDouble, NativeDouble
 from tests.support.wait import wait_for
 
 HERE = "tests.inprocess.test_bridge:"
-REQUEST = [(b":method", b"POST"), (b":path", b"/x"), (b":authority", b"a.test"), (b"x-request-id", b"rid-1")]
+REQUEST = [(":method", b"POST"), (":path", b"/x"), (":authority", b"a.test"), ("x-request-id", b"rid-1")]
 
 
 # ---- plugins ------------------------------------------------------------------------------------------------
@@ -253,25 +253,25 @@ def _quiet_failures(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 def test_a_phase_that_changes_nothing_is_none(tmp_path: Path) -> None:
     s = stream(tmp_path, "Quiet")
-    assert s.request_headers(REQUEST, True) is None
+    assert s.request_headers(list(REQUEST), True) is None
 
 
 def test_header_changes_are_set_append_remove_ops(tmp_path: Path) -> None:
     s = stream(tmp_path, "Edits")
-    headers = [*REQUEST, (b"x-multi", b"a"), (b"x-gone", b"1")]
+    headers = [*REQUEST, ("x-multi", b"a"), ("x-gone", b"1")]
     assert s.request_headers(headers, True) == (
         0,
         ((2, b"x-gone", None), (0, b"x-set", b"1"), (1, b"x-multi", b"b")),
         None,
         None,
     )
-    assert s.response_headers([(b":status", b"200")], True) == (0, ((0, b"x-rid", b"rid-1"),), None, None)
+    assert s.response_headers([(":status", b"200")], True) == (0, ((0, b"x-rid", b"rid-1"),), None, None)
 
 
 def test_a_respond_is_a_local_reply_with_checked_headers_and_one_token_details(tmp_path: Path) -> None:
     s = stream(tmp_path, "Denies")
     reply = (1, 403, ((b"x-why", b"policy"),), b"no\n", "denied_by_policy_v2", None)
-    assert s.request_headers(REQUEST, False) == reply
+    assert s.request_headers(list(REQUEST), False) == reply
     assert s.rejected == ("set x-envoy-sneaky",)  # ext_proc's mutation rules drop it from a reply too
 
 
@@ -281,15 +281,15 @@ def test_the_header_stamp_plugin_in_both_directions(tmp_path: Path) -> None:
     config = bridge.configure(filter_config(path), NativeDouble())
     assert (config.phases, config.request_body_mode, config.response_body_mode) == (1 | 8, 0, 0)
     s = config.new_stream(7)
-    assert s.request_headers(REQUEST, True) == (0, ((0, b"x-stamped-by", b"envoy-sidecar"),), None, None)
-    result = s.response_headers([(b":status", b"200")], True)
+    assert s.request_headers(list(REQUEST), True) == (0, ((0, b"x-stamped-by", b"envoy-sidecar"),), None, None)
+    result = s.response_headers([(":status", b"200")], True)
     assert result is not None and result[1][0] == (0, b"x-request-id", b"rid-1")
     assert result[1][1][:2] == (1, b"server-timing") and result[1][1][2].startswith(b"sidecar;dur=")
 
 
 def test_metadata_keeps_each_type_and_nested_values_as_values(tmp_path: Path) -> None:
     s = stream(tmp_path, "Metadata")
-    result = s.request_headers(REQUEST, True)
+    result = s.request_headers(list(REQUEST), True)
     assert result is not None
     metadata = {(ns, key): value for ns, key, value in result[3]}
     assert metadata == {
@@ -315,7 +315,7 @@ class NestedKinds(Plugin):
 
 
 def test_nested_metadata_goes_as_exact_plain_types(tmp_path: Path) -> None:
-    result = stream(tmp_path, "NestedKinds").request_headers(REQUEST, True)
+    result = stream(tmp_path, "NestedKinds").request_headers(list(REQUEST), True)
     assert result is not None
     values = {key: value for _, key, value in result[3]}
     assert values == {"kinds": {"t": [1, 7], "s": "x", "none": None, "f": 2.5, "b": False}, "later": {"n": 2}}
@@ -404,7 +404,7 @@ def test_metadata_set_before_a_reply_or_a_failure_goes_with_it_as_ext_proc(tmp_p
 
 def test_an_observe_only_chain_changes_nothing_as_in_observability_mode(tmp_path: Path) -> None:
     s = stream(tmp_path, "Watches")
-    assert s.request_headers(REQUEST, True) is None
+    assert s.request_headers(list(REQUEST), True) is None
     assert bridge.meters().plugin_latency[("Watches", "request_headers")][-1] > 0  # it ran
 
 
@@ -415,7 +415,7 @@ def test_a_buffered_body_change_fixes_the_held_content_length(tmp_path: Path) ->
     d = double(tmp_path, "Upper")
     assert (d.config.request_body_mode, d.config.response_body_mode) == (1, 1)
     s = d.config.new_stream(1)
-    assert s.request_headers([*REQUEST, (b"content-length", b"5")], False) is None
+    assert s.request_headers([*REQUEST, ("content-length", b"5")], False) is None
     assert s.request_body(b"hello", True) == (0, ((0, b"content-length", b"6"),), b"HELLO!", None)
     result = d.run(
         Request("POST", "/", {"content-length": "5"}, b"hello"),
@@ -483,21 +483,21 @@ def test_a_reply_from_a_partial_body_hook_reaches_no_upstream(tmp_path: Path, li
 def test_a_streamed_body_loses_its_length_but_hooks_still_see_it(tmp_path: Path) -> None:
     d = double(tmp_path, "Chunks")
     s = d.config.new_stream(1)
-    result = s.request_headers([*REQUEST, (b"content-length", b"4")], False)
+    result = s.request_headers([*REQUEST, ("content-length", b"4")], False)
     assert result == (0, ((2, b"content-length", None),), None, None)
     assert s.request_body(b"abab", True) == (0, (), b"aaabaaab", None)
     assert s.ctx.state[SEEN_LENGTH] == "4"
-    assert s.response_headers([(b":status", b"200"), (b"content-length", b"3")], True) is None  # no body follows
+    assert s.response_headers([(":status", b"200"), ("content-length", b"3")], True) is None  # no body follows
 
 
 def test_a_respond_in_trailers_breaks_the_contract(tmp_path: Path) -> None:
     s = stream(tmp_path, "TrailerReply")
-    s.request_headers(REQUEST, False)
-    result = s.request_trailers([(b"x-t", b"1")])
+    s.request_headers(list(REQUEST), False)
+    result = s.request_trailers([("x-t", b"1")])
     assert result is not None and result[:2] == (1, 500) and result[4] == "sidecar_plugin_error"
     opened = stream(tmp_path, "TrailerReply", on_error="fail_open")
-    opened.request_headers(REQUEST, False)
-    assert opened.request_trailers([(b"x-t", b"1")]) is None
+    opened.request_headers(list(REQUEST), False)
+    assert opened.request_trailers([("x-t", b"1")]) is None
 
 
 # ---- failure policies and hostile plugins -------------------------------------------------------------------
@@ -514,22 +514,22 @@ def test_junk_from_a_hook_is_the_plugins_error_under_fail_closed(tmp_path: Path,
 
 def test_fail_closed_hides_the_exception_from_the_client(tmp_path: Path) -> None:
     s = stream(tmp_path, "Raises")
-    result = s.request_headers(REQUEST, True)
+    result = s.request_headers(list(REQUEST), True)
     assert result is not None and result[:2] == (1, 500)
     assert b"secret" not in repr(result).encode()
 
 
 def test_fail_open_drops_the_failing_plugins_changes_and_bypasses_it(tmp_path: Path) -> None:
     s = stream(tmp_path, "Raises", "AddsAfter", on_error="fail_open")
-    assert s.request_headers(REQUEST, True) == (0, ((0, b"x-after", b"yes"),), None, None)
+    assert s.request_headers(list(REQUEST), True) == (0, ((0, b"x-after", b"yes"),), None, None)
     assert "Raises" in s._disabled
 
 
 def test_clear_route_cache_is_refused_not_silently_ignored(tmp_path: Path) -> None:
     """In-process there is no way to re-pick the route: the request would reach the old one with the new path."""
-    closed = stream(tmp_path, "Reroutes").request_headers(REQUEST, True)
+    closed = stream(tmp_path, "Reroutes").request_headers(list(REQUEST), True)
     assert closed is not None and closed[:2] == (1, 500)
-    opened = stream(tmp_path, "Reroutes", on_error="fail_open").request_headers(REQUEST, True)
+    opened = stream(tmp_path, "Reroutes", on_error="fail_open").request_headers(list(REQUEST), True)
     assert opened == (0, ((0, b":path", b"/elsewhere"),), None, None)  # fail_open: logged, the change goes on
 
 
@@ -577,9 +577,9 @@ def test_a_body_over_the_native_limit_is_the_plugins_error_under_its_policy(tmp_
     text = json.dumps({"config": str(path), "chain": "default", "max_body_bytes": 1024})
     config = bridge.configure(text, NativeDouble())
     s = config.new_stream(1)
-    s.request_headers([*REQUEST, (b"content-length", b"10")], False)
+    s.request_headers([*REQUEST, ("content-length", b"10")], False)
     body = s.request_body(b"0123456789", True)
-    reply = s.response_headers([(b":status", b"200")], True)
+    reply = s.response_headers([(":status", b"200")], True)
     if on_error == "fail_closed":
         assert body is not None and body[:2] == (1, 500)
     else:
@@ -593,12 +593,12 @@ def test_an_async_hook_runs_on_the_loop_thread_and_resumes_with_its_result(tmp_p
     d = double(tmp_path, "AsyncStamp")
     s = d.config.new_stream(1)
     event = d.native.open(1)
-    assert s.request_headers(REQUEST, True) == (2,)
+    assert s.request_headers(list(REQUEST), True) == (2,)
     assert event.wait(5)
     assert s.resume() == (0, ((0, b"x-async", b"1"),), None, None)
     plugin = d.config.chain.plugins[0]
     assert isinstance(plugin, AsyncStamp) and plugin.threads == ["sidecar-inprocess-loop"]
-    assert s.response_headers([(b":status", b"200")], True) == (0, ((0, b"x-sync-after-async", b"1"),), None, None)
+    assert s.response_headers([(":status", b"200")], True) == (0, ((0, b"x-sync-after-async", b"1"),), None, None)
 
 
 def test_an_async_body_hook_pauses_the_held_body(tmp_path: Path) -> None:
@@ -758,10 +758,10 @@ def test_after_the_watchdog_gave_up_no_hook_of_the_stream_runs_again(tmp_path: P
     s = d.config.new_stream(1)
     event = d.native.open(1)
     try:
-        assert s.request_headers(REQUEST, True) == (2,)
+        assert s.request_headers(list(REQUEST), True) == (2,)
         assert event.wait(5)
         answer = s.resume()
-        later = s.response_headers([(b":status", b"200")], True)
+        later = s.response_headers([(":status", b"200")], True)
     finally:
         AsyncBlocksTheLoop.release.set()
     if on_error == "fail_closed":
@@ -777,7 +777,7 @@ def test_no_schedule_reaches_a_stream_closed_while_pending(tmp_path: Path) -> No
     d = double(tmp_path, "AsyncHangs", deadline_ms=5000)
     s = d.config.new_stream(1)
     d.native.open(1)
-    assert s.request_headers(REQUEST, True) == (2,)
+    assert s.request_headers(list(REQUEST), True) == (2,)
     assert AsyncHangs.started.wait(5)
     runner = d.config.plan.runner
     assert runner is not None
@@ -797,7 +797,7 @@ def test_phases_out_of_order_are_protocol_errors(tmp_path: Path) -> None:
     s = stream(tmp_path, "Upper")
     with pytest.raises(ProtocolError, match="before request_headers"):
         s.request_body(b"x", True)
-    s.request_headers(REQUEST, False)
+    s.request_headers(list(REQUEST), False)
     with pytest.raises(ProtocolError, match="resume"):
         s.resume()
     s.request_trailers([])
@@ -808,10 +808,10 @@ def test_phases_out_of_order_are_protocol_errors(tmp_path: Path) -> None:
 def test_a_local_reply_from_an_earlier_filter_runs_the_response_hooks_alone(tmp_path: Path) -> None:
     # RBAC, JWT or CORS before this filter answered: Envoy runs only the response side, as under ext_proc.
     s = stream(tmp_path, "Upper")
-    s.response_headers([(b":status", b"403")], True)
+    s.response_headers([(":status", b"403")], True)
     assert s.ctx.request_headers is None and s.ctx.request_id
     with pytest.raises(ProtocolError, match="out of order"):
-        s.request_headers(REQUEST, True)
+        s.request_headers(list(REQUEST), True)
 
 
 @pytest.mark.parametrize(
@@ -829,28 +829,28 @@ def test_a_headers_phase_out_of_order_is_a_protocol_error(tmp_path: Path, before
     """The headers phases check their order inline (every request has them): the same rule as every phase's."""
     s = stream(tmp_path, "Upper")
     calls = {
-        "request_headers": lambda: s.request_headers(REQUEST, False),
+        "request_headers": lambda: s.request_headers(list(REQUEST), False),
         "request_body": lambda: s.request_body(b"x", True),
-        "response_headers": lambda: s.response_headers([(b":status", b"200")], False),
+        "response_headers": lambda: s.response_headers([(":status", b"200")], False),
         "response_body": lambda: s.response_body(b"x", True),
         "response_trailers": lambda: s.response_trailers([]),
     }
     for phase in before:
         calls[phase]()
     with pytest.raises(ProtocolError, match="out of order"):
-        s.request_headers(REQUEST, True)
+        s.request_headers(list(REQUEST), True)
     if before[-1] != "request_headers" and before[-1] != "request_body":  # the response side has begun
         with pytest.raises(ProtocolError, match="out of order"):
-            s.response_headers([(b":status", b"200")], True)
+            s.response_headers([(":status", b"200")], True)
 
 
 def test_a_phase_during_pending_is_a_protocol_error(tmp_path: Path) -> None:
     d = double(tmp_path, "AsyncStamp")
     s = d.config.new_stream(1)
     event = d.native.open(1)
-    assert s.request_headers(REQUEST, False) == (2,)
+    assert s.request_headers(list(REQUEST), False) == (2,)
     with pytest.raises(ProtocolError, match="pending"):
-        s.response_headers([(b":status", b"200")], True)
+        s.response_headers([(":status", b"200")], True)
     assert event.wait(5) and s.resume() is not None
 
 
@@ -945,9 +945,9 @@ def test_a_finished_stream_is_freed_without_the_garbage_collector(tmp_path: Path
     try:
         s = d.config.new_stream(4242)
         event = d.native.open(4242)
-        assert s.request_headers(REQUEST, True) == (2,)
+        assert s.request_headers(list(REQUEST), True) == (2,)
         assert event.wait(5) and s.resume() is not None
-        s.response_headers([(b":status", b"200")], True)
+        s.response_headers([(":status", b"200")], True)
         s.close()
         del s
         wait_for(lambda: not alive(), 5, "the stream freed by reference counting")

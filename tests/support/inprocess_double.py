@@ -310,8 +310,9 @@ def _is_reply(result: Any) -> bool:
     return isinstance(result, tuple) and len(result) == 6 and result[0] == 1
 
 
-def _envoy_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value) for name, value in headers._items]
+def _envoy_pairs(headers: Headers) -> list[tuple[str, bytes]]:
+    """What the native module hands the bridge: a fresh list of Envoy's (lower-case name, raw value) pairs."""
+    return list(headers._items)
 
 
 class InProcessDouble:

@@ -34,7 +34,8 @@ CHAINS: dict[str, tuple[int, int, int]] = {
 }
 
 Result = Any
-Header = tuple[bytes, bytes]
+Header = tuple[str, bytes]  # what Envoy's maps arrive as
+ReplyHeader = tuple[bytes, bytes]  # what a Result carries back
 
 _HUGE = 9 * 1024 * 1024  # over the module's default max_body_bytes (8 MiB)
 
@@ -197,12 +198,12 @@ def configure(filter_config_json: str, native: types.ModuleType) -> _Config:
     return _Config(doc, native)
 
 
-def _get(headers: list[Header], name: bytes) -> bytes | None:
+def _get(headers: list[Header], name: str) -> bytes | None:
     return next((value for key, value in headers if key == name), None)
 
 
 def _respond(
-    status: int, details: str, body: bytes = b"", headers: tuple[Header, ...] = (), metadata: Any = None
+    status: int, details: str, body: bytes = b"", headers: tuple[ReplyHeader, ...] = (), metadata: Any = None
 ) -> Result:
     return (1, status, headers, body, details, metadata)
 
@@ -331,10 +332,10 @@ class _Stream:
     def request_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
         if self.config.chain in _BENCH:
             return _BENCH[self.config.chain]
-        self.path = _get(headers, b":path") or b""
+        self.path = _get(headers, ":path") or b""
         path = self.path.split(b"?")[0]
         stamp = (0, ((0, b"x-fake-req", b"1"), (1, b"x-fake-append", b"a"), (2, b"x-remove-me", None)), None, None)
-        delay = int(_get(headers, b"x-delay-ms") or b"0")
+        delay = int(_get(headers, "x-delay-ms") or b"0")
         actions: dict[bytes, Callable[[], Result]] = {
             b"/ok": lambda: stamp,
             b"/respond": lambda: _respond(403, "fake_denied", b"denied\n", ((b"x-denied", b"yes"),)),
@@ -382,7 +383,9 @@ class _Stream:
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/headers-seen": lambda: _respond(
-                200, "fake_headers", json.dumps([[k.decode(), len(v)] for k, v in headers]).encode()
+                200,
+                "fake_headers",
+                json.dumps([[k, len(v)] for k, v in headers]).encode(),  # str names: bytes would not serialise
             ),
         }
         if path.startswith(b"/malformed/"):
@@ -454,7 +457,7 @@ class _Stream:
         return None
 
     def request_trailers(self, trailers: list[Header]) -> Result:
-        if _get(trailers, b"x-deny") is not None:
+        if _get(trailers, "x-deny") is not None:
             return _respond(403, "fake_trailer_denied")
         return (0, ((0, b"x-fake-trailer", b"1"),), None, None)
 

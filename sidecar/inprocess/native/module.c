@@ -660,8 +660,9 @@ static void fail_result(stream_filter *f, const char *phase, const char *what) {
 }
 
 /* ---- Envoy -> Python copies ------------------------------------------------------------------------------------- */
-/* Header names Envoy's maps hold on most requests and responses, made once as bytes: a stream's copy of them costs
- * a reference, not an allocation. */
+/* Header names Envoy's maps hold on most requests and responses, made once as interned str: a stream's copy of them
+ * costs a reference, not an allocation. Names reach Python as the str a plugin's Headers holds (latin-1, lossless for
+ * any byte), so the bridge wraps Envoy's list as it is; Envoy's maps hold lower-case names only. */
 static const char *const COMMON_NAMES[] = {
     ":authority", ":path", ":method", ":scheme", ":status", "host", "user-agent", "accept", "accept-encoding",
     "accept-language", "content-type", "content-length", "transfer-encoding", "connection", "cookie", "authorization",
@@ -675,16 +676,16 @@ static size_t common_name_lengths[COMMON_NAME_COUNT];
 static int common_names_make(void) {
   for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
     common_name_lengths[i] = strlen(COMMON_NAMES[i]);
-    if (!(common_names[i] = PyBytes_FromStringAndSize(COMMON_NAMES[i], (Py_ssize_t)common_name_lengths[i]))) return -1;
+    if (!(common_names[i] = PyUnicode_InternFromString(COMMON_NAMES[i]))) return -1;
   }
   return 0;
 }
 
-/* A new reference to `name` as bytes. */
+/* A new reference to `name` as str (latin-1). */
 static PyObject *header_name(const char *name, size_t len) {
   for (size_t i = 0; i < COMMON_NAME_COUNT; i++)
     if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return Py_NewRef(common_names[i]);
-  return PyBytes_FromStringAndSize(name, (Py_ssize_t)len);
+  return PyUnicode_DecodeLatin1(name, (Py_ssize_t)len, NULL);
 }
 
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
