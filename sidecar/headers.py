@@ -35,6 +35,8 @@ _FIELD_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwx
 #: `connection` a hook sets, and a `transfer-encoding` a hook sets or removes breaks the body's framing
 #: (a chunked upload reached the upstream empty). A plugin cannot set them.
 CONNECTION_FIELDS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+#: Names a plugin's set is checked further for: the connection's, and content-length.
+_GUARDED_NAMES = CONNECTION_FIELDS | {"content-length"}
 
 
 def _encode(value: str | bytes) -> bytes:
@@ -193,8 +195,16 @@ class Headers(MutableMapping[str, str]):
     # -- changing ------------------------------------------------------------------------------
 
     def __setitem__(self, name: str, value: str | bytes) -> None:
-        name = _checked_name(name)
+        # Every plugin sets headers on every request: the remembered name is looked up here, not in a call.
+        lowered = _CHECKED_NAMES.get(name) if type(name) is str else None
+        name = lowered if lowered is not None else _checked_name(name)
         encoded = _checked_value(name, value)
+        if name in _GUARDED_NAMES:
+            self._set_guarded(name, encoded)
+        else:
+            self._put(name, encoded)
+
+    def _set_guarded(self, name: str, encoded: bytes) -> None:
         check_connection_field(name)
         if name == "content-length" and self.raw_all(name) != [encoded]:
             raise ValueError(

@@ -249,7 +249,11 @@ class BridgeStream:
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
-        rid = view.raw("x-request-id")
+        rid = b""
+        for name, value in headers:  # `view.raw` less its lower-casing: Envoy's names are lower-case
+            if name == "x-request-id":
+                rid = value
+                break
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
         answer = self._fields("request_headers", view, end_of_stream, 0)
         if type(answer) is _Await:

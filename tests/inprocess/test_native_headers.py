@@ -44,6 +44,17 @@ def test_headers_arrive_as_envoy_has_them_pseudo_headers_included(envoy: InProce
     assert names["x-mixed-case"] == 300  # lower-cased by Envoy, value whole
 
 
+def test_names_like_the_common_ones_arrive_as_themselves(envoy: InProcessEnvoy) -> None:
+    """The module looks common names up by length, first and last byte: a name sharing all three with one (and so
+    its slot) must still arrive as itself, as must a one-byte name."""
+    lookalikes = {"x-request-xd": "1", "cookje": "2", "servfr": "3", "d": "4", "tf": "5"}
+    status, _, body = envoy.request("/headers-seen", headers=lookalikes)
+    assert status == 200
+    names = dict(json.loads(body))
+    assert {name: names.get(name) for name in lookalikes} == {name: 1 for name in lookalikes}
+    assert "x-request-id" in names  # Envoy's own, once
+
+
 def test_a_pseudo_header_can_be_set(envoy: InProcessEnvoy) -> None:
     status, _, body = envoy.request("/rewrite")
     assert (status, json.loads(body)["path"]) == (200, "/rewritten")
