@@ -6,13 +6,16 @@ downloads and uploads 10 MiB bodies through every variant in turn (interleaved, 
 alike) and the medians are printed as MB/s, as ratios to Envoy alone, and as the sidecar's CPU time per
 MiB moved, and Envoy's (from /proc/PID/stat).
 
-    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--baseline TREE] [--trivial] [--profile DIR]
+    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--baseline TREE] [--trivial] [--small-outputs]
+                                   [--profile DIR]
 
-`--baseline TREE` adds the same two sidecar variants imported from another source tree (say `git archive
-main` unpacked): a change's before and after, interleaved in one run. `--trivial` adds both modes with
-benchmarks/trivial_extproc.py (grpc.aio, each chunk answered at once) in place of the sidecar, behind the
-same Envoy config: what Envoy itself spends per MiB in each mode, whatever the server. `--profile DIR`
-samples every sidecar with py-spy (when installed) for the whole run and writes its collapsed stacks to DIR.
+`--baseline TREE` adds the same sidecar variants imported from another source tree (say `git archive
+main` unpacked): a change's before and after, interleaved in one run. `--small-outputs` adds a FULL_DUPLEX
+request hook that yields 1000-byte pieces (what merging them into fewer messages is worth). `--trivial`
+adds both modes with benchmarks/trivial_extproc.py (grpc.aio, each chunk answered at once) in place of the
+sidecar, behind the same Envoy config: what Envoy itself spends per MiB in each mode, whatever the server.
+`--profile DIR` samples every sidecar with py-spy (when installed) for the whole run and writes its
+collapsed stacks to DIR.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from sidecar.translate.bootstrap import LISTENER_NAME, SIDECAR_CLUSTER  # noqa: 
 MiB = 1024 * 1024
 SIZE = 10 * MiB
 PLUGINS = {"streamed": "tests.support.testplugins:StreamPass", "full-duplex": "tests.support.testplugins:FdPass"}
+#: `--small-outputs`: a FULL_DUPLEX request hook that upper-cases and yields 1000-byte pieces (the response is
+#: not processed), so the upload is many small outputs per chunk of Envoy's.
+SMALL_OUTPUTS = {"fd 1000-byte outputs": "tests.support.testplugins:FdUpper"}
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -129,6 +135,7 @@ def main() -> int:
     parser.add_argument("--transfers", type=int, default=5, help="10 MiB transfers per variant, direction, round")
     parser.add_argument("--baseline", type=Path, help="add the sidecar variants imported from this source tree")
     parser.add_argument("--trivial", action="store_true", help="add both modes with a trivial grpc.aio server")
+    parser.add_argument("--small-outputs", action="store_true", help="add a FULL_DUPLEX hook yielding 1000-byte pieces")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = str(ROOT)
@@ -138,9 +145,10 @@ def main() -> int:
     profile = args.profile.resolve() if args.profile is not None else None
     workdir = tempfile.TemporaryDirectory(prefix="streaming-bench-")
     os.chdir(workdir.name)
-    variants = {name: (plugin, None) for name, plugin in PLUGINS.items()}
+    plugins = PLUGINS | (SMALL_OUTPUTS if args.small_outputs else {})
+    variants = {name: (plugin, None) for name, plugin in plugins.items()}
     if baseline is not None:
-        variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in PLUGINS.items()}
+        variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in plugins.items()}
     profilers: list[subprocess.Popen[bytes]] = []
     with EchoBackend() as backend, contextlib.ExitStack() as others:
         harnesses = {
@@ -184,7 +192,7 @@ def main() -> int:
                         for name, url in urls.items():
                             before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
                             rates = [transfer(client, url, direction) for _ in range(args.transfers)]
-                            line = f"round {round_no} {direction:<8} {name:<21} {statistics.median(rates):7.1f} MB/s"
+                            line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
                             for what, pid in processes[name].items():
                                 used = cpu_seconds(pid) - before[what]
                                 key = (name, direction, what)
@@ -206,7 +214,7 @@ def main() -> int:
         base = statistics.median(results[("envoy alone", direction)])
         for name in urls:
             rate = statistics.median(results[(name, direction)])
-            line = f"{direction:<8} {name:<21} {rate:7.1f} MB/s  ratio {rate / base:.2f}"
+            line = f"{direction:<8} {name:<27} {rate:7.1f} MB/s  ratio {rate / base:.2f}"
             for what in ("envoy", "server"):
                 if (name, direction, what) in cpu:
                     line += f"  {what} CPU {cpu[(name, direction, what)] / moved * 1e3:5.2f} ms/MiB"
