@@ -533,3 +533,32 @@ def test_full_duplex_outputs_waiting_for_a_blocked_sender_are_bounded() -> None:
     big = b"z" * (3 * 1024 * 1024)
     assert b"".join(b for b, _ in bodies) == body + big
     assert all(len(b) <= 1024 * 1024 or b == big for b, _ in bodies)
+
+
+def test_full_duplex_tiny_outputs_waiting_for_a_blocked_sender_are_bounded_in_count() -> None:
+    """One-byte outputs: the outbox's count bound (1,024) holds where its byte bound never would."""
+    yielded = 0
+
+    class Dust(Plugin):
+        async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            nonlocal yielded
+            async for chunk in chunks:
+                for start in range(len(chunk)):
+                    yielded += 1
+                    yield chunk[start : start + 1]
+
+    written: list[bytes] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        if not written:  # the first send blocks: it holds 1,024 outputs, 1,024 more wait, one more is yielded
+            await wait_until(lambda: yielded >= 2 * 1024 + 1)
+            for _ in range(200):
+                await asyncio.sleep(0)
+            assert yielded == 2 * 1024 + 1
+        written.append(b"".join((message, *more)))
+
+    body = random.Random(3).randbytes(5_000)
+    asyncio.run(_serve_request_body(Dust(), [body], write_encoded))
+    bodies = _streamed_bodies(written)
+    assert b"".join(b for b, _ in bodies) == body
+    assert len(bodies) < 10 and all(len(b) <= 1024 for b, _ in bodies)
