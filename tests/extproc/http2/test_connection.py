@@ -307,6 +307,14 @@ async def test_a_tcp_socket_keeps_the_kernels_own_send_buffer_tuning() -> None:
         assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
         assert unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * min(UNIX_SEND_BUFFER, _wmem_max())
 
+    class Refusing:
+        family = socket.AF_UNIX
+
+        def setsockopt(self, *args: object) -> None:
+            raise PermissionError("not allowed here")
+
+    _widen_send_buffer(Transport(Refusing()))  # type: ignore[arg-type]  # a tuning: refused, nothing else changes
+
 
 @pytest.mark.skipif(_wmem_max() < UNIX_SEND_BUFFER, reason="net.core.wmem_max caps SO_SNDBUF below a whole answer")
 async def test_a_1_mib_answer_goes_to_the_kernel_at_once_and_reading_from_the_peer_goes_on(tmp_path: Path) -> None:
