@@ -2,9 +2,12 @@
 
 Envoy sends body chunks as they arrive and expects `streamed_response` chunks back at the server's own
 pace. Input chunks go through a small bounded queue into the chain's stages, each an async iterator of
-`(bytes, end_of_stream)` pairs; a task sends whatever comes out. Memory stays bounded: a stage that stops
-reading makes the queue full, and the feeder then waits (back-pressuring Envoy over gRPC flow control)
-for at most the stream deadline before failing the stream.
+`(bytes, end_of_stream)` pairs; what comes out goes through another small queue to a task that sends it,
+the outputs that are ready together as one `streamed_response` (Envoy parses, times and forwards each
+message: a hook yielding many small pieces cost it one message per piece). Memory stays bounded: a stage
+that stops reading makes the input queue full, and the feeder then waits (back-pressuring Envoy over
+gRPC flow control) for at most the stream deadline before failing the stream; a sender that cannot send
+makes the output queue full, and the stages wait.
 
 Envoy applies no message timeout in this mode, so every wait here has a deadline: a stalled or buggy
 plugin costs the client a 500 (the gRPC stream is failed), never a hang. The pipeline is a task of the
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -28,10 +32,20 @@ from sidecar.plugins import Context
 __all__ = ["DuplexPipe", "SendChunk", "WriteEncoded", "as_body", "call_chunk", "encode_streamed", "streamed_response"]
 
 _QUEUE_CHUNKS = 4  # chunks of at most ~1 MiB each from Envoy
+#: Outputs waiting to be sent, at most: their bytes (one output more may take them past it; a larger one
+#: waits alone) and their count. Those ready together go as one message of at most _OUTBOX_BYTES.
+_OUTBOX_BYTES = 1024 * 1024  # Envoy's own chunks are about 1 MiB
+_OUTBOX_ITEMS = 1024
+#: Pieces of a message smaller than this on average are joined (one copy) rather than written as views.
+_JOIN_PIECES_BELOW = 16 * 1024
 
 Item = tuple[bytes, bool]
-#: One `streamed_response` chunk to Envoy: (body kind, bytes, end_of_stream).
-SendChunk = Callable[[str, bytes, bool], Awaitable[None]]
+
+
+class SendChunk(Protocol):
+    """One `streamed_response` to Envoy: its body is `body` and `more` end to end."""
+
+    def __call__(self, kind: str, body: bytes, end_of_stream: bool, *more: bytes) -> Awaitable[None]: ...
 
 
 class WriteEncoded(Protocol):
@@ -91,10 +105,12 @@ _BODY_KEY = _key(_STREAMED["body"])
 _END = _varint(_STREAMED["end_of_stream"].number << 3) + b"\x01"  # varint field (wire type 0), true
 
 
-def encode_streamed(kind: str, body: bytes, end_of_stream: bool) -> tuple[bytes, bytes, bytes]:
-    """`streamed_response(kind, body, end_of_stream)` encoded as (head, body, tail), which end to end are
-    exactly its SerializeToString, without building the message or copying the body."""
+def encode_streamed(kind: str, body: bytes, end_of_stream: bool, *more: bytes) -> tuple[bytes, ...]:
+    """`streamed_response(kind, body + b"".join(more), end_of_stream)` encoded as (head, body, *more, tail),
+    which end to end are exactly its SerializeToString, without building the message or joining the bytes."""
     size = len(body)
+    for piece in more:
+        size += len(piece)
     tail = _END if end_of_stream else b""
     if size:  # proto3: an empty body is left out, as upb does
         length_of = _varint(size)
@@ -108,7 +124,7 @@ def encode_streamed(kind: str, body: bytes, end_of_stream: bool) -> tuple[bytes,
         parts += (length_of, key)
         length += len(key) + len(length_of)
     parts.reverse()
-    return b"".join(parts), body, tail
+    return b"".join(parts), body, *more, tail
 
 
 class DuplexPipe:
@@ -133,6 +149,7 @@ class DuplexPipe:
         self.deadline = deadline
         self._send = send
         self._queue: asyncio.Queue[Item] = asyncio.Queue(_QUEUE_CHUNKS)
+        self._outbox = _Outbox()
         self._ended = False
         self._ended_by_trailers = False
         #: Once Envoy ended the body: when the pipeline must have finished (loop time).
@@ -142,6 +159,7 @@ class DuplexPipe:
         for stage in stages:
             stage_of = _chunk_stage if stage.kind == "chunk" else _stream_stage
             stream = stage_of(stage, ctx, stream, functools.partial(fault, kind, stage))
+        self._sender = tasks.create_task(self._send_outputs())
         self._task = tasks.create_task(self._run(stream))
 
     async def _source(self) -> AsyncIterator[Item]:
@@ -159,8 +177,9 @@ class DuplexPipe:
             async with deadline:
                 async for body, end in stream:
                     if body or end:
-                        await self._send(self.kind, body, end and not self._ended_by_trailers)
+                        await self._outbox.put(body, end)
                     if end:
+                        await self._sender  # sent, all of it: trailers may be answered now
                         return
         except StreamFailure:
             raise  # a stage's plugin failed, already reported with its name and an error id
@@ -171,6 +190,19 @@ class DuplexPipe:
                 ) from None
             raise StreamFailure(f"{self.kind}: body pipeline failed: {type(exc).__name__}") from exc
         raise StreamFailure("body pipeline ended without end of stream")
+
+    async def _send_outputs(self) -> None:
+        """Send the stages' outputs in order, those waiting together as one message. Nothing waits for more
+        to come: an output goes as soon as this task runs, so outputs merge only when they come faster
+        than they can be sent (many small ones from one input chunk, or while Envoy's window is full)."""
+        while True:
+            pieces, end = await self._outbox.take()
+            if len(pieces) > 1 and sum(map(len, pieces)) < _JOIN_PIECES_BELOW * len(pieces):
+                pieces = [b"".join(pieces)]
+            body, *more = pieces or [b""]
+            await self._send(self.kind, body, end and not self._ended_by_trailers, *more)
+            if end:
+                return
 
     async def feed(self, body: bytes, end_of_stream: bool) -> None:
         """Hand one chunk from Envoy to the pipeline; waits while the pipeline is full."""
@@ -206,6 +238,53 @@ class DuplexPipe:
 
     def cancel(self) -> None:
         self._task.cancel()
+        self._sender.cancel()
+
+
+class _Outbox:
+    """The outputs of a pipeline waiting to be sent, bounded by _OUTBOX_BYTES and _OUTBOX_ITEMS: a stage
+    that gets ahead of the sender waits for it (and, through the input queue, so does Envoy)."""
+
+    __slots__ = ("_bytes", "_ended", "_items", "_putter", "_taker")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._bytes = 0
+        self._ended = False
+        self._putter: asyncio.Future[None] | None = None
+        self._taker: asyncio.Future[None] | None = None
+
+    async def put(self, body: bytes, end: bool) -> None:
+        while self._items and (self._bytes >= _OUTBOX_BYTES or len(self._items) >= _OUTBOX_ITEMS):
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        if body:
+            self._items.append(body)
+            self._bytes += len(body)
+        self._ended = self._ended or end
+        _wake(self._taker)
+
+    async def take(self) -> tuple[list[bytes], bool]:
+        """What waits, in order, up to _OUTBOX_BYTES (or the first output, whatever its size); and whether
+        the end of the body is among it."""
+        while not self._items and not self._ended:
+            self._taker = asyncio.get_running_loop().create_future()
+            await self._taker
+        items = self._items
+        pieces: list[bytes] = []
+        size = 0
+        while items and (not pieces or size + len(items[0]) <= _OUTBOX_BYTES):
+            piece = items.popleft()
+            pieces.append(piece)
+            size += len(piece)
+        self._bytes -= size
+        _wake(self._putter)
+        return pieces, self._ended and not items
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def as_body(result: Any, hook: Hook, expected: str | None = None) -> bytes:

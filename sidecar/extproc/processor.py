@@ -417,16 +417,17 @@ class StreamProcessor:
             await self._send_streamed(kind, body, end)
         return None
 
-    async def _send_streamed(self, kind: str, body: bytes, end_of_stream: bool) -> None:
-        """One streamed chunk to Envoy, with the dynamic metadata a hook set since the last message."""
+    async def _send_streamed(self, kind: str, body: bytes, end_of_stream: bool, *more: bytes) -> None:
+        """One streamed chunk to Envoy (`body` and `more` end to end), with the dynamic metadata a hook set
+        since the last message."""
         send_encoded = self._send_encoded
         if send_encoded is not None and not self.ctx.dynamic_metadata:
             # The hot path: no message built, the body not copied (the transport writes views of it).
-            await send_encoded(*encode_streamed(kind, body, end_of_stream))
+            await send_encoded(*encode_streamed(kind, body, end_of_stream, *more))
             return
         if self._send is None:
             raise RuntimeError("FULL_DUPLEX bodies are answered inside a stream's lifetime (lifetime.serve)")
-        response = streamed_response(kind, body, end_of_stream)
+        response = streamed_response(kind, b"".join((body, *more)) if more else body, end_of_stream)
         if self.ctx.dynamic_metadata:  # set by a hook: goes with its output
             response.dynamic_metadata.update(self.ctx.dynamic_metadata)
             self.ctx.dynamic_metadata = {}

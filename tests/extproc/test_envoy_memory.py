@@ -70,3 +70,22 @@ def test_100_mib_each_way_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHa
     grew = sampler.peak - idle
     print(f"{plugin}: idle {idle / MiB:.1f} MiB, peak {sampler.peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
     assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"
+
+
+def test_100_mib_up_as_1000_byte_outputs_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHarness]) -> None:
+    """FdUpper yields 1000-byte pieces: up to 1,024 of them wait in a pipeline's outbox to be sent together,
+    which must not let memory grow with the body either."""
+    env = sidecar_envoy(plugins=["tests.support.testplugins:FdUpper"])
+    assert env.sidecar is not None
+    with httpx.Client(timeout=120) as client:
+        client.get(env.url + "/warm-up")
+        idle = rss(env.sidecar.pid)
+        with Sampler(env.sidecar.pid) as sampler:
+            up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
+    expected = hashlib.sha256()
+    for piece in pattern_bytes(SIZE):
+        expected.update(piece.upper())
+    assert up["body_length"] == SIZE and up["body_sha256"] == expected.hexdigest()
+    grew = sampler.peak - idle
+    print(f"FdUpper: idle {idle / MiB:.1f} MiB, peak {sampler.peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
+    assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"

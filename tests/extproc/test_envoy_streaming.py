@@ -294,3 +294,23 @@ def test_full_duplex_failing_after_its_first_output_ends_the_response_promptly(s
                 received += piece
         assert time.monotonic() - started < 5, (http2, path)  # the stream deadline is 10 s, the client's 20 s
         assert received, (http2, path)  # the first chunk went out before the failure
+
+
+def _ext_proc_counter(env: EnvoyHarness, name: str) -> int:
+    assert env.envoy is not None
+    text = httpx.get(env.envoy.admin_url + f"/stats?filter=ext_proc\\..*\\.{name}$").text
+    (line,) = text.splitlines()
+    return int(line.rpartition(":")[2])
+
+
+def test_full_duplex_small_outputs_reach_envoy_merged_and_exact(sidecar_envoy: Factory) -> None:
+    """FdUpper yields 1000-byte pieces: 2,098 of them for this body. Those waiting together reach Envoy as
+    one `streamed_response` (Envoy parses, times and forwards every message), byte for byte and in order,
+    with the end of the body on the last; Envoy's own counter shows how few messages it had to take."""
+    env = sidecar_envoy(plugins=[TP + "FdUpper"])
+    body = b"".join(pattern_bytes(2 * MiB + 5))
+    echoed = httpx.post(env.url + "/upload", content=pieces(body, 100_000), timeout=60).json()
+    assert echoed["body_length"] == len(body)
+    assert echoed["body_sha256"] == hashlib.sha256(body.upper()).hexdigest()
+    received = _ext_proc_counter(env, "stream_msgs_received")
+    assert 3 <= received <= 2 + len(body) // 100_000 + 1  # the headers answers, at most one a chunk, the end

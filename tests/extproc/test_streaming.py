@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -65,6 +65,15 @@ class Joiner(Plugin):
     async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield b"<" + chunk + b">"
+
+
+class _Confetti(Plugin):
+    """FULL_DUPLEX request: every input chunk comes out as 100-byte pieces."""
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            for start in range(0, len(chunk), 100):
+                yield chunk[start : start + 100]
 
 
 class Stall(Plugin):
@@ -317,6 +326,10 @@ def test_encoded_streamed_chunks_are_exactly_the_messages(kind: str) -> None:
             head, same, tail = encode_streamed(kind, body, end)
             assert same is body  # handed on, not copied
             assert head + body + tail == streamed_response(kind, body, end).SerializeToString(), (size, end)
+            cut = [body[: size // 3], body[size // 3 : size // 2], body[size // 2 :]]
+            head, *same_pieces, tail = encode_streamed(kind, cut[0], end, *cut[1:])  # several outputs as one
+            assert all(a is b for a, b in zip(same_pieces, cut, strict=True))
+            assert head + body + tail == streamed_response(kind, body, end).SerializeToString(), (size, end)
 
 
 class _ChunkMetadata(Plugin):
@@ -352,6 +365,10 @@ _DUPLEX_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] =
             ("response_body", b"r" * 20_000, False),
             ("response_trailers", b"", False),
         ],
+    ),
+    "many small outputs, merged": (
+        [_Confetti(), _MetadataAtTheEnd()],
+        [("request_body", b"c" * 5_000, False), ("request_body", b"d" * 301, True), ("response_body", b"e", True)],
     ),
     "pass-through beside a headers plugin": (
         [tp.FdPass(), tp.AddHeaders()],
@@ -405,3 +422,143 @@ def test_full_duplex_through_an_encoded_writer_sends_what_the_message_writer_sen
     sent, pieces_written = asyncio.run(run(encoded=True))
     assert pieces_written > 0  # the encoded path was taken
     assert sent == plain
+
+
+async def _serve_request_body(
+    plugin: Plugin, chunks: list[bytes], write_encoded: Callable[..., Awaitable[None]]
+) -> None:
+    """A FULL_DUPLEX request body through `serve`, Envoy half-closing only once the body's end was sent."""
+    messages = [_message("request_headers")]
+    messages += [_message("request_body", body=c, end_of_stream=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    incoming = iter([*messages, None])
+    ended = asyncio.Event()
+
+    async def read() -> pb.ProcessingRequest | None:
+        message = next(incoming)
+        if message is None:
+            await asyncio.wait_for(ended.wait(), 5)
+        return message
+
+    async def write(response: pb.ProcessingResponse) -> None:
+        pass  # the headers answer
+
+    async def write_encoded_then_watch(message: bytes, *more: bytes) -> None:
+        await write_encoded(message, *more)
+        response = pb.ProcessingResponse.FromString(b"".join((message, *more)))
+        if response.request_body.response.body_mutation.streamed_response.end_of_stream:
+            ended.set()
+
+    await serve(StreamProcessor(Chain("c", [plugin])), read, write, write_encoded_then_watch)
+
+
+def _streamed_bodies(written: list[bytes]) -> list[tuple[bytes, bool]]:
+    responses = [pb.ProcessingResponse.FromString(message) for message in written]
+    streamed = [response.request_body.response.body_mutation.streamed_response for response in responses]
+    return [(s.body, s.end_of_stream) for s in streamed]
+
+
+def test_full_duplex_outputs_waiting_together_go_to_envoy_as_one_message() -> None:
+    """A hook yielding many small pieces from one chunk costs Envoy one message, not one per piece (Envoy
+    parses, times and forwards each); the bytes, their order and the end of the body stay exact."""
+    chunks = [random.Random(n).randbytes(size) for n, size in enumerate([30_000, 1, 250_000, 999])]
+    written: list[bytes] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        written.append(b"".join((message, *more)))
+
+    asyncio.run(_serve_request_body(_Confetti(), chunks, write_encoded))
+    bodies = _streamed_bodies(written)
+    assert b"".join(body for body, _ in bodies) == b"".join(chunks)
+    assert [end for _, end in bodies] == [False] * (len(bodies) - 1) + [True]
+    pieces = sum(-(-len(c) // 100) for c in chunks)
+    assert len(bodies) <= len(chunks) + 1 < pieces  # one message per input chunk at most, and the end
+
+
+def test_full_duplex_an_output_goes_out_before_the_hook_yields_the_next() -> None:
+    """Merging never waits for more: an output is sent while the hook is still busy with the next one."""
+    sent_first = asyncio.Event()
+
+    class Slow(Plugin):
+        async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield chunk[:1]
+                await asyncio.wait_for(sent_first.wait(), 5)  # would time out if the first waited for this
+                yield chunk[1:]
+
+    written: list[bytes] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        written.append(b"".join((message, *more)))
+        sent_first.set()
+
+    asyncio.run(_serve_request_body(Slow(), [b"abc"], write_encoded))
+    assert _streamed_bodies(written)[0] == (b"a", False)
+    assert b"".join(body for body, _ in _streamed_bodies(written)) == b"abc"
+
+
+def test_full_duplex_outputs_waiting_for_a_blocked_sender_are_bounded() -> None:
+    """While a send waits (Envoy's window full, say), the hook may get ahead only by the outbox's bound
+    (1 MiB, then one output more); then it waits too, and so does its input. No message exceeds 1 MiB
+    unless one output alone does (it then goes alone)."""
+    piece = 64 * 1024
+    yielded = 0
+    release = asyncio.Event()
+
+    class Producer(Plugin):
+        async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            nonlocal yielded
+            async for chunk in chunks:
+                for start in range(0, len(chunk), piece):
+                    yielded += 1
+                    yield chunk[start : start + piece]
+            yield b"z" * (3 * 1024 * 1024)  # larger than the bound: goes as it is
+
+    written: list[bytes] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        if not written:
+            # The first send blocks. It holds 1 MiB (16 outputs); the hook goes on until 1 MiB more waits,
+            # puts one output more, and waits: 33 yielded, however long the loop runs meanwhile.
+            await wait_until(lambda: yielded >= 33)
+            for _ in range(200):
+                await asyncio.sleep(0)  # turns of the loop for the hook to run ahead, were it unbounded
+            assert yielded == 16 + 16 + 1
+            release.set()
+        written.append(b"".join((message, *more)))
+
+    body = random.Random(7).randbytes(8 * 1024 * 1024)
+    asyncio.run(_serve_request_body(Producer(), [body], write_encoded))
+    assert release.is_set()
+    bodies = _streamed_bodies(written)
+    big = b"z" * (3 * 1024 * 1024)
+    assert b"".join(b for b, _ in bodies) == body + big
+    assert all(len(b) <= 1024 * 1024 or b == big for b, _ in bodies)
+
+
+def test_full_duplex_tiny_outputs_waiting_for_a_blocked_sender_are_bounded_in_count() -> None:
+    """One-byte outputs: the outbox's count bound (1,024) holds where its byte bound never would."""
+    yielded = 0
+
+    class Dust(Plugin):
+        async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            nonlocal yielded
+            async for chunk in chunks:
+                for start in range(len(chunk)):
+                    yielded += 1
+                    yield chunk[start : start + 1]
+
+    written: list[bytes] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        if not written:  # the first send blocks: it holds 1,024 outputs, 1,024 more wait, one more is yielded
+            await wait_until(lambda: yielded >= 2 * 1024 + 1)
+            for _ in range(200):
+                await asyncio.sleep(0)
+            assert yielded == 2 * 1024 + 1
+        written.append(b"".join((message, *more)))
+
+    body = random.Random(3).randbytes(5_000)
+    asyncio.run(_serve_request_body(Dust(), [body], write_encoded))
+    bodies = _streamed_bodies(written)
+    assert b"".join(b for b, _ in bodies) == body
+    assert len(bodies) < 10 and all(len(b) <= 1024 for b, _ in bodies)

@@ -368,6 +368,9 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return 0  # everything written is taken at once
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # no socket
+
     def is_closing(self) -> bool:
         return self.closing
 

@@ -10,7 +10,9 @@ and idle timeouts: `limits.py`) and turns every violation into GOAWAY (a connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
@@ -60,6 +62,13 @@ from sidecar.extproc.http2.frames import (
 )
 from sidecar.extproc.http2.limits import CALL_COST, FloodGuard, ReceiveBudget, largest_holder
 from sidecar.extproc.status import CallError, Status
+
+#: SO_SNDBUF asked for on a Unix socket (the kernel doubles it for its bookkeeping, up to net.core.wmem_max).
+#: Linux's default, 208 KiB, takes a fifth of a FULL_DUPLEX answer to one of Envoy's 1 MiB chunks: the rest
+#: waited in the event loop's queue, which paused reading from Envoy, and went out in five more rounds of
+#: wake-up and write on both sides. With this, one write hands the kernel a whole answer (docs/benchmarks.md).
+#: TCP is left alone: setting it would turn off the kernel's own tuning of the buffer.
+UNIX_SEND_BUFFER = 2 * 1024 * 1024
 
 __all__ = ["Connection", "Endpoint"]
 
@@ -153,6 +162,7 @@ class Connection(asyncio.Protocol):
             self._linger()
             return
         self.server.connections.add(self)
+        _widen_send_buffer(self.transport)
         self.write(server_settings())
         self._timer = self.loop.call_later(self.limits.handshake_timeout, self._handshake_expired)
         if self.server.stopping:  # accepted just as the server began to stop: drain it as well
@@ -631,3 +641,11 @@ class Connection(asyncio.Protocol):
                 self.transport.close()  # after the statuses above are written
             else:
                 self.transport.abort()  # the peer is not reading: closing would wait for it forever
+
+
+def _widen_send_buffer(transport: asyncio.Transport) -> None:
+    """UNIX_SEND_BUFFER on a Unix socket; a tuning only, so a kernel that refuses it changes nothing else."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)

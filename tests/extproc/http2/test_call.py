@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hyperframe import frame as hf
 
 from sidecar.config import Limits
 from sidecar.extproc.http2 import Call, Http2Server
+from sidecar.extproc.http2.call import _frames
 from sidecar.extproc.status import CallError, Status
 from tests.support.h2peers import (
     DEADLINE,
@@ -230,3 +232,32 @@ async def test_the_connection_buffer_budget_ends_the_biggest_call(tmp_path: Path
             assert (await raw.finish(3))[b"grpc-status"] == b"0"
     finally:
         await server.stop(0)
+
+
+async def test_data_frames_cut_from_pieces_are_exact_at_every_edge() -> None:
+    """`_frames` cuts what `Call.send` writes (a message's prefix, header and body pieces, views of the
+    caller's bytes) into DATA frames of at most the peer's frame size, part of it at a time when flow
+    control allows only part: end to end the frames carry exactly the pieces, none longer than allowed."""
+    rng = random.Random(17)
+    for _ in range(300):
+        sizes = [0, 1, 5, 100, 999] if rng.random() < 0.3 else [0, 1, 5, 16_383, 16_384, 16_385, 70_000]
+        pieces = [rng.randbytes(rng.choice(sizes)) for _ in range(4)]
+        data = b"".join(pieces)
+        max_frame = rng.choice([1, 7, 16_384] if len(data) < 5_000 else [16_384, 16_385, 1024 * 1024])
+        parts = deque(memoryview(piece) for piece in pieces if piece)
+        frames: list[tuple[int, bytes]] = []
+        left = len(data)
+        while left:
+            allowed = min(left, rng.choice([1, 999, 16_384, 65_535, len(data)]))  # what the windows allow
+            out: list[bytes | memoryview] = []
+            _frames(parts, allowed, 5, max_frame, out)
+            left -= allowed
+            wire = b"".join(out)
+            while wire:
+                length, kind, flags, stream_id = *struct.unpack(">I", b"\0" + wire[:3]), wire[3], wire[4], wire[5:9]
+                assert (kind, flags, int.from_bytes(stream_id)) == (0, 0, 5)
+                assert 0 < length <= max_frame
+                frames.append((length, wire[9 : 9 + length]))
+                wire = wire[9 + length :]
+        assert not parts
+        assert b"".join(payload for _, payload in frames) == data

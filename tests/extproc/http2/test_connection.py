@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import struct
 import tracemalloc
 from collections import defaultdict
@@ -21,6 +22,7 @@ import pytest
 from hyperframe import frame as hf
 
 from sidecar.extproc.http2 import Call, Http2Server
+from sidecar.extproc.http2.connection import UNIX_SEND_BUFFER, _widen_send_buffer
 from sidecar.extproc.http2.frames import MAX_FRAME, PREFACE
 from tests.support.h2peers import (
     DEADLINE,
@@ -44,6 +46,7 @@ from tests.support.h2peers import (
     serving,
     settle,
 )
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -271,3 +274,69 @@ async def test_a_frame_trickled_byte_by_byte_costs_its_bytes_not_an_object_per_r
     conn.data_received(frame[-1:])
     assert list(conn.streams[1]._messages) == [b"t" * 60_000]
     await settle(conn, transport)
+
+
+def _wmem_max() -> int:
+    return int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+
+async def test_a_unix_socket_connection_asks_for_a_send_buffer_that_holds_a_whole_answer(tmp_path: Path) -> None:
+    async with serving(tmp_path, {ECHO: echo}) as (server, path), raw_client(path):
+        await wait_until(lambda: len(server.connections) == 1)
+        (conn,) = server.connections
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        # Linux doubles what it is asked for (its bookkeeping), up to net.core.wmem_max.
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * min(UNIX_SEND_BUFFER, _wmem_max())
+
+
+async def test_a_tcp_socket_keeps_the_kernels_own_send_buffer_tuning() -> None:
+    """Setting SO_SNDBUF on TCP would turn the kernel's autotuning off: only Unix sockets get it."""
+
+    class Transport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str) -> socket.socket:
+            return self.sock
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, socket.socket(socket.AF_UNIX) as unix:
+        before = tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        _widen_send_buffer(Transport(tcp))  # type: ignore[arg-type]
+        _widen_send_buffer(Transport(unix))  # type: ignore[arg-type]
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
+        assert unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * min(UNIX_SEND_BUFFER, _wmem_max())
+
+    class Refusing:
+        family = socket.AF_UNIX
+
+        def setsockopt(self, *args: object) -> None:
+            raise PermissionError("not allowed here")
+
+    _widen_send_buffer(Transport(Refusing()))  # type: ignore[arg-type]  # a tuning: refused, nothing else changes
+
+
+@pytest.mark.skipif(_wmem_max() < UNIX_SEND_BUFFER, reason="net.core.wmem_max caps SO_SNDBUF below a whole answer")
+async def test_a_1_mib_answer_goes_to_the_kernel_at_once_and_reading_from_the_peer_goes_on(tmp_path: Path) -> None:
+    """Envoy's body chunks are 1 MiB. A FULL_DUPLEX answer of that size is handed to the kernel in one write
+    while the peer has not read any of it yet: nothing waits in the event loop's queue, so the connection is
+    not paused (before, it stopped reading the next chunk from Envoy until Envoy had read this answer)."""
+    sent = asyncio.Event()
+
+    async def answer(call: Call) -> None:
+        await call.send(b"a" * (1024 * 1024))
+        sent.set()
+        await call.read()
+
+    async with serving(tmp_path, {ECHO: answer}) as (server, path), raw_client(path) as raw:
+        window = 16 * 1024 * 1024  # what Envoy advertises
+        raw.send(hf.SettingsFrame(0, settings={hf.SettingsFrame.INITIAL_WINDOW_SIZE: window}))
+        raw.send(hf.WindowUpdateFrame(0, window), request_frame(raw))
+        await asyncio.wait_for(sent.wait(), DEADLINE)
+        (conn,) = server.connections
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() == 0
+        assert conn.writable
+        raw.send(hf.DataFrame(1, grpc_frame(b"done"), flags=["END_STREAM"]))
+        await raw.finish(1)
+    assert raw.messages(1) == [b"a" * (1024 * 1024)]
