@@ -108,6 +108,10 @@ class InProcessConfig:
         self.response_body_mode = _NATIVE_BODY_MODE[BodyMode(body_modes[1])]
         async_hooks = _async_hooks(chain)
         runner = shared_loop() if async_hooks else None
+        #: 1: nothing settles this chain's streams from another thread (no async hook), so the native module may
+        #: close one at its last hook, under the GIL it holds, rather than take the GIL again when Envoy destroys
+        #: the filter (it does so for chains of headers phases only).
+        self.releases_early = 0 if async_hooks else 1
         deadline = hook_deadline_ms / 1000
         self.plan = StreamPlan.of(chain, _meters, schedule, runner, deadline, async_hooks, max_body_bytes)
         #: `new_stream(handle)`: the stream C drives (a partial, not a method: one Python frame less a request).

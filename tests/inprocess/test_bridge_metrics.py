@@ -222,3 +222,65 @@ def test_real_envoy_serves_the_per_plugin_counters(sidecar_envoy: Callable[..., 
     }
     assert counts == {(headers, ("plugin", "deny-header")): 2, (headers, ("plugin", "raiser")): 2}
     assert seen["sidecar_extproc_streams_total", (("chain", "deny"),)] == 2
+
+
+class _HeldBody:
+    """An upstream that sends its response headers and half the body, then holds the rest until `release`."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with self._server:
+            conn, _ = self._server.accept()
+            with conn:
+                conn.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    head += conn.recv(4096) or b"\r\n\r\n"
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+                self.release.wait(10)
+                conn.sendall(b"cd")
+
+    def close(self) -> None:
+        self.release.set()
+        self._thread.join(10)
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not sysconfig.get_config_var("Py_ENABLE_SHARED"), reason="this Python has no libpython.so")
+@pytest.mark.parametrize(("plugin", "open_while_body_flows"), [("AddHeaders", 0), ("Slow", 1)])
+def test_a_headers_only_sync_stream_is_closed_at_its_last_hook(
+    sidecar_envoy: Callable[..., EnvoyHarness], tmp_path: Path, plugin: str, open_while_body_flows: int
+) -> None:
+    """A chain of sync headers hooks has nothing left to run once its response headers went on: the stream is
+    closed then, under the GIL that hook holds (not by taking it again when Envoy destroys the filter), so it
+    counts as closed while the body still flows. A chain with an async hook keeps its stream to the end."""
+    port = free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f'metrics: "127.0.0.1:{port}"\nchains:\n  default: {{plugins: ["{TP}{plugin}"]}}\n')
+    upstream = _HeldBody()
+    try:
+        env = sidecar_envoy(config=config, upstream=("127.0.0.1", upstream.port), in_process=True)
+        with httpx.Client(base_url=env.url, timeout=10) as client, client.stream("GET", "/held") as response:
+            assert response.status_code == 200
+            seen = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+            assert seen["sidecar_extproc_streams_total", (("chain", "default"),)] == 1
+            assert seen["sidecar_extproc_streams_active", ()] == open_while_body_flows
+            upstream.release.set()
+            assert response.read() == b"abcd"
+        wait_for(
+            lambda: (
+                samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)[
+                    "sidecar_extproc_streams_active", ()
+                ]
+                == 0
+            ),
+            timeout=10,
+        )
+    finally:
+        upstream.close()

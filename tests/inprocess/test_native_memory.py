@@ -86,7 +86,11 @@ def test_while_the_budget_is_held_a_request_is_processed_or_fails_closed_never_p
     header) or it fails closed (500); none goes upstream unprocessed, and Envoy stays up. Nothing short of a
     restart gives the memory back: the module cannot tell a leak from a cache."""
     with InProcessEnvoy("headers", max_python_bytes=BUDGET, hook_deadline_ms=30_000) as envoy:
-        envoy.request("/hog-keep")  # processed, or failed closed after the hoard was kept: either way it is kept
+        # Processed (the upstream sees the header the hog returns once every size was refused), or failed closed
+        # after the hoard was kept (what C still had to allocate was refused too): either way it is kept.
+        status, _, body = envoy.request("/hog-keep")
+        hoarded = status == 200 and json.loads(body)["headers"].get("x-hoarded") == "1"
+        assert hoarded or (status, body) == (500, b"")
         for _ in range(20):
             status, _, body = envoy.request("/ok")
             if status == 200:
@@ -96,7 +100,7 @@ def test_while_the_budget_is_held_a_request_is_processed_or_fails_closed_never_p
         # Whether any of them still finds free memory depends on what the hoard left in pymalloc's pools: either
         # way none passed unprocessed (above), the budget bit (below), and Envoy is up.
         assert envoy.envoy is not None and envoy.envoy._proc is not None and envoy.envoy._proc.poll() is None
-        assert any("raised MemoryError" in line for line in envoy.module_lines())
+        assert hoarded or any("raised MemoryError" in line for line in envoy.module_lines())
 
 
 def test_another_python_thread_is_held_to_the_same_budget(envoy: InProcessEnvoy) -> None:

@@ -180,6 +180,7 @@ class Counters:
 class _Config:
     def __init__(self, doc: dict[str, Any], native: types.ModuleType) -> None:
         self.phases, self.request_body_mode, self.response_body_mode = CHAINS[doc["chain"]]
+        self.releases_early = 0  # the fake's streams go PENDING and count their closes at destroy
         self.chain: str = doc["chain"]
         self.native = native
 
@@ -219,16 +220,21 @@ def _hog(make: Callable[[], object]) -> Result:
 _HOARD: list[bytearray] = []
 
 
+#: /hog-keep's answer, made before any hoarding: returning it allocates nothing. The upstream sees the header only
+#: if every size ended in a MemoryError, the budget's refusal (the loops end no other way).
+_HOARDED = (0, ((0, b"x-hoarded", b"1"),), None, None)
+
+
 def _hog_keep() -> Result:
-    """Allocates until Python refuses, in ever smaller pieces down to 64 bytes, keeps it all, and answers as if
-    nothing happened."""
+    """Allocates until Python refuses, in ever smaller pieces down to 64 bytes, keeps it all, and answers with
+    one header."""
     for size in (1 << 20, 1 << 16, 1 << 12, 1 << 6):
         try:
             while True:
                 _HOARD.append(bytearray(size))
         except MemoryError:
             pass
-    return None
+    return _HOARDED
 
 
 def _hog_grow() -> Result:

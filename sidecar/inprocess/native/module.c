@@ -56,6 +56,8 @@
 enum { REQUEST = 0, RESPONSE = 1 };
 enum { HEADERS = 0, BODY = 1, TRAILERS = 2 };
 enum { BODY_NONE = 0, BODY_BUFFERED = 1, BODY_STREAMED = 2, BODY_BUFFERED_PARTIAL = 3 };
+/* The bridge's `phases` bits. */
+enum { PHASE_REQUEST_HEADERS = 1, PHASE_RESPONSE_HEADERS = 8 };
 enum { RESULT_CONTINUE = 0, RESULT_RESPOND = 1, RESULT_PENDING = 2 };
 /* What applying a Result left the filter to do. */
 enum outcome { GO_ON, STOPPED, PENDING, WAIT };
@@ -336,6 +338,10 @@ typedef struct {
   PyObject *new_stream;
   unsigned phases;
   int body_mode[2];
+  /* The bridge's streams of this chain may be closed at their last hook (`releases_early`: no async hook, so
+   * nothing settles them from another thread), and the chain runs headers phases only: the stream is closed and
+   * dropped under the GIL its last headers hook holds, not by taking the GIL again when Envoy destroys the filter. */
+  int headers_only_release;
   uint64_t deadline_ns;
   size_t max_body_bytes;
 #ifdef SIDECAR_HOOK_TIMING
@@ -1395,6 +1401,24 @@ static enum outcome catch_up(stream_filter *f, int d) {
   return GO_ON;
 }
 
+/* Closes and drops the bridge's stream. GIL held. */
+static void stream_close(stream_filter *f) {
+  PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
+  if (!r) {
+    log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
+    PyErr_Clear();
+  }
+  Py_XDECREF(r);
+  Py_CLEAR(f->stream);
+}
+
+/* After a headers phase that went on: whether it was the stream's last call into Python (see
+ * `headers_only_release`). The response headers are the last; so are the request headers when the chain has no
+ * response phase. A response that comes after them anyway (a local reply) finds no phase it wants. */
+static int last_call(stream_filter *f, int d) {
+  return f->cfg->headers_only_release && (d == RESPONSE || !(f->cfg->phases & PHASE_RESPONSE_HEADERS));
+}
+
 /* ---- the hooks ------------------------------------------------------------------------------------------------ */
 static int skip(stream_filter *f) { return f->finished || f->cfg == NULL; }
 
@@ -1409,6 +1433,7 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   if (wants(f, d, HEADERS)) {
     gil_take();
     out = run_phase(f, d, HEADERS, end_of_stream, 1);
+    if (out == GO_ON && last_call(f, d)) stream_close(f);
     gil_drop();
   }
   TIMING_END(f->cfg);
@@ -1572,13 +1597,7 @@ void envoy_dynamic_module_on_http_filter_destroy(void *module_filter) {
   free(f->later);
   if (f->stream) {
     gil_take();
-    PyObject *r = call_method_watched(str_close, &f->stream, 1, f->cfg->deadline_ns);
-    if (!r) {
-      log_line("stream.close raised %s", PyErr_Occurred() ? ((PyTypeObject *)PyErr_Occurred())->tp_name : "?");
-      PyErr_Clear();
-    }
-    Py_XDECREF(r);
-    Py_CLEAR(f->stream);
+    stream_close(f);
     gil_drop();
   }
   free(f);
@@ -1706,13 +1725,16 @@ static filter_config *configure(const char *json, size_t json_len) {
   if (!factory) goto fail;
   PyObject *args[2] = {text, native_module};
   if (!(cfg->config = PyObject_Vectorcall(factory, args, 2, NULL))) goto fail;
-  long phases, mode_req, mode_resp;
+  long phases, mode_req, mode_resp, releases_early;
   if (read_int_attr(cfg->config, "phases", 0, 63, &phases) || read_int_attr(cfg->config, "request_body_mode", 0, 3, &mode_req) ||
-      read_int_attr(cfg->config, "response_body_mode", 0, 3, &mode_resp))
+      read_int_attr(cfg->config, "response_body_mode", 0, 3, &mode_resp) ||
+      read_int_attr(cfg->config, "releases_early", 0, 1, &releases_early))
     goto fail;
   cfg->phases = (unsigned)phases;
   cfg->body_mode[REQUEST] = (int)mode_req;
   cfg->body_mode[RESPONSE] = (int)mode_resp;
+  cfg->headers_only_release = releases_early && (phases & ~(long)(PHASE_REQUEST_HEADERS | PHASE_RESPONSE_HEADERS)) == 0 &&
+                              mode_req == BODY_NONE && mode_resp == BODY_NONE;
   if (!(cfg->new_stream = PyObject_GetAttr(cfg->config, str_new_stream))) goto fail;
   /* One interpreter per process: the filter config loaded last sets its budget. */
   atomic_store(&python_budget, max_python);
