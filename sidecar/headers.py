@@ -115,6 +115,10 @@ def check_connection_field(name: str) -> None:
         )
 
 
+#: What `Headers.snapshot` returns and `restore` takes: items, replaced names, appended values.
+Snapshot = tuple[list[tuple[str, bytes]], dict[str, bytes | None], dict[str, list[bytes]]]
+
+
 class Headers(MutableMapping[str, str]):
     """Request or response headers (or trailers) of one HTTP stream.
 
@@ -128,7 +132,10 @@ class Headers(MutableMapping[str, str]):
 
     def __init__(self, items: Iterable[tuple[str, str | bytes]] = ()) -> None:
         self._items: list[tuple[str, bytes]] = [(name.lower(), _encode(value)) for name, value in items]
-        self._replaced: set[str] = set()
+        #: Names whose values were replaced or removed since the last flush, each with its one value when the
+        #: last change to it was a set (the mutation needs no scan of `_items` for it), else None.
+        self._replaced: dict[str, bytes | None] = {}
+        #: Values added to names not replaced.
         self._appended: dict[str, list[bytes]] = {}
 
     @classmethod
@@ -136,7 +143,7 @@ class Headers(MutableMapping[str, str]):
         headers = cls.__new__(cls)
         # Envoy lower-cases keys; older Envoys filled `value` instead of `raw_value`.
         headers._items = [(h.key, h.raw_value or h.value.encode("latin-1")) for h in header_map.headers]
-        headers._replaced = set()
+        headers._replaced = {}
         headers._appended = {}
         return headers
 
@@ -231,14 +238,16 @@ class Headers(MutableMapping[str, str]):
                 items = self._items = [(key, v) for key, v in items if key != name]
                 break
         items.append((name, value))
-        self._replaced.add(name)
+        self._replaced[name] = value
         if self._appended:
             self._appended.pop(name, None)
 
     def _add(self, name: str, value: bytes) -> None:
         """Add a value to a (lower-case) name, unchecked: for the sidecar's own changes."""
         self._items.append((name, value))
-        if name not in self._replaced:
+        if name in self._replaced:
+            self._replaced[name] = None  # more than one value now
+        else:
             self._appended.setdefault(name, []).append(value)
 
     def __delitem__(self, name: str) -> None:
@@ -258,20 +267,20 @@ class Headers(MutableMapping[str, str]):
     def _discard(self, name: str) -> None:
         """Remove every value of a (lower-case) name, unchecked: for the sidecar's own changes."""
         self._items = [(key, v) for key, v in self._items if key != name]
-        self._replaced.add(name)
+        self._replaced[name] = None
         self._appended.pop(name, None)
 
     @property
     def changed(self) -> bool:
         return bool(self._replaced or self._appended)
 
-    def snapshot(self) -> tuple[list[tuple[str, bytes]], set[str], dict[str, list[bytes]]]:
+    def snapshot(self) -> Snapshot:
         """The state to `restore` if what comes next must be undone (a fail_open plugin that fails)."""
-        return list(self._items), set(self._replaced), {name: list(v) for name, v in self._appended.items()}
+        return list(self._items), dict(self._replaced), {name: list(v) for name, v in self._appended.items()}
 
-    def restore(self, state: tuple[list[tuple[str, bytes]], set[str], dict[str, list[bytes]]]) -> None:
+    def restore(self, state: Snapshot) -> None:
         items, replaced, appended = state
-        self._items, self._replaced, self._appended = list(items), set(replaced), dict(appended)
+        self._items, self._replaced, self._appended = list(items), dict(replaced), dict(appended)
 
     # -- to Envoy ------------------------------------------------------------------------------
 
@@ -287,13 +296,13 @@ class Headers(MutableMapping[str, str]):
         """Write the changes into `target` (a field of the response: no copy), then track afresh, so a
         later phase sends only later changes."""
         self._write(target)
-        self._replaced = set()
+        self._replaced = {}
         self._appended = {}
 
     def _write(self, mutation: ext_proc_pb2.HeaderMutation) -> None:
         add = mutation.set_headers.add
-        for name in sorted(self._replaced):
-            values = self.raw_all(name)
+        for name, value in sorted(self._replaced.items()):
+            values = [value] if value is not None else self.raw_all(name)
             if not values:
                 mutation.remove_headers.append(name)
                 continue

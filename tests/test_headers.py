@@ -230,3 +230,32 @@ def test_inner_tabs_spaces_and_empty_values_pass() -> None:
     for value in ("a\tb", "a b", "", b"\x7f\xff"):
         headers["x-v"] = value
         assert headers.raw("x-v") == (value.encode("latin-1") if isinstance(value, str) else value)
+
+
+def test_the_mutation_is_the_final_state_whatever_the_order_of_changes() -> None:
+    """A name set last goes with its one value; set then appended, appended then removed, removed then set: each
+    mutation, applied to what Envoy sent, gives the final headers."""
+    import random
+
+    rng = random.Random(17)
+    names = ["x-a", "x-b", "accept"]
+    for _ in range(300):
+        start = [("accept", b"*/*"), ("x-a", b"0"), ("x-a", b"1")]
+        headers = Headers(start)
+        for _ in range(rng.randint(1, 6)):
+            name, value = rng.choice(names), str(rng.randint(0, 9))
+            rng.choice([lambda: headers.__setitem__(name, value), lambda: headers.append(name, value)])()
+            if rng.random() < 0.2:
+                headers.remove(rng.choice(names))
+        mutation = headers.mutation()
+        applied = Headers(start)
+        if mutation is not None:
+            for name in mutation.remove_headers:
+                applied._discard(name)
+            for option in mutation.set_headers:
+                key, raw = option.header.key, option.header.raw_value
+                if option.append.value:
+                    applied._add(key, raw)
+                else:
+                    applied._put(key, raw)
+        assert sorted(applied._items) == sorted(headers._items)

@@ -778,14 +778,17 @@ class BridgeStream:
         if not replaced and not appended:
             return ()
         ops: list[tuple[int, bytes, bytes | None]] = []
-        items = headers._items
         known = _OUT_NAMES.get
-        for name in sorted(replaced) if len(replaced) > 1 else replaced:
+        for name, value in sorted(replaced.items()) if len(replaced) > 1 else replaced.items():
             raw, guarded = known(name) or _out_name(name)
+            if value is not None:  # set last: its one value, no scan (most changes)
+                if not guarded or not self._refused(name, value, request, 1):
+                    ops.append((SET, raw, value))
+                continue
             values = []
-            for key, value in items:  # a loop, not a list comprehension: one call less (3.11)
+            for key, item in headers._items:  # a loop, not a list comprehension: one call less (3.11)
                 if key == name:
-                    values.append(value)
+                    values.append(item)
             if guarded and self._refused(name, values[0] if values else None, request, len(values)):
                 continue
             if len(values) == 1:
@@ -830,7 +833,7 @@ def _headers(pairs: list[tuple[str, bytes]]) -> Headers:
         raise ProtocolError("header names from the native module are not str: rebuild it (pip install) to match")
     headers = Headers.__new__(Headers)
     headers._items = pairs
-    headers._replaced = set()
+    headers._replaced = {}
     headers._appended = {}
     return headers
 
