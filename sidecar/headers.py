@@ -54,10 +54,12 @@ def check_field(name: str, value: str | bytes) -> tuple[str, bytes]:
 
 
 #: Names that passed `_checked_name`, as a plugin spelled them, to their lower-case form: plugins set the same few
-#: names on every request, and a lookup is a tenth of the check. Bounded: past MAX_CHECKED_NAMES names are
-#: checked each time, never kept (a plugin echoing names from requests costs a check each, never memory).
+#: names on every request, and a lookup is a tenth of the check. Bounded in count and in each name's length, so at
+#: most about 1 MiB: a name past either is checked each time, never kept (a plugin echoing names from requests
+#: costs a check each, not memory held for good).
 _CHECKED_NAMES: dict[str, str] = {}
 MAX_CHECKED_NAMES = 4096
+MAX_CHECKED_NAME_LENGTH = 64
 
 
 def _checked_name(name: str) -> str:
@@ -68,9 +70,14 @@ def _checked_name(name: str) -> str:
         raise TypeError(f"header name: expected str, got {type(name).__name__}")
     lowered = name.lower()
     bare = lowered[1:] if lowered.startswith(":") else lowered  # pseudo-headers: Envoy decides which may change
-    if not bare or not _FIELD_NAME_CHARS.issuperset(bare):
+    # ASCII before lower-casing: the Kelvin sign lower-cases to "k", and the peer would get a name not asked for.
+    if not bare or not name.isascii() or not _FIELD_NAME_CHARS.issuperset(bare):
         raise ValueError(f"header name {name!r}: expected an RFC 9110 token (letters, digits, !#$%&'*+-.^_`|~)")
-    if len(_CHECKED_NAMES) < MAX_CHECKED_NAMES and type(name) is str:  # not a str subclass: its own __eq__
+    if (
+        len(name) <= MAX_CHECKED_NAME_LENGTH
+        and len(_CHECKED_NAMES) < MAX_CHECKED_NAMES
+        and type(name) is str  # not a str subclass: its own __eq__
+    ):
         _CHECKED_NAMES[name] = lowered
     return lowered
 
@@ -84,7 +91,7 @@ _SUSPECT_VALUE = re.compile(rb"[\r\n\0]|\A[ \t]|[ \t]\Z")
 def _checked_value(lowered: str, value: str | bytes) -> bytes:
     if isinstance(value, str):
         try:
-            raw = value.encode("latin-1")
+            raw = str.encode(value, "latin-1")  # a str subclass's own encode() could return anything
         except UnicodeEncodeError:
             raise ValueError(
                 f"header {lowered!r}: the value has characters outside latin-1; encode it (e.g. UTF-8) to bytes"
@@ -280,7 +287,9 @@ class Headers(MutableMapping[str, str]):
 
     def restore(self, state: Snapshot) -> None:
         items, replaced, appended = state
-        self._items, self._replaced, self._appended = list(items), dict(replaced), dict(appended)
+        # Copies all the way down: the state may be restored again, and later appends must not change it.
+        self._items, self._replaced = list(items), dict(replaced)
+        self._appended = {name: list(values) for name, values in appended.items()}
 
     # -- to Envoy ------------------------------------------------------------------------------
 

@@ -262,3 +262,45 @@ def test_the_mutation_is_the_final_state_whatever_the_order_of_changes() -> None
                 else:
                     applied._put(key, raw)
         assert sorted(applied._items) == sorted(headers._items)
+
+
+def test_long_names_are_checked_each_time_and_never_remembered() -> None:
+    """A plugin echoing client-chosen names (Envoy allows names of about 60 KiB) must not pin them: only short
+    names are remembered, so the cache stays about 1 MiB whatever the names."""
+    from sidecar import headers as module
+
+    headers = Headers()
+    for i in range(50):
+        headers[f"x-{i}-" + "a" * 60_000] = "1"
+    assert all(len(name) <= module.MAX_CHECKED_NAME_LENGTH for name in module._CHECKED_NAMES)
+    with pytest.raises(ValueError, match="token"):
+        headers["x-" + "a" * 60_000 + " "] = "1"
+
+
+def test_a_name_that_is_a_token_only_once_lower_cased_is_refused() -> None:
+    with pytest.raises(ValueError, match="token"):
+        Headers()["\u212a-a"] = "1"  # KELVIN SIGN lower-cases to "k"
+
+
+def test_a_str_subclass_value_is_encoded_as_its_text() -> None:
+    class Odd(str):
+        def encode(self, *args: object, **kwargs: object) -> bytes:
+            return bytearray(b"not-this")  # type: ignore[return-value]
+
+    headers = Headers()
+    headers["x-odd"] = Odd("text")
+    assert headers.raw("x-odd") == b"text" and type(headers.raw("x-odd")) is bytes
+
+
+def test_a_snapshot_restored_twice_is_the_same_state_both_times() -> None:
+    headers = Headers([("x-a", "0")])
+    headers.append("x-b", "1")
+    before = headers.snapshot()
+    headers.append("x-b", "2")
+    headers.restore(before)
+    headers.append("x-b", "3")  # must not reach `before`
+    headers.restore(before)
+    mutation = headers.mutation()
+    assert mutation is not None
+    assert [(o.header.key, o.header.raw_value) for o in mutation.set_headers] == [("x-b", b"1")]
+    assert headers.get_all("x-b") == ["1"]

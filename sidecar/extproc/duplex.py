@@ -200,7 +200,12 @@ class DuplexPipe:
             if len(pieces) > 1 and sum(map(len, pieces)) < _JOIN_PIECES_BELOW * len(pieces):
                 pieces = [b"".join(pieces)]
             body, *more = pieces or [b""]
-            await self._send(self.kind, body, end and not self._ended_by_trailers, *more)
+            try:
+                await self._send(self.kind, body, end and not self._ended_by_trailers, *more)
+            except (StreamFailure, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # the connection went, or metadata changed after set_metadata: the stream's
+                raise StreamFailure(f"{self.kind}: sending the body failed: {type(exc).__name__}") from exc
             if end:
                 return
 

@@ -840,14 +840,16 @@ def _headers(pairs: list[tuple[str, bytes]]) -> Headers:
 
 #: For the header ops: a name's bytes and whether Envoy's mutation rules guard it (a pseudo-header, `host`,
 #: `x-envoy-*`). Most requests carry the same few dozen names, and a lookup beats encoding and testing each.
-#: Bounded: past MAX_NAMES new names are encoded each time, never kept (random names cost a call, never memory).
+#: Bounded in count and length (about 1 MiB at most): other names are encoded each time, never kept (random names
+#: cost a call, not memory held for good).
 _OUT_NAMES: dict[str, tuple[bytes, bool]] = {}
 MAX_NAMES = 4096
+MAX_NAME_LENGTH = 64
 
 
 def _out_name(name: str) -> tuple[bytes, bool]:
     out = (name.encode("latin-1"), name[0] == ":" or name == "host" or name.startswith(_PROTECTED_PREFIX))
-    if len(_OUT_NAMES) < MAX_NAMES:
+    if len(name) <= MAX_NAME_LENGTH and len(_OUT_NAMES) < MAX_NAMES:
         _OUT_NAMES[name] = out
     return out
 

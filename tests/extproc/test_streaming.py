@@ -562,3 +562,23 @@ def test_full_duplex_tiny_outputs_waiting_for_a_blocked_sender_are_bounded_in_co
     bodies = _streamed_bodies(written)
     assert b"".join(b for b, _ in bodies) == body
     assert len(bodies) < 10 and all(len(b) <= 1024 for b, _ in bodies)
+
+
+def test_full_duplex_a_send_that_fails_is_a_stream_failure_at_once() -> None:
+    """The sender task's own failure (the connection went, a reset) ends the stream as a named stream failure,
+    promptly, as a failed send did before outputs had their own task: not an internal error with a traceback."""
+    sends = 0
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        nonlocal sends
+        sends += 1
+        if sends == 2:
+            raise ConnectionResetError("peer went away")
+
+    started = time.monotonic()
+    with pytest.raises(StreamFailure, match="sending the body failed: ConnectionResetError"):
+        asyncio.run(
+            _serve_request_body(Doubler(), [b"a" * (1 << 20), b"b" * (1 << 20)], write_encoded)
+        )  # 1 MiB: one a message
+    assert sends == 2
+    assert time.monotonic() - started < 2  # not the stream deadline

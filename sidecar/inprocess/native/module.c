@@ -390,6 +390,7 @@ typedef struct {
   filter_config *cfg;
   PyObject *stream;     /* the bridge's stream, created at the first Python call */
   int registered;       /* holds a registry slot (even if new_stream then failed) */
+  int released;         /* the stream was closed at its last hook (`headers_only_release`): none is made again */
   uint64_t handle;      /* (generation << 32) | slot in the stream registry */
   void *scheduler;      /* created when a phase first goes PENDING */
   int finished;         /* a local reply was sent (by us, a plugin or Envoy): Python is not called again */
@@ -1273,6 +1274,13 @@ done:
 /* Creates the bridge's stream at the first call. GIL held. 0 on success; on failure the stream is failed closed. */
 static int ensure_stream(stream_filter *f, const char *phase) {
   if (f->stream) return 0;
+  if (f->released || f->registered) {
+    /* A phase after the stream's last one (none is known to come), or after new_stream failed: a second stream
+     * would run it without the first one's state, and a second registry slot would leak. */
+    log_line("%s: a phase after the stream was closed: failing closed with 500", phase);
+    fail_closed(f);
+    return -1;
+  }
   if (registry_add(f) != 0) {
     log_line("%s: more than %u streams at once: failing closed with 500", phase, MAX_LIVE_STREAMS);
     fail_closed(f);
@@ -1433,7 +1441,10 @@ static int on_headers(void *envoy, stream_filter *f, int d, bool end_of_stream) 
   if (wants(f, d, HEADERS)) {
     gil_take();
     out = run_phase(f, d, HEADERS, end_of_stream, 1);
-    if (out == GO_ON && last_call(f, d)) stream_close(f);
+    if (out == GO_ON && last_call(f, d)) {
+      stream_close(f);
+      f->released = 1;
+    }
     gil_drop();
   }
   TIMING_END(f->cfg);
