@@ -55,6 +55,14 @@ def test_names_like_the_common_ones_arrive_as_themselves(envoy: InProcessEnvoy) 
     assert "x-request-id" in names  # Envoy's own, once
 
 
+def test_a_repeated_value_is_shared_and_a_changed_one_is_not(envoy: InProcessEnvoy) -> None:
+    """The module hands out the last (name, value) pair of a common name again while Envoy's value is the same:
+    a value of the same length but other bytes, or one past the shared size, must arrive as it is."""
+    for value in ("aaaa", "aaaa", "bbbb", "aaab", "a" * 300, "a" * 300, "aaaa", ""):
+        status, _, body = envoy.request("/echo-accept", headers={"accept": value})
+        assert (status, body) == (200, value.encode())
+
+
 def test_a_pseudo_header_can_be_set(envoy: InProcessEnvoy) -> None:
     status, _, body = envoy.request("/rewrite")
     assert (status, json.loads(body)["path"]) == (200, "/rewritten")

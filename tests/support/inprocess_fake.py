@@ -388,6 +388,7 @@ class _Stream:
             b"/memory": lambda: _respond(200, "fake_memory", json.dumps(self.config.native.memory()).encode()),
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
+            b"/echo-accept": lambda: _respond(200, "fake_echo", _get(headers, "accept") or b""),
             b"/headers-seen": lambda: _respond(
                 200,
                 "fake_headers",

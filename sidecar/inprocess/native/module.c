@@ -699,15 +699,45 @@ static int common_names_make(void) {
   return 0;
 }
 
-/* A new reference to `name` as str (latin-1). */
-static PyObject *header_name(const char *name, size_t len) {
+/* COMMON_NAMES' index of `name`, or -1. */
+static int common_name_index(const char *name, size_t len) {
   if (len) {
     for (unsigned h = name_hash(name, len); name_slot[h]; h = (h + 1) % NAME_SLOTS) {
-      size_t i = (size_t)name_slot[h] - 1;
-      if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return Py_NewRef(common_names[i]);
+      int i = name_slot[h] - 1;
+      if (common_name_lengths[i] == len && memcmp(COMMON_NAMES[i], name, len) == 0) return i;
     }
   }
-  return PyUnicode_DecodeLatin1(name, (Py_ssize_t)len, NULL);
+  return -1;
+}
+
+/* The last (name, value) pair made for each common name, handed out again while Envoy's value is the same: most
+ * fields repeat from one request to the next (:method, :scheme, :authority, user-agent, accept, ...), and a shared
+ * tuple costs a reference, not two allocations and two frees. Tuples cannot change, so sharing is invisible to
+ * Python. Only values up to MAX_SHARED_VALUE bytes are kept. GIL held. */
+#define MAX_SHARED_VALUE 256
+static PyObject *last_pair[COMMON_NAME_COUNT];
+
+/* A new reference to the pair (name as str, latin-1; value as bytes), or NULL with the Python error set. */
+static PyObject *header_pair(const char *key, size_t key_len, const char *value, size_t value_len) {
+  int i = common_name_index(key, key_len);
+  PyObject *last = i >= 0 ? last_pair[i] : NULL;
+  if (last) {
+    PyObject *kept = PyTuple_GET_ITEM(last, 1);
+    if ((size_t)PyBytes_GET_SIZE(kept) == value_len && memcmp(PyBytes_AS_STRING(kept), value, value_len) == 0)
+      return Py_NewRef(last);
+  }
+  PyObject *name = i >= 0 ? Py_NewRef(common_names[i]) : PyUnicode_DecodeLatin1(key, (Py_ssize_t)key_len, NULL);
+  PyObject *bytes = name ? PyBytes_FromStringAndSize(value, (Py_ssize_t)value_len) : NULL;
+  PyObject *pair = bytes ? PyTuple_New(2) : NULL;
+  if (!pair) {
+    Py_XDECREF(name);
+    Py_XDECREF(bytes);
+    return NULL;
+  }
+  PyTuple_SET_ITEM(pair, 0, name);
+  PyTuple_SET_ITEM(pair, 1, bytes);
+  if (i >= 0 && value_len <= MAX_SHARED_VALUE) Py_XSETREF(last_pair[i], Py_NewRef(pair));
+  return pair;
 }
 
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
@@ -731,17 +761,11 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *pair = PyTuple_New(2), *name = NULL, *value = NULL;
-    if (pair && (name = header_name(h[i].key, h[i].key_len)))
-      value = PyBytes_FromStringAndSize(h[i].value, (Py_ssize_t)h[i].value_len);
-    if (!value) {
-      Py_XDECREF(pair);
-      Py_XDECREF(name);
+    PyObject *pair = header_pair(h[i].key, h[i].key_len, h[i].value, h[i].value_len);
+    if (!pair) {
       Py_CLEAR(list);
       break;
     }
-    PyTuple_SET_ITEM(pair, 0, name);
-    PyTuple_SET_ITEM(pair, 1, value);
     PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
   }
 done:
