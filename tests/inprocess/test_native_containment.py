@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -72,13 +72,18 @@ def test_a_spinning_hook_on_one_worker_does_not_stop_the_other() -> None:
         spun: list[int] = []
         spin.start()
         # A /stats answered while the other worker spins in Python (it lets go of the GIL every 5 ms switch
-        # interval) says so; one that landed on the spinning worker waits for the deadline and says 0.
-        # Eight connections at once: Envoy's kernel-balanced listeners put some on the other worker.
-        # Rounds until one answer says so, or the spin ends (its 2 s deadline) and the assertion below fails.
+        # interval) says so; one that landed on the spinning worker waits for the deadline and says 0. Eight
+        # polls in flight, each on a new connection (Envoy's kernel-balanced listeners put about half on the other
+        # worker); each answered one is replaced at once, so polls stuck on the spinning worker, or one round that
+        # began before the spin did, cannot hide the other worker. Until one says so, or the spin ends (its 2 s
+        # deadline) and the assertion below fails.
         during: list[int] = []
         with ThreadPoolExecutor(8) as pool:
+            polls: set[Future[int]] = set()
             while spin.is_alive() and 1 not in during:
-                during = list(pool.map(lambda _: _stats(envoy)["spinning"], range(8)))
+                polls |= {pool.submit(lambda: _stats(envoy)["spinning"]) for _ in range(8 - len(polls))}
+                answered, polls = wait(polls, timeout=0.1, return_when=FIRST_COMPLETED)
+                during += [poll.result() for poll in answered]
         spin.join(timeout=20)
         assert spun == [500]
         assert 1 in during
