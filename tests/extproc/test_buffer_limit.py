@@ -133,15 +133,20 @@ class _Seen(Plugin):
         self.seen.append((len(chunk), end))
 
 
-@pytest.mark.parametrize("size", [LIMIT, LIMIT + 1, 2 * LIMIT])
-def test_a_whole_partial_request_body_without_its_end_is_seen_whole_then_refused(size: int) -> None:
+def _whole_request_body_without_its_end(size: int) -> tuple[_Seen, pb.ProcessingResponse | None]:
+    """A BUFFERED_PARTIAL request body of `size` bytes sent whole, its end not marked: the plugin and the answer."""
     plugin = _Seen()
-    processor = StreamProcessor(Chain("c", [plugin]))
     _, answer = _run(
-        processor,
+        StreamProcessor(Chain("c", [plugin])),
         _headers("request_headers", {"content-length": str(size)}),
         _body("request_body", b"z" * size, end=False),
     )
+    return plugin, answer
+
+
+@pytest.mark.parametrize("size", [LIMIT, LIMIT + 1, 2 * LIMIT])
+def test_a_whole_partial_request_body_without_its_end_is_seen_whole_then_refused(size: int) -> None:
+    plugin, answer = _whole_request_body_without_its_end(size)
     assert plugin.seen == [(size, True)]  # the plugin sees what it is: the whole body
     assert answer is not None and answer.immediate_response.status.code == 413
     assert answer.immediate_response.details == "sidecar_body_over_buffer_limit"
@@ -150,13 +155,7 @@ def test_a_whole_partial_request_body_without_its_end_is_seen_whole_then_refused
 @pytest.mark.parametrize("size", [1, 1000, LIMIT - 1])
 def test_a_whole_partial_body_under_the_buffer_without_its_end_goes_on(size: int) -> None:
     # Envoy holds a body under its buffer whole; one sent without its end has trailers behind it (HTTP/2, gRPC).
-    plugin = _Seen()
-    processor = StreamProcessor(Chain("c", [plugin]))
-    _, answer = _run(
-        processor,
-        _headers("request_headers", {"content-length": str(size)}),
-        _body("request_body", b"z" * size, end=False),
-    )
+    plugin, answer = _whole_request_body_without_its_end(size)
     assert plugin.seen == [(size, False)]
     assert answer is not None and answer.WhichOneof("response") == "request_body"
 

@@ -47,29 +47,38 @@ class Sampler:
         self._thread.join()
 
 
+def _pattern_sha256(transform: Callable[[bytes], bytes] = bytes) -> str:
+    """The sha256 of the SIZE-byte upload pattern, each piece through `transform` (what a plugin makes of it)."""
+    digest = hashlib.sha256()
+    for piece in pattern_bytes(SIZE):
+        digest.update(transform(piece))
+    return digest.hexdigest()
+
+
+def _assert_bounded(plugin: str, idle: int, peak: int) -> None:
+    grew = peak - idle
+    print(f"{plugin}: idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
+    assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"
+
+
 @pytest.mark.parametrize("plugin", ["StreamPass", "FdPass"])
 def test_100_mib_each_way_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHarness], plugin: str) -> None:
     env = sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"])
     assert env.sidecar is not None
+    received, digest = 0, hashlib.sha256()
     with httpx.Client(timeout=120) as client:
         client.get(env.url + "/warm-up")
         idle = rss(env.sidecar.pid)
         with Sampler(env.sidecar.pid) as sampler:
             up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
-            digest = hashlib.sha256()
-            received = 0
             with client.stream("GET", env.url + f"/bytes/{SIZE}") as response:
                 for piece in response.iter_bytes():
                     digest.update(piece)
                     received += len(piece)
-    expected = hashlib.sha256()
-    for piece in pattern_bytes(SIZE):
-        expected.update(piece)
-    assert up["body_length"] == SIZE and up["body_sha256"] == expected.hexdigest()
-    assert received == SIZE and digest.hexdigest() == expected.hexdigest()
-    grew = sampler.peak - idle
-    print(f"{plugin}: idle {idle / MiB:.1f} MiB, peak {sampler.peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
-    assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"
+    expected = _pattern_sha256()
+    assert up["body_length"] == SIZE and up["body_sha256"] == expected
+    assert received == SIZE and digest.hexdigest() == expected
+    _assert_bounded(plugin, idle, sampler.peak)
 
 
 def test_100_mib_up_as_1000_byte_outputs_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHarness]) -> None:
@@ -82,10 +91,5 @@ def test_100_mib_up_as_1000_byte_outputs_in_bounded_memory(sidecar_envoy: Callab
         idle = rss(env.sidecar.pid)
         with Sampler(env.sidecar.pid) as sampler:
             up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
-    expected = hashlib.sha256()
-    for piece in pattern_bytes(SIZE):
-        expected.update(piece.upper())
-    assert up["body_length"] == SIZE and up["body_sha256"] == expected.hexdigest()
-    grew = sampler.peak - idle
-    print(f"FdUpper: idle {idle / MiB:.1f} MiB, peak {sampler.peak / MiB:.1f} MiB, grew {grew / MiB:.1f} MiB")
-    assert grew < BOUND, f"sidecar RSS grew by {grew / MiB:.1f} MiB (bound {BOUND / MiB:.0f} MiB)"
+    assert up["body_length"] == SIZE and up["body_sha256"] == _pattern_sha256(bytes.upper)
+    _assert_bounded("FdUpper", idle, sampler.peak)
