@@ -324,21 +324,25 @@ def test_a_parameters_ref_naming_no_envoy_proxy_falls_back_as_in_eg(
     assert found is not None and found.name == "shared"
 
 
-def _two_rule_route(bad_match: str, second: str = "{path: {type: PathPrefix, value: /good}}") -> str:
-    to_app = "backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]"
-    rules = f"""---
+def _two_rule_route(
+    first: str, second: str = "{path: {type: PathPrefix, value: /good}}", filters: tuple[str, str] = ("", "")
+) -> str:
+    """An HTTPRoute of two rules to one Backend: `first` and `second` are their matches, `filters` their filters."""
+    rules = "".join(
+        f"    - matches: [{matches}]\n"
+        + (f"      filters: [{rule_filters}]\n" if rule_filters else "")
+        + "      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]\n"
+        for matches, rule_filters in zip((first, second), filters, strict=True)
+    )
+    route = f"""---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: app}}
 spec:
   parentRefs: [{{name: eg}}]
   rules:
-    - matches: [{bad_match}]
-      {to_app}
-    - matches: [{second}]
-      {to_app}
-"""
-    return GATEWAY + rules + backend("app", loopback(8080))
+{rules}"""
+    return GATEWAY + route + backend("app", loopback(8080))
 
 
 BAD_REGEX_MATCHES = [
@@ -381,14 +385,9 @@ BAD_FILTERS = [
 
 
 def _route_with_filter_rule(bad_filter: str, second_too: bool = False) -> str:
-    text = _two_rule_route("{path: {type: PathPrefix, value: /bad}}")
-    marker = "      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: app}]\n"
-    first, rest = text.split(marker, 1)
-    text = first + f"      filters: [{bad_filter}]\n" + marker + rest
-    if second_too:
-        head, tail = text.rsplit(marker, 1)
-        text = head + f"      filters: [{bad_filter}]\n" + marker + tail
-    return text
+    return _two_rule_route(
+        "{path: {type: PathPrefix, value: /bad}}", filters=(bad_filter, bad_filter if second_too else "")
+    )
 
 
 @pytest.mark.parametrize("bad", BAD_FILTERS)
