@@ -249,11 +249,7 @@ class BridgeStream:
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
-        rid = b""
-        for name, value in headers:  # `view.raw` less its lower-casing: Envoy's names are lower-case
-            if name == "x-request-id":
-                rid = value
-                break
+        rid = view.raw("x-request-id")
         ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
         answer = self._fields("request_headers", view, end_of_stream, 0)
         if type(answer) is _Await:
@@ -781,14 +777,7 @@ class BridgeStream:
         known = _OUT_NAMES.get
         for name, value in sorted(replaced.items()) if len(replaced) > 1 else replaced.items():
             raw, guarded = known(name) or _out_name(name)
-            if value is not None:  # set last: its one value, no scan (most changes)
-                if not guarded or not self._refused(name, value, request, 1):
-                    ops.append((SET, raw, value))
-                continue
-            values = []
-            for key, item in headers._items:  # a loop, not a list comprehension: one call less (3.11)
-                if key == name:
-                    values.append(item)
+            values = [value] if value is not None else headers.raw_all(name)  # a set was its last change: no scan
             if guarded and self._refused(name, values[0] if values else None, request, len(values)):
                 continue
             if len(values) == 1:
