@@ -63,6 +63,18 @@ def test_a_repeated_value_is_shared_and_a_changed_one_is_not(envoy: InProcessEnv
         assert (status, body) == (200, value.encode())
 
 
+def test_repeated_values_share_their_pair_but_credentials_never_do(envoy: InProcessEnvoy) -> None:
+    """A credential kept from one request would outlive it and be compared with the next one's: authorization and
+    cookies are always made afresh, as are request ids; other repeated fields are shared."""
+    fields = {"accept": "a/b", "authorization": "Bearer t0k3n", "cookie": "s=1", "x-request-id": "same"}
+    envoy.request("/shared-pairs", headers=fields)
+    status, _, body = envoy.request("/shared-pairs", headers=fields)
+    same = json.loads(body)
+    assert status == 200
+    assert same["accept"] and same[":method"]
+    assert not (same["authorization"] or same["cookie"] or same["x-request-id"])
+
+
 def test_a_pseudo_header_can_be_set(envoy: InProcessEnvoy) -> None:
     status, _, body = envoy.request("/rewrite")
     assert (status, json.loads(body)["path"]) == (200, "/rewritten")

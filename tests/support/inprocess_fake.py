@@ -203,6 +203,18 @@ def _get(headers: list[Header], name: str) -> bytes | None:
     return next((value for key, value in headers if key == name), None)
 
 
+#: /shared-pairs: the (name, value) pairs of the last such request, by name.
+_LAST_PAIRS: dict[str, Header] = {}
+
+
+def _same_pairs(headers: list[Header]) -> dict[str, bool]:
+    """Per name: whether the module handed over the very pair object of the last /shared-pairs request."""
+    same = {name: _LAST_PAIRS.get(name) is pair for pair in headers for name in (pair[0],)}
+    _LAST_PAIRS.clear()
+    _LAST_PAIRS.update((pair[0], pair) for pair in headers)
+    return same
+
+
 def _respond(
     status: int, details: str, body: bytes = b"", headers: tuple[ReplyHeader, ...] = (), metadata: Any = None
 ) -> Result:
@@ -389,6 +401,7 @@ class _Stream:
             b"/sleep": lambda: time.sleep(1.0),
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/echo-accept": lambda: _respond(200, "fake_echo", _get(headers, "accept") or b""),
+            b"/shared-pairs": lambda: _respond(200, "fake_shared", json.dumps(_same_pairs(headers)).encode()),
             b"/headers-seen": lambda: _respond(
                 200,
                 "fake_headers",

@@ -688,6 +688,16 @@ static unsigned name_hash(const char *name, size_t len) {
   return ((unsigned)len * 31u + (unsigned char)name[0] * 7u + (unsigned char)name[len - 1]) % NAME_SLOTS;
 }
 
+/* The last (name, value) pair made for each common name, handed out again while Envoy's value is the same: most
+ * fields repeat from one request to the next (:method, :scheme, :authority, user-agent, accept, ...), and a shared
+ * tuple costs a reference, not two allocations and two frees. Tuples cannot change, so sharing is invisible to
+ * Python. Only values up to MAX_SHARED_VALUE bytes are kept, and never credentials (one request's would outlive it
+ * and be compared with the next one's) nor request ids (they never repeat). GIL held. */
+#define MAX_SHARED_VALUE 256
+static const char *const NEVER_SHARED[] = {"authorization", "cookie", "set-cookie", "x-request-id"};
+static PyObject *last_pair[COMMON_NAME_COUNT];
+static uint8_t shares_value[COMMON_NAME_COUNT];
+
 static int common_names_make(void) {
   for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
     if (!(common_names[i] = PyUnicode_InternFromString(COMMON_NAMES[i]))) return -1;
@@ -695,6 +705,9 @@ static int common_names_make(void) {
     unsigned h = name_hash(COMMON_NAMES[i], common_name_lengths[i]);
     while (name_slot[h]) h = (h + 1) % NAME_SLOTS;
     name_slot[h] = (int8_t)(i + 1);
+    shares_value[i] = 1;
+    for (size_t j = 0; j < sizeof NEVER_SHARED / sizeof NEVER_SHARED[0]; j++)
+      if (strcmp(COMMON_NAMES[i], NEVER_SHARED[j]) == 0) shares_value[i] = 0;
   }
   return 0;
 }
@@ -710,17 +723,11 @@ static int common_name_index(const char *name, size_t len) {
   return -1;
 }
 
-/* The last (name, value) pair made for each common name, handed out again while Envoy's value is the same: most
- * fields repeat from one request to the next (:method, :scheme, :authority, user-agent, accept, ...), and a shared
- * tuple costs a reference, not two allocations and two frees. Tuples cannot change, so sharing is invisible to
- * Python. Only values up to MAX_SHARED_VALUE bytes are kept. GIL held. */
-#define MAX_SHARED_VALUE 256
-static PyObject *last_pair[COMMON_NAME_COUNT];
-
 /* A new reference to the pair (name as str, latin-1; value as bytes), or NULL with the Python error set. */
 static PyObject *header_pair(const char *key, size_t key_len, const char *value, size_t value_len) {
   int i = common_name_index(key, key_len);
-  PyObject *last = i >= 0 ? last_pair[i] : NULL;
+  int shared = i >= 0 && shares_value[i] && value_len <= MAX_SHARED_VALUE;
+  PyObject *last = shared ? last_pair[i] : NULL;
   if (last) {
     PyObject *kept = PyTuple_GET_ITEM(last, 1);
     if ((size_t)PyBytes_GET_SIZE(kept) == value_len && memcmp(PyBytes_AS_STRING(kept), value, value_len) == 0)
@@ -736,7 +743,7 @@ static PyObject *header_pair(const char *key, size_t key_len, const char *value,
   }
   PyTuple_SET_ITEM(pair, 0, name);
   PyTuple_SET_ITEM(pair, 1, bytes);
-  if (i >= 0 && value_len <= MAX_SHARED_VALUE) Py_XSETREF(last_pair[i], Py_NewRef(pair));
+  if (shared) Py_XSETREF(last_pair[i], Py_NewRef(pair));
   return pair;
 }
 
