@@ -356,14 +356,21 @@ BAD_REGEX_MATCHES = [
 def test_a_rule_eg_cannot_process_is_dropped_and_the_route_keeps_the_others(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
 ) -> None:
-    path = tmp_path / "route.yaml"
-    path.write_text(_two_rule_route(bad))
-    with caplog.at_level("WARNING"):
-        bootstrap = render_bootstrap([path])
-    routes = [r["name"] for r in dump_routes(bootstrap)]
-    assert routes == ["httproute/default/app/rule/1/match/0/wildcard"]
+    path, routes = _render_logged(tmp_path, caplog, _two_rule_route(bad))
+    assert list(routes) == ["httproute/default/app/rule/1/match/0/wildcard"]
     lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]
     assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].matches[0]" in lines[0]
+
+
+def _render_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str
+) -> tuple[Path, dict[str, dict[str, object]]]:
+    """`text` rendered from a file, its warnings captured: the file and the routes by name."""
+    path = tmp_path / "route.yaml"
+    path.write_text(text)
+    with caplog.at_level("WARNING"):
+        bootstrap = render_bootstrap([path])
+    return path, {str(route["name"]): route for route in dump_routes(bootstrap)}
 
 
 def dump_routes(bootstrap: dict[str, object]) -> list[dict[str, object]]:
@@ -394,11 +401,7 @@ def _route_with_filter_rule(bad_filter: str, second_too: bool = False) -> str:
 def test_a_rule_whose_filters_eg_cannot_apply_answers_500_and_the_others_route(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str
 ) -> None:
-    path = tmp_path / "route.yaml"
-    path.write_text(_route_with_filter_rule(bad))
-    with caplog.at_level("WARNING"):
-        bootstrap = render_bootstrap([path])
-    routes = {str(r["name"]): r for r in dump_routes(bootstrap)}
+    path, routes = _render_logged(tmp_path, caplog, _route_with_filter_rule(bad))
     bad_route = routes["httproute/default/app/rule/0/match/0/wildcard"]
     assert bad_route.get("direct_response") == {"status": 500} and "route" not in bad_route
     assert not any(k.startswith(("request_headers", "response_headers")) for k in bad_route)
