@@ -88,6 +88,10 @@ def answered(client: RawClient) -> bool:
     return any("ACK" in f.flags for f in client.of(hf.PingFrame))
 
 
+def answered_twice(client: RawClient) -> bool:
+    return sum("ACK" in f.flags for f in client.of(hf.PingFrame)) >= 2
+
+
 def _stream(end_headers: bool = True) -> bytes:
     return opening(hpack.Encoder(), 1, path=PROCESS_METHOD, end_headers=end_headers)
 
@@ -211,6 +215,9 @@ async def test_connections_under_their_budget_together_over_the_process_budget(t
                 client.send(hf.PingFrame(0, b"answered"))
                 await client.until(partial(answered, client))
             await asyncio.to_thread(legitimate_call, str(sock))
+            for client in clients:  # a second PING's answer comes after whatever the server sent each meanwhile
+                client.send(hf.PingFrame(0, b"after!!!"))
+                await client.until(partial(answered_twice, client))
             ended = [c.headers(1).get(b"grpc-status") for c in clients if c.ended(1)]
             assert ended == [b"8"]  # the largest holder, on whichever connection; the others go on
             counted = 'stream_errors_total{reason="http2_resource_exhausted"} 1.0'
