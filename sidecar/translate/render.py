@@ -9,6 +9,7 @@ clusters they collected become the bootstrap; `dump_yaml` writes it deterministi
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.translate.gateway import build_listeners
 from sidecar.translate.messages import finish_per_filter_configs
 from sidecar.translate.options import RenderOptions
+from sidecar.translate.regex import ENVOY_RUNTIME
 from sidecar.translate.resources import ResourceSet, load_resources
 from sidecar.translate.rules import validate
 
@@ -44,6 +46,8 @@ def build_bootstrap_from_resources(resources: ResourceSet, options: RenderOption
     # which Envoy refuses as an unknown field.
     as_dict = Bootstrap(static_resources=static).to_dict(casing=_proto_field_name)  # type: ignore[arg-type]
     result: dict[str, Any] = finish_per_filter_configs(as_dict)
+    # EG's runtime layer: route regexes of any RE2 program size load (Envoy refuses past 100 without it).
+    result["layered_runtime"] = copy.deepcopy(ENVOY_RUNTIME)
     return result
 
 

@@ -33,6 +33,7 @@ from sidecar.translate.refs import (
     supported_route_kinds,
     unreferenced_proxies,
 )
+from sidecar.translate.regex import regex_error
 from sidecar.translate.resources import EG_API, GATEWAY_API, Resource, ResourceSet, eg_default_reason
 from sidecar.translate.schema import HOSTNAME, check_structure
 
@@ -517,7 +518,7 @@ def _check_rule_filters(res: Resource, r: int, filters: list[dict[str, Any]]) ->
 
 def dropped_rules(route: Resource) -> dict[int, ConfigError]:
     """The rules of `route` EG drops, each with why: a path, header or query parameter match whose regular
-    expression does not compile (EG's processHTTPRouteRule, reason UnsupportedValue)."""
+    expression Go's `regexp` does not compile (EG's processHTTPRouteRule, reason UnsupportedValue; regex.py)."""
     found: dict[int, ConfigError] = {}
     for r, rule in enumerate(route.spec.get("rules") or []):
         for m, match in enumerate(rule.get("matches") or []):
@@ -526,11 +527,10 @@ def dropped_rules(route: Resource) -> dict[int, ConfigError]:
             for field in ("headers", "queryParams"):
                 regexes += [v["value"] for v in match.get(field) or [] if v.get("type") == "RegularExpression"]
             for regex in regexes:
-                try:
-                    re.compile(regex)
-                except re.error as exc:
+                why = regex_error(regex)
+                if why is not None:
                     found.setdefault(
-                        r, route.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {exc}")
+                        r, route.error(f"spec.rules[{r}].matches[{m}]", f"invalid regular expression {regex!r}: {why}")
                     )
     return found
 

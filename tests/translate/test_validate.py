@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sidecar.cli import main
 from sidecar.errors import ConfigError
@@ -216,7 +217,7 @@ def test_render_cli_prints_yaml_or_one_error_line(tmp_path: Path, capsys: pytest
     good = write(tmp_path, "")
     assert main(["render", "-f", str(good)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("static_resources:\n") and "default/eg/http" in out
+    assert yaml.safe_load(out).keys() == {"layered_runtime", "static_resources"} and "default/eg/http" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(BASE.replace("port: 8080", "port: 80800"))
     assert main(["render", "-f", str(bad)]) == 2
@@ -360,6 +361,46 @@ def test_a_rule_eg_cannot_process_is_dropped_and_the_route_keeps_the_others(
     assert list(routes) == ["httproute/default/app/rule/1/match/0/wildcard"]
     lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]
     assert len(lines) == 1 and str(path) in lines[0] and "spec.rules[0].matches[0]" in lines[0]
+
+
+#: Regexes Python's `re` compiles but RE2 (Envoy) and Go's `regexp` (EG) refuse: each drops its rule, as in EG.
+NOT_RE2 = [
+    "/a(?=b)",  # lookahead
+    "/(?<!x)y",  # lookbehind
+    "/(a)\\\\1",  # backreference
+    "/end\\\\Z",  # Python's end of text; RE2 spells it \z
+    "/a*+",  # possessive quantifier
+    "/(?>ab)",  # atomic group
+    "/x{1001}",  # past RE2's and Go's repeat limit of 1000
+    "/\\\\C",  # any byte: RE2 takes it, Go's regexp does not
+]
+#: ... and regexes `re` refuses (or reads otherwise: a POSIX class) but RE2 and Go take: each keeps its rule.
+ONLY_RE2 = ["/\\\\p{Lu}+", "/a(?i)b", "/x\\\\z", "/[[:digit:]]+", "/\\\\Q*\\\\E", "/\\\\\\\\C"]
+
+
+@pytest.mark.parametrize("regex", NOT_RE2)
+def test_a_regex_re2_refuses_drops_its_rule(tmp_path: Path, caplog: pytest.LogCaptureFixture, regex: str) -> None:
+    match = f'{{path: {{type: RegularExpression, value: "{regex}"}}}}'
+    path, routes = _render_logged(tmp_path, caplog, _two_rule_route(match))
+    assert list(routes) == ["httproute/default/app/rule/1/match/0/wildcard"]
+    lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "invalid regular expression" in lines[0]
+
+
+@pytest.mark.parametrize("regex", ONLY_RE2)
+def test_a_regex_re2_takes_keeps_its_rule(tmp_path: Path, caplog: pytest.LogCaptureFixture, regex: str) -> None:
+    match = f'{{headers: [{{name: x-a, type: RegularExpression, value: "{regex}"}}]}}'
+    _path, routes = _render_logged(tmp_path, caplog, _two_rule_route(match))
+    assert len(routes) == 2
+    assert not [r for r in caplog.records if "rule is left out" in r.getMessage()]
+
+
+def test_the_bootstrap_carries_egs_re2_program_size_levels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Envoy refuses a regex whose RE2 program is over 100 unless the runtime lifts it, as EG's bootstrap does."""
+    path = tmp_path / "route.yaml"
+    path.write_text(_two_rule_route("{path: {type: PathPrefix, value: /a}}"))
+    (layer,) = render_bootstrap([path])["layered_runtime"]["layers"]
+    assert layer["static_layer"]["re2.max_program_size.error_level"] >= 2**32 - 1
 
 
 def _render_logged(
