@@ -142,9 +142,12 @@ class FdUpper(Plugin):
         pending = b""
         async for chunk in chunks:
             pending += chunk.upper()
-            while len(pending) >= 1000:
-                yield pending[:1000]
-                pending = pending[1000:]
+            whole = len(pending) - len(pending) % 1000
+            view = memoryview(pending)  # slices of a view: re-chunking a 1 MiB chunk is linear, not quadratic
+            for start in range(0, whole, 1000):
+                yield bytes(view[start : start + 1000])
+            view.release()
+            pending = pending[whole:]
         if pending:
             yield pending
 
