@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import shutil
 import signal
@@ -35,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +48,7 @@ from sidecar.stack.demo import EchoBackend, pattern_bytes  # noqa: E402
 from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME, SIDECAR_CLUSTER  # noqa: E402
+from tests.support.heap import EnvoyHeap  # noqa: E402
 
 MiB = 1024 * 1024
 SIZE = 10 * MiB
@@ -85,35 +84,6 @@ def without_retry(bootstrap: dict[str, Any]) -> dict[str, Any]:
     for processor in ext_proc_filters(bootstrap):
         del processor["grpc_service"]["retry_policy"]
     return bootstrap
-
-
-class HeapSampler:
-    """The peak of an Envoy's `allocated` heap bytes (admin `/memory`) while in use, above where it started."""
-
-    def __init__(self, envoy: Envoy) -> None:
-        self.envoy = envoy
-        self.start = self.peak = self._allocated()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _allocated(self) -> int:
-        return int(json.loads(self.envoy.admin("/memory"))["allocated"])
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._allocated())
-
-    def __enter__(self) -> HeapSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def grew(self) -> int:
-        return self.peak - self.start
 
 
 def with_server(bootstrap: dict[str, Any], socket: Path) -> dict[str, Any]:
@@ -258,7 +228,7 @@ def main() -> int:
                     for direction in ("download", "upload"):
                         for name, url in urls.items():
                             before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
-                            with HeapSampler(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
+                            with EnvoyHeap(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
                                 rates = [transfer(client, url, direction, size) for _ in range(args.transfers)]
                             line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
                             if sampler is not None:
