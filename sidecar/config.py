@@ -7,6 +7,7 @@
     grace_period: 10                               # seconds in-flight streams get on SIGTERM
     message_timeout: 0.5                           # for the generated Envoy config
     stream_timeout: 10                             # deadline for streaming body hooks (FULL_DUPLEX)
+    stall_timeout: 30                              # the event loop stuck this long: stacks dumped, worker exits
     transport: native                              # or grpcio (grpc.aio): see docs/serving.md
     tracing: false                                 # OpenTelemetry spans, exporter from OTEL_* (docs/serving.md)
     access_log: false                              # one log line per ext_proc stream
@@ -62,6 +63,9 @@ TRANSPORTS = ("native", "grpcio")
 DEFAULT_CHAIN = "default"
 #: How long FULL_DUPLEX body stages may stall (Envoy applies no timeout there); the server's and the Driver's.
 DEFAULT_STREAM_TIMEOUT = 10.0
+#: How long a worker's event loop may stop turning (code blocked in C holding the GIL, which no hook deadline can
+#: interrupt) before the worker dumps every thread's stack and exits, to be restarted. 0: never.
+DEFAULT_STALL_TIMEOUT = 30.0
 FAILURE_POLICIES = ("fail_closed", "fail_open")
 
 
@@ -131,6 +135,7 @@ class SidecarConfig:
     grace_period: float = 10.0
     message_timeout: float = 0.5
     stream_timeout: float = DEFAULT_STREAM_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
     log_format: str = "json"
     #: "native": the sidecar's own HTTP/2 gRPC transport on the event loop (fast); "grpcio": grpc.aio.
     transport: str = "native"
@@ -200,6 +205,7 @@ _TOP_FIELDS = {
     "grace_period",
     "message_timeout",
     "stream_timeout",
+    "stall_timeout",
     "log_format",
     "transport",
     "limits",
@@ -320,6 +326,10 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["message_timeout"] = r.number(data["message_timeout"], "message_timeout", 0.001, 3600)
     if "stream_timeout" in data:
         kwargs["stream_timeout"] = r.number(data["stream_timeout"], "stream_timeout", 0.001, 3600)
+    if "stall_timeout" in data:
+        kwargs["stall_timeout"] = r.number(data["stall_timeout"], "stall_timeout", 0, 3600)
+        if 0 < kwargs["stall_timeout"] < 1:
+            raise r.fail("stall_timeout", "0 (never) or at least 1 second", data["stall_timeout"])
     if "transport" in data:
         if data["transport"] not in TRANSPORTS:
             raise r.fail("transport", " or ".join(TRANSPORTS), data["transport"])

@@ -47,6 +47,9 @@ def test_toml(tmp_path: Path) -> None:
         ({"plugins": [{"use": "x", "colour": 1}]}, "plugins[0].colour: unknown field"),
         ({"bogus": 1}, "bogus: unknown field"),
         ({"transport": "quic"}, "transport: expected native or grpcio, got 'quic'"),
+        ({"stall_timeout": 0.5}, "stall_timeout: expected 0 (never) or at least 1 second, got 0.5"),
+        ({"stall_timeout": -1}, "stall_timeout: expected a number from 0 to 3600, got -1"),
+        ({"stall_timeout": "30s"}, "stall_timeout: expected a number from 0 to 3600, got '30s'"),
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:

@@ -23,6 +23,7 @@ from sidecar.chains import Registry
 from sidecar.config import SidecarConfig
 from sidecar.extproc.metrics import Metrics, Snapshot, fold_retired, read_snapshots, serve_metrics
 from sidecar.extproc.server import ExtProcServer
+from sidecar.extproc.stall import watch_stalls
 
 __all__ = ["Supervisor", "run_single"]
 
@@ -60,8 +61,20 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
         log.info("metrics on http://%s:%d/metrics", config.metrics.rpartition(":")[0], port)
     server = ExtProcServer(registry, config, socket_path=socket_path, metrics=metrics, snapshot_file=snapshot_file)
     with _runner() as runner:
-        runner.run(server.serve_until_signalled())
+        runner.run(_serve_watched(server, config.stall_timeout))
     return 0
+
+
+async def _serve_watched(server: ExtProcServer, stall_timeout: float) -> None:
+    """Serve, with the stall watchdog armed from the loop (stall.py) unless `stall_timeout` is 0."""
+    watcher = asyncio.create_task(watch_stalls(stall_timeout)) if stall_timeout else None
+    try:
+        await server.serve_until_signalled()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 class Supervisor:

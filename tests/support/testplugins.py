@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -383,3 +384,16 @@ class GrpcGate(Plugin):
         if method == "Boom":
             raise RuntimeError("grpc-gate failed")
         return None
+
+
+class FdRegexStall(Plugin):
+    """FULL_DUPLEX_STREAMED request whose hook, on a body starting with `stall`, blocks in C while it holds the
+    GIL (a catastrophic regular expression): no hook deadline can interrupt it, and Envoy applies none."""
+
+    name = "fd-regex-stall"
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if chunk.startswith(b"stall"):
+                re.fullmatch(rb"(a+)+b", b"a" * 64)  # exponential backtracking inside the regex engine
+            yield chunk
