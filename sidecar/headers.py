@@ -100,7 +100,7 @@ def _checked_value(lowered: str, value: str | bytes) -> bytes:
         raw = bytes(value)
     else:
         raise TypeError(f"header {lowered!r}: expected a str or bytes value, got {type(value).__name__}")
-    if _SUSPECT_VALUE.search(raw) is not None:
+    if not raw.isalnum() and _SUSPECT_VALUE.search(raw) is not None:  # letters and digits only: nothing to find
         _refuse_value(lowered, raw)
     return raw
 
@@ -180,7 +180,10 @@ class Headers(MutableMapping[str, str]):
         if not isinstance(name, str):
             return False
         name = name.lower()
-        return any(key == name for key, _ in self._items)
+        for key, _ in self._items:  # a loop, not any() over a generator: a third of the time
+            if key == name:
+                return True
+        return False
 
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()

@@ -619,8 +619,8 @@ class BridgeStream:
         if (
             not end_of_stream
             and kind not in _TRAILERS
+            and self._drops_length(0 if request else 1)  # before the scan: most chains pass bodies untouched
             and "content-length" in fields
-            and self._drops_length(0 if request else 1)
         ):
             # Envoy's ext_proc drops the length of a body it passes on as it comes (the peer gets it chunked):
             # a chunk hook may change the size. Not in `fields`: hooks still see what the client sent.
@@ -777,12 +777,14 @@ class BridgeStream:
         known = _OUT_NAMES.get
         for name, value in sorted(replaced.items()) if len(replaced) > 1 else replaced.items():
             raw, guarded = known(name) or _out_name(name)
-            values = [value] if value is not None else headers.raw_all(name)  # a set was its last change: no scan
+            if value is not None:  # a set was its last change: its one value, no scan
+                if not (guarded and self._refused(name, value, request, 1)):
+                    ops.append((SET, raw, value))
+                continue
+            values = headers.raw_all(name)
             if guarded and self._refused(name, values[0] if values else None, request, len(values)):
                 continue
-            if len(values) == 1:
-                ops.append((SET, raw, values[0]))
-            elif not values:
+            if not values:
                 ops.append((REMOVE, raw, None))
             else:
                 ops.append((SET, raw, values[0]))
