@@ -14,6 +14,9 @@ generator yields the hook's coroutine and the rest of the phase runs on the loop
 awaits each coroutine under the hook deadline and sends the result back in. The worker gets PENDING and, once
 the bridge called `native.schedule(handle)`, `resume()` hands it the phase's result.
 
+C calls `request_headers` with a third argument, the request's first x-request-id value (b"" for none), which the
+module meets while it builds the list anyway.
+
 What C gets (docs: the contract): None, (0, header_ops, body, metadata), (1, status, headers, body, details,
 metadata) or (2,). Metadata is None or (namespace, key, value) items, each value JSON-like (str, int, float,
 bool, None, dict, list), nested at most MAX_METADATA_DEPTH deep.
@@ -242,15 +245,20 @@ class BridgeStream:
 
     # The two headers phases are every request's: their order check and `_run` are inlined (the same checks).
 
-    def request_headers(self, headers: list[tuple[str, bytes]], end_of_stream: bool) -> Result:
+    def request_headers(
+        self, headers: list[tuple[str, bytes]], end_of_stream: bool, request_id: bytes | None = None
+    ) -> Result:
+        """`request_id`: the native module's first x-request-id value from `headers` (b"": none), so the list is not
+        scanned for it; None (not handed over) looks it up."""
         if self._done:  # not the first phase: out of order (raises), as `_order` says
             self._order("request_headers")
         self._done = 1
         view = _headers(headers)
         ctx = self.ctx
         ctx.request_headers = view
-        rid = view.raw("x-request-id")
-        ctx.request_id = rid.decode("latin-1") if rid else Context.new_request_id()
+        if request_id is None:
+            request_id = view.raw("x-request-id")
+        ctx.request_id = request_id.decode("latin-1") if request_id else Context.new_request_id()
         answer = self._fields("request_headers", view, end_of_stream, 0)
         if type(answer) is _Await:
             return self._suspend("request_headers", answer)

@@ -75,6 +75,15 @@ def test_repeated_values_share_their_pair_but_credentials_never_do(envoy: InProc
     assert not (same["authorization"] or same["cookie"] or same["x-request-id"])
 
 
+@pytest.mark.parametrize("sent", [None, "client-chosen-id"])
+def test_the_request_id_is_handed_over_as_the_list_has_it(envoy: InProcessEnvoy, sent: str | None) -> None:
+    """The module hands request_headers the first x-request-id it put in the list (so the bridge need not scan for
+    it): the one Envoy generated, or the one it kept from the client."""
+    status, _, body = envoy.request("/request-id", headers={"x-request-id": sent} if sent else {})
+    ids = json.loads(body)
+    assert status == 200 and ids["handed"] and ids["handed"] == ids["listed"]
+
+
 def test_a_pseudo_header_can_be_set(envoy: InProcessEnvoy) -> None:
     status, _, body = envoy.request("/rewrite")
     assert (status, json.loads(body)["path"]) == (200, "/rewritten")

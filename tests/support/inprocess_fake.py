@@ -203,6 +203,12 @@ def _get(headers: list[Header], name: str) -> bytes | None:
     return next((value for key, value in headers if key == name), None)
 
 
+def _request_ids(headers: list[Header], handed: bytes | None) -> bytes:
+    """/request-id: the request id the module handed over, and the first x-request-id in the list (JSON)."""
+    listed = _get(headers, "x-request-id")
+    return json.dumps({"handed": None if handed is None else handed.decode(), "listed": listed and listed.decode()}).encode()
+
+
 #: /shared-pairs: the (name, value) pairs of the last such request, by name.
 _LAST_PAIRS: dict[str, Header] = {}
 
@@ -347,7 +353,7 @@ class _Stream:
             Counters.closed += 1
 
     # -- request ---------------------------------------------------------------------------------------------------
-    def request_headers(self, headers: list[Header], end_of_stream: bool) -> Result:
+    def request_headers(self, headers: list[Header], end_of_stream: bool, request_id: bytes | None = None) -> Result:
         if self.config.chain in _BENCH:
             return _BENCH[self.config.chain]
         self.path = _get(headers, ":path") or b""
@@ -402,6 +408,7 @@ class _Stream:
             b"/stats": lambda: _respond(200, "fake_stats", json.dumps(Counters.snapshot()).encode()),
             b"/echo-accept": lambda: _respond(200, "fake_echo", _get(headers, "accept") or b""),
             b"/shared-pairs": lambda: _respond(200, "fake_shared", json.dumps(_same_pairs(headers)).encode()),
+            b"/request-id": lambda: _respond(200, "fake_request_id", _request_ids(headers, request_id)),
             b"/headers-seen": lambda: _respond(
                 200,
                 "fake_headers",

@@ -697,6 +697,8 @@ static unsigned name_hash(const char *name, size_t len) {
 static const char *const NEVER_SHARED[] = {"authorization", "cookie", "set-cookie", "x-request-id"};
 static PyObject *last_pair[COMMON_NAME_COUNT];
 static uint8_t shares_value[COMMON_NAME_COUNT];
+static int request_id_name = -1; /* COMMON_NAMES' index of x-request-id: its value goes to request_headers too */
+static PyObject *no_request_id;  /* b"": the request has none */
 
 static int common_names_make(void) {
   for (size_t i = 0; i < COMMON_NAME_COUNT; i++) {
@@ -708,8 +710,9 @@ static int common_names_make(void) {
     shares_value[i] = 1;
     for (size_t j = 0; j < sizeof NEVER_SHARED / sizeof NEVER_SHARED[0]; j++)
       if (strcmp(COMMON_NAMES[i], NEVER_SHARED[j]) == 0) shares_value[i] = 0;
+    if (strcmp(COMMON_NAMES[i], "x-request-id") == 0) request_id_name = (int)i;
   }
-  return 0;
+  return (no_request_id = PyBytes_FromStringAndSize(NULL, 0)) ? 0 : -1;
 }
 
 /* COMMON_NAMES' index of `name`, or -1. */
@@ -723,9 +726,9 @@ static int common_name_index(const char *name, size_t len) {
   return -1;
 }
 
-/* A new reference to the pair (name as str, latin-1; value as bytes), or NULL with the Python error set. */
-static PyObject *header_pair(const char *key, size_t key_len, const char *value, size_t value_len) {
-  int i = common_name_index(key, key_len);
+/* A new reference to the pair (name as str, latin-1; value as bytes), or NULL with the Python error set. `i` is the
+ * name's index in COMMON_NAMES, or -1. */
+static PyObject *header_pair(int i, const char *key, size_t key_len, const char *value, size_t value_len) {
   int shared = i >= 0 && shares_value[i] && value_len <= MAX_SHARED_VALUE;
   PyObject *last = shared ? last_pair[i] : NULL;
   if (last) {
@@ -747,7 +750,9 @@ static PyObject *header_pair(const char *key, size_t key_len, const char *value,
   return pair;
 }
 
-static PyObject *headers_to_python(stream_filter *f, int map, const char **why) {
+/* Envoy's header map as a list of pairs, and (when `request_id` is given) the first x-request-id value in it, borrowed
+ * from the list, or b"" (the bridge then need not scan the list for it). */
+static PyObject *headers_to_python(stream_filter *f, int map, const char **why, PyObject **request_id) {
   size_t n = dm_get_headers_size(f->envoy, map);
   if (n > MAX_HEADERS_IN) {
     *why = "more header fields than " Py_STRINGIFY(MAX_HEADERS_IN);
@@ -768,12 +773,14 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why) 
   }
   list = PyList_New((Py_ssize_t)n);
   for (size_t i = 0; list && i < n; i++) {
-    PyObject *pair = header_pair(h[i].key, h[i].key_len, h[i].value, h[i].value_len);
+    int name = common_name_index(h[i].key, h[i].key_len);
+    PyObject *pair = header_pair(name, h[i].key, h[i].key_len, h[i].value, h[i].value_len);
     if (!pair) {
       Py_CLEAR(list);
       break;
     }
     PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    if (request_id && name == request_id_name && *request_id == no_request_id) *request_id = PyTuple_GET_ITEM(pair, 1);
   }
 done:
   if (h != stack) free(h);
@@ -1351,15 +1358,16 @@ static void mark_pending(stream_filter *f, direction *dir, int kind) {
 static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stream, int in_hook) {
   const char *phase = PHASE_NAMES[d][kind], *why = NULL;
   if (ensure_stream(f, phase) != 0) return STOPPED;
-  PyObject *payload, *r;
+  PyObject *payload, *r, *request_id = no_request_id;
   direction *dir = &f->dir[d];
+  int request_headers = d == REQUEST && kind == HEADERS;
   if (kind == BODY) {
     payload = body_to_python(f, d, in_hook, dir->processed, &why);
     dir->handed = payload ? (size_t)PyBytes_GET_SIZE(payload) : 0;
     /* A partial view cut at max_body_bytes is not the whole body, even at its end. */
     if (payload && body_size(f, d, in_hook) > dir->processed + dir->handed) end_of_stream = 0;
   }
-  else payload = headers_to_python(f, HEADER_MAP[d][kind], &why);
+  else payload = headers_to_python(f, HEADER_MAP[d][kind], &why, request_headers ? &request_id : NULL);
   if (!payload) {
     if (why == TOO_LARGE) {
       fail_too_large(f, d);
@@ -1373,8 +1381,9 @@ static enum outcome run_phase(stream_filter *f, int d, int kind, int end_of_stre
     return STOPPED;
   }
   atomic_store(&f->awaited, 1);
-  PyObject *args[3] = {f->stream, payload, end_of_stream ? Py_True : Py_False};
-  r = call_method_watched(str_phase[d][kind], args, kind == TRAILERS ? 2 : 3, f->cfg->deadline_ns);
+  PyObject *args[4] = {f->stream, payload, end_of_stream ? Py_True : Py_False, request_id};
+  size_t nargs = kind == TRAILERS ? 2 : request_headers ? 4 : 3;
+  r = call_method_watched(str_phase[d][kind], args, nargs, f->cfg->deadline_ns);
   Py_DECREF(payload);
   enum outcome out = apply_result(f, d, kind, r, in_hook);
   if (out == PENDING) {
