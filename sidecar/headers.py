@@ -180,7 +180,7 @@ class Headers(MutableMapping[str, str]):
         if not isinstance(name, str):
             return False
         name = name.lower()
-        for key, _ in self._items:  # a loop, not any() over a generator: a third of the time
+        for key, _ in self._items:  # noqa: SIM110 - a loop, not any() over a generator: a third of the time
             if key == name:
                 return True
         return False
