@@ -206,7 +206,8 @@ def _get(headers: list[Header], name: str) -> bytes | None:
 def _request_ids(headers: list[Header], handed: bytes | None) -> bytes:
     """/request-id: the request id the module handed over, and the first x-request-id in the list (JSON)."""
     listed = _get(headers, "x-request-id")
-    return json.dumps({"handed": None if handed is None else handed.decode(), "listed": listed and listed.decode()}).encode()
+    ids = {"handed": None if handed is None else handed.decode(), "listed": listed and listed.decode()}
+    return json.dumps(ids).encode()
 
 
 #: /shared-pairs: the (name, value) pairs of the last such request, by name.
