@@ -157,12 +157,17 @@ def main() -> int:
     parser.add_argument("--transfers", type=int, default=5, help="transfers per variant, direction, round")
     parser.add_argument("--size", type=int, default=SIZE // MiB, help="body size in MiB")
     parser.add_argument("--no-retry", action="store_true", help="add both modes without the ext_proc retry_policy")
-    parser.add_argument("--memory", action="store_true", help="sample each Envoy's heap during the transfers")
+    parser.add_argument(
+        "--memory", action="store_true", help="sample each Envoy's heap during the transfers (every 20 ms: MB/s dip)"
+    )
     parser.add_argument("--baseline", type=Path, help="add the sidecar variants imported from this source tree")
     parser.add_argument("--trivial", action="store_true", help="add both modes with a trivial grpc.aio server")
     parser.add_argument("--small-outputs", action="store_true", help="add a FULL_DUPLEX hook yielding 1000-byte pieces")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
+    for name in ("rounds", "transfers", "size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
     size = args.size * MiB
     os.environ["PYTHONPATH"] = str(ROOT)
     # `python -m sidecar` puts its working directory first on sys.path, before PYTHONPATH: run the sidecars

@@ -63,8 +63,8 @@ TRANSPORTS = ("native", "grpcio")
 DEFAULT_CHAIN = "default"
 #: How long FULL_DUPLEX body stages may stall (Envoy applies no timeout there); the server's and the Driver's.
 DEFAULT_STREAM_TIMEOUT = 10.0
-#: How long a worker's event loop may stop turning (code blocked in C holding the GIL, which no hook deadline can
-#: interrupt) before the worker dumps every thread's stack and exits, to be restarted. 0: never.
+#: How long a worker's event loop may stop turning (a hook that never gives it back: a synchronous loop, code blocked
+#: in C holding the GIL) before the worker dumps every thread's stack and exits, to be restarted. 0: never.
 DEFAULT_STALL_TIMEOUT = 30.0
 FAILURE_POLICIES = ("fail_closed", "fail_open")
 

@@ -1,4 +1,4 @@
-"""A worker whose event loop stops turning: code blocked in C holding the GIL, which no hook deadline interrupts.
+"""A worker whose event loop stops turning: here code blocked in C while it holds the GIL (no deadline reaches it).
 
 In FULL_DUPLEX_STREAMED Envoy applies no message timeout and the sidecar's own `stream_timeout` runs on the
 stuck loop, so before the stall watchdog (`sidecar/extproc/stall.py`) such a stream waited for Envoy's stream
@@ -53,12 +53,12 @@ def test_a_quiet_worker_is_left_alone(sidecar_envoy: Callable[..., EnvoyHarness]
     """The watchdog is re-armed from the loop: an idle worker (nothing to do for longer than stall_timeout)
     and one that finished a long but turning stream keep running."""
     config = tmp_path / "sidecar.yaml"
-    config.write_text(f"stall_timeout: 1\nplugins: ['{TP}FdRegexStall']\n")
+    config.write_text(f"stall_timeout: {STALL_TIMEOUT}\nplugins: ['{TP}FdRegexStall']\n")
     env = sidecar_envoy(config=config)
     assert env.sidecar is not None
     with httpx.Client(timeout=60) as client:
         assert client.post(env.url + "/upload", content=b"fine").status_code == 200
-        time.sleep(3)  # the input under test: three stall_timeouts with no traffic at all (not a synchronisation)
+        time.sleep(3 * STALL_TIMEOUT)  # the input under test (not a synchronisation): idle for three stall timeouts
         assert env.sidecar.proc is not None and env.sidecar.proc.poll() is None
         assert client.post(env.url + "/upload", content=b"fine").status_code == 200
     assert "Timeout (" not in env.logs()

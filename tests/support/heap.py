@@ -19,14 +19,18 @@ class EnvoyHeap:
         self.interval = interval
         self.start = self.peak = self.allocated()
         self._stop = threading.Event()
+        self.failed: Exception | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def allocated(self) -> int:
         return int(json.loads(self.envoy.admin("/memory"))["allocated"])
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.allocated())
+        try:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, self.allocated())
+        except Exception as exc:  # a peak that stopped being sampled would pass any bound: `grew` raises instead
+            self.failed = exc
 
     def __enter__(self) -> EnvoyHeap:
         self._thread.start()
@@ -39,4 +43,6 @@ class EnvoyHeap:
 
     @property
     def grew(self) -> int:
+        if self.failed is not None:
+            raise AssertionError(f"Envoy's heap was not sampled to the end: {self.failed!r}")
         return self.peak - self.start

@@ -28,6 +28,18 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else []
 
 
+#: EG's bootstrap carries this runtime layer (its bootstrap template): Envoy then takes route regexes of any RE2
+#: program size, where it refuses the whole config past 100 by default.
+EG_RUNTIME = {
+    "layers": [
+        {
+            "name": "global_config",
+            "static_layer": {"re2.max_program_size.error_level": 4294967295, "re2.max_program_size.warn_level": 1000},
+        }
+    ]
+}
+
+
 @dataclass
 class EgXds:
     """The xDS EG wrote for one `xds-testdata` case."""
@@ -81,4 +93,4 @@ class EgXds:
                 for lb_endpoint in locality.get("lbEndpoints") or []:
                     socket = {"socketAddress": {"address": host, "portValue": port}}
                     lb_endpoint.setdefault("endpoint", {})["address"] = socket
-        return {"static_resources": {"listeners": listeners, "clusters": clusters}}
+        return {"static_resources": {"listeners": listeners, "clusters": clusters}, "layered_runtime": EG_RUNTIME}

@@ -373,14 +373,25 @@ NOT_RE2 = [
     "/(?>ab)",  # atomic group
     "/x{1001}",  # past RE2's and Go's repeat limit of 1000
     "/\\\\C",  # any byte: RE2 takes it, Go's regexp does not
+    "/(?P<ná>x)",  # a capture name beyond ASCII: RE2 takes it, Go's regexp does not
+    "/" + "(" * 1000 + "a" + ")" * 1000,  # Go's nesting limit (RE2 has none); a header value may be this long
 ]
 #: ... and regexes `re` refuses (or reads otherwise: a POSIX class) but RE2 and Go take: each keeps its rule.
-ONLY_RE2 = ["/\\\\p{Lu}+", "/a(?i)b", "/x\\\\z", "/[[:digit:]]+", "/\\\\Q*\\\\E", "/\\\\\\\\C"]
+ONLY_RE2 = [
+    "/\\\\p{Lu}+",
+    "/a(?i)b",
+    "/x\\\\z",
+    "/[[:digit:]]+",
+    "/\\\\Q*\\\\E",
+    "/\\\\\\\\C",  # an escaped backslash, then C
+    "/[(?P<ná>]",  # in a class: characters, not a group
+    "/" + "(?:" * 999 + "a" + ")" * 999,  # non-capturing groups are no level of Go's tree
+]
 
 
 @pytest.mark.parametrize("regex", NOT_RE2)
 def test_a_regex_re2_refuses_drops_its_rule(tmp_path: Path, caplog: pytest.LogCaptureFixture, regex: str) -> None:
-    match = f'{{path: {{type: RegularExpression, value: "{regex}"}}}}'
+    match = f'{{headers: [{{name: x-a, type: RegularExpression, value: "{regex}"}}]}}'
     path, routes = _render_logged(tmp_path, caplog, _two_rule_route(match))
     assert list(routes) == ["httproute/default/app/rule/1/match/0/wildcard"]
     lines = [r.getMessage() for r in caplog.records if "rule is left out" in r.getMessage()]

@@ -751,7 +751,7 @@ static PyObject *header_pair(int i, const char *key, size_t key_len, const char 
 }
 
 /* Envoy's header map as a list of pairs, and (when `request_id` is given) the first x-request-id value in it, borrowed
- * from the list, or b"" (the bridge then need not scan the list for it). */
+ * from the list (left as it is when there is none), so the bridge need not scan the list for it. */
 static PyObject *headers_to_python(stream_filter *f, int map, const char **why, PyObject **request_id) {
   size_t n = dm_get_headers_size(f->envoy, map);
   if (n > MAX_HEADERS_IN) {
@@ -772,6 +772,7 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why, 
     goto done;
   }
   list = PyList_New((Py_ssize_t)n);
+  int request_id_found = 0; /* a flag, not a test of *request_id: an empty value is the same object as b"" */
   for (size_t i = 0; list && i < n; i++) {
     int name = common_name_index(h[i].key, h[i].key_len);
     PyObject *pair = header_pair(name, h[i].key, h[i].key_len, h[i].value, h[i].value_len);
@@ -780,7 +781,10 @@ static PyObject *headers_to_python(stream_filter *f, int map, const char **why, 
       break;
     }
     PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
-    if (request_id && name == request_id_name && *request_id == no_request_id) *request_id = PyTuple_GET_ITEM(pair, 1);
+    if (request_id && name == request_id_name && !request_id_found) {
+      *request_id = PyTuple_GET_ITEM(pair, 1);
+      request_id_found = 1;
+    }
   }
 done:
   if (h != stack) free(h);
