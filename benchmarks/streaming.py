@@ -48,7 +48,7 @@ from sidecar.stack.demo import EchoBackend, pattern_bytes  # noqa: E402
 from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME, SIDECAR_CLUSTER  # noqa: E402
-from tests.support.heap import EnvoyHeap  # noqa: E402
+from tests.support.heap import envoy_heap  # noqa: E402
 
 MiB = 1024 * 1024
 SIZE = 10 * MiB
@@ -233,7 +233,7 @@ def main() -> int:
                     for direction in ("download", "upload"):
                         for name, url in urls.items():
                             before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
-                            with EnvoyHeap(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
+                            with envoy_heap(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
                                 rates = [transfer(client, url, direction, size) for _ in range(args.transfers)]
                             line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
                             if sampler is not None:

@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 
 from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
+from tests.support.heap import process_rss, rss
 
 pytestmark = pytest.mark.envoy
 
 MiB = 1024 * 1024
 SIZE = 100 * MiB
 BOUND = 64 * MiB  # documented in docs/streaming.md
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-class Sampler:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss(self.pid))
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _pattern_sha256(transform: Callable[[bytes], bytes] = bytes) -> str:
@@ -69,7 +41,7 @@ def test_100_mib_each_way_in_bounded_memory(sidecar_envoy: Callable[..., EnvoyHa
     with httpx.Client(timeout=120) as client:
         client.get(env.url + "/warm-up")
         idle = rss(env.sidecar.pid)
-        with Sampler(env.sidecar.pid) as sampler:
+        with process_rss(env.sidecar.pid) as sampler:
             up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
             with client.stream("GET", env.url + f"/bytes/{SIZE}") as response:
                 for piece in response.iter_bytes():
@@ -89,7 +61,7 @@ def test_100_mib_up_as_1000_byte_outputs_in_bounded_memory(sidecar_envoy: Callab
     with httpx.Client(timeout=120) as client:
         client.get(env.url + "/warm-up")
         idle = rss(env.sidecar.pid)
-        with Sampler(env.sidecar.pid) as sampler:
+        with process_rss(env.sidecar.pid) as sampler:
             up = client.post(env.url + "/upload", content=pattern_bytes(SIZE)).json()
     assert up["body_length"] == SIZE and up["body_sha256"] == _pattern_sha256(bytes.upper)
     _assert_bounded("FdUpper", idle, sampler.peak)

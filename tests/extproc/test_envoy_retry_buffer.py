@@ -21,7 +21,7 @@ import pytest
 
 from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
-from tests.support.heap import EnvoyHeap
+from tests.support.heap import envoy_heap
 from tests.support.load import children
 from tests.support.testplugins import TP
 from tests.support.wait import wait_for
@@ -60,10 +60,10 @@ def test_envoy_keeps_no_copy_of_a_streamed_body(sidecar_envoy: Factory, plugin: 
     assert env.envoy is not None
     with httpx.Client(timeout=120) as client:
         _download(client, env, 1024)  # warm-up: the connection to the sidecar, Envoy's pools
-        with EnvoyHeap(env.envoy) as up:
+        with envoy_heap(env.envoy) as up:
             _upload(client, env, SIZE)
         after_upload = _abandoned(env)
-        with EnvoyHeap(env.envoy) as down:
+        with envoy_heap(env.envoy) as down:
             _download(client, env, SIZE)
     print(f"{plugin}: Envoy's heap +{up.grew / MiB:.1f} MiB up, +{down.grew / MiB:.1f} MiB down")
     assert up.grew < HEAP_BOUND, f"Envoy's heap grew {up.grew / MiB:.1f} MiB for a {SIZE // MiB} MiB upload"

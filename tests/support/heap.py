@@ -1,48 +1,68 @@
-"""Envoy's heap while something runs: the peak of admin `/memory`'s `allocated`, sampled every 20 ms."""
+"""Memory peaks sampled every 20 ms while something runs: Envoy's heap (admin `/memory`), a process's RSS."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from sidecar.stack.envoy import Envoy
 
 
-class EnvoyHeap:
-    """`with EnvoyHeap(envoy) as heap: ...`, then `heap.grew`: how far the peak rose above the start, bytes.
+class PeakSampler:
+    """`with PeakSampler(read) as sampler: ...`, then `sampler.peak` (the largest `read()` seen, the start
+    included) and `sampler.grew` (how far it rose above the start). A `read` that failed in the sampling thread
+    fails both instead of leaving a peak that stopped being sampled, which would pass any bound."""
 
-    `allocated` is tcmalloc's count of bytes handed out, so it follows what Envoy holds (buffers, copies)
-    rather than what the allocator keeps mapped, as RSS would."""
-
-    def __init__(self, envoy: Envoy, interval: float = 0.02) -> None:
-        self.envoy = envoy
+    def __init__(self, read: Callable[[], int], interval: float = 0.02) -> None:
+        self.read = read
         self.interval = interval
-        self.start = self.peak = self.allocated()
-        self._stop = threading.Event()
+        self.start = self._peak = read()
         self.failed: Exception | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def allocated(self) -> int:
-        return int(json.loads(self.envoy.admin("/memory"))["allocated"])
 
     def _run(self) -> None:
         try:
             while not self._stop.wait(self.interval):
-                self.peak = max(self.peak, self.allocated())
-        except Exception as exc:  # a peak that stopped being sampled would pass any bound: `grew` raises instead
+                self._peak = max(self._peak, self.read())
+        except Exception as exc:
             self.failed = exc
 
-    def __enter__(self) -> EnvoyHeap:
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.allocated())
+        if self.failed is None:
+            self._peak = max(self._peak, self.read())
+
+    @property
+    def peak(self) -> int:
+        if self.failed is not None:
+            raise AssertionError(f"the peak was not sampled to the end: {self.failed!r}")
+        return self._peak
 
     @property
     def grew(self) -> int:
-        if self.failed is not None:
-            raise AssertionError(f"Envoy's heap was not sampled to the end: {self.failed!r}")
         return self.peak - self.start
+
+
+def envoy_heap(envoy: Envoy) -> PeakSampler:
+    """Envoy's `allocated` (tcmalloc's bytes handed out: what Envoy holds, buffers and copies, rather than what the
+    allocator keeps mapped, as RSS would)."""
+    return PeakSampler(lambda: int(json.loads(envoy.admin("/memory"))["allocated"]))
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def process_rss(pid: int) -> PeakSampler:
+    return PeakSampler(lambda: rss(pid))
