@@ -75,11 +75,16 @@ class Raiser(Plugin):
 
 
 class Slow(Plugin):
-    """Awaits for `x-delay` seconds (as a float) before continuing."""
+    """Awaits for `x-delay` seconds (as a float) before continuing. With config `arrived: PATH` it appends a line
+    there as each request enters the hook, for tests that must know a request reached it."""
 
     name = "slow"
 
     async def on_request_headers(self, ctx: Context, headers: Headers) -> None:
+        arrived = self.config.get("arrived")
+        if arrived:
+            with open(str(arrived), "a") as out:
+                out.write(".\n")
         await asyncio.sleep(float(headers.get("x-delay", "0")))
         headers["x-slow"] = "done"
 
