@@ -8,4 +8,5 @@
 * `http2/`     the native HTTP/2 gRPC transport (frames, flow, call, connection, server)
 * `health`     `grpc.health.v1` on the native transport
 * `metrics`    Prometheus metrics; `workers` the supervisor of N worker processes
+* `allocator`  glibc's malloc thresholds, set so body buffers are reused rather than faulted in again
 """

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sidecar.chains import Registry
 from sidecar.config import SidecarConfig
+from sidecar.extproc.allocator import tune_allocator
 from sidecar.extproc.metrics import Metrics, Snapshot, fold_retired, read_snapshots, serve_metrics
 from sidecar.extproc.server import ExtProcServer
 from sidecar.extproc.stall import watch_stalls
@@ -49,6 +50,8 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
 
     A worker does not serve metrics itself: it publishes them for its supervisor.
     """
+    if tune_allocator():
+        log.debug("malloc thresholds fixed for body buffers (allocator.py)")
     metrics = Metrics()
     snapshot_file = None
     if worker:
