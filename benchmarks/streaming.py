@@ -4,10 +4,15 @@ Each variant is a real Envoy (1 worker) in front of the same demo backend; the s
 `sidecar serve` (1 worker, Unix socket) with a plugin that passes every chunk on unchanged. Each round
 downloads and uploads 10 MiB bodies through every variant in turn (interleaved, so machine noise hits all
 alike) and the medians are printed as MB/s, as ratios to Envoy alone, and as the sidecar's CPU time per
-MiB moved, and Envoy's (from /proc/PID/stat).
+MiB moved, and Envoy's (from /proc/PID/stat); then FULL_DUPLEX's throughput over STREAMED's.
 
-    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--size MIB] [--baseline TREE] [--trivial]
-                                   [--small-outputs] [--no-retry] [--memory] [--profile DIR]
+Every variant runs as `--instances` (default 3) separate Envoys and sidecars whose transfers are pooled:
+on a 2-core machine shared by Envoy, the sidecar, the backend and the client, two identical instances
+started side by side differed by up to 10 % in one run (where the scheduler put whom), as much as the
+differences measured here.
+
+    python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--instances 3] [--size MIB] [--baseline TREE]
+                                   [--trivial] [--small-outputs] [--no-retry] [--memory] [--profile DIR]
 
 `--baseline TREE` adds the same sidecar variants imported from another source tree (say `git archive
 main` unpacked): a change's before and after, interleaved in one run. `--small-outputs` adds a FULL_DUPLEX
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +157,22 @@ def start_profilers(pids: dict[str, int], out: Path) -> list[subprocess.Popen[by
     ]
 
 
+@dataclass
+class Target:
+    """One running instance of a variant: where to send, whose CPU to count, whose heap to sample."""
+
+    url: str
+    processes: dict[str, int]  # "envoy" and, with an ext_proc server, "server": pid
+    envoy: Envoy
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--transfers", type=int, default=5, help="transfers per variant, direction, round")
+    parser.add_argument("--transfers", type=int, default=5, help="transfers per variant, instance, direction, round")
+    parser.add_argument(
+        "--instances", type=int, default=3, help="Envoys (and sidecars) per variant, whose transfers are pooled"
+    )
     parser.add_argument("--size", type=int, default=SIZE // MiB, help="body size in MiB")
     parser.add_argument("--no-retry", action="store_true", help="add both modes without the ext_proc retry_policy")
     parser.add_argument(
@@ -165,7 +183,7 @@ def main() -> int:
     parser.add_argument("--small-outputs", action="store_true", help="add a FULL_DUPLEX hook yielding 1000-byte pieces")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
-    for name in ("rounds", "transfers", "size"):
+    for name in ("rounds", "transfers", "instances", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
     size = args.size * MiB
@@ -181,84 +199,72 @@ def main() -> int:
     if baseline is not None:
         variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in plugins.items()}
     profilers: list[subprocess.Popen[bytes]] = []
+    harnesses: list[EnvoyHarness] = []
+    #: Every instance of every variant, "envoy alone" first (the ratios' base).
+    targets: dict[str, list[Target]] = {"envoy alone": []}
     with EchoBackend() as backend, contextlib.ExitStack() as others:
-        harnesses = {
-            name: EnvoyHarness(plugins=[plugin], upstream=backend.address) for name, (plugin, _) in variants.items()
-        }
         try:
-            urls = {}
-            for name, harness in harnesses.items():
-                tree = variants[name][1]
-                with python_path(tree) if tree is not None else contextlib.nullcontext():
-                    urls[name] = harness.start().url
-            pids = {name: harness.sidecar.pid for name, harness in harnesses.items() if harness.sidecar is not None}
-            #: The processes whose CPU time is counted, per variant: its Envoy and its ext_proc server.
-            processes = {
-                name: {"envoy": envoy_pid(harness.envoy), "server": pids[name]} for name, harness in harnesses.items()
-            }
-            plain = copy.deepcopy(harnesses["streamed"].bootstrap)
-            hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-            hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
-            alone = others.enter_context(Envoy(plain))
-            host, port = alone.listener_address(LISTENER_NAME)
-            urls = {"envoy alone": f"http://{host}:{port}", **urls}
-            processes["envoy alone"] = {"envoy": envoy_pid(alone)}
-            envoys = {name: harness.envoy for name, harness in harnesses.items() if harness.envoy is not None}
-            envoys["envoy alone"] = alone
-            for mode in PLUGINS if args.no_retry else ():
-                envoy = others.enter_context(Envoy(without_retry(harnesses[mode].bootstrap)))
-                host, port = envoy.listener_address(LISTENER_NAME)
-                urls[f"{mode} (no retry)"] = f"http://{host}:{port}"
-                processes[f"{mode} (no retry)"] = {"envoy": envoy_pid(envoy), "server": pids[mode]}
-                envoys[f"{mode} (no retry)"] = envoy
-            for mode in PLUGINS if args.trivial else ():
-                socket = Path(workdir.name) / f"trivial-{mode}.sock"
-                server = others.enter_context(trivial_server(socket, full_duplex=mode == "full-duplex"))
-                envoy = others.enter_context(Envoy(with_server(harnesses[mode].bootstrap, socket)))
-                host, port = envoy.listener_address(LISTENER_NAME)
-                urls[f"trivial {mode}"] = f"http://{host}:{port}"
-                processes[f"trivial {mode}"] = {"envoy": envoy_pid(envoy), "server": server.pid}
-                envoys[f"trivial {mode}"] = envoy
+            for instance in range(args.instances):
+                started: dict[str, EnvoyHarness] = {}
+                for name, (plugin, tree) in variants.items():
+                    harness = EnvoyHarness(plugins=[plugin], upstream=backend.address)
+                    harnesses.append(harness)
+                    with python_path(tree) if tree is not None else contextlib.nullcontext():
+                        harness.start()
+                    assert harness.sidecar is not None and harness.envoy is not None
+                    started[name] = harness
+                    pids = {"envoy": envoy_pid(harness.envoy), "server": harness.sidecar.pid}
+                    targets.setdefault(name, []).append(Target(harness.url, pids, harness.envoy))
+                plain = copy.deepcopy(started["streamed"].bootstrap)
+                hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+                targets["envoy alone"].append(listening(others.enter_context(Envoy(plain)), {}))
+                for mode in PLUGINS if args.no_retry else ():
+                    envoy = others.enter_context(Envoy(without_retry(started[mode].bootstrap)))
+                    server = {"server": targets[mode][-1].processes["server"]}
+                    targets.setdefault(f"{mode} (no retry)", []).append(listening(envoy, server))
+                for mode in PLUGINS if args.trivial else ():
+                    socket = Path(workdir.name) / f"trivial-{mode}-{instance}.sock"
+                    trivial = others.enter_context(trivial_server(socket, full_duplex=mode == "full-duplex"))
+                    envoy = others.enter_context(Envoy(with_server(started[mode].bootstrap, socket)))
+                    targets.setdefault(f"trivial {mode}", []).append(listening(envoy, {"server": trivial.pid}))
             results: dict[tuple[str, str], list[float]] = {}
-            #: CPU seconds per (variant, direction, process), over every round.
+            #: CPU seconds per (variant, direction, process), over every round and instance.
             cpu: dict[tuple[str, str, str], float] = {}
-            #: Envoy's heap growth per (variant, direction), one figure a round (`--memory`).
+            #: Envoy's heap growth per (variant, direction), one figure a round and instance (`--memory`).
             heap: dict[tuple[str, str], list[int]] = {}
             with httpx.Client(timeout=120) as client:
-                for url in urls.values():  # warm-up
-                    transfer(client, url, "download", size)
+                for target in (target for instances in targets.values() for target in instances):  # warm-up
+                    transfer(client, target.url, "download", size)
                 if profile is not None:
-                    profilers = start_profilers(pids, profile)
+                    servers = {
+                        f"{name} {number}": target.processes["server"]
+                        for name in variants
+                        for number, target in enumerate(targets[name])
+                    }
+                    profilers = start_profilers(servers, profile)
                 for round_no in range(1, args.rounds + 1):
                     for direction in ("download", "upload"):
-                        for name, url in urls.items():
-                            before = {what: cpu_seconds(pid) for what, pid in processes[name].items()}
-                            with envoy_heap(envoys[name]) if args.memory else contextlib.nullcontext() as sampler:
-                                rates = [transfer(client, url, direction, size) for _ in range(args.transfers)]
+                        for name, instances in targets.items():
+                            rates = []
+                            for target in instances:
+                                rates += measure(client, target, direction, size, args, name, cpu, heap)
                             line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
-                            if sampler is not None:
-                                heap.setdefault((name, direction), []).append(sampler.grew)
-                                line += f"  envoy heap +{sampler.grew / MiB:5.1f} MiB"
-                            for what, pid in processes[name].items():
-                                used = cpu_seconds(pid) - before[what]
-                                key = (name, direction, what)
-                                cpu[key] = cpu.get(key, 0.0) + used
-                                line += f"  {what} CPU {used / (args.transfers * args.size) * 1e3:5.2f} ms/MiB"
-                            results.setdefault((name, direction), []).extend(rates)
                             print(line, flush=True)
+                            results.setdefault((name, direction), []).extend(rates)
         finally:
             for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
                 profiler.wait()
-            for harness in harnesses.values():
+            for harness in harnesses:
                 harness.close()
             os.chdir(ROOT)
     workdir.cleanup()
     print()
-    moved = args.rounds * args.transfers * args.size  # MiB per variant and direction
+    moved = args.rounds * args.transfers * args.instances * args.size  # MiB per variant and direction
     for direction in ("download", "upload"):
         base = statistics.median(results[("envoy alone", direction)])
-        for name in urls:
+        for name in targets:
             rate = statistics.median(results[(name, direction)])
             line = f"{direction:<8} {name:<27} {rate:7.1f} MB/s  ratio {rate / base:.2f}"
             for what in ("envoy", "server"):
@@ -267,7 +273,39 @@ def main() -> int:
             if (name, direction) in heap:
                 line += f"  envoy heap +{statistics.median(heap[(name, direction)]) / MiB:.1f} MiB"
             print(line)
+        for suffix in ("", " (base)"):
+            streamed, duplex = (results.get((mode + suffix, direction)) for mode in ("streamed", "full-duplex"))
+            if duplex and streamed:
+                ratio = statistics.median(duplex) / statistics.median(streamed)
+                print(f"{direction:<8} full-duplex / streamed{suffix}: {ratio:.3f}")
     return 0
+
+
+def listening(envoy: Envoy, processes: dict[str, int]) -> Target:
+    host, port = envoy.listener_address(LISTENER_NAME)
+    return Target(f"http://{host}:{port}", {"envoy": envoy_pid(envoy), **processes}, envoy)
+
+
+def measure(
+    client: httpx.Client,
+    target: Target,
+    direction: str,
+    size: int,
+    args: argparse.Namespace,
+    name: str,
+    cpu: dict[tuple[str, str, str], float],
+    heap: dict[tuple[str, str], list[int]],
+) -> list[float]:
+    """`--transfers` transfers through one instance; its processes' CPU time and Envoy's heap growth added up."""
+    before = {what: cpu_seconds(pid) for what, pid in target.processes.items()}
+    with envoy_heap(target.envoy) if args.memory else contextlib.nullcontext() as sampler:
+        rates = [transfer(client, target.url, direction, size) for _ in range(args.transfers)]
+    if sampler is not None:
+        heap.setdefault((name, direction), []).append(sampler.grew)
+    for what, pid in target.processes.items():
+        key = (name, direction, what)
+        cpu[key] = cpu.get(key, 0.0) + cpu_seconds(pid) - before[what]
+    return rates
 
 
 if __name__ == "__main__":
