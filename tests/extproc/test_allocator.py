@@ -16,7 +16,7 @@ needs_glibc = pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
 # Allocates, touches and frees 4 MiB in 1 MiB blocks (what a few body chunks do), 100 times, and prints the
 # page faults one round cost on average.
 _ROUNDS = """
-import resource, sys
+import resource
 from sidecar.extproc.allocator import tune_allocator
 print(tune_allocator())
 def one_round():
@@ -61,6 +61,7 @@ def test_without_it_glibc_faults_the_blocks_in_every_round() -> None:
         ("MALLOC_MMAP_THRESHOLD_", "131072"),
         ("MALLOC_TRIM_THRESHOLD_", "0"),
         ("MALLOC_TOP_PAD_", "0"),
+        ("MALLOC_ARENA_MAX", "2"),
         ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX:glibc.malloc.trim_threshold=0"),
     ],
 )
@@ -73,3 +74,13 @@ def test_an_operators_malloc_settings_are_kept(monkeypatch: pytest.MonkeyPatch, 
 def test_other_glibc_tunables_do_not_stop_it() -> None:
     tuned, _ = _faults_per_round(GLIBC_TUNABLES="glibc.cpu.x86_rep_movsb_threshold=4096")
     assert tuned
+
+
+def test_a_libc_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoMallopt:
+        def __init__(self, name: object) -> None:
+            pass
+
+    monkeypatch.setattr("sidecar.extproc.allocator.on_glibc", lambda: True)
+    monkeypatch.setattr("sidecar.extproc.allocator.ctypes.CDLL", NoMallopt)
+    assert tune_allocator() is False
