@@ -11,6 +11,7 @@
     transport: native                              # or grpcio (grpc.aio): see docs/serving.md
     tracing: false                                 # OpenTelemetry spans, exporter from OTEL_* (docs/serving.md)
     access_log: false                              # one log line per ext_proc stream
+    tune_malloc: true                              # glibc: body buffers reused (docs/serving.md)
     limits:                                        # what a peer may cost a worker (docs/serving.md)
       receive_buffer: 256MiB                       # received, unread messages, all connections together
       connection_receive_buffer: 128MiB
@@ -143,6 +144,8 @@ class SidecarConfig:
     tracing: bool = False
     #: One `sidecar.access` log line per ext_proc stream.
     access_log: bool = False
+    #: Fix glibc's malloc thresholds so freed body buffers are reused (extproc/allocator.py).
+    tune_malloc: bool = True
     limits: Limits = field(default_factory=Limits)
     source: str = "<defaults>"
 
@@ -211,6 +214,7 @@ _TOP_FIELDS = {
     "limits",
     "tracing",
     "access_log",
+    "tune_malloc",
 }
 
 #: limits field -> (kind, minimum, maximum); sizes are bytes (or "64MiB"), times are seconds.
@@ -340,7 +344,7 @@ def parse_config(data: Any, source: str) -> SidecarConfig:
         kwargs["log_format"] = data["log_format"]
     if "limits" in data:
         kwargs["limits"] = _limits(r, data["limits"])
-    for switch in ("tracing", "access_log"):
+    for switch in ("tracing", "access_log", "tune_malloc"):
         if switch in data:
             if not isinstance(data[switch], bool):
                 raise r.fail(switch, "true or false", data[switch])

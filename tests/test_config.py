@@ -50,6 +50,7 @@ def test_toml(tmp_path: Path) -> None:
         ({"stall_timeout": 0.5}, "stall_timeout: expected 0 (never) or at least 1 second, got 0.5"),
         ({"stall_timeout": -1}, "stall_timeout: expected a number from 0 to 3600, got -1"),
         ({"stall_timeout": "30s"}, "stall_timeout: expected a number from 0 to 3600, got '30s'"),
+        ({"tune_malloc": "no"}, "tune_malloc: expected true or false, got 'no'"),
     ],
 )
 def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
@@ -57,6 +58,11 @@ def test_errors_name_the_field(data: dict[str, object], message: str) -> None:
         parse_config(data, "f.yaml")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_tune_malloc_defaults_on() -> None:
+    assert parse_config({}, "f.yaml").tune_malloc is True
+    assert parse_config({"tune_malloc": False}, "f.yaml").tune_malloc is False
 
 
 def test_long_values_are_not_echoed_whole() -> None:

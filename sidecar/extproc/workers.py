@@ -50,8 +50,7 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
 
     A worker does not serve metrics itself: it publishes them for its supervisor.
     """
-    if tune_allocator():
-        log.debug("malloc thresholds fixed for body buffers (allocator.py)")
+    _tune_malloc(config)
     metrics = Metrics()
     snapshot_file = None
     if worker:
@@ -66,6 +65,13 @@ def run_single(registry: Registry, config: SidecarConfig, socket_path: Path | No
     with _runner() as runner:
         runner.run(_serve_watched(server, config.stall_timeout))
     return 0
+
+
+def _tune_malloc(config: SidecarConfig) -> None:
+    if not config.tune_malloc:
+        log.info("malloc thresholds left as they are: tune_malloc is false")
+    elif (why_not := tune_allocator()) is not None:
+        log.info("malloc thresholds left as they are: %s", why_not)
 
 
 async def _serve_watched(server: ExtProcServer, stall_timeout: float) -> None:

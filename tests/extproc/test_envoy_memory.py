@@ -93,14 +93,9 @@ def _faults_per_mib(env: EnvoyHarness) -> float:
 
 @pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
 @pytest.mark.parametrize("plugin", ["StreamPass", "FdPass"])
-def test_body_buffers_are_reused_not_faulted_in_again(
-    sidecar_envoy: Callable[..., EnvoyHarness], monkeypatch: pytest.MonkeyPatch, plugin: str
-) -> None:
-    """allocator.py: the worker keeps freed body buffers for the next chunk. With glibc's own thresholds (an
-    operator's malloc tunable keeps them) it faulted in 40-250 pages per MiB moved; tuned, 0-5."""
-    tuned = _faults_per_mib(sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"]))
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.perturb=0")
-    default = _faults_per_mib(sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"]))
-    print(f"{plugin}: {tuned:.1f} page faults per MiB tuned, {default:.1f} with glibc's thresholds")
-    assert tuned < 16, f"{tuned:.1f} page faults per MiB: body buffers went back to the kernel"
-    assert default > tuned + 16, f"glibc's own thresholds faulted only {default:.1f} pages per MiB"
+def test_body_buffers_are_reused_not_faulted_in_again(sidecar_envoy: Callable[..., EnvoyHarness], plugin: str) -> None:
+    """allocator.py: the worker keeps freed body buffers for the next chunk. With glibc's own thresholds it
+    faulted in 40-250 pages per MiB moved (depending on Envoy's chunk sizes); tuned, 0-5."""
+    faults = _faults_per_mib(sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"]))
+    print(f"{plugin}: {faults:.1f} page faults per MiB")
+    assert faults < 16, f"{faults:.1f} page faults per MiB: body buffers went back to the kernel"
