@@ -8,7 +8,7 @@ MiB moved, and Envoy's (from /proc/PID/stat); then FULL_DUPLEX's throughput over
 
 Every variant runs as `--instances` (default 3) separate Envoys and sidecars whose transfers are pooled:
 on a 2-core machine shared by Envoy, the sidecar, the backend and the client, two identical instances
-started side by side differed by up to 10 % in one run (where the scheduler put whom), as much as the
+started side by side differed by up to 12 % in one run (where the scheduler put whom), as much as the
 differences measured here.
 
     python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--instances 3] [--size MIB] [--baseline TREE]
@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,6 @@ def main() -> int:
     if baseline is not None:
         variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in plugins.items()}
     profilers: list[subprocess.Popen[bytes]] = []
-    harnesses: list[EnvoyHarness] = []
     #: Every instance of every variant, "envoy alone" first (the ratios' base).
     targets: dict[str, list[Target]] = {"envoy alone": []}
     with EchoBackend() as backend, contextlib.ExitStack() as others:
@@ -208,7 +207,7 @@ def main() -> int:
                 started: dict[str, EnvoyHarness] = {}
                 for name, (plugin, tree) in variants.items():
                     harness = EnvoyHarness(plugins=[plugin], upstream=backend.address)
-                    harnesses.append(harness)
+                    others.callback(harness.close)
                     with python_path(tree) if tree is not None else contextlib.nullcontext():
                         harness.start()
                     assert harness.sidecar is not None and harness.envoy is not None
@@ -228,11 +227,7 @@ def main() -> int:
                     trivial = others.enter_context(trivial_server(socket, full_duplex=mode == "full-duplex"))
                     envoy = others.enter_context(Envoy(with_server(started[mode].bootstrap, socket)))
                     targets.setdefault(f"trivial {mode}", []).append(listening(envoy, {"server": trivial.pid}))
-            results: dict[tuple[str, str], list[float]] = {}
-            #: CPU seconds per (variant, direction, process), over every round and instance.
-            cpu: dict[tuple[str, str, str], float] = {}
-            #: Envoy's heap growth per (variant, direction), one figure a round and instance (`--memory`).
-            heap: dict[tuple[str, str], list[int]] = {}
+            tally = Tally(args.transfers, size, args.memory)
             with httpx.Client(timeout=120) as client:
                 for target in (target for instances in targets.values() for target in instances):  # warm-up
                     transfer(client, target.url, "download", size)
@@ -245,36 +240,26 @@ def main() -> int:
                     profilers = start_profilers(servers, profile)
                 for round_no in range(1, args.rounds + 1):
                     for direction in ("download", "upload"):
-                        for name, instances in targets.items():
-                            rates = []
-                            for target in instances:
-                                rates += measure(client, target, direction, size, args, name, cpu, heap)
-                            line = f"round {round_no} {direction:<8} {name:<27} {statistics.median(rates):7.1f} MB/s"
-                            print(line, flush=True)
-                            results.setdefault((name, direction), []).extend(rates)
+                        this_round = Tally(args.transfers, size, args.memory)
+                        for instance in range(args.instances):  # every variant's n-th instance, then the next
+                            for name, instances in targets.items():
+                                this_round.measure(client, name, instances[instance], direction)
+                        for name in targets:
+                            print(f"round {round_no} {this_round.line(name, direction)}", flush=True)
+                        tally.add(this_round)
         finally:
             for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
                 profiler.wait()
-            for harness in harnesses:
-                harness.close()
             os.chdir(ROOT)
     workdir.cleanup()
     print()
-    moved = args.rounds * args.transfers * args.instances * args.size  # MiB per variant and direction
     for direction in ("download", "upload"):
-        base = statistics.median(results[("envoy alone", direction)])
+        base = statistics.median(tally.rates[("envoy alone", direction)])
         for name in targets:
-            rate = statistics.median(results[(name, direction)])
-            line = f"{direction:<8} {name:<27} {rate:7.1f} MB/s  ratio {rate / base:.2f}"
-            for what in ("envoy", "server"):
-                if (name, direction, what) in cpu:
-                    line += f"  {what} CPU {cpu[(name, direction, what)] / moved * 1e3:5.2f} ms/MiB"
-            if (name, direction) in heap:
-                line += f"  envoy heap +{statistics.median(heap[(name, direction)]) / MiB:.1f} MiB"
-            print(line)
+            print(tally.line(name, direction, base))
         for suffix in ("", " (base)"):
-            streamed, duplex = (results.get((mode + suffix, direction)) for mode in ("streamed", "full-duplex"))
+            streamed, duplex = (tally.rates.get((mode + suffix, direction)) for mode in ("streamed", "full-duplex"))
             if duplex and streamed:
                 ratio = statistics.median(duplex) / statistics.median(streamed)
                 print(f"{direction:<8} full-duplex / streamed{suffix}: {ratio:.3f}")
@@ -286,26 +271,53 @@ def listening(envoy: Envoy, processes: dict[str, int]) -> Target:
     return Target(f"http://{host}:{port}", {"envoy": envoy_pid(envoy), **processes}, envoy)
 
 
-def measure(
-    client: httpx.Client,
-    target: Target,
-    direction: str,
-    size: int,
-    args: argparse.Namespace,
-    name: str,
-    cpu: dict[tuple[str, str, str], float],
-    heap: dict[tuple[str, str], list[int]],
-) -> list[float]:
-    """`--transfers` transfers through one instance; its processes' CPU time and Envoy's heap growth added up."""
-    before = {what: cpu_seconds(pid) for what, pid in target.processes.items()}
-    with envoy_heap(target.envoy) if args.memory else contextlib.nullcontext() as sampler:
-        rates = [transfer(client, target.url, direction, size) for _ in range(args.transfers)]
-    if sampler is not None:
-        heap.setdefault((name, direction), []).append(sampler.grew)
-    for what, pid in target.processes.items():
-        key = (name, direction, what)
-        cpu[key] = cpu.get(key, 0.0) + cpu_seconds(pid) - before[what]
-    return rates
+@dataclass
+class Tally:
+    """Transfer rates, CPU seconds and Envoy heap growth, per variant and direction, over the instances."""
+
+    transfers: int
+    size: int
+    memory: bool
+    rates: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: CPU seconds per (variant, direction, process).
+    cpu: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    #: Envoy's heap growth per (variant, direction), one figure per instance measured (`--memory`).
+    heap: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def measure(self, client: httpx.Client, name: str, target: Target, direction: str) -> None:
+        """`transfers` transfers through one instance, with its processes' CPU time and Envoy's heap growth."""
+        before = {what: cpu_seconds(pid) for what, pid in target.processes.items()}
+        with envoy_heap(target.envoy) if self.memory else contextlib.nullcontext() as sampler:
+            rates = [transfer(client, target.url, direction, self.size) for _ in range(self.transfers)]
+        self.rates.setdefault((name, direction), []).extend(rates)
+        if sampler is not None:
+            self.heap.setdefault((name, direction), []).append(sampler.grew)
+        for what, pid in target.processes.items():
+            key = (name, direction, what)
+            self.cpu[key] = self.cpu.get(key, 0.0) + cpu_seconds(pid) - before[what]
+
+    def add(self, other: Tally) -> None:
+        for variant, rates in other.rates.items():
+            self.rates.setdefault(variant, []).extend(rates)
+        for process, seconds in other.cpu.items():
+            self.cpu[process] = self.cpu.get(process, 0.0) + seconds
+        for variant, grown in other.heap.items():
+            self.heap.setdefault(variant, []).extend(grown)
+
+    def line(self, name: str, direction: str, base: float | None = None) -> str:
+        """The median rate (and its ratio to `base`), CPU per MiB moved, Envoy's median heap growth."""
+        rates = self.rates[(name, direction)]
+        rate = statistics.median(rates)
+        line = f"{direction:<8} {name:<27} {rate:7.1f} MB/s"
+        if base is not None:
+            line += f"  ratio {rate / base:.2f}"
+        moved = len(rates) * self.size / MiB  # MiB, over every instance
+        for what in ("envoy", "server"):
+            if (name, direction, what) in self.cpu:
+                line += f"  {what} CPU {self.cpu[(name, direction, what)] / moved * 1e3:5.2f} ms/MiB"
+        if (name, direction) in self.heap:
+            line += f"  envoy heap +{statistics.median(self.heap[(name, direction)]) / MiB:.1f} MiB"
+        return line
 
 
 if __name__ == "__main__":
