@@ -13,6 +13,7 @@ from sidecar.extproc.allocator import on_glibc
 from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
 from tests.support.heap import process_rss, rss
+from tests.support.load import children
 
 pytestmark = pytest.mark.envoy
 
@@ -73,9 +74,8 @@ def _minor_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
-def _faults_per_mib(env: EnvoyHarness) -> float:
-    """The sidecar's page faults per MiB moved, over 50 MiB each way after a warm-up."""
-    assert env.sidecar is not None
+def _faults_per_mib(env: EnvoyHarness, processes: Callable[[], list[int]]) -> float:
+    """The page faults per MiB moved of the serving `processes`, over 50 MiB each way after a warm-up."""
     body = 10 * MiB
     with httpx.Client(timeout=60) as client:
 
@@ -84,18 +84,25 @@ def _faults_per_mib(env: EnvoyHarness) -> float:
                 assert sum(len(piece) for piece in response.iter_bytes()) == body
             assert client.post(env.url + "/upload", content=bytes(body)).json()["body_length"] == body
 
-        both_ways()
-        before = _minor_faults(env.sidecar.pid)
+        for _ in range(2):  # with 2 workers, each has likely served one by then
+            both_ways()
+        before = sum(_minor_faults(pid) for pid in processes())
         for _ in range(5):
             both_ways()
-    return (_minor_faults(env.sidecar.pid) - before) / (2 * 5 * body / MiB)
+    return (sum(_minor_faults(pid) for pid in processes()) - before) / (2 * 5 * body / MiB)
 
 
 @pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")
-@pytest.mark.parametrize("plugin", ["StreamPass", "FdPass"])
-def test_body_buffers_are_reused_not_faulted_in_again(sidecar_envoy: Callable[..., EnvoyHarness], plugin: str) -> None:
-    """allocator.py: the worker keeps freed body buffers for the next chunk. With glibc's own thresholds it
-    faulted in 40-250 pages per MiB moved (depending on Envoy's chunk sizes); tuned, 0-5."""
-    faults = _faults_per_mib(sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"]))
-    print(f"{plugin}: {faults:.1f} page faults per MiB")
+@pytest.mark.parametrize(("plugin", "workers"), [("StreamPass", 1), ("FdPass", 1), ("FdPass", 2)])
+def test_body_buffers_are_reused_not_faulted_in_again(
+    sidecar_envoy: Callable[..., EnvoyHarness], plugin: str, workers: int
+) -> None:
+    """allocator.py: each serving process keeps freed body buffers for the next chunk (with `--workers 2`, the
+    worker processes; the supervisor moves no bodies). With glibc's own thresholds a worker faulted in 40-250
+    pages per MiB moved (depending on Envoy's chunk sizes); tuned, 0-5."""
+    env = sidecar_envoy(plugins=[f"tests.support.testplugins:{plugin}"], workers=workers)
+    assert env.sidecar is not None
+    pid = env.sidecar.pid
+    faults = _faults_per_mib(env, lambda: children(pid) if workers > 1 else [pid])
+    print(f"{plugin}, {workers} worker(s): {faults:.1f} page faults per MiB")
     assert faults < 16, f"{faults:.1f} page faults per MiB: body buffers went back to the kernel"
