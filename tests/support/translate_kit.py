@@ -87,8 +87,8 @@ spec:
 )
 
 
-def route(name: str, prefix: str, *backends: str, host: str = "www.example.com") -> str:
-    refs = "".join(f"\n        - {{group: gateway.envoyproxy.io, kind: Backend, name: {b}}}" for b in backends)
+def http_route(name: str, rules: str, host: str = "www.example.com") -> str:
+    """An HTTPRoute on Gateway `eg` for `host`; `rules` is its rule list, each item indented four spaces."""
     return f"""
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -98,9 +98,17 @@ spec:
   parentRefs: [{{name: eg}}]
   hostnames: ["{host}"]
   rules:
-    - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]
-      backendRefs:{refs}
-"""
+{rules}"""
+
+
+def backend_ref(name: str) -> str:
+    return f"{{group: gateway.envoyproxy.io, kind: Backend, name: {name}}}"
+
+
+def route(name: str, prefix: str, *backends: str, host: str = "www.example.com") -> str:
+    refs = "".join(f"\n        - {backend_ref(b)}" for b in backends)
+    rule = f"    - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n      backendRefs:{refs}\n"
+    return http_route(name, rule, host)
 
 
 def loopback(port: int) -> str:

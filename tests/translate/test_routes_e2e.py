@@ -11,7 +11,7 @@ import pytest
 from sidecar.errors import ConfigError
 from sidecar.translate.options import RenderOptions
 from sidecar.translate.render import render_bootstrap
-from tests.support.translate_kit import GATEWAY, Run, backend, get, route
+from tests.support.translate_kit import GATEWAY, Run, backend, backend_ref, get, http_route, loopback, route
 from tests.support.translate_servers import ExtProcRecorder, NamedBackend
 
 pytestmark = pytest.mark.envoy
@@ -123,31 +123,22 @@ def test_first_matching_rule_decides_then_default(
     assert get(url, "/", headers={"x-forwarded-for": client}).status_code == status
 
 
-RE2_ROUTES = """
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app}
-spec:
-  parentRefs: [{name: eg}]
-  hostnames: [www.example.com]
-  rules:
-    - matches: [{path: {type: RegularExpression, value: "/users/[a-z0-9-]{1,64}/orders/[0-9]{1,12}"}}]
-      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: b}]
-    - matches: [{headers: [{type: RegularExpression, name: x-team, value: "\\\\p{Lu}\\\\p{Ll}+(?i)-OPS\\\\z"}]}]
-      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: c}]
-    - matches: [{path: {type: RegularExpression, value: "/(a)\\\\1"}}]
-      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: c}]
-    - backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: a}]
-"""
+#: The rules' matches, each routed to its Backend; the last rule takes the rest.
+RE2_MATCHES = [
+    ('{path: {type: RegularExpression, value: "/users/[a-z0-9-]{1,64}/orders/[0-9]{1,12}"}}', "b"),
+    ('{headers: [{type: RegularExpression, name: x-team, value: "\\\\p{Lu}\\\\p{Ll}+(?i)-OPS\\\\z"}]}', "c"),
+    ('{path: {type: RegularExpression, value: "/(a)\\\\1"}}', "c"),
+]
+RE2_RULES = "".join(f"    - matches: [{match}]\n      backendRefs: [{backend_ref(to)}]\n" for match, to in RE2_MATCHES)
+RE2_RULES += f"    - backendRefs: [{backend_ref('a')}]\n"
 
 
 def test_regexes_route_as_re2_reads_them(run_envoy: Run, backends: dict[str, NamedBackend]) -> None:
     """RE2 syntax Python's `re` lacks (a Unicode class, a late flag, \\z), a regex whose RE2 program is over
     Envoy's default limit of 100, and a backreference RE2 refuses (its rule left out, as EG does): the config
     loads and each request goes where RE2's reading sends it."""
-    text = GATEWAY + "".join(backend(n, f"ip: {{address: 127.0.0.1, port: {backends[n].port}}}") for n in "abc")
-    url = run_envoy(text + RE2_ROUTES)
+    text = GATEWAY + "".join(backend(n, loopback(backends[n].port)) for n in "abc")
+    url = run_envoy(text + http_route("app", RE2_RULES))
     assert get(url, "/users/ana-1/orders/42").text == "b /users/ana-1/orders/42"
     assert get(url, "/users/ana-1/orders/x").text == "a /users/ana-1/orders/x"
     assert get(url, "/t", headers={"x-team": "Edith-ops"}).text == "c /t"  # (?i): "ops" matches "OPS"
