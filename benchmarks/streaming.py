@@ -12,11 +12,14 @@ started side by side differed by up to 12 % in one run (where the scheduler put 
 differences measured here.
 
     python benchmarks/streaming.py [--rounds 3] [--transfers 5] [--instances 3] [--size MIB] [--baseline TREE]
-                                   [--trivial] [--small-outputs] [--no-retry] [--memory] [--profile DIR]
+                                   [--trivial] [--small-outputs] [--transforming] [--no-retry] [--memory]
+                                   [--profile DIR]
 
 `--baseline TREE` adds the same sidecar variants imported from another source tree (say `git archive
 main` unpacked): a change's before and after, interleaved in one run. `--small-outputs` adds a FULL_DUPLEX
-request hook that yields 1000-byte pieces (what merging them into fewer messages is worth). `--trivial`
+request hook that yields 1000-byte pieces (what merging them into fewer messages is worth). `--transforming`
+adds both modes with a plugin that replaces every chunk by a copy of it: STREAMED then sends the body back
+too, as FULL_DUPLEX must, so the two modes are compared for the same work. `--trivial`
 adds both modes with benchmarks/trivial_extproc.py (grpc.aio, each chunk answered at once) in place of the
 sidecar, behind the same Envoy config: what Envoy itself spends per MiB in each mode, whatever the server.
 `--no-retry` adds both modes behind a second Envoy whose ext_proc `grpc_service` has no `retry_policy`, in
@@ -59,6 +62,12 @@ from tests.support.heap import envoy_heap  # noqa: E402
 MiB = 1024 * 1024
 SIZE = 10 * MiB
 PLUGINS = {"streamed": "tests.support.testplugins:StreamPass", "full-duplex": "tests.support.testplugins:FdPass"}
+#: `--transforming`: both modes with a plugin that replaces every chunk by a copy of it, so STREAMED sends
+#: the body back as FULL_DUPLEX always does: the modes compared for the same work.
+TRANSFORMING = {
+    "streamed copy": "tests.support.testplugins:StreamCopy",
+    "full-duplex copy": "tests.support.testplugins:FdCopy",
+}
 #: `--small-outputs`: a FULL_DUPLEX request hook that upper-cases and yields 1000-byte pieces (the response is
 #: not processed), so the upload is many small outputs per chunk of Envoy's.
 SMALL_OUTPUTS = {"fd 1000-byte outputs": "tests.support.testplugins:FdUpper"}
@@ -181,6 +190,9 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="add the sidecar variants imported from this source tree")
     parser.add_argument("--trivial", action="store_true", help="add both modes with a trivial grpc.aio server")
     parser.add_argument("--small-outputs", action="store_true", help="add a FULL_DUPLEX hook yielding 1000-byte pieces")
+    parser.add_argument(
+        "--transforming", action="store_true", help="add both modes with a plugin that replaces every chunk"
+    )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every sidecar, collapsed stacks to DIR")
     args = parser.parse_args()
     for name in ("rounds", "transfers", "instances", "size"):
@@ -194,7 +206,7 @@ def main() -> int:
     profile = args.profile.resolve() if args.profile is not None else None
     workdir = tempfile.TemporaryDirectory(prefix="streaming-bench-")
     os.chdir(workdir.name)
-    plugins = PLUGINS | (SMALL_OUTPUTS if args.small_outputs else {})
+    plugins = PLUGINS | (SMALL_OUTPUTS if args.small_outputs else {}) | (TRANSFORMING if args.transforming else {})
     variants = {name: (plugin, None) for name, plugin in plugins.items()}
     if baseline is not None:
         variants |= {f"{name} (base)": (plugin, baseline) for name, plugin in plugins.items()}
@@ -258,11 +270,11 @@ def main() -> int:
         base = statistics.median(tally.rates[("envoy alone", direction)])
         for name in targets:
             print(tally.line(name, direction, base))
-        for suffix in ("", " (base)"):
+        for suffix in ("", " (base)", " copy", " copy (base)"):
             streamed, duplex = (tally.rates.get((mode + suffix, direction)) for mode in ("streamed", "full-duplex"))
             if duplex and streamed:
                 ratio = statistics.median(duplex) / statistics.median(streamed)
-                print(f"{direction:<8} full-duplex / streamed{suffix}: {ratio:.3f}")
+                print(f"{direction:<8} full-duplex{suffix} / streamed{suffix}: {ratio:.3f}")
     return 0
 
 

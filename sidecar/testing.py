@@ -221,12 +221,19 @@ class _Session:
     async def _write(self, message: Any) -> None:
         self._from_server.put_nowait(message)
 
+    async def _write_encoded(self, message: bytes, *more: bytes) -> None:
+        """What the native transport writes as views of the pieces, parsed back: the Driver runs the
+        server's own encoders (`duplex.encode_streamed`, `encode_new_body`), as Envoy would read them."""
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+        self._from_server.put_nowait(pb.ProcessingResponse.FromString(b"".join((message, *more))))
+
     async def _serve(self) -> None:
         from sidecar.extproc.lifetime import serve
 
         ended = _Ended()
         try:
-            await serve(self.processor, self._read, self._write)
+            await serve(self.processor, self._read, self._write, self._write_encoded)
         except Exception as exc:  # the caller's part: map the stream's failure (see `_take`)
             ended.error = exc
         finally:

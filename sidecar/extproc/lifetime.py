@@ -35,7 +35,8 @@ async def serve(
     """Answer Envoy's messages until it half-closes the stream.
 
     `write_encoded`, when the transport has it, writes a message already encoded in pieces: FULL_DUPLEX
-    body chunks then go out without a message object and without copying their bytes.
+    body chunks and new STREAMED chunks then go out without a message object and without copying their
+    bytes.
 
     Raises ProtocolError when Envoy breaks the protocol and StreamFailure when a streaming body cannot go
     on; the stream's other tasks are over by then. Cancelling the caller (Envoy went away, the server
@@ -49,7 +50,7 @@ async def serve(
             await _serve_with_pipelines(processor, read, *_one_at_a_time(write, write_encoded))
         else:
             # Nothing but this loop writes: no task group to set up and tear down on the hot path.
-            processor.open(write, None)
+            processor.open(write, None, write_encoded)
             try:
                 await _answer(processor, read, write)
             finally:

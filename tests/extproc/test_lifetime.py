@@ -93,3 +93,45 @@ async def test_cancelling_the_caller_cancels_the_stream() -> None:
     task.cancel()  # Envoy reset the stream, or the server stops
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class Rewrite(Plugin):
+    """STREAMED: each chunk replaced by a new one; b"meta" also sets metadata, b"drop" is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[bytes] = []
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        if chunk == b"meta":
+            ctx.set_metadata("seen", True)
+        out = b"" if chunk == b"drop" else chunk.upper()
+        self.outputs.append(out)
+        return out
+
+
+async def test_new_streamed_chunks_go_out_encoded_and_in_order() -> None:
+    """A transport that writes encoded pieces gets each new chunk as (head, the hook's own bytes), with no
+    message built and nothing copied; what needs a message (metadata, clear_body) still gets one, in order."""
+    envoy, plugin = Envoy(), Rewrite()
+    processor = StreamProcessor(Chain("c", [plugin]))
+    written: list[tuple[bytes, ...]] = []
+
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        written.append((message, *more))
+        envoy.sent.append(pb.ProcessingResponse.FromString(b"".join((message, *more))))
+
+    envoy.send("request_headers")
+    for chunk in (b"ab", b"meta", b"drop", b"x" * 300_000):
+        envoy.send("request_body", body=chunk, end_of_stream=False)
+    observed = pb.ProcessingRequest(request_body=pb.HttpBody(body=b"quiet"), observability_mode=True)
+    envoy.incoming.put_nowait(observed)  # Envoy wants no answer to it: none is written
+    envoy.incoming.put_nowait(None)
+    await asyncio.wait_for(serve(processor, envoy.read, envoy.write, write_encoded), 5)
+
+    mutations = [r.request_body.response.body_mutation for r in envoy.sent[1:]]
+    assert [m.WhichOneof("mutation") for m in mutations] == ["body", "body", "clear_body", "body"]
+    assert [m.body for m in mutations] == [b"AB", b"META", b"", b"X" * 300_000]
+    assert envoy.sent[2].dynamic_metadata["envoy-sidecar"]["seen"] is True  # went as a message, with it
+    assert [pieces[1] for pieces in written] == [b"AB", b"X" * 300_000]
+    assert written[1][1] is plugin.outputs[3]  # the hook's bytes handed to the transport, not a copy

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError, StreamFailure
-from sidecar.extproc.duplex import encode_streamed, streamed_response
+from sidecar.extproc.duplex import encode_new_body, encode_streamed, streamed_response
 from sidecar.extproc.lifetime import serve
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
@@ -314,9 +314,10 @@ def test_a_reply_from_a_response_chunk_cuts_the_upstreams_response() -> None:
 
 
 @pytest.mark.parametrize("kind", ["request_body", "response_body"])
-def test_encoded_streamed_chunks_are_exactly_the_messages(kind: str) -> None:
-    """The native transport writes FULL_DUPLEX chunks from `encode_streamed`, never building the message:
-    the encoding must be byte for byte what protobuf writes, at every varint length boundary."""
+def test_encoded_chunks_are_exactly_the_messages(kind: str) -> None:
+    """The native transport writes FULL_DUPLEX chunks from `encode_streamed`, and new STREAMED chunks from
+    `encode_new_body`, never building the message: the encoding must be byte for byte what protobuf
+    writes, at every varint length boundary."""
     rng = random.Random(kind)
     sizes = {0, 1, 2, 100, 2**21 + 3, 3 * 1024 * 1024}
     sizes |= {edge + delta for edge in (2**7, 2**14, 2**21) for delta in range(-12, 4)}  # where a length grows
@@ -330,6 +331,12 @@ def test_encoded_streamed_chunks_are_exactly_the_messages(kind: str) -> None:
             head, *same_pieces, tail = encode_streamed(kind, cut[0], end, *cut[1:])  # several outputs as one
             assert all(a is b for a, b in zip(same_pieces, cut, strict=True))
             assert head + body + tail == streamed_response(kind, body, end).SerializeToString(), (size, end)
+        if size:  # a STREAMED chunk replaced: BodyMutation.body (empty is clear_body, never encoded)
+            replaced = pb.ProcessingResponse()
+            getattr(replaced, kind).response.body_mutation.body = body
+            head, same = encode_new_body(kind, body)
+            assert same is body
+            assert head + body == replaced.SerializeToString(), size
 
 
 class _ChunkMetadata(Plugin):

@@ -125,6 +125,33 @@ class StreamPass(Plugin):
         return None
 
 
+class StreamCopy(Plugin):
+    """STREAMED both ways, every chunk replaced by a new one of the same bytes: a transforming plugin at
+    the least cost a transformation has (one copy), so every chunk goes back to Envoy."""
+
+    name = "stream-copy"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        return bytes(memoryview(chunk))
+
+    def on_response_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        return bytes(memoryview(chunk))
+
+
+class FdCopy(Plugin):
+    """FULL_DUPLEX_STREAMED both ways, the same one copy per chunk as `StreamCopy`."""
+
+    name = "fd-copy"
+
+    async def on_request_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield bytes(memoryview(chunk))
+
+    async def on_response_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield bytes(memoryview(chunk))
+
+
 class FdPass(Plugin):
     """FULL_DUPLEX_STREAMED both ways, every chunk re-emitted by an async generator."""
 
