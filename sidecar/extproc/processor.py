@@ -335,7 +335,9 @@ class StreamProcessor:
                 self._skip(kind, stage.plugin, exc)
         return body
 
-    async def _buffered(self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]) -> pb.ProcessingResponse:
+    async def _buffered(
+        self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]
+    ) -> pb.ProcessingResponse | None:
         original = message.body
         body = await self._run_body_hooks(kind, stages, original, True)
         if isinstance(body, pb.ProcessingResponse):
@@ -350,20 +352,19 @@ class StreamProcessor:
             return _CONTINUE[kind]
         response = pb.ProcessingResponse()
         common = getattr(response, kind).response
-        if body is not original:
-            if body:
-                common.body_mutation.body = body
-            else:
-                common.body_mutation.clear_body = True
         if changed:
             headers.flush_into(common.header_mutation)  # type: ignore[union-attr]
-        return response
+        if body is original:
+            return response
+        if not body:
+            common.body_mutation.clear_body = True
+            return response
+        return await self._new_body(kind, body, response)
 
     async def _chunked(
         self, kind: str, message: pb.HttpBody, stages: tuple[BodyStage, ...]
     ) -> pb.ProcessingResponse | None:
-        """STREAMED and BUFFERED_PARTIAL: one answer per chunk, of any size (empty holds data back); None
-        when a new chunk went out encoded already (`send_encoded`)."""
+        """STREAMED and BUFFERED_PARTIAL: one answer per chunk, of any size (empty holds data back)."""
         original = message.body
         end_lost = not message.end_of_stream and self._whole_partial_body(kind, len(original))
         out = await self._run_body_hooks(kind, stages, original, message.end_of_stream or end_lost)
@@ -373,19 +374,36 @@ class StreamProcessor:
             return _too_long_to_buffer(kind)
         if out is original:
             return _CONTINUE[kind]
-        send_encoded = self._send_encoded
-        if out and send_encoded is not None and not self._observing and not self.ctx.dynamic_metadata:
-            # A transforming plugin's hot path, as FULL_DUPLEX's: no message built around the new chunk, and
-            # the chunk not copied into one (that cost 55 us per MiB; the transport writes views of it).
-            await send_encoded(*encode_new_body(kind, out))
-            return None
-        response = pb.ProcessingResponse()
-        mutation = getattr(response, kind).response.body_mutation
         if out:
-            mutation.body = out
-        else:
-            mutation.clear_body = True
+            return await self._new_body(kind, out)
+        response = pb.ProcessingResponse()
+        getattr(response, kind).response.body_mutation.clear_body = True
         return response
+
+    async def _new_body(
+        self, kind: str, body: bytes, response: pb.ProcessingResponse | None = None
+    ) -> pb.ProcessingResponse | None:
+        """The answer that replaces the body (or chunk) with `body`, not empty, along with what `response`
+        holds already; None when it went out encoded (`open`'s `send_encoded`).
+
+        Encoded, a transforming plugin's body is not copied into a message (55 us per MiB), as in
+        FULL_DUPLEX: the rest of the answer is serialised without it, and `encode_new_body` follows. Two
+        encoded messages end to end parse as their merge (protobuf's rule), so Envoy reads one answer."""
+        send_encoded = self._send_encoded
+        if send_encoded is None or self._observing:
+            response = response or pb.ProcessingResponse()
+            getattr(response, kind).response.body_mutation.body = body
+            return response
+        rest = b""
+        if response is not None or self.ctx.dynamic_metadata:
+            response = response or pb.ProcessingResponse()
+            if self.ctx.dynamic_metadata:  # what `process` adds to an answer it returns
+                response.dynamic_metadata.update(self.ctx.dynamic_metadata)
+                self.ctx.dynamic_metadata = {}
+            rest = response.SerializeToString()
+        head, same = encode_new_body(kind, body)
+        await send_encoded(rest + head, same)
+        return None
 
     def _buffer_too_small(self, headers: Headers) -> bool:
         """A BUFFERED request body that its content-length says is longer than Envoy's buffer.

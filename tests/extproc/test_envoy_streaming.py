@@ -220,6 +220,24 @@ def test_body_digest_with_and_without_trailers(sidecar_envoy: Factory, tmp_path:
     assert trailed["headers"]["x-digest"] == hashlib.sha256(b"hello").hexdigest()
 
 
+@pytest.mark.parametrize(("plugin", "suffix"), [("ChunkUpperTally", b""), ("BodyUpperTally", b"!")])
+def test_a_new_body_and_metadata_reach_envoy_as_one_answer(sidecar_envoy: Factory, plugin: str, suffix: bytes) -> None:
+    """A body hook that replaces the body and sets metadata: the sidecar writes the rest of the answer, then
+    the new body's field after it (`processor._new_body`); Envoy must read both, and a BUFFERED body's new
+    content-length, as one answer."""
+    env = sidecar_envoy(
+        plugins=[TP + plugin],
+        bootstrap_hook=add_response_header("x-upper-bytes", "%DYNAMIC_METADATA(envoy-sidecar:upper_bytes)%"),
+    )
+    body = b"".join(pattern_bytes(700_000)).lower()
+    response = httpx.post(env.url + "/upload", content=body, timeout=30)
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["body_sha256"] == hashlib.sha256(body.upper() + suffix).hexdigest()
+    assert echoed["body_length"] == len(body) + len(suffix)
+    assert response.headers["x-upper-bytes"] == str(len(body))
+
+
 def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> None:
     log = tmp_path / "access.log"
 

@@ -112,7 +112,8 @@ class Rewrite(Plugin):
 
 async def test_new_streamed_chunks_go_out_encoded_and_in_order() -> None:
     """A transport that writes encoded pieces gets each new chunk as (head, the hook's own bytes), with no
-    message built and nothing copied; what needs a message (metadata, clear_body) still gets one, in order."""
+    message built around it and nothing copied, metadata a hook set included; clear_body and Envoy's
+    observability mode go as before; all in order."""
     envoy, plugin = Envoy(), Rewrite()
     processor = StreamProcessor(Chain("c", [plugin]))
     written: list[tuple[bytes, ...]] = []
@@ -132,6 +133,6 @@ async def test_new_streamed_chunks_go_out_encoded_and_in_order() -> None:
     mutations = [r.request_body.response.body_mutation for r in envoy.sent[1:]]
     assert [m.WhichOneof("mutation") for m in mutations] == ["body", "body", "clear_body", "body"]
     assert [m.body for m in mutations] == [b"AB", b"META", b"", b"X" * 300_000]
-    assert envoy.sent[2].dynamic_metadata["envoy-sidecar"]["seen"] is True  # went as a message, with it
-    assert [pieces[1] for pieces in written] == [b"AB", b"X" * 300_000]
-    assert written[1][1] is plugin.outputs[3]  # the hook's bytes handed to the transport, not a copy
+    assert envoy.sent[2].dynamic_metadata["envoy-sidecar"]["seen"] is True  # encoded before the body's field
+    assert [pieces[1] for pieces in written] == [b"AB", b"META", b"X" * 300_000]
+    assert written[2][1] is plugin.outputs[3]  # the hook's bytes handed to the transport, not a copy

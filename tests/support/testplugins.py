@@ -152,6 +152,33 @@ class FdCopy(Plugin):
             yield bytes(memoryview(chunk))
 
 
+_TALLY = StateKey[int]("chunk-upper-tally")
+
+
+class ChunkUpperTally(Plugin):
+    """STREAMED request: every chunk upper-cased, and at the end how many bytes were, as metadata (an
+    answer that carries both a new body and metadata)."""
+
+    name = "chunk-upper-tally"
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        ctx.state[_TALLY] = ctx.state.get(_TALLY, 0) + len(chunk)
+        if end:
+            ctx.set_metadata("upper_bytes", str(ctx.state[_TALLY]))
+        return chunk.upper()
+
+
+class BodyUpperTally(Plugin):
+    """BUFFERED request: the body upper-cased and one byte longer, its length as metadata (a new body, a
+    new content-length and metadata in one answer)."""
+
+    name = "body-upper-tally"
+
+    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
+        ctx.set_metadata("upper_bytes", str(len(body)))
+        return body.upper() + b"!"
+
+
 class FdPass(Plugin):
     """FULL_DUPLEX_STREAMED both ways, every chunk re-emitted by an async generator."""
 
