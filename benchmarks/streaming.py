@@ -19,7 +19,8 @@ differences measured here.
 main` unpacked): a change's before and after, interleaved in one run. `--small-outputs` adds a FULL_DUPLEX
 request hook that yields 1000-byte pieces (what merging them into fewer messages is worth). `--transforming`
 adds both modes with a plugin that replaces every chunk by a copy of it: STREAMED then sends the body back
-too, as FULL_DUPLEX must, so the two modes are compared for the same work. `--trivial`
+too, as FULL_DUPLEX must, so the two modes are compared for the same work (with `--baseline`, the tree
+needs this tree's `tests/support/testplugins.py`, which has the two plugins). `--trivial`
 adds both modes with benchmarks/trivial_extproc.py (grpc.aio, each chunk answered at once) in place of the
 sidecar, behind the same Envoy config: what Envoy itself spends per MiB in each mode, whatever the server.
 `--no-retry` adds both modes behind a second Envoy whose ext_proc `grpc_service` has no `retry_policy`, in

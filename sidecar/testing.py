@@ -223,7 +223,7 @@ class _Session:
 
     async def _write_encoded(self, message: bytes, *more: bytes) -> None:
         """What the native transport writes as views of the pieces, parsed back: the Driver runs the
-        server's own encoders (`duplex.encode_streamed`, `encode_new_body`), as Envoy would read them."""
+        server's own encoders (`extproc.encoding`), as Envoy would read them."""
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
         self._from_server.put_nowait(pb.ProcessingResponse.FromString(b"".join((message, *more))))

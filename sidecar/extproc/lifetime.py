@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from sidecar.extproc.duplex import WriteEncoded
+from sidecar.extproc.encoding import WriteEncoded
 from sidecar.extproc.processor import StreamProcessor
 
 __all__ = ["Read", "Write", "WriteEncoded", "serve"]
@@ -35,8 +35,8 @@ async def serve(
     """Answer Envoy's messages until it half-closes the stream.
 
     `write_encoded`, when the transport has it, writes a message already encoded in pieces: FULL_DUPLEX
-    body chunks and new STREAMED chunks then go out without a message object and without copying their
-    bytes.
+    body chunks, and bodies or chunks a hook replaced in any other mode, then go out without a message
+    object and without copying their bytes.
 
     Raises ProtocolError when Envoy breaks the protocol and StreamFailure when a streaming body cannot go
     on; the stream's other tasks are over by then. Cancelling the caller (Envoy went away, the server

@@ -4,7 +4,9 @@ This is the hot path. It knows nothing about gRPC: one stream lifetime (`lifetim
 both transports and for the in-process test driver (`sidecar.testing`). Hooks are resolved once per
 chain, not per message; nothing here logs unless something went wrong.
 
-Outside FULL_DUPLEX_STREAMED every message gets exactly one answer, returned by `process`. In
+Outside FULL_DUPLEX_STREAMED every message gets exactly one answer: returned by `process`, or, when it
+carries a body a hook handed back and the transport writes encoded pieces, written by `process` itself
+without a message built around the body (`encoding`). In
 FULL_DUPLEX_STREAMED bodies are answered with `streamed_response` chunks; when a chain has async-generator
 stream hooks those chunks are produced by a task of the stream's lifetime (`duplex.DuplexPipe`) and
 written through the stream's `send`.
@@ -23,15 +25,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from sidecar.chains import BodyStage, Chain, Registry
 from sidecar.config import DEFAULT_STREAM_TIMEOUT
 from sidecar.errors import ProtocolError, StreamFailure
-from sidecar.extproc.duplex import (
-    DuplexPipe,
-    WriteEncoded,
-    as_body,
-    call_chunk,
-    encode_new_body,
-    encode_streamed,
-    streamed_response,
-)
+from sidecar.extproc.duplex import DuplexPipe, as_body, call_chunk
+from sidecar.extproc.encoding import WriteEncoded, encode_new_body, encode_streamed, streamed_response
 from sidecar.headers import Headers, append_option
 from sidecar.logs import log_plugin_failure
 from sidecar.plugins import BodyMode, Context, Respond
@@ -143,8 +138,8 @@ class StreamProcessor:
         """Run inside one stream's lifetime: messages other than answers (streamed body chunks,
         `ctx.extend_timeout`) go out through `send`; body pipelines run as tasks of `tasks`, which a
         FULL_DUPLEX stream must give. A transport that writes encoded pieces without joining them gives
-        `send_encoded` too: streamed chunks, and new chunks of STREAMED bodies, then go out without a
-        message built around them."""
+        `send_encoded` too: streamed chunks, and bodies or chunks a hook replaced in any other mode, then go
+        out without a message built around their bytes."""
         self._send = send
         self._send_encoded = send_encoded
         self._tasks = tasks
@@ -183,10 +178,13 @@ class StreamProcessor:
         if response is None or request.observability_mode:
             return None
         if self.ctx.dynamic_metadata:
-            if response is _CONTINUE[kind]:
-                response = _empty(kind)
-            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
-            self.ctx.dynamic_metadata = {}
+            return self._with_metadata(_empty(kind) if response is _CONTINUE[kind] else response)
+        return response
+
+    def _with_metadata(self, response: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        """`response` with the dynamic metadata hooks set since the last answer, taken: it goes once."""
+        response.dynamic_metadata.update(self.ctx.dynamic_metadata)
+        self.ctx.dynamic_metadata = {}
         return response
 
     def close(self) -> None:
@@ -391,16 +389,12 @@ class StreamProcessor:
         encoded messages end to end parse as their merge (protobuf's rule), so Envoy reads one answer."""
         send_encoded = self._send_encoded
         if send_encoded is None or self._observing:
-            response = response or pb.ProcessingResponse()
+            response = response if response is not None else pb.ProcessingResponse()
             getattr(response, kind).response.body_mutation.body = body
             return response
-        rest = b""
-        if response is not None or self.ctx.dynamic_metadata:
-            response = response or pb.ProcessingResponse()
-            if self.ctx.dynamic_metadata:  # what `process` adds to an answer it returns
-                response.dynamic_metadata.update(self.ctx.dynamic_metadata)
-                self.ctx.dynamic_metadata = {}
-            rest = response.SerializeToString()
+        if self.ctx.dynamic_metadata:  # what `process` adds to an answer it returns
+            response = self._with_metadata(response if response is not None else pb.ProcessingResponse())
+        rest = response.SerializeToString() if response is not None else b""
         head, same = encode_new_body(kind, body)
         await send_encoded(rest + head, same)
         return None
@@ -458,17 +452,18 @@ class StreamProcessor:
         """One streamed chunk to Envoy (`body` and `more` end to end), with the dynamic metadata a hook set
         since the last message."""
         send_encoded = self._send_encoded
-        if send_encoded is not None and not self.ctx.dynamic_metadata:
-            # The hot path: no message built, the body not copied (the transport writes views of it).
-            await send_encoded(*encode_streamed(kind, body, end_of_stream, *more))
+        if send_encoded is not None:
+            # The hot path: no message built around the body, which is not copied (the transport writes
+            # views of it). Metadata a hook set goes with its output, encoded before it (see `_new_body`).
+            head, *pieces = encode_streamed(kind, body, end_of_stream, *more)
+            if self.ctx.dynamic_metadata:
+                head = self._with_metadata(pb.ProcessingResponse()).SerializeToString() + head
+            await send_encoded(head, *pieces)
             return
         if self._send is None:
             raise RuntimeError("FULL_DUPLEX bodies are answered inside a stream's lifetime (lifetime.serve)")
         response = streamed_response(kind, b"".join((body, *more)) if more else body, end_of_stream)
-        if self.ctx.dynamic_metadata:  # set by a hook: goes with its output
-            response.dynamic_metadata.update(self.ctx.dynamic_metadata)
-            self.ctx.dynamic_metadata = {}
-        await self._send(response)
+        await self._send(self._with_metadata(response) if self.ctx.dynamic_metadata else response)
 
     async def _duplex_chunk_hooks(self, kind: str, stages: tuple[BodyStage, ...], body: bytes, end: bool) -> bytes:
         """Chunk hooks in FULL_DUPLEX, each bounded by the stream deadline (Envoy applies none here)."""

@@ -102,7 +102,7 @@ def test_full_duplex_request_transform(sidecar_envoy: Factory) -> None:
 
 
 def test_full_duplex_pass_through_is_byte_exact_at_frame_and_message_edges(sidecar_envoy: Factory) -> None:
-    """FULL_DUPLEX chunks go back to Envoy encoded by hand and written as views (`duplex.encode_streamed`,
+    """FULL_DUPLEX chunks go back to Envoy encoded by hand and written as views (`encoding.encode_streamed`,
     `Call.send`), and come in parsed as views of the socket's reads: sizes around HTTP/2 frame (16 KiB),
     varint-length and Envoy read (1 MiB) edges must arrive byte for byte, both ways."""
     env = sidecar_envoy(plugins=[TP + "FdPass"])

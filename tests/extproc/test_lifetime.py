@@ -134,5 +134,7 @@ async def test_new_streamed_chunks_go_out_encoded_and_in_order() -> None:
     assert [m.WhichOneof("mutation") for m in mutations] == ["body", "body", "clear_body", "body"]
     assert [m.body for m in mutations] == [b"AB", b"META", b"", b"X" * 300_000]
     assert envoy.sent[2].dynamic_metadata["envoy-sidecar"]["seen"] is True  # encoded before the body's field
+    assert b"envoy-sidecar" in written[1][0]
+    assert [r.HasField("dynamic_metadata") for r in envoy.sent[1:]] == [False, True, False, False]  # it went once
     assert [pieces[1] for pieces in written] == [b"AB", b"META", b"X" * 300_000]
     assert written[2][1] is plugin.outputs[3]  # the hook's bytes handed to the transport, not a copy

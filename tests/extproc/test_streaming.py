@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from sidecar import BodyMode, Context, Plugin, Respond
 from sidecar.chains import Chain, Registry
 from sidecar.errors import ProtocolError, StreamFailure
-from sidecar.extproc.duplex import encode_new_body, encode_streamed, streamed_response
+from sidecar.extproc.encoding import encode_new_body, encode_streamed, streamed_response
 from sidecar.extproc.lifetime import serve
 from sidecar.extproc.processor import StreamProcessor
 from sidecar.testing import Driver, Request, Response
@@ -315,9 +316,9 @@ def test_a_reply_from_a_response_chunk_cuts_the_upstreams_response() -> None:
 
 @pytest.mark.parametrize("kind", ["request_body", "response_body"])
 def test_encoded_chunks_are_exactly_the_messages(kind: str) -> None:
-    """The native transport writes FULL_DUPLEX chunks from `encode_streamed`, and new STREAMED chunks from
-    `encode_new_body`, never building the message: the encoding must be byte for byte what protobuf
-    writes, at every varint length boundary."""
+    """The native transport writes FULL_DUPLEX chunks from `encode_streamed`, and bodies or chunks a hook
+    replaced in other modes from `encode_new_body`, never building the message: the encoding must be byte
+    for byte what protobuf writes, at every varint length boundary."""
     rng = random.Random(kind)
     sizes = {0, 1, 2, 100, 2**21 + 3, 3 * 1024 * 1024}
     sizes |= {edge + delta for edge in (2**7, 2**14, 2**21) for delta in range(-12, 4)}  # where a length grows
@@ -331,12 +332,31 @@ def test_encoded_chunks_are_exactly_the_messages(kind: str) -> None:
             head, *same_pieces, tail = encode_streamed(kind, cut[0], end, *cut[1:])  # several outputs as one
             assert all(a is b for a, b in zip(same_pieces, cut, strict=True))
             assert head + body + tail == streamed_response(kind, body, end).SerializeToString(), (size, end)
-        if size:  # a STREAMED chunk replaced: BodyMutation.body (empty is clear_body, never encoded)
-            replaced = pb.ProcessingResponse()
-            getattr(replaced, kind).response.body_mutation.body = body
-            head, same = encode_new_body(kind, body)
-            assert same is body
-            assert head + body == replaced.SerializeToString(), size
+        replaced = pb.ProcessingResponse()  # a body or chunk replaced: BodyMutation.body
+        getattr(replaced, kind).response.body_mutation.body = body
+        head, same = encode_new_body(kind, body)
+        assert same is body
+        assert head + body == replaced.SerializeToString(), size
+
+
+class _PartialUpper(Plugin):
+    """BUFFERED_PARTIAL: the one chunk Envoy sends upper-cased, its size as metadata."""
+
+    request_body = BodyMode.BUFFERED_PARTIAL
+
+    def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
+        ctx.set_metadata("partial_bytes", len(chunk))
+        return chunk.upper()
+
+
+class _BodyMetadata(Plugin):
+    """BUFFERED: looks at each body and sets metadata, after another plugin replaced it."""
+
+    def on_request_body(self, ctx: Context, body: bytes) -> None:
+        ctx.set_metadata("request_body_bytes", len(body))
+
+    def on_response_body(self, ctx: Context, body: bytes) -> None:
+        ctx.set_metadata("response_body_bytes", len(body))
 
 
 class _ChunkMetadata(Plugin):
@@ -354,7 +374,7 @@ class _ChunkMetadata(Plugin):
         return b"tail" if end else None  # the flush before the trailers carries this
 
 
-_DUPLEX_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] = {
+_ENCODED_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] = {
     "stream hooks": (
         [Doubler()],
         [("request_body", b"ab", False), ("request_body", b"", True), ("response_body", b"x" * 70_000, True)],
@@ -381,21 +401,48 @@ _DUPLEX_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] =
         [tp.FdPass(), tp.AddHeaders()],
         [("request_body", b"q" * 200_000, True), ("response_body", b"", False), ("response_body", b"s", True)],
     ),
+    # Other modes: a body or chunk a hook replaced is encoded by hand too (`processor._new_body`).
+    "STREAMED chunks replaced, metadata with each, one cleared": (
+        [tp.ChunkUpperTally(), Upper()],
+        [
+            ("request_body", b"ab", False),
+            ("request_body", b"c" * 70_000, True),
+            ("response_body", b"drop", False),
+            ("response_body", b"r" * 300, True),
+        ],
+    ),
+    "BUFFERED_PARTIAL chunk replaced, metadata": (
+        [_PartialUpper()],
+        [("request_body", b"p" * 40_000, False), ("request_body", b"lost", True)],
+    ),
+    "BUFFERED bodies replaced, a new content-length, metadata": (
+        [tp.UpperBody(), _BodyMetadata()],
+        [("request_body", b"m" * 20_000, True), ("response_body", b"resp", True)],
+    ),
 }
 
 
-@pytest.mark.parametrize("case", sorted(_DUPLEX_STREAMS))
-def test_full_duplex_through_an_encoded_writer_sends_what_the_message_writer_sends(case: str) -> None:
-    """The same stream served twice: once writing messages (grpcio, the Driver), once with the native
-    transport's encoded writer. Envoy must receive the same messages in the same order, metadata included."""
-    plugins, bodies = _DUPLEX_STREAMS[case]
-    messages = [_message("request_headers"), _message("response_headers")]
+@pytest.mark.parametrize("case", sorted(_ENCODED_STREAMS))
+def test_an_encoded_writer_sends_what_the_message_writer_sends(case: str) -> None:
+    """The same stream served twice: once writing messages (grpcio), once with the native transport's
+    encoded writer. Envoy must receive the same messages in the same order, metadata and header changes
+    included (a BUFFERED body's new content-length)."""
+    plugins, bodies = _ENCODED_STREAMS[case]
+    length = sum(len(body) for kind, body, _ in bodies if kind == "request_body")
+    content_length = base_pb2.HeaderValue(key="content-length", raw_value=str(length).encode())
+    messages = [
+        _message("request_headers", headers=base_pb2.HeaderMap(headers=[content_length])),
+        _message("response_headers", headers=base_pb2.HeaderMap(headers=[content_length])),
+    ]
     for kind, body, end in bodies:
         if kind == "response_trailers":
             messages.append(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
         else:
             messages.append(_message(kind, body=body, end_of_stream=end))
-    ends = sum(1 for kind, _, end in bodies if end or kind == "response_trailers")
+    # A FULL_DUPLEX body is answered by a task: Envoy half-closes once every body's end went out. Other
+    # modes answer each message before the next is read.
+    full_duplex = StreamProcessor(Chain("c", plugins)).full_duplex
+    ends = sum(1 for kind, _, end in bodies if end or kind == "response_trailers") if full_duplex else 0
 
     async def run(encoded: bool) -> tuple[list[pb.ProcessingResponse], int]:
         incoming = iter([*messages, None])

@@ -156,15 +156,14 @@ _TALLY = StateKey[int]("chunk-upper-tally")
 
 
 class ChunkUpperTally(Plugin):
-    """STREAMED request: every chunk upper-cased, and at the end how many bytes were, as metadata (an
-    answer that carries both a new body and metadata)."""
+    """STREAMED request: every chunk upper-cased, and how many bytes so far as metadata with each (every
+    answer with a new chunk carries metadata too; Envoy keeps the last value)."""
 
     name = "chunk-upper-tally"
 
     def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
         ctx.state[_TALLY] = ctx.state.get(_TALLY, 0) + len(chunk)
-        if end:
-            ctx.set_metadata("upper_bytes", str(ctx.state[_TALLY]))
+        ctx.set_metadata("upper_bytes", str(ctx.state[_TALLY]))
         return chunk.upper()
 
 
