@@ -251,10 +251,14 @@ async def _serve(registry: Registry, chain_name: str | None, wire: list[bytes]) 
             # Outside FULL_DUPLEX every answer is to the message just read, or an immediate response.
             assert which in (last[0], "immediate_response"), (which, last[0])
 
+    async def write_encoded(message: bytes, *more: bytes) -> None:
+        # As the native transport writes them: answers carrying a hook's bytes come encoded by hand.
+        await write(pb.ProcessingResponse.FromString(b"".join((message, *more))))
+
     ended = "half-closed"
     try:
         async with asyncio.timeout(STREAM_BOUND):  # a hung stream fails the test as TimeoutError
-            await serve(processor, read, write)
+            await serve(processor, read, write, write_encoded)
     except (ProtocolError, StreamFailure) as exc:
         ended = type(exc).__name__  # the server ends the call with a gRPC status: Envoy fails closed
     assert processor.metrics.active == 0  # the stream is accounted as closed, however it ended
