@@ -1,7 +1,7 @@
 """ProcessingResponses that carry body bytes, encoded by hand so the bytes are never copied.
 
 Building a message around a body copies it into the message, and serialising copies it again: 55 us per
-MiB with the allocator tuned (`allocator`), ten times that without. The encoders here give the message as
+MiB with the allocator tuned (`allocator`), 1.1 ms without. The encoders here give the message as
 pieces (a short head, the body's own bytes, a short tail) which end to end are exactly what
 `SerializeToString` writes; the native transport writes them as views (`Call.send`). The field keys come
 from the generated descriptors, not typed in, and tests compare every encoder with protobuf's own output.
