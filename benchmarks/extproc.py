@@ -44,14 +44,9 @@ from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.stack.sidecar import SidecarProcess  # noqa: E402
 from sidecar.translate.bootstrap import BootstrapOptions, build_bootstrap  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.proc import cpu_seconds  # noqa: E402
 
 PLUGIN = "tests.support.testplugins:AddHeaders"
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
 def bootstrap(socket_path: Path, backend_port: int, others: dict[str, Path]) -> dict[str, Any]:

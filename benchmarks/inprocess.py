@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from extproc import PLUGIN, bootstrap, cpu_seconds, wrk  # noqa: E402
+from extproc import PLUGIN, bootstrap, wrk  # noqa: E402
 
 from sidecar.config import SidecarConfig  # noqa: E402
 from sidecar.inprocess.module import envoy_environment  # noqa: E402
@@ -38,6 +38,7 @@ from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.stack.inprocess import hook_deadline_ms, use_inprocess_filter  # noqa: E402
 from sidecar.stack.sidecar import SidecarProcess  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.proc import cpu_seconds  # noqa: E402
 
 PATHS = {"plain": "Envoy alone", "inprocess": "in-process", "main": "sidecar (ext_proc)"}
 

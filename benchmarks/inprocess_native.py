@@ -42,15 +42,10 @@ from sidecar.stack.envoy import Envoy  # noqa: E402
 from tests.support import inprocess_fake  # noqa: E402
 from tests.support.load import direct_response_listener  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.proc import cpu_seconds  # noqa: E402
 
 NAMES = ("plain", "none", "noop", "stamp")
-_TICKS = os.sysconf("SC_CLK_TCK")
 _HCM = "envoy.filters.network.http_connection_manager"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
 def listener(name: str, backend_port: int, config_path: Path) -> dict[str, Any]:

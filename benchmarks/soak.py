@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from faults import Stack, error_lines, load  # noqa: E402
 
 from tests.support.load import children  # noqa: E402
+from tests.support.proc import rss as process_rss  # noqa: E402
 
 SLICE_SECONDS = 20.0
 MAX_RSS_GROWTH = 0.05
@@ -44,9 +45,7 @@ def sample(supervisor: int) -> Sample:
     pids = (supervisor, *children(supervisor))
     rss = fds = 0
     for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss += int(line.split()[1]) * 1024
+        rss += process_rss(pid)
         fds += len(os.listdir(f"/proc/{pid}/fd"))
     return Sample(pids, rss, fds)
 

@@ -59,6 +59,7 @@ from sidecar.stack.envoy import Envoy  # noqa: E402
 from sidecar.testing import EnvoyHarness  # noqa: E402
 from sidecar.translate.bootstrap import LISTENER_NAME, SIDECAR_CLUSTER  # noqa: E402
 from tests.support.heap import envoy_heap  # noqa: E402
+from tests.support.proc import cpu_seconds  # noqa: E402
 
 MiB = 1024 * 1024
 SIZE = 10 * MiB
@@ -72,12 +73,6 @@ TRANSFORMING = {
 #: `--small-outputs`: a FULL_DUPLEX request hook that upper-cases and yields 1000-byte pieces (the response is
 #: not processed), so the upload is many small outputs per chunk of Envoy's.
 SMALL_OUTPUTS = {"fd 1000-byte outputs": "tests.support.testplugins:FdUpper"}
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
 def envoy_pid(envoy: Envoy | None) -> int:

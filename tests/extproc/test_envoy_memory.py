@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -12,8 +11,9 @@ import pytest
 from sidecar.extproc.allocator import on_glibc
 from sidecar.stack.demo import pattern_bytes
 from sidecar.testing import EnvoyHarness
-from tests.support.heap import process_rss, rss
+from tests.support.heap import process_rss
 from tests.support.load import children
+from tests.support.proc import minor_faults, rss
 
 pytestmark = pytest.mark.envoy
 
@@ -70,10 +70,6 @@ def test_100_mib_up_as_1000_byte_outputs_in_bounded_memory(sidecar_envoy: Callab
     _assert_bounded("FdUpper", idle, sampler.peak)
 
 
-def _minor_faults(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
 def _faults_per_mib(env: EnvoyHarness, processes: Callable[[], list[int]]) -> float:
     """The page faults per MiB moved of the serving `processes`, over 50 MiB each way after a warm-up."""
     body = 10 * MiB
@@ -86,10 +82,10 @@ def _faults_per_mib(env: EnvoyHarness, processes: Callable[[], list[int]]) -> fl
 
         for _ in range(2):  # with 2 workers, each has likely served one by then
             both_ways()
-        before = sum(_minor_faults(pid) for pid in processes())
+        before = sum(minor_faults(pid) for pid in processes())
         for _ in range(5):
             both_ways()
-    return (sum(_minor_faults(pid) for pid in processes()) - before) / (2 * 5 * body / MiB)
+    return (sum(minor_faults(pid) for pid in processes()) - before) / (2 * 5 * body / MiB)
 
 
 @pytest.mark.skipif(not on_glibc(), reason="glibc's mallopt")

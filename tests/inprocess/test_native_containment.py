@@ -19,6 +19,7 @@ from sidecar.stack.envoy import EnvoyError
 from tests.support.inprocess_envoy import InProcessEnvoy
 from tests.support.inprocess_fake import MALFORMED
 from tests.support.load import run_load
+from tests.support.proc import status_kib
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.envoy
@@ -177,13 +178,6 @@ def test_an_embedded_python_that_cannot_start_is_refused(monkeypatch: pytest.Mon
     assert lines[-1] == "sidecar_inprocess: filter config rejected: the embedded Python did not start (see above)"
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_streams_leave_nothing_behind_in_envoy() -> None:
     """Envoy's memory after 30,000 more streams (served, answered by Python, failed closed) stays put: a stream's
     headers, stream object or registry slot kept by mistake (about 1 KiB) would add about 30 MiB."""
@@ -197,9 +191,9 @@ def test_streams_leave_nothing_behind_in_envoy() -> None:
                 assert len(report.outcomes) == count
 
         batch(2000)  # warm-up: allocator pools, interned strings, Envoy's own caches
-        before = _rss_kib(pid)
+        before = status_kib(pid, "VmRSS")
         batch(10_000)
-        grown = _rss_kib(pid) - before
+        grown = status_kib(pid, "VmRSS") - before
         assert grown < 8 * 1024, f"Envoy grew {grown} KiB over 30,000 streams"
         stats = _stats(envoy)
         assert stats["opened"] - stats["closed"] == 1

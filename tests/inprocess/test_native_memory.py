@@ -16,6 +16,7 @@ import pytest
 from sidecar import Context, Headers, Plugin
 from sidecar.testing import EnvoyHarness
 from tests.support.inprocess_envoy import InProcessEnvoy
+from tests.support.proc import status_kib
 
 pytestmark = pytest.mark.envoy
 
@@ -34,13 +35,6 @@ def _memory(envoy: InProcessEnvoy) -> tuple[int, int, int]:
     assert status == 200
     held, budget, refusals = json.loads(body)
     return held, budget, refusals
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field}")
 
 
 @pytest.mark.parametrize("path", ["/hog-large", "/hog-small", "/hog-grow"])
@@ -67,14 +61,14 @@ def test_envoys_memory_stays_bounded_however_often_hooks_hog() -> None:
         assert envoy.envoy is not None and envoy.envoy._proc is not None
         pid = envoy.envoy._proc.pid
         assert envoy.request("/ok")[0] == 200
-        start = _status_kib(pid, "VmRSS")
+        start = status_kib(pid, "VmRSS")
         peaks = []
         for _ in range(4):
             for path in ("/hog-large", "/hog-small", "/hog-grow"):
                 assert envoy.request(path)[0] == 500
                 held, budget, _ = _memory(envoy)
                 assert held < budget
-            peaks.append(_status_kib(pid, "VmHWM") - start)
+            peaks.append(status_kib(pid, "VmHWM") - start)
         assert peaks[0] < 3 * (BUDGET >> 10), f"Envoy peaked {peaks[0]} KiB above its start"
         assert peaks[-1] - peaks[0] < 32 * 1024, f"Envoy kept growing: {peaks} KiB above its start"
         assert envoy.request("/ok")[0] == 200

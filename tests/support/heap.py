@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from sidecar.stack.envoy import Envoy
+from tests.support.proc import rss
 
 
 class PeakSampler:
@@ -55,13 +55,6 @@ def envoy_heap(envoy: Envoy) -> PeakSampler:
     """Envoy's `allocated` (tcmalloc's bytes handed out: what Envoy holds, buffers and copies, rather than what the
     allocator keeps mapped, as RSS would)."""
     return PeakSampler(lambda: int(json.loads(envoy.admin("/memory"))["allocated"]))
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def process_rss(pid: int) -> PeakSampler:
