@@ -220,22 +220,33 @@ def test_body_digest_with_and_without_trailers(sidecar_envoy: Factory, tmp_path:
     assert trailed["headers"]["x-digest"] == hashlib.sha256(b"hello").hexdigest()
 
 
-@pytest.mark.parametrize(("plugin", "suffix"), [("ChunkUpperTally", b""), ("BodyUpperTally", b"!")])
-def test_a_new_body_and_metadata_reach_envoy_as_one_answer(sidecar_envoy: Factory, plugin: str, suffix: bytes) -> None:
-    """A body hook that replaces the body and sets metadata: the sidecar writes the rest of the answer, then
-    the new body's field after it (`processor._new_body`); Envoy must read both, and a BUFFERED body's new
-    content-length, as one answer."""
+@pytest.mark.parametrize(
+    ("plugins", "transform"),
+    [(["ChunkUpperTally"], bytes.upper), (["UpperBody", "BodyLengths"], lambda body: body.upper() * 2)],
+    ids=["STREAMED", "BUFFERED"],
+)
+def test_a_new_body_and_metadata_reach_envoy_as_one_answer(
+    sidecar_envoy: Factory, plugins: list[str], transform: Callable[[bytes], bytes]
+) -> None:
+    """A body hook that replaces the body, and metadata set with it: the sidecar writes the rest of the answer,
+    then the new body's field after it (`processor._new_body`); Envoy must read both, and a BUFFERED body's
+    new content-length, as one answer."""
     env = sidecar_envoy(
-        plugins=[TP + plugin],
-        bootstrap_hook=add_response_header("x-upper-bytes", "%DYNAMIC_METADATA(envoy-sidecar:upper_bytes)%"),
+        plugins=[TP + plugin for plugin in plugins],
+        bootstrap_hook=add_response_header("x-body-bytes", "%DYNAMIC_METADATA(envoy-sidecar:request_body_bytes)%"),
     )
-    body = b"".join(pattern_bytes(700_000)).lower()
+    body = b"".join(pattern_bytes(400_000)).lower()  # doubled, still within Envoy's 1 MiB body buffer
+    expected = transform(body)
     response = httpx.post(env.url + "/upload", content=body, timeout=30)
     assert response.status_code == 200, response.text
-    echoed = response.json()
-    assert echoed["body_sha256"] == hashlib.sha256(body.upper() + suffix).hexdigest()
-    assert echoed["body_length"] == len(body) + len(suffix)
-    assert response.headers["x-upper-bytes"] == str(len(body))
+    # UpperBody replaces the response too: the echo behind its prefix, with a content-length Envoy took.
+    wrapped = "UpperBody" in plugins
+    assert response.content.startswith(b"wrapped:") == wrapped
+    assert int(response.headers["content-length"]) == len(response.content)
+    echoed = json.loads(response.content.removeprefix(b"wrapped:"))
+    assert echoed["body_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert echoed["body_length"] == len(expected)
+    assert response.headers["x-body-bytes"] == str(len(expected))
 
 
 def test_sse_meter_feeds_access_logs(sidecar_envoy: Factory, tmp_path: Path) -> None:

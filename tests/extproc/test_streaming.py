@@ -349,16 +349,6 @@ class _PartialUpper(Plugin):
         return chunk.upper()
 
 
-class _BodyMetadata(Plugin):
-    """BUFFERED: looks at each body and sets metadata, after another plugin replaced it."""
-
-    def on_request_body(self, ctx: Context, body: bytes) -> None:
-        ctx.set_metadata("request_body_bytes", len(body))
-
-    def on_response_body(self, ctx: Context, body: bytes) -> None:
-        ctx.set_metadata("response_body_bytes", len(body))
-
-
 class _ChunkMetadata(Plugin):
     """FULL_DUPLEX chunk hooks (answered inline): metadata on some chunks, one chunk dropped."""
 
@@ -416,7 +406,7 @@ _ENCODED_STREAMS: dict[str, tuple[list[Plugin], list[tuple[str, bytes, bool]]]] 
         [("request_body", b"p" * 40_000, False), ("request_body", b"lost", True)],
     ),
     "BUFFERED bodies replaced, a new content-length, metadata": (
-        [tp.UpperBody(), _BodyMetadata()],
+        [tp.UpperBody(), tp.BodyLengths()],
         [("request_body", b"m" * 20_000, True), ("response_body", b"resp", True)],
     ),
 }

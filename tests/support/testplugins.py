@@ -156,26 +156,28 @@ _TALLY = StateKey[int]("chunk-upper-tally")
 
 
 class ChunkUpperTally(Plugin):
-    """STREAMED request: every chunk upper-cased, and how many bytes so far as metadata with each (every
-    answer with a new chunk carries metadata too; Envoy keeps the last value)."""
+    """STREAMED request: every chunk upper-cased, and how many bytes so far as metadata `request_body_bytes`
+    with each (every answer with a new chunk carries metadata too; Envoy keeps the last value)."""
 
     name = "chunk-upper-tally"
 
     def on_request_chunk(self, ctx: Context, chunk: bytes, end: bool) -> bytes:
         ctx.state[_TALLY] = ctx.state.get(_TALLY, 0) + len(chunk)
-        ctx.set_metadata("upper_bytes", str(ctx.state[_TALLY]))
+        ctx.set_metadata("request_body_bytes", str(ctx.state[_TALLY]))
         return chunk.upper()
 
 
-class BodyUpperTally(Plugin):
-    """BUFFERED request: the body upper-cased and one byte longer, its length as metadata (a new body, a
-    new content-length and metadata in one answer)."""
+class BodyLengths(Plugin):
+    """BUFFERED: each body's length as metadata (`request_body_bytes`, `response_body_bytes`); after a
+    plugin that replaces bodies, one answer carries a new body, its content-length and metadata."""
 
-    name = "body-upper-tally"
+    name = "body-lengths"
 
-    def on_request_body(self, ctx: Context, body: bytes) -> bytes:
-        ctx.set_metadata("upper_bytes", str(len(body)))
-        return body.upper() + b"!"
+    def on_request_body(self, ctx: Context, body: bytes) -> None:
+        ctx.set_metadata("request_body_bytes", str(len(body)))
+
+    def on_response_body(self, ctx: Context, body: bytes) -> None:
+        ctx.set_metadata("response_body_bytes", str(len(body)))
 
 
 class FdPass(Plugin):
